@@ -1,0 +1,229 @@
+//! The agent protocol between hearthd and hearth-init (docs/adr/0003-agent-protocol.md).
+//!
+//! One byte stream (virtio-serial with QEMU, vsock elsewhere) carries frames:
+//! `[u32 BE payload length][u8 kind][u32 BE stream][payload]`. Stream 0 is the control stream;
+//! each exec or copy gets its own stream id, chosen by the host. Payloads are bounded by
+//! [`MAX_PAYLOAD`], so a confused peer can make the other side hold at most one frame.
+
+use serde::{Deserialize, Serialize};
+
+/// Protocol version spoken in [`Kind::Hello`].
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest payload either side accepts.
+pub const MAX_PAYLOAD: usize = 1 << 20;
+/// Bytes before the payload.
+pub const HEADER_LEN: usize = 9;
+
+/// Frame kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// Both ways, first frame: JSON [`Hello`].
+    Hello = 1,
+    /// Guest to host: the workload has been started. JSON [`Ready`].
+    Ready = 2,
+    Ping = 3,
+    Pong = 4,
+    /// Host to guest: stop the workload, sync, unmount and power off.
+    Shutdown = 5,
+    /// Host to guest: start a process on this stream. JSON [`ExecRequest`].
+    Exec = 10,
+    /// Host to guest: stdin bytes; an empty payload closes stdin.
+    Stdin = 11,
+    /// Guest to host: output bytes.
+    Stdout = 12,
+    Stderr = 13,
+    /// Guest to host: the stream's process ended. JSON [`ExecExit`].
+    Exit = 14,
+    /// Host to guest: deliver a signal (`u32` BE) to the stream's process.
+    Signal = 15,
+    /// Host to guest: terminal size (`u16` BE rows, `u16` BE cols).
+    Resize = 16,
+    /// Either way: the stream failed. UTF-8 message.
+    Error = 17,
+}
+
+impl Kind {
+    fn from_u8(b: u8) -> Option<Self> {
+        Some(match b {
+            1 => Self::Hello,
+            2 => Self::Ready,
+            3 => Self::Ping,
+            4 => Self::Pong,
+            5 => Self::Shutdown,
+            10 => Self::Exec,
+            11 => Self::Stdin,
+            12 => Self::Stdout,
+            13 => Self::Stderr,
+            14 => Self::Exit,
+            15 => Self::Signal,
+            16 => Self::Resize,
+            17 => Self::Error,
+            _ => return None,
+        })
+    }
+}
+
+/// One frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub kind: Kind,
+    pub stream: u32,
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    pub fn new(kind: Kind, stream: u32, payload: impl Into<Vec<u8>>) -> Self {
+        Self { kind, stream, payload: payload.into() }
+    }
+
+    /// A frame whose payload is `value` as JSON.
+    pub fn json<T: Serialize>(kind: Kind, stream: u32, value: &T) -> Self {
+        Self::new(kind, stream, serde_json::to_vec(value).unwrap_or_default())
+    }
+
+    /// Parses the payload as JSON.
+    pub fn parse<T: for<'de> Deserialize<'de>>(&self) -> Result<T, FrameError> {
+        serde_json::from_slice(&self.payload).map_err(|e| FrameError::Json(e.to_string()))
+    }
+
+    /// Header and payload, ready to write.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER_LEN + self.payload.len());
+        out.extend_from_slice(&(self.payload.len() as u32).to_be_bytes());
+        out.push(self.kind as u8);
+        out.extend_from_slice(&self.stream.to_be_bytes());
+        out.extend_from_slice(&self.payload);
+        out
+    }
+}
+
+/// Why the byte stream is unusable. Every variant ends the connection.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("frame payload of {0} bytes exceeds the {MAX_PAYLOAD}-byte limit")]
+    TooLarge(usize),
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    #[error("malformed JSON payload: {0}")]
+    Json(String),
+}
+
+/// Incremental decoder: feed bytes as they arrive, take whole frames out.
+#[derive(Debug, Default)]
+pub struct Decoder {
+    buf: Vec<u8>,
+}
+
+impl Decoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends bytes read from the channel.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next whole frame, `Ok(None)` if more bytes are needed. An error poisons the stream.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        if self.buf.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        if len > MAX_PAYLOAD {
+            return Err(FrameError::TooLarge(len));
+        }
+        let kind = Kind::from_u8(self.buf[4]).ok_or(FrameError::UnknownKind(self.buf[4]))?;
+        if self.buf.len() < HEADER_LEN + len {
+            return Ok(None);
+        }
+        let stream = u32::from_be_bytes([self.buf[5], self.buf[6], self.buf[7], self.buf[8]]);
+        let payload = self.buf[HEADER_LEN..HEADER_LEN + len].to_vec();
+        self.buf.drain(..HEADER_LEN + len);
+        Ok(Some(Frame { kind, stream, payload }))
+    }
+
+    /// Bytes buffered but not yet returned as a frame.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+/// First frame both ways.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub version: u32,
+}
+
+/// Sent by the guest once the workload runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ready {
+    /// Guest uptime when hearth-init started, and when the workload was started (milliseconds).
+    pub init_started_ms: u64,
+    pub ready_ms: u64,
+}
+
+/// A process to start in the guest (`hearth exec`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    pub args: Vec<String>,
+    /// Extra `KEY=VALUE` entries over the image's environment.
+    #[serde(default)]
+    pub env: Vec<String>,
+    #[serde(default)]
+    pub cwd: String,
+    #[serde(default)]
+    pub user: String,
+    #[serde(default)]
+    pub tty: bool,
+    #[serde(default)]
+    pub rows: u16,
+    #[serde(default)]
+    pub cols: u16,
+}
+
+/// How an exec'd process ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecExit {
+    pub exit_code: i32,
+    #[serde(default)]
+    pub signal: Option<i32>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_across_partial_reads() {
+        let a = Frame::new(Kind::Stdout, 7, b"hello".to_vec());
+        let b = Frame::json(Kind::Hello, 0, &Hello { version: PROTOCOL_VERSION });
+        let mut bytes = a.encode();
+        bytes.extend(b.encode());
+        let mut d = Decoder::new();
+        let mut out = vec![];
+        for chunk in bytes.chunks(3) {
+            d.feed(chunk);
+            while let Some(f) = d.next_frame().expect("valid") {
+                out.push(f);
+            }
+        }
+        assert_eq!(out, vec![a, b]);
+        assert_eq!(d.pending(), 0);
+    }
+
+    #[test]
+    fn oversized_frame_is_refused_before_buffering() {
+        let mut d = Decoder::new();
+        d.feed(&[0xff, 0xff, 0xff, 0xff, 12, 0, 0, 0, 1]);
+        assert_eq!(d.next_frame(), Err(FrameError::TooLarge(u32::MAX as usize)));
+    }
+
+    #[test]
+    fn unknown_kind_is_refused() {
+        let mut d = Decoder::new();
+        d.feed(&[0, 0, 0, 0, 200, 0, 0, 0, 1]);
+        assert_eq!(d.next_frame(), Err(FrameError::UnknownKind(200)));
+    }
+}

@@ -1,0 +1,24 @@
+//! hearth's domain model.
+//!
+//! Plain data and validation only: no I/O, no async, no adapters. Every other crate speaks in
+//! these types; wire types (protobuf) and config files are converted into them in one place each.
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod digest;
+pub mod guest;
+pub mod id;
+pub mod image;
+pub mod kernel;
+pub mod reference;
+pub mod size;
+pub mod vm;
+
+pub use digest::{Digest, DigestError};
+pub use guest::{GuestConfig, GuestExit, GuestProcess};
+pub use id::{generate_name, validate_name, IdError, VmId};
+pub use image::{ImageConfig, ImageRecord};
+pub use kernel::KernelRecord;
+pub use reference::{ImageRef, ReferenceError};
+pub use size::{parse_size, SizeError};
+pub use vm::{parse_labels, Accel, Desired, VmRecord, VmSpec, VmSpecError, VmState, VmStatus};

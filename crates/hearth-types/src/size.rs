@@ -1,0 +1,57 @@
+//! Human sizes for `--memory` and `--size`: `512M`, `4G`, `1.5GiB`, or bytes.
+
+/// Why a size was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SizeError {
+    #[error("size {0:?} is not a number with an optional unit (B, K, M, G, T; e.g. 512M, 4G)")]
+    Malformed(String),
+    #[error("size {0:?} is too large")]
+    Overflow(String),
+}
+
+/// Parses a size in bytes. Units are binary (K = 1024), as docker and ignite read them.
+pub fn parse_size(s: &str) -> Result<u64, SizeError> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let unit = unit.trim().to_ascii_lowercase();
+    let mult: u64 = match unit.trim_end_matches("ib").trim_end_matches('b') {
+        "" => 1,
+        "k" => 1 << 10,
+        "m" => 1 << 20,
+        "g" => 1 << 30,
+        "t" => 1 << 40,
+        _ => return Err(SizeError::Malformed(s.to_owned())),
+    };
+    if num.is_empty() || num.matches('.').count() > 1 {
+        return Err(SizeError::Malformed(s.to_owned()));
+    }
+    let value: f64 = num.parse().map_err(|_| SizeError::Malformed(s.to_owned()))?;
+    let bytes = value * mult as f64;
+    if !bytes.is_finite() || bytes > u64::MAX as f64 / 2.0 {
+        return Err(SizeError::Overflow(s.to_owned()));
+    }
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units() {
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("4G"), Ok(4 << 30));
+        assert_eq!(parse_size("4GiB"), Ok(4 << 30));
+        assert_eq!(parse_size("1.5g"), Ok(3 << 29));
+        assert_eq!(parse_size("100"), Ok(100));
+        assert_eq!(parse_size("0"), Ok(0));
+    }
+
+    #[test]
+    fn junk() {
+        for bad in ["", "M", "12X", "1..2G", "-1G"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! VMs: the desired spec, the observed status, and the record hearthd persists.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::id::{validate_name, VmId};
+
+/// Ignite's defaults: 1 vCPU, 512 MiB, 4 GiB disk.
+pub const DEFAULT_CPUS: u32 = 1;
+pub const DEFAULT_MEMORY_MIB: u64 = 512;
+pub const DEFAULT_DISK_BYTES: u64 = 4 << 30;
+/// Bounds the VMMs accept.
+pub const MAX_CPUS: u32 = 64;
+pub const MIN_MEMORY_MIB: u64 = 64;
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+pub const MAX_KERNEL_ARGS: usize = 1024;
+
+/// How QEMU runs the guest: hardware KVM, software TCG, or whatever really works here.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+impl std::str::FromStr for Accel {
+    type Err = VmSpecError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" | "" => Ok(Self::Auto),
+            "kvm" => Ok(Self::Kvm),
+            "tcg" => Ok(Self::Tcg),
+            other => Err(VmSpecError::Accel(other.to_owned())),
+        }
+    }
+}
+
+impl fmt::Display for Accel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Kvm => "kvm",
+            Self::Tcg => "tcg",
+        })
+    }
+}
+
+/// Why a spec was refused. Each message names the flag to fix.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum VmSpecError {
+    #[error("--cpus must be between 1 and {MAX_CPUS}, got {0}")]
+    Cpus(u32),
+    #[error("--memory must be between {MIN_MEMORY_MIB} MiB and {MAX_MEMORY_MIB} MiB, got {0} MiB")]
+    Memory(u64),
+    #[error("--size must be at least 16 MiB, got {0} bytes")]
+    Disk(u64),
+    #[error("--kernel-args is longer than {MAX_KERNEL_ARGS} bytes")]
+    KernelArgs,
+    #[error("--accel must be auto, kvm or tcg, got {0:?}")]
+    Accel(String),
+    #[error("environment entry {0:?} is not KEY=VALUE with a non-empty KEY")]
+    Env(String),
+    #[error("label {0:?} is not KEY=VALUE with a non-empty KEY")]
+    Label(String),
+    #[error(transparent)]
+    Name(#[from] crate::id::IdError),
+}
+
+/// What the user asked for. Immutable once created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    pub id: VmId,
+    pub name: String,
+    /// The reference as the user gave it, normalised.
+    pub image: String,
+    /// The image id (config digest) resolved at create time; the VM keeps using it.
+    pub image_id: String,
+    /// Kernel name in the store.
+    pub kernel: String,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub disk_bytes: u64,
+    /// Extra kernel command-line arguments, appended to hearth's.
+    #[serde(default)]
+    pub kernel_args: String,
+    /// Overrides the image ENTRYPOINT when set (`--entrypoint`).
+    #[serde(default)]
+    pub entrypoint: Option<Vec<String>>,
+    /// Overrides the image CMD when non-empty.
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// `KEY=VALUE`, merged over the image ENV.
+    #[serde(default)]
+    pub env: Vec<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub accel: Accel,
+    /// Remove the VM once it stops (`--rm`).
+    #[serde(default)]
+    pub auto_remove: bool,
+    /// Keep the console's stdin open (`-i`).
+    #[serde(default)]
+    pub interactive: bool,
+    /// Give the workload a terminal (`-t`).
+    #[serde(default)]
+    pub tty: bool,
+    /// Unix seconds.
+    pub created_at: u64,
+}
+
+impl VmSpec {
+    /// Checks every field a user can set.
+    pub fn validate(&self) -> Result<(), VmSpecError> {
+        validate_name(&self.name)?;
+        if self.cpus == 0 || self.cpus > MAX_CPUS {
+            return Err(VmSpecError::Cpus(self.cpus));
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
+            return Err(VmSpecError::Memory(self.memory_mib));
+        }
+        if self.disk_bytes < 16 << 20 {
+            return Err(VmSpecError::Disk(self.disk_bytes));
+        }
+        if self.kernel_args.len() > MAX_KERNEL_ARGS {
+            return Err(VmSpecError::KernelArgs);
+        }
+        for e in &self.env {
+            if !matches!(e.split_once('='), Some((k, _)) if !k.is_empty()) {
+                return Err(VmSpecError::Env(e.clone()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Splits `KEY=VALUE` labels given on the command line.
+pub fn parse_labels(items: &[String]) -> Result<BTreeMap<String, String>, VmSpecError> {
+    items
+        .iter()
+        .map(|l| match l.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+            _ => Err(VmSpecError::Label(l.clone())),
+        })
+        .collect()
+}
+
+/// What the VM should be doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Desired {
+    Running,
+    Stopped,
+    Deleted,
+}
+
+/// What the VM is observed to be doing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    #[default]
+    Created,
+    Starting,
+    Running,
+    Stopping,
+    Stopped,
+    Failed,
+}
+
+impl fmt::Display for VmState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Created => "created",
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::Stopping => "stopping",
+            Self::Stopped => "stopped",
+            Self::Failed => "failed",
+        })
+    }
+}
+
+/// Observed state, and the resources hearth made for the VM (so a delete removes exactly them).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStatus {
+    pub state: VmState,
+    /// Why the VM is in this state, when it is not the obvious one.
+    #[serde(default)]
+    pub reason: String,
+    /// The workload's exit code, once the guest reported it.
+    pub exit_code: Option<i32>,
+    /// VMM process id and its start time (clock ticks since boot), to recognise it after a restart.
+    pub pid: Option<i32>,
+    pub pid_start_time: Option<u64>,
+    /// Unix milliseconds.
+    pub started_at: Option<u64>,
+    pub ready_at: Option<u64>,
+    pub finished_at: Option<u64>,
+    /// How many times the VM has been started.
+    #[serde(default)]
+    pub boots: u32,
+    /// The accelerator the VMM really used.
+    #[serde(default)]
+    pub accel: String,
+    /// Resources made for this VM, recorded as soon as they exist.
+    #[serde(default)]
+    pub disk_path: Option<String>,
+}
+
+/// The persisted unit: spec, desired state and observed status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub spec: VmSpec,
+    pub desired: Desired,
+    pub status: VmStatus,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            id: VmId::from_bytes([1; 8]),
+            name: "t".into(),
+            image: "x".into(),
+            image_id: "y".into(),
+            kernel: "k".into(),
+            cpus: DEFAULT_CPUS,
+            memory_mib: DEFAULT_MEMORY_MIB,
+            disk_bytes: DEFAULT_DISK_BYTES,
+            kernel_args: String::new(),
+            entrypoint: None,
+            command: vec![],
+            env: vec!["A=1".into()],
+            labels: BTreeMap::new(),
+            accel: Accel::Auto,
+            auto_remove: false,
+            interactive: false,
+            tty: false,
+            created_at: 0,
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        assert_eq!(spec().validate(), Ok(()));
+    }
+
+    #[test]
+    fn zero_resources_are_refused_with_the_flag_named() {
+        let mut s = spec();
+        s.cpus = 0;
+        assert!(s.validate().unwrap_err().to_string().contains("--cpus"));
+        let mut s = spec();
+        s.memory_mib = 0;
+        assert!(s.validate().unwrap_err().to_string().contains("--memory"));
+        let mut s = spec();
+        s.env = vec!["=x".into()];
+        assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn labels_parse() {
+        let l = parse_labels(&["a=b".into(), "c=".into()]).expect("valid");
+        assert_eq!(l.get("a").map(String::as_str), Some("b"));
+        assert!(parse_labels(&["nokey".into()]).is_err());
+    }
+}
