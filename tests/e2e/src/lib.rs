@@ -1,0 +1,1 @@
+//! VM-booting end-to-end tests.
