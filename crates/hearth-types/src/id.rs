@@ -41,6 +41,13 @@ impl TryFrom<String> for VmId {
     }
 }
 
+impl std::str::FromStr for VmId {
+    type Err = IdError;
+    fn from_str(s: &str) -> Result<Self, IdError> {
+        Self::try_from(s.to_owned())
+    }
+}
+
 impl From<VmId> for String {
     fn from(v: VmId) -> String {
         v.0
