@@ -209,6 +209,9 @@ pub struct VmStatus {
     /// Resources made for this VM, recorded as soon as they exist.
     #[serde(default)]
     pub disk_path: Option<String>,
+    /// Size of the console log when the current boot started, so `run` streams only this boot.
+    #[serde(default)]
+    pub console_offset: u64,
 }
 
 /// The persisted unit: spec, desired state and observed status.
