@@ -1,1 +1,38 @@
-//! hearth-api
+//! hearth's gRPC API: the generated `hearth.v1` types and the Unix-socket client transport.
+#![allow(missing_debug_implementations)]
+
+/// Generated from `proto/hearth.proto`.
+#[allow(clippy::all, clippy::unwrap_used)]
+pub mod v1 {
+    tonic::include_proto!("hearth.v1");
+}
+
+use std::path::PathBuf;
+
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// Why a connection to hearthd failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot connect to hearthd at {path}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: tonic::transport::Error,
+    },
+}
+
+/// Connects a gRPC channel to hearthd's Unix socket.
+pub async fn connect_unix(path: PathBuf) -> Result<Channel, ConnectError> {
+    let p = path.clone();
+    // The URI is required by the builder but unused: the connector dials the socket.
+    let endpoint = Endpoint::from_static("http://hearthd.sock");
+    endpoint
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let p = p.clone();
+            async move { tokio::net::UnixStream::connect(p).await.map(TokioIo::new) }
+        }))
+        .await
+        .map_err(|source| ConnectError::Connect { path, source })
+}
