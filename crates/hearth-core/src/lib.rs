@@ -7,6 +7,8 @@
 //! plan from the persisted record, and delete plans remove exactly what is observed to exist.
 #![forbid(unsafe_code)]
 
+pub mod guest;
 pub mod plan;
 
+pub use guest::{guest_config, GuestConfigError};
 pub use plan::{plan, Observed, Step, MAX_ITERATIONS};
