@@ -1,0 +1,131 @@
+//! `start`, `stop`, `kill`, `rm`, `wait`: each takes several VMs, like docker.
+
+use clap::Args;
+use hearth_api::v1 as pb;
+
+use crate::client;
+
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    /// Return once the VMM runs, without waiting for the guest to report ready.
+    #[arg(long)]
+    no_wait: bool,
+    #[arg(required = true)]
+    vms: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    /// Seconds to wait for the guest to stop before killing it.
+    #[arg(short = 't', long = "time", default_value_t = 10)]
+    time: u32,
+    #[arg(required = true)]
+    vms: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct KillArgs {
+    /// Signal to send to the VMM.
+    #[arg(short = 's', long, default_value = "KILL")]
+    signal: String,
+    #[arg(required = true)]
+    vms: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    /// Kill and remove running VMs.
+    #[arg(short = 'f', long)]
+    force: bool,
+    #[arg(required = true)]
+    vms: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    #[arg(required = true)]
+    vms: Vec<String>,
+}
+
+/// Runs `op` for every VM, printing each name on success and each error once; fails if any did.
+async fn each<F, Fut>(vms: Vec<String>, mut op: F) -> anyhow::Result<i32>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<String>>>,
+{
+    let mut failed = false;
+    for vm in vms {
+        match op(vm.clone()).await {
+            Ok(Some(out)) => println!("{out}"),
+            Ok(None) => {}
+            Err(e) => {
+                crate::output::print_error(&e);
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed { 1 } else { 0 })
+}
+
+pub async fn start(host: Option<String>, a: StartArgs) -> anyhow::Result<i32> {
+    let c = client::connect(host).await?;
+    each(a.vms, |vm| {
+        let mut c = c.clone();
+        async move {
+            let r = c.start_vm(pb::StartVmRequest { r#ref: vm.clone(), wait_ready: !a.no_wait }).await?.into_inner();
+            if !r.warning.is_empty() {
+                eprintln!("hearth: warning: {}", r.warning);
+            }
+            Ok(Some(vm))
+        }
+    })
+    .await
+}
+
+pub async fn stop(host: Option<String>, a: StopArgs) -> anyhow::Result<i32> {
+    let c = client::connect(host).await?;
+    each(a.vms, |vm| {
+        let mut c = c.clone();
+        async move {
+            c.stop_vm(pb::StopVmRequest { r#ref: vm.clone(), timeout_secs: a.time.max(1) }).await?;
+            Ok(Some(vm))
+        }
+    })
+    .await
+}
+
+pub async fn kill(host: Option<String>, a: KillArgs) -> anyhow::Result<i32> {
+    let c = client::connect(host).await?;
+    each(a.vms, |vm| {
+        let (mut c, signal) = (c.clone(), a.signal.clone());
+        async move {
+            c.kill_vm(pb::KillVmRequest { r#ref: vm.clone(), signal }).await?;
+            Ok(Some(vm))
+        }
+    })
+    .await
+}
+
+pub async fn rm(host: Option<String>, a: RmArgs) -> anyhow::Result<i32> {
+    let c = client::connect(host).await?;
+    each(a.vms, |vm| {
+        let mut c = c.clone();
+        async move {
+            c.remove_vm(pb::RemoveRequest { r#ref: vm.clone(), force: a.force }).await?;
+            Ok(Some(vm))
+        }
+    })
+    .await
+}
+
+pub async fn wait(host: Option<String>, a: WaitArgs) -> anyhow::Result<i32> {
+    let c = client::connect(host).await?;
+    each(a.vms, |vm| {
+        let mut c = c.clone();
+        async move {
+            let w = c.wait_vm(pb::Ref { r#ref: vm }).await?.into_inner();
+            Ok(Some(w.exit_code.to_string()))
+        }
+    })
+    .await
+}

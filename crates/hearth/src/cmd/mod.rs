@@ -1,0 +1,8 @@
+//! One module per subcommand family.
+
+pub mod console;
+pub mod image;
+pub mod kernel;
+pub mod lifecycle;
+pub mod ps;
+pub mod run;

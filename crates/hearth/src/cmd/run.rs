@@ -1,0 +1,193 @@
+//! `hearth run` and `hearth create`.
+
+use std::collections::HashMap;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use hearth_api::v1 as pb;
+use hearth_types::VmRecord;
+use tonic::Code;
+
+use crate::client::{self, Client};
+use crate::output::parse_json;
+
+/// Options shared by `create` and `run`.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Name of the VM (a random one when not given).
+    #[arg(long)]
+    name: Option<String>,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// Memory, e.g. 512M or 1G (a plain number is MiB).
+    #[arg(long, default_value = "512M")]
+    memory: String,
+    /// Root disk size, e.g. 4G.
+    #[arg(long, default_value = "4G")]
+    size: String,
+    /// Kernel to boot (default: the default kernel).
+    #[arg(long)]
+    kernel: Option<String>,
+    /// Extra kernel command-line arguments.
+    #[arg(long, default_value = "")]
+    kernel_args: String,
+    /// Set environment variables (KEY=VALUE, or KEY to copy it from here).
+    #[arg(short = 'e', long = "env")]
+    env: Vec<String>,
+    /// Set labels (KEY=VALUE).
+    #[arg(short = 'l', long = "label")]
+    label: Vec<String>,
+    /// Override the image's ENTRYPOINT (drops its CMD too, as docker does).
+    #[arg(long)]
+    entrypoint: Option<String>,
+    /// How QEMU runs the guest: auto, kvm or tcg.
+    #[arg(long, default_value = "auto", env = "HEARTH_ACCEL")]
+    accel: String,
+    /// Remove the VM when it stops.
+    #[arg(long)]
+    rm: bool,
+    /// Keep the console's stdin open.
+    #[arg(short = 'i', long)]
+    interactive: bool,
+    /// Give the workload a terminal.
+    #[arg(short = 't', long)]
+    tty: bool,
+    /// Pull from a registry over plain http / without TLS verification.
+    #[arg(long)]
+    insecure: bool,
+    /// When to pull the image: missing, always or never.
+    #[arg(long, default_value = "missing")]
+    pull: String,
+    /// The image to boot.
+    image: String,
+    /// Command and arguments, replacing the image's CMD.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<String>,
+}
+
+/// `hearth run` options.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Run in the background and print the VM id.
+    #[arg(short = 'd', long)]
+    detach: bool,
+    /// With -d, return as soon as the VMM runs instead of waiting for the guest to be ready.
+    #[arg(long)]
+    no_wait: bool,
+    #[command(flatten)]
+    create: CreateArgs,
+}
+
+/// Sizes as users type them: `512M`, `1G`, `4096` (MiB when no unit).
+fn mib(s: &str, flag: &str) -> anyhow::Result<u64> {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s.parse().with_context(|| format!("{flag} {s:?} is too large"));
+    }
+    let bytes = hearth_types::parse_size(s).with_context(|| format!("{flag} {s:?}"))?;
+    Ok(bytes >> 20)
+}
+
+fn request(a: &CreateArgs) -> anyhow::Result<pb::CreateVmRequest> {
+    let env = a
+        .env
+        .iter()
+        .map(|e| match e.split_once('=') {
+            Some(_) => e.clone(),
+            None => format!("{e}={}", std::env::var(e).unwrap_or_default()),
+        })
+        .collect();
+    let labels: HashMap<String, String> = hearth_types::parse_labels(&a.label)?.into_iter().collect();
+    let size = hearth_types::parse_size(&a.size).with_context(|| format!("--size {:?}", a.size))?;
+    Ok(pb::CreateVmRequest {
+        name: a.name.clone().unwrap_or_default(),
+        image: a.image.clone(),
+        kernel: a.kernel.clone().unwrap_or_default(),
+        cpus: a.cpus,
+        memory_mib: mib(&a.memory, "--memory")?,
+        disk_bytes: size,
+        kernel_args: a.kernel_args.clone(),
+        has_entrypoint: a.entrypoint.is_some(),
+        entrypoint: a.entrypoint.iter().filter(|e| !e.is_empty()).cloned().collect(),
+        command: a.command.clone(),
+        env,
+        labels,
+        accel: a.accel.clone(),
+        auto_remove: a.rm,
+        interactive: a.interactive,
+        tty: a.tty,
+        pull: false,
+        insecure: a.insecure,
+    })
+}
+
+/// Creates the VM, pulling its image first when the policy says so.
+async fn create_vm(c: &mut Client, a: &CreateArgs) -> anyhow::Result<VmRecord> {
+    let req = request(a)?;
+    match a.pull.as_str() {
+        "always" => crate::cmd::image::pull(c, &a.image, a.insecure, true).await?,
+        "missing" | "never" => {}
+        other => bail!("--pull must be missing, always or never, got {other:?}"),
+    }
+    let rec = match c.create_vm(req.clone()).await {
+        Ok(r) => r.into_inner(),
+        Err(s) if s.code() == Code::NotFound && s.message().starts_with("image ") && a.pull == "missing" => {
+            eprintln!("Unable to find image '{}' locally", a.image);
+            crate::cmd::image::pull(c, &a.image, a.insecure, true).await?;
+            c.create_vm(req).await?.into_inner()
+        }
+        Err(s) => return Err(s.into()),
+    };
+    parse_json(&rec.json)
+}
+
+pub async fn create(host: Option<String>, a: CreateArgs) -> anyhow::Result<i32> {
+    let mut c = client::connect(host).await?;
+    let rec = create_vm(&mut c, &a).await?;
+    println!("{}", rec.spec.id);
+    Ok(0)
+}
+
+pub async fn run(host: Option<String>, a: RunArgs) -> anyhow::Result<i32> {
+    let mut c = client::connect(host).await?;
+    let rec = create_vm(&mut c, &a.create).await?;
+    let id = rec.spec.id.to_string();
+    let started = c.start_vm(pb::StartVmRequest { r#ref: id.clone(), wait_ready: a.detach && !a.no_wait }).await;
+    let started = match started {
+        Ok(s) => s.into_inner(),
+        Err(s) => {
+            if a.create.rm {
+                let _ = c.remove_vm(pb::RemoveRequest { r#ref: id.clone(), force: true }).await;
+            }
+            return Err(s.into());
+        }
+    };
+    if !started.warning.is_empty() {
+        eprintln!("hearth: warning: {}", started.warning);
+    }
+    if a.detach {
+        println!("{id}");
+        return Ok(0);
+    }
+    if a.create.interactive {
+        crate::cmd::console::attach_stream(&mut c, &id, a.create.tty).await?;
+    } else {
+        let follow = crate::cmd::console::follow_logs(c.clone(), id.clone(), true);
+        let interrupted = tokio::select! {
+            r = follow => { r?; false }
+            _ = tokio::signal::ctrl_c() => true,
+        };
+        if interrupted {
+            eprintln!("hearth: stopping {id}");
+            c.stop_vm(pb::StopVmRequest { r#ref: id.clone(), timeout_secs: 10 }).await?;
+        }
+    }
+    let w = c.wait_vm(pb::Ref { r#ref: id }).await?.into_inner();
+    if w.exit_code < 0 {
+        if !w.reason.is_empty() {
+            eprintln!("hearth: the VM {}: {}", w.state, w.reason);
+        }
+        return Ok(125);
+    }
+    Ok(w.exit_code)
+}

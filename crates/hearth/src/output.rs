@@ -1,0 +1,96 @@
+//! Printing: tables, JSON, errors.
+
+use hearth_types::VmRecord;
+
+/// Prints an error chain once, gRPC statuses reduced to their message.
+pub fn print_error(e: &anyhow::Error) {
+    let mut msg = String::new();
+    for (i, cause) in e.chain().enumerate() {
+        let text = match cause.downcast_ref::<tonic::Status>() {
+            Some(s) => s.message().to_owned(),
+            None => cause.to_string(),
+        };
+        if i > 0 {
+            msg.push_str(": ");
+        }
+        msg.push_str(&text);
+    }
+    eprintln!("hearth: {msg}");
+}
+
+/// Prints rows as aligned columns under a header.
+pub fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(cell);
+            } else {
+                s.push_str(&format!("{cell:<w$}   "));
+            }
+        }
+        println!("{}", s.trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+/// `12 seconds ago`-style age from Unix seconds.
+pub fn ago(unix_secs: u64) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = now.saturating_sub(unix_secs);
+    let (n, unit) = match secs {
+        0..=59 => (secs, "second"),
+        60..=3599 => (secs / 60, "minute"),
+        3600..=86_399 => (secs / 3600, "hour"),
+        _ => (secs / 86_400, "day"),
+    };
+    format!("{n} {unit}{} ago", if n == 1 { "" } else { "s" })
+}
+
+/// The STATUS column, as docker words it.
+pub fn status_text(r: &VmRecord) -> String {
+    let s = &r.status;
+    match s.state {
+        hearth_types::VmState::Stopped => match s.exit_code {
+            Some(c) => format!("Exited ({c})"),
+            None if !s.reason.is_empty() => format!("Stopped ({})", s.reason),
+            None => "Stopped".into(),
+        },
+        hearth_types::VmState::Failed => format!("Failed: {}", s.reason),
+        other => {
+            let mut t = other.to_string();
+            if let Some(c) = t.get_mut(0..1) {
+                c.make_ascii_uppercase();
+            }
+            t
+        }
+    }
+}
+
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < UNITS.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[i])
+    }
+}
+
+pub fn parse_json<T: for<'de> serde::Deserialize<'de>>(s: &str) -> anyhow::Result<T> {
+    serde_json::from_str(s).map_err(|e| anyhow::anyhow!("the daemon sent a record this client cannot read ({e}); are versions mismatched?"))
+}
