@@ -1,1 +1,200 @@
-fn main() {}
+//! hearth's task runner. `cargo xtask help` lists the tasks.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+/// Debian packages the tests and the demo need.
+const APT_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "qemu-utils",
+    "e2fsprogs",
+    "skopeo",
+    "umoci",
+    "docker-registry",
+    "busybox-static",
+    "protobuf-compiler",
+    "cpio",
+    "zstd",
+    "iproute2",
+];
+
+/// The guest kernel package: Debian's cloud kernel (virtio as modules).
+const KERNEL_PACKAGE: &str = "linux-image-cloud-amd64";
+const HOST_TRIPLE: &str = "x86_64-unknown-linux-gnu";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let task = args.first().map(String::as_str).unwrap_or("help");
+    let result = match task {
+        "deps" => deps(),
+        "init" => build_init().map(|p| println!("{}", p.display())),
+        "kernel" => kernel().map(|(k, m)| println!("{} {}", k.display(), m.display())),
+        "build" => build_all(false),
+        "demo" => demo(),
+        "test" => test(&args[1..]),
+        "e2e" => e2e(&args[1..]),
+        "lint" => lint(),
+        "bench" => bench(&args[1..]),
+        _ => {
+            println!("cargo xtask deps|init|kernel|build|demo|test|e2e|lint|bench");
+            println!("  demo   install what is needed, build, boot a sample image and print its output");
+            println!("  test   everything CI runs: fmt, clippy, unit tests, VM-booting e2e tests");
+            println!("  bench  image preparation and run-to-ready benchmarks against their baselines");
+            Ok(())
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("xtask {task}: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_owned).unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("+ {cmd:?}");
+    let st = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed with {st}");
+    }
+    Ok(())
+}
+
+/// Installs the Debian packages that are missing.
+fn deps() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !Command::new("dpkg").args(["-s", p]).output().map(|o| o.status.success()).unwrap_or(false))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let sudo = if nix_is_root() { vec![] } else { vec!["sudo"] };
+    let mut update = Command::new(sudo.first().copied().unwrap_or("apt-get"));
+    if !sudo.is_empty() {
+        update.arg("apt-get");
+    }
+    run(update.args(["update", "-q"]))?;
+    let mut install = Command::new(sudo.first().copied().unwrap_or("apt-get"));
+    if !sudo.is_empty() {
+        install.arg("apt-get");
+    }
+    run(install.env("DEBIAN_FRONTEND", "noninteractive").args(["install", "-y", "-q", "--no-install-recommends"]).args(&missing))
+}
+
+fn nix_is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false)
+}
+
+/// Builds the static guest init; returns its path.
+fn build_init() -> Result<PathBuf> {
+    run(Command::new(env!("CARGO"))
+        .current_dir(root())
+        .env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS", "-C target-feature=+crt-static")
+        .args(["build", "--release", "-p", "hearth-init", "--target", HOST_TRIPLE]))?;
+    Ok(root().join("target").join(HOST_TRIPLE).join("release/hearth-init"))
+}
+
+fn build_all(release: bool) -> Result<()> {
+    build_init()?;
+    let mut c = Command::new(env!("CARGO"));
+    c.current_dir(root()).args(["build", "-p", "hearth", "-p", "hearthd"]);
+    if release {
+        c.arg("--release");
+    }
+    run(&mut c)
+}
+
+/// Downloads Debian's cloud kernel into .cache/kernel once; returns (kernel, modules dir).
+fn kernel() -> Result<(PathBuf, PathBuf)> {
+    let cache = root().join(".cache/kernel");
+    let find = |cache: &Path| -> Option<(PathBuf, PathBuf)> {
+        let boot = std::fs::read_dir(cache.join("root/boot")).ok()?;
+        let k = boot.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))?;
+        let ver = k.file_name()?.to_string_lossy().trim_start_matches("vmlinuz-").to_owned();
+        Some((k, cache.join("root/lib/modules").join(ver)))
+    };
+    if let Some(found) = find(&cache) {
+        return Ok(found);
+    }
+    std::fs::create_dir_all(&cache)?;
+    // The meta package depends on the versioned image package; download that.
+    let out = Command::new("apt-cache").args(["depends", KERNEL_PACKAGE]).output().context("apt-cache")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let pkg = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .find(|p| p.starts_with("linux-image-") && !p.contains("cloud-amd64-") )
+        .map(str::trim)
+        .context("cannot find the kernel package linux-image-cloud-amd64 depends on; run apt-get update")?
+        .to_owned();
+    run(Command::new("apt-get").current_dir(&cache).args(["download", &pkg]))?;
+    let deb = std::fs::read_dir(&cache)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .context("apt-get download produced no .deb")?;
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(cache.join("root")))?;
+    std::fs::remove_file(&deb)?;
+    find(&cache).context("the kernel package held no /boot/vmlinuz-*")
+}
+
+fn lint() -> Result<()> {
+    run(Command::new(env!("CARGO")).current_dir(root()).args(["fmt", "--all", "--check"]))?;
+    run(Command::new(env!("CARGO")).current_dir(root()).args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    Ok(())
+}
+
+/// Environment for the VM-booting tests.
+fn e2e_env(cmd: &mut Command) -> Result<()> {
+    let init = build_init()?;
+    let (k, m) = kernel()?;
+    cmd.env("HEARTH_E2E", "1").env("HEARTH_INIT", init).env("HEARTH_TEST_KERNEL", k).env("HEARTH_TEST_MODULES", m);
+    Ok(())
+}
+
+fn e2e(extra: &[String]) -> Result<()> {
+    deps()?;
+    run(Command::new(env!("CARGO")).current_dir(root()).args(["build", "-p", "hearth", "-p", "hearthd"]))?;
+    let mut c = Command::new(env!("CARGO"));
+    c.current_dir(root()).args(["test", "-p", "hearth-e2e", "--", "--test-threads=1"]).args(extra);
+    e2e_env(&mut c)?;
+    run(&mut c)
+}
+
+/// Everything CI runs.
+fn test(extra: &[String]) -> Result<()> {
+    deps()?;
+    lint()?;
+    run(Command::new(env!("CARGO")).current_dir(root()).args(["test", "--workspace", "--exclude", "hearth-e2e"]))?;
+    e2e(extra)
+}
+
+fn demo() -> Result<()> {
+    deps()?;
+    build_all(false)?;
+    let (k, m) = kernel()?;
+    let init = root().join("target").join(HOST_TRIPLE).join("release/hearth-init");
+    run(Command::new(root().join("tests/e2e/demo.sh")).env("HEARTH_INIT", init).env("KERNEL", k).env("MODULES", m).env("BIN", root().join("target/debug")))
+}
+
+fn bench(extra: &[String]) -> Result<()> {
+    deps()?;
+    build_all(true)?;
+    let (k, m) = kernel()?;
+    let init = root().join("target").join(HOST_TRIPLE).join("release/hearth-init");
+    run(Command::new(env!("CARGO"))
+        .current_dir(root())
+        .args(["run", "--release", "-p", "hearth-e2e", "--bin", "hearth-bench", "--"])
+        .args(extra)
+        .env("HEARTH_INIT", init)
+        .env("HEARTH_TEST_KERNEL", k)
+        .env("HEARTH_TEST_MODULES", m)
+        .env("BIN", root().join("target/release")))
+}
