@@ -1,1 +1,212 @@
-//! VM-booting end-to-end tests.
+//! Harness for hearth's VM-booting end-to-end tests: an isolated hearthd per test, the CLI, a
+//! local registry, and checks that nothing is left behind.
+//!
+//! The tests boot real guests under QEMU and need root; they run when `HEARTH_E2E=1` (as
+//! `cargo xtask e2e` and CI set it) and print why they skip otherwise.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub use hearth_image::testutil;
+
+/// Why a test cannot run here, or `None` when it can.
+pub fn skip_reason() -> Option<String> {
+    if std::env::var("HEARTH_E2E").as_deref() != Ok("1") {
+        return Some("HEARTH_E2E is not 1 (run `cargo xtask e2e`)".into());
+    }
+    // SAFETY-free check of the effective uid through id(1).
+    let uid = Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    if uid.as_deref().ok() != Some("0") {
+        return Some("the e2e tests need root (mknod, loop devices, QEMU)".into());
+    }
+    for bin in ["qemu-system-x86_64", "mkfs.ext4"] {
+        if which(bin).is_none() {
+            return Some(format!("{bin} is not installed (cargo xtask deps)"));
+        }
+    }
+    for var in ["HEARTH_INIT", "HEARTH_TEST_KERNEL"] {
+        if std::env::var_os(var).is_none() {
+            return Some(format!("{var} is not set (cargo xtask e2e sets it)"));
+        }
+    }
+    None
+}
+
+/// Skips the calling test, printing why, when the e2e environment is missing.
+#[macro_export]
+macro_rules! require_e2e {
+    () => {
+        if let Some(why) = $crate::skip_reason() {
+            eprintln!("skipping: {why}");
+            return;
+        }
+    };
+}
+
+pub fn which(bin: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join(bin)).find(|p| p.is_file()))
+}
+
+/// Where the built `hearth` and `hearthd` are.
+pub fn bin_dir() -> PathBuf {
+    if let Some(b) = std::env::var_os("BIN") {
+        return b.into();
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug")
+}
+
+/// An isolated daemon with its own root and socket.
+#[derive(Debug)]
+pub struct Daemon {
+    pub root: tempfile::TempDir,
+    pub socket: PathBuf,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    /// Starts hearthd and waits until it answers.
+    pub fn start() -> Self {
+        let root = tempfile::Builder::new().prefix("hearth-e2e-").tempdir_in(test_tmp()).expect("tempdir");
+        let socket = root.path().join("hearthd.sock");
+        let mut d = Self { root, socket, child: None };
+        d.spawn();
+        d
+    }
+
+    /// Starts a new hearthd process on the same root (after a crash or kill).
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.root.path().join("hearthd.log")).expect("log");
+        let child = Command::new(bin_dir().join("hearthd"))
+            .arg("--root")
+            .arg(self.root.path())
+            .arg("--socket")
+            .arg(&self.socket)
+            .env("HEARTH_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("starting hearthd (build it with cargo build -p hearthd)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            assert!(Instant::now() < deadline, "hearthd did not come up:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILLs the daemon (VMs keep running).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn host(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    /// Runs the CLI against this daemon.
+    pub fn hearth(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("running hearth")
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin_dir().join("hearth"));
+        c.arg("--host").arg(self.host()).args(args).env_remove("HEARTH_HOST");
+        c
+    }
+
+    /// Runs the CLI and asserts success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.hearth(args);
+        assert!(out.status.success(), "hearth {args:?} failed ({}):\n{}\n--- hearthd log:\n{}", out.status, text(&out.stderr), self.log());
+        text(&out.stdout)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.root.path().join("hearthd.log")).unwrap_or_default()
+    }
+
+    /// Imports the test kernel as the default.
+    pub fn import_kernel(&self) {
+        let k = std::env::var("HEARTH_TEST_KERNEL").expect("HEARTH_TEST_KERNEL");
+        let mut args = vec!["kernel", "import", k.as_str(), "--name", "debian", "--default"];
+        let m = std::env::var("HEARTH_TEST_MODULES").unwrap_or_default();
+        if !m.is_empty() {
+            args.extend(["--modules", m.as_str()]);
+        }
+        self.ok(&args);
+    }
+
+    /// The VM record as `inspect` prints it.
+    pub fn inspect(&self, vm: &str) -> serde_json::Value {
+        let out = self.ok(&["inspect", vm]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("inspect json");
+        v[0].clone()
+    }
+
+    /// Polls `inspect` until `pred` holds or the deadline passes.
+    pub fn wait_for(&self, vm: &str, what: &str, timeout: Duration, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.inspect(vm);
+            if pred(&v) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{vm} never became {what}: {v:#}\n--- log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Removes every VM (force), then stops the daemon.
+    pub fn shutdown(&mut self) {
+        if self.child.is_some() {
+            let ids = self.hearth(&["ps", "-a", "-q"]);
+            for id in text(&ids.stdout).lines() {
+                let _ = self.hearth(&["rm", "-f", id]);
+            }
+        }
+        if let Some(mut c) = self.child.take() {
+            // SIGTERM: graceful shutdown.
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.shutdown();
+        // Kill any QEMU left over from this root, so a failing test cannot leak VMs.
+        let _ = Command::new("pkill").arg("-9").arg("-f").arg(self.root.path().display().to_string()).status();
+    }
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A scratch directory on the same filesystem as the tests' roots.
+pub fn test_tmp() -> PathBuf {
+    let p = std::env::var_os("HEARTH_TEST_TMP").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    std::fs::create_dir_all(&p).expect("tmp");
+    p
+}
+
+/// QEMU processes whose command line mentions `needle`.
+pub fn qemu_processes(needle: &str) -> Vec<String> {
+    let out = Command::new("pgrep").args(["-a", "-f", "qemu-system"]).output().expect("pgrep");
+    text(&out.stdout).lines().filter(|l| l.contains(needle)).map(str::to_owned).collect()
+}
+
+/// Mounts and loop devices that mention `needle`.
+pub fn mounts_and_loops(needle: &str) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default().lines().filter(|l| l.contains(needle)).map(str::to_owned).collect();
+    let losetup = Command::new("losetup").arg("-a").output().map(|o| text(&o.stdout)).unwrap_or_default();
+    out.extend(losetup.lines().filter(|l| l.contains(needle)).map(str::to_owned));
+    out
+}
