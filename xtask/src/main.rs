@@ -37,6 +37,7 @@ fn main() {
         "test" => test(&args[1..]),
         "e2e" => e2e(&args[1..]),
         "lint" => lint(),
+        "layers" => layers(),
         "bench" => bench(&args[1..]),
         _ => {
             println!("cargo xtask deps|init|kernel|build|demo|test|e2e|lint|bench");
@@ -148,6 +149,41 @@ fn kernel() -> Result<(PathBuf, PathBuf)> {
 fn lint() -> Result<()> {
     run(Command::new(env!("CARGO")).current_dir(root()).args(["fmt", "--all", "--check"]))?;
     run(Command::new(env!("CARGO")).current_dir(root()).args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    layers()
+}
+
+/// Which hearth crates each layer may depend on (style.md, convention 1).
+fn allowed(krate: &str) -> Option<&'static [&'static str]> {
+    const ADAPTER: &[&str] = &["hearth-types", "hearth-core"];
+    match krate {
+        "hearth-types" => Some(&[]),
+        "hearth-core" => Some(&["hearth-types"]),
+        "hearth-image" | "hearth-kernel" | "hearth-storage" | "hearth-vmm" | "hearth-store" | "hearth-api" | "hearth-net" => Some(ADAPTER),
+        "hearth-init" => Some(&["hearth-types"]),
+        _ => None, // binaries, testkit, e2e, xtask may use anything
+    }
+}
+
+/// Fails when a crate imports a layer above or beside it (read from `cargo metadata`).
+fn layers() -> Result<()> {
+    let out = Command::new(env!("CARGO")).current_dir(root()).args(["metadata", "--format-version", "1", "--no-deps"]).output()?;
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).context("parsing cargo metadata")?;
+    let mut bad = Vec::new();
+    for pkg in meta["packages"].as_array().into_iter().flatten() {
+        let name = pkg["name"].as_str().unwrap_or_default();
+        let Some(ok) = allowed(name) else { continue };
+        for dep in pkg["dependencies"].as_array().into_iter().flatten() {
+            let d = dep["name"].as_str().unwrap_or_default();
+            let dev = dep["kind"].as_str() == Some("dev");
+            if d.starts_with("hearth") && !dev && !ok.contains(&d) {
+                bad.push(format!("{name} must not depend on {d}"));
+            }
+        }
+    }
+    if !bad.is_empty() {
+        bail!("layering violations (types -> core -> adapters -> binaries):\n  {}", bad.join("\n  "));
+    }
+    eprintln!("layers: ok");
     Ok(())
 }
 
