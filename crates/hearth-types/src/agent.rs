@@ -41,6 +41,12 @@ pub enum Kind {
     Resize = 16,
     /// Either way: the stream failed. UTF-8 message.
     Error = 17,
+    /// Host to guest: unpack the tar archive that follows as `Stdin` frames into a directory.
+    /// JSON [`CopyRequest`]. The guest answers `Exit` (code 0 on success) or `Error`.
+    CopyIn = 20,
+    /// Host to guest: send a path as a tar archive in `Stdout` frames, then `Exit`.
+    /// JSON [`CopyRequest`].
+    CopyOut = 21,
 }
 
 impl Kind {
@@ -59,6 +65,8 @@ impl Kind {
             15 => Self::Signal,
             16 => Self::Resize,
             17 => Self::Error,
+            20 => Self::CopyIn,
+            21 => Self::CopyOut,
             _ => return None,
         })
     }
@@ -189,6 +197,13 @@ pub struct ExecExit {
     pub exit_code: i32,
     #[serde(default)]
     pub signal: Option<i32>,
+}
+
+/// A guest path for [`Kind::CopyIn`] (the directory to unpack into) or [`Kind::CopyOut`] (the
+/// file or directory to archive).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyRequest {
+    pub path: String,
 }
 
 #[cfg(test)]
