@@ -41,6 +41,10 @@ enum Command {
     Logs(cmd::console::LogsArgs),
     /// Attach to a running VM's serial console (detach with Ctrl-P Ctrl-Q).
     Attach(cmd::console::AttachArgs),
+    /// Run a command in a running VM.
+    Exec(cmd::exec::ExecArgs),
+    /// Copy files or directories between the host and a VM (VM:PATH).
+    Cp(cmd::cp::CpArgs),
     /// Manage images.
     #[command(subcommand)]
     Image(cmd::image::ImageCmd),
@@ -83,6 +87,8 @@ async fn dispatch(cli: Cli) -> i32 {
         Command::Inspect(a) => cmd::ps::inspect(host, a).await,
         Command::Logs(a) => cmd::console::logs(host, a).await,
         Command::Attach(a) => cmd::console::attach(host, a).await,
+        Command::Exec(a) => cmd::exec::exec(host, a).await,
+        Command::Cp(a) => cmd::cp::cp(host, a).await,
         Command::Image(c) => cmd::image::image(host, c).await,
         Command::Kernel(c) => cmd::kernel::kernel(host, c).await,
         Command::Version => cmd::ps::version(host).await,

@@ -50,10 +50,10 @@ pub async fn logs(host: Option<String>, a: LogsArgs) -> anyhow::Result<i32> {
 }
 
 /// Puts the terminal in raw mode while alive.
-struct RawMode(Option<Termios>);
+pub struct RawMode(Option<Termios>);
 
 impl RawMode {
-    fn enter() -> Self {
+    pub fn enter() -> Self {
         let stdin = std::io::stdin();
         let Ok(saved) = termios::tcgetattr(stdin.as_fd()) else { return Self(None) };
         let mut raw = saved.clone();

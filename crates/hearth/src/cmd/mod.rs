@@ -1,6 +1,8 @@
 //! One module per subcommand family.
 
 pub mod console;
+pub mod cp;
+pub mod exec;
 pub mod image;
 pub mod kernel;
 pub mod lifecycle;

@@ -1,0 +1,124 @@
+//! `hearth exec`: run a command in a VM through hearth-init's agent (no sshd needed).
+
+use std::io::{IsTerminal, Write};
+
+use clap::Args;
+use hearth_api::v1 as pb;
+use tokio::io::AsyncReadExt;
+
+use crate::client;
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// Keep stdin open and forward it.
+    #[arg(short = 'i', long)]
+    interactive: bool,
+    /// Allocate a terminal in the guest.
+    #[arg(short = 't', long)]
+    tty: bool,
+    /// Set environment variables (KEY=VALUE).
+    #[arg(short = 'e', long = "env")]
+    env: Vec<String>,
+    /// Working directory in the guest.
+    #[arg(short = 'w', long = "workdir")]
+    workdir: Option<String>,
+    /// User to run as (name, uid, user:group).
+    #[arg(short = 'u', long)]
+    user: Option<String>,
+    /// The VM.
+    vm: String,
+    /// Command and arguments.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+    command: Vec<String>,
+}
+
+fn window_size() -> (u32, u32) {
+    let mut ws = nix::libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCGWINSZ writes a winsize into the struct we own; fd 0 may not be a tty, in
+    // which case the call fails and the zeroes stay.
+    let rc = unsafe { nix::libc::ioctl(0, nix::libc::TIOCGWINSZ, &mut ws) };
+    if rc == 0 {
+        (ws.ws_row.into(), ws.ws_col.into())
+    } else {
+        (24, 80)
+    }
+}
+
+pub async fn exec(host: Option<String>, a: ExecArgs) -> anyhow::Result<i32> {
+    let mut c = client::connect(host).await?;
+    let command = match a.command.first().map(String::as_str) {
+        Some("--") => a.command[1..].to_vec(),
+        _ => a.command.clone(),
+    };
+    if command.is_empty() {
+        anyhow::bail!("no command given: hearth exec VM -- COMMAND [ARG...]");
+    }
+    let (rows, cols) = if a.tty { window_size() } else { (0, 0) };
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::ExecInput>(16);
+    tx.send(pb::ExecInput {
+        start: Some(pb::ExecStart {
+            r#ref: a.vm.clone(),
+            args: command,
+            env: a.env.clone(),
+            cwd: a.workdir.clone().unwrap_or_default(),
+            user: a.user.clone().unwrap_or_default(),
+            tty: a.tty,
+            stdin: a.interactive,
+            rows,
+            cols,
+        }),
+        ..Default::default()
+    })
+    .await?;
+    let mut out = c.exec(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+    let _raw = (a.tty && a.interactive && std::io::stdin().is_terminal()).then(crate::cmd::console::RawMode::enter);
+    if a.interactive {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut stdin = tokio::io::stdin();
+            let mut buf = vec![0u8; 32 << 10];
+            loop {
+                match stdin.read(&mut buf).await {
+                    Ok(0) | Err(_) => {
+                        let _ = tx.send(pb::ExecInput { stdin_eof: true, ..Default::default() }).await;
+                        return;
+                    }
+                    Ok(n) => {
+                        if tx.send(pb::ExecInput { stdin: buf[..n].to_vec(), ..Default::default() }).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    {
+        // Forward Ctrl-C and friends to the guest process rather than dying here.
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else { return };
+            loop {
+                let sig = tokio::select! { _ = int.recv() => nix::libc::SIGINT, _ = term.recv() => nix::libc::SIGTERM };
+                if tx.send(pb::ExecInput { signal: sig, ..Default::default() }).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    let (mut so, mut se) = (std::io::stdout(), std::io::stderr());
+    while let Some(m) = out.message().await? {
+        if !m.stdout.is_empty() {
+            so.write_all(&m.stdout)?;
+            so.flush()?;
+        }
+        if !m.stderr.is_empty() {
+            se.write_all(&m.stderr)?;
+            se.flush()?;
+        }
+        if m.exited {
+            return Ok(m.exit_code);
+        }
+    }
+    anyhow::bail!("the exec stream ended without an exit code (the VM stopped?)")
+}
