@@ -1,1 +1,74 @@
-//! hearth-vmm
+//! hearth's VMM providers and the host end of the guest agent.
+//!
+//! - [`qemu`]: builds QEMU's command line from a [`LaunchSpec`], starts it daemonized (so VMs
+//!   outlive hearthd), and speaks QMP for status and ACPI shutdown.
+//! - [`process`]: recognises a VMM by pid *and* start time, waits for non-child exits with pidfd.
+//! - [`accel`]: decides whether KVM can really run a guest here, else TCG.
+//! - [`agent`]: the framed agent protocol over the VMM's channel (virtio-serial or hybrid vsock).
+
+pub mod accel;
+pub mod agent;
+pub mod process;
+pub mod qemu;
+mod sys;
+
+use std::path::PathBuf;
+
+use hearth_types::Accel;
+
+pub use accel::resolve_accel;
+pub use process::{is_alive, kill, read_pidfile, start_time, wait_exit};
+pub use qemu::{launch, stop};
+
+/// Everything a provider needs to start one VM; all paths resolved.
+#[derive(Debug, Clone)]
+pub struct LaunchSpec {
+    /// The VM's directory: sockets, pid file, logs go here.
+    pub vm_dir: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// Extra kernel arguments, appended after hearth's.
+    pub cmdline: String,
+    pub root_disk: PathBuf,
+    pub config_disk: PathBuf,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub accel: Accel,
+    /// The QEMU binary; `qemu-system-x86_64` from PATH when `None`.
+    pub qemu_binary: Option<PathBuf>,
+}
+
+/// A started VMM.
+#[derive(Debug, Clone)]
+pub struct Launched {
+    pub pid: i32,
+    /// Clock ticks since boot when the process started (`/proc/PID/stat` field 22).
+    pub start_time: u64,
+    /// The accelerator really used.
+    pub accel: Accel,
+    /// Said to the user once, e.g. that TCG is slow.
+    pub warning: Option<String>,
+}
+
+/// Why a VMM could not be started or controlled.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("{0}")]
+    Accel(String),
+    #[error("cannot start {binary}: {source}; install Debian's qemu-system-x86 or set HEARTH_QEMU")]
+    Spawn {
+        binary: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("qemu failed to start: {log}")]
+    Start { log: String },
+    #[error("vmm I/O on {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("qmp: {0}")]
+    Qmp(String),
+}

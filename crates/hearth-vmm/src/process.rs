@@ -1,0 +1,103 @@
+//! Recognising and waiting for VMM processes that are not our children.
+
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::io::unix::AsyncFd;
+
+use crate::sys;
+
+/// Start time (field 22 of /proc/PID/stat) and whether the process is a zombie.
+fn stat(pid: i32) -> Option<(u64, bool)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may contain spaces: split after the last ')'.
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state); field 22 is index 19.
+    let zombie = matches!(fields.first(), Some(&"Z") | Some(&"X"));
+    Some((fields.get(19)?.parse().ok()?, zombie))
+}
+
+/// The process's start time, if it exists.
+pub fn start_time(pid: i32) -> Option<u64> {
+    stat(pid).map(|(t, _)| t)
+}
+
+/// True when `pid` is alive, not a zombie, and started at `start` (so not a reused pid).
+pub fn is_alive(pid: i32, start: u64) -> bool {
+    pid > 0 && matches!(stat(pid), Some((t, false)) if t == start)
+}
+
+/// Reads a pid file and the named process's start time.
+pub fn read_pidfile(path: &Path) -> Option<(i32, u64)> {
+    let pid: i32 = std::fs::read_to_string(path).ok()?.trim().parse().ok()?;
+    Some((pid, start_time(pid)?))
+}
+
+/// Signals the process if it is still the one we started.
+pub fn kill(pid: i32, start: u64, signal: i32) {
+    if is_alive(pid, start) {
+        let _ = sys::kill(pid, signal);
+    }
+}
+
+/// Resolves when the process has exited.
+pub async fn wait_exit(pid: i32, start: u64) {
+    if !is_alive(pid, start) {
+        return;
+    }
+    // The fd is an OwnedFd moved into the AsyncFd, so the I/O-safety concern behind the
+    // deprecation (a borrowed fd closed under tokio) does not apply.
+    #[allow(deprecated)]
+    let registered = sys::pidfd_open(pid).and_then(|fd| AsyncFd::with_interest(fd, tokio::io::Interest::READABLE));
+    match registered {
+        Ok(fd) => {
+            // Readable means exited. A zombie also counts, so re-check liveness afterwards.
+            loop {
+                match fd.readable().await {
+                    Ok(mut g) => {
+                        if !is_alive(pid, start) {
+                            return;
+                        }
+                        g.clear_ready();
+                    }
+                    Err(_) => break,
+                }
+            }
+            poll_exit(pid, start).await
+        }
+        Err(_) => poll_exit(pid, start).await,
+    }
+}
+
+async fn poll_exit(pid: i32, start: u64) {
+    while is_alive(pid, start) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn recognises_and_waits_for_a_process() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().expect("sleep");
+        let pid = child.id() as i32;
+        let start = start_time(pid).expect("start time");
+        assert!(is_alive(pid, start));
+        assert!(!is_alive(pid, start + 1), "a different start time is a different process");
+        kill(pid, start, libc::SIGKILL);
+        let _ = child.wait();
+        tokio::time::timeout(Duration::from_secs(5), wait_exit(pid, start)).await.expect("exit seen");
+        assert!(!is_alive(pid, start));
+    }
+
+    #[test]
+    fn pidfile_with_a_dead_pid_is_none() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("x.pid");
+        std::fs::write(&p, "999999999\n").expect("write");
+        assert!(read_pidfile(&p).is_none());
+    }
+}

@@ -1,0 +1,102 @@
+//! QEMU's command line for a [`LaunchSpec`](crate::LaunchSpec). Pure, so it is unit-tested.
+
+use hearth_types::Accel;
+
+use crate::LaunchSpec;
+
+/// hearth's kernel arguments, then the user's.
+pub fn kernel_cmdline(spec: &LaunchSpec, accel: Accel) -> String {
+    let mut c = String::from("console=ttyS0 quiet loglevel=0 rdinit=/init panic=-1");
+    if accel == Accel::Kvm {
+        // microvm has no PCI and no ACPI reboot path; reboot=t triple-faults out.
+        c.push_str(" reboot=t pci=off");
+    }
+    if !spec.cmdline.trim().is_empty() {
+        c.push(' ');
+        c.push_str(spec.cmdline.trim());
+    }
+    c
+}
+
+/// The full argument list (without the binary). `accel` must be resolved (Kvm or Tcg).
+pub fn qemu_args(spec: &LaunchSpec, accel: Accel) -> Vec<String> {
+    let dir = &spec.vm_dir;
+    let p = |name: &str| dir.join(name).display().to_string();
+    let kvm = accel == Accel::Kvm;
+    let (blk, serial) = if kvm { ("virtio-blk-device", "virtio-serial-device") } else { ("virtio-blk-pci", "virtio-serial-pci") };
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+    if kvm {
+        push(&["-M", "microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=on", "-accel", "kvm", "-cpu", "host"]);
+    } else {
+        push(&["-M", "pc", "-accel", "tcg", "-cpu", "max"]);
+    }
+    let (mem, cpus) = (spec.memory_mib.to_string(), spec.cpus.to_string());
+    push(&["-m", &mem, "-smp", &cpus, "-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+    let (kernel, initrd, cmdline) = (spec.kernel.display().to_string(), spec.initrd.display().to_string(), kernel_cmdline(spec, accel));
+    push(&["-kernel", &kernel, "-initrd", &initrd, "-append", &cmdline]);
+    let root = format!("file={},if=none,id=root,format=raw,cache=writeback,discard=unmap", spec.root_disk.display());
+    let config = format!("file={},if=none,id=config,format=raw,cache=writeback", spec.config_disk.display());
+    push(&["-drive", &root, "-device", &format!("{blk},drive=root"), "-drive", &config, "-device", &format!("{blk},drive=config")]);
+    let console = format!("socket,id=con,path={},server=on,wait=off,logfile={},logappend=on", p("console.sock"), p("console.log"));
+    push(&["-chardev", &console, "-serial", "chardev:con"]);
+    let agent = format!("socket,id=agent,path={},server=on,wait=off", p("agent.sock"));
+    push(&["-device", serial, "-chardev", &agent, "-device", "virtserialport,chardev=agent,name=hearth.agent"]);
+    let qmp = format!("unix:{},server=on,wait=off", p("qmp.sock"));
+    push(&["-qmp", &qmp, "-pidfile", &p("qemu.pid"), "-daemonize"]);
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn spec() -> LaunchSpec {
+        LaunchSpec {
+            vm_dir: PathBuf::from("/r/vms/abc"),
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            cmdline: "foo=bar".into(),
+            root_disk: "/r/vms/abc/disk.img".into(),
+            config_disk: "/r/vms/abc/config.img".into(),
+            cpus: 2,
+            memory_mib: 512,
+            accel: Accel::Auto,
+            qemu_binary: None,
+        }
+    }
+
+    fn after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2).filter(|w| w[0] == flag).map(|w| w[1].as_str()).collect()
+    }
+
+    #[test]
+    fn tcg_uses_pc_with_pci_devices() {
+        let a = qemu_args(&spec(), Accel::Tcg);
+        assert_eq!(after(&a, "-M"), ["pc"]);
+        assert_eq!(after(&a, "-accel"), ["tcg"]);
+        assert!(after(&a, "-device").contains(&"virtio-blk-pci,drive=root"));
+        assert!(after(&a, "-device").contains(&"virtio-serial-pci"));
+        assert_eq!(after(&a, "-smp"), ["2"]);
+        assert_eq!(after(&a, "-m"), ["512"]);
+    }
+
+    #[test]
+    fn kvm_uses_microvm_with_mmio_devices() {
+        let a = qemu_args(&spec(), Accel::Kvm);
+        assert!(after(&a, "-M")[0].starts_with("microvm"));
+        assert!(after(&a, "-device").contains(&"virtio-blk-device,drive=root"));
+        assert!(after(&a, "-append")[0].contains("reboot=t"));
+    }
+
+    #[test]
+    fn root_disk_comes_first_and_everything_lives_in_the_vm_dir() {
+        let a = qemu_args(&spec(), Accel::Tcg);
+        let drives = after(&a, "-drive");
+        assert!(drives[0].contains("disk.img") && drives[1].contains("config.img"));
+        assert!(after(&a, "-chardev").iter().all(|c| c.contains("/r/vms/abc/")));
+        assert!(after(&a, "-append")[0].ends_with("panic=-1 foo=bar"));
+        assert!(a.contains(&"-daemonize".to_string()));
+    }
+}

@@ -1,0 +1,9 @@
+//! The QEMU provider: command line, daemonized launch, QMP.
+
+mod config;
+mod launch;
+mod qmp;
+
+pub use config::{kernel_cmdline, qemu_args};
+pub use launch::{launch, stop};
+pub use qmp::Qmp;
