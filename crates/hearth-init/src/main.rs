@@ -1,1 +1,156 @@
-fn main() {}
+//! hearth-init: PID 1 of every hearth guest.
+//!
+//! Boots from the initramfs hearth builds per kernel: mounts the API filesystems, loads the
+//! module closure, finds the config disk (by magic) and the root disk, switches root, then runs
+//! the image's OCI process under supervision — reaping zombies, forwarding signals, serving the
+//! host over the agent port — and when it exits writes the exit record and powers off. An image
+//! whose command is an init system gets it exec'd as PID 1 instead. Nothing here may panic or
+//! hang silently: a PID 1 that dies takes the kernel with it, so every failure is reported on the
+//! console and in the exit record, and the VM powers off.
+
+mod agent;
+mod boot;
+mod process;
+mod sys;
+mod user;
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::os::unix::process::CommandExt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hearth_types::agent::Ready;
+use hearth_types::guest::{encode_record, EXIT_MAGIC, EXIT_OFFSET};
+use hearth_types::GuestExit;
+
+/// Signals PID 1 handles synchronously (blocked, then collected with sigtimedwait).
+const SIGNALS: [i32; 6] = [libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2];
+/// How long the workload gets between SIGTERM and SIGKILL on an agent shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+fn main() {
+    let started = sys::uptime_ms();
+    sys::block_signals(&SIGNALS);
+    let mut config_disk: Option<File> = None;
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(started, &mut config_disk)));
+    let exit = match outcome {
+        Ok(Ok(exit)) => exit,
+        Ok(Err(msg)) => {
+            eprintln!("hearth-init: {msg}");
+            GuestExit { exit_code: 125, signal: None, error: Some(msg) }
+        }
+        Err(_) => GuestExit { exit_code: 125, signal: None, error: Some("hearth-init panicked".into()) },
+    };
+    finish(config_disk.as_ref(), &exit);
+}
+
+fn run(started: u64, config_disk: &mut Option<File>) -> Result<GuestExit, String> {
+    boot::mount_early()?;
+    boot::load_modules();
+    let disks = boot::find_disks()?;
+    *config_disk = Some(disks.config_disk);
+    let cfg = disks.config;
+    if cfg.version != hearth_types::guest::GUEST_CONFIG_VERSION {
+        return Err(format!("config version {} is not supported by this hearth-init; update hearth", cfg.version));
+    }
+    let port = boot::agent_port();
+    boot::switch_root(&disks.root_dev)?;
+    boot::mount_late();
+    sys::raw_output(1);
+    if !cfg.hostname.is_empty() {
+        let _ = sys::sethostname(&cfg.hostname);
+    }
+    install_keys(&cfg.ssh_authorized_keys);
+    let spec = process::Spec {
+        args: cfg.process.args.clone(),
+        env: cfg.process.env.clone(),
+        cwd: cfg.process.cwd.clone(),
+        user: cfg.process.user.clone(),
+        hostname: cfg.hostname.clone(),
+    };
+    if cfg.init_system {
+        // A full-OS image: its own init becomes PID 1.
+        let mut cmd = process::command(&spec, None).map_err(|e| e.message)?;
+        let err = cmd.exec();
+        return Err(format!("exec {}: {err}", spec.args[0]));
+    }
+    let shared = Arc::new(agent::Shared::default());
+    *shared.defaults.lock().unwrap_or_else(|e| e.into_inner()) = spec.clone();
+    if let Some(p) = port {
+        let s = shared.clone();
+        std::thread::spawn(move || agent::serve(s, p));
+    }
+    let child = match process::spawn_workload(&spec, cfg.process.tty) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("hearth: {}", e.message);
+            return Ok(GuestExit { exit_code: e.code, signal: None, error: Some(e.message) });
+        }
+    };
+    shared.set_ready(Ready { init_started_ms: started, ready_ms: sys::uptime_ms() });
+    Ok(supervise(&shared, child.id() as i32))
+}
+
+/// Reaps, forwards signals, honours agent shutdown; returns when the workload exits.
+fn supervise(shared: &agent::Shared, workload: i32) -> GuestExit {
+    let mut kill_at: Option<Instant> = None;
+    loop {
+        if let Some(sig) = sys::wait_signal(&SIGNALS, 100) {
+            if sig != libc::SIGCHLD {
+                sys::kill(workload, sig);
+            }
+        }
+        while let Some((pid, status)) = sys::reap_one() {
+            if pid == workload {
+                let (code, signal) = sys::decode_status(status);
+                return GuestExit { exit_code: code, signal, error: None };
+            }
+            shared.reaped(pid, status);
+        }
+        if kill_at.is_none() && shared.shutdown.load(Ordering::SeqCst) {
+            sys::kill(workload, libc::SIGTERM);
+            kill_at = Some(Instant::now() + SHUTDOWN_GRACE);
+        }
+        if kill_at.is_some_and(|t| Instant::now() > t) {
+            sys::kill(workload, libc::SIGKILL);
+        }
+    }
+}
+
+fn install_keys(keys: &[String]) {
+    if keys.is_empty() {
+        return;
+    }
+    let _ = std::fs::create_dir_all("/root/.ssh");
+    let _ = std::fs::write("/root/.ssh/authorized_keys", keys.join("\n") + "\n");
+}
+
+/// Records the exit, stops everything else, flushes, powers off.
+fn finish(config_disk: Option<&File>, exit: &GuestExit) -> ! {
+    if let Some(f) = config_disk {
+        let rec = encode_record(EXIT_MAGIC, exit);
+        if f.write_all_at(&rec, EXIT_OFFSET).and_then(|_| f.sync_all()).is_err() {
+            eprintln!("hearth-init: could not write the exit record");
+        }
+    }
+    sys::kill(-1, libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        while sys::reap_one().is_some() {}
+        // Only PID 1 left in /proc: everyone else has exited.
+        if std::fs::read_dir("/proc").map(|rd| rd.flatten().filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok()).count()).unwrap_or(1) <= 1 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    sys::kill(-1, libc::SIGKILL);
+    while sys::reap_one().is_some() {}
+    let _ = sys::mount("", "/", "", libc::MS_REMOUNT | libc::MS_RDONLY, "");
+    let err = sys::power_off();
+    eprintln!("hearth-init: power off failed: {err}");
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}

@@ -1,0 +1,142 @@
+//! Early boot: API filesystems, modules, finding the disks, switching to the root disk.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use hearth_types::guest::{decode_record, CONFIG_MAGIC, MAX_RECORD};
+use hearth_types::GuestConfig;
+
+use crate::sys;
+
+pub fn mount_early() -> Result<(), String> {
+    for (src, target, fs) in [("devtmpfs", "/dev", "devtmpfs"), ("proc", "/proc", "proc"), ("sysfs", "/sys", "sysfs")] {
+        let _ = fs::create_dir_all(target);
+        if let Err(e) = sys::mount(src, target, fs, 0, "") {
+            // devtmpfs may already be mounted by the kernel.
+            if e.raw_os_error() != Some(libc::EBUSY) {
+                return Err(format!("mounting {target}: {e}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Loads the modules listed in /hearth/modules, in order.
+pub fn load_modules() {
+    let list = fs::read_to_string("/hearth/modules").unwrap_or_default();
+    for path in list.lines().filter(|l| !l.is_empty()) {
+        let res = File::open(path).and_then(|f| sys::finit_module(&f));
+        if let Err(e) = res {
+            if e.raw_os_error() != Some(libc::EEXIST) {
+                eprintln!("hearth-init: loading {path}: {e}");
+            }
+        }
+    }
+}
+
+fn virtio_disks() -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir("/sys/block")
+        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("vd")).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// The config disk (open read-write), its config, and the root disk's device name.
+pub struct Disks {
+    pub config_disk: File,
+    pub config: GuestConfig,
+    pub root_dev: String,
+}
+
+/// Waits for the virtio disks, identifies the config disk by its magic and the root as the other.
+pub fn find_disks() -> Result<Disks, String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let disks = virtio_disks();
+        let mut config = None;
+        for d in &disks {
+            let path = format!("/dev/{d}");
+            let Ok(mut f) = OpenOptions::new().read(true).write(true).open(&path) else { continue };
+            let mut head = [0u8; 8];
+            if f.read_exact(&mut head).is_ok() && &head == CONFIG_MAGIC {
+                let mut buf = vec![0u8; MAX_RECORD + 12];
+                let n = f.read_at(&mut buf, 0).map_err(|e| format!("reading {path}: {e}"))?;
+                let cfg: GuestConfig = decode_record(CONFIG_MAGIC, &buf[..n]).map_err(|e| format!("config disk {path}: {e}"))?;
+                config = Some((d.clone(), f, cfg));
+                break;
+            }
+        }
+        if let Some((cdev, f, cfg)) = config {
+            if let Some(root) = disks.iter().find(|d| **d != cdev) {
+                return Ok(Disks { config_disk: f, config: cfg, root_dev: root.clone() });
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the root and config disks did not appear (virtio disks seen: {disks:?})"));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Mounts the root disk and makes it `/`, carrying /dev, /proc and /sys over.
+pub fn switch_root(root_dev: &str) -> Result<(), String> {
+    let newroot = "/newroot";
+    let _ = fs::create_dir_all(newroot);
+    sys::mount(&format!("/dev/{root_dev}"), newroot, "ext4", 0, "").map_err(|e| format!("mounting the root disk /dev/{root_dev}: {e}"))?;
+    for d in ["dev", "proc", "sys"] {
+        let target = format!("{newroot}/{d}");
+        let _ = fs::create_dir_all(&target);
+        sys::mount(&format!("/{d}"), &target, "", libc::MS_MOVE, "").map_err(|e| format!("moving /{d}: {e}"))?;
+    }
+    std::env::set_current_dir(newroot).map_err(|e| format!("chdir {newroot}: {e}"))?;
+    sys::mount(".", "/", "", libc::MS_MOVE, "").map_err(|e| format!("moving the root: {e}"))?;
+    sys::chroot(".").map_err(|e| format!("chroot: {e}"))?;
+    std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
+    Ok(())
+}
+
+/// The mounts a workload expects beyond /dev, /proc, /sys.
+pub fn mount_late() {
+    let mounts: [(&str, &str, &str, libc::c_ulong, &str); 4] = [
+        ("devpts", "/dev/pts", "devpts", libc::MS_NOSUID | libc::MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620,gid=5"),
+        ("shm", "/dev/shm", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=1777"),
+        ("tmpfs", "/run", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=0755"),
+        ("mqueue", "/dev/mqueue", "mqueue", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, ""),
+    ];
+    for (src, target, fs, flags, data) in mounts {
+        let _ = fs::create_dir_all(target);
+        if let Err(e) = sys::mount(src, target, fs, flags, data) {
+            eprintln!("hearth-init: mounting {target}: {e}");
+        }
+    }
+    if !Path::new("/dev/ptmx").exists() || fs::read_link("/dev/ptmx").is_err() {
+        let _ = fs::remove_file("/dev/ptmx");
+        let _ = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx");
+    }
+    for (link, target) in [("/dev/fd", "/proc/self/fd"), ("/dev/stdin", "/proc/self/fd/0"), ("/dev/stdout", "/proc/self/fd/1"), ("/dev/stderr", "/proc/self/fd/2")] {
+        let _ = std::os::unix::fs::symlink(target, link);
+    }
+}
+
+/// Finds the virtio-serial port with the agent's name.
+pub fn agent_port() -> Option<String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Ok(rd) = fs::read_dir("/sys/class/virtio-ports") {
+            for e in rd.flatten() {
+                let name = fs::read_to_string(e.path().join("name")).unwrap_or_default();
+                if name.trim() == hearth_types::guest::AGENT_PORT_NAME {
+                    return Some(format!("/dev/{}", e.file_name().to_string_lossy()));
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

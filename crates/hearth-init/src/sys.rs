@@ -1,0 +1,183 @@
+//! Every raw system call hearth-init makes.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::AsRawFd;
+
+fn cstr(s: &str) -> io::Result<CString> {
+    CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "nul byte in path"))
+}
+
+fn check(rc: libc::c_int) -> io::Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `mount(2)`.
+pub fn mount(src: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> io::Result<()> {
+    let (s, t, f, d) = (cstr(src)?, cstr(target)?, cstr(fstype)?, cstr(data)?);
+    let fptr = if fstype.is_empty() { std::ptr::null() } else { f.as_ptr() };
+    let dptr = if data.is_empty() { std::ptr::null() } else { d.as_ptr().cast() };
+    // SAFETY: all pointers are valid NUL-terminated strings (or null where allowed) that live
+    // until the call returns.
+    check(unsafe { libc::mount(s.as_ptr(), t.as_ptr(), fptr, flags, dptr) })
+}
+
+/// `chroot(2)`.
+pub fn chroot(path: &str) -> io::Result<()> {
+    let p = cstr(path)?;
+    // SAFETY: p is a valid C string for the duration of the call.
+    check(unsafe { libc::chroot(p.as_ptr()) })
+}
+
+/// `finit_module(2)` on an open module file.
+pub fn finit_module(f: &std::fs::File) -> io::Result<()> {
+    let empty = c"";
+    // SAFETY: the fd is open for the call and the params string is a static empty C string.
+    let rc = unsafe { libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), empty.as_ptr(), 0) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Powers the machine off. Does not return on success.
+pub fn power_off() -> io::Error {
+    // SAFETY: sync and reboot take no pointers.
+    unsafe {
+        libc::sync();
+        libc::reboot(libc::RB_POWER_OFF);
+    }
+    io::Error::last_os_error()
+}
+
+/// `sethostname(2)`.
+pub fn sethostname(name: &str) -> io::Result<()> {
+    // SAFETY: the pointer and length describe `name`'s bytes, valid for the call.
+    check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) })
+}
+
+/// Blocks `signals` in this thread (and threads spawned after).
+pub fn block_signals(signals: &[i32]) {
+    // SAFETY: the sigset is a local initialised by sigemptyset before use.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for &s in signals {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// Waits up to `timeout_ms` for one of `signals` (which must be blocked); returns its number.
+pub fn wait_signal(signals: &[i32], timeout_ms: u64) -> Option<i32> {
+    // SAFETY: set and ts are locals; sigtimedwait writes nothing when info is null.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for &s in signals {
+            libc::sigaddset(&mut set, s);
+        }
+        let ts = libc::timespec { tv_sec: (timeout_ms / 1000) as _, tv_nsec: ((timeout_ms % 1000) * 1_000_000) as _ };
+        let s = libc::sigtimedwait(&set, std::ptr::null_mut(), &ts);
+        (s > 0).then_some(s)
+    }
+}
+
+/// Reaps one exited child without blocking: `(pid, wait status)`.
+pub fn reap_one() -> Option<(i32, i32)> {
+    let mut status = 0;
+    // SAFETY: status is a local the kernel writes to.
+    let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+    (pid > 0).then_some((pid, status))
+}
+
+/// `kill(2)`; errors ignored (the process may be gone).
+pub fn kill(pid: i32, sig: i32) {
+    // SAFETY: plain syscall with integer arguments.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+/// Shell-style exit code from a wait status, and the signal if one ended the process.
+pub fn decode_status(status: i32) -> (i32, Option<i32>) {
+    if libc::WIFEXITED(status) {
+        (libc::WEXITSTATUS(status), None)
+    } else if libc::WIFSIGNALED(status) {
+        let s = libc::WTERMSIG(status);
+        (128 + s, Some(s))
+    } else {
+        (255, None)
+    }
+}
+
+/// Milliseconds since boot (CLOCK_BOOTTIME).
+pub fn uptime_ms() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: ts is a local the kernel writes to.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
+/// Turns output post-processing off on a terminal, so `\n` is not sent as `\r\n`.
+pub fn raw_output(fd: i32) {
+    // SAFETY: t is a local filled by tcgetattr before tcsetattr reads it.
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        if libc::tcgetattr(fd, &mut t) == 0 {
+            t.c_oflag &= !libc::OPOST;
+            libc::tcsetattr(fd, libc::TCSANOW, &t);
+        }
+    }
+}
+
+/// In a forked child before exec: a new session with `fd` as controlling terminal.
+pub fn setsid_ctty(fd: Option<i32>) -> io::Result<()> {
+    // SAFETY: async-signal-safe syscalls with integer arguments only.
+    unsafe {
+        if libc::setsid() < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if let Some(fd) = fd {
+            if libc::ioctl(fd, libc::TIOCSCTTY as _, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// In a forked child before exec: supplementary groups.
+pub fn setgroups(groups: &[u32]) -> io::Result<()> {
+    // SAFETY: the pointer and length describe the slice, valid for the call.
+    check(unsafe { libc::setgroups(groups.len(), groups.as_ptr()) })
+}
+
+/// Opens a new pseudo-terminal pair with the given size: `(master, slave)`.
+pub fn openpty(rows: u16, cols: u16) -> io::Result<(std::fs::File, std::fs::File)> {
+    use std::os::fd::FromRawFd;
+    let (mut m, mut s) = (0, 0);
+    let ws = libc::winsize { ws_row: rows.max(1), ws_col: cols.max(1), ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: m and s are locals the call writes; ws is a valid winsize; name/termios may be null.
+    let rc = unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: openpty just returned these two fds to us.
+    Ok(unsafe { (std::fs::File::from_raw_fd(m), std::fs::File::from_raw_fd(s)) })
+}
+
+/// Sets a terminal's window size.
+pub fn set_winsize(fd: i32, rows: u16, cols: u16) {
+    let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: ws is a valid winsize for the duration of the call.
+    unsafe {
+        libc::ioctl(fd, libc::TIOCSWINSZ, &ws);
+    }
+}
