@@ -18,19 +18,30 @@ pub fn kernel_cmdline(spec: &LaunchSpec, accel: Accel) -> String {
     c
 }
 
-/// The full argument list (without the binary). `accel` must be resolved (Kvm or Tcg).
-pub fn qemu_args(spec: &LaunchSpec, accel: Accel) -> Vec<String> {
+/// qboot: a minimal firmware that boots `-kernel` straight away and prints nothing on the serial
+/// console (SeaBIOS would print its banner into the VM's log).
+pub const QBOOT: &str = "/usr/share/qemu/qboot.rom";
+
+/// The full argument list (without the binary). `accel` must be resolved (Kvm or Tcg); `bios`
+/// replaces the machine's default firmware.
+pub fn qemu_args(spec: &LaunchSpec, accel: Accel, bios: Option<&std::path::Path>) -> Vec<String> {
     let dir = &spec.vm_dir;
     let p = |name: &str| dir.join(name).display().to_string();
     let kvm = accel == Accel::Kvm;
     let (blk, serial) = if kvm { ("virtio-blk-device", "virtio-serial-device") } else { ("virtio-blk-pci", "virtio-serial-pci") };
-    let mut a: Vec<String> = Vec::new();
-    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
-    if kvm {
-        push(&["-M", "microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=on", "-accel", "kvm", "-cpu", "host"]);
+    let machine: &[&str] = if kvm {
+        &["-M", "microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=on", "-accel", "kvm", "-cpu", "host"]
     } else {
-        push(&["-M", "pc", "-accel", "tcg", "-cpu", "max"]);
+        &["-M", "pc", "-accel", "tcg", "-cpu", "max"]
+    };
+    let mut a: Vec<String> = machine.iter().map(|s| s.to_string()).collect();
+    if let Some(b) = bios {
+        a.extend(["-bios".to_owned(), b.display().to_string()]);
+    } else if !kvm {
+        // Without qboot, keep SeaBIOS off the serial console.
+        a.extend(["-fw_cfg".to_owned(), "name=etc/sercon-port,string=0".to_owned()]);
     }
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     let (mem, cpus) = (spec.memory_mib.to_string(), spec.cpus.to_string());
     push(&["-m", &mem, "-smp", &cpus, "-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
     let (kernel, initrd, cmdline) = (spec.kernel.display().to_string(), spec.initrd.display().to_string(), kernel_cmdline(spec, accel));
@@ -73,7 +84,7 @@ mod tests {
 
     #[test]
     fn tcg_uses_pc_with_pci_devices() {
-        let a = qemu_args(&spec(), Accel::Tcg);
+        let a = qemu_args(&spec(), Accel::Tcg, None);
         assert_eq!(after(&a, "-M"), ["pc"]);
         assert_eq!(after(&a, "-accel"), ["tcg"]);
         assert!(after(&a, "-device").contains(&"virtio-blk-pci,drive=root"));
@@ -84,7 +95,7 @@ mod tests {
 
     #[test]
     fn kvm_uses_microvm_with_mmio_devices() {
-        let a = qemu_args(&spec(), Accel::Kvm);
+        let a = qemu_args(&spec(), Accel::Kvm, None);
         assert!(after(&a, "-M")[0].starts_with("microvm"));
         assert!(after(&a, "-device").contains(&"virtio-blk-device,drive=root"));
         assert!(after(&a, "-append")[0].contains("reboot=t"));
@@ -92,7 +103,7 @@ mod tests {
 
     #[test]
     fn root_disk_comes_first_and_everything_lives_in_the_vm_dir() {
-        let a = qemu_args(&spec(), Accel::Tcg);
+        let a = qemu_args(&spec(), Accel::Tcg, None);
         let drives = after(&a, "-drive");
         assert!(drives[0].contains("disk.img") && drives[1].contains("config.img"));
         assert!(after(&a, "-chardev").iter().all(|c| c.contains("/r/vms/abc/")));

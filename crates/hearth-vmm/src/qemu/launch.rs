@@ -5,13 +5,20 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::process::{is_alive, kill, read_pidfile, wait_exit};
-use crate::qemu::{qemu_args, Qmp};
+use crate::qemu::{qemu_args, Qmp, QBOOT};
+use hearth_types::Accel;
 use crate::{resolve_accel, LaunchSpec, Launched, VmmError};
 
 fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().rev().take(10).collect();
     lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+}
+
+/// qboot for the `pc` machine where Debian ships it.
+fn bios(accel: Accel) -> Option<std::path::PathBuf> {
+    let q = Path::new(QBOOT);
+    (accel == Accel::Tcg && q.exists()).then(|| q.to_owned())
 }
 
 /// Starts QEMU for `spec`. QEMU daemonizes once its devices are set up; the returned pid is the
@@ -27,7 +34,7 @@ pub fn launch(spec: &LaunchSpec) -> Result<Launched, VmmError> {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(io)?;
     let binary = spec.qemu_binary.clone().unwrap_or_else(|| "qemu-system-x86_64".into());
     let status = Command::new(&binary)
-        .args(qemu_args(spec, accel))
+        .args(qemu_args(spec, accel, bios(accel).as_deref()))
         .current_dir(dir)
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(io)?)

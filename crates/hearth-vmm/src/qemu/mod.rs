@@ -4,6 +4,6 @@ mod config;
 mod launch;
 mod qmp;
 
-pub use config::{kernel_cmdline, qemu_args};
+pub use config::{kernel_cmdline, qemu_args, QBOOT};
 pub use launch::{launch, stop};
 pub use qmp::Qmp;
