@@ -260,3 +260,46 @@ mod tests {
         assert_eq!(credentials(&cfg, "quay.io"), None);
     }
 }
+
+#[cfg(all(test, feature = "testutil"))]
+mod registry_tests {
+    use crate::testutil::{push_busybox, LocalRegistry};
+    use crate::{ImageStore, NoProgress, PullOptions};
+
+    fn tools() -> bool {
+        ["docker-registry", "skopeo", "mkfs.ext4"].iter().all(|t| std::process::Command::new("sh").arg("-c").arg(format!("command -v {t}")).output().is_ok_and(|o| o.status.success()))
+            && std::path::Path::new("/bin/busybox").exists()
+    }
+
+    #[test]
+    fn pull_from_a_local_registry_and_build_the_rootfs() {
+        if !tools() {
+            eprintln!("skipping: needs docker-registry, skopeo, mkfs.ext4 and busybox-static");
+            return;
+        }
+        let reg = LocalRegistry::start().expect("registry");
+        push_busybox(&reg, "demo:1", "app").expect("push");
+        let t = tempfile::tempdir().expect("tmp");
+        let s = ImageStore::open(t.path()).expect("open");
+        let r = format!("{}/demo:1", reg.host()).parse().expect("ref");
+        let rec = s.pull(&r, &PullOptions::default(), &NoProgress).expect("pull");
+        assert_eq!((rec.config.user.as_str(), rec.config.working_dir.as_str()), ("app", "/work"));
+        let again = s.pull(&r, &PullOptions::default(), &NoProgress).expect("pull again");
+        assert_eq!(again.id, rec.id);
+        let img = s.rootfs(&rec).expect("rootfs");
+        let ls = std::process::Command::new("debugfs").args(["-R", "ls -l /bin"]).arg(&img).output().expect("debugfs");
+        assert!(String::from_utf8_lossy(&ls.stdout).contains("busybox"));
+
+        // A corrupted blob in the registry is caught by digest verification.
+        let t2 = tempfile::tempdir().expect("tmp");
+        let s2 = ImageStore::open(t2.path()).expect("open");
+        let layer = rec.layers[0].hex().to_owned();
+        std::fs::write(reg.blob_file(&layer), b"corrupt").expect("corrupt");
+        let e = s2.pull(&r, &PullOptions::default(), &NoProgress).expect_err("mismatch");
+        assert!(e.to_string().contains("digest mismatch"), "{e}");
+        assert!(s2.list().expect("list").is_empty());
+        let missing = format!("{}/nope:1", reg.host()).parse().expect("ref");
+        let e = s2.pull(&missing, &PullOptions::default(), &NoProgress).expect_err("missing");
+        assert!(e.to_string().contains("not found"), "{e}");
+    }
+}
