@@ -72,7 +72,9 @@ pub async fn exec(host: Option<String>, a: ExecArgs) -> anyhow::Result<i32> {
     .await?;
     let mut out = c.exec(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
     let _raw = (a.tty && a.interactive && std::io::stdin().is_terminal()).then(crate::cmd::console::RawMode::enter);
-    if a.interactive {
+    if !a.interactive {
+        tx.send(pb::ExecInput { stdin_eof: true, ..Default::default() }).await?;
+    } else {
         let tx = tx.clone();
         tokio::spawn(async move {
             let mut stdin = tokio::io::stdin();

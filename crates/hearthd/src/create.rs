@@ -1,0 +1,84 @@
+//! `CreateVm`: resolve the image and kernel, validate, and persist the new VM's intent.
+
+use std::sync::Arc;
+
+use hearth_api::v1 as pb;
+use hearth_types::{generate_name, VmRecord, VmSpec};
+use tonic::Status;
+
+use crate::daemon::{internal, Daemon};
+use crate::service::{created_now, new_id, new_record};
+
+/// Serialises creations so two requests cannot take the same name.
+static CREATE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+pub async fn create(d: &Arc<Daemon>, req: pb::CreateVmRequest) -> Result<VmRecord, Status> {
+    if req.image.is_empty() {
+        return Err(Status::invalid_argument("no image given: hearth run IMAGE [COMMAND...]"));
+    }
+    let reference = req.image.parse::<hearth_types::ImageRef>().map(|_| ());
+    let image = match d.images.get(&req.image).map_err(internal)? {
+        Some(i) => i,
+        None => {
+            // A malformed reference is reported as such; a well-formed one as not pulled.
+            if let Err(e) = reference {
+                return Err(Status::invalid_argument(e.to_string()));
+            }
+            return Err(Status::not_found(format!("image {} is not in the store: pull it with `hearth image pull {}`", req.image, req.image)));
+        }
+    };
+    let kernel = if req.kernel.is_empty() {
+        d.kernels.default_name().map_err(internal)?.ok_or_else(|| {
+            Status::failed_precondition("no kernel is imported: import one with `hearth kernel import FILE --name NAME`")
+        })?
+    } else {
+        req.kernel.clone()
+    };
+    if d.kernels.get(&kernel).map_err(internal)?.is_none() {
+        return Err(Status::not_found(format!("kernel {kernel} does not exist: see `hearth kernel ls`, or import it")));
+    }
+    let accel = req.accel.parse().map_err(|e: hearth_types::VmSpecError| Status::invalid_argument(e.to_string()))?;
+    let labels = req.labels.into_iter().collect();
+    let _g = CREATE.lock().await;
+    let existing = d.vms.list().map_err(internal)?;
+    let name = if req.name.is_empty() {
+        let mut n = generate_name(rand::random());
+        while existing.iter().any(|r| r.spec.name == n) {
+            n = generate_name(rand::random());
+        }
+        n
+    } else {
+        req.name.clone()
+    };
+    if let Some(other) = existing.iter().find(|r| r.spec.name == name) {
+        return Err(Status::already_exists(format!(
+            "the name {name} is already used by VM {}: remove it or choose another --name",
+            other.spec.id
+        )));
+    }
+    let spec = VmSpec {
+        id: new_id(),
+        name,
+        image: image.names.first().cloned().unwrap_or_else(|| req.image.clone()),
+        image_id: image.id.hex().to_owned(),
+        kernel,
+        cpus: req.cpus,
+        memory_mib: req.memory_mib,
+        disk_bytes: req.disk_bytes,
+        kernel_args: req.kernel_args,
+        entrypoint: req.has_entrypoint.then_some(req.entrypoint),
+        command: req.command,
+        env: req.env,
+        labels,
+        accel,
+        auto_remove: req.auto_remove,
+        interactive: req.interactive,
+        tty: req.tty,
+        created_at: created_now(),
+    };
+    spec.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
+    hearth_core::guest_config(&spec, &image.config).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let rec = new_record(spec);
+    d.save(&rec)?;
+    Ok(rec)
+}

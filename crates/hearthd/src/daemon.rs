@@ -1,0 +1,180 @@
+//! The daemon's state: stores, per-VM locks, change notification, and lookups.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use hearth_image::ImageStore;
+use hearth_kernel::KernelStore;
+use hearth_store::VmStore;
+use hearth_vmm::agent::{AgentClient, AgentError};
+use hearth_types::{VmId, VmRecord};
+use tokio::sync::watch;
+use tonic::Status;
+
+/// Everything the API handlers and the reconciler share.
+pub struct Daemon {
+    pub root: PathBuf,
+    pub vms: VmStore,
+    pub images: ImageStore,
+    pub kernels: KernelStore,
+    pub init_binary: PathBuf,
+    /// One lock per VM: reconcile loops and API mutations of a VM never interleave.
+    locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Bumped on every record change; waiters re-read the store.
+    changes: watch::Sender<u64>,
+    /// How removed VMs ended, so `wait` after an automatic `--rm` still gets the exit code.
+    tombstones: Mutex<HashMap<VmId, VmRecord>>,
+    /// The one agent connection per running VM (QEMU's chardev takes a single client).
+    agents: tokio::sync::Mutex<HashMap<VmId, Arc<AgentClient>>>,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon").field("root", &self.root).finish_non_exhaustive()
+    }
+}
+
+/// Locates the static hearth-init binary: the flag, else beside hearthd, else in the cargo
+/// target directory of a source checkout.
+pub fn find_init_binary(flag: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = flag {
+        anyhow::ensure!(p.is_file(), "--init-binary {} does not exist", p.display());
+        return Ok(p.to_owned());
+    }
+    let exe = std::env::current_exe().context("locating hearthd's own executable")?;
+    let dir = exe.parent().unwrap_or(Path::new("/"));
+    let candidates = [
+        dir.join("hearth-init"),
+        dir.join("../x86_64-unknown-linux-gnu/release/hearth-init"),
+        dir.join("../../x86_64-unknown-linux-gnu/release/hearth-init"),
+        PathBuf::from("/usr/lib/hearth/hearth-init"),
+    ];
+    candidates.iter().find(|p| p.is_file()).cloned().with_context(|| {
+        format!(
+            "hearth-init (the guest's static init) was not found beside {}; build it with `cargo xtask init` or pass --init-binary",
+            exe.display()
+        )
+    })
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+pub fn now_millis() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+impl Daemon {
+    pub fn open(root: &Path, init_binary: PathBuf) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+        let vms = VmStore::open(root)?;
+        vms.sweep()?;
+        Ok(Self {
+            root: root.to_owned(),
+            vms,
+            images: ImageStore::open(root)?,
+            kernels: KernelStore::open(root)?,
+            init_binary,
+            locks: Mutex::new(HashMap::new()),
+            changes: watch::channel(0).0,
+            tombstones: Mutex::new(HashMap::new()),
+            agents: tokio::sync::Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The lock that serialises all changes to one VM.
+    pub fn lock_for(&self, id: &VmId) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        locks.entry(id.clone()).or_default().clone()
+    }
+
+    /// Persists a record and wakes waiters.
+    pub fn save(&self, rec: &VmRecord) -> Result<(), Status> {
+        self.vms.save(rec).map_err(internal)?;
+        self.changes.send_modify(|g| *g += 1);
+        Ok(())
+    }
+
+    /// Removes a VM's record and files, keeping a tombstone for `wait`.
+    pub fn forget(&self, rec: &VmRecord) -> Result<(), Status> {
+        self.vms.remove(&rec.spec.id).map_err(internal)?;
+        {
+            let mut t = self.tombstones.lock().unwrap_or_else(|e| e.into_inner());
+            if t.len() > 1024 {
+                t.clear();
+            }
+            t.insert(rec.spec.id.clone(), rec.clone());
+        }
+        self.locks.lock().unwrap_or_else(|e| e.into_inner()).remove(&rec.spec.id);
+        self.changes.send_modify(|g| *g += 1);
+        Ok(())
+    }
+
+    pub fn tombstone(&self, id: &VmId) -> Option<VmRecord> {
+        self.tombstones.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    pub fn get(&self, id: &VmId) -> Result<Option<VmRecord>, Status> {
+        self.vms.get(id).map_err(internal)
+    }
+
+    /// Finds a VM by exact name, exact id, or unique id prefix.
+    pub fn resolve(&self, reference: &str) -> Result<VmRecord, Status> {
+        if reference.is_empty() {
+            return Err(Status::invalid_argument("no VM given: name a VM by its name or id"));
+        }
+        let all = self.vms.list().map_err(internal)?;
+        if let Some(r) = all.iter().find(|r| r.spec.name == reference || r.spec.id.as_str() == reference) {
+            return Ok(r.clone());
+        }
+        let matches: Vec<_> = all.iter().filter(|r| r.spec.id.as_str().starts_with(reference)).collect();
+        match matches.as_slice() {
+            [one] => Ok((*one).clone()),
+            [] => Err(Status::not_found(format!("no such VM: {reference} (see `hearth ps -a`)"))),
+            many => Err(Status::failed_precondition(format!(
+                "{reference} matches {} VMs ({}); give more of the id",
+                many.len(),
+                many.iter().map(|r| r.spec.id.as_str()).collect::<Vec<_>>().join(", ")
+            ))),
+        }
+    }
+
+    pub fn vm_dir(&self, id: &VmId) -> PathBuf {
+        self.vms.vm_dir(id)
+    }
+
+    /// The VM's agent connection, (re)connecting when there is none or it closed.
+    pub async fn agent(&self, id: &VmId) -> Result<Arc<AgentClient>, AgentError> {
+        let mut agents = self.agents.lock().await;
+        if let Some(a) = agents.get(id) {
+            if a.closed().is_none() {
+                return Ok(a.clone());
+            }
+            if let Some(why) = a.closed() {
+                tracing::warn!(vm = %id, why, "agent connection lost");
+            }
+        }
+        let a = Arc::new(AgentClient::connect(&self.vm_dir(id).join("agent.sock")).await?);
+        agents.insert(id.clone(), a.clone());
+        Ok(a)
+    }
+
+    /// Drops the agent connection of a VM whose VMM exited.
+    pub async fn forget_agent(&self, id: &VmId) {
+        self.agents.lock().await.remove(id);
+    }
+}
+
+/// Maps an internal error to a gRPC status carrying the whole chain.
+pub fn internal(e: impl Into<anyhow::Error>) -> Status {
+    let e: anyhow::Error = e.into();
+    Status::internal(format!("{e:#}"))
+}

@@ -1,0 +1,325 @@
+//! The reconcile loop: observe, plan (hearth-core), execute one step, persist, repeat.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hearth_core::{plan, Observed, Step, MAX_ITERATIONS};
+use hearth_types::{Desired, VmId, VmRecord, VmState};
+use tonic::Status;
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::daemon::{internal, now_millis, Daemon};
+
+/// How long a guest gets to stop by itself before it is killed, unless `stop -t` says otherwise.
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a guest may take from VMM start to hearth-init's ready report.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Per-call knobs for a reconcile run.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    pub stop_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { stop_timeout: DEFAULT_STOP_TIMEOUT }
+    }
+}
+
+/// Files of a VM's directory.
+pub fn disk_path(d: &Daemon, id: &VmId) -> std::path::PathBuf {
+    d.vm_dir(id).join("disk.img")
+}
+pub fn config_path(d: &Daemon, id: &VmId) -> std::path::PathBuf {
+    d.vm_dir(id).join("config.img")
+}
+
+/// The live VMM of a VM, if any: the recorded pid when it still names the same process, else
+/// the pid file QEMU wrote (a crash between launch and recording the pid).
+fn observe_vmm(dir: &Path, rec: &VmRecord) -> (Option<(i32, u64)>, bool) {
+    if let (Some(pid), Some(start)) = (rec.status.pid, rec.status.pid_start_time) {
+        if hearth_vmm::is_alive(pid, start) {
+            return (Some((pid, start)), true);
+        }
+    }
+    match hearth_vmm::read_pidfile(&dir.join("qemu.pid")) {
+        Some((pid, start)) if hearth_vmm::is_alive(pid, start) => (Some((pid, start)), false),
+        _ => (None, false),
+    }
+}
+
+fn observe(d: &Daemon, rec: &VmRecord) -> (Observed, Option<(i32, u64)>) {
+    let dir = d.vm_dir(&rec.spec.id);
+    let (vmm, recorded) = observe_vmm(&dir, rec);
+    let obs = Observed {
+        dir: dir.exists(),
+        disk: disk_path(d, &rec.spec.id).exists(),
+        config_disk: config_path(d, &rec.spec.id).exists(),
+        vmm_alive: vmm.is_some(),
+        vmm_recorded: recorded,
+    };
+    (obs, vmm)
+}
+
+/// Brings one VM to its desired state. Holds the VM's lock throughout.
+pub async fn reconcile(d: &Arc<Daemon>, id: &VmId, opts: Options) -> Result<Option<VmRecord>, Status> {
+    let lock = d.lock_for(id);
+    let _guard = lock.lock().await;
+    reconcile_locked(d, id, opts).await
+}
+
+/// As [`reconcile`], for callers that already hold the VM's lock.
+pub async fn reconcile_locked(d: &Arc<Daemon>, id: &VmId, opts: Options) -> Result<Option<VmRecord>, Status> {
+    for attempt in 0..MAX_ITERATIONS {
+        let Some(mut rec) = d.get(id)? else { return Ok(None) };
+        let (obs, vmm) = observe(d, &rec);
+        let steps = plan(&rec, &obs);
+        let Some(step) = steps.first().copied() else { return Ok(Some(rec)) };
+        let span = info_span!("step", vm = %id, name = %rec.spec.name, ?step, attempt);
+        let done = execute(d, &mut rec, step, vmm, opts).instrument(span).await;
+        if let Err(e) = done {
+            // A failed start is recorded on the VM, so `ps` and `inspect` say why.
+            if step == Step::Launch || step == Step::CreateDisk || step == Step::WriteConfigDisk {
+                if let Ok(Some(mut cur)) = d.get(id) {
+                    cur.status.state = VmState::Failed;
+                    cur.status.reason = e.message().to_owned();
+                    cur.desired = Desired::Stopped;
+                    d.save(&cur)?;
+                }
+            }
+            return Err(e);
+        }
+    }
+    Err(Status::internal(format!("vm {id} did not settle after {MAX_ITERATIONS} reconcile rounds; see hearthd's log")))
+}
+
+async fn execute(d: &Arc<Daemon>, rec: &mut VmRecord, step: Step, vmm: Option<(i32, u64)>, opts: Options) -> Result<(), Status> {
+    let id = rec.spec.id.clone();
+    match step {
+        Step::CreateDisk => {
+            let image = d
+                .images
+                .get(&rec.spec.image_id)
+                .map_err(internal)?
+                .ok_or_else(|| Status::failed_precondition(format!("image {} was removed; pull it again", rec.spec.image)))?;
+            let (dk, size) = (disk_path(d, &id), rec.spec.disk_bytes);
+            let d2 = d.clone();
+            let method = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                let base = d2.images.rootfs(&image)?;
+                Ok(hearth_storage::clone_disk(&base, &dk, size)?)
+            })
+            .await
+            .map_err(internal)?
+            .map_err(|e| Status::failed_precondition(format!("{e:#}")))?;
+            info!(?method, "root disk created");
+            rec.status.disk_path = Some(disk_path(d, &id).display().to_string());
+            d.save(rec)
+        }
+        Step::WriteConfigDisk => {
+            let image = d
+                .images
+                .get(&rec.spec.image_id)
+                .map_err(internal)?
+                .ok_or_else(|| Status::failed_precondition(format!("image {} was removed; pull it again", rec.spec.image)))?;
+            let cfg = hearth_core::guest_config(&rec.spec, &image.config).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            hearth_storage::create_config_disk(&config_path(d, &id), &cfg).map_err(internal)
+        }
+        Step::Launch => launch(d, rec).await,
+        Step::AdoptVmm => {
+            let (pid, start) = vmm.ok_or_else(|| Status::internal("no vmm to adopt"))?;
+            info!(pid, "adopting a running VMM");
+            rec.status.pid = Some(pid);
+            rec.status.pid_start_time = Some(start);
+            if rec.status.state != VmState::Running {
+                rec.status.state = VmState::Starting;
+            }
+            d.save(rec)?;
+            spawn_watchers(d, &id, pid, start, rec.status.state == VmState::Starting);
+            Ok(())
+        }
+        Step::Stop => {
+            let (pid, start) = vmm.ok_or_else(|| Status::internal("no vmm to stop"))?;
+            rec.status.state = VmState::Stopping;
+            d.save(rec)?;
+            stop_vmm(d, &id, pid, start, opts.stop_timeout).await;
+            Ok(())
+        }
+        Step::Kill => {
+            let (pid, start) = vmm.ok_or_else(|| Status::internal("no vmm to kill"))?;
+            hearth_vmm::kill(pid, start, libc::SIGKILL);
+            let _ = tokio::time::timeout(Duration::from_secs(10), hearth_vmm::wait_exit(pid, start)).await;
+            Ok(())
+        }
+        Step::RecordExit => {
+            record_exit(d, rec)?;
+            Ok(())
+        }
+        Step::Remove => d.forget(rec),
+    }
+}
+
+async fn launch(d: &Arc<Daemon>, rec: &mut VmRecord) -> Result<(), Status> {
+    let id = rec.spec.id.clone();
+    let dir = d.vm_dir(&id);
+    let (kernels, init, name) = (d.clone(), d.init_binary.clone(), rec.spec.kernel.clone());
+    let (kernel, initrd) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        if kernels.kernels.get(&name)?.is_none() {
+            anyhow::bail!("kernel {name} was removed; import it again with `hearth kernel import`");
+        }
+        Ok((kernels.kernels.kernel_path(&name), kernels.kernels.initramfs(&name, &init)?))
+    })
+    .await
+    .map_err(internal)?
+    .map_err(|e| Status::failed_precondition(format!("{e:#}")))?;
+    hearth_storage::clear_exit_record(&config_path(d, &id)).map_err(internal)?;
+    let console = dir.join("console.log");
+    rec.status.console_offset = std::fs::metadata(&console).map(|m| m.len()).unwrap_or(0);
+    let spec = hearth_vmm::LaunchSpec {
+        vm_dir: dir.clone(),
+        kernel,
+        initrd,
+        cmdline: rec.spec.kernel_args.clone(),
+        root_disk: disk_path(d, &id),
+        config_disk: config_path(d, &id),
+        cpus: rec.spec.cpus,
+        memory_mib: rec.spec.memory_mib,
+        accel: rec.spec.accel,
+        qemu_binary: std::env::var_os("HEARTH_QEMU").map(Into::into),
+    };
+    rec.status.started_at = Some(now_millis());
+    let launched = tokio::task::spawn_blocking(move || hearth_vmm::launch(&spec))
+        .await
+        .map_err(internal)?
+        .map_err(|e| Status::failed_precondition(format!("{e:#}")))?;
+    if let Some(w) = &launched.warning {
+        warn!("{w}");
+    }
+    rec.status.pid = Some(launched.pid);
+    rec.status.pid_start_time = Some(launched.start_time);
+    rec.status.accel = launched.accel.to_string();
+    rec.status.state = VmState::Starting;
+    rec.status.reason = launched.warning.clone().unwrap_or_default();
+    rec.status.exit_code = None;
+    rec.status.ready_at = None;
+    rec.status.finished_at = None;
+    rec.status.boots += 1;
+    d.save(rec)?;
+    info!(pid = launched.pid, accel = %launched.accel, "vmm started");
+    spawn_watchers(d, &id, launched.pid, launched.start_time, true);
+    Ok(())
+}
+
+/// Watches a VMM until it exits (then reconciles), and, while the guest boots, waits for
+/// hearth-init's ready report.
+pub fn spawn_watchers(d: &Arc<Daemon>, id: &VmId, pid: i32, start: u64, await_ready: bool) {
+    let (d1, id1) = (d.clone(), id.clone());
+    tokio::spawn(async move {
+        hearth_vmm::wait_exit(pid, start).await;
+        info!(vm = %id1, pid, "vmm exited");
+        d1.forget_agent(&id1).await;
+        if let Err(e) = reconcile(&d1, &id1, Options::default()).await {
+            warn!(vm = %id1, error = %e.message(), "reconcile after vmm exit failed");
+        }
+    });
+    if await_ready {
+        let (d2, id2) = (d.clone(), id.clone());
+        tokio::spawn(async move {
+            let ready = async {
+                let agent = d2.agent(&id2).await?;
+                agent.wait_ready(tokio::time::Instant::now() + READY_TIMEOUT).await
+            };
+            match ready.await {
+                Ok(_) => mark_ready(&d2, &id2, pid).await,
+                Err(e) => info!(vm = %id2, error = %e, "no ready report from the guest"),
+            }
+        });
+    }
+}
+
+async fn mark_ready(d: &Arc<Daemon>, id: &VmId, pid: i32) {
+    let lock = d.lock_for(id);
+    let _guard = lock.lock().await;
+    if let Ok(Some(mut rec)) = d.get(id) {
+        if rec.status.pid == Some(pid) && rec.status.state == VmState::Starting {
+            rec.status.state = VmState::Running;
+            rec.status.ready_at = Some(now_millis());
+            if let Err(e) = d.save(&rec) {
+                warn!(vm = %id, error = %e.message(), "recording readiness failed");
+            }
+        }
+    }
+}
+
+/// Agent shutdown first (the guest flushes and unmounts), then ACPI, then kill.
+async fn stop_vmm(d: &Arc<Daemon>, id: &VmId, pid: i32, start: u64, timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let asked = tokio::time::timeout(Duration::from_secs(2), async {
+        let agent = d.agent(id).await?;
+        agent.shutdown().await
+    })
+    .await;
+    if matches!(asked, Ok(Ok(()))) && tokio::time::timeout_at(deadline, hearth_vmm::wait_exit(pid, start)).await.is_ok() {
+        return;
+    }
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    if let Err(e) = hearth_vmm::stop(&d.vm_dir(id), pid, start, left).await {
+        warn!(vm = %id, error = %e, "graceful stop failed; killing");
+        hearth_vmm::kill(pid, start, libc::SIGKILL);
+        let _ = tokio::time::timeout(Duration::from_secs(10), hearth_vmm::wait_exit(pid, start)).await;
+    }
+}
+
+/// The VMM is gone: read the guest's exit record and settle the VM as stopped.
+fn record_exit(d: &Daemon, rec: &mut VmRecord) -> Result<(), Status> {
+    let exit = hearth_storage::read_exit_record(&config_path(d, &rec.spec.id)).unwrap_or_else(|e| {
+        warn!(vm = %rec.spec.id, error = %e, "unreadable exit record");
+        None
+    });
+    let was_stopping = rec.status.state == VmState::Stopping || rec.desired == Desired::Stopped;
+    match exit {
+        Some(x) => {
+            rec.status.exit_code = Some(x.exit_code);
+            rec.status.reason = x.error.unwrap_or_default();
+        }
+        None if was_stopping => {
+            rec.status.exit_code = Some(137);
+            rec.status.reason = "stopped".into();
+        }
+        None => {
+            rec.status.exit_code = None;
+            rec.status.reason = "vmm exited unexpectedly (killed outside hearth, or it crashed; see qemu.log)".into();
+        }
+    }
+    rec.status.state = VmState::Stopped;
+    rec.status.finished_at = Some(now_millis());
+    rec.status.pid = None;
+    rec.status.pid_start_time = None;
+    rec.desired = if rec.spec.auto_remove { Desired::Deleted } else { Desired::Stopped };
+    d.save(rec)
+}
+
+/// On daemon start: re-adopt live VMMs, record the ones that died while hearthd was down, and
+/// finish half-done work.
+pub async fn recover(d: &Arc<Daemon>) {
+    let records = match d.vms.list() {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(error = %e, "listing VMs for recovery failed");
+            return;
+        }
+    };
+    for rec in records {
+        let id = rec.spec.id.clone();
+        let dir = d.vm_dir(&id);
+        if let (Some((pid, start)), true) = observe_vmm(&dir, &rec) {
+            info!(vm = %id, pid, "re-adopting running VM");
+            spawn_watchers(d, &id, pid, start, rec.status.state == VmState::Starting);
+            continue;
+        }
+        if let Err(e) = reconcile(d, &id, Options::default()).await {
+            warn!(vm = %id, error = %e.message(), "recovery reconcile failed");
+        }
+    }
+}

@@ -1,0 +1,407 @@
+//! The `hearth.v1.Hearth` gRPC service: validates requests, persists intent, reconciles.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hearth_api::v1::{self as pb, hearth_server::Hearth};
+use hearth_types::{Desired, ImageRef, VmId, VmRecord, VmSpec, VmState, VmStatus};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::daemon::{internal, now_secs, Daemon};
+use crate::reconcile::{self, Options};
+
+type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// The API handlers.
+#[derive(Debug)]
+pub struct Api {
+    d: Arc<Daemon>,
+}
+
+impl Api {
+    pub fn new(d: Arc<Daemon>) -> Self {
+        Self { d }
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+fn record(v: &VmRecord) -> Response<pb::Record> {
+    Response::new(pb::Record { json: json(v), warning: String::new() })
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f).await.map_err(internal)?
+}
+
+fn user_error(e: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+fn chain(e: impl Into<anyhow::Error>) -> Status {
+    Status::failed_precondition(format!("{:#}", e.into()))
+}
+
+fn running(r: &VmRecord) -> bool {
+    matches!(r.status.state, VmState::Starting | VmState::Running | VmState::Stopping)
+}
+
+struct ChannelProgress(tokio::sync::mpsc::Sender<Result<pb::Progress, Status>>);
+
+impl hearth_image::Progress for ChannelProgress {
+    fn start(&self, digest: &str, total: u64) {
+        let _ = self.0.blocking_send(Ok(pb::Progress { digest: digest.into(), total, ..Default::default() }));
+    }
+    fn advance(&self, digest: &str, bytes: u64) {
+        let _ = self.0.blocking_send(Ok(pb::Progress { digest: digest.into(), current: bytes, ..Default::default() }));
+    }
+    fn finish(&self, digest: &str) {
+        let _ = self.0.blocking_send(Ok(pb::Progress { digest: digest.into(), done: true, ..Default::default() }));
+    }
+}
+
+#[tonic::async_trait]
+impl Hearth for Api {
+    async fn version(&self, _: Request<pb::Empty>) -> Result<Response<pb::VersionResponse>, Status> {
+        let accel = match hearth_vmm::resolve_accel(hearth_types::Accel::Auto) {
+            Ok((a, _)) => a.to_string(),
+            Err(e) => e.to_string(),
+        };
+        Ok(Response::new(pb::VersionResponse {
+            version: env!("CARGO_PKG_VERSION").into(),
+            root: self.d.root.display().to_string(),
+            accel,
+        }))
+    }
+
+    type PullImageStream = Streamed<pb::Progress>;
+    async fn pull_image(&self, req: Request<pb::PullImageRequest>) -> Result<Response<Self::PullImageStream>, Status> {
+        let req = req.into_inner();
+        let r: ImageRef = req.r#ref.parse().map_err(user_error)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let d = self.d.clone();
+        tokio::task::spawn_blocking(move || {
+            let opts = hearth_image::PullOptions { insecure: req.insecure, docker_config: None };
+            let out = d.images.pull(&r, &opts, &ChannelProgress(tx.clone()));
+            let msg = match out {
+                Ok(rec) => Ok(pb::Progress { done: true, result_json: json(&rec), ..Default::default() }),
+                Err(e) => Err(chain(e)),
+            };
+            let _ = tx.blocking_send(msg);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn import_image(&self, req: Request<pb::ImportImageRequest>) -> Result<Response<pb::Record>, Status> {
+        let req = req.into_inner();
+        let name: ImageRef = req.name.parse().map_err(user_error)?;
+        let d = self.d.clone();
+        let rec = blocking(move || d.images.import(std::path::Path::new(&req.path), &name).map_err(chain)).await?;
+        Ok(Response::new(pb::Record { json: json(&rec), warning: String::new() }))
+    }
+
+    async fn list_images(&self, _: Request<pb::Empty>) -> Result<Response<pb::Records>, Status> {
+        let list = self.d.images.list().map_err(internal)?;
+        Ok(Response::new(pb::Records { json: list.iter().map(json).collect() }))
+    }
+
+    async fn remove_image(&self, req: Request<pb::RemoveRequest>) -> Result<Response<pb::Record>, Status> {
+        let req = req.into_inner();
+        let img = self
+            .d
+            .images
+            .get(&req.r#ref)
+            .map_err(internal)?
+            .ok_or_else(|| Status::not_found(format!("no such image: {} (see `hearth image ls`)", req.r#ref)))?;
+        let users: Vec<String> = self
+            .d
+            .vms
+            .list()
+            .map_err(internal)?
+            .into_iter()
+            .filter(|v| v.spec.image_id == img.id.hex())
+            .map(|v| v.spec.name)
+            .collect();
+        if !users.is_empty() && !req.force {
+            return Err(Status::failed_precondition(format!(
+                "image {} is used by VM(s) {}: remove them first, or use --force",
+                req.r#ref,
+                users.join(", ")
+            )));
+        }
+        let d = self.d.clone();
+        let rec = blocking(move || d.images.remove(&req.r#ref).map_err(chain)).await?;
+        Ok(Response::new(pb::Record { json: json(&rec), warning: String::new() }))
+    }
+
+    async fn import_kernel(&self, req: Request<pb::ImportKernelRequest>) -> Result<Response<pb::Record>, Status> {
+        let req = req.into_inner();
+        hearth_types::validate_name(&req.name).map_err(user_error)?;
+        let d = self.d.clone();
+        let rec = blocking(move || {
+            let modules = (!req.modules.is_empty()).then(|| std::path::PathBuf::from(&req.modules));
+            let rec = d.kernels.import(std::path::Path::new(&req.path), modules.as_deref(), &req.name).map_err(chain)?;
+            if req.make_default {
+                d.kernels.set_default(&req.name).map_err(chain)?;
+            }
+            // Build the initramfs now, so the first `run` does not pay for it.
+            d.kernels.initramfs(&req.name, &d.init_binary).map_err(chain)?;
+            Ok(rec)
+        })
+        .await?;
+        Ok(Response::new(pb::Record { json: json(&rec), warning: String::new() }))
+    }
+
+    type PullKernelStream = Streamed<pb::Progress>;
+    async fn pull_kernel(&self, req: Request<pb::PullKernelRequest>) -> Result<Response<Self::PullKernelStream>, Status> {
+        let req = req.into_inner();
+        let r: ImageRef = req.r#ref.parse().map_err(user_error)?;
+        let name = if req.name.is_empty() { r.repository.rsplit('/').next().unwrap_or("kernel").to_owned() } else { req.name.clone() };
+        hearth_types::validate_name(&name).map_err(user_error)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let d = self.d.clone();
+        tokio::task::spawn_blocking(move || {
+            let run = || -> anyhow::Result<hearth_types::KernelRecord> {
+                let opts = hearth_image::PullOptions { insecure: req.insecure, docker_config: None };
+                let img = d.images.pull(&r, &opts, &ChannelProgress(tx.clone()))?;
+                let staging = tempfile_dir(&d.root)?;
+                let out = (|| {
+                    d.images.unpack_to(&img, &staging)?;
+                    let rec = d.kernels.import_rootfs(&staging, &name)?;
+                    d.kernels.initramfs(&name, &d.init_binary)?;
+                    anyhow::Ok(rec)
+                })();
+                let _ = std::fs::remove_dir_all(&staging);
+                out
+            };
+            let msg = match run() {
+                Ok(rec) => Ok(pb::Progress { done: true, result_json: json(&rec), ..Default::default() }),
+                Err(e) => Err(Status::failed_precondition(format!("{e:#}"))),
+            };
+            let _ = tx.blocking_send(msg);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_kernels(&self, _: Request<pb::Empty>) -> Result<Response<pb::KernelList>, Status> {
+        let list = self.d.kernels.list().map_err(chain)?;
+        let default = self.d.kernels.default_name().map_err(chain)?.unwrap_or_default();
+        Ok(Response::new(pb::KernelList { json: list.iter().map(json).collect(), default }))
+    }
+
+    async fn remove_kernel(&self, req: Request<pb::RemoveRequest>) -> Result<Response<pb::Record>, Status> {
+        let req = req.into_inner();
+        let users: Vec<String> =
+            self.d.vms.list().map_err(internal)?.into_iter().filter(|v| v.spec.kernel == req.r#ref).map(|v| v.spec.name).collect();
+        if !users.is_empty() && !req.force {
+            return Err(Status::failed_precondition(format!(
+                "kernel {} is used by VM(s) {}: remove them first, or use --force",
+                req.r#ref,
+                users.join(", ")
+            )));
+        }
+        let rec = self.d.kernels.remove(&req.r#ref).map_err(chain)?;
+        Ok(Response::new(pb::Record { json: json(&rec), warning: String::new() }))
+    }
+
+    async fn set_default_kernel(&self, req: Request<pb::Ref>) -> Result<Response<pb::Empty>, Status> {
+        self.d.kernels.set_default(&req.into_inner().r#ref).map_err(chain)?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn create_vm(&self, req: Request<pb::CreateVmRequest>) -> Result<Response<pb::Record>, Status> {
+        crate::create::create(&self.d, req.into_inner()).await.map(|r| record(&r))
+    }
+
+    async fn start_vm(&self, req: Request<pb::StartVmRequest>) -> Result<Response<pb::Record>, Status> {
+        let req = req.into_inner();
+        let rec = self.d.resolve(&req.r#ref)?;
+        let id = rec.spec.id.clone();
+        let mut changes = self.d.subscribe();
+        {
+            let lock = self.d.lock_for(&id);
+            let _g = lock.lock().await;
+            let mut cur = self.d.get(&id)?.ok_or_else(|| Status::not_found(format!("no such VM: {}", req.r#ref)))?;
+            if running(&cur) {
+                return Ok(record(&cur));
+            }
+            cur.desired = Desired::Running;
+            if cur.status.state == VmState::Failed {
+                cur.status.state = VmState::Stopped;
+            }
+            self.d.save(&cur)?;
+            reconcile::reconcile_locked(&self.d, &id, Options::default()).await?;
+        }
+        let mut out = self.d.get(&id)?.or_else(|| self.d.tombstone(&id)).ok_or_else(|| Status::not_found("VM vanished"))?;
+        let warning = out.status.reason.clone();
+        if req.wait_ready {
+            // Until hearth-init reports ready, or the VM already ended.
+            loop {
+                out = self.d.get(&id)?.or_else(|| self.d.tombstone(&id)).ok_or_else(|| Status::not_found("VM vanished"))?;
+                if out.status.state != VmState::Starting {
+                    break;
+                }
+                if tokio::time::timeout(reconcile::READY_TIMEOUT, changes.changed()).await.is_err() {
+                    return Err(Status::deadline_exceeded("the guest did not report ready in time; see `hearth logs`"));
+                }
+            }
+        }
+        Ok(Response::new(pb::Record { json: json(&out), warning: if out.status.accel == "tcg" { warning } else { String::new() } }))
+    }
+
+    async fn stop_vm(&self, req: Request<pb::StopVmRequest>) -> Result<Response<pb::Record>, Status> {
+        let req = req.into_inner();
+        let timeout = if req.timeout_secs == 0 { reconcile::DEFAULT_STOP_TIMEOUT } else { Duration::from_secs(req.timeout_secs.into()) };
+        self.set_desired(&req.r#ref, Desired::Stopped, Options { stop_timeout: timeout }).await
+    }
+
+    async fn kill_vm(&self, req: Request<pb::KillVmRequest>) -> Result<Response<pb::Record>, Status> {
+        let req = req.into_inner();
+        let sig = parse_signal(&req.signal)?;
+        let rec = self.d.resolve(&req.r#ref)?;
+        let (Some(pid), Some(start)) = (rec.status.pid, rec.status.pid_start_time) else {
+            return Err(Status::failed_precondition(format!("VM {} is not running", rec.spec.name)));
+        };
+        {
+            let lock = self.d.lock_for(&rec.spec.id);
+            let _g = lock.lock().await;
+            if let Some(mut cur) = self.d.get(&rec.spec.id)? {
+                cur.desired = Desired::Stopped;
+                self.d.save(&cur)?;
+            }
+        }
+        hearth_vmm::kill(pid, start, sig);
+        let _ = tokio::time::timeout(Duration::from_secs(10), hearth_vmm::wait_exit(pid, start)).await;
+        let out = reconcile::reconcile(&self.d, &rec.spec.id, Options::default()).await?;
+        Ok(record(&out.unwrap_or(rec)))
+    }
+
+    async fn remove_vm(&self, req: Request<pb::RemoveRequest>) -> Result<Response<pb::Record>, Status> {
+        let req = req.into_inner();
+        let rec = self.d.resolve(&req.r#ref)?;
+        if running(&rec) && !req.force {
+            return Err(Status::failed_precondition(format!(
+                "VM {} is {}: stop it first, or use `hearth rm -f`",
+                rec.spec.name, rec.status.state
+            )));
+        }
+        self.set_desired(&req.r#ref, Desired::Deleted, Options::default()).await?;
+        Ok(record(&rec))
+    }
+
+    async fn list_vms(&self, req: Request<pb::ListVmsRequest>) -> Result<Response<pb::Records>, Status> {
+        let all = req.into_inner().all;
+        let list = self.d.vms.list().map_err(internal)?;
+        Ok(Response::new(pb::Records { json: list.iter().filter(|r| all || running(r)).map(json).collect() }))
+    }
+
+    async fn inspect_vm(&self, req: Request<pb::Ref>) -> Result<Response<pb::Record>, Status> {
+        Ok(record(&self.d.resolve(&req.into_inner().r#ref)?))
+    }
+
+    async fn wait_vm(&self, req: Request<pb::Ref>) -> Result<Response<pb::WaitResponse>, Status> {
+        let rec = self.d.resolve(&req.into_inner().r#ref)?;
+        let id = rec.spec.id.clone();
+        let mut changes = self.d.subscribe();
+        loop {
+            let cur = self.d.get(&id)?.or_else(|| self.d.tombstone(&id));
+            let Some(cur) = cur else { return Err(Status::not_found("the VM was removed")) };
+            if !running(&cur) && cur.desired != Desired::Running {
+                return Ok(Response::new(pb::WaitResponse {
+                    exit_code: cur.status.exit_code.unwrap_or(-1),
+                    state: cur.status.state.to_string(),
+                    reason: cur.status.reason,
+                }));
+            }
+            changes.changed().await.map_err(internal)?;
+        }
+    }
+
+    type LogsStream = Streamed<pb::Chunk>;
+    async fn logs(&self, req: Request<pb::LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
+        let req = req.into_inner();
+        let rec = self.d.resolve(&req.r#ref)?;
+        let offset = if req.from_boot { rec.status.console_offset } else { 0 };
+        let rx = crate::console::stream_logs(self.d.clone(), rec.spec.id, offset, req.follow);
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type AttachStream = Streamed<pb::Chunk>;
+    async fn attach(&self, req: Request<tonic::Streaming<pb::Chunk>>) -> Result<Response<Self::AttachStream>, Status> {
+        let mut input = req.into_inner();
+        let first = input.message().await?.ok_or_else(|| Status::invalid_argument("attach needs the VM named first"))?;
+        let rec = self.d.resolve(&first.r#ref)?;
+        if !running(&rec) {
+            return Err(Status::failed_precondition(format!("VM {} is not running; start it first", rec.spec.name)));
+        }
+        let rx = crate::console::attach(self.d.clone(), rec.spec.id, input).await?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type ExecStream = Streamed<pb::ExecOutput>;
+    async fn exec(&self, req: Request<tonic::Streaming<pb::ExecInput>>) -> Result<Response<Self::ExecStream>, Status> {
+        let rx = crate::exec::exec(self.d.clone(), req.into_inner()).await?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn copy_to(&self, req: Request<tonic::Streaming<pb::CopyChunk>>) -> Result<Response<pb::Empty>, Status> {
+        crate::exec::copy_to(self.d.clone(), req.into_inner()).await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    type CopyFromStream = Streamed<pb::CopyChunk>;
+    async fn copy_from(&self, req: Request<pb::CopyFromRequest>) -> Result<Response<Self::CopyFromStream>, Status> {
+        let rx = crate::exec::copy_from(self.d.clone(), req.into_inner()).await?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+impl Api {
+    async fn set_desired(&self, reference: &str, desired: Desired, opts: Options) -> Result<Response<pb::Record>, Status> {
+        let rec = self.d.resolve(reference)?;
+        let id = rec.spec.id.clone();
+        let lock = self.d.lock_for(&id);
+        let _g = lock.lock().await;
+        let Some(mut cur) = self.d.get(&id)? else { return Ok(record(&rec)) };
+        cur.desired = desired;
+        self.d.save(&cur)?;
+        let out = reconcile::reconcile_locked(&self.d, &id, opts).await?;
+        Ok(record(&out.unwrap_or(cur)))
+    }
+}
+
+fn parse_signal(s: &str) -> Result<i32, Status> {
+    let name = s.trim_start_matches("SIG").to_ascii_uppercase();
+    Ok(match name.as_str() {
+        "" | "KILL" | "9" => libc::SIGKILL,
+        "TERM" | "15" => libc::SIGTERM,
+        "INT" | "2" => libc::SIGINT,
+        "HUP" | "1" => libc::SIGHUP,
+        other => return Err(Status::invalid_argument(format!("unknown signal {other:?}: use KILL, TERM, INT or HUP"))),
+    })
+}
+
+fn tempfile_dir(root: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    let dir = root.join("tmp").join(format!("kernel-{:016x}", rand::random::<u64>()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// A fresh record for a validated spec.
+pub fn new_record(spec: VmSpec) -> VmRecord {
+    VmRecord { spec, desired: Desired::Stopped, status: VmStatus::default() }
+}
+
+/// A new random VM id.
+pub fn new_id() -> VmId {
+    VmId::from_bytes(rand::random())
+}
+
+pub fn created_now() -> u64 {
+    now_secs()
+}
