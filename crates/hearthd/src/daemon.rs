@@ -118,6 +118,16 @@ impl Daemon {
         self.tombstones.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
     }
 
+    /// A removed VM by id, id prefix or name, when exactly one matches.
+    pub fn tombstone_by_ref(&self, reference: &str) -> Option<VmRecord> {
+        let t = self.tombstones.lock().unwrap_or_else(|e| e.into_inner());
+        let m: Vec<&VmRecord> = t.values().filter(|r| r.spec.name == reference || r.spec.id.as_str().starts_with(reference)).collect();
+        match m.as_slice() {
+            [one] if !reference.is_empty() => Some((*one).clone()),
+            _ => None,
+        }
+    }
+
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
     }

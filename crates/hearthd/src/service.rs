@@ -305,7 +305,11 @@ impl Hearth for Api {
     }
 
     async fn wait_vm(&self, req: Request<pb::Ref>) -> Result<Response<pb::WaitResponse>, Status> {
-        let rec = self.d.resolve(&req.into_inner().r#ref)?;
+        let reference = req.into_inner().r#ref;
+        let rec = match self.d.resolve(&reference) {
+            Ok(r) => r,
+            Err(e) => self.d.tombstone_by_ref(&reference).ok_or(e)?,
+        };
         let id = rec.spec.id.clone();
         let mut changes = self.d.subscribe();
         loop {
