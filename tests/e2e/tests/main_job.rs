@@ -76,7 +76,13 @@ fn detached_vm_stops_starts_logs_both_boots_and_is_removed_cleanly() {
     assert!(!d.ok(&["ps"]).contains("life"));
     d.ok(&["start", id]);
     d.wait_for("life", "running", BOOT, |v| v["status"]["state"] == "running");
-    let logs = d.ok(&["logs", "life"]);
+    // Ready means the workload was started; its first output follows shortly after.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut logs = d.ok(&["logs", "life"]);
+    while logs.matches("booted").count() < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        logs = d.ok(&["logs", "life"]);
+    }
     assert_eq!(logs.matches("booted").count(), 2, "logs of both boots: {logs:?}");
     let busy = d.hearth(&["rm", "life"]);
     assert!(!busy.status.success() && text(&busy.stderr).contains("rm -f"), "{}", text(&busy.stderr));

@@ -1,0 +1,2 @@
+//! Benchmarks (see cargo xtask bench).
+fn main() {}
