@@ -117,7 +117,10 @@ fn kernel() -> Result<(PathBuf, PathBuf)> {
     let cache = root().join(".cache/kernel");
     let find = |cache: &Path| -> Option<(PathBuf, PathBuf)> {
         let boot = std::fs::read_dir(cache.join("root/boot")).ok()?;
-        let k = boot.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))?;
+        let k = boot
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))?;
         let ver = k.file_name()?.to_string_lossy().trim_start_matches("vmlinuz-").to_owned();
         Some((k, cache.join("root/lib/modules").join(ver)))
     };
@@ -131,7 +134,7 @@ fn kernel() -> Result<(PathBuf, PathBuf)> {
     let pkg = text
         .lines()
         .filter_map(|l| l.trim().strip_prefix("Depends: "))
-        .find(|p| p.starts_with("linux-image-") && !p.contains("cloud-amd64-") )
+        .find(|p| p.starts_with("linux-image-") && !p.contains("cloud-amd64-"))
         .map(str::trim)
         .context("cannot find the kernel package linux-image-cloud-amd64 depends on; run apt-get update")?
         .to_owned();
@@ -208,7 +211,14 @@ fn e2e(extra: &[String]) -> Result<()> {
 fn test(extra: &[String]) -> Result<()> {
     deps()?;
     lint()?;
-    run(Command::new(env!("CARGO")).current_dir(root()).args(["test", "--workspace", "--exclude", "hearth-e2e"]))?;
+    run(Command::new(env!("CARGO")).current_dir(root()).args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "hearth-e2e",
+        "--features",
+        "hearth-image/testutil",
+    ]))?;
     e2e(extra)
 }
 
@@ -217,7 +227,11 @@ fn demo() -> Result<()> {
     build_all(false)?;
     let (k, m) = kernel()?;
     let init = root().join("target").join(HOST_TRIPLE).join("release/hearth-init");
-    run(Command::new(root().join("tests/e2e/demo.sh")).env("HEARTH_INIT", init).env("KERNEL", k).env("MODULES", m).env("BIN", root().join("target/debug")))
+    run(Command::new(root().join("tests/e2e/demo.sh"))
+        .env("HEARTH_INIT", init)
+        .env("KERNEL", k)
+        .env("MODULES", m)
+        .env("BIN", root().join("target/debug")))
 }
 
 fn bench(extra: &[String]) -> Result<()> {

@@ -46,7 +46,10 @@ impl ImageStore {
         let meta = fs::metadata(path).map_err(io(path))?;
         let rec = if meta.is_dir() {
             if !path.join("oci-layout").exists() || !path.join("index.json").exists() {
-                return Err(ImageError::Format(format!("{} is a directory but not an OCI layout (no oci-layout and index.json)", path.display())));
+                return Err(ImageError::Format(format!(
+                    "{} is a directory but not an OCI layout (no oci-layout and index.json)",
+                    path.display()
+                )));
             }
             self.import_oci_layout(path, name)?
         } else if is_docker_archive(path)? {
@@ -70,7 +73,8 @@ impl ImageStore {
             Ok((dg, p))
         };
         let index_path = dir.join("index.json");
-        let index: Manifest = serde_json::from_slice(&fs::read(&index_path).map_err(io(&index_path))?).map_err(|e| ImageError::Format(format!("index.json: {e}")))?;
+        let index: Manifest = serde_json::from_slice(&fs::read(&index_path).map_err(io(&index_path))?)
+            .map_err(|e| ImageError::Format(format!("index.json: {e}")))?;
         let first = index.manifests.first().ok_or_else(|| ImageError::Format("index.json lists no manifests".into()))?;
         let (mut mdg, mut mpath) = blob(&first.digest)?;
         self.put_file(&mpath, Some(&mdg))?;
@@ -110,7 +114,8 @@ impl ImageStore {
                 }
             }
             let mpath = staging.join("manifest.json");
-            let manifests: Vec<DockerManifest> = serde_json::from_slice(&fs::read(&mpath).map_err(io(&mpath))?).map_err(|e| ImageError::Format(format!("manifest.json: {e}")))?;
+            let manifests: Vec<DockerManifest> = serde_json::from_slice(&fs::read(&mpath).map_err(io(&mpath))?)
+                .map_err(|e| ImageError::Format(format!("manifest.json: {e}")))?;
             let m = manifests.first().ok_or_else(|| ImageError::Format("manifest.json lists no image".into()))?;
             let inside = |rel: &str| -> Result<std::path::PathBuf, ImageError> {
                 if rel.split('/').any(|c| c == "..") || rel.starts_with('/') {
@@ -138,7 +143,8 @@ impl ImageStore {
         let f = fs::File::open(path).map_err(io(path))?;
         let mut r = crate::rootfs::decompress(BufReader::new(f)).map_err(io(path))?;
         let mut block = [0u8; 512];
-        r.read_exact(&mut block).map_err(|_| ImageError::Format(format!("{} is not a tar archive, OCI layout or docker archive", path.display())))?;
+        r.read_exact(&mut block)
+            .map_err(|_| ImageError::Format(format!("{} is not a tar archive, OCI layout or docker archive", path.display())))?;
         if &block[257..262] != b"ustar" {
             return Err(ImageError::Format(format!("{} is not a tar archive, OCI layout or docker archive", path.display())));
         }
@@ -149,7 +155,15 @@ impl ImageStore {
         let id_src = format!("{}\n{}", ROOTFS_CONFIG, layer);
         let (id, _) = self.put_blob(id_src.as_bytes(), None, &|_| {})?;
         let _ = cdg;
-        Ok(ImageRecord { names: vec![name.to_string()], id, manifest_digest: None, layers: vec![layer], config: cfg, size, created_at: now() })
+        Ok(ImageRecord {
+            names: vec![name.to_string()],
+            id,
+            manifest_digest: None,
+            layers: vec![layer],
+            config: cfg,
+            size,
+            created_at: now(),
+        })
     }
 }
 

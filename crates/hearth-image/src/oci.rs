@@ -48,13 +48,11 @@ impl Manifest {
 
     /// The linux/amd64 entry of an index.
     pub fn pick_amd64(&self) -> Result<&Descriptor, String> {
-        self.manifests
-            .iter()
-            .find(|d| d.platform.as_ref().is_some_and(|p| p.os == "linux" && p.architecture == "amd64"))
-            .ok_or_else(|| {
-                let have: Vec<String> = self.manifests.iter().filter_map(|d| d.platform.as_ref()).map(|p| format!("{}/{}", p.os, p.architecture)).collect();
-                format!("the image has no linux/amd64 variant (it has: {})", have.join(", "))
-            })
+        self.manifests.iter().find(|d| d.platform.as_ref().is_some_and(|p| p.os == "linux" && p.architecture == "amd64")).ok_or_else(|| {
+            let have: Vec<String> =
+                self.manifests.iter().filter_map(|d| d.platform.as_ref()).map(|p| format!("{}/{}", p.os, p.architecture)).collect();
+            format!("the image has no linux/amd64 variant (it has: {})", have.join(", "))
+        })
     }
 }
 
@@ -101,7 +99,9 @@ mod tests {
         .expect("json");
         assert!(idx.is_index());
         assert_eq!(idx.pick_amd64().expect("amd64").digest, "sha256:b");
-        let arm: Manifest = serde_json::from_str(r#"{"manifests":[{"digest":"sha256:a","platform":{"architecture":"arm64","os":"linux"}}]}"#).expect("json");
+        let arm: Manifest =
+            serde_json::from_str(r#"{"manifests":[{"digest":"sha256:a","platform":{"architecture":"arm64","os":"linux"}}]}"#)
+                .expect("json");
         assert!(arm.pick_amd64().expect_err("none").contains("linux/arm64"));
     }
 

@@ -134,9 +134,14 @@ impl Session<'_> {
     fn authenticate(&mut self, c: Option<Challenge>) -> Result<(), RegistryError> {
         let bad = |why: &str| RegistryError::Bad { registry: self.registry.clone(), why: why.to_owned() };
         let c = c.ok_or_else(|| bad("401 without a WWW-Authenticate challenge"))?;
-        let basic = self.creds.as_ref().map(|(u, p)| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))));
+        let basic =
+            self.creds.as_ref().map(|(u, p)| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))));
         if c.scheme == "basic" {
-            self.auth = Some(basic.ok_or_else(|| RegistryError::Denied { registry: self.registry.clone(), what: self.repo.clone(), status: StatusCode::UNAUTHORIZED })?);
+            self.auth = Some(basic.ok_or_else(|| RegistryError::Denied {
+                registry: self.registry.clone(),
+                what: self.repo.clone(),
+                status: StatusCode::UNAUTHORIZED,
+            })?);
             return Ok(());
         }
         let realm = c.params.get("realm").ok_or_else(|| bad("bearer challenge without realm"))?;
@@ -155,7 +160,11 @@ impl Session<'_> {
             return Err(RegistryError::Denied { registry: self.registry.clone(), what: self.repo.clone(), status: resp.status() });
         }
         let v: serde_json::Value = resp.json().map_err(|e| self.err(e))?;
-        let token = v.get("token").or_else(|| v.get("access_token")).and_then(|t| t.as_str()).ok_or_else(|| bad("token response without a token"))?;
+        let token = v
+            .get("token")
+            .or_else(|| v.get("access_token"))
+            .and_then(|t| t.as_str())
+            .ok_or_else(|| bad("token response without a token"))?;
         self.auth = Some(format!("Bearer {token}"));
         Ok(())
     }
@@ -169,7 +178,11 @@ impl Session<'_> {
         let digest = Digest::from_hex(&hex::encode(Sha256::digest(&bytes))).map_err(|e| ImageError::Format(e.to_string()))?;
         if let Ok(expected) = reference.parse::<Digest>() {
             if expected != digest {
-                return Err(ImageError::DigestMismatch { what: format!("manifest {what}"), expected: expected.to_string(), actual: digest.to_string() });
+                return Err(ImageError::DigestMismatch {
+                    what: format!("manifest {what}"),
+                    expected: expected.to_string(),
+                    actual: digest.to_string(),
+                });
             }
         }
         Ok((bytes, digest))
@@ -178,7 +191,9 @@ impl Session<'_> {
 
 fn docker_config(opts: &PullOptions) -> Option<String> {
     let path = opts.docker_config.clone().or_else(|| {
-        std::env::var_os("DOCKER_CONFIG").map(|d| PathBuf::from(d).join("config.json")).or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker/config.json")))
+        std::env::var_os("DOCKER_CONFIG")
+            .map(|d| PathBuf::from(d).join("config.json"))
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker/config.json")))
     })?;
     std::fs::read_to_string(path).ok()
 }
@@ -212,7 +227,8 @@ impl ImageStore {
         }
         self.put_blob(&bytes[..], Some(&digest), &|_| {})?;
         let config = m.config.clone().ok_or_else(|| ImageError::Format(format!("{r}: manifest has no config")))?;
-        let config_digest: Digest = config.digest.parse().map_err(|_| ImageError::Format(format!("bad config digest {}", config.digest)))?;
+        let config_digest: Digest =
+            config.digest.parse().map_err(|_| ImageError::Format(format!("bad config digest {}", config.digest)))?;
         let mut layers = Vec::new();
         let mut size = 0;
         for desc in std::iter::once(&config).chain(m.layers.iter()) {
@@ -231,8 +247,17 @@ impl ImageStore {
             self.put_blob(resp, Some(&d), &|n| progress.advance(&name, n))?;
             progress.finish(&desc.digest);
         }
-        let cfg = oci::parse_config(&self.read_blob(&config_digest)?).map_err(|e| ImageError::Format(format!("image config of {r}: {e}")))?;
-        let rec = ImageRecord { names: vec![r.to_string()], id: config_digest, manifest_digest: Some(digest), layers, config: cfg, size, created_at: now() };
+        let cfg =
+            oci::parse_config(&self.read_blob(&config_digest)?).map_err(|e| ImageError::Format(format!("image config of {r}: {e}")))?;
+        let rec = ImageRecord {
+            names: vec![r.to_string()],
+            id: config_digest,
+            manifest_digest: Some(digest),
+            layers,
+            config: cfg,
+            size,
+            created_at: now(),
+        };
         self.save(&rec)?;
         Ok(self.get(&rec.id.to_string())?.unwrap_or(rec))
     }
@@ -244,7 +269,10 @@ mod tests {
 
     #[test]
     fn bearer_challenge() {
-        let c = parse_challenge(r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/alpine:pull""#).expect("parse");
+        let c = parse_challenge(
+            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/alpine:pull""#,
+        )
+        .expect("parse");
         assert_eq!(c.scheme, "bearer");
         assert_eq!(c.params["realm"], "https://auth.docker.io/token");
         assert_eq!(c.params["scope"], "repository:library/alpine:pull");
@@ -254,7 +282,9 @@ mod tests {
     #[test]
     fn docker_config_credentials() {
         let auth = base64::engine::general_purpose::STANDARD.encode("u:p:w");
-        let cfg = format!(r#"{{"auths":{{"127.0.0.1:5000":{{"auth":"{auth}"}},"https://index.docker.io/v1/":{{"username":"a","password":"b"}}}}}}"#);
+        let cfg = format!(
+            r#"{{"auths":{{"127.0.0.1:5000":{{"auth":"{auth}"}},"https://index.docker.io/v1/":{{"username":"a","password":"b"}}}}}}"#
+        );
         assert_eq!(credentials(&cfg, "127.0.0.1:5000"), Some(("u".into(), "p:w".into())));
         assert_eq!(credentials(&cfg, "docker.io"), Some(("a".into(), "b".into())));
         assert_eq!(credentials(&cfg, "quay.io"), None);
@@ -267,7 +297,9 @@ mod registry_tests {
     use crate::{ImageStore, NoProgress, PullOptions};
 
     fn tools() -> bool {
-        ["docker-registry", "skopeo", "mkfs.ext4"].iter().all(|t| std::process::Command::new("sh").arg("-c").arg(format!("command -v {t}")).output().is_ok_and(|o| o.status.success()))
+        ["docker-registry", "skopeo", "mkfs.ext4"]
+            .iter()
+            .all(|t| std::process::Command::new("sh").arg("-c").arg(format!("command -v {t}")).output().is_ok_and(|o| o.status.success()))
             && std::path::Path::new("/bin/busybox").exists()
     }
 

@@ -47,7 +47,9 @@ fn ensure_mount_points(dir: &Path) -> Result<(), ImageError> {
     for (d, mode) in [("dev", 0o755), ("proc", 0o555), ("sys", 0o555), ("run", 0o755), ("tmp", 0o1777)] {
         let p = dir.join(d);
         if fs::symlink_metadata(&p).is_err() {
-            fs::create_dir(&p).and_then(|_| fs::set_permissions(&p, fs::Permissions::from_mode(mode))).map_err(|source| ImageError::Io { path: p, source })?;
+            fs::create_dir(&p)
+                .and_then(|_| fs::set_permissions(&p, fs::Permissions::from_mode(mode)))
+                .map_err(|source| ImageError::Io { path: p, source })?;
         }
     }
     Ok(())

@@ -12,8 +12,39 @@ use sha2::{Digest as _, Sha256};
 
 /// Busybox applets the test image links.
 const APPLETS: &[&str] = &[
-    "sh", "echo", "cat", "ls", "id", "pwd", "env", "sleep", "true", "false", "tty", "mount", "poweroff", "sync", "head", "sha256sum",
-    "tar", "mkdir", "rm", "uname", "hostname", "grep", "wc", "dd", "stat", "chmod", "cp", "mv", "find", "md5sum", "seq", "kill", "ps",
+    "sh",
+    "echo",
+    "cat",
+    "ls",
+    "id",
+    "pwd",
+    "env",
+    "sleep",
+    "true",
+    "false",
+    "tty",
+    "mount",
+    "poweroff",
+    "sync",
+    "head",
+    "sha256sum",
+    "tar",
+    "mkdir",
+    "rm",
+    "uname",
+    "hostname",
+    "grep",
+    "wc",
+    "dd",
+    "stat",
+    "chmod",
+    "cp",
+    "mv",
+    "find",
+    "md5sum",
+    "seq",
+    "kill",
+    "ps",
 ];
 
 /// What the test image's config says.
@@ -29,7 +60,14 @@ fn sha(b: &[u8]) -> String {
     hex::encode(Sha256::digest(b))
 }
 
-fn entry(b: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32, data: &[u8], kind: tar::EntryType, link: Option<&str>) -> std::io::Result<()> {
+fn entry(
+    b: &mut tar::Builder<Vec<u8>>,
+    path: &str,
+    mode: u32,
+    data: &[u8],
+    kind: tar::EntryType,
+    link: Option<&str>,
+) -> std::io::Result<()> {
     let mut h = tar::Header::new_ustar();
     h.set_entry_type(kind);
     h.set_mode(mode);

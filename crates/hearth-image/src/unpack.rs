@@ -54,10 +54,14 @@ fn clean(path: &Path) -> Option<PathBuf> {
 /// inside. Returns the real path, or `None` on an escape.
 fn resolve_dir(root: &Path, rel: &Path) -> Option<PathBuf> {
     let mut stack: Vec<std::ffi::OsString> = Vec::new();
-    let mut pending: Vec<std::ffi::OsString> = rel.components().rev().filter_map(|c| match c {
-        Component::Normal(p) => Some(p.to_owned()),
-        _ => None,
-    }).collect();
+    let mut pending: Vec<std::ffi::OsString> = rel
+        .components()
+        .rev()
+        .filter_map(|c| match c {
+            Component::Normal(p) => Some(p.to_owned()),
+            _ => None,
+        })
+        .collect();
     let mut hops = 0;
     while let Some(c) = pending.pop() {
         if c == ".." {
@@ -260,7 +264,8 @@ mod tests {
     #[test]
     fn files_dirs_links_and_modes() {
         let (_t, root) = setup();
-        let l = layer(&[("./etc/", D, None, b""), ("etc/a", F, None, b"A"), ("/etc/b", S, Some("a"), b""), ("etc/c", H, Some("etc/a"), b"")]);
+        let l =
+            layer(&[("./etc/", D, None, b""), ("etc/a", F, None, b"A"), ("/etc/b", S, Some("a"), b""), ("etc/c", H, Some("etc/a"), b"")]);
         unpack_layer(&l[..], &root).expect("unpack");
         assert_eq!(fs::read(root.join("etc/b")).expect("via symlink"), b"A");
         assert_eq!(fs::metadata(root.join("etc/c")).expect("hl").ino(), fs::metadata(root.join("etc/a")).expect("a").ino());
@@ -271,7 +276,8 @@ mod tests {
     fn whiteouts_and_opaque_dirs() {
         let (_t, root) = setup();
         unpack_layer(&layer(&[("d/", D, None, b""), ("d/x", F, None, b"1"), ("d/y", F, None, b"2"), ("e/", D, None, b""), ("e/z", F, None, b"3")])[..], &root).expect("lower");
-        unpack_layer(&layer(&[("d/.wh.x", F, None, b""), ("e/new", F, None, b"4"), ("e/.wh..wh..opq", F, None, b"")])[..], &root).expect("upper");
+        unpack_layer(&layer(&[("d/.wh.x", F, None, b""), ("e/new", F, None, b"4"), ("e/.wh..wh..opq", F, None, b"")])[..], &root)
+            .expect("upper");
         assert!(!root.join("d/x").exists() && root.join("d/y").exists());
         assert!(!root.join("e/z").exists(), "opaque dir hides lower content");
         assert!(root.join("e/new").exists(), "but keeps this layer's");

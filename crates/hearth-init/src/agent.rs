@@ -25,6 +25,9 @@ enum Slot {
     Open(File),
 }
 
+/// Exit waiters by pid, and wait statuses reaped before their waiter registered.
+pub type Exits = (HashMap<i32, mpsc::Sender<i32>>, HashMap<i32, i32>);
+
 /// Most stdin buffered for a stream whose process has not started yet.
 const MAX_PENDING: usize = 8 << 20;
 
@@ -36,7 +39,7 @@ pub struct Shared {
     pub ready: Mutex<Option<Ready>>,
     pub shutdown: AtomicBool,
     /// Exit waiters by pid, and exits reaped before their waiter registered.
-    pub exits: Mutex<(HashMap<i32, mpsc::Sender<i32>>, HashMap<i32, i32>)>,
+    pub exits: Mutex<Exits>,
     writer: Mutex<Option<File>>,
     /// Stdin of execs and copies by stream. Input that arrives before the process exists is
     /// kept (bounded) until it does.
@@ -197,11 +200,10 @@ fn handle(shared: &Arc<Shared>, f: Frame) {
                         buf.extend_from_slice(&f.payload);
                     }
                 }
-                Some(Slot::Open(w)) => {
-                    if f.payload.is_empty() || w.write_all(&f.payload).is_err() {
-                        stdins.remove(&f.stream);
-                    }
+                Some(Slot::Open(w)) if f.payload.is_empty() || (&*w).write_all(&f.payload).is_err() => {
+                    stdins.remove(&f.stream);
                 }
+                Some(Slot::Open(_)) => {}
                 None => {}
             }
         }
@@ -211,7 +213,9 @@ fn handle(shared: &Arc<Shared>, f: Frame) {
             }
         }
         Kind::Resize => {
-            if let (Some(b), Some((_, Some(m)))) = (f.payload.get(..4), shared.pids.lock().unwrap_or_else(|e| e.into_inner()).get(&f.stream)) {
+            if let (Some(b), Some((_, Some(m)))) =
+                (f.payload.get(..4), shared.pids.lock().unwrap_or_else(|e| e.into_inner()).get(&f.stream))
+            {
                 sys::set_winsize(m.as_raw_fd(), u16::from_be_bytes([b[0], b[1]]), u16::from_be_bytes([b[2], b[3]]));
             }
         }

@@ -140,7 +140,11 @@ fn finish(config_disk: Option<&File>, exit: &GuestExit) -> ! {
     while Instant::now() < deadline {
         while sys::reap_one().is_some() {}
         // Only PID 1 left in /proc: everyone else has exited.
-        if std::fs::read_dir("/proc").map(|rd| rd.flatten().filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok()).count()).unwrap_or(1) <= 1 {
+        if std::fs::read_dir("/proc")
+            .map(|rd| rd.flatten().filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok()).count())
+            .unwrap_or(1)
+            <= 1
+        {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));

@@ -100,7 +100,8 @@ pub fn spawn_error(program: &str, e: &std::io::Error) -> SpawnError {
 pub fn spawn_workload(spec: &Spec, tty: bool) -> Result<std::process::Child, SpawnError> {
     let mut cmd = command(spec, tty.then_some(0))?;
     if tty {
-        let console = std::fs::OpenOptions::new().read(true).write(true).open("/dev/console").map_err(|e| spawn_error("/dev/console", &e))?;
+        let console =
+            std::fs::OpenOptions::new().read(true).write(true).open("/dev/console").map_err(|e| spawn_error("/dev/console", &e))?;
         cmd.stdin(console);
     } else {
         cmd.stdin(Stdio::null());

@@ -10,7 +10,7 @@ pub struct Ids {
     pub home: String,
 }
 
-fn passwd_line<'a>(passwd: &'a str, pred: impl Fn(&[&str]) -> bool) -> Option<Vec<&'a str>> {
+fn passwd_line(passwd: &str, pred: impl Fn(&[&str]) -> bool) -> Option<Vec<&str>> {
     passwd.lines().map(|l| l.split(':').collect::<Vec<_>>()).find(|f| f.len() >= 7 && pred(f))
 }
 
@@ -40,7 +40,11 @@ pub fn resolve(spec: &str, passwd: &str, group: &str) -> Result<Ids, String> {
     if let Some(g) = g {
         gid = match g.parse::<u32>() {
             Ok(n) => n,
-            Err(_) => glines.iter().find(|f| f[0] == g).and_then(|f| groups_of(f)).ok_or_else(|| format!("unable to find group {g}: no matching entries in /etc/group"))?,
+            Err(_) => glines
+                .iter()
+                .find(|f| f[0] == g)
+                .and_then(|f| groups_of(f))
+                .ok_or_else(|| format!("unable to find group {g}: no matching entries in /etc/group"))?,
         };
     }
     let mut groups = vec![gid];

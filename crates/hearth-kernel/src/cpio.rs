@@ -46,7 +46,7 @@ impl Cpio {
     }
 
     fn pad(&mut self) {
-        while self.buf.len() % 4 != 0 {
+        while !self.buf.len().is_multiple_of(4) {
             self.buf.push(0);
         }
     }
@@ -83,7 +83,7 @@ mod tests {
         c.file("a/b.txt", 0o644, b"hello");
         let mut out = Vec::new();
         c.finish(&mut out).expect("finish");
-        assert_eq!(out.len() % 4, 0);
+        assert!(out.len().is_multiple_of(4));
         let Ok(mut child) = std::process::Command::new("cpio")
             .args(["-t", "--quiet"])
             .stdin(std::process::Stdio::piped())

@@ -155,7 +155,11 @@ impl KernelStore {
         let boot = dir.join("boot");
         let mut candidates: Vec<PathBuf> = ["vmlinux", "bzImage", "vmlinuz"].iter().map(|n| boot.join(n)).collect();
         if let Ok(rd) = fs::read_dir(&boot) {
-            let mut more: Vec<PathBuf> = rd.flatten().map(|e| e.path()).filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinu"))).collect();
+            let mut more: Vec<PathBuf> = rd
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinu")))
+                .collect();
             more.sort();
             candidates.extend(more);
         }

@@ -8,15 +8,8 @@ use std::path::{Path, PathBuf};
 
 /// Modules the guest needs for its disks, console, agent channel and network. Missing ones are
 /// assumed built in.
-pub const GUEST_MODULES: &[&str] = &[
-    "virtio_pci",
-    "virtio_mmio",
-    "virtio_blk",
-    "virtio_console",
-    "virtio_net",
-    "vmw_vsock_virtio_transport",
-    "ext4",
-];
+pub const GUEST_MODULES: &[&str] =
+    &["virtio_pci", "virtio_mmio", "virtio_blk", "virtio_console", "virtio_net", "vmw_vsock_virtio_transport", "ext4"];
 
 /// Why modules could not be resolved.
 #[derive(Debug, thiserror::Error)]
@@ -100,11 +93,10 @@ pub fn modinfo_depends(ko: &[u8], name: &str) -> Result<Vec<String>, ModuleError
 
 /// Dependencies from a `modules.dep` file: module name → dependency names.
 pub fn parse_modules_dep(text: &str) -> BTreeMap<String, Vec<String>> {
-    let name_of = |p: &str| canonical(Path::new(p).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default().split(".ko").next().unwrap_or(""));
-    text.lines()
-        .filter_map(|l| l.split_once(':'))
-        .map(|(m, deps)| (name_of(m), deps.split_whitespace().map(name_of).collect()))
-        .collect()
+    let name_of = |p: &str| {
+        canonical(Path::new(p).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default().split(".ko").next().unwrap_or(""))
+    };
+    text.lines().filter_map(|l| l.split_once(':')).map(|(m, deps)| (name_of(m), deps.split_whitespace().map(name_of).collect())).collect()
 }
 
 /// The modules to load for `roots`, dependencies first, as paths relative to `tree`.

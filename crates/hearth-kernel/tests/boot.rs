@@ -11,8 +11,12 @@ use hearth_types::guest::{decode_record, encode_record, CONFIG_DISK_BYTES, CONFI
 use hearth_types::{GuestConfig, GuestExit, GuestProcess};
 
 fn kernel() -> Option<(PathBuf, PathBuf)> {
-    let k = std::env::var_os("HEARTH_TEST_KERNEL").map(PathBuf::from).unwrap_or_else(|| "/tmp/kpkg/root/boot/vmlinuz-6.1.0-56-cloud-amd64".into());
-    let m = std::env::var_os("HEARTH_TEST_MODULES").map(PathBuf::from).unwrap_or_else(|| "/tmp/kpkg/root/lib/modules/6.1.0-56-cloud-amd64".into());
+    let k = std::env::var_os("HEARTH_TEST_KERNEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/tmp/kpkg/root/boot/vmlinuz-6.1.0-56-cloud-amd64".into());
+    let m = std::env::var_os("HEARTH_TEST_MODULES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/tmp/kpkg/root/lib/modules/6.1.0-56-cloud-amd64".into());
     (k.exists() && m.exists()).then_some((k, m))
 }
 
@@ -72,7 +76,8 @@ fn debian_kernel_boots_hearth_init_and_reports_the_exit_code() {
         .arg(format!("file={},format=raw,if=virtio", disk.display()))
         .arg("-drive")
         .arg(format!("file={},format=raw,if=virtio", config.display()))
-        .args(["-serial", "stdio"]).args(std::env::var("EXTRA_QEMU").map(|v| v.split_whitespace().map(String::from).collect::<Vec<_>>()).unwrap_or_default())
+        .args(["-serial", "stdio"])
+        .args(std::env::var("EXTRA_QEMU").map(|v| v.split_whitespace().map(String::from).collect::<Vec<_>>()).unwrap_or_default())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -171,7 +171,8 @@ mod tests {
         assert!(fsck.status.success(), "{}", String::from_utf8_lossy(&fsck.stdout));
         let info = Command::new("dumpe2fs").arg("-h").arg(&dest).output().expect("dumpe2fs");
         let text = String::from_utf8_lossy(&info.stdout);
-        let blocks: u64 = text.lines().find_map(|l| l.strip_prefix("Block count:")).and_then(|v| v.trim().parse().ok()).expect("block count");
+        let blocks: u64 =
+            text.lines().find_map(|l| l.strip_prefix("Block count:")).and_then(|v| v.trim().parse().ok()).expect("block count");
         let bsize: u64 = text.lines().find_map(|l| l.strip_prefix("Block size:")).and_then(|v| v.trim().parse().ok()).expect("block size");
         assert_eq!(blocks * bsize, 64 << 20);
         // The base is untouched and the clone stays sparse.

@@ -114,8 +114,7 @@ fn valid_tag(t: &str) -> bool {
 }
 
 fn valid_registry(r: &str) -> bool {
-    !r.is_empty()
-        && r.bytes().all(|x| x.is_ascii_alphanumeric() || x == b'.' || x == b'-' || x == b':' || x == b'[' || x == b']')
+    !r.is_empty() && r.bytes().all(|x| x.is_ascii_alphanumeric() || x == b'.' || x == b'-' || x == b':' || x == b'[' || x == b']')
 }
 
 impl FromStr for ImageRef {
@@ -157,13 +156,9 @@ impl FromStr for ImageRef {
             return Err(malformed(s, "the repository name is empty"));
         }
         if !path.split('/').all(valid_path_component) {
-            return Err(malformed(
-                s,
-                "repository names are lowercase letters and digits, separated by '/', '.', '_' or '-'",
-            ));
+            return Err(malformed(s, "repository names are lowercase letters and digits, separated by '/', '.', '_' or '-'"));
         }
-        let repository =
-            if registry == DEFAULT_REGISTRY && !path.contains('/') { format!("library/{path}") } else { path };
+        let repository = if registry == DEFAULT_REGISTRY && !path.contains('/') { format!("library/{path}") } else { path };
         let tag = match (tag, &digest) {
             (Some(t), _) => Some(t.to_owned()),
             (None, Some(_)) => None,

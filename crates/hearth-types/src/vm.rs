@@ -258,10 +258,10 @@ mod tests {
     fn zero_resources_are_refused_with_the_flag_named() {
         let mut s = spec();
         s.cpus = 0;
-        assert!(s.validate().unwrap_err().to_string().contains("--cpus"));
+        assert!(s.validate().expect_err("invalid").to_string().contains("--cpus"));
         let mut s = spec();
         s.memory_mib = 0;
-        assert!(s.validate().unwrap_err().to_string().contains("--memory"));
+        assert!(s.validate().expect_err("invalid").to_string().contains("--memory"));
         let mut s = spec();
         s.env = vec!["=x".into()];
         assert!(s.validate().is_err());

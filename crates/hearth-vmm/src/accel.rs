@@ -22,10 +22,7 @@ impl HostFacts {
 }
 
 fn has_virt_flag(cpuinfo: &str) -> bool {
-    cpuinfo
-        .lines()
-        .filter(|l| l.starts_with("flags"))
-        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+    cpuinfo.lines().filter(|l| l.starts_with("flags")).any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
 }
 
 /// Why KVM cannot be used here, or `None` when it can.
@@ -45,7 +42,9 @@ pub fn decide(requested: Accel, facts: &HostFacts) -> Result<(Accel, Option<Stri
         (Accel::Tcg, _) => Ok((Accel::Tcg, None)),
         (Accel::Kvm, None) | (Accel::Auto, None) => Ok((Accel::Kvm, None)),
         (Accel::Kvm, Some(why)) => Err(VmmError::Accel(format!("--accel kvm is not possible here: {why}; use --accel tcg"))),
-        (Accel::Auto, Some(why)) => Ok((Accel::Tcg, Some(format!("KVM is not usable ({why}): using TCG software emulation, which is much slower")))),
+        (Accel::Auto, Some(why)) => {
+            Ok((Accel::Tcg, Some(format!("KVM is not usable ({why}): using TCG software emulation, which is much slower"))))
+        }
     }
 }
 
@@ -59,7 +58,10 @@ mod tests {
     use super::*;
 
     fn facts(opens: bool, flags: &str) -> HostFacts {
-        HostFacts { kvm_opens: if opens { Ok(()) } else { Err("No such file".into()) }, cpuinfo: format!("processor : 0\nflags\t\t: fpu {flags} sse\n") }
+        HostFacts {
+            kvm_opens: if opens { Ok(()) } else { Err("No such file".into()) },
+            cpuinfo: format!("processor : 0\nflags\t\t: fpu {flags} sse\n"),
+        }
     }
 
     #[test]

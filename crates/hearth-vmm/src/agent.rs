@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use hearth_types::agent::{Decoder, Frame, Hello, Kind, Ready, PROTOCOL_VERSION};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, AsyncBufReadExt};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -100,7 +100,8 @@ impl AgentClient {
             // Dropping the senders ends every open stream.
             r2.lock().unwrap_or_else(|e| e.into_inner()).clear();
         });
-        let c = Self { tx, control: tokio::sync::Mutex::new(ctl_rx), routes, next_stream: AtomicU32::new(1), closed, ready: Mutex::new(None) };
+        let c =
+            Self { tx, control: tokio::sync::Mutex::new(ctl_rx), routes, next_stream: AtomicU32::new(1), closed, ready: Mutex::new(None) };
         let _ = c.tx.try_send(Frame::json(Kind::Hello, 0, &Hello { version: PROTOCOL_VERSION }));
         c
     }

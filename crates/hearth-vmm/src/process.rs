@@ -53,16 +53,11 @@ pub async fn wait_exit(pid: i32, start: u64) {
     match registered {
         Ok(fd) => {
             // Readable means exited. A zombie also counts, so re-check liveness afterwards.
-            loop {
-                match fd.readable().await {
-                    Ok(mut g) => {
-                        if !is_alive(pid, start) {
-                            return;
-                        }
-                        g.clear_ready();
-                    }
-                    Err(_) => break,
+            while let Ok(mut g) = fd.readable().await {
+                if !is_alive(pid, start) {
+                    return;
                 }
+                g.clear_ready();
             }
             poll_exit(pid, start).await
         }

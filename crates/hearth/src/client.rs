@@ -56,7 +56,8 @@ fn start_daemon(socket: &Path) -> anyhow::Result<()> {
     let exe = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("hearthd"))).filter(|p| p.is_file());
     let exe = exe.unwrap_or_else(|| PathBuf::from("hearthd"));
     let log_path = root.join("hearthd.log");
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).with_context(|| format!("opening {}", log_path.display()))?;
+    let log =
+        std::fs::OpenOptions::new().create(true).append(true).open(&log_path).with_context(|| format!("opening {}", log_path.display()))?;
     let mut cmd = std::process::Command::new(&exe);
     cmd.arg("--root").arg(&root).arg("--socket").arg(socket).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
     {

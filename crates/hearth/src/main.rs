@@ -54,9 +54,7 @@ enum Command {
     /// Show client and daemon versions.
     Version,
     /// Print a shell completion script.
-    Completion {
-        shell: clap_complete::Shell,
-    },
+    Completion { shell: clap_complete::Shell },
 }
 
 fn main() {

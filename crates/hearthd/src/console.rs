@@ -64,11 +64,7 @@ pub fn stream_logs(d: Arc<Daemon>, id: VmId, offset: u64, follow: bool) -> mpsc:
 }
 
 /// Connects a client's byte stream to the VM's console socket.
-pub async fn attach(
-    d: Arc<Daemon>,
-    id: VmId,
-    mut input: tonic::Streaming<Chunk>,
-) -> Result<mpsc::Receiver<Result<Chunk, Status>>, Status> {
+pub async fn attach(d: Arc<Daemon>, id: VmId, mut input: tonic::Streaming<Chunk>) -> Result<mpsc::Receiver<Result<Chunk, Status>>, Status> {
     let sock = d.vm_dir(&id).join("console.sock");
     let stream = tokio::net::UnixStream::connect(&sock)
         .await

@@ -24,13 +24,17 @@ pub async fn create(d: &Arc<Daemon>, req: pb::CreateVmRequest) -> Result<VmRecor
             if let Err(e) = reference {
                 return Err(Status::invalid_argument(e.to_string()));
             }
-            return Err(Status::not_found(format!("image {} is not in the store: pull it with `hearth image pull {}`", req.image, req.image)));
+            return Err(Status::not_found(format!(
+                "image {} is not in the store: pull it with `hearth image pull {}`",
+                req.image, req.image
+            )));
         }
     };
     let kernel = if req.kernel.is_empty() {
-        d.kernels.default_name().map_err(internal)?.ok_or_else(|| {
-            Status::failed_precondition("no kernel is imported: import one with `hearth kernel import FILE --name NAME`")
-        })?
+        d.kernels
+            .default_name()
+            .map_err(internal)?
+            .ok_or_else(|| Status::failed_precondition("no kernel is imported: import one with `hearth kernel import FILE --name NAME`"))?
     } else {
         req.kernel.clone()
     };

@@ -9,8 +9,8 @@ use anyhow::Context;
 use hearth_image::ImageStore;
 use hearth_kernel::KernelStore;
 use hearth_store::VmStore;
-use hearth_vmm::agent::{AgentClient, AgentError};
 use hearth_types::{VmId, VmRecord};
+use hearth_vmm::agent::{AgentClient, AgentError};
 use tokio::sync::watch;
 use tonic::Status;
 

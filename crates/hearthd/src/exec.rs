@@ -29,7 +29,10 @@ fn lost(id: u32) -> Status {
 }
 
 /// Runs `hearth exec`.
-pub async fn exec(d: Arc<Daemon>, mut input: tonic::Streaming<pb::ExecInput>) -> Result<mpsc::Receiver<Result<pb::ExecOutput, Status>>, Status> {
+pub async fn exec(
+    d: Arc<Daemon>,
+    mut input: tonic::Streaming<pb::ExecInput>,
+) -> Result<mpsc::Receiver<Result<pb::ExecOutput, Status>>, Status> {
     let first = input.message().await?.ok_or_else(|| Status::invalid_argument("exec needs a start message"))?;
     let start = first.start.ok_or_else(|| Status::invalid_argument("the first exec message must carry `start`"))?;
     if start.args.is_empty() {

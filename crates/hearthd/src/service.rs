@@ -72,11 +72,7 @@ impl Hearth for Api {
             Ok((a, _)) => a.to_string(),
             Err(e) => e.to_string(),
         };
-        Ok(Response::new(pb::VersionResponse {
-            version: env!("CARGO_PKG_VERSION").into(),
-            root: self.d.root.display().to_string(),
-            accel,
-        }))
+        Ok(Response::new(pb::VersionResponse { version: env!("CARGO_PKG_VERSION").into(), root: self.d.root.display().to_string(), accel }))
     }
 
     type PullImageStream = Streamed<pb::Progress>;
@@ -118,15 +114,8 @@ impl Hearth for Api {
             .get(&req.r#ref)
             .map_err(internal)?
             .ok_or_else(|| Status::not_found(format!("no such image: {} (see `hearth image ls`)", req.r#ref)))?;
-        let users: Vec<String> = self
-            .d
-            .vms
-            .list()
-            .map_err(internal)?
-            .into_iter()
-            .filter(|v| v.spec.image_id == img.id.hex())
-            .map(|v| v.spec.name)
-            .collect();
+        let users: Vec<String> =
+            self.d.vms.list().map_err(internal)?.into_iter().filter(|v| v.spec.image_id == img.id.hex()).map(|v| v.spec.name).collect();
         if !users.is_empty() && !req.force {
             return Err(Status::failed_precondition(format!(
                 "image {} is used by VM(s) {}: remove them first, or use --force",

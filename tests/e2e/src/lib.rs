@@ -205,7 +205,12 @@ pub fn qemu_processes(needle: &str) -> Vec<String> {
 
 /// Mounts and loop devices that mention `needle`.
 pub fn mounts_and_loops(needle: &str) -> Vec<String> {
-    let mut out: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default().lines().filter(|l| l.contains(needle)).map(str::to_owned).collect();
+    let mut out: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(str::to_owned)
+        .collect();
     let losetup = Command::new("losetup").arg("-a").output().map(|o| text(&o.stdout)).unwrap_or_default();
     out.extend(losetup.lines().filter(|l| l.contains(needle)).map(str::to_owned));
     out

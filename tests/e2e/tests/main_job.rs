@@ -23,7 +23,9 @@ fn ready_daemon() -> Daemon {
 }
 
 fn vm_dirs(root: &Path) -> Vec<String> {
-    std::fs::read_dir(root.join("vms")).map(|r| r.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default()
+    std::fs::read_dir(root.join("vms"))
+        .map(|r| r.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default()
 }
 
 /// Nothing of any VM is left: records, files, processes, mounts, loop devices.

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use crate::process::{is_alive, kill, read_pidfile, wait_exit};
 use crate::qemu::{qemu_args, Qmp, QBOOT};
-use hearth_types::Accel;
 use crate::{resolve_accel, LaunchSpec, Launched, VmmError};
+use hearth_types::Accel;
 
 fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -44,8 +44,8 @@ pub fn launch(spec: &LaunchSpec) -> Result<Launched, VmmError> {
     if !status.success() {
         return Err(VmmError::Start { log: tail(&log_path) });
     }
-    let (pid, start_time) =
-        read_pidfile(&dir.join("qemu.pid")).ok_or_else(|| VmmError::Start { log: format!("no live process in qemu.pid; {}", tail(&log_path)) })?;
+    let (pid, start_time) = read_pidfile(&dir.join("qemu.pid"))
+        .ok_or_else(|| VmmError::Start { log: format!("no live process in qemu.pid; {}", tail(&log_path)) })?;
     Ok(Launched { pid, start_time, accel, warning })
 }
 

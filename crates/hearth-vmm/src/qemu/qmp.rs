@@ -33,7 +33,8 @@ impl Qmp {
         let mut line = String::new();
         loop {
             line.clear();
-            let n = AsyncReadExt::take(&mut self.rd, MAX_LINE as u64).read_line(&mut line).await.map_err(|e| VmmError::Qmp(e.to_string()))?;
+            let n =
+                AsyncReadExt::take(&mut self.rd, MAX_LINE as u64).read_line(&mut line).await.map_err(|e| VmmError::Qmp(e.to_string()))?;
             if n == 0 {
                 return Err(VmmError::Qmp("connection closed".into()));
             }
