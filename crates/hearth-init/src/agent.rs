@@ -395,7 +395,8 @@ fn unpack(archive: &str, dest: &str) -> std::io::Result<()> {
         let mut comps = rel.components().filter(|c| matches!(c, std::path::Component::Normal(_)));
         let Some(first) = comps.next() else { continue };
         let rest: std::path::PathBuf = comps.collect();
-        let target = if into_dir { dest.join(first).join(rest) } else { dest.join(rest) };
+        let base = if into_dir { dest.join(first) } else { dest.to_owned() };
+        let target = if rest.as_os_str().is_empty() { base } else { base.join(rest) };
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent)?;
         }

@@ -54,7 +54,11 @@ fn malicious_layers_are_rejected_naming_the_entry_and_write_nothing_outside() {
     let dots = format!("../../../../../../../..{}/pwned", target.display());
     let cases: Vec<(&str, Vec<(&str, tar::EntryType, &str)>, &str)> = vec![
         ("dotdot", vec![("bin/", tar::EntryType::Directory, ""), (dots.as_str(), tar::EntryType::Regular, "")], "pwned"),
-        ("symlink", vec![("esc", tar::EntryType::Symlink, target.to_str().expect("utf8")), ("esc/pwned", tar::EntryType::Regular, "")], "esc/pwned"),
+        (
+            "symlink",
+            vec![("esc", tar::EntryType::Symlink, target.to_str().expect("utf8")), ("esc/pwned", tar::EntryType::Regular, "")],
+            "esc/pwned",
+        ),
         ("hardlink", vec![("h", tar::EntryType::Link, "../../../../etc/passwd")], "\"h\""),
     ];
     for (name, entries, needle) in cases {

@@ -76,7 +76,8 @@ fn unpack(data: &[u8], dest: &Path) -> anyhow::Result<()> {
         let mut comps = rel.components();
         let Some(first) = comps.next() else { continue };
         let rest: PathBuf = comps.collect();
-        let target = if into_dir { dest.join(first).join(&rest) } else { dest.join(&rest) };
+        let base = if into_dir { dest.join(first) } else { dest.to_owned() };
+        let target = if rest.as_os_str().is_empty() { base } else { base.join(&rest) };
         if rel.components().any(|c| matches!(c, std::path::Component::ParentDir | std::path::Component::RootDir)) {
             bail!("the guest sent an unsafe path {}", rel.display());
         }

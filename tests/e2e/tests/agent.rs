@@ -1,0 +1,108 @@
+//! Into the guest through hearth-init's agent: exec (streams, exit codes, stdin, TTY,
+//! concurrency) and cp both ways. One VM is booted for all of it.
+
+use std::io::Write;
+use std::process::Stdio;
+
+use hearth_e2e::{require_e2e, text, Daemon};
+
+fn sha256(path: &std::path::Path) -> String {
+    let out = std::process::Command::new("sha256sum").arg(path).output().expect("sha256sum");
+    text(&out.stdout).split_whitespace().next().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn exec_and_cp_through_the_agent() {
+    require_e2e!();
+    let reg = hearth_e2e::testutil::LocalRegistry::start().expect("registry");
+    hearth_e2e::testutil::push_busybox(&reg, "demo:1", "").expect("push");
+    let d = Daemon::start();
+    d.import_kernel();
+    let image = format!("{}/demo:1", reg.host());
+    d.ok(&["run", "-d", "--name", "box", &image, "sleep", "1000000"]);
+
+    // Separate streams and the exit code.
+    let out = d.hearth(&["exec", "box", "--", "sh", "-c", "echo out; echo err >&2; exit 7"]);
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "out\n");
+    assert_eq!(text(&out.stderr), "err\n");
+
+    // The image's environment and working directory, with -e and -w on top.
+    let out = d.ok(&["exec", "-e", "EXTRA=1", "box", "--", "sh", "-c", "echo $GREETING $EXTRA; pwd"]);
+    assert_eq!(out, "hi 1\n/work\n");
+    assert_eq!(d.ok(&["exec", "-w", "/tmp", "-u", "app", "box", "--", "sh", "-c", "pwd; id -u"]), "/tmp\n1000\n");
+
+    // stdin is forwarded with -i.
+    let mut child = d.cmd(&["exec", "-i", "box", "--", "cat"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("exec -i");
+    child.stdin.take().expect("stdin").write_all(b"echoed through the guest\n").expect("write");
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success());
+    assert_eq!(text(&out.stdout), "echoed through the guest\n");
+
+    // -t gives the process a terminal.
+    let out = d.ok(&["exec", "-t", "box", "--", "tty"]);
+    assert!(out.trim().starts_with("/dev/pts/"), "tty said {out:?}");
+
+    // A missing command is 127, as in a shell.
+    let out = d.hearth(&["exec", "box", "--", "no-such-command"]);
+    assert_eq!(out.status.code(), Some(127), "{}", text(&out.stderr));
+
+    // Ten at once, each with its own output.
+    let children: Vec<_> = (0..10)
+        .map(|i| {
+            (
+                i,
+                d.cmd(&["exec", "box", "--", "sh", "-c", &format!("sleep 1; echo job-{i}")])
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("spawn"),
+            )
+        })
+        .collect();
+    for (i, c) in children {
+        let out = c.wait_with_output().expect("wait");
+        assert!(out.status.success(), "job {i}: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), format!("job-{i}\n"));
+    }
+
+    // cp: a 20 MiB file and a directory tree, both ways, with modes kept.
+    let work = tempfile::tempdir().expect("tmp");
+    let big = work.path().join("big.bin");
+    let data: Vec<u8> = (0..20u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(&big, &data).expect("write");
+    d.ok(&["cp", big.to_str().expect("utf8"), "box:/tmp/big.bin"]);
+    let guest_sum = d.ok(&["exec", "box", "--", "sha256sum", "/tmp/big.bin"]);
+    assert_eq!(guest_sum.split_whitespace().next(), Some(sha256(&big).as_str()));
+    let back = work.path().join("back.bin");
+    d.ok(&["cp", "box:/tmp/big.bin", back.to_str().expect("utf8")]);
+    assert_eq!(sha256(&back), sha256(&big));
+
+    let tree = work.path().join("tree");
+    std::fs::create_dir_all(tree.join("sub/deeper")).expect("mkdir");
+    std::fs::write(tree.join("a.txt"), b"alpha").expect("write");
+    std::fs::write(tree.join("sub/deeper/run.sh"), b"#!/bin/sh\necho run\n").expect("write");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tree.join("sub/deeper/run.sh"), std::fs::Permissions::from_mode(0o750)).expect("chmod");
+    }
+    d.ok(&["cp", tree.to_str().expect("utf8"), "box:/srv"]);
+    assert_eq!(d.ok(&["exec", "box", "--", "sh", "/srv/sub/deeper/run.sh"]), "run\n");
+    assert_eq!(d.ok(&["exec", "box", "--", "stat", "-c", "%a", "/srv/sub/deeper/run.sh"]).trim(), "750");
+    let out_dir = work.path().join("out");
+    std::fs::create_dir(&out_dir).expect("mkdir");
+    d.ok(&["cp", "box:/srv", out_dir.to_str().expect("utf8")]);
+    assert_eq!(std::fs::read(out_dir.join("srv/a.txt")).expect("a.txt"), b"alpha");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(out_dir.join("srv/sub/deeper/run.sh")).expect("run.sh").permissions().mode();
+        assert_eq!(mode & 0o777, 0o750);
+    }
+
+    // Graceful stop goes through the agent: quick, and recorded as a stop.
+    let t0 = std::time::Instant::now();
+    d.ok(&["stop", "-t", "30", "box"]);
+    assert!(t0.elapsed() < std::time::Duration::from_secs(25), "stop took {:?}", t0.elapsed());
+    let out = d.hearth(&["exec", "box", "--", "true"]);
+    assert!(!out.status.success() && text(&out.stderr).contains("not running"), "{}", text(&out.stderr));
+}
