@@ -21,4 +21,4 @@ pub use image::{ImageConfig, ImageRecord};
 pub use kernel::KernelRecord;
 pub use reference::{ImageRef, ReferenceError};
 pub use size::{parse_size, SizeError};
-pub use vm::{parse_labels, Accel, Desired, VmRecord, VmSpec, VmSpecError, VmState, VmStatus};
+pub use vm::{parse_labels, Accel, BootTimings, Desired, VmRecord, VmSpec, VmSpecError, VmState, VmStatus};

@@ -212,6 +212,20 @@ pub struct VmStatus {
     /// Size of the console log when the current boot started, so `run` streams only this boot.
     #[serde(default)]
     pub console_offset: u64,
+    /// Where the last boot spent its time.
+    #[serde(default)]
+    pub boot: Option<BootTimings>,
+}
+
+/// Boot timings of the last start, from the host's clock and the guest's uptime.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootTimings {
+    /// Host: VMM started to hearth-init's ready report (milliseconds).
+    pub vmm_to_ready_ms: u64,
+    /// Guest uptime when the kernel handed over to hearth-init (milliseconds since kernel start).
+    pub kernel_to_init_ms: u64,
+    /// hearth-init start to the workload running (milliseconds).
+    pub init_to_ready_ms: u64,
 }
 
 /// The persisted unit: spec, desired state and observed status.

@@ -203,6 +203,7 @@ async fn launch(d: &Arc<Daemon>, rec: &mut VmRecord) -> Result<(), Status> {
     rec.status.reason = launched.warning.clone().unwrap_or_default();
     rec.status.exit_code = None;
     rec.status.ready_at = None;
+    rec.status.boot = None;
     rec.status.finished_at = None;
     rec.status.boots += 1;
     d.save(rec)?;
@@ -231,20 +232,26 @@ pub fn spawn_watchers(d: &Arc<Daemon>, id: &VmId, pid: i32, start: u64, await_re
                 agent.wait_ready(tokio::time::Instant::now() + READY_TIMEOUT).await
             };
             match ready.await {
-                Ok(_) => mark_ready(&d2, &id2, pid).await,
+                Ok(r) => mark_ready(&d2, &id2, pid, r).await,
                 Err(e) => info!(vm = %id2, error = %e, "no ready report from the guest"),
             }
         });
     }
 }
 
-async fn mark_ready(d: &Arc<Daemon>, id: &VmId, pid: i32) {
+async fn mark_ready(d: &Arc<Daemon>, id: &VmId, pid: i32, r: hearth_types::agent::Ready) {
     let lock = d.lock_for(id);
     let _guard = lock.lock().await;
     if let Ok(Some(mut rec)) = d.get(id) {
         if rec.status.pid == Some(pid) && rec.status.state == VmState::Starting {
             rec.status.state = VmState::Running;
-            rec.status.ready_at = Some(now_millis());
+            let now = now_millis();
+            rec.status.ready_at = Some(now);
+            rec.status.boot = Some(hearth_types::BootTimings {
+                vmm_to_ready_ms: now.saturating_sub(rec.status.started_at.unwrap_or(now)),
+                kernel_to_init_ms: r.init_started_ms,
+                init_to_ready_ms: r.ready_ms.saturating_sub(r.init_started_ms),
+            });
             if let Err(e) = d.save(&rec) {
                 warn!(vm = %id, error = %e.message(), "recording readiness failed");
             }

@@ -1,2 +1,194 @@
-//! Benchmarks (see cargo xtask bench).
-fn main() {}
+//! `cargo xtask bench`: hearth against its baselines, in one run, printed as tables.
+//!
+//! 1. Image preparation (pull + unpack + ext4) against `skopeo copy` + `umoci unpack` +
+//!    `mkfs.ext4 -d` on the same image from the same local registry.
+//! 2. Run-to-ready (`hearth run -d`, which returns when hearth-init reports ready) against the
+//!    bare `qemu-system-x86_64` command booting the same kernel, initramfs and disk, timed to the
+//!    same ready report on the agent socket.
+//! 3. `hearth exec VM -- true` round trip, median of 100.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hearth_e2e::testutil::{push_image, LocalRegistry, TestImage};
+use hearth_e2e::{text, Daemon};
+use hearth_types::agent::{Decoder, Frame, Hello, Kind, PROTOCOL_VERSION};
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn row(name: &str, v: &mut [Duration]) -> (String, Duration) {
+    let m = median(v);
+    (format!("| {name} | {} | {} | {} |", ms(m), ms(v[0]), ms(v[v.len() - 1])), m)
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?}: {}", text(&out.stderr));
+}
+
+fn image_prep(reg: &LocalRegistry, runs: usize) {
+    let image = format!("{}/bench:1", reg.host());
+    let work = tempfile::tempdir().expect("tmp");
+    let (mut hearth, mut base) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        let root = work.path().join(format!("hearth-{i}"));
+        let t = Instant::now();
+        let store = hearth_image::ImageStore::open(&root).expect("store");
+        let rec = store.pull(&image.parse().expect("ref"), &hearth_image::PullOptions::default(), &hearth_image::NoProgress).expect("pull");
+        store.rootfs(&rec).expect("rootfs");
+        hearth.push(t.elapsed());
+
+        let dir = work.path().join(format!("base-{i}"));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let t = Instant::now();
+        run(Command::new("skopeo").args(["copy", "--quiet", "--src-tls-verify=false"]).arg(format!("docker://{image}")).arg(format!("oci:{}:t", dir.join("oci").display())));
+        run(Command::new("umoci").args(["unpack", "--image"]).arg(format!("{}:t", dir.join("oci").display())).arg(dir.join("bundle")));
+        let rootfs = dir.join("bundle/rootfs");
+        run(Command::new("mkfs.ext4").args(["-q", "-F", "-d"]).arg(&rootfs).arg(dir.join("root.ext4")).arg("256M"));
+        base.push(t.elapsed());
+        let _ = std::fs::remove_dir_all(&root);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    println!("\n### Image preparation: pull + unpack + ext4 (busybox + 64 MiB payload, local registry, {runs} runs)\n");
+    println!("| pipeline | median | min | max |\n|---|---|---|---|");
+    let (a, ma) = row("hearth (pull, unpack, mkfs.ext4 -d)", &mut hearth);
+    let (b, mb) = row("skopeo copy + umoci unpack + mkfs.ext4 -d", &mut base);
+    println!("{a}\n{b}");
+    println!("\nhearth takes {:.0}% of the baseline's time.", 100.0 * ma.as_secs_f64() / mb.as_secs_f64());
+}
+
+/// Waits on an agent socket for hearth-init's Ready, asking with Hello until it comes.
+fn wait_ready(sock: &Path, deadline: Instant) -> bool {
+    let mut s = loop {
+        match std::os::unix::net::UnixStream::connect(sock) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            Err(_) => return false,
+        }
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(250)));
+    let mut dec = Decoder::new();
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        let _ = s.write_all(&Frame::json(Kind::Hello, 0, &Hello { version: PROTOCOL_VERSION }).encode());
+        if let Ok(n) = s.read(&mut buf) {
+            dec.feed(&buf[..n]);
+            while let Ok(Some(f)) = dec.next_frame() {
+                if f.kind == Kind::Ready {
+                    return true;
+                }
+            }
+        }
+    }
+    false
+}
+
+fn run_to_ready(reg: &LocalRegistry, runs: usize) -> Daemon {
+    let image = format!("{}/demo:1", reg.host());
+    let d = Daemon::start();
+    d.import_kernel();
+    d.ok(&["image", "pull", &image]);
+    // Warm the caches both sides use (base ext4, initramfs).
+    d.ok(&["run", "--rm", &image, "true"]);
+    let mut hearth = Vec::new();
+    for i in 0..runs {
+        let t = Instant::now();
+        d.ok(&["run", "-d", "--name", &format!("bench{i}"), &image, "sleep", "100000"]);
+        hearth.push(t.elapsed());
+        d.ok(&["rm", "-f", &format!("bench{i}")]);
+    }
+    // The bare command: same kernel, initramfs, disk and config, no hearth in the loop.
+    let kdir = d.root.path().join("kernels/debian");
+    let initrd = std::fs::read_dir(&kdir).expect("kernel dir").flatten().map(|e| e.path()).find(|p| p.to_string_lossy().contains("initramfs-")).expect("initramfs");
+    let base_img = std::fs::read_dir(d.root.path().join("images/rootfs")).expect("rootfs dir").flatten().map(|e| e.path()).next().expect("base ext4");
+    let work = tempfile::tempdir().expect("tmp");
+    let mut bare = Vec::new();
+    for i in 0..runs {
+        let vm_dir = work.path().join(format!("bare-{i}"));
+        std::fs::create_dir_all(&vm_dir).expect("mkdir");
+        let disk = vm_dir.join("disk.img");
+        run(Command::new("cp").arg("--sparse=always").arg(&base_img).arg(&disk));
+        let cfg = hearth_types::GuestConfig {
+            version: 1,
+            hostname: "bare".into(),
+            process: hearth_types::GuestProcess { args: vec!["sleep".into(), "100000".into()], env: vec!["PATH=/bin".into()], ..Default::default() },
+            ..Default::default()
+        };
+        hearth_storage::create_config_disk(&vm_dir.join("config.img"), &cfg).expect("config disk");
+        let spec = hearth_vmm::LaunchSpec {
+            vm_dir: vm_dir.clone(),
+            kernel: kdir.join("kernel"),
+            initrd: initrd.clone(),
+            cmdline: String::new(),
+            root_disk: disk,
+            config_disk: vm_dir.join("config.img"),
+            cpus: 1,
+            memory_mib: 512,
+            accel: hearth_types::Accel::Tcg,
+            qemu_binary: None,
+        };
+        let bios = Path::new(hearth_vmm::qemu::QBOOT);
+        let mut args = hearth_vmm::qemu::qemu_args(&spec, hearth_types::Accel::Tcg, bios.exists().then_some(bios));
+        args.retain(|a| a != "-daemonize");
+        let t = Instant::now();
+        let mut child = Command::new("qemu-system-x86_64").args(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("qemu");
+        assert!(wait_ready(&vm_dir.join("agent.sock"), Instant::now() + Duration::from_secs(120)), "bare qemu never became ready");
+        bare.push(t.elapsed());
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    println!("\n### Run to ready under QEMU/TCG ({runs} runs; same kernel, initramfs, disk)\n");
+    println!("| command | median | min | max |\n|---|---|---|---|");
+    let (a, ma) = row("hearth run -d (CLI → daemon → disk clone → QEMU → ready)", &mut hearth);
+    let (b, mb) = row("bare qemu-system-x86_64 → ready", &mut bare);
+    println!("{a}\n{b}");
+    println!("\nhearth's overhead over bare QEMU: {:+.1}%.", 100.0 * (ma.as_secs_f64() / mb.as_secs_f64() - 1.0));
+    d
+}
+
+fn exec_latency(d: &Daemon, reg: &LocalRegistry, n: usize) {
+    let image = format!("{}/demo:1", reg.host());
+    d.ok(&["run", "-d", "--name", "execbench", &image, "sleep", "100000"]);
+    let mut v = Vec::new();
+    for _ in 0..n {
+        let t = Instant::now();
+        d.ok(&["exec", "execbench", "--", "true"]);
+        v.push(t.elapsed());
+    }
+    let mut spawn = Vec::new();
+    for _ in 0..n.min(20) {
+        let t = Instant::now();
+        let _ = d.hearth(&["version"]);
+        spawn.push(t.elapsed());
+    }
+    println!("\n### exec round trip ({n} runs, guest under TCG)\n");
+    println!("| command | median | min | max |\n|---|---|---|---|");
+    println!("{}", row("hearth exec VM -- true", &mut v).0);
+    println!("{}", row("hearth version (CLI + one RPC, no guest)", &mut spawn).0);
+    println!("| ssh VM true | skipped: no image with sshd is available on this machine | | |");
+    d.ok(&["rm", "-f", "execbench"]);
+}
+
+fn main() {
+    if let Some(why) = hearth_e2e::skip_reason().filter(|w| !w.contains("HEARTH_E2E")) {
+        eprintln!("hearth-bench: {why}");
+        std::process::exit(2);
+    }
+    let runs: usize = std::env::args().skip_while(|a| a != "--runs").nth(1).and_then(|n| n.parse().ok()).unwrap_or(3);
+    let reg = LocalRegistry::start().expect("docker-registry");
+    push_image(&reg, "bench:1", &TestImage { user: String::new(), payload_bytes: 64 << 20 }).expect("push bench image");
+    push_image(&reg, "demo:1", &TestImage::default()).expect("push demo image");
+    println!("## hearth benchmarks ({})", Command::new("date").arg("-u").arg("+%Y-%m-%d").output().map(|o| text(&o.stdout).trim().to_owned()).unwrap_or_default());
+    image_prep(&reg, runs);
+    let d = run_to_ready(&reg, runs);
+    exec_latency(&d, &reg, 100);
+}
