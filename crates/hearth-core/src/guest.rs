@@ -57,6 +57,7 @@ pub fn guest_config(spec: &VmSpec, image: &ImageConfig) -> Result<GuestConfig, G
             cwd: image.working_dir.clone(),
             user: image.user.clone(),
             tty: spec.tty,
+            stdin: spec.interactive || spec.tty,
         },
         ssh_authorized_keys: Vec::new(),
     })

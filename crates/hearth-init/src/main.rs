@@ -82,7 +82,11 @@ fn run(started: u64, config_disk: &mut Option<File>) -> Result<GuestExit, String
         let s = shared.clone();
         std::thread::spawn(move || agent::serve(s, p));
     }
-    let child = match process::spawn_workload(&spec, cfg.process.tty) {
+    if cfg.process.stdin && !cfg.process.tty {
+        // Piped input (`-i` without `-t`): no echo into the log, no line editing.
+        sys::raw_input(0);
+    }
+    let child = match process::spawn_workload(&spec, cfg.process.tty, cfg.process.stdin) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("hearth: {}", e.message);

@@ -97,9 +97,9 @@ pub fn spawn_error(program: &str, e: &std::io::Error) -> SpawnError {
 }
 
 /// The workload: stdio on the console (stdin only with a terminal).
-pub fn spawn_workload(spec: &Spec, tty: bool) -> Result<std::process::Child, SpawnError> {
+pub fn spawn_workload(spec: &Spec, tty: bool, stdin: bool) -> Result<std::process::Child, SpawnError> {
     let mut cmd = command(spec, tty.then_some(0))?;
-    if tty {
+    if tty || stdin {
         let console =
             std::fs::OpenOptions::new().read(true).write(true).open("/dev/console").map_err(|e| spawn_error("/dev/console", &e))?;
         cmd.stdin(console);

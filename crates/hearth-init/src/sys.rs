@@ -137,6 +137,19 @@ pub fn raw_output(fd: i32) {
     }
 }
 
+/// Turns off echo and canonical mode on a terminal, so piped input reaches the process as is.
+pub fn raw_input(fd: i32) {
+    // SAFETY: t is a local filled by tcgetattr before tcsetattr reads it.
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        if libc::tcgetattr(fd, &mut t) == 0 {
+            t.c_lflag &= !(libc::ECHO | libc::ICANON | libc::ISIG);
+            t.c_iflag &= !(libc::ICRNL | libc::IXON);
+            libc::tcsetattr(fd, libc::TCSANOW, &t);
+        }
+    }
+}
+
 /// In a forked child before exec: a new session with `fd` as controlling terminal.
 pub fn setsid_ctty(fd: Option<i32>) -> io::Result<()> {
     // SAFETY: async-signal-safe syscalls with integer arguments only.

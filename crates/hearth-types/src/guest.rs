@@ -38,6 +38,9 @@ pub struct GuestProcess {
     /// Give the process the console as a controlling terminal.
     #[serde(default)]
     pub tty: bool,
+    /// Connect the console to the process's stdin (`-i`).
+    #[serde(default)]
+    pub stdin: bool,
 }
 
 /// Everything hearth-init needs to know about this VM.

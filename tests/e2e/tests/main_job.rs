@@ -73,7 +73,10 @@ fn detached_vm_stops_starts_logs_both_boots_and_is_removed_cleanly() {
     let ps = d.ok(&["ps"]);
     assert!(ps.contains("life") && ps.contains("Running"), "{ps}");
     let boot = &d.inspect("life")["status"]["boot"];
-    assert!(boot["vmm_to_ready_ms"].as_u64().unwrap_or(0) > 0 && boot["kernel_to_init_ms"].as_u64().unwrap_or(0) > 0, "boot timings: {boot}");
+    assert!(
+        boot["vmm_to_ready_ms"].as_u64().unwrap_or(0) > 0 && boot["kernel_to_init_ms"].as_u64().unwrap_or(0) > 0,
+        "boot timings: {boot}"
+    );
     d.ok(&["stop", "-t", "20", "life"]);
     let v = d.inspect("life");
     assert_eq!(v["status"]["state"], "stopped", "{v:#}");

@@ -7,14 +7,12 @@
 //!    same ready report on the agent socket.
 //! 3. `hearth exec VM -- true` round trip, median of 100.
 
-use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hearth_e2e::testutil::{push_image, LocalRegistry, TestImage};
 use hearth_e2e::{text, Daemon};
-use hearth_types::agent::{Decoder, Frame, Hello, Kind, PROTOCOL_VERSION};
 
 fn median(v: &mut [Duration]) -> Duration {
     v.sort();
@@ -50,7 +48,10 @@ fn image_prep(reg: &LocalRegistry, runs: usize) {
         let dir = work.path().join(format!("base-{i}"));
         std::fs::create_dir_all(&dir).expect("mkdir");
         let t = Instant::now();
-        run(Command::new("skopeo").args(["copy", "--quiet", "--src-tls-verify=false"]).arg(format!("docker://{image}")).arg(format!("oci:{}:t", dir.join("oci").display())));
+        run(Command::new("skopeo")
+            .args(["copy", "--quiet", "--src-tls-verify=false"])
+            .arg(format!("docker://{image}"))
+            .arg(format!("oci:{}:t", dir.join("oci").display())));
         run(Command::new("umoci").args(["unpack", "--image"]).arg(format!("{}:t", dir.join("oci").display())).arg(dir.join("bundle")));
         let rootfs = dir.join("bundle/rootfs");
         run(Command::new("mkfs.ext4").args(["-q", "-F", "-d"]).arg(&rootfs).arg(dir.join("root.ext4")).arg("256M"));
@@ -66,30 +67,19 @@ fn image_prep(reg: &LocalRegistry, runs: usize) {
     println!("\nhearth takes {:.0}% of the baseline's time.", 100.0 * ma.as_secs_f64() / mb.as_secs_f64());
 }
 
-/// Waits on an agent socket for hearth-init's Ready, asking with Hello until it comes.
+/// Waits on an agent socket for hearth-init's Ready with the same client hearthd uses.
 fn wait_ready(sock: &Path, deadline: Instant) -> bool {
-    let mut s = loop {
-        match std::os::unix::net::UnixStream::connect(sock) {
-            Ok(s) => break s,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
-            Err(_) => return false,
-        }
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_millis(250)));
-    let mut dec = Decoder::new();
-    let mut buf = [0u8; 4096];
-    while Instant::now() < deadline {
-        let _ = s.write_all(&Frame::json(Kind::Hello, 0, &Hello { version: PROTOCOL_VERSION }).encode());
-        if let Ok(n) = s.read(&mut buf) {
-            dec.feed(&buf[..n]);
-            while let Ok(Some(f)) = dec.next_frame() {
-                if f.kind == Kind::Ready {
-                    return true;
-                }
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return false };
+    rt.block_on(async {
+        let agent = loop {
+            match hearth_vmm::agent::AgentClient::connect(sock).await {
+                Ok(a) => break a,
+                Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(5)).await,
+                Err(_) => return false,
             }
-        }
-    }
-    false
+        };
+        agent.wait_ready(tokio::time::Instant::from_std(deadline)).await.is_ok()
+    })
 }
 
 fn run_to_ready(reg: &LocalRegistry, runs: usize) -> Daemon {
@@ -108,8 +98,14 @@ fn run_to_ready(reg: &LocalRegistry, runs: usize) -> Daemon {
     }
     // The bare command: same kernel, initramfs, disk and config, no hearth in the loop.
     let kdir = d.root.path().join("kernels/debian");
-    let initrd = std::fs::read_dir(&kdir).expect("kernel dir").flatten().map(|e| e.path()).find(|p| p.to_string_lossy().contains("initramfs-")).expect("initramfs");
-    let base_img = std::fs::read_dir(d.root.path().join("images/rootfs")).expect("rootfs dir").flatten().map(|e| e.path()).next().expect("base ext4");
+    let initrd = std::fs::read_dir(&kdir)
+        .expect("kernel dir")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().contains("initramfs-"))
+        .expect("initramfs");
+    let base_img =
+        std::fs::read_dir(d.root.path().join("images/rootfs")).expect("rootfs dir").flatten().map(|e| e.path()).next().expect("base ext4");
     let work = tempfile::tempdir().expect("tmp");
     let mut bare = Vec::new();
     for i in 0..runs {
@@ -120,7 +116,11 @@ fn run_to_ready(reg: &LocalRegistry, runs: usize) -> Daemon {
         let cfg = hearth_types::GuestConfig {
             version: 1,
             hostname: "bare".into(),
-            process: hearth_types::GuestProcess { args: vec!["sleep".into(), "100000".into()], env: vec!["PATH=/bin".into()], ..Default::default() },
+            process: hearth_types::GuestProcess {
+                args: vec!["sleep".into(), "100000".into()],
+                env: vec!["PATH=/bin".into()],
+                ..Default::default()
+            },
             ..Default::default()
         };
         hearth_storage::create_config_disk(&vm_dir.join("config.img"), &cfg).expect("config disk");
@@ -187,7 +187,10 @@ fn main() {
     let reg = LocalRegistry::start().expect("docker-registry");
     push_image(&reg, "bench:1", &TestImage { user: String::new(), payload_bytes: 64 << 20 }).expect("push bench image");
     push_image(&reg, "demo:1", &TestImage::default()).expect("push demo image");
-    println!("## hearth benchmarks ({})", Command::new("date").arg("-u").arg("+%Y-%m-%d").output().map(|o| text(&o.stdout).trim().to_owned()).unwrap_or_default());
+    println!(
+        "## hearth benchmarks ({})",
+        Command::new("date").arg("-u").arg("+%Y-%m-%d").output().map(|o| text(&o.stdout).trim().to_owned()).unwrap_or_default()
+    );
     image_prep(&reg, runs);
     let d = run_to_ready(&reg, runs);
     exec_latency(&d, &reg, 100);
