@@ -113,14 +113,30 @@ pub fn busybox_layer(img: &TestImage) -> std::io::Result<Vec<u8>> {
 
 /// Writes an OCI image layout of the busybox image to `dir`, tagged `tag`.
 pub fn busybox_oci_layout(dir: &Path, tag: &str, img: &TestImage) -> std::io::Result<()> {
+    oci_layout(dir, tag, &busybox_layer(img)?, &img.user)
+}
+
+/// An Ignite-style kernel image's layer: /boot/vmlinux and /lib/modules/VERSION (only the
+/// modules under `modules` whose relative path is listed in `keep`, to stay small).
+pub fn kernel_layer(kernel: &Path, modules: &Path, keep: &[PathBuf]) -> std::io::Result<Vec<u8>> {
+    let version = modules.file_name().map(|v| v.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_path_with_name(kernel, "boot/vmlinux")?;
+    for rel in keep {
+        b.append_path_with_name(modules.join(rel), format!("lib/modules/{version}/{}", rel.display()))?;
+    }
+    b.into_inner()
+}
+
+/// Writes an OCI layout holding one uncompressed-then-gzipped `layer`, tagged `tag`.
+pub fn oci_layout(dir: &Path, tag: &str, layer: &[u8], user: &str) -> std::io::Result<()> {
     let blobs = dir.join("blobs/sha256");
     fs::create_dir_all(&blobs)?;
-    let layer = busybox_layer(img)?;
-    let diff_id = sha(&layer);
+    let diff_id = sha(layer);
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&layer)?;
+    gz.write_all(layer)?;
     let layer_gz = gz.finish()?;
-    let user = serde_json::Value::String(img.user.clone());
+    let user = serde_json::Value::String(user.to_owned());
     let config = serde_json::json!({
         "architecture": "amd64", "os": "linux",
         "config": { "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "GREETING=hi"],
@@ -231,6 +247,15 @@ impl Drop for LocalRegistry {
 /// Builds the busybox image (config `User` = `user`) and pushes it as `repo_tag`.
 pub fn push_busybox(reg: &LocalRegistry, repo_tag: &str, user: &str) -> std::io::Result<()> {
     push_image(reg, repo_tag, &TestImage { user: user.to_owned(), payload_bytes: 0 })
+}
+
+/// Pushes a one-layer image as `repo_tag`.
+pub fn push_layer(reg: &LocalRegistry, repo_tag: &str, layer: &[u8]) -> std::io::Result<()> {
+    let layout = reg.dir.0.join(format!("layout-{:08x}", rand::random::<u32>()));
+    oci_layout(&layout, "t", layer, "")?;
+    let r = reg.push_layout(&layout, "t", repo_tag);
+    let _ = fs::remove_dir_all(&layout);
+    r
 }
 
 /// Builds a busybox image as described and pushes it as `repo_tag`.

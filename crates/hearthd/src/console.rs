@@ -69,16 +69,21 @@ pub async fn attach(d: Arc<Daemon>, id: VmId, mut input: tonic::Streaming<Chunk>
     let stream = tokio::net::UnixStream::connect(&sock)
         .await
         .map_err(|e| Status::failed_precondition(format!("cannot attach: the console is busy or the VM is not running ({e})")))?;
-    let (mut rd, mut wr) = stream.into_split();
+    let (mut rd, wr) = stream.into_split();
+    // Dropping the write half would half-close the socket, which QEMU takes as a disconnect:
+    // keep it open until the output side ends, even after the client's input ended.
+    let wr = std::sync::Arc::new(tokio::sync::Mutex::new(wr));
+    let keep = wr.clone();
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
         while let Ok(Some(chunk)) = input.message().await {
-            if wr.write_all(&chunk.data).await.is_err() {
+            if wr.lock().await.write_all(&chunk.data).await.is_err() {
                 break;
             }
         }
     });
     tokio::spawn(async move {
+        let _keep = keep;
         let mut buf = vec![0u8; CHUNK];
         loop {
             tokio::select! {

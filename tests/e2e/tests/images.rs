@@ -5,6 +5,9 @@ use std::path::Path;
 
 use hearth_e2e::{require_e2e, text, Daemon};
 
+/// Path, type, link target.
+type Entry<'a> = (&'a str, tar::EntryType, &'a str);
+
 /// A tar whose single entry path is written raw (tar builders refuse `..`).
 fn evil_tar(path: &Path, entries: &[(&str, tar::EntryType, &str)]) {
     let mut b = tar::Builder::new(Vec::new());
@@ -52,7 +55,7 @@ fn malicious_layers_are_rejected_naming_the_entry_and_write_nothing_outside() {
     let target = work.path().join("target");
     std::fs::create_dir(&target).expect("mkdir");
     let dots = format!("../../../../../../../..{}/pwned", target.display());
-    let cases: Vec<(&str, Vec<(&str, tar::EntryType, &str)>, &str)> = vec![
+    let cases: Vec<(&str, Vec<Entry>, &str)> = vec![
         ("dotdot", vec![("bin/", tar::EntryType::Directory, ""), (dots.as_str(), tar::EntryType::Regular, "")], "pwned"),
         (
             "symlink",

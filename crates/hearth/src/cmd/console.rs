@@ -76,20 +76,28 @@ impl Drop for RawMode {
 const CTRL_P: u8 = 0x10;
 const CTRL_Q: u8 = 0x11;
 
-/// Wires stdin and stdout to the console until the VM stops or the user detaches.
-pub async fn attach_stream(c: &mut Client, vm: &str, raw: bool) -> anyhow::Result<()> {
+/// Wires stdin and stdout to the console until the VM stops or the user detaches. Input is
+/// held back until `gate` fires (a booting guest would lose what reaches its UART too early).
+pub async fn attach_stream(c: &mut Client, vm: &str, raw: bool, gate: Option<tokio::sync::oneshot::Receiver<()>>) -> anyhow::Result<()> {
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::Chunk>(16);
     tx.send(pb::Chunk { data: Vec::new(), r#ref: vm.to_owned() }).await?;
     let mut s = c.attach(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
     let _raw = (raw && nix::unistd::isatty(0).unwrap_or(false)).then(RawMode::enter);
     let (detach_tx, mut detach_rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
+        if let Some(g) = gate {
+            let _ = g.await;
+        }
         let mut stdin = tokio::io::stdin();
         let mut buf = [0u8; 4096];
         let mut saw_p = false;
         loop {
             let n = match stdin.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
+                Ok(0) | Err(_) => {
+                    // End of input is not a detach: keep following the output.
+                    std::future::pending::<()>().await;
+                    return;
+                }
                 Ok(n) => n,
             };
             for &b in &buf[..n] {
@@ -121,6 +129,6 @@ pub async fn attach_stream(c: &mut Client, vm: &str, raw: bool) -> anyhow::Resul
 
 pub async fn attach(host: Option<String>, a: AttachArgs) -> anyhow::Result<i32> {
     let mut c = client::connect(host).await?;
-    attach_stream(&mut c, &a.vm, true).await?;
+    attach_stream(&mut c, &a.vm, true, None).await?;
     Ok(0)
 }

@@ -170,7 +170,25 @@ pub async fn run(host: Option<String>, a: RunArgs) -> anyhow::Result<i32> {
         return Ok(0);
     }
     if a.create.interactive {
-        crate::cmd::console::attach_stream(&mut c, &id, a.create.tty).await?;
+        let (open, gate) = tokio::sync::oneshot::channel();
+        let (mut c2, id2) = (c.clone(), id.clone());
+        tokio::spawn(async move {
+            // Input flows once hearth-init reports ready (or the VM already ended).
+            loop {
+                match c2.inspect_vm(pb::Ref { r#ref: id2.clone() }).await {
+                    Ok(r)
+                        if parse_json::<VmRecord>(&r.get_ref().json)
+                            .map_or(true, |v| v.status.state != hearth_types::VmState::Starting) =>
+                    {
+                        break
+                    }
+                    Err(_) => break,
+                    Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+                }
+            }
+            let _ = open.send(());
+        });
+        crate::cmd::console::attach_stream(&mut c, &id, a.create.tty, Some(gate)).await?;
     } else {
         let follow = crate::cmd::console::follow_logs(c.clone(), id.clone(), true);
         let interrupted = tokio::select! {

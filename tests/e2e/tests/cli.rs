@@ -1,0 +1,79 @@
+//! CLI behaviour around the main job: interactive runs, attach, daemon autostart, kernel pull.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use hearth_e2e::{require_e2e, text, Daemon};
+
+fn demo_registry() -> (hearth_e2e::testutil::LocalRegistry, String) {
+    let reg = hearth_e2e::testutil::LocalRegistry::start().expect("registry");
+    hearth_e2e::testutil::push_busybox(&reg, "demo:1", "").expect("push");
+    let image = format!("{}/demo:1", reg.host());
+    (reg, image)
+}
+
+#[test]
+fn run_i_feeds_stdin_and_attach_reaches_the_console() {
+    require_e2e!();
+    let (_reg, image) = demo_registry();
+    let d = Daemon::start();
+    d.import_kernel();
+    let mut child = d
+        .cmd(&["run", "-i", "--rm", &image, "head", "-n1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run -i");
+    child.stdin.take().expect("stdin").write_all(b"through the console\n").expect("write");
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("through the console"), "{:?}", text(&out.stdout));
+
+    d.ok(&["run", "-d", "-i", "--name", "talk", &image, "sh", "-c", "read line; echo got:$line"]);
+    let mut child = d.cmd(&["attach", "talk"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("attach");
+    child.stdin.take().expect("stdin").write_all(b"xyz\n").expect("write");
+    let out = child.wait_with_output().expect("wait");
+    assert!(text(&out.stdout).contains("got:xyz"), "{:?}", text(&out.stdout));
+    d.wait_for("talk", "stopped", Duration::from_secs(60), |v| v["status"]["state"] == "stopped");
+    assert_eq!(d.inspect("talk")["status"]["exit_code"], 0);
+}
+
+#[test]
+fn the_cli_starts_a_daemon_when_none_answers() {
+    require_e2e!();
+    let root = tempfile::tempdir().expect("tmp");
+    let out = Command::new(hearth_e2e::bin_dir().join("hearth"))
+        .arg("version")
+        .env("HEARTH_ROOT", root.path())
+        .env_remove("HEARTH_HOST")
+        .output()
+        .expect("hearth");
+    let _ = Command::new("pkill").arg("-f").arg(format!("hearthd --root {}", root.path().display())).status();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("started hearthd"), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("Server: hearthd"), "{}", text(&out.stdout));
+}
+
+#[test]
+fn kernel_pull_from_an_ignite_style_image_boots() {
+    require_e2e!();
+    let (reg, image) = demo_registry();
+    let kernel = std::path::PathBuf::from(std::env::var("HEARTH_TEST_KERNEL").expect("kernel"));
+    let modules = std::path::PathBuf::from(std::env::var("HEARTH_TEST_MODULES").expect("modules"));
+    let keep = hearth_kernel_closure(&modules);
+    let layer = hearth_e2e::testutil::kernel_layer(&kernel, &modules, &keep).expect("kernel layer");
+    hearth_e2e::testutil::push_layer(&reg, "kernels/debian:6.1", &layer).expect("push kernel image");
+    let d = Daemon::start();
+    d.ok(&["kernel", "pull", "--name", "pulled", &format!("{}/kernels/debian:6.1", reg.host())]);
+    let ls = d.ok(&["kernel", "ls"]);
+    assert!(ls.contains("pulled") && ls.contains("6.1.0"), "{ls}");
+    let out = d.ok(&["run", "--rm", "--kernel", "pulled", &image, "uname", "-r"]);
+    assert!(out.trim().starts_with("6.1.0"), "{out}");
+}
+
+/// The module files the guest needs, found the way hearth finds them.
+fn hearth_kernel_closure(modules: &std::path::Path) -> Vec<std::path::PathBuf> {
+    hearth_kernel::modules::closure(modules, hearth_kernel::GUEST_MODULES).expect("closure")
+}
