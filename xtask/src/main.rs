@@ -211,14 +211,11 @@ fn e2e(extra: &[String]) -> Result<()> {
 fn test(extra: &[String]) -> Result<()> {
     deps()?;
     lint()?;
-    run(Command::new(env!("CARGO")).current_dir(root()).args([
-        "test",
-        "--workspace",
-        "--exclude",
-        "hearth-e2e",
-        "--features",
-        "hearth-image/testutil",
-    ]))?;
+    let mut unit = Command::new(env!("CARGO"));
+    unit.current_dir(root()).args(["test", "--workspace", "--exclude", "hearth-e2e", "--features", "hearth-image/testutil"]);
+    // The kernel crate's boot test uses the same kernel and init as the e2e suite.
+    e2e_env(&mut unit)?;
+    run(&mut unit)?;
     e2e(extra)
 }
 

@@ -66,28 +66,14 @@ pub fn guest_config(spec: &VmSpec, image: &ImageConfig) -> Result<GuestConfig, G
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hearth_types::VmId;
 
     fn spec(entrypoint: Option<Vec<&str>>, command: Vec<&str>) -> VmSpec {
         VmSpec {
-            id: VmId::from_bytes([1; 8]),
             name: "web".into(),
-            image: "demo".into(),
-            image_id: "x".into(),
-            kernel: "k".into(),
-            cpus: 1,
-            memory_mib: 512,
-            disk_bytes: 1 << 30,
-            kernel_args: String::new(),
             entrypoint: entrypoint.map(|v| v.into_iter().map(String::from).collect()),
             command: command.into_iter().map(String::from).collect(),
             env: vec!["B=2".into(), "C=3".into()],
-            labels: Default::default(),
-            accel: Default::default(),
-            auto_remove: false,
-            interactive: false,
-            tty: false,
-            created_at: 0,
+            ..hearth_testkit::spec(1)
         }
     }
 

@@ -90,33 +90,9 @@ pub fn plan(rec: &VmRecord, obs: &Observed) -> Vec<Step> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hearth_types::{VmId, VmSpec, VmStatus};
 
     fn rec(desired: Desired, state: VmState) -> VmRecord {
-        VmRecord {
-            spec: VmSpec {
-                id: VmId::from_bytes([7; 8]),
-                name: "n".into(),
-                image: "i".into(),
-                image_id: "d".into(),
-                kernel: "k".into(),
-                cpus: 1,
-                memory_mib: 512,
-                disk_bytes: 1 << 30,
-                kernel_args: String::new(),
-                entrypoint: None,
-                command: vec![],
-                env: vec![],
-                labels: Default::default(),
-                accel: Default::default(),
-                auto_remove: false,
-                interactive: false,
-                tty: false,
-                created_at: 0,
-            },
-            desired,
-            status: VmStatus { state, ..Default::default() },
-        }
+        hearth_testkit::record(7, desired, state)
     }
 
     const FRESH: Observed = Observed { dir: true, disk: false, config_disk: false, vmm_alive: false, vmm_recorded: false };

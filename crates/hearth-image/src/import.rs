@@ -211,3 +211,39 @@ mod tests {
         assert!(s.list().expect("list").is_empty());
     }
 }
+
+#[cfg(test)]
+mod docker_archive_tests {
+    use super::*;
+
+    #[test]
+    fn docker_save_archive_import() {
+        let t = tempfile::tempdir().expect("tmp");
+        let s = ImageStore::open(&t.path().join("root")).expect("open");
+        let mut layer = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_size(2);
+        h.set_mode(0o644);
+        h.set_cksum();
+        layer.append_data(&mut h, "etc/x", &b"hi"[..]).expect("append");
+        let layer = layer.into_inner().expect("layer");
+        let config = br#"{"config":{"Entrypoint":["/bin/app"],"WorkingDir":"/srv"}}"#;
+        let manifest = br#"[{"Config":"cfg.json","RepoTags":["app:1"],"Layers":["l1/layer.tar"]}]"#;
+        let mut ar = tar::Builder::new(Vec::new());
+        for (name, data) in [("manifest.json", &manifest[..]), ("cfg.json", &config[..]), ("l1/layer.tar", &layer[..])] {
+            let mut h = tar::Header::new_ustar();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            ar.append_data(&mut h, name, data).expect("append");
+        }
+        let p = t.path().join("saved.tar");
+        fs::write(&p, ar.into_inner().expect("archive")).expect("write");
+        let rec = s.import(&p, &"app:1".parse().expect("ref")).expect("import");
+        assert_eq!((rec.config.entrypoint.clone(), rec.config.working_dir.as_str()), (vec!["/bin/app".to_string()], "/srv"));
+        let out = t.path().join("out");
+        s.unpack_to(&rec, &out).expect("unpack");
+        assert_eq!(fs::read(out.join("etc/x")).expect("x"), b"hi");
+        assert!(fs::read_dir(t.path().join("root/images/tmp")).expect("tmp").next().is_none(), "staging removed");
+    }
+}

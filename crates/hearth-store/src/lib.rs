@@ -134,33 +134,12 @@ impl VmStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hearth_types::{Desired, VmSpec, VmStatus};
+    use hearth_types::Desired;
 
     fn record(n: u8, created_at: u64) -> VmRecord {
-        VmRecord {
-            spec: VmSpec {
-                id: VmId::from_bytes([n; 8]),
-                name: format!("vm{n}"),
-                image: "i".into(),
-                image_id: "d".into(),
-                kernel: "k".into(),
-                cpus: 1,
-                memory_mib: 512,
-                disk_bytes: 1 << 30,
-                kernel_args: String::new(),
-                entrypoint: None,
-                command: vec![],
-                env: vec![],
-                labels: Default::default(),
-                accel: Default::default(),
-                auto_remove: false,
-                interactive: false,
-                tty: false,
-                created_at,
-            },
-            desired: Desired::Running,
-            status: VmStatus::default(),
-        }
+        let mut r = hearth_testkit::record(n, Desired::Running, Default::default());
+        r.spec.created_at = created_at;
+        r
     }
 
     #[test]

@@ -96,6 +96,11 @@ impl AgentClient {
         let (r2, c2) = (routes.clone(), closed.clone());
         tokio::spawn(async move {
             let why = read_loop(rd, ctl_tx, &r2).await;
+            // Logged once, here, because nobody awaits the reader: the connection is dropped and
+            // the next user reconnects.
+            if why != "closed by the guest" {
+                tracing::warn!(error = %why, "guest agent connection cut off");
+            }
             *c2.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
             // Dropping the senders ends every open stream.
             r2.lock().unwrap_or_else(|e| e.into_inner()).clear();

@@ -95,15 +95,19 @@ pub async fn reconcile_locked(d: &Arc<Daemon>, id: &VmId, opts: Options) -> Resu
     Err(Status::internal(format!("vm {id} did not settle after {MAX_ITERATIONS} reconcile rounds; see hearthd's log")))
 }
 
+/// The image a VM was created from; it may have been removed with `image rm --force`.
+fn image_of(d: &Daemon, rec: &VmRecord) -> Result<hearth_types::ImageRecord, Status> {
+    d.images
+        .get(&rec.spec.image_id)
+        .map_err(internal)?
+        .ok_or_else(|| Status::failed_precondition(format!("image {} was removed; pull it again", rec.spec.image)))
+}
+
 async fn execute(d: &Arc<Daemon>, rec: &mut VmRecord, step: Step, vmm: Option<(i32, u64)>, opts: Options) -> Result<(), Status> {
     let id = rec.spec.id.clone();
     match step {
         Step::CreateDisk => {
-            let image = d
-                .images
-                .get(&rec.spec.image_id)
-                .map_err(internal)?
-                .ok_or_else(|| Status::failed_precondition(format!("image {} was removed; pull it again", rec.spec.image)))?;
+            let image = image_of(d, rec)?;
             let (dk, size) = (disk_path(d, &id), rec.spec.disk_bytes);
             let d2 = d.clone();
             let method = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
@@ -118,11 +122,7 @@ async fn execute(d: &Arc<Daemon>, rec: &mut VmRecord, step: Step, vmm: Option<(i
             d.save(rec)
         }
         Step::WriteConfigDisk => {
-            let image = d
-                .images
-                .get(&rec.spec.image_id)
-                .map_err(internal)?
-                .ok_or_else(|| Status::failed_precondition(format!("image {} was removed; pull it again", rec.spec.image)))?;
+            let image = image_of(d, rec)?;
             let cfg = hearth_core::guest_config(&rec.spec, &image.config).map_err(|e| Status::invalid_argument(e.to_string()))?;
             hearth_storage::create_config_disk(&config_path(d, &id), &cfg).map_err(internal)
         }

@@ -94,6 +94,20 @@ pub async fn exec(host: Option<String>, a: ExecArgs) -> anyhow::Result<i32> {
             }
         });
     }
+    if a.tty {
+        // Keep the guest terminal's size in step with ours.
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let Ok(mut winch) = signal(SignalKind::window_change()) else { return };
+            while winch.recv().await.is_some() {
+                let (rows, cols) = window_size();
+                if tx.send(pb::ExecInput { rows, cols, ..Default::default() }).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
     {
         // Forward Ctrl-C and friends to the guest process rather than dying here.
         let tx = tx.clone();
