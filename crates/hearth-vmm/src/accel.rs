@@ -7,17 +7,24 @@ use hearth_types::Accel;
 
 use crate::VmmError;
 
-/// What the host offers, gathered once.
+/// The environment variable that picks the accelerator when the request is `auto`.
+pub const ACCEL_ENV: &str = "HEARTH_ACCEL";
+
+/// What the host offers, gathered once. Tests build it by hand.
 #[derive(Debug, Clone)]
 pub struct HostFacts {
+    /// Whether /dev/kvm opens read-write, else why not.
     pub kvm_opens: Result<(), String>,
+    /// The text of /proc/cpuinfo.
     pub cpuinfo: String,
+    /// The value of `HEARTH_ACCEL`, if set.
+    pub env_accel: Option<String>,
 }
 
 impl HostFacts {
     pub fn probe() -> Self {
         let kvm_opens = OpenOptions::new().read(true).write(true).open("/dev/kvm").map(|_| ()).map_err(|e| e.to_string());
-        Self { kvm_opens, cpuinfo: std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default() }
+        Self { kvm_opens, cpuinfo: std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default(), env_accel: std::env::var(ACCEL_ENV).ok() }
     }
 }
 
@@ -36,14 +43,21 @@ pub fn kvm_unusable(facts: &HostFacts) -> Option<String> {
     None
 }
 
-/// Resolves `requested` against the host: `(accelerator, warning)`.
+/// Resolves `requested` against the host: `(accelerator, warning)`. An explicit request wins
+/// over `HEARTH_ACCEL`, which wins over probing.
 pub fn decide(requested: Accel, facts: &HostFacts) -> Result<(Accel, Option<String>), VmmError> {
+    let requested = match (requested, facts.env_accel.as_deref().map(str::trim)) {
+        (Accel::Auto, Some(v)) => {
+            v.parse::<Accel>().map_err(|_| VmmError::Accel(format!("{ACCEL_ENV}={v:?} is not an accelerator: use auto, kvm or tcg")))?
+        }
+        (r, _) => r,
+    };
     match (requested, kvm_unusable(facts)) {
         (Accel::Tcg, _) => Ok((Accel::Tcg, None)),
         (Accel::Kvm, None) | (Accel::Auto, None) => Ok((Accel::Kvm, None)),
         (Accel::Kvm, Some(why)) => Err(VmmError::Accel(format!("--accel kvm is not possible here: {why}; use --accel tcg"))),
         (Accel::Auto, Some(why)) => {
-            Ok((Accel::Tcg, Some(format!("KVM is not usable ({why}): using TCG software emulation, which is much slower"))))
+            Ok((Accel::Tcg, Some(format!("KVM is not usable here ({why}): using TCG software emulation, which is slower"))))
         }
     }
 }
@@ -61,7 +75,31 @@ mod tests {
         HostFacts {
             kvm_opens: if opens { Ok(()) } else { Err("No such file".into()) },
             cpuinfo: format!("processor : 0\nflags\t\t: fpu {flags} sse\n"),
+            env_accel: None,
         }
+    }
+
+    fn with_env(mut f: HostFacts, v: &str) -> HostFacts {
+        f.env_accel = Some(v.into());
+        f
+    }
+
+    #[test]
+    fn the_environment_picks_for_auto_only() {
+        assert_eq!(decide(Accel::Auto, &with_env(facts(true, "vmx"), "tcg")).expect("ok"), (Accel::Tcg, None));
+        assert_eq!(decide(Accel::Kvm, &with_env(facts(true, "vmx"), "tcg")).expect("ok").0, Accel::Kvm);
+        assert_eq!(decide(Accel::Tcg, &with_env(facts(true, "vmx"), "kvm")).expect("ok").0, Accel::Tcg);
+        let e = decide(Accel::Auto, &with_env(facts(true, "hypervisor"), "kvm")).expect_err("no kvm");
+        assert!(e.to_string().contains("--accel tcg"), "{e}");
+        let e = decide(Accel::Auto, &with_env(facts(true, "vmx"), "xen")).expect_err("bad value");
+        assert!(e.to_string().contains("HEARTH_ACCEL"), "{e}");
+        assert_eq!(decide(Accel::Auto, &with_env(facts(true, "vmx"), "auto")).expect("ok").0, Accel::Kvm);
+    }
+
+    #[test]
+    fn only_the_flags_line_counts() {
+        let f = HostFacts { kvm_opens: Ok(()), cpuinfo: "model name : vmx-like svm cpu\nflags : fpu sse\n".into(), env_accel: None };
+        assert_eq!(decide(Accel::Auto, &f).expect("ok").0, Accel::Tcg);
     }
 
     #[test]

@@ -154,7 +154,12 @@ impl AgentClient {
     pub fn open_stream(&self) -> Stream {
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed).max(1);
         let (tx, rx) = mpsc::channel(64);
-        self.routes.lock().unwrap_or_else(|e| e.into_inner()).insert(id, tx);
+        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        // On a dead connection the stream ends at once (the reader sets `closed` before it
+        // clears the routes, and this check holds the routes lock).
+        if self.closed().is_none() {
+            routes.insert(id, tx);
+        }
         Stream { id, rx }
     }
 
@@ -241,5 +246,25 @@ mod tests {
         guest.write_all(b"\x00\x00\x00\x01\xeegarbage-garbage").await.expect("write");
         let err = c.wait_ready(Instant::now() + Duration::from_secs(5)).await.expect_err("cut off");
         assert!(matches!(err, AgentError::Protocol(_)), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod closed_tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn streams_opened_after_a_cut_off_end_at_once() {
+        let (host, mut guest) = tokio::io::duplex(1 << 16);
+        let c = AgentClient::over(host);
+        guest.write_all(&[0xff, 0xff, 0xff, 0xff, 12, 0, 0, 0, 1]).await.expect("write");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while c.closed().is_none() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut s = c.open_stream();
+        assert!(tokio::time::timeout(Duration::from_secs(5), s.rx.recv()).await.expect("not hanging").is_none());
     }
 }

@@ -17,8 +17,8 @@ use std::path::PathBuf;
 use hearth_types::Accel;
 
 pub use accel::resolve_accel;
-pub use process::{is_alive, kill, read_pidfile, start_time, wait_exit};
-pub use qemu::{launch, stop};
+pub use process::{is_alive, kill, read_pidfile, start_time, wait_exit, wait_exit_blocking};
+pub use qemu::{launch, stop, Stopped};
 
 /// Everything a provider needs to start one VM; all paths resolved.
 #[derive(Debug, Clone)]
@@ -71,4 +71,8 @@ pub enum VmmError {
     },
     #[error("qmp: {0}")]
     Qmp(String),
+    #[error("qmp: qemu closed the connection")]
+    QmpClosed,
+    #[error("a VMM (pid {pid}) is still running for {vm_dir}: stop the VM first")]
+    AlreadyRunning { pid: i32, vm_dir: PathBuf },
 }

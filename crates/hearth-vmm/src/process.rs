@@ -1,7 +1,8 @@
 //! Recognising and waiting for VMM processes that are not our children.
 
+use std::os::fd::AsFd;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::unix::AsyncFd;
 
@@ -65,6 +66,34 @@ pub async fn wait_exit(pid: i32, start: u64) {
     }
 }
 
+/// Blocks until the process has exited or `timeout` passed; true when it is gone. For callers
+/// outside a runtime (and code that must not await); uses pidfd + poll, so it works for
+/// processes that are not our children, such as daemonized QEMUs.
+pub fn wait_exit_blocking(pid: i32, start: u64, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    let pidfd = sys::pidfd_open(pid).ok();
+    loop {
+        if !is_alive(pid, start) {
+            return true;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        // Without a pidfd (pid already gone, or an old kernel) fall back to short sleeps.
+        let step = left.min(Duration::from_millis(50));
+        match &pidfd {
+            Some(fd) => {
+                let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1);
+                if sys::poll_readable(fd.as_fd(), ms).is_err() {
+                    std::thread::sleep(step);
+                }
+            }
+            None => std::thread::sleep(step),
+        }
+    }
+}
+
 async fn poll_exit(pid: i32, start: u64) {
     while is_alive(pid, start) {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -85,6 +114,18 @@ mod tests {
         kill(pid, start, libc::SIGKILL);
         let _ = child.wait();
         tokio::time::timeout(Duration::from_secs(5), wait_exit(pid, start)).await.expect("exit seen");
+        assert!(!is_alive(pid, start));
+    }
+
+    #[test]
+    fn blocking_wait_sees_a_non_child_exit_and_times_out_on_a_live_one() {
+        // A grandchild: `sh` starts `sleep` in the background and exits, so `sleep` is not ours.
+        let out = std::process::Command::new("sh").args(["-c", "sleep 30 >/dev/null 2>&1 & echo $!"]).output().expect("sh");
+        let pid: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().expect("pid");
+        let start = start_time(pid).expect("start time");
+        assert!(!wait_exit_blocking(pid, start, Duration::from_millis(100)), "still running");
+        kill(pid, start, libc::SIGTERM);
+        assert!(wait_exit_blocking(pid, start, Duration::from_secs(5)), "exit seen");
         assert!(!is_alive(pid, start));
     }
 

@@ -1,7 +1,7 @@
 //! The raw calls this crate makes.
 
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 /// `pidfd_open(2)`: a descriptor that becomes readable when `pid` exits (works for non-children).
 pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
@@ -21,5 +21,18 @@ pub fn kill(pid: i32, sig: i32) -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+/// `poll(2)` for readability on one fd; `Ok(true)` when readable before `timeout_ms` ran out.
+pub fn poll_readable(fd: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<bool> {
+    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: `pfd` is a valid pollfd we own for the whole call and the count is 1; the fd is
+    // borrowed, so it stays open until poll returns.
+    let rc = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+    match rc {
+        r if r < 0 => Err(io::Error::last_os_error()),
+        0 => Ok(false),
+        _ => Ok(true),
     }
 }

@@ -43,7 +43,7 @@ pub fn qemu_args(spec: &LaunchSpec, accel: Accel, bios: Option<&std::path::Path>
     }
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     let (mem, cpus) = (spec.memory_mib.to_string(), spec.cpus.to_string());
-    push(&["-m", &mem, "-smp", &cpus, "-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+    push(&["-m", &mem, "-smp", &cpus, "-nodefaults", "-no-user-config", "-nographic", "-display", "none", "-no-reboot"]);
     let (kernel, initrd, cmdline) = (spec.kernel.display().to_string(), spec.initrd.display().to_string(), kernel_cmdline(spec, accel));
     push(&["-kernel", &kernel, "-initrd", &initrd, "-append", &cmdline]);
     let root = format!("file={},if=none,id=root,format=raw,cache=writeback,discard=unmap", spec.root_disk.display());
@@ -54,7 +54,9 @@ pub fn qemu_args(spec: &LaunchSpec, accel: Accel, bios: Option<&std::path::Path>
     let agent = format!("socket,id=agent,path={},server=on,wait=off", p("agent.sock"));
     push(&["-device", serial, "-chardev", &agent, "-device", "virtserialport,chardev=agent,name=hearth.agent"]);
     let qmp = format!("unix:{},server=on,wait=off", p("qmp.sock"));
-    push(&["-qmp", &qmp, "-pidfile", &p("qemu.pid"), "-daemonize"]);
+    // A daemonized QEMU points its stderr at /dev/null unless `-D` names a log file; with one,
+    // the file becomes its stderr. QEMU truncates it on open, so qemu.log holds this boot only.
+    push(&["-qmp", &qmp, "-pidfile", &p("qemu.pid"), "-D", &p("qemu.log"), "-daemonize"]);
     a
 }
 
@@ -109,5 +111,67 @@ mod tests {
         assert!(after(&a, "-chardev").iter().all(|c| c.contains("/r/vms/abc/")));
         assert!(after(&a, "-append")[0].ends_with("panic=-1 foo=bar"));
         assert!(a.contains(&"-daemonize".to_string()));
+        assert_eq!(after(&a, "-pidfile"), ["/r/vms/abc/qemu.pid"]);
+        assert_eq!(after(&a, "-D"), ["/r/vms/abc/qemu.log"]);
+        assert_eq!(after(&a, "-qmp"), ["unix:/r/vms/abc/qmp.sock,server=on,wait=off"]);
+    }
+
+    #[test]
+    fn console_is_logged_and_the_agent_sits_on_the_virtio_serial_bus() {
+        for accel in [Accel::Tcg, Accel::Kvm] {
+            let a = qemu_args(&spec(), accel, None);
+            let chardevs = after(&a, "-chardev");
+            assert_eq!(
+                chardevs[0],
+                "socket,id=con,path=/r/vms/abc/console.sock,server=on,wait=off,logfile=/r/vms/abc/console.log,logappend=on"
+            );
+            assert_eq!(after(&a, "-serial"), ["chardev:con"]);
+            assert_eq!(chardevs[1], "socket,id=agent,path=/r/vms/abc/agent.sock,server=on,wait=off");
+            let devices = after(&a, "-device");
+            let bus = devices.iter().position(|d| d.starts_with("virtio-serial")).expect("virtio-serial");
+            let port = devices.iter().position(|d| *d == "virtserialport,chardev=agent,name=hearth.agent").expect("port");
+            assert!(bus < port, "the port needs its bus first");
+            for flag in ["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"] {
+                assert!(a.iter().any(|x| x == flag), "{flag} missing");
+            }
+            assert_eq!(after(&a, "-display"), ["none"]);
+            assert_eq!((after(&a, "-kernel"), after(&a, "-initrd")), (vec!["/k"], vec!["/i"]));
+        }
+    }
+
+    #[test]
+    fn kernel_cmdline_puts_the_users_arguments_last() {
+        let mut s = spec();
+        s.cmdline = "  loglevel=7 ".into();
+        assert_eq!(kernel_cmdline(&s, Accel::Tcg), "console=ttyS0 quiet loglevel=0 rdinit=/init panic=-1 loglevel=7");
+        s.cmdline.clear();
+        assert_eq!(kernel_cmdline(&s, Accel::Tcg), "console=ttyS0 quiet loglevel=0 rdinit=/init panic=-1");
+        assert!(!kernel_cmdline(&s, Accel::Tcg).contains("reboot=t"));
+    }
+
+    #[test]
+    fn disks_are_raw_virtio_with_writeback_and_discard_on_root() {
+        let a = qemu_args(&spec(), Accel::Kvm, None);
+        assert_eq!(
+            after(&a, "-drive"),
+            [
+                "file=/r/vms/abc/disk.img,if=none,id=root,format=raw,cache=writeback,discard=unmap",
+                "file=/r/vms/abc/config.img,if=none,id=config,format=raw,cache=writeback"
+            ]
+        );
+        let devices = after(&a, "-device");
+        assert_eq!(&devices[..2], ["virtio-blk-device,drive=root", "virtio-blk-device,drive=config"]);
+        assert_eq!(after(&a, "-cpu"), ["host"]);
+        assert_eq!(after(&a, "-accel"), ["kvm"]);
+    }
+
+    #[test]
+    fn firmware_choice() {
+        let q = std::path::Path::new("/usr/share/qemu/qboot.rom");
+        let a = qemu_args(&spec(), Accel::Tcg, Some(q));
+        assert_eq!(after(&a, "-bios"), ["/usr/share/qemu/qboot.rom"]);
+        let a = qemu_args(&spec(), Accel::Tcg, None);
+        assert!(after(&a, "-bios").is_empty());
+        assert_eq!(after(&a, "-fw_cfg"), ["name=etc/sercon-port,string=0"]);
     }
 }

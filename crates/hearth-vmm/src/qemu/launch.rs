@@ -1,6 +1,11 @@
 //! Starting QEMU daemonized and stopping it.
+//!
+//! `-daemonize` makes QEMU fork once its devices are set up; the parent exits 0 only when the
+//! child is running, so a zero exit means "started" and anything else comes with QEMU's own
+//! message in qemu.log. The daemon is not our child: it outlives hearthd and is found again by
+//! pid + start time.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -9,32 +14,78 @@ use crate::qemu::{qemu_args, Qmp, QBOOT};
 use crate::{resolve_accel, LaunchSpec, Launched, VmmError};
 use hearth_types::Accel;
 
+/// Files QEMU leaves behind when it is killed rather than exiting on its own.
+const RUNTIME_FILES: [&str; 4] = ["console.sock", "agent.sock", "qmp.sock", "qemu.pid"];
+
+/// Lines of qemu.log quoted in a start error.
+const TAIL_LINES: usize = 10;
+
 fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().rev().take(10).collect();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).rev().take(TAIL_LINES).collect();
+    if lines.is_empty() {
+        return format!("{} is empty", path.display());
+    }
     lines.into_iter().rev().collect::<Vec<_>>().join("\n")
 }
 
 /// qboot for the `pc` machine where Debian ships it.
-fn bios(accel: Accel) -> Option<std::path::PathBuf> {
+fn bios(accel: Accel) -> Option<PathBuf> {
     let q = Path::new(QBOOT);
     (accel == Accel::Tcg && q.exists()).then(|| q.to_owned())
 }
 
-/// Starts QEMU for `spec`. QEMU daemonizes once its devices are set up; the returned pid is the
-/// daemon's, read from its pid file.
+/// QEMU changes its directory to `/` when it daemonizes, so every path must be absolute.
+fn absolute(spec: &LaunchSpec) -> Result<LaunchSpec, VmmError> {
+    let abs = |p: &Path| std::path::absolute(p).map_err(|source| VmmError::Io { path: p.to_owned(), source });
+    Ok(LaunchSpec {
+        vm_dir: abs(&spec.vm_dir)?,
+        kernel: abs(&spec.kernel)?,
+        initrd: abs(&spec.initrd)?,
+        root_disk: abs(&spec.root_disk)?,
+        config_disk: abs(&spec.config_disk)?,
+        ..spec.clone()
+    })
+}
+
+/// The QEMU still running for `vm_dir`, if its pid file names a live process that was started
+/// with that pid file (so a reused pid does not count).
+fn running_in(vm_dir: &Path) -> Option<i32> {
+    let pidfile = vm_dir.join("qemu.pid");
+    let (pid, _) = read_pidfile(&pidfile)?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let needle = pidfile.as_os_str().as_encoded_bytes();
+    cmdline.split(|&b| b == 0).any(|arg| arg == needle).then_some(pid)
+}
+
+/// Removes sockets and the pid file of a QEMU that is gone.
+fn remove_runtime_files(vm_dir: &Path) {
+    for name in RUNTIME_FILES {
+        let _ = std::fs::remove_file(vm_dir.join(name));
+    }
+}
+
+/// Starts QEMU for `spec` and returns once it runs. The returned pid is the daemon's, read from
+/// its pid file, with its start time so later checks survive pid reuse.
 pub fn launch(spec: &LaunchSpec) -> Result<Launched, VmmError> {
     let (accel, warning) = resolve_accel(spec.accel)?;
+    let spec = absolute(spec)?;
     let dir = &spec.vm_dir;
-    for stale in ["console.sock", "agent.sock", "qmp.sock", "qemu.pid"] {
-        let _ = std::fs::remove_file(dir.join(stale));
+    if let Some(pid) = running_in(dir) {
+        return Err(VmmError::AlreadyRunning { pid, vm_dir: dir.clone() });
     }
+    remove_runtime_files(dir);
     let log_path = dir.join("qemu.log");
     let io = |source| VmmError::Io { path: log_path.clone(), source };
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(io)?;
+    // Fresh per boot, so a start error quotes this boot's messages only. Errors before QEMU
+    // opens its `-D` file arrive through these descriptors.
+    std::fs::write(&log_path, b"").map_err(io)?;
+    let log = std::fs::OpenOptions::new().append(true).open(&log_path).map_err(io)?;
     let binary = spec.qemu_binary.clone().unwrap_or_else(|| "qemu-system-x86_64".into());
+    let args = qemu_args(&spec, accel, bios(accel).as_deref());
+    tracing::debug!(vm_dir = %dir.display(), binary = %binary.display(), ?args, "starting qemu");
     let status = Command::new(&binary)
-        .args(qemu_args(spec, accel, bios(accel).as_deref()))
+        .args(&args)
         .current_dir(dir)
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(io)?)
@@ -42,30 +93,119 @@ pub fn launch(spec: &LaunchSpec) -> Result<Launched, VmmError> {
         .status()
         .map_err(|source| VmmError::Spawn { binary: binary.display().to_string(), source })?;
     if !status.success() {
-        return Err(VmmError::Start { log: tail(&log_path) });
+        return Err(VmmError::Start { log: format!("{status}; {}:\n{}", log_path.display(), tail(&log_path)) });
     }
-    let (pid, start_time) = read_pidfile(&dir.join("qemu.pid"))
-        .ok_or_else(|| VmmError::Start { log: format!("no live process in qemu.pid; {}", tail(&log_path)) })?;
+    let (pid, start_time) = read_pidfile(&dir.join("qemu.pid")).ok_or_else(|| VmmError::Start {
+        log: format!("it exited right after starting (no live process in qemu.pid); {}:\n{}", log_path.display(), tail(&log_path)),
+    })?;
     Ok(Launched { pid, start_time, accel, warning })
 }
 
+/// How [`stop`] ended the VMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// It was not running.
+    AlreadyGone,
+    /// The guest powered off after the ACPI request, within the timeout.
+    PoweredOff,
+    /// It had to be killed.
+    Killed,
+}
+
+/// Grace period for the QMP exchange itself, within the caller's timeout.
+const QMP_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a SIGKILLed process may take to disappear.
+const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Asks the guest to power off through ACPI (QMP `system_powerdown`), waits until `timeout`,
-/// then kills the VMM. Returns once it is gone.
-pub async fn stop(vm_dir: &Path, pid: i32, start: u64, timeout: Duration) -> Result<(), VmmError> {
+/// then kills the VMM. Returns once it is gone, with its sockets and pid file removed.
+pub async fn stop(vm_dir: &Path, pid: i32, start: u64, timeout: Duration) -> Result<Stopped, VmmError> {
     if !is_alive(pid, start) {
-        return Ok(());
+        remove_runtime_files(vm_dir);
+        return Ok(Stopped::AlreadyGone);
     }
+    let deadline = tokio::time::Instant::now() + timeout;
     let asked = async {
         let mut q = Qmp::connect(&vm_dir.join("qmp.sock")).await?;
-        q.execute("system_powerdown", None).await
+        q.powerdown().await
     };
-    if tokio::time::timeout(Duration::from_secs(2), asked).await.is_ok()
-        && tokio::time::timeout(timeout, wait_exit(pid, start)).await.is_ok()
-    {
-        return Ok(());
+    let how = match tokio::time::timeout(QMP_TIMEOUT.min(timeout), asked).await {
+        Ok(Ok(())) if tokio::time::timeout_at(deadline, wait_exit(pid, start)).await.is_ok() => Stopped::PoweredOff,
+        outcome => {
+            if let Ok(Err(e)) = outcome {
+                tracing::debug!(pid, error = %e, "acpi powerdown not delivered; killing");
+            }
+            kill(pid, start, libc::SIGKILL);
+            tokio::time::timeout(KILL_TIMEOUT, wait_exit(pid, start))
+                .await
+                .map_err(|_| VmmError::Qmp(format!("qemu pid {pid} survived SIGKILL for 10 s; check for a hung kernel task (D state)")))?;
+            Stopped::Killed
+        }
+    };
+    remove_runtime_files(vm_dir);
+    Ok(how)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_keeps_the_last_non_empty_lines() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("qemu.log");
+        let text: String = (0..30).map(|i| format!("line {i}\n\n")).collect();
+        std::fs::write(&p, text).expect("write");
+        let t = tail(&p);
+        assert_eq!(t.lines().count(), TAIL_LINES);
+        assert!(t.starts_with("line 20") && t.ends_with("line 29"), "{t}");
+        std::fs::write(&p, "").expect("write");
+        assert!(tail(&p).contains("is empty"));
     }
-    kill(pid, start, libc::SIGKILL);
-    tokio::time::timeout(Duration::from_secs(10), wait_exit(pid, start))
-        .await
-        .map_err(|_| VmmError::Qmp(format!("qemu pid {pid} survived SIGKILL for 10 s")))
+
+    #[test]
+    fn a_pid_file_naming_an_unrelated_process_is_not_a_running_vmm() {
+        let dir = tempfile::tempdir().expect("tmp");
+        // Our own pid is alive, but our command line does not name this pid file.
+        std::fs::write(dir.path().join("qemu.pid"), std::process::id().to_string()).expect("write");
+        assert_eq!(running_in(dir.path()), None);
+    }
+
+    #[test]
+    fn relative_paths_become_absolute() {
+        let spec = LaunchSpec {
+            vm_dir: "vms/a".into(),
+            kernel: "/k".into(),
+            initrd: "i".into(),
+            cmdline: String::new(),
+            root_disk: "vms/a/disk.img".into(),
+            config_disk: "/c".into(),
+            cpus: 1,
+            memory_mib: 128,
+            accel: Accel::Tcg,
+            qemu_binary: None,
+        };
+        let a = absolute(&spec).expect("absolute");
+        assert!(a.vm_dir.is_absolute() && a.initrd.is_absolute() && a.root_disk.is_absolute());
+        assert_eq!(a.kernel, PathBuf::from("/k"));
+    }
+
+    #[test]
+    fn a_missing_binary_says_what_to_install() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let spec = LaunchSpec {
+            vm_dir: dir.path().to_owned(),
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            cmdline: String::new(),
+            root_disk: "/d".into(),
+            config_disk: "/c".into(),
+            cpus: 1,
+            memory_mib: 128,
+            accel: Accel::Tcg,
+            qemu_binary: Some(dir.path().join("no-such-qemu")),
+        };
+        let e = launch(&spec).expect_err("no binary");
+        assert!(e.to_string().contains("qemu-system-x86"), "{e}");
+    }
 }

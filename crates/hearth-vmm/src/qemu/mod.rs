@@ -5,5 +5,5 @@ mod launch;
 mod qmp;
 
 pub use config::{kernel_cmdline, qemu_args, QBOOT};
-pub use launch::{launch, stop};
+pub use launch::{launch, stop, Stopped};
 pub use qmp::Qmp;

@@ -11,6 +11,14 @@ use crate::VmmError;
 /// Longest QMP line accepted.
 const MAX_LINE: usize = 1 << 20;
 
+/// A hang-up is [`VmmError::QmpClosed`] (QEMU exits right after `quit`); other I/O errors stay.
+fn io_error(e: std::io::Error) -> VmmError {
+    match e.kind() {
+        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => VmmError::QmpClosed,
+        _ => VmmError::Qmp(e.to_string()),
+    }
+}
+
 /// A connected QMP session.
 #[derive(Debug)]
 pub struct Qmp {
@@ -33,10 +41,9 @@ impl Qmp {
         let mut line = String::new();
         loop {
             line.clear();
-            let n =
-                AsyncReadExt::take(&mut self.rd, MAX_LINE as u64).read_line(&mut line).await.map_err(|e| VmmError::Qmp(e.to_string()))?;
+            let n = AsyncReadExt::take(&mut self.rd, MAX_LINE as u64).read_line(&mut line).await.map_err(io_error)?;
             if n == 0 {
-                return Err(VmmError::Qmp("connection closed".into()));
+                return Err(VmmError::QmpClosed);
             }
             if !line.ends_with('\n') && n >= MAX_LINE {
                 return Err(VmmError::Qmp("reply exceeds 1 MiB".into()));
@@ -57,7 +64,7 @@ impl Qmp {
         }
         let mut bytes = msg.to_string().into_bytes();
         bytes.push(b'\n');
-        self.wr.write_all(&bytes).await.map_err(|e| VmmError::Qmp(e.to_string()))?;
+        self.wr.write_all(&bytes).await.map_err(io_error)?;
         let reply = self.read_message().await?;
         if let Some(err) = reply.get("error") {
             return Err(VmmError::Qmp(format!("{command}: {}", err["desc"].as_str().unwrap_or("error"))));
@@ -65,9 +72,105 @@ impl Qmp {
         Ok(reply.get("return").cloned().unwrap_or(Value::Null))
     }
 
-    /// `query-status`'s `status` (`running`, `paused`, ...).
+    /// `query-status`'s `status` (`running`, `paused`, `prelaunch`, `shutdown`, ...).
     pub async fn status(&mut self) -> Result<String, VmmError> {
         let v = self.execute("query-status", None).await?;
-        Ok(v["status"].as_str().unwrap_or_default().to_owned())
+        v["status"].as_str().map(str::to_owned).ok_or_else(|| VmmError::Qmp(format!("query-status answered without a status: {v}")))
+    }
+
+    /// `system_powerdown`: presses the ACPI power button. The guest decides whether to obey.
+    pub async fn powerdown(&mut self) -> Result<(), VmmError> {
+        self.execute("system_powerdown", None).await.map(drop)
+    }
+
+    /// `quit`: QEMU exits at once, without asking the guest. QEMU may close the socket before
+    /// its reply arrives; that counts as done.
+    pub async fn quit(&mut self) -> Result<(), VmmError> {
+        match self.execute("quit", None).await {
+            Ok(_) | Err(VmmError::QmpClosed) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::UnixListener;
+
+    const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}}, "capabilities": []}}"#;
+
+    /// A fake QMP server that answers each command line with the next canned reply (which may
+    /// hold several lines, e.g. an event first).
+    async fn server(replies: Vec<String>) -> (tempfile::TempDir, std::path::PathBuf, tokio::task::JoinHandle<Vec<String>>) {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let task = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.expect("accept");
+            let (rd, mut wr) = s.into_split();
+            let mut rd = BufReader::new(rd);
+            wr.write_all(format!("{GREETING}\r\n").as_bytes()).await.expect("greeting");
+            let mut seen = Vec::new();
+            for reply in replies {
+                let mut line = String::new();
+                if rd.read_line(&mut line).await.unwrap_or(0) == 0 {
+                    break;
+                }
+                seen.push(line.trim().to_owned());
+                if wr.write_all(reply.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+            seen
+        });
+        (dir, path, task)
+    }
+
+    #[tokio::test]
+    async fn negotiates_then_skips_events_between_replies() {
+        let ok = "{\"return\": {}}\r\n".to_owned();
+        let status = concat!(
+            "{\"timestamp\": {\"seconds\": 1, \"microseconds\": 2}, \"event\": \"RESUME\"}\r\n",
+            "{\"return\": {\"status\": \"running\", \"singlestep\": false, \"running\": true}}\r\n"
+        );
+        let (_dir, path, task) = server(vec![ok.clone(), status.to_owned(), ok.clone(), ok]).await;
+        let mut q = Qmp::connect(&path).await.expect("connect");
+        assert_eq!(q.status().await.expect("status"), "running");
+        q.powerdown().await.expect("powerdown");
+        q.quit().await.expect("quit");
+        let seen = task.await.expect("server");
+        let cmds: Vec<String> = seen
+            .iter()
+            .map(|l| serde_json::from_str::<Value>(l).expect("json")["execute"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        assert_eq!(cmds, ["qmp_capabilities", "query-status", "system_powerdown", "quit"]);
+    }
+
+    #[tokio::test]
+    async fn an_error_reply_carries_its_description() {
+        let err = "{\"error\": {\"class\": \"CommandNotFound\", \"desc\": \"The command nope has not been found\"}}\n";
+        let (_dir, path, _task) = server(vec!["{\"return\": {}}\n".into(), err.into()]).await;
+        let mut q = Qmp::connect(&path).await.expect("connect");
+        let e = q.execute("nope", None).await.expect_err("error reply");
+        assert!(e.to_string().contains("has not been found"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn an_endless_line_is_refused_without_buffering_it_all() {
+        let huge = format!("{{\"return\": \"{}", "x".repeat(MAX_LINE + 10));
+        let (_dir, path, _task) = server(vec!["{\"return\": {}}\n".into(), huge]).await;
+        let mut q = Qmp::connect(&path).await.expect("connect");
+        let e = q.status().await.expect_err("too long");
+        assert!(e.to_string().contains("1 MiB"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn quit_accepts_a_closed_socket_as_done() {
+        // The server answers capabilities, reads `quit` and hangs up without replying.
+        let (_dir, path, _task) = server(vec!["{\"return\": {}}\n".into()]).await;
+        let mut q = Qmp::connect(&path).await.expect("connect");
+        q.quit().await.expect("quit");
     }
 }
