@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cpio;
+pub mod initramfs;
 pub mod modules;
 pub mod version;
 
@@ -18,7 +19,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use hearth_types::{Digest, KernelRecord};
 use sha2::{Digest as _, Sha256};
 
+pub use initramfs::InitramfsError;
 pub use modules::{ModuleError, GUEST_MODULES};
+pub use version::{Format, VersionError};
 
 /// Why a kernel operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -29,29 +32,33 @@ pub enum KernelError {
         #[source]
         source: io::Error,
     },
-    #[error("{0} is neither an ELF vmlinux nor a bzImage")]
-    Format(PathBuf),
-    #[error("cannot read the kernel version from {0}")]
-    Version(PathBuf),
+    #[error(transparent)]
+    Version(#[from] VersionError),
+    #[error("invalid kernel name {0:?}: use letters, digits, '.', '_' and '-' (at most 63, starting alphanumeric)")]
+    Name(String),
     #[error("a kernel named {0} already exists: remove it with `hearth kernel rm {0}` first")]
     Exists(String),
     #[error("no kernel named {0} (see `hearth kernel ls`)")]
     NotFound(String),
-    #[error("no modules for kernel {version} under {dir}: pass the lib/modules/{version} directory")]
+    #[error("no modules for kernel {version} under {dir}: pass its lib/modules/{version} directory")]
     NoModules { version: String, dir: PathBuf },
+    #[error("the modules under {dir} are for kernel {found}, not {version}: pass the matching lib/modules directory")]
+    WrongModules { dir: PathBuf, found: String, version: String },
     #[error("{dir} holds no kernel: expected /boot/vmlinux, /boot/vmlinuz* or /boot/bzImage")]
     NoKernelInImage { dir: PathBuf },
-    #[error("kernel record {0} is corrupt")]
+    #[error("kernel record {0} is corrupt: remove the kernel with `hearth kernel rm` and import it again")]
     Corrupt(PathBuf),
     #[error(transparent)]
     Modules(#[from] ModuleError),
+    #[error(transparent)]
+    Initramfs(#[from] InitramfsError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> KernelError + '_ {
     move |source| KernelError::Io { path: path.to_owned(), source }
 }
 
-/// The kernels of one hearth root (`ROOT/kernels`).
+/// The kernels of one hearth root (`ROOT/kernels`; see docs/layout.md).
 #[derive(Debug, Clone)]
 pub struct KernelStore {
     dir: PathBuf,
@@ -61,14 +68,36 @@ fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), KernelError> {
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
-    fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io_err(&tmp))?;
-    fs::rename(&tmp, path).map_err(io_err(path))
+/// A temporary name next to `path`, unique to this process and call.
+fn tmp_name(path: &Path) -> PathBuf {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.{}.{n}.tmp", std::process::id()))
 }
 
-/// Copies a tree, hard-linking files where the filesystem allows.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), KernelError> {
+    let tmp = tmp_name(path);
+    let res = (|| {
+        fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
+        fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io_err(&tmp))?;
+        fs::rename(&tmp, path).map_err(io_err(path))
+    })();
+    if res.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    res
+}
+
+/// Hard-links `src` to `dst`, copying when the link cannot be made (other filesystem).
+fn link_or_copy(src: &Path, dst: &Path) -> Result<(), KernelError> {
+    if fs::hard_link(src, dst).is_err() {
+        fs::copy(src, dst).map_err(io_err(dst))?;
+    }
+    Ok(())
+}
+
+/// Copies a tree (hard-linking files where possible); returns how many modules it holds.
 fn link_tree(src: &Path, dst: &Path) -> Result<usize, KernelError> {
     fs::create_dir_all(dst).map_err(io_err(dst))?;
     let mut count = 0;
@@ -79,18 +108,28 @@ fn link_tree(src: &Path, dst: &Path) -> Result<usize, KernelError> {
         if ft.is_dir() {
             count += link_tree(&s, &d)?;
         } else if ft.is_file() {
-            if fs::hard_link(&s, &d).is_err() {
-                fs::copy(&s, &d).map_err(io_err(&d))?;
-            }
-            if e.file_name().to_string_lossy().contains(".ko") {
+            link_or_copy(&s, &d)?;
+            if modules::module_name(&s).is_some() {
                 count += 1;
             }
+        } else if ft.is_symlink() {
+            // Debian's build/source links point outside the tree; keep them as links.
+            let target = fs::read_link(&s).map_err(io_err(&s))?;
+            std::os::unix::fs::symlink(target, &d).map_err(io_err(&d))?;
         }
     }
     Ok(count)
 }
 
+fn sha256_file(path: &Path) -> Result<String, KernelError> {
+    let mut f = fs::File::open(path).map_err(io_err(path))?;
+    let mut h = Sha256::new();
+    io::copy(&mut f, &mut h).map_err(io_err(path))?;
+    Ok(hex::encode(h.finalize()))
+}
+
 impl KernelStore {
+    /// Opens (creating) `ROOT/kernels`.
     pub fn open(root: &Path) -> Result<Self, KernelError> {
         let dir = root.join("kernels");
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
@@ -106,28 +145,31 @@ impl KernelStore {
         self.kdir(name).join("kernel")
     }
 
-    /// Imports `kernel` (and its modules) under `name`.
+    /// Imports `kernel` (bzImage or ELF vmlinux) and its modules under `name`. `modules` may be
+    /// a `lib/modules/<version>` directory, a directory of versions, or a root holding
+    /// `lib/modules/<version>`; the version matching the kernel is picked. The first kernel
+    /// imported becomes the default.
     pub fn import(&self, kernel: &Path, modules: Option<&Path>, name: &str) -> Result<KernelRecord, KernelError> {
-        let bytes = fs::read(kernel).map_err(io_err(kernel))?;
-        let format = version::detect(&bytes).ok_or_else(|| KernelError::Format(kernel.to_owned()))?;
-        let ver = version::version(&bytes, format).ok_or_else(|| KernelError::Version(kernel.to_owned()))?;
+        hearth_types::validate_name(name).map_err(|_| KernelError::Name(name.to_owned()))?;
+        let (format, ver) = version::read(kernel)?;
         let mod_tree = modules.map(|m| find_module_tree(m, &ver)).transpose()?;
         let dir = self.kdir(name);
         if dir.join("record.json").exists() {
             return Err(KernelError::Exists(name.to_owned()));
         }
-        let staging = self.dir.join(format!(".{name}.importing"));
+        let staging = self.dir.join(format!(".{name}.{}.importing", std::process::id()));
         let _ = fs::remove_dir_all(&staging);
         let result: Result<KernelRecord, KernelError> = (|| {
             fs::create_dir_all(&staging).map_err(io_err(&staging))?;
-            fs::write(staging.join("kernel"), &bytes).map_err(io_err(&staging))?;
+            link_or_copy(kernel, &staging.join("kernel"))?;
+            let id = sha256_file(&staging.join("kernel"))?;
             let count = match &mod_tree {
                 Some(t) => link_tree(t, &staging.join("modules").join(&ver))?,
                 None => 0,
             };
             let rec = KernelRecord {
                 name: name.to_owned(),
-                id: Digest::from_hex(&hex::encode(Sha256::digest(&bytes))).map_err(|_| KernelError::Version(kernel.to_owned()))?,
+                id: Digest::from_hex(&id).map_err(|_| KernelError::Corrupt(kernel.to_owned()))?,
                 version: ver.clone(),
                 format: format.as_str().to_owned(),
                 modules: count,
@@ -135,6 +177,7 @@ impl KernelStore {
             };
             let json = serde_json::to_vec_pretty(&rec).map_err(|_| KernelError::Corrupt(staging.clone()))?;
             write_atomic(&staging.join("record.json"), &json)?;
+            // A directory left by an interrupted removal has no record; replace it.
             let _ = fs::remove_dir_all(&dir);
             fs::rename(&staging, &dir).map_err(io_err(&dir))?;
             Ok(rec)
@@ -149,8 +192,8 @@ impl KernelStore {
         Ok(rec)
     }
 
-    /// Imports from an unpacked kernel image: `/boot/vmlinux` (or vmlinuz*, bzImage) and
-    /// `/lib/modules`.
+    /// Imports from an unpacked Ignite-style kernel image: `/boot/vmlinux` (or `/boot/bzImage`,
+    /// `/boot/vmlinuz*`) and `/lib/modules`.
     pub fn import_rootfs(&self, dir: &Path, name: &str) -> Result<KernelRecord, KernelError> {
         let boot = dir.join("boot");
         let mut candidates: Vec<PathBuf> = ["vmlinux", "bzImage", "vmlinuz"].iter().map(|n| boot.join(n)).collect();
@@ -163,11 +206,15 @@ impl KernelStore {
             more.sort();
             candidates.extend(more);
         }
-        let kernel = candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| KernelError::NoKernelInImage { dir: dir.to_owned() })?;
+        let kernel = candidates
+            .into_iter()
+            .find(|p| p.is_file())
+            .ok_or_else(|| KernelError::NoKernelInImage { dir: dir.to_owned() })?;
         let modules = dir.join("lib/modules");
         self.import(&kernel, modules.is_dir().then_some(modules.as_path()), name)
     }
 
+    /// The record of one kernel, `None` when there is no such kernel.
     pub fn get(&self, name: &str) -> Result<Option<KernelRecord>, KernelError> {
         if hearth_types::validate_name(name).is_err() {
             return Ok(None);
@@ -180,9 +227,11 @@ impl KernelStore {
         }
     }
 
+    /// Every stored kernel, by name.
     pub fn list(&self) -> Result<Vec<KernelRecord>, KernelError> {
         let mut out = Vec::new();
-        for e in fs::read_dir(&self.dir).map_err(io_err(&self.dir))?.flatten() {
+        for e in fs::read_dir(&self.dir).map_err(io_err(&self.dir))? {
+            let e = e.map_err(io_err(&self.dir))?;
             if !e.file_type().is_ok_and(|t| t.is_dir()) {
                 continue;
             }
@@ -194,16 +243,22 @@ impl KernelStore {
         Ok(out)
     }
 
+    /// Removes a kernel (and its initramfs images); clears the default if it was the default.
     pub fn remove(&self, name: &str) -> Result<KernelRecord, KernelError> {
         let rec = self.get(name)?.ok_or_else(|| KernelError::NotFound(name.to_owned()))?;
         let dir = self.kdir(name);
+        // The record goes first, so an interrupted removal leaves no half kernel behind.
+        let record = dir.join("record.json");
+        fs::remove_file(&record).map_err(io_err(&record))?;
         fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
         if self.default_name()?.as_deref() == Some(name) {
-            let _ = fs::remove_file(self.dir.join(".default"));
+            let p = self.dir.join(".default");
+            fs::remove_file(&p).map_err(io_err(&p))?;
         }
         Ok(rec)
     }
 
+    /// Makes `name` the kernel VMs get when they name none.
     pub fn set_default(&self, name: &str) -> Result<(), KernelError> {
         if self.get(name)?.is_none() {
             return Err(KernelError::NotFound(name.to_owned()));
@@ -211,66 +266,55 @@ impl KernelStore {
         write_atomic(&self.dir.join(".default"), name.as_bytes())
     }
 
+    /// The default kernel's name, if one is set.
     pub fn default_name(&self) -> Result<Option<String>, KernelError> {
-        match fs::read_to_string(self.dir.join(".default")) {
+        let p = self.dir.join(".default");
+        match fs::read_to_string(&p) {
             Ok(s) if !s.trim().is_empty() => Ok(Some(s.trim().to_owned())),
             Ok(_) => Ok(None),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(KernelError::Io { path: self.dir.join(".default"), source }),
+            Err(source) => Err(KernelError::Io { path: p, source }),
         }
     }
 
-    /// The initramfs for `name` with `init_binary` as /init, built once and cached.
+    /// The initramfs for `name` with `init_binary` as /init: built once per (kernel id, init
+    /// binary) pair, written atomically, cached as `ROOT/kernels/<name>/initramfs-<hash>.img`.
     pub fn initramfs(&self, name: &str, init_binary: &Path) -> Result<PathBuf, KernelError> {
         let rec = self.get(name)?.ok_or_else(|| KernelError::NotFound(name.to_owned()))?;
         let init = fs::read(init_binary).map_err(io_err(init_binary))?;
         let mut h = Sha256::new();
         h.update(rec.id.hex().as_bytes());
+        h.update([0]);
         h.update(&init);
         let hash = hex::encode(h.finalize());
         let out = self.kdir(name).join(format!("initramfs-{}.img", &hash[..16]));
-        if out.exists() {
+        if out.is_file() {
             return Ok(out);
         }
         let tree = self.kdir(name).join("modules").join(&rec.version);
-        let order = if tree.is_dir() { modules::closure(&tree, GUEST_MODULES)? } else { Vec::new() };
-        let mut c = cpio::Cpio::new();
-        for d in ["dev", "proc", "sys", "newroot", "hearth", "lib", "lib/modules"] {
-            c.dir(d);
+        let tree = tree.is_dir().then_some(tree.as_path());
+        let tmp = tmp_name(&out);
+        let res = (|| {
+            let f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
+            let w = initramfs::write(io::BufWriter::new(&f), &tmp, &init, &rec.version, tree, GUEST_MODULES)?;
+            drop(w);
+            f.sync_all().map_err(io_err(&tmp))?;
+            fs::rename(&tmp, &out).map_err(io_err(&out))
+        })();
+        if res.is_err() {
+            let _ = fs::remove_file(&tmp);
         }
-        c.char_dev("dev/console", 0o600, 5, 1);
-        c.file("init", 0o755, &init);
-        let base = format!("lib/modules/{}", rec.version);
-        c.dir(&base);
-        let mut made = std::collections::BTreeSet::new();
-        let mut list = String::new();
-        for rel in &order {
-            let mut acc = base.clone();
-            for comp in rel.parent().into_iter().flat_map(|p| p.components()) {
-                acc = format!("{acc}/{}", comp.as_os_str().to_string_lossy());
-                if made.insert(acc.clone()) {
-                    c.dir(&acc);
-                }
-            }
-            let src = tree.join(rel);
-            let data = fs::read(&src).map_err(io_err(&src))?;
-            let dest = format!("{base}/{}", rel.display());
-            c.file(&dest, 0o644, &data);
-            list.push('/');
-            list.push_str(&dest);
-            list.push('\n');
-        }
-        c.file("hearth/modules", 0o644, list.as_bytes());
-        let tmp = out.with_extension("tmp");
-        let f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
-        c.finish(io::BufWriter::new(&f)).map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
-        fs::rename(&tmp, &out).map_err(io_err(&out))?;
-        // Older initramfs images of this kernel (other hearth-init builds) are obsolete.
+        res?;
+        // Images built for other hearth-init binaries are obsolete (temporaries of concurrent
+        // builds start with a dot and are left alone).
         if let Ok(rd) = fs::read_dir(self.kdir(name)) {
             for e in rd.flatten() {
                 let p = e.path();
-                if p != out && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("initramfs-")) {
+                let stale = p.file_name().is_some_and(|n| {
+                    let n = n.to_string_lossy();
+                    n.starts_with("initramfs-") && n.ends_with(".img")
+                });
+                if stale && p != out {
                     let _ = fs::remove_file(p);
                 }
             }
@@ -279,15 +323,26 @@ impl KernelStore {
     }
 }
 
-/// Accepts `lib/modules/<ver>`, a directory holding `<ver>`, or a root holding `lib/modules/<ver>`.
+/// Accepts `lib/modules/<ver>`, a directory holding `<ver>`, or a root holding
+/// `lib/modules/<ver>`, and checks a directory given directly against the modules' vermagic.
 fn find_module_tree(dir: &Path, version: &str) -> Result<PathBuf, KernelError> {
-    let candidates = [dir.to_owned(), dir.join(version), dir.join("lib/modules").join(version)];
-    for c in &candidates {
-        if c.is_dir() && (c.join("kernel").is_dir() || c.join("modules.dep").is_file()) {
-            return Ok(c.clone());
+    for c in [dir.join(version), dir.join("lib/modules").join(version)] {
+        if c.is_dir() {
+            return Ok(c);
         }
     }
-    Err(KernelError::NoModules { version: version.to_owned(), dir: dir.to_owned() })
+    let idx = modules::index(dir)?;
+    let Some(sample) = idx.values().next() else {
+        return Err(KernelError::NoModules { version: version.to_owned(), dir: dir.to_owned() });
+    };
+    if dir.file_name().is_some_and(|n| n == version) {
+        return Ok(dir.to_owned());
+    }
+    let bytes = modules::read_module(&dir.join(sample))?;
+    match modules::vermagic(&bytes, &sample.display().to_string())? {
+        Some(found) if found != version => Err(KernelError::WrongModules { dir: dir.to_owned(), found, version: version.to_owned() }),
+        _ => Ok(dir.to_owned()),
+    }
 }
 
 #[cfg(test)]
@@ -331,5 +386,63 @@ mod tests {
         let e = s.import(&p, None, "x").expect_err("junk");
         assert!(e.to_string().contains("neither an ELF vmlinux nor a bzImage"), "{e}");
         assert!(s.list().expect("list").is_empty());
+    }
+
+    #[test]
+    fn module_trees_are_found_in_every_accepted_shape() {
+        let src = tempfile::tempdir().expect("tmp");
+        let k = fake_kernel(src.path());
+        let tree = src.path().join("root/lib/modules/6.9.9-fake/kernel");
+        fs::create_dir_all(&tree).expect("mkdir");
+        fs::write(tree.join("virtio.ko"), modules::tests::fake_ko(&["vermagic=6.9.9-fake SMP"])).expect("write");
+        let other = src.path().join("root/lib/modules/5.0.0/kernel");
+        fs::create_dir_all(&other).expect("mkdir");
+        fs::write(other.join("virtio.ko"), modules::tests::fake_ko(&["vermagic=5.0.0 SMP"])).expect("write");
+        let root = tempfile::tempdir().expect("tmp");
+        let s = KernelStore::open(root.path()).expect("open");
+        for (i, m) in ["root", "root/lib/modules", "root/lib/modules/6.9.9-fake"].iter().enumerate() {
+            let rec = s.import(&k, Some(&src.path().join(m)), &format!("k{i}")).expect(m);
+            assert_eq!(rec.modules, 1, "{m}");
+            assert!(s.kdir(&rec.name).join("modules/6.9.9-fake/kernel/virtio.ko").is_file());
+        }
+        let e = s.import(&k, Some(&src.path().join("root/lib/modules/5.0.0")), "wrong").expect_err("wrong version");
+        assert!(matches!(e, KernelError::WrongModules { .. }), "{e}");
+        fs::create_dir_all(src.path().join("empty")).expect("mkdir");
+        let e = s.import(&k, Some(&src.path().join("empty")), "none").expect_err("no modules");
+        assert!(matches!(e, KernelError::NoModules { .. }), "{e}");
+        assert!(matches!(s.import(&k, None, "../escape"), Err(KernelError::Name(_))));
+        assert_eq!(s.default_name().expect("default").as_deref(), Some("k0"));
+        s.set_default("k2").expect("set default");
+        assert_eq!(s.default_name().expect("default").as_deref(), Some("k2"));
+        assert!(matches!(s.set_default("ghost"), Err(KernelError::NotFound(_))));
+    }
+
+    #[test]
+    fn ignite_style_image_imports_when_the_debian_kernel_is_present() {
+        let dir = Path::new("/tmp/kpkg/root");
+        if !dir.join("boot").is_dir() {
+            eprintln!("skipping: {} not present", dir.display());
+            return;
+        }
+        let root = tempfile::tempdir().expect("tmp");
+        let s = KernelStore::open(root.path()).expect("open");
+        let rec = s.import_rootfs(dir, "debian").expect("import");
+        assert_eq!((rec.version.as_str(), rec.format.as_str()), ("6.1.0-56-cloud-amd64", "bzimage"));
+        assert!(rec.modules > 100, "{rec:?}");
+        assert_eq!(rec.id.hex(), sha256_file(&s.kernel_path("debian")).expect("hash"));
+        let init = root.path().join("init");
+        fs::write(&init, b"init").expect("write");
+        let img = s.initramfs("debian", &init).expect("initramfs");
+        assert_eq!(s.initramfs("debian", &init).expect("cached"), img);
+        let list = cpio::tests::parse(&fs::read(&img).expect("read"))
+            .into_iter()
+            .find(|e| e.0 == initramfs::MODULE_LIST)
+            .expect("module list");
+        let list = String::from_utf8(list.3).expect("utf8");
+        assert!(list.lines().any(|l| l.ends_with("/virtio_blk.ko")), "{list}");
+        fs::write(&init, b"another init").expect("write");
+        let img2 = s.initramfs("debian", &init).expect("rebuilt");
+        assert_ne!(img, img2);
+        assert!(!img.exists(), "the stale image is removed");
     }
 }
