@@ -9,8 +9,9 @@ use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use hearth_types::guest::AGENT_PORT_NAME;
 use hearth_types::agent::{CopyRequest, Decoder, ExecExit, ExecRequest, Frame, Hello, Kind, Ready, PROTOCOL_VERSION};
 
 use crate::process::{self, Spec};
@@ -40,7 +41,8 @@ pub struct Shared {
     pub shutdown: AtomicBool,
     /// Exit waiters by pid, and exits reaped before their waiter registered.
     pub exits: Mutex<Exits>,
-    writer: Mutex<Option<File>>,
+    /// Frames for the writer thread.
+    out: Mutex<Option<mpsc::SyncSender<Vec<u8>>>>,
     /// Stdin of execs and copies by stream. Input that arrives before the process exists is
     /// kept (bounded) until it does.
     stdins: Mutex<HashMap<u32, Slot>>,
@@ -48,27 +50,21 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Sends a frame; waits up to 5 s for the host to take it, then drops it.
+    /// Queues a frame for the host, waiting while the queue is full (backpressure for output
+    /// streams). Dropped when the agent channel is not up.
     pub fn send(&self, f: &Frame) {
-        let guard = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(w) = guard.as_ref() else { return };
-        let bytes = f.encode();
-        let mut off = 0;
-        let mut waited = 0;
-        while off < bytes.len() {
-            match (&*w).write(&bytes[off..]) {
-                Ok(n) => off += n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if waited > 5000 {
-                        return;
-                    }
-                    let mut pfd = libc::pollfd { fd: w.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
-                    // SAFETY: pfd is a local pollfd array of length 1.
-                    unsafe { libc::poll(&mut pfd, 1, 100) };
-                    waited += 100;
-                }
-                Err(_) => return,
-            }
+        let tx = self.out.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(tx) = tx {
+            let _ = tx.send(f.encode());
+        }
+    }
+
+    /// Queues a frame without ever blocking (for PID 1's own thread); dropped when the queue
+    /// is full. The host learns the state again with its next `Hello`.
+    pub fn try_send(&self, f: &Frame) {
+        let tx = self.out.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(tx) = tx {
+            let _ = tx.try_send(f.encode());
         }
     }
 
@@ -104,7 +100,7 @@ impl Shared {
 
     pub fn set_ready(&self, r: Ready) {
         *self.ready.lock().unwrap_or_else(|e| e.into_inner()) = Some(r.clone());
-        self.send(&Frame::json(Kind::Ready, 0, &r));
+        self.try_send(&Frame::json(Kind::Ready, 0, &r));
     }
 }
 
@@ -130,8 +126,60 @@ impl Shared {
     }
 }
 
-/// Serves the agent port until the VM powers off.
-pub fn serve(shared: Arc<Shared>, port: String) {
+/// How long the agent looks for its virtio-serial port before concluding there is none.
+const PORT_WAIT: Duration = Duration::from_secs(10);
+/// How long a frame may wait for a connected but slow host before it is dropped.
+const WRITE_PATIENCE: Duration = Duration::from_secs(5);
+/// Frames queued for the host at most.
+const QUEUE: usize = 64;
+
+/// The `/dev` node of the virtio-serial port named [`AGENT_PORT_NAME`], if there is one.
+pub fn find_port() -> Option<String> {
+    let deadline = Instant::now() + PORT_WAIT;
+    loop {
+        if let Ok(rd) = std::fs::read_dir("/sys/class/virtio-ports") {
+            for e in rd.flatten() {
+                let name = std::fs::read_to_string(e.path().join("name")).unwrap_or_default();
+                if name.trim() == AGENT_PORT_NAME {
+                    return Some(format!("/dev/{}", e.file_name().to_string_lossy()));
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Writes queued frames to the port. Frames are dropped while the host end is closed
+/// (POLLHUP), so nothing in the guest ever waits for a host that is not there.
+fn writer(port: File, rx: mpsc::Receiver<Vec<u8>>) {
+    let fd = port.as_raw_fd();
+    for bytes in rx {
+        let mut off = 0;
+        let give_up = Instant::now() + WRITE_PATIENCE;
+        while off < bytes.len() && Instant::now() < give_up {
+            let revents = sys::poll(fd, libc::POLLOUT, 100).unwrap_or(0);
+            if revents & libc::POLLHUP != 0 {
+                break; // host not connected: drop the frame
+            }
+            if revents & libc::POLLOUT == 0 {
+                continue;
+            }
+            match (&port).write(&bytes[off..]) {
+                Ok(n) => off += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+/// Finds the agent port and serves it until the VM powers off. Without a port (no
+/// virtio-serial device) it returns quietly: the agent is optional.
+pub fn serve(shared: Arc<Shared>) {
+    let Some(port) = find_port() else { return };
     let port_file = match OpenOptions::new().read(true).write(true).custom_flags(libc::O_NONBLOCK).open(&port) {
         Ok(f) => f,
         Err(e) => {
@@ -139,33 +187,61 @@ pub fn serve(shared: Arc<Shared>, port: String) {
             return;
         }
     };
-    if let Ok(w) = port_file.try_clone() {
-        *shared.writer.lock().unwrap_or_else(|e| e.into_inner()) = Some(w);
+    let (tx, rx) = mpsc::sync_channel(QUEUE);
+    match port_file.try_clone() {
+        Ok(w) => {
+            std::thread::spawn(move || writer(w, rx));
+            *shared.out.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        }
+        Err(e) => {
+            eprintln!("hearth-init: agent port {port}: {e}");
+            return;
+        }
     }
-    shared.send(&Frame::json(Kind::Hello, 0, &Hello { version: PROTOCOL_VERSION }));
+    read_loop(&shared, &port_file);
+}
+
+/// Reads frames from the host. A closed host end reads as EOF / POLLHUP: the loop then sleeps
+/// 100 ms between checks, greets the host when it (re)connects, and starts a fresh decoder.
+fn read_loop(shared: &Arc<Shared>, port: &File) {
     let mut dec = Decoder::new();
+    let mut connected = false;
     let mut buf = vec![0u8; CHUNK];
     loop {
-        let mut pfd = libc::pollfd { fd: port_file.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        // SAFETY: pfd is a local pollfd array of length 1.
-        unsafe { libc::poll(&mut pfd, 1, 1000) };
-        match (&port_file).read(&mut buf) {
-            Ok(0) => std::thread::sleep(Duration::from_millis(100)), // host not connected
+        let revents = sys::poll(port.as_raw_fd(), libc::POLLIN, 1000).unwrap_or(0);
+        if revents & libc::POLLHUP != 0 && revents & libc::POLLIN == 0 {
+            if connected {
+                connected = false;
+                dec = Decoder::new();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        if !connected {
+            connected = true;
+            shared.send(&Frame::json(Kind::Hello, 0, &Hello { version: PROTOCOL_VERSION }));
+        }
+        match (&*port).read(&mut buf) {
+            Ok(0) => {
+                dec = Decoder::new();
+                std::thread::sleep(Duration::from_millis(100));
+            }
             Ok(n) => {
                 dec.feed(&buf[..n]);
                 loop {
                     match dec.next_frame() {
-                        Ok(Some(f)) => handle(&shared, f),
+                        Ok(Some(f)) => handle(shared, f),
                         Ok(None) => break,
                         Err(e) => {
-                            eprintln!("hearth-init: agent: {e}; resetting the channel");
+                            // Drop what is buffered and resynchronise on the next frame.
+                            eprintln!("hearth-init: agent: {e}; dropping the buffered input");
                             dec = Decoder::new();
                             break;
                         }
                     }
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
     }
@@ -256,7 +332,7 @@ fn exec(shared: &Arc<Shared>, stream: u32, req: ExecRequest) {
         shared.send(&Frame::new(Kind::Stderr, stream, format!("hearth: {msg}\n").into_bytes()));
         shared.send(&Frame::json(Kind::Exit, stream, &ExecExit { exit_code: code, signal: None }));
     };
-    let mut cmd = match process::command(&spec, req.tty.then_some(0)) {
+    let mut cmd = match process::command(&spec, req.tty.then_some(0), true) {
         Ok(c) => c,
         Err(e) => return fail(e.code, e.message),
     };
@@ -268,12 +344,9 @@ fn exec(shared: &Arc<Shared>, stream: u32, req: ExecRequest) {
         };
         let (Ok(s1), Ok(s2)) = (slave.try_clone(), slave.try_clone()) else { return fail(125, "dup pty".into()) };
         cmd.stdin(slave).stdout(s1).stderr(s2);
-        let child = match cmd.spawn() {
+        let child = match process::spawn(&mut cmd, &spec.args[0]) {
             Ok(c) => c,
-            Err(e) => {
-                let e = process::spawn_error(&spec.args[0], &e);
-                return fail(e.code, e.message);
-            }
+            Err(e) => return fail(e.code, e.message),
         };
         drop(cmd); // closes our copies of the slave
         if let (Ok(r), Ok(w)) = (master.try_clone(), master.try_clone()) {
@@ -284,12 +357,9 @@ fn exec(shared: &Arc<Shared>, stream: u32, req: ExecRequest) {
         (child, Some(master))
     } else {
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = match cmd.spawn() {
+        let mut child = match process::spawn(&mut cmd, &spec.args[0]) {
             Ok(c) => c,
-            Err(e) => {
-                let e = process::spawn_error(&spec.args[0], &e);
-                return fail(e.code, e.message);
-            }
+            Err(e) => return fail(e.code, e.message),
         };
         drop(cmd);
         if let Some(out) = child.stdout.take() {

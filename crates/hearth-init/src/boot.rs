@@ -54,7 +54,7 @@ pub struct Disks {
 
 /// Waits for the virtio disks, identifies the config disk by its magic and the root as the other.
 pub fn find_disks() -> Result<Disks, String> {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let disks = virtio_disks();
         let mut config = None;
@@ -85,6 +85,10 @@ pub fn find_disks() -> Result<Disks, String> {
 /// Mounts the root disk and makes it `/`, carrying /dev, /proc and /sys over.
 pub fn switch_root(root_dev: &str) -> Result<(), String> {
     let newroot = "/newroot";
+    // The modules are loaded: give their initramfs copies' memory back (the rootfs cannot be
+    // unmounted, so whatever stays on it stays in RAM).
+    let _ = fs::remove_dir_all("/lib/modules");
+    let _ = fs::remove_file("/hearth/modules");
     let _ = fs::create_dir_all(newroot);
     sys::mount(&format!("/dev/{root_dev}"), newroot, "ext4", 0, "").map_err(|e| format!("mounting the root disk /dev/{root_dev}: {e}"))?;
     for d in ["dev", "proc", "sys"] {
@@ -124,24 +128,5 @@ pub fn mount_late() {
         ("/dev/stderr", "/proc/self/fd/2"),
     ] {
         let _ = std::os::unix::fs::symlink(target, link);
-    }
-}
-
-/// Finds the virtio-serial port with the agent's name.
-pub fn agent_port() -> Option<String> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        if let Ok(rd) = fs::read_dir("/sys/class/virtio-ports") {
-            for e in rd.flatten() {
-                let name = fs::read_to_string(e.path().join("name")).unwrap_or_default();
-                if name.trim() == hearth_types::guest::AGENT_PORT_NAME {
-                    return Some(format!("/dev/{}", e.file_name().to_string_lossy()));
-                }
-            }
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
     }
 }

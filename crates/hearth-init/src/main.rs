@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hearth_types::agent::Ready;
-use hearth_types::guest::{encode_record, EXIT_MAGIC, EXIT_OFFSET};
+use hearth_types::guest::{encode_record, is_init_system, EXIT_MAGIC, EXIT_OFFSET};
 use hearth_types::GuestExit;
 
 /// Signals PID 1 handles synchronously (blocked, then collected with sigtimedwait).
@@ -55,7 +55,6 @@ fn run(started: u64, config_disk: &mut Option<File>) -> Result<GuestExit, String
     if cfg.version != hearth_types::guest::GUEST_CONFIG_VERSION {
         return Err(format!("config version {} is not supported by this hearth-init; update hearth", cfg.version));
     }
-    let port = boot::agent_port();
     boot::switch_root(&disks.root_dev)?;
     boot::mount_late();
     sys::raw_output(1);
@@ -70,17 +69,20 @@ fn run(started: u64, config_disk: &mut Option<File>) -> Result<GuestExit, String
         user: cfg.process.user.clone(),
         hostname: cfg.hostname.clone(),
     };
-    if cfg.init_system {
-        // A full-OS image: its own init becomes PID 1.
-        let mut cmd = process::command(&spec, None).map_err(|e| e.message)?;
+    if cfg.init_system || is_init_system(&spec.args) {
+        // A full-OS image: its own init becomes PID 1 (no agent: the image brings its own).
+        let mut cmd = match process::command(&spec, None, false) {
+            Ok(c) => c,
+            Err(e) => return Ok(cannot_start(e)),
+        };
         let err = cmd.exec();
-        return Err(format!("exec {}: {err}", spec.args[0]));
+        return Ok(cannot_start(process::spawn_error(&spec.args[0], &err)));
     }
     let shared = Arc::new(agent::Shared::default());
     *shared.defaults.lock().unwrap_or_else(|e| e.into_inner()) = spec.clone();
-    if let Some(p) = port {
+    {
         let s = shared.clone();
-        std::thread::spawn(move || agent::serve(s, p));
+        std::thread::spawn(move || agent::serve(s));
     }
     if cfg.process.stdin && !cfg.process.tty {
         // Piped input (`-i` without `-t`): no echo into the log, no line editing.
@@ -88,13 +90,16 @@ fn run(started: u64, config_disk: &mut Option<File>) -> Result<GuestExit, String
     }
     let child = match process::spawn_workload(&spec, cfg.process.tty, cfg.process.stdin) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("hearth: {}", e.message);
-            return Ok(GuestExit { exit_code: e.code, signal: None, error: Some(e.message) });
-        }
+        Err(e) => return Ok(cannot_start(e)),
     };
     shared.set_ready(Ready { init_started_ms: started, ready_ms: sys::uptime_ms() });
     Ok(supervise(&shared, child.id() as i32))
+}
+
+/// The workload could not be started: say so on the console, record it like a shell would.
+fn cannot_start(e: process::SpawnError) -> GuestExit {
+    eprintln!("hearth-init: {}", e.message);
+    GuestExit { exit_code: e.code, signal: None, error: Some(e.message) }
 }
 
 /// Reaps, forwards signals, honours agent shutdown; returns when the workload exits.
@@ -106,6 +111,7 @@ fn supervise(shared: &agent::Shared, workload: i32) -> GuestExit {
                 sys::kill(workload, sig);
             }
         }
+        let _g = process::spawn_guard();
         while let Some((pid, status)) = sys::reap_one() {
             if pid == workload {
                 let (code, signal) = sys::decode_status(status);
@@ -123,12 +129,21 @@ fn supervise(shared: &agent::Shared, workload: i32) -> GuestExit {
     }
 }
 
+/// Installs root's SSH keys (0700 directory, 0600 file, as sshd's StrictModes wants).
 fn install_keys(keys: &[String]) {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
     if keys.is_empty() {
         return;
     }
-    let _ = std::fs::create_dir_all("/root/.ssh");
-    let _ = std::fs::write("/root/.ssh/authorized_keys", keys.join("\n") + "\n");
+    let res = (|| -> std::io::Result<()> {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create("/root/.ssh")?;
+        std::fs::set_permissions("/root/.ssh", std::fs::Permissions::from_mode(0o700))?;
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open("/root/.ssh/authorized_keys")?;
+        std::io::Write::write_all(&mut f, (keys.join("\n") + "\n").as_bytes())
+    })();
+    if let Err(e) = res {
+        eprintln!("hearth-init: installing SSH keys in /root/.ssh: {e}");
+    }
 }
 
 /// Records the exit, stops everything else, flushes, powers off.
@@ -139,6 +154,7 @@ fn finish(config_disk: Option<&File>, exit: &GuestExit) -> ! {
             eprintln!("hearth-init: could not write the exit record");
         }
     }
+    let _g = process::spawn_guard();
     sys::kill(-1, libc::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(2);
     while Instant::now() < deadline {

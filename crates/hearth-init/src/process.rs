@@ -1,9 +1,30 @@
 //! Building the processes hearth-init starts: the workload and `hearth exec` commands.
+//!
+//! The program is resolved here, against the process's own `PATH` (a default one when it has
+//! none), so failures get a shell's exit codes: 127 when nothing is found, 126 when what is found
+//! cannot be executed. The environment is exactly the one given, plus `HOME` (from
+//! /etc/passwd) and `HOSTNAME` when unset.
 
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
 
-use crate::{sys, user};
+use crate::sys::{self, ChildSetup};
+use crate::user;
+
+/// `PATH` used to find the program when the process's environment has none.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Held while spawning and while reaping. std's `spawn` waits for a child whose exec failed;
+/// if PID 1's reaper took that child first, std would panic, so the two never overlap.
+static SPAWN_LOCK: Mutex<()> = Mutex::new(());
+
+/// Serialises spawning against reaping (see [`SPAWN_LOCK`]).
+pub fn spawn_guard() -> MutexGuard<'static, ()> {
+    SPAWN_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// What to run, as the host resolved it.
 #[derive(Debug, Clone, Default)]
@@ -38,13 +59,49 @@ pub fn merge_env(base: &[String], extra: &[String]) -> Vec<String> {
     out
 }
 
-/// A ready-to-spawn command. `ctty` is the fd (in the child) to make the controlling terminal.
-pub fn command(spec: &Spec, ctty: Option<i32>) -> Result<Command, SpawnError> {
+fn is_executable(p: &Path) -> Option<bool> {
+    let m = std::fs::metadata(p).ok()?;
+    Some(m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Finds `program` like a shell: a name with a slash is taken as is (relative to `cwd`),
+/// anything else is searched in `path`.
+pub fn resolve(program: &str, path: &str, cwd: &Path) -> Result<PathBuf, SpawnError> {
+    let denied = |p: &Path| SpawnError { code: 126, message: format!("exec {}: permission denied (not an executable file)", p.display()) };
+    if program.is_empty() {
+        return Err(SpawnError { code: 127, message: "exec: empty command".into() });
+    }
+    if program.contains('/') {
+        let p = cwd.join(program);
+        return match is_executable(&p) {
+            Some(true) => Ok(PathBuf::from(program)),
+            Some(false) => Err(denied(&p)),
+            None => Err(SpawnError { code: 127, message: format!("exec {program}: no such file or directory") }),
+        };
+    }
+    let mut not_executable = None;
+    for dir in path.split(':').filter(|d| !d.is_empty()) {
+        let candidate = cwd.join(dir).join(program);
+        match is_executable(&candidate) {
+            Some(true) => return Ok(Path::new(dir).join(program)),
+            Some(false) if not_executable.is_none() => not_executable = Some(candidate),
+            _ => {}
+        }
+    }
+    match not_executable {
+        Some(p) => Err(denied(&p)),
+        None => Err(SpawnError { code: 127, message: format!("exec: \"{program}\": executable file not found in $PATH") }),
+    }
+}
+
+/// A ready-to-spawn command. `ctty` is the fd (in the child) to make the controlling terminal;
+/// `new_session` is false only when PID 1 execs an init system itself.
+pub fn command(spec: &Spec, ctty: Option<i32>, new_session: bool) -> Result<Command, SpawnError> {
     let fail = |code, message| SpawnError { code, message };
-    let Some(program) = spec.args.first() else { return Err(fail(125, "no command to run".into())) };
+    let Some(program) = spec.args.first() else { return Err(fail(125, "no command to run: the image has no entrypoint or cmd".into())) };
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
     let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
-    let ids = user::resolve(&spec.user, &passwd, &group).map_err(|m| fail(125, m))?;
+    let ids = user::resolve(&spec.user, &passwd, &group).map_err(|m| fail(126, m))?;
     let mut env = spec.env.clone();
     if !env.iter().any(|e| key(e) == "HOME") {
         env.push(format!("HOME={}", ids.home));
@@ -52,37 +109,20 @@ pub fn command(spec: &Spec, ctty: Option<i32>) -> Result<Command, SpawnError> {
     if !env.iter().any(|e| key(e) == "HOSTNAME") && !spec.hostname.is_empty() {
         env.push(format!("HOSTNAME={}", spec.hostname));
     }
-    if !env.iter().any(|e| key(e) == "PATH") {
-        env.push("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
-    }
     let cwd = if spec.cwd.is_empty() { "/".to_owned() } else { spec.cwd.clone() };
     // Docker creates a missing WORKDIR; so does hearth.
-    if std::fs::create_dir_all(&cwd).is_err() {
-        return Err(fail(125, format!("cannot create the working directory {cwd}")));
+    if let Err(e) = std::fs::create_dir_all(&cwd) {
+        return Err(fail(125, format!("cannot create the working directory {cwd}: {e}")));
     }
-    let path = env.iter().find(|e| key(e) == "PATH").and_then(|e| e.split_once('=')).map(|(_, v)| v.to_owned()).unwrap_or_default();
-    if !program.contains('/') && !path.split(':').any(|d| std::path::Path::new(d).join(program).is_file()) {
-        return Err(fail(127, format!("exec: \"{program}\": executable file not found in $PATH")));
-    }
-    let mut cmd = Command::new(program);
-    cmd.args(&spec.args[1..]).env_clear().current_dir(&cwd);
+    let path = env.iter().find(|e| key(e) == "PATH").and_then(|e| e.split_once('=')).map_or(DEFAULT_PATH, |(_, v)| v);
+    let resolved = resolve(program, path, Path::new(&cwd))?;
+    let mut cmd = Command::new(resolved);
+    cmd.arg0(program).args(&spec.args[1..]).env_clear().current_dir(&cwd);
     for e in &env {
         let (k, v) = e.split_once('=').unwrap_or((e, ""));
         cmd.env(k, v);
     }
-    let (uid, gid, groups) = (ids.uid, ids.gid, ids.groups.clone());
-    // SAFETY: the closure runs in the forked child before exec and only makes
-    // async-signal-safe system calls (setsid, ioctl, setgroups, setgid, setuid).
-    unsafe {
-        cmd.pre_exec(move || {
-            sys::setsid_ctty(ctty)?;
-            sys::setgroups(&groups)?;
-            if libc::setgid(gid) != 0 || libc::setuid(uid) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    sys::configure_child(&mut cmd, ChildSetup { new_session, ctty, groups: ids.groups, gid: ids.gid, uid: ids.uid });
     Ok(cmd)
 }
 
@@ -96,9 +136,16 @@ pub fn spawn_error(program: &str, e: &std::io::Error) -> SpawnError {
     SpawnError { code, message: format!("exec {program}: {e}") }
 }
 
-/// The workload: stdio on the console (stdin only with a terminal).
-pub fn spawn_workload(spec: &Spec, tty: bool, stdin: bool) -> Result<std::process::Child, SpawnError> {
-    let mut cmd = command(spec, tty.then_some(0))?;
+/// Spawns under [`SPAWN_LOCK`].
+pub fn spawn(cmd: &mut Command, program: &str) -> Result<Child, SpawnError> {
+    let _g = spawn_guard();
+    cmd.spawn().map_err(|e| spawn_error(program, &e))
+}
+
+/// The workload: stdout and stderr on the console; stdin the console with a terminal (or `-i`),
+/// else /dev/null.
+pub fn spawn_workload(spec: &Spec, tty: bool, stdin: bool) -> Result<Child, SpawnError> {
+    let mut cmd = command(spec, tty.then_some(0), true)?;
     if tty || stdin {
         let console =
             std::fs::OpenOptions::new().read(true).write(true).open("/dev/console").map_err(|e| spawn_error("/dev/console", &e))?;
@@ -106,7 +153,7 @@ pub fn spawn_workload(spec: &Spec, tty: bool, stdin: bool) -> Result<std::proces
     } else {
         cmd.stdin(Stdio::null());
     }
-    cmd.spawn().map_err(|e| spawn_error(&spec.args[0], &e))
+    spawn(&mut cmd, &spec.args[0])
 }
 
 #[cfg(test)]
@@ -117,5 +164,74 @@ mod tests {
     fn env_merges_by_key() {
         let m = merge_env(&["A=1".into(), "B=2".into()], &["B=3".into(), "C=4".into()]);
         assert_eq!(m, ["A=1", "B=3", "C=4"]);
+    }
+
+    #[test]
+    fn programs_resolve_like_a_shell() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (bin, other) = (dir.path().join("bin"), dir.path().join("other"));
+        std::fs::create_dir_all(&bin).expect("mkdir");
+        std::fs::create_dir_all(&other).expect("mkdir");
+        let write = |p: PathBuf, mode: u32| {
+            std::fs::write(&p, b"#!/bin/sh\n").expect("write");
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        };
+        write(bin.join("tool"), 0o755);
+        write(other.join("data"), 0o644);
+        write(other.join("tool"), 0o755);
+        let path = format!("{}:{}", bin.display(), other.display());
+        let cwd = Path::new("/");
+        assert_eq!(resolve("tool", &path, cwd).expect("found"), bin.join("tool"));
+        assert_eq!(resolve("data", &path, cwd).expect_err("not executable").code, 126);
+        assert_eq!(resolve("ghost", &path, cwd).expect_err("missing").code, 127);
+        assert!(resolve("ghost", &path, cwd).expect_err("missing").message.contains("not found in $PATH"));
+        assert_eq!(resolve("./bin/tool", "", dir.path()).expect("relative"), PathBuf::from("./bin/tool"));
+        assert_eq!(resolve("/nonexistent/x", &path, cwd).expect_err("missing").code, 127);
+        assert_eq!(resolve(&bin.display().to_string(), &path, cwd).expect_err("a directory").code, 126);
+        assert_eq!(resolve("", &path, cwd).expect_err("empty").code, 127);
+    }
+
+    #[test]
+    fn spawned_commands_get_exactly_their_environment() {
+        let spec = Spec {
+            args: vec!["sh".into(), "-c".into(), "env | sort".into()],
+            env: vec!["PATH=/usr/bin:/bin".into(), "A=1".into()],
+            cwd: String::new(),
+            user: String::new(),
+            hostname: "box".into(),
+        };
+        let Ok(mut cmd) = command(&spec, None, true) else { panic!("command") };
+        let out = match cmd.output() {
+            Ok(o) => o,
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                eprintln!("skipping: setgroups needs root ({e})");
+                return;
+            }
+            Err(e) => panic!("run: {e}"),
+        };
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut vars: Vec<&str> = text.lines().map(key).filter(|k| *k != "PWD" && *k != "SHLVL" && *k != "_").collect();
+        vars.sort_unstable();
+        let home_is_root = text.lines().any(|l| l.starts_with("HOME=/"));
+        assert!(home_is_root, "{text}");
+        assert_eq!(vars, ["A", "HOME", "HOSTNAME", "PATH"], "{text}");
+    }
+
+    #[test]
+    fn children_start_with_no_signal_blocked() {
+        // Like PID 1, block what init collects, on this thread (the one that forks).
+        sys::block_signals(&[libc::SIGTERM, libc::SIGCHLD]);
+        let spec = Spec {
+            args: vec!["grep".into(), "SigBlk".into(), "/proc/self/status".into()],
+            env: vec!["PATH=/usr/bin:/bin".into()],
+            ..Default::default()
+        };
+        let Ok(mut cmd) = command(&spec, None, true) else { panic!("command") };
+        let Ok(out) = cmd.output() else {
+            eprintln!("skipping: cannot spawn here (not root?)");
+            return;
+        };
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(text.trim(), "SigBlk:\t0000000000000000", "{text}");
     }
 }

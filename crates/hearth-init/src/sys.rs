@@ -150,26 +150,65 @@ pub fn raw_input(fd: i32) {
     }
 }
 
-/// In a forked child before exec: a new session with `fd` as controlling terminal.
-pub fn setsid_ctty(fd: Option<i32>) -> io::Result<()> {
-    // SAFETY: async-signal-safe syscalls with integer arguments only.
-    unsafe {
-        if libc::setsid() < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if let Some(fd) = fd {
-            if libc::ioctl(fd, libc::TIOCSCTTY as _, 0) < 0 {
+/// Who a child runs as and how it is attached to its terminal.
+#[derive(Debug, Clone, Default)]
+pub struct ChildSetup {
+    /// Start a new session (always, except when exec'ing an init system as PID 1).
+    pub new_session: bool,
+    /// Make this fd (in the child) the controlling terminal.
+    pub ctty: Option<i32>,
+    pub groups: Vec<u32>,
+    pub gid: u32,
+    pub uid: u32,
+}
+
+/// Arranges for `cmd` to apply `setup` between fork and exec: session, controlling terminal,
+/// then supplementary groups, gid and uid, in that order.
+pub fn configure_child(cmd: &mut std::process::Command, setup: ChildSetup) {
+    use std::os::unix::process::CommandExt;
+    let apply = move || -> io::Result<()> {
+        // SAFETY: these are async-signal-safe system calls taking integers, a local sigset, or a
+        // pointer and length describing `setup.groups`, which lives in this closure.
+        unsafe {
+            // PID 1 blocks the signals it collects; the child must start with none blocked.
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            if libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if setup.new_session && libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if let Some(fd) = setup.ctty {
+                if libc::ioctl(fd, libc::TIOCSCTTY as _, 0) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if libc::setgroups(setup.groups.len(), setup.groups.as_ptr()) != 0
+                || libc::setgid(setup.gid) != 0
+                || libc::setuid(setup.uid) != 0
+            {
                 return Err(io::Error::last_os_error());
             }
         }
+        Ok(())
+    };
+    // SAFETY: the closure runs in the forked child before exec; it allocates nothing and only
+    // makes the async-signal-safe calls above.
+    unsafe {
+        cmd.pre_exec(apply);
     }
-    Ok(())
 }
 
-/// In a forked child before exec: supplementary groups.
-pub fn setgroups(groups: &[u32]) -> io::Result<()> {
-    // SAFETY: the pointer and length describe the slice, valid for the call.
-    check(unsafe { libc::setgroups(groups.len(), groups.as_ptr()) })
+/// `poll(2)` on one fd: the returned events (0 on timeout).
+pub fn poll(fd: i32, events: i16, timeout_ms: i32) -> io::Result<i16> {
+    let mut pfd = libc::pollfd { fd, events, revents: 0 };
+    // SAFETY: pfd is a valid array of one pollfd for the duration of the call.
+    let rc = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(pfd.revents)
 }
 
 /// Opens a new pseudo-terminal pair with the given size: `(master, slave)`.
