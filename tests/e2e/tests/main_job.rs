@@ -143,6 +143,9 @@ fn bad_input_is_refused_clearly_and_leaves_nothing() {
     d.ok(&["create", "--name", "dup", &image]);
     let out = d.hearth(&["create", "--name", "dup", &image]);
     assert!(!out.status.success() && text(&out.stderr).contains("already used"), "{}", text(&out.stderr));
+    // An image in use is not removed unless forced.
+    let out = d.hearth(&["image", "rm", &image]);
+    assert!(!out.status.success() && text(&out.stderr).contains("used by"), "{}", text(&out.stderr));
     d.ok(&["rm", "dup"]);
     // A pull of an unknown image names it.
     let missing = image.replace("demo:1", "missing:1");
