@@ -11,8 +11,8 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hearth_types::guest::AGENT_PORT_NAME;
 use hearth_types::agent::{CopyRequest, Decoder, ExecExit, ExecRequest, Frame, Hello, Kind, Ready, PROTOCOL_VERSION};
+use hearth_types::guest::AGENT_PORT_NAME;
 
 use crate::process::{self, Spec};
 use crate::sys;

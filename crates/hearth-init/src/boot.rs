@@ -45,38 +45,58 @@ fn virtio_disks() -> Vec<String> {
     v
 }
 
-/// The config disk (open read-write), its config, and the root disk's device name.
-pub struct Disks {
-    pub config_disk: File,
-    pub config: GuestConfig,
-    pub root_dev: String,
+/// How long the virtio disks get to appear.
+const DISK_WAIT: Duration = Duration::from_secs(10);
+
+/// Opens `dev` and reads its config record if it is the config disk.
+fn probe_config(dev: &str) -> Result<Option<(File, GuestConfig)>, String> {
+    let path = format!("/dev/{dev}");
+    let Ok(mut f) = OpenOptions::new().read(true).write(true).open(&path) else { return Ok(None) };
+    let mut head = [0u8; 8];
+    if f.read_exact(&mut head).is_err() || &head != CONFIG_MAGIC {
+        return Ok(None);
+    }
+    let mut buf = vec![0u8; MAX_RECORD + 12];
+    let n = f.read_at(&mut buf, 0).map_err(|e| format!("reading the config disk {path}: {e}"))?;
+    match decode_record(CONFIG_MAGIC, &buf[..n]) {
+        Ok(cfg) => Ok(Some((f, cfg))),
+        Err(e) => Err(format!("the config disk {path} is unreadable ({e}): recreate the VM")),
+    }
 }
 
-/// Waits for the virtio disks, identifies the config disk by its magic and the root as the other.
-pub fn find_disks() -> Result<Disks, String> {
-    let deadline = Instant::now() + Duration::from_secs(10);
+/// Waits for the virtio disks, identifies the config disk by its magic and the root disk as the
+/// first other one. The config disk lands in `config_disk` as soon as it is found, so even a
+/// missing root disk gets an exit record. Returns the config and the root disk's name.
+pub fn find_disks(config_disk: &mut Option<File>) -> Result<(GuestConfig, String), String> {
+    let deadline = Instant::now() + DISK_WAIT;
+    let mut found: Option<(String, GuestConfig)> = None;
     loop {
         let disks = virtio_disks();
-        let mut config = None;
-        for d in &disks {
-            let path = format!("/dev/{d}");
-            let Ok(mut f) = OpenOptions::new().read(true).write(true).open(&path) else { continue };
-            let mut head = [0u8; 8];
-            if f.read_exact(&mut head).is_ok() && &head == CONFIG_MAGIC {
-                let mut buf = vec![0u8; MAX_RECORD + 12];
-                let n = f.read_at(&mut buf, 0).map_err(|e| format!("reading {path}: {e}"))?;
-                let cfg: GuestConfig = decode_record(CONFIG_MAGIC, &buf[..n]).map_err(|e| format!("config disk {path}: {e}"))?;
-                config = Some((d.clone(), f, cfg));
-                break;
+        if found.is_none() {
+            for d in &disks {
+                if let Some((f, cfg)) = probe_config(d)? {
+                    *config_disk = Some(f);
+                    found = Some((d.clone(), cfg));
+                    break;
+                }
             }
         }
-        if let Some((cdev, f, cfg)) = config {
-            if let Some(root) = disks.iter().find(|d| **d != cdev) {
-                return Ok(Disks { config_disk: f, config: cfg, root_dev: root.clone() });
+        if let Some((cdev, _)) = &found {
+            if let Some(root) = disks.iter().find(|d| *d != cdev) {
+                let root = root.clone();
+                let cfg = found.map(|(_, c)| c).unwrap_or_default();
+                return Ok((cfg, root));
             }
         }
         if Instant::now() > deadline {
-            return Err(format!("the root and config disks did not appear (virtio disks seen: {disks:?})"));
+            return Err(match found {
+                Some(_) => format!(
+                    "no root disk appeared within {DISK_WAIT:?} (virtio disks: {disks:?}): attach the root disk as a virtio block device"
+                ),
+                None => format!(
+                    "no config disk appeared within {DISK_WAIT:?} (virtio disks: {disks:?}): attach config.img as a virtio block device"
+                ),
+            });
         }
         std::thread::sleep(Duration::from_millis(10));
     }

@@ -49,13 +49,11 @@ fn main() {
 fn run(started: u64, config_disk: &mut Option<File>) -> Result<GuestExit, String> {
     boot::mount_early()?;
     boot::load_modules();
-    let disks = boot::find_disks()?;
-    *config_disk = Some(disks.config_disk);
-    let cfg = disks.config;
+    let (cfg, root_dev) = boot::find_disks(config_disk)?;
     if cfg.version != hearth_types::guest::GUEST_CONFIG_VERSION {
         return Err(format!("config version {} is not supported by this hearth-init; update hearth", cfg.version));
     }
-    boot::switch_root(&disks.root_dev)?;
+    boot::switch_root(&root_dev)?;
     boot::mount_late();
     sys::raw_output(1);
     if !cfg.hostname.is_empty() {

@@ -95,8 +95,7 @@ mod tests {
         std::fs::write(sub.join("virtio_blk.ko"), fake_ko(&["depends=virtio,virtio_ring"])).expect("write");
         std::fs::write(sub.join("unrelated.ko"), fake_ko(&[])).expect("write");
         let mut out = Vec::new();
-        let placed = write(&mut out, Path::new("mem"), b"INIT", "6.9.9", Some(dir.path()), &["virtio_blk", "virtio_pci"])
-            .expect("write");
+        let placed = write(&mut out, Path::new("mem"), b"INIT", "6.9.9", Some(dir.path()), &["virtio_blk", "virtio_pci"]).expect("write");
         let entries = parse(&out);
         let get = |n: &str| entries.iter().find(|e| e.0 == n).unwrap_or_else(|| panic!("{n} missing"));
         assert_eq!((get("init").1, get("init").3.as_slice()), (S_IFREG | 0o755, &b"INIT"[..]));
@@ -105,10 +104,8 @@ mod tests {
             get(d);
         }
         let list = String::from_utf8(get(MODULE_LIST).3.clone()).expect("utf8");
-        let expect = ["virtio_ring", "virtio", "virtio_blk"]
-            .map(|m| format!("/lib/modules/6.9.9/kernel/drivers/virtio/{m}.ko"))
-            .join("\n")
-            + "\n";
+        let expect =
+            ["virtio_ring", "virtio", "virtio_blk"].map(|m| format!("/lib/modules/6.9.9/kernel/drivers/virtio/{m}.ko")).join("\n") + "\n";
         assert_eq!(list, expect);
         assert_eq!(placed.len(), 3);
         // The zstd module is stored decompressed, as an ELF object.

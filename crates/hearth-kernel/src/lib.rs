@@ -206,10 +206,7 @@ impl KernelStore {
             more.sort();
             candidates.extend(more);
         }
-        let kernel = candidates
-            .into_iter()
-            .find(|p| p.is_file())
-            .ok_or_else(|| KernelError::NoKernelInImage { dir: dir.to_owned() })?;
+        let kernel = candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| KernelError::NoKernelInImage { dir: dir.to_owned() })?;
         let modules = dir.join("lib/modules");
         self.import(&kernel, modules.is_dir().then_some(modules.as_path()), name)
     }
@@ -434,10 +431,8 @@ mod tests {
         fs::write(&init, b"init").expect("write");
         let img = s.initramfs("debian", &init).expect("initramfs");
         assert_eq!(s.initramfs("debian", &init).expect("cached"), img);
-        let list = cpio::tests::parse(&fs::read(&img).expect("read"))
-            .into_iter()
-            .find(|e| e.0 == initramfs::MODULE_LIST)
-            .expect("module list");
+        let list =
+            cpio::tests::parse(&fs::read(&img).expect("read")).into_iter().find(|e| e.0 == initramfs::MODULE_LIST).expect("module list");
         let list = String::from_utf8(list.3).expect("utf8");
         assert!(list.lines().any(|l| l.ends_with("/virtio_blk.ko")), "{list}");
         fs::write(&init, b"another init").expect("write");

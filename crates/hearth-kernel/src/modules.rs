@@ -10,15 +10,8 @@ use std::path::{Path, PathBuf};
 
 /// Modules the guest needs for its disks, console, agent channel and network. Missing ones are
 /// assumed built in (ext4 is listed for kernels that build it as a module).
-pub const GUEST_MODULES: &[&str] = &[
-    "virtio_pci",
-    "virtio_mmio",
-    "virtio_blk",
-    "virtio_console",
-    "virtio_net",
-    "vmw_vsock_virtio_transport",
-    "ext4",
-];
+pub const GUEST_MODULES: &[&str] =
+    &["virtio_pci", "virtio_mmio", "virtio_blk", "virtio_console", "virtio_net", "vmw_vsock_virtio_transport", "ext4"];
 
 /// Why modules could not be resolved.
 #[derive(Debug, thiserror::Error)]
@@ -179,21 +172,12 @@ pub fn modinfo(ko: &[u8], name: &str) -> Result<Vec<(String, String)>, ModuleErr
 /// The `depends=` list from a module's `.modinfo` section, canonicalised.
 pub fn modinfo_depends(ko: &[u8], name: &str) -> Result<Vec<String>, ModuleError> {
     let fields = modinfo(ko, name)?;
-    Ok(fields
-        .iter()
-        .filter(|(k, _)| k == "depends")
-        .flat_map(|(_, v)| v.split(','))
-        .filter(|d| !d.is_empty())
-        .map(canonical)
-        .collect())
+    Ok(fields.iter().filter(|(k, _)| k == "depends").flat_map(|(_, v)| v.split(',')).filter(|d| !d.is_empty()).map(canonical).collect())
 }
 
 /// The kernel release a module was built for (first word of `vermagic=`).
 pub fn vermagic(ko: &[u8], name: &str) -> Result<Option<String>, ModuleError> {
-    Ok(modinfo(ko, name)?
-        .into_iter()
-        .find(|(k, _)| k == "vermagic")
-        .and_then(|(_, v)| v.split_whitespace().next().map(str::to_owned)))
+    Ok(modinfo(ko, name)?.into_iter().find(|(k, _)| k == "vermagic").and_then(|(_, v)| v.split_whitespace().next().map(str::to_owned)))
 }
 
 /// Dependencies from a `modules.dep` file: module name → dependency names.

@@ -104,6 +104,10 @@ fn prepare(process: GuestProcess) -> Vm {
 }
 
 fn start(vm: &Vm) -> Child {
+    start_with(vm, true)
+}
+
+fn start_with(vm: &Vm, root_disk: bool) -> Child {
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(["-M", "pc", "-accel", "tcg", "-m", "512", "-smp", "1", "-nographic", "-nodefaults", "-no-reboot"]);
     if Path::new("/usr/share/qemu/qboot.rom").is_file() {
@@ -113,10 +117,11 @@ fn start(vm: &Vm) -> Child {
         .arg(&vm.kernel)
         .arg("-initrd")
         .arg(&vm.initrd)
-        .args(["-append", "console=ttyS0 quiet loglevel=0 rdinit=/init panic=-1"])
-        .arg("-drive")
-        .arg(format!("file={},format=raw,if=virtio", vm.disk.display()))
-        .arg("-drive")
+        .args(["-append", "console=ttyS0 quiet loglevel=0 rdinit=/init panic=-1"]);
+    if root_disk {
+        cmd.arg("-drive").arg(format!("file={},format=raw,if=virtio", vm.disk.display()));
+    }
+    cmd.arg("-drive")
         .arg(format!("file={},format=raw,if=virtio", vm.config.display()))
         .args(["-device", "virtio-serial-pci", "-chardev"])
         .arg(format!("socket,id=agent,path={},server=on,wait=off", vm.agent.display()))
@@ -139,7 +144,11 @@ fn wait_exit(mut qemu: Child, started: Instant) -> String {
     }
     let out = qemu.wait_with_output().expect("output");
     let console = String::from_utf8_lossy(&out.stdout).into_owned();
-    eprintln!("guest powered off after {:?}; console:\n{console}\nqemu stderr: {}", started.elapsed(), String::from_utf8_lossy(&out.stderr));
+    eprintln!(
+        "guest powered off after {:?}; console:\n{console}\nqemu stderr: {}",
+        started.elapsed(),
+        String::from_utf8_lossy(&out.stderr)
+    );
     console
 }
 
@@ -180,6 +189,21 @@ fn missing_program_is_reported_as_127() {
     assert_eq!(exit.exit_code, 127, "{exit:?}");
     assert!(exit.error.as_deref().is_some_and(|e| e.contains("no-such-tool")), "{exit:?}");
     assert!(console.contains("no-such-tool"), "{console}");
+}
+
+#[test]
+fn boot_failure_is_recorded_and_powers_off() {
+    if let Some(why) = missing_prerequisite() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let vm = prepare(GuestProcess { args: vec!["sh".into()], ..Default::default() });
+    let started = Instant::now();
+    let console = wait_exit(start_with(&vm, false), started);
+    let exit = exit_record(&vm);
+    assert_eq!(exit.exit_code, 125, "{exit:?}");
+    assert!(exit.error.as_deref().is_some_and(|e| e.contains("root")), "{exit:?}");
+    assert!(console.contains("hearth-init: "), "{console}");
 }
 
 /// Frames from the guest, read on a thread.
