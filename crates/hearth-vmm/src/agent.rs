@@ -7,8 +7,9 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use hearth_types::agent::{Decoder, Frame, Hello, Kind, Ready, PROTOCOL_VERSION};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
@@ -37,10 +38,21 @@ pub struct AgentClient {
     control: tokio::sync::Mutex<mpsc::Receiver<Frame>>,
     routes: Routes,
     next_stream: AtomicU32,
+    next_ping: AtomicU64,
     /// Set once the reader stopped, with why.
     closed: Arc<Mutex<Option<String>>>,
     /// The last Ready the guest sent, so every caller sees it.
     ready: Mutex<Option<Ready>>,
+    /// Stopped on drop, so a dropped client closes its connection (QEMU's chardev serves one
+    /// client at a time, and the next one would wait behind a lingering reader).
+    reader: tokio::task::AbortHandle,
+}
+
+impl Drop for AgentClient {
+    fn drop(&mut self) {
+        // The writer ends by itself once `tx` is dropped; the reader must be told.
+        self.reader.abort();
+    }
 }
 
 /// Frames of one stream, and the id to send on.
@@ -57,25 +69,11 @@ impl AgentClient {
         Ok(Self::over(s))
     }
 
-    /// Connects through Firecracker/Cloud Hypervisor hybrid vsock: `CONNECT <port>\n`, `OK ...\n`.
+    /// Connects through Firecracker/Cloud Hypervisor hybrid vsock: the VMM's Unix socket,
+    /// then `CONNECT <port>\n` and its `OK <host port>\n`.
     pub async fn connect_hybrid_vsock(path: &Path, port: u32) -> Result<Self, AgentError> {
         let mut s = tokio::net::UnixStream::connect(path).await.map_err(AgentError::Connect)?;
-        s.write_all(format!("CONNECT {port}\n").as_bytes()).await.map_err(AgentError::Connect)?;
-        let mut line = Vec::new();
-        loop {
-            let mut b = [0u8; 1];
-            let n = s.read(&mut b).await.map_err(AgentError::Connect)?;
-            if n == 0 || line.len() > 64 {
-                return Err(AgentError::Protocol("hybrid vsock handshake failed".into()));
-            }
-            if b[0] == b'\n' {
-                break;
-            }
-            line.push(b[0]);
-        }
-        if !line.starts_with(b"OK") {
-            return Err(AgentError::Protocol(format!("hybrid vsock refused: {}", String::from_utf8_lossy(&line))));
-        }
+        hybrid_vsock_handshake(&mut s, port).await?;
         Ok(Self::over(s))
     }
 
@@ -86,27 +84,48 @@ impl AgentClient {
         let (ctl_tx, ctl_rx) = mpsc::channel::<Frame>(16);
         let routes: Routes = Arc::default();
         let closed: Arc<Mutex<Option<String>>> = Arc::default();
+        // The reader tells the writer to stop when the connection is cut, so both halves are
+        // dropped and the socket really closes (the guest side then sees EOF).
+        let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
-            while let Some(f) = out_rx.recv().await {
-                if wr.write_all(&f.encode()).await.is_err() {
-                    return;
+            loop {
+                tokio::select! {
+                    // Queued frames first: a Shutdown sent just before the client is dropped
+                    // still goes out.
+                    biased;
+                    f = out_rx.recv() => match f {
+                        Some(f) => if wr.write_all(&f.encode()).await.is_err() { return },
+                        None => return,
+                    },
+                    _ = &mut stop_rx => return,
                 }
             }
         });
         let (r2, c2) = (routes.clone(), closed.clone());
-        tokio::spawn(async move {
-            let why = read_loop(rd, ctl_tx, &r2).await;
+        let reader = tokio::spawn(async move {
+            let why = read_loop(rd, &ctl_tx, &r2).await;
+            drop(stop_tx);
             // Logged once, here, because nobody awaits the reader: the connection is dropped and
             // the next user reconnects.
             if why != "closed by the guest" {
                 tracing::warn!(error = %why, "guest agent connection cut off");
             }
             *c2.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
-            // Dropping the senders ends every open stream.
+            // Dropping the senders ends every open stream, and the control channel (only now, so
+            // a waiter that sees it end also sees why).
             r2.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            drop(ctl_tx);
         });
-        let c =
-            Self { tx, control: tokio::sync::Mutex::new(ctl_rx), routes, next_stream: AtomicU32::new(1), closed, ready: Mutex::new(None) };
+        let c = Self {
+            tx,
+            control: tokio::sync::Mutex::new(ctl_rx),
+            routes,
+            next_stream: AtomicU32::new(1),
+            next_ping: AtomicU64::new(1),
+            closed,
+            ready: Mutex::new(None),
+            reader: reader.abort_handle(),
+        };
         let _ = c.tx.try_send(Frame::json(Kind::Hello, 0, &Hello { version: PROTOCOL_VERSION }));
         c
     }
@@ -128,20 +147,70 @@ impl AgentClient {
             return Ok(r);
         }
         let mut ctl = self.control.lock().await;
-        let mut ask = tokio::time::interval(std::time::Duration::from_millis(500));
+        let mut ask = tokio::time::interval(HELLO_INTERVAL);
         loop {
             tokio::select! {
                 f = ctl.recv() => {
-                    let f = f.ok_or_else(|| self.closed().map_or(AgentError::Closed, AgentError::Protocol))?;
-                    if f.kind == Kind::Ready {
-                        let r: Ready = f.parse().map_err(|e| AgentError::Protocol(e.to_string()))?;
-                        *self.ready.lock().unwrap_or_else(|e| e.into_inner()) = Some(r.clone());
+                    if let Some(r) = self.note(self.control_frame(f)?)? {
                         return Ok(r);
                     }
                 }
                 _ = ask.tick() => self.send(Frame::json(Kind::Hello, 0, &Hello { version: PROTOCOL_VERSION })).await?,
                 _ = tokio::time::sleep_until(deadline) => return Err(AgentError::Timeout),
             }
+        }
+    }
+
+    /// Round trip on the control stream: sends Ping with a fresh token and waits, until
+    /// `deadline`, for the Pong that echoes it. Returns the round-trip time.
+    pub async fn ping(&self, deadline: Instant) -> Result<Duration, AgentError> {
+        let token = self.next_ping.fetch_add(1, Ordering::Relaxed).to_be_bytes();
+        let mut ctl = self.control.lock().await;
+        let sent = Instant::now();
+        self.send(Frame::new(Kind::Ping, 0, token.to_vec())).await?;
+        loop {
+            tokio::select! {
+                f = ctl.recv() => {
+                    let f = self.control_frame(f)?;
+                    if f.kind == Kind::Pong && f.payload == token {
+                        return Ok(sent.elapsed());
+                    }
+                    self.note(f)?;
+                }
+                _ = tokio::time::sleep_until(deadline) => return Err(AgentError::Timeout),
+            }
+        }
+    }
+
+    /// The guest's Ready, if it has been seen.
+    pub fn ready(&self) -> Option<Ready> {
+        self.ready.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A frame from the control channel, or why the channel ended.
+    fn control_frame(&self, f: Option<Frame>) -> Result<Frame, AgentError> {
+        f.ok_or_else(|| self.closed().map_or(AgentError::Closed, AgentError::Protocol))
+    }
+
+    /// Remembers what a control frame says; returns the Ready it carries, if it is one.
+    fn note(&self, f: Frame) -> Result<Option<Ready>, AgentError> {
+        match f.kind {
+            Kind::Ready => {
+                let r: Ready = f.parse().map_err(|e| AgentError::Protocol(format!("ready: {e}")))?;
+                *self.ready.lock().unwrap_or_else(|e| e.into_inner()) = Some(r.clone());
+                Ok(Some(r))
+            }
+            Kind::Hello => {
+                let h: Hello = f.parse().map_err(|e| AgentError::Protocol(format!("hello: {e}")))?;
+                if h.version != PROTOCOL_VERSION {
+                    return Err(AgentError::Protocol(format!(
+                        "the guest speaks agent protocol {}, hearth speaks {PROTOCOL_VERSION}: rebuild the kernel's initramfs with this hearth-init",
+                        h.version
+                    )));
+                }
+                Ok(None)
+            }
+            _ => Ok(None),
         }
     }
 
@@ -169,7 +238,39 @@ impl AgentClient {
     }
 }
 
-async fn read_loop<R: AsyncRead + Unpin>(rd: R, ctl: mpsc::Sender<Frame>, routes: &Routes) -> String {
+/// Longest handshake answer accepted (`OK 1073741824\n` is 14 bytes).
+const MAX_HANDSHAKE_LINE: usize = 64;
+
+/// The hybrid vsock handshake on an open stream. Reads byte by byte so nothing after the
+/// answer's newline (the agent's first frame) is consumed.
+pub async fn hybrid_vsock_handshake<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, port: u32) -> Result<(), AgentError> {
+    s.write_all(format!("CONNECT {port}\n").as_bytes()).await.map_err(AgentError::Connect)?;
+    let mut line = Vec::new();
+    loop {
+        let mut b = [0u8; 1];
+        if s.read(&mut b).await.map_err(AgentError::Connect)? == 0 {
+            return Err(AgentError::Protocol(format!(
+                "the VMM closed the vsock socket instead of answering CONNECT {port}: is the guest agent listening on that port?"
+            )));
+        }
+        if b[0] == b'\n' {
+            break;
+        }
+        if line.len() >= MAX_HANDSHAKE_LINE {
+            return Err(AgentError::Protocol(format!("the answer to CONNECT {port} is longer than {MAX_HANDSHAKE_LINE} bytes")));
+        }
+        line.push(b[0]);
+    }
+    if !line.starts_with(b"OK ") && line != b"OK" {
+        return Err(AgentError::Protocol(format!("the VMM refused CONNECT {port}: {:?}", String::from_utf8_lossy(&line))));
+    }
+    Ok(())
+}
+
+/// How often `wait_ready` repeats its Hello while the guest is still booting.
+const HELLO_INTERVAL: Duration = Duration::from_millis(500);
+
+async fn read_loop<R: AsyncRead + Unpin>(rd: R, ctl: &mpsc::Sender<Frame>, routes: &Routes) -> String {
     let mut rd = BufReader::new(rd);
     let mut dec = Decoder::new();
     loop {
@@ -246,6 +347,172 @@ mod tests {
         guest.write_all(b"\x00\x00\x00\x01\xeegarbage-garbage").await.expect("write");
         let err = c.wait_ready(Instant::now() + Duration::from_secs(5)).await.expect_err("cut off");
         assert!(matches!(err, AgentError::Protocol(_)), "{err}");
+        // The connection is really dropped: the guest end reads the client's Hello, then EOF.
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), guest.read_to_end(&mut rest)).await.expect("eof").expect("read");
+        let mut dec = Decoder::new();
+        dec.feed(&rest);
+        while let Some(f) = dec.next_frame().expect("host frames are valid") {
+            assert_eq!(f.kind, Kind::Hello);
+        }
+        assert!(matches!(c.send(Frame::new(Kind::Ping, 0, vec![])).await, Err(AgentError::Closed)));
+    }
+
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_secs(5)
+    }
+
+    /// A well-behaved fake hearth-init: answers Hello with Hello and Ready, Ping with Pong
+    /// (after an unrelated Pong, which the client must not take for its answer).
+    fn fake_guest(mut guest: tokio::io::DuplexStream) -> tokio::task::JoinHandle<Vec<Kind>> {
+        tokio::spawn(async move {
+            let mut dec = Decoder::new();
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 512];
+            loop {
+                let n = guest.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    return seen;
+                }
+                dec.feed(&buf[..n]);
+                while let Ok(Some(f)) = dec.next_frame() {
+                    seen.push(f.kind);
+                    let answer: Vec<Frame> = match f.kind {
+                        Kind::Hello => vec![
+                            Frame::json(Kind::Hello, 0, &Hello { version: PROTOCOL_VERSION }),
+                            Frame::json(Kind::Ready, 0, &Ready { init_started_ms: 5, ready_ms: 9 }),
+                        ],
+                        Kind::Ping => vec![Frame::new(Kind::Pong, 0, b"stale".to_vec()), Frame::new(Kind::Pong, 0, f.payload)],
+                        _ => vec![],
+                    };
+                    for a in answer {
+                        // Byte by byte: frames must be reassembled from partial reads.
+                        for b in a.encode() {
+                            if guest.write_all(&[b]).await.is_err() {
+                                return seen;
+                            }
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    #[tokio::test]
+    async fn hello_ready_ping_and_shutdown_against_a_fake_guest() {
+        let (host, guest) = tokio::io::duplex(64);
+        let g = fake_guest(guest);
+        let c = AgentClient::over(host);
+        assert_eq!(c.ready(), None);
+        let r = c.wait_ready(soon()).await.expect("ready");
+        assert_eq!((r.init_started_ms, r.ready_ms), (5, 9));
+        assert_eq!(c.ready(), Some(r.clone()));
+        // Ready is remembered: a second waiter returns at once.
+        assert_eq!(c.wait_ready(Instant::now()).await.expect("cached"), r);
+        c.ping(soon()).await.expect("pong");
+        c.ping(soon()).await.expect("second pong");
+        c.shutdown().await.expect("shutdown");
+        drop(c);
+        let seen = g.await.expect("guest");
+        assert_eq!(seen.first(), Some(&Kind::Hello));
+        assert_eq!(seen.iter().filter(|k| **k == Kind::Ping).count(), 2);
+        assert_eq!(seen.last(), Some(&Kind::Shutdown));
+    }
+
+    #[tokio::test]
+    async fn a_silent_guest_times_out() {
+        let (host, _guest) = tokio::io::duplex(1 << 16);
+        let c = AgentClient::over(host);
+        let soon = Instant::now() + Duration::from_millis(100);
+        assert!(matches!(c.ping(soon).await, Err(AgentError::Timeout)));
+        assert!(matches!(c.wait_ready(Instant::now() + Duration::from_millis(100)).await, Err(AgentError::Timeout)));
+    }
+
+    #[tokio::test]
+    async fn a_guest_speaking_another_version_is_refused() {
+        let (host, mut guest) = tokio::io::duplex(1 << 16);
+        let c = AgentClient::over(host);
+        guest.write_all(&Frame::json(Kind::Hello, 0, &Hello { version: 99 }).encode()).await.expect("write");
+        let e = c.wait_ready(soon()).await.expect_err("version");
+        assert!(e.to_string().contains("protocol 99"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn frames_for_unknown_streams_are_dropped_and_others_still_flow() {
+        let (host, mut guest) = tokio::io::duplex(1 << 16);
+        let c = AgentClient::over(host);
+        let mut s = c.open_stream();
+        guest.write_all(&Frame::new(Kind::Stdout, 4242, b"nobody".to_vec()).encode()).await.expect("write");
+        guest.write_all(&Frame::new(Kind::Stderr, s.id, b"mine".to_vec()).encode()).await.expect("write");
+        let f = s.rx.recv().await.expect("frame");
+        assert_eq!((f.kind, f.payload.as_slice()), (Kind::Stderr, b"mine".as_slice()));
+        c.close_stream(s.id);
+        assert!(s.rx.recv().await.is_none(), "closed stream ends");
+        assert!(c.closed().is_none());
+    }
+
+    #[tokio::test]
+    async fn hybrid_vsock_handshake_keeps_the_bytes_after_ok() {
+        let (mut host, mut guest) = tokio::io::duplex(1 << 16);
+        let vmm = tokio::spawn(async move {
+            let mut req = [0u8; 12];
+            guest.read_exact(&mut req).await.expect("connect line");
+            assert_eq!(&req, b"CONNECT 789\n");
+            let mut answer = b"OK 1073741824\n".to_vec();
+            answer.extend(Frame::json(Kind::Ready, 0, &Ready { init_started_ms: 1, ready_ms: 2 }).encode());
+            guest.write_all(&answer).await.expect("answer");
+            guest
+        });
+        hybrid_vsock_handshake(&mut host, 789).await.expect("handshake");
+        let _guest = vmm.await.expect("vmm");
+        let c = AgentClient::over(host);
+        assert_eq!(c.wait_ready(soon()).await.expect("ready").ready_ms, 2);
+    }
+
+    #[tokio::test]
+    async fn hybrid_vsock_refusals_say_what_happened() {
+        for (answer, expect) in [
+            (b"ERR no listener\n".to_vec(), "refused CONNECT 7"),
+            (Vec::new(), "closed the vsock socket"),
+            (vec![b'x'; 200], "longer than"),
+        ] {
+            let (mut host, mut guest) = tokio::io::duplex(1 << 16);
+            let vmm = tokio::spawn(async move {
+                let mut req = [0u8; 10];
+                let _ = guest.read_exact(&mut req).await;
+                let _ = guest.write_all(&answer).await;
+                // Dropping `guest` closes the stream.
+            });
+            let e = hybrid_vsock_handshake(&mut host, 7).await.expect_err("refused");
+            assert!(e.to_string().contains(expect), "{e}");
+            vmm.await.expect("vmm");
+        }
+    }
+
+    #[tokio::test]
+    async fn connects_over_unix_sockets_both_ways() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (serial, vsock) = (dir.path().join("agent.sock"), dir.path().join("v.sock"));
+        let l1 = tokio::net::UnixListener::bind(&serial).expect("bind");
+        let l2 = tokio::net::UnixListener::bind(&vsock).expect("bind");
+        let server = tokio::spawn(async move {
+            let (mut a, _) = l1.accept().await.expect("accept");
+            a.write_all(&Frame::json(Kind::Ready, 0, &Ready::default()).encode()).await.expect("ready");
+            let (mut b, _) = l2.accept().await.expect("accept");
+            let mut line = [0u8; 14];
+            b.read_exact(&mut line).await.expect("connect");
+            assert_eq!(&line, b"CONNECT 10789\n");
+            b.write_all(b"OK 5\n").await.expect("ok");
+            b.write_all(&Frame::json(Kind::Ready, 0, &Ready::default()).encode()).await.expect("ready");
+            (a, b)
+        });
+        let c1 = AgentClient::connect(&serial).await.expect("connect");
+        let c2 = AgentClient::connect_hybrid_vsock(&vsock, 10789).await.expect("connect");
+        c1.wait_ready(soon()).await.expect("ready over virtio-serial socket");
+        c2.wait_ready(soon()).await.expect("ready over hybrid vsock");
+        let _conns = server.await.expect("server");
+        let missing = AgentClient::connect(&dir.path().join("nope.sock")).await.expect_err("no socket");
+        assert!(matches!(missing, AgentError::Connect(_)), "{missing}");
     }
 }
 

@@ -1,0 +1,182 @@
+//! The QEMU provider against the real `qemu-system-x86_64` under TCG: launch daemonized, console
+//! captured with no client attached, QMP, stop, cleanup. The guest is the Debian cloud kernel
+//! with an empty initramfs, so it panics ("no root") after printing its boot log; no hearth-init
+//! needed. Skips, saying why, when QEMU or the kernel is missing (HEARTH_TEST_KERNEL overrides
+//! the kernel path; `cargo xtask kernel` fetches it).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use hearth_types::Accel;
+use hearth_vmm::qemu::{qemu_args, Qmp};
+use hearth_vmm::{is_alive, kill, launch, stop, wait_exit, LaunchSpec, Stopped, VmmError};
+
+fn kernel() -> Option<PathBuf> {
+    let k = std::env::var_os("HEARTH_TEST_KERNEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/tmp/kpkg/root/boot/vmlinuz-6.1.0-56-cloud-amd64".into());
+    k.exists().then_some(k)
+}
+
+fn have_qemu() -> bool {
+    Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success())
+}
+
+/// Kills the VMM when a test ends, however it ends, so no QEMU outlives the test run.
+struct Reaper(Option<(i32, u64)>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        if let Some((pid, start)) = self.0 {
+            kill(pid, start, libc::SIGKILL);
+            let _ = hearth_vmm::wait_exit_blocking(pid, start, Duration::from_secs(10));
+        }
+    }
+}
+
+/// A VM directory with an empty initramfs and zeroed disks.
+fn vm(extra_cmdline: &str) -> Option<(tempfile::TempDir, LaunchSpec)> {
+    let Some(kernel) = kernel() else {
+        eprintln!("skipping: the Debian kernel is not at /tmp/kpkg/root/boot (cargo xtask kernel, or set HEARTH_TEST_KERNEL)");
+        return None;
+    };
+    if !have_qemu() {
+        eprintln!("skipping: qemu-system-x86_64 is not installed (apt install qemu-system-x86)");
+        return None;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    std::fs::write(d.join("initrd.img"), b"").expect("initrd");
+    std::fs::write(d.join("disk.img"), vec![0u8; 1 << 20]).expect("disk");
+    std::fs::write(d.join("config.img"), vec![0u8; 1 << 20]).expect("config");
+    let spec = LaunchSpec {
+        vm_dir: d.to_owned(),
+        kernel,
+        initrd: d.join("initrd.img"),
+        cmdline: extra_cmdline.into(),
+        root_disk: d.join("disk.img"),
+        config_disk: d.join("config.img"),
+        cpus: 1,
+        memory_mib: 256,
+        accel: Accel::Tcg,
+        qemu_binary: None,
+    };
+    Some((dir, spec))
+}
+
+/// Polls until `path` contains `needle` (no fixed sleeps: the deadline only bounds a failure).
+fn wait_for_text(path: &Path, needle: &str, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let text = String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "{needle:?} not in {} after {within:?}:\n{text}", path.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn sockets_left(dir: &Path) -> Vec<String> {
+    ["console.sock", "agent.sock", "qmp.sock", "qemu.pid"].iter().filter(|n| dir.join(n).exists()).map(|n| n.to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcg_guest_runs_is_logged_without_a_client_and_is_stopped() {
+    // panic=0 after hearth's panic=-1: the kernel halts after its panic instead of resetting,
+    // so the VM stays up until we stop it.
+    let Some((dir, spec)) = vm("loglevel=7 panic=0") else { return };
+    let launched = launch(&spec).expect("launch");
+    let mut reaper = Reaper(Some((launched.pid, launched.start_time)));
+    assert_eq!(launched.accel, Accel::Tcg);
+    assert!(is_alive(launched.pid, launched.start_time));
+    assert!(!is_alive(launched.pid, launched.start_time + 1));
+
+    // Nobody is connected to console.sock: QEMU's chardev log must still get everything.
+    let console = dir.path().join("console.log");
+    wait_for_text(&console, "Linux version", Duration::from_secs(60));
+    let text = wait_for_text(&console, "Kernel panic", Duration::from_secs(120));
+    assert!(text.contains("console [ttyS0] enabled"), "{text}");
+
+    let mut qmp = Qmp::connect(&dir.path().join("qmp.sock")).await.expect("qmp");
+    assert_eq!(qmp.status().await.expect("query-status"), "running");
+    drop(qmp);
+
+    // A second QEMU on the same directory would share its disks: refused.
+    match launch(&spec) {
+        Err(VmmError::AlreadyRunning { pid, .. }) => assert_eq!(pid, launched.pid),
+        other => panic!("second launch: {other:?}"),
+    }
+
+    // A halted kernel ignores the ACPI button: stop escalates to SIGKILL after the timeout.
+    let how = stop(&spec.vm_dir, launched.pid, launched.start_time, Duration::from_millis(500)).await.expect("stop");
+    assert_eq!(how, Stopped::Killed);
+    assert!(!is_alive(launched.pid, launched.start_time));
+    assert_eq!(sockets_left(dir.path()), Vec::<String>::new());
+    reaper.0 = None;
+
+    // The console log survives and is appended to by the next boot.
+    let before = std::fs::metadata(&console).expect("console.log").len();
+    let again = launch(&spec).expect("relaunch");
+    let _reaper = Reaper(Some((again.pid, again.start_time)));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::metadata(&console).expect("console.log").len() <= before {
+        assert!(Instant::now() < deadline, "the second boot logged nothing");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let how = stop(&spec.vm_dir, again.pid, again.start_time, Duration::from_millis(200)).await.expect("stop");
+    assert_eq!(how, Stopped::Killed);
+    assert!(!is_alive(again.pid, again.start_time));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_guest_ends_qemu_by_itself() {
+    // hearth's own panic=-1 with -no-reboot: the panic resets, and QEMU exits instead.
+    let Some((dir, spec)) = vm("loglevel=7") else { return };
+    let launched = launch(&spec).expect("launch");
+    let _reaper = Reaper(Some((launched.pid, launched.start_time)));
+    tokio::time::timeout(Duration::from_secs(120), wait_exit(launched.pid, launched.start_time)).await.expect("qemu exits on its own");
+    assert!(!is_alive(launched.pid, launched.start_time));
+    let text = wait_for_text(&dir.path().join("console.log"), "Kernel panic", Duration::from_secs(1));
+    assert!(text.contains("Linux version"));
+    let how = stop(&spec.vm_dir, launched.pid, launched.start_time, Duration::from_secs(1)).await.expect("stop");
+    assert_eq!(how, Stopped::AlreadyGone);
+    assert_eq!(sockets_left(dir.path()), Vec::<String>::new());
+}
+
+#[test]
+fn a_start_failure_quotes_qemus_own_message() {
+    let Some((_dir, mut spec)) = vm("") else { return };
+    spec.root_disk = spec.vm_dir.join("missing.img");
+    let e = launch(&spec).expect_err("no disk");
+    let msg = e.to_string();
+    assert!(msg.contains("missing.img") && msg.contains("No such file"), "{msg}");
+    assert!(std::fs::read_to_string(spec.vm_dir.join("qemu.log")).expect("qemu.log").contains("missing.img"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_microvm_command_line_is_accepted_by_qemu() {
+    // microvm needs KVM to boot, and this host may have none; QEMU still builds the machine and
+    // its devices under TCG when told not to start the CPU (-S), which checks the arguments.
+    let Some((dir, spec)) = vm("") else { return };
+    let mut args = qemu_args(&spec, Accel::Kvm, None);
+    for a in args.iter_mut() {
+        match a.as_str() {
+            "kvm" => *a = "tcg".into(),
+            "host" => *a = "max".into(),
+            _ => {}
+        }
+    }
+    args.push("-S".into());
+    let log = std::fs::File::create(dir.path().join("qemu.log")).expect("log");
+    let st = Command::new("qemu-system-x86_64").args(&args).stderr(log).status().expect("qemu");
+    let log_text = std::fs::read_to_string(dir.path().join("qemu.log")).unwrap_or_default();
+    assert!(st.success(), "{st}: {log_text}");
+    let (pid, start) = hearth_vmm::read_pidfile(&dir.path().join("qemu.pid")).expect("pid file");
+    let _reaper = Reaper(Some((pid, start)));
+    let mut qmp = Qmp::connect(&dir.path().join("qmp.sock")).await.expect("qmp");
+    assert_eq!(qmp.status().await.expect("query-status"), "prelaunch");
+    qmp.quit().await.expect("quit");
+    tokio::time::timeout(Duration::from_secs(10), wait_exit(pid, start)).await.expect("qemu quits");
+}
