@@ -1,20 +1,57 @@
-//! Importing images from files: an OCI layout directory, a `docker save` archive, or a plain
-//! root filesystem tar (optionally gzip/zstd compressed).
+//! Importing images from files: an OCI image layout directory, a `docker save` archive, or a
+//! plain root filesystem tar (optionally gzip/zstd compressed), told apart by their content.
 
-use std::fs;
-use std::io::{BufReader, Read};
-use std::path::Path;
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, BufReader, Read};
+use std::path::{Path, PathBuf};
 
 use hearth_types::{Digest, ImageRecord, ImageRef};
 use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
 
-use crate::oci::{self, Manifest};
-use crate::{now, ImageError, ImageStore};
+use crate::oci::{self, Manifest, REF_NAME};
+use crate::rootfs::decompress;
+use crate::store::{digest_of, hex_digest, now, ImageStore, StoreError};
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
-    move |source| ImageError::Io { path: path.to_owned(), source }
+/// Metadata files (manifests, indexes, configs) larger than this are refused.
+const MAX_METADATA: u64 = 16 << 20;
+
+/// The runtime config a plain rootfs tar gets.
+const ROOTFS_ENV: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Why an import failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("cannot read {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} is not a tar archive, OCI layout or docker archive; import one of those")]
+    Unrecognised { path: PathBuf },
+    #[error("{path} looks like an OCI archive (a tar of an OCI layout); extract it and import the directory")]
+    OciArchive { path: PathBuf },
+    #[error("{path} is malformed: {why}")]
+    Malformed { path: PathBuf, why: String },
+    #[error("{path} has no linux/amd64 image (it has: {available}); hearth runs amd64 guests only")]
+    Platform { path: PathBuf, available: String },
+    #[error("layer {digest} in {path} has media type {media_type:?}; only tar, tar+gzip and tar+zstd layers can be imported")]
+    MediaType { path: PathBuf, digest: String, media_type: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ImportError + '_ {
+    move |source| ImportError::Io { path: path.to_owned(), source }
+}
+
+fn malformed(path: &Path, why: impl Into<String>) -> ImportError {
+    ImportError::Malformed { path: path.to_owned(), why: why.into() }
+}
+
+/// One image of a docker archive's `manifest.json`.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct DockerManifest {
@@ -22,228 +59,247 @@ struct DockerManifest {
     layers: Vec<String>,
 }
 
-/// The config a plain rootfs tar gets: a shell, and the usual PATH.
-const ROOTFS_CONFIG: &str = r#"{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":["/bin/sh"]},"rootfs":{"type":"layers","diff_ids":[]}}"#;
+/// A reader that hashes what passes through it.
+struct Hashing<R> {
+    inner: R,
+    hasher: Sha256,
+}
 
-/// Does this tar hold a top-level `manifest.json` (a docker archive)?
-fn is_docker_archive(path: &Path) -> Result<bool, ImageError> {
-    let f = fs::File::open(path).map_err(io(path))?;
-    let Ok(r) = crate::rootfs::decompress(BufReader::new(f)) else { return Ok(false) };
-    let mut ar = tar::Archive::new(r);
-    let Ok(entries) = ar.entries() else { return Ok(false) };
-    for e in entries {
-        let Ok(e) = e else { return Ok(false) };
-        if e.path().map(|p| p == Path::new("manifest.json") || p == Path::new("./manifest.json")).unwrap_or(false) {
-            return Ok(true);
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// What a tar file turned out to be.
+enum TarKind {
+    Docker { manifest: Vec<u8>, symlinks: HashMap<String, String> },
+    Rootfs { diff_id: Digest },
+}
+
+/// An archive member path without `./` or leading `/`.
+fn member(raw: &[u8]) -> String {
+    String::from_utf8_lossy(raw).split('/').filter(|c| !c.is_empty() && *c != ".").collect::<Vec<_>>().join("/")
+}
+
+/// Resolves `rel` against `base` (a member's directory), lexically, inside the archive.
+fn join_member(base: &str, rel: &str) -> Option<String> {
+    let mut parts: Vec<&str> = if rel.starts_with('/') { Vec::new() } else { base.split('/').filter(|c| !c.is_empty()).collect() };
+    for c in rel.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop()?;
+            }
+            c => parts.push(c),
         }
     }
-    Ok(false)
+    Some(parts.join("/"))
+}
+
+fn open_tar(path: &Path) -> Result<tar::Archive<Box<dyn Read>>, ImportError> {
+    let file = File::open(path).map_err(io_err(path))?;
+    Ok(tar::Archive::new(decompress(BufReader::with_capacity(256 << 10, file)).map_err(io_err(path))?))
+}
+
+/// Reads a tar once to tell a docker archive from a plain rootfs tar (and non-tars).
+fn sniff(path: &Path) -> Result<TarKind, ImportError> {
+    let file = File::open(path).map_err(io_err(path))?;
+    let inner = decompress(BufReader::with_capacity(256 << 10, file)).map_err(io_err(path))?;
+    let mut ar = tar::Archive::new(Hashing { inner, hasher: Sha256::new() });
+    let (mut count, mut manifest, mut oci_layout) = (0usize, None, false);
+    let mut symlinks = HashMap::new();
+    for entry in ar.entries().map_err(io_err(path))? {
+        let mut entry = match entry {
+            Ok(e) => e,
+            Err(_) if count == 0 => return Err(ImportError::Unrecognised { path: path.to_owned() }),
+            Err(e) => return Err(malformed(path, format!("the tar is damaged after {count} entries: {e}"))),
+        };
+        count += 1;
+        let name = member(&entry.path_bytes());
+        let kind = entry.header().entry_type();
+        if kind == tar::EntryType::Symlink {
+            if let Some(link) = entry.link_name_bytes() {
+                symlinks.insert(name.clone(), String::from_utf8_lossy(&link).into_owned());
+            }
+        }
+        if name == "oci-layout" {
+            oci_layout = true;
+        }
+        if name == "manifest.json" && kind.is_file() && entry.size() <= MAX_METADATA {
+            let mut buf = Vec::new();
+            entry.read_to_end(&mut buf).map_err(io_err(path))?;
+            manifest = Some(buf);
+        }
+    }
+    if count == 0 {
+        return Err(ImportError::Unrecognised { path: path.to_owned() });
+    }
+    if let Some(manifest) = manifest.filter(|m| serde_json::from_slice::<Vec<DockerManifest>>(m).is_ok()) {
+        return Ok(TarKind::Docker { manifest, symlinks });
+    }
+    if oci_layout {
+        return Err(ImportError::OciArchive { path: path.to_owned() });
+    }
+    let mut hashing = ar.into_inner();
+    io::copy(&mut hashing, &mut io::sink()).map_err(io_err(path))?;
+    Ok(TarKind::Rootfs { diff_id: hex_digest(hashing.hasher.finalize().as_slice()) })
 }
 
 impl ImageStore {
-    /// Imports `path` under `name`, detecting its kind.
-    pub fn import(&self, path: &Path, name: &ImageRef) -> Result<ImageRecord, ImageError> {
-        let meta = fs::metadata(path).map_err(io(path))?;
-        let rec = if meta.is_dir() {
-            if !path.join("oci-layout").exists() || !path.join("index.json").exists() {
-                return Err(ImageError::Format(format!(
-                    "{} is a directory but not an OCI layout (no oci-layout and index.json)",
-                    path.display()
-                )));
+    /// Imports the image at `path` under `name`: an OCI layout directory (the linux/amd64 image,
+    /// or the one whose ref name matches `name`'s tag), a `docker save` archive (its first
+    /// image), or a plain root filesystem tar, which gets a config with `/bin/sh` and PATH.
+    pub fn import(&self, path: &Path, name: &ImageRef) -> Result<ImageRecord, ImportError> {
+        let meta = fs::metadata(path).map_err(io_err(path))?;
+        let mut rec = if meta.is_dir() {
+            if !path.join("oci-layout").is_file() || !path.join("index.json").is_file() {
+                return Err(malformed(path, "a directory must be an OCI layout (with oci-layout and index.json)"));
             }
             self.import_oci_layout(path, name)?
-        } else if is_docker_archive(path)? {
-            self.import_docker_archive(path, name)?
         } else {
-            self.import_rootfs_tar(path, name)?
+            match sniff(path)? {
+                TarKind::Docker { manifest, symlinks } => self.import_docker_archive(path, &manifest, &symlinks)?,
+                TarKind::Rootfs { diff_id } => self.import_rootfs_tar(path, &diff_id)?,
+            }
         };
-        self.save(&rec)?;
-        Ok(self.get(&rec.id.to_string())?.unwrap_or(rec))
+        rec.names = vec![name.to_string()];
+        Ok(self.save(&rec)?)
     }
 
-    fn put_file(&self, path: &Path, expected: Option<&Digest>) -> Result<(Digest, u64), ImageError> {
-        let f = fs::File::open(path).map_err(io(path))?;
-        self.put_blob(f, expected, &|_| {})
+    fn store_file(&self, file: &Path, expected: Option<&Digest>) -> Result<(Digest, u64), ImportError> {
+        let f = File::open(file).map_err(io_err(file))?;
+        Ok(self.put_blob(f, expected, &|_| {})?)
     }
 
-    fn import_oci_layout(&self, dir: &Path, name: &ImageRef) -> Result<ImageRecord, ImageError> {
-        let blob = |d: &str| -> Result<(Digest, std::path::PathBuf), ImageError> {
-            let dg: Digest = d.parse().map_err(|_| ImageError::Format(format!("bad digest {d} in the OCI layout")))?;
-            let p = dir.join("blobs/sha256").join(dg.hex());
-            Ok((dg, p))
+    fn import_oci_layout(&self, dir: &Path, name: &ImageRef) -> Result<ImageRecord, ImportError> {
+        let blob_file = |d: &Digest| dir.join("blobs/sha256").join(d.hex());
+        let digest = |s: &str| s.parse::<Digest>().map_err(|_| malformed(dir, format!("{s:?} is not a sha256 digest")));
+        let read_verified = |d: &Digest| -> Result<Vec<u8>, ImportError> {
+            let p = blob_file(d);
+            let mut bytes = Vec::new();
+            File::open(&p).map_err(io_err(&p))?.take(MAX_METADATA).read_to_end(&mut bytes).map_err(io_err(&p))?;
+            let actual = digest_of(&bytes);
+            if actual != *d {
+                return Err(StoreError::DigestMismatch { what: p.display().to_string(), expected: d.clone(), actual }.into());
+            }
+            Ok(bytes)
+        };
+        let parse = |bytes: &[u8], what: &str| -> Result<Manifest, ImportError> {
+            serde_json::from_slice(bytes).map_err(|e| malformed(dir, format!("{what} is not valid JSON: {e}")))
         };
         let index_path = dir.join("index.json");
-        let index: Manifest = serde_json::from_slice(&fs::read(&index_path).map_err(io(&index_path))?)
-            .map_err(|e| ImageError::Format(format!("index.json: {e}")))?;
-        let first = index.manifests.first().ok_or_else(|| ImageError::Format("index.json lists no manifests".into()))?;
-        let (mut mdg, mut mpath) = blob(&first.digest)?;
-        self.put_file(&mpath, Some(&mdg))?;
-        let mut m: Manifest = serde_json::from_slice(&self.read_blob(&mdg)?).map_err(|e| ImageError::Format(format!("manifest: {e}")))?;
-        if m.is_index() {
-            (mdg, mpath) = blob(&m.pick_amd64().map_err(ImageError::Format)?.digest.clone())?;
-            self.put_file(&mpath, Some(&mdg))?;
-            m = serde_json::from_slice(&self.read_blob(&mdg)?).map_err(|e| ImageError::Format(format!("manifest: {e}")))?;
+        let mut bytes = fs::read(&index_path).map_err(io_err(&index_path))?;
+        let mut index = parse(&bytes, "index.json")?;
+        if index.manifests.is_empty() {
+            return Err(malformed(dir, "index.json lists no manifests"));
         }
-        let config = m.config.clone().ok_or_else(|| ImageError::Format("manifest has no config".into()))?;
-        let (cdg, cpath) = blob(&config.digest)?;
-        self.put_file(&cpath, Some(&cdg))?;
-        let mut layers = Vec::new();
-        let mut size = 0;
+        // The top-level index may list several images: prefer the tag asked for.
+        let tag = name.tag.clone().unwrap_or_default();
+        let wanted = |d: &&oci::Descriptor| d.annotations.get(REF_NAME).is_some_and(|r| *r == tag || *r == name.to_string());
+        if index.manifests.iter().all(|d| d.platform.is_none()) {
+            let chosen = index.manifests.iter().find(wanted).unwrap_or(&index.manifests[0]).clone();
+            index.manifests = vec![chosen];
+        }
+        let mut manifest_digest = None;
+        for _ in 0..3 {
+            let desc = match index.manifests.as_slice() {
+                [only] if only.platform.is_none() => only.clone(),
+                _ => index.pick_amd64().map_err(|have| ImportError::Platform { path: dir.to_owned(), available: have.join(", ") })?.clone(),
+            };
+            let d = digest(&desc.digest)?;
+            bytes = read_verified(&d)?;
+            index = parse(&bytes, &format!("manifest {d}"))?;
+            manifest_digest = Some(d);
+            if !index.is_index() {
+                break;
+            }
+        }
+        let (m, mdg) = match manifest_digest {
+            Some(d) if !index.is_index() => (index, d),
+            _ => return Err(malformed(dir, "indexes nest too deeply")),
+        };
+        let config = m.config.as_ref().ok_or_else(|| malformed(dir, format!("manifest {mdg} has no config")))?;
         for l in &m.layers {
-            let (dg, p) = blob(&l.digest)?;
-            let (_, n) = self.put_file(&p, Some(&dg))?;
-            layers.push(dg);
+            if !oci::is_layer_type(&l.media_type) {
+                return Err(ImportError::MediaType { path: dir.to_owned(), digest: l.digest.clone(), media_type: l.media_type.clone() });
+            }
+        }
+        let config_digest = digest(&config.digest)?;
+        let config_bytes = read_verified(&config_digest)?;
+        let cfg = oci::parse_config(&config_bytes).map_err(|e| malformed(dir, format!("the image config is not valid JSON: {e}")))?;
+        self.put_blob(&config_bytes[..], Some(&config_digest), &|_| {})?;
+        let (mut layers, mut size) = (Vec::new(), 0);
+        for l in &m.layers {
+            let d = digest(&l.digest)?;
+            let (_, n) = self.store_file(&blob_file(&d), Some(&d))?;
+            layers.push(d);
             size += n;
         }
-        let cfg = oci::parse_config(&self.read_blob(&cdg)?).map_err(|e| ImageError::Format(format!("image config: {e}")))?;
-        Ok(ImageRecord { names: vec![name.to_string()], id: cdg, manifest_digest: Some(mdg), layers, config: cfg, size, created_at: now() })
+        self.put_blob(&bytes[..], Some(&mdg), &|_| {})?;
+        Ok(ImageRecord { names: vec![], id: config_digest, manifest_digest: Some(mdg), layers, config: cfg, size, created_at: now() })
     }
 
-    fn import_docker_archive(&self, path: &Path, name: &ImageRef) -> Result<ImageRecord, ImageError> {
-        let staging = self.tmp_path("docker-archive");
-        let result = (|| {
-            fs::create_dir_all(&staging).map_err(io(&staging))?;
-            let f = fs::File::open(path).map_err(io(path))?;
-            let mut ar = tar::Archive::new(crate::rootfs::decompress(BufReader::new(f)).map_err(io(path))?);
-            // The archive's own files only (manifest, config, layer tars): unpack_in refuses
-            // paths that would leave the staging directory.
-            for e in ar.entries().map_err(io(path))? {
-                let mut e = e.map_err(io(path))?;
-                if !e.unpack_in(&staging).map_err(io(path))? {
-                    return Err(ImageError::Format(format!("{}: archive entry escapes; refused", path.display())));
-                }
+    fn import_docker_archive(&self, path: &Path, manifest: &[u8], symlinks: &HashMap<String, String>) -> Result<ImageRecord, ImportError> {
+        let manifests: Vec<DockerManifest> =
+            serde_json::from_slice(manifest).map_err(|e| malformed(path, format!("manifest.json: {e}")))?;
+        let m = manifests.first().ok_or_else(|| malformed(path, "manifest.json lists no image"))?;
+        // `docker save` links repeated layers to one copy: follow links (inside the archive).
+        let resolve = |name: &str| -> Result<String, ImportError> {
+            let mut cur = member(name.as_bytes());
+            for _ in 0..16 {
+                let Some(link) = symlinks.get(&cur) else { return Ok(cur) };
+                let base = cur.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+                cur = join_member(base, link).ok_or_else(|| malformed(path, format!("{name} links outside the archive")))?;
             }
-            let mpath = staging.join("manifest.json");
-            let manifests: Vec<DockerManifest> = serde_json::from_slice(&fs::read(&mpath).map_err(io(&mpath))?)
-                .map_err(|e| ImageError::Format(format!("manifest.json: {e}")))?;
-            let m = manifests.first().ok_or_else(|| ImageError::Format("manifest.json lists no image".into()))?;
-            let inside = |rel: &str| -> Result<std::path::PathBuf, ImageError> {
-                if rel.split('/').any(|c| c == "..") || rel.starts_with('/') {
-                    return Err(ImageError::Format(format!("manifest.json names {rel}, outside the archive")));
-                }
-                Ok(staging.join(rel))
-            };
-            let (cdg, _) = self.put_file(&inside(&m.config)?, None)?;
-            let mut layers = Vec::new();
-            let mut size = 0;
-            for l in &m.layers {
-                let (dg, n) = self.put_file(&inside(l)?, None)?;
-                layers.push(dg);
-                size += n;
+            Err(malformed(path, format!("{name} is a symlink loop")))
+        };
+        let config_member = resolve(&m.config)?;
+        let layer_members = m.layers.iter().map(|l| resolve(l)).collect::<Result<Vec<_>, _>>()?;
+        let mut stored: HashMap<String, (Digest, u64)> = HashMap::new();
+        let mut ar = open_tar(path)?;
+        for entry in ar.entries().map_err(io_err(path))? {
+            let entry = entry.map_err(io_err(path))?;
+            let name = member(&entry.path_bytes());
+            let wanted = name == config_member || layer_members.contains(&name);
+            if wanted && entry.header().entry_type().is_file() && !stored.contains_key(&name) {
+                stored.insert(name, self.put_blob(entry, None, &|_| {})?);
             }
-            let cfg = oci::parse_config(&self.read_blob(&cdg)?).map_err(|e| ImageError::Format(format!("image config: {e}")))?;
-            Ok(ImageRecord { names: vec![name.to_string()], id: cdg, manifest_digest: None, layers, config: cfg, size, created_at: now() })
-        })();
-        let _ = fs::remove_dir_all(&staging);
-        result
-    }
-
-    fn import_rootfs_tar(&self, path: &Path, name: &ImageRef) -> Result<ImageRecord, ImageError> {
-        // Check it really is a tar before storing it.
-        let f = fs::File::open(path).map_err(io(path))?;
-        let mut r = crate::rootfs::decompress(BufReader::new(f)).map_err(io(path))?;
-        let mut block = [0u8; 512];
-        r.read_exact(&mut block)
-            .map_err(|_| ImageError::Format(format!("{} is not a tar archive, OCI layout or docker archive", path.display())))?;
-        if &block[257..262] != b"ustar" {
-            return Err(ImageError::Format(format!("{} is not a tar archive, OCI layout or docker archive", path.display())));
         }
-        let (layer, size) = self.put_file(path, None)?;
-        let (cdg, _) = self.put_blob(ROOTFS_CONFIG.as_bytes(), None, &|_| {})?;
-        let cfg = oci::parse_config(ROOTFS_CONFIG.as_bytes()).map_err(|e| ImageError::Format(e.to_string()))?;
-        // The same config for every rootfs tar would give them all one id: mix in the layer.
-        let id_src = format!("{}\n{}", ROOTFS_CONFIG, layer);
-        let (id, _) = self.put_blob(id_src.as_bytes(), None, &|_| {})?;
-        let _ = cdg;
-        Ok(ImageRecord {
-            names: vec![name.to_string()],
-            id,
-            manifest_digest: None,
-            layers: vec![layer],
-            config: cfg,
-            size,
-            created_at: now(),
+        let get = |member: &str| {
+            stored.get(member).cloned().ok_or_else(|| malformed(path, format!("manifest.json names {member}, which the archive lacks")))
+        };
+        let (config_digest, _) = get(&config_member)?;
+        let cfg = oci::parse_config(&self.read_blob(&config_digest)?)
+            .map_err(|e| malformed(path, format!("the image config is not valid JSON: {e}")))?;
+        let (mut layers, mut size) = (Vec::new(), 0);
+        for l in &layer_members {
+            let (d, n) = get(l)?;
+            layers.push(d);
+            size += n;
+        }
+        Ok(ImageRecord { names: vec![], id: config_digest, manifest_digest: None, layers, config: cfg, size, created_at: now() })
+    }
+
+    fn import_rootfs_tar(&self, path: &Path, diff_id: &Digest) -> Result<ImageRecord, ImportError> {
+        let (layer, size) = self.store_file(path, None)?;
+        // The diff id makes the config (and so the image id) unique to this content.
+        let config = serde_json::json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "config": { "Env": [ROOTFS_ENV], "Cmd": ["/bin/sh"] },
+            "rootfs": { "type": "layers", "diff_ids": [diff_id.to_string()] },
+            "history": [{ "created_by": "hearth image import (root filesystem tar)" }],
         })
+        .to_string();
+        let (id, _) = self.put_blob(config.as_bytes(), None, &|_| {})?;
+        let cfg = oci::parse_config(config.as_bytes()).map_err(|e| malformed(path, format!("synthesized config: {e}")))?;
+        Ok(ImageRecord { names: vec![], id, manifest_digest: None, layers: vec![layer], config: cfg, size, created_at: now() })
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn rootfs_tar(dir: &Path) -> std::path::PathBuf {
-        let mut b = tar::Builder::new(Vec::new());
-        let mut h = tar::Header::new_ustar();
-        h.set_size(5);
-        h.set_mode(0o755);
-        h.set_cksum();
-        b.append_data(&mut h, "bin/hello", &b"hello"[..]).expect("append");
-        let p = dir.join("rootfs.tar");
-        fs::write(&p, b.into_inner().expect("tar")).expect("write");
-        p
-    }
-
-    #[test]
-    fn rootfs_tar_import_and_lookup() {
-        let t = tempfile::tempdir().expect("tmp");
-        let s = ImageStore::open(&t.path().join("root")).expect("open");
-        let name: ImageRef = "demo:1".parse().expect("ref");
-        let rec = s.import(&rootfs_tar(t.path()), &name).expect("import");
-        assert_eq!(rec.config.cmd, ["/bin/sh"]);
-        assert_eq!(s.get("demo:1").expect("get").map(|r| r.id.clone()), Some(rec.id.clone()));
-        assert_eq!(s.get(&rec.id.hex()[..8]).expect("prefix").map(|r| r.id), Some(rec.id.clone()));
-        let dir = t.path().join("out");
-        s.unpack_to(&rec, &dir).expect("unpack");
-        assert_eq!(fs::read(dir.join("bin/hello")).expect("file"), b"hello");
-        s.remove("demo:1").expect("rm");
-        assert!(s.list().expect("list").is_empty());
-        assert!(!s.blob_path(&rec.layers[0]).exists(), "unused blobs are removed");
-    }
-
-    #[test]
-    fn junk_is_refused_clearly() {
-        let t = tempfile::tempdir().expect("tmp");
-        let s = ImageStore::open(&t.path().join("root")).expect("open");
-        let p = t.path().join("junk");
-        fs::write(&p, vec![7u8; 2048]).expect("write");
-        let e = s.import(&p, &"x:1".parse().expect("ref")).expect_err("junk");
-        assert!(e.to_string().contains("not a tar archive"), "{e}");
-        assert!(s.list().expect("list").is_empty());
-    }
-}
-
-#[cfg(test)]
-mod docker_archive_tests {
-    use super::*;
-
-    #[test]
-    fn docker_save_archive_import() {
-        let t = tempfile::tempdir().expect("tmp");
-        let s = ImageStore::open(&t.path().join("root")).expect("open");
-        let mut layer = tar::Builder::new(Vec::new());
-        let mut h = tar::Header::new_ustar();
-        h.set_size(2);
-        h.set_mode(0o644);
-        h.set_cksum();
-        layer.append_data(&mut h, "etc/x", &b"hi"[..]).expect("append");
-        let layer = layer.into_inner().expect("layer");
-        let config = br#"{"config":{"Entrypoint":["/bin/app"],"WorkingDir":"/srv"}}"#;
-        let manifest = br#"[{"Config":"cfg.json","RepoTags":["app:1"],"Layers":["l1/layer.tar"]}]"#;
-        let mut ar = tar::Builder::new(Vec::new());
-        for (name, data) in [("manifest.json", &manifest[..]), ("cfg.json", &config[..]), ("l1/layer.tar", &layer[..])] {
-            let mut h = tar::Header::new_ustar();
-            h.set_size(data.len() as u64);
-            h.set_mode(0o644);
-            h.set_cksum();
-            ar.append_data(&mut h, name, data).expect("append");
-        }
-        let p = t.path().join("saved.tar");
-        fs::write(&p, ar.into_inner().expect("archive")).expect("write");
-        let rec = s.import(&p, &"app:1".parse().expect("ref")).expect("import");
-        assert_eq!((rec.config.entrypoint.clone(), rec.config.working_dir.as_str()), (vec!["/bin/app".to_string()], "/srv"));
-        let out = t.path().join("out");
-        s.unpack_to(&rec, &out).expect("unpack");
-        assert_eq!(fs::read(out.join("etc/x")).expect("x"), b"hi");
-        assert!(fs::read_dir(t.path().join("root/images/tmp")).expect("tmp").next().is_none(), "staging removed");
-    }
-}
+#[path = "import_tests.rs"]
+mod tests;

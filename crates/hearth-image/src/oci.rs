@@ -10,6 +10,27 @@ pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 
+/// Layer media types hearth can unpack (the compression is sniffed from the bytes anyway).
+const LAYER_TYPES: &[&str] = &[
+    "application/vnd.oci.image.layer.v1.tar",
+    "application/vnd.oci.image.layer.v1.tar+gzip",
+    "application/vnd.oci.image.layer.v1.tar+zstd",
+    "application/vnd.docker.image.rootfs.diff.tar",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+    "application/vnd.docker.image.rootfs.diff.tar.zstd",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+];
+
+/// Whether a layer of this media type can be unpacked (an absent type is taken as a tar).
+pub fn is_layer_type(media_type: &str) -> bool {
+    media_type.is_empty() || LAYER_TYPES.contains(&media_type)
+}
+
+/// The `org.opencontainers.image.ref.name` annotation of OCI layout indexes.
+pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Descriptor {
@@ -20,12 +41,16 @@ pub struct Descriptor {
     pub size: u64,
     #[serde(default)]
     pub platform: Option<Platform>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Platform {
     pub architecture: String,
     pub os: String,
+    #[serde(default)]
+    pub variant: Option<String>,
 }
 
 /// A manifest or an index (told apart by which fields are present).
@@ -43,15 +68,20 @@ pub struct Manifest {
 
 impl Manifest {
     pub fn is_index(&self) -> bool {
-        self.config.is_none() && !self.manifests.is_empty()
+        self.media_type == OCI_INDEX || self.media_type == DOCKER_LIST || (self.config.is_none() && !self.manifests.is_empty())
     }
 
-    /// The linux/amd64 entry of an index.
-    pub fn pick_amd64(&self) -> Result<&Descriptor, String> {
+    /// The linux/amd64 entry of an index; else the platforms it has (`os/arch[/variant]`).
+    pub fn pick_amd64(&self) -> Result<&Descriptor, Vec<String>> {
         self.manifests.iter().find(|d| d.platform.as_ref().is_some_and(|p| p.os == "linux" && p.architecture == "amd64")).ok_or_else(|| {
-            let have: Vec<String> =
-                self.manifests.iter().filter_map(|d| d.platform.as_ref()).map(|p| format!("{}/{}", p.os, p.architecture)).collect();
-            format!("the image has no linux/amd64 variant (it has: {})", have.join(", "))
+            self.manifests
+                .iter()
+                .filter_map(|d| d.platform.as_ref())
+                .map(|p| match &p.variant {
+                    Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
+                    None => format!("{}/{}", p.os, p.architecture),
+                })
+                .collect()
         })
     }
 }
@@ -102,7 +132,23 @@ mod tests {
         let arm: Manifest =
             serde_json::from_str(r#"{"manifests":[{"digest":"sha256:a","platform":{"architecture":"arm64","os":"linux"}}]}"#)
                 .expect("json");
-        assert!(arm.pick_amd64().expect_err("none").contains("linux/arm64"));
+        assert_eq!(arm.pick_amd64().expect_err("none"), ["linux/arm64"]);
+        let docker_list: Manifest = serde_json::from_str(
+            r#"{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.list.v2+json","manifests":[
+                {"mediaType":"application/vnd.docker.distribution.manifest.v2+json","digest":"sha256:c","size":1,"platform":{"architecture":"arm","os":"linux","variant":"v7"}},
+                {"mediaType":"application/vnd.docker.distribution.manifest.v2+json","digest":"sha256:d","size":1,"platform":{"architecture":"s390x","os":"linux"}}]}"#,
+        )
+        .expect("json");
+        assert!(docker_list.is_index());
+        assert_eq!(docker_list.pick_amd64().expect_err("none"), ["linux/arm/v7", "linux/s390x"]);
+    }
+
+    #[test]
+    fn layer_media_types() {
+        assert!(is_layer_type("application/vnd.oci.image.layer.v1.tar+zstd"));
+        assert!(is_layer_type("application/vnd.docker.image.rootfs.diff.tar.gzip"));
+        assert!(!is_layer_type("application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"));
+        assert!(!is_layer_type("application/vnd.cncf.helm.chart.content.v1.tar+gzip"));
     }
 
     #[test]

@@ -1,32 +1,36 @@
-//! Pulling from OCI/Docker registries (distribution API v2).
+//! Pulling from OCI/Docker registries (distribution API v2) with blocking `reqwest`.
 
-use std::collections::HashMap;
+use std::io::Read;
 use std::path::PathBuf;
+use std::time::Duration;
 
-use base64::Engine;
 use hearth_types::{Digest, ImageRecord, ImageRef};
 use reqwest::blocking::{Client, Response};
 use reqwest::header::{ACCEPT, AUTHORIZATION, WWW_AUTHENTICATE};
 use reqwest::StatusCode;
-use sha2::{Digest as _, Sha256};
 
+use crate::auth::{self, AuthError, Challenge};
 use crate::oci::{self, Manifest, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST};
-use crate::{now, ImageError, ImageStore, Progress};
+use crate::store::{digest_of, now, ImageStore, StoreError};
+use crate::Progress;
+
+/// Manifests larger than this are refused (real ones are a few KiB).
+const MAX_MANIFEST: u64 = 4 << 20;
 
 /// How to reach the registry.
 #[derive(Debug, Clone, Default)]
 pub struct PullOptions {
-    /// Plain http (and no TLS verification) even for non-loopback registries.
+    /// Plain http even for registries not on loopback (loopback ones always get http).
     pub insecure: bool,
     /// docker's config.json with credentials; default `$DOCKER_CONFIG/config.json` or
     /// `~/.docker/config.json`.
     pub docker_config: Option<PathBuf>,
 }
 
-/// Why a registry request failed.
+/// Why a pull failed.
 #[derive(Debug, thiserror::Error)]
-pub enum RegistryError {
-    #[error("cannot reach registry {registry}: {source}")]
+pub enum PullError {
+    #[error("cannot reach registry {registry}")]
     Http {
         registry: String,
         #[source]
@@ -34,79 +38,45 @@ pub enum RegistryError {
     },
     #[error("{what} was not found in {registry}: check the name and tag")]
     NotFound { registry: String, what: String },
-    #[error("registry {registry} refused access to {what} ({status}): log in (credentials in ~/.docker/config.json)")]
+    #[error("registry {registry} refused access to {what} ({status}): log in with docker (credentials are read from its config.json)")]
     Denied { registry: String, what: String, status: StatusCode },
     #[error("registry {registry} answered {status} for {what}")]
     Status { registry: String, what: String, status: StatusCode },
     #[error("registry {registry} sent a bad response: {why}")]
     Bad { registry: String, why: String },
+    #[error("image {reference} has no linux/amd64 variant (it has: {available}); hearth runs amd64 guests only")]
+    Platform { reference: String, available: String },
+    #[error("layer {digest} of {reference} has media type {media_type:?}; hearth unpacks only tar, tar+gzip and tar+zstd layers")]
+    MediaType { reference: String, digest: String, media_type: String },
+    #[error("docker credentials")]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
-/// A parsed `WWW-Authenticate` challenge.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Challenge {
-    pub scheme: String,
-    pub params: HashMap<String, String>,
-}
-
-/// Parses `Bearer realm="...",service="...",scope="..."`.
-pub fn parse_challenge(h: &str) -> Option<Challenge> {
-    let (scheme, rest) = h.trim().split_once(' ').unwrap_or((h.trim(), ""));
-    let mut params = HashMap::new();
-    let mut s = rest.trim();
-    while !s.is_empty() {
-        let (k, after) = s.split_once('=')?;
-        let after = after.trim_start();
-        let (v, next) = if let Some(q) = after.strip_prefix('"') {
-            let end = q.find('"')?;
-            (&q[..end], &q[end + 1..])
-        } else {
-            let end = after.find(',').unwrap_or(after.len());
-            (&after[..end], &after[end..])
-        };
-        params.insert(k.trim().to_ascii_lowercase(), v.to_owned());
-        s = next.trim_start_matches([',', ' ']);
-    }
-    Some(Challenge { scheme: scheme.to_ascii_lowercase(), params })
-}
-
-/// `user:password` for `registry` from a docker config.json.
-pub fn credentials(config_json: &str, registry: &str) -> Option<(String, String)> {
-    let v: serde_json::Value = serde_json::from_str(config_json).ok()?;
-    let auths = v.get("auths")?.as_object()?;
-    let keys = if registry == "docker.io" {
-        vec!["https://index.docker.io/v1/".to_owned(), "docker.io".to_owned(), "registry-1.docker.io".to_owned()]
-    } else {
-        vec![registry.to_owned(), format!("https://{registry}"), format!("http://{registry}")]
-    };
-    let entry = keys.iter().find_map(|k| auths.get(k))?;
-    if let Some(a) = entry.get("auth").and_then(|a| a.as_str()) {
-        let raw = base64::engine::general_purpose::STANDARD.decode(a).ok()?;
-        let s = String::from_utf8(raw).ok()?;
-        let (u, p) = s.split_once(':')?;
-        return Some((u.to_owned(), p.to_owned()));
-    }
-    Some((entry.get("username")?.as_str()?.to_owned(), entry.get("password")?.as_str()?.to_owned()))
-}
-
-struct Session<'a> {
+/// One pull's connection to a registry repository, with the auth it negotiated.
+struct Session {
     client: Client,
     base: String,
     registry: String,
     repo: String,
     auth: Option<String>,
     creds: Option<(String, String)>,
-    _opts: &'a PullOptions,
 }
 
-impl Session<'_> {
-    fn err(&self, source: reqwest::Error) -> RegistryError {
-        RegistryError::Http { registry: self.registry.clone(), source }
+impl Session {
+    fn http(&self, source: reqwest::Error) -> PullError {
+        PullError::Http { registry: self.registry.clone(), source }
     }
 
-    /// GET with auth negotiation on 401.
-    fn get(&mut self, url: &str, accept: Option<&str>, what: &str) -> Result<Response, RegistryError> {
-        for attempt in 0..2 {
+    fn bad(&self, why: impl Into<String>) -> PullError {
+        PullError::Bad { registry: self.registry.clone(), why: why.into() }
+    }
+
+    /// GET with auth negotiation on a 401.
+    fn get(&mut self, url: &str, accept: Option<&str>, what: &str) -> Result<Response, PullError> {
+        let mut negotiated = false;
+        loop {
             let mut req = self.client.get(url);
             if let Some(a) = accept {
                 req = req.header(ACCEPT, a);
@@ -114,126 +84,133 @@ impl Session<'_> {
             if let Some(a) = &self.auth {
                 req = req.header(AUTHORIZATION, a);
             }
-            let resp = req.send().map_err(|e| self.err(e))?;
-            match resp.status() {
-                s if s.is_success() => return Ok(resp),
-                StatusCode::UNAUTHORIZED if attempt == 0 => {
-                    let challenge = resp.headers().get(WWW_AUTHENTICATE).and_then(|h| h.to_str().ok()).and_then(parse_challenge);
-                    self.authenticate(challenge)?;
+            let resp = req.send().map_err(|e| self.http(e))?;
+            let status = resp.status();
+            if status.is_success() {
+                return Ok(resp);
+            }
+            let (registry, what) = (self.registry.clone(), what.to_owned());
+            match status {
+                StatusCode::UNAUTHORIZED if !negotiated => {
+                    negotiated = true;
+                    let challenge = resp.headers().get(WWW_AUTHENTICATE).and_then(|h| h.to_str().ok()).and_then(auth::parse_challenge);
+                    self.authenticate(challenge.ok_or_else(|| self.bad("401 without a usable WWW-Authenticate challenge"))?, &what)?;
                 }
-                StatusCode::NOT_FOUND => return Err(RegistryError::NotFound { registry: self.registry.clone(), what: what.to_owned() }),
-                s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
-                    return Err(RegistryError::Denied { registry: self.registry.clone(), what: what.to_owned(), status: s })
-                }
-                s => return Err(RegistryError::Status { registry: self.registry.clone(), what: what.to_owned(), status: s }),
+                StatusCode::NOT_FOUND => return Err(PullError::NotFound { registry, what }),
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => return Err(PullError::Denied { registry, what, status }),
+                _ => return Err(PullError::Status { registry, what, status }),
             }
         }
-        Err(RegistryError::Denied { registry: self.registry.clone(), what: what.to_owned(), status: StatusCode::UNAUTHORIZED })
     }
 
-    fn authenticate(&mut self, c: Option<Challenge>) -> Result<(), RegistryError> {
-        let bad = |why: &str| RegistryError::Bad { registry: self.registry.clone(), why: why.to_owned() };
-        let c = c.ok_or_else(|| bad("401 without a WWW-Authenticate challenge"))?;
-        let basic =
-            self.creds.as_ref().map(|(u, p)| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))));
-        if c.scheme == "basic" {
-            self.auth = Some(basic.ok_or_else(|| RegistryError::Denied {
-                registry: self.registry.clone(),
-                what: self.repo.clone(),
-                status: StatusCode::UNAUTHORIZED,
-            })?);
-            return Ok(());
+    fn authenticate(&mut self, c: Challenge, what: &str) -> Result<(), PullError> {
+        let basic = self.creds.as_ref().map(|(u, p)| auth::basic_header(u, p));
+        let denied = |status| PullError::Denied { registry: self.registry.clone(), what: what.to_owned(), status };
+        match c.scheme.as_str() {
+            "basic" => {
+                self.auth = Some(basic.ok_or_else(|| denied(StatusCode::UNAUTHORIZED))?);
+                Ok(())
+            }
+            "bearer" => {
+                let realm = c.params.get("realm").ok_or_else(|| self.bad("bearer challenge without a realm"))?;
+                let scope = c.params.get("scope").cloned().unwrap_or_else(|| format!("repository:{}:pull", self.repo));
+                let mut query = vec![("scope", scope)];
+                if let Some(s) = c.params.get("service") {
+                    query.push(("service", s.clone()));
+                }
+                let mut req = self.client.get(realm).query(&query);
+                if let Some(b) = basic {
+                    req = req.header(AUTHORIZATION, b);
+                }
+                let resp = req.send().map_err(|e| self.http(e))?;
+                if !resp.status().is_success() {
+                    return Err(denied(resp.status()));
+                }
+                let v: serde_json::Value = resp.json().map_err(|e| self.http(e))?;
+                let token = v
+                    .get("token")
+                    .or_else(|| v.get("access_token"))
+                    .and_then(|t| t.as_str())
+                    .filter(|t| !t.is_empty())
+                    .ok_or_else(|| self.bad("the token service answered without a token"))?;
+                self.auth = Some(format!("Bearer {token}"));
+                Ok(())
+            }
+            other => Err(self.bad(format!("unsupported authentication scheme {other:?}"))),
         }
-        let realm = c.params.get("realm").ok_or_else(|| bad("bearer challenge without realm"))?;
-        let mut req = self.client.get(realm);
-        let scope = c.params.get("scope").cloned().unwrap_or_else(|| format!("repository:{}:pull", self.repo));
-        let mut q = vec![("scope", scope)];
-        if let Some(s) = c.params.get("service") {
-            q.push(("service", s.clone()));
-        }
-        req = req.query(&q);
-        if let Some(b) = basic {
-            req = req.header(AUTHORIZATION, b);
-        }
-        let resp = req.send().map_err(|e| self.err(e))?;
-        if !resp.status().is_success() {
-            return Err(RegistryError::Denied { registry: self.registry.clone(), what: self.repo.clone(), status: resp.status() });
-        }
-        let v: serde_json::Value = resp.json().map_err(|e| self.err(e))?;
-        let token = v
-            .get("token")
-            .or_else(|| v.get("access_token"))
-            .and_then(|t| t.as_str())
-            .ok_or_else(|| bad("token response without a token"))?;
-        self.auth = Some(format!("Bearer {token}"));
-        Ok(())
     }
 
-    fn manifest(&mut self, reference: &str) -> Result<(Vec<u8>, Digest), ImageError> {
+    /// Fetches a manifest or index, verifying its digest when the reference pins one.
+    fn manifest(&mut self, reference: &str) -> Result<(Vec<u8>, Digest), PullError> {
         let url = format!("{}/{}/manifests/{}", self.base, self.repo, reference);
         let accept = [OCI_MANIFEST, DOCKER_MANIFEST, OCI_INDEX, DOCKER_LIST].join(", ");
         let what = format!("{}:{}", self.repo, reference);
         let resp = self.get(&url, Some(&accept), &what)?;
-        let bytes = resp.bytes().map_err(|e| self.err(e))?.to_vec();
-        let digest = Digest::from_hex(&hex::encode(Sha256::digest(&bytes))).map_err(|e| ImageError::Format(e.to_string()))?;
+        let mut bytes = Vec::new();
+        resp.take(MAX_MANIFEST + 1).read_to_end(&mut bytes).map_err(|e| self.bad(format!("reading manifest {what}: {e}")))?;
+        if bytes.len() as u64 > MAX_MANIFEST {
+            return Err(self.bad(format!("manifest {what} is larger than {MAX_MANIFEST} bytes")));
+        }
+        let digest = digest_of(&bytes);
         if let Ok(expected) = reference.parse::<Digest>() {
             if expected != digest {
-                return Err(ImageError::DigestMismatch {
-                    what: format!("manifest {what}"),
-                    expected: expected.to_string(),
-                    actual: digest.to_string(),
-                });
+                return Err(StoreError::DigestMismatch { what: format!("manifest {what}"), expected, actual: digest }.into());
             }
         }
         Ok((bytes, digest))
     }
 }
 
-fn docker_config(opts: &PullOptions) -> Option<String> {
-    let path = opts.docker_config.clone().or_else(|| {
-        std::env::var_os("DOCKER_CONFIG")
-            .map(|d| PathBuf::from(d).join("config.json"))
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker/config.json")))
-    })?;
-    std::fs::read_to_string(path).ok()
+fn parse_digest(s: &str, reference: &ImageRef) -> Result<Digest, PullError> {
+    s.parse().map_err(|_| PullError::Bad { registry: reference.registry.clone(), why: format!("{s:?} is not a sha256 digest") })
 }
 
 impl ImageStore {
-    /// Pulls `r` (linux/amd64 from multi-arch images), verifying every digest.
-    pub fn pull(&self, r: &ImageRef, opts: &PullOptions, progress: &dyn Progress) -> Result<ImageRecord, ImageError> {
+    /// Pulls `r` (the linux/amd64 image of multi-platform ones), verifying every digest and
+    /// reusing blobs already stored. The name moves to this image if another one had it.
+    pub fn pull(&self, r: &ImageRef, opts: &PullOptions, progress: &dyn Progress) -> Result<ImageRecord, PullError> {
         let plain = opts.insecure || r.is_loopback();
-        let host = if r.registry == "docker.io" { "registry-1.docker.io" } else { r.registry.as_str() };
+        let host = if r.registry == hearth_types::reference::DEFAULT_REGISTRY { "registry-1.docker.io" } else { r.registry.as_str() };
         let client = Client::builder()
-            .danger_accept_invalid_certs(opts.insecure)
-            .timeout(None)
-            .connect_timeout(std::time::Duration::from_secs(30))
+            .timeout(None::<Duration>)
+            .connect_timeout(Duration::from_secs(30))
+            .user_agent(concat!("hearth/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|source| RegistryError::Http { registry: r.registry.clone(), source })?;
+            .map_err(|source| PullError::Http { registry: r.registry.clone(), source })?;
         let mut s = Session {
             client,
             base: format!("{}://{host}/v2", if plain { "http" } else { "https" }),
             registry: r.registry.clone(),
             repo: r.repository.clone(),
             auth: None,
-            creds: docker_config(opts).and_then(|c| credentials(&c, &r.registry)),
-            _opts: opts,
+            creds: auth::load_credentials(opts.docker_config.as_deref(), &r.registry)?,
+        };
+        let parse = |bytes: &[u8], s: &Session| -> Result<Manifest, PullError> {
+            serde_json::from_slice(bytes).map_err(|e| s.bad(format!("manifest of {r} is not valid JSON: {e}")))
         };
         let (mut bytes, mut digest) = s.manifest(&r.reference())?;
-        let mut m: Manifest = serde_json::from_slice(&bytes).map_err(|e| ImageError::Format(format!("manifest of {r}: {e}")))?;
+        let mut m = parse(&bytes, &s)?;
         if m.is_index() {
-            let pick = m.pick_amd64().map_err(ImageError::Format)?.digest.clone();
+            let pick =
+                m.pick_amd64().map_err(|have| PullError::Platform { reference: r.to_string(), available: have.join(", ") })?.digest.clone();
             (bytes, digest) = s.manifest(&pick)?;
-            m = serde_json::from_slice(&bytes).map_err(|e| ImageError::Format(format!("manifest of {r}: {e}")))?;
+            m = parse(&bytes, &s)?;
+            if m.is_index() {
+                return Err(s.bad(format!("the linux/amd64 entry of {r} is another index")));
+            }
         }
-        self.put_blob(&bytes[..], Some(&digest), &|_| {})?;
-        let config = m.config.clone().ok_or_else(|| ImageError::Format(format!("{r}: manifest has no config")))?;
-        let config_digest: Digest =
-            config.digest.parse().map_err(|_| ImageError::Format(format!("bad config digest {}", config.digest)))?;
+        let config = m.config.clone().ok_or_else(|| s.bad(format!("the manifest of {r} has no config")))?;
+        let config_digest = parse_digest(&config.digest, r)?;
+        for l in &m.layers {
+            if !oci::is_layer_type(&l.media_type) {
+                return Err(PullError::MediaType { reference: r.to_string(), digest: l.digest.clone(), media_type: l.media_type.clone() });
+            }
+        }
         let mut layers = Vec::new();
         let mut size = 0;
-        for desc in std::iter::once(&config).chain(m.layers.iter()) {
-            let d: Digest = desc.digest.parse().map_err(|_| ImageError::Format(format!("bad digest {}", desc.digest)))?;
-            if desc.digest != config.digest {
+        for (i, desc) in std::iter::once(&config).chain(&m.layers).enumerate() {
+            let d = parse_digest(&desc.digest, r)?;
+            if i > 0 {
                 layers.push(d.clone());
                 size += desc.size;
             }
@@ -242,13 +219,14 @@ impl ImageStore {
             }
             let url = format!("{}/{}/blobs/{}", s.base, s.repo, d);
             let resp = s.get(&url, None, &format!("blob {d}"))?;
-            progress.start(&desc.digest, desc.size);
-            let name = desc.digest.clone();
+            let name = d.to_string();
+            progress.start(&name, desc.size);
             self.put_blob(resp, Some(&d), &|n| progress.advance(&name, n))?;
-            progress.finish(&desc.digest);
+            progress.finish(&name);
         }
-        let cfg =
-            oci::parse_config(&self.read_blob(&config_digest)?).map_err(|e| ImageError::Format(format!("image config of {r}: {e}")))?;
+        self.put_blob(&bytes[..], Some(&digest), &|_| {})?;
+        let cfg = oci::parse_config(&self.read_blob(&config_digest)?)
+            .map_err(|e| s.bad(format!("the image config of {r} is not valid JSON: {e}")))?;
         let rec = ImageRecord {
             names: vec![r.to_string()],
             id: config_digest,
@@ -258,80 +236,10 @@ impl ImageStore {
             size,
             created_at: now(),
         };
-        self.save(&rec)?;
-        Ok(self.get(&rec.id.to_string())?.unwrap_or(rec))
+        Ok(self.save(&rec)?)
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bearer_challenge() {
-        let c = parse_challenge(
-            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/alpine:pull""#,
-        )
-        .expect("parse");
-        assert_eq!(c.scheme, "bearer");
-        assert_eq!(c.params["realm"], "https://auth.docker.io/token");
-        assert_eq!(c.params["scope"], "repository:library/alpine:pull");
-        assert_eq!(parse_challenge(r#"Basic realm="x""#).expect("basic").scheme, "basic");
-    }
-
-    #[test]
-    fn docker_config_credentials() {
-        let auth = base64::engine::general_purpose::STANDARD.encode("u:p:w");
-        let cfg = format!(
-            r#"{{"auths":{{"127.0.0.1:5000":{{"auth":"{auth}"}},"https://index.docker.io/v1/":{{"username":"a","password":"b"}}}}}}"#
-        );
-        assert_eq!(credentials(&cfg, "127.0.0.1:5000"), Some(("u".into(), "p:w".into())));
-        assert_eq!(credentials(&cfg, "docker.io"), Some(("a".into(), "b".into())));
-        assert_eq!(credentials(&cfg, "quay.io"), None);
-    }
-}
-
-#[cfg(all(test, feature = "testutil"))]
-mod registry_tests {
-    use crate::testutil::{push_busybox, LocalRegistry};
-    use crate::{ImageStore, NoProgress, PullOptions};
-
-    fn tools() -> bool {
-        ["docker-registry", "skopeo", "mkfs.ext4"]
-            .iter()
-            .all(|t| std::process::Command::new("sh").arg("-c").arg(format!("command -v {t}")).output().is_ok_and(|o| o.status.success()))
-            && std::path::Path::new("/bin/busybox").exists()
-    }
-
-    #[test]
-    fn pull_from_a_local_registry_and_build_the_rootfs() {
-        if !tools() {
-            eprintln!("skipping: needs docker-registry, skopeo, mkfs.ext4 and busybox-static");
-            return;
-        }
-        let reg = LocalRegistry::start().expect("registry");
-        push_busybox(&reg, "demo:1", "app").expect("push");
-        let t = tempfile::tempdir().expect("tmp");
-        let s = ImageStore::open(t.path()).expect("open");
-        let r = format!("{}/demo:1", reg.host()).parse().expect("ref");
-        let rec = s.pull(&r, &PullOptions::default(), &NoProgress).expect("pull");
-        assert_eq!((rec.config.user.as_str(), rec.config.working_dir.as_str()), ("app", "/work"));
-        let again = s.pull(&r, &PullOptions::default(), &NoProgress).expect("pull again");
-        assert_eq!(again.id, rec.id);
-        let img = s.rootfs(&rec).expect("rootfs");
-        let ls = std::process::Command::new("debugfs").args(["-R", "ls -l /bin"]).arg(&img).output().expect("debugfs");
-        assert!(String::from_utf8_lossy(&ls.stdout).contains("busybox"));
-
-        // A corrupted blob in the registry is caught by digest verification.
-        let t2 = tempfile::tempdir().expect("tmp");
-        let s2 = ImageStore::open(t2.path()).expect("open");
-        let layer = rec.layers[0].hex().to_owned();
-        std::fs::write(reg.blob_file(&layer), b"corrupt").expect("corrupt");
-        let e = s2.pull(&r, &PullOptions::default(), &NoProgress).expect_err("mismatch");
-        assert!(e.to_string().contains("digest mismatch"), "{e}");
-        assert!(s2.list().expect("list").is_empty());
-        let missing = format!("{}/nope:1", reg.host()).parse().expect("ref");
-        let e = s2.pull(&missing, &PullOptions::default(), &NoProgress).expect_err("missing");
-        assert!(e.to_string().contains("not found"), "{e}");
-    }
-}
+#[path = "registry_tests.rs"]
+mod tests;

@@ -1,14 +1,53 @@
-//! Building the base ext4 with e2fsprogs' `mkfs.ext4 -d`.
+//! The base root filesystem of an image: layers unpacked in order into a staging directory,
+//! then e2fsprogs' `mkfs.ext4 -d` makes `images/rootfs/<id>.ext4`, once per image id.
 
+use std::collections::HashSet;
 use std::fs;
-use std::io::{self, BufRead, Read};
+use std::io::{self, BufRead, BufReader, Read};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::ImageError;
+use hearth_types::{Digest, ImageRecord};
 
-/// Wraps a layer stream in the right decompressor, by its magic bytes.
+use crate::store::{lock_file, sync_dir, ImageStore, StoreError};
+use crate::unpack::{self, UnpackError};
+
+/// Why a base root filesystem could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum RootfsError {
+    #[error("building the root filesystem at {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot read layer {digest}; pull or import the image again")]
+    Layer {
+        digest: Digest,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot apply layer {digest}")]
+    Unpack {
+        digest: Digest,
+        #[source]
+        source: UnpackError,
+    },
+    #[error("mkfs.ext4 failed building {path}: {stderr}")]
+    Mkfs { path: PathBuf, stderr: String },
+    #[error("cannot run mkfs.ext4; install e2fsprogs")]
+    MkfsMissing(#[source] io::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> RootfsError + '_ {
+    move |source| RootfsError::Io { path: path.to_owned(), source }
+}
+
+/// Wraps a layer stream in the right decompressor, sniffed from its magic bytes: gzip
+/// (`1f 8b`), zstd (`28 b5 2f fd`), else a plain tar.
 pub fn decompress<'a, R: BufRead + 'a>(mut r: R) -> io::Result<Box<dyn Read + 'a>> {
     let head = r.fill_buf()?;
     if head.starts_with(&[0x1f, 0x8b]) {
@@ -20,64 +59,176 @@ pub fn decompress<'a, R: BufRead + 'a>(mut r: R) -> io::Result<Box<dyn Read + 'a
     }
 }
 
-/// Bytes and inodes under `dir` (hard links counted once).
-fn usage(dir: &Path) -> (u64, u64) {
-    let (mut bytes, mut inodes) = (0u64, 0u64);
-    let mut seen = std::collections::HashSet::new();
+const BLOCK: u64 = 4096;
+const INODE_SIZE: u64 = 256;
+const MIB: u64 = 1 << 20;
+
+fn round_up(n: u64, to: u64) -> u64 {
+    n.div_ceil(to) * to
+}
+
+/// Bytes (in 4 KiB blocks, as ext4 will store them) and inodes under `dir`; hard links once.
+fn usage(dir: &Path) -> io::Result<(u64, u64)> {
+    let (mut bytes, mut inodes) = (BLOCK, 1u64);
+    let mut seen = HashSet::new();
     let mut stack = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {
-        let Ok(rd) = fs::read_dir(&d) else { continue };
-        for e in rd.flatten() {
-            let Ok(m) = e.path().symlink_metadata() else { continue };
+        for e in fs::read_dir(&d)? {
+            let path = e?.path();
+            let m = path.symlink_metadata()?;
             if m.nlink() > 1 && !m.is_dir() && !seen.insert(m.ino()) {
                 continue;
             }
             inodes += 1;
-            bytes += m.blocks() * 512;
+            let ft = m.file_type();
+            bytes += if ft.is_file() || ft.is_dir() {
+                // Small files still take a block; large ones need extent/index blocks too.
+                round_up(m.len().max(1), BLOCK) + m.len() / 1024
+            } else if ft.is_symlink() && m.len() >= 60 {
+                BLOCK
+            } else {
+                0
+            };
             if m.is_dir() {
-                stack.push(e.path());
+                stack.push(path);
             }
         }
     }
-    (bytes, inodes)
+    Ok((bytes, inodes))
+}
+
+/// (size in MiB, inode count) for an ext4 holding `bytes` in `inodes` inodes.
+fn ext4_geometry(bytes: u64, inodes: u64) -> (u64, u64) {
+    let inodes = (inodes + inodes / 4 + 1024).max(4096);
+    let content = bytes + inodes * INODE_SIZE;
+    let total = content + content * 3 / 10 + 64 * MIB;
+    (total.div_ceil(MIB), inodes)
 }
 
 /// Makes the directories the guest init mounts on, when the image lacks them.
-fn ensure_mount_points(dir: &Path) -> Result<(), ImageError> {
-    for (d, mode) in [("dev", 0o755), ("proc", 0o555), ("sys", 0o555), ("run", 0o755), ("tmp", 0o1777)] {
+fn ensure_mount_points(dir: &Path) -> Result<(), RootfsError> {
+    for (d, mode) in [("dev", 0o755), ("proc", 0o755), ("sys", 0o755), ("run", 0o755), ("tmp", 0o1777)] {
         let p = dir.join(d);
         if fs::symlink_metadata(&p).is_err() {
-            fs::create_dir(&p)
-                .and_then(|_| fs::set_permissions(&p, fs::Permissions::from_mode(mode)))
-                .map_err(|source| ImageError::Io { path: p, source })?;
+            fs::create_dir(&p).map_err(io_err(&p))?;
+            fs::set_permissions(&p, fs::Permissions::from_mode(mode)).map_err(io_err(&p))?;
         }
     }
     Ok(())
 }
 
-/// `mkfs.ext4 -d staging` into `out`, sized to the content plus headroom; atomic.
-pub fn build_ext4(staging: &Path, out: &Path) -> Result<(), ImageError> {
+/// `mkfs.ext4 -d staging` into `out`, sized to the content plus headroom. Builds
+/// `out.tmp`, fsyncs it and renames it into place.
+pub fn build_ext4(staging: &Path, out: &Path) -> Result<(), RootfsError> {
     ensure_mount_points(staging)?;
-    let (bytes, inodes) = usage(staging);
-    let size_mib = ((bytes as f64 * 1.3) as u64 >> 20) + 64;
-    let inodes = (inodes * 2).max(4096);
+    let (bytes, inodes) = usage(staging).map_err(io_err(staging))?;
+    let (size_mib, inodes) = ext4_geometry(bytes, inodes);
     let tmp = out.with_extension("ext4.tmp");
-    let _ = fs::remove_file(&tmp);
-    let res = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-L", "hearth-root", "-E", "root_owner=0:0", "-N", &inodes.to_string(), "-d"])
-        .arg(staging)
-        .arg(&tmp)
-        .arg(format!("{size_mib}M"))
-        .output();
-    let out_ok = match res {
-        Ok(o) if o.status.success() => Ok(()),
-        Ok(o) => Err(ImageError::Mkfs(String::from_utf8_lossy(&o.stderr).trim().to_owned())),
-        Err(e) => Err(ImageError::Mkfs(format!("cannot run it ({e}); install e2fsprogs"))),
-    };
-    if let Err(e) = out_ok {
+    let result = (|| {
+        let output = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-b", "4096", "-L", "hearth-root", "-E", "root_owner=0:0", "-N", &inodes.to_string(), "-d"])
+            .arg(staging)
+            .arg(&tmp)
+            .arg(format!("{size_mib}M"))
+            .output()
+            .map_err(RootfsError::MkfsMissing)?;
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+            return Err(RootfsError::Mkfs { path: out.to_owned(), stderr });
+        }
+        fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io_err(&tmp))?;
+        fs::rename(&tmp, out).map_err(io_err(out))?;
+        let dir = out.parent().unwrap_or(Path::new("."));
+        sync_dir(dir).map_err(io_err(dir))
+    })();
+    if result.is_err() {
         let _ = fs::remove_file(&tmp);
-        return Err(e);
     }
-    fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|source| ImageError::Io { path: tmp.clone(), source })?;
-    fs::rename(&tmp, out).map_err(|source| ImageError::Io { path: out.to_owned(), source })
+    result
+}
+
+impl ImageStore {
+    /// The image's base ext4 (`images/rootfs/<id>.ext4`), built on first use. Concurrent
+    /// callers for one image wait for a single build.
+    pub fn rootfs(&self, image: &ImageRecord) -> Result<PathBuf, RootfsError> {
+        let out = self.rootfs_path(&image.id);
+        if out.is_file() {
+            return Ok(out);
+        }
+        let _lock = lock_file(&self.rootfs_lock_path(&image.id))?;
+        if out.is_file() {
+            return Ok(out);
+        }
+        let staging = self.tmp_path(image.id.hex());
+        let root = staging.join("root");
+        let result = self.unpack_to(image, &root).and_then(|_| build_ext4(&root, &out));
+        let _ = fs::remove_dir_all(&staging);
+        result.map(|_| out)
+    }
+
+    /// Unpacks all layers of `image`, bottom first, into `dir` (created if missing, mode 0755).
+    pub fn unpack_to(&self, image: &ImageRecord, dir: &Path) -> Result<(), RootfsError> {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).map_err(io_err(dir))?;
+        for layer in &image.layers {
+            let path = self.blob_path(layer);
+            let file = fs::File::open(&path).map_err(|source| RootfsError::Layer { digest: layer.clone(), source })?;
+            let reader = decompress(BufReader::with_capacity(256 << 10, file))
+                .map_err(|source| RootfsError::Layer { digest: layer.clone(), source })?;
+            unpack::unpack_layer(reader, dir).map_err(|source| RootfsError::Unpack { digest: layer.clone(), source })?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn decompress_sniffs_gzip_zstd_and_plain() {
+        let plain = b"0123456789".repeat(100);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&plain).expect("gz");
+        let gz = gz.finish().expect("gz");
+        let zst = zstd::encode_all(&plain[..], 3).expect("zstd");
+        for input in [&plain[..], &gz[..], &zst[..]] {
+            let mut out = Vec::new();
+            decompress(input).expect("sniff").read_to_end(&mut out).expect("read");
+            assert_eq!(out, plain);
+        }
+    }
+
+    #[test]
+    fn geometry_has_headroom_and_enough_inodes() {
+        let (mib, inodes) = ext4_geometry(100 * MIB, 10_000);
+        assert!((130 + 64..220).contains(&mib), "{mib}");
+        assert!(inodes >= 10_000 + 2_500);
+        let (mib, inodes) = ext4_geometry(0, 1);
+        assert_eq!((mib, inodes), (66, 4096));
+    }
+
+    #[test]
+    fn usage_counts_blocks_inodes_and_hard_links_once() {
+        let t = tempfile::tempdir().expect("tmp");
+        fs::write(t.path().join("a"), vec![1u8; 5000]).expect("a");
+        fs::hard_link(t.path().join("a"), t.path().join("b")).expect("b");
+        fs::create_dir(t.path().join("d")).expect("d");
+        std::os::unix::fs::symlink("a", t.path().join("l")).expect("l");
+        let (bytes, inodes) = usage(t.path()).expect("usage");
+        assert_eq!(inodes, 4, "root, a (once), d, l");
+        assert!(bytes >= 8192 + 4096 + 4096, "{bytes}");
+    }
+
+    #[test]
+    fn mount_points_are_made_with_their_modes_but_existing_ones_kept() {
+        let t = tempfile::tempdir().expect("tmp");
+        std::os::unix::fs::symlink("/run", t.path().join("run")).expect("link");
+        ensure_mount_points(t.path()).expect("mount points");
+        for (d, mode) in [("dev", 0o755), ("proc", 0o755), ("sys", 0o755), ("tmp", 0o1777)] {
+            assert_eq!(fs::metadata(t.path().join(d)).expect(d).mode() & 0o7777, mode, "{d}");
+        }
+        assert!(fs::symlink_metadata(t.path().join("run")).expect("run").file_type().is_symlink());
+    }
 }

@@ -1,5 +1,10 @@
-//! Test helpers (feature `testutil`): a busybox OCI image built in Rust, and Debian's
-//! docker-registry on a free loopback port.
+//! Test helpers (feature `testutil`): a busybox OCI image built in Rust (from the host's
+//! static `/bin/busybox`), and Debian's `docker-registry` on a free loopback port, pushed to
+//! with `skopeo`.
+//!
+//! The test image: busybox with applet links in `/bin`, `/etc/passwd` (root, and `app` with uid
+//! 1000) and `/etc/group`, an empty `/work`; config `Env` = PATH and `GREETING=hi`,
+//! `WorkingDir` = `/work`, `Cmd` = `["sh"]`, `User` as asked.
 
 use std::fs;
 use std::io::Write;
@@ -240,7 +245,6 @@ impl Drop for LocalRegistry {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = &self.dir;
     }
 }
 
@@ -265,4 +269,17 @@ pub fn push_image(reg: &LocalRegistry, repo_tag: &str, img: &TestImage) -> std::
     let r = reg.push_layout(&layout, "t", repo_tag);
     let _ = fs::remove_dir_all(&layout);
     r
+}
+
+/// Whether the tools the registry tests need are installed; `Err` names what is missing.
+pub fn registry_tools() -> Result<(), String> {
+    let missing: Vec<&str> = ["docker-registry", "skopeo", "mkfs.ext4", "debugfs"]
+        .into_iter()
+        .filter(|t| !std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(t).is_file())))
+        .collect();
+    let busybox = Path::new("/bin/busybox").is_file();
+    match (missing.is_empty(), busybox) {
+        (true, true) => Ok(()),
+        _ => Err(format!("missing {}{}", missing.join(", "), if busybox { "" } else { " /bin/busybox (busybox-static)" })),
+    }
 }

@@ -1,20 +1,27 @@
 //! Applying one layer tar onto a staging directory, OCI-style, without ever writing outside it.
 //!
+//! The `tar` crate only parses; every file is created here, so that path resolution is ours.
 //! Rules (each has a test):
-//! - entry paths are taken relative to the root (`./a`, `/a` and `a` are the same); any `..`
-//!   component is an escape;
-//! - parent directories are resolved inside the root: a relative symlink is followed while it
-//!   stays inside; a symlink whose target is absolute or climbs above the root is an escape;
+//! - entry paths are taken relative to the root (`./a`, `/a` and `a` are the same); a `..`
+//!   component anywhere is an escape;
+//! - parent directories are resolved component by component inside the root, never by the
+//!   kernel: a relative symlink is followed while it stays inside the root; a symlink with an
+//!   absolute target, or one that climbs above the root, is an escape (we reject rather than
+//!   reinterpret it chroot-style, so a crafted layer fails loudly);
 //! - the final component is never written through: an existing symlink there is replaced;
-//! - hard links must name an existing entry inside the root, by the same rules;
+//! - hard links must name an existing non-directory inside the root, resolved by the same rules;
 //! - `.wh.NAME` deletes NAME from lower layers; `.wh..wh..opq` empties its directory of lower
-//!   layers' content.
+//!   layers' content (what this layer wrote stays);
+//! - modes, owners (`lchown`), mtimes and PAX `SCHILY.xattr.*` are applied; `security.*` and
+//!   `trusted.*` xattrs are best effort, others must apply.
 
 use std::collections::HashSet;
-use std::fs;
+use std::ffi::{OsStr, OsString};
+use std::fs::{self, OpenOptions};
 use std::io::{self, Read};
-use std::os::unix::fs::{symlink, PermissionsExt};
-use std::path::{Component, Path, PathBuf};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{lchown, symlink, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 
 use crate::sys;
 
@@ -23,82 +30,93 @@ use crate::sys;
 pub enum UnpackError {
     #[error("layer entry {entry:?} tries to write outside the image root; the layer is rejected")]
     Escape { entry: String },
-    #[error("layer entry {entry:?}: {source}")]
+    #[error("layer entry {entry:?} goes through too many symbolic links; the layer is rejected")]
+    SymlinkLoop { entry: String },
+    #[error("layer entry {entry:?} is a hard link to {target:?}, which is not in the image; the layer is corrupt")]
+    MissingLinkTarget { entry: String, target: String },
+    #[error("layer entry {entry:?} could not be written")]
     Entry {
         entry: String,
         #[source]
         source: io::Error,
     },
-    #[error("reading the layer archive")]
+    #[error("the layer is not a readable tar archive; the blob is corrupt")]
     Archive(#[source] io::Error),
 }
 
-const WHITEOUT: &str = ".wh.";
-const OPAQUE: &str = ".wh..wh..opq";
+const WHITEOUT: &[u8] = b".wh.";
+const OPAQUE: &[u8] = b".wh..wh..opq";
 const MAX_LINK_HOPS: usize = 40;
 
-/// Normalises an entry path to plain components; `None` if it contains `..`.
-fn clean(path: &Path) -> Option<PathBuf> {
-    let mut out = PathBuf::new();
-    for c in path.components() {
+/// Why a path could not be resolved inside the root.
+enum Resolve {
+    Escape,
+    Loop,
+    Missing,
+    Io(io::Error),
+}
+
+/// Splits an entry path into plain components; `None` if it has a `..`.
+fn components(raw: &[u8]) -> Option<Vec<OsString>> {
+    let mut out = Vec::new();
+    for c in raw.split(|&b| b == b'/') {
         match c {
-            Component::Normal(p) => out.push(p),
-            Component::CurDir | Component::RootDir => {}
-            Component::ParentDir | Component::Prefix(_) => return None,
+            b"" | b"." => {}
+            b".." => return None,
+            c => out.push(OsStr::from_bytes(c).to_owned()),
         }
     }
     Some(out)
 }
 
-/// Resolves `rel` (a directory path) inside `root`, following relative symlinks that stay
-/// inside. Returns the real path, or `None` on an escape.
-fn resolve_dir(root: &Path, rel: &Path) -> Option<PathBuf> {
-    let mut stack: Vec<std::ffi::OsString> = Vec::new();
-    let mut pending: Vec<std::ffi::OsString> = rel
-        .components()
-        .rev()
-        .filter_map(|c| match c {
-            Component::Normal(p) => Some(p.to_owned()),
-            _ => None,
-        })
-        .collect();
+/// Resolves the directory `comps` inside `root`, following relative symlinks that stay inside.
+/// With `create`, missing directories are made (mode 0755). Returns a path made only of real
+/// directories under `root`.
+fn resolve_dir(root: &Path, comps: &[OsString], create: bool) -> Result<PathBuf, Resolve> {
+    let mut stack: Vec<OsString> = Vec::new();
+    let mut pending: Vec<OsString> = comps.iter().rev().cloned().collect();
     let mut hops = 0;
     while let Some(c) = pending.pop() {
-        if c == ".." {
-            stack.pop()?;
-            continue;
-        }
         if c == "." {
             continue;
         }
-        let mut here: PathBuf = root.to_owned();
+        if c == ".." {
+            // Only symlink targets bring `..` here; the stack holds real directories only.
+            stack.pop().ok_or(Resolve::Escape)?;
+            continue;
+        }
+        let mut here = root.to_owned();
         here.extend(&stack);
         here.push(&c);
         match fs::symlink_metadata(&here) {
             Ok(m) if m.file_type().is_symlink() => {
                 hops += 1;
                 if hops > MAX_LINK_HOPS {
-                    return None;
+                    return Err(Resolve::Loop);
                 }
-                let target = fs::read_link(&here).ok()?;
-                if target.is_absolute() {
-                    return None;
+                let target = fs::read_link(&here).map_err(Resolve::Io)?;
+                let bytes = target.as_os_str().as_bytes();
+                if bytes.starts_with(b"/") {
+                    return Err(Resolve::Escape);
                 }
-                for t in target.components().rev() {
-                    match t {
-                        Component::Normal(p) => pending.push(p.to_owned()),
-                        Component::ParentDir => pending.push("..".into()),
-                        Component::CurDir => {}
-                        _ => return None,
-                    }
+                for t in bytes.split(|&b| b == b'/').rev().filter(|t| !t.is_empty()) {
+                    pending.push(OsStr::from_bytes(t).to_owned());
                 }
             }
-            _ => stack.push(c),
+            Ok(m) if m.is_dir() => stack.push(c),
+            Ok(_) => return Err(Resolve::Io(io::Error::from_raw_os_error(libc::ENOTDIR))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
+                fs::create_dir(&here).map_err(Resolve::Io)?;
+                fs::set_permissions(&here, fs::Permissions::from_mode(0o755)).map_err(Resolve::Io)?;
+                stack.push(c);
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(Resolve::Missing),
+            Err(e) => return Err(Resolve::Io(e)),
         }
     }
     let mut out = root.to_owned();
     out.extend(&stack);
-    Some(out)
+    Ok(out)
 }
 
 fn remove_any(p: &Path) -> io::Result<()> {
@@ -110,68 +128,158 @@ fn remove_any(p: &Path) -> io::Result<()> {
     }
 }
 
-/// Applies one (uncompressed) layer tar onto `root`.
-pub fn unpack_layer(reader: impl Read, root: &Path) -> Result<(), UnpackError> {
-    let mut ar = tar::Archive::new(reader);
-    let mut written: HashSet<PathBuf> = HashSet::new();
-    for entry in ar.entries().map_err(UnpackError::Archive)? {
-        let mut entry = entry.map_err(UnpackError::Archive)?;
+/// Metadata from PAX records that the plain header cannot carry.
+#[derive(Default)]
+struct Pax {
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    mtime: Option<(i64, i64)>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+}
+
+fn parse_pax<R: Read>(entry: &mut tar::Entry<'_, R>) -> Pax {
+    let mut pax = Pax::default();
+    let Ok(Some(exts)) = entry.pax_extensions() else { return pax };
+    for ext in exts.flatten() {
+        let key = ext.key_bytes();
+        let value = ext.value_bytes();
+        if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
+            pax.xattrs.push((name.to_vec(), value.to_vec()));
+            continue;
+        }
+        let text = std::str::from_utf8(value).unwrap_or("");
+        match key {
+            b"mtime" => {
+                let (s, frac) = text.split_once('.').unwrap_or((text, ""));
+                let nanos = format!("{frac:0<9}").get(..9).and_then(|f| f.parse().ok()).unwrap_or(0);
+                pax.mtime = s.parse().ok().map(|s| (s, nanos));
+            }
+            b"uid" => pax.uid = text.parse().ok(),
+            b"gid" => pax.gid = text.parse().ok(),
+            _ => {}
+        }
+    }
+    pax
+}
+
+/// One layer being applied.
+struct Layer<'a> {
+    root: &'a Path,
+    /// Real paths this layer created, with their ancestors (kept by opaque whiteouts).
+    written: HashSet<PathBuf>,
+    /// Directory mtimes, applied once their contents are complete.
+    dir_times: Vec<(PathBuf, i64, i64)>,
+}
+
+impl Layer<'_> {
+    fn mark_written(&mut self, p: &Path) {
+        for a in p.ancestors() {
+            if a == self.root || !self.written.insert(a.to_owned()) {
+                break;
+            }
+        }
+    }
+
+    /// Removes everything under `dir` that this layer did not write.
+    fn prune(&self, dir: &Path) -> io::Result<()> {
+        for child in fs::read_dir(dir)? {
+            let p = child?.path();
+            if !self.written.contains(&p) {
+                remove_any(&p)?;
+            } else if fs::symlink_metadata(&p)?.is_dir() {
+                self.prune(&p)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn apply<R: Read>(&mut self, mut entry: tar::Entry<'_, R>) -> Result<(), UnpackError> {
         let raw = entry.path_bytes().into_owned();
         let shown = String::from_utf8_lossy(&raw).into_owned();
         let escape = || UnpackError::Escape { entry: shown.clone() };
         let at = |source| UnpackError::Entry { entry: shown.clone(), source };
-        let rel = clean(Path::new(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&raw))).ok_or_else(escape)?;
-        let Some(name) = rel.file_name().map(|n| n.to_string_lossy().into_owned()) else { continue };
-        let parent_rel = rel.parent().map(Path::to_owned).unwrap_or_default();
-        let parent = resolve_dir(root, &parent_rel).ok_or_else(escape)?;
-        if name == OPAQUE {
-            if let Ok(rd) = fs::read_dir(&parent) {
-                for child in rd.flatten() {
-                    let p = child.path();
-                    if !written.contains(&p) {
-                        remove_any(&p).map_err(at)?;
-                    }
-                }
+        let resolve_err = |r: Resolve| match r {
+            Resolve::Escape => escape(),
+            Resolve::Loop => UnpackError::SymlinkLoop { entry: shown.clone() },
+            Resolve::Missing => at(io::Error::from_raw_os_error(libc::ENOENT)),
+            Resolve::Io(e) => at(e),
+        };
+        let mut comps = components(&raw).ok_or_else(escape)?;
+        let kind = entry.header().entry_type();
+        let Some(name) = comps.pop() else {
+            // The root itself: its owner and mode are hearth's, not the layer's.
+            return Ok(());
+        };
+        let name_bytes = name.as_bytes();
+        if name_bytes == OPAQUE || name_bytes.starts_with(WHITEOUT) {
+            let parent = match resolve_dir(self.root, &comps, false) {
+                Ok(p) => p,
+                Err(Resolve::Missing) => return Ok(()),
+                Err(e) => return Err(resolve_err(e)),
+            };
+            if name_bytes == OPAQUE {
+                return self.prune(&parent).map_err(at);
             }
-            continue;
+            let victim = &name_bytes[WHITEOUT.len()..];
+            if victim.is_empty() || victim == b"." || victim == b".." {
+                return Err(escape());
+            }
+            return remove_any(&parent.join(OsStr::from_bytes(victim))).map_err(at);
         }
-        if let Some(victim) = name.strip_prefix(WHITEOUT) {
-            remove_any(&parent.join(victim)).map_err(at)?;
-            continue;
+        if !matches!(
+            kind,
+            tar::EntryType::Directory
+                | tar::EntryType::Regular
+                | tar::EntryType::Continuous
+                | tar::EntryType::GNUSparse
+                | tar::EntryType::Symlink
+                | tar::EntryType::Link
+                | tar::EntryType::Char
+                | tar::EntryType::Block
+                | tar::EntryType::Fifo
+        ) {
+            // Metadata-only records (PAX globals, volume labels) create nothing.
+            return Ok(());
         }
-        fs::create_dir_all(&parent).map_err(at)?;
-        // The parent may have been created through nothing but real directories; check again.
-        if resolve_dir(root, &parent_rel).as_deref() != Some(parent.as_path()) {
-            return Err(escape());
-        }
+        let parent = resolve_dir(self.root, &comps, true).map_err(resolve_err)?;
         let target = parent.join(&name);
         let header = entry.header().clone();
+        let pax = parse_pax(&mut entry);
         let mode = header.mode().unwrap_or(0o644) & 0o7777;
-        let kind = header.entry_type();
-        let existing = fs::symlink_metadata(&target).ok();
-        if !(kind.is_dir() && existing.as_ref().is_some_and(|m| m.is_dir())) {
+        let existing_dir = fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir());
+        if !(kind == tar::EntryType::Directory && existing_dir) {
             remove_any(&target).map_err(at)?;
         }
         match kind {
             tar::EntryType::Directory => {
-                if !target.is_dir() {
+                if !existing_dir {
                     fs::create_dir(&target).map_err(at)?;
                 }
             }
-            tar::EntryType::Regular | tar::EntryType::Continuous => {
-                let mut f = fs::File::create(&target).map_err(at)?;
-                io::copy(&mut entry, &mut f).map_err(at)?;
-            }
             tar::EntryType::Symlink => {
-                let link = entry.link_name().map_err(at)?.ok_or_else(escape)?;
-                symlink(&link, &target).map_err(at)?;
+                let link = entry.link_name_bytes().ok_or_else(|| at(io::Error::from_raw_os_error(libc::EINVAL)))?;
+                symlink(OsStr::from_bytes(&link), &target).map_err(at)?;
             }
             tar::EntryType::Link => {
-                let link = entry.link_name().map_err(at)?.ok_or_else(escape)?;
-                let lrel = clean(&link).ok_or_else(escape)?;
-                let lparent = resolve_dir(root, lrel.parent().unwrap_or(Path::new(""))).ok_or_else(escape)?;
-                let src = lparent.join(lrel.file_name().ok_or_else(escape)?);
+                let link = entry.link_name_bytes().ok_or_else(|| at(io::Error::from_raw_os_error(libc::EINVAL)))?;
+                let shown_link = String::from_utf8_lossy(&link).into_owned();
+                let missing = || UnpackError::MissingLinkTarget { entry: shown.clone(), target: shown_link.clone() };
+                let mut lcomps = components(&link).ok_or_else(escape)?;
+                let lname = lcomps.pop().ok_or_else(escape)?;
+                let lparent = match resolve_dir(self.root, &lcomps, false) {
+                    Err(Resolve::Missing) => return Err(missing()),
+                    other => other.map_err(resolve_err)?,
+                };
+                let src = lparent.join(lname);
+                match fs::symlink_metadata(&src) {
+                    Ok(m) if m.is_dir() => return Err(at(io::Error::from_raw_os_error(libc::EISDIR))),
+                    Ok(_) => {}
+                    Err(_) => return Err(missing()),
+                }
+                // linkat without AT_SYMLINK_FOLLOW: a symlink there is linked, not followed.
                 fs::hard_link(&src, &target).map_err(at)?;
+                self.mark_written(&target);
+                return Ok(());
             }
             tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
                 let fmt = match kind {
@@ -179,172 +287,61 @@ pub fn unpack_layer(reader: impl Read, root: &Path) -> Result<(), UnpackError> {
                     tar::EntryType::Block => libc::S_IFBLK,
                     _ => libc::S_IFIFO,
                 };
-                let (ma, mi) = (header.device_major().ok().flatten().unwrap_or(0), header.device_minor().ok().flatten().unwrap_or(0));
-                sys::mknod(&target, fmt | mode, ma, mi).map_err(at)?;
+                let major = header.device_major().ok().flatten().unwrap_or(0);
+                let minor = header.device_minor().ok().flatten().unwrap_or(0);
+                sys::mknod(&target, fmt | mode, major, minor).map_err(at)?;
             }
-            // PAX headers are consumed by the tar crate; other types carry nothing to create.
-            _ => continue,
+            _ => {
+                let mut f =
+                    OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&target).map_err(at)?;
+                io::copy(&mut entry, &mut f).map_err(at)?;
+            }
         }
-        written.insert(target.clone());
-        let is_link = kind == tar::EntryType::Symlink;
-        if !is_link && kind != tar::EntryType::Link {
+        self.mark_written(&target);
+        let is_symlink = kind == tar::EntryType::Symlink;
+        let uid = pax.uid.unwrap_or_else(|| header.uid().unwrap_or(0) as u32);
+        let gid = pax.gid.unwrap_or_else(|| header.gid().unwrap_or(0) as u32);
+        lchown(&target, Some(uid), Some(gid)).map_err(at)?;
+        if !is_symlink {
+            // After chown, which clears setuid/setgid bits.
             fs::set_permissions(&target, fs::Permissions::from_mode(mode)).map_err(at)?;
         }
-        if kind != tar::EntryType::Link {
-            let (uid, gid) = (header.uid().unwrap_or(0) as u32, header.gid().unwrap_or(0) as u32);
-            std::os::unix::fs::lchown(&target, Some(uid), Some(gid)).map_err(at)?;
-            if !is_link && mode & 0o6000 != 0 {
-                // chown clears setuid/setgid; restore them.
-                fs::set_permissions(&target, fs::Permissions::from_mode(mode)).map_err(at)?;
-            }
-        }
-        if let Ok(Some(exts)) = entry.pax_extensions() {
-            for ext in exts.flatten() {
-                if let Some(xname) = ext.key().ok().and_then(|k| k.strip_prefix("SCHILY.xattr.")) {
-                    // security.* may be refused by the staging filesystem; others must apply.
-                    if let Err(e) = sys::lsetxattr(&target, xname, ext.value_bytes()) {
-                        if !xname.starts_with("security.") && !xname.starts_with("trusted.") {
-                            return Err(at(e));
-                        }
-                    }
+        for (xname, value) in &pax.xattrs {
+            if let Err(e) = sys::lsetxattr(&target, xname, value) {
+                // security.* and trusted.* may be refused by the staging filesystem.
+                if !xname.starts_with(b"security.") && !xname.starts_with(b"trusted.") {
+                    return Err(at(e));
                 }
             }
+        }
+        let (secs, nanos) = pax.mtime.unwrap_or((header.mtime().unwrap_or(0) as i64, 0));
+        if kind == tar::EntryType::Directory {
+            self.dir_times.push((target, secs, nanos));
+        } else {
+            sys::set_mtime_nofollow(&target, secs, nanos).map_err(at)?;
+        }
+        Ok(())
+    }
+}
+
+/// Applies one uncompressed layer tar onto `dest`, which must exist.
+pub fn unpack_layer(reader: impl Read, dest: &Path) -> Result<(), UnpackError> {
+    let mut archive = tar::Archive::new(reader);
+    let mut layer = Layer { root: dest, written: HashSet::new(), dir_times: Vec::new() };
+    for entry in archive.entries().map_err(UnpackError::Archive)? {
+        layer.apply(entry.map_err(UnpackError::Archive)?)?;
+    }
+    // Deepest first, though creating children no longer happens at this point.
+    for (dir, secs, nanos) in layer.dir_times.iter().rev() {
+        // A later entry of this layer may have replaced the directory; ignore what is gone.
+        if fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir()) {
+            sys::set_mtime_nofollow(dir, *secs, *nanos)
+                .map_err(|source| UnpackError::Entry { entry: dir.display().to_string(), source })?;
         }
     }
     Ok(())
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::unix::fs::MetadataExt;
-
-    /// A tar entry whose path bytes are written raw (the builder refuses `..`).
-    fn raw_entry(b: &mut tar::Builder<Vec<u8>>, path: &str, kind: tar::EntryType, link: Option<&str>, data: &[u8]) {
-        let mut h = tar::Header::new_gnu();
-        {
-            let name = &mut h.as_old_mut().name;
-            name.fill(0);
-            name[..path.len()].copy_from_slice(path.as_bytes());
-        }
-        h.set_entry_type(kind);
-        h.set_size(data.len() as u64);
-        h.set_mode(if kind.is_dir() { 0o755 } else { 0o644 });
-        if let Some(l) = link {
-            let ln = &mut h.as_old_mut().linkname;
-            ln.fill(0);
-            ln[..l.len()].copy_from_slice(l.as_bytes());
-        }
-        h.set_cksum();
-        b.append(&h, data).expect("append");
-    }
-
-    fn layer(entries: &[(&str, tar::EntryType, Option<&str>, &[u8])]) -> Vec<u8> {
-        let mut b = tar::Builder::new(Vec::new());
-        for (p, k, l, d) in entries {
-            raw_entry(&mut b, p, *k, *l, d);
-        }
-        b.into_inner().expect("tar")
-    }
-
-    use tar::EntryType::{Directory as D, Link as H, Regular as F, Symlink as S};
-
-    fn setup() -> (tempfile::TempDir, PathBuf) {
-        let t = tempfile::tempdir().expect("tmp");
-        let root = t.path().join("root");
-        fs::create_dir(&root).expect("mkdir");
-        (t, root)
-    }
-
-    fn outside_untouched(t: &tempfile::TempDir) {
-        let names: Vec<_> = fs::read_dir(t.path()).expect("rd").flatten().map(|e| e.file_name()).collect();
-        assert_eq!(names, ["root"], "something was written outside the root");
-    }
-
-    #[test]
-    fn files_dirs_links_and_modes() {
-        let (_t, root) = setup();
-        let l =
-            layer(&[("./etc/", D, None, b""), ("etc/a", F, None, b"A"), ("/etc/b", S, Some("a"), b""), ("etc/c", H, Some("etc/a"), b"")]);
-        unpack_layer(&l[..], &root).expect("unpack");
-        assert_eq!(fs::read(root.join("etc/b")).expect("via symlink"), b"A");
-        assert_eq!(fs::metadata(root.join("etc/c")).expect("hl").ino(), fs::metadata(root.join("etc/a")).expect("a").ino());
-        assert_eq!(fs::metadata(root.join("etc/a")).expect("a").mode() & 0o777, 0o644);
-    }
-
-    #[test]
-    fn whiteouts_and_opaque_dirs() {
-        let (_t, root) = setup();
-        unpack_layer(&layer(&[("d/", D, None, b""), ("d/x", F, None, b"1"), ("d/y", F, None, b"2"), ("e/", D, None, b""), ("e/z", F, None, b"3")])[..], &root).expect("lower");
-        unpack_layer(&layer(&[("d/.wh.x", F, None, b""), ("e/new", F, None, b"4"), ("e/.wh..wh..opq", F, None, b"")])[..], &root)
-            .expect("upper");
-        assert!(!root.join("d/x").exists() && root.join("d/y").exists());
-        assert!(!root.join("e/z").exists(), "opaque dir hides lower content");
-        assert!(root.join("e/new").exists(), "but keeps this layer's");
-    }
-
-    #[test]
-    fn dotdot_is_rejected_naming_the_entry() {
-        let (t, root) = setup();
-        let e = unpack_layer(&layer(&[("../evil", F, None, b"x")])[..], &root).expect_err("escape");
-        assert!(e.to_string().contains("../evil"), "{e}");
-        outside_untouched(&t);
-    }
-
-    #[test]
-    fn absolute_paths_stay_inside() {
-        let (t, root) = setup();
-        unpack_layer(&layer(&[("/abs", F, None, b"x")])[..], &root).expect("unpack");
-        assert!(root.join("abs").exists());
-        outside_untouched(&t);
-    }
-
-    #[test]
-    fn writing_through_an_escaping_symlink_is_rejected() {
-        for target in ["/", "..", "../..", "a/../../.."] {
-            let (t, root) = setup();
-            let l = layer(&[("evil", S, Some(target), b""), ("evil/pwned", F, None, b"x")]);
-            let e = unpack_layer(&l[..], &root).expect_err(target);
-            assert!(e.to_string().contains("evil/pwned"), "{e}");
-            outside_untouched(&t);
-        }
-    }
-
-    #[test]
-    fn symlink_escape_across_layers_is_rejected() {
-        let (t, root) = setup();
-        unpack_layer(&layer(&[("link", S, Some("../"), b"")])[..], &root).expect("a dangling link alone is fine");
-        let e = unpack_layer(&layer(&[("link/x", F, None, b"x")])[..], &root).expect_err("escape");
-        assert!(matches!(e, UnpackError::Escape { .. }), "{e}");
-        outside_untouched(&t);
-    }
-
-    #[test]
-    fn hardlink_escapes_are_rejected() {
-        for target in ["../outside", "/../../etc/passwd", "evil/x"] {
-            let (t, root) = setup();
-            fs::write(t.path().join("outside"), b"secret").expect("write");
-            let l = layer(&[("evil", S, Some("/etc"), b""), ("h", H, Some(target), b"")]);
-            let e = unpack_layer(&l[..], &root).expect_err(target);
-            assert!(matches!(e, UnpackError::Escape { .. }), "{target}: {e}");
-        }
-    }
-
-    #[test]
-    fn inside_relative_symlinks_are_followed() {
-        let (_t, root) = setup();
-        let l = layer(&[("usr/", D, None, b""), ("usr/bin/", D, None, b""), ("bin", S, Some("usr/bin"), b""), ("bin/tool", F, None, b"t")]);
-        unpack_layer(&l[..], &root).expect("unpack");
-        assert_eq!(fs::read(root.join("usr/bin/tool")).expect("tool"), b"t");
-    }
-
-    #[test]
-    fn a_file_replaces_a_symlink_instead_of_writing_through_it() {
-        let (t, root) = setup();
-        fs::write(t.path().join("victim"), b"keep").expect("write");
-        let l = layer(&[("f", S, Some("../victim"), b""), ("f", F, None, b"new")]);
-        unpack_layer(&l[..], &root).expect("unpack");
-        assert_eq!(fs::read(t.path().join("victim")).expect("victim"), b"keep");
-        assert_eq!(fs::read(root.join("f")).expect("f"), b"new");
-    }
-}
+#[path = "unpack_tests.rs"]
+mod tests;
