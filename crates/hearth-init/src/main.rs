@@ -144,6 +144,26 @@ fn install_keys(keys: &[String]) {
     }
 }
 
+/// `(pid, ppid)` from a `/proc/<pid>/stat` line (the command name may hold spaces and parens).
+fn stat_ids(stat: &str) -> Option<(u32, u32)> {
+    let pid = stat.split_whitespace().next()?.parse().ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let ppid = rest.split_whitespace().nth(1)?.parse().ok()?;
+    Some((pid, ppid))
+}
+
+/// Processes left besides PID 1, not counting kernel threads (kthreadd, pid 2, and its
+/// children). Unreadable entries have just exited.
+fn user_processes() -> usize {
+    let Ok(rd) = std::fs::read_dir("/proc") else { return 0 };
+    rd.flatten()
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter_map(|s| stat_ids(&s))
+        .filter(|&(pid, ppid)| pid > 2 && ppid != 2 && ppid != 0)
+        .count()
+}
+
 /// Records the exit, stops everything else, flushes, powers off.
 fn finish(config_disk: Option<&File>, exit: &GuestExit) -> ! {
     if let Some(f) = config_disk {
@@ -157,12 +177,7 @@ fn finish(config_disk: Option<&File>, exit: &GuestExit) -> ! {
     let deadline = Instant::now() + Duration::from_secs(2);
     while Instant::now() < deadline {
         while sys::reap_one().is_some() {}
-        // Only PID 1 left in /proc: everyone else has exited.
-        if std::fs::read_dir("/proc")
-            .map(|rd| rd.flatten().filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok()).count())
-            .unwrap_or(1)
-            <= 1
-        {
+        if user_processes() == 0 {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -174,5 +189,17 @@ fn finish(config_disk: Option<&File>, exit: &GuestExit) -> ! {
     eprintln!("hearth-init: power off failed: {err}");
     loop {
         std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_lines_parse_with_awkward_names() {
+        assert_eq!(stat_ids("42 (my) prog)) S 7 42 42 0 -1"), Some((42, 7)));
+        assert_eq!(stat_ids("2 (kthreadd) S 0 0 0 0 -1"), Some((2, 0)));
+        assert_eq!(stat_ids("garbage"), None);
     }
 }
