@@ -1,10 +1,18 @@
 //! hearth's VMM providers and the host end of the guest agent.
 //!
-//! - [`qemu`]: builds QEMU's command line from a [`LaunchSpec`], starts it daemonized (so VMs
-//!   outlive hearthd), and speaks QMP for status and ACPI shutdown.
+//! - [`qemu`]: builds QEMU's command line from a [`LaunchSpec`] (`microvm` with virtio-mmio under
+//!   KVM, `pc` with virtio-pci under TCG), starts it with `-daemonize` so VMs outlive hearthd,
+//!   speaks QMP for status and ACPI shutdown, and finds a running QEMU again from its pid file.
 //! - [`process`]: recognises a VMM by pid *and* start time, waits for non-child exits with pidfd.
 //! - [`accel`]: decides whether KVM can really run a guest here, else TCG.
 //! - [`agent`]: the framed agent protocol over the VMM's channel (virtio-serial or hybrid vsock).
+//!
+//! Files a QEMU VM keeps in its directory: `console.log` (the serial console, appended across
+//! boots; QEMU's chardev log captures it whether or not a client is attached to
+//! `console.sock`), `qemu.log` (QEMU's stderr for the current boot: QEMU truncates its `-D` file
+//! when it opens it, and without `-D` a daemonized QEMU sends stderr to /dev/null),
+//! `qemu.pid`, and the `console.sock`, `agent.sock` and `qmp.sock` sockets, which [`stop`]
+//! removes.
 
 pub mod accel;
 pub mod agent;

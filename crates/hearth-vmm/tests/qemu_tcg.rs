@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hearth_types::Accel;
-use hearth_vmm::qemu::{qemu_args, Qmp};
+use hearth_vmm::qemu::{observe, qemu_args, Qmp};
 use hearth_vmm::{is_alive, kill, launch, stop, wait_exit, LaunchSpec, Stopped, VmmError};
 
 fn kernel() -> Option<PathBuf> {
@@ -103,6 +103,10 @@ async fn tcg_guest_runs_is_logged_without_a_client_and_is_stopped() {
     assert_eq!(qmp.status().await.expect("query-status"), "running");
     drop(qmp);
 
+    // What hearthd does after a restart: find the QEMU from the VM directory alone.
+    let seen = observe(&spec.vm_dir, Duration::from_secs(5)).await.expect("observed");
+    assert_eq!((seen.pid, seen.start_time, seen.status.as_deref()), (launched.pid, launched.start_time, Some("running")));
+
     // A second QEMU on the same directory would share its disks: refused.
     match launch(&spec) {
         Err(VmmError::AlreadyRunning { pid, .. }) => assert_eq!(pid, launched.pid),
@@ -114,6 +118,7 @@ async fn tcg_guest_runs_is_logged_without_a_client_and_is_stopped() {
     assert_eq!(how, Stopped::Killed);
     assert!(!is_alive(launched.pid, launched.start_time));
     assert_eq!(sockets_left(dir.path()), Vec::<String>::new());
+    assert_eq!(observe(&spec.vm_dir, Duration::from_secs(1)).await, None);
     reaper.0 = None;
 
     // The console log survives and is appended to by the next boot.

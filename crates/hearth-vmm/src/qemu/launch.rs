@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::process::{is_alive, kill, read_pidfile, wait_exit};
-use crate::qemu::{qemu_args, Qmp, QBOOT};
+use crate::qemu::{find_running, qemu_args, Qmp, QBOOT};
 use crate::{resolve_accel, LaunchSpec, Launched, VmmError};
 use hearth_types::Accel;
 
@@ -48,16 +48,6 @@ fn absolute(spec: &LaunchSpec) -> Result<LaunchSpec, VmmError> {
     })
 }
 
-/// The QEMU still running for `vm_dir`, if its pid file names a live process that was started
-/// with that pid file (so a reused pid does not count).
-fn running_in(vm_dir: &Path) -> Option<i32> {
-    let pidfile = vm_dir.join("qemu.pid");
-    let (pid, _) = read_pidfile(&pidfile)?;
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let needle = pidfile.as_os_str().as_encoded_bytes();
-    cmdline.split(|&b| b == 0).any(|arg| arg == needle).then_some(pid)
-}
-
 /// Removes sockets and the pid file of a QEMU that is gone.
 fn remove_runtime_files(vm_dir: &Path) {
     for name in RUNTIME_FILES {
@@ -71,7 +61,7 @@ pub fn launch(spec: &LaunchSpec) -> Result<Launched, VmmError> {
     let (accel, warning) = resolve_accel(spec.accel)?;
     let spec = absolute(spec)?;
     let dir = &spec.vm_dir;
-    if let Some(pid) = running_in(dir) {
+    if let Some((pid, _)) = find_running(dir) {
         return Err(VmmError::AlreadyRunning { pid, vm_dir: dir.clone() });
     }
     remove_runtime_files(dir);
@@ -161,14 +151,6 @@ mod tests {
         assert!(t.starts_with("line 20") && t.ends_with("line 29"), "{t}");
         std::fs::write(&p, "").expect("write");
         assert!(tail(&p).contains("is empty"));
-    }
-
-    #[test]
-    fn a_pid_file_naming_an_unrelated_process_is_not_a_running_vmm() {
-        let dir = tempfile::tempdir().expect("tmp");
-        // Our own pid is alive, but our command line does not name this pid file.
-        std::fs::write(dir.path().join("qemu.pid"), std::process::id().to_string()).expect("write");
-        assert_eq!(running_in(dir.path()), None);
     }
 
     #[test]

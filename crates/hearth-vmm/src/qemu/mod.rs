@@ -1,9 +1,12 @@
-//! The QEMU provider: command line, daemonized launch, QMP.
+//! The QEMU provider: the command line (`config.rs`), daemonized launch and stop
+//! (`launch.rs`), the QMP client (`qmp.rs`) and finding a running QEMU again (`observe.rs`).
 
 mod config;
 mod launch;
+mod observe;
 mod qmp;
 
 pub use config::{kernel_cmdline, qemu_args, QBOOT};
 pub use launch::{launch, stop, Stopped};
+pub use observe::{find_running, observe, Observed};
 pub use qmp::Qmp;
