@@ -194,6 +194,9 @@ fn layers() -> Result<()> {
 fn e2e_env(cmd: &mut Command) -> Result<()> {
     let init = build_init()?;
     let (k, m) = kernel()?;
+    // The kernel crate's boot tests take the unpacked package root and the init binary.
+    let kernel_root = root().join(".cache/kernel/root");
+    cmd.env("HEARTH_KERNEL_DIR", kernel_root).env("HEARTH_INIT_BIN", &init);
     cmd.env("HEARTH_E2E", "1").env("HEARTH_INIT", init).env("HEARTH_TEST_KERNEL", k).env("HEARTH_TEST_MODULES", m);
     Ok(())
 }
