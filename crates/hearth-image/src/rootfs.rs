@@ -155,14 +155,17 @@ impl ImageStore {
         if out.is_file() {
             return Ok(out);
         }
-        let _lock = lock_file(&self.rootfs_lock_path(&image.id))?;
+        let lock = lock_file(&self.rootfs_lock_path(&image.id))?;
         if out.is_file() {
+            lock.remove();
             return Ok(out);
         }
         let staging = self.tmp_path(image.id.hex());
         let root = staging.join("root");
         let result = self.unpack_to(image, &root).and_then(|_| build_ext4(&root, &out));
         let _ = fs::remove_dir_all(&staging);
+        // Only finished images stay in rootfs/.
+        lock.remove();
         result.map(|_| out)
     }
 
@@ -185,6 +188,44 @@ impl ImageStore {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn a_failed_build_leaves_nothing_and_concurrent_builds_build_once() {
+        let t = tempfile::tempdir().expect("tmp");
+        let s = ImageStore::open(t.path()).expect("open");
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(1);
+        h.set_mode(0o644);
+        b.append_data(&mut h, "ok", &b"x"[..]).expect("append");
+        let (good, _) = s.put_blob(&b.into_inner().expect("tar")[..], None, &|_| {}).expect("blob");
+        let (bad, _) = s.put_blob(&[0x42u8; 1024][..], None, &|_| {}).expect("blob");
+        let rec = |layers: Vec<Digest>, seed: &str| ImageRecord {
+            names: vec![],
+            id: crate::store::digest_of(seed.as_bytes()),
+            manifest_digest: None,
+            layers,
+            config: Default::default(),
+            size: 0,
+            created_at: 0,
+        };
+        let broken = rec(vec![good.clone(), bad], "broken");
+        assert!(matches!(s.rootfs(&broken), Err(RootfsError::Unpack { .. })));
+        let listing = |d: &str| fs::read_dir(t.path().join("images").join(d)).expect("dir").count();
+        assert_eq!((listing("rootfs"), listing("tmp")), (0, 0), "nothing left behind");
+
+        if Command::new("mkfs.ext4").arg("-V").output().is_err() {
+            eprintln!("skipping the build half: no mkfs.ext4");
+            return;
+        }
+        let fine = rec(vec![good], "fine");
+        let paths: Vec<PathBuf> = std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..3).map(|_| sc.spawn(|| s.rootfs(&fine).expect("rootfs"))).collect();
+            hs.into_iter().map(|h| h.join().expect("join")).collect()
+        });
+        assert!(paths.iter().all(|p| *p == s.rootfs_path(&fine.id) && p.is_file()));
+        assert_eq!((listing("rootfs"), listing("tmp")), (1, 0), "one image, no lock or staging left");
+    }
 
     #[test]
     fn decompress_sniffs_gzip_zstd_and_plain() {

@@ -79,14 +79,34 @@ pub struct ImageStore {
     pub(crate) dir: PathBuf,
 }
 
-/// An exclusive lock on the store's records, held until dropped.
+/// An exclusive `flock` on a lock file, held until dropped.
 #[derive(Debug)]
-pub(crate) struct Lock(#[allow(dead_code)] File);
+pub(crate) struct Lock {
+    file: File,
+    path: PathBuf,
+}
 
+impl Lock {
+    /// Deletes the lock file, then releases the lock. Safe because [`lock_file`] re-checks that
+    /// the file it locked is still the one at the path.
+    pub(crate) fn remove(self) {
+        let _ = fs::remove_file(&self.path);
+        drop(self.file);
+    }
+}
+
+/// Locks `path` (creating it), waiting for other holders.
 pub(crate) fn lock_file(path: &Path) -> Result<Lock, StoreError> {
-    let f = fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(io_err(path))?;
-    sys::lock_exclusive(&f).map_err(io_err(path))?;
-    Ok(Lock(f))
+    use std::os::unix::fs::MetadataExt;
+    loop {
+        let file = fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(io_err(path))?;
+        sys::lock_exclusive(&file).map_err(io_err(path))?;
+        // A holder may have removed the file meanwhile; then lock the new one instead.
+        let held = file.metadata().map_err(io_err(path))?;
+        if fs::metadata(path).is_ok_and(|now| now.ino() == held.ino() && now.dev() == held.dev()) {
+            return Ok(Lock { file, path: path.to_owned() });
+        }
+    }
 }
 
 impl ImageStore {
@@ -261,11 +281,10 @@ impl ImageStore {
         let rec = self.get(name_or_id)?.ok_or_else(|| StoreError::NotFound(name_or_id.to_owned()))?;
         let path = self.record_path(&rec.id);
         fs::remove_file(&path).map_err(io_err(&path))?;
-        for p in [self.rootfs_path(&rec.id), self.rootfs_lock_path(&rec.id)] {
-            match fs::remove_file(&p) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(StoreError::Io { path: p, source: e }),
-                _ => {}
-            }
+        let rootfs = self.rootfs_path(&rec.id);
+        match fs::remove_file(&rootfs) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(StoreError::Io { path: rootfs, source: e }),
+            _ => {}
         }
         let others = self.list()?;
         let uses = |o: &ImageRecord, d: &Digest| o.id == *d || o.layers.contains(d) || o.manifest_digest.as_ref() == Some(d);
