@@ -118,6 +118,11 @@ impl Daemon {
         self.tombstones.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
     }
 
+    /// The VM's record, or how it ended if it was removed since (an `--rm` VM).
+    pub fn get_or_removed(&self, id: &VmId) -> Result<Option<VmRecord>, Status> {
+        Ok(self.get(id)?.or_else(|| self.tombstone(id)))
+    }
+
     /// A removed VM by id, id prefix or name, when exactly one matches.
     pub fn tombstone_by_ref(&self, reference: &str) -> Option<VmRecord> {
         let t = self.tombstones.lock().unwrap_or_else(|e| e.into_inner());

@@ -31,7 +31,8 @@ fn json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_default()
 }
 
-fn record(v: &VmRecord) -> Response<pb::Record> {
+/// Any domain record (VM, image, kernel) as the API's JSON record.
+fn record<T: serde::Serialize>(v: &T) -> Response<pb::Record> {
     Response::new(pb::Record { json: json(v), warning: String::new() })
 }
 
@@ -98,7 +99,7 @@ impl Hearth for Api {
         let name: ImageRef = req.name.parse().map_err(user_error)?;
         let d = self.d.clone();
         let rec = blocking(move || d.images.import(std::path::Path::new(&req.path), &name).map_err(chain)).await?;
-        Ok(Response::new(pb::Record { json: json(&rec), warning: String::new() }))
+        Ok(record(&rec))
     }
 
     async fn list_images(&self, _: Request<pb::Empty>) -> Result<Response<pb::Records>, Status> {
@@ -125,7 +126,7 @@ impl Hearth for Api {
         }
         let d = self.d.clone();
         let rec = blocking(move || d.images.remove(&req.r#ref).map_err(chain)).await?;
-        Ok(Response::new(pb::Record { json: json(&rec), warning: String::new() }))
+        Ok(record(&rec))
     }
 
     async fn import_kernel(&self, req: Request<pb::ImportKernelRequest>) -> Result<Response<pb::Record>, Status> {
@@ -143,7 +144,7 @@ impl Hearth for Api {
             Ok(rec)
         })
         .await?;
-        Ok(Response::new(pb::Record { json: json(&rec), warning: String::new() }))
+        Ok(record(&rec))
     }
 
     type PullKernelStream = Streamed<pb::Progress>;
@@ -195,7 +196,7 @@ impl Hearth for Api {
             )));
         }
         let rec = self.d.kernels.remove(&req.r#ref).map_err(chain)?;
-        Ok(Response::new(pb::Record { json: json(&rec), warning: String::new() }))
+        Ok(record(&rec))
     }
 
     async fn set_default_kernel(&self, req: Request<pb::Ref>) -> Result<Response<pb::Empty>, Status> {
@@ -226,12 +227,12 @@ impl Hearth for Api {
             self.d.save(&cur)?;
             reconcile::reconcile_locked(&self.d, &id, Options::default()).await?;
         }
-        let mut out = self.d.get(&id)?.or_else(|| self.d.tombstone(&id)).ok_or_else(|| Status::not_found("VM vanished"))?;
+        let mut out = self.d.get_or_removed(&id)?.ok_or_else(|| Status::not_found("VM vanished"))?;
         let warning = out.status.reason.clone();
         if req.wait_ready {
             // Until hearth-init reports ready, or the VM already ended.
             loop {
-                out = self.d.get(&id)?.or_else(|| self.d.tombstone(&id)).ok_or_else(|| Status::not_found("VM vanished"))?;
+                out = self.d.get_or_removed(&id)?.ok_or_else(|| Status::not_found("VM vanished"))?;
                 if out.status.state != VmState::Starting {
                     break;
                 }
@@ -302,7 +303,7 @@ impl Hearth for Api {
         let id = rec.spec.id.clone();
         let mut changes = self.d.subscribe();
         loop {
-            let cur = self.d.get(&id)?.or_else(|| self.d.tombstone(&id));
+            let cur = self.d.get_or_removed(&id)?;
             let Some(cur) = cur else { return Err(Status::not_found("the VM was removed")) };
             if !running(&cur) && cur.desired != Desired::Running {
                 return Ok(Response::new(pb::WaitResponse {
