@@ -19,6 +19,9 @@ const APT_PACKAGES: &[&str] = &[
     "cpio",
     "zstd",
     "iproute2",
+    // sshd for the `hearth ssh` test image, and the client `hearth ssh` runs.
+    "dropbear-bin",
+    "openssh-client",
 ];
 
 /// The guest kernel package: Debian's cloud kernel (virtio as modules).

@@ -1,7 +1,8 @@
 //! Turning an image's OCI config plus the user's overrides into what hearth-init runs.
 
 use hearth_types::guest::{is_init_system, GUEST_CONFIG_VERSION};
-use hearth_types::{GuestConfig, GuestProcess, ImageConfig, VmSpec};
+use hearth_types::net::{mac_for, USER_NET_ADDRESS, USER_NET_DNS, USER_NET_GATEWAY, USER_NET_PREFIX};
+use hearth_types::{GuestConfig, GuestNetwork, GuestProcess, ImageConfig, NetworkMode, VmSpec};
 
 /// PATH given to a workload whose image sets none.
 pub const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -59,8 +60,23 @@ pub fn guest_config(spec: &VmSpec, image: &ImageConfig) -> Result<GuestConfig, G
             tty: spec.tty,
             stdin: spec.interactive || spec.tty,
         },
-        ssh_authorized_keys: Vec::new(),
+        ssh_authorized_keys: spec.ssh_public_key.iter().map(|k| k.trim().to_owned()).collect(),
+        network: guest_network(spec),
     })
+}
+
+/// The interface settings for the VM's network mode.
+pub fn guest_network(spec: &VmSpec) -> Option<GuestNetwork> {
+    match spec.network {
+        NetworkMode::None => None,
+        NetworkMode::User => Some(GuestNetwork {
+            mac: mac_for(&spec.id),
+            address: USER_NET_ADDRESS.to_owned(),
+            prefix: USER_NET_PREFIX,
+            gateway: USER_NET_GATEWAY.to_owned(),
+            dns: vec![USER_NET_DNS.to_owned()],
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -112,5 +128,20 @@ mod tests {
         let none = ImageConfig::default();
         assert!(guest_config(&spec(None, vec![]), &none).is_err());
         assert!(guest_config(&spec(None, vec!["/sbin/init"]), &none).expect("cfg").init_system);
+    }
+
+    #[test]
+    fn network_and_keys_reach_the_guest() {
+        let mut s = spec(None, vec![]);
+        s.ssh_public_key = Some("ssh-ed25519 AAAA me\n".into());
+        let cfg = guest_config(&s, &image()).expect("config");
+        assert_eq!(cfg.ssh_authorized_keys, ["ssh-ed25519 AAAA me"]);
+        let net = cfg.network.expect("user networking by default");
+        assert_eq!((net.address.as_str(), net.prefix, net.gateway.as_str()), ("10.0.2.15", 24, "10.0.2.2"));
+        assert_eq!(net.mac, mac_for(&s.id));
+        s.network = NetworkMode::None;
+        s.ssh_public_key = None;
+        let cfg = guest_config(&s, &image()).expect("config");
+        assert!(cfg.network.is_none() && cfg.ssh_authorized_keys.is_empty());
     }
 }

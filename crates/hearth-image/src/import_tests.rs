@@ -77,7 +77,7 @@ fn junk_and_empty_files_are_refused_clearly() {
 fn oci_layout_from_testutil() {
     let (t, s) = setup();
     let layout = t.path().join("layout");
-    testutil::busybox_oci_layout(&layout, "v1", &TestImage { user: "app".into(), payload_bytes: 0 }).expect("layout");
+    testutil::busybox_oci_layout(&layout, "v1", &TestImage { user: "app".into(), ..Default::default() }).expect("layout");
     let rec = s.import(&layout, &"demo:v1".parse().expect("ref")).expect("import");
     assert_eq!(rec.names, ["docker.io/library/demo:v1"]);
     assert_eq!((rec.config.user.as_str(), rec.config.working_dir.as_str()), ("app", "/work"));

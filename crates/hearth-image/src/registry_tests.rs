@@ -195,7 +195,7 @@ fn pull_from_a_local_registry_and_build_the_rootfs() {
     assert!(std::fs::read_dir(t.path().join("images/tmp")).expect("tmp").next().is_none(), "staging removed");
 
     // The name moves to a new image; the old one stays, nameless.
-    testutil::push_image(&reg, "demo:1", &TestImage { user: String::new(), payload_bytes: 1000 }).expect("push v2");
+    testutil::push_image(&reg, "demo:1", &TestImage { payload_bytes: 1000, ..Default::default() }).expect("push v2");
     let new = s.pull(&r, &PullOptions::default(), &NoProgress).expect("pull v2");
     assert_ne!(new.id, rec.id);
     let old = s.get(rec.id.hex()).expect("get").expect("old stays");

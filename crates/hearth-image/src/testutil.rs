@@ -59,6 +59,9 @@ pub struct TestImage {
     pub user: String,
     /// Extra bytes of payload (a file at /payload.bin), to make images of a chosen size.
     pub payload_bytes: usize,
+    /// Host programs copied in at the same paths, with the shared libraries `ldd` lists
+    /// (e.g. `/usr/sbin/dropbear` for an image with an SSH server).
+    pub host_binaries: Vec<PathBuf>,
 }
 
 fn sha(b: &[u8]) -> String {
@@ -91,7 +94,7 @@ pub fn busybox_layer(img: &TestImage) -> std::io::Result<Vec<u8>> {
     use tar::EntryType::{Directory, Regular, Symlink};
     let busybox = fs::read("/bin/busybox")?;
     let mut b = tar::Builder::new(Vec::new());
-    for d in ["bin", "etc", "work", "root", "home", "home/app", "tmp"] {
+    for d in ["bin", "etc", "work", "root", "home", "home/app", "tmp", "var", "var/run"] {
         entry(&mut b, d, if d == "tmp" { 0o1777 } else { 0o755 }, &[], Directory, None)?;
     }
     entry(&mut b, "bin/busybox", 0o755, &busybox, Regular, None)?;
@@ -100,6 +103,25 @@ pub fn busybox_layer(img: &TestImage) -> std::io::Result<Vec<u8>> {
     }
     entry(&mut b, "etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n", Regular, None)?;
     entry(&mut b, "etc/group", 0o644, b"root:x:0:\napp:x:1000:\n", Regular, None)?;
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for bin in &img.host_binaries {
+        let mut files = vec![bin.clone()];
+        files.extend(shared_libraries(bin)?);
+        for f in files {
+            let rel = f.strip_prefix("/").unwrap_or(&f).to_path_buf();
+            for anc in rel.ancestors().skip(1).filter(|a| !a.as_os_str().is_empty()).collect::<Vec<_>>().into_iter().rev() {
+                if !dirs.contains(&anc.to_path_buf()) && !["bin", "etc", "var"].contains(&anc.to_string_lossy().as_ref()) {
+                    entry(&mut b, &anc.to_string_lossy(), 0o755, &[], Directory, None)?;
+                    dirs.push(anc.to_path_buf());
+                }
+            }
+            entry(&mut b, &rel.to_string_lossy(), 0o755, &fs::read(&f)?, Regular, None)?;
+        }
+    }
+    if !img.host_binaries.is_empty() {
+        // dropbear keeps generated host keys here.
+        entry(&mut b, "etc/dropbear", 0o700, &[], Directory, None)?;
+    }
     if img.payload_bytes > 0 {
         // Incompressible-ish but deterministic content.
         let mut data = Vec::with_capacity(img.payload_bytes);
@@ -114,6 +136,19 @@ pub fn busybox_layer(img: &TestImage) -> std::io::Result<Vec<u8>> {
         entry(&mut b, "payload.bin", 0o644, &data, Regular, None)?;
     }
     b.into_inner()
+}
+
+/// The shared libraries (and the dynamic loader) `ldd` says `bin` loads.
+fn shared_libraries(bin: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let out = Command::new("ldd").arg(bin).output()?;
+    if !out.status.success() {
+        return Err(std::io::Error::other(format!("ldd {} failed", bin.display())));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with('/')))
+        .map(PathBuf::from)
+        .collect())
 }
 
 /// Writes an OCI image layout of the busybox image to `dir`, tagged `tag`.
@@ -250,7 +285,7 @@ impl Drop for LocalRegistry {
 
 /// Builds the busybox image (config `User` = `user`) and pushes it as `repo_tag`.
 pub fn push_busybox(reg: &LocalRegistry, repo_tag: &str, user: &str) -> std::io::Result<()> {
-    push_image(reg, repo_tag, &TestImage { user: user.to_owned(), payload_bytes: 0 })
+    push_image(reg, repo_tag, &TestImage { user: user.to_owned(), ..Default::default() })
 }
 
 /// Pushes a one-layer image as `repo_tag`.

@@ -10,6 +10,7 @@
 
 mod agent;
 mod boot;
+mod net;
 mod process;
 mod sys;
 mod user;
@@ -59,6 +60,7 @@ fn run(started: u64, config_disk: &mut Option<File>) -> Result<GuestExit, String
     if !cfg.hostname.is_empty() {
         let _ = sys::sethostname(&cfg.hostname);
     }
+    net::configure(cfg.network.as_ref(), &cfg.hostname);
     install_keys(&cfg.ssh_authorized_keys);
     let spec = process::Spec {
         args: cfg.process.args.clone(),

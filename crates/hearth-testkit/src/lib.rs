@@ -24,6 +24,9 @@ pub fn spec(n: u8) -> VmSpec {
         auto_remove: false,
         interactive: false,
         tty: false,
+        network: Default::default(),
+        ports: vec![],
+        ssh_public_key: None,
         created_at: u64::from(n),
     }
 }

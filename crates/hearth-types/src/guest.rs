@@ -56,9 +56,25 @@ pub struct GuestConfig {
     /// Public keys to install in root's `authorized_keys`.
     #[serde(default)]
     pub ssh_authorized_keys: Vec<String>,
+    /// The network interface to configure; none when the VM has no network.
+    #[serde(default)]
+    pub network: Option<GuestNetwork>,
 }
 
-/// Current [`GuestConfig::version`].
+/// A statically configured interface: hearth-init needs no DHCP client.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestNetwork {
+    /// Finds the interface, whatever the kernel named it.
+    pub mac: String,
+    /// IPv4 address and prefix length.
+    pub address: String,
+    pub prefix: u8,
+    pub gateway: String,
+    /// Resolvers written to /etc/resolv.conf.
+    pub dns: Vec<String>,
+}
+
+/// Current [`GuestConfig::version`]. New optional fields keep it; older readers ignore them.
 pub const GUEST_CONFIG_VERSION: u32 = 1;
 
 /// How the workload ended, as hearth-init saw it.

@@ -6,6 +6,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::id::{validate_name, VmId};
+use crate::net::{NetworkMode, PortMapping};
 
 /// Ignite's defaults: 1 vCPU, 512 MiB, 4 GiB disk.
 pub const DEFAULT_CPUS: u32 = 1;
@@ -68,6 +69,8 @@ pub enum VmSpecError {
     Label(String),
     #[error(transparent)]
     Name(#[from] crate::id::IdError),
+    #[error(transparent)]
+    Network(#[from] crate::net::NetError),
 }
 
 /// What the user asked for. Immutable once created.
@@ -109,6 +112,15 @@ pub struct VmSpec {
     /// Give the workload a terminal (`-t`).
     #[serde(default)]
     pub tty: bool,
+    /// How the VM reaches the network.
+    #[serde(default)]
+    pub network: NetworkMode,
+    /// Host sockets forwarded to guest ports (`-p`).
+    #[serde(default)]
+    pub ports: Vec<PortMapping>,
+    /// Public key hearth-init installs for root (`--ssh`); `hearth ssh` reaches the guest's port 22.
+    #[serde(default)]
+    pub ssh_public_key: Option<String>,
     /// Unix seconds.
     pub created_at: u64,
 }
@@ -134,6 +146,7 @@ impl VmSpec {
                 return Err(VmSpecError::Env(e.clone()));
             }
         }
+        crate::net::validate(self.network, &self.ports, self.ssh_public_key.as_deref())?;
         Ok(())
     }
 }
@@ -215,6 +228,15 @@ pub struct VmStatus {
     /// Where the last boot spent its time.
     #[serde(default)]
     pub boot: Option<BootTimings>,
+    /// The guest's IP address while it runs with a network.
+    #[serde(default)]
+    pub ip: Option<String>,
+    /// Loopback port on the host forwarded to the guest's SSH port, for `hearth ssh`.
+    #[serde(default)]
+    pub ssh_port: Option<u16>,
+    /// Private key hearth generated for `hearth ssh`, when it generated one.
+    #[serde(default)]
+    pub ssh_key_path: Option<String>,
 }
 
 /// Boot timings of the last start, from the host's clock and the guest's uptime.
@@ -259,6 +281,9 @@ mod tests {
             auto_remove: false,
             interactive: false,
             tty: false,
+            network: NetworkMode::User,
+            ports: vec![],
+            ssh_public_key: None,
             created_at: 0,
         }
     }

@@ -44,6 +44,15 @@ pub struct LaunchSpec {
     pub accel: Accel,
     /// The QEMU binary; `qemu-system-x86_64` from PATH when `None`.
     pub qemu_binary: Option<PathBuf>,
+    /// The VM's network card, if it has one.
+    pub network: Option<NetLaunch>,
+}
+
+/// A user-mode NAT network card and the host sockets forwarded into the guest.
+#[derive(Debug, Clone, Default)]
+pub struct NetLaunch {
+    pub mac: String,
+    pub forwards: Vec<hearth_types::PortMapping>,
 }
 
 /// A started VMM.

@@ -61,6 +61,7 @@ fn vm(extra_cmdline: &str) -> Option<(tempfile::TempDir, LaunchSpec)> {
         memory_mib: 256,
         accel: Accel::Tcg,
         qemu_binary: None,
+        network: None,
     };
     Some((dir, spec))
 }

@@ -45,6 +45,8 @@ enum Command {
     Exec(cmd::exec::ExecArgs),
     /// Copy files or directories between the host and a VM (VM:PATH).
     Cp(cmd::cp::CpArgs),
+    /// SSH into a VM created with --ssh (its image must run an SSH server).
+    Ssh(cmd::ssh::SshArgs),
     /// Manage images.
     #[command(subcommand)]
     Image(cmd::image::ImageCmd),
@@ -87,6 +89,7 @@ async fn dispatch(cli: Cli) -> i32 {
         Command::Attach(a) => cmd::console::attach(host, a).await,
         Command::Exec(a) => cmd::exec::exec(host, a).await,
         Command::Cp(a) => cmd::cp::cp(host, a).await,
+        Command::Ssh(a) => cmd::ssh::ssh(host, a).await,
         Command::Image(c) => cmd::image::image(host, c).await,
         Command::Kernel(c) => cmd::kernel::kernel(host, c).await,
         Command::Version => cmd::ps::version(host).await,

@@ -42,6 +42,10 @@ pub async fn create(d: &Arc<Daemon>, req: pb::CreateVmRequest) -> Result<VmRecor
         return Err(Status::not_found(format!("kernel {kernel} does not exist: see `hearth kernel ls`, or import it")));
     }
     let accel = req.accel.parse().map_err(|e: hearth_types::VmSpecError| Status::invalid_argument(e.to_string()))?;
+    let bad = |e: hearth_types::NetError| Status::invalid_argument(e.to_string());
+    let network = req.network.parse().map_err(bad)?;
+    let ports = req.ports.iter().map(|p| p.parse()).collect::<Result<Vec<_>, _>>().map_err(bad)?;
+    let given_key = Some(req.ssh_public_key.trim().to_owned()).filter(|k| !k.is_empty());
     let labels = req.labels.into_iter().collect();
     let _g = CREATE.lock().await;
     let existing = d.vms.list().map_err(internal)?;
@@ -78,11 +82,29 @@ pub async fn create(d: &Arc<Daemon>, req: pb::CreateVmRequest) -> Result<VmRecor
         auto_remove: req.auto_remove,
         interactive: req.interactive,
         tty: req.tty,
+        network,
+        ports,
+        // A placeholder for the key generated below, so validation sees that SSH is wanted.
+        ssh_public_key: given_key.clone().or_else(|| req.ssh.then(|| "ssh-ed25519 AAAA".to_owned())),
         created_at: created_now(),
     };
     spec.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
     hearth_core::guest_config(&spec, &image.config).map_err(|e| Status::invalid_argument(e.to_string()))?;
-    let rec = new_record(spec);
-    d.save(&rec)?;
+    let mut rec = new_record(spec);
+    if req.ssh && given_key.is_none() {
+        let dir = d.vm_dir(&rec.spec.id);
+        match crate::ssh::generate(&dir, &format!("hearth@{}", rec.spec.name)) {
+            Ok(public) => rec.spec.ssh_public_key = Some(public),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(internal(e.context("generating the VM's SSH key pair")));
+            }
+        }
+        rec.status.ssh_key_path = Some(crate::ssh::key_path(&dir).display().to_string());
+    }
+    if let Err(e) = d.save(&rec) {
+        let _ = std::fs::remove_dir_all(d.vm_dir(&rec.spec.id));
+        return Err(e);
+    }
     Ok(rec)
 }

@@ -5,8 +5,10 @@ mod console;
 mod create;
 mod daemon;
 mod exec;
+mod net;
 mod reconcile;
 mod service;
+mod ssh;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -176,6 +176,7 @@ async fn launch(d: &Arc<Daemon>, rec: &mut VmRecord) -> Result<(), Status> {
     hearth_storage::clear_exit_record(&config_path(d, &id)).map_err(internal)?;
     let console = dir.join("console.log");
     rec.status.console_offset = std::fs::metadata(&console).map(|m| m.len()).unwrap_or(0);
+    let net = crate::net::plan(&rec.spec)?;
     let spec = hearth_vmm::LaunchSpec {
         vm_dir: dir.clone(),
         kernel,
@@ -187,6 +188,7 @@ async fn launch(d: &Arc<Daemon>, rec: &mut VmRecord) -> Result<(), Status> {
         memory_mib: rec.spec.memory_mib,
         accel: rec.spec.accel,
         qemu_binary: std::env::var_os("HEARTH_QEMU").map(Into::into),
+        network: net.as_ref().map(|(card, _)| card.clone()),
     };
     rec.status.started_at = Some(now_millis());
     let launched = tokio::task::spawn_blocking(move || hearth_vmm::launch(&spec))
@@ -206,6 +208,8 @@ async fn launch(d: &Arc<Daemon>, rec: &mut VmRecord) -> Result<(), Status> {
     rec.status.boot = None;
     rec.status.finished_at = None;
     rec.status.boots += 1;
+    rec.status.ssh_port = net.as_ref().and_then(|(_, ssh)| *ssh);
+    rec.status.ip = hearth_core::guest_network(&rec.spec).map(|n| n.address);
     d.save(rec)?;
     info!(pid = launched.pid, accel = %launched.accel, "vmm started");
     spawn_watchers(d, &id, launched.pid, launched.start_time, true);
@@ -303,6 +307,8 @@ fn record_exit(d: &Daemon, rec: &mut VmRecord) -> Result<(), Status> {
     rec.status.finished_at = Some(now_millis());
     rec.status.pid = None;
     rec.status.pid_start_time = None;
+    rec.status.ip = None;
+    rec.status.ssh_port = None;
     rec.desired = if rec.spec.auto_remove { Desired::Deleted } else { Desired::Stopped };
     d.save(rec)
 }

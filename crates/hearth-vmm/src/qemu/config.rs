@@ -53,11 +53,25 @@ pub fn qemu_args(spec: &LaunchSpec, accel: Accel, bios: Option<&std::path::Path>
     push(&["-chardev", &console, "-serial", "chardev:con"]);
     let agent = format!("socket,id=agent,path={},server=on,wait=off", p("agent.sock"));
     push(&["-device", serial, "-chardev", &agent, "-device", "virtserialport,chardev=agent,name=hearth.agent"]);
+    if let Some(net) = &spec.network {
+        let nic = if kvm { "virtio-net-device" } else { "virtio-net-pci,romfile=" };
+        push(&["-netdev", &netdev(net), "-device", &format!("{nic},netdev=net0,mac={}", net.mac)]);
+    }
     let qmp = format!("unix:{},server=on,wait=off", p("qmp.sock"));
     // A daemonized QEMU points its stderr at /dev/null unless `-D` names a log file; with one,
     // the file becomes its stderr. QEMU truncates it on open, so qemu.log holds this boot only.
     push(&["-qmp", &qmp, "-pidfile", &p("qemu.pid"), "-D", &p("qemu.log"), "-daemonize"]);
     a
+}
+
+/// QEMU's user-mode network backend with one `hostfwd` per published port.
+fn netdev(net: &crate::NetLaunch) -> String {
+    let mut s = String::from("user,id=net0");
+    for f in &net.forwards {
+        let ip = if f.host_ip.contains(':') { format!("[{}]", f.host_ip) } else { f.host_ip.clone() };
+        s.push_str(&format!(",hostfwd={}:{ip}:{}-:{}", f.protocol, f.host_port, f.guest_port));
+    }
+    s
 }
 
 #[cfg(test)]
@@ -77,6 +91,7 @@ mod tests {
             memory_mib: 512,
             accel: Accel::Auto,
             qemu_binary: None,
+            network: None,
         }
     }
 
@@ -173,5 +188,21 @@ mod tests {
         let a = qemu_args(&spec(), Accel::Tcg, None);
         assert!(after(&a, "-bios").is_empty());
         assert_eq!(after(&a, "-fw_cfg"), ["name=etc/sercon-port,string=0"]);
+    }
+
+    #[test]
+    fn network_card_and_forwards() {
+        assert!(after(&qemu_args(&spec(), Accel::Tcg, None), "-netdev").is_empty(), "no network, no card");
+        let mut s = spec();
+        let forwards = ["127.0.0.1:2222:22", "8080:80", "[::1]:5353:53/udp"].map(|p| p.parse().expect("port")).to_vec();
+        s.network = Some(crate::NetLaunch { mac: "02:00:00:00:00:01".into(), forwards });
+        let a = qemu_args(&s, Accel::Tcg, None);
+        assert_eq!(
+            after(&a, "-netdev"),
+            ["user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=tcp:0.0.0.0:8080-:80,hostfwd=udp:[::1]:5353-:53"]
+        );
+        assert!(after(&a, "-device").contains(&"virtio-net-pci,romfile=,netdev=net0,mac=02:00:00:00:00:01"));
+        let a = qemu_args(&s, Accel::Kvm, None);
+        assert!(after(&a, "-device").contains(&"virtio-net-device,netdev=net0,mac=02:00:00:00:00:01"));
     }
 }

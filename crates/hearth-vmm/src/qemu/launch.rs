@@ -166,6 +166,7 @@ mod tests {
             memory_mib: 128,
             accel: Accel::Tcg,
             qemu_binary: None,
+            network: None,
         };
         let a = absolute(&spec).expect("absolute");
         assert!(a.vm_dir.is_absolute() && a.initrd.is_absolute() && a.root_disk.is_absolute());
@@ -186,6 +187,7 @@ mod tests {
             memory_mib: 128,
             accel: Accel::Tcg,
             qemu_binary: Some(dir.path().join("no-such-qemu")),
+            network: None,
         };
         let e = launch(&spec).expect_err("no binary");
         assert!(e.to_string().contains("qemu-system-x86"), "{e}");

@@ -8,3 +8,4 @@ pub mod kernel;
 pub mod lifecycle;
 pub mod ps;
 pub mod run;
+pub mod ssh;

@@ -50,11 +50,13 @@ pub async fn ps(host: Option<String>, a: PsArgs) -> anyhow::Result<i32> {
                         format!("{} MiB", v.spec.memory_mib),
                         ago(v.spec.created_at),
                         status_text(v),
+                        v.status.ip.clone().unwrap_or_default(),
+                        v.spec.ports.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", "),
                         v.spec.name.clone(),
                     ]
                 })
                 .collect();
-            table(&["VM ID", "IMAGE", "KERNEL", "CPUS", "MEMORY", "CREATED", "STATUS", "NAME"], &rows);
+            table(&["VM ID", "IMAGE", "KERNEL", "CPUS", "MEMORY", "CREATED", "STATUS", "IPS", "PORTS", "NAME"], &rows);
         }
         other => anyhow::bail!("-o must be table or json, got {other:?}"),
     }

@@ -53,6 +53,15 @@ pub struct CreateArgs {
     /// Give the workload a terminal.
     #[arg(short = 't', long)]
     tty: bool,
+    /// Network: user (NAT through the VMM, the default) or none.
+    #[arg(long, default_value = "user")]
+    network: String,
+    /// Publish a guest port on the host: [IP:]HOST_PORT:GUEST_PORT[/tcp|/udp].
+    #[arg(short = 'p', long = "publish", value_name = "PORT")]
+    publish: Vec<String>,
+    /// Allow `hearth ssh`: generate a key pair for this VM, or install the public key at PATH.
+    #[arg(long, value_name = "PATH", num_args = 0..=1, require_equals = true, default_missing_value = "")]
+    ssh: Option<String>,
     /// Pull from a registry over plain http / without TLS verification.
     #[arg(long)]
     insecure: bool,
@@ -118,7 +127,33 @@ fn request(a: &CreateArgs) -> anyhow::Result<pb::CreateVmRequest> {
         tty: a.tty,
         pull: false,
         insecure: a.insecure,
+        network: a.network.clone(),
+        ports: a.publish.clone(),
+        ssh: a.ssh.is_some(),
+        ssh_public_key: match a.ssh.as_deref() {
+            None | Some("") => String::new(),
+            Some(path) => read_public_key(path)?,
+        },
     })
+}
+
+/// The public key at `path` (`~/` is the home directory). Given the private key of a pair,
+/// uses the `.pub` beside it.
+fn read_public_key(path: &str) -> anyhow::Result<String> {
+    let path = match (path.strip_prefix("~/"), std::env::var_os("HOME")) {
+        (Some(rest), Some(home)) => std::path::Path::new(&home).join(rest),
+        _ => std::path::PathBuf::from(path),
+    };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("--ssh: reading the public key {}", path.display()))?;
+    if text.trim_start().starts_with("-----BEGIN") {
+        let public = path.with_file_name(format!("{}.pub", path.file_name().unwrap_or_default().to_string_lossy()));
+        if public.exists() {
+            return read_public_key(&public.display().to_string());
+        }
+        bail!("--ssh={}: this is a private key; give the public key (usually the same name with .pub)", path.display());
+    }
+    hearth_types::net::validate_ssh_key(&text).with_context(|| format!("--ssh={}", path.display()))?;
+    Ok(text.trim().to_owned())
 }
 
 /// Creates the VM, pulling its image first when the policy says so.

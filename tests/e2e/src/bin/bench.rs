@@ -135,6 +135,7 @@ fn run_to_ready(reg: &LocalRegistry, runs: usize) -> Daemon {
             memory_mib: 512,
             accel: hearth_types::Accel::Tcg,
             qemu_binary: None,
+            network: None,
         };
         let bios = Path::new(hearth_vmm::qemu::QBOOT);
         let mut args = hearth_vmm::qemu::qemu_args(&spec, hearth_types::Accel::Tcg, bios.exists().then_some(bios));
@@ -185,7 +186,7 @@ fn main() {
     }
     let runs: usize = std::env::args().skip_while(|a| a != "--runs").nth(1).and_then(|n| n.parse().ok()).unwrap_or(3);
     let reg = LocalRegistry::start().expect("docker-registry");
-    push_image(&reg, "bench:1", &TestImage { user: String::new(), payload_bytes: 64 << 20 }).expect("push bench image");
+    push_image(&reg, "bench:1", &TestImage { payload_bytes: 64 << 20, ..Default::default() }).expect("push bench image");
     push_image(&reg, "demo:1", &TestImage::default()).expect("push demo image");
     println!(
         "## hearth benchmarks ({})",

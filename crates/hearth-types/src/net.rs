@@ -1,0 +1,250 @@
+//! A VM's network: the mode, published ports, the guest's address and its SSH access.
+//!
+//! The `user` mode is the VMM's user-mode NAT (QEMU's slirp): the guest sits alone on a private
+//! 10.0.2.0/24 behind the host's own stack, and published ports are forwarded from host sockets.
+//! It needs no root, no bridge and changes nothing on the host (docs/adr/0007-user-networking.md).
+
+use std::fmt;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::id::VmId;
+
+/// The guest's address, prefix, gateway and resolver in the `user` mode (QEMU's defaults).
+pub const USER_NET_ADDRESS: &str = "10.0.2.15";
+pub const USER_NET_PREFIX: u8 = 24;
+pub const USER_NET_GATEWAY: &str = "10.0.2.2";
+pub const USER_NET_DNS: &str = "10.0.2.3";
+/// The guest port `hearth ssh` reaches.
+pub const SSH_PORT: u16 = 22;
+/// Longest public key line accepted (RSA 16384 is about 2.8 KiB).
+pub const MAX_SSH_KEY: usize = 8 << 10;
+
+/// How the VM reaches the network.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// User-mode NAT through the VMM; ports published from host sockets.
+    #[default]
+    User,
+    /// No network device at all.
+    None,
+}
+
+impl std::str::FromStr for NetworkMode {
+    type Err = NetError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "user" | "" => Ok(Self::User),
+            "none" => Ok(Self::None),
+            other => Err(NetError::Mode(other.to_owned())),
+        }
+    }
+}
+
+impl fmt::Display for NetworkMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::User => "user",
+            Self::None => "none",
+        })
+    }
+}
+
+/// Transport of a published port.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        })
+    }
+}
+
+/// A host socket forwarded to a guest port (`-p [IP:]HOST:GUEST[/PROTO]`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PortMapping {
+    /// Host address to listen on; all addresses (`0.0.0.0`) when the user gives none, as docker.
+    pub host_ip: String,
+    pub host_port: u16,
+    pub guest_port: u16,
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for PortMapping {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ip = match self.host_ip.parse::<IpAddr>() {
+            Ok(IpAddr::V6(v6)) => format!("[{v6}]"),
+            _ => self.host_ip.clone(),
+        };
+        write!(f, "{ip}:{}->{}/{}", self.host_port, self.guest_port, self.protocol)
+    }
+}
+
+/// Why a network setting was refused. Each message names the flag and the fix.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NetError {
+    #[error("--network must be user or none, got {0:?}")]
+    Mode(String),
+    #[error("-p {0:?}: expected [IP:]HOST_PORT:GUEST_PORT[/tcp|/udp], e.g. 8080:80 or 127.0.0.1:8080:80/tcp")]
+    PortSyntax(String),
+    #[error("-p {0:?}: {1:?} is not a port number between 1 and 65535")]
+    PortNumber(String, String),
+    #[error("-p {0:?}: {1:?} is not an IP address")]
+    PortAddress(String, String),
+    #[error("-p {0:?}: the protocol must be tcp or udp")]
+    PortProtocol(String),
+    #[error("host port {0} is published twice; give each -p its own host port")]
+    PortTwice(String),
+    #[error("ports and SSH need a network: drop --network none, or drop -p and --ssh")]
+    NeedsNetwork,
+    #[error("--ssh: the public key must be one line like \"ssh-ed25519 AAAA... comment\" (got {0})")]
+    SshKey(String),
+}
+
+impl std::str::FromStr for PortMapping {
+    type Err = NetError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let syntax = || NetError::PortSyntax(s.to_owned());
+        let (rest, protocol) = match s.rsplit_once('/') {
+            Some((r, "tcp")) => (r, Protocol::Tcp),
+            Some((r, "udp")) => (r, Protocol::Udp),
+            Some(_) => return Err(NetError::PortProtocol(s.to_owned())),
+            None => (s, Protocol::Tcp),
+        };
+        let (front, guest) = rest.rsplit_once(':').ok_or_else(syntax)?;
+        let (ip, host) = match front.rsplit_once(':') {
+            Some((ip, host)) => (ip.trim_start_matches('[').trim_end_matches(']'), host),
+            None => ("0.0.0.0", front),
+        };
+        if ip.is_empty() {
+            return Err(syntax());
+        }
+        ip.parse::<IpAddr>().map_err(|_| NetError::PortAddress(s.to_owned(), ip.to_owned()))?;
+        let port = |p: &str| match p.parse::<u16>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(NetError::PortNumber(s.to_owned(), p.to_owned())),
+        };
+        Ok(Self { host_ip: ip.to_owned(), host_port: port(host)?, guest_port: port(guest)?, protocol })
+    }
+}
+
+/// Checks a VM's network settings together.
+pub fn validate(mode: NetworkMode, ports: &[PortMapping], ssh_key: Option<&str>) -> Result<(), NetError> {
+    if mode == NetworkMode::None && (!ports.is_empty() || ssh_key.is_some()) {
+        return Err(NetError::NeedsNetwork);
+    }
+    for (i, p) in ports.iter().enumerate() {
+        if ports[..i].iter().any(|q| q.host_port == p.host_port && q.protocol == p.protocol) {
+            return Err(NetError::PortTwice(format!("{}/{}", p.host_port, p.protocol)));
+        }
+    }
+    if let Some(key) = ssh_key {
+        validate_ssh_key(key)?;
+    }
+    Ok(())
+}
+
+/// A public key as `authorized_keys` holds it: one line, a known key type, base64 data.
+pub fn validate_ssh_key(key: &str) -> Result<(), NetError> {
+    let bad = |why: &str| Err(NetError::SshKey(why.to_owned()));
+    if key.len() > MAX_SSH_KEY {
+        return bad("a key longer than 8 KiB");
+    }
+    if key.trim().contains(['\n', '\r']) {
+        return bad("more than one line");
+    }
+    let mut parts = key.split_whitespace();
+    let (Some(kind), Some(data)) = (parts.next(), parts.next()) else { return bad("fewer than two fields") };
+    let known = kind.starts_with("ssh-") || kind.starts_with("ecdsa-sha2-") || kind.starts_with("sk-");
+    if !known {
+        return bad(&format!("unknown key type {kind:?}; is this a private key?"));
+    }
+    if !data.bytes().all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b)) {
+        return bad("key data that is not base64");
+    }
+    Ok(())
+}
+
+/// The VM's MAC address: locally administered, unicast, derived from its id so it stays the
+/// same for the VM's life without being stored.
+pub fn mac_for(id: &VmId) -> String {
+    let hex: Vec<char> = id.as_str().chars().chain(std::iter::repeat('0')).take(10).collect();
+    let pairs: Vec<String> = hex.chunks(2).map(|c| c.iter().collect()).collect();
+    format!("02:{}", pairs.join(":"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pm(s: &str) -> Result<PortMapping, NetError> {
+        s.parse()
+    }
+
+    #[test]
+    fn ports_parse_like_docker() {
+        let p = pm("8080:80").expect("valid");
+        assert_eq!((p.host_ip.as_str(), p.host_port, p.guest_port, p.protocol), ("0.0.0.0", 8080, 80, Protocol::Tcp));
+        let p = pm("127.0.0.1:5353:53/udp").expect("valid");
+        assert_eq!((p.host_ip.as_str(), p.host_port, p.guest_port, p.protocol), ("127.0.0.1", 5353, 53, Protocol::Udp));
+        let p = pm("[::1]:2222:22").expect("valid");
+        assert_eq!(p.host_ip, "::1");
+        assert_eq!(p.to_string(), "[::1]:2222->22/tcp");
+        assert_eq!(pm("8080:80").expect("valid").to_string(), "0.0.0.0:8080->80/tcp");
+    }
+
+    #[test]
+    fn bad_ports_name_the_problem() {
+        for (s, want) in [
+            ("80", "expected [IP:]HOST_PORT:GUEST_PORT"),
+            ("0:80", "\"0\" is not a port"),
+            ("8080:70000", "\"70000\" is not a port"),
+            ("x:80", "\"x\" is not a port"),
+            ("host:1:2", "\"host\" is not an IP"),
+            ("1:2/sctp", "tcp or udp"),
+            (":1:2", "expected"),
+        ] {
+            let e = pm(s).expect_err(s).to_string();
+            assert!(e.contains(want), "{s}: {e}");
+        }
+    }
+
+    #[test]
+    fn settings_are_checked_together() {
+        let p = vec![pm("1:2").expect("valid"), pm("1:3").expect("valid")];
+        assert_eq!(validate(NetworkMode::User, &p, None), Err(NetError::PortTwice("1/tcp".into())));
+        let p = vec![pm("1:2").expect("valid"), pm("1:2/udp").expect("valid")];
+        assert_eq!(validate(NetworkMode::User, &p, None), Ok(()));
+        assert_eq!(validate(NetworkMode::None, &p, None), Err(NetError::NeedsNetwork));
+        assert_eq!(validate(NetworkMode::None, &[], Some("ssh-ed25519 AAAA")), Err(NetError::NeedsNetwork));
+        assert_eq!(validate(NetworkMode::None, &[], None), Ok(()));
+    }
+
+    #[test]
+    fn ssh_keys_are_single_public_key_lines() {
+        assert_eq!(validate_ssh_key("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI+/= me@host"), Ok(()));
+        assert_eq!(validate_ssh_key("ecdsa-sha2-nistp256 AAAAE2Vj\n"), Ok(()));
+        for bad in ["-----BEGIN OPENSSH PRIVATE KEY-----\nabc", "ssh-ed25519", "ssh-rsa AAA\nssh-rsa BBB", "ssh-rsa AA$A"] {
+            assert!(validate_ssh_key(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_ssh_key("-----BEGIN OPENSSH PRIVATE KEY----- x").expect_err("private").to_string().contains("private key"));
+    }
+
+    #[test]
+    fn macs_are_local_unicast_and_stable() {
+        let id = VmId::from_bytes([0xab; 8]);
+        assert_eq!(mac_for(&id), "02:ab:ab:ab:ab:ab");
+        assert_eq!(mac_for(&id), mac_for(&id));
+    }
+}

@@ -1,0 +1,83 @@
+//! The network card a VM is launched with: its MAC, published ports and the SSH forward.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+
+use hearth_types::net::{mac_for, SSH_PORT};
+use hearth_types::{NetworkMode, PortMapping, Protocol, VmSpec};
+use hearth_vmm::NetLaunch;
+use tonic::Status;
+
+/// The card for `spec`, and the loopback port forwarded to the guest's SSH port when `--ssh`
+/// asked for one. Every published host port is checked first, so a port in use is reported
+/// as such instead of as a VMM start failure.
+pub fn plan(spec: &VmSpec) -> Result<Option<(NetLaunch, Option<u16>)>, Status> {
+    if spec.network == NetworkMode::None {
+        return Ok(None);
+    }
+    for p in &spec.ports {
+        check_free(p)?;
+    }
+    let mut forwards = spec.ports.clone();
+    let ssh_port = match &spec.ssh_public_key {
+        Some(_) => {
+            let port = free_loopback_port().map_err(|e| Status::unavailable(format!("no free loopback port for SSH: {e}")))?;
+            forwards.push(PortMapping {
+                host_ip: Ipv4Addr::LOCALHOST.to_string(),
+                host_port: port,
+                guest_port: SSH_PORT,
+                protocol: Protocol::Tcp,
+            });
+            Some(port)
+        }
+        None => None,
+    };
+    Ok(Some((NetLaunch { mac: mac_for(&spec.id), forwards }, ssh_port)))
+}
+
+fn check_free(p: &PortMapping) -> Result<(), Status> {
+    let ip: IpAddr = p.host_ip.parse().map_err(|_| Status::invalid_argument(format!("-p {p}: bad host address")))?;
+    let addr = SocketAddr::new(ip, p.host_port);
+    let res = match p.protocol {
+        Protocol::Tcp => TcpListener::bind(addr).map(drop),
+        Protocol::Udp => UdpSocket::bind(addr).map(drop),
+    };
+    res.map_err(|e| {
+        Status::failed_precondition(format!("cannot publish {p}: host port {} is unavailable ({e}); choose another -p", p.host_port))
+    })
+}
+
+/// A port the kernel says is free on 127.0.0.1 now. QEMU binds it a moment later; a race with
+/// another program is reported by the launch like any port in use.
+fn free_loopback_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ssh_gets_a_loopback_forward_and_none_gets_no_card() {
+        let mut spec = hearth_testkit::spec(1);
+        spec.ssh_public_key = Some("ssh-ed25519 AAAA".into());
+        let (net, ssh) = plan(&spec).expect("plan").expect("a card");
+        let port = ssh.expect("ssh port");
+        assert_eq!(net.forwards.len(), 1);
+        assert_eq!((net.forwards[0].host_ip.as_str(), net.forwards[0].host_port, net.forwards[0].guest_port), ("127.0.0.1", port, 22));
+        assert_eq!(net.mac, mac_for(&spec.id));
+        spec.network = NetworkMode::None;
+        spec.ssh_public_key = None;
+        assert!(plan(&spec).expect("plan").is_none());
+    }
+
+    #[test]
+    fn a_busy_host_port_is_named() {
+        let busy = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+        let port = busy.local_addr().expect("addr").port();
+        let mut spec = hearth_testkit::spec(1);
+        spec.ports = vec![format!("127.0.0.1:{port}:80").parse().expect("port")];
+        let e = plan(&spec).expect_err("busy");
+        assert!(e.message().contains(&format!("host port {port} is unavailable")), "{}", e.message());
+        assert!(e.message().contains("choose another -p"));
+    }
+}

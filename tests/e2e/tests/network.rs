@@ -1,0 +1,138 @@
+//! The guest's network (user-mode NAT): its address, published ports reached from the host,
+//! `--network none`, and `hearth ssh` into an image that runs an SSH server.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use hearth_e2e::testutil::{push_image, LocalRegistry, TestImage};
+use hearth_e2e::{require_e2e, text, Daemon};
+
+fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind").local_addr().expect("addr").port()
+}
+
+/// GETs `path` from 127.0.0.1:`port`, retrying while the server comes up.
+fn http_get(port: u16, path: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let attempt = (|| -> std::io::Result<String> {
+            let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, port))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
+            let mut body = String::new();
+            s.read_to_string(&mut body)?;
+            Ok(body)
+        })();
+        match attempt {
+            Ok(body) if body.starts_with("HTTP/") => return body,
+            other => assert!(Instant::now() < deadline, "no answer on port {port}: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn published_ports_reach_the_guest_and_none_has_no_network() {
+    require_e2e!();
+    let reg = LocalRegistry::start().expect("registry");
+    push_image(&reg, "net:1", &TestImage::default()).expect("push");
+    let d = Daemon::start();
+    d.import_kernel();
+    let image = format!("{}/net:1", reg.host());
+    let port = free_port();
+    let publish = format!("127.0.0.1:{port}:8080");
+    let serve = "echo served-by-$(hostname) > /tmp/index.html; exec busybox httpd -f -p 8080 -h /tmp";
+    d.ok(&["run", "-d", "--name", "web", "-p", &publish, &image, "sh", "-c", serve]);
+
+    // A host client reaches the guest's server through the published port.
+    let body = http_get(port, "/index.html");
+    assert!(body.contains("served-by-web"), "{body}");
+
+    // The guest has its address, a default route and a resolver.
+    let addr = d.ok(&["exec", "web", "--", "busybox", "ip", "-4", "addr"]);
+    assert!(addr.contains("inet 10.0.2.15/24"), "{addr}");
+    assert!(addr.contains("inet 127.0.0.1/8"), "loopback is up: {addr}");
+    assert!(d.ok(&["exec", "web", "--", "busybox", "ip", "route"]).contains("default via 10.0.2.2"));
+    assert_eq!(d.ok(&["exec", "web", "--", "cat", "/etc/resolv.conf"]), "nameserver 10.0.2.3\n");
+    assert!(d.ok(&["exec", "web", "--", "cat", "/etc/hosts"]).contains("10.0.2.15\tweb\n"));
+    assert_eq!(d.inspect("web")["status"]["ip"], "10.0.2.15");
+    let ps = d.ok(&["ps"]);
+    assert!(ps.contains(&format!("127.0.0.1:{port}->8080/tcp")), "{ps}");
+
+    // A second VM on the same host port is refused before anything starts, naming the port.
+    let out = d.hearth(&["run", "-d", "--name", "clash", "-p", &publish, &image, "sleep", "100"]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains(&format!("host port {port} is unavailable")) && err.contains("choose another -p"), "{err}");
+    assert!(hearth_e2e::qemu_processes(&d.root.path().display().to_string()).len() == 1, "no VMM for the refused VM");
+
+    // The port is released when the VM stops.
+    d.ok(&["stop", "web"]);
+    TcpListener::bind((Ipv4Addr::LOCALHOST, port)).expect("port free again after stop");
+
+    // --network none: loopback only, and -p with it is refused with the fix named.
+    let links = d.ok(&["run", "--rm", "--network", "none", &image, "busybox", "ip", "-o", "link"]);
+    assert_eq!(links.lines().count(), 1, "only lo: {links}");
+    assert!(links.contains("lo:"), "{links}");
+    let out = d.hearth(&["run", "--network", "none", "-p", "1:2", &image, "true"]);
+    assert!(text(&out.stderr).contains("drop --network none"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn ssh_into_an_image_with_an_ssh_server() {
+    require_e2e!();
+    let dropbear = PathBuf::from("/usr/sbin/dropbear");
+    if !dropbear.is_file() || hearth_e2e::which("ssh").is_none() {
+        eprintln!("skipping: needs dropbear-bin and openssh-client (cargo xtask deps installs them)");
+        return;
+    }
+    let reg = LocalRegistry::start().expect("registry");
+    push_image(&reg, "sshd:1", &TestImage { host_binaries: vec![dropbear], ..Default::default() }).expect("push");
+    let d = Daemon::start();
+    d.import_kernel();
+    let image = format!("{}/sshd:1", reg.host());
+    let sshd = ["/usr/sbin/dropbear", "-F", "-E", "-R", "-p", "22"];
+
+    // --ssh: hearth generates the key pair and hearth-init installs the public half.
+    let mut args = vec!["run", "-d", "--ssh", "--name", "s1", image.as_str()];
+    args.extend(sshd);
+    d.ok(&args);
+    let key = d.inspect("s1")["status"]["ssh_key_path"].as_str().expect("a generated key").to_owned();
+    assert!(std::path::Path::new(&key).is_file());
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let out = loop {
+        let out = d.hearth(&["ssh", "s1", "--", "echo", "over-ssh", "$(hostname)"]);
+        if out.status.success() || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(out.status.success(), "ssh never worked: {}\n{}", text(&out.stderr), d.log());
+    assert_eq!(text(&out.stdout), "over-ssh s1\n");
+    // The remote command's exit code comes back.
+    assert_eq!(d.hearth(&["ssh", "s1", "--", "exit", "3"]).status.code(), Some(3));
+
+    // --ssh=PATH installs the user's own public key; their private key gets in.
+    let tmp = tempfile::tempdir().expect("tmp");
+    let own = tmp.path().join("id_ed25519");
+    let st = std::process::Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", "me@test", "-f"]).arg(&own).status();
+    assert!(st.expect("ssh-keygen").success());
+    let pubkey = std::fs::read_to_string(own.with_extension("pub")).expect("pub");
+    let flag = format!("--ssh={}", own.with_extension("pub").display());
+    let mut args = vec!["run", "-d", flag.as_str(), "--name", "s2", image.as_str()];
+    args.extend(sshd);
+    d.ok(&args);
+    assert!(d.inspect("s2")["status"]["ssh_key_path"].is_null(), "no key generated when one is given");
+    assert_eq!(d.ok(&["exec", "s2", "--", "cat", "/root/.ssh/authorized_keys"]), pubkey);
+    let perms = d.ok(&["exec", "s2", "--", "stat", "-c", "%a", "/root/.ssh", "/root/.ssh/authorized_keys"]);
+    assert_eq!(perms, "700\n600\n");
+
+    // Without --ssh, hearth ssh explains what to do; rm removes the generated key.
+    d.ok(&["run", "-d", "--name", "plain", &image, "sleep", "1000"]);
+    let out = d.hearth(&["ssh", "plain"]);
+    assert!(text(&out.stderr).contains("not created with --ssh"), "{}", text(&out.stderr));
+    d.ok(&["rm", "-f", "s1"]);
+    assert!(!std::path::Path::new(&key).exists(), "the VM's key is removed with it");
+}
