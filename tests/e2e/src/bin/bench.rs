@@ -5,7 +5,8 @@
 //! 2. Run-to-ready (`hearth run -d`, which returns when hearth-init reports ready) against the
 //!    bare `qemu-system-x86_64` command booting the same kernel, initramfs and disk, timed to the
 //!    same ready report on the agent socket.
-//! 3. `hearth exec VM -- true` round trip, median of 100.
+//! 3. `hearth exec VM -- true` round trip, median of 100, beside `hearth ssh VM true` (OpenSSH's
+//!    client to dropbear in the same VM) where dropbear-bin is installed.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -13,6 +14,10 @@ use std::time::{Duration, Instant};
 
 use hearth_e2e::testutil::{push_image, LocalRegistry, TestImage};
 use hearth_e2e::{text, Daemon};
+use hearth_types::net;
+
+/// The bare QEMU's network card.
+const MAC: &str = "02:00:00:00:00:01";
 
 fn median(v: &mut [Duration]) -> Duration {
     v.sort();
@@ -121,6 +126,14 @@ fn run_to_ready(reg: &LocalRegistry, runs: usize) -> Daemon {
                 env: vec!["PATH=/bin".into()],
                 ..Default::default()
             },
+            // The same network hearth gives its VMs, so both sides configure the same card.
+            network: Some(hearth_types::GuestNetwork {
+                mac: MAC.into(),
+                address: net::USER_NET_ADDRESS.into(),
+                prefix: net::USER_NET_PREFIX,
+                gateway: net::USER_NET_GATEWAY.into(),
+                dns: vec![net::USER_NET_DNS.into()],
+            }),
             ..Default::default()
         };
         hearth_storage::create_config_disk(&vm_dir.join("config.img"), &cfg).expect("config disk");
@@ -135,7 +148,7 @@ fn run_to_ready(reg: &LocalRegistry, runs: usize) -> Daemon {
             memory_mib: 512,
             accel: hearth_types::Accel::Tcg,
             qemu_binary: None,
-            network: None,
+            network: Some(hearth_vmm::NetLaunch { mac: MAC.into(), forwards: vec![] }),
         };
         let bios = Path::new(hearth_vmm::qemu::QBOOT);
         let mut args = hearth_vmm::qemu::qemu_args(&spec, hearth_types::Accel::Tcg, bios.exists().then_some(bios));
@@ -157,25 +170,50 @@ fn run_to_ready(reg: &LocalRegistry, runs: usize) -> Daemon {
 }
 
 fn exec_latency(d: &Daemon, reg: &LocalRegistry, n: usize) {
-    let image = format!("{}/demo:1", reg.host());
-    d.ok(&["run", "-d", "--name", "execbench", &image, "sleep", "100000"]);
-    let mut v = Vec::new();
-    for _ in 0..n {
-        let t = Instant::now();
-        d.ok(&["exec", "execbench", "--", "true"]);
-        v.push(t.elapsed());
+    // One VM serves both rows: dropbear runs in it when installed, so ssh and exec are timed
+    // against the same guest in the same run.
+    let dropbear = Path::new("/usr/sbin/dropbear");
+    let ssh = dropbear.is_file() && hearth_e2e::which("ssh").is_some();
+    if ssh {
+        let img = TestImage { host_binaries: vec![dropbear.to_path_buf()], ..Default::default() };
+        push_image(reg, "sshd:1", &img).expect("push sshd image");
+        let image = format!("{}/sshd:1", reg.host());
+        d.ok(&["run", "-d", "--ssh", "--name", "execbench", &image, "/usr/sbin/dropbear", "-F", "-E", "-R", "-p", "22"]);
+        // dropbear generates its host key on the first connection.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !d.hearth(&["ssh", "execbench", "true"]).status.success() {
+            assert!(Instant::now() < deadline, "ssh into the bench VM never worked");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    } else {
+        let image = format!("{}/demo:1", reg.host());
+        d.ok(&["run", "-d", "--name", "execbench", &image, "sleep", "100000"]);
     }
-    let mut spawn = Vec::new();
-    for _ in 0..n.min(20) {
-        let t = Instant::now();
-        let _ = d.hearth(&["version"]);
-        spawn.push(t.elapsed());
-    }
+    let time = |args: &[&str], runs: usize| -> Vec<Duration> {
+        (0..runs)
+            .map(|_| {
+                let t = Instant::now();
+                d.ok(args);
+                t.elapsed()
+            })
+            .collect()
+    };
+    let mut exec = time(&["exec", "execbench", "--", "true"], n);
+    let mut version = time(&["version"], n.min(20));
     println!("\n### exec round trip ({n} runs, guest under TCG)\n");
     println!("| command | median | min | max |\n|---|---|---|---|");
-    println!("{}", row("hearth exec VM -- true", &mut v).0);
-    println!("{}", row("hearth version (CLI + one RPC, no guest)", &mut spawn).0);
-    println!("| ssh VM true | skipped: no image with sshd is available on this machine | | |");
+    let (row_exec, m_exec) = row("hearth exec VM -- true", &mut exec);
+    println!("{row_exec}");
+    if ssh {
+        let mut over_ssh = time(&["ssh", "execbench", "true"], n);
+        let (row_ssh, m_ssh) = row("hearth ssh VM true (OpenSSH client → dropbear in the guest)", &mut over_ssh);
+        println!("{row_ssh}");
+        println!("{}", row("hearth version (CLI + one RPC, no guest)", &mut version).0);
+        println!("\nexec is {:.1}× faster than ssh on the same VM.", m_ssh.as_secs_f64() / m_exec.as_secs_f64());
+    } else {
+        println!("{}", row("hearth version (CLI + one RPC, no guest)", &mut version).0);
+        println!("| hearth ssh VM true | skipped: install dropbear-bin and openssh-client (cargo xtask deps) | | |");
+    }
     d.ok(&["rm", "-f", "execbench"]);
 }
 
