@@ -4,15 +4,34 @@
 //! `[u32 BE payload length][u8 kind][u32 BE stream][payload]`. Stream 0 is the control stream;
 //! each exec or copy gets its own stream id, chosen by the host. Payloads are bounded by
 //! [`MAX_PAYLOAD`], so a confused peer can make the other side hold at most one frame.
+//!
+//! Data on a stream (`Stdout`/`Stderr` one way, `Stdin` the other) is flow-controlled per
+//! stream and direction: a sender starts with [`WINDOW`] of credit, each data frame costs
+//! [`credit_cost`] of it, and the receiver hands credit back in [`Kind::Credit`] frames as its
+//! consumer takes the data. So one stream whose reader stalls stops only itself, and neither side
+//! buffers more than a window per stream.
 
 use serde::{Deserialize, Serialize};
 
 /// Protocol version spoken in [`Kind::Hello`].
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest payload either side accepts.
 pub const MAX_PAYLOAD: usize = 1 << 20;
 /// Bytes before the payload.
 pub const HEADER_LEN: usize = 9;
+/// Credit each side starts with, per stream, for the data it sends.
+pub const WINDOW: u64 = 256 << 10;
+/// What a data frame costs beyond its payload, so a flood of tiny frames is bounded too.
+pub const FRAME_COST: u64 = 64;
+
+/// Credit a data frame with `len` payload bytes uses up; an empty frame (end of stdin) is free.
+pub fn credit_cost(len: usize) -> u64 {
+    if len == 0 {
+        0
+    } else {
+        len as u64 + FRAME_COST
+    }
+}
 
 /// Frame kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +60,8 @@ pub enum Kind {
     Resize = 16,
     /// Either way: the stream failed. UTF-8 message.
     Error = 17,
+    /// Either way: the receiver consumed data; the sender may send `u32` BE more credit's worth.
+    Credit = 18,
     /// Host to guest: unpack the tar archive that follows as `Stdin` frames into a directory.
     /// JSON [`CopyRequest`]. The guest answers `Exit` (code 0 on success) or `Error`.
     CopyIn = 20,
@@ -65,6 +86,7 @@ impl Kind {
             15 => Self::Signal,
             16 => Self::Resize,
             17 => Self::Error,
+            18 => Self::Credit,
             20 => Self::CopyIn,
             21 => Self::CopyOut,
             _ => return None,
@@ -88,6 +110,16 @@ impl Frame {
     /// A frame whose payload is `value` as JSON.
     pub fn json<T: Serialize>(kind: Kind, stream: u32, value: &T) -> Self {
         Self::new(kind, stream, serde_json::to_vec(value).unwrap_or_default())
+    }
+
+    /// Hands `amount` of credit back to the sender of `stream`'s data.
+    pub fn credit(stream: u32, amount: u64) -> Self {
+        Self::new(Kind::Credit, stream, (amount.min(u64::from(u32::MAX)) as u32).to_be_bytes().to_vec())
+    }
+
+    /// The amount a [`Kind::Credit`] frame grants (0 when malformed).
+    pub fn credit_amount(&self) -> u64 {
+        self.payload.get(..4).map_or(0, |b| u64::from(u32::from_be_bytes([b[0], b[1], b[2], b[3]])))
     }
 
     /// Parses the payload as JSON.
@@ -233,6 +265,18 @@ mod tests {
         let mut d = Decoder::new();
         d.feed(&[0xff, 0xff, 0xff, 0xff, 12, 0, 0, 0, 1]);
         assert_eq!(d.next_frame(), Err(FrameError::TooLarge(u32::MAX as usize)));
+    }
+
+    #[test]
+    fn credit_frames_carry_their_amount() {
+        let f = Frame::credit(3, 70_000);
+        assert_eq!((f.kind, f.stream, f.credit_amount()), (Kind::Credit, 3, 70_000));
+        let mut d = Decoder::new();
+        d.feed(&f.encode());
+        assert_eq!(d.next_frame().expect("valid"), Some(f));
+        assert_eq!(Frame::new(Kind::Credit, 1, vec![1]).credit_amount(), 0);
+        assert_eq!(credit_cost(0), 0);
+        assert_eq!(credit_cost(10), 10 + FRAME_COST);
     }
 
     #[test]

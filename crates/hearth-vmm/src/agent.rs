@@ -4,6 +4,11 @@
 //! client at a time). A reader task decodes frames — bounded by the decoder — and routes them:
 //! stream 0 to the control channel, others to the stream's own channel. A malformed frame ends
 //! the connection with [`AgentError::Protocol`]; it never panics or grows memory without bound.
+//!
+//! Streams are flow-controlled (see hearth_types::agent): the reader never waits for a stream's
+//! consumer, because the guest may only have [`WINDOW`] of unconsumed output per stream; a
+//! guest that sends more is cut off. Credit goes back as the stream's consumer takes frames, and
+//! stdin waits for the guest's credit. So one stalled exec client stalls only its own stream.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -11,7 +16,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hearth_types::agent::{Decoder, Frame, Hello, Kind, Ready, PROTOCOL_VERSION};
+use hearth_types::agent::{credit_cost, Decoder, Frame, Hello, Kind, Ready, PROTOCOL_VERSION, WINDOW};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -29,7 +34,39 @@ pub enum AgentError {
     Timeout,
 }
 
-type Routes = Arc<Mutex<HashMap<u32, mpsc::Sender<Frame>>>>;
+/// Where the reader puts a stream's frames, and its flow-control state.
+#[derive(Debug)]
+struct Route {
+    tx: mpsc::UnboundedSender<Frame>,
+    flow: Arc<Flow>,
+}
+
+/// One stream's credit, both directions.
+#[derive(Debug)]
+struct Flow {
+    /// Output the guest sent that the consumer has not taken yet (credit cost).
+    unconsumed: Mutex<u64>,
+    /// Credit the guest gave for stdin, and a wake-up for a sender waiting on it.
+    stdin_credit: Mutex<u64>,
+    more_credit: tokio::sync::Notify,
+    /// The stream was closed or the connection ended: no more credit will come.
+    ended: std::sync::atomic::AtomicBool,
+}
+
+impl Default for Flow {
+    fn default() -> Self {
+        Self { unconsumed: Mutex::new(0), stdin_credit: Mutex::new(WINDOW), more_credit: tokio::sync::Notify::new(), ended: false.into() }
+    }
+}
+
+impl Flow {
+    fn end(&self) {
+        self.ended.store(true, Ordering::SeqCst);
+        self.more_credit.notify_waiters();
+    }
+}
+
+type Routes = Arc<Mutex<HashMap<u32, Route>>>;
 
 /// A live connection to one guest's agent.
 #[derive(Debug)]
@@ -55,11 +92,74 @@ impl Drop for AgentClient {
     }
 }
 
-/// Frames of one stream, and the id to send on.
+/// Frames of one stream, and the id to send on. Take frames with [`Stream::recv`], which hands
+/// the guest credit back; send stdin with [`StreamInput::send`], which waits for the guest's.
 #[derive(Debug)]
 pub struct Stream {
     pub id: u32,
-    pub rx: mpsc::Receiver<Frame>,
+    rx: mpsc::UnboundedReceiver<Frame>,
+    flow: Arc<Flow>,
+    out: mpsc::Sender<Frame>,
+    /// Credit taken but not yet handed back (sent in batches of a quarter window).
+    owed: u64,
+}
+
+/// The sending half of a stream's stdin, usable beside [`Stream::recv`].
+#[derive(Debug, Clone)]
+pub struct StreamInput {
+    pub id: u32,
+    flow: Arc<Flow>,
+    out: mpsc::Sender<Frame>,
+}
+
+impl Stream {
+    /// The next frame the guest sent on this stream; `None` once the connection or the stream
+    /// is gone.
+    pub async fn recv(&mut self) -> Option<Frame> {
+        let f = self.rx.recv().await?;
+        if matches!(f.kind, Kind::Stdout | Kind::Stderr) {
+            let cost = credit_cost(f.payload.len());
+            {
+                let mut u = self.flow.unconsumed.lock().unwrap_or_else(|e| e.into_inner());
+                *u = u.saturating_sub(cost);
+            }
+            self.owed += cost;
+            if self.owed >= WINDOW / 4 {
+                let _ = self.out.send(Frame::credit(self.id, self.owed)).await;
+                self.owed = 0;
+            }
+        }
+        Some(f)
+    }
+
+    /// A handle that sends stdin on this stream.
+    pub fn input(&self) -> StreamInput {
+        StreamInput { id: self.id, flow: self.flow.clone(), out: self.out.clone() }
+    }
+}
+
+impl StreamInput {
+    /// Sends `f` (stdin data, or any control frame for the stream), first waiting until the
+    /// guest has credit for it.
+    pub async fn send(&self, f: Frame) -> Result<(), AgentError> {
+        let cost = if f.kind == Kind::Stdin { credit_cost(f.payload.len()) } else { 0 };
+        loop {
+            let notified = self.flow.more_credit.notified();
+            {
+                let mut c = self.flow.stdin_credit.lock().unwrap_or_else(|e| e.into_inner());
+                if *c >= cost {
+                    *c -= cost;
+                    break;
+                }
+            }
+            if self.out.is_closed() || self.flow.ended.load(Ordering::SeqCst) {
+                return Err(AgentError::Closed);
+            }
+            // Credit, or a periodic look at whether the connection died.
+            let _ = tokio::time::timeout(Duration::from_millis(500), notified).await;
+        }
+        self.out.send(f).await.map_err(|_| AgentError::Closed)
+    }
 }
 
 impl AgentClient {
@@ -113,7 +213,9 @@ impl AgentClient {
             *c2.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
             // Dropping the senders ends every open stream, and the control channel (only now, so
             // a waiter that sees it end also sees why).
-            r2.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            for (_, r) in r2.lock().unwrap_or_else(|e| e.into_inner()).drain() {
+                r.flow.end();
+            }
             drop(ctl_tx);
         });
         let c = Self {
@@ -219,22 +321,25 @@ impl AgentClient {
         self.send(Frame::new(Kind::Shutdown, 0, Vec::new())).await
     }
 
-    /// Opens a new stream; frames the guest sends on it arrive on `rx`.
+    /// Opens a new stream; frames the guest sends on it arrive through [`Stream::recv`].
     pub fn open_stream(&self) -> Stream {
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed).max(1);
-        let (tx, rx) = mpsc::channel(64);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let flow = Arc::new(Flow::default());
         let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
         // On a dead connection the stream ends at once (the reader sets `closed` before it
         // clears the routes, and this check holds the routes lock).
         if self.closed().is_none() {
-            routes.insert(id, tx);
+            routes.insert(id, Route { tx, flow: flow.clone() });
         }
-        Stream { id, rx }
+        Stream { id, rx, flow, out: self.tx.clone(), owed: 0 }
     }
 
-    /// Forgets a finished stream.
+    /// Forgets a finished stream; stdin still waiting for its credit fails.
     pub fn close_stream(&self, id: u32) {
-        self.routes.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        if let Some(r) = self.routes.lock().unwrap_or_else(|e| e.into_inner()).remove(&id) {
+            r.flow.end();
+        }
     }
 }
 
@@ -290,13 +395,27 @@ async fn read_loop<R: AsyncRead + Unpin>(rd: R, ctl: &mpsc::Sender<Frame>, route
                     let _ = ctl.try_send(f);
                 }
                 Ok(Some(f)) => {
-                    let route = routes.lock().unwrap_or_else(|e| e.into_inner()).get(&f.stream).cloned();
-                    if let Some(tx) = route {
-                        // Backpressure per stream; a stream whose reader left is dropped.
-                        if tx.send(f).await.is_err() {
+                    let routes = routes.lock().unwrap_or_else(|e| e.into_inner());
+                    // Frames for a stream nobody holds any more are dropped.
+                    let Some(route) = routes.get(&f.stream) else { continue };
+                    match f.kind {
+                        Kind::Credit => {
+                            let mut c = route.flow.stdin_credit.lock().unwrap_or_else(|e| e.into_inner());
+                            *c = c.saturating_add(f.credit_amount()).min(WINDOW);
+                            route.flow.more_credit.notify_waiters();
                             continue;
                         }
+                        Kind::Stdout | Kind::Stderr => {
+                            let mut u = route.flow.unconsumed.lock().unwrap_or_else(|e| e.into_inner());
+                            *u += credit_cost(f.payload.len());
+                            if *u > WINDOW {
+                                return format!("the guest sent more than its {WINDOW}-byte window on stream {}", f.stream);
+                            }
+                        }
+                        _ => {}
                     }
+                    // Never waits: what a stream may hold is bounded by its window.
+                    let _ = route.tx.send(f);
                 }
                 Err(e) => return e.to_string(),
             }
@@ -319,8 +438,8 @@ mod tests {
         guest.write_all(&Frame::new(Kind::Stdout, s.id, b"hi".to_vec()).encode()).await.expect("write");
         let r = c.wait_ready(Instant::now() + Duration::from_secs(5)).await.expect("ready");
         assert_eq!(r.ready_ms, 2);
-        let mut rx = s.rx;
-        let f = rx.recv().await.expect("frame");
+        let mut s = s;
+        let f = s.recv().await.expect("frame");
         assert_eq!((f.kind, f.payload.as_slice()), (Kind::Stdout, b"hi".as_slice()));
         // The client greeted the guest first.
         let mut buf = vec![0u8; 9];
@@ -334,8 +453,8 @@ mod tests {
         let c = AgentClient::over(host);
         let s = c.open_stream();
         guest.write_all(&[0xff, 0xff, 0xff, 0xff, 12, 0, 0, 0, 1]).await.expect("write");
-        let mut rx = s.rx;
-        assert!(rx.recv().await.is_none(), "stream ended");
+        let mut s = s;
+        assert!(s.recv().await.is_none(), "stream ended");
         let err = c.wait_ready(Instant::now() + Duration::from_secs(5)).await.expect_err("cut off");
         assert!(err.to_string().contains("limit"), "{err}");
     }
@@ -444,10 +563,10 @@ mod tests {
         let mut s = c.open_stream();
         guest.write_all(&Frame::new(Kind::Stdout, 4242, b"nobody".to_vec()).encode()).await.expect("write");
         guest.write_all(&Frame::new(Kind::Stderr, s.id, b"mine".to_vec()).encode()).await.expect("write");
-        let f = s.rx.recv().await.expect("frame");
+        let f = s.recv().await.expect("frame");
         assert_eq!((f.kind, f.payload.as_slice()), (Kind::Stderr, b"mine".as_slice()));
         c.close_stream(s.id);
-        assert!(s.rx.recv().await.is_none(), "closed stream ends");
+        assert!(s.recv().await.is_none(), "closed stream ends");
         assert!(c.closed().is_none());
     }
 
@@ -532,6 +651,99 @@ mod closed_tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let mut s = c.open_stream();
-        assert!(tokio::time::timeout(Duration::from_secs(5), s.rx.recv()).await.expect("not hanging").is_none());
+        assert!(tokio::time::timeout(Duration::from_secs(5), s.recv()).await.expect("not hanging").is_none());
+    }
+
+    /// Frames from the host end as the fake guest reads them.
+    async fn host_frames(guest: &mut tokio::io::DuplexStream, dec: &mut Decoder, want: Kind) -> Frame {
+        let mut buf = [0u8; 4096];
+        loop {
+            while let Some(f) = dec.next_frame().expect("host frames are valid") {
+                if f.kind == want {
+                    return f;
+                }
+            }
+            let n = guest.read(&mut buf).await.expect("read");
+            assert!(n > 0, "host closed");
+            dec.feed(&buf[..n]);
+        }
+    }
+
+    const K64: usize = 64 << 10;
+
+    #[tokio::test]
+    async fn a_stream_nobody_reads_does_not_hold_up_the_others() {
+        let (host, mut guest) = tokio::io::duplex(1 << 20);
+        let c = AgentClient::over(host);
+        let (mut stalled, mut live) = (c.open_stream(), c.open_stream());
+        // A whole window of output for a stream whose consumer is busy elsewhere...
+        for _ in 0..3 {
+            guest.write_all(&Frame::new(Kind::Stdout, stalled.id, vec![b'x'; K64]).encode()).await.expect("write");
+        }
+        // ...does not keep the next stream's output from its reader.
+        guest.write_all(&Frame::new(Kind::Stdout, live.id, b"through".to_vec()).encode()).await.expect("write");
+        let f = tokio::time::timeout(Duration::from_secs(5), live.recv()).await.expect("not held up").expect("frame");
+        assert_eq!(f.payload, b"through");
+        for _ in 0..3 {
+            assert_eq!(stalled.recv().await.expect("kept").payload.len(), K64);
+        }
+        assert!(c.closed().is_none());
+    }
+
+    #[tokio::test]
+    async fn consumed_output_is_credited_back() {
+        let (host, mut guest) = tokio::io::duplex(1 << 20);
+        let c = AgentClient::over(host);
+        let mut s = c.open_stream();
+        for _ in 0..2 {
+            guest.write_all(&Frame::new(Kind::Stderr, s.id, vec![0; K64]).encode()).await.expect("write");
+        }
+        s.recv().await.expect("frame");
+        s.recv().await.expect("frame");
+        let mut dec = Decoder::new();
+        let credit = host_frames(&mut guest, &mut dec, Kind::Credit).await;
+        assert_eq!(credit.stream, s.id);
+        assert_eq!(credit.credit_amount(), credit_cost(K64), "handed back once a quarter window was consumed");
+    }
+
+    #[tokio::test]
+    async fn a_guest_that_ignores_its_window_is_cut_off() {
+        let (host, mut guest) = tokio::io::duplex(1 << 22);
+        let c = AgentClient::over(host);
+        let s = c.open_stream();
+        for _ in 0..5 {
+            guest.write_all(&Frame::new(Kind::Stdout, s.id, vec![0; K64]).encode()).await.expect("write");
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while c.closed().is_none() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let why = c.closed().expect("cut off");
+        assert!(why.contains("window"), "{why}");
+    }
+
+    #[tokio::test]
+    async fn stdin_waits_for_the_guests_credit() {
+        let (host, mut guest) = tokio::io::duplex(1 << 22);
+        let c = AgentClient::over(host);
+        let s = c.open_stream();
+        let input = s.input();
+        // Three chunks fit the window; the fourth must wait for the guest.
+        for _ in 0..3 {
+            input.send(Frame::new(Kind::Stdin, s.id, vec![1; K64])).await.expect("within the window");
+        }
+        let fourth = {
+            let input = input.clone();
+            tokio::spawn(async move { input.send(Frame::new(Kind::Stdin, input.id, vec![2; K64])).await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!fourth.is_finished(), "sent beyond the guest's window");
+        guest.write_all(&Frame::credit(s.id, credit_cost(K64)).encode()).await.expect("credit");
+        tokio::time::timeout(Duration::from_secs(5), fourth).await.expect("credit unblocks it").expect("join").expect("sent");
+        // End of stdin is free, and stdin on a closed stream fails instead of waiting forever.
+        input.send(Frame::new(Kind::Stdin, s.id, Vec::new())).await.expect("eof needs no credit");
+        c.close_stream(s.id);
+        let r = tokio::time::timeout(Duration::from_secs(5), input.send(Frame::new(Kind::Stdin, s.id, vec![3; K64]))).await;
+        assert!(matches!(r, Ok(Err(AgentError::Closed))), "{r:?}");
     }
 }

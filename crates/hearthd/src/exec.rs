@@ -11,8 +11,9 @@ use tonic::Status;
 
 use crate::daemon::Daemon;
 
-/// Largest stdin/copy chunk forwarded in one frame.
-const CHUNK: usize = 256 << 10;
+/// Largest stdin/copy chunk forwarded in one frame: a quarter of the flow-control window, so
+/// several are in flight while the guest hands credit back.
+const CHUNK: usize = (hearth_types::agent::WINDOW / 4) as usize;
 
 async fn agent_for(d: &Daemon, rec: &VmRecord) -> Result<Arc<AgentClient>, Status> {
     if rec.status.state != VmState::Running {
@@ -40,7 +41,8 @@ pub async fn exec(
     }
     let rec = d.resolve(&start.r#ref)?;
     let agent = agent_for(&d, &rec).await?;
-    let Stream { id, mut rx } = agent.open_stream();
+    let mut stream = agent.open_stream();
+    let (id, input_tx) = (stream.id, stream.input());
     let req = ExecRequest {
         args: start.args,
         env: start.env,
@@ -51,7 +53,6 @@ pub async fn exec(
         cols: start.cols.min(u16::MAX.into()) as u16,
     };
     agent.send(Frame::json(Kind::Exec, id, &req)).await.map_err(|_| lost(id))?;
-    let a2 = agent.clone();
     tokio::spawn(async move {
         while let Ok(Some(m)) = input.message().await {
             let mut frames = Vec::new();
@@ -70,7 +71,8 @@ pub async fn exec(
                 frames.push(Frame::new(Kind::Resize, id, p));
             }
             for f in frames {
-                if a2.send(f).await.is_err() {
+                // Stdin waits for the guest's credit; this task alone waits.
+                if input_tx.send(f).await.is_err() {
                     return;
                 }
             }
@@ -79,7 +81,7 @@ pub async fn exec(
     let (tx, out) = mpsc::channel(32);
     tokio::spawn(async move {
         loop {
-            let Some(f) = rx.recv().await else {
+            let Some(f) = stream.recv().await else {
                 let _ = tx.send(Err(lost(id))).await;
                 break;
             };
@@ -109,9 +111,10 @@ pub async fn exec(
 }
 
 /// Waits for a copy stream's end.
-async fn finish(agent: &AgentClient, id: u32, rx: &mut mpsc::Receiver<Frame>) -> Result<(), Status> {
+async fn finish(agent: &AgentClient, stream: &mut Stream) -> Result<(), Status> {
+    let id = stream.id;
     let r = loop {
-        match rx.recv().await {
+        match stream.recv().await {
             Some(f) if f.kind == Kind::Exit => break Ok(()),
             Some(f) if f.kind == Kind::Error => break Err(Status::failed_precondition(String::from_utf8_lossy(&f.payload).into_owned())),
             Some(_) => continue,
@@ -130,30 +133,32 @@ pub async fn copy_to(d: Arc<Daemon>, mut input: tonic::Streaming<pb::CopyChunk>)
     }
     let rec = d.resolve(&first.r#ref)?;
     let agent = agent_for(&d, &rec).await?;
-    let Stream { id, mut rx } = agent.open_stream();
+    let mut stream = agent.open_stream();
+    let (id, tx) = (stream.id, stream.input());
     agent.send(Frame::json(Kind::CopyIn, id, &CopyRequest { path: first.path })).await.map_err(|_| lost(id))?;
-    if !first.data.is_empty() {
-        agent.send(Frame::new(Kind::Stdin, id, first.data)).await.map_err(|_| lost(id))?;
+    for c in first.data.chunks(CHUNK) {
+        tx.send(Frame::new(Kind::Stdin, id, c.to_vec())).await.map_err(|_| lost(id))?;
     }
     while let Some(chunk) = input.message().await? {
         for c in chunk.data.chunks(CHUNK) {
-            agent.send(Frame::new(Kind::Stdin, id, c.to_vec())).await.map_err(|_| lost(id))?;
+            tx.send(Frame::new(Kind::Stdin, id, c.to_vec())).await.map_err(|_| lost(id))?;
         }
     }
-    agent.send(Frame::new(Kind::Stdin, id, Vec::new())).await.map_err(|_| lost(id))?;
-    finish(&agent, id, &mut rx).await
+    tx.send(Frame::new(Kind::Stdin, id, Vec::new())).await.map_err(|_| lost(id))?;
+    finish(&agent, &mut stream).await
 }
 
 /// `hearth cp VM:PATH HOST`: the guest path as a tar stream.
 pub async fn copy_from(d: Arc<Daemon>, req: pb::CopyFromRequest) -> Result<mpsc::Receiver<Result<pb::CopyChunk, Status>>, Status> {
     let rec = d.resolve(&req.r#ref)?;
     let agent = agent_for(&d, &rec).await?;
-    let Stream { id, mut rx } = agent.open_stream();
+    let mut stream = agent.open_stream();
+    let id = stream.id;
     agent.send(Frame::json(Kind::CopyOut, id, &CopyRequest { path: req.path })).await.map_err(|_| lost(id))?;
     let (tx, out) = mpsc::channel(32);
     tokio::spawn(async move {
         loop {
-            let msg = match rx.recv().await {
+            let msg = match stream.recv().await {
                 Some(f) if f.kind == Kind::Stdout => Ok(pb::CopyChunk { data: f.payload, ..Default::default() }),
                 Some(f) if f.kind == Kind::Exit => break,
                 Some(f) if f.kind == Kind::Error => Err(Status::failed_precondition(String::from_utf8_lossy(&f.payload).into_owned())),

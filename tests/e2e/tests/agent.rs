@@ -99,6 +99,30 @@ fn exec_and_cp_through_the_agent() {
         assert_eq!(mode & 0o777, 0o750);
     }
 
+    // An exec whose client stops reading its output holds up only itself: the guest keeps
+    // the rest within the stream's flow-control window, and other execs still answer.
+    let mut flood = d
+        .cmd(&["exec", "box", "--", "sh", "-c", "while :; do echo flooding-the-host-with-output; done"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let t0 = std::time::Instant::now();
+    assert_eq!(d.ok(&["exec", "box", "--", "echo", "still-answering"]), "still-answering\n");
+    let mut piped = [0u8; 64];
+    std::io::Read::read_exact(flood.stdout.as_mut().expect("stdout"), &mut piped).expect("the flood's own output still comes");
+    assert!(text(&piped).contains("flooding"), "{}", text(&piped));
+    let _ = flood.kill();
+    let _ = flood.wait();
+    assert!(t0.elapsed() < std::time::Duration::from_secs(20), "held up for {:?}", t0.elapsed());
+    // The client left, so hearthd killed the process.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while d.ok(&["exec", "box", "--", "ps"]).contains("flooding") {
+        assert!(std::time::Instant::now() < deadline, "the flood outlived its client");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+
     // Graceful stop goes through the agent: quick, and recorded as a stop.
     let t0 = std::time::Instant::now();
     d.ok(&["stop", "-t", "30", "box"]);
