@@ -1,7 +1,7 @@
 //! Turning an image's OCI config plus the user's overrides into what hearth-init runs.
 
 use hearth_types::guest::{is_init_system, GUEST_CONFIG_VERSION};
-use hearth_types::net::{mac_for, USER_NET_ADDRESS, USER_NET_DNS, USER_NET_GATEWAY, USER_NET_PREFIX};
+use hearth_types::net::{USER_NET_ADDRESS, USER_NET_DNS, USER_NET_GATEWAY, USER_NET_PREFIX};
 use hearth_types::{GuestConfig, GuestNetwork, GuestProcess, ImageConfig, NetworkMode, VmSpec};
 
 /// PATH given to a workload whose image sets none.
@@ -62,6 +62,7 @@ pub fn guest_config(spec: &VmSpec, image: &ImageConfig) -> Result<GuestConfig, G
         },
         ssh_authorized_keys: spec.ssh_public_key.iter().map(|k| k.trim().to_owned()).collect(),
         network: guest_network(spec),
+        cloud_init: spec.cloud_init.clone(),
     })
 }
 
@@ -70,7 +71,7 @@ pub fn guest_network(spec: &VmSpec) -> Option<GuestNetwork> {
     match spec.network {
         NetworkMode::None => None,
         NetworkMode::User => Some(GuestNetwork {
-            mac: mac_for(&spec.id),
+            mac: spec.mac(),
             address: USER_NET_ADDRESS.to_owned(),
             prefix: USER_NET_PREFIX,
             gateway: USER_NET_GATEWAY.to_owned(),
@@ -138,7 +139,7 @@ mod tests {
         assert_eq!(cfg.ssh_authorized_keys, ["ssh-ed25519 AAAA me"]);
         let net = cfg.network.expect("user networking by default");
         assert_eq!((net.address.as_str(), net.prefix, net.gateway.as_str()), ("10.0.2.15", 24, "10.0.2.2"));
-        assert_eq!(net.mac, mac_for(&s.id));
+        assert_eq!(net.mac, hearth_types::net::mac_for(&s.id));
         s.network = NetworkMode::None;
         s.ssh_public_key = None;
         let cfg = guest_config(&s, &image()).expect("config");

@@ -62,6 +62,8 @@ pub struct TestImage {
     /// Host programs copied in at the same paths, with the shared libraries `ldd` lists
     /// (e.g. `/usr/sbin/dropbear` for an image with an SSH server).
     pub host_binaries: Vec<PathBuf>,
+    /// A full-OS image: busybox's init as /sbin/init, run by this /etc/inittab.
+    pub inittab: Option<String>,
 }
 
 fn sha(b: &[u8]) -> String {
@@ -121,6 +123,11 @@ pub fn busybox_layer(img: &TestImage) -> std::io::Result<Vec<u8>> {
     if !img.host_binaries.is_empty() {
         // dropbear keeps generated host keys here.
         entry(&mut b, "etc/dropbear", 0o700, &[], Directory, None)?;
+    }
+    if let Some(inittab) = &img.inittab {
+        entry(&mut b, "sbin", 0o755, &[], Directory, None)?;
+        entry(&mut b, "sbin/init", 0o777, &[], Symlink, Some("/bin/busybox"))?;
+        entry(&mut b, "etc/inittab", 0o644, inittab.as_bytes(), Regular, None)?;
     }
     if img.payload_bytes > 0 {
         // Incompressible-ish but deterministic content.

@@ -4,7 +4,9 @@
 //! module closure, finds the config disk (by magic) and the root disk, switches root, then runs
 //! the image's OCI process under supervision — reaping zombies, forwarding signals, serving the
 //! host over the agent port — and when it exits writes the exit record and powers off. An image
-//! whose command is an init system gets it exec'd as PID 1 instead. Nothing here may panic or
+//! whose command is an init system gets it exec'd as PID 1 instead, and a forked hearth-init
+//! stays behind as an ordinary process serving the agent (exec, copy, readiness, shutdown) and
+//! the cloud-init seed it wrote. Nothing here may panic or
 //! hang silently: a PID 1 that dies takes the kernel with it, so every failure is reported on the
 //! console and in the exit record, and the VM powers off.
 
@@ -62,6 +64,7 @@ fn run(started: u64, config_disk: &mut Option<File>) -> Result<GuestExit, String
     }
     net::configure(cfg.network.as_ref(), &cfg.hostname);
     install_keys(&cfg.ssh_authorized_keys);
+    seed_cloud_init(&cfg.cloud_init);
     let spec = process::Spec {
         args: cfg.process.args.clone(),
         env: cfg.process.env.clone(),
@@ -70,11 +73,17 @@ fn run(started: u64, config_disk: &mut Option<File>) -> Result<GuestExit, String
         hostname: cfg.hostname.clone(),
     };
     if cfg.init_system || is_init_system(&spec.args) {
-        // A full-OS image: its own init becomes PID 1 (no agent: the image brings its own).
+        // A full-OS image: its own init becomes PID 1, and a child of ours serves the agent.
         let mut cmd = match process::command(&spec, None, false) {
             Ok(c) => c,
             Err(e) => return Ok(cannot_start(e)),
         };
+        // SAFETY: no thread has been started yet; the agent's threads start in the child.
+        match unsafe { sys::fork() } {
+            Ok(0) => full_os_agent(started, spec),
+            Ok(_) => {}
+            Err(e) => eprintln!("hearth-init: no agent for this VM (fork: {e}); the image's init starts anyway"),
+        }
         let err = cmd.exec();
         return Ok(cannot_start(process::spawn_error(&spec.args[0], &err)));
     }
@@ -129,6 +138,75 @@ fn supervise(shared: &agent::Shared, workload: i32) -> GuestExit {
     }
 }
 
+/// The agent beside a full-OS image's init: reaps its own children (execs, copies), reports
+/// ready at once (hearth-init's part of the boot is done), and on a shutdown request asks the
+/// image's init to power off, forcing it after [`SHUTDOWN_GRACE`].
+fn full_os_agent(started: u64, spec: process::Spec) -> ! {
+    let shared = Arc::new(agent::Shared::default());
+    *shared.defaults.lock().unwrap_or_else(|e| e.into_inner()) = spec;
+    {
+        let s = shared.clone();
+        std::thread::spawn(move || agent::serve(s));
+    }
+    shared.set_ready(Ready { init_started_ms: started, ready_ms: sys::uptime_ms() });
+    let mut force_at: Option<Instant> = None;
+    loop {
+        let _ = sys::wait_signal(&SIGNALS, 100);
+        {
+            let _g = process::spawn_guard();
+            while let Some((pid, status)) = sys::reap_one() {
+                shared.reaped(pid, status);
+            }
+        }
+        if force_at.is_none() && shared.shutdown.load(Ordering::SeqCst) {
+            match init_poweroff_signal() {
+                Some(sig) => sys::kill(1, sig),
+                None => halt(1),
+            }
+            force_at = Some(Instant::now() + SHUTDOWN_GRACE);
+        }
+        if force_at.is_some_and(|t| Instant::now() > t) {
+            eprintln!("hearth-init: the image's init did not power off in {}s; forcing it", SHUTDOWN_GRACE.as_secs());
+            halt(1);
+        }
+    }
+}
+
+/// The signal that makes PID 1 power off cleanly, for the inits that have one.
+fn init_poweroff_signal() -> Option<i32> {
+    let exe = std::fs::read_link("/proc/1/exe").ok()?;
+    let name = exe.file_name()?.to_string_lossy().into_owned();
+    match name.as_str() {
+        "systemd" => Some(libc::SIGRTMIN() + 4),
+        "busybox" => Some(libc::SIGUSR2),
+        _ => None,
+    }
+}
+
+/// Writes the cloud-init NoCloud seed (0700 directory, 0600 files: user-data may hold secrets).
+fn seed_cloud_init(files: &std::collections::BTreeMap<String, String>) {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if files.is_empty() {
+        return;
+    }
+    let dir = std::path::Path::new(hearth_types::guest::CLOUD_INIT_SEED_DIR);
+    let res = (|| -> std::io::Result<()> {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        for (name, content) in files {
+            // The host allows only the four NoCloud names; never a path.
+            if name.contains('/') {
+                continue;
+            }
+            let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(dir.join(name))?;
+            std::io::Write::write_all(&mut f, content.as_bytes())?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = res {
+        eprintln!("hearth-init: writing the cloud-init seed in {}: {e}", dir.display());
+    }
+}
+
 /// Installs root's SSH keys (0700 directory, 0600 file, as sshd's StrictModes wants).
 fn install_keys(keys: &[String]) {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -174,12 +252,19 @@ fn finish(config_disk: Option<&File>, exit: &GuestExit) -> ! {
             eprintln!("hearth-init: could not write the exit record");
         }
     }
+    halt(0)
+}
+
+/// Stops every other process (TERM, up to 2 s, then KILL), remounts the root read-only and
+/// powers off. `me` is how many user processes are expected to remain: 0 as PID 1, 1 for the
+/// agent beside a full-OS init (it counts itself).
+fn halt(me: usize) -> ! {
     let _g = process::spawn_guard();
     sys::kill(-1, libc::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(2);
     while Instant::now() < deadline {
         while sys::reap_one().is_some() {}
-        if user_processes() == 0 {
+        if user_processes() <= me {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));

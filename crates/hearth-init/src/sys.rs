@@ -55,6 +55,21 @@ pub fn power_off() -> io::Error {
     io::Error::last_os_error()
 }
 
+/// `fork(2)`: `Ok(0)` in the child, the child's pid in the parent.
+///
+/// # Safety
+/// The calling process must have a single thread: the child gets a copy of only the calling
+/// thread, so a lock another thread held would never be released there.
+pub unsafe fn fork() -> io::Result<i32> {
+    // SAFETY: the caller guarantees the process is single-threaded.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(pid)
+    }
+}
+
 /// `sethostname(2)`.
 pub fn sethostname(name: &str) -> io::Result<()> {
     // SAFETY: the pointer and length describe `name`'s bytes, valid for the call.

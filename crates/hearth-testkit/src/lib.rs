@@ -27,6 +27,8 @@ pub fn spec(n: u8) -> VmSpec {
         network: Default::default(),
         ports: vec![],
         ssh_public_key: None,
+        mac: None,
+        cloud_init: Default::default(),
         created_at: u64::from(n),
     }
 }

@@ -59,7 +59,14 @@ pub struct GuestConfig {
     /// The network interface to configure; none when the VM has no network.
     #[serde(default)]
     pub network: Option<GuestNetwork>,
+    /// cloud-init NoCloud files, by name, that hearth-init writes to the seed directory
+    /// ([`CLOUD_INIT_SEED_DIR`]) before handing over to the image's init.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub cloud_init: std::collections::BTreeMap<String, String>,
 }
+
+/// Where cloud-init's NoCloud data source looks for seed files on the root filesystem.
+pub const CLOUD_INIT_SEED_DIR: &str = "/var/lib/cloud/seed/nocloud";
 
 /// A statically configured interface: hearth-init needs no DHCP client.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

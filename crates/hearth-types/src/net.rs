@@ -108,6 +108,8 @@ pub enum NetError {
     PortTwice(String),
     #[error("ports and SSH need a network: drop --network none, or drop -p and --ssh")]
     NeedsNetwork,
+    #[error("MAC address {0:?} must be six hex octets like 02:00:00:00:00:01, unicast (first octet even)")]
+    Mac(String),
     #[error("--ssh: the public key must be one line like \"ssh-ed25519 AAAA... comment\" (got {0})")]
     SshKey(String),
 }
@@ -176,6 +178,16 @@ pub fn validate_ssh_key(key: &str) -> Result<(), NetError> {
     Ok(())
 }
 
+/// A MAC address a VM's card can take: six `:`-separated hex octets, not multicast.
+pub fn validate_mac(mac: &str) -> Result<(), NetError> {
+    let octets: Vec<&str> = mac.split(':').collect();
+    let hex = octets.len() == 6 && octets.iter().all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()));
+    match u8::from_str_radix(octets[0], 16) {
+        Ok(first) if hex && first & 1 == 0 => Ok(()),
+        _ => Err(NetError::Mac(mac.to_owned())),
+    }
+}
+
 /// The VM's MAC address: locally administered, unicast, derived from its id so it stays the
 /// same for the VM's life without being stored.
 pub fn mac_for(id: &VmId) -> String {
@@ -187,6 +199,17 @@ pub fn mac_for(id: &VmId) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn macs_must_be_six_hex_octets_and_unicast() {
+        assert!(validate_mac("02:ab:cd:00:11:22").is_ok());
+        assert!(validate_mac("AA:BB:CC:DD:EE:F0").is_ok());
+        for bad in
+            ["", "02:ab:cd:00:11", "02:ab:cd:00:11:22:33", "01:00:5e:00:00:01", "02-ab-cd-00-11-22", "0g:00:00:00:00:00", "2:0:0:0:0:0"]
+        {
+            assert_eq!(validate_mac(bad), Err(NetError::Mac(bad.to_owned())), "{bad}");
+        }
+    }
 
     fn pm(s: &str) -> Result<PortMapping, NetError> {
         s.parse()

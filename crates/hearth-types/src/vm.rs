@@ -67,6 +67,10 @@ pub enum VmSpecError {
     Env(String),
     #[error("label {0:?} is not KEY=VALUE with a non-empty KEY")]
     Label(String),
+    #[error("cloud-init file {0:?} is not one of meta-data, user-data, vendor-data, network-config")]
+    CloudInitKey(String),
+    #[error("cloud-init file {0:?} is larger than {kib} KiB", kib = MAX_CLOUD_INIT_BYTES >> 10)]
+    CloudInitSize(String),
     #[error(transparent)]
     Name(#[from] crate::id::IdError),
     #[error(transparent)]
@@ -121,6 +125,13 @@ pub struct VmSpec {
     /// Public key hearth-init installs for root (`--ssh`); `hearth ssh` reaches the guest's port 22.
     #[serde(default)]
     pub ssh_public_key: Option<String>,
+    /// The network card's MAC address; derived from the id when not given.
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// cloud-init NoCloud files (`meta-data`, `user-data`, `vendor-data`, `network-config`) that
+    /// hearth-init seeds into the guest for the image's own cloud-init.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub cloud_init: BTreeMap<String, String>,
     /// Unix seconds.
     pub created_at: u64,
 }
@@ -147,9 +158,30 @@ impl VmSpec {
             }
         }
         crate::net::validate(self.network, &self.ports, self.ssh_public_key.as_deref())?;
+        if let Some(mac) = &self.mac {
+            crate::net::validate_mac(mac)?;
+        }
+        for (key, value) in &self.cloud_init {
+            if !CLOUD_INIT_FILES.contains(&key.as_str()) {
+                return Err(VmSpecError::CloudInitKey(key.clone()));
+            }
+            if value.len() > MAX_CLOUD_INIT_BYTES {
+                return Err(VmSpecError::CloudInitSize(key.clone()));
+            }
+        }
         Ok(())
     }
+
+    /// The network card's MAC address.
+    pub fn mac(&self) -> String {
+        self.mac.clone().unwrap_or_else(|| crate::net::mac_for(&self.id))
+    }
 }
+
+/// The cloud-init NoCloud files a VM may carry.
+pub const CLOUD_INIT_FILES: [&str; 4] = ["meta-data", "user-data", "vendor-data", "network-config"];
+/// Bound on one cloud-init file (they travel in the guest config record).
+pub const MAX_CLOUD_INIT_BYTES: usize = 96 << 10;
 
 /// Splits `KEY=VALUE` labels given on the command line.
 pub fn parse_labels(items: &[String]) -> Result<BTreeMap<String, String>, VmSpecError> {
@@ -284,8 +316,27 @@ mod tests {
             network: NetworkMode::User,
             ports: vec![],
             ssh_public_key: None,
+            mac: None,
+            cloud_init: Default::default(),
             created_at: 0,
         }
+    }
+
+    #[test]
+    fn cloud_init_files_and_macs_are_checked() {
+        let mut s = spec();
+        s.cloud_init.insert("user-data".into(), "#cloud-config\n".into());
+        s.mac = Some("02:00:00:00:00:09".into());
+        assert!(s.validate().is_ok());
+        assert_eq!(s.mac(), "02:00:00:00:00:09");
+        s.cloud_init.insert("../etc/passwd".into(), String::new());
+        assert_eq!(s.validate(), Err(VmSpecError::CloudInitKey("../etc/passwd".into())));
+        s.cloud_init.remove("../etc/passwd");
+        s.cloud_init.insert("meta-data".into(), "x".repeat(MAX_CLOUD_INIT_BYTES + 1));
+        assert_eq!(s.validate(), Err(VmSpecError::CloudInitSize("meta-data".into())));
+        s.cloud_init.clear();
+        s.mac = Some("ff:ff:ff:ff:ff:ff".into());
+        assert!(s.validate().is_err());
     }
 
     #[test]

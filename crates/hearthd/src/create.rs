@@ -86,6 +86,8 @@ pub async fn create(d: &Arc<Daemon>, req: pb::CreateVmRequest) -> Result<VmRecor
         ports,
         // A placeholder for the key generated below, so validation sees that SSH is wanted.
         ssh_public_key: given_key.clone().or_else(|| req.ssh.then(|| "ssh-ed25519 AAAA".to_owned())),
+        mac: Some(req.mac).filter(|m| !m.is_empty()),
+        cloud_init: req.cloud_init.into_iter().collect(),
         created_at: created_now(),
     };
     spec.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;

@@ -2,7 +2,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 
-use hearth_types::net::{mac_for, SSH_PORT};
+use hearth_types::net::SSH_PORT;
 use hearth_types::{NetworkMode, PortMapping, Protocol, VmSpec};
 use hearth_vmm::NetLaunch;
 use tonic::Status;
@@ -31,7 +31,7 @@ pub fn plan(spec: &VmSpec) -> Result<Option<(NetLaunch, Option<u16>)>, Status> {
         }
         None => None,
     };
-    Ok(Some((NetLaunch { mac: mac_for(&spec.id), forwards }, ssh_port)))
+    Ok(Some((NetLaunch { mac: spec.mac(), forwards }, ssh_port)))
 }
 
 fn check_free(p: &PortMapping) -> Result<(), Status> {
@@ -64,7 +64,7 @@ mod tests {
         let port = ssh.expect("ssh port");
         assert_eq!(net.forwards.len(), 1);
         assert_eq!((net.forwards[0].host_ip.as_str(), net.forwards[0].host_port, net.forwards[0].guest_port), ("127.0.0.1", port, 22));
-        assert_eq!(net.mac, mac_for(&spec.id));
+        assert_eq!(net.mac, hearth_types::net::mac_for(&spec.id));
         spec.network = NetworkMode::None;
         spec.ssh_public_key = None;
         assert!(plan(&spec).expect("plan").is_none());

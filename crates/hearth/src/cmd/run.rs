@@ -134,6 +134,8 @@ fn request(a: &CreateArgs) -> anyhow::Result<pb::CreateVmRequest> {
             None | Some("") => String::new(),
             Some(path) => read_public_key(path)?,
         },
+        mac: String::new(),
+        cloud_init: Default::default(),
     })
 }
 
