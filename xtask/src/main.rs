@@ -16,6 +16,8 @@ const APT_PACKAGES: &[&str] = &[
     "docker-registry",
     "busybox-static",
     "protobuf-compiler",
+    "libprotobuf-dev",
+    "openssl",
     "cpio",
     "zstd",
     "iproute2",

@@ -7,6 +7,29 @@ pub mod v1 {
     tonic::include_proto!("hearth.v1");
 }
 
+/// Flintlock's `flintlock.types` messages (wire-compatible; see shared/flintlock-api.md).
+#[allow(clippy::all, clippy::unwrap_used)]
+pub mod flintlock {
+    pub mod types {
+        tonic::include_proto!("flintlock.types");
+    }
+}
+
+/// Flintlock's `microvm.services.api.v1alpha1.MicroVM` service.
+#[allow(clippy::all, clippy::unwrap_used)]
+pub mod microvm {
+    pub mod services {
+        pub mod api {
+            pub mod v1alpha1 {
+                tonic::include_proto!("microvm.services.api.v1alpha1");
+            }
+        }
+    }
+}
+
+/// The encoded descriptors of Flintlock's API, for gRPC reflection.
+pub const FLINTLOCK_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("flintlock_descriptor");
+
 use std::path::PathBuf;
 
 use hyper_util::rt::TokioIo;

@@ -5,6 +5,7 @@ mod console;
 mod create;
 mod daemon;
 mod exec;
+mod flintlock;
 mod net;
 mod reconcile;
 mod service;
@@ -15,8 +16,10 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use hearth_api::microvm::services::api::v1alpha1::micro_vm_server::MicroVmServer;
 use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 /// hearth's daemon: owns the state under --root and serves the API on --socket.
 #[derive(Debug, Parser)]
@@ -31,6 +34,25 @@ struct Args {
     /// The static hearth-init binary to put in initramfs images.
     #[arg(long, env = "HEARTH_INIT")]
     init_binary: Option<PathBuf>,
+    /// Also serve Flintlock's MicroVM API on this TCP address (e.g. 0.0.0.0:9090), for Cluster
+    /// API Provider MicroVM and other Flintlock clients. It is always served on --socket.
+    #[arg(long, value_name = "ADDR")]
+    flintlock_listen: Option<std::net::SocketAddr>,
+    /// Serve --flintlock-listen in plaintext (no TLS). Only for trusted networks.
+    #[arg(long)]
+    insecure: bool,
+    /// TLS certificate (PEM) for --flintlock-listen.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for --flintlock-listen.
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM): mutual TLS.
+    #[arg(long, value_name = "FILE")]
+    tls_client_ca: Option<PathBuf>,
+    /// Require `authorization: Basic <base64(TOKEN)>` on --flintlock-listen, as Flintlock's flag.
+    #[arg(long, env = "HEARTH_BASIC_AUTH_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    basic_auth_token: Option<String>,
     /// Log filter, as RUST_LOG.
     #[arg(long, env = "HEARTH_LOG", default_value = "info")]
     log: String,
@@ -47,6 +69,7 @@ async fn main() {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    let tls = tls_config(&args)?;
     let socket = args.socket.clone().unwrap_or_else(|| args.root.join("hearthd.sock"));
     let init = daemon::find_init_binary(args.init_binary.as_deref())?;
     let d = Arc::new(daemon::Daemon::open(&args.root, init).with_context(|| format!("opening {}", args.root.display()))?);
@@ -63,6 +86,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
     tracing::info!(root = %args.root.display(), socket = %socket.display(), "hearthd serving");
     reconcile::recover(&d).await;
+    let fl = flintlock::Flintlock::new(d.clone()).context("opening the Flintlock API's records")?;
+    fl.resume();
+    if let Some(addr) = args.flintlock_listen {
+        let tcp = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding --flintlock-listen {addr}"))?;
+        tracing::info!(%addr, tls = tls.is_some(), auth = args.basic_auth_token.is_some(), "serving the Flintlock API");
+        let (fl, token) = (fl.clone(), args.basic_auth_token.clone());
+        tokio::spawn(async move {
+            if let Err(e) = serve_flintlock(tcp, tls, fl, token).await {
+                tracing::error!(error = %e, "the Flintlock API listener stopped");
+            }
+        });
+    }
 
     let svc = hearth_api::v1::hearth_server::HearthServer::new(service::Api::new(d.clone()));
     let shutdown = async {
@@ -74,10 +109,64 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     tonic::transport::Server::builder()
         .add_service(svc)
+        .add_service(MicroVmServer::new(fl))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
         .context("serving the API")?;
     let _ = std::fs::remove_file(&socket);
     tracing::info!("hearthd stopped; VMs keep running and are re-adopted on the next start");
     Ok(())
+}
+
+/// The TLS settings of --flintlock-listen, checked as Flintlock checks its flags.
+fn tls_config(args: &Args) -> anyhow::Result<Option<ServerTlsConfig>> {
+    let certs = args.tls_cert.is_some() || args.tls_key.is_some() || args.tls_client_ca.is_some();
+    if args.flintlock_listen.is_none() {
+        anyhow::ensure!(!certs && !args.insecure, "--insecure and --tls-* only apply with --flintlock-listen ADDR");
+        return Ok(None);
+    }
+    if args.insecure {
+        anyhow::ensure!(!certs, "--insecure cannot be combined with --tls-cert, --tls-key or --tls-client-ca");
+        return Ok(None);
+    }
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        anyhow::bail!("--flintlock-listen needs --tls-cert and --tls-key (or --insecure to serve plaintext on a trusted network)");
+    };
+    let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+    if let Some(ca) = &args.tls_client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(Some(tls))
+}
+
+/// Flintlock's API on TCP: TLS unless --insecure, basic-token auth when set, plus gRPC health
+/// and reflection (which Flintlock clients and grpcurl use).
+async fn serve_flintlock(
+    tcp: tokio::net::TcpListener,
+    tls: Option<ServerTlsConfig>,
+    fl: flintlock::Flintlock,
+    token: Option<String>,
+) -> anyhow::Result<()> {
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls).context("configuring TLS")?;
+    }
+    let auth = move |req: tonic::Request<()>| match &token {
+        Some(t) => flintlock::check_basic_auth(t, &req).map(|()| req),
+        None => Ok(req),
+    };
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<MicroVmServer<flintlock::Flintlock>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(hearth_api::FLINTLOCK_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building gRPC reflection")?;
+    builder
+        .add_service(MicroVmServer::with_interceptor(fl, auth))
+        .add_service(health)
+        .add_service(reflection)
+        .serve_with_incoming(TcpListenerStream::new(tcp))
+        .await
+        .context("serving the Flintlock API")
 }

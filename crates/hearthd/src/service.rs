@@ -16,7 +16,7 @@ use crate::reconcile::{self, Options};
 type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// The API handlers.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Api {
     d: Arc<Daemon>,
 }
@@ -159,15 +159,7 @@ impl Hearth for Api {
             let run = || -> anyhow::Result<hearth_types::KernelRecord> {
                 let opts = hearth_image::PullOptions { insecure: req.insecure, docker_config: None };
                 let img = d.images.pull(&r, &opts, &ChannelProgress(tx.clone()))?;
-                let staging = tempfile_dir(&d.root)?;
-                let out = (|| {
-                    d.images.unpack_to(&img, &staging)?;
-                    let rec = d.kernels.import_rootfs(&staging, &name)?;
-                    d.kernels.initramfs(&name, &d.init_binary)?;
-                    anyhow::Ok(rec)
-                })();
-                let _ = std::fs::remove_dir_all(&staging);
-                out
+                kernel_from_image(&d, &img, &name, None)
             };
             let msg = match run() {
                 Ok(rec) => Ok(pb::Progress { done: true, result_json: json(&rec), ..Default::default() }),
@@ -356,7 +348,7 @@ impl Hearth for Api {
 }
 
 impl Api {
-    async fn set_desired(&self, reference: &str, desired: Desired, opts: Options) -> Result<Response<pb::Record>, Status> {
+    pub async fn set_desired(&self, reference: &str, desired: Desired, opts: Options) -> Result<Response<pb::Record>, Status> {
         let rec = self.d.resolve(reference)?;
         let id = rec.spec.id.clone();
         let lock = self.d.lock_for(&id);
@@ -378,6 +370,37 @@ fn parse_signal(s: &str) -> Result<i32, Status> {
         "HUP" | "1" => libc::SIGHUP,
         other => return Err(Status::invalid_argument(format!("unknown signal {other:?}: use KILL, TERM, INT or HUP"))),
     })
+}
+
+/// Imports the kernel in a pulled image as `name`, with its initramfs: the file at `filename`
+/// inside the image, or Ignite's layout (`/boot/vmlinux`, `/lib/modules`) when none is given.
+pub fn kernel_from_image(
+    d: &Daemon,
+    img: &hearth_types::ImageRecord,
+    name: &str,
+    filename: Option<&str>,
+) -> anyhow::Result<hearth_types::KernelRecord> {
+    let staging = tempfile_dir(&d.root)?;
+    let out = (|| {
+        d.images.unpack_to(img, &staging)?;
+        let rec = match filename {
+            None => d.kernels.import_rootfs(&staging, name)?,
+            Some(f) => {
+                let rel = std::path::Path::new(f.trim_start_matches('/'));
+                if rel.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+                    anyhow::bail!("kernel filename {f:?} must be a plain path inside the image, like boot/vmlinux");
+                }
+                let kernel = staging.join(rel);
+                anyhow::ensure!(kernel.is_file(), "the kernel image has no file {f}");
+                let modules = staging.join("lib/modules");
+                d.kernels.import(&kernel, modules.is_dir().then_some(modules.as_path()), name)?
+            }
+        };
+        d.kernels.initramfs(name, &d.init_binary)?;
+        anyhow::Ok(rec)
+    })();
+    let _ = std::fs::remove_dir_all(&staging);
+    out
 }
 
 fn tempfile_dir(root: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {

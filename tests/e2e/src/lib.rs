@@ -62,15 +62,22 @@ pub fn bin_dir() -> PathBuf {
 pub struct Daemon {
     pub root: tempfile::TempDir,
     pub socket: PathBuf,
+    /// Flags given to every hearthd this harness starts on the root.
+    args: Vec<String>,
     child: Option<Child>,
 }
 
 impl Daemon {
     /// Starts hearthd and waits until it answers.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// As [`Daemon::start`], with extra hearthd flags.
+    pub fn start_with(args: &[&str]) -> Self {
         let root = tempfile::Builder::new().prefix("hearth-e2e-").tempdir_in(test_tmp()).expect("tempdir");
         let socket = root.path().join("hearthd.sock");
-        let mut d = Self { root, socket, child: None };
+        let mut d = Self { root, socket, args: args.iter().map(|a| a.to_string()).collect(), child: None };
         d.spawn();
         d
     }
@@ -83,6 +90,7 @@ impl Daemon {
             .arg(self.root.path())
             .arg("--socket")
             .arg(&self.socket)
+            .args(&self.args)
             .env("HEARTH_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))

@@ -1,0 +1,773 @@
+//! Flintlock's `microvm.services.api.v1alpha1.MicroVM` service on top of hearth's own VMs, so
+//! Flintlock's clients (CAPMVM, hammertime, fl, grpcurl) drive a hearth host unchanged.
+//!
+//! A create is accepted at once (uid + PENDING, as Flintlock does) and its intent persisted as a
+//! record under `ROOT/flintlock/`; a task per microVM then pulls the kernel and root images,
+//! creates a hearth VM labelled with the uid and starts it. The reported state is derived from
+//! that VM, so it reflects the real VMM and hearth-init's readiness. Tasks of one microVM run
+//! under its lock, a delete marks the record first so an in-flight create stops at its next
+//! step, and `resume` restarts whatever a crash interrupted. See docs/adr/0008-flintlock-api.md.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use hearth_api::flintlock::types as fl;
+use hearth_api::microvm::services::api::v1alpha1::{self as fpb, micro_vm_server::MicroVm};
+use hearth_api::v1 as pb;
+use hearth_types::{ImageRef, VmRecord, VmState};
+use prost::Message as _;
+use serde::{Deserialize, Serialize};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use crate::daemon::{internal, now_secs, Daemon};
+use crate::service::Api;
+
+/// Label tying a hearth VM to its Flintlock microVM.
+pub const UID_LABEL: &str = "hearth.flintlock/uid";
+/// Kernel images imported for microVMs are named after this prefix and the image id.
+const KERNEL_PREFIX: &str = "fl-";
+/// Attempts at provisioning before a microVM is FAILED (pulls can fail for a while).
+const MAX_ATTEMPTS: i32 = 4;
+/// Flintlock's defaults.
+const DEFAULT_VCPU: i32 = 2;
+const DEFAULT_MEMORY_MB: i32 = 1024;
+const DEFAULT_NAMESPACE: &str = "default";
+
+/// Where a microVM's life stands, as persisted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Phase {
+    /// Images being pulled, VM being created.
+    Pending,
+    /// The hearth VM exists and was started: its state is the microVM's.
+    Created,
+    /// Provisioning gave up; `reason` says why.
+    Failed,
+    /// Delete requested; the record goes once the VM is gone.
+    Deleting,
+}
+
+/// A microVM's persisted intent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    uid: String,
+    /// The spec as accepted (uid and instance_id filled in), protobuf-encoded in base64: echoed
+    /// back field for field.
+    spec: String,
+    phase: Phase,
+    #[serde(default)]
+    reason: String,
+    #[serde(default)]
+    retry: i32,
+    created_at: u64,
+    updated_at: u64,
+}
+
+impl Record {
+    fn spec(&self) -> fl::MicroVmSpec {
+        let bytes = base64::engine::general_purpose::STANDARD.decode(&self.spec).unwrap_or_default();
+        fl::MicroVmSpec::decode(bytes.as_slice()).unwrap_or_default()
+    }
+}
+
+/// The microVM records, one JSON file per uid.
+#[derive(Debug)]
+struct Records {
+    dir: PathBuf,
+}
+
+impl Records {
+    fn path(&self, uid: &str) -> PathBuf {
+        self.dir.join(format!("{uid}.json"))
+    }
+
+    fn get(&self, uid: &str) -> Result<Option<Record>, Status> {
+        if uid.is_empty() || !uid.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Ok(None);
+        }
+        match std::fs::read(self.path(uid)) {
+            Ok(b) => serde_json::from_slice(&b).map(Some).map_err(internal),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(internal(e)),
+        }
+    }
+
+    fn save(&self, rec: &mut Record) -> Result<(), Status> {
+        rec.updated_at = now_secs();
+        let bytes = serde_json::to_vec_pretty(rec).map_err(internal)?;
+        hearth_store::atomic_write(&self.path(&rec.uid), &bytes).map_err(internal)
+    }
+
+    fn remove(&self, uid: &str) -> Result<(), Status> {
+        match std::fs::remove_file(self.path(uid)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(internal(e)),
+            _ => Ok(()),
+        }
+    }
+
+    fn list(&self) -> Result<Vec<Record>, Status> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&self.dir).map_err(internal)?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(uid) = name.strip_suffix(".json") {
+                if let Some(r) = self.get(uid)? {
+                    out.push(r);
+                }
+            }
+        }
+        out.sort_by(|a, b| a.uid.cmp(&b.uid));
+        Ok(out)
+    }
+}
+
+/// The service.
+#[derive(Debug, Clone)]
+pub struct Flintlock {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    d: Arc<Daemon>,
+    api: Api,
+    records: Records,
+    /// One lock per microVM: its provisioning and deletion never interleave.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Serialises creates, so two requests cannot take the same namespace/name.
+    create: tokio::sync::Mutex<()>,
+    /// Serialises kernel imports (two microVMs often share one kernel image).
+    kernels: tokio::sync::Mutex<()>,
+}
+
+impl Flintlock {
+    pub fn new(d: Arc<Daemon>) -> anyhow::Result<Self> {
+        let dir = d.root.join("flintlock");
+        std::fs::create_dir_all(&dir)?;
+        let api = Api::new(d.clone());
+        Ok(Self {
+            inner: Arc::new(Inner {
+                d,
+                api,
+                records: Records { dir },
+                locks: Mutex::default(),
+                create: tokio::sync::Mutex::const_new(()),
+                kernels: tokio::sync::Mutex::const_new(()),
+            }),
+        })
+    }
+
+    /// Restarts the work a crash or restart interrupted.
+    pub fn resume(&self) {
+        let Ok(list) = self.inner.records.list() else { return };
+        for r in list {
+            match r.phase {
+                Phase::Pending => self.spawn_provision(r.uid),
+                Phase::Deleting => self.spawn_delete(r.uid),
+                Phase::Created | Phase::Failed => {}
+            }
+        }
+    }
+
+    fn lock_for(&self, uid: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.inner.locks.lock().unwrap_or_else(|e| e.into_inner()).entry(uid.to_owned()).or_default().clone()
+    }
+
+    fn spawn_provision(&self, uid: String) {
+        let me = self.clone();
+        tokio::spawn(async move { me.provision(&uid).await });
+    }
+
+    fn spawn_delete(&self, uid: String) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = me.delete(&uid).await {
+                warn!(uid, error = %e.message(), "deleting microvm failed; retried at the next start");
+            }
+        });
+    }
+
+    /// The hearth VM of a microVM, if it exists.
+    fn vm_of(&self, uid: &str) -> Result<Option<VmRecord>, Status> {
+        Ok(self.inner.d.vms.list().map_err(internal)?.into_iter().find(|r| r.spec.labels.get(UID_LABEL).is_some_and(|u| u == uid)))
+    }
+
+    /// Pulls, creates and starts, retrying with backoff; stops early when a delete arrives.
+    async fn provision(&self, uid: &str) {
+        let lock = self.lock_for(uid);
+        let _g = lock.lock().await;
+        loop {
+            let Ok(Some(mut rec)) = self.inner.records.get(uid) else { return };
+            if rec.phase != Phase::Pending {
+                return;
+            }
+            match self.provision_once(&rec).await {
+                Ok(()) => {
+                    rec.phase = Phase::Created;
+                    rec.reason.clear();
+                    info!(uid, "microvm created");
+                }
+                Err(e) => {
+                    rec.retry += 1;
+                    rec.reason = e.message().to_owned();
+                    // Pulls fail with UNAVAILABLE and are retried; a bad spec or image is final.
+                    let permanent = !matches!(e.code(), tonic::Code::Unavailable | tonic::Code::Internal | tonic::Code::Unknown);
+                    if permanent || rec.retry >= MAX_ATTEMPTS {
+                        rec.phase = Phase::Failed;
+                        warn!(uid, reason = %rec.reason, "microvm failed");
+                    } else {
+                        warn!(uid, attempt = rec.retry, reason = %rec.reason, "provisioning microvm failed; retrying");
+                    }
+                }
+            }
+            // A delete may have come in meanwhile: it wins.
+            if self.inner.records.get(uid).ok().flatten().is_some_and(|r| r.phase == Phase::Deleting) {
+                return;
+            }
+            if let Err(e) = self.inner.records.save(&mut rec) {
+                warn!(uid, error = %e.message(), "recording microvm state failed");
+                return;
+            }
+            if rec.phase != Phase::Pending {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(1 << rec.retry.min(5))).await;
+        }
+    }
+
+    async fn provision_once(&self, rec: &Record) -> Result<(), Status> {
+        let spec = rec.spec();
+        let d = &self.inner.d;
+        let kernel_spec = spec.kernel.clone().unwrap_or_default();
+        let kernel_img = pull(d, &kernel_spec.image).await?;
+        self.check_not_deleting(&rec.uid)?;
+        let filename = kernel_spec.filename.clone().filter(|f| !f.is_empty());
+        let kernel = kernel_name(&kernel_img.id.hex()[..12], filename.as_deref());
+        {
+            let _k = self.inner.kernels.lock().await;
+            if d.kernels.get(&kernel).map_err(internal)?.is_none() {
+                let (d2, name) = (d.clone(), kernel.clone());
+                tokio::task::spawn_blocking(move || crate::service::kernel_from_image(&d2, &kernel_img, &name, filename.as_deref()))
+                    .await
+                    .map_err(internal)?
+                    .map_err(|e| Status::failed_precondition(format!("kernel image {}: {e:#}", kernel_spec.image)))?;
+            }
+        }
+        let root = spec.root_volume.as_ref().and_then(|v| v.source.as_ref()).and_then(|s| s.container_source.clone()).unwrap_or_default();
+        pull(d, &root).await?;
+        self.check_not_deleting(&rec.uid)?;
+        let vm = match self.vm_of(&rec.uid)? {
+            Some(vm) => vm,
+            None => {
+                let req = create_request(&spec, &rec.uid, &kernel)?;
+                crate::create::create(d, req).await?
+            }
+        };
+        self.check_not_deleting(&rec.uid)?;
+        if !matches!(vm.status.state, VmState::Starting | VmState::Running) {
+            let start = pb::StartVmRequest { r#ref: vm.spec.id.as_str().to_owned(), wait_ready: false };
+            hearth_api::v1::hearth_server::Hearth::start_vm(&self.inner.api, Request::new(start)).await?;
+        }
+        Ok(())
+    }
+
+    fn check_not_deleting(&self, uid: &str) -> Result<(), Status> {
+        match self.inner.records.get(uid)? {
+            Some(r) if r.phase != Phase::Deleting => Ok(()),
+            _ => Err(Status::aborted("the microvm is being deleted")),
+        }
+    }
+
+    /// Removes the VM (stopping it), then the record.
+    async fn delete(&self, uid: &str) -> Result<(), Status> {
+        let lock = self.lock_for(uid);
+        let _g = lock.lock().await;
+        if let Some(vm) = self.vm_of(uid)? {
+            let opts = crate::reconcile::Options::default();
+            self.inner.api.set_desired(vm.spec.id.as_str(), hearth_types::Desired::Deleted, opts).await?;
+        }
+        self.inner.records.remove(uid)?;
+        self.inner.locks.lock().unwrap_or_else(|e| e.into_inner()).remove(uid);
+        info!(uid, "microvm deleted");
+        Ok(())
+    }
+
+    /// The wire form of a record, with its state derived from the hearth VM.
+    fn microvm(&self, rec: &Record) -> Result<fl::MicroVm, Status> {
+        let mut spec = rec.spec();
+        spec.created_at = Some(timestamp(rec.created_at));
+        spec.updated_at = Some(timestamp(rec.updated_at));
+        let vm = self.vm_of(&rec.uid)?;
+        let (state, reason) = observed_state(rec, vm.as_ref());
+        let mut status = fl::MicroVmStatus { state: state as i32, retry: rec.retry, reason, ..Default::default() };
+        if let Some(vm) = &vm {
+            let (iface, mac) = (spec.interfaces.first().map(|i| i.device_id.clone()), vm.spec.mac());
+            if let (Some(device), hearth_types::NetworkMode::User) = (iface, vm.spec.network) {
+                status
+                    .network_interfaces
+                    .insert(device, fl::NetworkInterfaceStatus { host_device_name: String::new(), index: 0, mac_address: mac });
+            }
+            if let Some(disk) = &vm.status.disk_path {
+                let id = spec.root_volume.as_ref().map(|v| v.id.clone()).unwrap_or_else(|| "root".into());
+                let mount = fl::Mount { r#type: fl::mount::MountType::Hostpath as i32, source: disk.clone() };
+                status.volumes.insert(id, fl::VolumeStatus { mount: Some(mount) });
+            }
+            let kernel = self.inner.d.kernels.kernel_path(&vm.spec.kernel);
+            status.kernel_mount = Some(fl::Mount { r#type: fl::mount::MountType::Hostpath as i32, source: kernel.display().to_string() });
+        }
+        Ok(fl::MicroVm { version: 1, spec: Some(spec), status: Some(status) })
+    }
+
+    fn records_in(&self, namespace: &str, name: Option<&str>) -> Result<Vec<Record>, Status> {
+        let all = self.inner.records.list()?;
+        Ok(all
+            .into_iter()
+            .filter(|r| {
+                let s = r.spec();
+                (namespace.is_empty() || s.namespace == namespace) && name.is_none_or(|n| s.id == n)
+            })
+            .collect())
+    }
+}
+
+/// PENDING until the guest is up, CREATED while it runs, FAILED with a reason otherwise.
+fn observed_state(rec: &Record, vm: Option<&VmRecord>) -> (fl::micro_vm_status::MicroVmState, String) {
+    use fl::micro_vm_status::MicroVmState as S;
+    match (rec.phase, vm) {
+        (Phase::Deleting, _) => (S::Deleting, String::new()),
+        (Phase::Failed, _) => (S::Failed, rec.reason.clone()),
+        (Phase::Pending, _) => (S::Pending, rec.reason.clone()),
+        (Phase::Created, None) => (S::Failed, "the VM was removed outside the Flintlock API (hearth rm)".into()),
+        (Phase::Created, Some(vm)) => match vm.status.state {
+            VmState::Running => (S::Created, String::new()),
+            VmState::Created | VmState::Starting => (S::Pending, String::new()),
+            VmState::Stopping | VmState::Stopped | VmState::Failed => {
+                let why = if vm.status.reason.is_empty() { format!("the VM is {}", vm.status.state) } else { vm.status.reason.clone() };
+                (S::Failed, why)
+            }
+        },
+    }
+}
+
+fn timestamp(secs: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: secs as i64, nanos: 0 }
+}
+
+/// Pulls an image into the store (http for loopback registries, as `hearth image pull`).
+async fn pull(d: &Arc<Daemon>, reference: &str) -> Result<hearth_types::ImageRecord, Status> {
+    let r: ImageRef = reference.parse().map_err(|e| Status::invalid_argument(format!("image {reference:?}: {e}")))?;
+    let d = d.clone();
+    let what = reference.to_owned();
+    tokio::task::spawn_blocking(move || d.images.pull(&r, &hearth_image::PullOptions::default(), &hearth_image::NoProgress))
+        .await
+        .map_err(internal)?
+        .map_err(|e| Status::unavailable(format!("pulling {what}: {:#}", anyhow::Error::from(e))))
+}
+
+/// A kernel's store name: the image id, and the file when it is not Ignite's layout.
+fn kernel_name(image_id12: &str, filename: Option<&str>) -> String {
+    match filename {
+        None => format!("{KERNEL_PREFIX}{image_id12}"),
+        Some(f) => {
+            let slug: String = f.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+            let mut n = format!("{KERNEL_PREFIX}{image_id12}-{}", slug.trim_matches('-'));
+            n.truncate(63);
+            n
+        }
+    }
+}
+
+/// Checks a spec and fills Flintlock's defaults; returns it ready to store.
+fn validate(mut spec: fl::MicroVmSpec) -> Result<fl::MicroVmSpec, Status> {
+    let bad = |m: String| Err(Status::invalid_argument(m));
+    if spec.id.is_empty() {
+        return bad("microvm id (its name) is required".into());
+    }
+    if spec.namespace.is_empty() {
+        spec.namespace = DEFAULT_NAMESPACE.into();
+    }
+    if let Err(e) = hearth_types::validate_name(&vm_name(&spec)) {
+        return bad(format!("microvm {}/{}: {e} (hearth names the VM ID.NAMESPACE)", spec.namespace, spec.id));
+    }
+    if spec.vcpu == 0 {
+        spec.vcpu = DEFAULT_VCPU;
+    }
+    if spec.memory_in_mb == 0 {
+        spec.memory_in_mb = DEFAULT_MEMORY_MB;
+    }
+    if !(1..=hearth_types::vm::MAX_CPUS as i32).contains(&spec.vcpu) {
+        return bad(format!("vcpu must be between 1 and {}, got {}", hearth_types::vm::MAX_CPUS, spec.vcpu));
+    }
+    if i64::from(spec.memory_in_mb) < hearth_types::vm::MIN_MEMORY_MIB as i64 {
+        return bad(format!("memory_in_mb must be at least {}, got {}", hearth_types::vm::MIN_MEMORY_MIB, spec.memory_in_mb));
+    }
+    match &spec.kernel {
+        Some(k) if !k.image.is_empty() => {}
+        _ => return bad("kernel.image is required: an OCI image holding the kernel (e.g. boot/vmlinux)".into()),
+    }
+    if spec.initrd.is_some() {
+        return bad("initrd is not supported: hearth boots its own initramfs with hearth-init; drop the initrd".into());
+    }
+    let root = spec.root_volume.as_ref().and_then(|v| v.source.as_ref()).and_then(|s| s.container_source.as_deref()).unwrap_or("");
+    if root.is_empty() {
+        return bad("root_volume.source.container_source is required: the OCI image of the root filesystem".into());
+    }
+    if spec.root_volume.as_ref().is_some_and(|v| v.is_read_only) {
+        return bad("a read-only root volume is not supported; set is_read_only false".into());
+    }
+    if !spec.additional_volumes.is_empty() {
+        return bad("additional_volumes are not supported by hearth yet; put the files in the root image".into());
+    }
+    if spec.interfaces.len() > 1 {
+        return bad(format!("{} network interfaces given: hearth gives a microvm one card for now (user-mode NAT)", spec.interfaces.len()));
+    }
+    for i in &spec.interfaces {
+        if i.device_id.is_empty() {
+            return bad("network interface device_id is required (e.g. eth1)".into());
+        }
+        if let Some(mac) = i.guest_mac.as_deref().filter(|m| !m.is_empty()) {
+            hearth_types::net::validate_mac(mac).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
+        if i.address.is_some() {
+            return bad(format!(
+                "interface {}: static addresses need the bridged network, which hearth does not have yet; leave address empty for DHCP",
+                i.device_id
+            ));
+        }
+    }
+    match spec.provider.as_deref() {
+        None | Some("" | "qemu") => {}
+        Some(p) => return bad(format!("provider {p:?} is not available on this host; leave it empty or use \"qemu\"")),
+    }
+    for (key, value) in &spec.metadata {
+        if !hearth_types::vm::CLOUD_INIT_FILES.contains(&key.as_str()) {
+            return bad(format!("metadata key {key:?} is not one of meta-data, user-data, vendor-data, network-config"));
+        }
+        if base64::engine::general_purpose::STANDARD.decode(value).is_err() {
+            return bad(format!("metadata {key:?} is not base64"));
+        }
+    }
+    Ok(spec)
+}
+
+/// The hearth VM's name for a microVM.
+fn vm_name(spec: &fl::MicroVmSpec) -> String {
+    format!("{}.{}", spec.id, spec.namespace)
+}
+
+/// Sets `instance_id` (and cloud-init's own `instance-id`) in the meta-data, as Flintlock does.
+fn inject_instance_id(spec: &mut fl::MicroVmSpec, uid: &str) -> Result<(), Status> {
+    let b64 = &base64::engine::general_purpose::STANDARD;
+    let current = spec.metadata.get("meta-data").map(|v| b64.decode(v).unwrap_or_default()).unwrap_or_default();
+    let mut doc: serde_yaml::Mapping = if current.iter().all(u8::is_ascii_whitespace) {
+        serde_yaml::Mapping::new()
+    } else {
+        serde_yaml::from_slice(&current).map_err(|e| Status::invalid_argument(format!("metadata meta-data is not a YAML mapping: {e}")))?
+    };
+    doc.insert("instance_id".into(), uid.into());
+    if !doc.contains_key("instance-id") {
+        doc.insert("instance-id".into(), uid.into());
+    }
+    let text = serde_yaml::to_string(&doc).map_err(internal)?;
+    spec.metadata.insert("meta-data".into(), b64.encode(text));
+    Ok(())
+}
+
+/// cloud-init network-config (version 2) for the interface: DHCP on the card with this MAC.
+fn network_config(device: &str, mac: &str) -> String {
+    format!("version: 2\nethernets:\n  {device}:\n    match:\n      macaddress: \"{mac}\"\n    set-name: {device}\n    dhcp4: true\n")
+}
+
+/// The hearth VM for a microVM: its image's own init as PID 1, cloud-init seeded.
+fn create_request(spec: &fl::MicroVmSpec, uid: &str, kernel: &str) -> Result<pb::CreateVmRequest, Status> {
+    let b64 = &base64::engine::general_purpose::STANDARD;
+    let mut cloud_init: HashMap<String, String> = HashMap::new();
+    for (k, v) in &spec.metadata {
+        let bytes = b64.decode(v).map_err(|_| Status::invalid_argument(format!("metadata {k:?} is not base64")))?;
+        cloud_init.insert(k.clone(), String::from_utf8_lossy(&bytes).into_owned());
+    }
+    let iface = spec.interfaces.first();
+    let mac = iface.and_then(|i| i.guest_mac.clone()).filter(|m| !m.is_empty()).unwrap_or_default();
+    let kernel_spec = spec.kernel.clone().unwrap_or_default();
+    if let (Some(i), true) = (iface, kernel_spec.add_network_config) {
+        if !cloud_init.contains_key("network-config") && !mac.is_empty() {
+            cloud_init.insert("network-config".into(), network_config(&i.device_id, &mac));
+        }
+    }
+    let cmdline: BTreeMap<_, _> = kernel_spec.cmdline.iter().collect();
+    let kernel_args =
+        cmdline.iter().map(|(k, v)| if v.is_empty() { (*k).clone() } else { format!("{k}={v}") }).collect::<Vec<_>>().join(" ");
+    let mut labels: HashMap<String, String> = spec.labels.clone().into_iter().collect();
+    labels.insert(UID_LABEL.into(), uid.into());
+    let root = spec.root_volume.clone().unwrap_or_default();
+    let size = root.size_in_mb.filter(|&s| s > 0).map(|s| s as u64 * (1 << 20)).unwrap_or(hearth_types::vm::DEFAULT_DISK_BYTES);
+    Ok(pb::CreateVmRequest {
+        name: vm_name(spec),
+        image: root.source.and_then(|s| s.container_source).unwrap_or_default(),
+        kernel: kernel.into(),
+        cpus: spec.vcpu as u32,
+        memory_mib: spec.memory_in_mb as u64,
+        disk_bytes: size,
+        kernel_args,
+        has_entrypoint: true,
+        entrypoint: vec!["/sbin/init".into()],
+        labels,
+        network: if iface.is_some() { "user".into() } else { "none".into() },
+        mac,
+        cloud_init,
+        ..Default::default()
+    })
+}
+
+type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+fn not_found(uid: &str) -> Status {
+    // CAPMVM matches "not found" in the text; the code is a real NOT_FOUND.
+    Status::not_found(format!("microvm spec {uid} not found"))
+}
+
+#[tonic::async_trait]
+impl MicroVm for Flintlock {
+    async fn create_micro_vm(&self, req: Request<fpb::CreateMicroVmRequest>) -> Result<Response<fpb::CreateMicroVmResponse>, Status> {
+        let spec = req.into_inner().microvm.ok_or_else(|| Status::invalid_argument("microvm spec is required"))?;
+        let mut spec = validate(spec)?;
+        let uid = ulid::Ulid::new().to_string();
+        spec.uid = Some(uid.clone());
+        inject_instance_id(&mut spec, &uid)?;
+        // Fill in the MAC now, so the card keeps it for the VM's life and the client sees it.
+        for i in &mut spec.interfaces {
+            if i.guest_mac.as_deref().unwrap_or("").is_empty() {
+                let bytes: [u8; 5] = rand::random();
+                i.guest_mac = Some(format!("02:{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")));
+            }
+        }
+        let mut rec = Record {
+            uid: uid.clone(),
+            spec: base64::engine::general_purpose::STANDARD.encode(spec.encode_to_vec()),
+            phase: Phase::Pending,
+            reason: String::new(),
+            retry: 0,
+            created_at: now_secs(),
+            updated_at: 0,
+        };
+        {
+            let _g = self.inner.create.lock().await;
+            let taken = self.records_in(&spec.namespace, Some(&spec.id))?.into_iter().find(|r| r.phase != Phase::Deleting);
+            if let Some(other) = taken {
+                return Err(Status::already_exists(format!(
+                    "microvm {}/{} already exists (uid {}); delete it or choose another id",
+                    spec.namespace, spec.id, other.uid
+                )));
+            }
+            self.inner.records.save(&mut rec)?;
+        }
+        info!(uid, namespace = %spec.namespace, name = %spec.id, "microvm accepted");
+        let out = self.microvm(&rec)?;
+        self.spawn_provision(uid);
+        Ok(Response::new(fpb::CreateMicroVmResponse { microvm: Some(out) }))
+    }
+
+    async fn delete_micro_vm(&self, req: Request<fpb::DeleteMicroVmRequest>) -> Result<Response<()>, Status> {
+        let uid = req.into_inner().uid;
+        if uid.is_empty() {
+            return Err(Status::invalid_argument("uid is required"));
+        }
+        let mut rec = self.inner.records.get(&uid)?.ok_or_else(|| not_found(&uid))?;
+        if rec.phase != Phase::Deleting {
+            rec.phase = Phase::Deleting;
+            self.inner.records.save(&mut rec)?;
+            self.spawn_delete(uid);
+        }
+        Ok(Response::new(()))
+    }
+
+    async fn get_micro_vm(&self, req: Request<fpb::GetMicroVmRequest>) -> Result<Response<fpb::GetMicroVmResponse>, Status> {
+        let uid = req.into_inner().uid;
+        if uid.is_empty() {
+            return Err(Status::invalid_argument("uid is required"));
+        }
+        let rec = self.inner.records.get(&uid)?.ok_or_else(|| not_found(&uid))?;
+        Ok(Response::new(fpb::GetMicroVmResponse { microvm: Some(self.microvm(&rec)?) }))
+    }
+
+    async fn list_micro_v_ms(&self, req: Request<fpb::ListMicroVMsRequest>) -> Result<Response<fpb::ListMicroVMsResponse>, Status> {
+        let req = req.into_inner();
+        let name = req.name.as_deref().filter(|n| !n.is_empty());
+        let list = self.records_in(&req.namespace, name)?;
+        let microvm = list.iter().map(|r| self.microvm(r)).collect::<Result<_, _>>()?;
+        Ok(Response::new(fpb::ListMicroVMsResponse { microvm }))
+    }
+
+    type ListMicroVMsStreamStream = Streamed<fpb::ListMessage>;
+    async fn list_micro_v_ms_stream(
+        &self,
+        req: Request<fpb::ListMicroVMsRequest>,
+    ) -> Result<Response<Self::ListMicroVMsStreamStream>, Status> {
+        let req = req.into_inner();
+        if req.namespace.is_empty() {
+            return Err(Status::invalid_argument("namespace is required"));
+        }
+        let list = self.records_in(&req.namespace, None)?;
+        let items: Vec<Result<fpb::ListMessage, Status>> =
+            list.iter().map(|r| self.microvm(r).map(|m| fpb::ListMessage { microvm: Some(m) })).collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(items))))
+    }
+}
+
+/// Checks `authorization: Basic <base64(token)>` (scheme case-insensitive), as Flintlock's
+/// `--basic-auth-token`.
+pub fn check_basic_auth(token: &str, req: &Request<()>) -> Result<(), Status> {
+    let expected = base64::engine::general_purpose::STANDARD.encode(token);
+    let given = req.metadata().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
+    match given.split_once(' ') {
+        Some((scheme, value)) if scheme.eq_ignore_ascii_case("basic") && constant_time_eq(value.trim().as_bytes(), expected.as_bytes()) => {
+            Ok(())
+        }
+        _ => Err(Status::unauthenticated("missing or wrong authorization: send \"authorization: Basic <base64 of the token>\"")),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn good() -> fl::MicroVmSpec {
+        fl::MicroVmSpec {
+            id: "mvm0".into(),
+            kernel: Some(fl::Kernel { image: "reg/kernel:1".into(), ..Default::default() }),
+            root_volume: Some(fl::Volume {
+                id: "root".into(),
+                source: Some(fl::VolumeSource { container_source: Some("reg/os:1".into()), ..Default::default() }),
+                ..Default::default()
+            }),
+            interfaces: vec![fl::NetworkInterface { device_id: "eth1".into(), ..Default::default() }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn validation_fills_flintlocks_defaults() {
+        let s = validate(good()).expect("valid");
+        assert_eq!((s.namespace.as_str(), s.vcpu, s.memory_in_mb), ("default", 2, 1024));
+    }
+
+    #[test]
+    fn validation_names_what_is_wrong() {
+        type Change = Box<dyn Fn(&mut fl::MicroVmSpec)>;
+        let cases: Vec<(Change, &str)> = vec![
+            (Box::new(|s| s.id.clear()), "id"),
+            (Box::new(|s| s.kernel = None), "kernel.image"),
+            (Box::new(|s| s.root_volume = None), "container_source"),
+            (Box::new(|s| s.vcpu = 65), "vcpu"),
+            (Box::new(|s| s.memory_in_mb = 16), "memory_in_mb"),
+            (Box::new(|s| s.initrd = Some(fl::Initrd::default())), "initrd"),
+            (Box::new(|s| s.provider = Some("firecracker".into())), "provider"),
+            (Box::new(|s| s.interfaces[0].guest_mac = Some("01:00:00:00:00:01".into())), "MAC"),
+            (Box::new(|s| s.metadata.insert("userdata".into(), String::new()).map(drop).unwrap_or(())), "userdata"),
+            (Box::new(|s| s.metadata.insert("user-data".into(), "not base64!".into()).map(drop).unwrap_or(())), "base64"),
+            (Box::new(|s| s.id = "bad name".into()), "bad name"),
+        ];
+        for (change, needle) in cases {
+            let mut s = good();
+            change(&mut s);
+            let e = validate(s).expect_err(needle);
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(e.message().contains(needle), "{needle}: {}", e.message());
+        }
+    }
+
+    #[test]
+    fn instance_id_is_injected_and_the_rest_of_the_meta_data_kept() {
+        let b64 = &base64::engine::general_purpose::STANDARD;
+        let mut s = good();
+        s.metadata.insert("meta-data".into(), b64.encode("local_hostname: node1\ninstance_id: client-chose-this\n"));
+        inject_instance_id(&mut s, "01ABC").expect("inject");
+        let text = String::from_utf8(b64.decode(&s.metadata["meta-data"]).expect("b64")).expect("utf8");
+        let doc: serde_yaml::Mapping = serde_yaml::from_str(&text).expect("yaml");
+        assert_eq!(doc.get("instance_id").and_then(|v| v.as_str()), Some("01ABC"));
+        assert_eq!(doc.get("instance-id").and_then(|v| v.as_str()), Some("01ABC"));
+        assert_eq!(doc.get("local_hostname").and_then(|v| v.as_str()), Some("node1"));
+        let mut empty = good();
+        inject_instance_id(&mut empty, "01XYZ").expect("inject");
+        assert!(String::from_utf8(b64.decode(&empty.metadata["meta-data"]).expect("b64")).expect("utf8").contains("instance_id: 01XYZ"));
+    }
+
+    #[test]
+    fn the_create_request_carries_cloud_init_the_mac_and_kernel_arguments() {
+        let b64 = &base64::engine::general_purpose::STANDARD;
+        let mut s = validate(good()).expect("valid");
+        s.interfaces[0].guest_mac = Some("02:00:00:00:00:07".into());
+        let k = s.kernel.as_mut().expect("kernel");
+        k.add_network_config = true;
+        k.cmdline.insert("console".into(), "ttyS0".into());
+        k.cmdline.insert("quiet".into(), String::new());
+        s.metadata.insert("user-data".into(), b64.encode("#cloud-config\n"));
+        s.labels.insert("cluster-name".into(), "c1".into());
+        let req = create_request(&s, "01ABC", "fl-0123").expect("request");
+        assert_eq!(req.name, "mvm0.default");
+        assert_eq!(req.image, "reg/os:1");
+        assert_eq!((req.cpus, req.memory_mib), (2, 1024));
+        assert_eq!(req.entrypoint, vec!["/sbin/init"]);
+        assert_eq!(req.mac, "02:00:00:00:00:07");
+        assert_eq!(req.kernel_args, "console=ttyS0 quiet");
+        assert_eq!(req.cloud_init["user-data"], "#cloud-config\n");
+        assert!(req.cloud_init["network-config"].contains("macaddress: \"02:00:00:00:00:07\""));
+        assert_eq!(req.labels[UID_LABEL], "01ABC");
+        assert_eq!(req.labels["cluster-name"], "c1");
+        assert_eq!(req.network, "user");
+    }
+
+    #[test]
+    fn the_state_follows_the_vm() {
+        use fl::micro_vm_status::MicroVmState as S;
+        let rec = |phase| Record {
+            uid: "u".into(),
+            spec: String::new(),
+            phase,
+            reason: "pull failed".into(),
+            retry: 0,
+            created_at: 0,
+            updated_at: 0,
+        };
+        let vm = |state| hearth_testkit::record(1, hearth_types::Desired::Running, state);
+        assert_eq!(observed_state(&rec(Phase::Pending), None).0, S::Pending);
+        assert_eq!(observed_state(&rec(Phase::Failed), None), (S::Failed, "pull failed".into()));
+        assert_eq!(observed_state(&rec(Phase::Deleting), Some(&vm(VmState::Running))).0, S::Deleting);
+        assert_eq!(observed_state(&rec(Phase::Created), Some(&vm(VmState::Starting))).0, S::Pending);
+        assert_eq!(observed_state(&rec(Phase::Created), Some(&vm(VmState::Running))).0, S::Created);
+        assert_eq!(observed_state(&rec(Phase::Created), Some(&vm(VmState::Stopped))).0, S::Failed);
+        assert!(observed_state(&rec(Phase::Created), None).1.contains("removed"));
+    }
+
+    #[test]
+    fn basic_auth_wants_the_base64_token_under_any_case_of_basic() {
+        let with = |v: &str| {
+            let mut r = Request::new(());
+            r.metadata_mut().insert("authorization", v.parse().expect("header"));
+            r
+        };
+        let token = base64::engine::general_purpose::STANDARD.encode("s3cret");
+        assert!(check_basic_auth("s3cret", &with(&format!("Basic {token}"))).is_ok());
+        assert!(check_basic_auth("s3cret", &with(&format!("basic {token}"))).is_ok());
+        assert_eq!(check_basic_auth("s3cret", &with("Basic czNjcmV")).expect_err("wrong").code(), tonic::Code::Unauthenticated);
+        assert_eq!(check_basic_auth("s3cret", &with(&format!("Bearer {token}"))).expect_err("scheme").code(), tonic::Code::Unauthenticated);
+        assert!(check_basic_auth("s3cret", &Request::new(())).is_err());
+    }
+
+    #[test]
+    fn kernel_names_are_valid_store_names() {
+        assert_eq!(kernel_name("0123456789ab", None), "fl-0123456789ab");
+        let n = kernel_name("0123456789ab", Some("/boot/vmlinux-6.1"));
+        assert_eq!(n, "fl-0123456789ab-boot-vmlinux-6-1");
+        assert!(hearth_types::validate_name(&n).is_ok());
+    }
+}

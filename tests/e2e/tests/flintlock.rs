@@ -1,0 +1,346 @@
+//! Flintlock's MicroVM API as its clients use it: a gRPC client on TCP, with the basic token,
+//! creating a microVM from a kernel image and a full-OS root image in a local registry, then
+//! getting, listing, and deleting it — the calls Cluster API Provider MicroVM makes.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use hearth_api::flintlock::types as fl;
+use hearth_api::microvm::services::api::v1alpha1 as fpb;
+use hearth_e2e::testutil::{push_image, LocalRegistry, TestImage};
+use hearth_e2e::{require_e2e, Daemon};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+const TOKEN: &str = "hearth-e2e-token";
+
+type Auth = Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
+type Client = fpb::micro_vm_client::MicroVmClient<InterceptedService<Channel, Auth>>;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+fn client(rt: &tokio::runtime::Runtime, port: u16, token: Option<&str>) -> Client {
+    let endpoint = Channel::from_shared(format!("http://127.0.0.1:{port}")).expect("endpoint");
+    let channel = rt.block_on(connect(&endpoint)).expect("connecting to the Flintlock API");
+    with_token(channel, token)
+}
+
+/// Connects, retrying while the daemon comes up.
+async fn connect(endpoint: &tonic::transport::Endpoint) -> Result<Channel, tonic::transport::Error> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match endpoint.connect().await {
+            Ok(c) => return Ok(c),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+fn with_token(channel: Channel, token: Option<&str>) -> Client {
+    let header = token.map(|t| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(t)));
+    let auth: Auth = Box::new(move |mut req| {
+        if let Some(h) = &header {
+            req.metadata_mut().insert("authorization", h.parse().expect("header"));
+        }
+        Ok(req)
+    });
+    fpb::micro_vm_client::MicroVmClient::with_interceptor(channel, auth)
+}
+
+fn b64(s: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+fn unb64(s: &str) -> String {
+    String::from_utf8(base64::engine::general_purpose::STANDARD.decode(s).expect("base64")).expect("utf8")
+}
+
+/// A registry with an Ignite-style kernel image and a full-OS (busybox init) root image.
+fn registry() -> (LocalRegistry, String, String) {
+    let reg = LocalRegistry::start().expect("registry");
+    let kernel = std::path::PathBuf::from(std::env::var("HEARTH_TEST_KERNEL").expect("kernel"));
+    let modules = std::path::PathBuf::from(std::env::var("HEARTH_TEST_MODULES").expect("modules"));
+    let keep = hearth_kernel::modules::closure(&modules, hearth_kernel::GUEST_MODULES).expect("closure");
+    let layer = hearth_e2e::testutil::kernel_layer(&kernel, &modules, &keep).expect("kernel layer");
+    hearth_e2e::testutil::push_layer(&reg, "kernel-bin:6.1", &layer).expect("push kernel");
+    let inittab = "::sysinit:/bin/sh -c 'echo full-os-booted; cat /var/lib/cloud/seed/nocloud/meta-data'\n\
+                   ::respawn:/bin/sleep 3600\n\
+                   ::shutdown:/bin/echo full-os-shutting-down\n";
+    let img = TestImage { inittab: Some(inittab.into()), ..Default::default() };
+    push_image(&reg, "os:1", &img).expect("push os");
+    let (k, r) = (format!("{}/kernel-bin:6.1", reg.host()), format!("{}/os:1", reg.host()));
+    (reg, k, r)
+}
+
+fn spec(name: &str, kernel: &str, root: &str) -> fl::MicroVmSpec {
+    fl::MicroVmSpec {
+        id: name.into(),
+        namespace: "ns0".into(),
+        labels: HashMap::from([("cluster-name".into(), "c1".into())]),
+        vcpu: 1,
+        memory_in_mb: 256,
+        kernel: Some(fl::Kernel {
+            image: kernel.into(),
+            filename: Some("boot/vmlinux".into()),
+            add_network_config: true,
+            ..Default::default()
+        }),
+        root_volume: Some(fl::Volume {
+            id: "root".into(),
+            source: Some(fl::VolumeSource { container_source: Some(root.into()), ..Default::default() }),
+            ..Default::default()
+        }),
+        interfaces: vec![fl::NetworkInterface {
+            device_id: "eth1".into(),
+            r#type: fl::network_interface::IfaceType::Tap as i32,
+            ..Default::default()
+        }],
+        metadata: HashMap::from([
+            ("meta-data".into(), b64("local_hostname: mvm0\nplatform: liquid_metal\n")),
+            ("user-data".into(), b64("#cloud-config\nfinal_message: hello\n")),
+        ]),
+        ..Default::default()
+    }
+}
+
+fn get(rt: &tokio::runtime::Runtime, c: &mut Client, uid: &str) -> Result<fl::MicroVm, tonic::Status> {
+    rt.block_on(c.get_micro_vm(fpb::GetMicroVmRequest { uid: uid.into() })).map(|r| r.into_inner().microvm.expect("microvm"))
+}
+
+fn state(vm: &fl::MicroVm) -> fl::micro_vm_status::MicroVmState {
+    vm.status.as_ref().expect("status").state()
+}
+
+/// Polls Get until `pred` holds, failing with the last answer and the daemon's log.
+fn wait_get(
+    rt: &tokio::runtime::Runtime,
+    c: &mut Client,
+    d: &Daemon,
+    uid: &str,
+    what: &str,
+    pred: impl Fn(&Result<fl::MicroVm, tonic::Status>) -> bool,
+) -> Result<fl::MicroVm, tonic::Status> {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let got = get(rt, c, uid);
+        if pred(&got) {
+            return got;
+        }
+        assert!(Instant::now() < deadline, "microvm {uid} never became {what}; last: {got:?}\n--- hearthd log:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn a_flintlock_client_creates_gets_lists_and_deletes_a_microvm() {
+    require_e2e!();
+    let (_reg, kernel, root) = registry();
+    let port = free_port();
+    let d = Daemon::start_with(&["--flintlock-listen", &format!("127.0.0.1:{port}"), "--insecure", "--basic-auth-token", TOKEN]);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+
+    // Without the token (or with the wrong one): UNAUTHENTICATED.
+    for token in [None, Some("wrong")] {
+        let mut anon = client(&rt, port, token);
+        let e = rt.block_on(anon.list_micro_v_ms(fpb::ListMicroVMsRequest::default())).expect_err("unauthenticated");
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    }
+
+    let mut c = client(&rt, port, Some(TOKEN));
+    let created = rt
+        .block_on(c.create_micro_vm(fpb::CreateMicroVmRequest { microvm: Some(spec("mvm0", &kernel, &root)), metadata: HashMap::new() }))
+        .expect("create")
+        .into_inner()
+        .microvm
+        .expect("microvm");
+    // Flintlock's contract: at once, version 1, PENDING, uid set, instance_id in the meta-data.
+    let s = created.spec.clone().expect("spec");
+    let uid = s.uid.clone().expect("uid");
+    assert_eq!(uid.len(), 26, "a ULID: {uid}");
+    assert_eq!(created.version, 1);
+    assert_eq!(state(&created), fl::micro_vm_status::MicroVmState::Pending);
+    let meta = unb64(&s.metadata["meta-data"]);
+    assert!(meta.contains(&format!("instance_id: {uid}")) && meta.contains("local_hostname: mvm0"), "{meta}");
+    let mac = s.interfaces[0].guest_mac.clone().expect("a MAC is filled in");
+    assert_eq!(s.labels["cluster-name"], "c1", "labels are echoed back");
+
+    let up =
+        wait_get(&rt, &mut c, &d, &uid, "CREATED", |g| g.as_ref().is_ok_and(|v| state(v) == fl::micro_vm_status::MicroVmState::Created))
+            .expect("get");
+    let status = up.status.expect("status");
+    assert_eq!(status.network_interfaces["eth1"].mac_address, mac);
+
+    // The image's own init is PID 1, the agent still answers, and cloud-init's seed is there.
+    let vm = "mvm0.ns0";
+    assert_eq!(d.ok(&["exec", vm, "--", "cat", "/proc/1/comm"]).trim(), "init");
+    let seeded = d.ok(&["exec", vm, "--", "cat", "/var/lib/cloud/seed/nocloud/meta-data"]);
+    assert!(seeded.contains(&format!("instance_id: {uid}")), "{seeded}");
+    assert!(d.ok(&["exec", vm, "--", "cat", "/var/lib/cloud/seed/nocloud/user-data"]).contains("final_message: hello"));
+    let netcfg = d.ok(&["exec", vm, "--", "cat", "/var/lib/cloud/seed/nocloud/network-config"]);
+    assert!(netcfg.contains(&mac) && netcfg.contains("eth1"), "{netcfg}");
+    assert!(d.ok(&["logs", vm]).contains("full-os-booted"));
+
+    // Listing: by namespace, by name ("" is no filter), all namespaces; the stream.
+    let list = |c: &mut Client, ns: &str, name: Option<&str>| {
+        let req = fpb::ListMicroVMsRequest { namespace: ns.into(), name: name.map(Into::into) };
+        rt.block_on(c.list_micro_v_ms(req)).expect("list").into_inner().microvm.len()
+    };
+    assert_eq!(list(&mut c, "ns0", None), 1);
+    assert_eq!(list(&mut c, "ns0", Some("")), 1);
+    assert_eq!(list(&mut c, "ns0", Some("mvm0")), 1);
+    assert_eq!(list(&mut c, "ns0", Some("other")), 0);
+    assert_eq!(list(&mut c, "", None), 1);
+    assert_eq!(list(&mut c, "elsewhere", None), 0);
+    let streamed = rt.block_on(async {
+        let mut s =
+            c.list_micro_v_ms_stream(fpb::ListMicroVMsRequest { namespace: "ns0".into(), name: None }).await.expect("stream").into_inner();
+        let mut n = 0;
+        while let Some(m) = s.message().await.expect("message") {
+            assert_eq!(m.microvm.and_then(|v| v.spec).and_then(|s| s.uid).as_deref(), Some(uid.as_str()));
+            n += 1;
+        }
+        n
+    });
+    assert_eq!(streamed, 1);
+    let e = rt.block_on(c.list_micro_v_ms_stream(fpb::ListMicroVMsRequest::default())).map(drop).expect_err("namespace required");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+
+    // The same namespace/name twice is refused; bad specs are refused naming the field.
+    let dup =
+        rt.block_on(c.create_micro_vm(fpb::CreateMicroVmRequest { microvm: Some(spec("mvm0", &kernel, &root)), metadata: HashMap::new() }));
+    assert_eq!(dup.expect_err("duplicate").code(), tonic::Code::AlreadyExists);
+    let mut bad = spec("bad", &kernel, &root);
+    bad.root_volume = None;
+    let e =
+        rt.block_on(c.create_micro_vm(fpb::CreateMicroVmRequest { microvm: Some(bad), metadata: HashMap::new() })).expect_err("no root");
+    assert!(e.code() == tonic::Code::InvalidArgument && e.message().contains("root_volume"), "{e:?}");
+
+    // Unknown uids: NOT_FOUND, with the "not found" text CAPMVM matches.
+    let e = get(&rt, &mut c, "01ARZ3NDEKTSV4RRFFQ69G5FAV").expect_err("unknown");
+    assert!(e.code() == tonic::Code::NotFound && e.message().contains("not found"), "{e:?}");
+
+    // Delete: DELETING, then gone from Get and List, and the VM and its QEMU with it.
+    rt.block_on(c.delete_micro_vm(fpb::DeleteMicroVmRequest { uid: uid.clone() })).expect("delete");
+    let gone = wait_get(&rt, &mut c, &d, &uid, "gone", |g| g.as_ref().is_err_and(|e| e.code() == tonic::Code::NotFound));
+    assert!(gone.expect_err("gone").message().contains("not found"));
+    assert_eq!(list(&mut c, "", None), 0);
+    assert!(!d.ok(&["ps", "-a"]).contains(vm));
+    assert!(hearth_e2e::qemu_processes(&d.root.path().display().to_string()).is_empty(), "QEMU left running");
+}
+
+#[test]
+fn a_microvm_whose_kernel_cannot_be_found_fails_with_the_reason() {
+    require_e2e!();
+    let (_reg, kernel, root) = registry();
+    let port = free_port();
+    let d = Daemon::start_with(&["--flintlock-listen", &format!("127.0.0.1:{port}"), "--insecure"]);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mut c = client(&rt, port, None);
+    let mut s = spec("nokernel", &kernel, &root);
+    s.kernel.as_mut().expect("kernel").filename = Some("boot/nope".into());
+    let created = rt.block_on(c.create_micro_vm(fpb::CreateMicroVmRequest { microvm: Some(s), metadata: HashMap::new() })).expect("create");
+    let uid = created.into_inner().microvm.and_then(|m| m.spec).and_then(|s| s.uid).expect("uid");
+    let failed =
+        wait_get(&rt, &mut c, &d, &uid, "FAILED", |g| g.as_ref().is_ok_and(|v| state(v) == fl::micro_vm_status::MicroVmState::Failed))
+            .expect("get");
+    let reason = failed.status.expect("status").reason;
+    assert!(reason.contains("boot/nope"), "{reason}");
+    // A failed microVM can be deleted like any other.
+    rt.block_on(c.delete_micro_vm(fpb::DeleteMicroVmRequest { uid: uid.clone() })).expect("delete");
+    wait_get(&rt, &mut c, &d, &uid, "gone", |g| g.as_ref().is_err_and(|e| e.code() == tonic::Code::NotFound)).expect_err("gone");
+}
+
+/// A self-signed certificate for localhost (not a CA, as rustls wants of an end entity).
+fn self_signed(dir: &std::path::Path, name: &str) -> (Vec<u8>, Vec<u8>) {
+    let (cert, key) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+    let out = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj"])
+        .arg(format!("/CN={name}"))
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-addext", "basicConstraints=critical,CA:FALSE", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl (cargo xtask deps installs it)");
+    assert!(out.status.success(), "openssl: {}", hearth_e2e::text(&out.stderr));
+    (std::fs::read(cert).expect("cert"), std::fs::read(key).expect("key"))
+}
+
+#[test]
+fn the_flintlock_api_speaks_tls_and_mutual_tls() {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    require_e2e!();
+    let certs = tempfile::tempdir().expect("tmp");
+    let (server_cert, _) = self_signed(certs.path(), "server");
+    let (client_cert, client_key) = self_signed(certs.path(), "client");
+    let path = |n: &str| certs.path().join(n).display().to_string();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let list = |channel: Channel| {
+        let mut c = with_token(channel, None);
+        rt.block_on(c.list_micro_v_ms(fpb::ListMicroVMsRequest::default())).map(|r| r.into_inner().microvm.len())
+    };
+    let tls = |port: u16, identity: bool| {
+        let mut cfg = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&server_cert)).domain_name("localhost");
+        if identity {
+            cfg = cfg.identity(Identity::from_pem(&client_cert, &client_key));
+        }
+        let endpoint = Channel::from_shared(format!("https://127.0.0.1:{port}")).expect("endpoint").tls_config(cfg).expect("tls");
+        rt.block_on(connect(&endpoint))
+    };
+
+    // Server TLS: a client trusting the certificate gets answers; a plaintext one does not.
+    let port = free_port();
+    let _d = Daemon::start_with(&[
+        "--flintlock-listen",
+        &format!("127.0.0.1:{port}"),
+        "--tls-cert",
+        &path("server.pem"),
+        "--tls-key",
+        &path("server.key"),
+    ]);
+    assert_eq!(list(tls(port, false).expect("TLS connect")).expect("list over TLS"), 0);
+    let plain = Channel::from_shared(format!("http://127.0.0.1:{port}")).expect("endpoint");
+    let refused = rt.block_on(plain.connect()).map(list);
+    assert!(!matches!(refused, Ok(Ok(_))), "plaintext was answered on a TLS listener");
+
+    // Mutual TLS: without a client certificate from the CA, no answer.
+    let port = free_port();
+    let _m = Daemon::start_with(&[
+        "--flintlock-listen",
+        &format!("127.0.0.1:{port}"),
+        "--tls-cert",
+        &path("server.pem"),
+        "--tls-key",
+        &path("server.key"),
+        "--tls-client-ca",
+        &path("client.pem"),
+    ]);
+    assert_eq!(list(tls(port, true).expect("mTLS connect")).expect("list over mTLS"), 0);
+    let anonymous = tls(port, false).map(list);
+    assert!(!matches!(anonymous, Ok(Ok(_))), "a client without a certificate was answered under mutual TLS");
+}
+
+#[test]
+fn hearthd_refuses_unsafe_or_contradictory_listener_flags() {
+    require_e2e!();
+    let root = tempfile::tempdir().expect("tmp");
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(hearth_e2e::bin_dir().join("hearthd"))
+            .arg("--root")
+            .arg(root.path())
+            .args(extra)
+            .output()
+            .expect("hearthd");
+        assert!(!out.status.success(), "hearthd {extra:?} started");
+        hearth_e2e::text(&out.stderr)
+    };
+    let listen = ["--flintlock-listen", "127.0.0.1:1"];
+    assert!(run(&listen).contains("--insecure"), "plaintext TCP must be asked for");
+    let both = [&listen[..], &["--insecure", "--tls-cert", "/nonexistent"]].concat();
+    assert!(run(&both).contains("cannot be combined"));
+    assert!(run(&["--insecure"]).contains("--flintlock-listen"));
+}
