@@ -21,6 +21,7 @@ const APT_PACKAGES: &[&str] = &[
     "cpio",
     "zstd",
     "iproute2",
+    "nftables",
     // sshd for the `hearth ssh` test image, and the client `hearth ssh` runs.
     "dropbear-bin",
     "openssh-client",

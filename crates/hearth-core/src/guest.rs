@@ -1,7 +1,7 @@
 //! Turning an image's OCI config plus the user's overrides into what hearth-init runs.
 
 use hearth_types::guest::{is_init_system, GUEST_CONFIG_VERSION};
-use hearth_types::net::{USER_NET_ADDRESS, USER_NET_DNS, USER_NET_GATEWAY, USER_NET_PREFIX};
+use hearth_types::net::{BRIDGE_GATEWAY, BRIDGE_PREFIX, USER_NET_ADDRESS, USER_NET_DNS, USER_NET_GATEWAY, USER_NET_PREFIX};
 use hearth_types::{GuestConfig, GuestNetwork, GuestProcess, ImageConfig, NetworkMode, VmSpec};
 
 /// PATH given to a workload whose image sets none.
@@ -76,6 +76,14 @@ pub fn guest_network(spec: &VmSpec) -> Option<GuestNetwork> {
             prefix: USER_NET_PREFIX,
             gateway: USER_NET_GATEWAY.to_owned(),
             dns: vec![USER_NET_DNS.to_owned()],
+        }),
+        // The resolvers are the host's; the daemon adds them when it writes the config.
+        NetworkMode::Bridge => spec.address.map(|a| GuestNetwork {
+            mac: spec.mac(),
+            address: a.to_string(),
+            prefix: BRIDGE_PREFIX,
+            gateway: BRIDGE_GATEWAY.to_string(),
+            dns: vec![],
         }),
     }
 }

@@ -28,6 +28,7 @@ pub fn spec(n: u8) -> VmSpec {
         ports: vec![],
         ssh_public_key: None,
         mac: None,
+        address: None,
         cloud_init: Default::default(),
         created_at: u64::from(n),
     }

@@ -3,9 +3,12 @@
 //! The `user` mode is the VMM's user-mode NAT (QEMU's slirp): the guest sits alone on a private
 //! 10.0.2.0/24 behind the host's own stack, and published ports are forwarded from host sockets.
 //! It needs no root, no bridge and changes nothing on the host (docs/adr/0007-user-networking.md).
+//! The `bridge` mode puts every VM's tap on one host bridge (`hearth0`, 10.61.0.0/16, the host
+//! at .0.1), so VMs reach each other and the host reaches them directly; outbound traffic is
+//! NATed (docs/adr/0009-bridge-network.md).
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +19,10 @@ pub const USER_NET_ADDRESS: &str = "10.0.2.15";
 pub const USER_NET_PREFIX: u8 = 24;
 pub const USER_NET_GATEWAY: &str = "10.0.2.2";
 pub const USER_NET_DNS: &str = "10.0.2.3";
+/// The bridge of the `bridge` mode, the host's address on it (the VMs' gateway) and the prefix.
+pub const BRIDGE_NAME: &str = "hearth0";
+pub const BRIDGE_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 61, 0, 1);
+pub const BRIDGE_PREFIX: u8 = 16;
 /// The guest port `hearth ssh` reaches.
 pub const SSH_PORT: u16 = 22;
 /// Longest public key line accepted (RSA 16384 is about 2.8 KiB).
@@ -28,6 +35,8 @@ pub enum NetworkMode {
     /// User-mode NAT through the VMM; ports published from host sockets.
     #[default]
     User,
+    /// A tap on the host bridge, with an address of its own from the bridge's subnet.
+    Bridge,
     /// No network device at all.
     None,
 }
@@ -38,6 +47,7 @@ impl std::str::FromStr for NetworkMode {
         match s {
             "user" | "" => Ok(Self::User),
             "none" => Ok(Self::None),
+            "bridge" => Ok(Self::Bridge),
             other => Err(NetError::Mode(other.to_owned())),
         }
     }
@@ -47,6 +57,7 @@ impl fmt::Display for NetworkMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Self::User => "user",
+            Self::Bridge => "bridge",
             Self::None => "none",
         })
     }
@@ -94,7 +105,7 @@ impl fmt::Display for PortMapping {
 /// Why a network setting was refused. Each message names the flag and the fix.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NetError {
-    #[error("--network must be user or none, got {0:?}")]
+    #[error("--network must be user, bridge or none, got {0:?}")]
     Mode(String),
     #[error("-p {0:?}: expected [IP:]HOST_PORT:GUEST_PORT[/tcp|/udp], e.g. 8080:80 or 127.0.0.1:8080:80/tcp")]
     PortSyntax(String),
@@ -108,6 +119,10 @@ pub enum NetError {
     PortTwice(String),
     #[error("ports and SSH need a network: drop --network none, or drop -p and --ssh")]
     NeedsNetwork,
+    #[error("-p is not supported with --network bridge yet: reach the VM at its own address, or use --network user")]
+    PortsOnBridge,
+    #[error("the bridge network {BRIDGE_GATEWAY}/{BRIDGE_PREFIX} has no free address left; remove VMs that use it")]
+    BridgeFull,
     #[error("MAC address {0:?} must be six hex octets like 02:00:00:00:00:01, unicast (first octet even)")]
     Mac(String),
     #[error("--ssh: the public key must be one line like \"ssh-ed25519 AAAA... comment\" (got {0})")]
@@ -146,6 +161,9 @@ pub fn validate(mode: NetworkMode, ports: &[PortMapping], ssh_key: Option<&str>)
     if mode == NetworkMode::None && (!ports.is_empty() || ssh_key.is_some()) {
         return Err(NetError::NeedsNetwork);
     }
+    if mode == NetworkMode::Bridge && !ports.is_empty() {
+        return Err(NetError::PortsOnBridge);
+    }
     for (i, p) in ports.iter().enumerate() {
         if ports[..i].iter().any(|q| q.host_port == p.host_port && q.protocol == p.protocol) {
             return Err(NetError::PortTwice(format!("{}/{}", p.host_port, p.protocol)));
@@ -178,6 +196,20 @@ pub fn validate_ssh_key(key: &str) -> Result<(), NetError> {
     Ok(())
 }
 
+/// The lowest address of the bridge's subnet that is not the gateway, the network, the
+/// broadcast or in `used`.
+pub fn allocate_bridge_address(used: &[Ipv4Addr]) -> Result<Ipv4Addr, NetError> {
+    let mask = u32::MAX << (32 - u32::from(BRIDGE_PREFIX));
+    let net = u32::from(BRIDGE_GATEWAY) & mask;
+    let broadcast = net | !mask;
+    (net + 1..broadcast).map(Ipv4Addr::from).find(|a| *a != BRIDGE_GATEWAY && !used.contains(a)).ok_or(NetError::BridgeFull)
+}
+
+/// The tap device of a VM on the bridge (at most 15 bytes, as IFNAMSIZ allows).
+pub fn tap_name(id: &VmId) -> String {
+    format!("ht{}", &id.as_str()[..12])
+}
+
 /// A MAC address a VM's card can take: six `:`-separated hex octets, not multicast.
 pub fn validate_mac(mac: &str) -> Result<(), NetError> {
     let octets: Vec<&str> = mac.split(':').collect();
@@ -199,6 +231,17 @@ pub fn mac_for(id: &VmId) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bridge_addresses_are_the_lowest_free_after_the_gateway() {
+        assert_eq!(allocate_bridge_address(&[]), Ok(Ipv4Addr::new(10, 61, 0, 2)));
+        let used = [Ipv4Addr::new(10, 61, 0, 2), Ipv4Addr::new(10, 61, 0, 4)];
+        assert_eq!(allocate_bridge_address(&used), Ok(Ipv4Addr::new(10, 61, 0, 3)));
+        assert!(tap_name(&VmId::from_bytes([0xab; 8])).len() <= 15);
+        assert_eq!("bridge".parse::<NetworkMode>(), Ok(NetworkMode::Bridge));
+        let p: PortMapping = "8080:80".parse().expect("port");
+        assert_eq!(validate(NetworkMode::Bridge, &[p], None), Err(NetError::PortsOnBridge));
+    }
 
     #[test]
     fn macs_must_be_six_hex_octets_and_unicast() {

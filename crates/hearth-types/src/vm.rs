@@ -128,6 +128,9 @@ pub struct VmSpec {
     /// The network card's MAC address; derived from the id when not given.
     #[serde(default)]
     pub mac: Option<String>,
+    /// The card's IPv4 address on the bridge network, allocated at create (`--network bridge`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<std::net::Ipv4Addr>,
     /// cloud-init NoCloud files (`meta-data`, `user-data`, `vendor-data`, `network-config`) that
     /// hearth-init seeds into the guest for the image's own cloud-init.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -317,6 +320,7 @@ mod tests {
             ports: vec![],
             ssh_public_key: None,
             mac: None,
+            address: None,
             cloud_init: Default::default(),
             created_at: 0,
         }

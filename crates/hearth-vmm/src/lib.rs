@@ -52,7 +52,10 @@ pub struct LaunchSpec {
 #[derive(Debug, Clone, Default)]
 pub struct NetLaunch {
     pub mac: String,
+    /// Host sockets forwarded to guest ports (user-mode network only).
     pub forwards: Vec<hearth_types::PortMapping>,
+    /// A tap the VMM creates under this name (bridge network), instead of the user-mode stack.
+    pub tap: Option<String>,
 }
 
 /// A started VMM.

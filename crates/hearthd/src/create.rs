@@ -64,7 +64,7 @@ pub async fn create(d: &Arc<Daemon>, req: pb::CreateVmRequest) -> Result<VmRecor
             other.spec.id
         )));
     }
-    let spec = VmSpec {
+    let mut spec = VmSpec {
         id: new_id(),
         name,
         image: image.names.first().cloned().unwrap_or_else(|| req.image.clone()),
@@ -87,9 +87,15 @@ pub async fn create(d: &Arc<Daemon>, req: pb::CreateVmRequest) -> Result<VmRecor
         // A placeholder for the key generated below, so validation sees that SSH is wanted.
         ssh_public_key: given_key.clone().or_else(|| req.ssh.then(|| "ssh-ed25519 AAAA".to_owned())),
         mac: Some(req.mac).filter(|m| !m.is_empty()),
+        address: None,
         cloud_init: req.cloud_init.into_iter().collect(),
         created_at: created_now(),
     };
+    if spec.network == hearth_types::NetworkMode::Bridge {
+        // Allocated under the create lock from the records themselves: nothing to leak.
+        let used: Vec<_> = existing.iter().filter_map(|r| r.spec.address).collect();
+        spec.address = Some(hearth_types::net::allocate_bridge_address(&used).map_err(|e| Status::resource_exhausted(e.to_string()))?);
+    }
     spec.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
     hearth_core::guest_config(&spec, &image.config).map_err(|e| Status::invalid_argument(e.to_string()))?;
     let mut rec = new_record(spec);

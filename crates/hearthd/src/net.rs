@@ -2,7 +2,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 
-use hearth_types::net::SSH_PORT;
+use hearth_types::net::{tap_name, SSH_PORT};
 use hearth_types::{NetworkMode, PortMapping, Protocol, VmSpec};
 use hearth_vmm::NetLaunch;
 use tonic::Status;
@@ -11,8 +11,11 @@ use tonic::Status;
 /// asked for one. Every published host port is checked first, so a port in use is reported
 /// as such instead of as a VMM start failure.
 pub fn plan(spec: &VmSpec) -> Result<Option<(NetLaunch, Option<u16>)>, Status> {
-    if spec.network == NetworkMode::None {
-        return Ok(None);
+    match spec.network {
+        NetworkMode::None => return Ok(None),
+        // The guest has its own address on the bridge: nothing to forward.
+        NetworkMode::Bridge => return Ok(Some((NetLaunch { mac: spec.mac(), forwards: vec![], tap: Some(tap_name(&spec.id)) }, None))),
+        NetworkMode::User => {}
     }
     for p in &spec.ports {
         check_free(p)?;
@@ -31,7 +34,7 @@ pub fn plan(spec: &VmSpec) -> Result<Option<(NetLaunch, Option<u16>)>, Status> {
         }
         None => None,
     };
-    Ok(Some((NetLaunch { mac: spec.mac(), forwards }, ssh_port)))
+    Ok(Some((NetLaunch { mac: spec.mac(), forwards, tap: None }, ssh_port)))
 }
 
 fn check_free(p: &PortMapping) -> Result<(), Status> {
@@ -44,6 +47,24 @@ fn check_free(p: &PortMapping) -> Result<(), Status> {
     res.map_err(|e| {
         Status::failed_precondition(format!("cannot publish {p}: host port {} is unavailable ({e}); choose another -p", p.host_port))
     })
+}
+
+/// The bridge of `--network bridge`.
+pub fn bridge() -> hearth_net::Bridge {
+    use hearth_types::net::{BRIDGE_GATEWAY, BRIDGE_NAME, BRIDGE_PREFIX};
+    hearth_net::Bridge { name: BRIDGE_NAME.into(), gateway: BRIDGE_GATEWAY, prefix: BRIDGE_PREFIX }
+}
+
+/// The host's resolvers (from /etc/resolv.conf, loopback ones left out: the guest cannot reach
+/// the host's local stub), for guests on the bridge.
+pub fn host_resolvers() -> Vec<String> {
+    let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .map(str::trim)
+        .filter(|a| a.parse::<IpAddr>().is_ok_and(|ip| !ip.is_loopback()))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// A port the kernel says is free on 127.0.0.1 now. QEMU binds it a moment later; a race with

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hearth_core::{plan, Observed, Step, MAX_ITERATIONS};
-use hearth_types::{Desired, VmId, VmRecord, VmState};
+use hearth_types::{Desired, NetworkMode, VmId, VmRecord, VmState};
 use tonic::Status;
 use tracing::{info, info_span, warn, Instrument};
 
@@ -123,7 +123,10 @@ async fn execute(d: &Arc<Daemon>, rec: &mut VmRecord, step: Step, vmm: Option<(i
         }
         Step::WriteConfigDisk => {
             let image = image_of(d, rec)?;
-            let cfg = hearth_core::guest_config(&rec.spec, &image.config).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let mut cfg = hearth_core::guest_config(&rec.spec, &image.config).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            if let (Some(net), NetworkMode::Bridge) = (cfg.network.as_mut(), rec.spec.network) {
+                net.dns = crate::net::host_resolvers();
+            }
             hearth_storage::create_config_disk(&config_path(d, &id), &cfg).map_err(internal)
         }
         Step::Launch => launch(d, rec).await,
@@ -190,11 +193,24 @@ async fn launch(d: &Arc<Daemon>, rec: &mut VmRecord) -> Result<(), Status> {
         qemu_binary: std::env::var_os("HEARTH_QEMU").map(Into::into),
         network: net.as_ref().map(|(card, _)| card.clone()),
     };
+    let tap = net.as_ref().and_then(|(card, _)| card.tap.clone());
+    if tap.is_some() {
+        hearth_net::ensure_bridge(&crate::net::bridge())
+            .await
+            .map_err(|e| Status::failed_precondition(format!("setting up the bridge network: {e}")))?;
+    }
     rec.status.started_at = Some(now_millis());
     let launched = tokio::task::spawn_blocking(move || hearth_vmm::launch(&spec))
         .await
         .map_err(internal)?
         .map_err(|e| Status::failed_precondition(format!("{e:#}")))?;
+    if let Some(tap) = &tap {
+        if let Err(e) = hearth_net::attach(tap, &crate::net::bridge().name).await {
+            // A VM cut off from its network is not what was asked for: undo the launch.
+            hearth_vmm::kill(launched.pid, launched.start_time, libc::SIGKILL);
+            return Err(Status::failed_precondition(format!("attaching the VM's tap to the bridge: {e}")));
+        }
+    }
     if let Some(w) = &launched.warning {
         warn!("{w}");
     }
@@ -328,6 +344,12 @@ pub async fn recover(d: &Arc<Daemon>) {
         let dir = d.vm_dir(&id);
         if let (Some((pid, start)), true) = observe_vmm(&dir, &rec) {
             info!(vm = %id, pid, "re-adopting running VM");
+            if rec.spec.network == NetworkMode::Bridge {
+                // A crash between launch and attach left the tap off the bridge; attaching is idempotent.
+                if let Err(e) = hearth_net::attach(&hearth_types::net::tap_name(&id), &crate::net::bridge().name).await {
+                    warn!(vm = %id, error = %e, "re-attaching the VM's tap to the bridge failed");
+                }
+            }
             spawn_watchers(d, &id, pid, start, rec.status.state == VmState::Starting);
             continue;
         }

@@ -64,6 +64,8 @@ pub struct Daemon {
     pub socket: PathBuf,
     /// Flags given to every hearthd this harness starts on the root.
     args: Vec<String>,
+    /// The network namespace hearthd (and so its VMMs) runs in, when not the test's own.
+    netns: Option<String>,
     child: Option<Child>,
 }
 
@@ -75,9 +77,18 @@ impl Daemon {
 
     /// As [`Daemon::start`], with extra hearthd flags.
     pub fn start_with(args: &[&str]) -> Self {
+        Self::start_inner(args, None)
+    }
+
+    /// As [`Daemon::start`], with hearthd and its VMMs inside the network namespace `ns`.
+    pub fn start_in(ns: &Netns) -> Self {
+        Self::start_inner(&[], Some(ns.name.clone()))
+    }
+
+    fn start_inner(args: &[&str], netns: Option<String>) -> Self {
         let root = tempfile::Builder::new().prefix("hearth-e2e-").tempdir_in(test_tmp()).expect("tempdir");
         let socket = root.path().join("hearthd.sock");
-        let mut d = Self { root, socket, args: args.iter().map(|a| a.to_string()).collect(), child: None };
+        let mut d = Self { root, socket, args: args.iter().map(|a| a.to_string()).collect(), netns, child: None };
         d.spawn();
         d
     }
@@ -85,7 +96,15 @@ impl Daemon {
     /// Starts a new hearthd process on the same root (after a crash or kill).
     pub fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.root.path().join("hearthd.log")).expect("log");
-        let child = Command::new(bin_dir().join("hearthd"))
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin_dir().join("hearthd"));
+                c
+            }
+            None => Command::new(bin_dir().join("hearthd")),
+        };
+        let child = cmd
             .arg("--root")
             .arg(self.root.path())
             .arg("--socket")
@@ -191,6 +210,41 @@ impl Drop for Daemon {
         self.shutdown();
         // Kill any QEMU left over from this root, so a failing test cannot leak VMs.
         let _ = Command::new("pkill").arg("-9").arg("-f").arg(self.root.path().display().to_string()).status();
+    }
+}
+
+/// A network namespace of the test's own (loopback up), removed on drop. Declare it before the
+/// [`Daemon`] that runs in it, so the daemon and its VMs go first.
+#[derive(Debug)]
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new() -> Self {
+        let name = format!("hearth-e2e-{:08x}", std::process::id() ^ (Instant::now().elapsed().subsec_nanos() << 8));
+        let ok = Command::new("ip").args(["netns", "add", &name]).status().is_ok_and(|s| s.success());
+        assert!(ok, "ip netns add {name} failed");
+        let ns = Self { name };
+        assert!(ns.run(&["ip", "link", "set", "lo", "up"]).status.success());
+        ns
+    }
+
+    /// Runs a command inside the namespace.
+    pub fn run(&self, argv: &[&str]) -> Output {
+        Command::new("ip").args(["netns", "exec", &self.name]).args(argv).output().expect("ip netns exec")
+    }
+}
+
+impl Default for Netns {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
 }
 

@@ -64,8 +64,12 @@ pub fn qemu_args(spec: &LaunchSpec, accel: Accel, bios: Option<&std::path::Path>
     a
 }
 
-/// QEMU's user-mode network backend with one `hostfwd` per published port.
+/// A tap QEMU creates itself (gone with the process; no scripts), or QEMU's user-mode network
+/// backend with one `hostfwd` per published port.
 fn netdev(net: &crate::NetLaunch) -> String {
+    if let Some(tap) = &net.tap {
+        return format!("tap,id=net0,ifname={tap},script=no,downscript=no");
+    }
     let mut s = String::from("user,id=net0");
     for f in &net.forwards {
         let ip = if f.host_ip.contains(':') { format!("[{}]", f.host_ip) } else { f.host_ip.clone() };
@@ -195,7 +199,7 @@ mod tests {
         assert!(after(&qemu_args(&spec(), Accel::Tcg, None), "-netdev").is_empty(), "no network, no card");
         let mut s = spec();
         let forwards = ["127.0.0.1:2222:22", "8080:80", "[::1]:5353:53/udp"].map(|p| p.parse().expect("port")).to_vec();
-        s.network = Some(crate::NetLaunch { mac: "02:00:00:00:00:01".into(), forwards });
+        s.network = Some(crate::NetLaunch { mac: "02:00:00:00:00:01".into(), forwards, tap: None });
         let a = qemu_args(&s, Accel::Tcg, None);
         assert_eq!(
             after(&a, "-netdev"),
@@ -204,5 +208,7 @@ mod tests {
         assert!(after(&a, "-device").contains(&"virtio-net-pci,romfile=,netdev=net0,mac=02:00:00:00:00:01"));
         let a = qemu_args(&s, Accel::Kvm, None);
         assert!(after(&a, "-device").contains(&"virtio-net-device,netdev=net0,mac=02:00:00:00:00:01"));
+        s.network = Some(crate::NetLaunch { mac: "02:00:00:00:00:01".into(), forwards: vec![], tap: Some("ht0123".into()) });
+        assert_eq!(after(&qemu_args(&s, Accel::Tcg, None), "-netdev"), ["tap,id=net0,ifname=ht0123,script=no,downscript=no"]);
     }
 }

@@ -53,7 +53,8 @@ pub struct CreateArgs {
     /// Give the workload a terminal.
     #[arg(short = 't', long)]
     tty: bool,
-    /// Network: user (NAT through the VMM, the default) or none.
+    /// Network: user (NAT through the VMM, the default), bridge (the hearth0 bridge, an address
+    /// of its own; needs root) or none.
     #[arg(long, default_value = "user")]
     network: String,
     /// Publish a guest port on the host: [IP:]HOST_PORT:GUEST_PORT[/tcp|/udp].

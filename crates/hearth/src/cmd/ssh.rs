@@ -5,7 +5,8 @@ use std::os::unix::process::CommandExt;
 use anyhow::{bail, Context};
 use clap::Args;
 use hearth_api::v1 as pb;
-use hearth_types::{VmRecord, VmState};
+use hearth_types::net::SSH_PORT;
+use hearth_types::{NetworkMode, VmRecord, VmState};
 
 use crate::client;
 use crate::output::parse_json;
@@ -34,8 +35,10 @@ pub fn ssh_args(rec: &VmRecord, a: &SshArgs) -> anyhow::Result<Vec<String>> {
     if rec.spec.ssh_public_key.is_none() {
         bail!("VM {name} was not created with --ssh; use `hearth exec {name} -- sh`, or create it again with --ssh");
     }
-    let port = match (rec.status.state, rec.status.ssh_port) {
-        (VmState::Running | VmState::Starting, Some(p)) => p,
+    // The user-mode network forwards a loopback port; on the bridge the guest is reachable.
+    let (host, port) = match (rec.status.state, rec.status.ssh_port, &rec.status.ip) {
+        (VmState::Running | VmState::Starting, Some(p), _) => ("127.0.0.1".to_owned(), p),
+        (VmState::Running | VmState::Starting, None, Some(ip)) if rec.spec.network == NetworkMode::Bridge => (ip.clone(), SSH_PORT),
         _ => bail!("VM {name} is {}; start it with `hearth start {name}`", rec.status.state),
     };
     // Every VM's forward is a new host key on a reused loopback port: known_hosts would only
@@ -51,7 +54,7 @@ pub fn ssh_args(rec: &VmRecord, a: &SshArgs) -> anyhow::Result<Vec<String>> {
     if a.tty {
         args.push("-t".into());
     }
-    args.push(format!("{}@127.0.0.1", a.user));
+    args.push(format!("{}@{host}", a.user));
     let command = match a.command.first().map(String::as_str) {
         Some("--") => &a.command[1..],
         _ => &a.command[..],
@@ -105,6 +108,16 @@ mod tests {
         let a = ssh_args(&running(), &args(&["-i", "/k", "-t", "-l", "app", "vm1"])).expect("args");
         let s = a.join(" ");
         assert!(s.contains("-i /k ") && s.ends_with("-t app@127.0.0.1"), "{s}");
+    }
+
+    #[test]
+    fn reaches_a_bridged_vm_at_its_own_address() {
+        let mut r = running();
+        r.spec.network = NetworkMode::Bridge;
+        r.status.ssh_port = None;
+        r.status.ip = Some("10.61.0.7".into());
+        let s = ssh_args(&r, &args(&["vm1"])).expect("args").join(" ");
+        assert!(s.starts_with("-p 22 ") && s.ends_with("root@10.61.0.7"), "{s}");
     }
 
     #[test]

@@ -1,0 +1,192 @@
+//! hearth's bridged network on the host (`--network bridge`): one Linux bridge with the
+//! gateway address, each VM's tap attached to it, and outbound NAT for the subnet.
+//!
+//! Links and addresses are set over rtnetlink, natively. The NAT rule lives in an nftables table
+//! of hearth's own (`ip hearth`), written whole and atomically with `nft -f`, so setting it up
+//! twice is the same as once and removing the table removes everything hearth added. QEMU
+//! creates each VM's tap itself (not persistent), so a tap cannot outlive its VMM.
+#![forbid(unsafe_code)]
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use futures_util::TryStreamExt;
+use rtnetlink::{Handle, LinkBridge, LinkUnspec};
+
+/// The nftables table holding hearth's rules.
+pub const NFT_TABLE: &str = "hearth";
+
+/// Why a network operation failed; each names the link or tool involved.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("opening a netlink socket: {0}")]
+    Socket(#[source] std::io::Error),
+    #[error("{what} {link}: {source}")]
+    Netlink {
+        what: &'static str,
+        link: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("the link {0} did not appear (was the VMM started with this tap?)")]
+    NoLink(String),
+    #[error("running nft (install Debian's nftables package): {0}")]
+    NftMissing(#[source] std::io::Error),
+    #[error("nft refused hearth's NAT rules: {0}")]
+    Nft(String),
+    #[error("enabling IPv4 forwarding ({path}): {source}")]
+    Forwarding {
+        path: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The bridge and its subnet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bridge {
+    pub name: String,
+    /// The host's address on the bridge: the VMs' default gateway.
+    pub gateway: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Bridge {
+    /// The subnet in CIDR notation.
+    pub fn subnet(&self) -> String {
+        let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(self.prefix)) };
+        format!("{}/{}", Ipv4Addr::from(u32::from(self.gateway) & mask), self.prefix)
+    }
+}
+
+async fn connect() -> Result<Handle, NetError> {
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(NetError::Socket)?;
+    tokio::spawn(conn);
+    Ok(handle)
+}
+
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
+        _ => None,
+    }
+}
+
+async fn link_index(h: &Handle, name: &str) -> Result<Option<u32>, NetError> {
+    let mut links = h.link().get().match_name(name.to_owned()).execute();
+    match links.try_next().await {
+        Ok(Some(m)) => Ok(Some(m.header.index)),
+        Ok(None) => Ok(None),
+        Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
+        Err(source) => Err(NetError::Netlink { what: "looking up", link: name.to_owned(), source }),
+    }
+}
+
+/// Whether a link of this name exists.
+pub async fn link_exists(name: &str) -> Result<bool, NetError> {
+    let h = connect().await?;
+    Ok(link_index(&h, name).await?.is_some())
+}
+
+/// Creates the bridge with its gateway address if missing, brings it up, enables forwarding and
+/// writes the NAT table. Idempotent.
+pub async fn ensure_bridge(b: &Bridge) -> Result<(), NetError> {
+    let h = connect().await?;
+    let netlink = |what, source| NetError::Netlink { what, link: b.name.clone(), source };
+    let index = match link_index(&h, &b.name).await? {
+        Some(i) => i,
+        None => {
+            match h.link().add(LinkBridge::new(&b.name).up().build()).execute().await {
+                Err(e) if errno(&e) != Some(libc::EEXIST) => return Err(netlink("creating bridge", e)),
+                _ => {}
+            }
+            link_index(&h, &b.name).await?.ok_or_else(|| NetError::NoLink(b.name.clone()))?
+        }
+    };
+    match h.address().add(index, IpAddr::V4(b.gateway), b.prefix).execute().await {
+        Err(e) if errno(&e) != Some(libc::EEXIST) => return Err(netlink("adding the gateway address to", e)),
+        _ => {}
+    }
+    h.link().set(LinkUnspec::new_with_index(index).up().build()).execute().await.map_err(|e| netlink("bringing up", e))?;
+    enable_forwarding()?;
+    write_nat(b)
+}
+
+/// Attaches a VM's tap to the bridge and brings it up; waits up to 5 s for the tap to appear.
+pub async fn attach(tap: &str, bridge: &str) -> Result<(), NetError> {
+    let h = connect().await?;
+    let br = link_index(&h, bridge).await?.ok_or_else(|| NetError::NoLink(bridge.to_owned()))?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let index = loop {
+        if let Some(i) = link_index(&h, tap).await? {
+            break i;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(NetError::NoLink(tap.to_owned()));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    h.link().set(LinkUnspec::new_with_index(index).controller(br).up().build()).execute().await.map_err(|source| NetError::Netlink {
+        what: "attaching to the bridge",
+        link: tap.to_owned(),
+        source,
+    })
+}
+
+fn enable_forwarding() -> Result<(), NetError> {
+    const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
+    if std::fs::read_to_string(PATH).is_ok_and(|v| v.trim() == "1") {
+        return Ok(());
+    }
+    std::fs::write(PATH, "1").map_err(|source| NetError::Forwarding { path: PATH, source })
+}
+
+/// The whole NAT table: declared, flushed and refilled in one nft transaction.
+pub fn nat_ruleset(b: &Bridge) -> String {
+    format!(
+        "table ip {t} {{}}\n\
+         flush table ip {t}\n\
+         table ip {t} {{\n\
+         \tchain postrouting {{\n\
+         \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+         \t\tip saddr {net} oifname != \"{br}\" masquerade\n\
+         \t}}\n\
+         }}\n",
+        t = NFT_TABLE,
+        net = b.subnet(),
+        br = b.name,
+    )
+}
+
+fn write_nat(b: &Bridge) -> Result<(), NetError> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(NetError::NftMissing)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(nat_ruleset(b).as_bytes()).map_err(NetError::NftMissing)?;
+    }
+    let out = child.wait_with_output().map_err(NetError::NftMissing)?;
+    if !out.status.success() {
+        return Err(NetError::Nft(String::from_utf8_lossy(&out.stderr).trim().to_owned()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_subnet_is_the_gateways_network() {
+        let b = Bridge { name: "hearth0".into(), gateway: Ipv4Addr::new(10, 61, 0, 1), prefix: 16 };
+        assert_eq!(b.subnet(), "10.61.0.0/16");
+        let rules = nat_ruleset(&b);
+        assert!(rules.contains("flush table ip hearth"), "{rules}");
+        assert!(rules.contains("ip saddr 10.61.0.0/16 oifname != \"hearth0\" masquerade"), "{rules}");
+    }
+}

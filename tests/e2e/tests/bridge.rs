@@ -1,0 +1,75 @@
+//! `--network bridge`, inside a network namespace the test makes: VMs on the hearth0 bridge
+//! reach each other and the host reaches them at their own addresses; taps go with their VMs.
+
+use std::time::{Duration, Instant};
+
+use hearth_e2e::testutil::{busybox_oci_layout, TestImage};
+use hearth_e2e::{require_e2e, text, Daemon, Netns};
+
+const SERVE: &str = "echo served-by-$(hostname) > /tmp/index.html; exec busybox httpd -f -p 8080 -h /tmp";
+
+/// Retries `get` until it answers (the guest's server starts just after the VM is ready).
+fn until_served(what: &str, get: impl Fn() -> (bool, String)) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (ok, out) = get();
+        if ok {
+            return out;
+        }
+        assert!(Instant::now() < deadline, "{what} never answered: {out}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn bridged_vms_reach_each_other_and_the_host_reaches_them() {
+    require_e2e!();
+    let ns = Netns::new();
+    let d = Daemon::start_in(&ns);
+    d.import_kernel();
+    let layout = tempfile::tempdir().expect("tmp");
+    busybox_oci_layout(layout.path(), "1", &TestImage::default()).expect("layout");
+    d.ok(&["image", "import", layout.path().to_str().expect("utf8"), "--name", "br:1"]);
+
+    d.ok(&["run", "-d", "--network", "bridge", "--name", "a", "br:1", "sh", "-c", SERVE]);
+    d.ok(&["run", "-d", "--network", "bridge", "--name", "b", "br:1", "sleep", "600"]);
+    let ip = |vm: &str| d.inspect(vm)["status"]["ip"].as_str().expect("an address").to_owned();
+    let (ip_a, ip_b) = (ip("a"), ip("b"));
+    assert!(ip_a.starts_with("10.61.") && ip_b.starts_with("10.61.") && ip_a != ip_b, "{ip_a} {ip_b}");
+
+    // Each guest has its own address on the bridge's subnet and the host as its gateway.
+    let addr = d.ok(&["exec", "b", "--", "busybox", "ip", "-4", "addr"]);
+    assert!(addr.contains(&format!("inet {ip_b}/16")), "{addr}");
+    assert!(d.ok(&["exec", "b", "--", "busybox", "ip", "route"]).contains("default via 10.61.0.1"));
+
+    // VM to VM, and the host (the namespace) to a VM, straight to the guest's port. (An HTTP
+    // request through nc: static busybox's wget crashes resolving the service name.)
+    let get = format!("printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | busybox nc -w 3 {ip_a} 8080");
+    let body = until_served("a, from b", || {
+        let out = d.hearth(&["exec", "b", "--", "sh", "-c", &get]);
+        (text(&out.stdout).contains("200 OK"), text(&out.stdout) + &text(&out.stderr))
+    });
+    assert!(body.contains("served-by-a"), "{body}");
+    let body = until_served("a, from the host", || {
+        let out = ns.run(&["sh", "-c", &get]);
+        (text(&out.stdout).contains("200 OK"), text(&out.stdout) + &text(&out.stderr))
+    });
+    assert!(body.contains("served-by-a"), "{body}");
+
+    // Both taps are on the bridge; outbound NAT is in hearth's own nftables table.
+    let ports = text(&ns.run(&["ip", "-o", "link", "show", "master", "hearth0"]).stdout);
+    assert_eq!(ports.lines().count(), 2, "{ports}");
+    let nat = text(&ns.run(&["nft", "list", "table", "ip", "hearth"]).stdout);
+    assert!(nat.contains("masquerade") && nat.contains("10.61.0.0/16"), "{nat}");
+
+    // Removing a VM removes its tap, and its address is free for the next VM.
+    d.ok(&["rm", "-f", "a"]);
+    let ports = text(&ns.run(&["ip", "-o", "link", "show", "master", "hearth0"]).stdout);
+    assert_eq!(ports.lines().count(), 1, "a's tap is gone: {ports}");
+    d.ok(&["run", "-d", "--network", "bridge", "--name", "c", "br:1", "sleep", "600"]);
+    assert_eq!(ip("c"), ip_a, "the lowest free address is reused");
+
+    // -p is refused on the bridge with the alternative named.
+    let out = d.hearth(&["run", "--network", "bridge", "-p", "8080:80", "br:1", "true"]);
+    assert!(!out.status.success() && text(&out.stderr).contains("--network user"), "{}", text(&out.stderr));
+}
