@@ -133,6 +133,24 @@ pub async fn attach(tap: &str, bridge: &str) -> Result<(), NetError> {
     })
 }
 
+/// Makes sure a VM's tap is gone once its VMM has exited: the kernel unregisters a
+/// non-persistent tap shortly after the last descriptor closes; one still there after `wait` is
+/// deleted. Returns whether it had to be deleted.
+pub async fn remove_tap(tap: &str, wait: Duration) -> Result<bool, NetError> {
+    let h = connect().await?;
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let Some(index) = link_index(&h, tap).await? else { return Ok(false) };
+        if tokio::time::Instant::now() > deadline {
+            return match h.link().del(index).execute().await {
+                Err(e) if errno(&e) != Some(libc::ENODEV) => Err(NetError::Netlink { what: "deleting", link: tap.to_owned(), source: e }),
+                _ => Ok(true),
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn enable_forwarding() -> Result<(), NetError> {
     const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
     if std::fs::read_to_string(PATH).is_ok_and(|v| v.trim() == "1") {

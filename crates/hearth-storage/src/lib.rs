@@ -62,6 +62,23 @@ fn tmp_path(dest: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// Whether files in `dir` can be cloned by reflink (so per-VM disks cost no copy), tried on two
+/// scratch files that are removed again.
+pub fn supports_reflink(dir: &Path) -> Result<bool, StorageError> {
+    let (a, b) = (dir.join(".hearth-reflink-probe-a"), dir.join(".hearth-reflink-probe-b"));
+    let probe = || -> std::io::Result<bool> {
+        let mut src = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&a)?;
+        std::io::Write::write_all(&mut src, &[0u8; 4096])?;
+        src.sync_all()?;
+        let dst = OpenOptions::new().write(true).create(true).truncate(true).open(&b)?;
+        Ok(sys::ficlone(&dst, &src).is_ok())
+    };
+    let out = probe().map_err(io_err(dir));
+    let _ = fs::remove_file(&a);
+    let _ = fs::remove_file(&b);
+    out
+}
+
 /// Clones `base` to `dest`, grows it to `size` bytes and resizes the ext4 inside.
 ///
 /// The clone is built at `dest.tmp` and renamed into place only once it is complete and

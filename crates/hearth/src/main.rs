@@ -53,6 +53,9 @@ enum Command {
     /// Manage kernels.
     #[command(subcommand)]
     Kernel(cmd::kernel::KernelCmd),
+    /// Check or prepare this host (KVM, modules, tools, storage, the bridge network).
+    #[command(subcommand)]
+    Host(cmd::host::HostCmd),
     /// Show client and daemon versions.
     Version,
     /// Print a shell completion script.
@@ -92,6 +95,7 @@ async fn dispatch(cli: Cli) -> i32 {
         Command::Ssh(a) => cmd::ssh::ssh(host, a).await,
         Command::Image(c) => cmd::image::image(host, c).await,
         Command::Kernel(c) => cmd::kernel::kernel(host, c).await,
+        Command::Host(c) => cmd::host::host(c).await,
         Command::Version => cmd::ps::version(host).await,
         Command::Completion { shell } => {
             use clap::CommandFactory;

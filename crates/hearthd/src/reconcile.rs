@@ -159,7 +159,16 @@ async fn execute(d: &Arc<Daemon>, rec: &mut VmRecord, step: Step, vmm: Option<(i
             record_exit(d, rec)?;
             Ok(())
         }
-        Step::Remove => d.forget(rec),
+        Step::Remove => {
+            if rec.spec.network == NetworkMode::Bridge {
+                // The VMM is gone; its tap goes with it a moment later, or is deleted here.
+                let tap = hearth_types::net::tap_name(&id);
+                if let Err(e) = hearth_net::remove_tap(&tap, Duration::from_secs(2)).await {
+                    warn!(tap, error = %e, "removing the VM's tap failed");
+                }
+            }
+            d.forget(rec)
+        }
     }
 }
 

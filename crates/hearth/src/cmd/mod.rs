@@ -3,6 +3,7 @@
 pub mod console;
 pub mod cp;
 pub mod exec;
+pub mod host;
 pub mod image;
 pub mod kernel;
 pub mod lifecycle;
