@@ -88,6 +88,19 @@ pub fn guest_network(spec: &VmSpec) -> Option<GuestNetwork> {
     }
 }
 
+/// cloud-init's network-config (version 2) for the card hearth-init configures: matched by MAC,
+/// renamed to `device`, with the same static address, gateway and resolvers.
+pub fn cloud_init_network_config(device: &str, net: &GuestNetwork) -> String {
+    let mut s = format!(
+        "version: 2\nethernets:\n  {device}:\n    match:\n      macaddress: \"{}\"\n    set-name: {device}\n    addresses: [\"{}/{}\"]\n    routes:\n      - to: default\n        via: {}\n",
+        net.mac, net.address, net.prefix, net.gateway
+    );
+    if !net.dns.is_empty() {
+        s.push_str(&format!("    nameservers:\n      addresses: [{}]\n", net.dns.join(", ")));
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,6 +124,30 @@ mod tests {
             user: "app".into(),
             labels: Default::default(),
         }
+    }
+
+    #[test]
+    fn network_config_matches_the_card_and_repeats_its_settings() {
+        let net = GuestNetwork {
+            mac: "02:00:00:00:00:07".into(),
+            address: "10.61.0.9".into(),
+            prefix: 16,
+            gateway: "10.61.0.1".into(),
+            dns: vec!["192.0.2.53".into()],
+        };
+        let text = cloud_init_network_config("eth1", &net);
+        for needle in [
+            "version: 2",
+            "  eth1:",
+            "macaddress: \"02:00:00:00:00:07\"",
+            "set-name: eth1",
+            "addresses: [\"10.61.0.9/16\"]",
+            "via: 10.61.0.1",
+            "addresses: [192.0.2.53]",
+        ] {
+            assert!(text.contains(needle), "{needle} in\n{text}");
+        }
+        assert!(!cloud_init_network_config("eth1", &GuestNetwork { dns: vec![], ..net }).contains("nameservers"));
     }
 
     #[test]

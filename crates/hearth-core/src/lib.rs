@@ -10,5 +10,5 @@
 pub mod guest;
 pub mod plan;
 
-pub use guest::{guest_config, guest_network, GuestConfigError};
+pub use guest::{cloud_init_network_config, guest_config, guest_network, GuestConfigError};
 pub use plan::{plan, Observed, Step, MAX_ITERATIONS};

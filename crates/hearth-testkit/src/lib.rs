@@ -29,6 +29,7 @@ pub fn spec(n: u8) -> VmSpec {
         ssh_public_key: None,
         mac: None,
         address: None,
+        cloud_init_network: None,
         cloud_init: Default::default(),
         created_at: u64::from(n),
     }

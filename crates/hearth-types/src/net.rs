@@ -121,6 +121,8 @@ pub enum NetError {
     NeedsNetwork,
     #[error("-p is not supported with --network bridge yet: reach the VM at its own address, or use --network user")]
     PortsOnBridge,
+    #[error("address {0} is not a host address of the bridge network {BRIDGE_GATEWAY}/{BRIDGE_PREFIX} (the gateway {BRIDGE_GATEWAY} is the host's)")]
+    BridgeAddress(String),
     #[error("the bridge network {BRIDGE_GATEWAY}/{BRIDGE_PREFIX} has no free address left; remove VMs that use it")]
     BridgeFull,
     #[error("MAC address {0:?} must be six hex octets like 02:00:00:00:00:01, unicast (first octet even)")]
@@ -205,6 +207,18 @@ pub fn allocate_bridge_address(used: &[Ipv4Addr]) -> Result<Ipv4Addr, NetError> 
     (net + 1..broadcast).map(Ipv4Addr::from).find(|a| *a != BRIDGE_GATEWAY && !used.contains(a)).ok_or(NetError::BridgeFull)
 }
 
+/// Checks an address asked for on the bridge: inside the subnet, not its network, broadcast or
+/// gateway address.
+pub fn check_bridge_address(a: Ipv4Addr) -> Result<(), NetError> {
+    let mask = u32::MAX << (32 - u32::from(BRIDGE_PREFIX));
+    let net = u32::from(BRIDGE_GATEWAY) & mask;
+    let x = u32::from(a);
+    if x & mask != net || x == net || x == net | !mask || a == BRIDGE_GATEWAY {
+        return Err(NetError::BridgeAddress(a.to_string()));
+    }
+    Ok(())
+}
+
 /// The tap device of a VM on the bridge (at most 15 bytes, as IFNAMSIZ allows).
 pub fn tap_name(id: &VmId) -> String {
     format!("ht{}", &id.as_str()[..12])
@@ -238,6 +252,10 @@ mod tests {
         let used = [Ipv4Addr::new(10, 61, 0, 2), Ipv4Addr::new(10, 61, 0, 4)];
         assert_eq!(allocate_bridge_address(&used), Ok(Ipv4Addr::new(10, 61, 0, 3)));
         assert!(tap_name(&VmId::from_bytes([0xab; 8])).len() <= 15);
+        assert!(check_bridge_address(Ipv4Addr::new(10, 61, 3, 7)).is_ok());
+        for bad in [[10, 61, 0, 1], [10, 61, 0, 0], [10, 61, 255, 255], [10, 62, 0, 5], [192, 168, 1, 2]] {
+            assert!(check_bridge_address(Ipv4Addr::from(bad)).is_err(), "{bad:?}");
+        }
         assert_eq!("bridge".parse::<NetworkMode>(), Ok(NetworkMode::Bridge));
         let p: PortMapping = "8080:80".parse().expect("port");
         assert_eq!(validate(NetworkMode::Bridge, &[p], None), Err(NetError::PortsOnBridge));

@@ -67,6 +67,8 @@ pub enum VmSpecError {
     Env(String),
     #[error("label {0:?} is not KEY=VALUE with a non-empty KEY")]
     Label(String),
+    #[error("interface name {0:?} must be 1-15 letters, digits, '_', '.' or '-'")]
+    InterfaceName(String),
     #[error("cloud-init file {0:?} is not one of meta-data, user-data, vendor-data, network-config")]
     CloudInitKey(String),
     #[error("cloud-init file {0:?} is larger than {kib} KiB", kib = MAX_CLOUD_INIT_BYTES >> 10)]
@@ -131,6 +133,10 @@ pub struct VmSpec {
     /// The card's IPv4 address on the bridge network, allocated at create (`--network bridge`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<std::net::Ipv4Addr>,
+    /// Generate cloud-init's network-config for the card, naming the interface this (Flintlock's
+    /// `add_network_config`), unless `cloud_init` carries one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init_network: Option<String>,
     /// cloud-init NoCloud files (`meta-data`, `user-data`, `vendor-data`, `network-config`) that
     /// hearth-init seeds into the guest for the image's own cloud-init.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -163,6 +169,12 @@ impl VmSpec {
         crate::net::validate(self.network, &self.ports, self.ssh_public_key.as_deref())?;
         if let Some(mac) = &self.mac {
             crate::net::validate_mac(mac)?;
+        }
+        if let Some(dev) = &self.cloud_init_network {
+            let ok = !dev.is_empty() && dev.len() <= 15 && dev.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+            if !ok {
+                return Err(VmSpecError::InterfaceName(dev.clone()));
+            }
         }
         for (key, value) in &self.cloud_init {
             if !CLOUD_INIT_FILES.contains(&key.as_str()) {
@@ -321,6 +333,7 @@ mod tests {
             ssh_public_key: None,
             mac: None,
             address: None,
+            cloud_init_network: None,
             cloud_init: Default::default(),
             created_at: 0,
         }

@@ -47,6 +47,10 @@ pub async fn create(d: &Arc<Daemon>, req: pb::CreateVmRequest) -> Result<VmRecor
     let ports = req.ports.iter().map(|p| p.parse()).collect::<Result<Vec<_>, _>>().map_err(bad)?;
     let given_key = Some(req.ssh_public_key.trim().to_owned()).filter(|k| !k.is_empty());
     let labels = req.labels.into_iter().collect();
+    let requested_address = match req.address.as_str() {
+        "" => None,
+        a => Some(a.parse::<std::net::Ipv4Addr>().map_err(|_| Status::invalid_argument(format!("address {a:?} is not an IPv4 address")))?),
+    };
     let _g = CREATE.lock().await;
     let existing = d.vms.list().map_err(internal)?;
     let name = if req.name.is_empty() {
@@ -88,14 +92,29 @@ pub async fn create(d: &Arc<Daemon>, req: pb::CreateVmRequest) -> Result<VmRecor
         ssh_public_key: given_key.clone().or_else(|| req.ssh.then(|| "ssh-ed25519 AAAA".to_owned())),
         mac: Some(req.mac).filter(|m| !m.is_empty()),
         address: None,
+        cloud_init_network: Some(req.cloud_init_network).filter(|d| !d.is_empty()),
         cloud_init: req.cloud_init.into_iter().collect(),
         created_at: created_now(),
     };
-    if spec.network == hearth_types::NetworkMode::Bridge {
-        // Allocated under the create lock from the records themselves: nothing to leak.
-        let used: Vec<_> = existing.iter().filter_map(|r| r.spec.address).collect();
-        spec.address = Some(hearth_types::net::allocate_bridge_address(&used).map_err(|e| Status::resource_exhausted(e.to_string()))?);
-    }
+    // Bridge addresses come from the records themselves, under the create lock: nothing to leak.
+    let used: Vec<_> = existing.iter().filter_map(|r| r.spec.address).collect();
+    spec.address = match (spec.network, requested_address) {
+        (hearth_types::NetworkMode::Bridge, Some(a)) => {
+            hearth_types::net::check_bridge_address(a).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            if let Some(other) = existing.iter().find(|r| r.spec.address == Some(a)) {
+                return Err(Status::already_exists(format!(
+                    "address {a} is taken by VM {}; choose another or leave it empty",
+                    other.spec.name
+                )));
+            }
+            Some(a)
+        }
+        (hearth_types::NetworkMode::Bridge, None) => {
+            Some(hearth_types::net::allocate_bridge_address(&used).map_err(|e| Status::resource_exhausted(e.to_string()))?)
+        }
+        (_, Some(a)) => return Err(Status::invalid_argument(format!("address {a} needs --network bridge"))),
+        (_, None) => None,
+    };
     spec.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
     hearth_core::guest_config(&spec, &image.config).map_err(|e| Status::invalid_argument(e.to_string()))?;
     let mut rec = new_record(spec);

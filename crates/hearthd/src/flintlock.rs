@@ -18,7 +18,8 @@ use base64::Engine as _;
 use hearth_api::flintlock::types as fl;
 use hearth_api::microvm::services::api::v1alpha1::{self as fpb, micro_vm_server::MicroVm};
 use hearth_api::v1 as pb;
-use hearth_types::{ImageRef, VmRecord, VmState};
+use hearth_types::net::{tap_name, BRIDGE_GATEWAY, BRIDGE_PREFIX};
+use hearth_types::{ImageRef, NetworkMode, VmRecord, VmState};
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
 use tokio_stream::Stream;
@@ -143,10 +144,12 @@ struct Inner {
     create: tokio::sync::Mutex<()>,
     /// Serialises kernel imports (two microVMs often share one kernel image).
     kernels: tokio::sync::Mutex<()>,
+    /// The network microVMs' interfaces are put on (`--flintlock-network`).
+    network: NetworkMode,
 }
 
 impl Flintlock {
-    pub fn new(d: Arc<Daemon>) -> anyhow::Result<Self> {
+    pub fn new(d: Arc<Daemon>, network: NetworkMode) -> anyhow::Result<Self> {
         let dir = d.root.join("flintlock");
         std::fs::create_dir_all(&dir)?;
         let api = Api::new(d.clone());
@@ -158,6 +161,7 @@ impl Flintlock {
                 locks: Mutex::default(),
                 create: tokio::sync::Mutex::const_new(()),
                 kernels: tokio::sync::Mutex::const_new(()),
+                network,
             }),
         })
     }
@@ -264,7 +268,7 @@ impl Flintlock {
         let vm = match self.vm_of(&rec.uid)? {
             Some(vm) => vm,
             None => {
-                let req = create_request(&spec, &rec.uid, &kernel)?;
+                let req = create_request(&spec, &rec.uid, &kernel, self.inner.network)?;
                 crate::create::create(d, req).await?
             }
         };
@@ -306,11 +310,10 @@ impl Flintlock {
         let (state, reason) = observed_state(rec, vm.as_ref());
         let mut status = fl::MicroVmStatus { state: state as i32, retry: rec.retry, reason, ..Default::default() };
         if let Some(vm) = &vm {
-            let (iface, mac) = (spec.interfaces.first().map(|i| i.device_id.clone()), vm.spec.mac());
-            if let (Some(device), hearth_types::NetworkMode::User) = (iface, vm.spec.network) {
-                status
-                    .network_interfaces
-                    .insert(device, fl::NetworkInterfaceStatus { host_device_name: String::new(), index: 0, mac_address: mac });
+            if let (Some(i), true) = (spec.interfaces.first(), vm.spec.network != NetworkMode::None) {
+                let host_device_name = if vm.spec.network == NetworkMode::Bridge { tap_name(&vm.spec.id) } else { String::new() };
+                let iface = fl::NetworkInterfaceStatus { host_device_name, index: 0, mac_address: vm.spec.mac() };
+                status.network_interfaces.insert(i.device_id.clone(), iface);
             }
             if let Some(disk) = &vm.status.disk_path {
                 let id = spec.root_volume.as_ref().map(|v| v.id.clone()).unwrap_or_else(|| "root".into());
@@ -358,9 +361,13 @@ fn timestamp(secs: u64) -> prost_types::Timestamp {
     prost_types::Timestamp { seconds: secs as i64, nanos: 0 }
 }
 
-/// Pulls an image into the store (http for loopback registries, as `hearth image pull`).
+/// The image from the store, pulled first when it is not there (http for loopback registries,
+/// as `hearth image pull`).
 async fn pull(d: &Arc<Daemon>, reference: &str) -> Result<hearth_types::ImageRecord, Status> {
     let r: ImageRef = reference.parse().map_err(|e| Status::invalid_argument(format!("image {reference:?}: {e}")))?;
+    if let Some(img) = d.images.get(reference).map_err(internal)? {
+        return Ok(img);
+    }
     let d = d.clone();
     let what = reference.to_owned();
     tokio::task::spawn_blocking(move || d.images.pull(&r, &hearth_image::PullOptions::default(), &hearth_image::NoProgress))
@@ -383,7 +390,7 @@ fn kernel_name(image_id12: &str, filename: Option<&str>) -> String {
 }
 
 /// Checks a spec and fills Flintlock's defaults; returns it ready to store.
-fn validate(mut spec: fl::MicroVmSpec) -> Result<fl::MicroVmSpec, Status> {
+fn validate(mut spec: fl::MicroVmSpec, network: NetworkMode) -> Result<fl::MicroVmSpec, Status> {
     let bad = |m: String| Err(Status::invalid_argument(m));
     if spec.id.is_empty() {
         return bad("microvm id (its name) is required".into());
@@ -433,11 +440,14 @@ fn validate(mut spec: fl::MicroVmSpec) -> Result<fl::MicroVmSpec, Status> {
         if let Some(mac) = i.guest_mac.as_deref().filter(|m| !m.is_empty()) {
             hearth_types::net::validate_mac(mac).map_err(|e| Status::invalid_argument(e.to_string()))?;
         }
-        if i.address.is_some() {
-            return bad(format!(
-                "interface {}: static addresses need the bridged network, which hearth does not have yet; leave address empty for DHCP",
-                i.device_id
-            ));
+        if let Some(a) = &i.address {
+            if network != NetworkMode::Bridge {
+                return bad(format!(
+                    "interface {}: static addresses need the bridge network (hearthd --flintlock-network bridge); leave address empty",
+                    i.device_id
+                ));
+            }
+            static_address(a).map_err(|m| Status::invalid_argument(format!("interface {}: {m}", i.device_id)))?;
         }
     }
     match spec.provider.as_deref() {
@@ -478,13 +488,24 @@ fn inject_instance_id(spec: &mut fl::MicroVmSpec, uid: &str) -> Result<(), Statu
     Ok(())
 }
 
-/// cloud-init network-config (version 2) for the interface: DHCP on the card with this MAC.
-fn network_config(device: &str, mac: &str) -> String {
-    format!("version: 2\nethernets:\n  {device}:\n    match:\n      macaddress: \"{mac}\"\n    set-name: {device}\n    dhcp4: true\n")
+/// The guest address of a static interface address, which must lie on hearth's bridge.
+fn static_address(a: &fl::StaticAddress) -> Result<std::net::Ipv4Addr, String> {
+    let (ip, prefix) = a.address.split_once('/').ok_or_else(|| format!("address {:?} is not CIDR (like 10.61.0.50/16)", a.address))?;
+    let ip: std::net::Ipv4Addr = ip.parse().map_err(|_| format!("address {:?} is not an IPv4 CIDR", a.address))?;
+    if prefix != BRIDGE_PREFIX.to_string() {
+        return Err(format!("address {}: the bridge network is {BRIDGE_GATEWAY}/{BRIDGE_PREFIX}; use /{BRIDGE_PREFIX}", a.address));
+    }
+    hearth_types::net::check_bridge_address(ip).map_err(|e| e.to_string())?;
+    if let Some(gw) = a.gateway.as_deref().filter(|g| !g.is_empty()) {
+        if gw.split('/').next() != Some(&BRIDGE_GATEWAY.to_string()) {
+            return Err(format!("gateway {gw}: the bridge's gateway is {BRIDGE_GATEWAY}"));
+        }
+    }
+    Ok(ip)
 }
 
 /// The hearth VM for a microVM: its image's own init as PID 1, cloud-init seeded.
-fn create_request(spec: &fl::MicroVmSpec, uid: &str, kernel: &str) -> Result<pb::CreateVmRequest, Status> {
+fn create_request(spec: &fl::MicroVmSpec, uid: &str, kernel: &str, network: NetworkMode) -> Result<pb::CreateVmRequest, Status> {
     let b64 = &base64::engine::general_purpose::STANDARD;
     let mut cloud_init: HashMap<String, String> = HashMap::new();
     for (k, v) in &spec.metadata {
@@ -494,11 +515,12 @@ fn create_request(spec: &fl::MicroVmSpec, uid: &str, kernel: &str) -> Result<pb:
     let iface = spec.interfaces.first();
     let mac = iface.and_then(|i| i.guest_mac.clone()).filter(|m| !m.is_empty()).unwrap_or_default();
     let kernel_spec = spec.kernel.clone().unwrap_or_default();
-    if let (Some(i), true) = (iface, kernel_spec.add_network_config) {
-        if !cloud_init.contains_key("network-config") && !mac.is_empty() {
-            cloud_init.insert("network-config".into(), network_config(&i.device_id, &mac));
-        }
-    }
+    // The network-config is written when the VM starts, from the address it was given.
+    let cloud_init_network = iface.filter(|_| kernel_spec.add_network_config).map(|i| i.device_id.clone()).unwrap_or_default();
+    let address = match iface.and_then(|i| i.address.as_ref()) {
+        Some(a) => static_address(a).map_err(Status::invalid_argument)?.to_string(),
+        None => String::new(),
+    };
     let cmdline: BTreeMap<_, _> = kernel_spec.cmdline.iter().collect();
     let kernel_args =
         cmdline.iter().map(|(k, v)| if v.is_empty() { (*k).clone() } else { format!("{k}={v}") }).collect::<Vec<_>>().join(" ");
@@ -517,9 +539,11 @@ fn create_request(spec: &fl::MicroVmSpec, uid: &str, kernel: &str) -> Result<pb:
         has_entrypoint: true,
         entrypoint: vec!["/sbin/init".into()],
         labels,
-        network: if iface.is_some() { "user".into() } else { "none".into() },
+        network: if iface.is_some() { network.to_string() } else { NetworkMode::None.to_string() },
         mac,
         cloud_init,
+        address,
+        cloud_init_network,
         ..Default::default()
     })
 }
@@ -535,7 +559,7 @@ fn not_found(uid: &str) -> Status {
 impl MicroVm for Flintlock {
     async fn create_micro_vm(&self, req: Request<fpb::CreateMicroVmRequest>) -> Result<Response<fpb::CreateMicroVmResponse>, Status> {
         let spec = req.into_inner().microvm.ok_or_else(|| Status::invalid_argument("microvm spec is required"))?;
-        let mut spec = validate(spec)?;
+        let mut spec = validate(spec, self.inner.network)?;
         let uid = ulid::Ulid::new().to_string();
         spec.uid = Some(uid.clone());
         inject_instance_id(&mut spec, &uid)?;
@@ -656,7 +680,7 @@ mod tests {
 
     #[test]
     fn validation_fills_flintlocks_defaults() {
-        let s = validate(good()).expect("valid");
+        let s = validate(good(), NetworkMode::User).expect("valid");
         assert_eq!((s.namespace.as_str(), s.vcpu, s.memory_in_mb), ("default", 2, 1024));
     }
 
@@ -679,7 +703,7 @@ mod tests {
         for (change, needle) in cases {
             let mut s = good();
             change(&mut s);
-            let e = validate(s).expect_err(needle);
+            let e = validate(s, NetworkMode::User).expect_err(needle);
             assert_eq!(e.code(), tonic::Code::InvalidArgument);
             assert!(e.message().contains(needle), "{needle}: {}", e.message());
         }
@@ -704,7 +728,7 @@ mod tests {
     #[test]
     fn the_create_request_carries_cloud_init_the_mac_and_kernel_arguments() {
         let b64 = &base64::engine::general_purpose::STANDARD;
-        let mut s = validate(good()).expect("valid");
+        let mut s = validate(good(), NetworkMode::User).expect("valid");
         s.interfaces[0].guest_mac = Some("02:00:00:00:00:07".into());
         let k = s.kernel.as_mut().expect("kernel");
         k.add_network_config = true;
@@ -712,7 +736,7 @@ mod tests {
         k.cmdline.insert("quiet".into(), String::new());
         s.metadata.insert("user-data".into(), b64.encode("#cloud-config\n"));
         s.labels.insert("cluster-name".into(), "c1".into());
-        let req = create_request(&s, "01ABC", "fl-0123").expect("request");
+        let req = create_request(&s, "01ABC", "fl-0123", NetworkMode::User).expect("request");
         assert_eq!(req.name, "mvm0.default");
         assert_eq!(req.image, "reg/os:1");
         assert_eq!((req.cpus, req.memory_mib), (2, 1024));
@@ -720,10 +744,35 @@ mod tests {
         assert_eq!(req.mac, "02:00:00:00:00:07");
         assert_eq!(req.kernel_args, "console=ttyS0 quiet");
         assert_eq!(req.cloud_init["user-data"], "#cloud-config\n");
-        assert!(req.cloud_init["network-config"].contains("macaddress: \"02:00:00:00:00:07\""));
+        assert_eq!(req.cloud_init_network, "eth1", "network-config is generated for eth1 at start");
         assert_eq!(req.labels[UID_LABEL], "01ABC");
         assert_eq!(req.labels["cluster-name"], "c1");
         assert_eq!(req.network, "user");
+    }
+
+    #[test]
+    fn static_addresses_need_the_bridge_and_must_lie_on_it() {
+        let with = |address: &str, gateway: Option<&str>| {
+            let mut s = good();
+            let a = fl::StaticAddress { address: address.into(), gateway: gateway.map(Into::into), nameservers: vec![] };
+            s.interfaces[0].address = Some(a);
+            s
+        };
+        let e = validate(with("10.61.0.50/16", None), NetworkMode::User).expect_err("user mode");
+        assert!(e.message().contains("--flintlock-network bridge"), "{}", e.message());
+        let ok = validate(with("10.61.0.50/16", Some("10.61.0.1/16")), NetworkMode::Bridge).expect("on the bridge");
+        let req = create_request(&ok, "01ABC", "fl-0", NetworkMode::Bridge).expect("request");
+        assert_eq!((req.address.as_str(), req.network.as_str()), ("10.61.0.50", "bridge"));
+        for (address, gateway, needle) in [
+            ("192.168.1.5/24", None, "/16"),
+            ("192.168.1.5/16", None, "not a host address"),
+            ("10.61.0.1/16", None, "not a host address"),
+            ("10.61.0.50", None, "CIDR"),
+            ("10.61.0.50/16", Some("10.61.0.254"), "gateway"),
+        ] {
+            let e = validate(with(address, gateway), NetworkMode::Bridge).expect_err(address);
+            assert!(e.message().contains(needle), "{address}: {}", e.message());
+        }
     }
 
     #[test]

@@ -50,6 +50,10 @@ struct Args {
     /// Require client certificates signed by this CA (PEM): mutual TLS.
     #[arg(long, value_name = "FILE")]
     tls_client_ca: Option<PathBuf>,
+    /// The network of Flintlock microVMs' interfaces: bridge (the hearth0 bridge; static
+    /// addresses allowed; VMs reach each other) or user (user-mode NAT; changes nothing on the host).
+    #[arg(long, default_value = "bridge", value_name = "MODE")]
+    flintlock_network: hearth_types::NetworkMode,
     /// Require `authorization: Basic <base64(TOKEN)>` on --flintlock-listen, as Flintlock's flag.
     #[arg(long, env = "HEARTH_BASIC_AUTH_TOKEN", value_name = "TOKEN", hide_env_values = true)]
     basic_auth_token: Option<String>,
@@ -86,7 +90,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
     tracing::info!(root = %args.root.display(), socket = %socket.display(), "hearthd serving");
     reconcile::recover(&d).await;
-    let fl = flintlock::Flintlock::new(d.clone()).context("opening the Flintlock API's records")?;
+    anyhow::ensure!(
+        args.flintlock_network != hearth_types::NetworkMode::None,
+        "--flintlock-network must be bridge or user: microVM interfaces need a network"
+    );
+    let fl = flintlock::Flintlock::new(d.clone(), args.flintlock_network).context("opening the Flintlock API's records")?;
     fl.resume();
     if let Some(addr) = args.flintlock_listen {
         let tcp = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding --flintlock-listen {addr}"))?;

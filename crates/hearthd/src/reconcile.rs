@@ -127,6 +127,9 @@ async fn execute(d: &Arc<Daemon>, rec: &mut VmRecord, step: Step, vmm: Option<(i
             if let (Some(net), NetworkMode::Bridge) = (cfg.network.as_mut(), rec.spec.network) {
                 net.dns = crate::net::host_resolvers();
             }
+            if let (Some(device), Some(net)) = (&rec.spec.cloud_init_network, &cfg.network) {
+                cfg.cloud_init.entry("network-config".into()).or_insert_with(|| hearth_core::cloud_init_network_config(device, net));
+            }
             hearth_storage::create_config_disk(&config_path(d, &id), &cfg).map_err(internal)
         }
         Step::Launch => launch(d, rec).await,

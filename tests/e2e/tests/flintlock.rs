@@ -9,7 +9,7 @@ use base64::Engine as _;
 use hearth_api::flintlock::types as fl;
 use hearth_api::microvm::services::api::v1alpha1 as fpb;
 use hearth_e2e::testutil::{push_image, LocalRegistry, TestImage};
-use hearth_e2e::{require_e2e, Daemon};
+use hearth_e2e::{require_e2e, Daemon, Netns};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
@@ -59,19 +59,27 @@ fn unb64(s: &str) -> String {
     String::from_utf8(base64::engine::general_purpose::STANDARD.decode(s).expect("base64")).expect("utf8")
 }
 
-/// A registry with an Ignite-style kernel image and a full-OS (busybox init) root image.
-fn registry() -> (LocalRegistry, String, String) {
-    let reg = LocalRegistry::start().expect("registry");
+/// An Ignite-style kernel image's layer (/boot/vmlinux and the guest's modules).
+fn kernel_layer() -> Vec<u8> {
     let kernel = std::path::PathBuf::from(std::env::var("HEARTH_TEST_KERNEL").expect("kernel"));
     let modules = std::path::PathBuf::from(std::env::var("HEARTH_TEST_MODULES").expect("modules"));
     let keep = hearth_kernel::modules::closure(&modules, hearth_kernel::GUEST_MODULES).expect("closure");
-    let layer = hearth_e2e::testutil::kernel_layer(&kernel, &modules, &keep).expect("kernel layer");
-    hearth_e2e::testutil::push_layer(&reg, "kernel-bin:6.1", &layer).expect("push kernel");
+    hearth_e2e::testutil::kernel_layer(&kernel, &modules, &keep).expect("kernel layer")
+}
+
+/// A full-OS root image: busybox's init, which prints the cloud-init seed it finds.
+fn os_image() -> TestImage {
     let inittab = "::sysinit:/bin/sh -c 'echo full-os-booted; cat /var/lib/cloud/seed/nocloud/meta-data'\n\
                    ::respawn:/bin/sleep 3600\n\
                    ::shutdown:/bin/echo full-os-shutting-down\n";
-    let img = TestImage { inittab: Some(inittab.into()), ..Default::default() };
-    push_image(&reg, "os:1", &img).expect("push os");
+    TestImage { inittab: Some(inittab.into()), ..Default::default() }
+}
+
+/// A registry with the kernel image and the full-OS root image.
+fn registry() -> (LocalRegistry, String, String) {
+    let reg = LocalRegistry::start().expect("registry");
+    hearth_e2e::testutil::push_layer(&reg, "kernel-bin:6.1", &kernel_layer()).expect("push kernel");
+    push_image(&reg, "os:1", &os_image()).expect("push os");
     let (k, r) = (format!("{}/kernel-bin:6.1", reg.host()), format!("{}/os:1", reg.host()));
     (reg, k, r)
 }
@@ -140,7 +148,16 @@ fn a_flintlock_client_creates_gets_lists_and_deletes_a_microvm() {
     require_e2e!();
     let (_reg, kernel, root) = registry();
     let port = free_port();
-    let d = Daemon::start_with(&["--flintlock-listen", &format!("127.0.0.1:{port}"), "--insecure", "--basic-auth-token", TOKEN]);
+    // User-mode NAT: the test's daemon runs in the host's own network namespace.
+    let d = Daemon::start_with(&[
+        "--flintlock-listen",
+        &format!("127.0.0.1:{port}"),
+        "--insecure",
+        "--basic-auth-token",
+        TOKEN,
+        "--flintlock-network",
+        "user",
+    ]);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
 
     // Without the token (or with the wrong one): UNAUTHENTICATED.
@@ -237,7 +254,7 @@ fn a_microvm_whose_kernel_cannot_be_found_fails_with_the_reason() {
     require_e2e!();
     let (_reg, kernel, root) = registry();
     let port = free_port();
-    let d = Daemon::start_with(&["--flintlock-listen", &format!("127.0.0.1:{port}"), "--insecure"]);
+    let d = Daemon::start_with(&["--flintlock-listen", &format!("127.0.0.1:{port}"), "--insecure", "--flintlock-network", "user"]);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let mut c = client(&rt, port, None);
     let mut s = spec("nokernel", &kernel, &root);
@@ -343,4 +360,56 @@ fn hearthd_refuses_unsafe_or_contradictory_listener_flags() {
     let both = [&listen[..], &["--insecure", "--tls-cert", "/nonexistent"]].concat();
     assert!(run(&both).contains("cannot be combined"));
     assert!(run(&["--insecure"]).contains("--flintlock-listen"));
+}
+
+#[test]
+fn microvms_on_the_bridge_get_their_addresses_and_reach_each_other() {
+    require_e2e!();
+    let ns = Netns::new();
+    // The default --flintlock-network is the bridge: hearthd runs inside the test's namespace.
+    let d = Daemon::start_in(&ns);
+    // Images already in the store are not pulled again: import them under the specs' names.
+    let dir = tempfile::tempdir().expect("tmp");
+    let (kernel, root) = ("registry.invalid/kernel-bin:6.1", "registry.invalid/os:1");
+    hearth_e2e::testutil::oci_layout(&dir.path().join("k"), "t", &kernel_layer(), "").expect("kernel layout");
+    hearth_e2e::testutil::busybox_oci_layout(&dir.path().join("os"), "t", &os_image()).expect("os layout");
+    d.ok(&["image", "import", dir.path().join("k").to_str().expect("utf8"), "--name", kernel]);
+    d.ok(&["image", "import", dir.path().join("os").to_str().expect("utf8"), "--name", root]);
+
+    // Flintlock's service is on hearthd's Unix socket too.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mut c = with_token(rt.block_on(hearth_api::connect_unix(d.socket.clone())).expect("socket"), None);
+    let mut create = |name: &str, address: Option<&str>| {
+        let mut s = spec(name, kernel, root);
+        s.interfaces[0].address =
+            address.map(|a| fl::StaticAddress { address: a.into(), gateway: Some("10.61.0.1".into()), nameservers: vec![] });
+        let out = rt.block_on(c.create_micro_vm(fpb::CreateMicroVmRequest { microvm: Some(s), metadata: HashMap::new() })).expect("create");
+        out.into_inner().microvm.and_then(|m| m.spec).and_then(|s| s.uid).expect("uid")
+    };
+    let (fixed, dynamic) = (create("fixed", Some("10.61.0.50/16")), create("dynamic", None));
+    for uid in [&fixed, &dynamic] {
+        let up =
+            wait_get(&rt, &mut c, &d, uid, "CREATED", |g| g.as_ref().is_ok_and(|v| state(v) == fl::micro_vm_status::MicroVmState::Created))
+                .expect("get");
+        let iface = &up.status.expect("status").network_interfaces["eth1"];
+        assert!(iface.host_device_name.starts_with("ht"), "the tap is reported: {iface:?}");
+    }
+    // The static address is the guest's, and cloud-init's network-config says the same.
+    assert!(d.ok(&["exec", "fixed.ns0", "--", "busybox", "ip", "-4", "addr"]).contains("inet 10.61.0.50/16"));
+    let netcfg = d.ok(&["exec", "fixed.ns0", "--", "cat", "/var/lib/cloud/seed/nocloud/network-config"]);
+    assert!(netcfg.contains("10.61.0.50/16") && netcfg.contains("via: 10.61.0.1"), "{netcfg}");
+    // The other got an address of its own, and the two reach each other.
+    let other = d.inspect("dynamic.ns0")["status"]["ip"].as_str().expect("ip").to_owned();
+    assert!(other.starts_with("10.61.") && other != "10.61.0.50", "{other}");
+    let ping = d.hearth(&["exec", "dynamic.ns0", "--", "busybox", "ping", "-c", "1", "-W", "10", "10.61.0.50"]);
+    assert!(ping.status.success(), "{}{}", hearth_e2e::text(&ping.stdout), hearth_e2e::text(&ping.stderr));
+
+    for uid in [&fixed, &dynamic] {
+        rt.block_on(c.delete_micro_vm(fpb::DeleteMicroVmRequest { uid: uid.clone() })).expect("delete");
+    }
+    for uid in [&fixed, &dynamic] {
+        wait_get(&rt, &mut c, &d, uid, "gone", |g| g.as_ref().is_err_and(|e| e.code() == tonic::Code::NotFound)).expect_err("gone");
+    }
+    let taps = hearth_e2e::text(&ns.run(&["ip", "-o", "link", "show", "master", "hearth0"]).stdout);
+    assert!(taps.is_empty(), "taps left: {taps}");
 }

@@ -137,6 +137,8 @@ fn request(a: &CreateArgs) -> anyhow::Result<pb::CreateVmRequest> {
         },
         mac: String::new(),
         cloud_init: Default::default(),
+        address: String::new(),
+        cloud_init_network: String::new(),
     })
 }
 
