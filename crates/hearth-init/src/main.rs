@@ -142,6 +142,9 @@ fn supervise(shared: &agent::Shared, workload: i32) -> GuestExit {
 /// ready at once (hearth-init's part of the boot is done), and on a shutdown request asks the
 /// image's init to power off, forcing it after [`SHUTDOWN_GRACE`].
 fn full_os_agent(started: u64, spec: process::Spec) -> ! {
+    // The console belongs to the image's init and gettys now: a hang-up there must not take the
+    // agent down with a failed write. Its messages go to the kernel log.
+    sys::redirect_stdio("/dev/null", "/dev/kmsg");
     let shared = Arc::new(agent::Shared::default());
     *shared.defaults.lock().unwrap_or_else(|e| e.into_inner()) = spec;
     {
@@ -151,18 +154,21 @@ fn full_os_agent(started: u64, spec: process::Spec) -> ! {
     shared.set_ready(Ready { init_started_ms: started, ready_ms: sys::uptime_ms() });
     let mut force_at: Option<Instant> = None;
     loop {
-        let _ = sys::wait_signal(&SIGNALS, 100);
+        let signal = sys::wait_signal(&SIGNALS, 100);
         {
             let _g = process::spawn_guard();
             while let Some((pid, status)) = sys::reap_one() {
                 shared.reaped(pid, status);
             }
         }
+        // The image's init is shutting the system down (it sends every process SIGTERM): go, so
+        // it need not wait for us.
+        if signal == Some(libc::SIGTERM) && force_at.is_none() {
+            std::process::exit(0);
+        }
         if force_at.is_none() && shared.shutdown.load(Ordering::SeqCst) {
-            match init_poweroff_signal() {
-                Some(sig) => sys::kill(1, sig),
-                None => halt(1),
-            }
+            // Inits without a known power-off signal get SIGTERM, which most treat as "stop".
+            sys::kill(1, init_poweroff_signal().unwrap_or(libc::SIGTERM));
             force_at = Some(Instant::now() + SHUTDOWN_GRACE);
         }
         if force_at.is_some_and(|t| Instant::now() > t) {
@@ -174,10 +180,13 @@ fn full_os_agent(started: u64, spec: process::Spec) -> ! {
 
 /// The signal that makes PID 1 power off cleanly, for the inits that have one.
 fn init_poweroff_signal() -> Option<i32> {
+    /// systemd's "poweroff" is SIGRTMIN+4 in the kernel's numbering (34 + 4), whatever a libc
+    /// reserves of the real-time range for itself.
+    const SYSTEMD_POWEROFF: i32 = 38;
     let exe = std::fs::read_link("/proc/1/exe").ok()?;
     let name = exe.file_name()?.to_string_lossy().into_owned();
     match name.as_str() {
-        "systemd" => Some(libc::SIGRTMIN() + 4),
+        "systemd" => Some(SYSTEMD_POWEROFF),
         "busybox" => Some(libc::SIGUSR2),
         _ => None,
     }

@@ -140,6 +140,20 @@ pub fn uptime_ms() -> u64 {
     ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
 }
 
+/// Points stdin at `input` and stdout and stderr at `output` (best effort: on failure the
+/// descriptors stay as they were).
+pub fn redirect_stdio(input: &str, output: &str) {
+    use std::os::fd::AsRawFd;
+    let (Ok(i), Ok(o)) = (std::fs::File::open(input), std::fs::OpenOptions::new().write(true).open(output)) else { return };
+    // SAFETY: dup2 on descriptors this function owns for the duration of the calls; 0-2 are
+    // replaced atomically and the originals dropped afterwards.
+    unsafe {
+        libc::dup2(i.as_raw_fd(), 0);
+        libc::dup2(o.as_raw_fd(), 1);
+        libc::dup2(o.as_raw_fd(), 2);
+    }
+}
+
 /// Turns output post-processing off on a terminal, so `\n` is not sent as `\r\n`.
 pub fn raw_output(fd: i32) {
     // SAFETY: t is a local filled by tcgetattr before tcsetattr reads it.
