@@ -52,6 +52,12 @@ pub struct Bridge {
 }
 
 impl Bridge {
+    /// hearth's bridge, `hearth0` on 10.61.0.0/16 (hearth_types::net's constants).
+    pub fn hearth0() -> Self {
+        use hearth_types::net::{BRIDGE_GATEWAY, BRIDGE_NAME, BRIDGE_PREFIX};
+        Self { name: BRIDGE_NAME.into(), gateway: BRIDGE_GATEWAY, prefix: BRIDGE_PREFIX }
+    }
+
     /// The subnet in CIDR notation.
     pub fn subnet(&self) -> String {
         let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(self.prefix)) };
@@ -201,7 +207,7 @@ mod tests {
 
     #[test]
     fn the_subnet_is_the_gateways_network() {
-        let b = Bridge { name: "hearth0".into(), gateway: Ipv4Addr::new(10, 61, 0, 1), prefix: 16 };
+        let b = Bridge::hearth0();
         assert_eq!(b.subnet(), "10.61.0.0/16");
         let rules = nat_ruleset(&b);
         assert!(rules.contains("flush table ip hearth"), "{rules}");

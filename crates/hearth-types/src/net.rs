@@ -198,22 +198,26 @@ pub fn validate_ssh_key(key: &str) -> Result<(), NetError> {
     Ok(())
 }
 
+/// The bridge subnet's network and broadcast addresses, as numbers.
+fn bridge_range() -> (u32, u32) {
+    let mask = u32::MAX << (32 - u32::from(BRIDGE_PREFIX));
+    let net = u32::from(BRIDGE_GATEWAY) & mask;
+    (net, net | !mask)
+}
+
 /// The lowest address of the bridge's subnet that is not the gateway, the network, the
 /// broadcast or in `used`.
 pub fn allocate_bridge_address(used: &[Ipv4Addr]) -> Result<Ipv4Addr, NetError> {
-    let mask = u32::MAX << (32 - u32::from(BRIDGE_PREFIX));
-    let net = u32::from(BRIDGE_GATEWAY) & mask;
-    let broadcast = net | !mask;
+    let (net, broadcast) = bridge_range();
     (net + 1..broadcast).map(Ipv4Addr::from).find(|a| *a != BRIDGE_GATEWAY && !used.contains(a)).ok_or(NetError::BridgeFull)
 }
 
 /// Checks an address asked for on the bridge: inside the subnet, not its network, broadcast or
 /// gateway address.
 pub fn check_bridge_address(a: Ipv4Addr) -> Result<(), NetError> {
-    let mask = u32::MAX << (32 - u32::from(BRIDGE_PREFIX));
-    let net = u32::from(BRIDGE_GATEWAY) & mask;
+    let (net, broadcast) = bridge_range();
     let x = u32::from(a);
-    if x & mask != net || x == net || x == net | !mask || a == BRIDGE_GATEWAY {
+    if !(net + 1..broadcast).contains(&x) || a == BRIDGE_GATEWAY {
         return Err(NetError::BridgeAddress(a.to_string()));
     }
     Ok(())

@@ -22,7 +22,7 @@ pub struct Daemon {
     pub kernels: KernelStore,
     pub init_binary: PathBuf,
     /// One lock per VM: reconcile loops and API mutations of a VM never interleave.
-    locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
+    locks: KeyedLocks<VmId>,
     /// Bumped on every record change; waiters re-read the store.
     changes: watch::Sender<u64>,
     /// How removed VMs ended, so `wait` after an automatic `--rm` still gets the exit code.
@@ -34,6 +34,27 @@ pub struct Daemon {
 impl std::fmt::Debug for Daemon {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Daemon").field("root", &self.root).finish_non_exhaustive()
+    }
+}
+
+/// One async lock per key (a VM, a microVM), made on first use.
+#[derive(Debug)]
+pub struct KeyedLocks<K>(Mutex<HashMap<K, Arc<tokio::sync::Mutex<()>>>>);
+
+impl<K> Default for KeyedLocks<K> {
+    fn default() -> Self {
+        Self(Mutex::new(HashMap::new()))
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> KeyedLocks<K> {
+    pub fn get(&self, key: &K) -> Arc<tokio::sync::Mutex<()>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).entry(key.clone()).or_default().clone()
+    }
+
+    /// Drops the lock of a key that is gone (holders keep theirs).
+    pub fn forget(&self, key: &K) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
     }
 }
 
@@ -79,7 +100,7 @@ impl Daemon {
             images: ImageStore::open(root)?,
             kernels: KernelStore::open(root)?,
             init_binary,
-            locks: Mutex::new(HashMap::new()),
+            locks: KeyedLocks::default(),
             changes: watch::channel(0).0,
             tombstones: Mutex::new(HashMap::new()),
             agents: tokio::sync::Mutex::new(HashMap::new()),
@@ -88,8 +109,7 @@ impl Daemon {
 
     /// The lock that serialises all changes to one VM.
     pub fn lock_for(&self, id: &VmId) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
-        locks.entry(id.clone()).or_default().clone()
+        self.locks.get(id)
     }
 
     /// Persists a record and wakes waiters.
@@ -109,7 +129,7 @@ impl Daemon {
             }
             t.insert(rec.spec.id.clone(), rec.clone());
         }
-        self.locks.lock().unwrap_or_else(|e| e.into_inner()).remove(&rec.spec.id);
+        self.locks.forget(&rec.spec.id);
         self.changes.send_modify(|g| *g += 1);
         Ok(())
     }

@@ -10,7 +10,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,19 +21,19 @@ use hearth_types::net::{tap_name, BRIDGE_GATEWAY, BRIDGE_PREFIX};
 use hearth_types::{ImageRef, NetworkMode, VmRecord, VmState};
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
-use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
+use crate::daemon::KeyedLocks;
 use crate::daemon::{internal, now_secs, Daemon};
-use crate::service::Api;
+use crate::service::{Api, Streamed};
 
 /// Label tying a hearth VM to its Flintlock microVM.
 pub const UID_LABEL: &str = "hearth.flintlock/uid";
 /// Kernel images imported for microVMs are named after this prefix and the image id.
 const KERNEL_PREFIX: &str = "fl-";
-/// Attempts at provisioning before a microVM is FAILED (pulls can fail for a while).
-const MAX_ATTEMPTS: i32 = 4;
+/// Attempts at provisioning before a microVM is FAILED (a registry can be away for minutes).
+const MAX_ATTEMPTS: i32 = 10;
 /// Flintlock's defaults.
 const DEFAULT_VCPU: i32 = 2;
 const DEFAULT_MEMORY_MB: i32 = 1024;
@@ -81,6 +80,8 @@ impl Record {
 #[derive(Debug)]
 struct Records {
     dir: PathBuf,
+    /// Serialises read-modify-write of records.
+    write: Mutex<()>,
 }
 
 impl Records {
@@ -103,6 +104,20 @@ impl Records {
         rec.updated_at = now_secs();
         let bytes = serde_json::to_vec_pretty(rec).map_err(internal)?;
         hearth_store::atomic_write(&self.path(&rec.uid), &bytes).map_err(internal)
+    }
+
+    /// Reads, changes and saves a record as one step against other updates. A record marked for
+    /// deletion keeps that mark whatever `change` does. `None` when there is no such record.
+    fn update(&self, uid: &str, change: impl FnOnce(&mut Record)) -> Result<Option<Record>, Status> {
+        let _g = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(mut rec) = self.get(uid)? else { return Ok(None) };
+        let deleting = rec.phase == Phase::Deleting;
+        change(&mut rec);
+        if deleting {
+            rec.phase = Phase::Deleting;
+        }
+        self.save(&mut rec)?;
+        Ok(Some(rec))
     }
 
     fn remove(&self, uid: &str) -> Result<(), Status> {
@@ -138,8 +153,8 @@ struct Inner {
     d: Arc<Daemon>,
     api: Api,
     records: Records,
-    /// One lock per microVM: its provisioning and deletion never interleave.
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// One lock per microVM: its provisioning steps and its deletion never interleave.
+    locks: KeyedLocks<String>,
     /// Serialises creates, so two requests cannot take the same namespace/name.
     create: tokio::sync::Mutex<()>,
     /// Serialises kernel imports (two microVMs often share one kernel image).
@@ -157,8 +172,8 @@ impl Flintlock {
             inner: Arc::new(Inner {
                 d,
                 api,
-                records: Records { dir },
-                locks: Mutex::default(),
+                records: Records { dir, write: Mutex::new(()) },
+                locks: KeyedLocks::default(),
                 create: tokio::sync::Mutex::const_new(()),
                 kernels: tokio::sync::Mutex::const_new(()),
                 network,
@@ -178,43 +193,54 @@ impl Flintlock {
         }
     }
 
-    fn lock_for(&self, uid: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.inner.locks.lock().unwrap_or_else(|e| e.into_inner()).entry(uid.to_owned()).or_default().clone()
-    }
-
     fn spawn_provision(&self, uid: String) {
         let me = self.clone();
         tokio::spawn(async move { me.provision(&uid).await });
     }
 
+    /// Deletes until it succeeds (a VM that will not stop is retried with backoff).
     fn spawn_delete(&self, uid: String) {
         let me = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = me.delete(&uid).await {
-                warn!(uid, error = %e.message(), "deleting microvm failed; retried at the next start");
+            let mut attempt = 0u32;
+            while let Err(e) = me.delete(&uid).await {
+                attempt += 1;
+                warn!(uid, attempt, error = %e.message(), "deleting microvm failed; retrying");
+                tokio::time::sleep(backoff(attempt)).await;
             }
         });
     }
 
     /// The hearth VM of a microVM, if it exists.
     fn vm_of(&self, uid: &str) -> Result<Option<VmRecord>, Status> {
-        Ok(self.inner.d.vms.list().map_err(internal)?.into_iter().find(|r| r.spec.labels.get(UID_LABEL).is_some_and(|u| u == uid)))
+        Ok(self.vms_by_uid()?.remove(uid))
     }
 
-    /// Pulls, creates and starts, retrying with backoff; stops early when a delete arrives.
+    /// Every hearth VM that belongs to a microVM, by uid (one read of the store for a listing).
+    fn vms_by_uid(&self) -> Result<HashMap<String, VmRecord>, Status> {
+        let vms = self.inner.d.vms.list().map_err(internal)?;
+        Ok(vms.into_iter().filter_map(|r| r.spec.labels.get(UID_LABEL).cloned().map(|u| (u, r))).collect())
+    }
+
+    /// Pulls, creates and starts, retrying with backoff. Each attempt holds the microVM's lock;
+    /// the waits between attempts do not, so a delete goes ahead there, and wins.
     async fn provision(&self, uid: &str) {
-        let lock = self.lock_for(uid);
-        let _g = lock.lock().await;
+        let mut failures = 0u32;
         loop {
-            let Ok(Some(mut rec)) = self.inner.records.get(uid) else { return };
-            if rec.phase != Phase::Pending {
-                return;
-            }
-            match self.provision_once(&rec).await {
+            let outcome = {
+                let lock = self.inner.locks.get(&uid.to_owned());
+                let _g = lock.lock().await;
+                match self.inner.records.get(uid) {
+                    Ok(Some(rec)) if rec.phase == Phase::Pending => Some(self.provision_once(&rec).await),
+                    Ok(_) => return,
+                    Err(e) => Some(Err(e)),
+                }
+            };
+            let Some(outcome) = outcome else { return };
+            let saved = self.inner.records.update(uid, |rec| match &outcome {
                 Ok(()) => {
                     rec.phase = Phase::Created;
                     rec.reason.clear();
-                    info!(uid, "microvm created");
                 }
                 Err(e) => {
                     rec.retry += 1;
@@ -223,24 +249,26 @@ impl Flintlock {
                     let permanent = !matches!(e.code(), tonic::Code::Unavailable | tonic::Code::Internal | tonic::Code::Unknown);
                     if permanent || rec.retry >= MAX_ATTEMPTS {
                         rec.phase = Phase::Failed;
-                        warn!(uid, reason = %rec.reason, "microvm failed");
-                    } else {
-                        warn!(uid, attempt = rec.retry, reason = %rec.reason, "provisioning microvm failed; retrying");
                     }
                 }
+            });
+            match saved {
+                Ok(Some(rec)) if rec.phase == Phase::Pending => {
+                    warn!(uid, attempt = rec.retry, reason = %rec.reason, "provisioning microvm failed; retrying");
+                }
+                Ok(Some(rec)) => {
+                    match rec.phase {
+                        Phase::Created => info!(uid, "microvm created"),
+                        Phase::Failed => warn!(uid, reason = %rec.reason, "microvm failed"),
+                        Phase::Pending | Phase::Deleting => {}
+                    }
+                    return;
+                }
+                Ok(None) => return,
+                Err(e) => warn!(uid, error = %e.message(), "recording microvm state failed; retrying"),
             }
-            // A delete may have come in meanwhile: it wins.
-            if self.inner.records.get(uid).ok().flatten().is_some_and(|r| r.phase == Phase::Deleting) {
-                return;
-            }
-            if let Err(e) = self.inner.records.save(&mut rec) {
-                warn!(uid, error = %e.message(), "recording microvm state failed");
-                return;
-            }
-            if rec.phase != Phase::Pending {
-                return;
-            }
-            tokio::time::sleep(Duration::from_secs(1 << rec.retry.min(5))).await;
+            failures += 1;
+            tokio::time::sleep(backoff(failures)).await;
         }
     }
 
@@ -289,27 +317,26 @@ impl Flintlock {
 
     /// Removes the VM (stopping it), then the record.
     async fn delete(&self, uid: &str) -> Result<(), Status> {
-        let lock = self.lock_for(uid);
+        let lock = self.inner.locks.get(&uid.to_owned());
         let _g = lock.lock().await;
         if let Some(vm) = self.vm_of(uid)? {
             let opts = crate::reconcile::Options::default();
             self.inner.api.set_desired(vm.spec.id.as_str(), hearth_types::Desired::Deleted, opts).await?;
         }
         self.inner.records.remove(uid)?;
-        self.inner.locks.lock().unwrap_or_else(|e| e.into_inner()).remove(uid);
+        self.inner.locks.forget(&uid.to_owned());
         info!(uid, "microvm deleted");
         Ok(())
     }
 
-    /// The wire form of a record, with its state derived from the hearth VM.
-    fn microvm(&self, rec: &Record) -> Result<fl::MicroVm, Status> {
+    /// The wire form of a record, with its state derived from its hearth VM (`vm`).
+    fn microvm(&self, rec: &Record, vm: Option<&VmRecord>) -> fl::MicroVm {
         let mut spec = rec.spec();
         spec.created_at = Some(timestamp(rec.created_at));
         spec.updated_at = Some(timestamp(rec.updated_at));
-        let vm = self.vm_of(&rec.uid)?;
-        let (state, reason) = observed_state(rec, vm.as_ref());
+        let (state, reason) = observed_state(rec, vm);
         let mut status = fl::MicroVmStatus { state: state as i32, retry: rec.retry, reason, ..Default::default() };
-        if let Some(vm) = &vm {
+        if let Some(vm) = vm {
             if let (Some(i), true) = (spec.interfaces.first(), vm.spec.network != NetworkMode::None) {
                 let host_device_name = if vm.spec.network == NetworkMode::Bridge { tap_name(&vm.spec.id) } else { String::new() };
                 let iface = fl::NetworkInterfaceStatus { host_device_name, index: 0, mac_address: vm.spec.mac() };
@@ -323,7 +350,13 @@ impl Flintlock {
             let kernel = self.inner.d.kernels.kernel_path(&vm.spec.kernel);
             status.kernel_mount = Some(fl::Mount { r#type: fl::mount::MountType::Hostpath as i32, source: kernel.display().to_string() });
         }
-        Ok(fl::MicroVm { version: 1, spec: Some(spec), status: Some(status) })
+        fl::MicroVm { version: 1, spec: Some(spec), status: Some(status) }
+    }
+
+    /// The wire form of several records, reading the VM store once.
+    fn microvms(&self, records: &[Record]) -> Result<Vec<fl::MicroVm>, Status> {
+        let vms = self.vms_by_uid()?;
+        Ok(records.iter().map(|r| self.microvm(r, vms.get(&r.uid))).collect())
     }
 
     fn records_in(&self, namespace: &str, name: Option<&str>) -> Result<Vec<Record>, Status> {
@@ -355,6 +388,11 @@ fn observed_state(rec: &Record, vm: Option<&VmRecord>) -> (fl::micro_vm_status::
             }
         },
     }
+}
+
+/// 2, 4, 8 … seconds, at most 32.
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_secs(1 << attempt.clamp(1, 5))
 }
 
 fn timestamp(secs: u64) -> prost_types::Timestamp {
@@ -431,7 +469,7 @@ fn validate(mut spec: fl::MicroVmSpec, network: NetworkMode) -> Result<fl::Micro
         return bad("additional_volumes are not supported by hearth yet; put the files in the root image".into());
     }
     if spec.interfaces.len() > 1 {
-        return bad(format!("{} network interfaces given: hearth gives a microvm one card for now (user-mode NAT)", spec.interfaces.len()));
+        return bad(format!("{} network interfaces given: hearth gives a microvm one network card for now", spec.interfaces.len()));
     }
     for i in &spec.interfaces {
         if i.device_id.is_empty() {
@@ -548,8 +586,6 @@ fn create_request(spec: &fl::MicroVmSpec, uid: &str, kernel: &str, network: Netw
     })
 }
 
-type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
-
 fn not_found(uid: &str) -> Status {
     // CAPMVM matches "not found" in the text; the code is a real NOT_FOUND.
     Status::not_found(format!("microvm spec {uid} not found"))
@@ -581,19 +617,21 @@ impl MicroVm for Flintlock {
         };
         {
             let _g = self.inner.create.lock().await;
-            let taken = self.records_in(&spec.namespace, Some(&spec.id))?.into_iter().find(|r| r.phase != Phase::Deleting);
-            if let Some(other) = taken {
-                return Err(Status::already_exists(format!(
-                    "microvm {}/{} already exists (uid {}); delete it or choose another id",
-                    spec.namespace, spec.id, other.uid
-                )));
+            if let Some(other) = self.records_in(&spec.namespace, Some(&spec.id))?.first() {
+                let name = format!("{}/{}", spec.namespace, spec.id);
+                return Err(if other.phase == Phase::Deleting {
+                    // Its VM still holds the name and address: a retry after it is gone succeeds.
+                    Status::unavailable(format!("microvm {name} (uid {}) is being deleted; create it again once it is gone", other.uid))
+                } else {
+                    Status::already_exists(format!("microvm {name} already exists (uid {}); delete it or choose another id", other.uid))
+                });
             }
             self.inner.records.save(&mut rec)?;
         }
         info!(uid, namespace = %spec.namespace, name = %spec.id, "microvm accepted");
-        let out = self.microvm(&rec)?;
         self.spawn_provision(uid);
-        Ok(Response::new(fpb::CreateMicroVmResponse { microvm: Some(out) }))
+        // A new record has no VM yet: the answer is PENDING, as Flintlock's.
+        Ok(Response::new(fpb::CreateMicroVmResponse { microvm: Some(self.microvm(&rec, None)) }))
     }
 
     async fn delete_micro_vm(&self, req: Request<fpb::DeleteMicroVmRequest>) -> Result<Response<()>, Status> {
@@ -601,12 +639,9 @@ impl MicroVm for Flintlock {
         if uid.is_empty() {
             return Err(Status::invalid_argument("uid is required"));
         }
-        let mut rec = self.inner.records.get(&uid)?.ok_or_else(|| not_found(&uid))?;
-        if rec.phase != Phase::Deleting {
-            rec.phase = Phase::Deleting;
-            self.inner.records.save(&mut rec)?;
-            self.spawn_delete(uid);
-        }
+        self.inner.records.update(&uid, |rec| rec.phase = Phase::Deleting)?.ok_or_else(|| not_found(&uid))?;
+        // Deleting is idempotent under the microVM's lock: a repeated Delete starts it again.
+        self.spawn_delete(uid);
         Ok(Response::new(()))
     }
 
@@ -616,14 +651,15 @@ impl MicroVm for Flintlock {
             return Err(Status::invalid_argument("uid is required"));
         }
         let rec = self.inner.records.get(&uid)?.ok_or_else(|| not_found(&uid))?;
-        Ok(Response::new(fpb::GetMicroVmResponse { microvm: Some(self.microvm(&rec)?) }))
+        let vm = self.vm_of(&uid)?;
+        Ok(Response::new(fpb::GetMicroVmResponse { microvm: Some(self.microvm(&rec, vm.as_ref())) }))
     }
 
     async fn list_micro_v_ms(&self, req: Request<fpb::ListMicroVMsRequest>) -> Result<Response<fpb::ListMicroVMsResponse>, Status> {
         let req = req.into_inner();
         let name = req.name.as_deref().filter(|n| !n.is_empty());
         let list = self.records_in(&req.namespace, name)?;
-        let microvm = list.iter().map(|r| self.microvm(r)).collect::<Result<_, _>>()?;
+        let microvm = self.microvms(&list)?;
         Ok(Response::new(fpb::ListMicroVMsResponse { microvm }))
     }
 
@@ -638,7 +674,7 @@ impl MicroVm for Flintlock {
         }
         let list = self.records_in(&req.namespace, None)?;
         let items: Vec<Result<fpb::ListMessage, Status>> =
-            list.iter().map(|r| self.microvm(r).map(|m| fpb::ListMessage { microvm: Some(m) })).collect();
+            self.microvms(&list)?.into_iter().map(|m| Ok(fpb::ListMessage { microvm: Some(m) })).collect();
         Ok(Response::new(Box::pin(tokio_stream::iter(items))))
     }
 }

@@ -74,6 +74,10 @@ async fn main() {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let tls = tls_config(&args)?;
+    anyhow::ensure!(
+        args.flintlock_network != hearth_types::NetworkMode::None,
+        "--flintlock-network must be bridge or user: microVM interfaces need a network"
+    );
     let socket = args.socket.clone().unwrap_or_else(|| args.root.join("hearthd.sock"));
     let init = daemon::find_init_binary(args.init_binary.as_deref())?;
     let d = Arc::new(daemon::Daemon::open(&args.root, init).with_context(|| format!("opening {}", args.root.display()))?);
@@ -90,10 +94,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
     tracing::info!(root = %args.root.display(), socket = %socket.display(), "hearthd serving");
     reconcile::recover(&d).await;
-    anyhow::ensure!(
-        args.flintlock_network != hearth_types::NetworkMode::None,
-        "--flintlock-network must be bridge or user: microVM interfaces need a network"
-    );
     let fl = flintlock::Flintlock::new(d.clone(), args.flintlock_network).context("opening the Flintlock API's records")?;
     fl.resume();
     if let Some(addr) = args.flintlock_listen {

@@ -49,16 +49,21 @@ fn check_free(p: &PortMapping) -> Result<(), Status> {
     })
 }
 
-/// The bridge of `--network bridge`.
-pub fn bridge() -> hearth_net::Bridge {
-    use hearth_types::net::{BRIDGE_GATEWAY, BRIDGE_NAME, BRIDGE_PREFIX};
-    hearth_net::Bridge { name: BRIDGE_NAME.into(), gateway: BRIDGE_GATEWAY, prefix: BRIDGE_PREFIX }
+/// The host's resolvers for guests on the bridge: /etc/resolv.conf's, loopback ones left out
+/// (the guest cannot reach the host's local stub); behind systemd-resolved's stub, the upstream
+/// servers it lists in /run/systemd/resolve/resolv.conf.
+pub fn host_resolvers() -> Vec<String> {
+    let read = |p: &str| nameservers(&std::fs::read_to_string(p).unwrap_or_default());
+    let found = read("/etc/resolv.conf");
+    if found.is_empty() {
+        read("/run/systemd/resolve/resolv.conf")
+    } else {
+        found
+    }
 }
 
-/// The host's resolvers (from /etc/resolv.conf, loopback ones left out: the guest cannot reach
-/// the host's local stub), for guests on the bridge.
-pub fn host_resolvers() -> Vec<String> {
-    let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+/// The non-loopback `nameserver` addresses of a resolv.conf.
+fn nameservers(text: &str) -> Vec<String> {
     text.lines()
         .filter_map(|l| l.trim().strip_prefix("nameserver"))
         .map(str::trim)
@@ -76,6 +81,13 @@ fn free_loopback_port() -> std::io::Result<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resolvers_leave_out_the_hosts_loopback_stub() {
+        let conf = "# generated\nnameserver 127.0.0.53\nnameserver 192.0.2.1\nsearch lan\nnameserver ::1\nnameserver 2001:db8::1\n";
+        assert_eq!(nameservers(conf), ["192.0.2.1", "2001:db8::1"]);
+        assert!(nameservers("nameserver 127.0.0.53\n").is_empty());
+    }
 
     #[test]
     fn ssh_gets_a_loopback_forward_and_none_gets_no_card() {

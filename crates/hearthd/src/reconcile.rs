@@ -207,7 +207,7 @@ async fn launch(d: &Arc<Daemon>, rec: &mut VmRecord) -> Result<(), Status> {
     };
     let tap = net.as_ref().and_then(|(card, _)| card.tap.clone());
     if tap.is_some() {
-        hearth_net::ensure_bridge(&crate::net::bridge())
+        hearth_net::ensure_bridge(&hearth_net::Bridge::hearth0())
             .await
             .map_err(|e| Status::failed_precondition(format!("setting up the bridge network: {e}")))?;
     }
@@ -217,7 +217,7 @@ async fn launch(d: &Arc<Daemon>, rec: &mut VmRecord) -> Result<(), Status> {
         .map_err(internal)?
         .map_err(|e| Status::failed_precondition(format!("{e:#}")))?;
     if let Some(tap) = &tap {
-        if let Err(e) = hearth_net::attach(tap, &crate::net::bridge().name).await {
+        if let Err(e) = hearth_net::attach(tap, &hearth_net::Bridge::hearth0().name).await {
             // A VM cut off from its network is not what was asked for: undo the launch.
             hearth_vmm::kill(launched.pid, launched.start_time, libc::SIGKILL);
             return Err(Status::failed_precondition(format!("attaching the VM's tap to the bridge: {e}")));
@@ -358,7 +358,7 @@ pub async fn recover(d: &Arc<Daemon>) {
             info!(vm = %id, pid, "re-adopting running VM");
             if rec.spec.network == NetworkMode::Bridge {
                 // A crash between launch and attach left the tap off the bridge; attaching is idempotent.
-                if let Err(e) = hearth_net::attach(&hearth_types::net::tap_name(&id), &crate::net::bridge().name).await {
+                if let Err(e) = hearth_net::attach(&hearth_types::net::tap_name(&id), &hearth_net::Bridge::hearth0().name).await {
                     warn!(vm = %id, error = %e, "re-attaching the VM's tap to the bridge failed");
                 }
             }

@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 use crate::daemon::{internal, now_secs, Daemon};
 use crate::reconcile::{self, Options};
 
-type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+pub type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// The API handlers.
 #[derive(Debug, Clone)]

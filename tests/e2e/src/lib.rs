@@ -222,7 +222,9 @@ pub struct Netns {
 
 impl Netns {
     pub fn new() -> Self {
-        let name = format!("hearth-e2e-{:08x}", std::process::id() ^ (Instant::now().elapsed().subsec_nanos() << 8));
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("hearth-e2e-{}-{n}", std::process::id());
         let ok = Command::new("ip").args(["netns", "add", &name]).status().is_ok_and(|s| s.success());
         assert!(ok, "ip netns add {name} failed");
         let ns = Self { name };

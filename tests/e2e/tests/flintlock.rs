@@ -310,15 +310,15 @@ fn the_flintlock_api_speaks_tls_and_mutual_tls() {
     };
 
     // Server TLS: a client trusting the certificate gets answers; a plaintext one does not.
+    // A daemon serving TLS with the server's certificate, plus `extra` flags.
+    let tls_daemon = |port: u16, extra: &[&str]| {
+        let listen = format!("127.0.0.1:{port}");
+        let (cert, key) = (path("server.pem"), path("server.key"));
+        let args = [&["--flintlock-listen", listen.as_str(), "--tls-cert", cert.as_str(), "--tls-key", key.as_str()][..], extra].concat();
+        Daemon::start_with(&args)
+    };
     let port = free_port();
-    let _d = Daemon::start_with(&[
-        "--flintlock-listen",
-        &format!("127.0.0.1:{port}"),
-        "--tls-cert",
-        &path("server.pem"),
-        "--tls-key",
-        &path("server.key"),
-    ]);
+    let _d = tls_daemon(port, &[]);
     assert_eq!(list(tls(port, false).expect("TLS connect")).expect("list over TLS"), 0);
     let plain = Channel::from_shared(format!("http://127.0.0.1:{port}")).expect("endpoint");
     let refused = rt.block_on(plain.connect()).map(list);
@@ -326,16 +326,7 @@ fn the_flintlock_api_speaks_tls_and_mutual_tls() {
 
     // Mutual TLS: without a client certificate from the CA, no answer.
     let port = free_port();
-    let _m = Daemon::start_with(&[
-        "--flintlock-listen",
-        &format!("127.0.0.1:{port}"),
-        "--tls-cert",
-        &path("server.pem"),
-        "--tls-key",
-        &path("server.key"),
-        "--tls-client-ca",
-        &path("client.pem"),
-    ]);
+    let _m = tls_daemon(port, &["--tls-client-ca", &path("client.pem")]);
     assert_eq!(list(tls(port, true).expect("mTLS connect")).expect("list over mTLS"), 0);
     let anonymous = tls(port, false).map(list);
     assert!(!matches!(anonymous, Ok(Ok(_))), "a client without a certificate was answered under mutual TLS");

@@ -138,7 +138,8 @@ impl Facts {
                 .collect(),
             device_nodes: DEVICES.iter().map(|d| (d.to_string(), Path::new(d).exists())).collect(),
             root_free: nix::sys::statvfs::statvfs(existing).ok().map(|s| s.blocks_available() * s.fragment_size()),
-            reflink: hearth_storage::supports_reflink(existing).ok(),
+            // Probing writes two scratch files: only in the state directory itself.
+            reflink: if root.is_dir() { hearth_storage::supports_reflink(root).ok() } else { None },
         }
     }
 
@@ -324,7 +325,12 @@ pub fn evaluate(f: &Facts) -> Vec<Check> {
             "no reflink on this filesystem: VM disks are sparse copies (time grows with the image's data)",
             "put the state directory on btrfs or XFS (reflink=1) for copy-free VM disks",
         ),
-        None => check("storage", Level::Info, "reflink support could not be probed (no write access?)", ""),
+        None => check(
+            "storage",
+            Level::Info,
+            "reflink support not probed: the state directory does not exist yet or is not writable",
+            "create it with `hearth host init`",
+        ),
     });
     out
 }
@@ -374,19 +380,10 @@ async fn init(a: InitArgs) -> anyhow::Result<i32> {
     anyhow::ensure!(nix::unistd::geteuid().is_root(), "hearth host init must run as root");
     std::fs::create_dir_all(&a.root).with_context(|| format!("creating {}", a.root.display()))?;
     println!("state directory: {}", a.root.display());
-    match hearth_storage::supports_reflink(&a.root) {
-        Ok(true) => println!("storage: reflink clones (copy-free VM disks)"),
-        Ok(false) => println!("storage: sparse copies (this filesystem has no reflink; btrfs or XFS would make VM disks copy-free)"),
-        Err(e) => println!("storage: could not probe reflink: {e}"),
-    }
     if a.no_network {
         println!("network: left alone (--no-network); --network user needs nothing");
     } else {
-        let bridge = hearth_net::Bridge {
-            name: hearth_types::net::BRIDGE_NAME.into(),
-            gateway: hearth_types::net::BRIDGE_GATEWAY,
-            prefix: hearth_types::net::BRIDGE_PREFIX,
-        };
+        let bridge = hearth_net::Bridge::hearth0();
         hearth_net::ensure_bridge(&bridge).await.context("setting up the bridge network (or pass --no-network)")?;
         println!(
             "network: bridge {} at {}/{}, forwarding on, NAT for {} in nftables table ip {}",
@@ -398,6 +395,9 @@ async fn init(a: InitArgs) -> anyhow::Result<i32> {
         );
     }
     let checks = evaluate(&Facts::probe(&a.root));
+    if let Some(storage) = checks.iter().find(|c| c.name == "storage") {
+        println!("storage: {}", storage.detail);
+    }
     let fails: Vec<&Check> = checks.iter().filter(|c| c.level == Level::Fail).collect();
     for c in &fails {
         println!("still failing: {}: {} — fix: {}", c.name, c.detail, c.fix);
