@@ -132,6 +132,11 @@ impl Daemon {
         }
     }
 
+    /// hearthd's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn host(&self) -> String {
         format!("unix://{}", self.socket.display())
     }

@@ -7,6 +7,9 @@
 //!    same ready report on the agent socket.
 //! 3. `hearth exec VM -- true` round trip, median of 100, beside `hearth ssh VM true` (OpenSSH's
 //!    client to dropbear in the same VM) where dropbear-bin is installed.
+//! 4. Control plane: VM creations per second through the API (intent persisted, no boot) beside
+//!    the rate of a no-op RPC on the same socket; hearthd's memory per VM record; and the
+//!    manager's overhead from `hearth run -d` to the VMM being spawned.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -217,6 +220,88 @@ fn exec_latency(d: &Daemon, reg: &LocalRegistry, n: usize) {
     d.ok(&["rm", "-f", "execbench"]);
 }
 
+/// hearthd's resident memory, from /proc.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok());
+    kib.unwrap_or(0) * 1024
+}
+
+fn control_plane(d: &Daemon, image: &str, creates: usize, runs: usize) {
+    use hearth_api::v1::{self as pb, hearth_client::HearthClient};
+    const CONCURRENCY: usize = 8;
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let channel = rt.block_on(hearth_api::connect_unix(d.socket.clone())).expect("socket");
+    let pid = d.pid().expect("hearthd pid");
+    // Each side: `creates` calls from CONCURRENCY clients sharing the channel.
+    let rate = |f: &dyn Fn(HearthClient<tonic::transport::Channel>, usize) -> tokio::task::JoinHandle<()>| {
+        let t = Instant::now();
+        rt.block_on(async {
+            let tasks: Vec<_> = (0..CONCURRENCY).map(|w| f(HearthClient::new(channel.clone()), w)).collect();
+            for t in tasks {
+                t.await.expect("client task");
+            }
+        });
+        creates as f64 / t.elapsed().as_secs_f64()
+    };
+    let per = creates / CONCURRENCY;
+    let noop = rate(&|mut c, _| {
+        tokio::spawn(async move {
+            for _ in 0..per {
+                c.version(pb::Empty {}).await.expect("version");
+            }
+        })
+    });
+    let before = rss_bytes(pid);
+    let image = image.to_owned();
+    let created = rate(&|mut c, w| {
+        let image = image.clone();
+        tokio::spawn(async move {
+            for i in 0..per {
+                let req = pb::CreateVmRequest {
+                    name: format!("cp-{w}-{i}"),
+                    image: image.clone(),
+                    cpus: 1,
+                    memory_mib: 512,
+                    disk_bytes: 4 << 30,
+                    ..Default::default()
+                };
+                c.create_vm(req).await.expect("create");
+            }
+        })
+    });
+    let after = rss_bytes(pid);
+    let per_vm = after.saturating_sub(before) as f64 / (per * CONCURRENCY) as f64;
+    // Manager overhead: from the command's start to the VMM spawned (the record's started_at).
+    let mut overhead = Vec::new();
+    for i in 0..runs {
+        let name = format!("ovh{i}");
+        let t0 = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64;
+        d.ok(&["run", "-d", "--no-wait", "--name", &name, &image, "sleep", "100000"]);
+        let started = d.inspect(&name)["status"]["started_at"].as_u64().expect("started_at");
+        overhead.push(Duration::from_millis(started.saturating_sub(t0)));
+        d.ok(&["rm", "-f", &name]);
+    }
+    println!("\n### Control plane ({} creations from {CONCURRENCY} clients over the Unix socket; no guest boots)\n", per * CONCURRENCY);
+    println!("| measure | hearth | baseline / target |\n|---|---|---|");
+    println!("| VM creations per second (CreateVm: validate, name, persist) | {created:.0}/s | no-op RPC on the same socket: {noop:.0}/s; target 150/s |");
+    println!("| hearthd memory per created VM (RSS growth / VMs) | {:.1} KiB | target < 1024 KiB |", per_vm / 1024.0);
+    println!(
+        "| `hearth run -d` command start to VMM spawn, cached image (median of {runs}) | {} | target < 50 ms |",
+        ms(median(&mut overhead))
+    );
+    println!(
+        "\nhearthd's resident memory: {:.1} MiB before the creations, {:.1} MiB after.",
+        before as f64 / 1048576.0,
+        after as f64 / 1048576.0
+    );
+    let ids = d.ok(&["ps", "-a", "-q"]);
+    let ids: Vec<&str> = ids.lines().collect();
+    for chunk in ids.chunks(50) {
+        d.ok(&[&["rm", "-f"][..], chunk].concat());
+    }
+}
+
 fn main() {
     if let Some(why) = hearth_e2e::skip_reason().filter(|w| !w.contains("HEARTH_E2E")) {
         eprintln!("hearth-bench: {why}");
@@ -233,4 +318,5 @@ fn main() {
     image_prep(&reg, runs);
     let d = run_to_ready(&reg, runs);
     exec_latency(&d, &reg, 100);
+    control_plane(&d, &format!("{}/demo:1", reg.host()), 400, runs);
 }
