@@ -36,7 +36,7 @@ pub enum NetError {
     Nft(String),
     #[error("enabling IPv4 forwarding ({path}): {source}")]
     Forwarding {
-        path: &'static str,
+        path: String,
         #[source]
         source: std::io::Error,
     },
@@ -94,8 +94,9 @@ pub async fn link_exists(name: &str) -> Result<bool, NetError> {
     Ok(link_index(&h, name).await?.is_some())
 }
 
-/// Creates the bridge with its gateway address if missing, brings it up, enables forwarding and
-/// writes the NAT table. Idempotent.
+/// Creates the bridge with its gateway address if missing, brings it up, enables forwarding (and
+/// loopback-sourced routing on the bridge, for ports published on 127.0.0.1), and writes the NAT
+/// table when there is none (an existing one holds the daemon's port forwards). Idempotent.
 pub async fn ensure_bridge(b: &Bridge) -> Result<(), NetError> {
     let h = connect().await?;
     let netlink = |what, source| NetError::Netlink { what, link: b.name.clone(), source };
@@ -114,8 +115,24 @@ pub async fn ensure_bridge(b: &Bridge) -> Result<(), NetError> {
         _ => {}
     }
     h.link().set(LinkUnspec::new_with_index(index).up().build()).execute().await.map_err(|e| netlink("bringing up", e))?;
-    enable_forwarding()?;
-    write_nat(b)
+    enable_forwarding(&b.name)?;
+    if !nat_table_exists() {
+        write_nat(b, &[])?;
+    }
+    Ok(())
+}
+
+/// A published port: host address (any local address when `None`) and port to a guest's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    pub host_ip: Option<Ipv4Addr>,
+    pub host_port: u16,
+    pub guest_ip: Ipv4Addr,
+    pub guest_port: u16,
+    /// `tcp` or `udp`.
+    pub protocol: String,
+    /// Who the rule is for (a VM id), kept in the rule's comment.
+    pub owner: String,
 }
 
 /// Attaches a VM's tap to the bridge and brings it up; waits up to 5 s for the tap to appear.
@@ -157,23 +174,63 @@ pub async fn remove_tap(tap: &str, wait: Duration) -> Result<bool, NetError> {
     }
 }
 
-fn enable_forwarding() -> Result<(), NetError> {
-    const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
-    if std::fs::read_to_string(PATH).is_ok_and(|v| v.trim() == "1") {
-        return Ok(());
+fn enable_forwarding(bridge: &str) -> Result<(), NetError> {
+    let sysctls = [("/proc/sys/net/ipv4/ip_forward".to_owned(), "1"), (format!("/proc/sys/net/ipv4/conf/{bridge}/route_localnet"), "1")];
+    for (path, value) in sysctls {
+        if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == value) {
+            continue;
+        }
+        std::fs::write(&path, value).map_err(|source| NetError::Forwarding { path, source })?;
     }
-    std::fs::write(PATH, "1").map_err(|source| NetError::Forwarding { path: PATH, source })
+    Ok(())
 }
 
-/// The whole NAT table: declared, flushed and refilled in one nft transaction.
-pub fn nat_ruleset(b: &Bridge) -> String {
+fn nat_table_exists() -> bool {
+    std::process::Command::new("nft")
+        .args(["list", "table", "ip", NFT_TABLE])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The whole NAT table: declared, flushed and refilled in one nft transaction. Published ports
+/// are DNAT rules in prerouting (from elsewhere) and output (from the host itself); connections
+/// from the host's loopback are masqueraded onto the bridge so the guest can answer them.
+pub fn nat_ruleset(b: &Bridge, forwards: &[Forward]) -> String {
+    let dnat: String = forwards
+        .iter()
+        .map(|f| {
+            let dest = match f.host_ip {
+                Some(ip) => format!("ip daddr {ip}"),
+                None => "fib daddr type local".to_owned(),
+            };
+            format!(
+                "\t\t{dest} {p} dport {} dnat to {}:{} comment \"{}\"\n",
+                f.host_port,
+                f.guest_ip,
+                f.guest_port,
+                f.owner,
+                p = f.protocol
+            )
+        })
+        .collect();
     format!(
         "table ip {t} {{}}\n\
          flush table ip {t}\n\
          table ip {t} {{\n\
+         \tchain prerouting {{\n\
+         \t\ttype nat hook prerouting priority dstnat; policy accept;\n\
+         {dnat}\
+         \t}}\n\
+         \tchain output {{\n\
+         \t\ttype nat hook output priority -100; policy accept;\n\
+         {dnat}\
+         \t}}\n\
          \tchain postrouting {{\n\
          \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
          \t\tip saddr {net} oifname != \"{br}\" masquerade\n\
+         \t\tip saddr 127.0.0.0/8 oifname \"{br}\" masquerade\n\
          \t}}\n\
          }}\n",
         t = NFT_TABLE,
@@ -182,7 +239,8 @@ pub fn nat_ruleset(b: &Bridge) -> String {
     )
 }
 
-fn write_nat(b: &Bridge) -> Result<(), NetError> {
+/// Writes the NAT table with exactly these port forwards (the daemon passes all of them).
+pub fn write_nat(b: &Bridge, forwards: &[Forward]) -> Result<(), NetError> {
     use std::io::Write;
     let mut child = std::process::Command::new("nft")
         .args(["-f", "-"])
@@ -192,7 +250,7 @@ fn write_nat(b: &Bridge) -> Result<(), NetError> {
         .spawn()
         .map_err(NetError::NftMissing)?;
     if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(nat_ruleset(b).as_bytes()).map_err(NetError::NftMissing)?;
+        stdin.write_all(nat_ruleset(b, forwards).as_bytes()).map_err(NetError::NftMissing)?;
     }
     let out = child.wait_with_output().map_err(NetError::NftMissing)?;
     if !out.status.success() {
@@ -209,8 +267,19 @@ mod tests {
     fn the_subnet_is_the_gateways_network() {
         let b = Bridge::hearth0();
         assert_eq!(b.subnet(), "10.61.0.0/16");
-        let rules = nat_ruleset(&b);
+        let rules = nat_ruleset(&b, &[]);
         assert!(rules.contains("flush table ip hearth"), "{rules}");
         assert!(rules.contains("ip saddr 10.61.0.0/16 oifname != \"hearth0\" masquerade"), "{rules}");
+        let fwd = |host_ip| Forward {
+            host_ip,
+            host_port: 8080,
+            guest_ip: Ipv4Addr::new(10, 61, 0, 2),
+            guest_port: 80,
+            protocol: "tcp".into(),
+            owner: "vm 0123".into(),
+        };
+        let rules = nat_ruleset(&b, &[fwd(None), fwd(Some(Ipv4Addr::LOCALHOST))]);
+        assert_eq!(rules.matches("fib daddr type local tcp dport 8080 dnat to 10.61.0.2:80 comment \"vm 0123\"").count(), 2, "{rules}");
+        assert_eq!(rules.matches("ip daddr 127.0.0.1 tcp dport 8080 dnat to 10.61.0.2:80").count(), 2, "{rules}");
     }
 }

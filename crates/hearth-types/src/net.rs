@@ -119,8 +119,8 @@ pub enum NetError {
     PortTwice(String),
     #[error("ports and SSH need a network: drop --network none, or drop -p and --ssh")]
     NeedsNetwork,
-    #[error("-p is not supported with --network bridge yet: reach the VM at its own address, or use --network user")]
-    PortsOnBridge,
+    #[error("-p {0}: --network bridge publishes on IPv4 host addresses only; give an IPv4 address or none")]
+    PortV6OnBridge(String),
     #[error("address {0} is not a host address of the bridge network {BRIDGE_GATEWAY}/{BRIDGE_PREFIX} (the gateway {BRIDGE_GATEWAY} is the host's)")]
     BridgeAddress(String),
     #[error("the bridge network {BRIDGE_GATEWAY}/{BRIDGE_PREFIX} has no free address left; remove VMs that use it")]
@@ -163,8 +163,8 @@ pub fn validate(mode: NetworkMode, ports: &[PortMapping], ssh_key: Option<&str>)
     if mode == NetworkMode::None && (!ports.is_empty() || ssh_key.is_some()) {
         return Err(NetError::NeedsNetwork);
     }
-    if mode == NetworkMode::Bridge && !ports.is_empty() {
-        return Err(NetError::PortsOnBridge);
+    if let Some(p) = ports.iter().find(|p| mode == NetworkMode::Bridge && p.host_ip.contains(':')) {
+        return Err(NetError::PortV6OnBridge(p.to_string()));
     }
     for (i, p) in ports.iter().enumerate() {
         if ports[..i].iter().any(|q| q.host_port == p.host_port && q.protocol == p.protocol) {
@@ -262,7 +262,9 @@ mod tests {
         }
         assert_eq!("bridge".parse::<NetworkMode>(), Ok(NetworkMode::Bridge));
         let p: PortMapping = "8080:80".parse().expect("port");
-        assert_eq!(validate(NetworkMode::Bridge, &[p], None), Err(NetError::PortsOnBridge));
+        assert_eq!(validate(NetworkMode::Bridge, &[p], None), Ok(()));
+        let v6: PortMapping = "[::1]:8080:80".parse().expect("port");
+        assert!(matches!(validate(NetworkMode::Bridge, &[v6], None), Err(NetError::PortV6OnBridge(_))));
     }
 
     #[test]

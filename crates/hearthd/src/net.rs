@@ -11,14 +11,17 @@ use tonic::Status;
 /// asked for one. Every published host port is checked first, so a port in use is reported
 /// as such instead of as a VMM start failure.
 pub fn plan(spec: &VmSpec) -> Result<Option<(NetLaunch, Option<u16>)>, Status> {
-    match spec.network {
-        NetworkMode::None => return Ok(None),
-        // The guest has its own address on the bridge: nothing to forward.
-        NetworkMode::Bridge => return Ok(Some((NetLaunch { mac: spec.mac(), forwards: vec![], tap: Some(tap_name(&spec.id)) }, None))),
-        NetworkMode::User => {}
+    if spec.network == NetworkMode::None {
+        return Ok(None);
     }
+    // A published port must not shadow a host service (on the bridge, DNAT would take its
+    // traffic silently).
     for p in &spec.ports {
         check_free(p)?;
+    }
+    if spec.network == NetworkMode::Bridge {
+        // The guest has its own address: ports are DNAT rules (sync_nat), SSH goes direct.
+        return Ok(Some((NetLaunch { mac: spec.mac(), forwards: vec![], tap: Some(tap_name(&spec.id)) }, None)));
     }
     let mut forwards = spec.ports.clone();
     let ssh_port = match &spec.ssh_public_key {
@@ -47,6 +50,42 @@ fn check_free(p: &PortMapping) -> Result<(), Status> {
     res.map_err(|e| {
         Status::failed_precondition(format!("cannot publish {p}: host port {} is unavailable ({e}); choose another -p", p.host_port))
     })
+}
+
+/// Rewrites the bridge's NAT table with the published ports of every bridged VM that runs, plus
+/// `launching`, minus `gone` (a VM on its way out whose record still says running). Derived from
+/// the records each time, so it cannot drift.
+pub fn sync_nat(d: &crate::daemon::Daemon, launching: Option<&VmSpec>, gone: Option<&hearth_types::VmId>) -> Result<(), Status> {
+    use hearth_types::VmState;
+    let records = d.vms.list().map_err(crate::daemon::internal)?;
+    let live = records
+        .iter()
+        .filter(|r| matches!(r.status.state, VmState::Starting | VmState::Running | VmState::Stopping))
+        .map(|r| &r.spec)
+        .chain(launching)
+        .filter(|s| s.network == NetworkMode::Bridge && Some(&s.id) != gone);
+    let mut forwards = Vec::new();
+    for spec in live {
+        let Some(guest_ip) = spec.address else { continue };
+        for p in &spec.ports {
+            let host_ip = match p.host_ip.parse::<Ipv4Addr>() {
+                Ok(ip) if ip.is_unspecified() => None,
+                Ok(ip) => Some(ip),
+                Err(_) => continue,
+            };
+            forwards.push(hearth_net::Forward {
+                host_ip,
+                host_port: p.host_port,
+                guest_ip,
+                guest_port: p.guest_port,
+                protocol: p.protocol.to_string(),
+                owner: format!("hearth vm {}", spec.id.as_str()),
+            });
+        }
+    }
+    forwards.dedup();
+    hearth_net::write_nat(&hearth_net::Bridge::hearth0(), &forwards)
+        .map_err(|e| Status::failed_precondition(format!("writing the bridge's port forwards: {e}")))
 }
 
 /// The host's resolvers for guests on the bridge: /etc/resolv.conf's, loopback ones left out

@@ -160,6 +160,12 @@ async fn execute(d: &Arc<Daemon>, rec: &mut VmRecord, step: Step, vmm: Option<(i
         }
         Step::RecordExit => {
             record_exit(d, rec)?;
+            if rec.spec.network == NetworkMode::Bridge && !rec.spec.ports.is_empty() {
+                // Its ports go with it.
+                if let Err(e) = crate::net::sync_nat(d, None, Some(&id)) {
+                    warn!(error = %e.message(), "removing the VM's port forwards failed");
+                }
+            }
             Ok(())
         }
         Step::Remove => {
@@ -168,6 +174,11 @@ async fn execute(d: &Arc<Daemon>, rec: &mut VmRecord, step: Step, vmm: Option<(i
                 let tap = hearth_types::net::tap_name(&id);
                 if let Err(e) = hearth_net::remove_tap(&tap, Duration::from_secs(2)).await {
                     warn!(tap, error = %e, "removing the VM's tap failed");
+                }
+                if !rec.spec.ports.is_empty() {
+                    if let Err(e) = crate::net::sync_nat(d, None, Some(&id)) {
+                        warn!(error = %e.message(), "removing the VM's port forwards failed");
+                    }
                 }
             }
             d.forget(rec)
@@ -210,12 +221,17 @@ async fn launch(d: &Arc<Daemon>, rec: &mut VmRecord) -> Result<(), Status> {
         hearth_net::ensure_bridge(&hearth_net::Bridge::hearth0())
             .await
             .map_err(|e| Status::failed_precondition(format!("setting up the bridge network: {e}")))?;
+        crate::net::sync_nat(d, Some(&rec.spec), None)?;
     }
     rec.status.started_at = Some(now_millis());
-    let launched = tokio::task::spawn_blocking(move || hearth_vmm::launch(&spec))
-        .await
-        .map_err(internal)?
-        .map_err(|e| Status::failed_precondition(format!("{e:#}")))?;
+    let launched = tokio::task::spawn_blocking(move || hearth_vmm::launch(&spec)).await.map_err(internal)?.map_err(|e| {
+        if tap.is_some() && !rec.spec.ports.is_empty() {
+            // Take back the forwards written for this launch.
+            let _ = crate::net::sync_nat(d, None, Some(&id));
+        }
+        Status::failed_precondition(format!("{e:#}"))
+    });
+    let launched = launched?;
     if let Some(tap) = &tap {
         if let Err(e) = hearth_net::attach(tap, &hearth_net::Bridge::hearth0().name).await {
             // A VM cut off from its network is not what was asked for: undo the launch.

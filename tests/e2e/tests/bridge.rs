@@ -1,5 +1,6 @@
 //! `--network bridge`, inside a network namespace the test makes: VMs on the hearth0 bridge
-//! reach each other and the host reaches them at their own addresses; taps go with their VMs.
+//! reach each other and the host reaches them at their own addresses and through published
+//! ports; taps and port forwards go with their VMs.
 
 use std::time::{Duration, Instant};
 
@@ -69,7 +70,43 @@ fn bridged_vms_reach_each_other_and_the_host_reaches_them() {
     d.ok(&["run", "-d", "--network", "bridge", "--name", "c", "br:1", "sleep", "600"]);
     assert_eq!(ip("c"), ip_a, "the lowest free address is reused");
 
-    // -p is refused on the bridge with the alternative named.
-    let out = d.hearth(&["run", "--network", "bridge", "-p", "8080:80", "br:1", "true"]);
-    assert!(!out.status.success() && text(&out.stderr).contains("--network user"), "{}", text(&out.stderr));
+    // Published ports are DNAT rules: reachable on the host's loopback and on its other local
+    // addresses (here the bridge's), gone when the VM stops.
+    d.ok(&[
+        "run",
+        "-d",
+        "--network",
+        "bridge",
+        "--name",
+        "pub",
+        "-p",
+        "127.0.0.1:18080:8080",
+        "-p",
+        "18081:8080",
+        "br:1",
+        "sh",
+        "-c",
+        SERVE,
+    ]);
+    for (addr, port) in [("127.0.0.1", 18080), ("10.61.0.1", 18081)] {
+        let get = format!("printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | busybox nc -w 3 {addr} {port}");
+        let body = until_served(&format!("{addr}:{port}"), || {
+            let out = ns.run(&["sh", "-c", &get]);
+            (text(&out.stdout).contains("200 OK"), text(&out.stdout) + &text(&out.stderr))
+        });
+        assert!(body.contains("served-by-pub"), "{body}");
+    }
+    assert!(d.ok(&["ps"]).contains("127.0.0.1:18080->8080/tcp"));
+    let dnat = |ns: &Netns| text(&ns.run(&["nft", "list", "chain", "ip", "hearth", "prerouting"]).stdout).matches("dnat to").count();
+    assert_eq!(dnat(&ns), 2);
+    d.ok(&["stop", "pub"]);
+    assert_eq!(dnat(&ns), 0, "the forwards go with the VM");
+    d.ok(&["start", "pub"]);
+    assert_eq!(dnat(&ns), 2, "and come back with it");
+    d.ok(&["rm", "-f", "pub"]);
+    assert_eq!(dnat(&ns), 0);
+
+    // IPv6 host addresses are refused on the bridge, naming the fix.
+    let out = d.hearth(&["run", "--network", "bridge", "-p", "[::1]:8080:80", "br:1", "true"]);
+    assert!(!out.status.success() && text(&out.stderr).contains("IPv4"), "{}", text(&out.stderr));
 }
