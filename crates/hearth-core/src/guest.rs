@@ -1,8 +1,8 @@
 //! Turning an image's OCI config plus the user's overrides into what hearth-init runs.
 
-use hearth_types::guest::{is_init_system, GUEST_CONFIG_VERSION};
+use hearth_types::guest::{is_init_system, volume_serial, GUEST_CONFIG_VERSION};
 use hearth_types::net::{BRIDGE_GATEWAY, BRIDGE_PREFIX, USER_NET_ADDRESS, USER_NET_DNS, USER_NET_GATEWAY, USER_NET_PREFIX};
-use hearth_types::{GuestConfig, GuestNetwork, GuestProcess, ImageConfig, NetworkMode, VmSpec};
+use hearth_types::{GuestConfig, GuestNetwork, GuestProcess, GuestVolume, ImageConfig, NetworkMode, VmSpec};
 
 /// PATH given to a workload whose image sets none.
 pub const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -63,6 +63,15 @@ pub fn guest_config(spec: &VmSpec, image: &ImageConfig) -> Result<GuestConfig, G
         ssh_authorized_keys: spec.ssh_public_key.iter().map(|k| k.trim().to_owned()).collect(),
         network: guest_network(spec),
         cloud_init: spec.cloud_init.clone(),
+        volumes: spec
+            .volumes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| {
+                let mount_point = v.mount_point.clone()?;
+                Some(GuestVolume { serial: volume_serial(i), mount_point, read_only: v.read_only })
+            })
+            .collect(),
     })
 }
 

@@ -6,8 +6,8 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use hearth_types::guest::{decode_record, CONFIG_MAGIC, MAX_RECORD};
-use hearth_types::GuestConfig;
+use hearth_types::guest::{decode_record, CONFIG_MAGIC, MAX_RECORD, ROOT_SERIAL};
+use hearth_types::{GuestConfig, GuestVolume};
 
 use crate::sys;
 
@@ -43,6 +43,11 @@ fn virtio_disks() -> Vec<String> {
         .unwrap_or_default();
     v.sort();
     v
+}
+
+/// A virtio disk's serial, empty when it has none.
+fn serial(dev: &str) -> String {
+    fs::read_to_string(format!("/sys/block/{dev}/serial")).map(|s| s.trim().to_owned()).unwrap_or_default()
 }
 
 /// How long the virtio disks get to appear.
@@ -82,8 +87,13 @@ pub fn find_disks(config_disk: &mut Option<File>) -> Result<(GuestConfig, String
             }
         }
         if let Some((cdev, _)) = &found {
-            if let Some(root) = disks.iter().find(|d| *d != cdev) {
-                let root = root.clone();
+            // The root disk by its serial; a VMM that sets none: the first disk that is neither
+            // the config disk nor a volume.
+            let others: Vec<&String> = disks.iter().filter(|d| *d != cdev).collect();
+            let root =
+                others.iter().find(|d| serial(d) == ROOT_SERIAL).or_else(|| others.iter().find(|d| !serial(d).starts_with("hearth-vol")));
+            if let Some(root) = root {
+                let root = (*root).clone();
                 let cfg = found.map(|(_, c)| c).unwrap_or_default();
                 return Ok((cfg, root));
             }
@@ -99,6 +109,34 @@ pub fn find_disks(config_disk: &mut Option<File>) -> Result<(GuestConfig, String
             });
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Mounts each volume (an ext4 disk found by its serial) at its mount point. A volume that
+/// cannot be mounted is reported on the console; the VM boots without it.
+pub fn mount_volumes(volumes: &[GuestVolume]) {
+    for v in volumes {
+        let deadline = Instant::now() + DISK_WAIT;
+        let dev = loop {
+            if let Some(d) = virtio_disks().into_iter().find(|d| serial(d) == v.serial) {
+                break Some(d);
+            }
+            if Instant::now() > deadline {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let Some(dev) = dev else {
+            eprintln!("hearth-init: volume {} did not appear; {} is not mounted", v.serial, v.mount_point);
+            continue;
+        };
+        let flags = if v.read_only { libc::MS_RDONLY } else { 0 };
+        let res = fs::create_dir_all(&v.mount_point)
+            .map_err(|e| e.to_string())
+            .and_then(|()| sys::mount(&format!("/dev/{dev}"), &v.mount_point, "ext4", flags, "").map_err(|e| e.to_string()));
+        if let Err(e) = res {
+            eprintln!("hearth-init: mounting volume /dev/{dev} on {}: {e}", v.mount_point);
+        }
     }
 }
 

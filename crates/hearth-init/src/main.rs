@@ -58,6 +58,7 @@ fn run(started: u64, config_disk: &mut Option<File>) -> Result<GuestExit, String
     }
     boot::switch_root(&root_dev)?;
     boot::mount_late();
+    boot::mount_volumes(&cfg.volumes);
     sys::raw_output(1);
     if !cfg.hostname.is_empty() {
         let _ = sys::sethostname(&cfg.hostname);

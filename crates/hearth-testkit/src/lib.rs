@@ -30,6 +30,7 @@ pub fn spec(n: u8) -> VmSpec {
         mac: None,
         address: None,
         cloud_init_network: None,
+        volumes: vec![],
         cloud_init: Default::default(),
         created_at: u64::from(n),
     }

@@ -63,6 +63,26 @@ pub struct GuestConfig {
     /// ([`CLOUD_INIT_SEED_DIR`]) before handing over to the image's init.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub cloud_init: std::collections::BTreeMap<String, String>,
+    /// Extra disks to mount, found by their virtio serial.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<GuestVolume>,
+}
+
+/// An extra disk and where to mount it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestVolume {
+    /// The disk's virtio serial (`/sys/block/vdX/serial`).
+    pub serial: String,
+    pub mount_point: String,
+    pub read_only: bool,
+}
+
+/// The virtio serial of the root disk, so it is never mistaken for a volume.
+pub const ROOT_SERIAL: &str = "hearth-root";
+
+/// The virtio serial of a VM's `index`th volume (virtio-blk serials hold 20 bytes).
+pub fn volume_serial(index: usize) -> String {
+    format!("hearth-vol{index}")
 }
 
 /// Where cloud-init's NoCloud data source looks for seed files on the root filesystem.

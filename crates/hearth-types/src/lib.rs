@@ -16,11 +16,11 @@ pub mod size;
 pub mod vm;
 
 pub use digest::{Digest, DigestError};
-pub use guest::{GuestConfig, GuestExit, GuestNetwork, GuestProcess};
+pub use guest::{GuestConfig, GuestExit, GuestNetwork, GuestProcess, GuestVolume};
 pub use id::{generate_name, validate_name, IdError, VmId};
 pub use image::{ImageConfig, ImageRecord};
 pub use kernel::KernelRecord;
 pub use net::{NetError, NetworkMode, PortMapping, Protocol};
 pub use reference::{ImageRef, ReferenceError};
 pub use size::{parse_size, SizeError};
-pub use vm::{parse_labels, Accel, BootTimings, Desired, VmRecord, VmSpec, VmSpecError, VmState, VmStatus};
+pub use vm::{parse_labels, Accel, BootTimings, Desired, VmRecord, VmSpec, VmSpecError, VmState, VmStatus, VolumeSpec};

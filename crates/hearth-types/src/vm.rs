@@ -67,6 +67,8 @@ pub enum VmSpecError {
     Env(String),
     #[error("label {0:?} is not KEY=VALUE with a non-empty KEY")]
     Label(String),
+    #[error("{0}")]
+    Volume(String),
     #[error("interface name {0:?} must be 1-15 letters, digits, '_', '.' or '-'")]
     InterfaceName(String),
     #[error("cloud-init file {0:?} is not one of meta-data, user-data, vendor-data, network-config")]
@@ -133,6 +135,9 @@ pub struct VmSpec {
     /// The card's IPv4 address on the bridge network, allocated at create (`--network bridge`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<std::net::Ipv4Addr>,
+    /// Extra disks made from images' filesystems, attached after the root disk.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeSpec>,
     /// Generate cloud-init's network-config for the card, naming the interface this (Flintlock's
     /// `add_network_config`), unless `cloud_init` carries one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -176,6 +181,23 @@ impl VmSpec {
                 return Err(VmSpecError::InterfaceName(dev.clone()));
             }
         }
+        if self.volumes.len() > MAX_VOLUMES {
+            return Err(VmSpecError::Volume(format!("more than {MAX_VOLUMES} volumes")));
+        }
+        for (i, v) in self.volumes.iter().enumerate() {
+            let id_ok = !v.id.is_empty() && v.id.len() <= 63 && v.id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+            if !id_ok || self.volumes[..i].iter().any(|o| o.id == v.id) {
+                return Err(VmSpecError::Volume(format!("volume id {:?} must be unique, 1-63 letters, digits, '_', '.' or '-'", v.id)));
+            }
+            if let Some(m) = &v.mount_point {
+                if !m.starts_with('/') || m == "/" || m.split('/').any(|c| c == "..") {
+                    return Err(VmSpecError::Volume(format!(
+                        "volume {}: mount point {m:?} must be an absolute path other than / without ..",
+                        v.id
+                    )));
+                }
+            }
+        }
         for (key, value) in &self.cloud_init {
             if !CLOUD_INIT_FILES.contains(&key.as_str()) {
                 return Err(VmSpecError::CloudInitKey(key.clone()));
@@ -192,6 +214,24 @@ impl VmSpec {
         self.mac.clone().unwrap_or_else(|| crate::net::mac_for(&self.id))
     }
 }
+
+/// A disk holding an image's filesystem: shared read-only, or a copy of the VM's own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeSpec {
+    /// The volume's name (Flintlock's volume id); the disk's serial in the guest is derived.
+    pub id: String,
+    /// The reference as given, and the image id resolved at create time.
+    pub image: String,
+    pub image_id: String,
+    /// Where hearth-init mounts it in the guest; attached but not mounted when `None`.
+    #[serde(default)]
+    pub mount_point: Option<String>,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// The most volumes a VM takes.
+pub const MAX_VOLUMES: usize = 16;
 
 /// The cloud-init NoCloud files a VM may carry.
 pub const CLOUD_INIT_FILES: [&str; 4] = ["meta-data", "user-data", "vendor-data", "network-config"];
@@ -334,8 +374,33 @@ mod tests {
             mac: None,
             address: None,
             cloud_init_network: None,
+            volumes: vec![],
             cloud_init: Default::default(),
             created_at: 0,
+        }
+    }
+
+    #[test]
+    fn volumes_need_unique_ids_and_absolute_mount_points() {
+        let vol = |id: &str, m: Option<&str>| VolumeSpec {
+            id: id.into(),
+            image: "i".into(),
+            image_id: "x".into(),
+            mount_point: m.map(Into::into),
+            read_only: true,
+        };
+        let mut s = spec();
+        s.volumes = vec![vol("modules", Some("/lib/modules")), vol("data", None)];
+        assert!(s.validate().is_ok());
+        for bad in [
+            vec![vol("a", None), vol("a", None)],
+            vec![vol("a b", None)],
+            vec![vol("a", Some("relative"))],
+            vec![vol("a", Some("/x/../etc"))],
+            vec![vol("a", Some("/"))],
+        ] {
+            s.volumes = bad;
+            assert!(matches!(s.validate(), Err(VmSpecError::Volume(_))), "{:?}", s.volumes);
         }
     }
 

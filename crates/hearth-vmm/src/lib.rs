@@ -46,6 +46,16 @@ pub struct LaunchSpec {
     pub qemu_binary: Option<PathBuf>,
     /// The VM's network card, if it has one.
     pub network: Option<NetLaunch>,
+    /// Disks after the root and config disks, in order.
+    pub volumes: Vec<VolumeDisk>,
+}
+
+/// An extra disk: the file, the virtio serial the guest finds it by, and whether it is read-only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeDisk {
+    pub path: PathBuf,
+    pub serial: String,
+    pub read_only: bool,
 }
 
 /// A user-mode NAT network card and the host sockets forwarded into the guest.

@@ -62,6 +62,7 @@ fn vm(extra_cmdline: &str) -> Option<(tempfile::TempDir, LaunchSpec)> {
         accel: Accel::Tcg,
         qemu_binary: None,
         network: None,
+        volumes: vec![],
     };
     Some((dir, spec))
 }

@@ -47,6 +47,22 @@ pub async fn create(d: &Arc<Daemon>, req: pb::CreateVmRequest) -> Result<VmRecor
     let ports = req.ports.iter().map(|p| p.parse()).collect::<Result<Vec<_>, _>>().map_err(bad)?;
     let given_key = Some(req.ssh_public_key.trim().to_owned()).filter(|k| !k.is_empty());
     let labels = req.labels.into_iter().collect();
+    let mut volumes = Vec::new();
+    for v in &req.volumes {
+        let img = d.images.get(&v.image).map_err(internal)?.ok_or_else(|| {
+            Status::not_found(format!(
+                "volume {}: image {} is not in the store: pull it with `hearth image pull {}`",
+                v.id, v.image, v.image
+            ))
+        })?;
+        volumes.push(hearth_types::VolumeSpec {
+            id: v.id.clone(),
+            image: v.image.clone(),
+            image_id: img.id.hex().to_owned(),
+            mount_point: Some(v.mount_point.clone()).filter(|m| !m.is_empty()),
+            read_only: v.read_only,
+        });
+    }
     let requested_address = match req.address.as_str() {
         "" => None,
         a => Some(a.parse::<std::net::Ipv4Addr>().map_err(|_| Status::invalid_argument(format!("address {a:?} is not an IPv4 address")))?),
@@ -93,6 +109,7 @@ pub async fn create(d: &Arc<Daemon>, req: pb::CreateVmRequest) -> Result<VmRecor
         mac: Some(req.mac).filter(|m| !m.is_empty()),
         address: None,
         cloud_init_network: Some(req.cloud_init_network).filter(|d| !d.is_empty()),
+        volumes,
         cloud_init: req.cloud_init.into_iter().collect(),
         created_at: created_now(),
     };

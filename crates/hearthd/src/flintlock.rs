@@ -292,6 +292,10 @@ impl Flintlock {
         }
         let root = spec.root_volume.as_ref().and_then(|v| v.source.as_ref()).and_then(|s| s.container_source.clone()).unwrap_or_default();
         pull(d, &root).await?;
+        for v in &spec.additional_volumes {
+            pull(d, &volume_image(v)).await?;
+            self.check_not_deleting(&rec.uid)?;
+        }
         self.check_not_deleting(&rec.uid)?;
         let vm = match self.vm_of(&rec.uid)? {
             Some(vm) => vm,
@@ -465,8 +469,22 @@ fn validate(mut spec: fl::MicroVmSpec, network: NetworkMode) -> Result<fl::Micro
     if spec.root_volume.as_ref().is_some_and(|v| v.is_read_only) {
         return bad("a read-only root volume is not supported; set is_read_only false".into());
     }
-    if !spec.additional_volumes.is_empty() {
-        return bad("additional_volumes are not supported by hearth yet; put the files in the root image".into());
+    for (i, v) in spec.additional_volumes.iter().enumerate() {
+        let source = v.source.clone().unwrap_or_default();
+        if source.virtiofs_source.as_deref().is_some_and(|s| !s.is_empty()) {
+            return bad(format!("volume {}: virtiofs sources are not supported (Cloud Hypervisor only); use container_source", v.id));
+        }
+        if source.container_source.as_deref().unwrap_or("").is_empty() {
+            return bad(format!("volume {}: source.container_source (an OCI image) is required", v.id));
+        }
+        if v.id.is_empty() || spec.additional_volumes[..i].iter().any(|o| o.id == v.id) {
+            return bad(format!("volume id {:?} must be given and unique", v.id));
+        }
+        if let Some(m) = v.mount_point.as_deref().filter(|m| !m.is_empty()) {
+            if !m.starts_with('/') || m == "/" {
+                return bad(format!("volume {}: mount_point {m:?} must be an absolute path other than /", v.id));
+            }
+        }
     }
     if spec.interfaces.len() > 1 {
         return bad(format!("{} network interfaces given: hearth gives a microvm one network card for now", spec.interfaces.len()));
@@ -501,6 +519,11 @@ fn validate(mut spec: fl::MicroVmSpec, network: NetworkMode) -> Result<fl::Micro
         }
     }
     Ok(spec)
+}
+
+/// The image of a container-sourced volume.
+fn volume_image(v: &fl::Volume) -> String {
+    v.source.as_ref().and_then(|s| s.container_source.clone()).unwrap_or_default()
 }
 
 /// The hearth VM's name for a microVM.
@@ -582,6 +605,16 @@ fn create_request(spec: &fl::MicroVmSpec, uid: &str, kernel: &str, network: Netw
         cloud_init,
         address,
         cloud_init_network,
+        volumes: spec
+            .additional_volumes
+            .iter()
+            .map(|v| pb::VolumeRequest {
+                id: v.id.clone(),
+                image: volume_image(v),
+                mount_point: v.mount_point.clone().unwrap_or_default(),
+                read_only: v.is_read_only,
+            })
+            .collect(),
         ..Default::default()
     })
 }
@@ -735,6 +768,14 @@ mod tests {
             (Box::new(|s| s.metadata.insert("userdata".into(), String::new()).map(drop).unwrap_or(())), "userdata"),
             (Box::new(|s| s.metadata.insert("user-data".into(), "not base64!".into()).map(drop).unwrap_or(())), "base64"),
             (Box::new(|s| s.id = "bad name".into()), "bad name"),
+            (Box::new(|s| s.additional_volumes.push(fl::Volume { id: "v".into(), ..Default::default() })), "container_source"),
+            (
+                Box::new(|s| {
+                    let src = fl::VolumeSource { virtiofs_source: Some("/srv".into()), ..Default::default() };
+                    s.additional_volumes.push(fl::Volume { id: "v".into(), source: Some(src), ..Default::default() })
+                }),
+                "virtiofs",
+            ),
         ];
         for (change, needle) in cases {
             let mut s = good();

@@ -103,14 +103,43 @@ fn image_of(d: &Daemon, rec: &VmRecord) -> Result<hearth_types::ImageRecord, Sta
         .ok_or_else(|| Status::failed_precondition(format!("image {} was removed; pull it again", rec.spec.image)))
 }
 
+/// The images of a VM's volumes, with whether each is shared read-only.
+fn volume_images(d: &Daemon, rec: &VmRecord) -> Result<Vec<(hearth_types::ImageRecord, bool)>, Status> {
+    rec.spec
+        .volumes
+        .iter()
+        .map(|v| {
+            let img = d.images.get(&v.image_id).map_err(internal)?;
+            let img =
+                img.ok_or_else(|| Status::failed_precondition(format!("volume {}: image {} was removed; pull it again", v.id, v.image)))?;
+            Ok((img, v.read_only))
+        })
+        .collect()
+}
+
+/// The VM's own copy of its `index`th (writable) volume.
+fn volume_path(vm_dir: &Path, index: usize) -> std::path::PathBuf {
+    vm_dir.join(format!("volume-{index}.img"))
+}
+
 async fn execute(d: &Arc<Daemon>, rec: &mut VmRecord, step: Step, vmm: Option<(i32, u64)>, opts: Options) -> Result<(), Status> {
     let id = rec.spec.id.clone();
     match step {
         Step::CreateDisk => {
             let image = image_of(d, rec)?;
+            let volumes = volume_images(d, rec)?;
             let (dk, size) = (disk_path(d, &id), rec.spec.disk_bytes);
-            let d2 = d.clone();
+            let (d2, dir) = (d.clone(), d.vm_dir(&id));
             let method = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                // Volumes first: the root disk's existence marks the step done.
+                for (i, (img, read_only)) in volumes.iter().enumerate() {
+                    let base = d2.images.rootfs(img)?;
+                    let path = volume_path(&dir, i);
+                    if !read_only && !path.exists() {
+                        let len = std::fs::metadata(&base)?.len();
+                        hearth_storage::clone_disk(&base, &path, len)?;
+                    }
+                }
                 let base = d2.images.rootfs(&image)?;
                 Ok(hearth_storage::clone_disk(&base, &dk, size)?)
             })
@@ -203,6 +232,21 @@ async fn launch(d: &Arc<Daemon>, rec: &mut VmRecord) -> Result<(), Status> {
     let console = dir.join("console.log");
     rec.status.console_offset = std::fs::metadata(&console).map(|m| m.len()).unwrap_or(0);
     let net = crate::net::plan(&rec.spec)?;
+    let volumes = {
+        let (d2, images, dir) = (d.clone(), volume_images(d, rec)?, dir.clone());
+        tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<hearth_vmm::VolumeDisk>> {
+            let mut out = Vec::new();
+            for (i, (img, read_only)) in images.iter().enumerate() {
+                // Read-only volumes share the image's cached filesystem; the others have a copy.
+                let path = if *read_only { d2.images.rootfs(img)? } else { volume_path(&dir, i) };
+                out.push(hearth_vmm::VolumeDisk { path, serial: hearth_types::guest::volume_serial(i), read_only: *read_only });
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(internal)?
+        .map_err(|e| Status::failed_precondition(format!("{e:#}")))?
+    };
     let spec = hearth_vmm::LaunchSpec {
         vm_dir: dir.clone(),
         kernel,
@@ -215,6 +259,7 @@ async fn launch(d: &Arc<Daemon>, rec: &mut VmRecord) -> Result<(), Status> {
         accel: rec.spec.accel,
         qemu_binary: std::env::var_os("HEARTH_QEMU").map(Into::into),
         network: net.as_ref().map(|(card, _)| card.clone()),
+        volumes,
     };
     let tap = net.as_ref().and_then(|(card, _)| card.tap.clone());
     if tap.is_some() {

@@ -115,8 +115,8 @@ impl Hearth for Api {
             .get(&req.r#ref)
             .map_err(internal)?
             .ok_or_else(|| Status::not_found(format!("no such image: {} (see `hearth image ls`)", req.r#ref)))?;
-        let users: Vec<String> =
-            self.d.vms.list().map_err(internal)?.into_iter().filter(|v| v.spec.image_id == img.id.hex()).map(|v| v.spec.name).collect();
+        let uses = |v: &VmRecord| v.spec.image_id == img.id.hex() || v.spec.volumes.iter().any(|vol| vol.image_id == img.id.hex());
+        let users: Vec<String> = self.d.vms.list().map_err(internal)?.into_iter().filter(uses).map(|v| v.spec.name).collect();
         if !users.is_empty() && !req.force {
             return Err(Status::failed_precondition(format!(
                 "image {} is used by VM(s) {}: remove them first, or use --force",

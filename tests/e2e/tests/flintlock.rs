@@ -168,8 +168,19 @@ fn a_flintlock_client_creates_gets_lists_and_deletes_a_microvm() {
     }
 
     let mut c = client(&rt, port, Some(TOKEN));
+    // Volumes as CAPMVM's templates use them: the kernel image's modules, read-only, and a
+    // writable one.
+    let volume = |id: &str, image: &str, mount: &str, ro: bool| fl::Volume {
+        id: id.into(),
+        is_read_only: ro,
+        mount_point: Some(mount.into()),
+        source: Some(fl::VolumeSource { container_source: Some(image.into()), ..Default::default() }),
+        ..Default::default()
+    };
+    let mut first = spec("mvm0", &kernel, &root);
+    first.additional_volumes = vec![volume("modules", &kernel, "/mnt/modules", true), volume("data", &root, "/data", false)];
     let created = rt
-        .block_on(c.create_micro_vm(fpb::CreateMicroVmRequest { microvm: Some(spec("mvm0", &kernel, &root)), metadata: HashMap::new() }))
+        .block_on(c.create_micro_vm(fpb::CreateMicroVmRequest { microvm: Some(first), metadata: HashMap::new() }))
         .expect("create")
         .into_inner()
         .microvm
@@ -200,6 +211,16 @@ fn a_flintlock_client_creates_gets_lists_and_deletes_a_microvm() {
     let netcfg = d.ok(&["exec", vm, "--", "cat", "/var/lib/cloud/seed/nocloud/network-config"]);
     assert!(netcfg.contains(&mac) && netcfg.contains("eth1"), "{netcfg}");
     assert!(d.ok(&["logs", vm]).contains("full-os-booted"));
+    let mounts = d.ok(&["exec", vm, "--", "cat", "/proc/mounts"]);
+    let mount = |at: &str| {
+        mounts.lines().find(|l| l.split_whitespace().nth(1) == Some(at)).unwrap_or_else(|| panic!("{at} not mounted:\n{mounts}")).to_owned()
+    };
+    assert!(mount("/mnt/modules").contains(" ext4 ro"), "{}", mount("/mnt/modules"));
+    assert!(mount("/data").contains(" ext4 rw"), "{}", mount("/data"));
+    assert!(!d.ok(&["exec", vm, "--", "ls", "/mnt/modules/lib/modules"]).trim().is_empty(), "the kernel image's modules are in the volume");
+    d.ok(&["exec", vm, "--", "sh", "-c", "echo kept > /data/written && cat /data/written"]);
+    let refused = d.hearth(&["exec", vm, "--", "touch", "/mnt/modules/x"]);
+    assert!(!refused.status.success(), "a read-only volume refuses writes");
 
     // Listing: by namespace, by name ("" is no filter), all namespaces; the stream.
     let list = |c: &mut Client, ns: &str, name: Option<&str>| {

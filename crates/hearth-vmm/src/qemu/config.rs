@@ -48,7 +48,13 @@ pub fn qemu_args(spec: &LaunchSpec, accel: Accel, bios: Option<&std::path::Path>
     push(&["-kernel", &kernel, "-initrd", &initrd, "-append", &cmdline]);
     let root = format!("file={},if=none,id=root,format=raw,cache=writeback,discard=unmap", spec.root_disk.display());
     let config = format!("file={},if=none,id=config,format=raw,cache=writeback", spec.config_disk.display());
-    push(&["-drive", &root, "-device", &format!("{blk},drive=root"), "-drive", &config, "-device", &format!("{blk},drive=config")]);
+    let root_dev = format!("{blk},drive=root,serial={}", hearth_types::guest::ROOT_SERIAL);
+    push(&["-drive", &root, "-device", &root_dev, "-drive", &config, "-device", &format!("{blk},drive=config")]);
+    for (i, v) in spec.volumes.iter().enumerate() {
+        let ro = if v.read_only { ",readonly=on" } else { "" };
+        let drive = format!("file={},if=none,id=vol{i},format=raw,cache=writeback{ro}", v.path.display());
+        push(&["-drive", &drive, "-device", &format!("{blk},drive=vol{i},serial={}", v.serial)]);
+    }
     let console = format!("socket,id=con,path={},server=on,wait=off,logfile={},logappend=on", p("console.sock"), p("console.log"));
     push(&["-chardev", &console, "-serial", "chardev:con"]);
     let agent = format!("socket,id=agent,path={},server=on,wait=off", p("agent.sock"));
@@ -96,6 +102,7 @@ mod tests {
             accel: Accel::Auto,
             qemu_binary: None,
             network: None,
+            volumes: vec![],
         }
     }
 
@@ -108,7 +115,7 @@ mod tests {
         let a = qemu_args(&spec(), Accel::Tcg, None);
         assert_eq!(after(&a, "-M"), ["pc"]);
         assert_eq!(after(&a, "-accel"), ["tcg"]);
-        assert!(after(&a, "-device").contains(&"virtio-blk-pci,drive=root"));
+        assert!(after(&a, "-device").contains(&"virtio-blk-pci,drive=root,serial=hearth-root"));
         assert!(after(&a, "-device").contains(&"virtio-serial-pci"));
         assert_eq!(after(&a, "-smp"), ["2"]);
         assert_eq!(after(&a, "-m"), ["512"]);
@@ -118,7 +125,7 @@ mod tests {
     fn kvm_uses_microvm_with_mmio_devices() {
         let a = qemu_args(&spec(), Accel::Kvm, None);
         assert!(after(&a, "-M")[0].starts_with("microvm"));
-        assert!(after(&a, "-device").contains(&"virtio-blk-device,drive=root"));
+        assert!(after(&a, "-device").contains(&"virtio-blk-device,drive=root,serial=hearth-root"));
         assert!(after(&a, "-append")[0].contains("reboot=t"));
     }
 
@@ -179,7 +186,7 @@ mod tests {
             ]
         );
         let devices = after(&a, "-device");
-        assert_eq!(&devices[..2], ["virtio-blk-device,drive=root", "virtio-blk-device,drive=config"]);
+        assert_eq!(&devices[..2], ["virtio-blk-device,drive=root,serial=hearth-root", "virtio-blk-device,drive=config"]);
         assert_eq!(after(&a, "-cpu"), ["host"]);
         assert_eq!(after(&a, "-accel"), ["kvm"]);
     }
@@ -192,6 +199,23 @@ mod tests {
         let a = qemu_args(&spec(), Accel::Tcg, None);
         assert!(after(&a, "-bios").is_empty());
         assert_eq!(after(&a, "-fw_cfg"), ["name=etc/sercon-port,string=0"]);
+    }
+
+    #[test]
+    fn volumes_follow_the_config_disk_with_their_serials() {
+        let mut s = spec();
+        s.volumes = vec![
+            crate::VolumeDisk { path: "/r/images/rootfs/k.ext4".into(), serial: "hearth-vol0".into(), read_only: true },
+            crate::VolumeDisk { path: "/r/vms/abc/volume-1.img".into(), serial: "hearth-vol1".into(), read_only: false },
+        ];
+        let a = qemu_args(&s, Accel::Tcg, None);
+        let drives = after(&a, "-drive");
+        assert_eq!(drives.len(), 4);
+        assert!(drives[2].contains("file=/r/images/rootfs/k.ext4") && drives[2].ends_with(",readonly=on"), "{}", drives[2]);
+        assert!(drives[3].contains("file=/r/vms/abc/volume-1.img") && !drives[3].contains("readonly"), "{}", drives[3]);
+        let devices = after(&a, "-device");
+        assert!(devices.contains(&"virtio-blk-pci,drive=vol0,serial=hearth-vol0"), "{devices:?}");
+        assert!(devices.contains(&"virtio-blk-pci,drive=vol1,serial=hearth-vol1"), "{devices:?}");
     }
 
     #[test]

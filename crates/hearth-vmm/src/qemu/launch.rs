@@ -167,6 +167,7 @@ mod tests {
             accel: Accel::Tcg,
             qemu_binary: None,
             network: None,
+            volumes: vec![],
         };
         let a = absolute(&spec).expect("absolute");
         assert!(a.vm_dir.is_absolute() && a.initrd.is_absolute() && a.root_disk.is_absolute());
@@ -188,6 +189,7 @@ mod tests {
             accel: Accel::Tcg,
             qemu_binary: Some(dir.path().join("no-such-qemu")),
             network: None,
+            volumes: vec![],
         };
         let e = launch(&spec).expect_err("no binary");
         assert!(e.to_string().contains("qemu-system-x86"), "{e}");

@@ -139,6 +139,7 @@ fn request(a: &CreateArgs) -> anyhow::Result<pb::CreateVmRequest> {
         cloud_init: Default::default(),
         address: String::new(),
         cloud_init_network: String::new(),
+        volumes: vec![],
     })
 }
 

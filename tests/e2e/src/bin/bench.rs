@@ -152,6 +152,7 @@ fn run_to_ready(reg: &LocalRegistry, runs: usize) -> Daemon {
             accel: hearth_types::Accel::Tcg,
             qemu_binary: None,
             network: Some(hearth_vmm::NetLaunch { mac: MAC.into(), forwards: vec![], tap: None }),
+            volumes: vec![],
         };
         let bios = Path::new(hearth_vmm::qemu::QBOOT);
         let mut args = hearth_vmm::qemu::qemu_args(&spec, hearth_types::Accel::Tcg, bios.exists().then_some(bios));
