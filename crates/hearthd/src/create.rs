@@ -114,7 +114,8 @@ pub async fn create(d: &Arc<Daemon>, req: pb::CreateVmRequest) -> Result<VmRecor
         created_at: created_now(),
     };
     // Bridge addresses come from the records themselves, under the create lock: nothing to leak.
-    let used: Vec<_> = existing.iter().filter_map(|r| r.spec.address).collect();
+    let reserved: Vec<_> = d.reserved_addresses.lock().unwrap_or_else(|e| e.into_inner()).keys().copied().collect();
+    let used: Vec<_> = existing.iter().filter_map(|r| r.spec.address).chain(reserved).collect();
     spec.address = match (spec.network, requested_address) {
         (hearth_types::NetworkMode::Bridge, Some(a)) => {
             hearth_types::net::check_bridge_address(a).map_err(|e| Status::invalid_argument(e.to_string()))?;

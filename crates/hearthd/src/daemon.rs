@@ -29,6 +29,9 @@ pub struct Daemon {
     tombstones: Mutex<HashMap<VmId, VmRecord>>,
     /// The one agent connection per running VM (QEMU's chardev takes a single client).
     agents: tokio::sync::Mutex<HashMap<VmId, Arc<AgentClient>>>,
+    /// Bridge addresses promised to VMs not created yet (a Flintlock microVM's static address
+    /// while its images are pulled), by holder: the allocator skips them.
+    pub reserved_addresses: Mutex<HashMap<std::net::Ipv4Addr, String>>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -104,6 +107,7 @@ impl Daemon {
             changes: watch::channel(0).0,
             tombstones: Mutex::new(HashMap::new()),
             agents: tokio::sync::Mutex::new(HashMap::new()),
+            reserved_addresses: Mutex::new(HashMap::new()),
         })
     }
 

@@ -186,7 +186,12 @@ impl Flintlock {
         let Ok(list) = self.inner.records.list() else { return };
         for r in list {
             match r.phase {
-                Phase::Pending => self.spawn_provision(r.uid),
+                Phase::Pending => {
+                    if let Err(e) = self.reserve_address(&r.spec(), &r.uid) {
+                        warn!(uid = r.uid, error = %e.message(), "the microvm's static address is no longer free");
+                    }
+                    self.spawn_provision(r.uid)
+                }
                 Phase::Deleting => self.spawn_delete(r.uid),
                 Phase::Created | Phase::Failed => {}
             }
@@ -209,6 +214,31 @@ impl Flintlock {
                 tokio::time::sleep(backoff(attempt)).await;
             }
         });
+    }
+
+    /// Holds a pending microVM's static address against the allocator until its VM exists.
+    /// Fails when another VM or pending microVM has it.
+    fn reserve_address(&self, spec: &fl::MicroVmSpec, uid: &str) -> Result<(), Status> {
+        let Some(a) = spec.interfaces.first().and_then(|i| i.address.as_ref()) else { return Ok(()) };
+        let ip = static_address(a).map_err(Status::invalid_argument)?;
+        let vms = self.inner.d.vms.list().map_err(internal)?;
+        if let Some(vm) = vms.iter().find(|r| r.spec.address == Some(ip) && r.spec.labels.get(UID_LABEL).map(String::as_str) != Some(uid)) {
+            return Err(Status::already_exists(format!("address {ip} is taken by VM {}; choose another", vm.spec.name)));
+        }
+        let mut reserved = self.inner.d.reserved_addresses.lock().unwrap_or_else(|e| e.into_inner());
+        match reserved.get(&ip) {
+            Some(holder) if holder != uid => {
+                Err(Status::already_exists(format!("address {ip} is promised to microvm {holder}; choose another")))
+            }
+            _ => {
+                reserved.insert(ip, uid.to_owned());
+                Ok(())
+            }
+        }
+    }
+
+    fn release_address(&self, uid: &str) {
+        self.inner.d.reserved_addresses.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, holder| holder != uid);
     }
 
     /// The hearth VM of a microVM, if it exists.
@@ -257,6 +287,8 @@ impl Flintlock {
                     warn!(uid, attempt = rec.retry, reason = %rec.reason, "provisioning microvm failed; retrying");
                 }
                 Ok(Some(rec)) => {
+                    // Created (the VM holds the address now), failed or being deleted.
+                    self.release_address(uid);
                     match rec.phase {
                         Phase::Created => info!(uid, "microvm created"),
                         Phase::Failed => warn!(uid, reason = %rec.reason, "microvm failed"),
@@ -264,7 +296,10 @@ impl Flintlock {
                     }
                     return;
                 }
-                Ok(None) => return,
+                Ok(None) => {
+                    self.release_address(uid);
+                    return;
+                }
                 Err(e) => warn!(uid, error = %e.message(), "recording microvm state failed; retrying"),
             }
             failures += 1;
@@ -328,6 +363,7 @@ impl Flintlock {
             self.inner.api.set_desired(vm.spec.id.as_str(), hearth_types::Desired::Deleted, opts).await?;
         }
         self.inner.records.remove(uid)?;
+        self.release_address(uid);
         self.inner.locks.forget(&uid.to_owned());
         info!(uid, "microvm deleted");
         Ok(())
@@ -659,7 +695,11 @@ impl MicroVm for Flintlock {
                     Status::already_exists(format!("microvm {name} already exists (uid {}); delete it or choose another id", other.uid))
                 });
             }
-            self.inner.records.save(&mut rec)?;
+            self.reserve_address(&spec, &uid)?;
+            if let Err(e) = self.inner.records.save(&mut rec) {
+                self.release_address(&uid);
+                return Err(e);
+            }
         }
         info!(uid, namespace = %spec.namespace, name = %spec.id, "microvm accepted");
         self.spawn_provision(uid);

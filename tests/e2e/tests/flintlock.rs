@@ -399,6 +399,12 @@ fn microvms_on_the_bridge_get_their_addresses_and_reach_each_other() {
         out.into_inner().microvm.and_then(|m| m.spec).and_then(|s| s.uid).expect("uid")
     };
     let (fixed, dynamic) = (create("fixed", Some("10.61.0.50/16")), create("dynamic", None));
+    // The static address is promised at once: a second microVM cannot have it, even while the
+    // first is still pulling.
+    let mut dup = spec("dup", kernel, root);
+    dup.interfaces[0].address = Some(fl::StaticAddress { address: "10.61.0.50/16".into(), gateway: None, nameservers: vec![] });
+    let e = rt.block_on(c.create_micro_vm(fpb::CreateMicroVmRequest { microvm: Some(dup), metadata: HashMap::new() })).expect_err("taken");
+    assert!(e.code() == tonic::Code::AlreadyExists && e.message().contains("10.61.0.50"), "{e:?}");
     for uid in [&fixed, &dynamic] {
         let up =
             wait_get(&rt, &mut c, &d, uid, "CREATED", |g| g.as_ref().is_ok_and(|v| state(v) == fl::micro_vm_status::MicroVmState::Created))
