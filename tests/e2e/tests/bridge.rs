@@ -70,6 +70,32 @@ fn bridged_vms_reach_each_other_and_the_host_reaches_them() {
     d.ok(&["run", "-d", "--network", "bridge", "--name", "c", "br:1", "sleep", "600"]);
     assert_eq!(ip("c"), ip_a, "the lowest free address is reused");
 
+    // An address asked for with --ip, and an image's filesystem mounted read-only in the guest.
+    d.ok(&[
+        "run",
+        "-d",
+        "--network",
+        "bridge",
+        "--ip",
+        "10.61.0.77",
+        "--image-volume",
+        "br:1:/mnt/img:ro",
+        "--name",
+        "v",
+        "br:1",
+        "sleep",
+        "600",
+    ]);
+    assert_eq!(ip("v"), "10.61.0.77");
+    let mounts = d.ok(&["exec", "v", "--", "cat", "/proc/mounts"]);
+    assert!(mounts.lines().any(|l| l.contains(" /mnt/img ext4 ro")), "{mounts}");
+    assert!(d.ok(&["exec", "v", "--", "ls", "/mnt/img/bin"]).contains("busybox"));
+    let out = d.hearth(&["run", "-d", "--network", "bridge", "--ip", "10.61.0.77", "br:1", "true"]);
+    assert!(!out.status.success() && text(&out.stderr).contains("10.61.0.77 is taken"), "{}", text(&out.stderr));
+    let out = d.hearth(&["run", "-d", "--network", "bridge", "--ip", "10.61.0.1", "br:1", "true"]);
+    assert!(!out.status.success() && text(&out.stderr).contains("gateway"), "{}", text(&out.stderr));
+    d.ok(&["rm", "-f", "v"]);
+
     // Published ports are DNAT rules: reachable on the host's loopback and on its other local
     // addresses (here the bridge's), gone when the VM stops.
     d.ok(&[

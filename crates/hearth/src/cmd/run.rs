@@ -57,6 +57,13 @@ pub struct CreateArgs {
     /// of its own; needs root) or none.
     #[arg(long, default_value = "user")]
     network: String,
+    /// The VM's address on the bridge network (with --network bridge); allocated when not given.
+    #[arg(long, value_name = "ADDR")]
+    ip: Option<String>,
+    /// Attach an image's filesystem as a disk mounted at PATH, shared read-only with `:ro`, else
+    /// a copy of the VM's own: IMAGE:PATH[:ro]. The image must be in the store (`image pull`).
+    #[arg(long = "image-volume", value_name = "IMAGE:PATH[:ro]")]
+    image_volume: Vec<String>,
     /// Publish a guest port on the host: [IP:]HOST_PORT:GUEST_PORT[/tcp|/udp].
     #[arg(short = 'p', long = "publish", value_name = "PORT")]
     publish: Vec<String>,
@@ -137,10 +144,23 @@ fn request(a: &CreateArgs) -> anyhow::Result<pb::CreateVmRequest> {
         },
         mac: String::new(),
         cloud_init: Default::default(),
-        address: String::new(),
+        address: a.ip.clone().unwrap_or_default(),
         cloud_init_network: String::new(),
-        volumes: vec![],
+        volumes: a.image_volume.iter().enumerate().map(|(i, v)| image_volume(i, v)).collect::<anyhow::Result<_>>()?,
     })
+}
+
+/// `IMAGE:PATH[:ro]` (the image reference may hold colons itself: a tag, a registry's port).
+fn image_volume(index: usize, arg: &str) -> anyhow::Result<pb::VolumeRequest> {
+    let (rest, read_only) = match arg.strip_suffix(":ro") {
+        Some(r) => (r, true),
+        None => (arg.strip_suffix(":rw").unwrap_or(arg), false),
+    };
+    let Some((image, path)) = rest.rsplit_once(":/") else {
+        anyhow::bail!("--image-volume {arg:?}: expected IMAGE:/ABSOLUTE/PATH[:ro], e.g. modules:1:/lib/modules:ro");
+    };
+    anyhow::ensure!(!image.is_empty(), "--image-volume {arg:?}: the image is missing before ':/'");
+    Ok(pb::VolumeRequest { id: format!("vol{index}"), image: image.to_owned(), mount_point: format!("/{path}"), read_only })
 }
 
 /// The public key at `path` (`~/` is the home directory). Given the private key of a pair,
@@ -249,4 +269,22 @@ pub async fn run(host: Option<String>, a: RunArgs) -> anyhow::Result<i32> {
         return Ok(125);
     }
     Ok(w.exit_code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_volumes_split_at_the_absolute_path() {
+        let v = image_volume(0, "127.0.0.1:5000/mods:6.1:/lib/modules:ro").expect("parse");
+        assert_eq!(
+            (v.image.as_str(), v.mount_point.as_str(), v.read_only, v.id.as_str()),
+            ("127.0.0.1:5000/mods:6.1", "/lib/modules", true, "vol0")
+        );
+        let v = image_volume(3, "data:1:/srv").expect("parse");
+        assert_eq!((v.image.as_str(), v.mount_point.as_str(), v.read_only, v.id.as_str()), ("data:1", "/srv", false, "vol3"));
+        assert!(image_volume(0, "data:1:srv").is_err());
+        assert!(image_volume(0, ":/srv").is_err());
+    }
 }
