@@ -261,12 +261,11 @@ impl Flintlock {
                 let lock = self.inner.locks.get(&uid.to_owned());
                 let _g = lock.lock().await;
                 match self.inner.records.get(uid) {
-                    Ok(Some(rec)) if rec.phase == Phase::Pending => Some(self.provision_once(&rec).await),
+                    Ok(Some(rec)) if rec.phase == Phase::Pending => self.provision_once(&rec).await,
                     Ok(_) => return,
-                    Err(e) => Some(Err(e)),
+                    Err(e) => Err(e),
                 }
             };
-            let Some(outcome) = outcome else { return };
             let saved = self.inner.records.update(uid, |rec| match &outcome {
                 Ok(()) => {
                     rec.phase = Phase::Created;
