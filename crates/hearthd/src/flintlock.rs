@@ -386,6 +386,15 @@ impl Flintlock {
                 let mount = fl::Mount { r#type: fl::mount::MountType::Hostpath as i32, source: disk.clone() };
                 status.volumes.insert(id, fl::VolumeStatus { mount: Some(mount) });
             }
+            // Additional volumes: the shared cached filesystem when read-only, else the VM's copy.
+            for (i, v) in vm.spec.volumes.iter().enumerate() {
+                let path = match (v.read_only, hearth_types::Digest::from_hex(&v.image_id)) {
+                    (true, Ok(id)) => self.inner.d.images.rootfs_path(&id),
+                    _ => crate::reconcile::volume_path(&self.inner.d.vm_dir(&vm.spec.id), i),
+                };
+                let mount = fl::Mount { r#type: fl::mount::MountType::Hostpath as i32, source: path.display().to_string() };
+                status.volumes.insert(v.id.clone(), fl::VolumeStatus { mount: Some(mount) });
+            }
             let kernel = self.inner.d.kernels.kernel_path(&vm.spec.kernel);
             status.kernel_mount = Some(fl::Mount { r#type: fl::mount::MountType::Hostpath as i32, source: kernel.display().to_string() });
         }

@@ -118,7 +118,7 @@ fn volume_images(d: &Daemon, rec: &VmRecord) -> Result<Vec<(hearth_types::ImageR
 }
 
 /// The VM's own copy of its `index`th (writable) volume.
-fn volume_path(vm_dir: &Path, index: usize) -> std::path::PathBuf {
+pub fn volume_path(vm_dir: &Path, index: usize) -> std::path::PathBuf {
     vm_dir.join(format!("volume-{index}.img"))
 }
 

@@ -201,6 +201,11 @@ fn a_flintlock_client_creates_gets_lists_and_deletes_a_microvm() {
             .expect("get");
     let status = up.status.expect("status");
     assert_eq!(status.network_interfaces["eth1"].mac_address, mac);
+    // Every volume is reported with the host file behind it.
+    for id in ["root", "modules", "data"] {
+        let source = status.volumes.get(id).and_then(|v| v.mount.as_ref()).map(|m| m.source.clone()).unwrap_or_default();
+        assert!(std::path::Path::new(&source).is_file(), "volume {id}: {source:?}");
+    }
 
     // The image's own init is PID 1, the agent still answers, and cloud-init's seed is there.
     let vm = "mvm0.ns0";
