@@ -88,12 +88,6 @@ async fn link_index(h: &Handle, name: &str) -> Result<Option<u32>, NetError> {
     }
 }
 
-/// Whether a link of this name exists.
-pub async fn link_exists(name: &str) -> Result<bool, NetError> {
-    let h = connect().await?;
-    Ok(link_index(&h, name).await?.is_some())
-}
-
 /// Creates the bridge with its gateway address if missing, brings it up, enables forwarding (and
 /// loopback-sourced routing on the bridge, for ports published on 127.0.0.1), and writes the NAT
 /// table when there is none (an existing one holds the daemon's port forwards). Idempotent.
