@@ -72,27 +72,100 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// Installs the Debian packages that are missing.
+/// Installs the Debian packages that are missing, never removing or downgrading one the machine
+/// has. apt resolves a conflict by removing the installed package (a backported qemu-utils is
+/// removed to install bookworm's QEMU), so the install is simulated first; when it would remove
+/// something, the same install from the release's backports is tried, and when that would too,
+/// the task fails naming the packages instead of touching them.
 fn deps() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !Command::new("dpkg").args(["-s", p]).output().map(|o| o.status.success()).unwrap_or(false))
-        .collect();
+    let missing: Vec<&str> = APT_PACKAGES.iter().copied().filter(|p| !dpkg_installed(p)).collect();
     if missing.is_empty() {
         return Ok(());
     }
-    let sudo = if nix_is_root() { vec![] } else { vec!["sudo"] };
-    let mut update = Command::new(sudo.first().copied().unwrap_or("apt-get"));
-    if !sudo.is_empty() {
-        update.arg("apt-get");
+    run(apt().args(["update", "-q"]))?;
+    let mut target = None;
+    let mut removed = apt_removals(&missing, None)?;
+    if !removed.is_empty() {
+        let backports = format!("{}-backports", os_codename()?);
+        eprintln!("xtask deps: installing {} would remove {}; trying {backports}", missing.join(" "), removed.join(" "));
+        ensure_apt_suite(&backports)?;
+        removed = apt_removals(&missing, Some(&backports))?;
+        target = Some(backports);
     }
-    run(update.args(["update", "-q"]))?;
-    let mut install = Command::new(sudo.first().copied().unwrap_or("apt-get"));
-    if !sudo.is_empty() {
-        install.arg("apt-get");
+    if !removed.is_empty() {
+        bail!(
+            "installing {} would remove {}, which this machine has; install the packages by hand in a way that keeps them \
+             (for example from the release that provided them), then run this again",
+            missing.join(" "),
+            removed.join(" ")
+        );
     }
-    run(install.env("DEBIAN_FRONTEND", "noninteractive").args(["install", "-y", "-q", "--no-install-recommends"]).args(&missing))
+    let mut install = apt();
+    install.env("DEBIAN_FRONTEND", "noninteractive").args(["install", "-y", "-q", "--no-install-recommends", "--no-remove"]);
+    if let Some(t) = &target {
+        install.args(["-t", t]);
+    }
+    run(install.args(&missing))
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| o.status.success() && o.stdout.ends_with(b"install ok installed"))
+        .unwrap_or(false)
+}
+
+/// `apt-get`, through sudo when not root.
+fn apt() -> Command {
+    if nix_is_root() {
+        Command::new("apt-get")
+    } else {
+        let mut c = Command::new("sudo");
+        c.arg("apt-get");
+        c
+    }
+}
+
+/// The packages an install of `pkgs` would remove (or downgrade: apt removes to downgrade).
+fn apt_removals(pkgs: &[&str], target: Option<&str>) -> Result<Vec<String>> {
+    let mut sim = apt();
+    sim.env("DEBIAN_FRONTEND", "noninteractive").args(["install", "-s", "-q", "--no-install-recommends"]);
+    if let Some(t) = target {
+        sim.args(["-t", t]);
+    }
+    let out = sim.args(pkgs).output().context("simulating apt-get install")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("apt-get cannot install {}: {}{}", pkgs.join(" "), text.trim(), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(text.lines().filter_map(|l| l.strip_prefix("Remv ")).filter_map(|l| l.split_whitespace().next()).map(str::to_owned).collect())
+}
+
+fn os_codename() -> Result<String> {
+    let text = std::fs::read_to_string("/etc/os-release").context("reading /etc/os-release")?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+        .map(|v| v.trim_matches('"').to_owned())
+        .filter(|v| !v.is_empty())
+        .context("/etc/os-release names no VERSION_CODENAME")
+}
+
+/// Makes `suite` (a Debian backports suite) known to apt. Backports have a low default priority,
+/// so adding them changes nothing until an install asks for them with `-t`.
+fn ensure_apt_suite(suite: &str) -> Result<()> {
+    let policy = Command::new("apt-cache").arg("policy").output().context("apt-cache policy")?;
+    let known = String::from_utf8_lossy(&policy.stdout);
+    if known.contains(&format!("a={suite},")) || known.contains(&format!("n={suite},")) {
+        return Ok(());
+    }
+    let file = format!("/etc/apt/sources.list.d/hearth-{suite}.sources");
+    eprintln!("xtask deps: adding {suite} to apt's sources in {file}");
+    let body = format!(
+        "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: {suite}\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+    );
+    std::fs::write(&file, body).with_context(|| format!("writing {file}"))?;
+    run(apt().args(["update", "-q"]))
 }
 
 fn nix_is_root() -> bool {

@@ -3,7 +3,8 @@
 //!
 //! Staging is `images/tmp/<id>-<random>/root`, removed on success and failure alike. The ext4
 //! is sized to content * 1.3 + 64 MiB (content counts 4 KiB blocks per file and the inode
-//! table), with `-N` inodes for every file plus a quarter. A build holds `rootfs/<id>.lock`
+//! table), with `-N` inodes for every file plus a quarter, built at `<id>.ext4.<random>.tmp` and
+//! renamed into place. A build holds `rootfs/<id>.lock`
 //! (removed afterwards), so concurrent callers wait for one build. The image content is not
 //! changed, except that missing mount points (`/dev /proc /sys /run` 0755, `/tmp` 1777) are
 //! created.
@@ -130,9 +131,11 @@ pub fn build_ext4(staging: &Path, out: &Path) -> Result<(), RootfsError> {
     ensure_mount_points(staging)?;
     let (bytes, inodes) = usage(staging).map_err(io_err(staging))?;
     let (size_mib, inodes) = ext4_geometry(bytes, inodes);
-    let tmp = out.with_extension("ext4.tmp");
+    // A name of this build's own: a build a dead daemon left running never writes what this
+    // one renames.
+    let tmp = out.with_extension(format!("ext4.{:016x}.tmp", rand::random::<u64>()));
     let result = (|| {
-        let output = Command::new("mkfs.ext4")
+        let output = crate::sys::die_with_parent(&mut Command::new("mkfs.ext4"))
             .args(["-q", "-F", "-b", "4096", "-L", "hearth-root", "-E", "root_owner=0:0", "-N", &inodes.to_string(), "-d"])
             .arg(staging)
             .arg(&tmp)

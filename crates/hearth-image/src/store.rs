@@ -300,6 +300,32 @@ impl ImageStore {
         Ok(rec)
     }
 
+    /// Clears what a crash left: staging trees and partial downloads in `tmp/`, half-built
+    /// filesystems and build locks in `rootfs/`, temporary records. Only for a daemon start,
+    /// when nothing else uses the store. Returns the paths removed.
+    pub fn sweep(&self) -> Result<Vec<PathBuf>, StoreError> {
+        let mut removed = Vec::new();
+        let leftover = |dir: &str, name: &str| match dir {
+            "tmp" => true,
+            "rootfs" => name.ends_with(".tmp") || name.ends_with(".lock"),
+            _ => name.starts_with('.') && name.contains(".tmp"),
+        };
+        for sub in ["tmp", "rootfs", "records"] {
+            let dir = self.dir.join(sub);
+            for e in fs::read_dir(&dir).map_err(io_err(&dir))? {
+                let e = e.map_err(io_err(&dir))?;
+                let p = e.path();
+                if !leftover(sub, &e.file_name().to_string_lossy()) {
+                    continue;
+                }
+                let is_dir = e.file_type().map_err(io_err(&p))?.is_dir();
+                if is_dir { fs::remove_dir_all(&p) } else { fs::remove_file(&p) }.map_err(io_err(&p))?;
+                removed.push(p);
+            }
+        }
+        Ok(removed)
+    }
+
     /// Where the image's base ext4 lives (whether or not it was built yet).
     pub fn rootfs_path(&self, id: &Digest) -> PathBuf {
         self.dir.join("rootfs").join(format!("{}.ext4", id.hex()))
@@ -424,6 +450,25 @@ mod tests {
         assert!(!s.has_blob(&shared));
         assert!(s.list().expect("list").is_empty());
         assert!(matches!(s.remove("app:1"), Err(StoreError::NotFound(_))));
+    }
+
+    #[test]
+    fn sweep_removes_staging_partial_builds_and_locks_only() {
+        let (t, s) = store();
+        let (kept, _) = s.put_blob(&b"kept"[..], None, &|_| {}).expect("blob");
+        let images = t.path().join("images");
+        fs::create_dir_all(images.join("tmp/abc-1/root/usr")).expect("staging");
+        fs::write(images.join("tmp/blob-2"), b"partial").expect("partial");
+        fs::write(images.join("rootfs/aa.ext4"), b"built").expect("built");
+        fs::write(images.join("rootfs/bb.ext4.0f.tmp"), b"half").expect("half");
+        fs::write(images.join("rootfs/bb.lock"), b"").expect("lock");
+        fs::write(images.join("records/.cc.json.tmp-1234"), b"{").expect("record tmp");
+        assert_eq!(s.sweep().expect("sweep").len(), 5);
+        assert!(images.join("rootfs/aa.ext4").is_file() && s.has_blob(&kept));
+        for d in ["tmp", "records"] {
+            assert_eq!(fs::read_dir(images.join(d)).expect(d).count(), 0, "{d}");
+        }
+        assert_eq!(fs::read_dir(images.join("rootfs")).expect("rootfs").count(), 1);
     }
 
     #[test]

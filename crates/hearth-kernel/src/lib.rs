@@ -211,6 +211,36 @@ impl KernelStore {
         self.import(&kernel, modules.is_dir().then_some(modules.as_path()), name)
     }
 
+    /// Clears what a crash left: import staging (`.NAME.PID.importing`), temporary files, and
+    /// kernel directories without a record (an interrupted removal). Only for a daemon start,
+    /// when nothing else uses the store. Returns the paths removed.
+    pub fn sweep(&self) -> Result<Vec<PathBuf>, KernelError> {
+        let mut removed = Vec::new();
+        let mut remove = |p: PathBuf, dir: bool| -> Result<(), KernelError> {
+            if dir { fs::remove_dir_all(&p) } else { fs::remove_file(&p) }.map_err(io_err(&p))?;
+            removed.push(p);
+            Ok(())
+        };
+        for e in fs::read_dir(&self.dir).map_err(io_err(&self.dir))? {
+            let e = e.map_err(io_err(&self.dir))?;
+            let (p, name) = (e.path(), e.file_name().to_string_lossy().into_owned());
+            let is_dir = e.file_type().map_err(io_err(&p))?.is_dir();
+            if name.ends_with(".tmp") || name.ends_with(".importing") {
+                remove(p, is_dir)?;
+            } else if is_dir && !p.join("record.json").exists() {
+                remove(p, true)?;
+            } else if is_dir {
+                for f in fs::read_dir(&p).map_err(io_err(&p))? {
+                    let f = f.map_err(io_err(&p))?;
+                    if f.file_name().to_string_lossy().ends_with(".tmp") {
+                        remove(f.path(), false)?;
+                    }
+                }
+            }
+        }
+        Ok(removed)
+    }
+
     /// The record of one kernel, `None` when there is no such kernel.
     pub fn get(&self, name: &str) -> Result<Option<KernelRecord>, KernelError> {
         if hearth_types::validate_name(name).is_err() {
@@ -372,6 +402,25 @@ mod tests {
         s.remove("fake").expect("rm");
         assert!(s.list().expect("list").is_empty());
         assert_eq!(s.default_name().expect("default"), None);
+    }
+
+    #[test]
+    fn sweep_removes_import_staging_temporaries_and_recordless_kernels() {
+        let root = tempfile::tempdir().expect("tmp");
+        let src = tempfile::tempdir().expect("tmp");
+        let s = KernelStore::open(root.path()).expect("open");
+        s.import(&fake_kernel(src.path()), None, "kept").expect("import");
+        let dir = root.path().join("kernels");
+        fs::create_dir_all(dir.join(".half.123.importing/modules")).expect("staging");
+        fs::create_dir_all(dir.join("removed-halfway/modules")).expect("recordless");
+        fs::write(dir.join(".default.9.1.tmp"), b"x").expect("tmp");
+        fs::write(dir.join("kept/.initramfs-ab.img.9.2.tmp"), b"x").expect("tmp");
+        assert_eq!(s.sweep().expect("sweep").len(), 4);
+        assert_eq!(s.list().expect("list").len(), 1);
+        let mut left: Vec<_> = fs::read_dir(&dir).expect("dir").map(|e| e.expect("e").file_name()).collect();
+        left.sort();
+        assert_eq!(left, [".default", "kept"]);
+        assert_eq!(fs::read_dir(dir.join("kept")).expect("kept").count(), 2, "kernel and record stay");
     }
 
     #[test]

@@ -55,11 +55,23 @@ pub enum CloneMethod {
     SparseCopy,
 }
 
-/// `dest` with `.tmp` appended (`disk.img` -> `disk.img.tmp`), where a clone is built.
+/// Where a clone of `dest` is built: `disk.img.<random>.tmp`, a name of this attempt's own, so
+/// a tool a dead daemon left running never writes what this attempt renames.
 fn tmp_path(dest: &Path) -> PathBuf {
     let mut name = dest.as_os_str().to_owned();
-    name.push(".tmp");
+    name.push(format!(".{:016x}.tmp", rand::random::<u64>()));
     PathBuf::from(name)
+}
+
+/// Whether a `tmp_path` of `dest` is left beside it.
+#[cfg(test)]
+fn has_tmp(dest: &Path) -> bool {
+    let (Some(dir), Some(name)) = (dest.parent(), dest.file_name()) else { return false };
+    let prefix = format!("{}.", name.to_string_lossy());
+    std::fs::read_dir(dir).into_iter().flatten().flatten().any(|e| {
+        let n = e.file_name().to_string_lossy().into_owned();
+        n.starts_with(&prefix) && n.ends_with(".tmp")
+    })
 }
 
 /// Whether files in `dir` can be cloned by reflink (so per-VM disks cost no copy), tried on two
@@ -187,7 +199,7 @@ fn copy_skipping_zeroes(src: &File, dst: &File, start: u64, end: u64) -> io::Res
 }
 
 fn run_tool(tool: &'static str, args: &[&str], path: &Path, ok: &[i32]) -> Result<(), StorageError> {
-    let out = Command::new(tool).args(args).arg(path).output().map_err(|e| StorageError::Tool {
+    let out = sys::die_with_parent(&mut Command::new(tool)).args(args).arg(path).output().map_err(|e| StorageError::Tool {
         tool,
         path: path.to_owned(),
         output: format!("cannot run it ({e}); install e2fsprogs"),
@@ -288,7 +300,7 @@ mod tests {
         // tmpfs and ext4 cannot reflink; btrfs and xfs can.
         assert!(matches!(method, CloneMethod::Reflink | CloneMethod::SparseCopy));
         assert_eq!(fs::metadata(&dest).expect("meta").len(), 64 << 20);
-        assert!(!tmp_path(&dest).exists());
+        assert!(!has_tmp(&dest));
         let fsck = Command::new("e2fsck").args(["-f", "-n"]).arg(&dest).output().expect("fsck");
         assert!(fsck.status.success(), "{}", String::from_utf8_lossy(&fsck.stdout));
         let (blocks, bsize) = (dumpe2fs_field(&dest, "Block count"), dumpe2fs_field(&dest, "Block size"));
@@ -325,7 +337,7 @@ mod tests {
         let err = clone_disk(&base, &dest, 1 << 20).expect_err("too small");
         let msg = err.to_string();
         assert!(msg.contains("--size") && msg.contains(&(8u64 << 20).to_string()) && msg.contains(&(1u64 << 20).to_string()), "{msg}");
-        assert!(!dest.exists() && !tmp_path(&dest).exists());
+        assert!(!dest.exists() && !has_tmp(&dest));
     }
 
     #[test]
@@ -339,7 +351,7 @@ mod tests {
         fs::write(&base, vec![7u8; 1 << 20]).expect("write");
         let err = clone_disk(&base, &dest, 4 << 20).expect_err("not ext4");
         assert!(matches!(err, StorageError::Tool { tool: "e2fsck", .. }), "{err}");
-        assert!(!dest.exists() && !tmp_path(&dest).exists());
+        assert!(!dest.exists() && !has_tmp(&dest));
     }
 
     fn holey_file(path: &Path) {
@@ -379,7 +391,7 @@ mod tests {
         let p = dir.path().join("config.img");
         let cfg = GuestConfig { version: 1, hostname: "h".into(), ..Default::default() };
         create_config_disk(&p, &cfg).expect("create");
-        assert!(!tmp_path(&p).exists());
+        assert!(!has_tmp(&p));
         let bytes = fs::read(&p).expect("read");
         assert_eq!(bytes.len() as u64, CONFIG_DISK_BYTES);
         assert!(bytes[EXIT_OFFSET as usize..].iter().all(|&b| b == 0), "exit area starts zeroed");
@@ -414,6 +426,6 @@ mod tests {
         let cfg = GuestConfig { hostname: "x".repeat(MAX_RECORD), ..Default::default() };
         let err = create_config_disk(&p, &cfg).expect_err("too large");
         assert!(matches!(err, StorageError::ConfigTooLarge { .. }), "{err}");
-        assert!(!p.exists() && !tmp_path(&p).exists());
+        assert!(!p.exists() && !has_tmp(&p));
     }
 }

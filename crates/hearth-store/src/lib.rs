@@ -21,7 +21,7 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
-    #[error("record {path} is corrupt; move it away to let hearthd start")]
+    #[error("record {path} is corrupt; hearth leaves this VM alone: repair the file, or remove its directory once no VMM runs for it")]
     Corrupt {
         path: PathBuf,
         #[source]
@@ -33,16 +33,30 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     move |source| StoreError::Io { path: path.to_owned(), source }
 }
 
+/// A temporary name beside `path`, unique to this write (`.NAME.<random>.tmp`), so no writer —
+/// not even one a dead daemon left running — ever renames another's file.
+pub fn temp_beside(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.{:016x}.tmp", rand::random::<u64>()))
+}
+
 /// Writes `bytes` to `path` so that readers see the old or the new content, never a mix.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-    f.write_all(bytes).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    drop(f);
-    fs::rename(&tmp, path).map_err(io_err(path))?;
+    let tmp = temp_beside(path);
+    let written = (|| {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    })();
+    if let Err(source) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(StoreError::Io { path: tmp, source });
+    }
+    if let Err(source) = fs::rename(&tmp, path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(StoreError::Io { path: path.to_owned(), source });
+    }
     File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
     Ok(())
 }
@@ -51,6 +65,8 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
 #[derive(Debug, Clone)]
 pub struct VmStore {
     dir: PathBuf,
+    /// Corrupt records already reported, so each is logged once, not on every listing.
+    reported: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<PathBuf>>>,
 }
 
 impl VmStore {
@@ -58,7 +74,7 @@ impl VmStore {
     pub fn open(root: &Path) -> Result<Self, StoreError> {
         let dir = root.join("vms");
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        Ok(Self { dir })
+        Ok(Self { dir, reported: Default::default() })
     }
 
     /// The directory that holds a VM's record and files.
@@ -86,14 +102,23 @@ impl VmStore {
     }
 
     /// Every record, oldest first. Directories without a record (a crash before the first save)
-    /// are skipped.
+    /// are skipped, and so are corrupt records: one bad file must not stop listings and recovery
+    /// of every other VM. Each corrupt record is logged once, with what to do about it.
     pub fn list(&self) -> Result<Vec<VmRecord>, StoreError> {
         let mut out = Vec::new();
         for entry in fs::read_dir(&self.dir).map_err(io_err(&self.dir))? {
             let entry = entry.map_err(io_err(&self.dir))?;
             let Ok(id) = entry.file_name().to_string_lossy().parse::<VmId>() else { continue };
-            if let Some(rec) = self.get(&id)? {
-                out.push(rec);
+            match self.get(&id) {
+                Ok(Some(rec)) => out.push(rec),
+                Ok(None) => {}
+                Err(e @ StoreError::Corrupt { .. }) => {
+                    let path = self.vm_dir(&id).join("record.json");
+                    if self.reported.lock().unwrap_or_else(|p| p.into_inner()).insert(path) {
+                        tracing::warn!(vm = %id, error = %e, "skipping a corrupt VM record");
+                    }
+                }
+                Err(e) => return Err(e),
             }
         }
         out.sort_by(|a, b| (a.spec.created_at, a.spec.id.as_str()).cmp(&(b.spec.created_at, b.spec.id.as_str())));
@@ -118,16 +143,30 @@ impl VmStore {
         }
     }
 
-    /// Finishes deletions a crash interrupted.
-    pub fn sweep(&self) -> Result<(), StoreError> {
+    /// Clears what a crash left: finishes interrupted deletions, removes VM directories that
+    /// never got a record (a crash before the first save) and temporary files in VM directories.
+    /// Only for a daemon start, when nothing else writes. Returns the paths removed.
+    pub fn sweep(&self) -> Result<Vec<PathBuf>, StoreError> {
+        let mut removed = Vec::new();
         for entry in fs::read_dir(&self.dir).map_err(io_err(&self.dir))? {
             let entry = entry.map_err(io_err(&self.dir))?;
-            if entry.file_name().to_string_lossy().ends_with(".deleting") {
-                let p = entry.path();
+            let p = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let is_dir = entry.file_type().map_err(io_err(&p))?.is_dir();
+            if name.ends_with(".deleting") || (is_dir && name.parse::<VmId>().is_ok() && !p.join("record.json").exists()) {
                 fs::remove_dir_all(&p).map_err(io_err(&p))?;
+                removed.push(p);
+            } else if is_dir && name.parse::<VmId>().is_ok() {
+                for f in fs::read_dir(&p).map_err(io_err(&p))? {
+                    let f = f.map_err(io_err(&p))?;
+                    if f.file_name().to_string_lossy().ends_with(".tmp") && f.file_type().is_ok_and(|t| t.is_file()) {
+                        fs::remove_file(f.path()).map_err(io_err(&f.path()))?;
+                        removed.push(f.path());
+                    }
+                }
             }
         }
-        Ok(())
+        Ok(removed)
     }
 }
 
@@ -172,6 +211,28 @@ mod tests {
     }
 
     #[test]
+    fn sweep_removes_crash_leftovers_and_keeps_vms() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let store = VmStore::open(root.path()).expect("open");
+        let kept = record(5, 1);
+        store.save(&kept).expect("save");
+        let dir = store.vm_dir(&kept.spec.id);
+        fs::write(dir.join("disk.img"), b"disk").expect("disk");
+        fs::write(dir.join("disk.img.0123.tmp"), b"half").expect("tmp");
+        fs::write(dir.join(".record.json.77.tmp"), b"{").expect("tmp");
+        let orphan = store.vm_dir(&record(6, 1).spec.id);
+        fs::create_dir_all(orphan.join("ssh")).expect("orphan");
+        fs::create_dir_all(root.path().join("vms/.x.deleting/sub")).expect("deleting");
+        let removed = store.sweep().expect("sweep");
+        assert_eq!(removed.len(), 4, "{removed:?}");
+        assert!(!orphan.exists() && !root.path().join("vms/.x.deleting").exists());
+        let mut left: Vec<_> = fs::read_dir(&dir).expect("dir").map(|e| e.expect("e").file_name()).collect();
+        left.sort();
+        assert_eq!(left, ["disk.img", "record.json"]);
+        assert_eq!(store.get(&kept.spec.id).expect("get"), Some(kept));
+    }
+
+    #[test]
     fn corrupt_record_is_named() {
         let root = tempfile::tempdir().expect("tempdir");
         let store = VmStore::open(root.path()).expect("open");
@@ -180,5 +241,10 @@ mod tests {
         fs::write(store.vm_dir(&a.spec.id).join("record.json"), b"{").expect("write");
         let err = store.get(&a.spec.id).expect_err("corrupt");
         assert!(err.to_string().contains("record.json"), "{err}");
+        // Listings skip it and keep every other VM.
+        let b = record(5, 2);
+        store.save(&b).expect("save");
+        let listed = store.list().expect("a corrupt record does not fail the listing");
+        assert_eq!(listed, [b]);
     }
 }

@@ -93,15 +93,23 @@ pub fn now_millis() -> u64 {
 }
 
 impl Daemon {
+    /// Opens the stores of a root whose lock the caller holds, and clears what a crash left in
+    /// them (nothing else runs yet, so anything temporary is a leftover).
     pub fn open(root: &Path, init_binary: PathBuf) -> anyhow::Result<Self> {
         std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
-        let vms = VmStore::open(root)?;
-        vms.sweep()?;
+        let (vms, images, kernels) = (VmStore::open(root)?, ImageStore::open(root)?, KernelStore::open(root)?);
+        let mut swept = vms.sweep()?;
+        swept.extend(images.sweep()?);
+        swept.extend(kernels.sweep()?);
+        let tmp = crate::root::sweep_tmp(root).with_context(|| format!("clearing {}", root.join("tmp").display()))?;
+        if !swept.is_empty() || tmp > 0 {
+            tracing::info!(count = swept.len() + tmp, first = ?swept.first(), "removed what an interrupted run left");
+        }
         Ok(Self {
             root: root.to_owned(),
             vms,
-            images: ImageStore::open(root)?,
-            kernels: KernelStore::open(root)?,
+            images,
+            kernels,
             init_binary,
             locks: KeyedLocks::default(),
             changes: watch::channel(0).0,

@@ -132,8 +132,11 @@ impl Records {
         for e in std::fs::read_dir(&self.dir).map_err(internal)?.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if let Some(uid) = name.strip_suffix(".json") {
-                if let Some(r) = self.get(uid)? {
-                    out.push(r);
+                match self.get(uid) {
+                    Ok(Some(r)) => out.push(r),
+                    Ok(None) => {}
+                    // One unreadable record must not hide every other microVM.
+                    Err(e) => warn!(uid, error = %e.message(), "skipping an unreadable microvm record"),
                 }
             }
         }
@@ -167,6 +170,12 @@ impl Flintlock {
     pub fn new(d: Arc<Daemon>, network: NetworkMode) -> anyhow::Result<Self> {
         let dir = d.root.join("flintlock");
         std::fs::create_dir_all(&dir)?;
+        // Temporary records a crash left (the daemon holds the root's lock; nothing else writes).
+        for e in std::fs::read_dir(&dir)?.flatten() {
+            if e.file_name().to_string_lossy().ends_with(".tmp") {
+                std::fs::remove_file(e.path())?;
+            }
+        }
         let api = Api::new(d.clone());
         Ok(Self {
             inner: Arc::new(Inner {

@@ -8,9 +8,11 @@ mod exec;
 mod flintlock;
 mod net;
 mod reconcile;
+mod root;
 mod service;
 mod ssh;
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -57,6 +59,10 @@ struct Args {
     /// Require `authorization: Basic <base64(TOKEN)>` on --flintlock-listen, as Flintlock's flag.
     #[arg(long, env = "HEARTH_BASIC_AUTH_TOKEN", value_name = "TOKEN", hide_env_values = true)]
     basic_auth_token: Option<String>,
+    /// Let members of this group use the API socket (mode 0660 instead of 0600). Membership is
+    /// equivalent to root on this host, as with docker's group.
+    #[arg(long, value_name = "GROUP")]
+    group: Option<String>,
     /// Log filter, as RUST_LOG.
     #[arg(long, env = "HEARTH_LOG", default_value = "info")]
     log: String,
@@ -64,6 +70,8 @@ struct Args {
 
 #[tokio::main]
 async fn main() {
+    // Before anything is created: what hearthd and its VMMs write is private to root.
+    root::private_umask();
     let args = Args::parse();
     tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(&args.log)).with_writer(std::io::stderr).init();
     if let Err(e) = run(args).await {
@@ -79,19 +87,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "--flintlock-network must be bridge or user: microVM interfaces need a network"
     );
     let socket = args.socket.clone().unwrap_or_else(|| args.root.join("hearthd.sock"));
+    let group = args.group.as_deref().map(group_id).transpose()?;
     let init = daemon::find_init_binary(args.init_binary.as_deref())?;
+    // Everything below writes under the root or serves its socket: one daemon at a time.
+    let _root_lock = root::lock(&args.root)?;
     let d = Arc::new(daemon::Daemon::open(&args.root, init).with_context(|| format!("opening {}", args.root.display()))?);
-    if let Some(dir) = socket.parent() {
+    if let Some(dir) = socket.parent().filter(|dir| !dir.exists()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(root::ROOT_MODE))?;
     }
-    // A socket file nobody answers on is stale; one that answers means another daemon runs.
-    if socket.exists() {
-        if tokio::net::UnixStream::connect(&socket).await.is_ok() {
-            anyhow::bail!("another hearthd already serves {}; stop it or pick another --socket", socket.display());
-        }
-        std::fs::remove_file(&socket).with_context(|| format!("removing stale {}", socket.display()))?;
-    }
-    let listener = UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
+    let _socket_lock = root::lock_socket(&socket)?;
+    let listener = bind_socket(&socket, group).await?;
     tracing::info!(root = %args.root.display(), socket = %socket.display(), "hearthd serving");
     reconcile::recover(&d).await;
     let fl = flintlock::Flintlock::new(d.clone(), args.flintlock_network).context("opening the Flintlock API's records")?;
@@ -124,6 +130,37 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&socket);
     tracing::info!("hearthd stopped; VMs keep running and are re-adopted on the next start");
     Ok(())
+}
+
+/// Binds the API socket (a stale file is replaced; one a daemon answers on is refused) with its
+/// mode set explicitly: 0600, or 0660 owned by `group`.
+async fn bind_socket(socket: &std::path::Path, group: Option<nix::unistd::Gid>) -> anyhow::Result<UnixListener> {
+    if socket.exists() {
+        if tokio::net::UnixStream::connect(socket).await.is_ok() {
+            anyhow::bail!("another hearthd already serves {}; stop it or pick another --socket", socket.display());
+        }
+        std::fs::remove_file(socket).with_context(|| format!("removing stale {}", socket.display()))?;
+    }
+    let listener = UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
+    let mode = if group.is_some() { 0o660 } else { 0o600 };
+    if let Some(gid) = group {
+        nix::unistd::chown(socket, None, Some(gid)).with_context(|| format!("giving {} to group {gid}", socket.display()))?;
+    }
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", socket.display()))?;
+    Ok(listener)
+}
+
+/// A group by name or number.
+fn group_id(name: &str) -> anyhow::Result<nix::unistd::Gid> {
+    if let Ok(n) = name.parse::<u32>() {
+        return Ok(nix::unistd::Gid::from_raw(n));
+    }
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(g)) => Ok(g.gid),
+        Ok(None) => anyhow::bail!("--group {name}: no such group; create it (groupadd {name}) or give a gid"),
+        Err(e) => anyhow::bail!("--group {name}: looking the group up failed: {e}"),
+    }
 }
 
 /// The TLS settings of --flintlock-listen, checked as Flintlock checks its flags.
