@@ -139,7 +139,12 @@ fn apt_removals(pkgs: &[&str], target: Option<&str>) -> Result<Vec<String>> {
     if !out.status.success() {
         bail!("apt-get cannot install {}: {}{}", pkgs.join(" "), text.trim(), String::from_utf8_lossy(&out.stderr).trim());
     }
-    Ok(text.lines().filter_map(|l| l.strip_prefix("Remv ")).filter_map(|l| l.split_whitespace().next()).map(str::to_owned).collect())
+    Ok(removals(&text))
+}
+
+/// The packages an `apt-get install -s` transcript removes (`Remv NAME [VERSION]` lines).
+fn removals(simulation: &str) -> Vec<String> {
+    simulation.lines().filter_map(|l| l.strip_prefix("Remv ")).filter_map(|l| l.split_whitespace().next()).map(str::to_owned).collect()
 }
 
 fn os_codename() -> Result<String> {
@@ -326,4 +331,17 @@ fn bench(extra: &[String]) -> Result<()> {
         .env("HEARTH_TEST_KERNEL", k)
         .env("HEARTH_TEST_MODULES", m)
         .env("BIN", root().join("target/release")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_simulated_install_that_removes_a_package_is_seen() {
+        let sim = "NOTE: This is only a simulation!\nRemv qemu-utils [1:10.0.2+ds-2+deb13u1~bpo12+1]\n\
+                   Inst ipxe-qemu (1.0.0 Debian:12.15/oldstable [all])\nConf qemu-system-x86 (1:7.2 Debian [amd64])\n";
+        assert_eq!(removals(sim), ["qemu-utils"]);
+        assert!(removals("Inst a (1 x)\nConf a (1 x)\n").is_empty());
+    }
 }

@@ -26,7 +26,7 @@ use hearth_types::Accel;
 
 pub use accel::resolve_accel;
 pub use process::{is_alive, kill, read_pidfile, start_time, wait_exit, wait_exit_blocking};
-pub use qemu::{launch, stop, Stopped};
+pub use qemu::{find_running, is_vmm_of, launch, remove_runtime_files, stop, Stopped};
 
 /// Everything a provider needs to start one VM; all paths resolved.
 #[derive(Debug, Clone)]

@@ -47,6 +47,11 @@ pub async fn connect(host: Option<String>) -> anyhow::Result<Client> {
     if let Ok(ch) = hearth_api::connect_unix(path.clone()).await {
         return Ok(HearthClient::new(ch).max_decoding_message_size(64 << 20));
     }
+    if let Err(e) = std::os::unix::net::UnixStream::connect(&path) {
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            bail!("permission denied on {}: use hearth as root, or as a member of the group hearthd serves with --group", path.display());
+        }
+    }
     let Some(root) = root else {
         bail!(
             "no hearthd answers on {}: start one with `hearthd --socket {}` (and its --root), or drop --host/HEARTH_HOST to use the default daemon",

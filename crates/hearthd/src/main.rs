@@ -72,7 +72,12 @@ struct Args {
 async fn main() {
     // Before anything is created: what hearthd and its VMMs write is private to root.
     root::private_umask();
-    let args = Args::parse();
+    let mut args = Args::parse();
+    // VMMs change directory when they daemonize, and identity checks compare the paths on their
+    // command lines: the root must be absolute.
+    if let Ok(abs) = std::path::absolute(&args.root) {
+        args.root = abs;
+    }
     tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(&args.log)).with_writer(std::io::stderr).init();
     if let Err(e) = run(args).await {
         eprintln!("hearthd: {e:#}");

@@ -36,18 +36,17 @@ pub fn config_path(d: &Daemon, id: &VmId) -> std::path::PathBuf {
     d.vm_dir(id).join("config.img")
 }
 
-/// The live VMM of a VM, if any: the recorded pid when it still names the same process, else
-/// the pid file QEMU wrote (a crash between launch and recording the pid).
+/// The live VMM of a VM, if any: the recorded pid when it is still this VM's VMM (same start
+/// time, a command line naming the VM's files), else the one the pid file names, with the same
+/// check (a crash between launch and recording the pid). A pid now held by anything else is
+/// no VMM of this VM's, whatever the files say.
 fn observe_vmm(dir: &Path, rec: &VmRecord) -> (Option<(i32, u64)>, bool) {
     if let (Some(pid), Some(start)) = (rec.status.pid, rec.status.pid_start_time) {
-        if hearth_vmm::is_alive(pid, start) {
+        if hearth_vmm::is_vmm_of(dir, pid, start) {
             return (Some((pid, start)), true);
         }
     }
-    match hearth_vmm::read_pidfile(&dir.join("qemu.pid")) {
-        Some((pid, start)) if hearth_vmm::is_alive(pid, start) => (Some((pid, start)), false),
-        _ => (None, false),
-    }
+    (hearth_vmm::find_running(dir), false)
 }
 
 fn observe(d: &Daemon, rec: &VmRecord) -> (Observed, Option<(i32, u64)>) {
@@ -371,8 +370,10 @@ async fn stop_vmm(d: &Arc<Daemon>, id: &VmId, pid: i32, start: u64, timeout: Dur
     }
 }
 
-/// The VMM is gone: read the guest's exit record and settle the VM as stopped.
+/// The VMM is gone: read the guest's exit record and settle the VM as stopped. Its sockets and
+/// pid file go too, so nothing can mistake them for a live VMM later.
 fn record_exit(d: &Daemon, rec: &mut VmRecord) -> Result<(), Status> {
+    hearth_vmm::remove_runtime_files(&d.vm_dir(&rec.spec.id));
     let exit = hearth_storage::read_exit_record(&config_path(d, &rec.spec.id)).unwrap_or_else(|e| {
         warn!(vm = %rec.spec.id, error = %e, "unreadable exit record");
         None
@@ -424,6 +425,15 @@ pub async fn recover(d: &Arc<Daemon>) {
                 }
             }
             spawn_watchers(d, &id, pid, start, rec.status.state == VmState::Starting);
+            if rec.desired != Desired::Running || rec.status.state == VmState::Stopping {
+                // A stop or rm saved just before the crash is carried out now.
+                let d = d.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = reconcile(&d, &id, Options::default()).await {
+                        warn!(vm = %id, error = %e.message(), "finishing an interrupted stop or rm failed");
+                    }
+                });
+            }
             continue;
         }
         if let Err(e) = reconcile(d, &id, Options::default()).await {

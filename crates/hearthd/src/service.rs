@@ -48,6 +48,13 @@ fn chain(e: impl Into<anyhow::Error>) -> Status {
     Status::failed_precondition(format!("{:#}", e.into()))
 }
 
+/// Runs a mutation to its end in a task of the daemon's own. A client that goes away drops the
+/// handler's future, which then cancels only its wait for the answer: the work is never cut off
+/// between two steps (a VMM started but not recorded, watched or attached).
+pub async fn detached<T: Send + 'static>(work: impl std::future::Future<Output = Result<T, Status>> + Send + 'static) -> Result<T, Status> {
+    tokio::spawn(work).await.map_err(internal)?
+}
+
 fn running(r: &VmRecord) -> bool {
     matches!(r.status.state, VmState::Starting | VmState::Running | VmState::Stopping)
 }
@@ -197,7 +204,8 @@ impl Hearth for Api {
     }
 
     async fn create_vm(&self, req: Request<pb::CreateVmRequest>) -> Result<Response<pb::Record>, Status> {
-        crate::create::create(&self.d, req.into_inner()).await.map(|r| record(&r))
+        let d = self.d.clone();
+        detached(async move { crate::create::create(&d, req.into_inner()).await }).await.map(|r| record(&r))
     }
 
     async fn start_vm(&self, req: Request<pb::StartVmRequest>) -> Result<Response<pb::Record>, Status> {
@@ -205,26 +213,40 @@ impl Hearth for Api {
         let rec = self.d.resolve(&req.r#ref)?;
         let id = rec.spec.id.clone();
         let mut changes = self.d.subscribe();
-        {
-            let lock = self.d.lock_for(&id);
+        let (d, id2, name) = (self.d.clone(), id.clone(), req.r#ref.clone());
+        let already = detached(async move {
+            let lock = d.lock_for(&id2);
             let _g = lock.lock().await;
-            let mut cur = self.d.get(&id)?.ok_or_else(|| Status::not_found(format!("no such VM: {}", req.r#ref)))?;
+            let mut cur = d.get(&id2)?.ok_or_else(|| Status::not_found(format!("no such VM: {name}")))?;
             if running(&cur) {
-                return Ok(record(&cur));
+                return Ok(Some(cur));
             }
             cur.desired = Desired::Running;
             if cur.status.state == VmState::Failed {
                 cur.status.state = VmState::Stopped;
             }
-            self.d.save(&cur)?;
-            reconcile::reconcile_locked(&self.d, &id, Options::default()).await?;
+            d.save(&cur)?;
+            reconcile::reconcile_locked(&d, &id2, Options::default()).await.map(|_| None)
+        })
+        .await?;
+        if let Some(cur) = already {
+            return Ok(record(&cur));
         }
         let mut out = self.d.get_or_removed(&id)?.ok_or_else(|| Status::not_found("VM vanished"))?;
         let warning = out.status.reason.clone();
         if req.wait_ready {
-            // Until hearth-init reports ready, or the VM already ended.
+            // Until hearth-init reports ready, or the VM already ended, or was removed.
             loop {
-                out = self.d.get_or_removed(&id)?.ok_or_else(|| Status::not_found("VM vanished"))?;
+                out = match self.d.get(&id)? {
+                    Some(r) => r,
+                    None => match self.d.tombstone(&id) {
+                        Some(t) if t.status.state == VmState::Starting => {
+                            return Err(Status::aborted(format!("VM {} was removed while it started", t.spec.name)))
+                        }
+                        Some(t) => t,
+                        None => return Err(Status::not_found("VM vanished")),
+                    },
+                };
                 if out.status.state != VmState::Starting {
                     break;
                 }
@@ -249,18 +271,26 @@ impl Hearth for Api {
         let (Some(pid), Some(start)) = (rec.status.pid, rec.status.pid_start_time) else {
             return Err(Status::failed_precondition(format!("VM {} is not running", rec.spec.name)));
         };
-        {
-            let lock = self.d.lock_for(&rec.spec.id);
-            let _g = lock.lock().await;
-            if let Some(mut cur) = self.d.get(&rec.spec.id)? {
-                cur.desired = Desired::Stopped;
-                self.d.save(&cur)?;
+        let d = self.d.clone();
+        detached(async move {
+            let (id, dir) = (rec.spec.id.clone(), d.vm_dir(&rec.spec.id));
+            {
+                let lock = d.lock_for(&id);
+                let _g = lock.lock().await;
+                if let Some(mut cur) = d.get(&id)? {
+                    cur.desired = Desired::Stopped;
+                    d.save(&cur)?;
+                }
             }
-        }
-        hearth_vmm::kill(pid, start, sig);
-        let _ = tokio::time::timeout(Duration::from_secs(10), hearth_vmm::wait_exit(pid, start)).await;
-        let out = reconcile::reconcile(&self.d, &rec.spec.id, Options::default()).await?;
-        Ok(record(&out.unwrap_or(rec)))
+            // Only a process that is still this VM's VMM is signalled.
+            if hearth_vmm::is_vmm_of(&dir, pid, start) {
+                hearth_vmm::kill(pid, start, sig);
+                let _ = tokio::time::timeout(Duration::from_secs(10), hearth_vmm::wait_exit(pid, start)).await;
+            }
+            let out = reconcile::reconcile(&d, &id, Options::default()).await?;
+            Ok(record(&out.unwrap_or(rec)))
+        })
+        .await
     }
 
     async fn remove_vm(&self, req: Request<pb::RemoveRequest>) -> Result<Response<pb::Record>, Status> {
@@ -295,8 +325,16 @@ impl Hearth for Api {
         let id = rec.spec.id.clone();
         let mut changes = self.d.subscribe();
         loop {
-            let cur = self.d.get_or_removed(&id)?;
-            let Some(cur) = cur else { return Err(Status::not_found("the VM was removed")) };
+            let Some(cur) = self.d.get(&id)? else {
+                // Removed: how it ended, if it ended before (an --rm VM), else that it was removed.
+                let t = self.d.tombstone(&id).ok_or_else(|| Status::not_found("the VM was removed"))?;
+                let ended = t.status.exit_code.is_some();
+                return Ok(Response::new(pb::WaitResponse {
+                    exit_code: t.status.exit_code.unwrap_or(-1),
+                    state: if ended { t.status.state.to_string() } else { "removed".into() },
+                    reason: if ended { t.status.reason } else { "it was removed (hearth rm -f) before it stopped".into() },
+                }));
+            };
             if !running(&cur) && cur.desired != Desired::Running {
                 return Ok(Response::new(pb::WaitResponse {
                     exit_code: cur.status.exit_code.unwrap_or(-1),
@@ -348,16 +386,21 @@ impl Hearth for Api {
 }
 
 impl Api {
+    /// Persists `desired` for a VM and reconciles it, in a task of the daemon's own.
     pub async fn set_desired(&self, reference: &str, desired: Desired, opts: Options) -> Result<Response<pb::Record>, Status> {
         let rec = self.d.resolve(reference)?;
-        let id = rec.spec.id.clone();
-        let lock = self.d.lock_for(&id);
-        let _g = lock.lock().await;
-        let Some(mut cur) = self.d.get(&id)? else { return Ok(record(&rec)) };
-        cur.desired = desired;
-        self.d.save(&cur)?;
-        let out = reconcile::reconcile_locked(&self.d, &id, opts).await?;
-        Ok(record(&out.unwrap_or(cur)))
+        let d = self.d.clone();
+        detached(async move {
+            let id = rec.spec.id.clone();
+            let lock = d.lock_for(&id);
+            let _g = lock.lock().await;
+            let Some(mut cur) = d.get(&id)? else { return Ok(record(&rec)) };
+            cur.desired = desired;
+            d.save(&cur)?;
+            let out = reconcile::reconcile_locked(&d, &id, opts).await?;
+            Ok(record(&out.unwrap_or(cur)))
+        })
+        .await
     }
 }
 

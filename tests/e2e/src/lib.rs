@@ -255,6 +255,23 @@ impl Drop for Netns {
     }
 }
 
+/// A stand-in for a VM's VMM: a process whose command line names the VM's pid file as QEMU's
+/// does (`-pidfile DIR/qemu.pid`), so hearth takes it for the VM's VMM. Its pid is written there.
+pub fn fake_vmm(vm_dir: &Path) -> Child {
+    let pidfile = vm_dir.join("qemu.pid");
+    // One process (no child to leak when the test kills it), holding no test output open.
+    let child = Command::new("perl")
+        .args(["-e", "sleep 1000", "--", "-pidfile"])
+        .arg(&pidfile)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("perl");
+    std::fs::write(&pidfile, child.id().to_string()).expect("pid file");
+    child
+}
+
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }

@@ -1,6 +1,6 @@
 //! A guest whose agent speaks garbage is cut off, logged, and does not disturb other VMs.
 //!
-//! The hostile guest is faked: a record of a "running" VM whose VMM is a plain `sleep` process
+//! The hostile guest is faked: a record of a "running" VM whose VMM is a stand-in process
 //! and whose agent socket is served by this test, writing oversized and malformed frames.
 
 use std::io::Write;
@@ -22,17 +22,17 @@ fn a_hostile_agent_is_cut_off_and_other_vms_keep_working() {
 
     // Plant the fake VM while the daemon is down, as if it had been running all along.
     d.kill9();
-    let mut vmm = std::process::Command::new("sleep").arg("1000").spawn().expect("sleep");
-    let pid = vmm.id() as i32;
     let mut spec = hearth_testkit::spec(9);
     spec.name = "hostile".into();
+    let dir = d.root.path().join("vms").join(spec.id.as_str());
+    std::fs::create_dir_all(&dir).expect("vm dir");
+    let mut vmm = hearth_e2e::fake_vmm(&dir);
+    let pid = vmm.id() as i32;
     let rec = VmRecord {
         spec: spec.clone(),
         desired: Desired::Running,
         status: VmStatus { state: VmState::Running, pid: Some(pid), pid_start_time: hearth_vmm::start_time(pid), ..Default::default() },
     };
-    let dir = d.root.path().join("vms").join(spec.id.as_str());
-    std::fs::create_dir_all(&dir).expect("vm dir");
     std::fs::write(dir.join("record.json"), serde_json::to_vec(&rec).expect("json")).expect("record");
     let listener = UnixListener::bind(dir.join("agent.sock")).expect("agent socket");
     let guest = std::thread::spawn(move || {

@@ -48,8 +48,9 @@ fn absolute(spec: &LaunchSpec) -> Result<LaunchSpec, VmmError> {
     })
 }
 
-/// Removes sockets and the pid file of a QEMU that is gone.
-fn remove_runtime_files(vm_dir: &Path) {
+/// Removes sockets and the pid file of a QEMU that is gone, so a stale pid file can never be
+/// read as a live VMM later.
+pub fn remove_runtime_files(vm_dir: &Path) {
     for name in RUNTIME_FILES {
         let _ = std::fs::remove_file(vm_dir.join(name));
     }

@@ -23,11 +23,24 @@ pub struct Observed {
 
 /// The QEMU still running for `vm_dir`, as `(pid, start time)`.
 pub fn find_running(vm_dir: &Path) -> Option<(i32, u64)> {
+    let (pid, start) = read_pidfile(&vm_dir.join("qemu.pid"))?;
+    names_vm(pid, vm_dir).then_some((pid, start))
+}
+
+/// True when `pid`, started at `start`, is still this VM's QEMU: alive, not a zombie, the same
+/// start time, and a command line that names the VM's pid file. A recorded pid is trusted only
+/// after this check: after a kill, an OOM kill or a reboot the number may name anything.
+pub fn is_vmm_of(vm_dir: &Path, pid: i32, start: u64) -> bool {
+    crate::is_alive(pid, start) && names_vm(pid, vm_dir)
+}
+
+/// Whether the command line of `pid` holds `-pidfile VM_DIR/qemu.pid`.
+fn names_vm(pid: i32, vm_dir: &Path) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
     let pidfile = vm_dir.join("qemu.pid");
-    let (pid, start) = read_pidfile(&pidfile)?;
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let needle = pidfile.as_os_str().as_encoded_bytes();
-    cmdline.split(|&b| b == 0).any(|arg| arg == needle).then_some((pid, start))
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    args.windows(2).any(|w| w[0] == b"-pidfile" && w[1] == needle)
 }
 
 /// [`find_running`] plus a QMP status query bounded by `qmp_timeout`.
@@ -59,6 +72,30 @@ mod tests {
         // Our own pid is alive, but our command line does not name this pid file.
         std::fs::write(dir.path().join("qemu.pid"), std::process::id().to_string()).expect("write");
         assert_eq!(find_running(dir.path()), None);
+    }
+
+    #[test]
+    fn a_vmm_is_known_by_start_time_and_the_pid_file_on_its_command_line() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let pidfile = dir.path().join("qemu.pid");
+        // A stand-in whose command line carries `-pidfile DIR/qemu.pid`, as QEMU's does.
+        let mut ours = std::process::Command::new("sh").args(["-c", "sleep 30; true", "sh", "-pidfile"]).arg(&pidfile).spawn().expect("sh");
+        let mut other = std::process::Command::new("sleep").arg("30").spawn().expect("sleep");
+        let (pid, oid) = (ours.id() as i32, other.id() as i32);
+        let (start, ostart) = (crate::start_time(pid).expect("start"), crate::start_time(oid).expect("start"));
+        assert!(is_vmm_of(dir.path(), pid, start));
+        assert!(!is_vmm_of(dir.path(), pid, start + 1), "another start time is another process");
+        assert!(!is_vmm_of(dir.path(), oid, ostart), "alive, right start time, but not this VM's");
+        assert!(!is_vmm_of(&dir.path().join("elsewhere"), pid, start), "another VM's directory");
+        std::fs::write(&pidfile, oid.to_string()).expect("write");
+        assert_eq!(find_running(dir.path()), None, "a pid file naming an unrelated process");
+        std::fs::write(&pidfile, pid.to_string()).expect("write");
+        assert_eq!(find_running(dir.path()), Some((pid, start)));
+        for c in [&mut ours, &mut other] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        assert!(!is_vmm_of(dir.path(), pid, start));
     }
 
     #[tokio::test]

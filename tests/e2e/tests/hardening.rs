@@ -1,0 +1,245 @@
+//! SECURITY.md's promises about the state directory, the daemon and the reconciler, each
+//! checked against real hearthd processes and, where a VM is needed, real guests under QEMU.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hearth_e2e::{bin_dir, qemu_processes, require_e2e, text, Daemon};
+
+const BOOT: Duration = Duration::from_secs(180);
+
+/// A daemon with the test kernel and the busybox image imported as `demo:1`.
+fn ready() -> Daemon {
+    let d = Daemon::start();
+    d.import_kernel();
+    let layout = tempfile::tempdir_in(hearth_e2e::test_tmp()).expect("tmp");
+    hearth_e2e::testutil::busybox_oci_layout(layout.path(), "1", &Default::default()).expect("layout");
+    d.ok(&["image", "import", &layout.path().display().to_string(), "--name", "demo:1"]);
+    d
+}
+
+fn running(d: &Daemon, vm: &str) -> serde_json::Value {
+    // A client still creating it (a foreground run) makes it appear a moment later.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !d.hearth(&["inspect", vm]).status.success() {
+        assert!(Instant::now() < deadline, "{vm} was never created:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    d.wait_for(vm, "running", BOOT, |v| v["status"]["state"] == "running")
+}
+
+fn pid_of(v: &serde_json::Value) -> i32 {
+    v["status"]["pid"].as_i64().expect("a recorded pid") as i32
+}
+
+fn alive(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ")
+}
+
+fn record_path(d: &Daemon, v: &serde_json::Value) -> std::path::PathBuf {
+    d.root.path().join("vms").join(v["spec"]["id"].as_str().expect("id")).join("record.json")
+}
+
+/// Rewrites a record on disk (the daemon must be down), as a crash at that point would leave it.
+fn edit_record(d: &Daemon, v: &serde_json::Value, change: impl FnOnce(&mut serde_json::Value)) {
+    let path = record_path(d, v);
+    let mut rec: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).expect("record")).expect("json");
+    change(&mut rec);
+    std::fs::write(&path, serde_json::to_vec(&rec).expect("json")).expect("write record");
+}
+
+/// Every QEMU running for this root is the recorded VMM of one of its VMs.
+fn assert_no_orphan_vmm(d: &Daemon) {
+    let recorded: BTreeSet<i32> = text(&d.hearth(&["ps", "-a", "-q"]).stdout)
+        .lines()
+        .filter_map(|id| d.inspect(id)["status"]["pid"].as_i64().map(|p| p as i32))
+        .collect();
+    let running: BTreeSet<i32> =
+        qemu_processes(&d.root.path().display().to_string()).iter().filter_map(|l| l.split_whitespace().next()?.parse().ok()).collect();
+    assert!(running.is_subset(&recorded), "QEMUs {running:?} are not all recorded ({recorded:?})\n{}", d.log());
+}
+
+#[test]
+fn one_daemon_per_root_and_per_socket() {
+    require_e2e!();
+    let d = Daemon::start();
+    let other = d.root.path().join("other.sock");
+    let out =
+        Command::new(bin_dir().join("hearthd")).arg("--root").arg(d.root.path()).arg("--socket").arg(&other).output().expect("hearthd");
+    assert!(!out.status.success(), "a second daemon on the root must be refused");
+    let holder = d.pid().expect("pid");
+    assert!(text(&out.stderr).contains(&format!("hearthd pid {holder} already owns")), "{}", text(&out.stderr));
+    assert!(!other.exists(), "the refused daemon bound no socket");
+
+    let root2 = tempfile::tempdir_in(hearth_e2e::test_tmp()).expect("tmp");
+    let out =
+        Command::new(bin_dir().join("hearthd")).arg("--root").arg(root2.path()).arg("--socket").arg(&d.socket).output().expect("hearthd");
+    assert!(!out.status.success(), "a second daemon on the socket must be refused");
+    assert!(text(&out.stderr).contains("serves"), "{}", text(&out.stderr));
+    assert!(d.ok(&["version"]).contains("Server: hearthd"), "the first daemon still serves");
+}
+
+#[test]
+fn the_state_directory_is_private_to_root() {
+    require_e2e!();
+    if hearth_e2e::which("setpriv").is_none() {
+        eprintln!("skipping: setpriv (util-linux) is not installed");
+        return;
+    }
+    let d = ready();
+    d.ok(&["run", "-d", "--ssh", "--name", "secret", "-e", "TOKEN=hunter2", "demo:1", "sleep", "100000"]);
+    let v = running(&d, "secret");
+    let root = d.root.path();
+    let mode = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::symlink_metadata(p).expect("stat").permissions().mode() & 0o7777
+    };
+    assert_eq!(mode(root), 0o711, "the root lets others reach the socket and nothing else");
+    for sub in ["images", "kernels", "vms", "flintlock", "tmp"] {
+        assert_eq!(mode(&root.join(sub)), 0o700, "{sub}");
+    }
+    assert_eq!(mode(&d.socket), 0o600);
+    let vm = root.join("vms").join(v["spec"]["id"].as_str().expect("id"));
+    // As an unprivileged user, nothing under the root can be read or listed.
+    let as_nobody = |argv: &[&str]| {
+        Command::new("setpriv").args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]).args(argv).output().expect("setpriv")
+    };
+    let sensitive = [
+        vm.join("record.json"),
+        vm.join("config.img"),
+        vm.join("disk.img"),
+        vm.join("console.log"),
+        vm.join("ssh/id_ed25519"),
+        root.join("images/blobs/sha256"),
+        root.join("images/tmp"),
+        root.join("kernels"),
+        root.join("vms"),
+        root.to_owned(),
+    ];
+    for p in &sensitive {
+        let p = p.display().to_string();
+        let out = as_nobody(&["ls", "-la", &p]);
+        assert!(!out.status.success(), "nobody can list {p}:\n{}", text(&out.stdout));
+        let out = as_nobody(&["cat", &p]);
+        assert!(!out.status.success() && text(&out.stderr).contains("Permission denied"), "nobody can read {p}: {}", text(&out.stderr));
+    }
+    let host = d.host();
+    let out = as_nobody(&[&bin_dir().join("hearth").display().to_string(), "--host", &host, "ps"]);
+    assert!(!out.status.success(), "nobody can use the API socket:\n{}", text(&out.stdout));
+    assert!(text(&out.stderr).to_lowercase().contains("permission denied"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn a_stale_pid_never_adopts_or_kills_an_unrelated_process() {
+    require_e2e!();
+    let mut d = ready();
+    d.ok(&["run", "-d", "--name", "v", "demo:1", "sleep", "100000"]);
+    let v = running(&d, "v");
+    let qemu = pid_of(&v);
+    // hearthd is down when the VMM dies (an OOM kill, say), and its pid goes to someone else.
+    d.kill9();
+    assert!(Command::new("kill").args(["-9", &qemu.to_string()]).status().expect("kill").success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(qemu) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut decoy = Command::new("sleep").arg("1000").spawn().expect("decoy");
+    let decoy_pid = decoy.id() as i32;
+    let start = hearth_vmm::start_time(decoy_pid).expect("start time");
+    edit_record(&d, &v, |r| {
+        r["status"]["pid"] = decoy_pid.into();
+        r["status"]["pid_start_time"] = start.into();
+    });
+    std::fs::write(record_path(&d, &v).with_file_name("qemu.pid"), decoy_pid.to_string()).expect("pid file");
+    d.spawn();
+    let after = d.wait_for("v", "stopped", Duration::from_secs(30), |v| v["status"]["state"] == "stopped");
+    assert!(after["status"]["pid"].is_null(), "the decoy was not adopted: {after}");
+    assert!(!record_path(&d, &v).with_file_name("qemu.pid").exists(), "the stale pid file went with the exit");
+    d.ok(&["rm", "-f", "v"]);
+    assert!(alive(decoy_pid), "rm -f must not kill a process that merely holds the old pid");
+    let _ = decoy.kill();
+    let _ = decoy.wait();
+}
+
+#[test]
+fn wait_run_and_start_end_when_the_vm_is_removed() {
+    require_e2e!();
+    let d = ready();
+    let mut fg =
+        d.cmd(&["run", "--name", "fg", "demo:1", "sleep", "100000"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("run");
+    running(&d, "fg");
+    let mut waiter = d.cmd(&["wait", "fg"]).stdout(Stdio::piped()).spawn().expect("wait");
+    d.ok(&["rm", "-f", "fg"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for child in [&mut fg, &mut waiter] {
+        while child.try_wait().expect("try_wait").is_none() {
+            assert!(Instant::now() < deadline, "a client kept waiting for a removed VM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let run = fg.wait_with_output().expect("run");
+    assert_eq!(run.status.code(), Some(125), "{}", text(&run.stderr));
+    assert!(text(&run.stderr).contains("removed"), "{}", text(&run.stderr));
+    assert_eq!(text(&waiter.wait_with_output().expect("wait").stdout).trim(), "-1");
+
+    d.ok(&["create", "--name", "booting", "demo:1", "sleep", "100000"]);
+    let starter = d.cmd(&["start", "booting"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("start");
+    d.wait_for("booting", "starting", BOOT, |v| v["status"]["state"] == "starting");
+    let removed_at = Instant::now();
+    d.ok(&["rm", "-f", "booting"]);
+    let out = starter.wait_with_output().expect("start");
+    assert!(removed_at.elapsed() < Duration::from_secs(20), "start waited {:?} after the VM went", removed_at.elapsed());
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("removed while it started"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn a_stop_or_rm_saved_before_a_crash_is_carried_out_after_restart() {
+    require_e2e!();
+    let mut d = ready();
+    d.ok(&["run", "-d", "--name", "to-stop", "demo:1", "sleep", "100000"]);
+    d.ok(&["run", "-d", "--name", "to-remove", "demo:1", "sleep", "100000"]);
+    let (a, b) = (running(&d, "to-stop"), running(&d, "to-remove"));
+    d.kill9();
+    edit_record(&d, &a, |r| r["desired"] = "stopped".into());
+    edit_record(&d, &b, |r| {
+        r["desired"] = "deleted".into();
+        r["status"]["state"] = "stopping".into();
+    });
+    d.spawn();
+    d.wait_for("to-stop", "stopped", Duration::from_secs(60), |v| v["status"]["state"] == "stopped");
+    assert!(!alive(pid_of(&a)), "the stop was carried out");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while d.hearth(&["inspect", "to-remove"]).status.success() {
+        assert!(Instant::now() < deadline, "the rm was never carried out:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!alive(pid_of(&b)) && !record_path(&d, &b).parent().expect("dir").exists());
+}
+
+#[test]
+fn a_client_that_goes_away_mid_start_leaves_no_unrecorded_vmm() {
+    require_e2e!();
+    let d = ready();
+    for (i, delay_ms) in [0u64, 60, 150, 300, 600, 1200].into_iter().enumerate() {
+        let name = format!("cut{i}");
+        d.ok(&["create", "--name", &name, "demo:1", "sleep", "100000"]);
+        let mut client = d.cmd(&["start", "--no-wait", &name]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start");
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = client.kill();
+        let _ = client.wait();
+    }
+    // Whatever the client saw, each VM ends up started and recorded, or never started.
+    for i in 0..6 {
+        let name = format!("cut{i}");
+        let v = d
+            .wait_for(&name, "settled", BOOT, |v| ["running", "created", "stopped"].contains(&v["status"]["state"].as_str().unwrap_or("")));
+        if v["status"]["state"] == "running" {
+            assert!(alive(pid_of(&v)), "{name}: recorded VMM is alive");
+        }
+    }
+    assert_no_orphan_vmm(&d);
+}
