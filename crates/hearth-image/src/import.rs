@@ -39,6 +39,12 @@ pub enum ImportError {
     Platform { path: PathBuf, available: String },
     #[error("layer {digest} in {path} has media type {media_type:?}; only tar, tar+gzip and tar+zstd layers can be imported")]
     MediaType { path: PathBuf, digest: String, media_type: String },
+    #[error("image {name} is refused")]
+    Refused {
+        name: String,
+        #[source]
+        source: crate::RootfsError,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -166,6 +172,9 @@ impl ImageStore {
             }
         };
         rec.names = vec![name.to_string()];
+        // Verified before it is stored: an image whose layers would be refused at run (an
+        // escape, a lying diff_id) never sits in the store as a good one.
+        self.rootfs(&rec).map_err(|source| ImportError::Refused { name: name.to_string(), source })?;
         Ok(self.save(&rec)?)
     }
 

@@ -148,10 +148,20 @@ fn oci_layout_errors_name_platforms_and_catch_tampering() {
     drop(t);
 }
 
+/// The config of the docker archive: its runtime settings and `n` copies of `layer`'s diff_id.
+fn docker_config(layer: &[u8], n: usize) -> Vec<u8> {
+    let id = digest_of(layer).to_string();
+    let ids = vec![format!("\"{id}\""); n].join(",");
+    format!(
+        r#"{{"config":{{"Entrypoint":["/bin/app"],"WorkingDir":"/srv","Env":["A=1"]}},"rootfs":{{"type":"layers","diff_ids":[{ids}]}}}}"#
+    )
+    .into_bytes()
+}
+
 /// A `docker save`-style archive: layers as `<id>/layer.tar`, the second a symlink to the first.
 fn docker_archive(dir: &Path, with_link: bool) -> PathBuf {
     let layer = tar_of(&[("etc/x", b"hi")]);
-    let config = br#"{"config":{"Entrypoint":["/bin/app"],"WorkingDir":"/srv","Env":["A=1"]}}"#;
+    let config = docker_config(&layer, if with_link { 2 } else { 1 });
     let manifest = if with_link {
         br#"[{"Config":"cfg.json","RepoTags":["app:1"],"Layers":["l1/layer.tar","./l2/layer.tar"]}]"#.to_vec()
     } else {
@@ -185,7 +195,7 @@ fn docker_save_archive_import() {
     assert_eq!((rec.config.working_dir.as_str(), rec.config.env.clone()), ("/srv", vec!["A=1".to_owned()]));
     assert_eq!(rec.layers.len(), 2);
     assert_eq!(rec.layers[0], rec.layers[1], "the linked layer is the same blob");
-    assert_eq!(rec.id, digest_of(br#"{"config":{"Entrypoint":["/bin/app"],"WorkingDir":"/srv","Env":["A=1"]}}"#));
+    assert_eq!(rec.id, digest_of(&docker_config(&tar_of(&[("etc/x", b"hi")]), 2)));
     let out = t.path().join("out");
     s.unpack_to(&rec, &out).expect("unpack");
     assert_eq!(fs::read(out.join("etc/x")).expect("x"), b"hi");

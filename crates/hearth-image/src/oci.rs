@@ -101,6 +101,21 @@ struct Runtime {
 struct ConfigFile {
     #[serde(default)]
     config: Option<Runtime>,
+    #[serde(default)]
+    rootfs: Option<RootFs>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RootFs {
+    #[serde(default)]
+    diff_ids: Vec<String>,
+}
+
+/// The digests of the uncompressed layers (`rootfs.diff_ids`) an image config promises, bottom
+/// first; `None` when the config has no such list.
+pub fn diff_ids(bytes: &[u8]) -> Result<Option<Vec<String>>, serde_json::Error> {
+    let f: ConfigFile = serde_json::from_slice(bytes)?;
+    Ok(f.rootfs.map(|r| r.diff_ids))
 }
 
 /// The runtime defaults of an image config blob.

@@ -48,6 +48,12 @@ pub enum PullError {
     Platform { reference: String, available: String },
     #[error("layer {digest} of {reference} has media type {media_type:?}; hearth unpacks only tar, tar+gzip and tar+zstd layers")]
     MediaType { reference: String, digest: String, media_type: String },
+    #[error("image {reference} is refused")]
+    Refused {
+        reference: String,
+        #[source]
+        source: crate::RootfsError,
+    },
     #[error("docker credentials")]
     Auth(#[from] AuthError),
     #[error(transparent)]
@@ -236,6 +242,9 @@ impl ImageStore {
             size,
             created_at: now(),
         };
+        // Verified before it is stored: every layer unpacks safely and is what the config
+        // promises (its diff_id), so an image that run would refuse is refused now.
+        self.rootfs(&rec).map_err(|source| PullError::Refused { reference: r.to_string(), source })?;
         Ok(self.save(&rec)?)
     }
 }

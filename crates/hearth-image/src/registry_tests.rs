@@ -98,7 +98,9 @@ fn fake_content() -> HashMap<String, (String, Vec<u8>)> {
     let layer = testutil::busybox_layer(&TestImage::default()).expect("layer");
     let zst = zstd::encode_all(&layer[..], 1).expect("zstd");
     let layer_digest = digest_of(&zst).to_string();
-    let (config_digest, config) = json_digest(&serde_json::json!({"config": {"Entrypoint": ["/bin/sh", "-c"], "Labels": {"a": "b"}}}));
+    let diff_id = digest_of(&layer).to_string();
+    let (config_digest, config) = json_digest(&serde_json::json!({"config": {"Entrypoint": ["/bin/sh", "-c"], "Labels": {"a": "b"}},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]}}));
     let manifest = serde_json::json!({
         "schemaVersion": 2, "mediaType": DOCKER_MANIFEST,
         "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": config_digest, "size": config.len()},

@@ -42,6 +42,10 @@ pub enum RootfsError {
         #[source]
         source: UnpackError,
     },
+    #[error("layer {digest} unpacks to {actual}, but the image config promises {expected}; the image is corrupt or was tampered with")]
+    DiffId { digest: Digest, expected: String, actual: String },
+    #[error("the image config {0} has no usable rootfs.diff_ids for its layers; the image is malformed")]
+    NoDiffIds(Digest),
     #[error("mkfs.ext4 failed building {path}: {stderr}")]
     Mkfs { path: PathBuf, stderr: String },
     #[error("cannot run mkfs.ext4; install e2fsprogs")]
@@ -135,7 +139,7 @@ pub fn build_ext4(staging: &Path, out: &Path) -> Result<(), RootfsError> {
     // one renames.
     let tmp = out.with_extension(format!("ext4.{:016x}.tmp", rand::random::<u64>()));
     let result = (|| {
-        let output = crate::sys::die_with_parent(&mut Command::new("mkfs.ext4"))
+        let output = hearth_fs::die_with_parent(&mut Command::new("mkfs.ext4"))
             .args(["-q", "-F", "-b", "4096", "-L", "hearth-root", "-E", "root_owner=0:0", "-N", &inodes.to_string(), "-d"])
             .arg(staging)
             .arg(&tmp)
@@ -157,6 +161,44 @@ pub fn build_ext4(staging: &Path, out: &Path) -> Result<(), RootfsError> {
     result
 }
 
+/// The account files of an image (`/etc/passwd`, `/etc/group`), kept beside its base ext4 so a
+/// VM's USER can be checked at create without reading the layers again.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ImageUsers {
+    pub passwd: Option<String>,
+    pub group: Option<String>,
+}
+
+/// Largest account file read from an image.
+const MAX_ACCOUNT_FILE: u64 = 1 << 20;
+
+impl ImageUsers {
+    /// Reads them from an unpacked tree, following links inside it only.
+    fn read(root: &Path) -> Self {
+        let read = |p: &str| -> Option<String> {
+            let mut s = String::new();
+            hearth_fs::open_in_root(root, Path::new(p)).ok()?.take(MAX_ACCOUNT_FILE).read_to_string(&mut s).ok()?;
+            Some(s)
+        };
+        Self { passwd: read("etc/passwd"), group: read("etc/group") }
+    }
+}
+
+/// A reader that hashes what passes through it (the uncompressed layer, for its diff_id).
+struct Hashing<R> {
+    inner: R,
+    hasher: sha2::Sha256,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use sha2::Digest as _;
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
 impl ImageStore {
     /// The image's base ext4 (`images/rootfs/<id>.ext4`), built on first use. Concurrent
     /// callers for one image wait for a single build.
@@ -172,23 +214,57 @@ impl ImageStore {
         }
         let staging = self.tmp_path(image.id.hex());
         let root = staging.join("root");
-        let result = self.unpack_to(image, &root).and_then(|_| build_ext4(&root, &out));
+        let result = self.unpack_to(image, &root).and_then(|_| {
+            // The account files first: a finished ext4 always has them beside it.
+            let users = serde_json::to_vec(&ImageUsers::read(&root)).unwrap_or_default();
+            let path = self.users_path(&image.id);
+            crate::store::write_atomic(&path, &users)?;
+            build_ext4(&root, &out)
+        });
         let _ = fs::remove_dir_all(&staging);
         // Only finished images stay in rootfs/.
         lock.remove();
         result.map(|_| out)
     }
 
-    /// Unpacks all layers of `image`, bottom first, into `dir` (created if missing, mode 0755).
+    /// The image's account files, from beside its base ext4 (building it first if need be);
+    /// `None` for an ext4 built by a hearth that did not keep them.
+    pub fn users(&self, image: &ImageRecord) -> Result<Option<ImageUsers>, RootfsError> {
+        self.rootfs(image)?;
+        let path = self.users_path(&image.id);
+        match fs::read(&path) {
+            Ok(b) => Ok(serde_json::from_slice(&b).ok()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(RootfsError::Io { path, source }),
+        }
+    }
+
+    fn users_path(&self, id: &Digest) -> PathBuf {
+        self.rootfs_path(id).with_extension("users")
+    }
+
+    /// Unpacks all layers of `image`, bottom first, into `dir` (created if missing, mode 0755),
+    /// checking each uncompressed layer against the config's `rootfs.diff_ids` as containerd
+    /// does: a layer whose content is not what the image promises is refused.
     pub fn unpack_to(&self, image: &ImageRecord, dir: &Path) -> Result<(), RootfsError> {
+        let config = self.read_blob(&image.id)?;
+        let diff_ids = crate::oci::diff_ids(&config).ok().flatten().filter(|d| d.len() == image.layers.len());
+        let diff_ids = diff_ids.ok_or_else(|| RootfsError::NoDiffIds(image.id.clone()))?;
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).map_err(io_err(dir))?;
-        for layer in &image.layers {
+        for (layer, expected) in image.layers.iter().zip(&diff_ids) {
             let path = self.blob_path(layer);
-            let file = fs::File::open(&path).map_err(|source| RootfsError::Layer { digest: layer.clone(), source })?;
-            let reader = decompress(BufReader::with_capacity(256 << 10, file))
-                .map_err(|source| RootfsError::Layer { digest: layer.clone(), source })?;
-            unpack::unpack_layer(reader, dir).map_err(|source| RootfsError::Unpack { digest: layer.clone(), source })?;
+            let layer_err = |source| RootfsError::Layer { digest: layer.clone(), source };
+            let file = fs::File::open(&path).map_err(layer_err)?;
+            let reader = decompress(BufReader::with_capacity(256 << 10, file)).map_err(layer_err)?;
+            let mut hashed = Hashing { inner: reader, hasher: sha2::Digest::new() };
+            unpack::unpack_layer(&mut hashed, dir).map_err(|source| RootfsError::Unpack { digest: layer.clone(), source })?;
+            // What follows the tar's end-of-archive blocks counts too.
+            io::copy(&mut hashed, &mut io::sink()).map_err(layer_err)?;
+            let actual = format!("sha256:{}", hex::encode(sha2::Digest::finalize(hashed.hasher)));
+            if actual != *expected {
+                return Err(RootfsError::DiffId { digest: layer.clone(), expected: expected.clone(), actual });
+            }
         }
         Ok(())
     }
@@ -210,14 +286,12 @@ mod tests {
         b.append_data(&mut h, "ok", &b"x"[..]).expect("append");
         let (good, _) = s.put_blob(&b.into_inner().expect("tar")[..], None, &|_| {}).expect("blob");
         let (bad, _) = s.put_blob(&[0x42u8; 1024][..], None, &|_| {}).expect("blob");
-        let rec = |layers: Vec<Digest>, seed: &str| ImageRecord {
-            names: vec![],
-            id: crate::store::digest_of(seed.as_bytes()),
-            manifest_digest: None,
-            layers,
-            config: Default::default(),
-            size: 0,
-            created_at: 0,
+        // An image of these layers, its config promising their own (uncompressed) digests.
+        let rec = |layers: Vec<Digest>, seed: &str| {
+            let ids: Vec<String> = layers.iter().map(|l| l.to_string()).collect();
+            let config = serde_json::json!({"seed": seed, "rootfs": {"type": "layers", "diff_ids": ids}}).to_string();
+            let (id, _) = s.put_blob(config.as_bytes(), None, &|_| {}).expect("config");
+            ImageRecord { names: vec![], id, manifest_digest: None, layers, config: Default::default(), size: 0, created_at: 0 }
         };
         let broken = rec(vec![good.clone(), bad], "broken");
         assert!(matches!(s.rootfs(&broken), Err(RootfsError::Unpack { .. })));
@@ -234,7 +308,55 @@ mod tests {
             hs.into_iter().map(|h| h.join().expect("join")).collect()
         });
         assert!(paths.iter().all(|p| *p == s.rootfs_path(&fine.id) && p.is_file()));
-        assert_eq!((listing("rootfs"), listing("tmp")), (1, 0), "one image, no lock or staging left");
+        assert_eq!((listing("rootfs"), listing("tmp")), (2, 0), "one image and its account files, no lock or staging left");
+    }
+
+    #[test]
+    fn a_layer_that_is_not_what_the_config_promises_is_refused_and_account_files_are_kept() {
+        if Command::new("mkfs.ext4").arg("-V").output().is_err() {
+            eprintln!("skipping: no mkfs.ext4");
+            return;
+        }
+        let t = tempfile::tempdir().expect("tmp");
+        let s = ImageStore::open(t.path()).expect("open");
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, data) in
+            [("etc/passwd", &b"root:x:0:0::/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n"[..]), ("etc/group", b"app:x:1000:\n")]
+        {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            b.append_data(&mut h, name, data).expect("append");
+        }
+        let layer = b.into_inner().expect("tar");
+        let gz = {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(&layer).expect("gz");
+            e.finish().expect("gz")
+        };
+        let (blob, _) = s.put_blob(&gz[..], None, &|_| {}).expect("blob");
+        let image = |diff_id: &str| {
+            let config = serde_json::json!({"rootfs": {"type": "layers", "diff_ids": [diff_id]}}).to_string();
+            let (id, _) = s.put_blob(config.as_bytes(), None, &|_| {}).expect("config");
+            ImageRecord {
+                names: vec![],
+                id,
+                manifest_digest: None,
+                layers: vec![blob.clone()],
+                config: Default::default(),
+                size: 0,
+                created_at: 0,
+            }
+        };
+        // The config promises other content than the (compressed, digest-verified) blob holds.
+        let lying = image(&format!("sha256:{}", "0".repeat(64)));
+        let e = s.rootfs(&lying).expect_err("wrong diff_id");
+        assert!(matches!(e, RootfsError::DiffId { .. }) && e.to_string().contains("tampered"), "{e}");
+        assert!(!s.rootfs_path(&lying.id).exists());
+        let honest = image(&crate::store::digest_of(&layer).to_string());
+        let users = s.users(&honest).expect("build").expect("kept beside the ext4");
+        assert!(users.passwd.as_deref().is_some_and(|p| p.contains("app:x:1000")), "{users:?}");
+        assert_eq!(users.group.as_deref(), Some("app:x:1000:\n"));
     }
 
     #[test]

@@ -57,20 +57,9 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Writes `bytes` to `path` atomically: a temp file in the same directory, fsync, rename.
+/// Writes `bytes` to `path` atomically (hearth_fs::atomic_write).
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{:08x}", rand::random::<u32>()));
-    let result = File::create(&tmp).and_then(|mut f| {
-        f.write_all(bytes)?;
-        f.sync_all()
-    });
-    if let Err(e) = result.and_then(|_| fs::rename(&tmp, path)) {
-        let _ = fs::remove_file(&tmp);
-        return Err(StoreError::Io { path: path.to_owned(), source: e });
-    }
-    sync_dir(dir).map_err(io_err(dir))
+    hearth_fs::atomic_write(path, bytes).map_err(io_err(path))
 }
 
 /// The images of one hearth root (`ROOT/images`).

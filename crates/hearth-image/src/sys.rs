@@ -55,25 +55,3 @@ pub fn lock_exclusive(file: &File) -> io::Result<()> {
         }
     }
 }
-
-/// Makes the child started by `cmd` die with the thread that starts it, so a tool (mkfs.ext4,
-/// e2fsck, resize2fs) never outlives a daemon killed mid-build and races the next attempt. The
-/// caller must wait for the child on the same thread, as `Command::output` does.
-pub fn die_with_parent(cmd: &mut std::process::Command) -> &mut std::process::Command {
-    use std::os::unix::process::CommandExt;
-    let parent = std::process::id();
-    // SAFETY: the closure runs between fork and exec and makes only the async-signal-safe
-    // prctl(2) and getppid(2) calls; it touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The parent may already have died between fork and prctl.
-            if libc::getppid() as u32 != parent {
-                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            Ok(())
-        })
-    }
-}

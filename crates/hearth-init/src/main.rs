@@ -15,7 +15,6 @@ mod boot;
 mod net;
 mod process;
 mod sys;
-mod user;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;

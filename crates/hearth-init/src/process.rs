@@ -12,7 +12,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::sys::{self, ChildSetup};
-use crate::user;
 
 /// `PATH` used to find the program when the process's environment has none.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -101,7 +100,7 @@ pub fn command(spec: &Spec, ctty: Option<i32>, new_session: bool) -> Result<Comm
     let Some(program) = spec.args.first() else { return Err(fail(125, "no command to run: the image has no entrypoint or cmd".into())) };
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
     let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
-    let ids = user::resolve(&spec.user, &passwd, &group).map_err(|m| fail(126, m))?;
+    let ids = hearth_types::user::resolve(&spec.user, &passwd, &group).map_err(|m| fail(126, m))?;
     let mut env = spec.env.clone();
     if !env.iter().any(|e| key(e) == "HOME") {
         env.push(format!("HOME={}", ids.home));

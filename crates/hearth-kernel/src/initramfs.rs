@@ -65,6 +65,12 @@ pub fn write(
         }
         let Some(tree) = tree else { break };
         let data = modules::read_module(&tree.join(rel))?;
+        // Only what really is a module of this kernel goes into every guest of it.
+        let name = rel.display().to_string();
+        match modules::vermagic(&data, &name)? {
+            Some(v) if v == version => {}
+            found => return Err(ModuleError::WrongVersion { name, found: found.unwrap_or_default(), version: version.to_owned() }.into()),
+        }
         let dest = format!("{base}/{}", plain.display());
         c.file(&dest, 0o644, &data).map_err(werr)?;
         list.push('/');
@@ -89,10 +95,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let sub = dir.path().join("kernel/drivers/virtio");
         std::fs::create_dir_all(&sub).expect("mkdir");
-        std::fs::write(sub.join("virtio_ring.ko"), fake_ko(&["depends="])).expect("write");
-        let zst = zstd::stream::encode_all(fake_ko(&["depends=virtio_ring"]).as_slice(), 3).expect("zstd");
+        const V: &str = "vermagic=6.9.9 SMP mod_unload";
+        std::fs::write(sub.join("virtio_ring.ko"), fake_ko(&["depends=", V])).expect("write");
+        let zst = zstd::stream::encode_all(fake_ko(&["depends=virtio_ring", V]).as_slice(), 3).expect("zstd");
         std::fs::write(sub.join("virtio.ko.zst"), zst).expect("write");
-        std::fs::write(sub.join("virtio_blk.ko"), fake_ko(&["depends=virtio,virtio_ring"])).expect("write");
+        std::fs::write(sub.join("virtio_blk.ko"), fake_ko(&["depends=virtio,virtio_ring", V])).expect("write");
         std::fs::write(sub.join("unrelated.ko"), fake_ko(&[])).expect("write");
         let mut out = Vec::new();
         let placed = write(&mut out, Path::new("mem"), b"INIT", "6.9.9", Some(dir.path()), &["virtio_blk", "virtio_pci"]).expect("write");

@@ -44,6 +44,8 @@ pub enum KernelError {
     NoModules { version: String, dir: PathBuf },
     #[error("the modules under {dir} are for kernel {found}, not {version}: pass the matching lib/modules directory")]
     WrongModules { dir: PathBuf, found: String, version: String },
+    #[error("the kernel image has no file {file} (links are followed inside the image only)")]
+    NoKernelFile { file: String },
     #[error("{dir} holds no kernel: expected /boot/vmlinux, /boot/vmlinuz* or /boot/bzImage")]
     NoKernelInImage { dir: PathBuf },
     #[error("kernel record {0} is corrupt: remove the kernel with `hearth kernel rm` and import it again")]
@@ -68,25 +70,8 @@ fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-/// A temporary name next to `path`, unique to this process and call.
-fn tmp_name(path: &Path) -> PathBuf {
-    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(format!(".{name}.{}.{n}.tmp", std::process::id()))
-}
-
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), KernelError> {
-    let tmp = tmp_name(path);
-    let res = (|| {
-        fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
-        fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io_err(&tmp))?;
-        fs::rename(&tmp, path).map_err(io_err(path))
-    })();
-    if res.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    res
+    hearth_fs::atomic_write(path, bytes).map_err(io_err(path))
 }
 
 /// Hard-links `src` to `dst`, copying when the link cannot be made (other filesystem).
@@ -97,25 +82,52 @@ fn link_or_copy(src: &Path, dst: &Path) -> Result<(), KernelError> {
     Ok(())
 }
 
-/// Copies a tree (hard-linking files where possible); returns how many modules it holds.
-fn link_tree(src: &Path, dst: &Path) -> Result<usize, KernelError> {
+/// Where a tree being imported comes from: the host (a path the user gave) or an unpacked image,
+/// whose links must resolve inside the image and never reach the host.
+#[derive(Debug, Clone, Copy)]
+enum Origin<'a> {
+    Host,
+    Image(&'a Path),
+}
+
+impl Origin<'_> {
+    /// What a symbolic link in the tree names: on the host, whatever the link names; in an
+    /// image, the file it names inside the image (`None` when that is outside or missing).
+    fn follow(&self, link: &Path) -> Option<PathBuf> {
+        match self {
+            Origin::Host => fs::canonicalize(link).ok(),
+            Origin::Image(root) => hearth_fs::resolve_in_root(root, link.strip_prefix(root).ok()?).ok(),
+        }
+    }
+}
+
+/// Copies a tree (hard-linking files where possible); returns how many modules it holds. The
+/// copy holds no symbolic links: a link to a regular file becomes a copy of the file it names
+/// (see [`Origin::follow`]); other links (Debian's build/source, links to directories) are
+/// left out. So nothing read from the store later can lead anywhere else.
+fn link_tree(src: &Path, dst: &Path, origin: Origin<'_>) -> Result<usize, KernelError> {
     fs::create_dir_all(dst).map_err(io_err(dst))?;
     let mut count = 0;
     for e in fs::read_dir(src).map_err(io_err(src))? {
         let e = e.map_err(io_err(src))?;
         let (s, d) = (e.path(), dst.join(e.file_name()));
         let ft = e.file_type().map_err(io_err(&s))?;
-        if ft.is_dir() {
-            count += link_tree(&s, &d)?;
+        let file = if ft.is_dir() {
+            count += link_tree(&s, &d, origin)?;
+            continue;
         } else if ft.is_file() {
-            link_or_copy(&s, &d)?;
-            if modules::module_name(&s).is_some() {
-                count += 1;
-            }
+            s.clone()
         } else if ft.is_symlink() {
-            // Debian's build/source links point outside the tree; keep them as links.
-            let target = fs::read_link(&s).map_err(io_err(&s))?;
-            std::os::unix::fs::symlink(target, &d).map_err(io_err(&d))?;
+            match origin.follow(&s).filter(|t| fs::symlink_metadata(t).is_ok_and(|m| m.is_file())) {
+                Some(target) => target,
+                None => continue,
+            }
+        } else {
+            continue;
+        };
+        link_or_copy(&file, &d)?;
+        if modules::module_name(&s).is_some() {
+            count += 1;
         }
     }
     Ok(count)
@@ -150,9 +162,13 @@ impl KernelStore {
     /// `lib/modules/<version>`; the version matching the kernel is picked. The first kernel
     /// imported becomes the default.
     pub fn import(&self, kernel: &Path, modules: Option<&Path>, name: &str) -> Result<KernelRecord, KernelError> {
+        self.import_from(kernel, modules, name, Origin::Host)
+    }
+
+    fn import_from(&self, kernel: &Path, modules: Option<&Path>, name: &str, origin: Origin<'_>) -> Result<KernelRecord, KernelError> {
         hearth_types::validate_name(name).map_err(|_| KernelError::Name(name.to_owned()))?;
         let (format, ver) = version::read(kernel)?;
-        let mod_tree = modules.map(|m| find_module_tree(m, &ver)).transpose()?;
+        let mod_tree = modules.map(|m| find_module_tree(m, &ver, origin)).transpose()?;
         let dir = self.kdir(name);
         if dir.join("record.json").exists() {
             return Err(KernelError::Exists(name.to_owned()));
@@ -164,7 +180,7 @@ impl KernelStore {
             link_or_copy(kernel, &staging.join("kernel"))?;
             let id = sha256_file(&staging.join("kernel"))?;
             let count = match &mod_tree {
-                Some(t) => link_tree(t, &staging.join("modules").join(&ver))?,
+                Some(t) => link_tree(t, &staging.join("modules").join(&ver), origin)?,
                 None => 0,
             };
             let rec = KernelRecord {
@@ -193,22 +209,40 @@ impl KernelStore {
     }
 
     /// Imports from an unpacked Ignite-style kernel image: `/boot/vmlinux` (or `/boot/bzImage`,
-    /// `/boot/vmlinuz*`) and `/lib/modules`.
+    /// `/boot/vmlinuz*`) and `/lib/modules`. Every path is resolved inside `dir` as the guest
+    /// would resolve it (hearth_fs::resolve_in_root): a link in the image never reaches the host.
     pub fn import_rootfs(&self, dir: &Path, name: &str) -> Result<KernelRecord, KernelError> {
-        let boot = dir.join("boot");
-        let mut candidates: Vec<PathBuf> = ["vmlinux", "bzImage", "vmlinuz"].iter().map(|n| boot.join(n)).collect();
-        if let Ok(rd) = fs::read_dir(&boot) {
-            let mut more: Vec<PathBuf> = rd
+        let inside = |p: &str| hearth_fs::resolve_in_root(dir, Path::new(p)).ok();
+        let mut candidates: Vec<String> = ["vmlinux", "bzImage", "vmlinuz"].iter().map(|n| format!("boot/{n}")).collect();
+        if let Some(Ok(rd)) = inside("boot").map(fs::read_dir) {
+            let mut more: Vec<String> = rd
                 .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinu")))
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("vmlinu"))
+                .map(|n| format!("boot/{n}"))
                 .collect();
             more.sort();
             candidates.extend(more);
         }
-        let kernel = candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| KernelError::NoKernelInImage { dir: dir.to_owned() })?;
-        let modules = dir.join("lib/modules");
-        self.import(&kernel, modules.is_dir().then_some(modules.as_path()), name)
+        let kernel = candidates
+            .iter()
+            .filter_map(|c| inside(c))
+            .find(|p| fs::symlink_metadata(p).is_ok_and(|m| m.is_file()))
+            .ok_or_else(|| KernelError::NoKernelInImage { dir: dir.to_owned() })?;
+        let modules = inside("lib/modules").filter(|m| fs::symlink_metadata(m).is_ok_and(|m| m.is_dir()));
+        self.import_from(&kernel, modules.as_deref(), name, Origin::Image(dir))
+    }
+
+    /// Imports the kernel file at `file` inside an unpacked image (Flintlock's `kernel.filename`),
+    /// with the image's `/lib/modules` when it has one; resolved as [`Self::import_rootfs`] does.
+    pub fn import_image_file(&self, dir: &Path, file: &str, name: &str) -> Result<KernelRecord, KernelError> {
+        let kernel = hearth_fs::resolve_in_root(dir, Path::new(file))
+            .ok()
+            .filter(|p| fs::symlink_metadata(p).is_ok_and(|m| m.is_file()))
+            .ok_or_else(|| KernelError::NoKernelFile { file: file.to_owned() })?;
+        let modules =
+            hearth_fs::resolve_in_root(dir, Path::new("lib/modules")).ok().filter(|m| fs::symlink_metadata(m).is_ok_and(|m| m.is_dir()));
+        self.import_from(&kernel, modules.as_deref(), name, Origin::Image(dir))
     }
 
     /// Clears what a crash left: import staging (`.NAME.PID.importing`), temporary files, and
@@ -320,7 +354,7 @@ impl KernelStore {
         }
         let tree = self.kdir(name).join("modules").join(&rec.version);
         let tree = tree.is_dir().then_some(tree.as_path());
-        let tmp = tmp_name(&out);
+        let tmp = hearth_fs::temp_beside(&out);
         let res = (|| {
             let f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
             let w = initramfs::write(io::BufWriter::new(&f), &tmp, &init, &rec.version, tree, GUEST_MODULES)?;
@@ -352,10 +386,14 @@ impl KernelStore {
 
 /// Accepts `lib/modules/<ver>`, a directory holding `<ver>`, or a root holding
 /// `lib/modules/<ver>`, and checks a directory given directly against the modules' vermagic.
-fn find_module_tree(dir: &Path, version: &str) -> Result<PathBuf, KernelError> {
+fn find_module_tree(dir: &Path, version: &str, origin: Origin<'_>) -> Result<PathBuf, KernelError> {
     for c in [dir.join(version), dir.join("lib/modules").join(version)] {
-        if c.is_dir() {
-            return Ok(c);
+        let real = match origin {
+            Origin::Host => Some(c),
+            Origin::Image(root) => c.strip_prefix(root).ok().and_then(|rel| hearth_fs::resolve_in_root(root, rel).ok()),
+        };
+        if let Some(real) = real.filter(|r| r.is_dir()) {
+            return Ok(real);
         }
     }
     let idx = modules::index(dir)?;
@@ -421,6 +459,84 @@ mod tests {
         left.sort();
         assert_eq!(left, [".default", "kept"]);
         assert_eq!(fs::read_dir(dir.join("kept")).expect("kept").count(), 2, "kernel and record stay");
+    }
+
+    /// Every file under `dir` (links not followed) whose content holds `needle`.
+    fn files_holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(dir).expect("dir").flatten() {
+            let p = e.path();
+            let ft = e.file_type().expect("type");
+            if ft.is_dir() {
+                out.extend(files_holding(&p, needle));
+            } else if ft.is_file() && fs::read(&p).expect("read").windows(needle.len()).any(|w| w == needle) {
+                out.push(p);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn links_in_a_kernel_image_never_bring_host_files_into_the_store() {
+        let host = tempfile::tempdir().expect("tmp");
+        let secret = host.path().join("shadow");
+        fs::write(&secret, b"root:HOST-SECRET-HASH:19000::::::").expect("secret");
+        let img = host.path().join("image");
+        let tree = img.join("lib/modules/6.9.9-fake");
+        fs::create_dir_all(tree.join("kernel/drivers")).expect("mkdir");
+        fs::create_dir_all(img.join("boot")).expect("mkdir");
+        let k = fake_kernel(&img.join("boot"));
+        assert_eq!(k, img.join("boot/vmlinux"));
+        fs::write(tree.join("kernel/drivers/virtio_blk.ko"), modules::tests::fake_ko(&["vermagic=6.9.9-fake SMP"])).expect("ko");
+        // Links out of the image, absolute and climbing, to the host's secret...
+        std::os::unix::fs::symlink(&secret, tree.join("kernel/drivers/virtio_net.ko")).expect("link");
+        std::os::unix::fs::symlink("../../../../../shadow", tree.join("kernel/drivers/virtio_pci.ko")).expect("link");
+        std::os::unix::fs::symlink(&secret, tree.join("modules.dep")).expect("link");
+        // ...and one inside it, which is kept as a copy of what it names.
+        std::os::unix::fs::symlink("drivers/virtio_blk.ko", tree.join("kernel/virtio_console.ko")).expect("link");
+        let root = tempfile::tempdir().expect("tmp");
+        let s = KernelStore::open(root.path()).expect("open");
+        let rec = s.import_rootfs(&img, "pulled").expect("import");
+        assert_eq!(rec.modules, 2, "the module and the in-image link: {rec:?}");
+        let init = host.path().join("init");
+        fs::write(&init, b"INIT").expect("init");
+        let initramfs = s.initramfs("pulled", &init).expect("initramfs");
+        assert!(files_holding(root.path(), b"HOST-SECRET").is_empty(), "a host file reached the store");
+        assert!(!fs::read(&initramfs).expect("read").windows(11).any(|w| w == b"HOST-SECRET"));
+        let copied = s.kdir("pulled").join("modules/6.9.9-fake/kernel/virtio_console.ko");
+        assert!(fs::symlink_metadata(&copied).expect("copied").is_file(), "links become plain files");
+
+        // A kernel that is only a link out of the image is no kernel.
+        let bad = host.path().join("bad");
+        fs::create_dir_all(bad.join("boot")).expect("mkdir");
+        std::os::unix::fs::symlink(&k, bad.join("boot/vmlinux")).expect("link");
+        assert!(matches!(s.import_rootfs(&bad, "bad"), Err(KernelError::NoKernelInImage { .. })));
+        assert!(matches!(s.import_image_file(&bad, "boot/vmlinux", "bad"), Err(KernelError::NoKernelFile { .. })));
+        // lib/modules pointing at the host's own modules is not followed either.
+        fs::create_dir_all(bad.join("lib")).expect("mkdir");
+        std::os::unix::fs::symlink(img.join("lib/modules"), bad.join("lib/modules")).expect("link");
+        fs::copy(&k, bad.join("boot/real")).expect("copy");
+        let rec = s.import_image_file(&bad, "boot/real", "bad").expect("kernel without modules");
+        assert_eq!(rec.modules, 0);
+    }
+
+    #[test]
+    fn a_module_of_another_kernel_is_refused_from_the_initramfs() {
+        let src = tempfile::tempdir().expect("tmp");
+        let k = fake_kernel(src.path());
+        let tree = src.path().join("6.9.9-fake");
+        fs::create_dir_all(&tree).expect("mkdir");
+        fs::write(tree.join("virtio_blk.ko"), modules::tests::fake_ko(&["vermagic=6.9.9-fake SMP"])).expect("ko");
+        fs::write(tree.join("virtio_net.ko"), modules::tests::fake_ko(&["vermagic=5.10.0 SMP"])).expect("ko");
+        let root = tempfile::tempdir().expect("tmp");
+        let s = KernelStore::open(root.path()).expect("open");
+        s.import(&k, Some(&tree), "mixed").expect("import");
+        let init = src.path().join("init");
+        fs::write(&init, b"INIT").expect("init");
+        let e = s.initramfs("mixed", &init).expect_err("wrong vermagic");
+        assert!(e.to_string().contains("virtio_net.ko") && e.to_string().contains("5.10.0"), "{e}");
+        fs::write(s.kdir("mixed").join("modules/6.9.9-fake/virtio_net.ko"), b"not an ELF").expect("write");
+        assert!(matches!(s.initramfs("mixed", &init), Err(KernelError::Initramfs(InitramfsError::Modules(ModuleError::BadElf(_))))));
     }
 
     #[test]

@@ -26,6 +26,8 @@ pub enum ModuleError {
     Compressed(String, &'static str),
     #[error("module {0} is not a valid 64-bit little-endian ELF object: pass a module tree built for x86_64")]
     BadElf(String),
+    #[error("module {name} is built for kernel {found:?}, not {version}: its modules tree belongs to another kernel")]
+    WrongVersion { name: String, found: String, version: String },
     #[error("cannot decompress module {name}: re-extract the kernel package")]
     Zstd {
         name: String,
@@ -114,6 +116,10 @@ pub fn index(tree: &Path) -> Result<BTreeMap<String, PathBuf>, ModuleError> {
             let ft = e.file_type().map_err(|source| ModuleError::Io { path: p.clone(), source })?;
             if ft.is_dir() {
                 stack.push(p);
+                continue;
+            }
+            // Links are never followed here (a link in an image's tree could name a host file).
+            if !ft.is_file() {
                 continue;
             }
             let Some(name) = module_name(&p) else { continue };

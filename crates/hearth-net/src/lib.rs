@@ -188,9 +188,19 @@ fn nat_table_exists() -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// The whole NAT table: declared, flushed and refilled in one nft transaction. Published ports
-/// are DNAT rules in prerouting (from elsewhere) and output (from the host itself); connections
-/// from the host's loopback are masqueraded onto the bridge so the guest can answer them.
+/// hearth's whole nftables table, declared, flushed and refilled in one nft transaction.
+///
+/// NAT: published ports are DNAT rules in prerouting (from elsewhere) and output (from the host
+/// itself); the subnet is masqueraded on its way out, and connections from the host's loopback
+/// onto the bridge too, so the guest can answer them.
+///
+/// Filters, because `route_localnet` (needed for ports published on 127.0.0.1) would otherwise
+/// let a guest reach services bound to the host's loopback (CVE-2020-8558 in kube-proxy), and
+/// forwarding would let a neighbour with a route reach every guest port:
+/// - input: a packet for 127.0.0.0/8 that did not come in on `lo` is dropped unless it belongs
+///   to a connection the host made or was DNAT'ed;
+/// - forward: into the bridge from elsewhere, only published ports (DNAT'ed) and replies to
+///   connections the guests made. Guest to guest and guest to the world stay open.
 pub fn nat_ruleset(b: &Bridge, forwards: &[Forward]) -> String {
     let dnat: String = forwards
         .iter()
@@ -225,6 +235,22 @@ pub fn nat_ruleset(b: &Bridge, forwards: &[Forward]) -> String {
          \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
          \t\tip saddr {net} oifname != \"{br}\" masquerade\n\
          \t\tip saddr 127.0.0.0/8 oifname \"{br}\" masquerade\n\
+         \t}}\n\
+         \tchain input {{\n\
+         \t\ttype filter hook input priority filter; policy accept;\n\
+         \t\tiifname \"lo\" accept\n\
+         \t\tip daddr != 127.0.0.0/8 accept\n\
+         \t\tct state established,related accept\n\
+         \t\tct status dnat accept\n\
+         \t\tdrop comment \"no loopback service for anything but loopback\"\n\
+         \t}}\n\
+         \tchain forward {{\n\
+         \t\ttype filter hook forward priority filter; policy accept;\n\
+         \t\toifname != \"{br}\" accept\n\
+         \t\tiifname \"{br}\" accept\n\
+         \t\tct state established,related accept\n\
+         \t\tct status dnat accept\n\
+         \t\tdrop comment \"only published ports reach the guests\"\n\
          \t}}\n\
          }}\n",
         t = NFT_TABLE,
@@ -275,5 +301,31 @@ mod tests {
         let rules = nat_ruleset(&b, &[fwd(None), fwd(Some(Ipv4Addr::LOCALHOST))]);
         assert_eq!(rules.matches("fib daddr type local tcp dport 8080 dnat to 10.61.0.2:80 comment \"vm 0123\"").count(), 2, "{rules}");
         assert_eq!(rules.matches("ip daddr 127.0.0.1 tcp dport 8080 dnat to 10.61.0.2:80").count(), 2, "{rules}");
+    }
+
+    /// The rules of one chain, in order.
+    fn chain<'a>(rules: &'a str, name: &str) -> Vec<&'a str> {
+        let start = rules.find(&format!("chain {name} {{")).unwrap_or_else(|| panic!("no chain {name}:\n{rules}"));
+        rules[start..].lines().skip(1).map(str::trim).take_while(|l| *l != "}").collect()
+    }
+
+    #[test]
+    fn loopback_services_and_unpublished_ports_are_filtered() {
+        let rules = nat_ruleset(&Bridge::hearth0(), &[]);
+        let input = chain(&rules, "input");
+        assert_eq!(input[0], "type filter hook input priority filter; policy accept;");
+        // Everything for 127/8 from a non-loopback interface falls through to the drop unless
+        // the host made the connection or a published port DNAT'ed it.
+        assert_eq!(
+            &input[1..5],
+            ["iifname \"lo\" accept", "ip daddr != 127.0.0.0/8 accept", "ct state established,related accept", "ct status dnat accept"]
+        );
+        assert!(input[5].starts_with("drop"), "{input:?}");
+        let forward = chain(&rules, "forward");
+        assert_eq!(
+            &forward[1..5],
+            ["oifname != \"hearth0\" accept", "iifname \"hearth0\" accept", "ct state established,related accept", "ct status dnat accept"]
+        );
+        assert!(forward[5].starts_with("drop"), "{forward:?}");
     }
 }

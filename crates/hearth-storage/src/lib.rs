@@ -199,7 +199,7 @@ fn copy_skipping_zeroes(src: &File, dst: &File, start: u64, end: u64) -> io::Res
 }
 
 fn run_tool(tool: &'static str, args: &[&str], path: &Path, ok: &[i32]) -> Result<(), StorageError> {
-    let out = sys::die_with_parent(&mut Command::new(tool)).args(args).arg(path).output().map_err(|e| StorageError::Tool {
+    let out = hearth_fs::die_with_parent(&mut Command::new(tool)).args(args).arg(path).output().map_err(|e| StorageError::Tool {
         tool,
         path: path.to_owned(),
         output: format!("cannot run it ({e}); install e2fsprogs"),
@@ -216,13 +216,21 @@ fn run_tool(tool: &'static str, args: &[&str], path: &Path, ok: &[i32]) -> Resul
     }
 }
 
-/// Writes a fresh config disk holding `cfg`, with an empty exit area. Built at `path.tmp` and
-/// renamed into place.
-pub fn create_config_disk(path: &Path, cfg: &GuestConfig) -> Result<(), StorageError> {
+/// Refuses a guest config too large for the config disk (checked at create, so no VM is made
+/// that could never start).
+pub fn check_config_fits(cfg: &GuestConfig) -> Result<(), StorageError> {
     let record = encode_record(CONFIG_MAGIC, cfg);
     if record.len() > MAX_RECORD {
         return Err(StorageError::ConfigTooLarge { bytes: record.len(), limit: MAX_RECORD });
     }
+    Ok(())
+}
+
+/// Writes a fresh config disk holding `cfg`, with an empty exit area. Built at a temporary name
+/// and renamed into place.
+pub fn create_config_disk(path: &Path, cfg: &GuestConfig) -> Result<(), StorageError> {
+    check_config_fits(cfg)?;
+    let record = encode_record(CONFIG_MAGIC, cfg);
     let tmp = tmp_path(path);
     let write = || -> io::Result<()> {
         let mut f = File::create(&tmp)?;

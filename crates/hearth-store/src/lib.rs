@@ -6,8 +6,8 @@
 //! the new record, never a torn one (docs/adr/0001-json-state-store.md).
 #![forbid(unsafe_code)]
 
-use std::fs::{self, File};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use hearth_types::{VmId, VmRecord};
@@ -33,32 +33,9 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     move |source| StoreError::Io { path: path.to_owned(), source }
 }
 
-/// A temporary name beside `path`, unique to this write (`.NAME.<random>.tmp`), so no writer —
-/// not even one a dead daemon left running — ever renames another's file.
-pub fn temp_beside(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(format!(".{name}.{:016x}.tmp", rand::random::<u64>()))
-}
-
 /// Writes `bytes` to `path` so that readers see the old or the new content, never a mix.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = temp_beside(path);
-    let written = (|| {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    })();
-    if let Err(source) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(StoreError::Io { path: tmp, source });
-    }
-    if let Err(source) = fs::rename(&tmp, path) {
-        let _ = fs::remove_file(&tmp);
-        return Err(StoreError::Io { path: path.to_owned(), source });
-    }
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
-    Ok(())
+    hearth_fs::atomic_write(path, bytes).map_err(|source| StoreError::Io { path: path.to_owned(), source })
 }
 
 /// The VM records of one hearth root.

@@ -13,6 +13,7 @@ pub mod kernel;
 pub mod net;
 pub mod reference;
 pub mod size;
+pub mod user;
 pub mod vm;
 
 pub use digest::{Digest, DigestError};
@@ -22,5 +23,5 @@ pub use image::{ImageConfig, ImageRecord};
 pub use kernel::KernelRecord;
 pub use net::{NetError, NetworkMode, PortMapping, Protocol};
 pub use reference::{ImageRef, ReferenceError};
-pub use size::{parse_size, SizeError};
+pub use size::{format_size, parse_size, size_flag, SizeError};
 pub use vm::{parse_labels, Accel, BootTimings, Desired, VmRecord, VmSpec, VmSpecError, VmState, VmStatus, VolumeSpec};

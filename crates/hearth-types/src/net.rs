@@ -102,6 +102,17 @@ impl fmt::Display for PortMapping {
     }
 }
 
+impl PortMapping {
+    /// Whether two mappings claim the same host socket: one protocol and port, and the same
+    /// address or an unspecified one (which takes every address).
+    pub fn overlaps(&self, other: &PortMapping) -> bool {
+        let any = |ip: &str| ip.parse::<IpAddr>().is_ok_and(|ip| ip.is_unspecified());
+        self.protocol == other.protocol
+            && self.host_port == other.host_port
+            && (self.host_ip == other.host_ip || any(&self.host_ip) || any(&other.host_ip))
+    }
+}
+
 /// Why a network setting was refused. Each message names the flag and the fix.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NetError {
@@ -336,5 +347,15 @@ mod tests {
         let id = VmId::from_bytes([0xab; 8]);
         assert_eq!(mac_for(&id), "02:ab:ab:ab:ab:ab");
         assert_eq!(mac_for(&id), mac_for(&id));
+    }
+
+    #[test]
+    fn published_ports_overlap_on_one_protocol_port_and_address() {
+        let p = |s: &str| s.parse::<PortMapping>().expect("port");
+        assert!(p("8080:80").overlaps(&p("127.0.0.1:8080:81")), "0.0.0.0 takes every address");
+        assert!(p("127.0.0.1:8080:80").overlaps(&p("127.0.0.1:8080:90")));
+        assert!(!p("127.0.0.1:8080:80").overlaps(&p("127.0.0.2:8080:80")));
+        assert!(!p("8080:80").overlaps(&p("8081:80")));
+        assert!(!p("8080:80/udp").overlaps(&p("8080:80/tcp")));
     }
 }

@@ -34,9 +34,38 @@ pub fn parse_size(s: &str) -> Result<u64, SizeError> {
     Ok(bytes as u64)
 }
 
+/// A size as people read it: `512 B`, `1.5 GiB`.
+pub fn format_size(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < UNITS.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[i])
+    }
+}
+
+/// `n` bytes as a `--size` value that holds them, in whole MiB (`46M`).
+pub fn size_flag(n: u64) -> String {
+    format!("{}M", n.div_ceil(1 << 20))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_print_for_people_and_flags() {
+        assert_eq!(format_size(512), "512 B");
+        assert_eq!(format_size(3 << 29), "1.5 GiB");
+        assert_eq!(size_flag((45 << 20) + 1), "46M");
+        assert_eq!(parse_size(&size_flag(12345)).expect("parses back"), 1 << 20);
+    }
 
     #[test]
     fn units() {

@@ -17,6 +17,9 @@ pub const MAX_CPUS: u32 = 64;
 pub const MIN_MEMORY_MIB: u64 = 64;
 pub const MAX_MEMORY_MIB: u64 = 1 << 20;
 pub const MAX_KERNEL_ARGS: usize = 1024;
+/// Root disks are files on the host: 16 MiB up to ext4's largest file (16 TiB with 4 KiB blocks).
+pub const MIN_DISK_BYTES: u64 = 16 << 20;
+pub const MAX_DISK_BYTES: u64 = 16 << 40;
 
 /// How QEMU runs the guest: hardware KVM, software TCG, or whatever really works here.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,7 +60,7 @@ pub enum VmSpecError {
     Cpus(u32),
     #[error("--memory must be between {MIN_MEMORY_MIB} MiB and {MAX_MEMORY_MIB} MiB, got {0} MiB")]
     Memory(u64),
-    #[error("--size must be at least 16 MiB, got {0} bytes")]
+    #[error("--size must be between 16 MiB and 16 TiB (the largest disk file ext4 holds), got {shown} ({0} bytes)", shown = crate::size::format_size(*.0))]
     Disk(u64),
     #[error("--kernel-args is longer than {MAX_KERNEL_ARGS} bytes")]
     KernelArgs,
@@ -160,7 +163,7 @@ impl VmSpec {
         if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
             return Err(VmSpecError::Memory(self.memory_mib));
         }
-        if self.disk_bytes < 16 << 20 {
+        if !(MIN_DISK_BYTES..=MAX_DISK_BYTES).contains(&self.disk_bytes) {
             return Err(VmSpecError::Disk(self.disk_bytes));
         }
         if self.kernel_args.len() > MAX_KERNEL_ARGS {

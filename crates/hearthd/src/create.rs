@@ -63,6 +63,18 @@ pub async fn create(d: &Arc<Daemon>, req: pb::CreateVmRequest) -> Result<VmRecor
             read_only: v.read_only,
         });
     }
+    // The image's root filesystem is built (once per image) before anything is recorded, so a
+    // --size it does not fit in, or a USER it lacks, is refused here and no VM is left behind.
+    let (base_bytes, users) = {
+        let (d2, img) = (d.clone(), image.clone());
+        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let users = d2.images.users(&img)?;
+            Ok((std::fs::metadata(d2.images.rootfs_path(&img.id))?.len(), users))
+        })
+        .await
+        .map_err(internal)?
+        .map_err(|e| Status::failed_precondition(format!("{e:#}")))?
+    };
     let requested_address = match req.address.as_str() {
         "" => None,
         a => Some(a.parse::<std::net::Ipv4Addr>().map_err(|_| Status::invalid_argument(format!("address {a:?} is not an IPv4 address")))?),
@@ -134,7 +146,17 @@ pub async fn create(d: &Arc<Daemon>, req: pb::CreateVmRequest) -> Result<VmRecor
         (_, None) => None,
     };
     spec.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
-    hearth_core::guest_config(&spec, &image.config).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    check_fits(d, &spec, base_bytes)?;
+    let cfg = crate::reconcile::guest_config_for(&spec, &image.config)?;
+    hearth_storage::check_config_fits(&cfg).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    if let (false, Some(users)) = (cfg.init_system || cfg.process.user.is_empty(), &users) {
+        let (passwd, group) = (users.passwd.as_deref().unwrap_or(""), users.group.as_deref().unwrap_or(""));
+        hearth_types::user::resolve(&cfg.process.user, passwd, group).map_err(|why| {
+            Status::invalid_argument(format!("image {} runs as USER {:?}, but {why}: fix the image's USER", spec.image, cfg.process.user))
+        })?;
+    }
+    crate::net::check_ports_free(&spec)?;
+    crate::net::check_unclaimed(d, &spec)?;
     let mut rec = new_record(spec);
     if req.ssh && given_key.is_none() {
         let dir = d.vm_dir(&rec.spec.id);
@@ -152,4 +174,31 @@ pub async fn create(d: &Arc<Daemon>, req: pb::CreateVmRequest) -> Result<VmRecor
         return Err(e);
     }
     Ok(rec)
+}
+
+/// The root disk holds the image's filesystem and fits the filesystem it lives on.
+fn check_fits(d: &Daemon, spec: &VmSpec, base_bytes: u64) -> Result<(), Status> {
+    use hearth_types::{format_size, size_flag};
+    if spec.disk_bytes < base_bytes {
+        return Err(Status::invalid_argument(format!(
+            "--size {} is smaller than the root filesystem of {} ({}): use --size {} or more",
+            format_size(spec.disk_bytes),
+            spec.image,
+            format_size(base_bytes),
+            size_flag(base_bytes)
+        )));
+    }
+    let vms = d.root.join("vms");
+    if let Ok(fs) = nix::sys::statvfs::statvfs(&vms) {
+        let total = fs.blocks().saturating_mul(fs.fragment_size());
+        if spec.disk_bytes > total {
+            return Err(Status::invalid_argument(format!(
+                "--size {} is larger than the whole filesystem holding {} ({}): choose a smaller --size",
+                format_size(spec.disk_bytes),
+                vms.display(),
+                format_size(total)
+            )));
+        }
+    }
+    Ok(())
 }

@@ -32,6 +32,8 @@ pub struct Daemon {
     /// Bridge addresses promised to VMs not created yet (a Flintlock microVM's static address
     /// while its images are pulled), by holder: the allocator skips them.
     pub reserved_addresses: Mutex<HashMap<std::net::Ipv4Addr, String>>,
+    /// Published host ports of launches in flight, and the lock for the bridge's table.
+    pub ports: crate::net::Ports,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -116,6 +118,7 @@ impl Daemon {
             tombstones: Mutex::new(HashMap::new()),
             agents: tokio::sync::Mutex::new(HashMap::new()),
             reserved_addresses: Mutex::new(HashMap::new()),
+            ports: Default::default(),
         })
     }
 

@@ -2,10 +2,15 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use hearth_types::net::{tap_name, SSH_PORT};
-use hearth_types::{NetworkMode, PortMapping, Protocol, VmSpec};
+use hearth_types::{NetworkMode, PortMapping, Protocol, VmId, VmRecord, VmSpec, VmState};
 use hearth_vmm::NetLaunch;
 use tonic::Status;
+
+use crate::daemon::{internal, Daemon};
 
 /// The card for `spec`, and the loopback port forwarded to the guest's SSH port when `--ssh`
 /// asked for one. Every published host port is checked first, so a port in use is reported
@@ -14,13 +19,9 @@ pub fn plan(spec: &VmSpec) -> Result<Option<(NetLaunch, Option<u16>)>, Status> {
     if spec.network == NetworkMode::None {
         return Ok(None);
     }
-    // A published port must not shadow a host service (on the bridge, DNAT would take its
-    // traffic silently).
-    for p in &spec.ports {
-        check_free(p)?;
-    }
+    check_ports_free(spec)?;
     if spec.network == NetworkMode::Bridge {
-        // The guest has its own address: ports are DNAT rules (sync_nat), SSH goes direct.
+        // The guest has its own address: ports are DNAT rules (claim), SSH goes direct.
         return Ok(Some((NetLaunch { mac: spec.mac(), forwards: vec![], tap: Some(tap_name(&spec.id)) }, None)));
     }
     let mut forwards = spec.ports.clone();
@@ -40,6 +41,12 @@ pub fn plan(spec: &VmSpec) -> Result<Option<(NetLaunch, Option<u16>)>, Status> {
     Ok(Some((NetLaunch { mac: spec.mac(), forwards, tap: None }, ssh_port)))
 }
 
+/// Every published host port can be bound now: a published port must not shadow a host service
+/// (on the bridge, DNAT would take its traffic silently).
+pub fn check_ports_free(spec: &VmSpec) -> Result<(), Status> {
+    spec.ports.iter().try_for_each(check_free)
+}
+
 fn check_free(p: &PortMapping) -> Result<(), Status> {
     let ip: IpAddr = p.host_ip.parse().map_err(|_| Status::invalid_argument(format!("-p {p}: bad host address")))?;
     let addr = SocketAddr::new(ip, p.host_port);
@@ -52,20 +59,95 @@ fn check_free(p: &PortMapping) -> Result<(), Status> {
     })
 }
 
-/// Rewrites the bridge's NAT table with the published ports of every bridged VM that runs, plus
-/// `launching`, minus `gone` (a VM on its way out whose record still says running). Derived from
-/// the records each time, so it cannot drift.
-pub fn sync_nat(d: &crate::daemon::Daemon, launching: Option<&VmSpec>, gone: Option<&hearth_types::VmId>) -> Result<(), Status> {
-    use hearth_types::VmState;
-    let records = d.vms.list().map_err(crate::daemon::internal)?;
-    let live = records
+/// Published host ports of VMs being launched: claimed before their VMM starts, carried by
+/// their records once those say the VM runs. All claims and table writes happen under its lock,
+/// so concurrent launches can neither drop each other's forwards nor take one port twice.
+#[derive(Debug, Default)]
+pub struct Ports {
+    launching: Mutex<HashMap<VmId, VmSpec>>,
+}
+
+fn live(r: &VmRecord) -> bool {
+    matches!(r.status.state, VmState::Starting | VmState::Running | VmState::Stopping)
+}
+
+/// The first of `spec`'s ports that one of `others` already publishes.
+fn taken<'a>(spec: &VmSpec, others: impl Iterator<Item = &'a VmSpec>) -> Option<(&'a VmSpec, PortMapping)> {
+    others
+        .filter(|o| o.id != spec.id)
+        .find_map(|o| spec.ports.iter().find(|p| o.ports.iter().any(|q| q.overlaps(p))).map(|p| (o, p.clone())))
+}
+
+fn taken_error(other: &VmSpec, p: &PortMapping) -> Status {
+    Status::failed_precondition(format!(
+        "cannot publish {p}: VM {} already publishes host port {}/{}; choose another -p",
+        other.name, p.host_port, p.protocol
+    ))
+}
+
+/// Refuses a spec whose published ports another live VM publishes (create-time check; the
+/// launch claims them for real with [`claim`]).
+pub fn check_unclaimed(d: &Daemon, spec: &VmSpec) -> Result<(), Status> {
+    if spec.ports.is_empty() {
+        return Ok(());
+    }
+    let records = d.vms.list().map_err(internal)?;
+    let launching = d.ports.launching.lock().unwrap_or_else(|e| e.into_inner());
+    match taken(spec, records.iter().filter(|r| live(r)).map(|r| &r.spec).chain(launching.values())) {
+        Some((other, p)) => Err(taken_error(other, &p)),
+        None => Ok(()),
+    }
+}
+
+/// Claims the published ports of a VM about to launch: refused when another live or launching
+/// VM holds one; on the bridge, the table is rewritten with them. Call [`settle`] once the
+/// launch is recorded or failed.
+pub fn claim(d: &Daemon, spec: &VmSpec) -> Result<(), Status> {
+    if spec.ports.is_empty() {
+        return Ok(());
+    }
+    let mut launching = d.ports.launching.lock().unwrap_or_else(|e| e.into_inner());
+    let records = d.vms.list().map_err(internal)?;
+    if let Some((other, p)) = taken(spec, records.iter().filter(|r| live(r)).map(|r| &r.spec).chain(launching.values())) {
+        return Err(taken_error(other, &p));
+    }
+    launching.insert(spec.id.clone(), spec.clone());
+    if spec.network == NetworkMode::Bridge {
+        if let Err(e) = write_rules(&records, &launching, None) {
+            launching.remove(&spec.id);
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Ends a launch's claim: its record carries the ports now, or (`failed`) the launch did not
+/// happen and its forwards are taken back out of the table.
+pub fn settle(d: &Daemon, spec: &VmSpec, failed: bool) -> Result<(), Status> {
+    let mut launching = d.ports.launching.lock().unwrap_or_else(|e| e.into_inner());
+    if launching.remove(&spec.id).is_none() || !failed || spec.network != NetworkMode::Bridge {
+        return Ok(());
+    }
+    write_rules(&d.vms.list().map_err(internal)?, &launching, None)
+}
+
+/// Rewrites the bridge's table from the records and the launches in flight, leaving out `gone`
+/// (a VM on its way out whose record still says it runs). Derived whole each time, so it cannot
+/// drift; also how the table is rebuilt when hearthd starts.
+pub fn sync_nat(d: &Daemon, gone: Option<&VmId>) -> Result<(), Status> {
+    let launching = d.ports.launching.lock().unwrap_or_else(|e| e.into_inner());
+    write_rules(&d.vms.list().map_err(internal)?, &launching, gone)
+}
+
+fn write_rules(records: &[VmRecord], launching: &HashMap<VmId, VmSpec>, gone: Option<&VmId>) -> Result<(), Status> {
+    let specs = records
         .iter()
-        .filter(|r| matches!(r.status.state, VmState::Starting | VmState::Running | VmState::Stopping))
+        .filter(|r| live(r))
         .map(|r| &r.spec)
-        .chain(launching)
+        .chain(launching.values())
         .filter(|s| s.network == NetworkMode::Bridge && Some(&s.id) != gone);
     let mut forwards = Vec::new();
-    for spec in live {
+    for spec in specs {
         let Some(guest_ip) = spec.address else { continue };
         for p in &spec.ports {
             let host_ip = match p.host_ip.parse::<Ipv4Addr>() {
@@ -140,6 +222,25 @@ mod tests {
         spec.network = NetworkMode::None;
         spec.ssh_public_key = None;
         assert!(plan(&spec).expect("plan").is_none());
+    }
+
+    #[test]
+    fn a_port_another_vm_publishes_is_taken() {
+        let mut a = hearth_testkit::spec(1);
+        a.ports = vec!["8080:80".parse().expect("port")];
+        let mut b = hearth_testkit::spec(2);
+        b.ports = vec!["127.0.0.1:9090:90".parse().expect("port"), "127.0.0.1:8080:81".parse().expect("port")];
+        let (other, p) = taken(&b, [&a].into_iter()).expect("8080 is a's on every address");
+        assert_eq!((other.name.as_str(), p.host_port), ("vm1", 8080));
+        assert!(taken(&a, [&a].into_iter()).is_none(), "a VM does not conflict with itself");
+        b.ports.truncate(1);
+        assert!(taken(&b, [&a].into_iter()).is_none());
+        let e = taken_error(&a, &b.ports[0]);
+        assert!(
+            e.message().contains("VM vm1 already publishes host port 9090/tcp") && e.message().contains("choose another -p"),
+            "{}",
+            e.message()
+        );
     }
 
     #[test]

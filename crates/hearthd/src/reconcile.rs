@@ -116,6 +116,20 @@ fn volume_images(d: &Daemon, rec: &VmRecord) -> Result<Vec<(hearth_types::ImageR
         .collect()
 }
 
+/// The guest config a VM's config disk holds: the image's process with the VM's overrides, the
+/// host's resolvers on the bridge, cloud-init's network-config when asked for. Create checks it
+/// (size, USER) with the same function that writes it.
+pub fn guest_config_for(spec: &hearth_types::VmSpec, image: &hearth_types::ImageConfig) -> Result<hearth_types::GuestConfig, Status> {
+    let mut cfg = hearth_core::guest_config(spec, image).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    if let (Some(net), NetworkMode::Bridge) = (cfg.network.as_mut(), spec.network) {
+        net.dns = crate::net::host_resolvers();
+    }
+    if let (Some(device), Some(net)) = (&spec.cloud_init_network, &cfg.network) {
+        cfg.cloud_init.entry("network-config".into()).or_insert_with(|| hearth_core::cloud_init_network_config(device, net));
+    }
+    Ok(cfg)
+}
+
 /// The VM's own copy of its `index`th (writable) volume.
 pub fn volume_path(vm_dir: &Path, index: usize) -> std::path::PathBuf {
     vm_dir.join(format!("volume-{index}.img"))
@@ -150,14 +164,7 @@ async fn execute(d: &Arc<Daemon>, rec: &mut VmRecord, step: Step, vmm: Option<(i
             d.save(rec)
         }
         Step::WriteConfigDisk => {
-            let image = image_of(d, rec)?;
-            let mut cfg = hearth_core::guest_config(&rec.spec, &image.config).map_err(|e| Status::invalid_argument(e.to_string()))?;
-            if let (Some(net), NetworkMode::Bridge) = (cfg.network.as_mut(), rec.spec.network) {
-                net.dns = crate::net::host_resolvers();
-            }
-            if let (Some(device), Some(net)) = (&rec.spec.cloud_init_network, &cfg.network) {
-                cfg.cloud_init.entry("network-config".into()).or_insert_with(|| hearth_core::cloud_init_network_config(device, net));
-            }
+            let cfg = guest_config_for(&rec.spec, &image_of(d, rec)?.config)?;
             hearth_storage::create_config_disk(&config_path(d, &id), &cfg).map_err(internal)
         }
         Step::Launch => launch(d, rec).await,
@@ -190,7 +197,7 @@ async fn execute(d: &Arc<Daemon>, rec: &mut VmRecord, step: Step, vmm: Option<(i
             record_exit(d, rec)?;
             if rec.spec.network == NetworkMode::Bridge && !rec.spec.ports.is_empty() {
                 // Its ports go with it.
-                if let Err(e) = crate::net::sync_nat(d, None, Some(&id)) {
+                if let Err(e) = crate::net::sync_nat(d, Some(&id)) {
                     warn!(error = %e.message(), "removing the VM's port forwards failed");
                 }
             }
@@ -204,7 +211,7 @@ async fn execute(d: &Arc<Daemon>, rec: &mut VmRecord, step: Step, vmm: Option<(i
                     warn!(tap, error = %e, "removing the VM's tap failed");
                 }
                 if !rec.spec.ports.is_empty() {
-                    if let Err(e) = crate::net::sync_nat(d, None, Some(&id)) {
+                    if let Err(e) = crate::net::sync_nat(d, Some(&id)) {
                         warn!(error = %e.message(), "removing the VM's port forwards failed");
                     }
                 }
@@ -265,22 +272,19 @@ async fn launch(d: &Arc<Daemon>, rec: &mut VmRecord) -> Result<(), Status> {
         hearth_net::ensure_bridge(&hearth_net::Bridge::hearth0())
             .await
             .map_err(|e| Status::failed_precondition(format!("setting up the bridge network: {e}")))?;
-        crate::net::sync_nat(d, Some(&rec.spec), None)?;
     }
+    crate::net::claim(d, &rec.spec)?;
     rec.status.started_at = Some(now_millis());
-    let launched = tokio::task::spawn_blocking(move || hearth_vmm::launch(&spec)).await.map_err(internal)?.map_err(|e| {
-        if tap.is_some() && !rec.spec.ports.is_empty() {
-            // Take back the forwards written for this launch.
-            let _ = crate::net::sync_nat(d, None, Some(&id));
-        }
-        Status::failed_precondition(format!("{e:#}"))
-    });
-    let launched = launched?;
+    let launched = match tokio::task::spawn_blocking(move || hearth_vmm::launch(&spec)).await.map_err(internal) {
+        Ok(Ok(l)) => l,
+        Ok(Err(e)) => return Err(unclaim(d, &rec.spec, Status::failed_precondition(format!("{e:#}")))),
+        Err(e) => return Err(unclaim(d, &rec.spec, e)),
+    };
     if let Some(tap) = &tap {
         if let Err(e) = hearth_net::attach(tap, &hearth_net::Bridge::hearth0().name).await {
             // A VM cut off from its network is not what was asked for: undo the launch.
             hearth_vmm::kill(launched.pid, launched.start_time, libc::SIGKILL);
-            return Err(Status::failed_precondition(format!("attaching the VM's tap to the bridge: {e}")));
+            return Err(unclaim(d, &rec.spec, Status::failed_precondition(format!("attaching the VM's tap to the bridge: {e}"))));
         }
     }
     if let Some(w) = &launched.warning {
@@ -298,10 +302,21 @@ async fn launch(d: &Arc<Daemon>, rec: &mut VmRecord) -> Result<(), Status> {
     rec.status.boots += 1;
     rec.status.ssh_port = net.as_ref().and_then(|(_, ssh)| *ssh);
     rec.status.ip = hearth_core::guest_network(&rec.spec).map(|n| n.address);
-    d.save(rec)?;
+    let saved = d.save(rec);
+    // The record carries the ports from here on (or, unsaved, the launch is undone by the watcher).
+    let _ = crate::net::settle(d, &rec.spec, saved.is_err());
+    saved?;
     info!(pid = launched.pid, accel = %launched.accel, "vmm started");
     spawn_watchers(d, &id, launched.pid, launched.start_time, true);
     Ok(())
+}
+
+/// Takes back a failed launch's claim on its published ports, keeping the launch's error.
+fn unclaim(d: &Daemon, spec: &hearth_types::VmSpec, launch_error: Status) -> Status {
+    if let Err(e) = crate::net::settle(d, spec, true) {
+        warn!(error = %e.message(), "taking back the failed launch's port forwards failed");
+    }
+    launch_error
 }
 
 /// Watches a VMM until it exits (then reconciles), and, while the guest boots, waits for
@@ -438,6 +453,15 @@ pub async fn recover(d: &Arc<Daemon>) {
         }
         if let Err(e) = reconcile(d, &id, Options::default()).await {
             warn!(vm = %id, error = %e.message(), "recovery reconcile failed");
+        }
+    }
+    // The table may have been flushed (or lost with a reboot) while hearthd was down.
+    let bridged_live = d.vms.list().unwrap_or_default().iter().any(|r| {
+        r.spec.network == NetworkMode::Bridge && matches!(r.status.state, VmState::Starting | VmState::Running | VmState::Stopping)
+    });
+    if bridged_live {
+        if let Err(e) = crate::net::sync_nat(d, None) {
+            warn!(error = %e.message(), "rebuilding the bridge's port forwards failed");
         }
     }
 }

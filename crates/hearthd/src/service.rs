@@ -433,10 +433,7 @@ pub fn kernel_from_image(
                 if rel.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
                     anyhow::bail!("kernel filename {f:?} must be a plain path inside the image, like boot/vmlinux");
                 }
-                let kernel = staging.join(rel);
-                anyhow::ensure!(kernel.is_file(), "the kernel image has no file {f}");
-                let modules = staging.join("lib/modules");
-                d.kernels.import(&kernel, modules.is_dir().then_some(modules.as_path()), name)?
+                d.kernels.import_image_file(&staging, f, name)?
             }
         };
         d.kernels.initramfs(name, &d.init_binary)?;

@@ -243,3 +243,57 @@ fn a_client_that_goes_away_mid_start_leaves_no_unrecorded_vmm() {
     }
     assert_no_orphan_vmm(&d);
 }
+
+#[test]
+fn bad_specs_are_refused_at_create_and_leave_no_vm() {
+    require_e2e!();
+    let d = ready();
+    let layout = tempfile::tempdir_in(hearth_e2e::test_tmp()).expect("tmp");
+    let ghost = hearth_e2e::testutil::TestImage { user: "ghost".into(), ..Default::default() };
+    hearth_e2e::testutil::busybox_oci_layout(layout.path(), "1", &ghost).expect("layout");
+    d.ok(&["image", "import", &layout.path().display().to_string(), "--name", "ghost:1"]);
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let busy_port = format!("127.0.0.1:{}:80", busy.local_addr().expect("addr").port());
+    let big_env: Vec<String> = (0..6).map(|i| format!("BIG{i}={}", "x".repeat(100 << 10))).collect();
+    let mut env_args: Vec<&str> = vec!["create"];
+    for e in &big_env {
+        env_args.extend(["-e", e.as_str()]);
+    }
+    env_args.extend(["demo:1", "true"]);
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["create", "--size", "17M", "demo:1", "true"], "smaller than the root filesystem"),
+        (vec!["create", "--size", "1000T", "demo:1", "true"], "16 TiB"),
+        (vec!["create", "--size", "15T", "demo:1", "true"], "larger than the whole filesystem"),
+        (env_args, "over the config disk"),
+        (vec!["create", "-p", &busy_port, "demo:1", "true"], "is unavailable"),
+        (vec!["create", "ghost:1"], "unable to find user ghost"),
+    ];
+    for (args, needle) in cases {
+        let out = d.hearth(&args);
+        assert!(!out.status.success(), "{:?} should be refused", &args[..3]);
+        assert!(text(&out.stderr).contains(needle), "{:?}: {}", &args[..3], text(&out.stderr));
+        assert_eq!(d.ok(&["ps", "-a", "-q"]).trim(), "", "{:?} left a VM", &args[..3]);
+    }
+    // The suggestion in the message is a size that works.
+    let out = d.hearth(&["create", "--size", "17M", "demo:1", "true"]);
+    let hint = text(&out.stderr).split("use --size ").nth(1).and_then(|s| s.split_whitespace().next()).expect("a --size hint").to_owned();
+    d.ok(&["create", "--name", "fits", "--size", &hint, "demo:1", "true"]);
+    assert!(std::fs::read_dir(d.root.path().join("vms")).expect("vms").count() == 1);
+}
+
+#[test]
+fn a_corrupt_record_is_skipped_not_fatal() {
+    require_e2e!();
+    let mut d = ready();
+    d.ok(&["create", "--name", "fine", "demo:1", "true"]);
+    let bad = d.root.path().join("vms").join("00000000deadbeef");
+    std::fs::create_dir_all(&bad).expect("dir");
+    std::fs::write(bad.join("record.json"), b"{\"spec\": trunc").expect("corrupt");
+    assert!(d.ok(&["ps", "-a"]).contains("fine"), "listings go on");
+    d.kill9();
+    d.spawn();
+    assert!(d.ok(&["ps", "-a"]).contains("fine"), "recovery goes on");
+    d.ok(&["start", "fine"]);
+    assert!(d.log().contains("corrupt"), "the corrupt record is reported:\n{}", d.log());
+    assert!(bad.join("record.json").exists(), "and left for the operator");
+}

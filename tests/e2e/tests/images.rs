@@ -68,12 +68,14 @@ fn malicious_layers_are_rejected_naming_the_entry_and_write_nothing_outside() {
         let tar = work.path().join(format!("{name}.tar"));
         evil_tar(&tar, &entries);
         let reference = format!("evil-{name}:1");
-        d.ok(&["image", "import", tar.to_str().expect("utf8"), "--name", &reference]);
-        // The layer is only applied when a VM needs the root filesystem.
-        let out = d.hearth(&["run", "--rm", &reference, "true"]);
+        // The layer is checked as the image is stored, so it never sits in the store as good.
+        let out = d.hearth(&["image", "import", tar.to_str().expect("utf8"), "--name", &reference]);
         let err = text(&out.stderr);
-        assert!(!out.status.success(), "{name}: the run should fail");
+        assert!(!out.status.success(), "{name}: the import should fail");
         assert!(err.contains("outside the image root") && err.contains(needle), "{name}: {err}");
+        assert_eq!(d.ok(&["image", "ls", "-q"]).trim(), "", "{name}: the refused image is not in the store");
+        let out = d.hearth(&["run", "--rm", "--pull", "never", &reference, "true"]);
+        assert!(!out.status.success() && text(&out.stderr).contains("not in the store"), "{name}: {}", text(&out.stderr));
         assert!(files_under(&target).is_empty(), "{name}: wrote {:?}", files_under(&target));
         assert_eq!(d.ok(&["ps", "-a", "-q"]).lines().count(), 0, "{name}: a failed run with --rm leaves no VM");
         let staging = d.root.path().join("images/tmp");

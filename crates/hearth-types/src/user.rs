@@ -1,5 +1,7 @@
-//! OCI `User` resolution against the guest's /etc/passwd and /etc/group (no NSS: the binary is
-//! static and must not load glibc's modules).
+//! OCI `User` resolution against an image's /etc/passwd and /etc/group, as docker resolves it.
+//! hearth-init runs it in the guest (no NSS: the binary is static and must not load glibc's
+//! modules), and hearthd runs the same function at create, so a USER the image lacks is
+//! refused before any VM exists.
 
 /// Who to run as.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,0 +1,54 @@
+//! The raw calls this crate makes.
+
+use std::process::Command;
+
+/// Makes the child `cmd` starts die (SIGKILL) with the thread that starts it, so a tool
+/// (mkfs.ext4, e2fsck, resize2fs) never outlives a daemon killed mid-build to race the next
+/// attempt. The caller must wait for the child on the same thread, as `Command::output` does:
+/// the signal follows the thread, not the process.
+pub fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id();
+    // SAFETY: the closure runs between fork and exec and makes only the async-signal-safe
+    // prctl(2) and getppid(2) calls; it touches no memory of the parent's.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may already have died between fork and prctl.
+            if libc::getppid() as u32 != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// State letter of a process, `None` once it is gone.
+    fn state(pid: u32) -> Option<char> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat[stat.rfind(')')? + 1..].trim_start().chars().next()
+    }
+
+    #[test]
+    fn the_child_dies_with_the_thread_that_started_it() {
+        let ok = die_with_parent(&mut Command::new("true")).output().expect("true");
+        assert!(ok.status.success(), "a child that is waited for runs normally");
+        // A thread starts a long child and ends without waiting for it: the child is killed.
+        let mut child =
+            std::thread::spawn(|| die_with_parent(&mut Command::new("sleep")).arg("30").spawn().expect("sleep")).join().expect("thread");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !matches!(state(child.id()), Some('Z') | None) {
+            assert!(std::time::Instant::now() < deadline, "the child outlived its parent thread");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let status = child.wait().expect("reap");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+    }
+}
