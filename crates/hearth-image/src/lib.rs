@@ -29,7 +29,7 @@ pub use import::ImportError;
 pub use registry::{PullError, PullOptions};
 pub use rootfs::RootfsError;
 pub use store::{ImageStore, StoreError};
-pub use unpack::{unpack_layer, UnpackError};
+pub use unpack::{unpack, unpack_layer, Unpack, UnpackError};
 
 /// Pull progress, reported per blob (digest as `sha256:<hex>`).
 pub trait Progress: Send + Sync {

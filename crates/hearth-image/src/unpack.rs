@@ -14,6 +14,10 @@
 //!   layers' content (what this layer wrote stays);
 //! - modes, owners (`lchown`), mtimes and PAX `SCHILY.xattr.*` are applied; `security.*` and
 //!   `trusted.*` xattrs are best effort, others must apply.
+//!
+//! [`Unpack::copy`] applies the same path rules to a tree a guest sends (`hearth cp VM:SRC
+//! DEST`): no whiteouts (such names are ordinary files), no owners or xattrs (the copy belongs
+//! to whoever copies), setuid and setgid bits dropped, device nodes refused.
 
 use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
@@ -42,6 +46,30 @@ pub enum UnpackError {
     },
     #[error("the layer is not a readable tar archive; the blob is corrupt")]
     Archive(#[source] io::Error),
+    #[error("entry {entry:?} is a device node; a copy makes none")]
+    Device { entry: String },
+}
+
+/// What an unpack applies beyond the path rules, which always hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unpack {
+    /// `.wh.` names delete from lower layers (OCI); else they are ordinary names.
+    pub whiteouts: bool,
+    /// Owners from the archive (`lchown`); else the unpacker's own.
+    pub owners: bool,
+    /// PAX xattrs.
+    pub xattrs: bool,
+    /// Setuid and setgid bits.
+    pub setid: bool,
+    /// Character and block devices (fifos are always made); else refused.
+    pub devices: bool,
+}
+
+impl Unpack {
+    /// An image layer: everything the layer says.
+    pub const LAYER: Self = Self { whiteouts: true, owners: true, xattrs: true, setid: true, devices: true };
+    /// A tree from an untrusted peer, copied for the user.
+    pub const COPY: Self = Self { whiteouts: false, owners: false, xattrs: false, setid: false, devices: false };
 }
 
 const WHITEOUT: &[u8] = b".wh.";
@@ -165,6 +193,7 @@ fn parse_pax<R: Read>(entry: &mut tar::Entry<'_, R>) -> Pax {
 /// One layer being applied.
 struct Layer<'a> {
     root: &'a Path,
+    opts: Unpack,
     /// Real paths this layer created, with their ancestors (kept by opaque whiteouts).
     written: HashSet<PathBuf>,
     /// Directory mtimes, applied once their contents are complete.
@@ -211,7 +240,7 @@ impl Layer<'_> {
             return Ok(());
         };
         let name_bytes = name.as_bytes();
-        if name_bytes == OPAQUE || name_bytes.starts_with(WHITEOUT) {
+        if self.opts.whiteouts && (name_bytes == OPAQUE || name_bytes.starts_with(WHITEOUT)) {
             let parent = match resolve_dir(self.root, &comps, false) {
                 Ok(p) => p,
                 Err(Resolve::Missing) => return Ok(()),
@@ -241,11 +270,15 @@ impl Layer<'_> {
             // Metadata-only records (PAX globals, volume labels) create nothing.
             return Ok(());
         }
+        if !self.opts.devices && matches!(kind, tar::EntryType::Char | tar::EntryType::Block) {
+            return Err(UnpackError::Device { entry: shown });
+        }
         let parent = resolve_dir(self.root, &comps, true).map_err(resolve_err)?;
         let target = parent.join(&name);
         let header = entry.header().clone();
         let pax = parse_pax(&mut entry);
-        let mode = header.mode().unwrap_or(0o644) & 0o7777;
+        let setid = if self.opts.setid { 0o7777 } else { 0o1777 };
+        let mode = header.mode().unwrap_or(0o644) & setid;
         let existing_dir = fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir());
         if !(kind == tar::EntryType::Directory && existing_dir) {
             remove_any(&target).map_err(at)?;
@@ -299,14 +332,16 @@ impl Layer<'_> {
         }
         self.mark_written(&target);
         let is_symlink = kind == tar::EntryType::Symlink;
-        let uid = pax.uid.unwrap_or_else(|| header.uid().unwrap_or(0) as u32);
-        let gid = pax.gid.unwrap_or_else(|| header.gid().unwrap_or(0) as u32);
-        lchown(&target, Some(uid), Some(gid)).map_err(at)?;
+        if self.opts.owners {
+            let uid = pax.uid.unwrap_or_else(|| header.uid().unwrap_or(0) as u32);
+            let gid = pax.gid.unwrap_or_else(|| header.gid().unwrap_or(0) as u32);
+            lchown(&target, Some(uid), Some(gid)).map_err(at)?;
+        }
         if !is_symlink {
             // After chown, which clears setuid/setgid bits.
             fs::set_permissions(&target, fs::Permissions::from_mode(mode)).map_err(at)?;
         }
-        for (xname, value) in &pax.xattrs {
+        for (xname, value) in pax.xattrs.iter().filter(|_| self.opts.xattrs) {
             if let Err(e) = sys::lsetxattr(&target, xname, value) {
                 // security.* and trusted.* may be refused by the staging filesystem.
                 if !xname.starts_with(b"security.") && !xname.starts_with(b"trusted.") {
@@ -326,8 +361,13 @@ impl Layer<'_> {
 
 /// Applies one uncompressed layer tar onto `dest`, which must exist.
 pub fn unpack_layer(reader: impl Read, dest: &Path) -> Result<(), UnpackError> {
+    unpack(reader, dest, Unpack::LAYER)
+}
+
+/// Unpacks a tar onto `dest` (which must exist) with the path rules and `opts`.
+pub fn unpack(reader: impl Read, dest: &Path, opts: Unpack) -> Result<(), UnpackError> {
     let mut archive = tar::Archive::new(reader);
-    let mut layer = Layer { root: dest, written: HashSet::new(), dir_times: Vec::new() };
+    let mut layer = Layer { root: dest, opts, written: HashSet::new(), dir_times: Vec::new() };
     for entry in archive.entries().map_err(UnpackError::Archive)? {
         layer.apply(entry.map_err(UnpackError::Archive)?)?;
     }
