@@ -24,6 +24,16 @@ pub const WINDOW: u64 = 256 << 10;
 /// What a data frame costs beyond its payload, so a flood of tiny frames is bounded too.
 pub const FRAME_COST: u64 = 64;
 
+/// What a receiver lets a stream hold beyond its data window in frames that carry no data
+/// (exit, error, and whatever a hostile peer sends instead), counted like data.
+pub const CONTROL_ALLOWANCE: u64 = 64 << 10;
+
+/// What any frame queued for a stream's consumer counts against [`WINDOW`] +
+/// [`CONTROL_ALLOWANCE`]: its payload plus [`FRAME_COST`], so no kind of frame is free to queue.
+pub fn queue_cost(len: usize) -> u64 {
+    len as u64 + FRAME_COST
+}
+
 /// Credit a data frame with `len` payload bytes uses up; an empty frame (end of stdin) is free.
 pub fn credit_cost(len: usize) -> u64 {
     if len == 0 {
@@ -149,10 +159,18 @@ pub enum FrameError {
     Json(String),
 }
 
-/// Incremental decoder: feed bytes as they arrive, take whole frames out.
+/// Incremental decoder: feed bytes as they arrive, take whole frames out. Linear in the bytes
+/// received: frames are read at a moving offset and consumed bytes are dropped in one move when
+/// new ones arrive, never once per frame. It holds at most one partial frame (bounded by
+/// [`MAX_PAYLOAD`]) plus what one feed brought.
 #[derive(Debug, Default)]
 pub struct Decoder {
     buf: Vec<u8>,
+    /// Start of the first byte not yet returned as part of a frame.
+    at: usize,
+    /// Bytes copied to make room (what makes decoding linear or not), for the tests.
+    #[cfg(test)]
+    moved: usize,
 }
 
 impl Decoder {
@@ -162,31 +180,40 @@ impl Decoder {
 
     /// Appends bytes read from the channel.
     pub fn feed(&mut self, bytes: &[u8]) {
+        if self.at > 0 {
+            #[cfg(test)]
+            {
+                self.moved += self.buf.len() - self.at;
+            }
+            self.buf.drain(..self.at);
+            self.at = 0;
+        }
         self.buf.extend_from_slice(bytes);
     }
 
     /// The next whole frame, `Ok(None)` if more bytes are needed. An error poisons the stream.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
-        if self.buf.len() < HEADER_LEN {
+        let b = &self.buf[self.at..];
+        if b.len() < HEADER_LEN {
             return Ok(None);
         }
-        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        let len = u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize;
         if len > MAX_PAYLOAD {
             return Err(FrameError::TooLarge(len));
         }
-        let kind = Kind::from_u8(self.buf[4]).ok_or(FrameError::UnknownKind(self.buf[4]))?;
-        if self.buf.len() < HEADER_LEN + len {
+        let kind = Kind::from_u8(b[4]).ok_or(FrameError::UnknownKind(b[4]))?;
+        if b.len() < HEADER_LEN + len {
             return Ok(None);
         }
-        let stream = u32::from_be_bytes([self.buf[5], self.buf[6], self.buf[7], self.buf[8]]);
-        let payload = self.buf[HEADER_LEN..HEADER_LEN + len].to_vec();
-        self.buf.drain(..HEADER_LEN + len);
+        let stream = u32::from_be_bytes([b[5], b[6], b[7], b[8]]);
+        let payload = b[HEADER_LEN..HEADER_LEN + len].to_vec();
+        self.at += HEADER_LEN + len;
         Ok(Some(Frame { kind, stream, payload }))
     }
 
     /// Bytes buffered but not yet returned as a frame.
     pub fn pending(&self) -> usize {
-        self.buf.len()
+        self.buf.len() - self.at
     }
 }
 
@@ -277,6 +304,27 @@ mod tests {
         assert_eq!(Frame::new(Kind::Credit, 1, vec![1]).credit_amount(), 0);
         assert_eq!(credit_cost(0), 0);
         assert_eq!(credit_cost(10), 10 + FRAME_COST);
+    }
+
+    #[test]
+    fn decoding_many_small_frames_is_linear_and_partial_frames_wait() {
+        let frames: Vec<u8> = (0..100_000u32).flat_map(|i| Frame::new(Kind::Stdout, 1, i.to_be_bytes().to_vec()).encode()).collect();
+        // Fed in odd-sized pieces, as reads deliver them, and all at once.
+        for piece_len in [7, 8191, frames.len()] {
+            let mut d = Decoder::new();
+            let mut n = 0;
+            for piece in frames.chunks(piece_len) {
+                d.feed(piece);
+                while let Some(f) = d.next_frame().expect("valid") {
+                    assert_eq!(f.payload, (n as u32).to_be_bytes());
+                    n += 1;
+                }
+            }
+            assert_eq!((n, d.pending()), (100_000, 0));
+            // Only the partial frame at the end of a feed is ever copied: at most one frame's
+            // bytes per feed, never the buffer once per frame (which is 65 GB for one feed).
+            assert!(d.moved <= frames.len().div_ceil(piece_len) * HEADER_LEN * 2, "{piece_len}: {} bytes moved", d.moved);
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hearth_types::agent::{credit_cost, Decoder, Frame, Hello, Kind, Ready, PROTOCOL_VERSION, WINDOW};
+use hearth_types::agent::{credit_cost, queue_cost, Decoder, Frame, Hello, Kind, Ready, CONTROL_ALLOWANCE, PROTOCOL_VERSION, WINDOW};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -44,7 +44,8 @@ struct Route {
 /// One stream's credit, both directions.
 #[derive(Debug)]
 struct Flow {
-    /// Output the guest sent that the consumer has not taken yet (credit cost).
+    /// What the guest sent on the stream that the consumer has not taken yet, every kind of
+    /// frame counted ([`queue_cost`]); bounded by the window plus [`CONTROL_ALLOWANCE`].
     unconsumed: Mutex<u64>,
     /// Credit the guest gave for stdin, and a wake-up for a sender waiting on it.
     stdin_credit: Mutex<u64>,
@@ -117,12 +118,13 @@ impl Stream {
     /// is gone.
     pub async fn recv(&mut self) -> Option<Frame> {
         let f = self.rx.recv().await?;
+        {
+            let mut u = self.flow.unconsumed.lock().unwrap_or_else(|e| e.into_inner());
+            *u = u.saturating_sub(queue_cost(f.payload.len()));
+        }
         if matches!(f.kind, Kind::Stdout | Kind::Stderr) {
+            // Only data spends the guest's credit; only data is credited back.
             let cost = credit_cost(f.payload.len());
-            {
-                let mut u = self.flow.unconsumed.lock().unwrap_or_else(|e| e.into_inner());
-                *u = u.saturating_sub(cost);
-            }
             self.owed += cost;
             if self.owed >= WINDOW / 4 {
                 let _ = self.out.send(Frame::credit(self.id, self.owed)).await;
@@ -398,23 +400,21 @@ async fn read_loop<R: AsyncRead + Unpin>(rd: R, ctl: &mpsc::Sender<Frame>, route
                     let routes = routes.lock().unwrap_or_else(|e| e.into_inner());
                     // Frames for a stream nobody holds any more are dropped.
                     let Some(route) = routes.get(&f.stream) else { continue };
-                    match f.kind {
-                        Kind::Credit => {
-                            let mut c = route.flow.stdin_credit.lock().unwrap_or_else(|e| e.into_inner());
-                            *c = c.saturating_add(f.credit_amount()).min(WINDOW);
-                            route.flow.more_credit.notify_waiters();
-                            continue;
-                        }
-                        Kind::Stdout | Kind::Stderr => {
-                            let mut u = route.flow.unconsumed.lock().unwrap_or_else(|e| e.into_inner());
-                            *u += credit_cost(f.payload.len());
-                            if *u > WINDOW {
-                                return format!("the guest sent more than its {WINDOW}-byte window on stream {}", f.stream);
-                            }
-                        }
-                        _ => {}
+                    if f.kind == Kind::Credit {
+                        let mut c = route.flow.stdin_credit.lock().unwrap_or_else(|e| e.into_inner());
+                        *c = c.saturating_add(f.credit_amount()).min(WINDOW);
+                        route.flow.more_credit.notify_waiters();
+                        continue;
                     }
-                    // Never waits: what a stream may hold is bounded by its window.
+                    // Every frame a consumer has yet to take counts: data within the window the
+                    // guest was given, anything else within a small allowance beyond it.
+                    let mut u = route.flow.unconsumed.lock().unwrap_or_else(|e| e.into_inner());
+                    *u += queue_cost(f.payload.len());
+                    if *u > WINDOW + CONTROL_ALLOWANCE {
+                        return format!("the guest sent more than its {WINDOW}-byte window on stream {}", f.stream);
+                    }
+                    drop(u);
+                    // Never waits: what a stream may hold is bounded above.
                     let _ = route.tx.send(f);
                 }
                 Err(e) => return e.to_string(),
@@ -720,6 +720,43 @@ mod closed_tests {
         }
         let why = c.closed().expect("cut off");
         assert!(why.contains("window"), "{why}");
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_frames_that_carry_no_data_is_bounded_too() {
+        let (host, mut guest) = tokio::io::duplex(1 << 22);
+        let c = AgentClient::over(host);
+        let s = c.open_stream();
+        // Empty Exit frames, Hellos and Pings on the stream, never read: each is counted.
+        let flood: Vec<u8> =
+            (0..20_000).flat_map(|i| Frame::new([Kind::Exit, Kind::Hello, Kind::Ping][i % 3], s.id, Vec::new()).encode()).collect();
+        guest.write_all(&flood).await.expect("write");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while c.closed().is_none() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let why = c.closed().expect("cut off before it could grow without bound");
+        assert!(why.contains("window"), "{why}");
+        drop(s);
+    }
+
+    #[tokio::test]
+    async fn a_well_behaved_guests_exit_after_a_full_window_is_taken() {
+        let (host, mut guest) = tokio::io::duplex(1 << 22);
+        let c = AgentClient::over(host);
+        let mut s = c.open_stream();
+        // A whole window of output, then the exit and an error: all within the bound.
+        for _ in 0..3 {
+            guest.write_all(&Frame::new(Kind::Stdout, s.id, vec![1; K64]).encode()).await.expect("write");
+        }
+        guest.write_all(&Frame::new(Kind::Stderr, s.id, vec![2; (WINDOW as usize) - 3 * (K64 + 64) - 64]).encode()).await.expect("write");
+        guest.write_all(&Frame::new(Kind::Exit, s.id, b"{\"exit_code\":0}".to_vec()).encode()).await.expect("write");
+        let mut kinds = Vec::new();
+        for _ in 0..5 {
+            kinds.push(s.recv().await.expect("frame").kind);
+        }
+        assert_eq!(kinds.last(), Some(&Kind::Exit));
+        assert!(c.closed().is_none(), "{:?}", c.closed());
     }
 
     #[tokio::test]
