@@ -16,15 +16,33 @@ use crate::Progress;
 
 /// Manifests larger than this are refused (real ones are a few KiB).
 const MAX_MANIFEST: u64 = 4 << 20;
+/// Image configs larger than this are refused (real ones are a few KiB; history makes some
+/// tens of KiB).
+const MAX_CONFIG: u64 = 16 << 20;
+/// Token service answers larger than this are refused.
+const MAX_TOKEN_ANSWER: u64 = 1 << 20;
+/// Redirects followed for one request (registries redirect blobs to a storage service once).
+const MAX_REDIRECTS: usize = 5;
+/// How long the registry may take to connect, to answer, or to send the next bytes of a blob.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How to reach the registry.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct PullOptions {
     /// Plain http even for registries not on loopback (loopback ones always get http).
     pub insecure: bool,
     /// docker's config.json with credentials; default `$DOCKER_CONFIG/config.json` or
     /// `~/.docker/config.json`.
     pub docker_config: Option<PathBuf>,
+    /// The longest the registry may stay silent: to connect, to answer a request, between two
+    /// reads of a blob. A stalled registry fails the pull after this long.
+    pub timeout: Duration,
+}
+
+impl Default for PullOptions {
+    fn default() -> Self {
+        Self { insecure: false, docker_config: None, timeout: DEFAULT_TIMEOUT }
+    }
 }
 
 /// Why a pull failed.
@@ -36,6 +54,10 @@ pub enum PullError {
         #[source]
         source: reqwest::Error,
     },
+    #[error("registry {registry} stalled: nothing arrived for {} while {what}; try again, or raise the daemon's --registry-timeout", humantime_secs(*.timeout))]
+    Stalled { registry: String, what: String, timeout: Duration },
+    #[error("registry {registry} sent more than the {limit} bytes {what} may have; the registry is broken or hostile")]
+    TooLarge { registry: String, what: String, limit: u64 },
     #[error("{what} was not found in {registry}: check the name and tag")]
     NotFound { registry: String, what: String },
     #[error("registry {registry} refused access to {what} ({status}): log in with docker (credentials are read from its config.json)")]
@@ -60,6 +82,41 @@ pub enum PullError {
     Store(#[from] StoreError),
 }
 
+fn humantime_secs(d: Duration) -> String {
+    format!("{} s", d.as_secs_f64())
+}
+
+/// Whether an I/O error is a read that timed out (reqwest reports it as `TimedOut`, or wraps a
+/// timeout in its own error).
+fn is_timeout(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::TimedOut
+        || e.get_ref().and_then(|inner| inner.downcast_ref::<reqwest::Error>()).is_some_and(reqwest::Error::is_timeout)
+}
+
+/// The error a [`Bounded`] read fails with.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} is larger than its descriptor says")]
+struct Overrun(String);
+
+/// A body read that may not yield more than `limit` bytes: one more fails it.
+struct Bounded<R> {
+    inner: R,
+    left: u64,
+    what: String,
+}
+
+impl<R: Read> Read for Bounded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let want = buf.len().min(usize::try_from(self.left.saturating_add(1)).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        if n as u64 > self.left {
+            return Err(std::io::Error::other(Overrun(self.what.clone())));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
 /// One pull's connection to a registry repository, with the auth it negotiated.
 struct Session {
     client: Client,
@@ -68,11 +125,29 @@ struct Session {
     repo: String,
     auth: Option<String>,
     creds: Option<(String, String)>,
+    timeout: Duration,
 }
 
 impl Session {
     fn http(&self, source: reqwest::Error) -> PullError {
+        if source.is_redirect() {
+            return self.bad(format!("it redirected more than {MAX_REDIRECTS} times"));
+        }
+        if source.is_timeout() {
+            return PullError::Stalled { registry: self.registry.clone(), what: "waiting for an answer".into(), timeout: self.timeout };
+        }
         PullError::Http { registry: self.registry.clone(), source }
+    }
+
+    /// An error reading a body: a stall, an overrun, or a broken connection.
+    fn read_error(&self, e: std::io::Error, what: &str, limit: u64) -> PullError {
+        if is_timeout(&e) {
+            return PullError::Stalled { registry: self.registry.clone(), what: format!("reading {what}"), timeout: self.timeout };
+        }
+        if e.get_ref().is_some_and(|inner| inner.is::<Overrun>()) {
+            return PullError::TooLarge { registry: self.registry.clone(), what: what.to_owned(), limit };
+        }
+        self.bad(format!("reading {what}: {e}"))
     }
 
     fn bad(&self, why: impl Into<String>) -> PullError {
@@ -132,7 +207,12 @@ impl Session {
                 if !resp.status().is_success() {
                     return Err(denied(resp.status()));
                 }
-                let v: serde_json::Value = resp.json().map_err(|e| self.http(e))?;
+                let mut answer = Vec::new();
+                Bounded { inner: resp, left: MAX_TOKEN_ANSWER, what: "the token answer".into() }
+                    .read_to_end(&mut answer)
+                    .map_err(|e| self.read_error(e, "the token answer", MAX_TOKEN_ANSWER))?;
+                let v: serde_json::Value =
+                    serde_json::from_slice(&answer).map_err(|e| self.bad(format!("the token answer is not JSON: {e}")))?;
                 let token = v
                     .get("token")
                     .or_else(|| v.get("access_token"))
@@ -153,10 +233,10 @@ impl Session {
         let what = format!("{}:{}", self.repo, reference);
         let resp = self.get(&url, Some(&accept), &what)?;
         let mut bytes = Vec::new();
-        resp.take(MAX_MANIFEST + 1).read_to_end(&mut bytes).map_err(|e| self.bad(format!("reading manifest {what}: {e}")))?;
-        if bytes.len() as u64 > MAX_MANIFEST {
-            return Err(self.bad(format!("manifest {what} is larger than {MAX_MANIFEST} bytes")));
-        }
+        let label = format!("manifest {what}");
+        Bounded { inner: resp, left: MAX_MANIFEST, what: label.clone() }
+            .read_to_end(&mut bytes)
+            .map_err(|e| self.read_error(e, &label, MAX_MANIFEST))?;
         let digest = digest_of(&bytes);
         if let Ok(expected) = reference.parse::<Digest>() {
             if expected != digest {
@@ -177,9 +257,12 @@ impl ImageStore {
     pub fn pull(&self, r: &ImageRef, opts: &PullOptions, progress: &dyn Progress) -> Result<ImageRecord, PullError> {
         let plain = opts.insecure || r.is_loopback();
         let host = if r.registry == hearth_types::reference::DEFAULT_REGISTRY { "registry-1.docker.io" } else { r.registry.as_str() };
+        // The blocking client applies `timeout` to connecting, to each answer and to every
+        // read of a body: a stall anywhere fails, a slow but steady blob does not.
         let client = Client::builder()
-            .timeout(None::<Duration>)
-            .connect_timeout(Duration::from_secs(30))
+            .timeout(opts.timeout)
+            .connect_timeout(opts.timeout)
+            .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS))
             .user_agent(concat!("hearth/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|source| PullError::Http { registry: r.registry.clone(), source })?;
@@ -190,6 +273,7 @@ impl ImageStore {
             repo: r.repository.clone(),
             auth: None,
             creds: auth::load_credentials(opts.docker_config.as_deref(), &r.registry)?,
+            timeout: opts.timeout,
         };
         let parse = |bytes: &[u8], s: &Session| -> Result<Manifest, PullError> {
             serde_json::from_slice(bytes).map_err(|e| s.bad(format!("manifest of {r} is not valid JSON: {e}")))
@@ -207,6 +291,9 @@ impl ImageStore {
         }
         let config = m.config.clone().ok_or_else(|| s.bad(format!("the manifest of {r} has no config")))?;
         let config_digest = parse_digest(&config.digest, r)?;
+        if config.size > MAX_CONFIG {
+            return Err(PullError::TooLarge { registry: s.registry.clone(), what: format!("the config of {r}"), limit: MAX_CONFIG });
+        }
         for l in &m.layers {
             if !oci::is_layer_type(&l.media_type) {
                 return Err(PullError::MediaType { reference: r.to_string(), digest: l.digest.clone(), media_type: l.media_type.clone() });
@@ -227,7 +314,12 @@ impl ImageStore {
             let resp = s.get(&url, None, &format!("blob {d}"))?;
             let name = d.to_string();
             progress.start(&name, desc.size);
-            self.put_blob(resp, Some(&d), &|n| progress.advance(&name, n))?;
+            // Never more than the descriptor's size: a registry cannot fill the disk.
+            let body = Bounded { inner: resp, left: desc.size, what: format!("blob {d}") };
+            match self.put_blob(body, Some(&d), &|n| progress.advance(&name, n)) {
+                Err(StoreError::Source(e)) => return Err(s.read_error(e, &format!("blob {d}"), desc.size)),
+                other => other?,
+            };
             progress.finish(&name);
         }
         self.put_blob(&bytes[..], Some(&digest), &|_| {})?;

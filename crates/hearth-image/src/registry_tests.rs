@@ -129,7 +129,7 @@ fn bearer_auth_with_docker_config_credentials_and_platform_selection() {
     let s = ImageStore::open(t.path()).expect("open");
     let r: ImageRef = format!("127.0.0.1:{}/demo:1", fake.port).parse().expect("ref");
 
-    let no_creds = PullOptions { insecure: false, docker_config: Some(t.path().join("empty.json")) };
+    let no_creds = PullOptions { docker_config: Some(t.path().join("empty.json")), ..Default::default() };
     std::fs::write(t.path().join("empty.json"), "{}").expect("write");
     let err = s.pull(&r, &no_creds, &NoProgress).expect_err("denied");
     assert!(matches!(err, PullError::Denied { .. }), "{err}");
@@ -137,7 +137,7 @@ fn bearer_auth_with_docker_config_credentials_and_platform_selection() {
     let cfg = t.path().join("config.json");
     let auth = base64::engine::general_purpose::STANDARD.encode("u:p");
     std::fs::write(&cfg, format!(r#"{{"auths":{{"127.0.0.1:{}":{{"auth":"{auth}"}}}}}}"#, fake.port)).expect("write");
-    let opts = PullOptions { insecure: false, docker_config: Some(cfg) };
+    let opts = PullOptions { docker_config: Some(cfg), ..Default::default() };
     let progress = Recorder::default();
     let rec = s.pull(&r, &opts, &progress).expect("pull");
     assert_eq!(rec.config.entrypoint, ["/bin/sh", "-c"]);
@@ -158,6 +158,122 @@ fn bearer_auth_with_docker_config_credentials_and_platform_selection() {
     assert!(err.to_string().contains("linux/arm64/v8"), "{err}");
     let missing: ImageRef = format!("127.0.0.1:{}/demo:nope", fake.port).parse().expect("ref");
     assert!(matches!(s.pull(&missing, &opts, &NoProgress), Err(PullError::NotFound { .. })));
+}
+
+/// What a misbehaving registry does for one path.
+#[derive(Clone)]
+enum Act {
+    /// Answers with this content type and body.
+    Serve(String, Vec<u8>),
+    /// Promises `len` bytes, sends `sent`, then goes silent with the connection open.
+    Stall { len: usize, sent: Vec<u8> },
+    /// Sends a body longer than any descriptor of it (with a matching Content-Length).
+    Flood(usize),
+    /// Redirects to `to`.
+    Redirect(String),
+}
+
+/// A registry (no auth) acting out `acts` by path; unknown paths are 404.
+fn misbehaving(acts: HashMap<String, Act>) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let acts = acts.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(&stream);
+                let mut line = String::new();
+                let _ = reader.read_line(&mut line);
+                let path = line.split_whitespace().nth(1).unwrap_or("").to_owned();
+                loop {
+                    let mut hl = String::new();
+                    if reader.read_line(&mut hl).unwrap_or(0) == 0 || hl == "\r\n" {
+                        break;
+                    }
+                }
+                match acts.get(&path) {
+                    Some(Act::Serve(ct, body)) => respond(&stream, "200 OK", &[("Content-Type", ct.clone())], body),
+                    Some(Act::Stall { len, sent }) => {
+                        let mut s = &stream;
+                        let _ = s.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n").as_bytes());
+                        let _ = s.write_all(sent);
+                        std::thread::sleep(std::time::Duration::from_secs(600));
+                    }
+                    Some(Act::Flood(n)) => respond(&stream, "200 OK", &[], &vec![b'x'; *n]),
+                    Some(Act::Redirect(to)) => respond(&stream, "307 Temporary Redirect", &[("Location", to.clone())], b""),
+                    None => respond(&stream, "404 Not Found", &[], b""),
+                }
+            });
+        }
+    });
+    port
+}
+
+/// A one-layer image whose layer blob `act` serves; the manifest claims the layer has `size`.
+fn image_with_layer(act: impl FnOnce(&str) -> Act, size: usize) -> (HashMap<String, Act>, String) {
+    let layer = testutil::busybox_layer(&TestImage::default()).expect("layer");
+    let layer_digest = digest_of(&layer).to_string();
+    let (config_digest, config) = json_digest(&serde_json::json!({"rootfs": {"type": "layers", "diff_ids": [layer_digest.clone()]}}));
+    let (_, manifest) = json_digest(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": size}],
+    }));
+    let mut acts = HashMap::new();
+    acts.insert("/v2/bad/manifests/1".to_owned(), Act::Serve(OCI_MANIFEST.into(), manifest));
+    acts.insert(format!("/v2/bad/blobs/{config_digest}"), Act::Serve("application/octet-stream".into(), config));
+    let path = format!("/v2/bad/blobs/{layer_digest}");
+    acts.insert(path.clone(), act(&path));
+    (acts, layer_digest)
+}
+
+fn nothing_staged(t: &tempfile::TempDir) -> bool {
+    std::fs::read_dir(t.path().join("images/tmp")).expect("tmp").next().is_none()
+}
+
+#[test]
+fn a_registry_that_stalls_mid_blob_fails_the_pull_after_the_timeout() {
+    let (acts, _) = image_with_layer(|_| Act::Stall { len: 1 << 20, sent: vec![0; 1000] }, 1 << 20);
+    let port = misbehaving(acts);
+    let t = tempfile::tempdir().expect("tmp");
+    let s = ImageStore::open(t.path()).expect("open");
+    let r: ImageRef = format!("127.0.0.1:{port}/bad:1").parse().expect("ref");
+    let opts = PullOptions { timeout: std::time::Duration::from_secs(1), ..Default::default() };
+    let started = std::time::Instant::now();
+    let e = s.pull(&r, &opts, &NoProgress).expect_err("stalled");
+    assert!(matches!(e, PullError::Stalled { .. }), "{e}");
+    assert!(e.to_string().contains("nothing arrived for 1 s") && e.to_string().contains("--registry-timeout"), "{e}");
+    // It gave up on the silence, not after the server's ten minutes.
+    assert!(started.elapsed() < std::time::Duration::from_secs(60), "{:?}", started.elapsed());
+    assert!(nothing_staged(&t), "the partial download was removed");
+    assert!(s.list().expect("list").is_empty());
+}
+
+#[test]
+fn a_registry_cannot_send_more_than_the_descriptors_say_or_redirect_forever() {
+    let t = tempfile::tempdir().expect("tmp");
+    let s = ImageStore::open(t.path()).expect("open");
+    // A blob longer than its descriptor is cut off at the descriptor's size.
+    let (acts, _) = image_with_layer(|_| Act::Flood(4 << 20), 1024);
+    let port = misbehaving(acts);
+    let r: ImageRef = format!("127.0.0.1:{port}/bad:1").parse().expect("ref");
+    let e = s.pull(&r, &PullOptions::default(), &NoProgress).expect_err("flood");
+    assert!(matches!(e, PullError::TooLarge { limit: 1024, .. }), "{e}");
+    assert!(nothing_staged(&t));
+    // A redirect loop ends.
+    let (acts, _) = image_with_layer(|path| Act::Redirect(path.to_owned()), 1024);
+    let port = misbehaving(acts);
+    let r: ImageRef = format!("127.0.0.1:{port}/bad:1").parse().expect("ref");
+    let e = s.pull(&r, &PullOptions::default(), &NoProgress).expect_err("loop");
+    assert!(e.to_string().contains("redirected more than 5 times"), "{e}");
+    // A manifest without end is refused at its bound.
+    let mut acts = HashMap::new();
+    acts.insert("/v2/bad/manifests/1".to_owned(), Act::Flood((MAX_MANIFEST + 10) as usize));
+    let port = misbehaving(acts);
+    let r: ImageRef = format!("127.0.0.1:{port}/bad:1").parse().expect("ref");
+    let e = s.pull(&r, &PullOptions::default(), &NoProgress).expect_err("huge manifest");
+    assert!(matches!(e, PullError::TooLarge { .. }), "{e}");
 }
 
 fn debugfs(img: &std::path::Path, cmd: &str) -> String {

@@ -27,6 +27,8 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("reading the blob from its source failed")]
+    Source(#[source] io::Error),
     #[error("blob {0} of the image vanished while it was stored (removed concurrently?); try again")]
     BlobVanished(Digest),
     #[error("no such image: {0} (see `hearth image ls`)")]
@@ -138,7 +140,7 @@ impl ImageStore {
                     Ok(0) => break,
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(StoreError::Io { path: tmp.clone(), source: e }),
+                    Err(e) => return Err(StoreError::Source(e)),
                 };
                 hasher.update(&buf[..n]);
                 f.write_all(&buf[..n]).map_err(io_err(&tmp))?;

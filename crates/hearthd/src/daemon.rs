@@ -34,6 +34,8 @@ pub struct Daemon {
     pub reserved_addresses: Mutex<HashMap<std::net::Ipv4Addr, String>>,
     /// Published host ports of launches in flight, and the lock for the bridge's table.
     pub ports: crate::net::Ports,
+    /// How long a registry may stay silent during a pull (`--registry-timeout`).
+    pub registry_timeout: std::time::Duration,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -119,7 +121,13 @@ impl Daemon {
             agents: tokio::sync::Mutex::new(HashMap::new()),
             reserved_addresses: Mutex::new(HashMap::new()),
             ports: Default::default(),
+            registry_timeout: hearth_image::registry::DEFAULT_TIMEOUT,
         })
+    }
+
+    /// How pulls reach registries: `insecure` as asked, the daemon's timeout.
+    pub fn pull_options(&self, insecure: bool) -> hearth_image::PullOptions {
+        hearth_image::PullOptions { insecure, timeout: self.registry_timeout, ..Default::default() }
     }
 
     /// The lock that serialises all changes to one VM.

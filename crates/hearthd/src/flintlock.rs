@@ -120,7 +120,10 @@ impl Records {
         Ok(Some(rec))
     }
 
+    /// Removes a record; under the same lock as [`Records::update`], so an update racing the
+    /// removal can never write the record back.
     fn remove(&self, uid: &str) -> Result<(), Status> {
+        let _g = self.write.lock().unwrap_or_else(|e| e.into_inner());
         match std::fs::remove_file(self.path(uid)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(internal(e)),
             _ => Ok(()),
@@ -162,6 +165,8 @@ struct Inner {
     create: tokio::sync::Mutex<()>,
     /// Serialises kernel imports (two microVMs often share one kernel image).
     kernels: tokio::sync::Mutex<()>,
+    /// Set (true) when a microVM's deletion begins, so its provisioning stops waiting on pulls.
+    deleting: Mutex<HashMap<String, tokio::sync::watch::Sender<bool>>>,
     /// The network microVMs' interfaces are put on (`--flintlock-network`).
     network: NetworkMode,
 }
@@ -185,6 +190,7 @@ impl Flintlock {
                 locks: KeyedLocks::default(),
                 create: tokio::sync::Mutex::const_new(()),
                 kernels: tokio::sync::Mutex::const_new(()),
+                deleting: Mutex::new(HashMap::new()),
                 network,
             }),
         })
@@ -319,7 +325,7 @@ impl Flintlock {
         let spec = rec.spec();
         let d = &self.inner.d;
         let kernel_spec = spec.kernel.clone().unwrap_or_default();
-        let kernel_img = pull(d, &kernel_spec.image).await?;
+        let kernel_img = self.until_deleted(&rec.uid, pull(d, &kernel_spec.image)).await?;
         self.check_not_deleting(&rec.uid)?;
         let filename = kernel_spec.filename.clone().filter(|f| !f.is_empty());
         let kernel = kernel_name(&kernel_img.id.hex()[..12], filename.as_deref());
@@ -334,9 +340,9 @@ impl Flintlock {
             }
         }
         let root = spec.root_volume.as_ref().and_then(|v| v.source.as_ref()).and_then(|s| s.container_source.clone()).unwrap_or_default();
-        pull(d, &root).await?;
+        self.until_deleted(&rec.uid, pull(d, &root)).await?;
         for v in &spec.additional_volumes {
-            pull(d, &volume_image(v)).await?;
+            self.until_deleted(&rec.uid, pull(d, &volume_image(v))).await?;
             self.check_not_deleting(&rec.uid)?;
         }
         self.check_not_deleting(&rec.uid)?;
@@ -353,6 +359,30 @@ impl Flintlock {
             hearth_api::v1::hearth_server::Hearth::start_vm(&self.inner.api, Request::new(start)).await?;
         }
         Ok(())
+    }
+
+    /// Runs `work` (a pull) until it ends or the microVM's deletion begins, whichever is first:
+    /// a delete never waits behind a registry that stalls. Left behind, a pull only fills the
+    /// image store.
+    async fn until_deleted<T>(&self, uid: &str, work: impl std::future::Future<Output = Result<T, Status>>) -> Result<T, Status> {
+        let mut deleting = {
+            let mut map = self.inner.deleting.lock().unwrap_or_else(|e| e.into_inner());
+            map.entry(uid.to_owned()).or_insert_with(|| tokio::sync::watch::channel(false).0).subscribe()
+        };
+        // A delete that began before the subscription is seen in the record.
+        self.check_not_deleting(uid)?;
+        tokio::select! {
+            r = work => r,
+            _ = deleting.wait_for(|d| *d) => Err(Status::aborted("the microvm is being deleted")),
+        }
+    }
+
+    /// Tells a provisioning in progress that its microVM is being deleted.
+    fn signal_deleting(&self, uid: &str) {
+        let map = self.inner.deleting.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = map.get(uid) {
+            tx.send_replace(true);
+        }
     }
 
     fn check_not_deleting(&self, uid: &str) -> Result<(), Status> {
@@ -373,6 +403,7 @@ impl Flintlock {
         self.inner.records.remove(uid)?;
         self.release_address(uid);
         self.inner.locks.forget(&uid.to_owned());
+        self.inner.deleting.lock().unwrap_or_else(|e| e.into_inner()).remove(uid);
         info!(uid, "microvm deleted");
         Ok(())
     }
@@ -465,10 +496,20 @@ async fn pull(d: &Arc<Daemon>, reference: &str) -> Result<hearth_types::ImageRec
     }
     let d = d.clone();
     let what = reference.to_owned();
-    tokio::task::spawn_blocking(move || d.images.pull(&r, &hearth_image::PullOptions::default(), &hearth_image::NoProgress))
+    tokio::task::spawn_blocking(move || d.images.pull(&r, &d.pull_options(false), &hearth_image::NoProgress))
         .await
         .map_err(internal)?
-        .map_err(|e| Status::unavailable(format!("pulling {what}: {:#}", anyhow::Error::from(e))))
+        .map_err(|e| {
+            // A refused or absent image stays so; a stalled or unreachable registry may not.
+            use hearth_image::PullError as P;
+            let permanent = matches!(e, P::Refused { .. } | P::NotFound { .. } | P::Platform { .. } | P::MediaType { .. });
+            let msg = format!("pulling {what}: {:#}", anyhow::Error::from(e));
+            if permanent {
+                Status::failed_precondition(msg)
+            } else {
+                Status::unavailable(msg)
+            }
+        })
 }
 
 /// A kernel's store name: the image id, and the file when it is not Ignite's layout.
@@ -730,6 +771,7 @@ impl MicroVm for Flintlock {
             return Err(Status::invalid_argument("uid is required"));
         }
         self.inner.records.update(&uid, |rec| rec.phase = Phase::Deleting)?.ok_or_else(|| not_found(&uid))?;
+        self.signal_deleting(&uid);
         // Deleting is idempotent under the microVM's lock: a repeated Delete starts it again.
         self.spawn_delete(uid);
         Ok(Response::new(()))

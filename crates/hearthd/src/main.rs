@@ -63,6 +63,10 @@ struct Args {
     /// equivalent to root on this host, as with docker's group.
     #[arg(long, value_name = "GROUP")]
     group: Option<String>,
+    /// The longest a registry may stay silent during a pull (connecting, answering, between
+    /// two reads of a blob) before the pull fails, e.g. 60s or 2m.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    registry_timeout: std::time::Duration,
     /// Log filter, as RUST_LOG.
     #[arg(long, env = "HEARTH_LOG", default_value = "info")]
     log: String,
@@ -83,6 +87,9 @@ async fn main() {
         eprintln!("hearthd: {e:#}");
         std::process::exit(1);
     }
+    // Exit now rather than wait for blocking work in flight (a pull from a slow registry may
+    // take minutes): everything it writes is a per-attempt temporary the next start sweeps.
+    std::process::exit(0);
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -96,7 +103,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let init = daemon::find_init_binary(args.init_binary.as_deref())?;
     // Everything below writes under the root or serves its socket: one daemon at a time.
     let _root_lock = root::lock(&args.root)?;
-    let d = Arc::new(daemon::Daemon::open(&args.root, init).with_context(|| format!("opening {}", args.root.display()))?);
+    let mut d = daemon::Daemon::open(&args.root, init).with_context(|| format!("opening {}", args.root.display()))?;
+    d.registry_timeout = args.registry_timeout;
+    let d = Arc::new(d);
     if let Some(dir) = socket.parent().filter(|dir| !dir.exists()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(root::ROOT_MODE))?;

@@ -90,8 +90,7 @@ impl Hearth for Api {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let d = self.d.clone();
         tokio::task::spawn_blocking(move || {
-            let opts = hearth_image::PullOptions { insecure: req.insecure, docker_config: None };
-            let out = d.images.pull(&r, &opts, &ChannelProgress(tx.clone()));
+            let out = d.images.pull(&r, &d.pull_options(req.insecure), &ChannelProgress(tx.clone()));
             let msg = match out {
                 Ok(rec) => Ok(pb::Progress { done: true, result_json: json(&rec), ..Default::default() }),
                 Err(e) => Err(chain(e)),
@@ -164,8 +163,7 @@ impl Hearth for Api {
         let d = self.d.clone();
         tokio::task::spawn_blocking(move || {
             let run = || -> anyhow::Result<hearth_types::KernelRecord> {
-                let opts = hearth_image::PullOptions { insecure: req.insecure, docker_config: None };
-                let img = d.images.pull(&r, &opts, &ChannelProgress(tx.clone()))?;
+                let img = d.images.pull(&r, &d.pull_options(req.insecure), &ChannelProgress(tx.clone()))?;
                 kernel_from_image(&d, &img, &name, None)
             };
             let msg = match run() {

@@ -255,6 +255,73 @@ impl Drop for Netns {
     }
 }
 
+/// A registry (plain HTTP on loopback, no auth) serving one image, `stall:1`, whose manifest and
+/// config arrive but whose layer blob stops after a few bytes, the connection left open.
+#[derive(Debug)]
+pub struct StallingRegistry {
+    pub port: u16,
+}
+
+impl StallingRegistry {
+    pub fn start() -> Self {
+        use std::io::{BufRead, BufReader, Write};
+        use std::net::TcpListener;
+        let sha = |b: &[u8]| {
+            use sha2::Digest as _;
+            format!("sha256:{}", hex::encode(sha2::Sha256::digest(b)))
+        };
+        let layer = vec![0u8; 1 << 20];
+        let config = serde_json::json!({"rootfs": {"type": "layers", "diff_ids": [sha(&layer)]}}).to_string().into_bytes();
+        let manifest = serde_json::json!({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha(&config), "size": config.len()},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": sha(&layer), "size": layer.len()}],
+        })
+        .to_string()
+        .into_bytes();
+        let (config_path, layer_path) = (format!("/v2/stall/blobs/{}", sha(&config)), format!("/v2/stall/blobs/{}", sha(&layer)));
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let (manifest, config, config_path, layer_path) =
+                    (manifest.clone(), config.clone(), config_path.clone(), layer_path.clone());
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(&stream);
+                    let mut line = String::new();
+                    let _ = reader.read_line(&mut line);
+                    let path = line.split_whitespace().nth(1).unwrap_or("").to_owned();
+                    while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                        line.clear();
+                    }
+                    let mut s = &stream;
+                    let answer = |s: &mut &std::net::TcpStream, ct: &str, body: &[u8]| {
+                        let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Type: {ct}\r\nContent-Length: {}\r\n\r\n", body.len());
+                        let _ = s.write_all(body);
+                    };
+                    if path == "/v2/stall/manifests/1" {
+                        answer(&mut s, "application/vnd.oci.image.manifest.v1+json", &manifest);
+                    } else if path == config_path {
+                        answer(&mut s, "application/octet-stream", &config);
+                    } else if path == layer_path {
+                        let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", 1 << 20);
+                        let _ = s.write_all(&[0u8; 4096]);
+                        std::thread::sleep(Duration::from_secs(3600));
+                    } else {
+                        let _ = s.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
+                    }
+                });
+            }
+        });
+        Self { port }
+    }
+
+    /// The image's reference.
+    pub fn image(&self) -> String {
+        format!("127.0.0.1:{}/stall:1", self.port)
+    }
+}
+
 /// A stand-in for a VM's VMM: a process whose command line names the VM's pid file as QEMU's
 /// does (`-pidfile DIR/qemu.pid`), so hearth takes it for the VM's VMM. Its pid is written there.
 pub fn fake_vmm(vm_dir: &Path) -> Child {

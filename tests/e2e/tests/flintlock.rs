@@ -436,3 +436,38 @@ fn microvms_on_the_bridge_get_their_addresses_and_reach_each_other() {
     let taps = hearth_e2e::text(&ns.run(&["ip", "-o", "link", "show", "master", "hearth0"]).stdout);
     assert!(taps.is_empty(), "taps left: {taps}");
 }
+
+#[test]
+fn a_delete_behind_a_stalled_pull_completes() {
+    require_e2e!();
+    let reg = hearth_e2e::StallingRegistry::start();
+    let port = free_port();
+    // A timeout far longer than the test: the delete must not wait for it.
+    let d = Daemon::start_with(&[
+        "--flintlock-listen",
+        &format!("127.0.0.1:{port}"),
+        "--insecure",
+        "--flintlock-network",
+        "user",
+        "--registry-timeout",
+        "10m",
+    ]);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mut c = client(&rt, port, None);
+    let s = spec("stalled", &reg.image(), &reg.image());
+    let vm = rt
+        .block_on(c.create_micro_vm(fpb::CreateMicroVmRequest { microvm: Some(s), metadata: HashMap::new() }))
+        .expect("create")
+        .into_inner();
+    let uid = vm.microvm.expect("microvm").spec.expect("spec").uid.expect("uid");
+    // The kernel image's pull is under way (and stalled) when the delete comes.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_dir(d.root.path().join("images/tmp")).is_ok_and(|mut r| r.next().is_some()) {
+        assert!(Instant::now() < deadline, "the pull never started:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let asked = Instant::now();
+    rt.block_on(c.delete_micro_vm(fpb::DeleteMicroVmRequest { uid: uid.clone() })).expect("delete");
+    wait_get(&rt, &mut c, &d, &uid, "deleted", |g| matches!(g, Err(s) if s.code() == tonic::Code::NotFound)).expect_err("gone");
+    assert!(asked.elapsed() < Duration::from_secs(60), "the delete waited {:?} behind the pull", asked.elapsed());
+}

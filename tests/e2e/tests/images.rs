@@ -103,3 +103,18 @@ fn a_corrupt_blob_fails_the_pull_with_a_digest_mismatch_and_stores_nothing() {
     let tmp = d.root.path().join("images/tmp");
     assert!(files_under(&tmp).is_empty(), "partial downloads left: {:?}", files_under(&tmp));
 }
+
+#[test]
+fn a_registry_that_stalls_mid_blob_fails_the_pull_within_the_timeout() {
+    require_e2e!();
+    let reg = hearth_e2e::StallingRegistry::start();
+    let d = Daemon::start_with(&["--registry-timeout", "2s"]);
+    let started = std::time::Instant::now();
+    let out = d.hearth(&["image", "pull", &reg.image()]);
+    assert!(!out.status.success(), "a stalled pull must fail");
+    assert!(text(&out.stderr).contains("stalled") && text(&out.stderr).contains("2 s"), "{}", text(&out.stderr));
+    assert!(started.elapsed() < std::time::Duration::from_secs(60), "gave up after {:?}", started.elapsed());
+    assert_eq!(d.ok(&["image", "ls", "-q"]).trim(), "");
+    let tmp = d.root.path().join("images/tmp");
+    assert!(files_under(&tmp).is_empty(), "partial downloads left: {:?}", files_under(&tmp));
+}
