@@ -32,6 +32,7 @@ pub fn spec(n: u8) -> VmSpec {
         cloud_init_network: None,
         volumes: vec![],
         cloud_init: Default::default(),
+        log: None,
         created_at: u64::from(n),
     }
 }

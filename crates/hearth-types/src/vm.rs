@@ -78,6 +78,8 @@ pub enum VmSpecError {
     CloudInitKey(String),
     #[error("cloud-init file {0:?} is larger than {kib} KiB", kib = MAX_CLOUD_INIT_BYTES >> 10)]
     CloudInitSize(String),
+    #[error("--log-opt {0:?}: use max-size=SIZE (4K to 1G) or max-file=N (1 to 100)")]
+    LogOpt(String),
     #[error(transparent)]
     Name(#[from] crate::id::IdError),
     #[error(transparent)]
@@ -149,8 +151,53 @@ pub struct VmSpec {
     /// hearth-init seeds into the guest for the image's own cloud-init.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub cloud_init: BTreeMap<String, String>,
+    /// The console log's limits, when not the daemon's (`--log-opt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<LogOptions>,
     /// Unix seconds.
     pub created_at: u64,
+}
+
+/// A VM's own console log limits (docker's `--log-opt max-size=..,max-file=..`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogOptions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_files: Option<u32>,
+}
+
+/// Bounds of the console log options.
+pub const MIN_LOG_SIZE: u64 = 4 << 10;
+pub const MAX_LOG_SIZE: u64 = 1 << 30;
+pub const MAX_LOG_FILES: u32 = 100;
+
+impl LogOptions {
+    /// Parses docker's `--log-opt KEY=VALUE` list (`max-size`, `max-file`).
+    pub fn parse(opts: &[String]) -> Result<Option<Self>, VmSpecError> {
+        let mut out = Self::default();
+        for o in opts {
+            let bad = || VmSpecError::LogOpt(o.clone());
+            let (k, v) = o.split_once('=').ok_or_else(bad)?;
+            match k {
+                "max-size" => out.max_size = Some(crate::size::parse_size(v).map_err(|_| bad())?),
+                "max-file" => out.max_files = Some(v.parse().map_err(|_| bad())?),
+                _ => return Err(bad()),
+            }
+        }
+        out.validate()?;
+        Ok((out != Self::default()).then_some(out))
+    }
+
+    pub fn validate(&self) -> Result<(), VmSpecError> {
+        if self.max_size.is_some_and(|s| !(MIN_LOG_SIZE..=MAX_LOG_SIZE).contains(&s)) {
+            return Err(VmSpecError::LogOpt(format!("max-size={}", self.max_size.unwrap_or_default())));
+        }
+        if self.max_files.is_some_and(|n| !(1..=MAX_LOG_FILES).contains(&n)) {
+            return Err(VmSpecError::LogOpt(format!("max-file={}", self.max_files.unwrap_or_default())));
+        }
+        Ok(())
+    }
 }
 
 impl VmSpec {
@@ -200,6 +247,9 @@ impl VmSpec {
                     )));
                 }
             }
+        }
+        if let Some(l) = &self.log {
+            l.validate()?;
         }
         for (key, value) in &self.cloud_init {
             if !CLOUD_INIT_FILES.contains(&key.as_str()) {
@@ -379,6 +429,7 @@ mod tests {
             cloud_init_network: None,
             volumes: vec![],
             cloud_init: Default::default(),
+            log: None,
             created_at: 0,
         }
     }

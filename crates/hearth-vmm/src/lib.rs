@@ -6,16 +6,18 @@
 //! - [`process`]: recognises a VMM by pid *and* start time, waits for non-child exits with pidfd.
 //! - [`accel`]: decides whether KVM can really run a guest here, else TCG.
 //! - [`agent`]: the framed agent protocol over the VMM's channel (virtio-serial or hybrid vsock).
+//! - [`console`]: captures the serial console from the VMM's socket into a capped, rotated log.
 //!
-//! Files a QEMU VM keeps in its directory: `console.log` (the serial console, appended across
-//! boots; QEMU's chardev log captures it whether or not a client is attached to
-//! `console.sock`), `qemu.log` (QEMU's stderr for the current boot: QEMU truncates its `-D` file
-//! when it opens it, and without `-D` a daemonized QEMU sends stderr to /dev/null),
+//! Files a QEMU VM keeps in its directory: `console.log` (the serial console across boots, as
+//! [`console`] captures it, with `console.log.N` rotations and `console.log.start`), `qemu.log`
+//! (QEMU's stderr for the current boot: QEMU truncates its `-D` file when it opens it, and
+//! without `-D` a daemonized QEMU sends stderr to /dev/null),
 //! `qemu.pid`, and the `console.sock`, `agent.sock` and `qmp.sock` sockets, which [`stop`]
 //! removes.
 
 pub mod accel;
 pub mod agent;
+pub mod console;
 pub mod process;
 pub mod qemu;
 mod sys;
@@ -26,7 +28,7 @@ use hearth_types::Accel;
 
 pub use accel::resolve_accel;
 pub use process::{is_alive, kill, read_pidfile, start_time, wait_exit, wait_exit_blocking};
-pub use qemu::{find_running, is_vmm_of, launch, remove_runtime_files, stop, Stopped};
+pub use qemu::{find_running, is_vmm_of, launch, remove_runtime_files, resume, resume_if_prelaunch, stop, Stopped};
 
 /// Everything a provider needs to start one VM; all paths resolved.
 #[derive(Debug, Clone)]

@@ -1,5 +1,5 @@
-//! The QEMU provider against the real `qemu-system-x86_64` under TCG: launch daemonized, console
-//! captured with no client attached, QMP, stop, cleanup. The guest is the Debian cloud kernel
+//! The QEMU provider against the real `qemu-system-x86_64` under TCG: launch daemonized and
+//! paused, console captured before the guest runs, QMP, stop, cleanup. The guest is the Debian cloud kernel
 //! with an empty initramfs, so it panics ("no root") after printing its boot log; no hearth-init
 //! needed. Skips, saying why, when QEMU or the kernel is missing (HEARTH_TEST_KERNEL overrides
 //! the kernel path; `cargo xtask kernel` fetches it).
@@ -9,8 +9,16 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hearth_types::Accel;
+use hearth_vmm::console::{Console, LogLimits};
 use hearth_vmm::qemu::{observe, qemu_args, Qmp};
-use hearth_vmm::{is_alive, kill, launch, stop, wait_exit, LaunchSpec, Stopped, VmmError};
+use hearth_vmm::{is_alive, kill, launch, resume, stop, wait_exit, LaunchSpec, Stopped, VmmError};
+
+/// What hearthd does after a launch: capture the console, then let the guest run.
+async fn capture_and_resume(dir: &Path) -> std::sync::Arc<Console> {
+    let console = Console::capture(dir, LogLimits::default(), Default::default()).await.expect("capture");
+    resume(dir).await.expect("cont");
+    console
+}
 
 fn kernel() -> Option<PathBuf> {
     let k = std::env::var_os("HEARTH_TEST_KERNEL")
@@ -95,7 +103,11 @@ async fn tcg_guest_runs_is_logged_without_a_client_and_is_stopped() {
     assert!(is_alive(launched.pid, launched.start_time));
     assert!(!is_alive(launched.pid, launched.start_time + 1));
 
-    // Nobody is connected to console.sock: QEMU's chardev log must still get everything.
+    // The guest waits, paused, until the console is captured: the log has its first line.
+    let mut qmp = Qmp::connect(&dir.path().join("qmp.sock")).await.expect("qmp");
+    assert_eq!(qmp.status().await.expect("query-status"), "prelaunch");
+    drop(qmp);
+    let _capture = capture_and_resume(dir.path()).await;
     let console = dir.path().join("console.log");
     wait_for_text(&console, "Linux version", Duration::from_secs(60));
     let text = wait_for_text(&console, "Kernel panic", Duration::from_secs(120));
@@ -127,6 +139,7 @@ async fn tcg_guest_runs_is_logged_without_a_client_and_is_stopped() {
     let before = std::fs::metadata(&console).expect("console.log").len();
     let again = launch(&spec).expect("relaunch");
     let _reaper = Reaper(Some((again.pid, again.start_time)));
+    let _capture = capture_and_resume(dir.path()).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while std::fs::metadata(&console).expect("console.log").len() <= before {
         assert!(Instant::now() < deadline, "the second boot logged nothing");
@@ -143,8 +156,11 @@ async fn a_panicking_guest_ends_qemu_by_itself() {
     let Some((dir, spec)) = vm("loglevel=7") else { return };
     let launched = launch(&spec).expect("launch");
     let _reaper = Reaper(Some((launched.pid, launched.start_time)));
+    let capture = capture_and_resume(dir.path()).await;
     tokio::time::timeout(Duration::from_secs(120), wait_exit(launched.pid, launched.start_time)).await.expect("qemu exits on its own");
     assert!(!is_alive(launched.pid, launched.start_time));
+    capture.wait_done(Duration::from_secs(5)).await;
+    assert!(capture.is_done(), "the capture ends with the VMM, everything logged");
     let text = wait_for_text(&dir.path().join("console.log"), "Kernel panic", Duration::from_secs(1));
     assert!(text.contains("Linux version"));
     let how = stop(&spec.vm_dir, launched.pid, launched.start_time, Duration::from_secs(1)).await.expect("stop");
@@ -165,7 +181,8 @@ fn a_start_failure_quotes_qemus_own_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_microvm_command_line_is_accepted_by_qemu() {
     // microvm needs KVM to boot, and this host may have none; QEMU still builds the machine and
-    // its devices under TCG when told not to start the CPU (-S), which checks the arguments.
+    // its devices under TCG while the CPU waits (hearth always passes -S), which checks the
+    // arguments.
     let Some((dir, spec)) = vm("") else { return };
     let mut args = qemu_args(&spec, Accel::Kvm, None);
     for a in args.iter_mut() {
@@ -175,7 +192,6 @@ async fn the_microvm_command_line_is_accepted_by_qemu() {
             _ => {}
         }
     }
-    args.push("-S".into());
     let log = std::fs::File::create(dir.path().join("qemu.log")).expect("log");
     let st = Command::new("qemu-system-x86_64").args(&args).stderr(log).status().expect("qemu");
     let log_text = std::fs::read_to_string(dir.path().join("qemu.log")).unwrap_or_default();

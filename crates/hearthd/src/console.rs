@@ -1,49 +1,111 @@
-//! The serial console: `logs` (from the captured log file) and `attach` (the live socket).
+//! The serial console through hearthd: one capture per running VM (hearth_vmm::console), which
+//! writes the capped, rotated log and relays output to attached clients; `logs` reads the log by
+//! logical offset, `attach` joins the capture. (docs/adr/0010-console-capture.md)
 
-use std::io::SeekFrom;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use hearth_api::v1::Chunk;
-use hearth_types::{VmId, VmState};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use hearth_types::{VmId, VmSpec, VmState};
+use hearth_vmm::console::{Console, LogLimits};
 use tokio::sync::mpsc;
 use tonic::Status;
 
 use crate::daemon::Daemon;
 
-/// How often a follower looks for new console output while the VM runs.
+/// How often a follower looks for new console output while the VM runs (a change of the VM's
+/// record wakes it earlier).
 const FOLLOW_POLL: Duration = Duration::from_millis(50);
 const CHUNK: usize = 64 << 10;
+/// How long an exited VMM's capture may take to write its last bytes.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The live captures, and each VM's log lock (stable across boots).
+#[derive(Debug, Default)]
+pub struct Consoles {
+    live: Mutex<HashMap<VmId, Arc<Console>>>,
+    locks: Mutex<HashMap<VmId, Arc<RwLock<()>>>>,
+    /// The daemon's `--log-max-size`/`--log-max-files`, for VMs that set none.
+    pub default_limits: LogLimits,
+}
+
+impl Consoles {
+    fn lock_of(&self, id: &VmId) -> Arc<RwLock<()>> {
+        self.locks.lock().unwrap_or_else(|e| e.into_inner()).entry(id.clone()).or_default().clone()
+    }
+
+    fn live(&self, id: &VmId) -> Option<Arc<Console>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).get(id).filter(|c| !c.is_done()).cloned()
+    }
+
+    /// The log limits of a VM: its own, else the daemon's.
+    pub fn limits_for(&self, spec: &VmSpec) -> LogLimits {
+        let d = self.default_limits;
+        match &spec.log {
+            Some(l) => LogLimits { max_size: l.max_size.unwrap_or(d.max_size), max_files: l.max_files.unwrap_or(d.max_files) },
+            None => d,
+        }
+    }
+}
+
+/// Starts capturing a VM's console: after a launch, before the guest is resumed, and when a
+/// running VM is re-adopted.
+pub async fn capture(d: &Daemon, spec: &VmSpec) -> Result<(), hearth_vmm::VmmError> {
+    let c = Console::capture(&d.vm_dir(&spec.id), d.consoles.limits_for(spec), d.consoles.lock_of(&spec.id)).await?;
+    d.consoles.live.lock().unwrap_or_else(|e| e.into_inner()).insert(spec.id.clone(), c);
+    Ok(())
+}
+
+/// Waits (bounded) until the capture of a VM whose VMM exited has written its last bytes.
+pub async fn closed(d: &Daemon, id: &VmId) {
+    let c = d.consoles.live.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+    if let Some(c) = c {
+        c.wait_done(CLOSE_TIMEOUT).await;
+    }
+}
+
+/// Forgets a removed VM's entries.
+pub fn forget(d: &Daemon, id: &VmId) {
+    d.consoles.live.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+    d.consoles.locks.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+}
+
+/// The logical end of a VM's log: where its next boot's output will start.
+pub fn log_end(d: &Daemon, id: &VmId) -> u64 {
+    let lock = d.consoles.lock_of(id);
+    let _r = lock.read().unwrap_or_else(|e| e.into_inner());
+    hearth_vmm::console::end(&d.vm_dir(id))
+}
 
 fn is_running(d: &Daemon, id: &VmId) -> bool {
     matches!(d.get(id), Ok(Some(r)) if matches!(r.status.state, VmState::Starting | VmState::Running | VmState::Stopping))
 }
 
-/// Streams the console log from `offset`; with `follow`, until the VM stops.
+/// Streams the console log from logical `offset`; with `follow`, until the VM stops.
 pub fn stream_logs(d: Arc<Daemon>, id: VmId, offset: u64, follow: bool) -> mpsc::Receiver<Result<Chunk, Status>> {
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
-        let path = d.vm_dir(&id).join("console.log");
+        let (dir, lock) = (d.vm_dir(&id), d.consoles.lock_of(&id));
         let mut pos = offset;
-        let mut buf = vec![0u8; CHUNK];
         let mut changes = d.subscribe();
         loop {
             let mut progressed = false;
-            if let Ok(mut f) = tokio::fs::File::open(&path).await {
-                if f.seek(SeekFrom::Start(pos)).await.is_ok() {
-                    loop {
-                        match f.read(&mut buf).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => {
-                                pos += n as u64;
-                                progressed = true;
-                                if tx.send(Ok(Chunk { data: buf[..n].to_vec(), r#ref: String::new() })).await.is_err() {
-                                    return;
-                                }
-                            }
-                        }
-                    }
+            loop {
+                let (dir, lock) = (dir.clone(), lock.clone());
+                let read = tokio::task::spawn_blocking(move || {
+                    let _r = lock.read().unwrap_or_else(|e| e.into_inner());
+                    hearth_vmm::console::read_at(&dir, pos, CHUNK)
+                })
+                .await;
+                let Ok(Ok((data, next))) = read else { break };
+                pos = next;
+                if data.is_empty() {
+                    break;
+                }
+                progressed = true;
+                if tx.send(Ok(Chunk { data, r#ref: String::new() })).await.is_err() {
+                    return;
                 }
             }
             if !follow {
@@ -63,33 +125,27 @@ pub fn stream_logs(d: Arc<Daemon>, id: VmId, offset: u64, follow: bool) -> mpsc:
     rx
 }
 
-/// Connects a client's byte stream to the VM's console socket.
+/// Joins a client to the VM's console: its output from now on, and its input to the guest.
 pub async fn attach(d: Arc<Daemon>, id: VmId, mut input: tonic::Streaming<Chunk>) -> Result<mpsc::Receiver<Result<Chunk, Status>>, Status> {
-    let sock = d.vm_dir(&id).join("console.sock");
-    let stream = tokio::net::UnixStream::connect(&sock)
-        .await
-        .map_err(|e| Status::failed_precondition(format!("cannot attach: the console is busy or the VM is not running ({e})")))?;
-    let (mut rd, wr) = stream.into_split();
-    // Dropping the write half would half-close the socket, which QEMU takes as a disconnect:
-    // keep it open until the output side ends, even after the client's input ended.
-    let wr = std::sync::Arc::new(tokio::sync::Mutex::new(wr));
-    let keep = wr.clone();
+    let console = d.consoles.live(&id).ok_or_else(|| Status::failed_precondition("cannot attach: the VM's console is not running"))?;
+    let mut output = console.subscribe();
     let (tx, rx) = mpsc::channel(16);
+    let c = console.clone();
     tokio::spawn(async move {
         while let Ok(Some(chunk)) = input.message().await {
-            if wr.lock().await.write_all(&chunk.data).await.is_err() {
+            if !c.send(chunk.data).await {
                 break;
             }
         }
     });
     tokio::spawn(async move {
-        let _keep = keep;
-        let mut buf = vec![0u8; CHUNK];
         loop {
             tokio::select! {
-                r = rd.read(&mut buf) => match r {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => if tx.send(Ok(Chunk { data: buf[..n].to_vec(), r#ref: String::new() })).await.is_err() { return },
+                m = output.recv() => match m {
+                    Ok(data) => if tx.send(Ok(Chunk { data, r#ref: String::new() })).await.is_err() { return },
+                    // A client that fell behind loses what it missed (the log has it).
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 },
                 _ = tx.closed() => return,
             }

@@ -123,6 +123,7 @@ pub async fn create(d: &Arc<Daemon>, req: pb::CreateVmRequest) -> Result<VmRecor
         cloud_init_network: Some(req.cloud_init_network).filter(|d| !d.is_empty()),
         volumes,
         cloud_init: req.cloud_init.into_iter().collect(),
+        log: hearth_types::LogOptions::parse(&req.log_opts).map_err(|e| Status::invalid_argument(e.to_string()))?,
         created_at: created_now(),
     };
     // Bridge addresses come from the records themselves, under the create lock: nothing to leak.

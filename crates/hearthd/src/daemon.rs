@@ -36,6 +36,8 @@ pub struct Daemon {
     pub ports: crate::net::Ports,
     /// How long a registry may stay silent during a pull (`--registry-timeout`).
     pub registry_timeout: std::time::Duration,
+    /// The console captures of running VMs.
+    pub consoles: crate::console::Consoles,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -122,6 +124,7 @@ impl Daemon {
             reserved_addresses: Mutex::new(HashMap::new()),
             ports: Default::default(),
             registry_timeout: hearth_image::registry::DEFAULT_TIMEOUT,
+            consoles: Default::default(),
         })
     }
 
@@ -144,7 +147,7 @@ impl Daemon {
 
     /// Removes a VM's record and files, keeping a tombstone for `wait`.
     pub fn forget(&self, rec: &VmRecord) -> Result<(), Status> {
-        self.vms.remove(&rec.spec.id).map_err(internal)?;
+        // The tombstone first: a reader never finds neither the record nor how it ended.
         {
             let mut t = self.tombstones.lock().unwrap_or_else(|e| e.into_inner());
             if t.len() > 1024 {
@@ -152,6 +155,7 @@ impl Daemon {
             }
             t.insert(rec.spec.id.clone(), rec.clone());
         }
+        self.vms.remove(&rec.spec.id).map_err(internal)?;
         self.locks.forget(&rec.spec.id);
         self.changes.send_modify(|g| *g += 1);
         Ok(())
@@ -159,11 +163,6 @@ impl Daemon {
 
     pub fn tombstone(&self, id: &VmId) -> Option<VmRecord> {
         self.tombstones.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
-    }
-
-    /// The VM's record, or how it ended if it was removed since (an `--rm` VM).
-    pub fn get_or_removed(&self, id: &VmId) -> Result<Option<VmRecord>, Status> {
-        Ok(self.get(id)?.or_else(|| self.tombstone(id)))
     }
 
     /// A removed VM by id, id prefix or name, when exactly one matches.

@@ -67,6 +67,12 @@ struct Args {
     /// two reads of a blob) before the pull fails, e.g. 60s or 2m.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
     registry_timeout: std::time::Duration,
+    /// Size at which a VM's console log is rotated (a VM's own --log-opt max-size wins).
+    #[arg(long, value_name = "SIZE", default_value = "10M", value_parser = parse_log_size)]
+    log_max_size: u64,
+    /// Console log files kept per VM, the current one included (--log-opt max-file wins).
+    #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    log_max_files: u32,
     /// Log filter, as RUST_LOG.
     #[arg(long, env = "HEARTH_LOG", default_value = "info")]
     log: String,
@@ -105,6 +111,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _root_lock = root::lock(&args.root)?;
     let mut d = daemon::Daemon::open(&args.root, init).with_context(|| format!("opening {}", args.root.display()))?;
     d.registry_timeout = args.registry_timeout;
+    d.consoles.default_limits = hearth_vmm::console::LogLimits { max_size: args.log_max_size, max_files: args.log_max_files };
     let d = Arc::new(d);
     if let Some(dir) = socket.parent().filter(|dir| !dir.exists()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -163,6 +170,14 @@ async fn bind_socket(socket: &std::path::Path, group: Option<nix::unistd::Gid>) 
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("setting the mode of {}", socket.display()))?;
     Ok(listener)
+}
+
+fn parse_log_size(s: &str) -> Result<u64, String> {
+    let n = hearth_types::parse_size(s).map_err(|e| e.to_string())?;
+    if !(hearth_types::vm::MIN_LOG_SIZE..=hearth_types::vm::MAX_LOG_SIZE).contains(&n) {
+        return Err("must be between 4K and 1G".into());
+    }
+    Ok(n)
 }
 
 /// A group by name or number.

@@ -171,6 +171,7 @@ async fn execute(d: &Arc<Daemon>, rec: &mut VmRecord, step: Step, vmm: Option<(i
         Step::AdoptVmm => {
             let (pid, start) = vmm.ok_or_else(|| Status::internal("no vmm to adopt"))?;
             info!(pid, "adopting a running VMM");
+            take_over(d, &rec.spec).await;
             rec.status.pid = Some(pid);
             rec.status.pid_start_time = Some(start);
             if rec.status.state != VmState::Running {
@@ -216,6 +217,7 @@ async fn execute(d: &Arc<Daemon>, rec: &mut VmRecord, step: Step, vmm: Option<(i
                     }
                 }
             }
+            crate::console::forget(d, &id);
             d.forget(rec)
         }
     }
@@ -235,8 +237,7 @@ async fn launch(d: &Arc<Daemon>, rec: &mut VmRecord) -> Result<(), Status> {
     .map_err(internal)?
     .map_err(|e| Status::failed_precondition(format!("{e:#}")))?;
     hearth_storage::clear_exit_record(&config_path(d, &id)).map_err(internal)?;
-    let console = dir.join("console.log");
-    rec.status.console_offset = std::fs::metadata(&console).map(|m| m.len()).unwrap_or(0);
+    rec.status.console_offset = crate::console::log_end(d, &id);
     let net = crate::net::plan(&rec.spec)?;
     let volumes = {
         let (d2, images, dir) = (d.clone(), volume_images(d, rec)?, dir.clone());
@@ -280,12 +281,23 @@ async fn launch(d: &Arc<Daemon>, rec: &mut VmRecord) -> Result<(), Status> {
         Ok(Err(e)) => return Err(unclaim(d, &rec.spec, Status::failed_precondition(format!("{e:#}")))),
         Err(e) => return Err(unclaim(d, &rec.spec, e)),
     };
-    if let Some(tap) = &tap {
-        if let Err(e) = hearth_net::attach(tap, &hearth_net::Bridge::hearth0().name).await {
-            // A VM cut off from its network is not what was asked for: undo the launch.
-            hearth_vmm::kill(launched.pid, launched.start_time, libc::SIGKILL);
-            return Err(unclaim(d, &rec.spec, Status::failed_precondition(format!("attaching the VM's tap to the bridge: {e}"))));
+    // The guest waits, paused, until its network and console are in place; anything that
+    // cannot be set up undoes the launch.
+    let ready = async {
+        if let Some(tap) = &tap {
+            hearth_net::attach(tap, &hearth_net::Bridge::hearth0().name)
+                .await
+                .map_err(|e| format!("attaching the VM's tap to the bridge: {e}"))?;
         }
+        crate::console::capture(d, &rec.spec).await.map_err(|e| format!("capturing the VM's console: {e}"))?;
+        hearth_vmm::resume(&dir).await.map_err(|e| format!("starting the guest's CPUs: {e}"))
+    };
+    if let Err(why) = ready.await {
+        hearth_vmm::kill(launched.pid, launched.start_time, libc::SIGKILL);
+        let _ = tokio::time::timeout(Duration::from_secs(10), hearth_vmm::wait_exit(launched.pid, launched.start_time)).await;
+        crate::console::closed(d, &id).await;
+        hearth_vmm::remove_runtime_files(&dir);
+        return Err(unclaim(d, &rec.spec, Status::failed_precondition(why)));
     }
     if let Some(w) = &launched.warning {
         warn!("{w}");
@@ -311,6 +323,20 @@ async fn launch(d: &Arc<Daemon>, rec: &mut VmRecord) -> Result<(), Status> {
     Ok(())
 }
 
+/// Takes over a running VMM hearthd did not launch in this run: captures its console and lets a
+/// guest left waiting for its first `cont` (a crash between launch and resume) run.
+async fn take_over(d: &Daemon, spec: &hearth_types::VmSpec) {
+    let id = &spec.id;
+    if let Err(e) = crate::console::capture(d, spec).await {
+        warn!(vm = %id, error = %e, "capturing the VM's console failed; its output is not logged");
+    }
+    match hearth_vmm::resume_if_prelaunch(&d.vm_dir(id)).await {
+        Ok(true) => info!(vm = %id, "resumed a guest that was launched but never started"),
+        Ok(false) => {}
+        Err(e) => warn!(vm = %id, error = %e, "asking the VM's QEMU for its status failed"),
+    }
+}
+
 /// Takes back a failed launch's claim on its published ports, keeping the launch's error.
 fn unclaim(d: &Daemon, spec: &hearth_types::VmSpec, launch_error: Status) -> Status {
     if let Err(e) = crate::net::settle(d, spec, true) {
@@ -326,6 +352,8 @@ pub fn spawn_watchers(d: &Arc<Daemon>, id: &VmId, pid: i32, start: u64, await_re
     tokio::spawn(async move {
         hearth_vmm::wait_exit(pid, start).await;
         info!(vm = %id1, pid, "vmm exited");
+        // Everything the guest wrote is in the log before the exit is recorded.
+        crate::console::closed(&d1, &id1).await;
         d1.forget_agent(&id1).await;
         if let Err(e) = reconcile(&d1, &id1, Options::default()).await {
             warn!(vm = %id1, error = %e.message(), "reconcile after vmm exit failed");
@@ -439,6 +467,7 @@ pub async fn recover(d: &Arc<Daemon>) {
                     warn!(vm = %id, error = %e, "re-attaching the VM's tap to the bridge failed");
                 }
             }
+            take_over(d, &rec.spec).await;
             spawn_watchers(d, &id, pid, start, rec.status.state == VmState::Starting);
             if rec.desired != Desired::Running || rec.status.state == VmState::Stopping {
                 // A stop or rm saved just before the crash is carried out now.

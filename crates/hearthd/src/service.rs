@@ -230,21 +230,23 @@ impl Hearth for Api {
         if let Some(cur) = already {
             return Ok(record(&cur));
         }
-        let mut out = self.d.get_or_removed(&id)?.ok_or_else(|| Status::not_found("VM vanished"))?;
+        // The record, or how it ended if it was removed since; removed mid-boot is an error.
+        let current = || match self.d.get(&id)? {
+            Some(r) => Ok(r),
+            None => match self.d.tombstone(&id) {
+                Some(t) if t.status.state == VmState::Starting => {
+                    Err(Status::aborted(format!("VM {} was removed while it started", t.spec.name)))
+                }
+                Some(t) => Ok(t),
+                None => Err(Status::not_found("VM vanished")),
+            },
+        };
+        let mut out = current()?;
         let warning = out.status.reason.clone();
         if req.wait_ready {
             // Until hearth-init reports ready, or the VM already ended, or was removed.
             loop {
-                out = match self.d.get(&id)? {
-                    Some(r) => r,
-                    None => match self.d.tombstone(&id) {
-                        Some(t) if t.status.state == VmState::Starting => {
-                            return Err(Status::aborted(format!("VM {} was removed while it started", t.spec.name)))
-                        }
-                        Some(t) => t,
-                        None => return Err(Status::not_found("VM vanished")),
-                    },
-                };
+                out = current()?;
                 if out.status.state != VmState::Starting {
                     break;
                 }

@@ -297,3 +297,33 @@ fn a_corrupt_record_is_skipped_not_fatal() {
     assert!(d.log().contains("corrupt"), "the corrupt record is reported:\n{}", d.log());
     assert!(bad.join("record.json").exists(), "and left for the operator");
 }
+
+#[test]
+fn a_guest_flooding_its_console_stays_within_the_cap() {
+    require_e2e!();
+    let d = ready();
+    let flood = "while true; do echo 'flooding the console with a line of some length, again and again'; done";
+    d.ok(&["run", "-d", "--name", "flood", "--log-opt", "max-size=64K", "--log-opt", "max-file=2", "demo:1", "sh", "-c", flood]);
+    let v = running(&d, "flood");
+    let dir = record_path(&d, &v).parent().expect("dir").to_owned();
+    // Until the guest has logged far more than the cap.
+    let logged = || std::fs::read_to_string(dir.join("console.log.start")).ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while logged() < 1 << 20 {
+        assert!(Instant::now() < deadline, "the guest logged only {} bytes", logged());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let files: Vec<(String, u64)> = std::fs::read_dir(&dir)
+        .expect("dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("console.log") && !e.file_name().to_string_lossy().ends_with("start"))
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.metadata().expect("meta").len()))
+        .collect();
+    assert_eq!(files.len(), 2, "two files kept: {files:?}");
+    assert!(files.iter().all(|(_, len)| *len <= 64 << 10), "each within max-size: {files:?}");
+    // What `logs` shows is the newest of it.
+    let out = d.hearth(&["logs", "flood"]);
+    assert!(out.status.success() && out.stdout.len() <= 128 << 10, "{} bytes", out.stdout.len());
+    assert!(text(&out.stdout).contains("flooding the console"));
+    d.ok(&["rm", "-f", "flood"]);
+}

@@ -55,7 +55,8 @@ pub fn qemu_args(spec: &LaunchSpec, accel: Accel, bios: Option<&std::path::Path>
         let drive = format!("file={},if=none,id=vol{i},format=raw,cache=writeback{ro}", v.path.display());
         push(&["-drive", &drive, "-device", &format!("{blk},drive=vol{i},serial={}", v.serial)]);
     }
-    let console = format!("socket,id=con,path={},server=on,wait=off,logfile={},logappend=on", p("console.sock"), p("console.log"));
+    // hearth captures the console itself (crate::console), so it can cap and rotate the log.
+    let console = format!("socket,id=con,path={},server=on,wait=off", p(crate::console::SOCKET));
     push(&["-chardev", &console, "-serial", "chardev:con"]);
     let agent = format!("socket,id=agent,path={},server=on,wait=off", p("agent.sock"));
     push(&["-device", serial, "-chardev", &agent, "-device", "virtserialport,chardev=agent,name=hearth.agent"]);
@@ -66,7 +67,8 @@ pub fn qemu_args(spec: &LaunchSpec, accel: Accel, bios: Option<&std::path::Path>
     let qmp = format!("unix:{},server=on,wait=off", p("qmp.sock"));
     // A daemonized QEMU points its stderr at /dev/null unless `-D` names a log file; with one,
     // the file becomes its stderr. QEMU truncates it on open, so qemu.log holds this boot only.
-    push(&["-qmp", &qmp, "-pidfile", &p("qemu.pid"), "-D", &p("qemu.log"), "-daemonize"]);
+    // `-S`: the guest waits, paused, until hearth has connected to the console and says `cont`.
+    push(&["-qmp", &qmp, "-pidfile", &p("qemu.pid"), "-D", &p("qemu.log"), "-S", "-daemonize"]);
     a
 }
 
@@ -147,10 +149,8 @@ mod tests {
         for accel in [Accel::Tcg, Accel::Kvm] {
             let a = qemu_args(&spec(), accel, None);
             let chardevs = after(&a, "-chardev");
-            assert_eq!(
-                chardevs[0],
-                "socket,id=con,path=/r/vms/abc/console.sock,server=on,wait=off,logfile=/r/vms/abc/console.log,logappend=on"
-            );
+            assert_eq!(chardevs[0], "socket,id=con,path=/r/vms/abc/console.sock,server=on,wait=off", "no logfile: hearth captures it");
+            assert!(a.iter().any(|x| x == "-S"), "the guest starts paused");
             assert_eq!(after(&a, "-serial"), ["chardev:con"]);
             assert_eq!(chardevs[1], "socket,id=agent,path=/r/vms/abc/agent.sock,server=on,wait=off");
             let devices = after(&a, "-device");

@@ -56,8 +56,9 @@ pub fn remove_runtime_files(vm_dir: &Path) {
     }
 }
 
-/// Starts QEMU for `spec` and returns once it runs. The returned pid is the daemon's, read from
-/// its pid file, with its start time so later checks survive pid reuse.
+/// Starts QEMU for `spec` and returns once it runs, its guest paused: capture the console
+/// ([`crate::console::Console::capture`]), then [`resume`]. The returned pid is the daemon's,
+/// read from its pid file, with its start time so later checks survive pid reuse.
 pub fn launch(spec: &LaunchSpec) -> Result<Launched, VmmError> {
     let (accel, warning) = resolve_accel(spec.accel)?;
     let spec = absolute(spec)?;
@@ -90,6 +91,26 @@ pub fn launch(spec: &LaunchSpec) -> Result<Launched, VmmError> {
         log: format!("it exited right after starting (no live process in qemu.pid); {}:\n{}", log_path.display(), tail(&log_path)),
     })?;
     Ok(Launched { pid, start_time, accel, warning })
+}
+
+/// Lets a guest launched paused (`-S`) run: QMP `cont`. Call it once the console is captured.
+pub async fn resume(vm_dir: &Path) -> Result<(), VmmError> {
+    let mut q = tokio::time::timeout(QMP_TIMEOUT, Qmp::connect(&vm_dir.join("qmp.sock")))
+        .await
+        .map_err(|_| VmmError::Qmp("qemu did not answer on its QMP socket".into()))??;
+    q.execute("cont", None).await.map(drop)
+}
+
+/// Resumes a guest that never got its first `cont` (QMP status `prelaunch`: hearthd stopped
+/// between launch and resume); leaves any other guest as it is. Returns whether it resumed.
+pub async fn resume_if_prelaunch(vm_dir: &Path) -> Result<bool, VmmError> {
+    let mut q = tokio::time::timeout(QMP_TIMEOUT, Qmp::connect(&vm_dir.join("qmp.sock")))
+        .await
+        .map_err(|_| VmmError::Qmp("qemu did not answer on its QMP socket".into()))??;
+    if q.status().await? != "prelaunch" {
+        return Ok(false);
+    }
+    q.execute("cont", None).await.map(|_| true)
 }
 
 /// How [`stop`] ended the VMM.

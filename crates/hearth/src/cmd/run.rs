@@ -70,6 +70,10 @@ pub struct CreateArgs {
     /// Allow `hearth ssh`: generate a key pair for this VM, or install the public key at PATH.
     #[arg(long, value_name = "PATH", num_args = 0..=1, require_equals = true, default_missing_value = "")]
     ssh: Option<String>,
+    /// Console log options, as docker's: max-size=SIZE (the log's files are rotated at this
+    /// size), max-file=N (files kept, the current one included).
+    #[arg(long = "log-opt", value_name = "KEY=VALUE")]
+    log_opt: Vec<String>,
     /// Pull from a registry over plain http / without TLS verification.
     #[arg(long)]
     insecure: bool,
@@ -147,6 +151,7 @@ fn request(a: &CreateArgs) -> anyhow::Result<pb::CreateVmRequest> {
         address: a.ip.clone().unwrap_or_default(),
         cloud_init_network: String::new(),
         volumes: a.image_volume.iter().enumerate().map(|(i, v)| image_volume(i, v)).collect::<anyhow::Result<_>>()?,
+        log_opts: a.log_opt.clone(),
     })
 }
 
