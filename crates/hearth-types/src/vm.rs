@@ -377,6 +377,9 @@ pub struct VmStatus {
     /// Private key hearth generated for `hearth ssh`, when it generated one.
     #[serde(default)]
     pub ssh_key_path: Option<String>,
+    /// The unprivileged uid (and gid) the running VMM dropped to, the VM's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmm_uid: Option<u32>,
 }
 
 /// Boot timings of the last start, from the host's clock and the guest's uptime.

@@ -17,6 +17,7 @@
 
 pub mod accel;
 pub mod agent;
+pub mod cgroup;
 pub mod console;
 pub mod process;
 pub mod qemu;
@@ -50,6 +51,17 @@ pub struct LaunchSpec {
     pub network: Option<NetLaunch>,
     /// Disks after the root and config disks, in order.
     pub volumes: Vec<VolumeDisk>,
+    /// How the VMM is confined beyond the guest's own isolation.
+    pub confinement: Confinement,
+}
+
+/// What confines a VMM (docs/adr/0011-vmm-confinement.md): a seccomp sandbox always; where
+/// given, an unprivileged uid:gid of the VM's own that it drops to once set up, chrooted into
+/// the VM's directory, and a cgroup of its own with limits from the VM's size.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Confinement {
+    pub run_as: Option<(u32, u32)>,
+    pub cgroup: Option<cgroup::Limits>,
 }
 
 /// An extra disk: the file, the virtio serial the guest finds it by, and whether it is read-only.
@@ -98,6 +110,12 @@ pub enum VmmError {
     #[error("vmm I/O on {path}")]
     Io {
         path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("setting up the VMM's cgroup {name} (is /sys/fs/cgroup writable?)")]
+    Cgroup {
+        name: String,
         #[source]
         source: std::io::Error,
     },

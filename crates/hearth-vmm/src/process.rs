@@ -42,8 +42,21 @@ pub fn kill(pid: i32, start: u64, signal: i32) {
     }
 }
 
-/// Resolves when the process has exited.
+/// Reaps the process if it is our exited child (a VMM hearthd started in this run): only while
+/// `/proc` still shows it as that zombie, so the pid cannot name anything else.
+fn reap_if_ours(pid: i32, start: u64) {
+    if matches!(stat(pid), Some((t, true)) if t == start) {
+        sys::reap(pid);
+    }
+}
+
+/// Resolves when the process has exited (and reaps it, if it is our child).
 pub async fn wait_exit(pid: i32, start: u64) {
+    wait_exit_inner(pid, start).await;
+    reap_if_ours(pid, start);
+}
+
+async fn wait_exit_inner(pid: i32, start: u64) {
     if !is_alive(pid, start) {
         return;
     }
@@ -68,12 +81,13 @@ pub async fn wait_exit(pid: i32, start: u64) {
 
 /// Blocks until the process has exited or `timeout` passed; true when it is gone. For callers
 /// outside a runtime (and code that must not await); uses pidfd + poll, so it works for
-/// processes that are not our children, such as daemonized QEMUs.
+/// processes that are not our children, such as QEMUs a previous hearthd started.
 pub fn wait_exit_blocking(pid: i32, start: u64, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     let pidfd = sys::pidfd_open(pid).ok();
     loop {
         if !is_alive(pid, start) {
+            reap_if_ours(pid, start);
             return true;
         }
         let left = deadline.saturating_duration_since(Instant::now());

@@ -38,6 +38,14 @@ pub fn kill(pid: i32, sig: i32) -> io::Result<()> {
     }
 }
 
+/// Reaps `pid` if it is an exited child of this process (`waitpid` with WNOHANG); nothing when
+/// it is not our child.
+pub fn reap(pid: i32) {
+    let mut status = 0;
+    // SAFETY: waitpid with a valid out-pointer to a local; WNOHANG never blocks.
+    unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+}
+
 /// `poll(2)` for readability on one fd; `Ok(true)` when readable before `timeout_ms` ran out.
 pub fn poll_readable(fd: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<bool> {
     let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
@@ -48,5 +56,28 @@ pub fn poll_readable(fd: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<bool> {
         r if r < 0 => Err(io::Error::last_os_error()),
         0 => Ok(false),
         _ => Ok(true),
+    }
+}
+
+/// Makes the child `cmd` starts a session leader of its own (no terminal, no signal from
+/// hearthd's process group) that joins the cgroups whose `cgroup.procs` are open as `fds`
+/// before it executes: it writes `0` ("this process") to each.
+pub fn detach_and_join(cmd: &mut std::process::Command, fds: Vec<i32>) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs between fork and exec and makes only the async-signal-safe
+    // setsid(2) and write(2) calls, the latter on descriptors the parent keeps open for the
+    // duration of the spawn, from a static buffer.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            for &fd in &fds {
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
     }
 }

@@ -71,6 +71,7 @@ fn vm(extra_cmdline: &str) -> Option<(tempfile::TempDir, LaunchSpec)> {
         qemu_binary: None,
         network: None,
         volumes: vec![],
+        confinement: Default::default(),
     };
     Some((dir, spec))
 }
@@ -183,8 +184,10 @@ async fn the_microvm_command_line_is_accepted_by_qemu() {
     // microvm needs KVM to boot, and this host may have none; QEMU still builds the machine and
     // its devices under TCG while the CPU waits (hearth always passes -S), which checks the
     // arguments.
-    let Some((dir, spec)) = vm("") else { return };
-    let mut args = qemu_args(&spec, Accel::Kvm, None);
+    let Some((dir, mut spec)) = vm("") else { return };
+    // With hearth's confinement, which real QEMU must accept too.
+    spec.confinement.run_as = Some((2_099_999_999, 2_099_999_999));
+    let mut args = qemu_args(&spec, Accel::Kvm, None, hearth_vmm::qemu::Features::ALL);
     for a in args.iter_mut() {
         match a.as_str() {
             "kvm" => *a = "tcg".into(),
@@ -193,13 +196,26 @@ async fn the_microvm_command_line_is_accepted_by_qemu() {
         }
     }
     let log = std::fs::File::create(dir.path().join("qemu.log")).expect("log");
-    let st = Command::new("qemu-system-x86_64").args(&args).stderr(log).status().expect("qemu");
-    let log_text = std::fs::read_to_string(dir.path().join("qemu.log")).unwrap_or_default();
-    assert!(st.success(), "{st}: {log_text}");
-    let (pid, start) = hearth_vmm::read_pidfile(&dir.path().join("qemu.pid")).expect("pid file");
+    let mut child = Command::new("qemu-system-x86_64").args(&args).stderr(log).spawn().expect("qemu");
+    let pid = child.id() as i32;
+    let start = hearth_vmm::start_time(pid).expect("start time");
     let _reaper = Reaper(Some((pid, start)));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !dir.path().join("qmp.sock").exists() {
+        let log_text = std::fs::read_to_string(dir.path().join("qemu.log")).unwrap_or_default();
+        assert!(child.try_wait().expect("try_wait").is_none(), "qemu exited: {log_text}");
+        assert!(Instant::now() < deadline, "no QMP socket: {log_text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let mut qmp = Qmp::connect(&dir.path().join("qmp.sock")).await.expect("qmp");
     assert_eq!(qmp.status().await.expect("query-status"), "prelaunch");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    for (key, want) in [("Uid:", "2099999999"), ("Seccomp:", "2"), ("NoNewPrivs:", "1"), ("CapEff:", "0000000000000000")] {
+        let line = status.lines().find(|l| l.starts_with(key)).unwrap_or_else(|| panic!("{key} in {status}"));
+        assert!(line.split_whitespace().skip(1).all(|v| v == want), "{line}");
+    }
+    assert_eq!(std::fs::read_link(format!("/proc/{pid}/root")).expect("root"), dir.path(), "chrooted into the VM's directory");
     qmp.quit().await.expect("quit");
     tokio::time::timeout(Duration::from_secs(10), wait_exit(pid, start)).await.expect("qemu quits");
+    assert!(child.try_wait().is_err(), "wait_exit reaped its exited child: no zombie is left");
 }

@@ -38,7 +38,16 @@ pub struct Daemon {
     pub registry_timeout: std::time::Duration,
     /// The console captures of running VMs.
     pub consoles: crate::console::Consoles,
+    /// How VMMs are confined: the first of the VMs' own uids (0: VMMs run as root) and the
+    /// cgroup their groups go under (empty: none).
+    pub vmm_uid_base: u32,
+    pub cgroup_parent: String,
+    /// VMM uids handed to launches in flight (the running VMs' records carry theirs).
+    launching_uids: Mutex<std::collections::HashSet<u32>>,
 }
+
+/// How many VMs can have a VMM uid of their own at once.
+pub const VMM_UIDS: u32 = 65_536;
 
 impl std::fmt::Debug for Daemon {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -125,12 +134,43 @@ impl Daemon {
             ports: Default::default(),
             registry_timeout: hearth_image::registry::DEFAULT_TIMEOUT,
             consoles: Default::default(),
+            vmm_uid_base: 0,
+            cgroup_parent: String::new(),
+            launching_uids: Mutex::new(Default::default()),
         })
     }
 
     /// How pulls reach registries: `insecure` as asked, the daemon's timeout.
     pub fn pull_options(&self, insecure: bool) -> hearth_image::PullOptions {
         hearth_image::PullOptions { insecure, timeout: self.registry_timeout, ..Default::default() }
+    }
+
+    /// A VMM uid no running or launching VM has, for a launch; give it back with
+    /// [`Daemon::settle_uid`] once the launch is recorded or failed. `None` when VMMs run as root.
+    pub fn claim_uid(&self) -> Result<Option<u32>, Status> {
+        if self.vmm_uid_base == 0 {
+            return Ok(None);
+        }
+        let mut launching = self.launching_uids.lock().unwrap_or_else(|e| e.into_inner());
+        let used: std::collections::HashSet<u32> =
+            self.vms.list().map_err(internal)?.iter().filter_map(|r| r.status.vmm_uid).chain(launching.iter().copied()).collect();
+        let uid = (0..VMM_UIDS)
+            .map(|n| self.vmm_uid_base.saturating_add(n))
+            .find(|u| !used.contains(u))
+            .ok_or_else(|| Status::resource_exhausted(format!("all {VMM_UIDS} VMM uids from {} are in use", self.vmm_uid_base)))?;
+        launching.insert(uid);
+        Ok(Some(uid))
+    }
+
+    pub fn settle_uid(&self, uid: Option<u32>) {
+        if let Some(u) = uid {
+            self.launching_uids.lock().unwrap_or_else(|e| e.into_inner()).remove(&u);
+        }
+    }
+
+    /// The cgroup name of a VM's VMM, when VMMs get one.
+    pub fn cgroup_of(&self, id: &VmId) -> Option<String> {
+        (!self.cgroup_parent.is_empty()).then(|| hearth_vmm::cgroup::name(&self.cgroup_parent, id.as_str()))
     }
 
     /// The lock that serialises all changes to one VM.

@@ -73,6 +73,14 @@ struct Args {
     /// Console log files kept per VM, the current one included (--log-opt max-file wins).
     #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
     log_max_files: u32,
+    /// VMMs drop to an unprivileged uid and gid of their VM's own, from this one up (65536 of
+    /// them), once set up, chrooted into their VM's directory. 0 runs them as root.
+    #[arg(long, value_name = "UID", default_value_t = 2_100_000_000)]
+    vmm_uid_base: u32,
+    /// The cgroup each VMM's own group goes under (memory, CPU and process limits from the VM's
+    /// size); empty for none.
+    #[arg(long, value_name = "NAME", default_value = "hearth")]
+    cgroup_parent: String,
     /// Log filter, as RUST_LOG.
     #[arg(long, env = "HEARTH_LOG", default_value = "info")]
     log: String,
@@ -111,6 +119,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _root_lock = root::lock(&args.root)?;
     let mut d = daemon::Daemon::open(&args.root, init).with_context(|| format!("opening {}", args.root.display()))?;
     d.registry_timeout = args.registry_timeout;
+    anyhow::ensure!(
+        args.vmm_uid_base == 0 || args.vmm_uid_base.checked_add(daemon::VMM_UIDS).is_some(),
+        "--vmm-uid-base {} leaves no room for {} uids below 2^32",
+        args.vmm_uid_base,
+        daemon::VMM_UIDS
+    );
+    anyhow::ensure!(
+        args.cgroup_parent.split('/').all(|p| !p.is_empty() && p != "." && p != "..") || args.cgroup_parent.is_empty(),
+        "--cgroup-parent {:?} must be a relative cgroup path like hearth or machine/hearth",
+        args.cgroup_parent
+    );
+    d.vmm_uid_base = args.vmm_uid_base;
+    d.cgroup_parent = args.cgroup_parent.clone();
     d.consoles.default_limits = hearth_vmm::console::LogLimits { max_size: args.log_max_size, max_files: args.log_max_files };
     let d = Arc::new(d);
     if let Some(dir) = socket.parent().filter(|dir| !dir.exists()) {

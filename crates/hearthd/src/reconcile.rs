@@ -218,6 +218,9 @@ async fn execute(d: &Arc<Daemon>, rec: &mut VmRecord, step: Step, vmm: Option<(i
                 }
             }
             crate::console::forget(d, &id);
+            if let Some(cg) = d.cgroup_of(&id) {
+                hearth_vmm::cgroup::remove(&cg);
+            }
             d.forget(rec)
         }
     }
@@ -267,6 +270,7 @@ async fn launch(d: &Arc<Daemon>, rec: &mut VmRecord) -> Result<(), Status> {
         qemu_binary: std::env::var_os("HEARTH_QEMU").map(Into::into),
         network: net.as_ref().map(|(card, _)| card.clone()),
         volumes,
+        confinement: hearth_vmm::Confinement::default(),
     };
     let tap = net.as_ref().and_then(|(card, _)| card.tap.clone());
     if tap.is_some() {
@@ -275,11 +279,29 @@ async fn launch(d: &Arc<Daemon>, rec: &mut VmRecord) -> Result<(), Status> {
             .map_err(|e| Status::failed_precondition(format!("setting up the bridge network: {e}")))?;
     }
     crate::net::claim(d, &rec.spec)?;
+    let mut spec = spec;
+    let uid = match d.claim_uid() {
+        Ok(u) => u,
+        Err(e) => return Err(unclaim(d, &rec.spec, e)),
+    };
+    let tcg = hearth_vmm::resolve_accel(rec.spec.accel).map_or(true, |(a, _)| a == hearth_types::Accel::Tcg);
+    spec.confinement = hearth_vmm::Confinement {
+        run_as: uid.map(|u| (u, u)),
+        cgroup: d
+            .cgroup_of(&id)
+            .map(|_| hearth_vmm::cgroup::Limits::for_vm(&d.cgroup_parent, id.as_str(), rec.spec.cpus, rec.spec.memory_mib, tcg)),
+    };
     rec.status.started_at = Some(now_millis());
     let launched = match tokio::task::spawn_blocking(move || hearth_vmm::launch(&spec)).await.map_err(internal) {
         Ok(Ok(l)) => l,
-        Ok(Err(e)) => return Err(unclaim(d, &rec.spec, Status::failed_precondition(format!("{e:#}")))),
-        Err(e) => return Err(unclaim(d, &rec.spec, e)),
+        Ok(Err(e)) => {
+            d.settle_uid(uid);
+            return Err(unclaim(d, &rec.spec, Status::failed_precondition(format!("{e:#}"))));
+        }
+        Err(e) => {
+            d.settle_uid(uid);
+            return Err(unclaim(d, &rec.spec, e));
+        }
     };
     // The guest waits, paused, until its network and console are in place; anything that
     // cannot be set up undoes the launch.
@@ -297,6 +319,10 @@ async fn launch(d: &Arc<Daemon>, rec: &mut VmRecord) -> Result<(), Status> {
         let _ = tokio::time::timeout(Duration::from_secs(10), hearth_vmm::wait_exit(launched.pid, launched.start_time)).await;
         crate::console::closed(d, &id).await;
         hearth_vmm::remove_runtime_files(&dir);
+        if let Some(cg) = d.cgroup_of(&id) {
+            hearth_vmm::cgroup::remove(&cg);
+        }
+        d.settle_uid(uid);
         return Err(unclaim(d, &rec.spec, Status::failed_precondition(why)));
     }
     if let Some(w) = &launched.warning {
@@ -314,7 +340,9 @@ async fn launch(d: &Arc<Daemon>, rec: &mut VmRecord) -> Result<(), Status> {
     rec.status.boots += 1;
     rec.status.ssh_port = net.as_ref().and_then(|(_, ssh)| *ssh);
     rec.status.ip = hearth_core::guest_network(&rec.spec).map(|n| n.address);
+    rec.status.vmm_uid = uid;
     let saved = d.save(rec);
+    d.settle_uid(uid);
     // The record carries the ports from here on (or, unsaved, the launch is undone by the watcher).
     let _ = crate::net::settle(d, &rec.spec, saved.is_err());
     saved?;
@@ -417,6 +445,10 @@ async fn stop_vmm(d: &Arc<Daemon>, id: &VmId, pid: i32, start: u64, timeout: Dur
 /// pid file go too, so nothing can mistake them for a live VMM later.
 fn record_exit(d: &Daemon, rec: &mut VmRecord) -> Result<(), Status> {
     hearth_vmm::remove_runtime_files(&d.vm_dir(&rec.spec.id));
+    if let Some(cg) = d.cgroup_of(&rec.spec.id) {
+        hearth_vmm::cgroup::remove(&cg);
+    }
+    rec.status.vmm_uid = None;
     let exit = hearth_storage::read_exit_record(&config_path(d, &rec.spec.id)).unwrap_or_else(|e| {
         warn!(vm = %rec.spec.id, error = %e, "unreadable exit record");
         None

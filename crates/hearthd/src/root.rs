@@ -45,14 +45,25 @@ pub fn lock(root: &Path) -> anyhow::Result<RootLock> {
         .truncate(false)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
-    let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        Ok(l) => l,
-        Err((mut file, _)) => {
-            let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            let holder = holder.trim();
-            let who = if holder.is_empty() { "another hearthd".to_owned() } else { format!("hearthd pid {holder}") };
-            anyhow::bail!("{who} already owns {}: stop it first, or give this one another --root", root.display());
+    // A holder that is dead may still hold the lock for a moment, through a child it forked that
+    // has not exec'd yet (its descriptors close at exec): wait for that, not for a live daemon.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut file = file;
+    let mut lock = loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => break l,
+            Err((mut f, _)) => {
+                let mut holder = String::new();
+                let _ = f.rewind().and_then(|()| f.read_to_string(&mut holder));
+                let holder = holder.trim().to_owned();
+                let alive = holder.parse::<u32>().is_ok_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+                if alive || std::time::Instant::now() > deadline {
+                    let who = if holder.is_empty() { "another hearthd".to_owned() } else { format!("hearthd pid {holder}") };
+                    anyhow::bail!("{who} already owns {}: stop it first, or give this one another --root", root.display());
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                file = f;
+            }
         }
     };
     lock.set_len(0)

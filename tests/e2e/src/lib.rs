@@ -95,6 +95,7 @@ impl Daemon {
 
     /// Starts a new hearthd process on the same root (after a crash or kill).
     pub fn spawn(&mut self) {
+        let started = std::time::SystemTime::now() - Duration::from_millis(50);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.root.path().join("hearthd.log")).expect("log");
         let mut cmd = match &self.netns {
             Some(ns) => {
@@ -118,7 +119,10 @@ impl Daemon {
             .expect("starting hearthd (build it with cargo build -p hearthd)");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+        // This daemon's socket, not one a killed predecessor left (whose listener a child it was
+        // forking may hold for a moment).
+        let fresh = |s: &Path| std::fs::metadata(s).and_then(|m| m.modified()).is_ok_and(|t| t >= started);
+        while !fresh(&self.socket) || std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
             assert!(Instant::now() < deadline, "hearthd did not come up:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -148,5 +148,7 @@ fn published_ports_survive_concurrent_launches_and_restarts_and_belong_to_one_vm
     d.kill9();
     assert!(ns.run(&["nft", "delete", "table", "ip", "hearth"]).status.success());
     d.spawn();
+    // hearthd answers once its recovery is done.
+    d.ok(&["ps"]);
     assert_eq!(forwards(&ns), 4, "the forwards came back with the daemon");
 }

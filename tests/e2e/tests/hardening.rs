@@ -327,3 +327,181 @@ fn a_guest_flooding_its_console_stays_within_the_cap() {
     assert!(text(&out.stdout).contains("flooding the console"));
     d.ok(&["rm", "-f", "flood"]);
 }
+
+/// The memory limit of a cgroup named `name`, on v2 or v1.
+fn memory_limit(name: &str) -> Option<u64> {
+    ["/sys/fs/cgroup/{}/memory.max", "/sys/fs/cgroup/memory/{}/memory.limit_in_bytes"]
+        .iter()
+        .find_map(|f| std::fs::read_to_string(f.replace("{}", name)).ok())
+        .and_then(|s| s.trim().parse().ok())
+}
+
+#[test]
+fn the_vmm_is_sandboxed_unprivileged_chrooted_and_limited() {
+    require_e2e!();
+    let d = ready();
+    d.ok(&["run", "-d", "--name", "a", "--memory", "256M", "demo:1", "sleep", "100000"]);
+    d.ok(&["run", "-d", "--name", "b", "demo:1", "sleep", "100000"]);
+    let (a, b) = (running(&d, "a"), running(&d, "b"));
+    let mut uids = Vec::new();
+    for v in [&a, &b] {
+        let pid = pid_of(v);
+        let uid = v["status"]["vmm_uid"].as_u64().expect("a VMM uid of its own");
+        assert!(uid >= 2_100_000_000, "{uid}");
+        uids.push(uid);
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        let field = |key: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(key))
+                .unwrap_or_default()
+                .split_whitespace()
+                .skip(1)
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        assert!(field("Uid:").iter().chain(&field("Gid:")).all(|x| *x == uid.to_string()), "{status}");
+        assert_eq!(field("CapEff:"), ["0000000000000000"], "no capabilities");
+        assert_eq!((field("Seccomp:"), field("NoNewPrivs:")), (vec!["2".to_owned()], vec!["1".to_owned()]), "seccomp filter on");
+        let dir = record_path(&d, v).parent().expect("dir").to_owned();
+        assert_eq!(std::fs::read_link(format!("/proc/{pid}/root")).expect("root"), dir, "chrooted into its own directory");
+        let group = format!("hearth/vm-{}", v["spec"]["id"].as_str().expect("id"));
+        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup");
+        assert!(cgroups.contains(&group), "in its own cgroup: {cgroups}");
+        let limit = memory_limit(&group).expect("a memory limit");
+        let guest = v["spec"]["memory_mib"].as_u64().expect("memory") << 20;
+        assert!(limit > guest && limit <= guest + (2 << 30), "limit {limit} for {guest} bytes of guest memory");
+    }
+    assert_ne!(uids[0], uids[1], "each VMM has a uid of its own");
+    // Confined, the VM still works, and its group goes with it.
+    assert_eq!(d.ok(&["exec", "a", "--", "echo", "fine"]), "fine\n");
+    d.ok(&["rm", "-f", "a"]);
+    assert!(memory_limit(&format!("hearth/vm-{}", a["spec"]["id"].as_str().expect("id"))).is_none(), "the cgroup is removed");
+}
+
+/// Every file under `dir` (not following links) whose name says it is a leftover.
+fn leftovers(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let (p, name) = (e.path(), e.file_name().to_string_lossy().into_owned());
+            if name.ends_with(".tmp") || name.contains(".tmp-") || name.ends_with(".importing") || name.ends_with(".deleting") {
+                out.push(p.display().to_string());
+            }
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(p);
+            }
+        }
+    }
+    for sub in ["images/tmp", "tmp"] {
+        out.extend(std::fs::read_dir(dir.join(sub)).into_iter().flatten().flatten().map(|e| e.path().display().to_string()));
+    }
+    out
+}
+
+/// Records, processes and files under the root agree, and nothing half-made is left.
+fn assert_consistent(d: &Daemon, what: &str) {
+    // Settled: nothing is still starting or stopping.
+    let deadline = Instant::now() + BOOT;
+    let records = loop {
+        let out = d.ok(&["ps", "-a", "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("ps json");
+        let busy =
+            v.as_array().into_iter().flatten().any(|r| ["starting", "stopping"].contains(&r["status"]["state"].as_str().unwrap_or("")));
+        if !busy {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "{what}: VMs never settled: {v:#}\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for r in records.as_array().into_iter().flatten() {
+        let (state, pid) = (r["status"]["state"].as_str().unwrap_or(""), r["status"]["pid"].as_i64());
+        match state {
+            "running" => assert!(pid.is_some_and(|p| alive(p as i32)), "{what}: running without a live VMM: {r}"),
+            _ => assert!(pid.is_none(), "{what}: {state} with a pid: {r}"),
+        }
+    }
+    assert_no_orphan_vmm(d);
+    let root = d.root.path();
+    let left = leftovers(root);
+    assert!(left.is_empty(), "{what}: leftovers {left:?}\n{}", d.log());
+    for e in std::fs::read_dir(root.join("vms")).expect("vms").flatten() {
+        assert!(e.path().join("record.json").is_file(), "{what}: a VM directory without a record: {}", e.path().display());
+    }
+    for e in std::fs::read_dir(root.join("kernels")).expect("kernels").flatten().filter(|e| e.path().is_dir()) {
+        let p = e.path();
+        assert!(p.join("record.json").is_file() && p.join("kernel").is_file(), "{what}: a half-imported kernel {}", p.display());
+    }
+    let images: serde_json::Value = serde_json::from_str(&d.ok(&["image", "ls", "-o", "json"])).expect("images");
+    for i in images.as_array().into_iter().flatten() {
+        let hex = i["id"].as_str().expect("id").trim_start_matches("sha256:");
+        assert!(root.join("images/rootfs").join(format!("{hex}.ext4")).is_file(), "{what}: image {hex} recorded without its filesystem");
+    }
+}
+
+#[test]
+fn kill_9_at_random_points_leaves_nothing_behind() {
+    require_e2e!();
+    let reg = hearth_e2e::testutil::LocalRegistry::start().expect("registry");
+    // Large enough that a pull (download, unpack, mkfs) takes a good second to be killed in.
+    let big = hearth_e2e::testutil::TestImage { payload_bytes: 48 << 20, ..Default::default() };
+    hearth_e2e::testutil::push_image(&reg, "pulled:1", &big).expect("push");
+    let mut d = ready();
+    let kernel = std::env::var("HEARTH_TEST_KERNEL").expect("kernel");
+    let modules = std::env::var("HEARTH_TEST_MODULES").expect("modules");
+    // Each operation, killed at points spread over the time it takes here (fixed, so every run
+    // of the test hits the same points): a run boots for seconds, a pull and an import take a
+    // few hundred milliseconds.
+    // (operation, kill after ms): 0 run, 1 stop and 2 rm of the last run VM, 3 image pull, 4 kernel import.
+    let order: [(usize, u64); 22] = [
+        (0, 50),
+        (1, 20),
+        (2, 10),
+        (0, 300),
+        (1, 150),
+        (2, 60),
+        (0, 900),
+        (1, 500),
+        (2, 250),
+        (0, 1800),
+        (0, 3000),
+        (3, 5),
+        (3, 25),
+        (3, 60),
+        (3, 120),
+        (3, 250),
+        (3, 400),
+        (4, 5),
+        (4, 30),
+        (4, 80),
+        (4, 200),
+        (4, 400),
+    ];
+    let mut last_vm = String::new();
+    for (round, (op, ms)) in order.into_iter().enumerate() {
+        let name = format!("c{round}");
+        let args: Vec<String> = match op {
+            0 => {
+                last_vm = name.clone();
+                vec!["run", "-d", "--name", &name, "demo:1", "sleep", "100000"].into_iter().map(String::from).collect()
+            }
+            1 => vec!["stop".into(), last_vm.clone()],
+            2 => vec!["rm".into(), "-f".into(), last_vm.clone()],
+            3 => vec!["image".into(), "pull".into(), format!("{}/pulled:1", reg.host())],
+            _ => vec!["kernel", "import", &kernel, "--modules", &modules, "--name", &name].into_iter().map(String::from).collect(),
+        };
+        let wait = Duration::from_millis(ms);
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut client = d.cmd(&argv).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("client");
+        std::thread::sleep(wait);
+        d.kill9();
+        let _ = client.kill();
+        let _ = client.wait();
+        d.spawn();
+        assert_consistent(&d, &format!("round {round} ({argv:?}, killed after {wait:?})"));
+        if op == 3 {
+            let _ = d.hearth(&["image", "rm", &format!("{}/pulled:1", reg.host())]);
+        }
+    }
+}

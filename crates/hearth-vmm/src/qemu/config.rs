@@ -22,9 +22,45 @@ pub fn kernel_cmdline(spec: &LaunchSpec, accel: Accel) -> String {
 /// console (SeaBIOS would print its banner into the VM's log).
 pub const QBOOT: &str = "/usr/share/qemu/qboot.rom";
 
+/// What a QEMU binary can do, from its `-help`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Features {
+    /// `-sandbox` (built with seccomp).
+    pub sandbox: bool,
+    /// `-run-with user=...,chroot=...` (QEMU 9.1 and later).
+    pub run_with: bool,
+}
+
+impl Features {
+    /// Everything, for tests of the command line.
+    pub const ALL: Self = Self { sandbox: true, run_with: true };
+
+    pub fn from_help(help: &str) -> Self {
+        Self { sandbox: help.contains("-sandbox"), run_with: help.contains("-run-with") }
+    }
+}
+
+/// The confinement arguments: the seccomp sandbox (no obsolete syscalls, no spawning, no
+/// resource control), and the drop to the VM's uid:gid inside a chroot of its directory. With
+/// a drop, `elevateprivileges` must stay allowed, as QEMU's own setuid comes after the filter
+/// is installed; once dropped, with no capabilities, no exec and NO_NEW_PRIVS, it has nothing
+/// to elevate to.
+pub fn confinement_args(spec: &LaunchSpec, f: Features) -> Vec<String> {
+    let mut a = Vec::new();
+    let drop = spec.confinement.run_as.filter(|_| f.run_with);
+    if f.sandbox {
+        let elevate = if drop.is_some() { "allow" } else { "deny" };
+        a.extend(["-sandbox".to_owned(), format!("on,obsolete=deny,elevateprivileges={elevate},spawn=deny,resourcecontrol=deny")]);
+    }
+    if let Some((uid, gid)) = drop {
+        a.extend(["-run-with".to_owned(), format!("user={uid}:{gid},chroot={}", spec.vm_dir.display())]);
+    }
+    a
+}
+
 /// The full argument list (without the binary). `accel` must be resolved (Kvm or Tcg); `bios`
 /// replaces the machine's default firmware.
-pub fn qemu_args(spec: &LaunchSpec, accel: Accel, bios: Option<&std::path::Path>) -> Vec<String> {
+pub fn qemu_args(spec: &LaunchSpec, accel: Accel, bios: Option<&std::path::Path>, features: Features) -> Vec<String> {
     let dir = &spec.vm_dir;
     let p = |name: &str| dir.join(name).display().to_string();
     let kvm = accel == Accel::Kvm;
@@ -65,10 +101,12 @@ pub fn qemu_args(spec: &LaunchSpec, accel: Accel, bios: Option<&std::path::Path>
         push(&["-netdev", &netdev(net), "-device", &format!("{nic},netdev=net0,mac={}", net.mac)]);
     }
     let qmp = format!("unix:{},server=on,wait=off", p("qmp.sock"));
-    // A daemonized QEMU points its stderr at /dev/null unless `-D` names a log file; with one,
-    // the file becomes its stderr. QEMU truncates it on open, so qemu.log holds this boot only.
-    // `-S`: the guest waits, paused, until hearth has connected to the console and says `cont`.
-    push(&["-qmp", &qmp, "-pidfile", &p("qemu.pid"), "-D", &p("qemu.log"), "-S", "-daemonize"]);
+    // `-D`: QEMU's own log (it truncates it on open, so qemu.log holds this boot only). `-S`:
+    // the guest waits, paused, until hearth has connected to the console and says `cont`. No
+    // `-daemonize`: QEMU installs its seccomp filter before it would fork, and the filter denies
+    // forking; hearth starts it in a session of its own instead (launch.rs).
+    push(&["-qmp", &qmp, "-pidfile", &p("qemu.pid"), "-D", &p("qemu.log"), "-S"]);
+    a.extend(confinement_args(spec, features));
     a
 }
 
@@ -105,6 +143,7 @@ mod tests {
             qemu_binary: None,
             network: None,
             volumes: vec![],
+            confinement: Default::default(),
         }
     }
 
@@ -113,8 +152,26 @@ mod tests {
     }
 
     #[test]
+    fn the_vmm_is_sandboxed_and_drops_to_the_vms_uid_in_a_chroot_of_its_directory() {
+        let mut s = spec();
+        let a = qemu_args(&s, Accel::Tcg, None, Features::ALL);
+        assert_eq!(after(&a, "-sandbox"), ["on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]);
+        assert!(after(&a, "-run-with").is_empty(), "no uid given, no drop");
+        s.confinement.run_as = Some((2_100_000_007, 2_100_000_007));
+        let a = qemu_args(&s, Accel::Tcg, None, Features::ALL);
+        assert_eq!(after(&a, "-sandbox"), ["on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny"]);
+        assert_eq!(after(&a, "-run-with"), ["user=2100000007:2100000007,chroot=/r/vms/abc"]);
+        // A QEMU without the options gets none of them (and hearth says so when it launches).
+        let a = qemu_args(&s, Accel::Tcg, None, Features::default());
+        assert!(after(&a, "-sandbox").is_empty() && after(&a, "-run-with").is_empty());
+        let f =
+            Features::from_help("-sandbox on[,obsolete=allow|deny]\n-run-with [async-teardown=on|off][,chroot=dir][user=username|uid:gid]");
+        assert_eq!(f, Features::ALL);
+    }
+
+    #[test]
     fn tcg_uses_pc_with_pci_devices() {
-        let a = qemu_args(&spec(), Accel::Tcg, None);
+        let a = qemu_args(&spec(), Accel::Tcg, None, Features::ALL);
         assert_eq!(after(&a, "-M"), ["pc"]);
         assert_eq!(after(&a, "-accel"), ["tcg"]);
         assert!(after(&a, "-device").contains(&"virtio-blk-pci,drive=root,serial=hearth-root"));
@@ -125,7 +182,7 @@ mod tests {
 
     #[test]
     fn kvm_uses_microvm_with_mmio_devices() {
-        let a = qemu_args(&spec(), Accel::Kvm, None);
+        let a = qemu_args(&spec(), Accel::Kvm, None, Features::ALL);
         assert!(after(&a, "-M")[0].starts_with("microvm"));
         assert!(after(&a, "-device").contains(&"virtio-blk-device,drive=root,serial=hearth-root"));
         assert!(after(&a, "-append")[0].contains("reboot=t"));
@@ -133,12 +190,12 @@ mod tests {
 
     #[test]
     fn root_disk_comes_first_and_everything_lives_in_the_vm_dir() {
-        let a = qemu_args(&spec(), Accel::Tcg, None);
+        let a = qemu_args(&spec(), Accel::Tcg, None, Features::ALL);
         let drives = after(&a, "-drive");
         assert!(drives[0].contains("disk.img") && drives[1].contains("config.img"));
         assert!(after(&a, "-chardev").iter().all(|c| c.contains("/r/vms/abc/")));
         assert!(after(&a, "-append")[0].ends_with("panic=-1 foo=bar"));
-        assert!(a.contains(&"-daemonize".to_string()));
+        assert!(!a.contains(&"-daemonize".to_string()), "the sandbox denies the fork -daemonize makes");
         assert_eq!(after(&a, "-pidfile"), ["/r/vms/abc/qemu.pid"]);
         assert_eq!(after(&a, "-D"), ["/r/vms/abc/qemu.log"]);
         assert_eq!(after(&a, "-qmp"), ["unix:/r/vms/abc/qmp.sock,server=on,wait=off"]);
@@ -147,7 +204,7 @@ mod tests {
     #[test]
     fn console_is_logged_and_the_agent_sits_on_the_virtio_serial_bus() {
         for accel in [Accel::Tcg, Accel::Kvm] {
-            let a = qemu_args(&spec(), accel, None);
+            let a = qemu_args(&spec(), accel, None, Features::ALL);
             let chardevs = after(&a, "-chardev");
             assert_eq!(chardevs[0], "socket,id=con,path=/r/vms/abc/console.sock,server=on,wait=off", "no logfile: hearth captures it");
             assert!(a.iter().any(|x| x == "-S"), "the guest starts paused");
@@ -177,7 +234,7 @@ mod tests {
 
     #[test]
     fn disks_are_raw_virtio_with_writeback_and_discard_on_root() {
-        let a = qemu_args(&spec(), Accel::Kvm, None);
+        let a = qemu_args(&spec(), Accel::Kvm, None, Features::ALL);
         assert_eq!(
             after(&a, "-drive"),
             [
@@ -194,9 +251,9 @@ mod tests {
     #[test]
     fn firmware_choice() {
         let q = std::path::Path::new("/usr/share/qemu/qboot.rom");
-        let a = qemu_args(&spec(), Accel::Tcg, Some(q));
+        let a = qemu_args(&spec(), Accel::Tcg, Some(q), Features::ALL);
         assert_eq!(after(&a, "-bios"), ["/usr/share/qemu/qboot.rom"]);
-        let a = qemu_args(&spec(), Accel::Tcg, None);
+        let a = qemu_args(&spec(), Accel::Tcg, None, Features::ALL);
         assert!(after(&a, "-bios").is_empty());
         assert_eq!(after(&a, "-fw_cfg"), ["name=etc/sercon-port,string=0"]);
     }
@@ -208,7 +265,7 @@ mod tests {
             crate::VolumeDisk { path: "/r/images/rootfs/k.ext4".into(), serial: "hearth-vol0".into(), read_only: true },
             crate::VolumeDisk { path: "/r/vms/abc/volume-1.img".into(), serial: "hearth-vol1".into(), read_only: false },
         ];
-        let a = qemu_args(&s, Accel::Tcg, None);
+        let a = qemu_args(&s, Accel::Tcg, None, Features::ALL);
         let drives = after(&a, "-drive");
         assert_eq!(drives.len(), 4);
         assert!(drives[2].contains("file=/r/images/rootfs/k.ext4") && drives[2].ends_with(",readonly=on"), "{}", drives[2]);
@@ -220,19 +277,22 @@ mod tests {
 
     #[test]
     fn network_card_and_forwards() {
-        assert!(after(&qemu_args(&spec(), Accel::Tcg, None), "-netdev").is_empty(), "no network, no card");
+        assert!(after(&qemu_args(&spec(), Accel::Tcg, None, Features::ALL), "-netdev").is_empty(), "no network, no card");
         let mut s = spec();
         let forwards = ["127.0.0.1:2222:22", "8080:80", "[::1]:5353:53/udp"].map(|p| p.parse().expect("port")).to_vec();
         s.network = Some(crate::NetLaunch { mac: "02:00:00:00:00:01".into(), forwards, tap: None });
-        let a = qemu_args(&s, Accel::Tcg, None);
+        let a = qemu_args(&s, Accel::Tcg, None, Features::ALL);
         assert_eq!(
             after(&a, "-netdev"),
             ["user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=tcp:0.0.0.0:8080-:80,hostfwd=udp:[::1]:5353-:53"]
         );
         assert!(after(&a, "-device").contains(&"virtio-net-pci,romfile=,netdev=net0,mac=02:00:00:00:00:01"));
-        let a = qemu_args(&s, Accel::Kvm, None);
+        let a = qemu_args(&s, Accel::Kvm, None, Features::ALL);
         assert!(after(&a, "-device").contains(&"virtio-net-device,netdev=net0,mac=02:00:00:00:00:01"));
         s.network = Some(crate::NetLaunch { mac: "02:00:00:00:00:01".into(), forwards: vec![], tap: Some("ht0123".into()) });
-        assert_eq!(after(&qemu_args(&s, Accel::Tcg, None), "-netdev"), ["tap,id=net0,ifname=ht0123,script=no,downscript=no"]);
+        assert_eq!(
+            after(&qemu_args(&s, Accel::Tcg, None, Features::ALL), "-netdev"),
+            ["tap,id=net0,ifname=ht0123,script=no,downscript=no"]
+        );
     }
 }

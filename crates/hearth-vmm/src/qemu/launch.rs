@@ -1,16 +1,17 @@
-//! Starting QEMU daemonized and stopping it.
+//! Starting QEMU and stopping it.
 //!
-//! `-daemonize` makes QEMU fork once its devices are set up; the parent exits 0 only when the
-//! child is running, so a zero exit means "started" and anything else comes with QEMU's own
-//! message in qemu.log. The daemon is not our child: it outlives hearthd and is found again by
-//! pid + start time.
+//! QEMU is started in a session of its own (setsid), inside its cgroup, with its output in
+//! qemu.log, and is "started" once its QMP monitor greets: it has set up every device and waits,
+//! paused, for `cont` ([`resume`]). An exit before that is a start failure quoting qemu.log. It
+//! outlives hearthd (reparented when hearthd exits) and is found again by pid + start time; while
+//! hearthd runs it is hearthd's child, reaped when its exit is seen (crate::process).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::process::{is_alive, kill, read_pidfile, wait_exit};
-use crate::qemu::{find_running, qemu_args, Qmp, QBOOT};
+use crate::process::{is_alive, kill, wait_exit};
+use crate::qemu::{find_running, qemu_args, Features, Qmp, QBOOT};
 use crate::{resolve_accel, LaunchSpec, Launched, VmmError};
 use hearth_types::Accel;
 
@@ -29,13 +30,52 @@ fn tail(path: &Path) -> String {
     lines.into_iter().rev().collect::<Vec<_>>().join("\n")
 }
 
+/// How long QEMU may take to set up its devices.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Waits until QEMU's QMP monitor greets (every device set up), or QEMU exits, or the timeout.
+fn wait_started(child: &mut std::process::Child, qmp: &Path) -> Result<(), String> {
+    use std::io::Read;
+    let deadline = std::time::Instant::now() + START_TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            return Err(format!("it exited while starting ({status})"));
+        }
+        if let Ok(mut s) = std::os::unix::net::UnixStream::connect(qmp) {
+            let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+            let mut first = [0u8; 1];
+            if s.read(&mut first).is_ok_and(|n| n == 1) {
+                return Ok(());
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!("it did not answer on {} within {START_TIMEOUT:?}", qmp.display()));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// What the QEMU binary supports, asked once per binary (`-help`, a few milliseconds).
+fn features(binary: &Path) -> Features {
+    static SEEN: std::sync::Mutex<Vec<(PathBuf, Features)>> = std::sync::Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, f)) = seen.iter().find(|(b, _)| b == binary) {
+        return *f;
+    }
+    let help = Command::new(binary).arg("-help").stdin(Stdio::null()).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    let f = Features::from_help(&help.unwrap_or_default());
+    seen.push((binary.to_owned(), f));
+    f
+}
+
 /// qboot for the `pc` machine where Debian ships it.
 fn bios(accel: Accel) -> Option<PathBuf> {
     let q = Path::new(QBOOT);
     (accel == Accel::Tcg && q.exists()).then(|| q.to_owned())
 }
 
-/// QEMU changes its directory to `/` when it daemonizes, so every path must be absolute.
+/// QEMU chroots into the VM directory once set up, and may run from any directory, so every path
+/// must be absolute.
 fn absolute(spec: &LaunchSpec) -> Result<LaunchSpec, VmmError> {
     let abs = |p: &Path| std::path::absolute(p).map_err(|source| VmmError::Io { path: p.to_owned(), source });
     Ok(LaunchSpec {
@@ -74,22 +114,49 @@ pub fn launch(spec: &LaunchSpec) -> Result<Launched, VmmError> {
     std::fs::write(&log_path, b"").map_err(io)?;
     let log = std::fs::OpenOptions::new().append(true).open(&log_path).map_err(io)?;
     let binary = spec.qemu_binary.clone().unwrap_or_else(|| "qemu-system-x86_64".into());
-    let args = qemu_args(&spec, accel, bios(accel).as_deref());
-    tracing::debug!(vm_dir = %dir.display(), binary = %binary.display(), ?args, "starting qemu");
-    let status = Command::new(&binary)
-        .args(&args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(io)?)
-        .stderr(log)
-        .status()
-        .map_err(|source| VmmError::Spawn { binary: binary.display().to_string(), source })?;
-    if !status.success() {
-        return Err(VmmError::Start { log: format!("{status}; {}:\n{}", log_path.display(), tail(&log_path)) });
+    let f = features(&binary);
+    if spec.confinement.run_as.is_some() && !f.run_with {
+        tracing::warn!(binary = %binary.display(), "this QEMU cannot drop privileges (-run-with needs QEMU 9.1 or later): the VMM runs as root");
     }
-    let (pid, start_time) = read_pidfile(&dir.join("qemu.pid")).ok_or_else(|| VmmError::Start {
-        log: format!("it exited right after starting (no live process in qemu.pid); {}:\n{}", log_path.display(), tail(&log_path)),
-    })?;
+    if !f.sandbox {
+        tracing::warn!(binary = %binary.display(), "this QEMU has no seccomp sandbox (-sandbox): the VMM runs without one");
+    }
+    let args = qemu_args(&spec, accel, bios(accel).as_deref(), f);
+    tracing::debug!(vm_dir = %dir.display(), binary = %binary.display(), ?args, "starting qemu");
+    let group = match &spec.confinement.cgroup {
+        Some(limits) => crate::cgroup::Group::create(limits).map_err(|source| VmmError::Cgroup { name: limits.name.clone(), source })?,
+        None => None,
+    };
+    if spec.confinement.cgroup.is_some() && group.is_none() {
+        tracing::warn!("no usable cgroup filesystem at /sys/fs/cgroup: the VMM runs without memory and CPU limits");
+    }
+    let mut cmd = Command::new(&binary);
+    cmd.args(&args).current_dir(dir).stdin(Stdio::null()).stdout(log.try_clone().map_err(io)?).stderr(log);
+    crate::sys::detach_and_join(&mut cmd, group.as_ref().map(|g| g.join_fds()).unwrap_or_default());
+    let started = (|| {
+        let mut child = cmd.spawn().map_err(|source| VmmError::Spawn { binary: binary.display().to_string(), source })?;
+        if let Err(e) = wait_started(&mut child, &dir.join("qmp.sock")) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(VmmError::Start { log: format!("{e}; {}:\n{}", log_path.display(), tail(&log_path)) });
+        }
+        let pid = child.id() as i32;
+        // Not waited for here: reaped when its exit is seen (crate::process::wait_exit).
+        drop(child);
+        let start_time = crate::start_time(pid).ok_or_else(|| VmmError::Start {
+            log: format!("it exited right after starting; {}:\n{}", log_path.display(), tail(&log_path)),
+        })?;
+        Ok((pid, start_time))
+    })();
+    let (pid, start_time) = match started {
+        Ok(p) => p,
+        Err(e) => {
+            if let Some(g) = &group {
+                g.remove();
+            }
+            return Err(e);
+        }
+    };
     Ok(Launched { pid, start_time, accel, warning })
 }
 
@@ -190,6 +257,7 @@ mod tests {
             qemu_binary: None,
             network: None,
             volumes: vec![],
+            confinement: Default::default(),
         };
         let a = absolute(&spec).expect("absolute");
         assert!(a.vm_dir.is_absolute() && a.initrd.is_absolute() && a.root_disk.is_absolute());
@@ -212,6 +280,7 @@ mod tests {
             qemu_binary: Some(dir.path().join("no-such-qemu")),
             network: None,
             volumes: vec![],
+            confinement: Default::default(),
         };
         let e = launch(&spec).expect_err("no binary");
         assert!(e.to_string().contains("qemu-system-x86"), "{e}");

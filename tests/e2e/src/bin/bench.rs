@@ -153,10 +153,12 @@ fn run_to_ready(reg: &LocalRegistry, runs: usize) -> Daemon {
             qemu_binary: None,
             network: Some(hearth_vmm::NetLaunch { mac: MAC.into(), forwards: vec![], tap: None }),
             volumes: vec![],
+            confinement: Default::default(),
         };
         let bios = Path::new(hearth_vmm::qemu::QBOOT);
-        let mut args = hearth_vmm::qemu::qemu_args(&spec, hearth_types::Accel::Tcg, bios.exists().then_some(bios));
-        args.retain(|a| a != "-daemonize");
+        // The same command line, unconfined and not paused (nobody captures its console here).
+        let mut args = hearth_vmm::qemu::qemu_args(&spec, hearth_types::Accel::Tcg, bios.exists().then_some(bios), Default::default());
+        args.retain(|a| a != "-S");
         let t = Instant::now();
         let mut child = Command::new("qemu-system-x86_64").args(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("qemu");
         assert!(wait_ready(&vm_dir.join("agent.sock"), Instant::now() + Duration::from_secs(120)), "bare qemu never became ready");
