@@ -116,6 +116,7 @@ impl Daemon {
         let mut swept = vms.sweep()?;
         swept.extend(images.sweep()?);
         swept.extend(kernels.sweep()?);
+        crate::root::keep_reserve(root);
         let tmp = crate::root::sweep_tmp(root).with_context(|| format!("clearing {}", root.join("tmp").display()))?;
         if !swept.is_empty() || tmp > 0 {
             tracing::info!(count = swept.len() + tmp, first = ?swept.first(), "removed what an interrupted run left");
@@ -180,7 +181,16 @@ impl Daemon {
 
     /// Persists a record and wakes waiters.
     pub fn save(&self, rec: &VmRecord) -> Result<(), Status> {
-        self.vms.save(rec).map_err(internal)?;
+        match self.vms.save(rec) {
+            Err(hearth_store::StoreError::Io { source, .. })
+                if source.raw_os_error() == Some(libc::ENOSPC) && crate::root::release_reserve(&self.root) =>
+            {
+                // A full disk must not keep hearthd from recording what it did.
+                tracing::error!(vm = %rec.spec.id, "the disk holding the state directory is full: used hearthd's reserve to save the record; free some space");
+                self.vms.save(rec).map_err(internal)?;
+            }
+            other => other.map_err(internal)?,
+        }
         self.changes.send_modify(|g| *g += 1);
         Ok(())
     }

@@ -92,6 +92,36 @@ pub fn lock_socket(socket: &Path) -> anyhow::Result<Flock<File>> {
         .map_err(|_| anyhow::anyhow!("another hearthd serves {}: stop it or pick another --socket", socket.display()))
 }
 
+/// Space set aside for records (`ROOT/.reserve`): released when a record save finds the disk
+/// full, made again at the next start when there is room.
+const RESERVE: &str = ".reserve";
+const RESERVE_BYTES: u64 = 16 << 20;
+
+/// Makes sure the reserve exists with its blocks allocated (written, not sparse).
+pub fn keep_reserve(root: &Path) {
+    let path = root.join(RESERVE);
+    if fs::metadata(&path).is_ok_and(|m| m.len() >= RESERVE_BYTES) {
+        return;
+    }
+    let made = (|| -> std::io::Result<()> {
+        let mut f = File::create(&path)?;
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..RESERVE_BYTES >> 20 {
+            f.write_all(&zeros)?;
+        }
+        f.sync_all()
+    })();
+    if let Err(e) = made {
+        let _ = fs::remove_file(&path);
+        tracing::warn!(error = %e, "no room for hearthd's 16 MiB reserve for records");
+    }
+}
+
+/// Frees the reserve; true when there was one to free.
+pub fn release_reserve(root: &Path) -> bool {
+    fs::remove_file(root.join(RESERVE)).is_ok()
+}
+
 /// Removes what an interrupted run left under `ROOT/tmp` (kernel-image staging). Returns how many
 /// entries went.
 pub fn sweep_tmp(root: &Path) -> std::io::Result<usize> {

@@ -85,8 +85,17 @@ impl Daemon {
         Self::start_inner(&[], Some(ns.name.clone()))
     }
 
+    /// As [`Daemon::start`], with its root inside `dir` (a filesystem of the test's choosing).
+    pub fn start_under(dir: &Path) -> Self {
+        Self::start_inner_at(&[], None, dir)
+    }
+
     fn start_inner(args: &[&str], netns: Option<String>) -> Self {
-        let root = tempfile::Builder::new().prefix("hearth-e2e-").tempdir_in(test_tmp()).expect("tempdir");
+        Self::start_inner_at(args, netns, &test_tmp())
+    }
+
+    fn start_inner_at(args: &[&str], netns: Option<String>, dir: &Path) -> Self {
+        let root = tempfile::Builder::new().prefix("hearth-e2e-").tempdir_in(dir).expect("tempdir");
         let socket = root.path().join("hearthd.sock");
         let mut d = Self { root, socket, args: args.iter().map(|a| a.to_string()).collect(), netns, child: None };
         d.spawn();

@@ -505,3 +505,35 @@ fn kill_9_at_random_points_leaves_nothing_behind() {
         }
     }
 }
+
+/// A small tmpfs of the test's own, unmounted on drop.
+struct SmallFs(tempfile::TempDir);
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
+}
+
+#[test]
+fn a_full_disk_still_lets_hearthd_record_what_it_does() {
+    require_e2e!();
+    let fs = SmallFs(tempfile::tempdir_in(hearth_e2e::test_tmp()).expect("tmp"));
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=400M", "tmpfs"]).arg(fs.0.path()).status();
+    assert!(mounted.is_ok_and(|s| s.success()), "mounting a tmpfs");
+    let layout = tempfile::tempdir_in(hearth_e2e::test_tmp()).expect("tmp");
+    hearth_e2e::testutil::busybox_oci_layout(layout.path(), "1", &Default::default()).expect("layout");
+    {
+        let d = Daemon::start_under(fs.0.path());
+        d.import_kernel();
+        d.ok(&["image", "import", &layout.path().display().to_string(), "--name", "demo:1"]);
+        d.ok(&["create", "--name", "keep", "--size", "100M", "demo:1", "true"]);
+        // Fill the filesystem to the last block.
+        let filler = fs.0.path().join("filler");
+        let _ = Command::new("dd").args(["if=/dev/zero", "bs=1M"]).arg(format!("of={}", filler.display())).stderr(Stdio::null()).status();
+        assert!(std::fs::write(fs.0.path().join("probe"), vec![0u8; 1 << 20]).is_err(), "the filesystem is full");
+        d.ok(&["rm", "keep"]);
+        assert!(d.log().contains("used hearthd's reserve"), "{}", d.log());
+        assert_eq!(d.ok(&["ps", "-a", "-q"]).trim(), "", "the removal was recorded and carried out");
+    }
+}
