@@ -162,18 +162,20 @@ pub fn launch(spec: &LaunchSpec) -> Result<Launched, VmmError> {
 
 /// Lets a guest launched paused (`-S`) run: QMP `cont`. Call it once the console is captured.
 pub async fn resume(vm_dir: &Path) -> Result<(), VmmError> {
-    let mut q = tokio::time::timeout(QMP_TIMEOUT, Qmp::connect(&vm_dir.join("qmp.sock")))
+    qmp(vm_dir).await?.execute("cont", None).await.map(drop)
+}
+
+/// The VM's QMP session, connected within [`QMP_TIMEOUT`].
+async fn qmp(vm_dir: &Path) -> Result<Qmp, VmmError> {
+    tokio::time::timeout(QMP_TIMEOUT, Qmp::connect(&vm_dir.join("qmp.sock")))
         .await
-        .map_err(|_| VmmError::Qmp("qemu did not answer on its QMP socket".into()))??;
-    q.execute("cont", None).await.map(drop)
+        .map_err(|_| VmmError::Qmp("qemu did not answer on its QMP socket".into()))?
 }
 
 /// Resumes a guest that never got its first `cont` (QMP status `prelaunch`: hearthd stopped
 /// between launch and resume); leaves any other guest as it is. Returns whether it resumed.
 pub async fn resume_if_prelaunch(vm_dir: &Path) -> Result<bool, VmmError> {
-    let mut q = tokio::time::timeout(QMP_TIMEOUT, Qmp::connect(&vm_dir.join("qmp.sock")))
-        .await
-        .map_err(|_| VmmError::Qmp("qemu did not answer on its QMP socket".into()))??;
+    let mut q = qmp(vm_dir).await?;
     if q.status().await? != "prelaunch" {
         return Ok(false);
     }
