@@ -34,12 +34,7 @@ impl Limits {
     pub fn for_vm(parent: &str, id: &str, cpus: u32, memory_mib: u64, tcg: bool) -> Self {
         let guest = memory_mib << 20;
         let overhead = (guest / 4).max(256 << 20) + if tcg { 1 << 30 } else { 0 };
-        Self {
-            name: format!("{}/vm-{id}", parent.trim_matches('/')),
-            memory_bytes: guest + overhead,
-            cpu_quota_us: u64::from(cpus + 1) * PERIOD_US,
-            pids: 512,
-        }
+        Self { name: name(parent, id), memory_bytes: guest + overhead, cpu_quota_us: u64::from(cpus + 1) * PERIOD_US, pids: 512 }
     }
 }
 

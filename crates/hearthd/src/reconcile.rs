@@ -257,6 +257,24 @@ async fn launch(d: &Arc<Daemon>, rec: &mut VmRecord) -> Result<(), Status> {
         .map_err(internal)?
         .map_err(|e| Status::failed_precondition(format!("{e:#}")))?
     };
+    let tap = net.as_ref().and_then(|(card, _)| card.tap.clone());
+    if tap.is_some() {
+        hearth_net::ensure_bridge(&hearth_net::Bridge::hearth0())
+            .await
+            .map_err(|e| Status::failed_precondition(format!("setting up the bridge network: {e}")))?;
+    }
+    crate::net::claim(d, &rec.spec)?;
+    let uid = match d.claim_uid() {
+        Ok(u) => u,
+        Err(e) => return Err(unclaim(d, &rec.spec, e)),
+    };
+    let tcg = hearth_vmm::resolve_accel(rec.spec.accel).map_or(true, |(a, _)| a == hearth_types::Accel::Tcg);
+    let confinement = hearth_vmm::Confinement {
+        run_as: uid.map(|u| (u, u)),
+        cgroup: d
+            .cgroup_of(&id)
+            .map(|_| hearth_vmm::cgroup::Limits::for_vm(&d.cgroup_parent, id.as_str(), rec.spec.cpus, rec.spec.memory_mib, tcg)),
+    };
     let spec = hearth_vmm::LaunchSpec {
         vm_dir: dir.clone(),
         kernel,
@@ -270,26 +288,7 @@ async fn launch(d: &Arc<Daemon>, rec: &mut VmRecord) -> Result<(), Status> {
         qemu_binary: std::env::var_os("HEARTH_QEMU").map(Into::into),
         network: net.as_ref().map(|(card, _)| card.clone()),
         volumes,
-        confinement: hearth_vmm::Confinement::default(),
-    };
-    let tap = net.as_ref().and_then(|(card, _)| card.tap.clone());
-    if tap.is_some() {
-        hearth_net::ensure_bridge(&hearth_net::Bridge::hearth0())
-            .await
-            .map_err(|e| Status::failed_precondition(format!("setting up the bridge network: {e}")))?;
-    }
-    crate::net::claim(d, &rec.spec)?;
-    let mut spec = spec;
-    let uid = match d.claim_uid() {
-        Ok(u) => u,
-        Err(e) => return Err(unclaim(d, &rec.spec, e)),
-    };
-    let tcg = hearth_vmm::resolve_accel(rec.spec.accel).map_or(true, |(a, _)| a == hearth_types::Accel::Tcg);
-    spec.confinement = hearth_vmm::Confinement {
-        run_as: uid.map(|u| (u, u)),
-        cgroup: d
-            .cgroup_of(&id)
-            .map(|_| hearth_vmm::cgroup::Limits::for_vm(&d.cgroup_parent, id.as_str(), rec.spec.cpus, rec.spec.memory_mib, tcg)),
+        confinement,
     };
     rec.status.started_at = Some(now_millis());
     let launched = match tokio::task::spawn_blocking(move || hearth_vmm::launch(&spec)).await.map_err(internal) {
