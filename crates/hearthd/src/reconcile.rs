@@ -293,6 +293,13 @@ async fn launch(d: &Arc<Daemon>, rec: &mut VmRecord) -> Result<(), Status> {
     rec.status.started_at = Some(now_millis());
     let launched = match tokio::task::spawn_blocking(move || hearth_vmm::launch(&spec)).await.map_err(internal) {
         Ok(Ok(l)) => l,
+        Ok(Err(hearth_vmm::VmmError::AlreadyRunning { pid, .. })) => {
+            // A VMM appeared for this VM since it was observed: adopt it on the next round.
+            warn!(pid, "a VMM already runs for this VM; adopting it instead of launching another");
+            d.settle_uid(uid);
+            let _ = crate::net::settle(d, &rec.spec, true);
+            return Ok(());
+        }
         Ok(Err(e)) => {
             d.settle_uid(uid);
             return Err(unclaim(d, &rec.spec, Status::failed_precondition(format!("{e:#}"))));
@@ -487,6 +494,16 @@ pub async fn recover(d: &Arc<Daemon>) {
             return;
         }
     };
+    // A VMM launched by a predecessor that died before recording it, or before the VMM wrote its
+    // pid file: the pid file is written for it, so it is adopted, never launched twice.
+    for (dir, pid, _) in hearth_vmm::qemu::scan(&d.root.join("vms")) {
+        if hearth_vmm::find_running(&dir).is_none_or(|(p, _)| p != pid) {
+            info!(dir = %dir.display(), pid, "found a VMM without its pid file");
+            if let Err(e) = std::fs::write(dir.join("qemu.pid"), pid.to_string()) {
+                warn!(dir = %dir.display(), error = %e, "writing the found VMM's pid file failed");
+            }
+        }
+    }
     for rec in records {
         let id = rec.spec.id.clone();
         let dir = d.vm_dir(&id);

@@ -4,6 +4,7 @@
 //! the process is alive, not a zombie, and its command line names this VM's pid file; its start
 //! time is returned so later checks ([`crate::is_alive`]) keep guarding against reuse.
 
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -41,6 +42,30 @@ fn names_vm(pid: i32, vm_dir: &Path) -> bool {
     let needle = pidfile.as_os_str().as_encoded_bytes();
     let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
     args.windows(2).any(|w| w[0] == b"-pidfile" && w[1] == needle)
+}
+
+/// Every live QEMU whose `-pidfile` lies in a directory under `vms_dir`, as (VM directory, pid,
+/// start time), found from /proc alone. For a daemon start: a VMM its predecessor launched but
+/// died before recording may not have written its pid file yet. (Under the root's lock every
+/// child the predecessor forked has exec'd: the lock's descriptor closes at exec.)
+pub fn scan(vms_dir: &Path) -> Vec<(std::path::PathBuf, i32, u64)> {
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else { return out };
+    for e in procs.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        let Some(pidfile) = args.windows(2).find(|w| w[0] == b"-pidfile").map(|w| Path::new(std::ffi::OsStr::from_bytes(w[1]))) else {
+            continue;
+        };
+        let Some(dir) = pidfile.parent().filter(|d| d.parent() == Some(vms_dir) && pidfile.file_name() == Some("qemu.pid".as_ref())) else {
+            continue;
+        };
+        if let Some(start) = crate::start_time(pid).filter(|&t| crate::is_alive(pid, t)) {
+            out.push((dir.to_owned(), pid, start));
+        }
+    }
+    out
 }
 
 /// [`find_running`] plus a QMP status query bounded by `qmp_timeout`.
@@ -83,7 +108,12 @@ mod tests {
         let mut other = std::process::Command::new("sleep").arg("30").spawn().expect("sleep");
         let (pid, oid) = (ours.id() as i32, other.id() as i32);
         let (start, ostart) = (crate::start_time(pid).expect("start"), crate::start_time(oid).expect("start"));
-        assert!(is_vmm_of(dir.path(), pid, start));
+        // Spawned is not yet exec'd: its command line is ours until then.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !is_vmm_of(dir.path(), pid, start) {
+            assert!(std::time::Instant::now() < deadline, "the stand-in never showed its command line");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         assert!(!is_vmm_of(dir.path(), pid, start + 1), "another start time is another process");
         assert!(!is_vmm_of(dir.path(), oid, ostart), "alive, right start time, but not this VM's");
         assert!(!is_vmm_of(&dir.path().join("elsewhere"), pid, start), "another VM's directory");
@@ -91,6 +121,9 @@ mod tests {
         assert_eq!(find_running(dir.path()), None, "a pid file naming an unrelated process");
         std::fs::write(&pidfile, pid.to_string()).expect("write");
         assert_eq!(find_running(dir.path()), Some((pid, start)));
+        // Found from /proc alone too, pid file or not.
+        std::fs::remove_file(&pidfile).expect("rm");
+        assert!(scan(dir.path().parent().expect("parent")).contains(&(dir.path().to_owned(), pid, start)));
         for c in [&mut ours, &mut other] {
             let _ = c.kill();
             let _ = c.wait();
