@@ -8,14 +8,21 @@ use tokio::io::unix::AsyncFd;
 
 use crate::sys;
 
-/// Start time (field 22 of /proc/PID/stat) and whether the process is a zombie.
+/// Start time (field 22 of /proc/PID/stat) and whether the process has exited (a zombie).
 fn stat(pid: i32) -> Option<(u64, bool)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+fn parse_stat(text: &str) -> Option<(u64, bool)> {
     // The command name is in parentheses and may contain spaces: split after the last ')'.
     let rest = &text[text.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    // rest starts at field 3 (state); field 22 is index 19.
-    let zombie = matches!(fields.first(), Some(&"Z") | Some(&"X"));
+    // rest starts at field 3 (state); field 20 (num_threads) is index 17, field 22 (starttime)
+    // index 19. A leader thread that has exited shows "Z" while the process's other threads
+    // still run (and hold its files), and it cannot be reaped until they are gone: the process
+    // has exited only when the zombie leader is its last thread.
+    let leader_gone = matches!(fields.first(), Some(&"Z") | Some(&"X"));
+    let zombie = leader_gone && fields.get(17).and_then(|n| n.parse::<u64>().ok()).is_some_and(|n| n <= 1);
     Some((fields.get(19)?.parse().ok()?, zombie))
 }
 
@@ -141,6 +148,17 @@ mod tests {
         kill(pid, start, libc::SIGTERM);
         assert!(wait_exit_blocking(pid, start, Duration::from_secs(5)), "exit seen");
         assert!(!is_alive(pid, start));
+    }
+
+    #[test]
+    fn a_zombie_leader_with_live_threads_has_not_exited() {
+        let line = |state: &str, threads: u32| {
+            format!("4242 (qemu-system-x86) {state} 1 4242 4242 0 -1 4194560 9 0 0 0 0 0 0 0 20 0 {threads} 0 786414 3133440 372 0")
+        };
+        assert_eq!(parse_stat(&line("S", 4)), Some((786414, false)));
+        assert_eq!(parse_stat(&line("Z", 4)), Some((786414, false)), "its vCPU and I/O threads still run");
+        assert_eq!(parse_stat(&line("Z", 1)), Some((786414, true)));
+        assert_eq!(parse_stat("7 (a) b) Z 1 7 7 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 55 0 0"), Some((55, true)), "a ')' in the name");
     }
 
     #[test]
