@@ -252,6 +252,9 @@ fn allowed(krate: &str) -> Option<&'static [&'static str]> {
     }
 }
 
+/// Outside crates the core must not use: gRPC, netlink, process and VMM plumbing.
+const CORE_FORBIDDEN: &[&str] = &["tonic", "prost", "hyper", "tower", "rtnetlink", "netlink", "nix", "libc", "reqwest"];
+
 /// Fails when a crate imports a layer above or beside it (read from `cargo metadata`).
 fn layers() -> Result<()> {
     let out = Command::new(env!("CARGO")).current_dir(root()).args(["metadata", "--format-version", "1", "--no-deps"]).output()?;
@@ -265,6 +268,10 @@ fn layers() -> Result<()> {
             let dev = dep["kind"].as_str() == Some("dev");
             if d.starts_with("hearth") && !dev && !ok.contains(&d) {
                 bad.push(format!("{name} must not depend on {d}"));
+            }
+            // The core is the use-cases and the ports: no wire protocol, no host plumbing.
+            if name == "hearth-core" && !dev && CORE_FORBIDDEN.iter().any(|f| d.starts_with(f)) {
+                bad.push(format!("hearth-core must not depend on {d} (it belongs in an adapter)"));
             }
         }
     }

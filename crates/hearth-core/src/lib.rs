@@ -1,14 +1,22 @@
-//! hearth's core: how a VM's desired state turns into steps.
+//! hearth's core: the use-cases, behind narrow ports that adapters implement.
 //!
 //! The reconciler is split as Flintlock splits it: [`plan`] is a pure function from what was
-//! asked (the persisted [`VmRecord`]) and what is observed ([`Observed`]) to the next
-//! idempotent [`Step`]s; the daemon executes steps with its adapters, persists what each made,
-//! observes again and re-plans, up to [`MAX_ITERATIONS`]. A crash anywhere re-runs the same
-//! plan from the persisted record, and delete plans remove exactly what is observed to exist.
+//! asked (the persisted [`VmRecord`](hearth_types::VmRecord)) and what is observed
+//! ([`Observed`]) to the next idempotent [`Step`]s; the [`Reconciler`] executes steps through the
+//! [`ports`], persists what each made, observes again and re-plans, up to [`MAX_ITERATIONS`]. A
+//! crash anywhere re-runs the same plan from the persisted record, and delete plans remove
+//! exactly what is observed to exist.
 #![forbid(unsafe_code)]
 
+pub mod error;
 pub mod guest;
+pub mod locks;
 pub mod plan;
+pub mod ports;
+pub mod reconcile;
 
+pub use error::{Error, ErrorKind, Result};
 pub use guest::{cloud_init_network_config, guest_config, guest_network, GuestConfigError};
+pub use locks::KeyedLocks;
 pub use plan::{plan, Observed, Step, MAX_ITERATIONS};
+pub use reconcile::{Options, Ports, Reconciler, DEFAULT_STOP_TIMEOUT, READY_TIMEOUT};

@@ -1,6 +1,6 @@
 //! The planner: desired state + observation -> next steps.
 
-use hearth_types::{Desired, VmRecord, VmState};
+use hearth_types::{Desired, VmRecord};
 
 /// A reconcile loop gives up after this many plan/execute rounds.
 pub const MAX_ITERATIONS: usize = 12;
@@ -62,7 +62,7 @@ pub fn plan(rec: &VmRecord, obs: &Observed) -> Vec<Step> {
         Desired::Stopped => {
             if obs.vmm_alive {
                 steps.push(Step::Stop);
-            } else if matches!(state, VmState::Starting | VmState::Running | VmState::Stopping) {
+            } else if state.is_active() {
                 steps.push(Step::RecordExit);
             }
         }
@@ -70,7 +70,7 @@ pub fn plan(rec: &VmRecord, obs: &Observed) -> Vec<Step> {
             if obs.vmm_alive {
                 return steps;
             }
-            if matches!(state, VmState::Starting | VmState::Running | VmState::Stopping) {
+            if state.is_active() {
                 // It was running and its VMM is gone: the workload ended or the VMM died.
                 steps.push(Step::RecordExit);
                 return steps;
@@ -90,6 +90,7 @@ pub fn plan(rec: &VmRecord, obs: &Observed) -> Vec<Step> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hearth_types::VmState;
 
     fn rec(desired: Desired, state: VmState) -> VmRecord {
         hearth_testkit::record(7, desired, state)

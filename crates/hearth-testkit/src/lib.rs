@@ -1,43 +1,9 @@
-//! Shared fixtures for hearth's tests.
+//! Shared fixtures for hearth's tests: records, and fakes of every hearth-core port (a scripted
+//! VMM, an in-memory host behind the repository, disks, kernels, network, guests and sandbox
+//! ports, a manual clock), so the use-cases are tested without root, QEMU or a kernel.
 #![forbid(unsafe_code)]
 
-use hearth_types::vm::{DEFAULT_CPUS, DEFAULT_DISK_BYTES, DEFAULT_MEMORY_MIB};
-use hearth_types::{Desired, VmId, VmRecord, VmSpec, VmState, VmStatus};
+pub mod fakes;
+mod records;
 
-/// A valid spec with Ignite's defaults; `n` picks the id and name.
-pub fn spec(n: u8) -> VmSpec {
-    VmSpec {
-        id: VmId::from_bytes([n; 8]),
-        name: format!("vm{n}"),
-        image: "demo:1".into(),
-        image_id: "0".repeat(64),
-        kernel: "k".into(),
-        cpus: DEFAULT_CPUS,
-        memory_mib: DEFAULT_MEMORY_MIB,
-        disk_bytes: DEFAULT_DISK_BYTES,
-        kernel_args: String::new(),
-        entrypoint: None,
-        command: vec![],
-        env: vec![],
-        labels: Default::default(),
-        accel: Default::default(),
-        auto_remove: false,
-        interactive: false,
-        tty: false,
-        network: Default::default(),
-        ports: vec![],
-        ssh_public_key: None,
-        mac: None,
-        address: None,
-        cloud_init_network: None,
-        volumes: vec![],
-        cloud_init: Default::default(),
-        log: None,
-        created_at: u64::from(n),
-    }
-}
-
-/// A record of [`spec`] with the given intent and observed state.
-pub fn record(n: u8, desired: Desired, state: VmState) -> VmRecord {
-    VmRecord { spec: spec(n), desired, status: VmStatus { state, ..Default::default() } }
-}
+pub use records::{record, spec};

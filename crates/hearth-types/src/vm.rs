@@ -324,6 +324,13 @@ pub enum VmState {
     Failed,
 }
 
+impl VmState {
+    /// A VMM was started for it and has not been seen to exit: starting, running or stopping.
+    pub fn is_active(self) -> bool {
+        matches!(self, Self::Starting | Self::Running | Self::Stopping)
+    }
+}
+
 impl fmt::Display for VmState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

@@ -27,14 +27,14 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// The limits for a VM of `cpus` vCPUs and `memory_mib` of guest memory under `parent`:
+    /// The limits for a VM of `cpus` vCPUs and `memory_mib` of guest memory in group `name`:
     /// the guest's memory plus the VMM's own (a quarter more, at least 256 MiB, and 1 GiB for
     /// TCG's translation cache), one CPU beyond the vCPUs for the VMM's I/O threads, and room
     /// for the VMM's threads but not for a fork bomb.
-    pub fn for_vm(parent: &str, id: &str, cpus: u32, memory_mib: u64, tcg: bool) -> Self {
+    pub fn for_vm(name: &str, cpus: u32, memory_mib: u64, tcg: bool) -> Self {
         let guest = memory_mib << 20;
         let overhead = (guest / 4).max(256 << 20) + if tcg { 1 << 30 } else { 0 };
-        Self { name: name(parent, id), memory_bytes: guest + overhead, cpu_quota_us: u64::from(cpus + 1) * PERIOD_US, pids: 512 }
+        Self { name: name.to_owned(), memory_bytes: guest + overhead, cpu_quota_us: u64::from(cpus + 1) * PERIOD_US, pids: 512 }
     }
 }
 
@@ -162,12 +162,11 @@ mod tests {
 
     #[test]
     fn limits_follow_the_vms_size() {
-        let l = Limits::for_vm("/hearth/", "abc", 2, 512, false);
+        let l = Limits::for_vm(&name("/hearth/", "abc"), 2, 512, false);
         assert_eq!(l.name, "hearth/vm-abc");
-        assert_eq!(l.name, name("hearth", "abc"));
         assert_eq!(l.memory_bytes, (512 + 256) << 20);
         assert_eq!(l.cpu_quota_us, 300_000);
-        let big = Limits::for_vm("hearth", "abc", 1, 8192, true);
+        let big = Limits::for_vm("hearth/vm-abc", 1, 8192, true);
         assert_eq!(big.memory_bytes, (8192 + 2048 + 1024) << 20);
     }
 }

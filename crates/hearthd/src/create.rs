@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use hearth_api::v1 as pb;
-use hearth_types::{generate_name, VmRecord, VmSpec};
+use hearth_types::{generate_name, NetworkMode, VmRecord, VmSpec};
 use tonic::Status;
 
 use crate::daemon::{internal, Daemon};
@@ -148,7 +148,7 @@ pub async fn create(d: &Arc<Daemon>, req: pb::CreateVmRequest) -> Result<VmRecor
     };
     spec.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
     check_fits(d, &spec, base_bytes)?;
-    let cfg = crate::reconcile::guest_config_for(&spec, &image.config)?;
+    let cfg = guest_config_for(&spec, &image.config)?;
     hearth_storage::check_config_fits(&cfg).map_err(|e| Status::invalid_argument(e.to_string()))?;
     if let (false, Some(users)) = (cfg.init_system || cfg.process.user.is_empty(), &users) {
         let (passwd, group) = (users.passwd.as_deref().unwrap_or(""), users.group.as_deref().unwrap_or(""));
@@ -202,4 +202,18 @@ fn check_fits(d: &Daemon, spec: &VmSpec, base_bytes: u64) -> Result<(), Status> 
         }
     }
     Ok(())
+}
+
+/// The guest config a VM's config disk holds: the image's process with the VM's overrides, the
+/// host's resolvers on the bridge, cloud-init's network-config when asked for. Create checks it
+/// (size, USER) with the same function that writes it.
+pub fn guest_config_for(spec: &VmSpec, image: &hearth_types::ImageConfig) -> Result<hearth_types::GuestConfig, Status> {
+    let mut cfg = hearth_core::guest_config(spec, image).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    if let (Some(net), NetworkMode::Bridge) = (cfg.network.as_mut(), spec.network) {
+        net.dns = crate::net::host_resolvers();
+    }
+    if let (Some(device), Some(net)) = (&spec.cloud_init_network, &cfg.network) {
+        cfg.cloud_init.entry("network-config".into()).or_insert_with(|| hearth_core::cloud_init_network_config(device, net));
+    }
+    Ok(cfg)
 }

@@ -21,8 +21,10 @@ pub struct Daemon {
     pub images: ImageStore,
     pub kernels: KernelStore,
     pub init_binary: PathBuf,
-    /// One lock per VM: reconcile loops and API mutations of a VM never interleave.
-    locks: KeyedLocks<VmId>,
+    /// The VMM provider VMs are launched with.
+    pub vmm: Arc<dyn hearth_core::ports::Vmm>,
+    /// The use-cases over this daemon's adapters (set once by `adapters::wire`).
+    reconciler: std::sync::OnceLock<Arc<hearth_core::Reconciler>>,
     /// Bumped on every record change; waiters re-read the store.
     changes: watch::Sender<u64>,
     /// How removed VMs ended, so `wait` after an automatic `--rm` still gets the exit code.
@@ -55,26 +57,7 @@ impl std::fmt::Debug for Daemon {
     }
 }
 
-/// One async lock per key (a VM, a microVM), made on first use.
-#[derive(Debug)]
-pub struct KeyedLocks<K>(Mutex<HashMap<K, Arc<tokio::sync::Mutex<()>>>>);
-
-impl<K> Default for KeyedLocks<K> {
-    fn default() -> Self {
-        Self(Mutex::new(HashMap::new()))
-    }
-}
-
-impl<K: std::hash::Hash + Eq + Clone> KeyedLocks<K> {
-    pub fn get(&self, key: &K) -> Arc<tokio::sync::Mutex<()>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).entry(key.clone()).or_default().clone()
-    }
-
-    /// Drops the lock of a key that is gone (holders keep theirs).
-    pub fn forget(&self, key: &K) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
-    }
-}
+pub use hearth_core::KeyedLocks;
 
 /// Locates the static hearth-init binary: the flag, else beside hearthd, else in the cargo
 /// target directory of a source checkout.
@@ -103,10 +86,6 @@ pub fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-pub fn now_millis() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
 impl Daemon {
     /// Opens the stores of a root whose lock the caller holds, and clears what a crash left in
     /// them (nothing else runs yet, so anything temporary is a leftover).
@@ -127,7 +106,8 @@ impl Daemon {
             images,
             kernels,
             init_binary,
-            locks: KeyedLocks::default(),
+            vmm: hearth_vmm::provider(hearth_core::ports::Provider::Qemu),
+            reconciler: std::sync::OnceLock::new(),
             changes: watch::channel(0).0,
             tombstones: Mutex::new(HashMap::new()),
             agents: tokio::sync::Mutex::new(HashMap::new()),
@@ -174,9 +154,19 @@ impl Daemon {
         (!self.cgroup_parent.is_empty()).then(|| hearth_vmm::cgroup::name(&self.cgroup_parent, id.as_str()))
     }
 
+    pub fn set_reconciler(&self, r: Arc<hearth_core::Reconciler>) {
+        let _ = self.reconciler.set(r);
+    }
+
+    /// The reconciler; `adapters::wire` sets it before anything is served.
+    #[allow(clippy::expect_used)]
+    pub fn reconciler(&self) -> &Arc<hearth_core::Reconciler> {
+        self.reconciler.get().expect("adapters::wire ran at start-up")
+    }
+
     /// The lock that serialises all changes to one VM.
     pub fn lock_for(&self, id: &VmId) -> Arc<tokio::sync::Mutex<()>> {
-        self.locks.get(id)
+        self.reconciler().lock_for(id)
     }
 
     /// Persists a record and wakes waiters.
@@ -206,7 +196,6 @@ impl Daemon {
             t.insert(rec.spec.id.clone(), rec.clone());
         }
         self.vms.remove(&rec.spec.id).map_err(internal)?;
-        self.locks.forget(&rec.spec.id);
         self.changes.send_modify(|g| *g += 1);
         Ok(())
     }
@@ -269,7 +258,7 @@ impl Daemon {
                 tracing::warn!(vm = %id, why, "agent connection lost");
             }
         }
-        let a = Arc::new(AgentClient::connect(&self.vm_dir(id).join("agent.sock")).await?);
+        let a = Arc::new(AgentClient::connect(&self.vmm.endpoints(&self.vm_dir(id)).agent).await?);
         agents.insert(id.clone(), a.clone());
         Ok(a)
     }

@@ -430,7 +430,7 @@ impl Flintlock {
             for (i, v) in vm.spec.volumes.iter().enumerate() {
                 let path = match (v.read_only, hearth_types::Digest::from_hex(&v.image_id)) {
                     (true, Ok(id)) => self.inner.d.images.rootfs_path(&id),
-                    _ => crate::reconcile::volume_path(&self.inner.d.vm_dir(&vm.spec.id), i),
+                    _ => crate::adapters::volume_path(&self.inner.d.vm_dir(&vm.spec.id), i),
                 };
                 let mount = fl::Mount { r#type: fl::mount::MountType::Hostpath as i32, source: path.display().to_string() };
                 status.volumes.insert(v.id.clone(), fl::VolumeStatus { mount: Some(mount) });

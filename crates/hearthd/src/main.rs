@@ -1,6 +1,7 @@
 //! `hearthd`: the hearth daemon.
 #![forbid(unsafe_code)]
 
+mod adapters;
 mod console;
 mod create;
 mod daemon;
@@ -134,6 +135,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     d.cgroup_parent = args.cgroup_parent.clone();
     d.consoles.default_limits = hearth_vmm::console::LogLimits { max_size: args.log_max_size, max_files: args.log_max_files };
     let d = Arc::new(d);
+    adapters::wire(&d);
     if let Some(dir) = socket.parent().filter(|dir| !dir.exists()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(root::ROOT_MODE))?;

@@ -123,7 +123,9 @@ pub fn launch(spec: &LaunchSpec) -> Result<Launched, VmmError> {
     }
     let args = qemu_args(&spec, accel, bios(accel).as_deref(), f);
     tracing::debug!(vm_dir = %dir.display(), binary = %binary.display(), ?args, "starting qemu");
-    let group = match &spec.confinement.cgroup {
+    let limits =
+        spec.confinement.cgroup.as_deref().map(|name| crate::cgroup::Limits::for_vm(name, spec.cpus, spec.memory_mib, accel == Accel::Tcg));
+    let group = match &limits {
         Some(limits) => crate::cgroup::Group::create(limits).map_err(|source| VmmError::Cgroup { name: limits.name.clone(), source })?,
         None => None,
     };
@@ -170,6 +172,20 @@ async fn qmp(vm_dir: &Path) -> Result<Qmp, VmmError> {
     tokio::time::timeout(QMP_TIMEOUT, Qmp::connect(&vm_dir.join("qmp.sock")))
         .await
         .map_err(|_| VmmError::Qmp("qemu did not answer on its QMP socket".into()))?
+}
+
+/// Waits until a QEMU found running (not launched by this process) has finished setting up:
+/// it answers on QMP, so its console and agent sockets exist. A predecessor that died right
+/// after spawning it leaves one still starting.
+pub async fn wait_set_up(vm_dir: &Path, pid: i32, start: u64) -> Result<(), VmmError> {
+    let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+    loop {
+        match qmp(vm_dir).await {
+            Ok(_) => return Ok(()),
+            Err(e) if !is_alive(pid, start) || tokio::time::Instant::now() > deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
 }
 
 /// Resumes a guest that never got its first `cont` (QMP status `prelaunch`: hearthd stopped

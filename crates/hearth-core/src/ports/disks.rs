@@ -1,0 +1,43 @@
+//! A VM's disks (made from its images) and the kernel it boots.
+
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use hearth_types::guest::GuestExit;
+use hearth_types::VmRecord;
+
+use super::VolumeDisk;
+use crate::Result;
+
+/// What exists of a VM's storage.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DiskState {
+    /// The VM's directory exists.
+    pub dir: bool,
+    /// The writable root disk exists.
+    pub disk: bool,
+    /// The config disk exists.
+    pub config_disk: bool,
+}
+
+#[async_trait]
+pub trait Disks: Send + Sync {
+    fn observe(&self, rec: &VmRecord) -> DiskState;
+    /// Makes the VM's writable volumes, then its root disk from its image, sized to the spec;
+    /// the root disk's existence marks the step done. Returns the root disk's path.
+    async fn create(&self, rec: &VmRecord) -> Result<PathBuf>;
+    /// Writes the config disk hearth-init reads (the process, network, cloud-init data).
+    async fn write_config(&self, rec: &VmRecord) -> Result<()>;
+    /// The root disk, the config disk and the volumes, in order, for a launch.
+    async fn attach(&self, rec: &VmRecord) -> Result<(PathBuf, PathBuf, Vec<VolumeDisk>)>;
+    /// Forgets the previous boot's exit record before a boot.
+    fn clear_exit(&self, rec: &VmRecord) -> Result<()>;
+    /// How the workload ended, as hearth-init wrote it on the config disk.
+    fn read_exit(&self, rec: &VmRecord) -> Result<Option<GuestExit>>;
+}
+
+#[async_trait]
+pub trait Kernels: Send + Sync {
+    /// The kernel image and the initramfs (the kernel's modules plus hearth-init) to boot.
+    async fn boot_files(&self, kernel: &str) -> Result<(PathBuf, PathBuf)>;
+}

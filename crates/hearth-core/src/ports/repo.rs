@@ -1,0 +1,21 @@
+//! Where VM records live.
+
+use std::path::PathBuf;
+
+use hearth_types::{VmId, VmRecord};
+
+use crate::Result;
+
+pub trait VmRepository: Send + Sync {
+    fn get(&self, id: &VmId) -> Result<Option<VmRecord>>;
+    /// Persists a record (atomically: a crash leaves the old one or the new one) and wakes
+    /// whoever waits for changes.
+    fn save(&self, rec: &VmRecord) -> Result<()>;
+    /// Removes a VM's record and its directory, remembering how it ended for `wait`.
+    fn remove(&self, rec: &VmRecord) -> Result<()>;
+    fn list(&self) -> Result<Vec<VmRecord>>;
+    /// The VM's directory: its disks, the VMM's files.
+    fn vm_dir(&self, id: &VmId) -> PathBuf;
+    /// The directory all VM directories are in.
+    fn vms_dir(&self) -> PathBuf;
+}

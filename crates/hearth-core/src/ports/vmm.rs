@@ -1,0 +1,196 @@
+//! The `Vmm` port: what the core needs from a virtual machine monitor. QEMU is the first
+//! adapter (hearth-vmm's qemu folder); a provider says what it can do in [`Capabilities`], so the
+//! core asks, never assumes.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hearth_types::{Accel, PortMapping};
+
+/// The VMMs hearth can drive. Closed: adding one is a new variant, a folder in hearth-vmm and
+/// a CLI value (docs/design.md, "Adding a provider").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Provider {
+    #[default]
+    Qemu,
+}
+
+impl std::fmt::Display for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Provider::Qemu => "qemu",
+        })
+    }
+}
+
+/// How the host reaches hearth-init's agent in the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentTransport {
+    /// A virtio-serial port the VMM exposes as a Unix socket.
+    Serial,
+    /// Firecracker-style hybrid vsock: a Unix socket and a `CONNECT port` handshake.
+    Vsock,
+}
+
+/// The kernel image formats a provider boots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelFormat {
+    /// A compressed `bzImage` (Debian's `vmlinuz`).
+    BzImage,
+    /// An uncompressed ELF `vmlinux` with a PVH note.
+    ElfPvh,
+    /// An uncompressed ELF `vmlinux` without one (Firecracker's kernels).
+    Elf,
+}
+
+/// What a provider can do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capabilities {
+    pub provider: Provider,
+    /// A user-mode NAT stack with host port forwards (no root, no bridge).
+    pub user_network: bool,
+    /// The VMM creates the VM's tap itself (else the host makes it first).
+    pub creates_tap: bool,
+    /// The serial console is a socket hearth can capture and attach to.
+    pub console_socket: bool,
+    pub agent: AgentTransport,
+    pub kernel_formats: &'static [KernelFormat],
+    pub accels: &'static [Accel],
+}
+
+/// Everything a provider needs to start one VM; all paths resolved.
+#[derive(Debug, Clone)]
+pub struct LaunchSpec {
+    /// The VM's directory: sockets, pid file, logs go here.
+    pub vm_dir: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// Extra kernel arguments, appended after hearth's.
+    pub cmdline: String,
+    pub root_disk: PathBuf,
+    pub config_disk: PathBuf,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    /// The accelerator asked for (a QEMU option: the other providers need KVM).
+    pub accel: Accel,
+    /// The VMM binary; the provider's default from PATH when `None`.
+    pub qemu_binary: Option<PathBuf>,
+    /// The VM's network card, if it has one.
+    pub network: Option<NetLaunch>,
+    /// Disks after the root and config disks, in order.
+    pub volumes: Vec<VolumeDisk>,
+    /// How the VMM is confined beyond the guest's own isolation.
+    pub confinement: Confinement,
+}
+
+/// What confines a VMM (docs/adr/0011-vmm-confinement.md): a seccomp sandbox always; where
+/// given, an unprivileged uid:gid of the VM's own that it drops to once set up, chrooted into
+/// the VM's directory, and a cgroup of its own (this path below the hierarchy's root) with
+/// limits from the VM's size.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Confinement {
+    pub run_as: Option<(u32, u32)>,
+    pub cgroup: Option<String>,
+}
+
+/// An extra disk: the file, the virtio serial the guest finds it by, and whether it is read-only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeDisk {
+    pub path: PathBuf,
+    pub serial: String,
+    pub read_only: bool,
+}
+
+/// The VM's network card.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetLaunch {
+    pub mac: String,
+    /// Host sockets forwarded to guest ports (user-mode network only).
+    pub forwards: Vec<PortMapping>,
+    /// A tap under this name (bridge network), instead of the user-mode stack.
+    pub tap: Option<String>,
+}
+
+/// A running VMM process: its pid and its start time (clock ticks since boot), so a reused pid
+/// is never mistaken for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct VmmHandle {
+    pub pid: i32,
+    pub start_time: u64,
+}
+
+/// A started VMM, its guest paused until [`Vmm::start_guest`].
+#[derive(Debug, Clone)]
+pub struct Launched {
+    pub pid: i32,
+    /// Clock ticks since boot when the process started (`/proc/PID/stat` field 22).
+    pub start_time: u64,
+    /// The accelerator really used.
+    pub accel: Accel,
+    /// Said to the user once, e.g. that TCG is slow.
+    pub warning: Option<String>,
+}
+
+impl Launched {
+    pub fn handle(&self) -> VmmHandle {
+        VmmHandle { pid: self.pid, start_time: self.start_time }
+    }
+}
+
+/// Why a VMM could not be started or controlled.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VmmError {
+    /// A VMM already runs for this VM (it appeared since the VM was observed).
+    #[error("a VMM (pid {pid}) is still running for this VM: stop the VM first")]
+    AlreadyRunning { pid: i32 },
+    /// Anything else, with the VMM's own words and the fix.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// A virtual machine monitor. Blocking methods are called off the async runtime.
+#[async_trait::async_trait]
+pub trait Vmm: Send + Sync + std::fmt::Debug {
+    fn capabilities(&self) -> Capabilities;
+
+    /// Starts the VMM with the guest paused; returns once it runs. Blocking.
+    fn launch(&self, spec: &LaunchSpec) -> Result<Launched, VmmError>;
+
+    /// The live VMM of `vm_dir`: `recorded` when it still names that VMM (true), else one found
+    /// from the VMM's own files (false: a crash before the pid was recorded). A pid now held by
+    /// anything else is no VMM of this VM's.
+    fn find(&self, vm_dir: &Path, recorded: Option<VmmHandle>) -> Option<(VmmHandle, bool)>;
+
+    /// VM directories under `vms_dir` whose VMM runs but cannot be found from its files (a
+    /// predecessor died between starting it and its pid file); made findable again.
+    fn recover_orphans(&self, vms_dir: &Path) -> Vec<PathBuf>;
+
+    /// Waits until a VMM found running (not launched by this process) has finished setting up,
+    /// so its console and agent can be reached: a predecessor may have died right after
+    /// starting it. Fails when it exits first or does not get there in time.
+    async fn wait_set_up(&self, vm_dir: &Path, vmm: VmmHandle) -> Result<(), VmmError>;
+
+    /// Lets the guest's CPUs run. With `only_if_never_started`, only a guest that was launched
+    /// and never started (a crash between launch and start); returns whether it started it.
+    async fn start_guest(&self, vm_dir: &Path, only_if_never_started: bool) -> Result<bool, VmmError>;
+
+    /// Asks the guest to power off, waits up to `grace`, then kills the VMM; a zero grace kills
+    /// at once. Returns once the VMM is gone.
+    async fn stop(&self, vm_dir: &Path, vmm: VmmHandle, grace: Duration) -> Result<(), VmmError>;
+
+    /// Resolves when the VMM has exited (and reaps it if it is the caller's child).
+    async fn wait_exit(&self, vmm: VmmHandle);
+
+    /// The agent's and the serial console's sockets.
+    fn endpoints(&self, vm_dir: &Path) -> Endpoints;
+
+    /// Removes what a VMM that is gone left: sockets, pid file, its cgroup.
+    fn cleanup(&self, vm_dir: &Path, confinement: &Confinement);
+}
+
+/// Where the host reaches a VM's guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoints {
+    pub agent: PathBuf,
+    pub console: PathBuf,
+}

@@ -1,0 +1,282 @@
+//! The host's side in memory: records, disks, claims on ports and uids, guests.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use hearth_core::ports::{Confinement, DiskState, Disks, Guests, Kernels, NetLaunch, NetPlan, Network, Sandbox, VmRepository, VolumeDisk};
+use hearth_core::{Error, Result};
+use hearth_types::agent::Ready;
+use hearth_types::guest::GuestExit;
+use hearth_types::{NetworkMode, VmId, VmRecord, VmSpec};
+
+use super::FakeVmm;
+
+/// Where the fake VM directories are.
+const VMS: &str = "/fake/vms";
+
+#[derive(Debug, Default)]
+struct State {
+    records: HashMap<VmId, VmRecord>,
+    removed: Vec<VmId>,
+    dirs: HashSet<VmId>,
+    disks: HashSet<VmId>,
+    configs: HashSet<VmId>,
+    exits: HashMap<VmId, GuestExit>,
+    fail_saves: bool,
+    fail_disks: Option<String>,
+    fail_console: bool,
+    never_ready: bool,
+    ignore_shutdown: bool,
+    port_claims: HashSet<VmId>,
+    attached: HashSet<VmId>,
+    released: Vec<(VmId, bool)>,
+    uids: HashSet<u32>,
+    next_uid: u32,
+}
+
+/// Records, disks, network, guests and sandbox, in memory.
+#[derive(Debug)]
+pub struct FakeHost {
+    state: Mutex<State>,
+    vmm: Arc<FakeVmm>,
+}
+
+impl FakeHost {
+    pub fn new(vmm: Arc<FakeVmm>) -> Self {
+        Self { state: Mutex::new(State::default()), vmm }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stores a record as it was before a crash (no waking, no checks).
+    pub fn put(&self, rec: VmRecord) {
+        let mut s = self.state();
+        s.dirs.insert(rec.spec.id.clone());
+        s.records.insert(rec.spec.id.clone(), rec);
+    }
+
+    /// Marks a VM's disks as made (a VM created before a crash).
+    pub fn with_disks(&self, id: &VmId) {
+        let mut s = self.state();
+        s.disks.insert(id.clone());
+        s.configs.insert(id.clone());
+    }
+
+    pub fn record(&self, id: &VmId) -> Option<VmRecord> {
+        self.state().records.get(id).cloned()
+    }
+
+    /// VMs whose record was removed.
+    pub fn removed(&self) -> Vec<VmId> {
+        self.state().removed.clone()
+    }
+
+    /// The guest's workload ends with `exit_code` (hearth-init writes its exit record).
+    pub fn guest_exit(&self, id: &VmId, exit_code: i32) {
+        self.state().exits.insert(id.clone(), GuestExit { exit_code, signal: None, error: None });
+    }
+
+    pub fn fail_saves(&self, fail: bool) {
+        self.state().fail_saves = fail;
+    }
+    pub fn fail_disks(&self, why: &str) {
+        self.state().fail_disks = Some(why.to_owned());
+    }
+    pub fn fail_console(&self) {
+        self.state().fail_console = true;
+    }
+    /// Guests never report ready.
+    pub fn never_ready(&self) {
+        self.state().never_ready = true;
+    }
+    /// Guests ignore the agent's shutdown request.
+    pub fn ignore_shutdown(&self) {
+        self.state().ignore_shutdown = true;
+    }
+
+    /// VMs whose launch still holds a claim on published ports.
+    pub fn port_claims(&self) -> usize {
+        self.state().port_claims.len()
+    }
+    /// VMM uids held by launches in flight.
+    pub fn uid_claims(&self) -> usize {
+        self.state().uids.len()
+    }
+    /// Network releases so far: (VM, whether it was removed).
+    pub fn released(&self) -> Vec<(VmId, bool)> {
+        self.state().released.clone()
+    }
+    /// Whether the VM's tap was put on the bridge.
+    pub fn attached(&self, id: &VmId) -> bool {
+        self.state().attached.contains(id)
+    }
+
+    fn id_of(&self, dir: &std::path::Path) -> Option<VmId> {
+        let s = self.state();
+        s.records.keys().find(|id| self.vm_dir(id) == dir).cloned()
+    }
+}
+
+impl VmRepository for FakeHost {
+    fn get(&self, id: &VmId) -> Result<Option<VmRecord>> {
+        Ok(self.state().records.get(id).cloned())
+    }
+    fn save(&self, rec: &VmRecord) -> Result<()> {
+        let mut s = self.state();
+        if s.fail_saves {
+            return Err(Error::internal("saving the record: No space left on device"));
+        }
+        s.dirs.insert(rec.spec.id.clone());
+        s.records.insert(rec.spec.id.clone(), rec.clone());
+        Ok(())
+    }
+    fn remove(&self, rec: &VmRecord) -> Result<()> {
+        let mut s = self.state();
+        let id = &rec.spec.id;
+        s.records.remove(id);
+        s.dirs.remove(id);
+        s.disks.remove(id);
+        s.configs.remove(id);
+        s.removed.push(id.clone());
+        Ok(())
+    }
+    fn list(&self) -> Result<Vec<VmRecord>> {
+        let mut v: Vec<_> = self.state().records.values().cloned().collect();
+        v.sort_by(|a, b| a.spec.id.as_str().cmp(b.spec.id.as_str()));
+        Ok(v)
+    }
+    fn vm_dir(&self, id: &VmId) -> PathBuf {
+        PathBuf::from(VMS).join(id.as_str())
+    }
+    fn vms_dir(&self) -> PathBuf {
+        PathBuf::from(VMS)
+    }
+}
+
+#[async_trait]
+impl Disks for FakeHost {
+    fn observe(&self, rec: &VmRecord) -> DiskState {
+        let s = self.state();
+        let id = &rec.spec.id;
+        DiskState { dir: s.dirs.contains(id), disk: s.disks.contains(id), config_disk: s.configs.contains(id) }
+    }
+    async fn create(&self, rec: &VmRecord) -> Result<PathBuf> {
+        let mut s = self.state();
+        if let Some(why) = &s.fail_disks {
+            return Err(Error::precondition(why.clone()));
+        }
+        s.disks.insert(rec.spec.id.clone());
+        Ok(self.vm_dir(&rec.spec.id).join("disk.img"))
+    }
+    async fn write_config(&self, rec: &VmRecord) -> Result<()> {
+        self.state().configs.insert(rec.spec.id.clone());
+        Ok(())
+    }
+    async fn attach(&self, rec: &VmRecord) -> Result<(PathBuf, PathBuf, Vec<VolumeDisk>)> {
+        let dir = self.vm_dir(&rec.spec.id);
+        Ok((dir.join("disk.img"), dir.join("config.img"), vec![]))
+    }
+    fn clear_exit(&self, rec: &VmRecord) -> Result<()> {
+        self.state().exits.remove(&rec.spec.id);
+        Ok(())
+    }
+    fn read_exit(&self, rec: &VmRecord) -> Result<Option<GuestExit>> {
+        Ok(self.state().exits.get(&rec.spec.id).cloned())
+    }
+}
+
+#[async_trait]
+impl Kernels for FakeHost {
+    async fn boot_files(&self, kernel: &str) -> Result<(PathBuf, PathBuf)> {
+        Ok((PathBuf::from(format!("/fake/kernels/{kernel}/vmlinuz")), PathBuf::from(format!("/fake/kernels/{kernel}/initrd"))))
+    }
+}
+
+#[async_trait]
+impl Network for FakeHost {
+    fn plan(&self, spec: &VmSpec) -> Result<Option<NetPlan>> {
+        Ok((spec.network != NetworkMode::None)
+            .then(|| NetPlan { card: NetLaunch { mac: spec.mac(), forwards: spec.ports.clone(), tap: None }, ssh_port: None }))
+    }
+    async fn prepare(&self, spec: &VmSpec) -> Result<()> {
+        if !spec.ports.is_empty() {
+            self.state().port_claims.insert(spec.id.clone());
+        }
+        Ok(())
+    }
+    fn settle(&self, spec: &VmSpec, _failed: bool) {
+        self.state().port_claims.remove(&spec.id);
+    }
+    async fn attach(&self, spec: &VmSpec) -> Result<()> {
+        self.state().attached.insert(spec.id.clone());
+        Ok(())
+    }
+    async fn release(&self, spec: &VmSpec, remove: bool) {
+        self.state().released.push((spec.id.clone(), remove));
+    }
+    fn resync(&self) {}
+}
+
+#[async_trait]
+impl Guests for FakeHost {
+    async fn capture_console(&self, _spec: &VmSpec) -> Result<()> {
+        match self.state().fail_console {
+            true => Err(Error::internal("console.sock: Connection refused")),
+            false => Ok(()),
+        }
+    }
+    async fn console_closed(&self, _id: &VmId) {}
+    fn console_offset(&self, _id: &VmId) -> u64 {
+        0
+    }
+    async fn forget(&self, _id: &VmId, _removed: bool) {}
+    async fn shutdown(&self, id: &VmId) -> Result<()> {
+        if self.state().ignore_shutdown {
+            return Ok(());
+        }
+        let pid = self.state().records.get(id).and_then(|r| r.status.pid);
+        // hearth-init stops the workload (SIGTERM), records how it ended and powers off.
+        self.state().exits.insert(id.clone(), GuestExit { exit_code: 143, signal: Some(15), error: None });
+        if let Some(pid) = pid {
+            self.vmm.exit(pid);
+        }
+        Ok(())
+    }
+    async fn wait_ready(&self, id: &VmId, timeout: Duration) -> Result<Ready> {
+        if self.state().never_ready {
+            tokio::time::sleep(timeout).await;
+            return Err(Error::unavailable(format!("vm {id}: no ready report within {timeout:?}")));
+        }
+        Ok(Ready { init_started_ms: 300, ready_ms: 450 })
+    }
+}
+
+impl Sandbox for FakeHost {
+    fn claim(&self, _spec: &VmSpec) -> Result<Confinement> {
+        let mut s = self.state();
+        s.next_uid += 1;
+        let uid = 2_100_000_000 + s.next_uid;
+        s.uids.insert(uid);
+        Ok(Confinement { run_as: Some((uid, uid)), cgroup: None })
+    }
+    fn settle(&self, c: &Confinement) {
+        if let Some((u, _)) = c.run_as {
+            self.state().uids.remove(&u);
+        }
+    }
+    fn of(&self, _spec: &VmSpec) -> Confinement {
+        Confinement::default()
+    }
+}
+
+impl FakeHost {
+    /// The VM whose directory is `dir`, for tests that have only a launch spec.
+    pub fn vm_of(&self, dir: &std::path::Path) -> Option<VmId> {
+        self.id_of(dir)
+    }
+}

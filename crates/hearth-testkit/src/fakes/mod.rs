@@ -1,0 +1,58 @@
+//! Fakes of hearth-core's ports. [`FakeVmm`] is scripted (launches that fail, VMMs that exit on
+//! demand or ignore a power-off); [`FakeHost`] keeps records, disks and claims in memory and
+//! counts what was done to them; [`ManualClock`] moves only when told. [`ports`] wires them.
+
+mod host;
+mod vmm;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use hearth_core::ports::Clock;
+use hearth_core::{Ports, Reconciler};
+
+pub use host::FakeHost;
+pub use vmm::{FakeVmm, Launch};
+
+/// A clock that stands still until [`ManualClock::advance`].
+#[derive(Debug, Default)]
+pub struct ManualClock(AtomicU64);
+
+impl ManualClock {
+    pub fn advance(&self, millis: u64) {
+        self.0.fetch_add(millis, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_millis(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// A reconciler over fresh fakes, and the fakes, for a test to script and inspect.
+#[derive(Debug)]
+pub struct Harness {
+    pub reconciler: Arc<Reconciler>,
+    pub vmm: Arc<FakeVmm>,
+    pub host: Arc<FakeHost>,
+    pub clock: Arc<ManualClock>,
+}
+
+/// Builds a [`Harness`].
+pub fn harness() -> Harness {
+    let vmm = Arc::new(FakeVmm::default());
+    let host = Arc::new(FakeHost::new(vmm.clone()));
+    let clock = Arc::new(ManualClock(AtomicU64::new(1_000)));
+    let ports = Ports {
+        vmm: vmm.clone(),
+        repo: host.clone(),
+        disks: host.clone(),
+        kernels: host.clone(),
+        network: host.clone(),
+        guests: host.clone(),
+        sandbox: host.clone(),
+        clock: clock.clone(),
+    };
+    Harness { reconciler: Reconciler::new(ports), vmm, host, clock }
+}

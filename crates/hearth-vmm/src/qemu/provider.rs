@@ -1,0 +1,114 @@
+//! QEMU as hearth-core's `Vmm` port.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hearth_core::ports::{
+    AgentTransport, Capabilities, Confinement, Endpoints, KernelFormat, LaunchSpec, Launched, Provider, Vmm, VmmError, VmmHandle,
+};
+use hearth_types::Accel;
+
+use crate::qemu::{find_running, is_vmm_of, scan};
+
+/// The QEMU provider.
+#[derive(Debug, Clone, Default)]
+pub struct Qemu {
+    /// The QEMU binary; `qemu-system-x86_64` from PATH when `None`.
+    pub binary: Option<PathBuf>,
+}
+
+/// hearth-vmm's own errors as the port's: the words are kept, they name the fix.
+fn port_error(e: crate::VmmError) -> VmmError {
+    match e {
+        crate::VmmError::AlreadyRunning { pid, .. } => VmmError::AlreadyRunning { pid },
+        other => VmmError::Failed(chain(&other)),
+    }
+}
+
+/// The whole chain of an error, as `{:#}` prints it for anyhow.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[async_trait::async_trait]
+impl Vmm for Qemu {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            provider: Provider::Qemu,
+            user_network: true,
+            creates_tap: true,
+            console_socket: true,
+            agent: AgentTransport::Serial,
+            kernel_formats: &[KernelFormat::BzImage, KernelFormat::ElfPvh],
+            accels: &[Accel::Kvm, Accel::Tcg],
+        }
+    }
+
+    fn launch(&self, spec: &LaunchSpec) -> Result<Launched, VmmError> {
+        let mut spec = spec.clone();
+        if spec.qemu_binary.is_none() {
+            spec.qemu_binary.clone_from(&self.binary);
+        }
+        crate::qemu::launch(&spec).map_err(port_error)
+    }
+
+    fn find(&self, vm_dir: &Path, recorded: Option<VmmHandle>) -> Option<(VmmHandle, bool)> {
+        if let Some(h) = recorded {
+            if is_vmm_of(vm_dir, h.pid, h.start_time) {
+                return Some((h, true));
+            }
+        }
+        find_running(vm_dir).map(|(pid, start_time)| (VmmHandle { pid, start_time }, false))
+    }
+
+    fn recover_orphans(&self, vms_dir: &Path) -> Vec<PathBuf> {
+        let mut found = Vec::new();
+        for (dir, pid, _) in scan(vms_dir) {
+            if find_running(&dir).is_none_or(|(p, _)| p != pid) {
+                match hearth_fs::atomic_write(&dir.join("qemu.pid"), pid.to_string().as_bytes()) {
+                    Ok(()) => found.push(dir),
+                    Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "writing the found VMM's pid file failed"),
+                }
+            }
+        }
+        found
+    }
+
+    async fn wait_set_up(&self, vm_dir: &Path, vmm: VmmHandle) -> Result<(), VmmError> {
+        crate::qemu::wait_set_up(vm_dir, vmm.pid, vmm.start_time).await.map_err(port_error)
+    }
+
+    async fn start_guest(&self, vm_dir: &Path, only_if_never_started: bool) -> Result<bool, VmmError> {
+        if only_if_never_started {
+            crate::qemu::resume_if_prelaunch(vm_dir).await.map_err(port_error)
+        } else {
+            crate::qemu::resume(vm_dir).await.map(|()| true).map_err(port_error)
+        }
+    }
+
+    async fn stop(&self, vm_dir: &Path, vmm: VmmHandle, grace: Duration) -> Result<(), VmmError> {
+        crate::qemu::stop(vm_dir, vmm.pid, vmm.start_time, grace).await.map(drop).map_err(port_error)
+    }
+
+    async fn wait_exit(&self, vmm: VmmHandle) {
+        crate::process::wait_exit(vmm.pid, vmm.start_time).await;
+    }
+
+    fn endpoints(&self, vm_dir: &Path) -> Endpoints {
+        Endpoints { agent: vm_dir.join("agent.sock"), console: vm_dir.join("console.sock") }
+    }
+
+    fn cleanup(&self, vm_dir: &Path, confinement: &Confinement) {
+        crate::qemu::remove_runtime_files(vm_dir);
+        if let Some(cg) = &confinement.cgroup {
+            crate::cgroup::remove(cg);
+        }
+    }
+}

@@ -1,0 +1,284 @@
+//! The composition root's adapters: hearth-core's ports implemented over the daemon's stores
+//! (records, images, kernels), hearth-storage, hearth-net, the console captures and the agent
+//! connections. `wire` builds the reconciler from them and the configured VMM provider.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use hearth_api::status::from_status;
+use hearth_core::ports::{Confinement, DiskState, Disks, Guests, Kernels, NetPlan, Network, Sandbox, VmRepository, VolumeDisk};
+use hearth_core::{Error, Ports, Reconciler, Result};
+use hearth_types::agent::Ready;
+use hearth_types::guest::GuestExit;
+use hearth_types::{ImageRecord, NetworkMode, VmId, VmRecord, VmSpec};
+use tonic::Status;
+use tracing::{info, warn};
+
+use crate::daemon::Daemon;
+
+/// The daemon as the ports' implementation.
+#[derive(Debug)]
+pub struct Host(pub Arc<Daemon>);
+
+/// Builds the reconciler over `d` and hands it to the daemon.
+pub fn wire(d: &Arc<Daemon>) -> Arc<Reconciler> {
+    let host = Arc::new(Host(d.clone()));
+    let ports = Ports {
+        vmm: d.vmm.clone(),
+        repo: host.clone(),
+        disks: host.clone(),
+        kernels: host.clone(),
+        network: host.clone(),
+        guests: host.clone(),
+        sandbox: host,
+        clock: Arc::new(hearth_core::ports::SystemClock),
+    };
+    let r = Reconciler::new(ports);
+    d.set_reconciler(r.clone());
+    r
+}
+
+fn core(s: Status) -> Error {
+    from_status(&s)
+}
+
+/// A blocking closure on the blocking pool, its failure a failed precondition with its chain.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(Error::internal)?.map_err(|e| Error::precondition(format!("{e:#}")))
+}
+
+/// Files of a VM's directory.
+pub fn disk_path(vm_dir: &Path) -> PathBuf {
+    vm_dir.join("disk.img")
+}
+pub fn config_path(vm_dir: &Path) -> PathBuf {
+    vm_dir.join("config.img")
+}
+/// The VM's own copy of its `index`th (writable) volume.
+pub fn volume_path(vm_dir: &Path, index: usize) -> PathBuf {
+    vm_dir.join(format!("volume-{index}.img"))
+}
+
+impl Host {
+    fn dir(&self, id: &VmId) -> PathBuf {
+        self.0.vm_dir(id)
+    }
+
+    /// The image a VM was created from; it may have been removed with `image rm --force`.
+    fn image_of(&self, rec: &VmRecord) -> Result<ImageRecord> {
+        self.0
+            .images
+            .get(&rec.spec.image_id)
+            .map_err(Error::internal)?
+            .ok_or_else(|| Error::precondition(format!("image {} was removed; pull it again", rec.spec.image)))
+    }
+
+    /// The images of a VM's volumes, with whether each is shared read-only.
+    fn volume_images(&self, rec: &VmRecord) -> Result<Vec<(ImageRecord, bool)>> {
+        rec.spec
+            .volumes
+            .iter()
+            .map(|v| {
+                let img = self.0.images.get(&v.image_id).map_err(Error::internal)?;
+                let img =
+                    img.ok_or_else(|| Error::precondition(format!("volume {}: image {} was removed; pull it again", v.id, v.image)))?;
+                Ok((img, v.read_only))
+            })
+            .collect()
+    }
+}
+
+impl VmRepository for Host {
+    fn get(&self, id: &VmId) -> Result<Option<VmRecord>> {
+        self.0.get(id).map_err(core)
+    }
+    fn save(&self, rec: &VmRecord) -> Result<()> {
+        self.0.save(rec).map_err(core)
+    }
+    fn remove(&self, rec: &VmRecord) -> Result<()> {
+        self.0.forget(rec).map_err(core)
+    }
+    fn list(&self) -> Result<Vec<VmRecord>> {
+        self.0.vms.list().map_err(Error::internal)
+    }
+    fn vm_dir(&self, id: &VmId) -> PathBuf {
+        self.dir(id)
+    }
+    fn vms_dir(&self) -> PathBuf {
+        self.0.root.join("vms")
+    }
+}
+
+#[async_trait]
+impl Disks for Host {
+    fn observe(&self, rec: &VmRecord) -> DiskState {
+        let dir = self.dir(&rec.spec.id);
+        DiskState { dir: dir.exists(), disk: disk_path(&dir).exists(), config_disk: config_path(&dir).exists() }
+    }
+
+    async fn create(&self, rec: &VmRecord) -> Result<PathBuf> {
+        let image = self.image_of(rec)?;
+        let volumes = self.volume_images(rec)?;
+        let (d, dir, size) = (self.0.clone(), self.dir(&rec.spec.id), rec.spec.disk_bytes);
+        blocking(move || {
+            // Volumes first: the root disk's existence marks the step done.
+            for (i, (img, read_only)) in volumes.iter().enumerate() {
+                let base = d.images.rootfs(img)?;
+                let path = volume_path(&dir, i);
+                if !read_only && !path.exists() {
+                    let len = std::fs::metadata(&base)?.len();
+                    hearth_storage::clone_disk(&base, &path, len)?;
+                }
+            }
+            let base = d.images.rootfs(&image)?;
+            let method = hearth_storage::clone_disk(&base, &disk_path(&dir), size)?;
+            info!(?method, "root disk cloned");
+            Ok(disk_path(&dir))
+        })
+        .await
+    }
+
+    async fn write_config(&self, rec: &VmRecord) -> Result<()> {
+        let cfg = crate::create::guest_config_for(&rec.spec, &self.image_of(rec)?.config).map_err(core)?;
+        let path = config_path(&self.dir(&rec.spec.id));
+        tokio::task::spawn_blocking(move || hearth_storage::create_config_disk(&path, &cfg))
+            .await
+            .map_err(Error::internal)?
+            .map_err(Error::internal)
+    }
+
+    async fn attach(&self, rec: &VmRecord) -> Result<(PathBuf, PathBuf, Vec<VolumeDisk>)> {
+        let (d, images, dir) = (self.0.clone(), self.volume_images(rec)?, self.dir(&rec.spec.id));
+        blocking(move || {
+            let mut out = Vec::new();
+            for (i, (img, read_only)) in images.iter().enumerate() {
+                // Read-only volumes share the image's cached filesystem; the others have a copy.
+                let path = if *read_only { d.images.rootfs(img)? } else { volume_path(&dir, i) };
+                out.push(VolumeDisk { path, serial: hearth_types::guest::volume_serial(i), read_only: *read_only });
+            }
+            Ok((disk_path(&dir), config_path(&dir), out))
+        })
+        .await
+    }
+
+    fn clear_exit(&self, rec: &VmRecord) -> Result<()> {
+        hearth_storage::clear_exit_record(&config_path(&self.dir(&rec.spec.id))).map_err(Error::internal)
+    }
+
+    fn read_exit(&self, rec: &VmRecord) -> Result<Option<GuestExit>> {
+        hearth_storage::read_exit_record(&config_path(&self.dir(&rec.spec.id))).map_err(Error::internal)
+    }
+}
+
+#[async_trait]
+impl Kernels for Host {
+    async fn boot_files(&self, kernel: &str) -> Result<(PathBuf, PathBuf)> {
+        let (d, name) = (self.0.clone(), kernel.to_owned());
+        blocking(move || {
+            if d.kernels.get(&name)?.is_none() {
+                anyhow::bail!("kernel {name} was removed; import it again with `hearth kernel import`");
+            }
+            Ok((d.kernels.kernel_path(&name), d.kernels.initramfs(&name, &d.init_binary)?))
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl Network for Host {
+    fn plan(&self, spec: &VmSpec) -> Result<Option<NetPlan>> {
+        Ok(crate::net::plan(spec).map_err(core)?.map(|(card, ssh_port)| NetPlan { card, ssh_port }))
+    }
+
+    async fn prepare(&self, spec: &VmSpec) -> Result<()> {
+        if spec.network == NetworkMode::Bridge {
+            hearth_net::ensure_bridge(&hearth_net::Bridge::hearth0())
+                .await
+                .map_err(|e| Error::precondition(format!("setting up the bridge network: {e}")))?;
+        }
+        crate::net::claim(&self.0, spec).map_err(core)
+    }
+
+    fn settle(&self, spec: &VmSpec, failed: bool) {
+        if let Err(e) = crate::net::settle(&self.0, spec, failed) {
+            warn!(error = %e.message(), "settling the launch's port forwards failed");
+        }
+    }
+
+    async fn attach(&self, spec: &VmSpec) -> Result<()> {
+        if spec.network != NetworkMode::Bridge {
+            return Ok(());
+        }
+        hearth_net::attach(&hearth_types::net::tap_name(&spec.id), &hearth_net::Bridge::hearth0().name)
+            .await
+            .map_err(|e| Error::precondition(format!("attaching the VM's tap to the bridge: {e}")))
+    }
+
+    async fn release(&self, spec: &VmSpec, remove: bool) {
+        if spec.network != NetworkMode::Bridge {
+            return;
+        }
+        if remove {
+            // The VMM is gone; its tap goes with it a moment later, or is deleted here.
+            let tap = hearth_types::net::tap_name(&spec.id);
+            if let Err(e) = hearth_net::remove_tap(&tap, Duration::from_secs(2)).await {
+                warn!(tap, error = %e, "removing the VM's tap failed");
+            }
+        }
+        if !spec.ports.is_empty() {
+            // Its ports go with it.
+            if let Err(e) = crate::net::sync_nat(&self.0, Some(&spec.id)) {
+                warn!(error = %e.message(), "removing the VM's port forwards failed");
+            }
+        }
+    }
+
+    fn resync(&self) {
+        if let Err(e) = crate::net::sync_nat(&self.0, None) {
+            warn!(error = %e.message(), "rebuilding the bridge's port forwards failed");
+        }
+    }
+}
+
+#[async_trait]
+impl Guests for Host {
+    async fn capture_console(&self, spec: &VmSpec) -> Result<()> {
+        crate::console::capture(&self.0, spec).await.map_err(Error::internal)
+    }
+    async fn console_closed(&self, id: &VmId) {
+        crate::console::closed(&self.0, id).await;
+    }
+    fn console_offset(&self, id: &VmId) -> u64 {
+        crate::console::log_end(&self.0, id)
+    }
+    async fn forget(&self, id: &VmId, removed: bool) {
+        self.0.forget_agent(id).await;
+        if removed {
+            crate::console::forget(&self.0, id);
+        }
+    }
+    async fn shutdown(&self, id: &VmId) -> Result<()> {
+        let agent = self.0.agent(id).await.map_err(|e| Error::unavailable(e.to_string()))?;
+        agent.shutdown().await.map_err(|e| Error::unavailable(e.to_string()))
+    }
+    async fn wait_ready(&self, id: &VmId, timeout: Duration) -> Result<Ready> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let agent = self.0.agent(id).await.map_err(|e| Error::unavailable(e.to_string()))?;
+        agent.wait_ready(deadline).await.map_err(|e| Error::unavailable(e.to_string()))
+    }
+}
+
+impl Sandbox for Host {
+    fn claim(&self, spec: &VmSpec) -> Result<Confinement> {
+        let uid = self.0.claim_uid().map_err(core)?;
+        Ok(Confinement { run_as: uid.map(|u| (u, u)), cgroup: self.0.cgroup_of(&spec.id) })
+    }
+    fn settle(&self, c: &Confinement) {
+        self.0.settle_uid(c.run_as.map(|(u, _)| u));
+    }
+    fn of(&self, spec: &VmSpec) -> Confinement {
+        Confinement { run_as: None, cgroup: self.0.cgroup_of(&spec.id) }
+    }
+}
