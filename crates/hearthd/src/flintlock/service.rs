@@ -1,0 +1,96 @@
+//! The `MicroVM` gRPC service.
+
+use super::*;
+
+#[tonic::async_trait]
+impl MicroVm for Flintlock {
+    async fn create_micro_vm(&self, req: Request<fpb::CreateMicroVmRequest>) -> Result<Response<fpb::CreateMicroVmResponse>, Status> {
+        let spec = req.into_inner().microvm.ok_or_else(|| Status::invalid_argument("microvm spec is required"))?;
+        let mut spec = validate(spec, self.inner.network)?;
+        let uid = ulid::Ulid::new().to_string();
+        spec.uid = Some(uid.clone());
+        inject_instance_id(&mut spec, &uid)?;
+        // Fill in the MAC now, so the card keeps it for the VM's life and the client sees it.
+        for i in &mut spec.interfaces {
+            if i.guest_mac.as_deref().unwrap_or("").is_empty() {
+                let bytes: [u8; 5] = rand::random();
+                i.guest_mac = Some(format!("02:{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")));
+            }
+        }
+        let mut rec = Record {
+            uid: uid.clone(),
+            spec: base64::engine::general_purpose::STANDARD.encode(spec.encode_to_vec()),
+            phase: Phase::Pending,
+            reason: String::new(),
+            retry: 0,
+            created_at: now_secs(),
+            updated_at: 0,
+        };
+        {
+            let _g = self.inner.create.lock().await;
+            if let Some(other) = self.records_in(&spec.namespace, Some(&spec.id))?.first() {
+                let name = format!("{}/{}", spec.namespace, spec.id);
+                return Err(if other.phase == Phase::Deleting {
+                    // Its VM still holds the name and address: a retry after it is gone succeeds.
+                    Status::unavailable(format!("microvm {name} (uid {}) is being deleted; create it again once it is gone", other.uid))
+                } else {
+                    Status::already_exists(format!("microvm {name} already exists (uid {}); delete it or choose another id", other.uid))
+                });
+            }
+            self.reserve_address(&spec, &uid)?;
+            if let Err(e) = self.inner.records.save(&mut rec) {
+                self.release_address(&uid);
+                return Err(e);
+            }
+        }
+        info!(uid, namespace = %spec.namespace, name = %spec.id, "microvm accepted");
+        self.spawn_provision(uid);
+        // A new record has no VM yet: the answer is PENDING, as Flintlock's.
+        Ok(Response::new(fpb::CreateMicroVmResponse { microvm: Some(self.microvm(&rec, None)) }))
+    }
+
+    async fn delete_micro_vm(&self, req: Request<fpb::DeleteMicroVmRequest>) -> Result<Response<()>, Status> {
+        let uid = req.into_inner().uid;
+        if uid.is_empty() {
+            return Err(Status::invalid_argument("uid is required"));
+        }
+        self.inner.records.update(&uid, |rec| rec.phase = Phase::Deleting)?.ok_or_else(|| not_found(&uid))?;
+        self.signal_deleting(&uid);
+        // Deleting is idempotent under the microVM's lock: a repeated Delete starts it again.
+        self.spawn_delete(uid);
+        Ok(Response::new(()))
+    }
+
+    async fn get_micro_vm(&self, req: Request<fpb::GetMicroVmRequest>) -> Result<Response<fpb::GetMicroVmResponse>, Status> {
+        let uid = req.into_inner().uid;
+        if uid.is_empty() {
+            return Err(Status::invalid_argument("uid is required"));
+        }
+        let rec = self.inner.records.get(&uid)?.ok_or_else(|| not_found(&uid))?;
+        let vm = self.vm_of(&uid)?;
+        Ok(Response::new(fpb::GetMicroVmResponse { microvm: Some(self.microvm(&rec, vm.as_ref())) }))
+    }
+
+    async fn list_micro_v_ms(&self, req: Request<fpb::ListMicroVMsRequest>) -> Result<Response<fpb::ListMicroVMsResponse>, Status> {
+        let req = req.into_inner();
+        let name = req.name.as_deref().filter(|n| !n.is_empty());
+        let list = self.records_in(&req.namespace, name)?;
+        let microvm = self.microvms(&list)?;
+        Ok(Response::new(fpb::ListMicroVMsResponse { microvm }))
+    }
+
+    type ListMicroVMsStreamStream = Streamed<fpb::ListMessage>;
+    async fn list_micro_v_ms_stream(
+        &self,
+        req: Request<fpb::ListMicroVMsRequest>,
+    ) -> Result<Response<Self::ListMicroVMsStreamStream>, Status> {
+        let req = req.into_inner();
+        if req.namespace.is_empty() {
+            return Err(Status::invalid_argument("namespace is required"));
+        }
+        let list = self.records_in(&req.namespace, None)?;
+        let items: Vec<Result<fpb::ListMessage, Status>> =
+            self.microvms(&list)?.into_iter().map(|m| Ok(fpb::ListMessage { microvm: Some(m) })).collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(items))))
+    }
+}

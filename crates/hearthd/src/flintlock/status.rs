@@ -1,0 +1,31 @@
+//! A microVM's reported state, derived from its hearth VM; provisioning's back-off.
+
+use super::*;
+
+/// PENDING until the guest is up, CREATED while it runs, FAILED with a reason otherwise.
+pub(super) fn observed_state(rec: &Record, vm: Option<&VmRecord>) -> (fl::micro_vm_status::MicroVmState, String) {
+    use fl::micro_vm_status::MicroVmState as S;
+    match (rec.phase, vm) {
+        (Phase::Deleting, _) => (S::Deleting, String::new()),
+        (Phase::Failed, _) => (S::Failed, rec.reason.clone()),
+        (Phase::Pending, _) => (S::Pending, rec.reason.clone()),
+        (Phase::Created, None) => (S::Failed, "the VM was removed outside the Flintlock API (hearth rm)".into()),
+        (Phase::Created, Some(vm)) => match vm.status.state {
+            VmState::Running => (S::Created, String::new()),
+            VmState::Created | VmState::Starting => (S::Pending, String::new()),
+            VmState::Stopping | VmState::Stopped | VmState::Failed => {
+                let why = if vm.status.reason.is_empty() { format!("the VM is {}", vm.status.state) } else { vm.status.reason.clone() };
+                (S::Failed, why)
+            }
+        },
+    }
+}
+
+/// 2, 4, 8 … seconds, at most 32.
+pub(super) fn backoff(attempt: u32) -> Duration {
+    Duration::from_secs(1 << attempt.clamp(1, 5))
+}
+
+pub(super) fn timestamp(secs: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: secs as i64, nanos: 0 }
+}

@@ -1,0 +1,165 @@
+use super::*;
+
+fn good() -> fl::MicroVmSpec {
+    fl::MicroVmSpec {
+        id: "mvm0".into(),
+        kernel: Some(fl::Kernel { image: "reg/kernel:1".into(), ..Default::default() }),
+        root_volume: Some(fl::Volume {
+            id: "root".into(),
+            source: Some(fl::VolumeSource { container_source: Some("reg/os:1".into()), ..Default::default() }),
+            ..Default::default()
+        }),
+        interfaces: vec![fl::NetworkInterface { device_id: "eth1".into(), ..Default::default() }],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn validation_fills_flintlocks_defaults() {
+    let s = validate(good(), NetworkMode::User).expect("valid");
+    assert_eq!((s.namespace.as_str(), s.vcpu, s.memory_in_mb), ("default", 2, 1024));
+}
+
+#[test]
+fn validation_names_what_is_wrong() {
+    type Change = Box<dyn Fn(&mut fl::MicroVmSpec)>;
+    let cases: Vec<(Change, &str)> = vec![
+        (Box::new(|s| s.id.clear()), "id"),
+        (Box::new(|s| s.kernel = None), "kernel.image"),
+        (Box::new(|s| s.root_volume = None), "container_source"),
+        (Box::new(|s| s.vcpu = 65), "vcpu"),
+        (Box::new(|s| s.memory_in_mb = 16), "memory_in_mb"),
+        (Box::new(|s| s.initrd = Some(fl::Initrd::default())), "initrd"),
+        (Box::new(|s| s.provider = Some("firecracker".into())), "provider"),
+        (Box::new(|s| s.interfaces[0].guest_mac = Some("01:00:00:00:00:01".into())), "MAC"),
+        (Box::new(|s| s.metadata.insert("userdata".into(), String::new()).map(drop).unwrap_or(())), "userdata"),
+        (Box::new(|s| s.metadata.insert("user-data".into(), "not base64!".into()).map(drop).unwrap_or(())), "base64"),
+        (Box::new(|s| s.id = "bad name".into()), "bad name"),
+        (Box::new(|s| s.additional_volumes.push(fl::Volume { id: "v".into(), ..Default::default() })), "container_source"),
+        (
+            Box::new(|s| {
+                let src = fl::VolumeSource { virtiofs_source: Some("/srv".into()), ..Default::default() };
+                s.additional_volumes.push(fl::Volume { id: "v".into(), source: Some(src), ..Default::default() })
+            }),
+            "virtiofs",
+        ),
+    ];
+    for (change, needle) in cases {
+        let mut s = good();
+        change(&mut s);
+        let e = validate(s, NetworkMode::User).expect_err(needle);
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains(needle), "{needle}: {}", e.message());
+    }
+}
+
+#[test]
+fn instance_id_is_injected_and_the_rest_of_the_meta_data_kept() {
+    let b64 = &base64::engine::general_purpose::STANDARD;
+    let mut s = good();
+    s.metadata.insert("meta-data".into(), b64.encode("local_hostname: node1\ninstance_id: client-chose-this\n"));
+    inject_instance_id(&mut s, "01ABC").expect("inject");
+    let text = String::from_utf8(b64.decode(&s.metadata["meta-data"]).expect("b64")).expect("utf8");
+    let doc: serde_yaml::Mapping = serde_yaml::from_str(&text).expect("yaml");
+    assert_eq!(doc.get("instance_id").and_then(|v| v.as_str()), Some("01ABC"));
+    assert_eq!(doc.get("instance-id").and_then(|v| v.as_str()), Some("01ABC"));
+    assert_eq!(doc.get("local_hostname").and_then(|v| v.as_str()), Some("node1"));
+    let mut empty = good();
+    inject_instance_id(&mut empty, "01XYZ").expect("inject");
+    assert!(String::from_utf8(b64.decode(&empty.metadata["meta-data"]).expect("b64")).expect("utf8").contains("instance_id: 01XYZ"));
+}
+
+#[test]
+fn the_create_request_carries_cloud_init_the_mac_and_kernel_arguments() {
+    let b64 = &base64::engine::general_purpose::STANDARD;
+    let mut s = validate(good(), NetworkMode::User).expect("valid");
+    s.interfaces[0].guest_mac = Some("02:00:00:00:00:07".into());
+    let k = s.kernel.as_mut().expect("kernel");
+    k.add_network_config = true;
+    k.cmdline.insert("console".into(), "ttyS0".into());
+    k.cmdline.insert("quiet".into(), String::new());
+    s.metadata.insert("user-data".into(), b64.encode("#cloud-config\n"));
+    s.labels.insert("cluster-name".into(), "c1".into());
+    let req = create_request(&s, "01ABC", "fl-0123", NetworkMode::User).expect("request");
+    assert_eq!(req.name, "mvm0.default");
+    assert_eq!(req.image, "reg/os:1");
+    assert_eq!((req.cpus, req.memory_mib), (2, 1024));
+    assert_eq!(req.entrypoint, vec!["/sbin/init"]);
+    assert_eq!(req.mac, "02:00:00:00:00:07");
+    assert_eq!(req.kernel_args, "console=ttyS0 quiet");
+    assert_eq!(req.cloud_init["user-data"], "#cloud-config\n");
+    assert_eq!(req.cloud_init_network, "eth1", "network-config is generated for eth1 at start");
+    assert_eq!(req.labels[UID_LABEL], "01ABC");
+    assert_eq!(req.labels["cluster-name"], "c1");
+    assert_eq!(req.network, "user");
+}
+
+#[test]
+fn static_addresses_need_the_bridge_and_must_lie_on_it() {
+    let with = |address: &str, gateway: Option<&str>| {
+        let mut s = good();
+        let a = fl::StaticAddress { address: address.into(), gateway: gateway.map(Into::into), nameservers: vec![] };
+        s.interfaces[0].address = Some(a);
+        s
+    };
+    let e = validate(with("10.61.0.50/16", None), NetworkMode::User).expect_err("user mode");
+    assert!(e.message().contains("--flintlock-network bridge"), "{}", e.message());
+    let ok = validate(with("10.61.0.50/16", Some("10.61.0.1/16")), NetworkMode::Bridge).expect("on the bridge");
+    let req = create_request(&ok, "01ABC", "fl-0", NetworkMode::Bridge).expect("request");
+    assert_eq!((req.address.as_str(), req.network.as_str()), ("10.61.0.50", "bridge"));
+    for (address, gateway, needle) in [
+        ("192.168.1.5/24", None, "/16"),
+        ("192.168.1.5/16", None, "not a host address"),
+        ("10.61.0.1/16", None, "not a host address"),
+        ("10.61.0.50", None, "CIDR"),
+        ("10.61.0.50/16", Some("10.61.0.254"), "gateway"),
+    ] {
+        let e = validate(with(address, gateway), NetworkMode::Bridge).expect_err(address);
+        assert!(e.message().contains(needle), "{address}: {}", e.message());
+    }
+}
+
+#[test]
+fn the_state_follows_the_vm() {
+    use fl::micro_vm_status::MicroVmState as S;
+    let rec = |phase| Record {
+        uid: "u".into(),
+        spec: String::new(),
+        phase,
+        reason: "pull failed".into(),
+        retry: 0,
+        created_at: 0,
+        updated_at: 0,
+    };
+    let vm = |state| hearth_testkit::record(1, hearth_types::Desired::Running, state);
+    assert_eq!(observed_state(&rec(Phase::Pending), None).0, S::Pending);
+    assert_eq!(observed_state(&rec(Phase::Failed), None), (S::Failed, "pull failed".into()));
+    assert_eq!(observed_state(&rec(Phase::Deleting), Some(&vm(VmState::Running))).0, S::Deleting);
+    assert_eq!(observed_state(&rec(Phase::Created), Some(&vm(VmState::Starting))).0, S::Pending);
+    assert_eq!(observed_state(&rec(Phase::Created), Some(&vm(VmState::Running))).0, S::Created);
+    assert_eq!(observed_state(&rec(Phase::Created), Some(&vm(VmState::Stopped))).0, S::Failed);
+    assert!(observed_state(&rec(Phase::Created), None).1.contains("removed"));
+}
+
+#[test]
+fn basic_auth_wants_the_base64_token_under_any_case_of_basic() {
+    let with = |v: &str| {
+        let mut r = Request::new(());
+        r.metadata_mut().insert("authorization", v.parse().expect("header"));
+        r
+    };
+    let token = base64::engine::general_purpose::STANDARD.encode("s3cret");
+    assert!(check_basic_auth("s3cret", &with(&format!("Basic {token}"))).is_ok());
+    assert!(check_basic_auth("s3cret", &with(&format!("basic {token}"))).is_ok());
+    assert_eq!(check_basic_auth("s3cret", &with("Basic czNjcmV")).expect_err("wrong").code(), tonic::Code::Unauthenticated);
+    assert_eq!(check_basic_auth("s3cret", &with(&format!("Bearer {token}"))).expect_err("scheme").code(), tonic::Code::Unauthenticated);
+    assert!(check_basic_auth("s3cret", &Request::new(())).is_err());
+}
+
+#[test]
+fn kernel_names_are_valid_store_names() {
+    assert_eq!(kernel_name("0123456789ab", None), "fl-0123456789ab");
+    let n = kernel_name("0123456789ab", Some("/boot/vmlinux-6.1"));
+    assert_eq!(n, "fl-0123456789ab-boot-vmlinux-6-1");
+    assert!(hearth_types::validate_name(&n).is_ok());
+}
