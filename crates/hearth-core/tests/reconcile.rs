@@ -304,3 +304,14 @@ async fn restarting_a_stopped_vm_reuses_its_disk_and_boots_again() {
     assert_eq!((now.status.state, now.status.boots, now.status.exit_code), (VmState::Starting, 2, None));
     assert_eq!(h.vmm.launches().len(), 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn kill_signals_the_vmm_and_the_vm_stays_stopped() {
+    let h = harness();
+    let rec = run(&h, 21).await;
+    let done = h.reconciler.kill(&rec.spec.id, 9).await.expect("kill").expect("record");
+    assert_eq!((done.status.state, done.desired, done.status.pid), (VmState::Stopped, Desired::Stopped, None));
+    assert!(h.vmm.running().is_empty());
+    let e = h.reconciler.kill(&rec.spec.id, 9).await.expect_err("not running");
+    assert_eq!(e.kind, ErrorKind::FailedPrecondition);
+}

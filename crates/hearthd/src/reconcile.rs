@@ -9,12 +9,7 @@ use tonic::Status;
 
 use crate::daemon::Daemon;
 
-/// Brings one VM to its desired state. Holds the VM's lock throughout.
-pub async fn reconcile(d: &Arc<Daemon>, id: &VmId, opts: Options) -> Result<Option<VmRecord>, Status> {
-    d.reconciler().reconcile(id, opts).await.map_err(to_status)
-}
-
-/// As [`reconcile`], for callers that already hold the VM's lock.
+/// Brings one VM to its desired state, for callers that already hold the VM's lock.
 pub async fn reconcile_locked(d: &Arc<Daemon>, id: &VmId, opts: Options) -> Result<Option<VmRecord>, Status> {
     d.reconciler().reconcile_locked(id, opts).await.map_err(to_status)
 }

@@ -268,26 +268,12 @@ impl Hearth for Api {
         let req = req.into_inner();
         let sig = parse_signal(&req.signal)?;
         let rec = self.d.resolve(&req.r#ref)?;
-        let (Some(pid), Some(start)) = (rec.status.pid, rec.status.pid_start_time) else {
+        if rec.status.pid.is_none() {
             return Err(Status::failed_precondition(format!("VM {} is not running", rec.spec.name)));
-        };
+        }
         let d = self.d.clone();
         detached(async move {
-            let (id, dir) = (rec.spec.id.clone(), d.vm_dir(&rec.spec.id));
-            {
-                let lock = d.lock_for(&id);
-                let _g = lock.lock().await;
-                if let Some(mut cur) = d.get(&id)? {
-                    cur.desired = Desired::Stopped;
-                    d.save(&cur)?;
-                }
-            }
-            // Only a process that is still this VM's VMM is signalled.
-            if hearth_vmm::is_vmm_of(&dir, pid, start) {
-                hearth_vmm::kill(pid, start, sig);
-                let _ = tokio::time::timeout(Duration::from_secs(10), hearth_vmm::wait_exit(pid, start)).await;
-            }
-            let out = reconcile::reconcile(&d, &id, Options::default()).await?;
+            let out = d.reconciler().kill(&rec.spec.id, sig).await.map_err(hearth_api::status::to_status)?;
             Ok(record(&out.unwrap_or(rec)))
         })
         .await

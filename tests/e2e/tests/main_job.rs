@@ -91,6 +91,16 @@ fn detached_vm_stops_starts_logs_both_boots_and_is_removed_cleanly() {
         logs = d.ok(&["logs", "life"]);
     }
     assert_eq!(logs.matches("booted").count(), 2, "logs of both boots: {logs:?}");
+    // `kill` ends the VMM at once, and the VM stays stopped.
+    let pid = d.inspect("life")["status"]["pid"].as_i64().expect("a running VM has a pid") as i32;
+    d.ok(&["kill", "life"]);
+    let v = d.inspect("life");
+    assert_eq!((v["status"]["state"].as_str(), v["desired"].as_str()), (Some("stopped"), Some("stopped")), "{v:#}");
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "the VMM is gone");
+    let again = d.hearth(&["kill", "life"]);
+    assert!(!again.status.success() && text(&again.stderr).contains("not running"), "{}", text(&again.stderr));
+    d.ok(&["start", "life"]);
+    d.wait_for("life", "running", BOOT, |v| v["status"]["state"] == "running");
     let busy = d.hearth(&["rm", "life"]);
     assert!(!busy.status.success() && text(&busy.stderr).contains("rm -f"), "{}", text(&busy.stderr));
     d.ok(&["rm", "-f", &id[..6]]);

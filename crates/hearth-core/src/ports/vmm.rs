@@ -178,6 +178,10 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
     /// at once. Returns once the VMM is gone.
     async fn stop(&self, vm_dir: &Path, vmm: VmmHandle, grace: Duration) -> Result<(), VmmError>;
 
+    /// Sends `signal` to the VMM process if it is still this VM's (`hearth kill -s`); returns
+    /// whether it was sent.
+    fn signal(&self, vm_dir: &Path, vmm: VmmHandle, signal: i32) -> bool;
+
     /// Resolves when the VMM has exited (and reaps it if it is the caller's child).
     async fn wait_exit(&self, vmm: VmmHandle);
 

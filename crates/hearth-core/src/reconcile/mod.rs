@@ -22,6 +22,9 @@ pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a guest may take from VMM start to hearth-init's ready report.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(180);
 
+/// How long `kill` waits for a signalled VMM to go before reconciling anyway.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
 /// Per-call knobs for a reconcile run.
 #[derive(Debug, Clone, Copy)]
 pub struct Options {
@@ -102,6 +105,28 @@ impl Reconciler {
             }
         }
         Err(Error::internal(format!("vm {id} did not settle after {MAX_ITERATIONS} reconcile rounds; see hearthd's log")))
+    }
+
+    /// `hearth kill`: the VM is to stay stopped, its VMM gets `signal` (if it is still the
+    /// recorded one), and its exit is recorded.
+    pub async fn kill(self: &Arc<Self>, id: &VmId, signal: i32) -> Result<Option<VmRecord>> {
+        let p = &self.ports;
+        let vmm = {
+            let lock = self.lock_for(id);
+            let _g = lock.lock().await;
+            let Some(mut cur) = p.repo.get(id)? else { return Ok(None) };
+            let vmm = cur.status.pid.zip(cur.status.pid_start_time).map(|(pid, start_time)| VmmHandle { pid, start_time });
+            let Some(vmm) = vmm else {
+                return Err(Error::precondition(format!("VM {} is not running", cur.spec.name)));
+            };
+            cur.desired = Desired::Stopped;
+            p.repo.save(&cur)?;
+            vmm
+        };
+        if p.vmm.signal(&p.repo.vm_dir(id), vmm, signal) {
+            let _ = tokio::time::timeout(KILL_WAIT, p.vmm.wait_exit(vmm)).await;
+        }
+        self.reconcile(id, Options::default()).await
     }
 
     /// What exists of a VM on the host, and its live VMM.

@@ -32,7 +32,7 @@ impl Reconciler {
             }
             Step::Kill => {
                 let h = vmm.ok_or_else(|| Error::internal("no vmm to kill"))?;
-                self.kill(rec, h).await;
+                self.kill_now(rec, h).await;
                 Ok(())
             }
             Step::RecordExit => {
@@ -52,7 +52,7 @@ impl Reconciler {
     }
 
     /// Kills the VMM now and waits for it to go.
-    pub(super) async fn kill(&self, rec: &VmRecord, h: VmmHandle) {
+    pub(super) async fn kill_now(&self, rec: &VmRecord, h: VmmHandle) {
         let dir = self.ports.repo.vm_dir(&rec.spec.id);
         if let Err(e) = self.ports.vmm.stop(&dir, h, Duration::ZERO).await {
             warn!(vm = %rec.spec.id, error = %e, "killing the VMM failed");

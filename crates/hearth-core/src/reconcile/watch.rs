@@ -71,7 +71,7 @@ impl Reconciler {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         if let Err(e) = p.vmm.stop(&p.repo.vm_dir(id), h, left).await {
             warn!(vm = %id, error = %e, "graceful stop failed; killing");
-            self.kill(rec, h).await;
+            self.kill_now(rec, h).await;
         }
     }
 }

@@ -187,6 +187,15 @@ impl Vmm for FakeVmm {
         Ok(())
     }
 
+    fn signal(&self, vm_dir: &Path, vmm: VmmHandle, _signal: i32) -> bool {
+        let ours = self.state().procs.get(&vmm.pid).is_some_and(|p| p.dir == vm_dir);
+        if ours {
+            // Every signal a test sends ends the fake VMM.
+            self.exit(vmm.pid);
+        }
+        ours
+    }
+
     async fn wait_exit(&self, vmm: VmmHandle) {
         let rx = self.state().procs.get(&vmm.pid).map(|p| p.exited.subscribe());
         if let Some(mut rx) = rx {

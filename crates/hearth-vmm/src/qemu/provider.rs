@@ -97,6 +97,15 @@ impl Vmm for Qemu {
         crate::qemu::stop(vm_dir, vmm.pid, vmm.start_time, grace).await.map(drop).map_err(port_error)
     }
 
+    fn signal(&self, vm_dir: &Path, vmm: VmmHandle, signal: i32) -> bool {
+        // Only a process that is still this VM's VMM is signalled.
+        let ours = is_vmm_of(vm_dir, vmm.pid, vmm.start_time);
+        if ours {
+            crate::process::kill(vmm.pid, vmm.start_time, signal);
+        }
+        ours
+    }
+
     async fn wait_exit(&self, vmm: VmmHandle) {
         crate::process::wait_exit(vmm.pid, vmm.start_time).await;
     }
