@@ -10,6 +10,7 @@
 
 pub mod error;
 pub mod guest;
+pub mod index;
 pub mod locks;
 pub mod plan;
 pub mod ports;
@@ -17,6 +18,7 @@ pub mod reconcile;
 
 pub use error::{Error, ErrorKind, Result};
 pub use guest::{cloud_init_network_config, guest_config, guest_network, GuestConfigError};
+pub use index::VmIndex;
 pub use locks::KeyedLocks;
 pub use plan::{plan, Observed, Step, MAX_ITERATIONS};
 pub use reconcile::{Options, Ports, Reconciler, DEFAULT_STOP_TIMEOUT, READY_TIMEOUT};

@@ -80,21 +80,18 @@ pub async fn create(d: &Arc<Daemon>, req: pb::CreateVmRequest) -> Result<VmRecor
         a => Some(a.parse::<std::net::Ipv4Addr>().map_err(|_| Status::invalid_argument(format!("address {a:?} is not an IPv4 address")))?),
     };
     let _g = CREATE.lock().await;
-    let existing = d.vms.list().map_err(internal)?;
     let name = if req.name.is_empty() {
+        let ix = d.index();
         let mut n = generate_name(rand::random());
-        while existing.iter().any(|r| r.spec.name == n) {
+        while ix.by_name(&n).is_some() {
             n = generate_name(rand::random());
         }
         n
     } else {
         req.name.clone()
     };
-    if let Some(other) = existing.iter().find(|r| r.spec.name == name) {
-        return Err(Status::already_exists(format!(
-            "the name {name} is already used by VM {}: remove it or choose another --name",
-            other.spec.id
-        )));
+    if let Some(other) = d.index().by_name(&name) {
+        return Err(Status::already_exists(format!("the name {name} is already used by VM {other}: remove it or choose another --name")));
     }
     let mut spec = VmSpec {
         id: new_id(),
@@ -128,15 +125,12 @@ pub async fn create(d: &Arc<Daemon>, req: pb::CreateVmRequest) -> Result<VmRecor
     };
     // Bridge addresses come from the records themselves, under the create lock: nothing to leak.
     let reserved: Vec<_> = d.reserved_addresses.lock().unwrap_or_else(|e| e.into_inner()).keys().copied().collect();
-    let used: Vec<_> = existing.iter().filter_map(|r| r.spec.address).chain(reserved).collect();
+    let used: Vec<_> = d.index().addresses().chain(reserved).collect();
     spec.address = match (spec.network, requested_address) {
         (hearth_types::NetworkMode::Bridge, Some(a)) => {
             hearth_types::net::check_bridge_address(a).map_err(|e| Status::invalid_argument(e.to_string()))?;
-            if let Some(other) = existing.iter().find(|r| r.spec.address == Some(a)) {
-                return Err(Status::already_exists(format!(
-                    "address {a} is taken by VM {}; choose another or leave it empty",
-                    other.spec.name
-                )));
+            if let Some(other) = d.index().address_holder(a) {
+                return Err(Status::already_exists(format!("address {a} is taken by VM {other}; choose another or leave it empty")));
             }
             Some(a)
         }

@@ -27,6 +27,8 @@ pub struct Daemon {
     reconciler: std::sync::OnceLock<Arc<hearth_core::Reconciler>>,
     /// Bumped on every record change; waiters re-read the store.
     changes: watch::Sender<u64>,
+    /// Names, ids and addresses of the records, so lookups and creates list nothing.
+    index: Mutex<hearth_core::VmIndex>,
     /// How removed VMs ended, so `wait` after an automatic `--rm` still gets the exit code.
     tombstones: Mutex<HashMap<VmId, VmRecord>>,
     /// The one agent connection per running VM (QEMU's chardev takes a single client).
@@ -100,7 +102,9 @@ impl Daemon {
         if !swept.is_empty() || tmp > 0 {
             tracing::info!(count = swept.len() + tmp, first = ?swept.first(), "removed what an interrupted run left");
         }
+        let index = Mutex::new(hearth_core::VmIndex::rebuild(&vms.list()?));
         Ok(Self {
+            index,
             root: root.to_owned(),
             vms,
             images,
@@ -181,6 +185,7 @@ impl Daemon {
             }
             other => other.map_err(internal)?,
         }
+        self.index().upsert(&rec.spec);
         self.changes.send_modify(|g| *g += 1);
         Ok(())
     }
@@ -196,6 +201,7 @@ impl Daemon {
             t.insert(rec.spec.id.clone(), rec.clone());
         }
         self.vms.remove(&rec.spec.id).map_err(internal)?;
+        self.index().remove(&rec.spec.id);
         self.changes.send_modify(|g| *g += 1);
         Ok(())
     }
@@ -222,25 +228,15 @@ impl Daemon {
         self.vms.get(id).map_err(internal)
     }
 
+    /// The index of names, ids and addresses.
+    pub fn index(&self) -> std::sync::MutexGuard<'_, hearth_core::VmIndex> {
+        self.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Finds a VM by exact name, exact id, or unique id prefix.
     pub fn resolve(&self, reference: &str) -> Result<VmRecord, Status> {
-        if reference.is_empty() {
-            return Err(Status::invalid_argument("no VM given: name a VM by its name or id"));
-        }
-        let all = self.vms.list().map_err(internal)?;
-        if let Some(r) = all.iter().find(|r| r.spec.name == reference || r.spec.id.as_str() == reference) {
-            return Ok(r.clone());
-        }
-        let matches: Vec<_> = all.iter().filter(|r| r.spec.id.as_str().starts_with(reference)).collect();
-        match matches.as_slice() {
-            [one] => Ok((*one).clone()),
-            [] => Err(Status::not_found(format!("no such VM: {reference} (see `hearth ps -a`)"))),
-            many => Err(Status::failed_precondition(format!(
-                "{reference} matches {} VMs ({}); give more of the id",
-                many.len(),
-                many.iter().map(|r| r.spec.id.as_str()).collect::<Vec<_>>().join(", ")
-            ))),
-        }
+        let id = self.index().resolve(reference).map_err(hearth_api::status::to_status)?;
+        self.get(&id)?.ok_or_else(|| Status::not_found(format!("no such VM: {reference} (see `hearth ps -a`)")))
     }
 
     pub fn vm_dir(&self, id: &VmId) -> PathBuf {

@@ -230,49 +230,88 @@ fn rss_bytes(pid: u32) -> u64 {
     kib.unwrap_or(0) * 1024
 }
 
-fn control_plane(d: &Daemon, image: &str, creates: usize, runs: usize) {
+const CONCURRENCY: usize = 8;
+
+/// `creates` CreateVm calls (named `PREFIX-w-i`) from CONCURRENCY clients sharing `channel`, per
+/// second; with `noop`, as many Version calls instead.
+fn api_rate(
+    rt: &tokio::runtime::Runtime,
+    channel: &tonic::transport::Channel,
+    image: &str,
+    prefix: &str,
+    creates: usize,
+    noop: bool,
+) -> f64 {
     use hearth_api::v1::{self as pb, hearth_client::HearthClient};
-    const CONCURRENCY: usize = 8;
+    let per = creates / CONCURRENCY;
+    let t = Instant::now();
+    rt.block_on(async {
+        let tasks: Vec<_> = (0..CONCURRENCY)
+            .map(|w| {
+                let (mut c, image, prefix) = (HearthClient::new(channel.clone()), image.to_owned(), prefix.to_owned());
+                tokio::spawn(async move {
+                    for i in 0..per {
+                        if noop {
+                            c.version(pb::Empty {}).await.expect("version");
+                            continue;
+                        }
+                        let req = pb::CreateVmRequest {
+                            name: format!("{prefix}-{w}-{i}"),
+                            image: image.clone(),
+                            cpus: 1,
+                            memory_mib: 512,
+                            disk_bytes: 4 << 30,
+                            ..Default::default()
+                        };
+                        c.create_vm(req).await.expect("create");
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("client task");
+        }
+    });
+    (per * CONCURRENCY) as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Creations per second on a daemon that already holds `existing` VM records (written beside
+/// one real record while the daemon is down, then loaded at its start).
+fn creation_rate_with(image: &str, existing: usize, creates: usize) -> f64 {
+    let mut d = Daemon::start();
+    d.import_kernel();
+    d.ok(&["image", "pull", image]);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let channel = rt.block_on(hearth_api::connect_unix(d.socket.clone())).expect("socket");
+    api_rate(&rt, &channel, image, "seed", CONCURRENCY, false);
+    let vms = d.root.path().join("vms");
+    let seed_dir = std::fs::read_dir(&vms).expect("vms").flatten().next().expect("a seed VM").path();
+    let seed: serde_json::Value = serde_json::from_slice(&std::fs::read(seed_dir.join("record.json")).expect("seed")).expect("json");
+    d.kill9();
+    for i in 0..existing.saturating_sub(CONCURRENCY) {
+        let id = format!("{:016x}", 0xbe00_0000_0000_0000u64 + i as u64);
+        let mut r = seed.clone();
+        r["spec"]["id"] = id.clone().into();
+        r["spec"]["name"] = format!("old-{i}").into();
+        let dir = vms.join(&id);
+        std::fs::create_dir(&dir).expect("mkdir");
+        std::fs::write(dir.join("record.json"), serde_json::to_vec(&r).expect("json")).expect("record");
+    }
+    d.spawn();
+    let channel = rt.block_on(hearth_api::connect_unix(d.socket.clone())).expect("socket");
+    // Served once start-up recovery has been through every record.
+    api_rate(&rt, &channel, image, "", CONCURRENCY, true);
+    api_rate(&rt, &channel, image, "new", creates, false)
+}
+
+fn control_plane(d: &Daemon, image: &str, creates: usize, runs: usize) {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let channel = rt.block_on(hearth_api::connect_unix(d.socket.clone())).expect("socket");
     let pid = d.pid().expect("hearthd pid");
-    // Each side: `creates` calls from CONCURRENCY clients sharing the channel.
-    let rate = |f: &dyn Fn(HearthClient<tonic::transport::Channel>, usize) -> tokio::task::JoinHandle<()>| {
-        let t = Instant::now();
-        rt.block_on(async {
-            let tasks: Vec<_> = (0..CONCURRENCY).map(|w| f(HearthClient::new(channel.clone()), w)).collect();
-            for t in tasks {
-                t.await.expect("client task");
-            }
-        });
-        creates as f64 / t.elapsed().as_secs_f64()
-    };
     let per = creates / CONCURRENCY;
-    let noop = rate(&|mut c, _| {
-        tokio::spawn(async move {
-            for _ in 0..per {
-                c.version(pb::Empty {}).await.expect("version");
-            }
-        })
-    });
+    let noop = api_rate(&rt, &channel, image, "", creates, true);
     let before = rss_bytes(pid);
-    let image = image.to_owned();
-    let created = rate(&|mut c, w| {
-        let image = image.clone();
-        tokio::spawn(async move {
-            for i in 0..per {
-                let req = pb::CreateVmRequest {
-                    name: format!("cp-{w}-{i}"),
-                    image: image.clone(),
-                    cpus: 1,
-                    memory_mib: 512,
-                    disk_bytes: 4 << 30,
-                    ..Default::default()
-                };
-                c.create_vm(req).await.expect("create");
-            }
-        })
-    });
+    let created = api_rate(&rt, &channel, image, "cp", creates, false);
     let after = rss_bytes(pid);
     let per_vm = after.saturating_sub(before) as f64 / (per * CONCURRENCY) as f64;
     // Manager overhead: from the command's start to the VMM spawned (the record's started_at).
@@ -280,7 +319,7 @@ fn control_plane(d: &Daemon, image: &str, creates: usize, runs: usize) {
     for i in 0..runs {
         let name = format!("ovh{i}");
         let t0 = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64;
-        d.ok(&["run", "-d", "--no-wait", "--name", &name, &image, "sleep", "100000"]);
+        d.ok(&["run", "-d", "--no-wait", "--name", &name, image, "sleep", "100000"]);
         let started = d.inspect(&name)["status"]["started_at"].as_u64().expect("started_at");
         overhead.push(Duration::from_millis(started.saturating_sub(t0)));
         d.ok(&["rm", "-f", &name]);
@@ -288,6 +327,8 @@ fn control_plane(d: &Daemon, image: &str, creates: usize, runs: usize) {
     println!("\n### Control plane ({} creations from {CONCURRENCY} clients over the Unix socket; no guest boots)\n", per * CONCURRENCY);
     println!("| measure | hearth | baseline / target |\n|---|---|---|");
     println!("| VM creations per second (CreateVm: validate, name, persist) | {created:.0}/s | no-op RPC on the same socket: {noop:.0}/s; target 150/s |");
+    let (small, large) = (creation_rate_with(image, 10, 200), creation_rate_with(image, 10_000, 200));
+    println!("| VM creations per second with 10,000 VMs already on the host | {large:.0}/s | the same daemon with 10 VMs: {small:.0}/s |");
     println!("| hearthd memory per created VM (RSS growth / VMs) | {:.1} KiB | target < 1024 KiB |", per_vm / 1024.0);
     println!(
         "| `hearth run -d` command start to VMM spawn, cached image (median of {runs}) | {} | target < 50 ms |",
@@ -318,8 +359,17 @@ fn main() {
         "## hearth benchmarks ({})",
         Command::new("date").arg("-u").arg("+%Y-%m-%d").output().map(|o| text(&o.stdout).trim().to_owned()).unwrap_or_default()
     );
+    let demo = format!("{}/demo:1", reg.host());
+    if std::env::args().any(|a| a == "--control-plane") {
+        // Only the control plane (a quick check of creation rates).
+        let d = Daemon::start();
+        d.import_kernel();
+        d.ok(&["image", "pull", &demo]);
+        control_plane(&d, &demo, 400, runs);
+        return;
+    }
     image_prep(&reg, runs);
     let d = run_to_ready(&reg, runs);
     exec_latency(&d, &reg, 100);
-    control_plane(&d, &format!("{}/demo:1", reg.host()), 400, runs);
+    control_plane(&d, &demo, 400, runs);
 }
