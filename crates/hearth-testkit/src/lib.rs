@@ -3,6 +3,7 @@
 //! ports, a manual clock), so the use-cases are tested without root, QEMU or a kernel.
 #![forbid(unsafe_code)]
 
+pub mod contract;
 pub mod fakes;
 mod records;
 

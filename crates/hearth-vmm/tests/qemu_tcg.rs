@@ -219,3 +219,24 @@ async fn the_microvm_command_line_is_accepted_by_qemu() {
     tokio::time::timeout(Duration::from_secs(10), wait_exit(pid, start)).await.expect("qemu quits");
     assert!(child.try_wait().is_err(), "wait_exit reaped its exited child: no zombie is left");
 }
+
+/// Kills whatever QEMU the directory's pid file names when a test ends, however it ends.
+struct DirReaper(PathBuf);
+
+impl Drop for DirReaper {
+    fn drop(&mut self) {
+        if let Some((pid, start)) = hearth_vmm::find_running(&self.0) {
+            kill(pid, start, libc::SIGKILL);
+            let _ = hearth_vmm::wait_exit_blocking(pid, start, Duration::from_secs(10));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_keeps_the_vmm_contract() {
+    // panic=0: the guest halts after its kernel panics ("no root"), so the VMM stays up until
+    // the suite stops it.
+    let Some((dir, spec)) = vm("panic=0") else { return };
+    let _reaper = DirReaper(dir.path().to_owned());
+    hearth_testkit::contract::vmm_contract(&hearth_vmm::Qemu::default(), &spec).await;
+}

@@ -129,6 +129,10 @@ impl Vmm for FakeVmm {
         let next = {
             let mut s = self.state();
             s.launches.push(spec.clone());
+            // Like a real VMM's pid file: a second launch for a directory is refused.
+            if let Some((pid, _)) = s.procs.iter().find(|(_, p)| p.dir == spec.vm_dir && p.findable) {
+                return Err(VmmError::AlreadyRunning { pid: *pid });
+            }
             s.script.pop_front().unwrap_or(Launch::Ok)
         };
         match next {
