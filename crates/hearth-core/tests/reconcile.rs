@@ -138,10 +138,10 @@ async fn an_auto_remove_vm_goes_when_its_workload_ends() {
 }
 
 async fn stop(h: &Harness, rec: &VmRecord, timeout: Duration) -> VmRecord {
-    let mut want = h.host.record(&rec.spec.id).expect("record");
-    want.desired = Desired::Stopped;
-    h.host.put(want);
-    h.reconciler.reconcile(&rec.spec.id, Options { stop_timeout: timeout }).await.expect("stop").expect("record")
+    let opts = Options { stop_timeout: timeout };
+    let done = h.reconciler.set_desired(&rec.spec.id, Desired::Stopped, opts).await.expect("stop").expect("record");
+    assert_eq!(done.desired, Desired::Stopped, "the intent is persisted");
+    done
 }
 
 #[tokio::test(start_paused = true)]
@@ -335,4 +335,12 @@ async fn the_fake_vmm_keeps_the_vmm_contract() {
         confinement: Default::default(),
     };
     hearth_testkit::contract::vmm_contract(h.vmm.as_ref(), &spec).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn changing_the_intent_of_a_vm_that_is_gone_is_none() {
+    let h = harness();
+    let id = record(22, Desired::Running, VmState::Created).spec.id;
+    assert!(h.reconciler.set_desired(&id, Desired::Running, Options::default()).await.expect("no error").is_none());
+    assert!(h.vmm.launches().is_empty());
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use hearth_api::v1::Chunk;
-use hearth_types::{VmId, VmSpec, VmState};
+use hearth_types::{VmId, VmSpec};
 use hearth_vmm::console::{Console, LogLimits};
 use tokio::sync::mpsc;
 use tonic::Status;
@@ -79,7 +79,7 @@ pub fn log_end(d: &Daemon, id: &VmId) -> u64 {
 }
 
 fn is_running(d: &Daemon, id: &VmId) -> bool {
-    matches!(d.get(id), Ok(Some(r)) if matches!(r.status.state, VmState::Starting | VmState::Running | VmState::Stopping))
+    matches!(d.get(id), Ok(Some(r)) if r.status.state.is_active())
 }
 
 /// Streams the console log from logical `offset`; with `follow`, until the VM stops.

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use hearth_types::net::{tap_name, SSH_PORT};
-use hearth_types::{NetworkMode, PortMapping, Protocol, VmId, VmRecord, VmSpec, VmState};
+use hearth_types::{NetworkMode, PortMapping, Protocol, VmId, VmRecord, VmSpec};
 use hearth_vmm::NetLaunch;
 use tonic::Status;
 
@@ -68,7 +68,7 @@ pub struct Ports {
 }
 
 fn live(r: &VmRecord) -> bool {
-    matches!(r.status.state, VmState::Starting | VmState::Running | VmState::Stopping)
+    r.status.state.is_active()
 }
 
 /// The first of `spec`'s ports that one of `others` already publishes.

@@ -56,7 +56,7 @@ pub async fn detached<T: Send + 'static>(work: impl std::future::Future<Output =
 }
 
 fn running(r: &VmRecord) -> bool {
-    matches!(r.status.state, VmState::Starting | VmState::Running | VmState::Stopping)
+    r.status.state.is_active()
 }
 
 struct ChannelProgress(tokio::sync::mpsc::Sender<Result<pb::Progress, Status>>);
@@ -377,14 +377,8 @@ impl Api {
         let rec = self.d.resolve(reference)?;
         let d = self.d.clone();
         detached(async move {
-            let id = rec.spec.id.clone();
-            let lock = d.lock_for(&id);
-            let _g = lock.lock().await;
-            let Some(mut cur) = d.get(&id)? else { return Ok(record(&rec)) };
-            cur.desired = desired;
-            d.save(&cur)?;
-            let out = reconcile::reconcile_locked(&d, &id, opts).await?;
-            Ok(record(&out.unwrap_or(cur)))
+            let out = d.reconciler().set_desired(&rec.spec.id, desired, opts).await.map_err(hearth_api::status::to_status)?;
+            Ok(record(&out.unwrap_or(rec)))
         })
         .await
     }

@@ -107,6 +107,17 @@ impl Reconciler {
         Err(Error::internal(format!("vm {id} did not settle after {MAX_ITERATIONS} reconcile rounds; see hearthd's log")))
     }
 
+    /// `start`, `stop`, `rm`: persists `desired` for the VM and brings it there. `None` when the
+    /// VM is gone (removed, or it was never there).
+    pub async fn set_desired(self: &Arc<Self>, id: &VmId, desired: Desired, opts: Options) -> Result<Option<VmRecord>> {
+        let lock = self.lock_for(id);
+        let _g = lock.lock().await;
+        let Some(mut cur) = self.ports.repo.get(id)? else { return Ok(None) };
+        cur.desired = desired;
+        self.ports.repo.save(&cur)?;
+        self.reconcile_locked(id, opts).await
+    }
+
     /// `hearth kill`: the VM is to stay stopped, its VMM gets `signal` (if it is still the
     /// recorded one), and its exit is recorded.
     pub async fn kill(self: &Arc<Self>, id: &VmId, signal: i32) -> Result<Option<VmRecord>> {

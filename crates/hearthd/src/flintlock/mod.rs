@@ -194,7 +194,7 @@ impl Flintlock {
                     rec.retry += 1;
                     rec.reason = e.message().to_owned();
                     // Pulls fail with UNAVAILABLE and are retried; a bad spec or image is final.
-                    let permanent = !matches!(e.code(), tonic::Code::Unavailable | tonic::Code::Internal | tonic::Code::Unknown);
+                    let permanent = !hearth_api::status::from_status(e).is_retryable();
                     if permanent || rec.retry >= MAX_ATTEMPTS {
                         rec.phase = Phase::Failed;
                     }
