@@ -47,9 +47,13 @@ fn main() {
         "bench" => bench(&args[1..]),
         _ => {
             println!("cargo xtask deps|init|kernel|build|demo|test|e2e|lint|bench");
-            println!("  demo   install what is needed, build, boot a sample image and print its output");
+            println!(
+                "  demo   install what is needed, build, boot a sample image and print its output"
+            );
             println!("  test   everything CI runs: fmt, clippy, unit tests, VM-booting e2e tests");
-            println!("  bench  image preparation and run-to-ready benchmarks against their baselines");
+            println!(
+                "  bench  image preparation and run-to-ready benchmarks against their baselines"
+            );
             Ok(())
         }
     };
@@ -60,7 +64,10 @@ fn main() {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_owned).unwrap_or_else(|| PathBuf::from("."))
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_owned)
+        .unwrap_or_else(|| PathBuf::from("."))
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
@@ -87,7 +94,11 @@ fn deps() -> Result<()> {
     let mut removed = apt_removals(&missing, None)?;
     if !removed.is_empty() {
         let backports = format!("{}-backports", os_codename()?);
-        eprintln!("xtask deps: installing {} would remove {}; trying {backports}", missing.join(" "), removed.join(" "));
+        eprintln!(
+            "xtask deps: installing {} would remove {}; trying {backports}",
+            missing.join(" "),
+            removed.join(" ")
+        );
         ensure_apt_suite(&backports)?;
         removed = apt_removals(&missing, Some(&backports))?;
         target = Some(backports);
@@ -101,7 +112,13 @@ fn deps() -> Result<()> {
         );
     }
     let mut install = apt();
-    install.env("DEBIAN_FRONTEND", "noninteractive").args(["install", "-y", "-q", "--no-install-recommends", "--no-remove"]);
+    install.env("DEBIAN_FRONTEND", "noninteractive").args([
+        "install",
+        "-y",
+        "-q",
+        "--no-install-recommends",
+        "--no-remove",
+    ]);
     if let Some(t) = &target {
         install.args(["-t", t]);
     }
@@ -130,21 +147,36 @@ fn apt() -> Command {
 /// The packages an install of `pkgs` would remove (or downgrade: apt removes to downgrade).
 fn apt_removals(pkgs: &[&str], target: Option<&str>) -> Result<Vec<String>> {
     let mut sim = apt();
-    sim.env("DEBIAN_FRONTEND", "noninteractive").args(["install", "-s", "-q", "--no-install-recommends"]);
+    sim.env("DEBIAN_FRONTEND", "noninteractive").args([
+        "install",
+        "-s",
+        "-q",
+        "--no-install-recommends",
+    ]);
     if let Some(t) = target {
         sim.args(["-t", t]);
     }
     let out = sim.args(pkgs).output().context("simulating apt-get install")?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
-        bail!("apt-get cannot install {}: {}{}", pkgs.join(" "), text.trim(), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "apt-get cannot install {}: {}{}",
+            pkgs.join(" "),
+            text.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(removals(&text))
 }
 
 /// The packages an `apt-get install -s` transcript removes (`Remv NAME [VERSION]` lines).
 fn removals(simulation: &str) -> Vec<String> {
-    simulation.lines().filter_map(|l| l.strip_prefix("Remv ")).filter_map(|l| l.split_whitespace().next()).map(str::to_owned).collect()
+    simulation
+        .lines()
+        .filter_map(|l| l.strip_prefix("Remv "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+        .collect()
 }
 
 fn os_codename() -> Result<String> {
@@ -213,14 +245,19 @@ fn kernel() -> Result<(PathBuf, PathBuf)> {
     }
     std::fs::create_dir_all(&cache)?;
     // The meta package depends on the versioned image package; download that.
-    let out = Command::new("apt-cache").args(["depends", KERNEL_PACKAGE]).output().context("apt-cache")?;
+    let out = Command::new("apt-cache")
+        .args(["depends", KERNEL_PACKAGE])
+        .output()
+        .context("apt-cache")?;
     let text = String::from_utf8_lossy(&out.stdout);
     let pkg = text
         .lines()
         .filter_map(|l| l.trim().strip_prefix("Depends: "))
         .find(|p| p.starts_with("linux-image-") && !p.contains("cloud-amd64-"))
         .map(str::trim)
-        .context("cannot find the kernel package linux-image-cloud-amd64 depends on; run apt-get update")?
+        .context(
+            "cannot find the kernel package linux-image-cloud-amd64 depends on; run apt-get update",
+        )?
         .to_owned();
     run(Command::new("apt-get").current_dir(&cache).args(["download", &pkg]))?;
     let deb = std::fs::read_dir(&cache)?
@@ -235,7 +272,14 @@ fn kernel() -> Result<(PathBuf, PathBuf)> {
 
 fn lint() -> Result<()> {
     run(Command::new(env!("CARGO")).current_dir(root()).args(["fmt", "--all", "--check"]))?;
-    run(Command::new(env!("CARGO")).current_dir(root()).args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    run(Command::new(env!("CARGO")).current_dir(root()).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     layers()
 }
 
@@ -246,19 +290,25 @@ fn allowed(krate: &str) -> Option<&'static [&'static str]> {
     match krate {
         "hearth-types" | "hearth-fs" => Some(&[]),
         "hearth-core" => Some(&["hearth-types"]),
-        "hearth-image" | "hearth-kernel" | "hearth-storage" | "hearth-vmm" | "hearth-store" | "hearth-api" | "hearth-net" => Some(ADAPTER),
+        "hearth-image" | "hearth-kernel" | "hearth-storage" | "hearth-vmm" | "hearth-store"
+        | "hearth-api" | "hearth-net" => Some(ADAPTER),
         "hearth-init" => Some(&["hearth-types"]),
         _ => None, // binaries, testkit, e2e, xtask may use anything
     }
 }
 
 /// Outside crates the core must not use: gRPC, netlink, process and VMM plumbing.
-const CORE_FORBIDDEN: &[&str] = &["tonic", "prost", "hyper", "tower", "rtnetlink", "netlink", "nix", "libc", "reqwest"];
+const CORE_FORBIDDEN: &[&str] =
+    &["tonic", "prost", "hyper", "tower", "rtnetlink", "netlink", "nix", "libc", "reqwest"];
 
 /// Fails when a crate imports a layer above or beside it (read from `cargo metadata`).
 fn layers() -> Result<()> {
-    let out = Command::new(env!("CARGO")).current_dir(root()).args(["metadata", "--format-version", "1", "--no-deps"]).output()?;
-    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).context("parsing cargo metadata")?;
+    let out = Command::new(env!("CARGO"))
+        .current_dir(root())
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .output()?;
+    let meta: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("parsing cargo metadata")?;
     let mut bad = Vec::new();
     for pkg in meta["packages"].as_array().into_iter().flatten() {
         let name = pkg["name"].as_str().unwrap_or_default();
@@ -276,7 +326,10 @@ fn layers() -> Result<()> {
         }
     }
     if !bad.is_empty() {
-        bail!("layering violations (types -> core -> adapters -> binaries):\n  {}", bad.join("\n  "));
+        bail!(
+            "layering violations (types -> core -> adapters -> binaries):\n  {}",
+            bad.join("\n  ")
+        );
     }
     eprintln!("layers: ok");
     Ok(())
@@ -289,13 +342,18 @@ fn e2e_env(cmd: &mut Command) -> Result<()> {
     // The kernel crate's boot tests take the unpacked package root and the init binary.
     let kernel_root = root().join(".cache/kernel/root");
     cmd.env("HEARTH_KERNEL_DIR", kernel_root).env("HEARTH_INIT_BIN", &init);
-    cmd.env("HEARTH_E2E", "1").env("HEARTH_INIT", init).env("HEARTH_TEST_KERNEL", k).env("HEARTH_TEST_MODULES", m);
+    cmd.env("HEARTH_E2E", "1")
+        .env("HEARTH_INIT", init)
+        .env("HEARTH_TEST_KERNEL", k)
+        .env("HEARTH_TEST_MODULES", m);
     Ok(())
 }
 
 fn e2e(extra: &[String]) -> Result<()> {
     deps()?;
-    run(Command::new(env!("CARGO")).current_dir(root()).args(["build", "-p", "hearth", "-p", "hearthd"]))?;
+    run(Command::new(env!("CARGO"))
+        .current_dir(root())
+        .args(["build", "-p", "hearth", "-p", "hearthd"]))?;
     let mut c = Command::new(env!("CARGO"));
     c.current_dir(root()).args(["test", "-p", "hearth-e2e", "--", "--test-threads=1"]).args(extra);
     e2e_env(&mut c)?;
@@ -307,7 +365,14 @@ fn test(extra: &[String]) -> Result<()> {
     deps()?;
     lint()?;
     let mut unit = Command::new(env!("CARGO"));
-    unit.current_dir(root()).args(["test", "--workspace", "--exclude", "hearth-e2e", "--features", "hearth-image/testutil"]);
+    unit.current_dir(root()).args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "hearth-e2e",
+        "--features",
+        "hearth-image/testutil",
+    ]);
     // The kernel crate's boot test uses the same kernel and init as the e2e suite.
     e2e_env(&mut unit)?;
     run(&mut unit)?;

@@ -30,7 +30,8 @@ pub mod microvm {
 pub mod status;
 
 /// The encoded descriptors of Flintlock's API, for gRPC reflection.
-pub const FLINTLOCK_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("flintlock_descriptor");
+pub const FLINTLOCK_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("flintlock_descriptor");
 
 use std::path::PathBuf;
 

@@ -40,7 +40,9 @@ mod tests {
     #[test]
     fn every_kind_survives_the_round_trip() {
         use ErrorKind::*;
-        for kind in [NotFound, Invalid, Conflict, FailedPrecondition, Exhausted, Unavailable, Internal] {
+        for kind in
+            [NotFound, Invalid, Conflict, FailedPrecondition, Exhausted, Unavailable, Internal]
+        {
             let e = Error::new(kind, "why and the fix");
             let s = to_status(e.clone());
             assert_eq!(s.message(), "why and the fix");

@@ -83,7 +83,12 @@ mod tests {
     fn only_outside_and_host_failures_are_retried() {
         assert!(Error::unavailable("registry timed out").is_retryable());
         assert!(Error::internal("disk I/O").is_retryable());
-        for e in [Error::invalid("bad size"), Error::not_found("no image"), Error::conflict("name"), Error::precondition("removed")] {
+        for e in [
+            Error::invalid("bad size"),
+            Error::not_found("no image"),
+            Error::conflict("name"),
+            Error::precondition("removed"),
+        ] {
             assert!(!e.is_retryable(), "{e:?}");
         }
         assert_eq!(Error::precondition("gone").context("volume 1").to_string(), "volume 1: gone");

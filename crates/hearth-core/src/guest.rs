@@ -1,8 +1,13 @@
 //! Turning an image's OCI config plus the user's overrides into what hearth-init runs.
 
 use hearth_types::guest::{is_init_system, volume_serial, GUEST_CONFIG_VERSION};
-use hearth_types::net::{BRIDGE_GATEWAY, BRIDGE_PREFIX, USER_NET_ADDRESS, USER_NET_DNS, USER_NET_GATEWAY, USER_NET_PREFIX};
-use hearth_types::{GuestConfig, GuestNetwork, GuestProcess, GuestVolume, ImageConfig, NetworkMode, VmSpec};
+use hearth_types::net::{
+    BRIDGE_GATEWAY, BRIDGE_PREFIX, USER_NET_ADDRESS, USER_NET_DNS, USER_NET_GATEWAY,
+    USER_NET_PREFIX,
+};
+use hearth_types::{
+    GuestConfig, GuestNetwork, GuestProcess, GuestVolume, ImageConfig, NetworkMode, VmSpec,
+};
 
 /// PATH given to a workload whose image sets none.
 pub const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -156,7 +161,8 @@ mod tests {
         ] {
             assert!(text.contains(needle), "{needle} in\n{text}");
         }
-        assert!(!cloud_init_network_config("eth1", &GuestNetwork { dns: vec![], ..net }).contains("nameservers"));
+        assert!(!cloud_init_network_config("eth1", &GuestNetwork { dns: vec![], ..net })
+            .contains("nameservers"));
     }
 
     #[test]
@@ -192,7 +198,10 @@ mod tests {
         let cfg = guest_config(&s, &image()).expect("config");
         assert_eq!(cfg.ssh_authorized_keys, ["ssh-ed25519 AAAA me"]);
         let net = cfg.network.expect("user networking by default");
-        assert_eq!((net.address.as_str(), net.prefix, net.gateway.as_str()), ("10.0.2.15", 24, "10.0.2.2"));
+        assert_eq!(
+            (net.address.as_str(), net.prefix, net.gateway.as_str()),
+            ("10.0.2.15", 24, "10.0.2.2")
+        );
         assert_eq!(net.mac, hearth_types::net::mac_for(&s.id));
         s.network = NetworkMode::None;
         s.ssh_public_key = None;

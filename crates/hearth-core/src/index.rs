@@ -40,7 +40,10 @@ impl VmIndex {
         if let Some(a) = spec.address {
             self.addresses.insert(a, spec.id.clone());
         }
-        self.ids.insert(spec.id.as_str().to_owned(), Entry { name: spec.name.clone(), address: spec.address });
+        self.ids.insert(
+            spec.id.as_str().to_owned(),
+            Entry { name: spec.name.clone(), address: spec.address },
+        );
     }
 
     pub fn remove(&mut self, id: &VmId) {
@@ -88,8 +91,13 @@ impl VmIndex {
         if let Some(id) = self.names.get(reference) {
             return Ok(id.clone());
         }
-        let matches: Vec<&String> =
-            self.ids.range(reference.to_owned()..).map(|(id, _)| id).take_while(|id| id.starts_with(reference)).take(6).collect();
+        let matches: Vec<&String> = self
+            .ids
+            .range(reference.to_owned()..)
+            .map(|(id, _)| id)
+            .take_while(|id| id.starts_with(reference))
+            .take(6)
+            .collect();
         match matches.as_slice() {
             [one] => one.parse::<VmId>().map_err(Error::internal),
             [] => Err(Error::not_found(format!("no such VM: {reference} (see `hearth ps -a`)"))),
@@ -137,7 +145,11 @@ mod tests {
     fn a_prefix_of_many_ids_names_only_a_few() {
         let records: Vec<VmRecord> = (0..50u8)
             .map(|n| {
-                let mut r = hearth_testkit::record(n, hearth_types::Desired::Stopped, hearth_types::VmState::Created);
+                let mut r = hearth_testkit::record(
+                    n,
+                    hearth_types::Desired::Stopped,
+                    hearth_types::VmState::Created,
+                );
                 r.spec.name = format!("v{n}");
                 r
             })

@@ -96,9 +96,22 @@ mod tests {
         hearth_testkit::record(7, desired, state)
     }
 
-    const FRESH: Observed = Observed { dir: true, disk: false, config_disk: false, vmm_alive: false, vmm_recorded: false };
-    const RUNNING: Observed = Observed { dir: true, disk: true, config_disk: true, vmm_alive: true, vmm_recorded: true };
-    const DOWN: Observed = Observed { dir: true, disk: true, config_disk: true, vmm_alive: false, vmm_recorded: false };
+    const FRESH: Observed = Observed {
+        dir: true,
+        disk: false,
+        config_disk: false,
+        vmm_alive: false,
+        vmm_recorded: false,
+    };
+    const RUNNING: Observed =
+        Observed { dir: true, disk: true, config_disk: true, vmm_alive: true, vmm_recorded: true };
+    const DOWN: Observed = Observed {
+        dir: true,
+        disk: true,
+        config_disk: true,
+        vmm_alive: false,
+        vmm_recorded: false,
+    };
 
     #[test]
     fn a_new_vm_gets_disks_then_a_vmm() {
@@ -137,7 +150,10 @@ mod tests {
 
     #[test]
     fn delete_removes_exactly_what_exists() {
-        assert_eq!(plan(&rec(Desired::Deleted, VmState::Running), &RUNNING), [Step::Kill, Step::Remove]);
+        assert_eq!(
+            plan(&rec(Desired::Deleted, VmState::Running), &RUNNING),
+            [Step::Kill, Step::Remove]
+        );
         assert_eq!(plan(&rec(Desired::Deleted, VmState::Stopped), &DOWN), [Step::Remove]);
         let gone = Observed::default();
         assert!(plan(&rec(Desired::Deleted, VmState::Stopped), &gone).is_empty());

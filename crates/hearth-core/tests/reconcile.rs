@@ -10,7 +10,12 @@ use hearth_testkit::record;
 use hearth_types::{Desired, PortMapping, Protocol, VmId, VmRecord, VmState};
 
 /// Polls (in paused time) until `cond` holds for the VM's record, or fails after a minute.
-async fn until(h: &Harness, id: &VmId, what: &str, cond: impl Fn(Option<&VmRecord>) -> bool) -> Option<VmRecord> {
+async fn until(
+    h: &Harness,
+    id: &VmId,
+    what: &str,
+    cond: impl Fn(Option<&VmRecord>) -> bool,
+) -> Option<VmRecord> {
     for _ in 0..600 {
         let r = h.host.record(id);
         if cond(r.as_ref()) {
@@ -28,7 +33,11 @@ fn state(r: Option<&VmRecord>) -> Option<VmState> {
 async fn run(h: &Harness, n: u8) -> VmRecord {
     let rec = record(n, Desired::Running, VmState::Created);
     h.host.put(rec.clone());
-    h.reconciler.reconcile(&rec.spec.id, Options::default()).await.expect("reconcile").expect("record")
+    h.reconciler
+        .reconcile(&rec.spec.id, Options::default())
+        .await
+        .expect("reconcile")
+        .expect("record")
 }
 
 #[tokio::test(start_paused = true)]
@@ -40,11 +49,16 @@ async fn a_new_vm_gets_its_disks_a_vmm_and_becomes_ready() {
     assert_eq!(h.vmm.running(), [(pid, h.host.vm_dir(&rec.spec.id))]);
     assert!(!h.vmm.paused(pid), "the guest's CPUs were started once its console was captured");
     let launch = &h.vmm.launches()[0];
-    assert!(launch.root_disk.ends_with("disk.img") && launch.kernel.ends_with("vmlinuz"), "{launch:?}");
+    assert!(
+        launch.root_disk.ends_with("disk.img") && launch.kernel.ends_with("vmlinuz"),
+        "{launch:?}"
+    );
     assert_eq!(rec.status.boots, 1);
     assert!(rec.status.vmm_uid.is_some(), "a uid of its own");
     assert_eq!(h.host.uid_claims(), 0, "the launch's uid claim became the record's");
-    let ready = until(&h, &rec.spec.id, "ready", |r| state(r) == Some(VmState::Running)).await.expect("record");
+    let ready = until(&h, &rec.spec.id, "ready", |r| state(r) == Some(VmState::Running))
+        .await
+        .expect("record");
     let boot = ready.status.boot.expect("boot timings");
     assert_eq!((boot.kernel_to_init_ms, boot.init_to_ready_ms), (300, 150));
 }
@@ -65,7 +79,12 @@ async fn a_failed_launch_is_recorded_and_gives_back_what_it_claimed() {
     let h = harness();
     h.vmm.script([Launch::Fail("qemu failed to start: could not open disk.img".into())]);
     let mut rec = record(3, Desired::Running, VmState::Created);
-    rec.spec.ports = vec![PortMapping { host_ip: "127.0.0.1".into(), host_port: 8080, guest_port: 80, protocol: Protocol::Tcp }];
+    rec.spec.ports = vec![PortMapping {
+        host_ip: "127.0.0.1".into(),
+        host_port: 8080,
+        guest_port: 80,
+        protocol: Protocol::Tcp,
+    }];
     h.host.put(rec.clone());
     let e = h.reconciler.reconcile(&rec.spec.id, Options::default()).await.expect_err("fails");
     assert_eq!(e.kind, ErrorKind::FailedPrecondition);
@@ -108,8 +127,13 @@ async fn a_workload_that_exits_stops_its_vm_with_its_code() {
     let rec = run(&h, 6).await;
     h.host.guest_exit(&rec.spec.id, 3);
     h.vmm.exit(rec.status.pid.expect("pid"));
-    let done = until(&h, &rec.spec.id, "stopped", |r| state(r) == Some(VmState::Stopped)).await.expect("record");
-    assert_eq!((done.status.exit_code, done.status.pid, done.desired), (Some(3), None, Desired::Stopped));
+    let done = until(&h, &rec.spec.id, "stopped", |r| state(r) == Some(VmState::Stopped))
+        .await
+        .expect("record");
+    assert_eq!(
+        (done.status.exit_code, done.status.pid, done.desired),
+        (Some(3), None, Desired::Stopped)
+    );
     assert!(h.host.released().contains(&(rec.spec.id.clone(), false)), "its forwards went with it");
 }
 
@@ -118,7 +142,9 @@ async fn a_vmm_that_dies_is_recorded_not_relaunched() {
     let h = harness();
     let rec = run(&h, 7).await;
     h.vmm.exit(rec.status.pid.expect("pid"));
-    let done = until(&h, &rec.spec.id, "stopped", |r| state(r) == Some(VmState::Stopped)).await.expect("record");
+    let done = until(&h, &rec.spec.id, "stopped", |r| state(r) == Some(VmState::Stopped))
+        .await
+        .expect("record");
     assert_eq!(done.status.exit_code, None);
     assert!(done.status.reason.contains("unexpectedly"), "{}", done.status.reason);
     assert_eq!(h.vmm.launches().len(), 1, "not launched again");
@@ -130,7 +156,12 @@ async fn an_auto_remove_vm_goes_when_its_workload_ends() {
     let mut rec = record(8, Desired::Running, VmState::Created);
     rec.spec.auto_remove = true;
     h.host.put(rec.clone());
-    let rec = h.reconciler.reconcile(&rec.spec.id, Options::default()).await.expect("ok").expect("record");
+    let rec = h
+        .reconciler
+        .reconcile(&rec.spec.id, Options::default())
+        .await
+        .expect("ok")
+        .expect("record");
     h.host.guest_exit(&rec.spec.id, 0);
     h.vmm.exit(rec.status.pid.expect("pid"));
     until(&h, &rec.spec.id, "removed", |r| r.is_none()).await;
@@ -139,7 +170,12 @@ async fn an_auto_remove_vm_goes_when_its_workload_ends() {
 
 async fn stop(h: &Harness, rec: &VmRecord, timeout: Duration) -> VmRecord {
     let opts = Options { stop_timeout: timeout };
-    let done = h.reconciler.set_desired(&rec.spec.id, Desired::Stopped, opts).await.expect("stop").expect("record");
+    let done = h
+        .reconciler
+        .set_desired(&rec.spec.id, Desired::Stopped, opts)
+        .await
+        .expect("stop")
+        .expect("record");
     assert_eq!(done.desired, Desired::Stopped, "the intent is persisted");
     done
 }
@@ -150,7 +186,11 @@ async fn stop_asks_the_guest_first() {
     let rec = run(&h, 9).await;
     let done = stop(&h, &rec, Duration::from_secs(10)).await;
     assert_eq!(done.status.state, VmState::Stopped);
-    assert_eq!(done.status.exit_code, Some(143), "the workload was stopped by hearth-init's SIGTERM");
+    assert_eq!(
+        done.status.exit_code,
+        Some(143),
+        "the workload was stopped by hearth-init's SIGTERM"
+    );
     assert!(h.vmm.running().is_empty());
 }
 
@@ -163,8 +203,14 @@ async fn stop_kills_a_guest_that_ignores_every_request_after_the_timeout() {
     let started = tokio::time::Instant::now();
     let done = stop(&h, &rec, Duration::from_secs(5)).await;
     let took = started.elapsed();
-    assert!(took >= Duration::from_secs(5) && took < Duration::from_secs(8), "killed after the timeout, took {took:?}");
-    assert_eq!((done.status.state, done.status.exit_code, done.status.reason.as_str()), (VmState::Stopped, Some(137), "stopped"));
+    assert!(
+        took >= Duration::from_secs(5) && took < Duration::from_secs(8),
+        "killed after the timeout, took {took:?}"
+    );
+    assert_eq!(
+        (done.status.state, done.status.exit_code, done.status.reason.as_str()),
+        (VmState::Stopped, Some(137), "stopped")
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -202,7 +248,12 @@ async fn delete_kills_the_vmm_and_removes_exactly_what_exists() {
     assert_eq!(h.host.removed(), std::slice::from_ref(&rec.spec.id));
     assert!(h.host.released().contains(&(rec.spec.id.clone(), true)), "its tap and forwards went");
     // Deleting what is gone is a no-op.
-    assert!(h.reconciler.reconcile(&rec.spec.id, Options::default()).await.expect("again").is_none());
+    assert!(h
+        .reconciler
+        .reconcile(&rec.spec.id, Options::default())
+        .await
+        .expect("again")
+        .is_none());
 }
 
 #[tokio::test(start_paused = true)]
@@ -213,7 +264,12 @@ async fn a_crash_between_launch_and_saving_the_pid_is_adopted_not_relaunched() {
     h.host.put(rec.clone());
     h.host.with_disks(&rec.spec.id);
     let vmm = h.vmm.spawn_unrecorded(&h.host.vm_dir(&rec.spec.id), true);
-    let now = h.reconciler.reconcile(&rec.spec.id, Options::default()).await.expect("ok").expect("record");
+    let now = h
+        .reconciler
+        .reconcile(&rec.spec.id, Options::default())
+        .await
+        .expect("ok")
+        .expect("record");
     assert_eq!(now.status.pid, Some(vmm.pid), "adopted");
     assert!(h.vmm.launches().is_empty(), "never launched twice");
     assert!(!h.vmm.paused(vmm.pid), "a guest left paused before its start is started");
@@ -287,7 +343,12 @@ async fn a_record_that_cannot_be_saved_after_a_launch_is_an_error_and_claims_are
     assert_eq!((h.host.port_claims(), h.host.uid_claims()), (0, 0));
     // The VMM runs unrecorded; once saving works again it is adopted, not launched twice.
     h.host.fail_saves(false);
-    let now = h.reconciler.reconcile(&rec.spec.id, Options::default()).await.expect("ok").expect("record");
+    let now = h
+        .reconciler
+        .reconcile(&rec.spec.id, Options::default())
+        .await
+        .expect("ok")
+        .expect("record");
     assert_eq!(h.vmm.launches().len(), 1);
     assert_eq!(now.status.pid, Some(h.vmm.running()[0].0));
 }
@@ -300,8 +361,16 @@ async fn restarting_a_stopped_vm_reuses_its_disk_and_boots_again() {
     let mut again = h.host.record(&rec.spec.id).expect("record");
     again.desired = Desired::Running;
     h.host.put(again);
-    let now = h.reconciler.reconcile(&rec.spec.id, Options::default()).await.expect("ok").expect("record");
-    assert_eq!((now.status.state, now.status.boots, now.status.exit_code), (VmState::Starting, 2, None));
+    let now = h
+        .reconciler
+        .reconcile(&rec.spec.id, Options::default())
+        .await
+        .expect("ok")
+        .expect("record");
+    assert_eq!(
+        (now.status.state, now.status.boots, now.status.exit_code),
+        (VmState::Starting, 2, None)
+    );
     assert_eq!(h.vmm.launches().len(), 2);
 }
 
@@ -310,7 +379,10 @@ async fn kill_signals_the_vmm_and_the_vm_stays_stopped() {
     let h = harness();
     let rec = run(&h, 21).await;
     let done = h.reconciler.kill(&rec.spec.id, 9).await.expect("kill").expect("record");
-    assert_eq!((done.status.state, done.desired, done.status.pid), (VmState::Stopped, Desired::Stopped, None));
+    assert_eq!(
+        (done.status.state, done.desired, done.status.pid),
+        (VmState::Stopped, Desired::Stopped, None)
+    );
     assert!(h.vmm.running().is_empty());
     let e = h.reconciler.kill(&rec.spec.id, 9).await.expect_err("not running");
     assert_eq!(e.kind, ErrorKind::FailedPrecondition);
@@ -341,6 +413,11 @@ async fn the_fake_vmm_keeps_the_vmm_contract() {
 async fn changing_the_intent_of_a_vm_that_is_gone_is_none() {
     let h = harness();
     let id = record(22, Desired::Running, VmState::Created).spec.id;
-    assert!(h.reconciler.set_desired(&id, Desired::Running, Options::default()).await.expect("no error").is_none());
+    assert!(h
+        .reconciler
+        .set_desired(&id, Desired::Running, Options::default())
+        .await
+        .expect("no error")
+        .is_none());
     assert!(h.vmm.launches().is_empty());
 }

@@ -40,8 +40,11 @@ mod tests {
         let ok = die_with_parent(&mut Command::new("true")).output().expect("true");
         assert!(ok.status.success(), "a child that is waited for runs normally");
         // A thread starts a long child and ends without waiting for it: the child is killed.
-        let mut child =
-            std::thread::spawn(|| die_with_parent(&mut Command::new("sleep")).arg("30").spawn().expect("sleep")).join().expect("thread");
+        let mut child = std::thread::spawn(|| {
+            die_with_parent(&mut Command::new("sleep")).arg("30").spawn().expect("sleep")
+        })
+        .join()
+        .expect("thread");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while !matches!(state(child.id()), Some('Z') | None) {
             assert!(std::time::Instant::now() < deadline, "the child outlived its parent thread");

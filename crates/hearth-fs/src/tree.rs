@@ -72,7 +72,10 @@ pub fn open_in_root(root: &Path, path: &Path) -> io::Result<File> {
     let real = resolve_in_root(root, path)?;
     let f = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(&real)?;
     if !f.metadata()?.is_file() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not a regular file", path.display())));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a regular file", path.display()),
+        ));
     }
     Ok(f)
 }
@@ -113,14 +116,20 @@ mod tests {
         assert_eq!(read(&root, "boot/vmlinux").expect("kernel"), "kernel");
         assert_eq!(read(&root, "/lib/modules/6.1/virtio.ko").expect("via lib"), "module");
         assert_eq!(read(&root, "abslib/modules/6.1/virtio.ko").expect("absolute inside"), "module");
-        assert_eq!(resolve_in_root(&root, Path::new("lib/modules")).expect("dir"), root.join("usr/lib/modules"));
+        assert_eq!(
+            resolve_in_root(&root, Path::new("lib/modules")).expect("dir"),
+            root.join("usr/lib/modules")
+        );
     }
 
     #[test]
     fn nothing_outside_the_tree_is_reached() {
         let (_t, root) = tree();
         // An absolute target starts at the tree's top, where there is no /secret...
-        assert_eq!(read(&root, "boot/shadow").expect_err("absolute").kind(), io::ErrorKind::NotFound);
+        assert_eq!(
+            read(&root, "boot/shadow").expect_err("absolute").kind(),
+            io::ErrorKind::NotFound
+        );
         // ...and `..` stops at the top.
         assert_eq!(read(&root, "boot/up").expect_err("climbing").kind(), io::ErrorKind::NotFound);
         assert_eq!(read(&root, "../secret").expect_err("dot-dot").kind(), io::ErrorKind::NotFound);
@@ -131,8 +140,17 @@ mod tests {
     #[test]
     fn loops_files_in_the_middle_and_directories_are_refused() {
         let (_t, root) = tree();
-        assert_eq!(resolve_in_root(&root, Path::new("loop")).expect_err("loop").raw_os_error(), Some(libc::ELOOP));
-        assert_eq!(resolve_in_root(&root, Path::new("boot/vmlinux/x")).expect_err("file").raw_os_error(), Some(libc::ENOTDIR));
-        assert_eq!(open_in_root(&root, Path::new("boot")).expect_err("dir").kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(
+            resolve_in_root(&root, Path::new("loop")).expect_err("loop").raw_os_error(),
+            Some(libc::ELOOP)
+        );
+        assert_eq!(
+            resolve_in_root(&root, Path::new("boot/vmlinux/x")).expect_err("file").raw_os_error(),
+            Some(libc::ENOTDIR)
+        );
+        assert_eq!(
+            open_in_root(&root, Path::new("boot")).expect_err("dir").kind(),
+            io::ErrorKind::InvalidInput
+        );
     }
 }

@@ -86,18 +86,34 @@ pub fn docker_config_path(explicit: Option<&Path>) -> Option<PathBuf> {
 /// The config.json keys docker may have used for `registry`.
 fn keys_for(registry: &str) -> Vec<String> {
     if matches!(registry, "docker.io" | "index.docker.io" | "registry-1.docker.io") {
-        ["https://index.docker.io/v1/", "index.docker.io", "docker.io", "registry-1.docker.io", "https://registry-1.docker.io"]
-            .map(str::to_owned)
-            .to_vec()
+        [
+            "https://index.docker.io/v1/",
+            "index.docker.io",
+            "docker.io",
+            "registry-1.docker.io",
+            "https://registry-1.docker.io",
+        ]
+        .map(str::to_owned)
+        .to_vec()
     } else {
-        vec![registry.to_owned(), format!("https://{registry}"), format!("http://{registry}"), format!("https://{registry}/v1/")]
+        vec![
+            registry.to_owned(),
+            format!("https://{registry}"),
+            format!("http://{registry}"),
+            format!("https://{registry}/v1/"),
+        ]
     }
 }
 
 /// `(user, password)` for `registry` from the text of a docker config.json; `Ok(None)` when it
 /// holds none (a credential helper, for instance, is not consulted).
-pub fn credentials(config_json: &str, registry: &str, path: &Path) -> Result<Option<(String, String)>, AuthError> {
-    let v: serde_json::Value = serde_json::from_str(config_json).map_err(|source| AuthError::Json { path: path.to_owned(), source })?;
+pub fn credentials(
+    config_json: &str,
+    registry: &str,
+    path: &Path,
+) -> Result<Option<(String, String)>, AuthError> {
+    let v: serde_json::Value = serde_json::from_str(config_json)
+        .map_err(|source| AuthError::Json { path: path.to_owned(), source })?;
     let Some(auths) = v.get("auths").and_then(|a| a.as_object()) else { return Ok(None) };
     let Some(entry) = keys_for(registry).iter().find_map(|k| auths.get(k)) else { return Ok(None) };
     let bad = || AuthError::BadAuth { registry: registry.to_owned(), path: path.to_owned() };
@@ -112,7 +128,10 @@ pub fn credentials(config_json: &str, registry: &str, path: &Path) -> Result<Opt
 }
 
 /// Loads credentials for `registry` from the docker config file (a missing file is no error).
-pub fn load_credentials(explicit: Option<&Path>, registry: &str) -> Result<Option<(String, String)>, AuthError> {
+pub fn load_credentials(
+    explicit: Option<&Path>,
+    registry: &str,
+) -> Result<Option<(String, String)>, AuthError> {
     let Some(path) = docker_config_path(explicit) else { return Ok(None) };
     match std::fs::read_to_string(&path) {
         Ok(text) => credentials(&text, registry, &path),
@@ -123,7 +142,10 @@ pub fn load_credentials(explicit: Option<&Path>, registry: &str) -> Result<Optio
 
 /// The `Authorization` value for basic credentials.
 pub fn basic_header(user: &str, password: &str) -> String {
-    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")))
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
 }
 
 #[cfg(test)]
@@ -144,8 +166,14 @@ mod tests {
 
     #[test]
     fn basic_unquoted_spaced_and_escaped_challenges() {
-        assert_eq!(parse_challenge(r#"Basic realm="Registry Realm""#).expect("basic").params["realm"], "Registry Realm");
-        let c = parse_challenge(r#"Bearer realm = "https://x/token" , scope=repository:a/b:pull , error="in\"valid""#).expect("loose");
+        assert_eq!(
+            parse_challenge(r#"Basic realm="Registry Realm""#).expect("basic").params["realm"],
+            "Registry Realm"
+        );
+        let c = parse_challenge(
+            r#"Bearer realm = "https://x/token" , scope=repository:a/b:pull , error="in\"valid""#,
+        )
+        .expect("loose");
         assert_eq!(c.params["realm"], "https://x/token");
         assert_eq!(c.params["scope"], "repository:a/b:pull");
         assert_eq!(c.params["error"], "in\"valid");
@@ -160,12 +188,18 @@ mod tests {
         let cfg = format!(
             r#"{{"auths":{{"127.0.0.1:5000":{{"auth":"{auth}"}},"https://index.docker.io/v1/":{{"username":"a","password":"b"}},"https://ghcr.io":{{"auth":"{auth}"}}}},"credsStore":"desktop"}}"#
         );
-        assert_eq!(credentials(&cfg, "127.0.0.1:5000", p).expect("ok"), Some(("u".into(), "p:w".into())));
+        assert_eq!(
+            credentials(&cfg, "127.0.0.1:5000", p).expect("ok"),
+            Some(("u".into(), "p:w".into()))
+        );
         assert_eq!(credentials(&cfg, "docker.io", p).expect("ok"), Some(("a".into(), "b".into())));
         assert_eq!(credentials(&cfg, "ghcr.io", p).expect("ok"), Some(("u".into(), "p:w".into())));
         assert_eq!(credentials(&cfg, "quay.io", p).expect("ok"), None);
         assert_eq!(credentials("{}", "quay.io", p).expect("ok"), None);
-        assert!(matches!(credentials(r#"{"auths":{"x.io":{"auth":"!!"}}}"#, "x.io", p), Err(AuthError::BadAuth { .. })));
+        assert!(matches!(
+            credentials(r#"{"auths":{"x.io":{"auth":"!!"}}}"#, "x.io", p),
+            Err(AuthError::BadAuth { .. })
+        ));
         assert!(matches!(credentials("nope", "x.io", p), Err(AuthError::Json { .. })));
     }
 
@@ -174,9 +208,16 @@ mod tests {
         let t = tempfile::tempdir().expect("tmp");
         let f = t.path().join("config.json");
         assert_eq!(docker_config_path(Some(&f)), Some(f.clone()));
-        assert!(matches!(load_credentials(Some(&f), "x.io"), Err(AuthError::Read { .. })), "an explicit file must exist");
-        std::fs::write(&f, r#"{"auths":{"x.io":{"username":"me","password":"pw"}}}"#).expect("write");
-        assert_eq!(load_credentials(Some(&f), "x.io").expect("ok"), Some(("me".into(), "pw".into())));
+        assert!(
+            matches!(load_credentials(Some(&f), "x.io"), Err(AuthError::Read { .. })),
+            "an explicit file must exist"
+        );
+        std::fs::write(&f, r#"{"auths":{"x.io":{"username":"me","password":"pw"}}}"#)
+            .expect("write");
+        assert_eq!(
+            load_credentials(Some(&f), "x.io").expect("ok"),
+            Some(("me".into(), "pw".into()))
+        );
         assert_eq!(basic_header("me", "pw"), "Basic bWU6cHc=");
     }
 }

@@ -35,7 +35,9 @@ pub enum ImportError {
     OciArchive { path: PathBuf },
     #[error("{path} is malformed: {why}")]
     Malformed { path: PathBuf, why: String },
-    #[error("{path} has no linux/amd64 image (it has: {available}); hearth runs amd64 guests only")]
+    #[error(
+        "{path} has no linux/amd64 image (it has: {available}); hearth runs amd64 guests only"
+    )]
     Platform { path: PathBuf, available: String },
     #[error("layer {digest} in {path} has media type {media_type:?}; only tar, tar+gzip and tar+zstd layers can be imported")]
     MediaType { path: PathBuf, digest: String, media_type: String },
@@ -87,12 +89,20 @@ enum TarKind {
 
 /// An archive member path without `./` or leading `/`.
 fn member(raw: &[u8]) -> String {
-    String::from_utf8_lossy(raw).split('/').filter(|c| !c.is_empty() && *c != ".").collect::<Vec<_>>().join("/")
+    String::from_utf8_lossy(raw)
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 /// Resolves `rel` against `base` (a member's directory), lexically, inside the archive.
 fn join_member(base: &str, rel: &str) -> Option<String> {
-    let mut parts: Vec<&str> = if rel.starts_with('/') { Vec::new() } else { base.split('/').filter(|c| !c.is_empty()).collect() };
+    let mut parts: Vec<&str> = if rel.starts_with('/') {
+        Vec::new()
+    } else {
+        base.split('/').filter(|c| !c.is_empty()).collect()
+    };
     for c in rel.split('/') {
         match c {
             "" | "." => {}
@@ -107,7 +117,9 @@ fn join_member(base: &str, rel: &str) -> Option<String> {
 
 fn open_tar(path: &Path) -> Result<tar::Archive<Box<dyn Read>>, ImportError> {
     let file = File::open(path).map_err(io_err(path))?;
-    Ok(tar::Archive::new(decompress(BufReader::with_capacity(256 << 10, file)).map_err(io_err(path))?))
+    Ok(tar::Archive::new(
+        decompress(BufReader::with_capacity(256 << 10, file)).map_err(io_err(path))?,
+    ))
 }
 
 /// Reads a tar once to tell a docker archive from a plain rootfs tar (and non-tars).
@@ -120,8 +132,15 @@ fn sniff(path: &Path) -> Result<TarKind, ImportError> {
     for entry in ar.entries().map_err(io_err(path))? {
         let mut entry = match entry {
             Ok(e) => e,
-            Err(_) if count == 0 => return Err(ImportError::Unrecognised { path: path.to_owned() }),
-            Err(e) => return Err(malformed(path, format!("the tar is damaged after {count} entries: {e}"))),
+            Err(_) if count == 0 => {
+                return Err(ImportError::Unrecognised { path: path.to_owned() })
+            }
+            Err(e) => {
+                return Err(malformed(
+                    path,
+                    format!("the tar is damaged after {count} entries: {e}"),
+                ))
+            }
         };
         count += 1;
         let name = member(&entry.path_bytes());
@@ -143,7 +162,9 @@ fn sniff(path: &Path) -> Result<TarKind, ImportError> {
     if count == 0 {
         return Err(ImportError::Unrecognised { path: path.to_owned() });
     }
-    if let Some(manifest) = manifest.filter(|m| serde_json::from_slice::<Vec<DockerManifest>>(m).is_ok()) {
+    if let Some(manifest) =
+        manifest.filter(|m| serde_json::from_slice::<Vec<DockerManifest>>(m).is_ok())
+    {
         return Ok(TarKind::Docker { manifest, symlinks });
     }
     if oci_layout {
@@ -162,42 +183,64 @@ impl ImageStore {
         let meta = fs::metadata(path).map_err(io_err(path))?;
         let mut rec = if meta.is_dir() {
             if !path.join("oci-layout").is_file() || !path.join("index.json").is_file() {
-                return Err(malformed(path, "a directory must be an OCI layout (with oci-layout and index.json)"));
+                return Err(malformed(
+                    path,
+                    "a directory must be an OCI layout (with oci-layout and index.json)",
+                ));
             }
             self.import_oci_layout(path, name)?
         } else {
             match sniff(path)? {
-                TarKind::Docker { manifest, symlinks } => self.import_docker_archive(path, &manifest, &symlinks)?,
+                TarKind::Docker { manifest, symlinks } => {
+                    self.import_docker_archive(path, &manifest, &symlinks)?
+                }
                 TarKind::Rootfs { diff_id } => self.import_rootfs_tar(path, &diff_id)?,
             }
         };
         rec.names = vec![name.to_string()];
         // Verified before it is stored: an image whose layers would be refused at run (an
         // escape, a lying diff_id) never sits in the store as a good one.
-        self.rootfs(&rec).map_err(|source| ImportError::Refused { name: name.to_string(), source })?;
+        self.rootfs(&rec)
+            .map_err(|source| ImportError::Refused { name: name.to_string(), source })?;
         Ok(self.save(&rec)?)
     }
 
-    fn store_file(&self, file: &Path, expected: Option<&Digest>) -> Result<(Digest, u64), ImportError> {
+    fn store_file(
+        &self,
+        file: &Path,
+        expected: Option<&Digest>,
+    ) -> Result<(Digest, u64), ImportError> {
         let f = File::open(file).map_err(io_err(file))?;
         Ok(self.put_blob(f, expected, &|_| {})?)
     }
 
     fn import_oci_layout(&self, dir: &Path, name: &ImageRef) -> Result<ImageRecord, ImportError> {
         let blob_file = |d: &Digest| dir.join("blobs/sha256").join(d.hex());
-        let digest = |s: &str| s.parse::<Digest>().map_err(|_| malformed(dir, format!("{s:?} is not a sha256 digest")));
+        let digest = |s: &str| {
+            s.parse::<Digest>().map_err(|_| malformed(dir, format!("{s:?} is not a sha256 digest")))
+        };
         let read_verified = |d: &Digest| -> Result<Vec<u8>, ImportError> {
             let p = blob_file(d);
             let mut bytes = Vec::new();
-            File::open(&p).map_err(io_err(&p))?.take(MAX_METADATA).read_to_end(&mut bytes).map_err(io_err(&p))?;
+            File::open(&p)
+                .map_err(io_err(&p))?
+                .take(MAX_METADATA)
+                .read_to_end(&mut bytes)
+                .map_err(io_err(&p))?;
             let actual = digest_of(&bytes);
             if actual != *d {
-                return Err(StoreError::DigestMismatch { what: p.display().to_string(), expected: d.clone(), actual }.into());
+                return Err(StoreError::DigestMismatch {
+                    what: p.display().to_string(),
+                    expected: d.clone(),
+                    actual,
+                }
+                .into());
             }
             Ok(bytes)
         };
         let parse = |bytes: &[u8], what: &str| -> Result<Manifest, ImportError> {
-            serde_json::from_slice(bytes).map_err(|e| malformed(dir, format!("{what} is not valid JSON: {e}")))
+            serde_json::from_slice(bytes)
+                .map_err(|e| malformed(dir, format!("{what} is not valid JSON: {e}")))
         };
         let index_path = dir.join("index.json");
         let mut bytes = fs::read(&index_path).map_err(io_err(&index_path))?;
@@ -207,7 +250,9 @@ impl ImageStore {
         }
         // The top-level index may list several images: prefer the tag asked for.
         let tag = name.tag.clone().unwrap_or_default();
-        let wanted = |d: &&oci::Descriptor| d.annotations.get(REF_NAME).is_some_and(|r| *r == tag || *r == name.to_string());
+        let wanted = |d: &&oci::Descriptor| {
+            d.annotations.get(REF_NAME).is_some_and(|r| *r == tag || *r == name.to_string())
+        };
         if index.manifests.iter().all(|d| d.platform.is_none()) {
             let chosen = index.manifests.iter().find(wanted).unwrap_or(&index.manifests[0]).clone();
             index.manifests = vec![chosen];
@@ -216,7 +261,13 @@ impl ImageStore {
         for _ in 0..3 {
             let desc = match index.manifests.as_slice() {
                 [only] if only.platform.is_none() => only.clone(),
-                _ => index.pick_amd64().map_err(|have| ImportError::Platform { path: dir.to_owned(), available: have.join(", ") })?.clone(),
+                _ => index
+                    .pick_amd64()
+                    .map_err(|have| ImportError::Platform {
+                        path: dir.to_owned(),
+                        available: have.join(", "),
+                    })?
+                    .clone(),
             };
             let d = digest(&desc.digest)?;
             bytes = read_verified(&d)?;
@@ -230,15 +281,23 @@ impl ImageStore {
             Some(d) if !index.is_index() => (index, d),
             _ => return Err(malformed(dir, "indexes nest too deeply")),
         };
-        let config = m.config.as_ref().ok_or_else(|| malformed(dir, format!("manifest {mdg} has no config")))?;
+        let config = m
+            .config
+            .as_ref()
+            .ok_or_else(|| malformed(dir, format!("manifest {mdg} has no config")))?;
         for l in &m.layers {
             if !oci::is_layer_type(&l.media_type) {
-                return Err(ImportError::MediaType { path: dir.to_owned(), digest: l.digest.clone(), media_type: l.media_type.clone() });
+                return Err(ImportError::MediaType {
+                    path: dir.to_owned(),
+                    digest: l.digest.clone(),
+                    media_type: l.media_type.clone(),
+                });
             }
         }
         let config_digest = digest(&config.digest)?;
         let config_bytes = read_verified(&config_digest)?;
-        let cfg = oci::parse_config(&config_bytes).map_err(|e| malformed(dir, format!("the image config is not valid JSON: {e}")))?;
+        let cfg = oci::parse_config(&config_bytes)
+            .map_err(|e| malformed(dir, format!("the image config is not valid JSON: {e}")))?;
         self.put_blob(&config_bytes[..], Some(&config_digest), &|_| {})?;
         let (mut layers, mut size) = (Vec::new(), 0);
         for l in &m.layers {
@@ -248,12 +307,25 @@ impl ImageStore {
             size += n;
         }
         self.put_blob(&bytes[..], Some(&mdg), &|_| {})?;
-        Ok(ImageRecord { names: vec![], id: config_digest, manifest_digest: Some(mdg), layers, config: cfg, size, created_at: now() })
+        Ok(ImageRecord {
+            names: vec![],
+            id: config_digest,
+            manifest_digest: Some(mdg),
+            layers,
+            config: cfg,
+            size,
+            created_at: now(),
+        })
     }
 
-    fn import_docker_archive(&self, path: &Path, manifest: &[u8], symlinks: &HashMap<String, String>) -> Result<ImageRecord, ImportError> {
-        let manifests: Vec<DockerManifest> =
-            serde_json::from_slice(manifest).map_err(|e| malformed(path, format!("manifest.json: {e}")))?;
+    fn import_docker_archive(
+        &self,
+        path: &Path,
+        manifest: &[u8],
+        symlinks: &HashMap<String, String>,
+    ) -> Result<ImageRecord, ImportError> {
+        let manifests: Vec<DockerManifest> = serde_json::from_slice(manifest)
+            .map_err(|e| malformed(path, format!("manifest.json: {e}")))?;
         let m = manifests.first().ok_or_else(|| malformed(path, "manifest.json lists no image"))?;
         // `docker save` links repeated layers to one copy: follow links (inside the archive).
         let resolve = |name: &str| -> Result<String, ImportError> {
@@ -261,7 +333,8 @@ impl ImageStore {
             for _ in 0..16 {
                 let Some(link) = symlinks.get(&cur) else { return Ok(cur) };
                 let base = cur.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
-                cur = join_member(base, link).ok_or_else(|| malformed(path, format!("{name} links outside the archive")))?;
+                cur = join_member(base, link)
+                    .ok_or_else(|| malformed(path, format!("{name} links outside the archive")))?;
             }
             Err(malformed(path, format!("{name} is a symlink loop")))
         };
@@ -278,7 +351,9 @@ impl ImageStore {
             }
         }
         let get = |member: &str| {
-            stored.get(member).cloned().ok_or_else(|| malformed(path, format!("manifest.json names {member}, which the archive lacks")))
+            stored.get(member).cloned().ok_or_else(|| {
+                malformed(path, format!("manifest.json names {member}, which the archive lacks"))
+            })
         };
         let (config_digest, _) = get(&config_member)?;
         let cfg = oci::parse_config(&self.read_blob(&config_digest)?)
@@ -289,7 +364,15 @@ impl ImageStore {
             layers.push(d);
             size += n;
         }
-        Ok(ImageRecord { names: vec![], id: config_digest, manifest_digest: None, layers, config: cfg, size, created_at: now() })
+        Ok(ImageRecord {
+            names: vec![],
+            id: config_digest,
+            manifest_digest: None,
+            layers,
+            config: cfg,
+            size,
+            created_at: now(),
+        })
     }
 
     fn import_rootfs_tar(&self, path: &Path, diff_id: &Digest) -> Result<ImageRecord, ImportError> {
@@ -304,8 +387,17 @@ impl ImageStore {
         })
         .to_string();
         let (id, _) = self.put_blob(config.as_bytes(), None, &|_| {})?;
-        let cfg = oci::parse_config(config.as_bytes()).map_err(|e| malformed(path, format!("synthesized config: {e}")))?;
-        Ok(ImageRecord { names: vec![], id, manifest_digest: None, layers: vec![layer], config: cfg, size, created_at: now() })
+        let cfg = oci::parse_config(config.as_bytes())
+            .map_err(|e| malformed(path, format!("synthesized config: {e}")))?;
+        Ok(ImageRecord {
+            names: vec![],
+            id,
+            manifest_digest: None,
+            layers: vec![layer],
+            config: cfg,
+            size,
+            created_at: now(),
+        })
     }
 }
 

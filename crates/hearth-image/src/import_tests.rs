@@ -43,7 +43,10 @@ fn plain_rootfs_tars_plain_gzip_and_zstd() {
         assert_eq!(rec.config.cmd, ["/bin/sh"]);
         assert!(rec.config.entrypoint.is_empty());
         assert!(rec.config.env[0].starts_with("PATH=/usr/local/sbin"));
-        assert_eq!((rec.layers.len(), rec.size, rec.manifest_digest.clone()), (1, bytes.len() as u64, None));
+        assert_eq!(
+            (rec.layers.len(), rec.size, rec.manifest_digest.clone()),
+            (1, bytes.len() as u64, None)
+        );
         let dir = t.path().join(format!("out{i}"));
         s.unpack_to(&rec, &dir).expect("unpack");
         assert_eq!(fs::read(dir.join("bin/hello")).expect("file"), b"hello");
@@ -62,7 +65,8 @@ fn plain_rootfs_tars_plain_gzip_and_zstd() {
 #[test]
 fn junk_and_empty_files_are_refused_clearly() {
     let (t, s) = setup();
-    for (name, bytes) in [("junk", vec![7u8; 2048]), ("empty", vec![]), ("zeros", vec![0u8; 1024])] {
+    for (name, bytes) in [("junk", vec![7u8; 2048]), ("empty", vec![]), ("zeros", vec![0u8; 1024])]
+    {
         let p = t.path().join(name);
         fs::write(&p, bytes).expect("write");
         let e = s.import(&p, &"x:1".parse().expect("ref")).expect_err(name);
@@ -77,7 +81,12 @@ fn junk_and_empty_files_are_refused_clearly() {
 fn oci_layout_from_testutil() {
     let (t, s) = setup();
     let layout = t.path().join("layout");
-    testutil::busybox_oci_layout(&layout, "v1", &TestImage { user: "app".into(), ..Default::default() }).expect("layout");
+    testutil::busybox_oci_layout(
+        &layout,
+        "v1",
+        &TestImage { user: "app".into(), ..Default::default() },
+    )
+    .expect("layout");
     let rec = s.import(&layout, &"demo:v1".parse().expect("ref")).expect("import");
     assert_eq!(rec.names, ["docker.io/library/demo:v1"]);
     assert_eq!((rec.config.user.as_str(), rec.config.working_dir.as_str()), ("app", "/work"));
@@ -91,10 +100,14 @@ fn oci_layout_from_testutil() {
 }
 
 /// Rewrites the layout's index.json to `index` (a JSON value) and returns the layout.
-fn layout_with_index(t: &tempfile::TempDir, index: impl FnOnce(serde_json::Value) -> serde_json::Value) -> PathBuf {
+fn layout_with_index(
+    t: &tempfile::TempDir,
+    index: impl FnOnce(serde_json::Value) -> serde_json::Value,
+) -> PathBuf {
     let layout = t.path().join("layout");
     testutil::busybox_oci_layout(&layout, "v1", &TestImage::default()).expect("layout");
-    let old: serde_json::Value = serde_json::from_slice(&fs::read(layout.join("index.json")).expect("read")).expect("json");
+    let old: serde_json::Value =
+        serde_json::from_slice(&fs::read(layout.join("index.json")).expect("read")).expect("json");
     fs::write(layout.join("index.json"), index(old).to_string()).expect("write");
     layout
 }
@@ -127,7 +140,8 @@ fn oci_layout_through_a_nested_multi_platform_index() {
 fn oci_layout_errors_name_platforms_and_catch_tampering() {
     let (t, s) = setup();
     let layout = layout_with_index(&t, |mut old| {
-        old["manifests"][0]["platform"] = serde_json::json!({"architecture": "riscv64", "os": "linux"});
+        old["manifests"][0]["platform"] =
+            serde_json::json!({"architecture": "riscv64", "os": "linux"});
         old
     });
     let e = s.import(&layout, &"x:1".parse().expect("ref")).expect_err("platform");
@@ -135,11 +149,22 @@ fn oci_layout_errors_name_platforms_and_catch_tampering() {
 
     let (t2, s2) = setup();
     let layout = layout_with_index(&t2, |old| old);
-    let index: serde_json::Value = serde_json::from_slice(&fs::read(layout.join("index.json")).expect("read")).expect("json");
-    let manifest_hex = index["manifests"][0]["digest"].as_str().expect("digest").trim_start_matches("sha256:").to_owned();
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&fs::read(layout.join("blobs/sha256").join(&manifest_hex)).expect("m")).expect("json");
-    let layer_hex = manifest["layers"][0]["digest"].as_str().expect("digest").trim_start_matches("sha256:").to_owned();
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(layout.join("index.json")).expect("read")).expect("json");
+    let manifest_hex = index["manifests"][0]["digest"]
+        .as_str()
+        .expect("digest")
+        .trim_start_matches("sha256:")
+        .to_owned();
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &fs::read(layout.join("blobs/sha256").join(&manifest_hex)).expect("m"),
+    )
+    .expect("json");
+    let layer_hex = manifest["layers"][0]["digest"]
+        .as_str()
+        .expect("digest")
+        .trim_start_matches("sha256:")
+        .to_owned();
     fs::write(layout.join("blobs/sha256").join(&layer_hex), b"tampered").expect("tamper");
     let e = s2.import(&layout, &"x:1".parse().expect("ref")).expect_err("tampered");
     assert!(e.to_string().contains("digest mismatch"), "{e}");
@@ -168,7 +193,9 @@ fn docker_archive(dir: &Path, with_link: bool) -> PathBuf {
         br#"[{"Config":"cfg.json","RepoTags":["app:1"],"Layers":["l1/layer.tar"]}]"#.to_vec()
     };
     let mut ar = tar::Builder::new(Vec::new());
-    for (name, data) in [("l1/layer.tar", &layer[..]), ("cfg.json", &config[..]), ("manifest.json", &manifest[..])] {
+    for (name, data) in
+        [("l1/layer.tar", &layer[..]), ("cfg.json", &config[..]), ("manifest.json", &manifest[..])]
+    {
         let mut h = tar::Header::new_ustar();
         h.set_size(data.len() as u64);
         h.set_mode(0o644);
@@ -192,7 +219,10 @@ fn docker_save_archive_import() {
     let p = docker_archive(t.path(), true);
     let rec = s.import(&p, &"app:1".parse().expect("ref")).expect("import");
     assert_eq!(rec.config.entrypoint, ["/bin/app"]);
-    assert_eq!((rec.config.working_dir.as_str(), rec.config.env.clone()), ("/srv", vec!["A=1".to_owned()]));
+    assert_eq!(
+        (rec.config.working_dir.as_str(), rec.config.env.clone()),
+        ("/srv", vec!["A=1".to_owned()])
+    );
     assert_eq!(rec.layers.len(), 2);
     assert_eq!(rec.layers[0], rec.layers[1], "the linked layer is the same blob");
     assert_eq!(rec.id, digest_of(&docker_config(&tar_of(&[("etc/x", b"hi")]), 2)));

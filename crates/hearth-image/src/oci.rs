@@ -68,21 +68,28 @@ pub struct Manifest {
 
 impl Manifest {
     pub fn is_index(&self) -> bool {
-        self.media_type == OCI_INDEX || self.media_type == DOCKER_LIST || (self.config.is_none() && !self.manifests.is_empty())
+        self.media_type == OCI_INDEX
+            || self.media_type == DOCKER_LIST
+            || (self.config.is_none() && !self.manifests.is_empty())
     }
 
     /// The linux/amd64 entry of an index; else the platforms it has (`os/arch[/variant]`).
     pub fn pick_amd64(&self) -> Result<&Descriptor, Vec<String>> {
-        self.manifests.iter().find(|d| d.platform.as_ref().is_some_and(|p| p.os == "linux" && p.architecture == "amd64")).ok_or_else(|| {
-            self.manifests
-                .iter()
-                .filter_map(|d| d.platform.as_ref())
-                .map(|p| match &p.variant {
-                    Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
-                    None => format!("{}/{}", p.os, p.architecture),
-                })
-                .collect()
-        })
+        self.manifests
+            .iter()
+            .find(|d| {
+                d.platform.as_ref().is_some_and(|p| p.os == "linux" && p.architecture == "amd64")
+            })
+            .ok_or_else(|| {
+                self.manifests
+                    .iter()
+                    .filter_map(|d| d.platform.as_ref())
+                    .map(|p| match &p.variant {
+                        Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
+                        None => format!("{}/{}", p.os, p.architecture),
+                    })
+                    .collect()
+            })
     }
 }
 
@@ -168,8 +175,14 @@ mod tests {
 
     #[test]
     fn config_fields() {
-        let c = parse_config(br#"{"config":{"Cmd":["sh"],"Env":["A=1"],"WorkingDir":"/w","User":"app"}}"#).expect("cfg");
-        assert_eq!((c.cmd, c.env, c.working_dir.as_str(), c.user.as_str()), (vec!["sh".to_string()], vec!["A=1".to_string()], "/w", "app"));
+        let c = parse_config(
+            br#"{"config":{"Cmd":["sh"],"Env":["A=1"],"WorkingDir":"/w","User":"app"}}"#,
+        )
+        .expect("cfg");
+        assert_eq!(
+            (c.cmd, c.env, c.working_dir.as_str(), c.user.as_str()),
+            (vec!["sh".to_string()], vec!["A=1".to_string()], "/w", "app")
+        );
         assert_eq!(parse_config(b"{}").expect("empty"), ImageConfig::default());
     }
 }

@@ -90,7 +90,9 @@ fn humantime_secs(d: Duration) -> String {
 /// timeout in its own error).
 fn is_timeout(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::TimedOut
-        || e.get_ref().and_then(|inner| inner.downcast_ref::<reqwest::Error>()).is_some_and(reqwest::Error::is_timeout)
+        || e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<reqwest::Error>())
+            .is_some_and(reqwest::Error::is_timeout)
 }
 
 /// The error a [`Bounded`] read fails with.
@@ -107,7 +109,8 @@ struct Bounded<R> {
 
 impl<R: Read> Read for Bounded<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let want = buf.len().min(usize::try_from(self.left.saturating_add(1)).unwrap_or(usize::MAX));
+        let want =
+            buf.len().min(usize::try_from(self.left.saturating_add(1)).unwrap_or(usize::MAX));
         let n = self.inner.read(&mut buf[..want])?;
         if n as u64 > self.left {
             return Err(std::io::Error::other(Overrun(self.what.clone())));
@@ -134,7 +137,11 @@ impl Session {
             return self.bad(format!("it redirected more than {MAX_REDIRECTS} times"));
         }
         if source.is_timeout() {
-            return PullError::Stalled { registry: self.registry.clone(), what: "waiting for an answer".into(), timeout: self.timeout };
+            return PullError::Stalled {
+                registry: self.registry.clone(),
+                what: "waiting for an answer".into(),
+                timeout: self.timeout,
+            };
         }
         PullError::Http { registry: self.registry.clone(), source }
     }
@@ -142,10 +149,18 @@ impl Session {
     /// An error reading a body: a stall, an overrun, or a broken connection.
     fn read_error(&self, e: std::io::Error, what: &str, limit: u64) -> PullError {
         if is_timeout(&e) {
-            return PullError::Stalled { registry: self.registry.clone(), what: format!("reading {what}"), timeout: self.timeout };
+            return PullError::Stalled {
+                registry: self.registry.clone(),
+                what: format!("reading {what}"),
+                timeout: self.timeout,
+            };
         }
         if e.get_ref().is_some_and(|inner| inner.is::<Overrun>()) {
-            return PullError::TooLarge { registry: self.registry.clone(), what: what.to_owned(), limit };
+            return PullError::TooLarge {
+                registry: self.registry.clone(),
+                what: what.to_owned(),
+                limit,
+            };
         }
         self.bad(format!("reading {what}: {e}"))
     }
@@ -174,11 +189,22 @@ impl Session {
             match status {
                 StatusCode::UNAUTHORIZED if !negotiated => {
                     negotiated = true;
-                    let challenge = resp.headers().get(WWW_AUTHENTICATE).and_then(|h| h.to_str().ok()).and_then(auth::parse_challenge);
-                    self.authenticate(challenge.ok_or_else(|| self.bad("401 without a usable WWW-Authenticate challenge"))?, &what)?;
+                    let challenge = resp
+                        .headers()
+                        .get(WWW_AUTHENTICATE)
+                        .and_then(|h| h.to_str().ok())
+                        .and_then(auth::parse_challenge);
+                    self.authenticate(
+                        challenge.ok_or_else(|| {
+                            self.bad("401 without a usable WWW-Authenticate challenge")
+                        })?,
+                        &what,
+                    )?;
                 }
                 StatusCode::NOT_FOUND => return Err(PullError::NotFound { registry, what }),
-                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => return Err(PullError::Denied { registry, what, status }),
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                    return Err(PullError::Denied { registry, what, status })
+                }
                 _ => return Err(PullError::Status { registry, what, status }),
             }
         }
@@ -186,15 +212,26 @@ impl Session {
 
     fn authenticate(&mut self, c: Challenge, what: &str) -> Result<(), PullError> {
         let basic = self.creds.as_ref().map(|(u, p)| auth::basic_header(u, p));
-        let denied = |status| PullError::Denied { registry: self.registry.clone(), what: what.to_owned(), status };
+        let denied = |status| PullError::Denied {
+            registry: self.registry.clone(),
+            what: what.to_owned(),
+            status,
+        };
         match c.scheme.as_str() {
             "basic" => {
                 self.auth = Some(basic.ok_or_else(|| denied(StatusCode::UNAUTHORIZED))?);
                 Ok(())
             }
             "bearer" => {
-                let realm = c.params.get("realm").ok_or_else(|| self.bad("bearer challenge without a realm"))?;
-                let scope = c.params.get("scope").cloned().unwrap_or_else(|| format!("repository:{}:pull", self.repo));
+                let realm = c
+                    .params
+                    .get("realm")
+                    .ok_or_else(|| self.bad("bearer challenge without a realm"))?;
+                let scope = c
+                    .params
+                    .get("scope")
+                    .cloned()
+                    .unwrap_or_else(|| format!("repository:{}:pull", self.repo));
                 let mut query = vec![("scope", scope)];
                 if let Some(s) = c.params.get("service") {
                     query.push(("service", s.clone()));
@@ -211,8 +248,8 @@ impl Session {
                 Bounded { inner: resp, left: MAX_TOKEN_ANSWER, what: "the token answer".into() }
                     .read_to_end(&mut answer)
                     .map_err(|e| self.read_error(e, "the token answer", MAX_TOKEN_ANSWER))?;
-                let v: serde_json::Value =
-                    serde_json::from_slice(&answer).map_err(|e| self.bad(format!("the token answer is not JSON: {e}")))?;
+                let v: serde_json::Value = serde_json::from_slice(&answer)
+                    .map_err(|e| self.bad(format!("the token answer is not JSON: {e}")))?;
                 let token = v
                     .get("token")
                     .or_else(|| v.get("access_token"))
@@ -240,7 +277,12 @@ impl Session {
         let digest = digest_of(&bytes);
         if let Ok(expected) = reference.parse::<Digest>() {
             if expected != digest {
-                return Err(StoreError::DigestMismatch { what: format!("manifest {what}"), expected, actual: digest }.into());
+                return Err(StoreError::DigestMismatch {
+                    what: format!("manifest {what}"),
+                    expected,
+                    actual: digest,
+                }
+                .into());
             }
         }
         Ok((bytes, digest))
@@ -248,15 +290,27 @@ impl Session {
 }
 
 fn parse_digest(s: &str, reference: &ImageRef) -> Result<Digest, PullError> {
-    s.parse().map_err(|_| PullError::Bad { registry: reference.registry.clone(), why: format!("{s:?} is not a sha256 digest") })
+    s.parse().map_err(|_| PullError::Bad {
+        registry: reference.registry.clone(),
+        why: format!("{s:?} is not a sha256 digest"),
+    })
 }
 
 impl ImageStore {
     /// Pulls `r` (the linux/amd64 image of multi-platform ones), verifying every digest and
     /// reusing blobs already stored. The name moves to this image if another one had it.
-    pub fn pull(&self, r: &ImageRef, opts: &PullOptions, progress: &dyn Progress) -> Result<ImageRecord, PullError> {
+    pub fn pull(
+        &self,
+        r: &ImageRef,
+        opts: &PullOptions,
+        progress: &dyn Progress,
+    ) -> Result<ImageRecord, PullError> {
         let plain = opts.insecure || r.is_loopback();
-        let host = if r.registry == hearth_types::reference::DEFAULT_REGISTRY { "registry-1.docker.io" } else { r.registry.as_str() };
+        let host = if r.registry == hearth_types::reference::DEFAULT_REGISTRY {
+            "registry-1.docker.io"
+        } else {
+            r.registry.as_str()
+        };
         // The blocking client applies `timeout` to connecting, to each answer and to every
         // read of a body: a stall anywhere fails, a slow but steady blob does not.
         let client = Client::builder()
@@ -276,27 +330,43 @@ impl ImageStore {
             timeout: opts.timeout,
         };
         let parse = |bytes: &[u8], s: &Session| -> Result<Manifest, PullError> {
-            serde_json::from_slice(bytes).map_err(|e| s.bad(format!("manifest of {r} is not valid JSON: {e}")))
+            serde_json::from_slice(bytes)
+                .map_err(|e| s.bad(format!("manifest of {r} is not valid JSON: {e}")))
         };
         let (mut bytes, mut digest) = s.manifest(&r.reference())?;
         let mut m = parse(&bytes, &s)?;
         if m.is_index() {
-            let pick =
-                m.pick_amd64().map_err(|have| PullError::Platform { reference: r.to_string(), available: have.join(", ") })?.digest.clone();
+            let pick = m
+                .pick_amd64()
+                .map_err(|have| PullError::Platform {
+                    reference: r.to_string(),
+                    available: have.join(", "),
+                })?
+                .digest
+                .clone();
             (bytes, digest) = s.manifest(&pick)?;
             m = parse(&bytes, &s)?;
             if m.is_index() {
                 return Err(s.bad(format!("the linux/amd64 entry of {r} is another index")));
             }
         }
-        let config = m.config.clone().ok_or_else(|| s.bad(format!("the manifest of {r} has no config")))?;
+        let config =
+            m.config.clone().ok_or_else(|| s.bad(format!("the manifest of {r} has no config")))?;
         let config_digest = parse_digest(&config.digest, r)?;
         if config.size > MAX_CONFIG {
-            return Err(PullError::TooLarge { registry: s.registry.clone(), what: format!("the config of {r}"), limit: MAX_CONFIG });
+            return Err(PullError::TooLarge {
+                registry: s.registry.clone(),
+                what: format!("the config of {r}"),
+                limit: MAX_CONFIG,
+            });
         }
         for l in &m.layers {
             if !oci::is_layer_type(&l.media_type) {
-                return Err(PullError::MediaType { reference: r.to_string(), digest: l.digest.clone(), media_type: l.media_type.clone() });
+                return Err(PullError::MediaType {
+                    reference: r.to_string(),
+                    digest: l.digest.clone(),
+                    media_type: l.media_type.clone(),
+                });
             }
         }
         let mut layers = Vec::new();
@@ -317,7 +387,9 @@ impl ImageStore {
             // Never more than the descriptor's size: a registry cannot fill the disk.
             let body = Bounded { inner: resp, left: desc.size, what: format!("blob {d}") };
             match self.put_blob(body, Some(&d), &|n| progress.advance(&name, n)) {
-                Err(StoreError::Source(e)) => return Err(s.read_error(e, &format!("blob {d}"), desc.size)),
+                Err(StoreError::Source(e)) => {
+                    return Err(s.read_error(e, &format!("blob {d}"), desc.size))
+                }
                 other => other?,
             };
             progress.finish(&name);
@@ -336,7 +408,8 @@ impl ImageStore {
         };
         // Verified before it is stored: every layer unpacks safely and is what the config
         // promises (its diff_id), so an image that run would refuse is refused now.
-        self.rootfs(&rec).map_err(|source| PullError::Refused { reference: r.to_string(), source })?;
+        self.rootfs(&rec)
+            .map_err(|source| PullError::Refused { reference: r.to_string(), source })?;
         Ok(self.save(&rec)?)
     }
 }

@@ -33,7 +33,8 @@ struct FakeRegistry {
 }
 
 fn respond(mut s: &TcpStream, status: &str, headers: &[(&str, String)], body: &[u8]) {
-    let mut out = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
+    let mut out =
+        format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
     for (k, v) in headers {
         out.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -67,7 +68,8 @@ impl FakeRegistry {
                     }
                 }
                 h.lock().expect("lock").push(path.clone());
-                let basic = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("u:p"));
+                let basic =
+                    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("u:p"));
                 if path.starts_with("/token?") {
                     if auth == basic && path.contains("scope=repository%3Ademo%3Apull") {
                         respond(&stream, "200 OK", &[], br#"{"token":"T0K"}"#);
@@ -75,7 +77,9 @@ impl FakeRegistry {
                         respond(&stream, "401 Unauthorized", &[], b"");
                     }
                 } else if auth != "Bearer T0K" {
-                    let challenge = format!(r#"Bearer realm="http://127.0.0.1:{port}/token",service="fake",scope="repository:demo:pull""#);
+                    let challenge = format!(
+                        r#"Bearer realm="http://127.0.0.1:{port}/token",service="fake",scope="repository:demo:pull""#
+                    );
                     respond(&stream, "401 Unauthorized", &[("WWW-Authenticate", challenge)], b"");
                 } else if let Some((ct, body)) = content.get(&path) {
                     respond(&stream, "200 OK", &[("Content-Type", ct.clone())], body);
@@ -99,8 +103,10 @@ fn fake_content() -> HashMap<String, (String, Vec<u8>)> {
     let zst = zstd::encode_all(&layer[..], 1).expect("zstd");
     let layer_digest = digest_of(&zst).to_string();
     let diff_id = digest_of(&layer).to_string();
-    let (config_digest, config) = json_digest(&serde_json::json!({"config": {"Entrypoint": ["/bin/sh", "-c"], "Labels": {"a": "b"}},
-        "rootfs": {"type": "layers", "diff_ids": [diff_id]}}));
+    let (config_digest, config) = json_digest(
+        &serde_json::json!({"config": {"Entrypoint": ["/bin/sh", "-c"], "Labels": {"a": "b"}},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]}}),
+    );
     let manifest = serde_json::json!({
         "schemaVersion": 2, "mediaType": DOCKER_MANIFEST,
         "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": config_digest, "size": config.len()},
@@ -111,13 +117,20 @@ fn fake_content() -> HashMap<String, (String, Vec<u8>)> {
         "platform": {"architecture": "arm64", "os": "linux", "variant": "v8"}});
     let amd = serde_json::json!({"mediaType": DOCKER_MANIFEST, "digest": manifest_digest, "size": manifest.len(),
         "platform": {"architecture": "amd64", "os": "linux"}});
-    let (_, index) = json_digest(&serde_json::json!({"schemaVersion": 2, "mediaType": DOCKER_LIST, "manifests": [arm, amd]}));
-    let (_, arm_only) = json_digest(&serde_json::json!({"schemaVersion": 2, "mediaType": DOCKER_LIST, "manifests": [arm]}));
+    let (_, index) = json_digest(
+        &serde_json::json!({"schemaVersion": 2, "mediaType": DOCKER_LIST, "manifests": [arm, amd]}),
+    );
+    let (_, arm_only) = json_digest(
+        &serde_json::json!({"schemaVersion": 2, "mediaType": DOCKER_LIST, "manifests": [arm]}),
+    );
     let mut c = HashMap::new();
     c.insert("/v2/demo/manifests/1".into(), (DOCKER_LIST.into(), index));
     c.insert("/v2/demo/manifests/armonly".into(), (DOCKER_LIST.into(), arm_only));
     c.insert(format!("/v2/demo/manifests/{manifest_digest}"), (DOCKER_MANIFEST.into(), manifest));
-    c.insert(format!("/v2/demo/blobs/{config_digest}"), ("application/octet-stream".into(), config));
+    c.insert(
+        format!("/v2/demo/blobs/{config_digest}"),
+        ("application/octet-stream".into(), config),
+    );
     c.insert(format!("/v2/demo/blobs/{layer_digest}"), ("application/octet-stream".into(), zst));
     c
 }
@@ -129,21 +142,30 @@ fn bearer_auth_with_docker_config_credentials_and_platform_selection() {
     let s = ImageStore::open(t.path()).expect("open");
     let r: ImageRef = format!("127.0.0.1:{}/demo:1", fake.port).parse().expect("ref");
 
-    let no_creds = PullOptions { docker_config: Some(t.path().join("empty.json")), ..Default::default() };
+    let no_creds =
+        PullOptions { docker_config: Some(t.path().join("empty.json")), ..Default::default() };
     std::fs::write(t.path().join("empty.json"), "{}").expect("write");
     let err = s.pull(&r, &no_creds, &NoProgress).expect_err("denied");
     assert!(matches!(err, PullError::Denied { .. }), "{err}");
 
     let cfg = t.path().join("config.json");
     let auth = base64::engine::general_purpose::STANDARD.encode("u:p");
-    std::fs::write(&cfg, format!(r#"{{"auths":{{"127.0.0.1:{}":{{"auth":"{auth}"}}}}}}"#, fake.port)).expect("write");
+    std::fs::write(
+        &cfg,
+        format!(r#"{{"auths":{{"127.0.0.1:{}":{{"auth":"{auth}"}}}}}}"#, fake.port),
+    )
+    .expect("write");
     let opts = PullOptions { docker_config: Some(cfg), ..Default::default() };
     let progress = Recorder::default();
     let rec = s.pull(&r, &opts, &progress).expect("pull");
     assert_eq!(rec.config.entrypoint, ["/bin/sh", "-c"]);
     assert_eq!(rec.config.labels.get("a").map(String::as_str), Some("b"));
     assert_eq!(rec.names, [r.to_string()]);
-    assert_eq!(progress.0.lock().expect("lock").iter().filter(|p| p.starts_with("finish")).count(), 2, "config and layer");
+    assert_eq!(
+        progress.0.lock().expect("lock").iter().filter(|p| p.starts_with("finish")).count(),
+        2,
+        "config and layer"
+    );
     let dir = t.path().join("unpacked");
     s.unpack_to(&rec, &dir).expect("zstd layer unpacks");
     assert!(dir.join("bin/busybox").is_file());
@@ -193,15 +215,21 @@ fn misbehaving(acts: HashMap<String, Act>) -> u16 {
                     }
                 }
                 match acts.get(&path) {
-                    Some(Act::Serve(ct, body)) => respond(&stream, "200 OK", &[("Content-Type", ct.clone())], body),
+                    Some(Act::Serve(ct, body)) => {
+                        respond(&stream, "200 OK", &[("Content-Type", ct.clone())], body)
+                    }
                     Some(Act::Stall { len, sent }) => {
                         let mut s = &stream;
-                        let _ = s.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n").as_bytes());
+                        let _ = s.write_all(
+                            format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n").as_bytes(),
+                        );
                         let _ = s.write_all(sent);
                         std::thread::sleep(std::time::Duration::from_secs(600));
                     }
                     Some(Act::Flood(n)) => respond(&stream, "200 OK", &[], &vec![b'x'; *n]),
-                    Some(Act::Redirect(to)) => respond(&stream, "307 Temporary Redirect", &[("Location", to.clone())], b""),
+                    Some(Act::Redirect(to)) => {
+                        respond(&stream, "307 Temporary Redirect", &[("Location", to.clone())], b"")
+                    }
                     None => respond(&stream, "404 Not Found", &[], b""),
                 }
             });
@@ -214,7 +242,9 @@ fn misbehaving(acts: HashMap<String, Act>) -> u16 {
 fn image_with_layer(act: impl FnOnce(&str) -> Act, size: usize) -> (HashMap<String, Act>, String) {
     let layer = testutil::busybox_layer(&TestImage::default()).expect("layer");
     let layer_digest = digest_of(&layer).to_string();
-    let (config_digest, config) = json_digest(&serde_json::json!({"rootfs": {"type": "layers", "diff_ids": [layer_digest.clone()]}}));
+    let (config_digest, config) = json_digest(
+        &serde_json::json!({"rootfs": {"type": "layers", "diff_ids": [layer_digest.clone()]}}),
+    );
     let (_, manifest) = json_digest(&serde_json::json!({
         "schemaVersion": 2, "mediaType": OCI_MANIFEST,
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
@@ -222,7 +252,10 @@ fn image_with_layer(act: impl FnOnce(&str) -> Act, size: usize) -> (HashMap<Stri
     }));
     let mut acts = HashMap::new();
     acts.insert("/v2/bad/manifests/1".to_owned(), Act::Serve(OCI_MANIFEST.into(), manifest));
-    acts.insert(format!("/v2/bad/blobs/{config_digest}"), Act::Serve("application/octet-stream".into(), config));
+    acts.insert(
+        format!("/v2/bad/blobs/{config_digest}"),
+        Act::Serve("application/octet-stream".into(), config),
+    );
     let path = format!("/v2/bad/blobs/{layer_digest}");
     acts.insert(path.clone(), act(&path));
     (acts, layer_digest)
@@ -243,7 +276,11 @@ fn a_registry_that_stalls_mid_blob_fails_the_pull_after_the_timeout() {
     let started = std::time::Instant::now();
     let e = s.pull(&r, &opts, &NoProgress).expect_err("stalled");
     assert!(matches!(e, PullError::Stalled { .. }), "{e}");
-    assert!(e.to_string().contains("nothing arrived for 1 s") && e.to_string().contains("--registry-timeout"), "{e}");
+    assert!(
+        e.to_string().contains("nothing arrived for 1 s")
+            && e.to_string().contains("--registry-timeout"),
+        "{e}"
+    );
     // It gave up on the silence, not after the server's ten minutes.
     assert!(started.elapsed() < std::time::Duration::from_secs(60), "{:?}", started.elapsed());
     assert!(nothing_staged(&t), "the partial download was removed");
@@ -277,7 +314,8 @@ fn a_registry_cannot_send_more_than_the_descriptors_say_or_redirect_forever() {
 }
 
 fn debugfs(img: &std::path::Path, cmd: &str) -> String {
-    let out = std::process::Command::new("debugfs").args(["-R", cmd]).arg(img).output().expect("debugfs");
+    let out =
+        std::process::Command::new("debugfs").args(["-R", cmd]).arg(img).output().expect("debugfs");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -309,11 +347,19 @@ fn pull_from_a_local_registry_and_build_the_rootfs() {
     assert!(debugfs(&img, "cat /etc/passwd").contains("app:x:1000:1000"));
     let built = std::fs::metadata(&img).expect("meta").modified().expect("mtime");
     assert_eq!(s.rootfs(&rec).expect("cached"), img);
-    assert_eq!(std::fs::metadata(&img).expect("meta").modified().expect("mtime"), built, "built once");
-    assert!(std::fs::read_dir(t.path().join("images/tmp")).expect("tmp").next().is_none(), "staging removed");
+    assert_eq!(
+        std::fs::metadata(&img).expect("meta").modified().expect("mtime"),
+        built,
+        "built once"
+    );
+    assert!(
+        std::fs::read_dir(t.path().join("images/tmp")).expect("tmp").next().is_none(),
+        "staging removed"
+    );
 
     // The name moves to a new image; the old one stays, nameless.
-    testutil::push_image(&reg, "demo:1", &TestImage { payload_bytes: 1000, ..Default::default() }).expect("push v2");
+    testutil::push_image(&reg, "demo:1", &TestImage { payload_bytes: 1000, ..Default::default() })
+        .expect("push v2");
     let new = s.pull(&r, &PullOptions::default(), &NoProgress).expect("pull v2");
     assert_ne!(new.id, rec.id);
     let old = s.get(rec.id.hex()).expect("get").expect("old stays");

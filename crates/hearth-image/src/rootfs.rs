@@ -44,7 +44,9 @@ pub enum RootfsError {
     },
     #[error("layer {digest} unpacks to {actual}, but the image config promises {expected}; the image is corrupt or was tampered with")]
     DiffId { digest: Digest, expected: String, actual: String },
-    #[error("the image config {0} has no usable rootfs.diff_ids for its layers; the image is malformed")]
+    #[error(
+        "the image config {0} has no usable rootfs.diff_ids for its layers; the image is malformed"
+    )]
     NoDiffIds(Digest),
     #[error("mkfs.ext4 failed building {path}: {stderr}")]
     Mkfs { path: PathBuf, stderr: String },
@@ -119,7 +121,9 @@ fn ext4_geometry(bytes: u64, inodes: u64) -> (u64, u64) {
 
 /// Makes the directories the guest init mounts on, when the image lacks them.
 fn ensure_mount_points(dir: &Path) -> Result<(), RootfsError> {
-    for (d, mode) in [("dev", 0o755), ("proc", 0o755), ("sys", 0o755), ("run", 0o755), ("tmp", 0o1777)] {
+    for (d, mode) in
+        [("dev", 0o755), ("proc", 0o755), ("sys", 0o755), ("run", 0o755), ("tmp", 0o1777)]
+    {
         let p = dir.join(d);
         if fs::symlink_metadata(&p).is_err() {
             fs::create_dir(&p).map_err(io_err(&p))?;
@@ -140,7 +144,19 @@ pub fn build_ext4(staging: &Path, out: &Path) -> Result<(), RootfsError> {
     let tmp = out.with_extension(format!("ext4.{:016x}.tmp", rand::random::<u64>()));
     let result = (|| {
         let output = hearth_fs::die_with_parent(&mut Command::new("mkfs.ext4"))
-            .args(["-q", "-F", "-b", "4096", "-L", "hearth-root", "-E", "root_owner=0:0", "-N", &inodes.to_string(), "-d"])
+            .args([
+                "-q",
+                "-F",
+                "-b",
+                "4096",
+                "-L",
+                "hearth-root",
+                "-E",
+                "root_owner=0:0",
+                "-N",
+                &inodes.to_string(),
+                "-d",
+            ])
             .arg(staging)
             .arg(&tmp)
             .arg(format!("{size_mib}M"))
@@ -177,7 +193,11 @@ impl ImageUsers {
     fn read(root: &Path) -> Self {
         let read = |p: &str| -> Option<String> {
             let mut s = String::new();
-            hearth_fs::open_in_root(root, Path::new(p)).ok()?.take(MAX_ACCOUNT_FILE).read_to_string(&mut s).ok()?;
+            hearth_fs::open_in_root(root, Path::new(p))
+                .ok()?
+                .take(MAX_ACCOUNT_FILE)
+                .read_to_string(&mut s)
+                .ok()?;
             Some(s)
         };
         Self { passwd: read("etc/passwd"), group: read("etc/group") }
@@ -248,7 +268,8 @@ impl ImageStore {
     /// does: a layer whose content is not what the image promises is refused.
     pub fn unpack_to(&self, image: &ImageRecord, dir: &Path) -> Result<(), RootfsError> {
         let config = self.read_blob(&image.id)?;
-        let diff_ids = crate::oci::diff_ids(&config).ok().flatten().filter(|d| d.len() == image.layers.len());
+        let diff_ids =
+            crate::oci::diff_ids(&config).ok().flatten().filter(|d| d.len() == image.layers.len());
         let diff_ids = diff_ids.ok_or_else(|| RootfsError::NoDiffIds(image.id.clone()))?;
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).map_err(io_err(dir))?;
@@ -256,14 +277,20 @@ impl ImageStore {
             let path = self.blob_path(layer);
             let layer_err = |source| RootfsError::Layer { digest: layer.clone(), source };
             let file = fs::File::open(&path).map_err(layer_err)?;
-            let reader = decompress(BufReader::with_capacity(256 << 10, file)).map_err(layer_err)?;
+            let reader =
+                decompress(BufReader::with_capacity(256 << 10, file)).map_err(layer_err)?;
             let mut hashed = Hashing { inner: reader, hasher: sha2::Digest::new() };
-            unpack::unpack_layer(&mut hashed, dir).map_err(|source| RootfsError::Unpack { digest: layer.clone(), source })?;
+            unpack::unpack_layer(&mut hashed, dir)
+                .map_err(|source| RootfsError::Unpack { digest: layer.clone(), source })?;
             // What follows the tar's end-of-archive blocks counts too.
             io::copy(&mut hashed, &mut io::sink()).map_err(layer_err)?;
             let actual = format!("sha256:{}", hex::encode(sha2::Digest::finalize(hashed.hasher)));
             if actual != *expected {
-                return Err(RootfsError::DiffId { digest: layer.clone(), expected: expected.clone(), actual });
+                return Err(RootfsError::DiffId {
+                    digest: layer.clone(),
+                    expected: expected.clone(),
+                    actual,
+                });
             }
         }
         Ok(())
@@ -289,9 +316,19 @@ mod tests {
         // An image of these layers, its config promising their own (uncompressed) digests.
         let rec = |layers: Vec<Digest>, seed: &str| {
             let ids: Vec<String> = layers.iter().map(|l| l.to_string()).collect();
-            let config = serde_json::json!({"seed": seed, "rootfs": {"type": "layers", "diff_ids": ids}}).to_string();
+            let config =
+                serde_json::json!({"seed": seed, "rootfs": {"type": "layers", "diff_ids": ids}})
+                    .to_string();
             let (id, _) = s.put_blob(config.as_bytes(), None, &|_| {}).expect("config");
-            ImageRecord { names: vec![], id, manifest_digest: None, layers, config: Default::default(), size: 0, created_at: 0 }
+            ImageRecord {
+                names: vec![],
+                id,
+                manifest_digest: None,
+                layers,
+                config: Default::default(),
+                size: 0,
+                created_at: 0,
+            }
         };
         let broken = rec(vec![good.clone(), bad], "broken");
         assert!(matches!(s.rootfs(&broken), Err(RootfsError::Unpack { .. })));
@@ -304,11 +341,16 @@ mod tests {
         }
         let fine = rec(vec![good], "fine");
         let paths: Vec<PathBuf> = std::thread::scope(|sc| {
-            let hs: Vec<_> = (0..3).map(|_| sc.spawn(|| s.rootfs(&fine).expect("rootfs"))).collect();
+            let hs: Vec<_> =
+                (0..3).map(|_| sc.spawn(|| s.rootfs(&fine).expect("rootfs"))).collect();
             hs.into_iter().map(|h| h.join().expect("join")).collect()
         });
         assert!(paths.iter().all(|p| *p == s.rootfs_path(&fine.id) && p.is_file()));
-        assert_eq!((listing("rootfs"), listing("tmp")), (2, 0), "one image and its account files, no lock or staging left");
+        assert_eq!(
+            (listing("rootfs"), listing("tmp")),
+            (2, 0),
+            "one image and its account files, no lock or staging left"
+        );
     }
 
     #[test]
@@ -320,9 +362,10 @@ mod tests {
         let t = tempfile::tempdir().expect("tmp");
         let s = ImageStore::open(t.path()).expect("open");
         let mut b = tar::Builder::new(Vec::new());
-        for (name, data) in
-            [("etc/passwd", &b"root:x:0:0::/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n"[..]), ("etc/group", b"app:x:1000:\n")]
-        {
+        for (name, data) in [
+            ("etc/passwd", &b"root:x:0:0::/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n"[..]),
+            ("etc/group", b"app:x:1000:\n"),
+        ] {
             let mut h = tar::Header::new_gnu();
             h.set_size(data.len() as u64);
             h.set_mode(0o644);
@@ -336,7 +379,8 @@ mod tests {
         };
         let (blob, _) = s.put_blob(&gz[..], None, &|_| {}).expect("blob");
         let image = |diff_id: &str| {
-            let config = serde_json::json!({"rootfs": {"type": "layers", "diff_ids": [diff_id]}}).to_string();
+            let config = serde_json::json!({"rootfs": {"type": "layers", "diff_ids": [diff_id]}})
+                .to_string();
             let (id, _) = s.put_blob(config.as_bytes(), None, &|_| {}).expect("config");
             ImageRecord {
                 names: vec![],
@@ -351,7 +395,10 @@ mod tests {
         // The config promises other content than the (compressed, digest-verified) blob holds.
         let lying = image(&format!("sha256:{}", "0".repeat(64)));
         let e = s.rootfs(&lying).expect_err("wrong diff_id");
-        assert!(matches!(e, RootfsError::DiffId { .. }) && e.to_string().contains("tampered"), "{e}");
+        assert!(
+            matches!(e, RootfsError::DiffId { .. }) && e.to_string().contains("tampered"),
+            "{e}"
+        );
         assert!(!s.rootfs_path(&lying.id).exists());
         let honest = image(&crate::store::digest_of(&layer).to_string());
         let users = s.users(&honest).expect("build").expect("kept beside the ext4");

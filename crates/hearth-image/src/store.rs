@@ -29,7 +29,9 @@ pub enum StoreError {
     },
     #[error("reading the blob from its source failed")]
     Source(#[source] io::Error),
-    #[error("blob {0} of the image vanished while it was stored (removed concurrently?); try again")]
+    #[error(
+        "blob {0} of the image vanished while it was stored (removed concurrently?); try again"
+    )]
     BlobVanished(Digest),
     #[error("no such image: {0} (see `hearth image ls`)")]
     NotFound(String),
@@ -51,7 +53,8 @@ pub(crate) fn digest_of(bytes: &[u8]) -> Digest {
 
 pub(crate) fn hex_digest(raw: &[u8]) -> Digest {
     // 32 bytes of sha256 always make 64 lowercase hex digits.
-    Digest::from_hex(&hex::encode(raw)).unwrap_or_else(|_| unreachable!("sha256 hex is always valid"))
+    Digest::from_hex(&hex::encode(raw))
+        .unwrap_or_else(|_| unreachable!("sha256 hex is always valid"))
 }
 
 /// Fsyncs a directory so a rename in it is durable.
@@ -90,7 +93,12 @@ impl Lock {
 pub(crate) fn lock_file(path: &Path) -> Result<Lock, StoreError> {
     use std::os::unix::fs::MetadataExt;
     loop {
-        let file = fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(io_err(path))?;
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(io_err(path))?;
         sys::lock_exclusive(&file).map_err(io_err(path))?;
         // A holder may have removed the file meanwhile; then lock the new one instead.
         let held = file.metadata().map_err(io_err(path))?;
@@ -128,7 +136,12 @@ impl ImageStore {
 
     /// Streams `reader` into the blob store, verifying it hashes to `expected` when given.
     /// Returns the digest and size. On any error, nothing is left behind.
-    pub fn put_blob(&self, mut reader: impl Read, expected: Option<&Digest>, on_bytes: &dyn Fn(u64)) -> Result<(Digest, u64), StoreError> {
+    pub fn put_blob(
+        &self,
+        mut reader: impl Read,
+        expected: Option<&Digest>,
+        on_bytes: &dyn Fn(u64),
+    ) -> Result<(Digest, u64), StoreError> {
         let tmp = self.tmp_path("blob");
         let result = (|| {
             let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
@@ -150,7 +163,11 @@ impl ImageStore {
             let actual = hex_digest(hasher.finalize().as_slice());
             if let Some(expected) = expected {
                 if *expected != actual {
-                    return Err(StoreError::DigestMismatch { what: "blob".into(), expected: expected.clone(), actual });
+                    return Err(StoreError::DigestMismatch {
+                        what: "blob".into(),
+                        expected: expected.clone(),
+                        actual,
+                    });
                 }
             }
             f.sync_all().map_err(io_err(&tmp))?;
@@ -207,14 +224,17 @@ impl ImageStore {
 
     fn write_record(&self, rec: &ImageRecord) -> Result<(), StoreError> {
         let path = self.record_path(&rec.id);
-        let bytes = serde_json::to_vec_pretty(rec).map_err(|source| StoreError::Record { path: path.clone(), source })?;
+        let bytes = serde_json::to_vec_pretty(rec)
+            .map_err(|source| StoreError::Record { path: path.clone(), source })?;
         write_atomic(&path, &bytes)
     }
 
     fn by_id(&self, id: &Digest) -> Result<Option<ImageRecord>, StoreError> {
         let path = self.record_path(id);
         match fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|source| StoreError::Record { path, source }),
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|source| StoreError::Record { path, source }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(StoreError::Io { path, source }),
         }
@@ -247,14 +267,22 @@ impl ImageStore {
                 return Ok(Some(rec.clone()));
             }
             if let (Some(d), None) = (&r.digest, &r.tag) {
-                let same_repo = |n: &String| n.parse::<ImageRef>().is_ok_and(|n| n.registry == r.registry && n.repository == r.repository);
-                if let Some(rec) = all.iter().find(|i| i.manifest_digest.as_ref() == Some(d) && i.names.iter().any(same_repo)) {
+                let same_repo = |n: &String| {
+                    n.parse::<ImageRef>()
+                        .is_ok_and(|n| n.registry == r.registry && n.repository == r.repository)
+                };
+                if let Some(rec) = all.iter().find(|i| {
+                    i.manifest_digest.as_ref() == Some(d) && i.names.iter().any(same_repo)
+                }) {
                     return Ok(Some(rec.clone()));
                 }
             }
         }
         let hex = name_or_id.strip_prefix("sha256:").unwrap_or(name_or_id);
-        if hex.len() >= 4 && hex.len() <= 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if hex.len() >= 4
+            && hex.len() <= 64
+            && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             let found: Vec<_> = all.iter().filter(|i| i.id.hex().starts_with(hex)).collect();
             match found.as_slice() {
                 [] => {}
@@ -269,21 +297,28 @@ impl ImageStore {
     /// Whether a VM still uses it is the caller's concern.
     pub fn remove(&self, name_or_id: &str) -> Result<ImageRecord, StoreError> {
         let _lock = self.lock()?;
-        let rec = self.get(name_or_id)?.ok_or_else(|| StoreError::NotFound(name_or_id.to_owned()))?;
+        let rec =
+            self.get(name_or_id)?.ok_or_else(|| StoreError::NotFound(name_or_id.to_owned()))?;
         let path = self.record_path(&rec.id);
         fs::remove_file(&path).map_err(io_err(&path))?;
         let rootfs = self.rootfs_path(&rec.id);
         match fs::remove_file(&rootfs) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(StoreError::Io { path: rootfs, source: e }),
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(StoreError::Io { path: rootfs, source: e })
+            }
             _ => {}
         }
         let others = self.list()?;
-        let uses = |o: &ImageRecord, d: &Digest| o.id == *d || o.layers.contains(d) || o.manifest_digest.as_ref() == Some(d);
+        let uses = |o: &ImageRecord, d: &Digest| {
+            o.id == *d || o.layers.contains(d) || o.manifest_digest.as_ref() == Some(d)
+        };
         for d in rec.layers.iter().chain([&rec.id]).chain(&rec.manifest_digest) {
             if !others.iter().any(|o| uses(o, d)) {
                 let p = self.blob_path(d);
                 match fs::remove_file(&p) {
-                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(StoreError::Io { path: p, source: e }),
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                        return Err(StoreError::Io { path: p, source: e })
+                    }
                     _ => {}
                 }
             }
@@ -310,7 +345,8 @@ impl ImageStore {
                     continue;
                 }
                 let is_dir = e.file_type().map_err(io_err(&p))?.is_dir();
-                if is_dir { fs::remove_dir_all(&p) } else { fs::remove_file(&p) }.map_err(io_err(&p))?;
+                if is_dir { fs::remove_dir_all(&p) } else { fs::remove_file(&p) }
+                    .map_err(io_err(&p))?;
                 removed.push(p);
             }
         }
@@ -339,7 +375,8 @@ mod tests {
 
     fn record(s: &ImageStore, seed: &str, names: &[&str], shared: &Digest) -> ImageRecord {
         let (id, _) = s.put_blob(seed.as_bytes(), None, &|_| {}).expect("config");
-        let (own, _) = s.put_blob(format!("layer {seed}").as_bytes(), None, &|_| {}).expect("layer");
+        let (own, _) =
+            s.put_blob(format!("layer {seed}").as_bytes(), None, &|_| {}).expect("layer");
         let rec = ImageRecord {
             names: names.iter().map(|n| n.parse::<ImageRef>().expect("ref").to_string()).collect(),
             id,
@@ -367,7 +404,8 @@ mod tests {
         let (d, n) = s.put_blob(&b"hello"[..], Some(&good), &|_| {}).expect("good");
         assert_eq!((d.clone(), n), (good.clone(), 5));
         assert_eq!(s.read_blob(&d).expect("read"), b"hello");
-        let err = s.put_blob(&b"evil"[..], Some(&digest_of(b"other")), &|_| {}).expect_err("mismatch");
+        let err =
+            s.put_blob(&b"evil"[..], Some(&digest_of(b"other")), &|_| {}).expect_err("mismatch");
         let msg = err.to_string();
         assert!(
             msg.contains("digest mismatch")
@@ -376,7 +414,10 @@ mod tests {
             "{msg}"
         );
         assert!(!s.has_blob(&digest_of(b"evil")));
-        assert!(fs::read_dir(t.path().join("images/tmp")).expect("tmp").next().is_none(), "no partial blob left");
+        assert!(
+            fs::read_dir(t.path().join("images/tmp")).expect("tmp").next().is_none(),
+            "no partial blob left"
+        );
     }
 
     #[test]

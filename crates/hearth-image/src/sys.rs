@@ -8,7 +8,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 fn cpath(p: &Path) -> io::Result<CString> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "nul byte in path"))
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "nul byte in path"))
 }
 
 fn check(rc: libc::c_int) -> io::Result<()> {
@@ -30,7 +31,8 @@ pub fn mknod(path: &Path, mode: u32, major: u32, minor: u32) -> io::Result<()> {
 /// `lsetxattr(2)`: sets an extended attribute without following symlinks.
 pub fn lsetxattr(path: &Path, name: &[u8], value: &[u8]) -> io::Result<()> {
     let p = cpath(path)?;
-    let n = CString::new(name).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "nul byte in xattr name"))?;
+    let n = CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "nul byte in xattr name"))?;
     // SAFETY: p and n are valid C strings; value's pointer and length describe a live slice.
     check(unsafe { libc::lsetxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) })
 }
@@ -41,7 +43,9 @@ pub fn set_mtime_nofollow(path: &Path, secs: i64, nanos: i64) -> io::Result<()> 
     let t = libc::timespec { tv_sec: secs as libc::time_t, tv_nsec: nanos as _ };
     let times = [t, t];
     // SAFETY: p is a valid C string and times points to two initialised timespecs.
-    check(unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) })
+    check(unsafe {
+        libc::utimensat(libc::AT_FDCWD, p.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW)
+    })
 }
 
 /// Takes an exclusive `flock(2)` on `file`, waiting for it; released when the file is closed.

@@ -103,7 +103,14 @@ pub fn busybox_layer(img: &TestImage) -> std::io::Result<Vec<u8>> {
     for a in APPLETS {
         entry(&mut b, &format!("bin/{a}"), 0o777, &[], Symlink, Some("busybox"))?;
     }
-    entry(&mut b, "etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n", Regular, None)?;
+    entry(
+        &mut b,
+        "etc/passwd",
+        0o644,
+        b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
+        Regular,
+        None,
+    )?;
     entry(&mut b, "etc/group", 0o644, b"root:x:0:\napp:x:1000:\n", Regular, None)?;
     let mut dirs: Vec<PathBuf> = Vec::new();
     for bin in &img.host_binaries {
@@ -111,8 +118,17 @@ pub fn busybox_layer(img: &TestImage) -> std::io::Result<Vec<u8>> {
         files.extend(shared_libraries(bin)?);
         for f in files {
             let rel = f.strip_prefix("/").unwrap_or(&f).to_path_buf();
-            for anc in rel.ancestors().skip(1).filter(|a| !a.as_os_str().is_empty()).collect::<Vec<_>>().into_iter().rev() {
-                if !dirs.contains(&anc.to_path_buf()) && !["bin", "etc", "var"].contains(&anc.to_string_lossy().as_ref()) {
+            for anc in rel
+                .ancestors()
+                .skip(1)
+                .filter(|a| !a.as_os_str().is_empty())
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+            {
+                if !dirs.contains(&anc.to_path_buf())
+                    && !["bin", "etc", "var"].contains(&anc.to_string_lossy().as_ref())
+                {
                     entry(&mut b, &anc.to_string_lossy(), 0o755, &[], Directory, None)?;
                     dirs.push(anc.to_path_buf());
                 }
@@ -170,7 +186,10 @@ pub fn kernel_layer(kernel: &Path, modules: &Path, keep: &[PathBuf]) -> std::io:
     let mut b = tar::Builder::new(Vec::new());
     b.append_path_with_name(kernel, "boot/vmlinux")?;
     for rel in keep {
-        b.append_path_with_name(modules.join(rel), format!("lib/modules/{version}/{}", rel.display()))?;
+        b.append_path_with_name(
+            modules.join(rel),
+            format!("lib/modules/{version}/{}", rel.display()),
+        )?;
     }
     b.into_inner()
 }
@@ -236,7 +255,8 @@ impl LocalRegistry {
     /// Starts the registry and waits until it answers.
     pub fn start() -> std::io::Result<Self> {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let dir = std::env::temp_dir().join(format!("hearth-registry-{port}-{:08x}", rand::random::<u32>()));
+        let dir = std::env::temp_dir()
+            .join(format!("hearth-registry-{port}-{:08x}", rand::random::<u32>()));
         fs::create_dir_all(dir.join("storage"))?;
         let config = dir.join("config.yml");
         fs::write(
@@ -247,12 +267,19 @@ impl LocalRegistry {
             ),
         )?;
         let log = fs::File::create(dir.join("registry.log"))?;
-        let child = Command::new("docker-registry").arg("serve").arg(&config).stdout(Stdio::null()).stderr(log).spawn()?;
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
         let reg = Self { port, storage: dir.join("storage"), dir: tempfile_lite::Dir(dir), child };
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             if Instant::now() > deadline {
-                return Err(std::io::Error::other("docker-registry did not start listening within 20 s"));
+                return Err(std::io::Error::other(
+                    "docker-registry did not start listening within 20 s",
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -272,7 +299,10 @@ impl LocalRegistry {
             .arg(format!("docker://{}/{repo_tag}", self.host()))
             .output()?;
         if !out.status.success() {
-            return Err(std::io::Error::other(format!("skopeo copy failed: {}", String::from_utf8_lossy(&out.stderr))));
+            return Err(std::io::Error::other(format!(
+                "skopeo copy failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
         }
         Ok(())
     }
@@ -317,11 +347,18 @@ pub fn push_image(reg: &LocalRegistry, repo_tag: &str, img: &TestImage) -> std::
 pub fn registry_tools() -> Result<(), String> {
     let missing: Vec<&str> = ["docker-registry", "skopeo", "mkfs.ext4", "debugfs"]
         .into_iter()
-        .filter(|t| !std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(t).is_file())))
+        .filter(|t| {
+            !std::env::var_os("PATH")
+                .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(t).is_file()))
+        })
         .collect();
     let busybox = Path::new("/bin/busybox").is_file();
     match (missing.is_empty(), busybox) {
         (true, true) => Ok(()),
-        _ => Err(format!("missing {}{}", missing.join(", "), if busybox { "" } else { " /bin/busybox (busybox-static)" })),
+        _ => Err(format!(
+            "missing {}{}",
+            missing.join(", "),
+            if busybox { "" } else { " /bin/busybox (busybox-static)" }
+        )),
     }
 }

@@ -67,9 +67,11 @@ pub struct Unpack {
 
 impl Unpack {
     /// An image layer: everything the layer says.
-    pub const LAYER: Self = Self { whiteouts: true, owners: true, xattrs: true, setid: true, devices: true };
+    pub const LAYER: Self =
+        Self { whiteouts: true, owners: true, xattrs: true, setid: true, devices: true };
     /// A tree from an untrusted peer, copied for the user.
-    pub const COPY: Self = Self { whiteouts: false, owners: false, xattrs: false, setid: false, devices: false };
+    pub const COPY: Self =
+        Self { whiteouts: false, owners: false, xattrs: false, setid: false, devices: false };
 }
 
 const WHITEOUT: &[u8] = b".wh.";
@@ -135,7 +137,8 @@ fn resolve_dir(root: &Path, comps: &[OsString], create: bool) -> Result<PathBuf,
             Ok(_) => return Err(Resolve::Io(io::Error::from_raw_os_error(libc::ENOTDIR))),
             Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
                 fs::create_dir(&here).map_err(Resolve::Io)?;
-                fs::set_permissions(&here, fs::Permissions::from_mode(0o755)).map_err(Resolve::Io)?;
+                fs::set_permissions(&here, fs::Permissions::from_mode(0o755))
+                    .map_err(Resolve::Io)?;
                 stack.push(c);
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(Resolve::Missing),
@@ -179,7 +182,8 @@ fn parse_pax<R: Read>(entry: &mut tar::Entry<'_, R>) -> Pax {
         match key {
             b"mtime" => {
                 let (s, frac) = text.split_once('.').unwrap_or((text, ""));
-                let nanos = format!("{frac:0<9}").get(..9).and_then(|f| f.parse().ok()).unwrap_or(0);
+                let nanos =
+                    format!("{frac:0<9}").get(..9).and_then(|f| f.parse().ok()).unwrap_or(0);
                 pax.mtime = s.parse().ok().map(|s| (s, nanos));
             }
             b"uid" => pax.uid = text.parse().ok(),
@@ -290,13 +294,20 @@ impl Layer<'_> {
                 }
             }
             tar::EntryType::Symlink => {
-                let link = entry.link_name_bytes().ok_or_else(|| at(io::Error::from_raw_os_error(libc::EINVAL)))?;
+                let link = entry
+                    .link_name_bytes()
+                    .ok_or_else(|| at(io::Error::from_raw_os_error(libc::EINVAL)))?;
                 symlink(OsStr::from_bytes(&link), &target).map_err(at)?;
             }
             tar::EntryType::Link => {
-                let link = entry.link_name_bytes().ok_or_else(|| at(io::Error::from_raw_os_error(libc::EINVAL)))?;
+                let link = entry
+                    .link_name_bytes()
+                    .ok_or_else(|| at(io::Error::from_raw_os_error(libc::EINVAL)))?;
                 let shown_link = String::from_utf8_lossy(&link).into_owned();
-                let missing = || UnpackError::MissingLinkTarget { entry: shown.clone(), target: shown_link.clone() };
+                let missing = || UnpackError::MissingLinkTarget {
+                    entry: shown.clone(),
+                    target: shown_link.clone(),
+                };
                 let mut lcomps = components(&link).ok_or_else(escape)?;
                 let lname = lcomps.pop().ok_or_else(escape)?;
                 let lparent = match resolve_dir(self.root, &lcomps, false) {
@@ -305,7 +316,9 @@ impl Layer<'_> {
                 };
                 let src = lparent.join(lname);
                 match fs::symlink_metadata(&src) {
-                    Ok(m) if m.is_dir() => return Err(at(io::Error::from_raw_os_error(libc::EISDIR))),
+                    Ok(m) if m.is_dir() => {
+                        return Err(at(io::Error::from_raw_os_error(libc::EISDIR)))
+                    }
                     Ok(_) => {}
                     Err(_) => return Err(missing()),
                 }
@@ -325,8 +338,13 @@ impl Layer<'_> {
                 sys::mknod(&target, fmt | mode, major, minor).map_err(at)?;
             }
             _ => {
-                let mut f =
-                    OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&target).map_err(at)?;
+                let mut f = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&target)
+                    .map_err(at)?;
                 io::copy(&mut entry, &mut f).map_err(at)?;
             }
         }
@@ -375,8 +393,10 @@ pub fn unpack(reader: impl Read, dest: &Path, opts: Unpack) -> Result<(), Unpack
     for (dir, secs, nanos) in layer.dir_times.iter().rev() {
         // A later entry of this layer may have replaced the directory; ignore what is gone.
         if fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir()) {
-            sys::set_mtime_nofollow(dir, *secs, *nanos)
-                .map_err(|source| UnpackError::Entry { entry: dir.display().to_string(), source })?;
+            sys::set_mtime_nofollow(dir, *secs, *nanos).map_err(|source| UnpackError::Entry {
+                entry: dir.display().to_string(),
+                source,
+            })?;
         }
     }
     Ok(())

@@ -62,11 +62,16 @@ impl Scene {
 
     /// Nothing outside `root` was created, removed or changed.
     fn outside_untouched(&self) {
-        let mut names: Vec<_> = fs::read_dir(self.t.path()).expect("rd").flatten().map(|e| e.file_name()).collect();
+        let mut names: Vec<_> =
+            fs::read_dir(self.t.path()).expect("rd").flatten().map(|e| e.file_name()).collect();
         names.sort();
         assert_eq!(names, ["outside", "root"], "something was written outside the root");
         assert_eq!(fs::read(self.t.path().join("outside")).expect("sentinel"), b"keep");
-        assert_eq!(fs::symlink_metadata(self.t.path().join("outside")).expect("meta").nlink(), 1, "hard linked from inside");
+        assert_eq!(
+            fs::symlink_metadata(self.t.path().join("outside")).expect("meta").nlink(),
+            1,
+            "hard linked from inside"
+        );
     }
 
     fn escape(&self, entries: &[E<'_>], entry: &str) {
@@ -85,7 +90,14 @@ fn files_dirs_links_modes_owners_and_mtimes() {
     suid.mode = 0o4755;
     let mut owned = e("home/app/", D, "", b"");
     owned.mode = 0o700;
-    let entries = [e("./etc/", D, "", b""), e("etc/a", F, "", b"A"), e("/etc/b", S, "a", b""), e("etc/c", H, "etc/a", b""), suid, owned];
+    let entries = [
+        e("./etc/", D, "", b""),
+        e("etc/a", F, "", b"A"),
+        e("/etc/b", S, "a", b""),
+        e("etc/c", H, "etc/a", b""),
+        suid,
+        owned,
+    ];
     let mut tar = tar::Builder::new(Vec::new());
     for x in &entries {
         let mut h = header(x);
@@ -100,14 +112,25 @@ fn files_dirs_links_modes_owners_and_mtimes() {
     let r = &s.root;
     assert_eq!(fs::read(r.join("etc/b")).expect("via symlink"), b"A");
     assert_eq!(fs::read_link(r.join("etc/b")).expect("link"), Path::new("a"));
-    assert_eq!(fs::metadata(r.join("etc/c")).expect("hl").ino(), fs::metadata(r.join("etc/a")).expect("a").ino());
+    assert_eq!(
+        fs::metadata(r.join("etc/c")).expect("hl").ino(),
+        fs::metadata(r.join("etc/a")).expect("a").ino()
+    );
     assert_eq!(fs::metadata(r.join("etc/a")).expect("a").mode() & 0o7777, 0o644);
-    assert_eq!(fs::metadata(r.join("bin/su")).expect("su").mode() & 0o7777, 0o4755, "setuid survives chown");
+    assert_eq!(
+        fs::metadata(r.join("bin/su")).expect("su").mode() & 0o7777,
+        0o4755,
+        "setuid survives chown"
+    );
     assert_eq!(fs::metadata(r.join("bin")).expect("implicit dir").mode() & 0o7777, 0o755);
     let home = fs::metadata(r.join("home/app")).expect("home");
     assert_eq!((home.uid(), home.gid(), home.mode() & 0o777), (1000, 1001, 0o700));
     assert_eq!(fs::metadata(r.join("etc/a")).expect("a").mtime(), 1_600_000_000);
-    assert_eq!(fs::metadata(r.join("etc")).expect("dir").mtime(), 1_600_000_000, "dir mtime set after its children");
+    assert_eq!(
+        fs::metadata(r.join("etc")).expect("dir").mtime(),
+        1_600_000_000,
+        "dir mtime set after its children"
+    );
     s.outside_untouched();
 }
 
@@ -120,7 +143,11 @@ fn long_names_devices_and_fifos() {
     h.set_size(1);
     h.set_mode(0o644);
     b.append_data(&mut h, &long, &b"x"[..]).expect("long");
-    for (name, kind) in [("dev/null", tar::EntryType::Char), ("dev/loop9", tar::EntryType::Block), ("run/fifo", tar::EntryType::Fifo)] {
+    for (name, kind) in [
+        ("dev/null", tar::EntryType::Char),
+        ("dev/loop9", tar::EntryType::Block),
+        ("run/fifo", tar::EntryType::Fifo),
+    ] {
         let mut h = tar::Header::new_ustar();
         h.set_entry_type(kind);
         h.set_mode(0o666);
@@ -134,7 +161,10 @@ fn long_names_devices_and_fifos() {
     let null = fs::symlink_metadata(s.root.join("dev/null")).expect("null");
     assert!(null.file_type().is_char_device());
     assert_eq!(null.rdev(), libc::makedev(1, 3));
-    assert!(fs::symlink_metadata(s.root.join("dev/loop9")).expect("blk").file_type().is_block_device());
+    assert!(fs::symlink_metadata(s.root.join("dev/loop9"))
+        .expect("blk")
+        .file_type()
+        .is_block_device());
     assert!(fs::symlink_metadata(s.root.join("run/fifo")).expect("fifo").file_type().is_fifo());
 }
 
@@ -146,13 +176,20 @@ fn user_xattrs_are_kept_and_security_ones_are_best_effort() {
         return;
     }
     let mut b = tar::Builder::new(Vec::new());
-    b.append_pax_extensions([("SCHILY.xattr.user.note", &b"hello"[..]), ("SCHILY.xattr.security.bogus", &b"x"[..])]).expect("pax");
+    b.append_pax_extensions([
+        ("SCHILY.xattr.user.note", &b"hello"[..]),
+        ("SCHILY.xattr.security.bogus", &b"x"[..]),
+    ])
+    .expect("pax");
     let mut h = tar::Header::new_ustar();
     h.set_size(1);
     h.set_mode(0o644);
     b.append_data(&mut h, "f", &b"x"[..]).expect("file");
     unpack_layer(&b.into_inner().expect("tar")[..], &s.root).expect("unpack");
-    let out = std::process::Command::new("getfattr").args(["-n", "user.note", "--only-values"]).arg(s.root.join("f")).output();
+    let out = std::process::Command::new("getfattr")
+        .args(["-n", "user.note", "--only-values"])
+        .arg(s.root.join("f"))
+        .output();
     if let Ok(out) = out {
         assert_eq!(out.stdout, b"hello");
     }
@@ -184,7 +221,10 @@ fn whiteouts_and_opaque_dirs() {
     assert!(!r.join("d/x").exists() && r.join("d/y").exists());
     assert!(!r.join("d/.wh.x").exists(), "whiteout markers are not files");
     assert!(!r.join("gone").exists(), "a whiteout under a missing dir creates nothing");
-    assert!(!r.join("o/z").exists() && !r.join("o/sub/old").exists(), "opaque dir hides all lower content");
+    assert!(
+        !r.join("o/z").exists() && !r.join("o/sub/old").exists(),
+        "opaque dir hides all lower content"
+    );
     assert!(r.join("o/sub/new").exists() && r.join("o/later").exists(), "but keeps this layer's");
     s.outside_untouched();
 }
@@ -201,7 +241,15 @@ fn whiteouts_naming_dot_or_dotdot_are_escapes() {
 
 #[test]
 fn dotdot_anywhere_is_an_escape() {
-    for bad in ["../evil", "a/../../evil", "./../outside", "/../outside", "a/b/../../../outside", "..", "a/.."] {
+    for bad in [
+        "../evil",
+        "a/../../evil",
+        "./../outside",
+        "/../outside",
+        "a/b/../../../outside",
+        "..",
+        "a/..",
+    ] {
         let s = Scene::new();
         s.escape(&[e(bad, F, "", b"pwned")], bad);
     }
@@ -233,7 +281,8 @@ fn writing_through_an_escaping_symlink_is_an_escape() {
 fn symlink_chains_and_cross_layer_escapes() {
     let s = Scene::new();
     // Dangling or escaping links are fine as links; only writing through them is refused.
-    s.apply(&[e("a/", D, "", b""), e("a/up", S, "..", b""), e("link", S, "a/up/a/up/..", b"")]).expect("links alone");
+    s.apply(&[e("a/", D, "", b""), e("a/up", S, "..", b""), e("link", S, "a/up/a/up/..", b"")])
+        .expect("links alone");
     s.escape(&[e("link/x", F, "", b"x")], "link/x");
     s.escape(&[e("a/up/a/up/../x", F, "", b"x")], "a/up/a/up/../x");
     s.apply(&[e("a/up/a/inside", F, "", b"ok")]).expect("a chain that stays inside");
@@ -243,16 +292,26 @@ fn symlink_chains_and_cross_layer_escapes() {
 #[test]
 fn symlink_loops_are_refused() {
     let s = Scene::new();
-    let err = s.apply(&[e("x", S, "y", b""), e("y", S, "x", b""), e("x/f", F, "", b"")]).expect_err("loop");
+    let err = s
+        .apply(&[e("x", S, "y", b""), e("y", S, "x", b""), e("x/f", F, "", b"")])
+        .expect_err("loop");
     assert!(matches!(err, UnpackError::SymlinkLoop { .. }), "{err}");
     s.outside_untouched();
 }
 
 #[test]
 fn hardlink_escapes_are_refused() {
-    for target in ["../outside", "/../outside", "a/../../outside", "evil/outside", "evil/passwd", "up/outside"] {
+    for target in [
+        "../outside",
+        "/../outside",
+        "a/../../outside",
+        "evil/outside",
+        "evil/passwd",
+        "up/outside",
+    ] {
         let s = Scene::new();
-        s.apply(&[e("a/", D, "", b""), e("evil", S, "/etc", b""), e("up", S, "..", b"")]).expect("lower");
+        s.apply(&[e("a/", D, "", b""), e("evil", S, "/etc", b""), e("up", S, "..", b"")])
+            .expect("lower");
         s.escape(&[e("h", H, target, b"")], "h");
         assert!(!s.root.join("h").exists());
     }
@@ -279,8 +338,13 @@ fn hardlink_to_a_symlink_links_the_symlink_itself() {
 #[test]
 fn inside_relative_symlinks_are_followed() {
     let s = Scene::new();
-    s.apply(&[e("usr/bin/", D, "", b""), e("bin", S, "usr/bin", b""), e("bin/tool", F, "", b"t"), e("usr/sbin", S, "./bin", b"")])
-        .expect("unpack");
+    s.apply(&[
+        e("usr/bin/", D, "", b""),
+        e("bin", S, "usr/bin", b""),
+        e("bin/tool", F, "", b"t"),
+        e("usr/sbin", S, "./bin", b""),
+    ])
+    .expect("unpack");
     s.apply(&[e("usr/sbin/other", F, "", b"o")]).expect("second layer");
     assert_eq!(fs::read(s.root.join("usr/bin/tool")).expect("tool"), b"t");
     assert_eq!(fs::read(s.root.join("usr/bin/other")).expect("other"), b"o");

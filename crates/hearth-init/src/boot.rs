@@ -12,7 +12,9 @@ use hearth_types::{GuestConfig, GuestVolume};
 use crate::sys;
 
 pub fn mount_early() -> Result<(), String> {
-    for (src, target, fs) in [("devtmpfs", "/dev", "devtmpfs"), ("proc", "/proc", "proc"), ("sysfs", "/sys", "sysfs")] {
+    for (src, target, fs) in
+        [("devtmpfs", "/dev", "devtmpfs"), ("proc", "/proc", "proc"), ("sysfs", "/sys", "sysfs")]
+    {
         let _ = fs::create_dir_all(target);
         if let Err(e) = sys::mount(src, target, fs, 0, "") {
             // devtmpfs may already be mounted by the kernel.
@@ -39,7 +41,12 @@ pub fn load_modules() {
 
 fn virtio_disks() -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir("/sys/block")
-        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("vd")).collect())
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("vd"))
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
@@ -47,7 +54,9 @@ fn virtio_disks() -> Vec<String> {
 
 /// A virtio disk's serial, empty when it has none.
 fn serial(dev: &str) -> String {
-    fs::read_to_string(format!("/sys/block/{dev}/serial")).map(|s| s.trim().to_owned()).unwrap_or_default()
+    fs::read_to_string(format!("/sys/block/{dev}/serial"))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
 }
 
 /// How long the virtio disks get to appear.
@@ -90,8 +99,10 @@ pub fn find_disks(config_disk: &mut Option<File>) -> Result<(GuestConfig, String
             // The root disk by its serial; a VMM that sets none: the first disk that is neither
             // the config disk nor a volume.
             let others: Vec<&String> = disks.iter().filter(|d| *d != cdev).collect();
-            let root =
-                others.iter().find(|d| serial(d) == ROOT_SERIAL).or_else(|| others.iter().find(|d| !serial(d).starts_with("hearth-vol")));
+            let root = others
+                .iter()
+                .find(|d| serial(d) == ROOT_SERIAL)
+                .or_else(|| others.iter().find(|d| !serial(d).starts_with("hearth-vol")));
             if let Some(root) = root {
                 let root = (*root).clone();
                 let cfg = found.map(|(_, c)| c).unwrap_or_default();
@@ -127,13 +138,17 @@ pub fn mount_volumes(volumes: &[GuestVolume]) {
             std::thread::sleep(Duration::from_millis(10));
         };
         let Some(dev) = dev else {
-            eprintln!("hearth-init: volume {} did not appear; {} is not mounted", v.serial, v.mount_point);
+            eprintln!(
+                "hearth-init: volume {} did not appear; {} is not mounted",
+                v.serial, v.mount_point
+            );
             continue;
         };
         let flags = if v.read_only { libc::MS_RDONLY } else { 0 };
-        let res = fs::create_dir_all(&v.mount_point)
-            .map_err(|e| e.to_string())
-            .and_then(|()| sys::mount(&format!("/dev/{dev}"), &v.mount_point, "ext4", flags, "").map_err(|e| e.to_string()));
+        let res = fs::create_dir_all(&v.mount_point).map_err(|e| e.to_string()).and_then(|()| {
+            sys::mount(&format!("/dev/{dev}"), &v.mount_point, "ext4", flags, "")
+                .map_err(|e| e.to_string())
+        });
         if let Err(e) = res {
             eprintln!("hearth-init: mounting volume /dev/{dev} on {}: {e}", v.mount_point);
         }
@@ -148,11 +163,13 @@ pub fn switch_root(root_dev: &str) -> Result<(), String> {
     let _ = fs::remove_dir_all("/lib/modules");
     let _ = fs::remove_file("/hearth/modules");
     let _ = fs::create_dir_all(newroot);
-    sys::mount(&format!("/dev/{root_dev}"), newroot, "ext4", 0, "").map_err(|e| format!("mounting the root disk /dev/{root_dev}: {e}"))?;
+    sys::mount(&format!("/dev/{root_dev}"), newroot, "ext4", 0, "")
+        .map_err(|e| format!("mounting the root disk /dev/{root_dev}: {e}"))?;
     for d in ["dev", "proc", "sys"] {
         let target = format!("{newroot}/{d}");
         let _ = fs::create_dir_all(&target);
-        sys::mount(&format!("/{d}"), &target, "", libc::MS_MOVE, "").map_err(|e| format!("moving /{d}: {e}"))?;
+        sys::mount(&format!("/{d}"), &target, "", libc::MS_MOVE, "")
+            .map_err(|e| format!("moving /{d}: {e}"))?;
     }
     std::env::set_current_dir(newroot).map_err(|e| format!("chdir {newroot}: {e}"))?;
     sys::mount(".", "/", "", libc::MS_MOVE, "").map_err(|e| format!("moving the root: {e}"))?;
@@ -164,7 +181,13 @@ pub fn switch_root(root_dev: &str) -> Result<(), String> {
 /// The mounts a workload expects beyond /dev, /proc, /sys.
 pub fn mount_late() {
     let mounts: [(&str, &str, &str, libc::c_ulong, &str); 4] = [
-        ("devpts", "/dev/pts", "devpts", libc::MS_NOSUID | libc::MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620,gid=5"),
+        (
+            "devpts",
+            "/dev/pts",
+            "devpts",
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+            "newinstance,ptmxmode=0666,mode=0620,gid=5",
+        ),
         ("shm", "/dev/shm", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=1777"),
         ("tmpfs", "/run", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=0755"),
         ("mqueue", "/dev/mqueue", "mqueue", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, ""),

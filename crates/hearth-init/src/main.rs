@@ -28,7 +28,8 @@ use hearth_types::guest::{encode_record, is_init_system, EXIT_MAGIC, EXIT_OFFSET
 use hearth_types::GuestExit;
 
 /// Signals PID 1 handles synchronously (blocked, then collected with sigtimedwait).
-const SIGNALS: [i32; 6] = [libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2];
+const SIGNALS: [i32; 6] =
+    [libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2];
 /// How long the workload gets between SIGTERM and SIGKILL on an agent shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -36,14 +37,17 @@ fn main() {
     let started = sys::uptime_ms();
     sys::block_signals(&SIGNALS);
     let mut config_disk: Option<File> = None;
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(started, &mut config_disk)));
+    let outcome =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(started, &mut config_disk)));
     let exit = match outcome {
         Ok(Ok(exit)) => exit,
         Ok(Err(msg)) => {
             eprintln!("hearth-init: {msg}");
             GuestExit { exit_code: 125, signal: None, error: Some(msg) }
         }
-        Err(_) => GuestExit { exit_code: 125, signal: None, error: Some("hearth-init panicked".into()) },
+        Err(_) => {
+            GuestExit { exit_code: 125, signal: None, error: Some("hearth-init panicked".into()) }
+        }
     };
     finish(config_disk.as_ref(), &exit);
 }
@@ -53,7 +57,10 @@ fn run(started: u64, config_disk: &mut Option<File>) -> Result<GuestExit, String
     boot::load_modules();
     let (cfg, root_dev) = boot::find_disks(config_disk)?;
     if cfg.version != hearth_types::guest::GUEST_CONFIG_VERSION {
-        return Err(format!("config version {} is not supported by this hearth-init; update hearth", cfg.version));
+        return Err(format!(
+            "config version {} is not supported by this hearth-init; update hearth",
+            cfg.version
+        ));
     }
     boot::switch_root(&root_dev)?;
     boot::mount_late();
@@ -82,7 +89,9 @@ fn run(started: u64, config_disk: &mut Option<File>) -> Result<GuestExit, String
         match unsafe { sys::fork() } {
             Ok(0) => full_os_agent(started, spec),
             Ok(_) => {}
-            Err(e) => eprintln!("hearth-init: no agent for this VM (fork: {e}); the image's init starts anyway"),
+            Err(e) => eprintln!(
+                "hearth-init: no agent for this VM (fork: {e}); the image's init starts anyway"
+            ),
         }
         let err = cmd.exec();
         return Ok(cannot_start(process::spawn_error(&spec.args[0], &err)));
@@ -172,7 +181,10 @@ fn full_os_agent(started: u64, spec: process::Spec) -> ! {
             force_at = Some(Instant::now() + SHUTDOWN_GRACE);
         }
         if force_at.is_some_and(|t| Instant::now() > t) {
-            eprintln!("hearth-init: the image's init did not power off in {}s; forcing it", SHUTDOWN_GRACE.as_secs());
+            eprintln!(
+                "hearth-init: the image's init did not power off in {}s; forcing it",
+                SHUTDOWN_GRACE.as_secs()
+            );
             halt(1);
         }
     }
@@ -206,7 +218,12 @@ fn seed_cloud_init(files: &std::collections::BTreeMap<String, String>) {
             if name.contains('/') {
                 continue;
             }
-            let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(dir.join(name))?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(dir.join(name))?;
             std::io::Write::write_all(&mut f, content.as_bytes())?;
         }
         Ok(())
@@ -225,7 +242,12 @@ fn install_keys(keys: &[String]) {
     let res = (|| -> std::io::Result<()> {
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create("/root/.ssh")?;
         std::fs::set_permissions("/root/.ssh", std::fs::Permissions::from_mode(0o700))?;
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open("/root/.ssh/authorized_keys")?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open("/root/.ssh/authorized_keys")?;
         std::io::Write::write_all(&mut f, (keys.join("\n") + "\n").as_bytes())
     })();
     if let Err(e) = res {

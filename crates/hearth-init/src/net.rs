@@ -44,7 +44,10 @@ fn inet(addr: Ipv4Addr) -> libc::sockaddr {
 
 fn ifreq(name: &str) -> io::Result<libc::ifreq> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("bad interface name {name:?}")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("bad interface name {name:?}"),
+        ));
     }
     // SAFETY: ifreq is plain old data; all zeroes is a valid value.
     let mut r: libc::ifreq = unsafe { std::mem::zeroed() };
@@ -114,7 +117,8 @@ impl Sock {
             rt_irtt: 0,
         };
         // SAFETY: rt is a valid, fully initialised rtentry for the duration of the call.
-        let rc = unsafe { libc::ioctl(self.0.as_raw_fd(), libc::SIOCADDRT, &mut rt as *mut RtEntry) };
+        let rc =
+            unsafe { libc::ioctl(self.0.as_raw_fd(), libc::SIOCADDRT, &mut rt as *mut RtEntry) };
         if rc < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) {
             return Err(io::Error::last_os_error());
         }
@@ -127,9 +131,10 @@ fn find_card(mac: &str) -> Option<String> {
     let deadline = Instant::now() + CARD_WAIT;
     loop {
         let found = std::fs::read_dir("/sys/class/net").ok().and_then(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .find(|n| std::fs::read_to_string(format!("/sys/class/net/{n}/address")).is_ok_and(|a| a.trim().eq_ignore_ascii_case(mac)))
+            rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).find(|n| {
+                std::fs::read_to_string(format!("/sys/class/net/{n}/address"))
+                    .is_ok_and(|a| a.trim().eq_ignore_ascii_case(mac))
+            })
         });
         if found.is_some() || Instant::now() > deadline {
             return found;
@@ -153,10 +158,14 @@ pub fn configure(net: Option<&GuestNetwork>, hostname: &str) {
         return;
     };
     let res = (|| -> Result<(), String> {
-        let card = find_card(&net.mac).ok_or_else(|| format!("no interface with MAC {} appeared", net.mac))?;
-        let addr: Ipv4Addr = net.address.parse().map_err(|_| format!("bad address {:?}", net.address))?;
-        let gw: Ipv4Addr = net.gateway.parse().map_err(|_| format!("bad gateway {:?}", net.gateway))?;
-        sock.set_addr(&card, addr, net.prefix).map_err(|e| format!("{card}: setting {addr}/{}: {e}", net.prefix))?;
+        let card = find_card(&net.mac)
+            .ok_or_else(|| format!("no interface with MAC {} appeared", net.mac))?;
+        let addr: Ipv4Addr =
+            net.address.parse().map_err(|_| format!("bad address {:?}", net.address))?;
+        let gw: Ipv4Addr =
+            net.gateway.parse().map_err(|_| format!("bad gateway {:?}", net.gateway))?;
+        sock.set_addr(&card, addr, net.prefix)
+            .map_err(|e| format!("{card}: setting {addr}/{}: {e}", net.prefix))?;
         sock.up(&card).map_err(|e| format!("{card}: up: {e}"))?;
         sock.default_route(gw).map_err(|e| format!("default route via {gw}: {e}"))?;
         Ok(())

@@ -66,7 +66,10 @@ fn is_executable(p: &Path) -> Option<bool> {
 /// Finds `program` like a shell: a name with a slash is taken as is (relative to `cwd`),
 /// anything else is searched in `path`.
 pub fn resolve(program: &str, path: &str, cwd: &Path) -> Result<PathBuf, SpawnError> {
-    let denied = |p: &Path| SpawnError { code: 126, message: format!("exec {}: permission denied (not an executable file)", p.display()) };
+    let denied = |p: &Path| SpawnError {
+        code: 126,
+        message: format!("exec {}: permission denied (not an executable file)", p.display()),
+    };
     if program.is_empty() {
         return Err(SpawnError { code: 127, message: "exec: empty command".into() });
     }
@@ -75,7 +78,10 @@ pub fn resolve(program: &str, path: &str, cwd: &Path) -> Result<PathBuf, SpawnEr
         return match is_executable(&p) {
             Some(true) => Ok(PathBuf::from(program)),
             Some(false) => Err(denied(&p)),
-            None => Err(SpawnError { code: 127, message: format!("exec {program}: no such file or directory") }),
+            None => Err(SpawnError {
+                code: 127,
+                message: format!("exec {program}: no such file or directory"),
+            }),
         };
     }
     let mut not_executable = None;
@@ -89,7 +95,10 @@ pub fn resolve(program: &str, path: &str, cwd: &Path) -> Result<PathBuf, SpawnEr
     }
     match not_executable {
         Some(p) => Err(denied(&p)),
-        None => Err(SpawnError { code: 127, message: format!("exec: \"{program}\": executable file not found in $PATH") }),
+        None => Err(SpawnError {
+            code: 127,
+            message: format!("exec: \"{program}\": executable file not found in $PATH"),
+        }),
     }
 }
 
@@ -97,7 +106,9 @@ pub fn resolve(program: &str, path: &str, cwd: &Path) -> Result<PathBuf, SpawnEr
 /// `new_session` is false only when PID 1 execs an init system itself.
 pub fn command(spec: &Spec, ctty: Option<i32>, new_session: bool) -> Result<Command, SpawnError> {
     let fail = |code, message| SpawnError { code, message };
-    let Some(program) = spec.args.first() else { return Err(fail(125, "no command to run: the image has no entrypoint or cmd".into())) };
+    let Some(program) = spec.args.first() else {
+        return Err(fail(125, "no command to run: the image has no entrypoint or cmd".into()));
+    };
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
     let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
     let ids = hearth_types::user::resolve(&spec.user, &passwd, &group).map_err(|m| fail(126, m))?;
@@ -113,7 +124,11 @@ pub fn command(spec: &Spec, ctty: Option<i32>, new_session: bool) -> Result<Comm
     if let Err(e) = std::fs::create_dir_all(&cwd) {
         return Err(fail(125, format!("cannot create the working directory {cwd}: {e}")));
     }
-    let path = env.iter().find(|e| key(e) == "PATH").and_then(|e| e.split_once('=')).map_or(DEFAULT_PATH, |(_, v)| v);
+    let path = env
+        .iter()
+        .find(|e| key(e) == "PATH")
+        .and_then(|e| e.split_once('='))
+        .map_or(DEFAULT_PATH, |(_, v)| v);
     let resolved = resolve(program, path, Path::new(&cwd))?;
     let mut cmd = Command::new(resolved);
     cmd.arg0(program).args(&spec.args[1..]).env_clear().current_dir(&cwd);
@@ -121,7 +136,10 @@ pub fn command(spec: &Spec, ctty: Option<i32>, new_session: bool) -> Result<Comm
         let (k, v) = e.split_once('=').unwrap_or((e, ""));
         cmd.env(k, v);
     }
-    sys::configure_child(&mut cmd, ChildSetup { new_session, ctty, groups: ids.groups, gid: ids.gid, uid: ids.uid });
+    sys::configure_child(
+        &mut cmd,
+        ChildSetup { new_session, ctty, groups: ids.groups, gid: ids.gid, uid: ids.uid },
+    );
     Ok(cmd)
 }
 
@@ -146,8 +164,11 @@ pub fn spawn(cmd: &mut Command, program: &str) -> Result<Child, SpawnError> {
 pub fn spawn_workload(spec: &Spec, tty: bool, stdin: bool) -> Result<Child, SpawnError> {
     let mut cmd = command(spec, tty.then_some(0), true)?;
     if tty || stdin {
-        let console =
-            std::fs::OpenOptions::new().read(true).write(true).open("/dev/console").map_err(|e| spawn_error("/dev/console", &e))?;
+        let console = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/console")
+            .map_err(|e| spawn_error("/dev/console", &e))?;
         cmd.stdin(console);
     } else {
         cmd.stdin(Stdio::null());
@@ -183,10 +204,19 @@ mod tests {
         assert_eq!(resolve("tool", &path, cwd).expect("found"), bin.join("tool"));
         assert_eq!(resolve("data", &path, cwd).expect_err("not executable").code, 126);
         assert_eq!(resolve("ghost", &path, cwd).expect_err("missing").code, 127);
-        assert!(resolve("ghost", &path, cwd).expect_err("missing").message.contains("not found in $PATH"));
-        assert_eq!(resolve("./bin/tool", "", dir.path()).expect("relative"), PathBuf::from("./bin/tool"));
+        assert!(resolve("ghost", &path, cwd)
+            .expect_err("missing")
+            .message
+            .contains("not found in $PATH"));
+        assert_eq!(
+            resolve("./bin/tool", "", dir.path()).expect("relative"),
+            PathBuf::from("./bin/tool")
+        );
         assert_eq!(resolve("/nonexistent/x", &path, cwd).expect_err("missing").code, 127);
-        assert_eq!(resolve(&bin.display().to_string(), &path, cwd).expect_err("a directory").code, 126);
+        assert_eq!(
+            resolve(&bin.display().to_string(), &path, cwd).expect_err("a directory").code,
+            126
+        );
         assert_eq!(resolve("", &path, cwd).expect_err("empty").code, 127);
     }
 
@@ -209,7 +239,8 @@ mod tests {
             Err(e) => panic!("run: {e}"),
         };
         let text = String::from_utf8_lossy(&out.stdout);
-        let mut vars: Vec<&str> = text.lines().map(key).filter(|k| *k != "PWD" && *k != "SHLVL" && *k != "_").collect();
+        let mut vars: Vec<&str> =
+            text.lines().map(key).filter(|k| *k != "PWD" && *k != "SHLVL" && *k != "_").collect();
         vars.sort_unstable();
         let home_is_root = text.lines().any(|l| l.starts_with("HOME=/"));
         assert!(home_is_root, "{text}");

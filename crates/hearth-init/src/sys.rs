@@ -17,7 +17,13 @@ fn check(rc: libc::c_int) -> io::Result<()> {
 }
 
 /// `mount(2)`.
-pub fn mount(src: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> io::Result<()> {
+pub fn mount(
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> io::Result<()> {
     let (s, t, f, d) = (cstr(src)?, cstr(target)?, cstr(fstype)?, cstr(data)?);
     let fptr = if fstype.is_empty() { std::ptr::null() } else { f.as_ptr() };
     let dptr = if data.is_empty() { std::ptr::null() } else { d.as_ptr().cast() };
@@ -98,7 +104,10 @@ pub fn wait_signal(signals: &[i32], timeout_ms: u64) -> Option<i32> {
         for &s in signals {
             libc::sigaddset(&mut set, s);
         }
-        let ts = libc::timespec { tv_sec: (timeout_ms / 1000) as _, tv_nsec: ((timeout_ms % 1000) * 1_000_000) as _ };
+        let ts = libc::timespec {
+            tv_sec: (timeout_ms / 1000) as _,
+            tv_nsec: ((timeout_ms % 1000) * 1_000_000) as _,
+        };
         let s = libc::sigtimedwait(&set, std::ptr::null_mut(), &ts);
         (s > 0).then_some(s)
     }
@@ -144,7 +153,11 @@ pub fn uptime_ms() -> u64 {
 /// descriptors stay as they were).
 pub fn redirect_stdio(input: &str, output: &str) {
     use std::os::fd::AsRawFd;
-    let (Ok(i), Ok(o)) = (std::fs::File::open(input), std::fs::OpenOptions::new().write(true).open(output)) else { return };
+    let (Ok(i), Ok(o)) =
+        (std::fs::File::open(input), std::fs::OpenOptions::new().write(true).open(output))
+    else {
+        return;
+    };
     // SAFETY: dup2 on descriptors this function owns for the duration of the calls; 0-2 are
     // replaced atomically and the originals dropped afterwards.
     unsafe {
@@ -280,7 +293,9 @@ pub fn vsock_listen(port: u32) -> io::Result<std::os::fd::OwnedFd> {
     addr.svm_port = port;
     let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
     // SAFETY: addr is a valid sockaddr_vm of `len` bytes for the duration of the call.
-    check(unsafe { libc::bind(sock.as_raw_fd(), (&addr as *const libc::sockaddr_vm).cast(), len) })?;
+    check(unsafe {
+        libc::bind(sock.as_raw_fd(), (&addr as *const libc::sockaddr_vm).cast(), len)
+    })?;
     // SAFETY: listen(2) on a socket we own.
     check(unsafe { libc::listen(sock.as_raw_fd(), 8) })?;
     Ok(sock)
@@ -292,7 +307,12 @@ pub fn accept(listener: &std::os::fd::OwnedFd) -> io::Result<std::os::fd::OwnedF
     loop {
         // SAFETY: accept4(2) without an address buffer; the returned fd is owned right after.
         let fd = unsafe {
-            libc::accept4(listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+            libc::accept4(
+                listener.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            )
         };
         if fd >= 0 {
             // SAFETY: fd was just returned by accept4(2) and nothing else owns it.

@@ -39,10 +39,12 @@ impl<W: Write> Cpio<W> {
     }
 
     fn entry(&mut self, name: &str, mode: u32, data: &[u8], rdev: (u32, u32)) -> io::Result<()> {
-        let size = u32::try_from(data.len()).map_err(|_| io::Error::other(format!("{name} is too large for cpio (over 4 GiB)")))?;
+        let size = u32::try_from(data.len())
+            .map_err(|_| io::Error::other(format!("{name} is too large for cpio (over 4 GiB)")))?;
         self.ino += 1;
         let nlink = if mode & 0o170000 == S_IFDIR { 2 } else { 1 };
-        let fields = [self.ino, mode, 0, 0, nlink, 0, size, 0, 0, rdev.0, rdev.1, name.len() as u32 + 1, 0];
+        let fields =
+            [self.ino, mode, 0, 0, nlink, 0, size, 0, 0, rdev.0, rdev.1, name.len() as u32 + 1, 0];
         let mut header = String::with_capacity(110);
         header.push_str("070701");
         for f in fields {
@@ -94,8 +96,15 @@ pub(crate) mod tests {
             let at = total - b.len();
             assert_eq!(at % 4, 0, "entry at {at} is not 4-byte aligned");
             assert_eq!(&b[..6], MAGIC, "bad magic at {at}");
-            let field = |i: usize| u32::from_str_radix(std::str::from_utf8(&b[6 + i * 8..14 + i * 8]).expect("ascii"), 16).expect("hex");
-            let (mode, size, rmaj, rmin, namesize) = (field(1), field(6) as usize, field(9), field(10), field(11) as usize);
+            let field = |i: usize| {
+                u32::from_str_radix(
+                    std::str::from_utf8(&b[6 + i * 8..14 + i * 8]).expect("ascii"),
+                    16,
+                )
+                .expect("hex")
+            };
+            let (mode, size, rmaj, rmin, namesize) =
+                (field(1), field(6) as usize, field(9), field(10), field(11) as usize);
             let name = std::str::from_utf8(&b[110..110 + namesize - 1]).expect("utf8").to_owned();
             assert_eq!(b[110 + namesize - 1], 0, "name not NUL-terminated");
             let data_at = (110 + namesize).next_multiple_of(4);
@@ -145,6 +154,9 @@ pub(crate) mod tests {
         };
         child.stdin.take().expect("stdin").write_all(&out).expect("write");
         let listing = child.wait_with_output().expect("cpio");
-        assert_eq!(String::from_utf8_lossy(&listing.stdout).lines().collect::<Vec<_>>(), ["a", "a/b.txt"]);
+        assert_eq!(
+            String::from_utf8_lossy(&listing.stdout).lines().collect::<Vec<_>>(),
+            ["a", "a/b.txt"]
+        );
     }
 }

@@ -69,7 +69,14 @@ pub fn write(
         let name = rel.display().to_string();
         match modules::vermagic(&data, &name)? {
             Some(v) if v == version => {}
-            found => return Err(ModuleError::WrongVersion { name, found: found.unwrap_or_default(), version: version.to_owned() }.into()),
+            found => {
+                return Err(ModuleError::WrongVersion {
+                    name,
+                    found: found.unwrap_or_default(),
+                    version: version.to_owned(),
+                }
+                .into())
+            }
         }
         let dest = format!("{base}/{}", plain.display());
         c.file(&dest, 0o644, &data).map_err(werr)?;
@@ -97,22 +104,35 @@ mod tests {
         std::fs::create_dir_all(&sub).expect("mkdir");
         const V: &str = "vermagic=6.9.9 SMP mod_unload";
         std::fs::write(sub.join("virtio_ring.ko"), fake_ko(&["depends=", V])).expect("write");
-        let zst = zstd::stream::encode_all(fake_ko(&["depends=virtio_ring", V]).as_slice(), 3).expect("zstd");
+        let zst = zstd::stream::encode_all(fake_ko(&["depends=virtio_ring", V]).as_slice(), 3)
+            .expect("zstd");
         std::fs::write(sub.join("virtio.ko.zst"), zst).expect("write");
-        std::fs::write(sub.join("virtio_blk.ko"), fake_ko(&["depends=virtio,virtio_ring", V])).expect("write");
+        std::fs::write(sub.join("virtio_blk.ko"), fake_ko(&["depends=virtio,virtio_ring", V]))
+            .expect("write");
         std::fs::write(sub.join("unrelated.ko"), fake_ko(&[])).expect("write");
         let mut out = Vec::new();
-        let placed = write(&mut out, Path::new("mem"), b"INIT", "6.9.9", Some(dir.path()), &["virtio_blk", "virtio_pci"]).expect("write");
+        let placed = write(
+            &mut out,
+            Path::new("mem"),
+            b"INIT",
+            "6.9.9",
+            Some(dir.path()),
+            &["virtio_blk", "virtio_pci"],
+        )
+        .expect("write");
         let entries = parse(&out);
-        let get = |n: &str| entries.iter().find(|e| e.0 == n).unwrap_or_else(|| panic!("{n} missing"));
+        let get =
+            |n: &str| entries.iter().find(|e| e.0 == n).unwrap_or_else(|| panic!("{n} missing"));
         assert_eq!((get("init").1, get("init").3.as_slice()), (S_IFREG | 0o755, &b"INIT"[..]));
         assert_eq!((get("dev/console").1, get("dev/console").2), (S_IFCHR | 0o600, (5, 1)));
         for d in ["dev", "proc", "sys", "newroot", "lib/modules/6.9.9/kernel/drivers/virtio"] {
             get(d);
         }
         let list = String::from_utf8(get(MODULE_LIST).3.clone()).expect("utf8");
-        let expect =
-            ["virtio_ring", "virtio", "virtio_blk"].map(|m| format!("/lib/modules/6.9.9/kernel/drivers/virtio/{m}.ko")).join("\n") + "\n";
+        let expect = ["virtio_ring", "virtio", "virtio_blk"]
+            .map(|m| format!("/lib/modules/6.9.9/kernel/drivers/virtio/{m}.ko"))
+            .join("\n")
+            + "\n";
         assert_eq!(list, expect);
         assert_eq!(placed.len(), 3);
         // The zstd module is stored decompressed, as an ELF object.
@@ -123,7 +143,8 @@ mod tests {
     #[test]
     fn kernel_without_modules_gets_an_empty_list() {
         let mut out = Vec::new();
-        write(&mut out, Path::new("mem"), b"INIT", "6.9.9", None, modules::GUEST_MODULES).expect("write");
+        write(&mut out, Path::new("mem"), b"INIT", "6.9.9", None, modules::GUEST_MODULES)
+            .expect("write");
         let entries = parse(&out);
         assert!(entries.iter().any(|e| e.0 == MODULE_LIST && e.3.is_empty()));
     }

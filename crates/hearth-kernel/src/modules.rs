@@ -10,8 +10,15 @@ use std::path::{Path, PathBuf};
 
 /// Modules the guest needs for its disks, console, agent channel and network. Missing ones are
 /// assumed built in (ext4 is listed for kernels that build it as a module).
-pub const GUEST_MODULES: &[&str] =
-    &["virtio_pci", "virtio_mmio", "virtio_blk", "virtio_console", "virtio_net", "vmw_vsock_virtio_transport", "ext4"];
+pub const GUEST_MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_mmio",
+    "virtio_blk",
+    "virtio_console",
+    "virtio_net",
+    "vmw_vsock_virtio_transport",
+    "ext4",
+];
 
 /// Why modules could not be resolved.
 #[derive(Debug, thiserror::Error)]
@@ -86,14 +93,16 @@ pub fn plain_path(rel: &Path) -> PathBuf {
 /// Reads a module file, decompressing zstd; refuses xz and gzip with a hint.
 pub fn read_module(path: &Path) -> Result<Vec<u8>, ModuleError> {
     let name = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|source| ModuleError::Io { path: path.to_owned(), source })?;
+    let bytes =
+        std::fs::read(path).map_err(|source| ModuleError::Io { path: path.to_owned(), source })?;
     decompress(bytes, &name)
 }
 
 /// Detects the compression by magic, so a mislabelled file is still handled right.
 fn decompress(bytes: Vec<u8>, name: &str) -> Result<Vec<u8>, ModuleError> {
     if bytes.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        return zstd::stream::decode_all(bytes.as_slice()).map_err(|source| ModuleError::Zstd { name: name.to_owned(), source });
+        return zstd::stream::decode_all(bytes.as_slice())
+            .map_err(|source| ModuleError::Zstd { name: name.to_owned(), source });
     }
     if bytes.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
         return Err(ModuleError::Compressed(name.to_owned(), "xz"));
@@ -109,7 +118,8 @@ pub fn index(tree: &Path) -> Result<BTreeMap<String, PathBuf>, ModuleError> {
     let mut out = BTreeMap::new();
     let mut stack = vec![tree.to_owned()];
     while let Some(dir) = stack.pop() {
-        let rd = std::fs::read_dir(&dir).map_err(|source| ModuleError::Io { path: dir.clone(), source })?;
+        let rd = std::fs::read_dir(&dir)
+            .map_err(|source| ModuleError::Io { path: dir.clone(), source })?;
         for e in rd {
             let e = e.map_err(|source| ModuleError::Io { path: dir.clone(), source })?;
             let p = e.path();
@@ -137,8 +147,11 @@ pub fn modinfo(ko: &[u8], name: &str) -> Result<Vec<(String, String)>, ModuleErr
     if !ko.starts_with(b"\x7fELF") || ko.get(4) != Some(&2) || ko.get(5) != Some(&1) {
         return Err(bad());
     }
-    let u16_at = |o: usize| ko.get(o..o.checked_add(2)?).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
-    let u32_at = |o: usize| ko.get(o..o.checked_add(4)?).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+    let u16_at =
+        |o: usize| ko.get(o..o.checked_add(2)?).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
+    let u32_at = |o: usize| {
+        ko.get(o..o.checked_add(4)?).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    };
     let u64_at = |o: usize| {
         let b: [u8; 8] = ko.get(o..o.checked_add(8)?)?.try_into().ok()?;
         usize::try_from(u64::from_le_bytes(b)).ok()
@@ -159,7 +172,8 @@ pub fn modinfo(ko: &[u8], name: &str) -> Result<Vec<(String, String)>, ModuleErr
     let strtab = ko.get(stroff..stroff.checked_add(strsize).ok_or_else(bad)?).ok_or_else(bad)?;
     for i in 0..shnum {
         let (name_off, off, size) = section(i).ok_or_else(bad)?;
-        let sname = strtab.get(name_off..).and_then(|s| s.split(|&b| b == 0).next()).ok_or_else(bad)?;
+        let sname =
+            strtab.get(name_off..).and_then(|s| s.split(|&b| b == 0).next()).ok_or_else(bad)?;
         if sname != b".modinfo" {
             continue;
         }
@@ -178,12 +192,21 @@ pub fn modinfo(ko: &[u8], name: &str) -> Result<Vec<(String, String)>, ModuleErr
 /// The `depends=` list from a module's `.modinfo` section, canonicalised.
 pub fn modinfo_depends(ko: &[u8], name: &str) -> Result<Vec<String>, ModuleError> {
     let fields = modinfo(ko, name)?;
-    Ok(fields.iter().filter(|(k, _)| k == "depends").flat_map(|(_, v)| v.split(',')).filter(|d| !d.is_empty()).map(canonical).collect())
+    Ok(fields
+        .iter()
+        .filter(|(k, _)| k == "depends")
+        .flat_map(|(_, v)| v.split(','))
+        .filter(|d| !d.is_empty())
+        .map(canonical)
+        .collect())
 }
 
 /// The kernel release a module was built for (first word of `vermagic=`).
 pub fn vermagic(ko: &[u8], name: &str) -> Result<Option<String>, ModuleError> {
-    Ok(modinfo(ko, name)?.into_iter().find(|(k, _)| k == "vermagic").and_then(|(_, v)| v.split_whitespace().next().map(str::to_owned)))
+    Ok(modinfo(ko, name)?
+        .into_iter()
+        .find(|(k, _)| k == "vermagic")
+        .and_then(|(_, v)| v.split_whitespace().next().map(str::to_owned)))
 }
 
 /// Dependencies from a `modules.dep` file: module name → dependency names.
@@ -192,7 +215,10 @@ pub fn parse_modules_dep(text: &str) -> BTreeMap<String, Vec<String>> {
         .filter_map(|l| l.split_once(':'))
         .filter_map(|(m, deps)| {
             let name = module_name(Path::new(m.trim()))?;
-            Some((name, deps.split_whitespace().filter_map(|d| module_name(Path::new(d))).collect()))
+            Some((
+                name,
+                deps.split_whitespace().filter_map(|d| module_name(Path::new(d))).collect(),
+            ))
         })
         .collect()
 }
@@ -268,7 +294,9 @@ pub(crate) mod tests {
         }
         let shoff = b.len();
         // Null section, .modinfo, .shstrtab.
-        for (name, off, size) in [(0u32, 0usize, 0usize), (1, modinfo_off, modinfo.len()), (10, str_off, shstrtab.len())] {
+        for (name, off, size) in
+            [(0u32, 0usize, 0usize), (1, modinfo_off, modinfo.len()), (10, str_off, shstrtab.len())]
+        {
             let mut h = vec![0u8; 0x40];
             h[..4].copy_from_slice(&name.to_le_bytes());
             h[0x18..0x20].copy_from_slice(&(off as u64).to_le_bytes());
@@ -292,7 +320,11 @@ pub(crate) mod tests {
         for m in ["a.ko", "b.ko", "c.ko", "unused.ko"] {
             std::fs::write(dir.path().join(m), b"not elf").expect("write");
         }
-        std::fs::write(dir.path().join("modules.dep"), "a.ko: b.ko c.ko\nb.ko: c.ko\nc.ko:\nunused.ko:\n").expect("write");
+        std::fs::write(
+            dir.path().join("modules.dep"),
+            "a.ko: b.ko c.ko\nb.ko: c.ko\nc.ko:\nunused.ko:\n",
+        )
+        .expect("write");
         let order = closure(dir.path(), &["a", "missing-builtin"]).expect("closure");
         assert_eq!(order, [PathBuf::from("c.ko"), PathBuf::from("b.ko"), PathBuf::from("a.ko")]);
     }
@@ -302,7 +334,8 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let sub = dir.path().join("kernel/drivers");
         std::fs::create_dir_all(&sub).expect("mkdir");
-        let w = |f: &str, fields: &[&str]| std::fs::write(sub.join(f), fake_ko(fields)).expect("write");
+        let w =
+            |f: &str, fields: &[&str]| std::fs::write(sub.join(f), fake_ko(fields)).expect("write");
         w("top.ko", &["license=GPL", "depends=left,right-mod", "vermagic=6.9.9 SMP"]);
         w("left.ko", &["depends=base"]);
         w("base.ko", &["depends="]);
@@ -326,9 +359,17 @@ pub(crate) mod tests {
         }
         let virtio = read_module(&tree.join("kernel/drivers/virtio/virtio.ko")).expect("read");
         assert_eq!(modinfo_depends(&virtio, "virtio").expect("modinfo"), ["virtio_ring"]);
-        assert_eq!(vermagic(&virtio, "virtio").expect("vermagic").as_deref(), Some("6.1.0-56-cloud-amd64"));
+        assert_eq!(
+            vermagic(&virtio, "virtio").expect("vermagic").as_deref(),
+            Some("6.1.0-56-cloud-amd64")
+        );
         let order = names(&closure(tree, GUEST_MODULES).expect("closure"));
-        let pos = |n: &str| order.iter().position(|x| x == n).unwrap_or_else(|| panic!("{n} missing from {order:?}"));
+        let pos = |n: &str| {
+            order
+                .iter()
+                .position(|x| x == n)
+                .unwrap_or_else(|| panic!("{n} missing from {order:?}"))
+        };
         assert!(pos("virtio_ring") < pos("virtio"));
         assert!(pos("virtio") < pos("virtio_blk"));
         assert!(pos("virtio") < pos("virtio_pci"));

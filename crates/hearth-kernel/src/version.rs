@@ -48,9 +48,11 @@ pub fn detect(bytes: &[u8]) -> Option<Format> {
 
 /// A kernel release looks like `6.1.0-56-cloud-amd64`: printable, starting with a digit.
 fn release(raw: &[u8]) -> Option<String> {
-    let end = raw.iter().position(|&b| b == b' ' || b == 0 || b == b'\n').unwrap_or(raw.len()).min(128);
+    let end =
+        raw.iter().position(|&b| b == b' ' || b == 0 || b == b'\n').unwrap_or(raw.len()).min(128);
     let s = std::str::from_utf8(&raw[..end]).ok()?;
-    (s.starts_with(|c: char| c.is_ascii_digit()) && s.bytes().all(|b| b.is_ascii_graphic())).then(|| s.to_owned())
+    (s.starts_with(|c: char| c.is_ascii_digit()) && s.bytes().all(|b| b.is_ascii_graphic()))
+        .then(|| s.to_owned())
 }
 
 /// The kernel release (`6.1.0-56-cloud-amd64`), read from the setup header of a bzImage (the
@@ -68,7 +70,8 @@ pub fn version(bytes: &[u8], format: Format) -> Option<String> {
         Format::Elf => {
             let needle = b"Linux version ";
             let mut from = 0;
-            while let Some(at) = bytes.get(from..)?.windows(needle.len()).position(|w| w == needle) {
+            while let Some(at) = bytes.get(from..)?.windows(needle.len()).position(|w| w == needle)
+            {
                 let start = from + at + needle.len();
                 if let Some(v) = release(&bytes[start..]) {
                     return Some(v);
@@ -82,7 +85,8 @@ pub fn version(bytes: &[u8], format: Format) -> Option<String> {
 
 /// Reads a kernel file and returns its format and release.
 pub fn read(path: &Path) -> Result<(Format, String), VersionError> {
-    let bytes = std::fs::read(path).map_err(|source| VersionError::Io { path: path.to_owned(), source })?;
+    let bytes =
+        std::fs::read(path).map_err(|source| VersionError::Io { path: path.to_owned(), source })?;
     let format = detect(&bytes).ok_or_else(|| VersionError::Format(path.to_owned()))?;
     let ver = version(&bytes, format).ok_or_else(|| VersionError::Version(path.to_owned()))?;
     Ok((format, ver))

@@ -13,14 +13,20 @@ use std::sync::{mpsc, OnceLock};
 use std::time::{Duration, Instant};
 
 use hearth_kernel::KernelStore;
-use hearth_types::agent::{Decoder, ExecExit, ExecRequest, Frame, Hello, Kind, Ready, PROTOCOL_VERSION};
-use hearth_types::guest::{decode_record, encode_record, CONFIG_DISK_BYTES, CONFIG_MAGIC, EXIT_MAGIC, EXIT_OFFSET};
+use hearth_types::agent::{
+    Decoder, ExecExit, ExecRequest, Frame, Hello, Kind, Ready, PROTOCOL_VERSION,
+};
+use hearth_types::guest::{
+    decode_record, encode_record, CONFIG_DISK_BYTES, CONFIG_MAGIC, EXIT_MAGIC, EXIT_OFFSET,
+};
 use hearth_types::{GuestConfig, GuestExit, GuestProcess};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn kernel_dir() -> PathBuf {
-    std::env::var_os("HEARTH_KERNEL_DIR").map(PathBuf::from).unwrap_or_else(|| "/tmp/kpkg/root".into())
+    std::env::var_os("HEARTH_KERNEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/tmp/kpkg/root".into())
 }
 
 /// Why these tests cannot run here, if they cannot.
@@ -30,7 +36,8 @@ fn missing_prerequisite() -> Option<String> {
         return Some(format!("no kernel under {} (set HEARTH_KERNEL_DIR)", dir.display()));
     }
     for (tool, arg) in [("qemu-system-x86_64", "--version"), ("mkfs.ext4", "-V")] {
-        if Command::new(tool).arg(arg).stdout(Stdio::null()).stderr(Stdio::null()).status().is_err() {
+        if Command::new(tool).arg(arg).stdout(Stdio::null()).stderr(Stdio::null()).status().is_err()
+        {
             return Some(format!("{tool} is not installed"));
         }
     }
@@ -51,7 +58,14 @@ fn init_binary() -> PathBuf {
         let out = Command::new(env!("CARGO"))
             .current_dir(&workspace)
             .env("RUSTFLAGS", "-C target-feature=+crt-static")
-            .args(["build", "-p", "hearth-init", "--release", "--target", "x86_64-unknown-linux-gnu"])
+            .args([
+                "build",
+                "-p",
+                "hearth-init",
+                "--release",
+                "--target",
+                "x86_64-unknown-linux-gnu",
+            ])
             .arg("--message-format=json-render-diagnostics")
             .stderr(Stdio::inherit())
             .output()
@@ -92,7 +106,13 @@ fn prepare(process: GuestProcess) -> Vm {
     std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").expect("passwd");
     std::fs::write(rootfs.join("etc/group"), "root:x:0:\n").expect("group");
     let disk = tmp.path().join("disk.img");
-    let st = Command::new("mkfs.ext4").args(["-q", "-F", "-d"]).arg(&rootfs).arg(&disk).arg("16M").status().expect("mkfs");
+    let st = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&rootfs)
+        .arg(&disk)
+        .arg("16M")
+        .status()
+        .expect("mkfs");
     assert!(st.success(), "mkfs.ext4 failed");
     let cfg = GuestConfig { version: 1, hostname: "guest".into(), process, ..Default::default() };
     let config = tmp.path().join("config.img");
@@ -109,7 +129,19 @@ fn start(vm: &Vm) -> Child {
 
 fn start_with(vm: &Vm, root_disk: bool) -> Child {
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-M", "pc", "-accel", "tcg", "-m", "512", "-smp", "1", "-nographic", "-nodefaults", "-no-reboot"]);
+    cmd.args([
+        "-M",
+        "pc",
+        "-accel",
+        "tcg",
+        "-m",
+        "512",
+        "-smp",
+        "1",
+        "-nographic",
+        "-nodefaults",
+        "-no-reboot",
+    ]);
     if Path::new("/usr/share/qemu/qboot.rom").is_file() {
         cmd.args(["-bios", "/usr/share/qemu/qboot.rom"]);
     }
@@ -125,7 +157,14 @@ fn start_with(vm: &Vm, root_disk: bool) -> Child {
         .arg(format!("file={},format=raw,if=virtio", vm.config.display()))
         .args(["-device", "virtio-serial-pci", "-chardev"])
         .arg(format!("socket,id=agent,path={},server=on,wait=off", vm.agent.display()))
-        .args(["-device", "virtserialport,chardev=agent,name=hearth.agent", "-serial", "stdio", "-display", "none"])
+        .args([
+            "-device",
+            "virtserialport,chardev=agent,name=hearth.agent",
+            "-serial",
+            "stdio",
+            "-display",
+            "none",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -138,7 +177,10 @@ fn wait_exit(mut qemu: Child, started: Instant) -> String {
         if started.elapsed() > BOOT_TIMEOUT {
             let _ = qemu.kill();
             let out = qemu.wait_with_output().expect("output");
-            panic!("the guest did not power off within {BOOT_TIMEOUT:?}; console:\n{}", String::from_utf8_lossy(&out.stdout));
+            panic!(
+                "the guest did not power off within {BOOT_TIMEOUT:?}; console:\n{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -164,7 +206,11 @@ fn workload_output_and_exit_code_come_back() {
         return;
     }
     let vm = prepare(GuestProcess {
-        args: vec!["sh".into(), "-c".into(), "echo hello-from-guest; echo host=$HOSTNAME home=$HOME; exit 3".into()],
+        args: vec![
+            "sh".into(),
+            "-c".into(),
+            "echo hello-from-guest; echo host=$HOSTNAME home=$HOME; exit 3".into(),
+        ],
         env: vec!["PATH=/bin".into()],
         ..Default::default()
     });
@@ -182,7 +228,11 @@ fn missing_program_is_reported_as_127() {
         eprintln!("skipping: {why}");
         return;
     }
-    let vm = prepare(GuestProcess { args: vec!["no-such-tool".into()], env: vec!["PATH=/bin".into()], ..Default::default() });
+    let vm = prepare(GuestProcess {
+        args: vec!["no-such-tool".into()],
+        env: vec!["PATH=/bin".into()],
+        ..Default::default()
+    });
     let started = Instant::now();
     let console = wait_exit(start(&vm), started);
     let exit = exit_record(&vm);
@@ -232,7 +282,9 @@ fn expect_frame(rx: &mpsc::Receiver<Frame>, kind: Kind, stream: u32) -> Frame {
     let deadline = Instant::now() + BOOT_TIMEOUT;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let f = rx.recv_timeout(left).unwrap_or_else(|e| panic!("no {kind:?} frame on stream {stream}: {e}"));
+        let f = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|e| panic!("no {kind:?} frame on stream {stream}: {e}"));
         if f.kind == kind && f.stream == stream {
             return f;
         }
@@ -255,7 +307,9 @@ fn agent_answers_hello_ping_exec_and_shutdown() {
     let sock = loop {
         match UnixStream::connect(&vm.agent) {
             Ok(s) => break s,
-            Err(_) if started.elapsed() < Duration::from_secs(10) => std::thread::sleep(Duration::from_millis(20)),
+            Err(_) if started.elapsed() < Duration::from_secs(10) => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
             Err(e) => panic!("agent socket {}: {e}", vm.agent.display()),
         }
     };
@@ -279,7 +333,11 @@ fn agent_answers_hello_ping_exec_and_shutdown() {
     assert_eq!(expect_frame(&rx, Kind::Pong, 0).payload, b"p1");
 
     let req = ExecRequest {
-        args: vec!["sh".into(), "-c".into(), "cat; echo out-$IMAGE_VAR-$X; echo err >&2; exit 7".into()],
+        args: vec![
+            "sh".into(),
+            "-c".into(),
+            "cat; echo out-$IMAGE_VAR-$X; echo err >&2; exit 7".into(),
+        ],
         env: vec!["X=extra".into()],
         ..Default::default()
     };

@@ -98,17 +98,25 @@ pub async fn ensure_bridge(b: &Bridge) -> Result<(), NetError> {
         Some(i) => i,
         None => {
             match h.link().add(LinkBridge::new(&b.name).up().build()).execute().await {
-                Err(e) if errno(&e) != Some(libc::EEXIST) => return Err(netlink("creating bridge", e)),
+                Err(e) if errno(&e) != Some(libc::EEXIST) => {
+                    return Err(netlink("creating bridge", e))
+                }
                 _ => {}
             }
             link_index(&h, &b.name).await?.ok_or_else(|| NetError::NoLink(b.name.clone()))?
         }
     };
     match h.address().add(index, IpAddr::V4(b.gateway), b.prefix).execute().await {
-        Err(e) if errno(&e) != Some(libc::EEXIST) => return Err(netlink("adding the gateway address to", e)),
+        Err(e) if errno(&e) != Some(libc::EEXIST) => {
+            return Err(netlink("adding the gateway address to", e))
+        }
         _ => {}
     }
-    h.link().set(LinkUnspec::new_with_index(index).up().build()).execute().await.map_err(|e| netlink("bringing up", e))?;
+    h.link()
+        .set(LinkUnspec::new_with_index(index).up().build())
+        .execute()
+        .await
+        .map_err(|e| netlink("bringing up", e))?;
     enable_forwarding(&b.name)?;
     if !nat_table_exists() {
         write_nat(b, &[])?;
@@ -143,11 +151,15 @@ pub async fn attach(tap: &str, bridge: &str) -> Result<(), NetError> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    h.link().set(LinkUnspec::new_with_index(index).controller(br).up().build()).execute().await.map_err(|source| NetError::Netlink {
-        what: "attaching to the bridge",
-        link: tap.to_owned(),
-        source,
-    })
+    h.link()
+        .set(LinkUnspec::new_with_index(index).controller(br).up().build())
+        .execute()
+        .await
+        .map_err(|source| NetError::Netlink {
+            what: "attaching to the bridge",
+            link: tap.to_owned(),
+            source,
+        })
 }
 
 /// Makes sure a VM's tap is gone once its VMM has exited: the kernel unregisters a
@@ -160,7 +172,9 @@ pub async fn remove_tap(tap: &str, wait: Duration) -> Result<bool, NetError> {
         let Some(index) = link_index(&h, tap).await? else { return Ok(false) };
         if tokio::time::Instant::now() > deadline {
             return match h.link().del(index).execute().await {
-                Err(e) if errno(&e) != Some(libc::ENODEV) => Err(NetError::Netlink { what: "deleting", link: tap.to_owned(), source: e }),
+                Err(e) if errno(&e) != Some(libc::ENODEV) => {
+                    Err(NetError::Netlink { what: "deleting", link: tap.to_owned(), source: e })
+                }
                 _ => Ok(true),
             };
         }
@@ -169,7 +183,10 @@ pub async fn remove_tap(tap: &str, wait: Duration) -> Result<bool, NetError> {
 }
 
 fn enable_forwarding(bridge: &str) -> Result<(), NetError> {
-    let sysctls = [("/proc/sys/net/ipv4/ip_forward".to_owned(), "1"), (format!("/proc/sys/net/ipv4/conf/{bridge}/route_localnet"), "1")];
+    let sysctls = [
+        ("/proc/sys/net/ipv4/ip_forward".to_owned(), "1"),
+        (format!("/proc/sys/net/ipv4/conf/{bridge}/route_localnet"), "1"),
+    ];
     for (path, value) in sysctls {
         if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == value) {
             continue;
@@ -289,7 +306,10 @@ mod tests {
         assert_eq!(b.subnet(), "10.61.0.0/16");
         let rules = nat_ruleset(&b, &[]);
         assert!(rules.contains("flush table ip hearth"), "{rules}");
-        assert!(rules.contains("ip saddr 10.61.0.0/16 oifname != \"hearth0\" masquerade"), "{rules}");
+        assert!(
+            rules.contains("ip saddr 10.61.0.0/16 oifname != \"hearth0\" masquerade"),
+            "{rules}"
+        );
         let fwd = |host_ip| Forward {
             host_ip,
             host_port: 8080,
@@ -299,13 +319,27 @@ mod tests {
             owner: "vm 0123".into(),
         };
         let rules = nat_ruleset(&b, &[fwd(None), fwd(Some(Ipv4Addr::LOCALHOST))]);
-        assert_eq!(rules.matches("fib daddr type local tcp dport 8080 dnat to 10.61.0.2:80 comment \"vm 0123\"").count(), 2, "{rules}");
-        assert_eq!(rules.matches("ip daddr 127.0.0.1 tcp dport 8080 dnat to 10.61.0.2:80").count(), 2, "{rules}");
+        assert_eq!(
+            rules
+                .matches(
+                    "fib daddr type local tcp dport 8080 dnat to 10.61.0.2:80 comment \"vm 0123\""
+                )
+                .count(),
+            2,
+            "{rules}"
+        );
+        assert_eq!(
+            rules.matches("ip daddr 127.0.0.1 tcp dport 8080 dnat to 10.61.0.2:80").count(),
+            2,
+            "{rules}"
+        );
     }
 
     /// The rules of one chain, in order.
     fn chain<'a>(rules: &'a str, name: &str) -> Vec<&'a str> {
-        let start = rules.find(&format!("chain {name} {{")).unwrap_or_else(|| panic!("no chain {name}:\n{rules}"));
+        let start = rules
+            .find(&format!("chain {name} {{"))
+            .unwrap_or_else(|| panic!("no chain {name}:\n{rules}"));
         rules[start..].lines().skip(1).map(str::trim).take_while(|l| *l != "}").collect()
     }
 
@@ -318,13 +352,23 @@ mod tests {
         // the host made the connection or a published port DNAT'ed it.
         assert_eq!(
             &input[1..5],
-            ["iifname \"lo\" accept", "ip daddr != 127.0.0.0/8 accept", "ct state established,related accept", "ct status dnat accept"]
+            [
+                "iifname \"lo\" accept",
+                "ip daddr != 127.0.0.0/8 accept",
+                "ct state established,related accept",
+                "ct status dnat accept"
+            ]
         );
         assert!(input[5].starts_with("drop"), "{input:?}");
         let forward = chain(&rules, "forward");
         assert_eq!(
             &forward[1..5],
-            ["oifname != \"hearth0\" accept", "iifname \"hearth0\" accept", "ct state established,related accept", "ct status dnat accept"]
+            [
+                "oifname != \"hearth0\" accept",
+                "iifname \"hearth0\" accept",
+                "ct state established,related accept",
+                "ct status dnat accept"
+            ]
         );
         assert!(forward[5].starts_with("drop"), "{forward:?}");
     }

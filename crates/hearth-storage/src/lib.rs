@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use hearth_types::guest::{
-    decode_record, encode_record, RecordError, CONFIG_DISK_BYTES, CONFIG_MAGIC, EXIT_MAGIC, EXIT_OFFSET, MAX_RECORD,
+    decode_record, encode_record, RecordError, CONFIG_DISK_BYTES, CONFIG_MAGIC, EXIT_MAGIC,
+    EXIT_OFFSET, MAX_RECORD,
 };
 use hearth_types::{GuestConfig, GuestExit};
 
@@ -79,7 +80,8 @@ fn has_tmp(dest: &Path) -> bool {
 pub fn supports_reflink(dir: &Path) -> Result<bool, StorageError> {
     let (a, b) = (dir.join(".hearth-reflink-probe-a"), dir.join(".hearth-reflink-probe-b"));
     let probe = || -> std::io::Result<bool> {
-        let mut src = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&a)?;
+        let mut src =
+            OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&a)?;
         std::io::Write::write_all(&mut src, &[0u8; 4096])?;
         src.sync_all()?;
         let dst = OpenOptions::new().write(true).create(true).truncate(true).open(&b)?;
@@ -114,7 +116,12 @@ fn clone_into(base: &Path, tmp: &Path, size: u64) -> Result<CloneMethod, Storage
     if size < base_len {
         return Err(StorageError::TooSmall { requested: size, base: base_len });
     }
-    let dst = OpenOptions::new().write(true).create(true).truncate(true).open(tmp).map_err(io_err(tmp))?;
+    let dst = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(tmp)
+        .map_err(io_err(tmp))?;
     let method = match sys::ficlone(&dst, &src) {
         Ok(()) => CloneMethod::Reflink,
         Err(_) => {
@@ -198,12 +205,20 @@ fn copy_skipping_zeroes(src: &File, dst: &File, start: u64, end: u64) -> io::Res
     Ok(())
 }
 
-fn run_tool(tool: &'static str, args: &[&str], path: &Path, ok: &[i32]) -> Result<(), StorageError> {
-    let out = hearth_fs::die_with_parent(&mut Command::new(tool)).args(args).arg(path).output().map_err(|e| StorageError::Tool {
-        tool,
-        path: path.to_owned(),
-        output: format!("cannot run it ({e}); install e2fsprogs"),
-    })?;
+fn run_tool(
+    tool: &'static str,
+    args: &[&str],
+    path: &Path,
+    ok: &[i32],
+) -> Result<(), StorageError> {
+    let out =
+        hearth_fs::die_with_parent(&mut Command::new(tool)).args(args).arg(path).output().map_err(
+            |e| StorageError::Tool {
+                tool,
+                path: path.to_owned(),
+                output: format!("cannot run it ({e}); install e2fsprogs"),
+            },
+        )?;
     match out.status.code() {
         Some(c) if ok.contains(&c) => Ok(()),
         _ => {
@@ -211,7 +226,11 @@ fn run_tool(tool: &'static str, args: &[&str], path: &Path, ok: &[i32]) -> Resul
             if text.is_empty() {
                 text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
             }
-            Err(StorageError::Tool { tool, path: path.to_owned(), output: format!("{} ({text})", out.status) })
+            Err(StorageError::Tool {
+                tool,
+                path: path.to_owned(),
+                output: format!("{} ({text})", out.status),
+            })
         }
     }
 }
@@ -281,7 +300,13 @@ mod tests {
         let content = dir.join("content");
         fs::create_dir_all(&content).expect("mkdir");
         fs::write(content.join("hello"), b"hello from the base\n").expect("write");
-        let st = Command::new("mkfs.ext4").args(["-q", "-F", "-d"]).arg(&content).arg(path).arg(format!("{mib}M")).status().expect("mkfs");
+        let st = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-d"])
+            .arg(&content)
+            .arg(path)
+            .arg(format!("{mib}M"))
+            .status()
+            .expect("mkfs");
         assert!(st.success());
     }
 
@@ -311,10 +336,15 @@ mod tests {
         assert!(!has_tmp(&dest));
         let fsck = Command::new("e2fsck").args(["-f", "-n"]).arg(&dest).output().expect("fsck");
         assert!(fsck.status.success(), "{}", String::from_utf8_lossy(&fsck.stdout));
-        let (blocks, bsize) = (dumpe2fs_field(&dest, "Block count"), dumpe2fs_field(&dest, "Block size"));
+        let (blocks, bsize) =
+            (dumpe2fs_field(&dest, "Block count"), dumpe2fs_field(&dest, "Block size"));
         assert!(blocks > base_blocks, "{blocks} blocks after, {base_blocks} before");
         assert_eq!(blocks * bsize, 64 << 20);
-        let cat = Command::new("debugfs").args(["-R", "cat /hello"]).arg(&dest).output().expect("debugfs");
+        let cat = Command::new("debugfs")
+            .args(["-R", "cat /hello"])
+            .arg(&dest)
+            .output()
+            .expect("debugfs");
         assert_eq!(String::from_utf8_lossy(&cat.stdout), "hello from the base\n");
         // The base is untouched and the clone stays sparse.
         assert_eq!(fs::metadata(&base).expect("meta").len(), 32 << 20);
@@ -344,7 +374,12 @@ mod tests {
         File::create(&base).expect("create").set_len(8 << 20).expect("len");
         let err = clone_disk(&base, &dest, 1 << 20).expect_err("too small");
         let msg = err.to_string();
-        assert!(msg.contains("--size") && msg.contains(&(8u64 << 20).to_string()) && msg.contains(&(1u64 << 20).to_string()), "{msg}");
+        assert!(
+            msg.contains("--size")
+                && msg.contains(&(8u64 << 20).to_string())
+                && msg.contains(&(1u64 << 20).to_string()),
+            "{msg}"
+        );
         assert!(!dest.exists() && !has_tmp(&dest));
     }
 
@@ -377,7 +412,10 @@ mod tests {
         let (s, d) = (File::open(&base).expect("open"), File::create(&dest).expect("create"));
         sparse_copy(&s, &d, 16 << 20).expect("copy");
         assert_eq!(fs::read(&base).expect("read"), fs::read(&dest).expect("read"));
-        let (sb, db) = (fs::metadata(&base).expect("meta").blocks(), fs::metadata(&dest).expect("meta").blocks());
+        let (sb, db) = (
+            fs::metadata(&base).expect("meta").blocks(),
+            fs::metadata(&dest).expect("meta").blocks(),
+        );
         assert!(db <= sb.max(8) * 2 && db * 512 <= 1 << 20, "copy uses {db} blocks, base {sb}");
     }
 

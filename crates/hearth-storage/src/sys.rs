@@ -40,7 +40,16 @@ pub fn copy_range(src: &File, dest: &File, off: u64, len: u64) -> io::Result<()>
         let mut off_in = (off + done) as libc::loff_t;
         let mut off_out = off_in;
         // SAFETY: the offsets are locals we own; both fds are open for the call.
-        let n = unsafe { libc::copy_file_range(src.as_raw_fd(), &mut off_in, dest.as_raw_fd(), &mut off_out, (len - done) as usize, 0) };
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                &mut off_in,
+                dest.as_raw_fd(),
+                &mut off_out,
+                (len - done) as usize,
+                0,
+            )
+        };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }

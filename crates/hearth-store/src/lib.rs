@@ -35,7 +35,8 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
 
 /// Writes `bytes` to `path` so that readers see the old or the new content, never a mix.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    hearth_fs::atomic_write(path, bytes).map_err(|source| StoreError::Io { path: path.to_owned(), source })
+    hearth_fs::atomic_write(path, bytes)
+        .map_err(|source| StoreError::Io { path: path.to_owned(), source })
 }
 
 /// The VM records of one hearth root.
@@ -64,7 +65,8 @@ impl VmStore {
         let dir = self.vm_dir(&rec.spec.id);
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let path = dir.join("record.json");
-        let bytes = serde_json::to_vec_pretty(rec).map_err(|source| StoreError::Corrupt { path: path.clone(), source })?;
+        let bytes = serde_json::to_vec_pretty(rec)
+            .map_err(|source| StoreError::Corrupt { path: path.clone(), source })?;
         atomic_write(&path, &bytes)
     }
 
@@ -72,7 +74,9 @@ impl VmStore {
     pub fn get(&self, id: &VmId) -> Result<Option<VmRecord>, StoreError> {
         let path = self.vm_dir(id).join("record.json");
         match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|source| StoreError::Corrupt { path, source }),
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| StoreError::Corrupt { path, source }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(StoreError::Io { path, source }),
         }
@@ -98,7 +102,9 @@ impl VmStore {
                 Err(e) => return Err(e),
             }
         }
-        out.sort_by(|a, b| (a.spec.created_at, a.spec.id.as_str()).cmp(&(b.spec.created_at, b.spec.id.as_str())));
+        out.sort_by(|a, b| {
+            (a.spec.created_at, a.spec.id.as_str()).cmp(&(b.spec.created_at, b.spec.id.as_str()))
+        });
         Ok(out)
     }
 
@@ -130,13 +136,17 @@ impl VmStore {
             let p = entry.path();
             let name = entry.file_name().to_string_lossy().into_owned();
             let is_dir = entry.file_type().map_err(io_err(&p))?.is_dir();
-            if name.ends_with(".deleting") || (is_dir && name.parse::<VmId>().is_ok() && !p.join("record.json").exists()) {
+            if name.ends_with(".deleting")
+                || (is_dir && name.parse::<VmId>().is_ok() && !p.join("record.json").exists())
+            {
                 fs::remove_dir_all(&p).map_err(io_err(&p))?;
                 removed.push(p);
             } else if is_dir && name.parse::<VmId>().is_ok() {
                 for f in fs::read_dir(&p).map_err(io_err(&p))? {
                     let f = f.map_err(io_err(&p))?;
-                    if f.file_name().to_string_lossy().ends_with(".tmp") && f.file_type().is_ok_and(|t| t.is_file()) {
+                    if f.file_name().to_string_lossy().ends_with(".tmp")
+                        && f.file_type().is_ok_and(|t| t.is_file())
+                    {
                         fs::remove_file(f.path()).map_err(io_err(&f.path()))?;
                         removed.push(f.path());
                     }
@@ -182,7 +192,10 @@ mod tests {
         store.save(&a).expect("save");
         a.desired = Desired::Stopped;
         store.save(&a).expect("save again");
-        let files: Vec<_> = fs::read_dir(store.vm_dir(&a.spec.id)).expect("dir").map(|e| e.expect("e").file_name()).collect();
+        let files: Vec<_> = fs::read_dir(store.vm_dir(&a.spec.id))
+            .expect("dir")
+            .map(|e| e.expect("e").file_name())
+            .collect();
         assert_eq!(files, ["record.json"]);
         assert_eq!(store.get(&a.spec.id).expect("get").map(|r| r.desired), Some(Desired::Stopped));
     }
@@ -203,7 +216,8 @@ mod tests {
         let removed = store.sweep().expect("sweep");
         assert_eq!(removed.len(), 4, "{removed:?}");
         assert!(!orphan.exists() && !root.path().join("vms/.x.deleting").exists());
-        let mut left: Vec<_> = fs::read_dir(&dir).expect("dir").map(|e| e.expect("e").file_name()).collect();
+        let mut left: Vec<_> =
+            fs::read_dir(&dir).expect("dir").map(|e| e.expect("e").file_name()).collect();
         left.sort();
         assert_eq!(left, ["disk.img", "record.json"]);
         assert_eq!(store.get(&kept.spec.id).expect("get"), Some(kept));

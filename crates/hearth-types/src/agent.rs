@@ -124,7 +124,11 @@ impl Frame {
 
     /// Hands `amount` of credit back to the sender of `stream`'s data.
     pub fn credit(stream: u32, amount: u64) -> Self {
-        Self::new(Kind::Credit, stream, (amount.min(u64::from(u32::MAX)) as u32).to_be_bytes().to_vec())
+        Self::new(
+            Kind::Credit,
+            stream,
+            (amount.min(u64::from(u32::MAX)) as u32).to_be_bytes().to_vec(),
+        )
     }
 
     /// The amount a [`Kind::Credit`] frame grants (0 when malformed).
@@ -308,7 +312,9 @@ mod tests {
 
     #[test]
     fn decoding_many_small_frames_is_linear_and_partial_frames_wait() {
-        let frames: Vec<u8> = (0..100_000u32).flat_map(|i| Frame::new(Kind::Stdout, 1, i.to_be_bytes().to_vec()).encode()).collect();
+        let frames: Vec<u8> = (0..100_000u32)
+            .flat_map(|i| Frame::new(Kind::Stdout, 1, i.to_be_bytes().to_vec()).encode())
+            .collect();
         // Fed in odd-sized pieces, as reads deliver them, and all at once.
         for piece_len in [7, 8191, frames.len()] {
             let mut d = Decoder::new();
@@ -323,7 +329,11 @@ mod tests {
             assert_eq!((n, d.pending()), (100_000, 0));
             // Only the partial frame at the end of a feed is ever copied: at most one frame's
             // bytes per feed, never the buffer once per frame (which is 65 GB for one feed).
-            assert!(d.moved <= frames.len().div_ceil(piece_len) * HEADER_LEN * 2, "{piece_len}: {} bytes moved", d.moved);
+            assert!(
+                d.moved <= frames.len().div_ceil(piece_len) * HEADER_LEN * 2,
+                "{piece_len}: {} bytes moved",
+                d.moved
+            );
         }
     }
 

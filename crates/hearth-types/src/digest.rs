@@ -24,7 +24,8 @@ pub struct Digest {
 impl Digest {
     /// Builds a digest from 64 lowercase hex characters.
     pub fn from_hex(hex: &str) -> Result<Self, DigestError> {
-        if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             Ok(Self { hex: hex.to_owned() })
         } else {
             Err(DigestError::Malformed(hex.to_owned()))
@@ -46,7 +47,9 @@ impl FromStr for Digest {
     type Err = DigestError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.split_once(':') {
-            Some(("sha256", hex)) => Self::from_hex(hex).map_err(|_| DigestError::Malformed(s.to_owned())),
+            Some(("sha256", hex)) => {
+                Self::from_hex(hex).map_err(|_| DigestError::Malformed(s.to_owned()))
+            }
             Some((alg, _)) => Err(DigestError::Algorithm(alg.to_owned())),
             None => Err(DigestError::Malformed(s.to_owned())),
         }

@@ -140,7 +140,10 @@ pub fn encode_record<T: Serialize>(magic: &[u8; 8], value: &T) -> Vec<u8> {
 }
 
 /// Decodes a record written by [`encode_record`] from the start of `buf`.
-pub fn decode_record<T: for<'de> Deserialize<'de>>(magic: &[u8; 8], buf: &[u8]) -> Result<T, RecordError> {
+pub fn decode_record<T: for<'de> Deserialize<'de>>(
+    magic: &[u8; 8],
+    buf: &[u8],
+) -> Result<T, RecordError> {
     if buf.len() < 12 || &buf[..8] != magic {
         return Err(RecordError::Missing);
     }
@@ -155,7 +158,13 @@ pub fn decode_record<T: for<'de> Deserialize<'de>>(magic: &[u8; 8], buf: &[u8]) 
 pub fn is_init_system(args: &[String]) -> bool {
     matches!(
         args.first().map(String::as_str),
-        Some("/sbin/init" | "/lib/systemd/systemd" | "/usr/lib/systemd/systemd" | "/init" | "/usr/sbin/init")
+        Some(
+            "/sbin/init"
+                | "/lib/systemd/systemd"
+                | "/usr/lib/systemd/systemd"
+                | "/init"
+                | "/usr/sbin/init"
+        )
     )
 }
 
@@ -168,7 +177,11 @@ mod tests {
         let cfg = GuestConfig {
             version: GUEST_CONFIG_VERSION,
             hostname: "vm1".into(),
-            process: GuestProcess { args: vec!["sh".into()], env: vec!["A=1".into()], ..Default::default() },
+            process: GuestProcess {
+                args: vec!["sh".into()],
+                env: vec!["A=1".into()],
+                ..Default::default()
+            },
             ..Default::default()
         };
         let buf = encode_record(CONFIG_MAGIC, &cfg);
@@ -186,7 +199,10 @@ mod tests {
     fn oversized_length_is_refused() {
         let mut buf = encode_record(EXIT_MAGIC, &GuestExit::default());
         buf[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(decode_record::<GuestExit>(EXIT_MAGIC, &buf), Err(RecordError::Length(_))));
+        assert!(matches!(
+            decode_record::<GuestExit>(EXIT_MAGIC, &buf),
+            Err(RecordError::Length(_))
+        ));
     }
 
     #[test]

@@ -81,13 +81,15 @@ pub fn validate_name(name: &str) -> Result<(), IdError> {
 }
 
 const ADJECTIVES: &[&str] = &[
-    "amber", "bold", "brave", "bright", "calm", "clever", "cosy", "crisp", "eager", "fond", "gentle", "glowing", "happy", "hardy", "keen",
-    "kind", "lively", "lucky", "merry", "mild", "nimble", "proud", "quick", "quiet", "rapid", "silent", "snug", "steady", "sunny", "swift",
+    "amber", "bold", "brave", "bright", "calm", "clever", "cosy", "crisp", "eager", "fond",
+    "gentle", "glowing", "happy", "hardy", "keen", "kind", "lively", "lucky", "merry", "mild",
+    "nimble", "proud", "quick", "quiet", "rapid", "silent", "snug", "steady", "sunny", "swift",
     "tidy", "warm",
 ];
 const NOUNS: &[&str] = &[
-    "anvil", "bellows", "birch", "cinder", "coal", "ember", "fender", "flame", "flint", "forge", "grate", "hob", "kettle", "kindle",
-    "lantern", "log", "mantel", "oak", "oven", "poker", "smoke", "spark", "stove", "tinder", "torch", "wick",
+    "anvil", "bellows", "birch", "cinder", "coal", "ember", "fender", "flame", "flint", "forge",
+    "grate", "hob", "kettle", "kindle", "lantern", "log", "mantel", "oak", "oven", "poker",
+    "smoke", "spark", "stove", "tinder", "torch", "wick",
 ];
 
 /// A random `adjective_noun` name from a random number (the caller supplies randomness).

@@ -138,7 +138,9 @@ pub enum NetError {
     BridgeFull,
     #[error("MAC address {0:?} must be six hex octets like 02:00:00:00:00:01, unicast (first octet even)")]
     Mac(String),
-    #[error("--ssh: the public key must be one line like \"ssh-ed25519 AAAA... comment\" (got {0})")]
+    #[error(
+        "--ssh: the public key must be one line like \"ssh-ed25519 AAAA... comment\" (got {0})"
+    )]
     SshKey(String),
 }
 
@@ -165,12 +167,21 @@ impl std::str::FromStr for PortMapping {
             Ok(n) if n > 0 => Ok(n),
             _ => Err(NetError::PortNumber(s.to_owned(), p.to_owned())),
         };
-        Ok(Self { host_ip: ip.to_owned(), host_port: port(host)?, guest_port: port(guest)?, protocol })
+        Ok(Self {
+            host_ip: ip.to_owned(),
+            host_port: port(host)?,
+            guest_port: port(guest)?,
+            protocol,
+        })
     }
 }
 
 /// Checks a VM's network settings together.
-pub fn validate(mode: NetworkMode, ports: &[PortMapping], ssh_key: Option<&str>) -> Result<(), NetError> {
+pub fn validate(
+    mode: NetworkMode,
+    ports: &[PortMapping],
+    ssh_key: Option<&str>,
+) -> Result<(), NetError> {
     if mode == NetworkMode::None && (!ports.is_empty() || ssh_key.is_some()) {
         return Err(NetError::NeedsNetwork);
     }
@@ -198,8 +209,11 @@ pub fn validate_ssh_key(key: &str) -> Result<(), NetError> {
         return bad("more than one line");
     }
     let mut parts = key.split_whitespace();
-    let (Some(kind), Some(data)) = (parts.next(), parts.next()) else { return bad("fewer than two fields") };
-    let known = kind.starts_with("ssh-") || kind.starts_with("ecdsa-sha2-") || kind.starts_with("sk-");
+    let (Some(kind), Some(data)) = (parts.next(), parts.next()) else {
+        return bad("fewer than two fields");
+    };
+    let known =
+        kind.starts_with("ssh-") || kind.starts_with("ecdsa-sha2-") || kind.starts_with("sk-");
     if !known {
         return bad(&format!("unknown key type {kind:?}; is this a private key?"));
     }
@@ -220,7 +234,10 @@ fn bridge_range() -> (u32, u32) {
 /// broadcast or in `used`.
 pub fn allocate_bridge_address(used: &[Ipv4Addr]) -> Result<Ipv4Addr, NetError> {
     let (net, broadcast) = bridge_range();
-    (net + 1..broadcast).map(Ipv4Addr::from).find(|a| *a != BRIDGE_GATEWAY && !used.contains(a)).ok_or(NetError::BridgeFull)
+    (net + 1..broadcast)
+        .map(Ipv4Addr::from)
+        .find(|a| *a != BRIDGE_GATEWAY && !used.contains(a))
+        .ok_or(NetError::BridgeFull)
 }
 
 /// Checks an address asked for on the bridge: inside the subnet, not its network, broadcast or
@@ -242,7 +259,8 @@ pub fn tap_name(id: &VmId) -> String {
 /// A MAC address a VM's card can take: six `:`-separated hex octets, not multicast.
 pub fn validate_mac(mac: &str) -> Result<(), NetError> {
     let octets: Vec<&str> = mac.split(':').collect();
-    let hex = octets.len() == 6 && octets.iter().all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()));
+    let hex = octets.len() == 6
+        && octets.iter().all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()));
     match u8::from_str_radix(octets[0], 16) {
         Ok(first) if hex && first & 1 == 0 => Ok(()),
         _ => Err(NetError::Mac(mac.to_owned())),
@@ -268,23 +286,34 @@ mod tests {
         assert_eq!(allocate_bridge_address(&used), Ok(Ipv4Addr::new(10, 61, 0, 3)));
         assert!(tap_name(&VmId::from_bytes([0xab; 8])).len() <= 15);
         assert!(check_bridge_address(Ipv4Addr::new(10, 61, 3, 7)).is_ok());
-        for bad in [[10, 61, 0, 1], [10, 61, 0, 0], [10, 61, 255, 255], [10, 62, 0, 5], [192, 168, 1, 2]] {
+        for bad in
+            [[10, 61, 0, 1], [10, 61, 0, 0], [10, 61, 255, 255], [10, 62, 0, 5], [192, 168, 1, 2]]
+        {
             assert!(check_bridge_address(Ipv4Addr::from(bad)).is_err(), "{bad:?}");
         }
         assert_eq!("bridge".parse::<NetworkMode>(), Ok(NetworkMode::Bridge));
         let p: PortMapping = "8080:80".parse().expect("port");
         assert_eq!(validate(NetworkMode::Bridge, &[p], None), Ok(()));
         let v6: PortMapping = "[::1]:8080:80".parse().expect("port");
-        assert!(matches!(validate(NetworkMode::Bridge, &[v6], None), Err(NetError::PortV6OnBridge(_))));
+        assert!(matches!(
+            validate(NetworkMode::Bridge, &[v6], None),
+            Err(NetError::PortV6OnBridge(_))
+        ));
     }
 
     #[test]
     fn macs_must_be_six_hex_octets_and_unicast() {
         assert!(validate_mac("02:ab:cd:00:11:22").is_ok());
         assert!(validate_mac("AA:BB:CC:DD:EE:F0").is_ok());
-        for bad in
-            ["", "02:ab:cd:00:11", "02:ab:cd:00:11:22:33", "01:00:5e:00:00:01", "02-ab-cd-00-11-22", "0g:00:00:00:00:00", "2:0:0:0:0:0"]
-        {
+        for bad in [
+            "",
+            "02:ab:cd:00:11",
+            "02:ab:cd:00:11:22:33",
+            "01:00:5e:00:00:01",
+            "02-ab-cd-00-11-22",
+            "0g:00:00:00:00:00",
+            "2:0:0:0:0:0",
+        ] {
             assert_eq!(validate_mac(bad), Err(NetError::Mac(bad.to_owned())), "{bad}");
         }
     }
@@ -296,9 +325,15 @@ mod tests {
     #[test]
     fn ports_parse_like_docker() {
         let p = pm("8080:80").expect("valid");
-        assert_eq!((p.host_ip.as_str(), p.host_port, p.guest_port, p.protocol), ("0.0.0.0", 8080, 80, Protocol::Tcp));
+        assert_eq!(
+            (p.host_ip.as_str(), p.host_port, p.guest_port, p.protocol),
+            ("0.0.0.0", 8080, 80, Protocol::Tcp)
+        );
         let p = pm("127.0.0.1:5353:53/udp").expect("valid");
-        assert_eq!((p.host_ip.as_str(), p.host_port, p.guest_port, p.protocol), ("127.0.0.1", 5353, 53, Protocol::Udp));
+        assert_eq!(
+            (p.host_ip.as_str(), p.host_port, p.guest_port, p.protocol),
+            ("127.0.0.1", 5353, 53, Protocol::Udp)
+        );
         let p = pm("[::1]:2222:22").expect("valid");
         assert_eq!(p.host_ip, "::1");
         assert_eq!(p.to_string(), "[::1]:2222->22/tcp");
@@ -328,7 +363,10 @@ mod tests {
         let p = vec![pm("1:2").expect("valid"), pm("1:2/udp").expect("valid")];
         assert_eq!(validate(NetworkMode::User, &p, None), Ok(()));
         assert_eq!(validate(NetworkMode::None, &p, None), Err(NetError::NeedsNetwork));
-        assert_eq!(validate(NetworkMode::None, &[], Some("ssh-ed25519 AAAA")), Err(NetError::NeedsNetwork));
+        assert_eq!(
+            validate(NetworkMode::None, &[], Some("ssh-ed25519 AAAA")),
+            Err(NetError::NeedsNetwork)
+        );
         assert_eq!(validate(NetworkMode::None, &[], None), Ok(()));
     }
 
@@ -336,10 +374,18 @@ mod tests {
     fn ssh_keys_are_single_public_key_lines() {
         assert_eq!(validate_ssh_key("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI+/= me@host"), Ok(()));
         assert_eq!(validate_ssh_key("ecdsa-sha2-nistp256 AAAAE2Vj\n"), Ok(()));
-        for bad in ["-----BEGIN OPENSSH PRIVATE KEY-----\nabc", "ssh-ed25519", "ssh-rsa AAA\nssh-rsa BBB", "ssh-rsa AA$A"] {
+        for bad in [
+            "-----BEGIN OPENSSH PRIVATE KEY-----\nabc",
+            "ssh-ed25519",
+            "ssh-rsa AAA\nssh-rsa BBB",
+            "ssh-rsa AA$A",
+        ] {
             assert!(validate_ssh_key(bad).is_err(), "{bad:?}");
         }
-        assert!(validate_ssh_key("-----BEGIN OPENSSH PRIVATE KEY----- x").expect_err("private").to_string().contains("private key"));
+        assert!(validate_ssh_key("-----BEGIN OPENSSH PRIVATE KEY----- x")
+            .expect_err("private")
+            .to_string()
+            .contains("private key"));
     }
 
     #[test]

@@ -114,7 +114,15 @@ fn valid_tag(t: &str) -> bool {
 }
 
 fn valid_registry(r: &str) -> bool {
-    !r.is_empty() && r.bytes().all(|x| x.is_ascii_alphanumeric() || x == b'.' || x == b'-' || x == b':' || x == b'[' || x == b']')
+    !r.is_empty()
+        && r.bytes().all(|x| {
+            x.is_ascii_alphanumeric()
+                || x == b'.'
+                || x == b'-'
+                || x == b':'
+                || x == b'['
+                || x == b']'
+        })
 }
 
 impl FromStr for ImageRef {
@@ -129,7 +137,9 @@ impl FromStr for ImageRef {
         }
         let (rest, digest) = match s.split_once('@') {
             Some((r, d)) => {
-                let d = d.parse::<Digest>().map_err(|_| malformed(s, "the part after '@' is not a sha256 digest"))?;
+                let d = d
+                    .parse::<Digest>()
+                    .map_err(|_| malformed(s, "the part after '@' is not a sha256 digest"))?;
                 (r, Some(d))
             }
             None => (s, None),
@@ -140,11 +150,16 @@ impl FromStr for ImageRef {
         };
         if let Some(t) = tag {
             if !valid_tag(t) {
-                return Err(malformed(s, "the tag may hold only letters, digits, '_', '.' and '-' (at most 128)"));
+                return Err(malformed(
+                    s,
+                    "the tag may hold only letters, digits, '_', '.' and '-' (at most 128)",
+                ));
             }
         }
         let (registry, path) = match name.split_once('/') {
-            Some((first, p)) if first.contains('.') || first.contains(':') || first == "localhost" => {
+            Some((first, p))
+                if first.contains('.') || first.contains(':') || first == "localhost" =>
+            {
                 if !valid_registry(first) {
                     return Err(malformed(s, "the registry host is not a valid host[:port]"));
                 }
@@ -158,7 +173,11 @@ impl FromStr for ImageRef {
         if !path.split('/').all(valid_path_component) {
             return Err(malformed(s, "repository names are lowercase letters and digits, separated by '/', '.', '_' or '-'"));
         }
-        let repository = if registry == DEFAULT_REGISTRY && !path.contains('/') { format!("library/{path}") } else { path };
+        let repository = if registry == DEFAULT_REGISTRY && !path.contains('/') {
+            format!("library/{path}")
+        } else {
+            path
+        };
         let tag = match (tag, &digest) {
             (Some(t), _) => Some(t.to_owned()),
             (None, Some(_)) => None,

@@ -35,19 +35,24 @@ pub fn resolve(spec: &str, passwd: &str, group: &str) -> Result<Ids, String> {
             f[5].to_owned(),
         ),
         (None, Ok(uid)) => (uid, uid, String::new(), "/".to_owned()),
-        (None, Err(_)) => return Err(format!("unable to find user {u}: no matching entries in /etc/passwd")),
+        (None, Err(_)) => {
+            return Err(format!("unable to find user {u}: no matching entries in /etc/passwd"))
+        }
     };
     let groups_of = |f: &[&str]| -> Option<u32> { f.get(2)?.parse().ok() };
-    let glines: Vec<Vec<&str>> = group.lines().map(|l| l.split(':').collect()).filter(|f: &Vec<&str>| f.len() >= 3).collect();
+    let glines: Vec<Vec<&str>> = group
+        .lines()
+        .map(|l| l.split(':').collect())
+        .filter(|f: &Vec<&str>| f.len() >= 3)
+        .collect();
     if let Some(g) = g {
-        gid = match g.parse::<u32>() {
-            Ok(n) => n,
-            Err(_) => glines
-                .iter()
-                .find(|f| f[0] == g)
-                .and_then(|f| groups_of(f))
-                .ok_or_else(|| format!("unable to find group {g}: no matching entries in /etc/group"))?,
-        };
+        gid =
+            match g.parse::<u32>() {
+                Ok(n) => n,
+                Err(_) => glines.iter().find(|f| f[0] == g).and_then(|f| groups_of(f)).ok_or_else(
+                    || format!("unable to find group {g}: no matching entries in /etc/group"),
+                )?,
+            };
     }
     let mut groups = vec![gid];
     if !name.is_empty() {
@@ -75,7 +80,10 @@ mod tests {
     fn names_numbers_and_groups() {
         assert_eq!(resolve("", PASSWD, GROUP).expect("root").uid, 0);
         let app = resolve("app", PASSWD, GROUP).expect("app");
-        assert_eq!((app.uid, app.gid, app.groups.clone(), app.home.as_str()), (1000, 1000, vec![1000, 10], "/home/app"));
+        assert_eq!(
+            (app.uid, app.gid, app.groups.clone(), app.home.as_str()),
+            (1000, 1000, vec![1000, 10], "/home/app")
+        );
         assert_eq!(resolve("1000:wheel", PASSWD, GROUP).expect("uid:group").gid, 10);
         assert_eq!(resolve("4242", PASSWD, GROUP).expect("unknown uid is fine").uid, 4242);
         assert!(resolve("ghost", PASSWD, GROUP).expect_err("unknown").contains("ghost"));

@@ -74,7 +74,9 @@ pub enum VmSpecError {
     Volume(String),
     #[error("interface name {0:?} must be 1-15 letters, digits, '_', '.' or '-'")]
     InterfaceName(String),
-    #[error("cloud-init file {0:?} is not one of meta-data, user-data, vendor-data, network-config")]
+    #[error(
+        "cloud-init file {0:?} is not one of meta-data, user-data, vendor-data, network-config"
+    )]
     CloudInitKey(String),
     #[error("cloud-init file {0:?} is larger than {kib} KiB", kib = MAX_CLOUD_INIT_BYTES >> 10)]
     CloudInitSize(String),
@@ -191,10 +193,16 @@ impl LogOptions {
 
     pub fn validate(&self) -> Result<(), VmSpecError> {
         if self.max_size.is_some_and(|s| !(MIN_LOG_SIZE..=MAX_LOG_SIZE).contains(&s)) {
-            return Err(VmSpecError::LogOpt(format!("max-size={}", self.max_size.unwrap_or_default())));
+            return Err(VmSpecError::LogOpt(format!(
+                "max-size={}",
+                self.max_size.unwrap_or_default()
+            )));
         }
         if self.max_files.is_some_and(|n| !(1..=MAX_LOG_FILES).contains(&n)) {
-            return Err(VmSpecError::LogOpt(format!("max-file={}", self.max_files.unwrap_or_default())));
+            return Err(VmSpecError::LogOpt(format!(
+                "max-file={}",
+                self.max_files.unwrap_or_default()
+            )));
         }
         Ok(())
     }
@@ -226,7 +234,9 @@ impl VmSpec {
             crate::net::validate_mac(mac)?;
         }
         if let Some(dev) = &self.cloud_init_network {
-            let ok = !dev.is_empty() && dev.len() <= 15 && dev.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+            let ok = !dev.is_empty()
+                && dev.len() <= 15
+                && dev.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
             if !ok {
                 return Err(VmSpecError::InterfaceName(dev.clone()));
             }
@@ -235,9 +245,14 @@ impl VmSpec {
             return Err(VmSpecError::Volume(format!("more than {MAX_VOLUMES} volumes")));
         }
         for (i, v) in self.volumes.iter().enumerate() {
-            let id_ok = !v.id.is_empty() && v.id.len() <= 63 && v.id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+            let id_ok = !v.id.is_empty()
+                && v.id.len() <= 63
+                && v.id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
             if !id_ok || self.volumes[..i].iter().any(|o| o.id == v.id) {
-                return Err(VmSpecError::Volume(format!("volume id {:?} must be unique, 1-63 letters, digits, '_', '.' or '-'", v.id)));
+                return Err(VmSpecError::Volume(format!(
+                    "volume id {:?} must be unique, 1-63 letters, digits, '_', '.' or '-'",
+                    v.id
+                )));
             }
             if let Some(m) = &v.mount_point {
                 if !m.starts_with('/') || m == "/" || m.split('/').any(|c| c == "..") {

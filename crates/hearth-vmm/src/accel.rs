@@ -23,13 +23,25 @@ pub struct HostFacts {
 
 impl HostFacts {
     pub fn probe() -> Self {
-        let kvm_opens = OpenOptions::new().read(true).write(true).open("/dev/kvm").map(|_| ()).map_err(|e| e.to_string());
-        Self { kvm_opens, cpuinfo: std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default(), env_accel: std::env::var(ACCEL_ENV).ok() }
+        let kvm_opens = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        Self {
+            kvm_opens,
+            cpuinfo: std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default(),
+            env_accel: std::env::var(ACCEL_ENV).ok(),
+        }
     }
 }
 
 fn has_virt_flag(cpuinfo: &str) -> bool {
-    cpuinfo.lines().filter(|l| l.starts_with("flags")).any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+    cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
 }
 
 /// Why KVM cannot be used here, or `None` when it can.
@@ -38,7 +50,10 @@ pub fn kvm_unusable(facts: &HostFacts) -> Option<String> {
         return Some(format!("/dev/kvm cannot be opened ({e})"));
     }
     if !has_virt_flag(&facts.cpuinfo) {
-        return Some("the CPU does not advertise vmx or svm (nested or paravirtual KVM cannot run guests)".into());
+        return Some(
+            "the CPU does not advertise vmx or svm (nested or paravirtual KVM cannot run guests)"
+                .into(),
+        );
     }
     None
 }
@@ -47,18 +62,25 @@ pub fn kvm_unusable(facts: &HostFacts) -> Option<String> {
 /// over `HEARTH_ACCEL`, which wins over probing.
 pub fn decide(requested: Accel, facts: &HostFacts) -> Result<(Accel, Option<String>), VmmError> {
     let requested = match (requested, facts.env_accel.as_deref().map(str::trim)) {
-        (Accel::Auto, Some(v)) => {
-            v.parse::<Accel>().map_err(|_| VmmError::Accel(format!("{ACCEL_ENV}={v:?} is not an accelerator: use auto, kvm or tcg")))?
-        }
+        (Accel::Auto, Some(v)) => v.parse::<Accel>().map_err(|_| {
+            VmmError::Accel(format!(
+                "{ACCEL_ENV}={v:?} is not an accelerator: use auto, kvm or tcg"
+            ))
+        })?,
         (r, _) => r,
     };
     match (requested, kvm_unusable(facts)) {
         (Accel::Tcg, _) => Ok((Accel::Tcg, None)),
         (Accel::Kvm, None) | (Accel::Auto, None) => Ok((Accel::Kvm, None)),
-        (Accel::Kvm, Some(why)) => Err(VmmError::Accel(format!("--accel kvm is not possible here: {why}; use --accel tcg"))),
-        (Accel::Auto, Some(why)) => {
-            Ok((Accel::Tcg, Some(format!("KVM is not usable here ({why}): using TCG software emulation, which is slower"))))
-        }
+        (Accel::Kvm, Some(why)) => Err(VmmError::Accel(format!(
+            "--accel kvm is not possible here: {why}; use --accel tcg"
+        ))),
+        (Accel::Auto, Some(why)) => Ok((
+            Accel::Tcg,
+            Some(format!(
+                "KVM is not usable here ({why}): using TCG software emulation, which is slower"
+            )),
+        )),
     }
 }
 
@@ -86,19 +108,36 @@ mod tests {
 
     #[test]
     fn the_environment_picks_for_auto_only() {
-        assert_eq!(decide(Accel::Auto, &with_env(facts(true, "vmx"), "tcg")).expect("ok"), (Accel::Tcg, None));
-        assert_eq!(decide(Accel::Kvm, &with_env(facts(true, "vmx"), "tcg")).expect("ok").0, Accel::Kvm);
-        assert_eq!(decide(Accel::Tcg, &with_env(facts(true, "vmx"), "kvm")).expect("ok").0, Accel::Tcg);
-        let e = decide(Accel::Auto, &with_env(facts(true, "hypervisor"), "kvm")).expect_err("no kvm");
+        assert_eq!(
+            decide(Accel::Auto, &with_env(facts(true, "vmx"), "tcg")).expect("ok"),
+            (Accel::Tcg, None)
+        );
+        assert_eq!(
+            decide(Accel::Kvm, &with_env(facts(true, "vmx"), "tcg")).expect("ok").0,
+            Accel::Kvm
+        );
+        assert_eq!(
+            decide(Accel::Tcg, &with_env(facts(true, "vmx"), "kvm")).expect("ok").0,
+            Accel::Tcg
+        );
+        let e =
+            decide(Accel::Auto, &with_env(facts(true, "hypervisor"), "kvm")).expect_err("no kvm");
         assert!(e.to_string().contains("--accel tcg"), "{e}");
         let e = decide(Accel::Auto, &with_env(facts(true, "vmx"), "xen")).expect_err("bad value");
         assert!(e.to_string().contains("HEARTH_ACCEL"), "{e}");
-        assert_eq!(decide(Accel::Auto, &with_env(facts(true, "vmx"), "auto")).expect("ok").0, Accel::Kvm);
+        assert_eq!(
+            decide(Accel::Auto, &with_env(facts(true, "vmx"), "auto")).expect("ok").0,
+            Accel::Kvm
+        );
     }
 
     #[test]
     fn only_the_flags_line_counts() {
-        let f = HostFacts { kvm_opens: Ok(()), cpuinfo: "model name : vmx-like svm cpu\nflags : fpu sse\n".into(), env_accel: None };
+        let f = HostFacts {
+            kvm_opens: Ok(()),
+            cpuinfo: "model name : vmx-like svm cpu\nflags : fpu sse\n".into(),
+            env_accel: None,
+        };
         assert_eq!(decide(Accel::Auto, &f).expect("ok").0, Accel::Tcg);
     }
 

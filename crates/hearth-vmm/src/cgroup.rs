@@ -34,7 +34,12 @@ impl Limits {
     pub fn for_vm(name: &str, cpus: u32, memory_mib: u64, tcg: bool) -> Self {
         let guest = memory_mib << 20;
         let overhead = (guest / 4).max(256 << 20) + if tcg { 1 << 30 } else { 0 };
-        Self { name: name.to_owned(), memory_bytes: guest + overhead, cpu_quota_us: u64::from(cpus + 1) * PERIOD_US, pids: 512 }
+        Self {
+            name: name.to_owned(),
+            memory_bytes: guest + overhead,
+            cpu_quota_us: u64::from(cpus + 1) * PERIOD_US,
+            pids: 512,
+        }
     }
 }
 
@@ -53,8 +58,10 @@ fn layout() -> Option<Layout> {
         return Some(Layout::V2(root.to_owned()));
     }
     let (memory, cpu, pids) = (root.join("memory"), root.join("cpu"), root.join("pids"));
-    (memory.join("cgroup.procs").is_file() && cpu.join("cgroup.procs").is_file() && pids.join("cgroup.procs").is_file())
-        .then_some(Layout::V1 { memory, cpu, pids })
+    (memory.join("cgroup.procs").is_file()
+        && cpu.join("cgroup.procs").is_file()
+        && pids.join("cgroup.procs").is_file())
+    .then_some(Layout::V1 { memory, cpu, pids })
 }
 
 /// A VMM's group, made and limited, with its `cgroup.procs` files open for the VMM to join.
@@ -66,7 +73,8 @@ pub struct Group {
 }
 
 fn write(dir: &Path, file: &str, value: &str) -> io::Result<()> {
-    fs::write(dir.join(file), value).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.join(file).display())))
+    fs::write(dir.join(file), value)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.join(file).display())))
 }
 
 impl Group {
@@ -106,7 +114,13 @@ impl Group {
         write(&at, "cgroup.subtree_control", "+memory +cpu +pids")?;
         let dir = self.make_dir(root.join(&l.name))?;
         write(&dir, "memory.max", &l.memory_bytes.to_string())?;
-        write(&dir, "memory.swap.max", "0").or_else(|e| if e.kind() == io::ErrorKind::NotFound { Ok(()) } else { Err(e) })?;
+        write(&dir, "memory.swap.max", "0").or_else(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })?;
         write(&dir, "cpu.max", &format!("{} {PERIOD_US}", l.cpu_quota_us))?;
         write(&dir, "pids.max", &l.pids.to_string())
     }
@@ -138,7 +152,9 @@ impl Group {
 pub fn remove(limits_name: &str) {
     let dirs: Vec<PathBuf> = match layout() {
         Some(Layout::V2(root)) => vec![root.join(limits_name)],
-        Some(Layout::V1 { memory, cpu, pids }) => vec![memory.join(limits_name), cpu.join(limits_name), pids.join(limits_name)],
+        Some(Layout::V1 { memory, cpu, pids }) => {
+            vec![memory.join(limits_name), cpu.join(limits_name), pids.join(limits_name)]
+        }
         None => vec![],
     };
     for d in dirs {

@@ -70,7 +70,15 @@ impl Writer {
     fn open(dir: &Path, limits: LogLimits) -> io::Result<Self> {
         let file = OpenOptions::new().create(true).append(true).open(dir.join(LOG))?;
         let len = file.metadata()?.len();
-        Ok(Self { dir: dir.to_owned(), limits, file, len, start: read_start(dir), since_check: u64::MAX, dropping: false })
+        Ok(Self {
+            dir: dir.to_owned(),
+            limits,
+            file,
+            len,
+            start: read_start(dir),
+            since_check: u64::MAX,
+            dropping: false,
+        })
     }
 
     fn write(&mut self, mut data: &[u8]) -> io::Result<()> {
@@ -81,7 +89,9 @@ impl Writer {
             if self.len >= self.limits.max_size {
                 self.rotate()?;
             }
-            let n = data.len().min(usize::try_from(self.limits.max_size - self.len).unwrap_or(usize::MAX));
+            let n = data
+                .len()
+                .min(usize::try_from(self.limits.max_size - self.len).unwrap_or(usize::MAX));
             self.file.write_all(&data[..n])?;
             self.len += n as u64;
             data = &data[n..];
@@ -97,7 +107,9 @@ impl Writer {
             self.since_check = 0;
             let low = crate::sys::available_bytes(&self.dir).is_ok_and(|free| free < MIN_FREE);
             if low && !self.dropping {
-                let _ = self.file.write_all(b"\r\n[hearth: console output dropped: the disk is nearly full]\r\n");
+                let _ = self.file.write_all(
+                    b"\r\n[hearth: console output dropped: the disk is nearly full]\r\n",
+                );
             }
             self.dropping = low;
         }
@@ -189,17 +201,24 @@ impl Console {
     /// Connects to the VMM's console socket (waiting up to 5 s for it) and starts logging.
     /// `log_lock` is the VM's lock for its log files: taken for writing around rotations, so
     /// readers holding it for reading never see a rotation half done.
-    pub async fn capture(vm_dir: &Path, limits: LogLimits, log_lock: Arc<RwLock<()>>) -> Result<Arc<Self>, VmmError> {
+    pub async fn capture(
+        vm_dir: &Path,
+        limits: LogLimits,
+        log_lock: Arc<RwLock<()>>,
+    ) -> Result<Arc<Self>, VmmError> {
         let sock = vm_dir.join(SOCKET);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         let stream = loop {
             match tokio::net::UnixStream::connect(&sock).await {
                 Ok(s) => break s,
-                Err(e) if tokio::time::Instant::now() > deadline => return Err(VmmError::Io { path: sock, source: e }),
+                Err(e) if tokio::time::Instant::now() > deadline => {
+                    return Err(VmmError::Io { path: sock, source: e })
+                }
                 Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
             }
         };
-        let mut writer = Writer::open(vm_dir, limits).map_err(|source| VmmError::Io { path: vm_dir.join(LOG), source })?;
+        let mut writer = Writer::open(vm_dir, limits)
+            .map_err(|source| VmmError::Io { path: vm_dir.join(LOG), source })?;
         let (out, output) = broadcast::channel(256);
         let (input, mut input_rx) = mpsc::channel::<Vec<u8>>(64);
         let (done_tx, done) = watch::channel(false);
@@ -281,7 +300,10 @@ mod tests {
         assert_eq!(kept, data[1000 - kept.len()..], "the newest bytes, in order");
         // Reading from 0 starts at the oldest byte kept; from 950 gives the last 50.
         let (first, next) = read_at(t.path(), 0, 10).expect("read");
-        assert_eq!((first.as_slice(), next), (&data[segs[0].start as usize..segs[0].start as usize + 10], segs[0].start + 10));
+        assert_eq!(
+            (first.as_slice(), next),
+            (&data[segs[0].start as usize..segs[0].start as usize + 10], segs[0].start + 10)
+        );
         let mut pos = 950;
         let mut tail = Vec::new();
         loop {
@@ -323,7 +345,9 @@ mod tests {
             s.write_all(&got).await.expect("write");
             got
         });
-        let console = Console::capture(t.path(), LogLimits::default(), Arc::default()).await.expect("capture");
+        let console = Console::capture(t.path(), LogLimits::default(), Arc::default())
+            .await
+            .expect("capture");
         let mut out = console.subscribe();
         assert!(console.send(b"hello".to_vec()).await);
         let got = vmm.await.expect("vmm");
@@ -338,6 +362,9 @@ mod tests {
         }
         assert!(String::from_utf8_lossy(&relayed).contains("echo:hello"), "{relayed:?}");
         // The output ended with the console, though the handle is still held.
-        assert!(matches!(console.subscribe().recv().await, Err(broadcast::error::RecvError::Closed)));
+        assert!(matches!(
+            console.subscribe().recv().await,
+            Err(broadcast::error::RecvError::Closed)
+        ));
     }
 }

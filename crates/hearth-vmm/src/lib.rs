@@ -29,12 +29,17 @@ use std::path::PathBuf;
 pub use accel::resolve_accel;
 pub use hearth_core::ports::{Confinement, LaunchSpec, Launched, NetLaunch, VolumeDisk};
 pub use process::{is_alive, kill, read_pidfile, start_time, wait_exit, wait_exit_blocking};
-pub use qemu::{find_running, is_vmm_of, launch, remove_runtime_files, resume, resume_if_prelaunch, stop, Qemu, Stopped};
+pub use qemu::{
+    find_running, is_vmm_of, launch, remove_runtime_files, resume, resume_if_prelaunch, stop, Qemu,
+    Stopped,
+};
 
 /// The provider `kind`, configured from the environment (`HEARTH_QEMU`: the QEMU binary).
 pub fn provider(kind: hearth_core::ports::Provider) -> std::sync::Arc<dyn hearth_core::ports::Vmm> {
     match kind {
-        hearth_core::ports::Provider::Qemu => std::sync::Arc::new(Qemu { binary: std::env::var_os("HEARTH_QEMU").map(Into::into) }),
+        hearth_core::ports::Provider::Qemu => {
+            std::sync::Arc::new(Qemu { binary: std::env::var_os("HEARTH_QEMU").map(Into::into) })
+        }
     }
 }
 
@@ -43,7 +48,9 @@ pub fn provider(kind: hearth_core::ports::Provider) -> std::sync::Arc<dyn hearth
 pub enum VmmError {
     #[error("{0}")]
     Accel(String),
-    #[error("cannot start {binary}: {source}; install Debian's qemu-system-x86 or set HEARTH_QEMU")]
+    #[error(
+        "cannot start {binary}: {source}; install Debian's qemu-system-x86 or set HEARTH_QEMU"
+    )]
     Spawn {
         binary: String,
         #[source]

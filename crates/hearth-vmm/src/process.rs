@@ -22,7 +22,8 @@ fn parse_stat(text: &str) -> Option<(u64, bool)> {
     // still run (and hold its files), and it cannot be reaped until they are gone: the process
     // has exited only when the zombie leader is its last thread.
     let leader_gone = matches!(fields.first(), Some(&"Z") | Some(&"X"));
-    let zombie = leader_gone && fields.get(17).and_then(|n| n.parse::<u64>().ok()).is_some_and(|n| n <= 1);
+    let zombie =
+        leader_gone && fields.get(17).and_then(|n| n.parse::<u64>().ok()).is_some_and(|n| n <= 1);
     Some((fields.get(19)?.parse().ok()?, zombie))
 }
 
@@ -70,7 +71,8 @@ async fn wait_exit_inner(pid: i32, start: u64) {
     // The fd is an OwnedFd moved into the AsyncFd, so the I/O-safety concern behind the
     // deprecation (a borrowed fd closed under tokio) does not apply.
     #[allow(deprecated)]
-    let registered = sys::pidfd_open(pid).and_then(|fd| AsyncFd::with_interest(fd, tokio::io::Interest::READABLE));
+    let registered = sys::pidfd_open(pid)
+        .and_then(|fd| AsyncFd::with_interest(fd, tokio::io::Interest::READABLE));
     match registered {
         Ok(fd) => {
             // Readable means exited. A zombie also counts, so re-check liveness afterwards.
@@ -134,14 +136,19 @@ mod tests {
         assert!(!is_alive(pid, start + 1), "a different start time is a different process");
         kill(pid, start, libc::SIGKILL);
         let _ = child.wait();
-        tokio::time::timeout(Duration::from_secs(5), wait_exit(pid, start)).await.expect("exit seen");
+        tokio::time::timeout(Duration::from_secs(5), wait_exit(pid, start))
+            .await
+            .expect("exit seen");
         assert!(!is_alive(pid, start));
     }
 
     #[test]
     fn blocking_wait_sees_a_non_child_exit_and_times_out_on_a_live_one() {
         // A grandchild: `sh` starts `sleep` in the background and exits, so `sleep` is not ours.
-        let out = std::process::Command::new("sh").args(["-c", "sleep 30 >/dev/null 2>&1 & echo $!"]).output().expect("sh");
+        let out = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 >/dev/null 2>&1 & echo $!"])
+            .output()
+            .expect("sh");
         let pid: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().expect("pid");
         let start = start_time(pid).expect("start time");
         assert!(!wait_exit_blocking(pid, start, Duration::from_millis(100)), "still running");
@@ -156,9 +163,17 @@ mod tests {
             format!("4242 (qemu-system-x86) {state} 1 4242 4242 0 -1 4194560 9 0 0 0 0 0 0 0 20 0 {threads} 0 786414 3133440 372 0")
         };
         assert_eq!(parse_stat(&line("S", 4)), Some((786414, false)));
-        assert_eq!(parse_stat(&line("Z", 4)), Some((786414, false)), "its vCPU and I/O threads still run");
+        assert_eq!(
+            parse_stat(&line("Z", 4)),
+            Some((786414, false)),
+            "its vCPU and I/O threads still run"
+        );
         assert_eq!(parse_stat(&line("Z", 1)), Some((786414, true)));
-        assert_eq!(parse_stat("7 (a) b) Z 1 7 7 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 55 0 0"), Some((55, true)), "a ')' in the name");
+        assert_eq!(
+            parse_stat("7 (a) b) Z 1 7 7 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 55 0 0"),
+            Some((55, true)),
+            "a ')' in the name"
+        );
     }
 
     #[test]

@@ -17,7 +17,8 @@ pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
 /// Bytes an unprivileged writer may still use on the filesystem holding `path` (`statvfs(3)`).
 pub fn available_bytes(path: &std::path::Path) -> io::Result<u64> {
     use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: `st` is plain old data that statvfs fills; `c` is a NUL-terminated path that
     // outlives the call.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };

@@ -15,7 +15,8 @@ use hearth_vmm::{is_alive, kill, launch, resume, stop, wait_exit, LaunchSpec, St
 
 /// What hearthd does after a launch: capture the console, then let the guest run.
 async fn capture_and_resume(dir: &Path) -> std::sync::Arc<Console> {
-    let console = Console::capture(dir, LogLimits::default(), Default::default()).await.expect("capture");
+    let console =
+        Console::capture(dir, LogLimits::default(), Default::default()).await.expect("capture");
     resume(dir).await.expect("cont");
     console
 }
@@ -84,13 +85,21 @@ fn wait_for_text(path: &Path, needle: &str, within: Duration) -> String {
         if text.contains(needle) {
             return text;
         }
-        assert!(Instant::now() < deadline, "{needle:?} not in {} after {within:?}:\n{text}", path.display());
+        assert!(
+            Instant::now() < deadline,
+            "{needle:?} not in {} after {within:?}:\n{text}",
+            path.display()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 fn sockets_left(dir: &Path) -> Vec<String> {
-    ["console.sock", "agent.sock", "qmp.sock", "qemu.pid"].iter().filter(|n| dir.join(n).exists()).map(|n| n.to_string()).collect()
+    ["console.sock", "agent.sock", "qmp.sock", "qemu.pid"]
+        .iter()
+        .filter(|n| dir.join(n).exists())
+        .map(|n| n.to_string())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -120,7 +129,10 @@ async fn tcg_guest_runs_is_logged_without_a_client_and_is_stopped() {
 
     // What hearthd does after a restart: find the QEMU from the VM directory alone.
     let seen = observe(&spec.vm_dir, Duration::from_secs(5)).await.expect("observed");
-    assert_eq!((seen.pid, seen.start_time, seen.status.as_deref()), (launched.pid, launched.start_time, Some("running")));
+    assert_eq!(
+        (seen.pid, seen.start_time, seen.status.as_deref()),
+        (launched.pid, launched.start_time, Some("running"))
+    );
 
     // A second QEMU on the same directory would share its disks: refused.
     match launch(&spec) {
@@ -129,7 +141,9 @@ async fn tcg_guest_runs_is_logged_without_a_client_and_is_stopped() {
     }
 
     // A halted kernel ignores the ACPI button: stop escalates to SIGKILL after the timeout.
-    let how = stop(&spec.vm_dir, launched.pid, launched.start_time, Duration::from_millis(500)).await.expect("stop");
+    let how = stop(&spec.vm_dir, launched.pid, launched.start_time, Duration::from_millis(500))
+        .await
+        .expect("stop");
     assert_eq!(how, Stopped::Killed);
     assert!(!is_alive(launched.pid, launched.start_time));
     assert_eq!(sockets_left(dir.path()), Vec::<String>::new());
@@ -146,7 +160,9 @@ async fn tcg_guest_runs_is_logged_without_a_client_and_is_stopped() {
         assert!(Instant::now() < deadline, "the second boot logged nothing");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let how = stop(&spec.vm_dir, again.pid, again.start_time, Duration::from_millis(200)).await.expect("stop");
+    let how = stop(&spec.vm_dir, again.pid, again.start_time, Duration::from_millis(200))
+        .await
+        .expect("stop");
     assert_eq!(how, Stopped::Killed);
     assert!(!is_alive(again.pid, again.start_time));
 }
@@ -158,13 +174,18 @@ async fn a_panicking_guest_ends_qemu_by_itself() {
     let launched = launch(&spec).expect("launch");
     let _reaper = Reaper(Some((launched.pid, launched.start_time)));
     let capture = capture_and_resume(dir.path()).await;
-    tokio::time::timeout(Duration::from_secs(120), wait_exit(launched.pid, launched.start_time)).await.expect("qemu exits on its own");
+    tokio::time::timeout(Duration::from_secs(120), wait_exit(launched.pid, launched.start_time))
+        .await
+        .expect("qemu exits on its own");
     assert!(!is_alive(launched.pid, launched.start_time));
     capture.wait_done(Duration::from_secs(5)).await;
     assert!(capture.is_done(), "the capture ends with the VMM, everything logged");
-    let text = wait_for_text(&dir.path().join("console.log"), "Kernel panic", Duration::from_secs(1));
+    let text =
+        wait_for_text(&dir.path().join("console.log"), "Kernel panic", Duration::from_secs(1));
     assert!(text.contains("Linux version"));
-    let how = stop(&spec.vm_dir, launched.pid, launched.start_time, Duration::from_secs(1)).await.expect("stop");
+    let how = stop(&spec.vm_dir, launched.pid, launched.start_time, Duration::from_secs(1))
+        .await
+        .expect("stop");
     assert_eq!(how, Stopped::AlreadyGone);
     assert_eq!(sockets_left(dir.path()), Vec::<String>::new());
 }
@@ -176,7 +197,9 @@ fn a_start_failure_quotes_qemus_own_message() {
     let e = launch(&spec).expect_err("no disk");
     let msg = e.to_string();
     assert!(msg.contains("missing.img") && msg.contains("No such file"), "{msg}");
-    assert!(std::fs::read_to_string(spec.vm_dir.join("qemu.log")).expect("qemu.log").contains("missing.img"));
+    assert!(std::fs::read_to_string(spec.vm_dir.join("qemu.log"))
+        .expect("qemu.log")
+        .contains("missing.img"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -196,7 +219,8 @@ async fn the_microvm_command_line_is_accepted_by_qemu() {
         }
     }
     let log = std::fs::File::create(dir.path().join("qemu.log")).expect("log");
-    let mut child = Command::new("qemu-system-x86_64").args(&args).stderr(log).spawn().expect("qemu");
+    let mut child =
+        Command::new("qemu-system-x86_64").args(&args).stderr(log).spawn().expect("qemu");
     let pid = child.id() as i32;
     let start = hearth_vmm::start_time(pid).expect("start time");
     let _reaper = Reaper(Some((pid, start)));
@@ -210,11 +234,23 @@ async fn the_microvm_command_line_is_accepted_by_qemu() {
     let mut qmp = Qmp::connect(&dir.path().join("qmp.sock")).await.expect("qmp");
     assert_eq!(qmp.status().await.expect("query-status"), "prelaunch");
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    for (key, want) in [("Uid:", "2099999999"), ("Seccomp:", "2"), ("NoNewPrivs:", "1"), ("CapEff:", "0000000000000000")] {
-        let line = status.lines().find(|l| l.starts_with(key)).unwrap_or_else(|| panic!("{key} in {status}"));
+    for (key, want) in [
+        ("Uid:", "2099999999"),
+        ("Seccomp:", "2"),
+        ("NoNewPrivs:", "1"),
+        ("CapEff:", "0000000000000000"),
+    ] {
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .unwrap_or_else(|| panic!("{key} in {status}"));
         assert!(line.split_whitespace().skip(1).all(|v| v == want), "{line}");
     }
-    assert_eq!(std::fs::read_link(format!("/proc/{pid}/root")).expect("root"), dir.path(), "chrooted into the VM's directory");
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/root")).expect("root"),
+        dir.path(),
+        "chrooted into the VM's directory"
+    );
     qmp.quit().await.expect("quit");
     tokio::time::timeout(Duration::from_secs(10), wait_exit(pid, start)).await.expect("qemu quits");
     assert!(child.try_wait().is_err(), "wait_exit reaped its exited child: no zombie is left");

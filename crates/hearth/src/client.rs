@@ -25,7 +25,9 @@ enum Target {
 fn target(host: Option<&str>) -> anyhow::Result<Target> {
     match host {
         None | Some("") => {
-            let root = std::env::var_os("HEARTH_ROOT").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT));
+            let root = std::env::var_os("HEARTH_ROOT")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT));
             Ok(Target::DefaultRoot(root))
         }
         Some(h) => match h.strip_prefix("unix://") {
@@ -65,7 +67,9 @@ pub async fn connect(host: Option<String>) -> anyhow::Result<Client> {
         match hearth_api::connect_unix(path.clone()).await {
             Ok(ch) => return Ok(HearthClient::new(ch).max_decoding_message_size(64 << 20)),
             Err(e) if Instant::now() > deadline => {
-                return Err(e).context("the hearthd started for you did not answer within 30 s; see its log");
+                return Err(e).context(
+                    "the hearthd started for you did not answer within 30 s; see its log",
+                );
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
@@ -75,8 +79,13 @@ pub async fn connect(host: Option<String>) -> anyhow::Result<Client> {
 /// Starts `hearthd --root ROOT` (found beside this binary, else on PATH) detached, logging to
 /// ROOT/hearthd.log. Two CLIs racing here start two daemons, and the root's lock lets one serve.
 fn start_daemon(root: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(root).with_context(|| format!("cannot create {} to start hearthd (are you root?)", root.display()))?;
-    let exe = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("hearthd"))).filter(|p| p.is_file());
+    std::fs::create_dir_all(root).with_context(|| {
+        format!("cannot create {} to start hearthd (are you root?)", root.display())
+    })?;
+    let exe = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("hearthd")))
+        .filter(|p| p.is_file());
     let exe = exe.unwrap_or_else(|| PathBuf::from("hearthd"));
     let log_path = root.join("hearthd.log");
     let log = std::fs::OpenOptions::new()
@@ -92,7 +101,9 @@ fn start_daemon(root: &Path) -> anyhow::Result<()> {
         // A new session, so the daemon outlives this terminal.
         cmd.process_group(0);
     }
-    let child = cmd.spawn().with_context(|| format!("no hearthd answers in {} and starting {} failed", root.display(), exe.display()))?;
+    let child = cmd.spawn().with_context(|| {
+        format!("no hearthd answers in {} and starting {} failed", root.display(), exe.display())
+    })?;
     eprintln!(
         "hearth: no daemon answered on {}; started hearthd (pid {}, root {}, log {})",
         root.join("hearthd.sock").display(),
@@ -109,8 +120,14 @@ mod tests {
 
     #[test]
     fn only_the_default_root_gets_a_daemon_started() {
-        assert_eq!(target(Some("unix:///tmp/x.sock")).expect("unix"), Target::Explicit("/tmp/x.sock".into()));
-        assert_eq!(target(Some("/run/h.sock")).expect("path"), Target::Explicit("/run/h.sock".into()));
+        assert_eq!(
+            target(Some("unix:///tmp/x.sock")).expect("unix"),
+            Target::Explicit("/tmp/x.sock".into())
+        );
+        assert_eq!(
+            target(Some("/run/h.sock")).expect("path"),
+            Target::Explicit("/run/h.sock".into())
+        );
         assert!(matches!(target(None).expect("default"), Target::DefaultRoot(_)));
         assert!(target(Some("tcp://h:1")).is_err());
     }
@@ -119,9 +136,14 @@ mod tests {
     async fn an_explicit_socket_nobody_answers_on_is_an_error_not_a_new_daemon() {
         let dir = tempfile::tempdir().expect("tmp");
         let sock = dir.path().join("hearthd.sock");
-        let e = connect(Some(format!("unix://{}", sock.display()))).await.expect_err("nobody answers");
+        let e =
+            connect(Some(format!("unix://{}", sock.display()))).await.expect_err("nobody answers");
         assert!(e.to_string().contains("no hearthd answers on"), "{e}");
         assert!(e.to_string().contains("start one with"), "{e}");
-        assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 0, "nothing was started or created");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).expect("dir").count(),
+            0,
+            "nothing was started or created"
+        );
     }
 }

@@ -64,13 +64,14 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("hearth: cannot start the async runtime: {e}");
-            std::process::exit(1);
-        }
-    };
+    let rt =
+        match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("hearth: cannot start the async runtime: {e}");
+                std::process::exit(1);
+            }
+        };
     let code = rt.block_on(dispatch(cli));
     // Streams may still hold the runtime; exit without waiting for them.
     std::process::exit(code);

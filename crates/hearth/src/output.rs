@@ -45,7 +45,10 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
 
 /// `12 seconds ago`-style age from Unix seconds.
 pub fn ago(unix_secs: u64) -> String {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let secs = now.saturating_sub(unix_secs);
     let (n, unit) = match secs {
         0..=59 => (secs, "second"),
@@ -81,5 +84,9 @@ pub fn human_bytes(n: u64) -> String {
 }
 
 pub fn parse_json<T: for<'de> serde::Deserialize<'de>>(s: &str) -> anyhow::Result<T> {
-    serde_json::from_str(s).map_err(|e| anyhow::anyhow!("the daemon sent a record this client cannot read ({e}); are versions mismatched?"))
+    serde_json::from_str(s).map_err(|e| {
+        anyhow::anyhow!(
+            "the daemon sent a record this client cannot read ({e}); are versions mismatched?"
+        )
+    })
 }

@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use hearth_api::status::from_status;
-use hearth_core::ports::{Confinement, DiskState, Disks, Guests, Kernels, NetPlan, Network, Sandbox, VmRepository, VolumeDisk};
+use hearth_core::ports::{
+    Confinement, DiskState, Disks, Guests, Kernels, NetPlan, Network, Sandbox, VmRepository,
+    VolumeDisk,
+};
 use hearth_core::{Error, Ports, Reconciler, Result};
 use hearth_types::agent::Ready;
 use hearth_types::guest::GuestExit;
@@ -45,8 +48,13 @@ fn core(s: Status) -> Error {
 }
 
 /// A blocking closure on the blocking pool, its failure a failed precondition with its chain.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f).await.map_err(Error::internal)?.map_err(|e| Error::precondition(format!("{e:#}")))
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(Error::internal)?
+        .map_err(|e| Error::precondition(format!("{e:#}")))
 }
 
 /// Files of a VM's directory.
@@ -68,11 +76,9 @@ impl Host {
 
     /// The image a VM was created from; it may have been removed with `image rm --force`.
     fn image_of(&self, rec: &VmRecord) -> Result<ImageRecord> {
-        self.0
-            .images
-            .get(&rec.spec.image_id)
-            .map_err(Error::internal)?
-            .ok_or_else(|| Error::precondition(format!("image {} was removed; pull it again", rec.spec.image)))
+        self.0.images.get(&rec.spec.image_id).map_err(Error::internal)?.ok_or_else(|| {
+            Error::precondition(format!("image {} was removed; pull it again", rec.spec.image))
+        })
     }
 
     /// The images of a VM's volumes, with whether each is shared read-only.
@@ -82,8 +88,12 @@ impl Host {
             .iter()
             .map(|v| {
                 let img = self.0.images.get(&v.image_id).map_err(Error::internal)?;
-                let img =
-                    img.ok_or_else(|| Error::precondition(format!("volume {}: image {} was removed; pull it again", v.id, v.image)))?;
+                let img = img.ok_or_else(|| {
+                    Error::precondition(format!(
+                        "volume {}: image {} was removed; pull it again",
+                        v.id, v.image
+                    ))
+                })?;
                 Ok((img, v.read_only))
             })
             .collect()
@@ -115,7 +125,11 @@ impl VmRepository for Host {
 impl Disks for Host {
     fn observe(&self, rec: &VmRecord) -> DiskState {
         let dir = self.dir(&rec.spec.id);
-        DiskState { dir: dir.exists(), disk: disk_path(&dir).exists(), config_disk: config_path(&dir).exists() }
+        DiskState {
+            dir: dir.exists(),
+            disk: disk_path(&dir).exists(),
+            config_disk: config_path(&dir).exists(),
+        }
     }
 
     async fn create(&self, rec: &VmRecord) -> Result<PathBuf> {
@@ -141,7 +155,8 @@ impl Disks for Host {
     }
 
     async fn write_config(&self, rec: &VmRecord) -> Result<()> {
-        let cfg = crate::create::guest_config_for(&rec.spec, &self.image_of(rec)?.config).map_err(core)?;
+        let cfg = crate::create::guest_config_for(&rec.spec, &self.image_of(rec)?.config)
+            .map_err(core)?;
         let path = config_path(&self.dir(&rec.spec.id));
         tokio::task::spawn_blocking(move || hearth_storage::create_config_disk(&path, &cfg))
             .await
@@ -156,7 +171,11 @@ impl Disks for Host {
             for (i, (img, read_only)) in images.iter().enumerate() {
                 // Read-only volumes share the image's cached filesystem; the others have a copy.
                 let path = if *read_only { d.images.rootfs(img)? } else { volume_path(&dir, i) };
-                out.push(VolumeDisk { path, serial: hearth_types::guest::volume_serial(i), read_only: *read_only });
+                out.push(VolumeDisk {
+                    path,
+                    serial: hearth_types::guest::volume_serial(i),
+                    read_only: *read_only,
+                });
             }
             Ok((disk_path(&dir), config_path(&dir), out))
         })
@@ -164,11 +183,13 @@ impl Disks for Host {
     }
 
     fn clear_exit(&self, rec: &VmRecord) -> Result<()> {
-        hearth_storage::clear_exit_record(&config_path(&self.dir(&rec.spec.id))).map_err(Error::internal)
+        hearth_storage::clear_exit_record(&config_path(&self.dir(&rec.spec.id)))
+            .map_err(Error::internal)
     }
 
     fn read_exit(&self, rec: &VmRecord) -> Result<Option<GuestExit>> {
-        hearth_storage::read_exit_record(&config_path(&self.dir(&rec.spec.id))).map_err(Error::internal)
+        hearth_storage::read_exit_record(&config_path(&self.dir(&rec.spec.id)))
+            .map_err(Error::internal)
     }
 }
 
@@ -178,7 +199,9 @@ impl Kernels for Host {
         let (d, name) = (self.0.clone(), kernel.to_owned());
         blocking(move || {
             if d.kernels.get(&name)?.is_none() {
-                anyhow::bail!("kernel {name} was removed; import it again with `hearth kernel import`");
+                anyhow::bail!(
+                    "kernel {name} was removed; import it again with `hearth kernel import`"
+                );
             }
             Ok((d.kernels.kernel_path(&name), d.kernels.initramfs(&name, &d.init_binary)?))
         })
@@ -211,9 +234,12 @@ impl Network for Host {
         if spec.network != NetworkMode::Bridge {
             return Ok(());
         }
-        hearth_net::attach(&hearth_types::net::tap_name(&spec.id), &hearth_net::Bridge::hearth0().name)
-            .await
-            .map_err(|e| Error::precondition(format!("attaching the VM's tap to the bridge: {e}")))
+        hearth_net::attach(
+            &hearth_types::net::tap_name(&spec.id),
+            &hearth_net::Bridge::hearth0().name,
+        )
+        .await
+        .map_err(|e| Error::precondition(format!("attaching the VM's tap to the bridge: {e}")))
     }
 
     async fn release(&self, spec: &VmSpec, remove: bool) {

@@ -36,14 +36,22 @@ impl Consoles {
     }
 
     fn live(&self, id: &VmId) -> Option<Arc<Console>> {
-        self.live.lock().unwrap_or_else(|e| e.into_inner()).get(id).filter(|c| !c.is_done()).cloned()
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .filter(|c| !c.is_done())
+            .cloned()
     }
 
     /// The log limits of a VM: its own, else the daemon's.
     pub fn limits_for(&self, spec: &VmSpec) -> LogLimits {
         let d = self.default_limits;
         match &spec.log {
-            Some(l) => LogLimits { max_size: l.max_size.unwrap_or(d.max_size), max_files: l.max_files.unwrap_or(d.max_files) },
+            Some(l) => LogLimits {
+                max_size: l.max_size.unwrap_or(d.max_size),
+                max_files: l.max_files.unwrap_or(d.max_files),
+            },
             None => d,
         }
     }
@@ -52,7 +60,12 @@ impl Consoles {
 /// Starts capturing a VM's console: after a launch, before the guest is resumed, and when a
 /// running VM is re-adopted.
 pub async fn capture(d: &Daemon, spec: &VmSpec) -> Result<(), hearth_vmm::VmmError> {
-    let c = Console::capture(&d.vm_dir(&spec.id), d.consoles.limits_for(spec), d.consoles.lock_of(&spec.id)).await?;
+    let c = Console::capture(
+        &d.vm_dir(&spec.id),
+        d.consoles.limits_for(spec),
+        d.consoles.lock_of(&spec.id),
+    )
+    .await?;
     d.consoles.live.lock().unwrap_or_else(|e| e.into_inner()).insert(spec.id.clone(), c);
     Ok(())
 }
@@ -83,7 +96,12 @@ fn is_running(d: &Daemon, id: &VmId) -> bool {
 }
 
 /// Streams the console log from logical `offset`; with `follow`, until the VM stops.
-pub fn stream_logs(d: Arc<Daemon>, id: VmId, offset: u64, follow: bool) -> mpsc::Receiver<Result<Chunk, Status>> {
+pub fn stream_logs(
+    d: Arc<Daemon>,
+    id: VmId,
+    offset: u64,
+    follow: bool,
+) -> mpsc::Receiver<Result<Chunk, Status>> {
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
         let (dir, lock) = (d.vm_dir(&id), d.consoles.lock_of(&id));
@@ -126,8 +144,14 @@ pub fn stream_logs(d: Arc<Daemon>, id: VmId, offset: u64, follow: bool) -> mpsc:
 }
 
 /// Joins a client to the VM's console: its output from now on, and its input to the guest.
-pub async fn attach(d: Arc<Daemon>, id: VmId, mut input: tonic::Streaming<Chunk>) -> Result<mpsc::Receiver<Result<Chunk, Status>>, Status> {
-    let console = d.consoles.live(&id).ok_or_else(|| Status::failed_precondition("cannot attach: the VM's console is not running"))?;
+pub async fn attach(
+    d: Arc<Daemon>,
+    id: VmId,
+    mut input: tonic::Streaming<Chunk>,
+) -> Result<mpsc::Receiver<Result<Chunk, Status>>, Status> {
+    let console = d.consoles.live(&id).ok_or_else(|| {
+        Status::failed_precondition("cannot attach: the VM's console is not running")
+    })?;
     let mut output = console.subscribe();
     let (tx, rx) = mpsc::channel(16);
     let c = console.clone();

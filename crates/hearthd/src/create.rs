@@ -31,17 +31,23 @@ pub async fn create(d: &Arc<Daemon>, req: pb::CreateVmRequest) -> Result<VmRecor
         }
     };
     let kernel = if req.kernel.is_empty() {
-        d.kernels
-            .default_name()
-            .map_err(internal)?
-            .ok_or_else(|| Status::failed_precondition("no kernel is imported: import one with `hearth kernel import FILE --name NAME`"))?
+        d.kernels.default_name().map_err(internal)?.ok_or_else(|| {
+            Status::failed_precondition(
+                "no kernel is imported: import one with `hearth kernel import FILE --name NAME`",
+            )
+        })?
     } else {
         req.kernel.clone()
     };
     if d.kernels.get(&kernel).map_err(internal)?.is_none() {
-        return Err(Status::not_found(format!("kernel {kernel} does not exist: see `hearth kernel ls`, or import it")));
+        return Err(Status::not_found(format!(
+            "kernel {kernel} does not exist: see `hearth kernel ls`, or import it"
+        )));
     }
-    let accel = req.accel.parse().map_err(|e: hearth_types::VmSpecError| Status::invalid_argument(e.to_string()))?;
+    let accel = req
+        .accel
+        .parse()
+        .map_err(|e: hearth_types::VmSpecError| Status::invalid_argument(e.to_string()))?;
     let bad = |e: hearth_types::NetError| Status::invalid_argument(e.to_string());
     let network = req.network.parse().map_err(bad)?;
     let ports = req.ports.iter().map(|p| p.parse()).collect::<Result<Vec<_>, _>>().map_err(bad)?;
@@ -77,7 +83,9 @@ pub async fn create(d: &Arc<Daemon>, req: pb::CreateVmRequest) -> Result<VmRecor
     };
     let requested_address = match req.address.as_str() {
         "" => None,
-        a => Some(a.parse::<std::net::Ipv4Addr>().map_err(|_| Status::invalid_argument(format!("address {a:?} is not an IPv4 address")))?),
+        a => Some(a.parse::<std::net::Ipv4Addr>().map_err(|_| {
+            Status::invalid_argument(format!("address {a:?} is not an IPv4 address"))
+        })?),
     };
     let _g = CREATE.lock().await;
     let name = if req.name.is_empty() {
@@ -91,7 +99,9 @@ pub async fn create(d: &Arc<Daemon>, req: pb::CreateVmRequest) -> Result<VmRecor
         req.name.clone()
     };
     if let Some(other) = d.index().by_name(&name) {
-        return Err(Status::already_exists(format!("the name {name} is already used by VM {other}: remove it or choose another --name")));
+        return Err(Status::already_exists(format!(
+            "the name {name} is already used by VM {other}: remove it or choose another --name"
+        )));
     }
     let mut spec = VmSpec {
         id: new_id(),
@@ -114,30 +124,40 @@ pub async fn create(d: &Arc<Daemon>, req: pb::CreateVmRequest) -> Result<VmRecor
         network,
         ports,
         // A placeholder for the key generated below, so validation sees that SSH is wanted.
-        ssh_public_key: given_key.clone().or_else(|| req.ssh.then(|| "ssh-ed25519 AAAA".to_owned())),
+        ssh_public_key: given_key
+            .clone()
+            .or_else(|| req.ssh.then(|| "ssh-ed25519 AAAA".to_owned())),
         mac: Some(req.mac).filter(|m| !m.is_empty()),
         address: None,
         cloud_init_network: Some(req.cloud_init_network).filter(|d| !d.is_empty()),
         volumes,
         cloud_init: req.cloud_init.into_iter().collect(),
-        log: hearth_types::LogOptions::parse(&req.log_opts).map_err(|e| Status::invalid_argument(e.to_string()))?,
+        log: hearth_types::LogOptions::parse(&req.log_opts)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?,
         created_at: created_now(),
     };
     // Bridge addresses come from the records themselves, under the create lock: nothing to leak.
-    let reserved: Vec<_> = d.reserved_addresses.lock().unwrap_or_else(|e| e.into_inner()).keys().copied().collect();
+    let reserved: Vec<_> =
+        d.reserved_addresses.lock().unwrap_or_else(|e| e.into_inner()).keys().copied().collect();
     let used: Vec<_> = d.index().addresses().chain(reserved).collect();
     spec.address = match (spec.network, requested_address) {
         (hearth_types::NetworkMode::Bridge, Some(a)) => {
-            hearth_types::net::check_bridge_address(a).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            hearth_types::net::check_bridge_address(a)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
             if let Some(other) = d.index().address_holder(a) {
-                return Err(Status::already_exists(format!("address {a} is taken by VM {other}; choose another or leave it empty")));
+                return Err(Status::already_exists(format!(
+                    "address {a} is taken by VM {other}; choose another or leave it empty"
+                )));
             }
             Some(a)
         }
-        (hearth_types::NetworkMode::Bridge, None) => {
-            Some(hearth_types::net::allocate_bridge_address(&used).map_err(|e| Status::resource_exhausted(e.to_string()))?)
+        (hearth_types::NetworkMode::Bridge, None) => Some(
+            hearth_types::net::allocate_bridge_address(&used)
+                .map_err(|e| Status::resource_exhausted(e.to_string()))?,
+        ),
+        (_, Some(a)) => {
+            return Err(Status::invalid_argument(format!("address {a} needs --network bridge")))
         }
-        (_, Some(a)) => return Err(Status::invalid_argument(format!("address {a} needs --network bridge"))),
         (_, None) => None,
     };
     spec.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -145,9 +165,13 @@ pub async fn create(d: &Arc<Daemon>, req: pb::CreateVmRequest) -> Result<VmRecor
     let cfg = guest_config_for(&spec, &image.config)?;
     hearth_storage::check_config_fits(&cfg).map_err(|e| Status::invalid_argument(e.to_string()))?;
     if let (false, Some(users)) = (cfg.init_system || cfg.process.user.is_empty(), &users) {
-        let (passwd, group) = (users.passwd.as_deref().unwrap_or(""), users.group.as_deref().unwrap_or(""));
+        let (passwd, group) =
+            (users.passwd.as_deref().unwrap_or(""), users.group.as_deref().unwrap_or(""));
         hearth_types::user::resolve(&cfg.process.user, passwd, group).map_err(|why| {
-            Status::invalid_argument(format!("image {} runs as USER {:?}, but {why}: fix the image's USER", spec.image, cfg.process.user))
+            Status::invalid_argument(format!(
+                "image {} runs as USER {:?}, but {why}: fix the image's USER",
+                spec.image, cfg.process.user
+            ))
         })?;
     }
     crate::net::check_ports_free(&spec)?;
@@ -201,13 +225,19 @@ fn check_fits(d: &Daemon, spec: &VmSpec, base_bytes: u64) -> Result<(), Status> 
 /// The guest config a VM's config disk holds: the image's process with the VM's overrides, the
 /// host's resolvers on the bridge, cloud-init's network-config when asked for. Create checks it
 /// (size, USER) with the same function that writes it.
-pub fn guest_config_for(spec: &VmSpec, image: &hearth_types::ImageConfig) -> Result<hearth_types::GuestConfig, Status> {
-    let mut cfg = hearth_core::guest_config(spec, image).map_err(|e| Status::invalid_argument(e.to_string()))?;
+pub fn guest_config_for(
+    spec: &VmSpec,
+    image: &hearth_types::ImageConfig,
+) -> Result<hearth_types::GuestConfig, Status> {
+    let mut cfg = hearth_core::guest_config(spec, image)
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
     if let (Some(net), NetworkMode::Bridge) = (cfg.network.as_mut(), spec.network) {
         net.dns = crate::net::host_resolvers();
     }
     if let (Some(device), Some(net)) = (&spec.cloud_init_network, &cfg.network) {
-        cfg.cloud_init.entry("network-config".into()).or_insert_with(|| hearth_core::cloud_init_network_config(device, net));
+        cfg.cloud_init
+            .entry("network-config".into())
+            .or_insert_with(|| hearth_core::cloud_init_network_config(device, net));
     }
     Ok(cfg)
 }

@@ -93,12 +93,14 @@ impl Daemon {
     /// them (nothing else runs yet, so anything temporary is a leftover).
     pub fn open(root: &Path, init_binary: PathBuf) -> anyhow::Result<Self> {
         std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
-        let (vms, images, kernels) = (VmStore::open(root)?, ImageStore::open(root)?, KernelStore::open(root)?);
+        let (vms, images, kernels) =
+            (VmStore::open(root)?, ImageStore::open(root)?, KernelStore::open(root)?);
         let mut swept = vms.sweep()?;
         swept.extend(images.sweep()?);
         swept.extend(kernels.sweep()?);
         crate::root::keep_reserve(root);
-        let tmp = crate::root::sweep_tmp(root).with_context(|| format!("clearing {}", root.join("tmp").display()))?;
+        let tmp = crate::root::sweep_tmp(root)
+            .with_context(|| format!("clearing {}", root.join("tmp").display()))?;
         if !swept.is_empty() || tmp > 0 {
             tracing::info!(count = swept.len() + tmp, first = ?swept.first(), "removed what an interrupted run left");
         }
@@ -137,12 +139,23 @@ impl Daemon {
             return Ok(None);
         }
         let mut launching = self.launching_uids.lock().unwrap_or_else(|e| e.into_inner());
-        let used: std::collections::HashSet<u32> =
-            self.vms.list().map_err(internal)?.iter().filter_map(|r| r.status.vmm_uid).chain(launching.iter().copied()).collect();
+        let used: std::collections::HashSet<u32> = self
+            .vms
+            .list()
+            .map_err(internal)?
+            .iter()
+            .filter_map(|r| r.status.vmm_uid)
+            .chain(launching.iter().copied())
+            .collect();
         let uid = (0..VMM_UIDS)
             .map(|n| self.vmm_uid_base.saturating_add(n))
             .find(|u| !used.contains(u))
-            .ok_or_else(|| Status::resource_exhausted(format!("all {VMM_UIDS} VMM uids from {} are in use", self.vmm_uid_base)))?;
+            .ok_or_else(|| {
+                Status::resource_exhausted(format!(
+                    "all {VMM_UIDS} VMM uids from {} are in use",
+                    self.vmm_uid_base
+                ))
+            })?;
         launching.insert(uid);
         Ok(Some(uid))
     }
@@ -155,7 +168,8 @@ impl Daemon {
 
     /// The cgroup name of a VM's VMM, when VMMs get one.
     pub fn cgroup_of(&self, id: &VmId) -> Option<String> {
-        (!self.cgroup_parent.is_empty()).then(|| hearth_vmm::cgroup::name(&self.cgroup_parent, id.as_str()))
+        (!self.cgroup_parent.is_empty())
+            .then(|| hearth_vmm::cgroup::name(&self.cgroup_parent, id.as_str()))
     }
 
     pub fn set_reconciler(&self, r: Arc<hearth_core::Reconciler>) {
@@ -177,7 +191,8 @@ impl Daemon {
     pub fn save(&self, rec: &VmRecord) -> Result<(), Status> {
         match self.vms.save(rec) {
             Err(hearth_store::StoreError::Io { source, .. })
-                if source.raw_os_error() == Some(libc::ENOSPC) && crate::root::release_reserve(&self.root) =>
+                if source.raw_os_error() == Some(libc::ENOSPC)
+                    && crate::root::release_reserve(&self.root) =>
             {
                 // A full disk must not keep hearthd from recording what it did.
                 tracing::error!(vm = %rec.spec.id, "the disk holding the state directory is full: used hearthd's reserve to save the record; free some space");
@@ -213,7 +228,10 @@ impl Daemon {
     /// A removed VM by id, id prefix or name, when exactly one matches.
     pub fn tombstone_by_ref(&self, reference: &str) -> Option<VmRecord> {
         let t = self.tombstones.lock().unwrap_or_else(|e| e.into_inner());
-        let m: Vec<&VmRecord> = t.values().filter(|r| r.spec.name == reference || r.spec.id.as_str().starts_with(reference)).collect();
+        let m: Vec<&VmRecord> = t
+            .values()
+            .filter(|r| r.spec.name == reference || r.spec.id.as_str().starts_with(reference))
+            .collect();
         match m.as_slice() {
             [one] if !reference.is_empty() => Some((*one).clone()),
             _ => None,
@@ -236,7 +254,9 @@ impl Daemon {
     /// Finds a VM by exact name, exact id, or unique id prefix.
     pub fn resolve(&self, reference: &str) -> Result<VmRecord, Status> {
         let id = self.index().resolve(reference).map_err(hearth_api::status::to_status)?;
-        self.get(&id)?.ok_or_else(|| Status::not_found(format!("no such VM: {reference} (see `hearth ps -a`)")))
+        self.get(&id)?.ok_or_else(|| {
+            Status::not_found(format!("no such VM: {reference} (see `hearth ps -a`)"))
+        })
     }
 
     pub fn vm_dir(&self, id: &VmId) -> PathBuf {

@@ -26,7 +26,9 @@ async fn agent_for(d: &Daemon, rec: &VmRecord) -> Result<Arc<AgentClient>, Statu
 }
 
 fn lost(id: u32) -> Status {
-    Status::unavailable(format!("the guest agent connection was lost during stream {id} (did the VM stop?)"))
+    Status::unavailable(format!(
+        "the guest agent connection was lost during stream {id} (did the VM stop?)"
+    ))
 }
 
 /// Runs `hearth exec`.
@@ -34,8 +36,13 @@ pub async fn exec(
     d: Arc<Daemon>,
     mut input: tonic::Streaming<pb::ExecInput>,
 ) -> Result<mpsc::Receiver<Result<pb::ExecOutput, Status>>, Status> {
-    let first = input.message().await?.ok_or_else(|| Status::invalid_argument("exec needs a start message"))?;
-    let start = first.start.ok_or_else(|| Status::invalid_argument("the first exec message must carry `start`"))?;
+    let first = input
+        .message()
+        .await?
+        .ok_or_else(|| Status::invalid_argument("exec needs a start message"))?;
+    let start = first
+        .start
+        .ok_or_else(|| Status::invalid_argument("the first exec message must carry `start`"))?;
     if start.args.is_empty() {
         return Err(Status::invalid_argument("no command given: hearth exec VM -- COMMAND"));
     }
@@ -89,19 +96,32 @@ pub async fn exec(
                 Kind::Stdout => pb::ExecOutput { stdout: f.payload, ..Default::default() },
                 Kind::Stderr => pb::ExecOutput { stderr: f.payload, ..Default::default() },
                 Kind::Exit => {
-                    let x: ExecExit = f.parse().unwrap_or(ExecExit { exit_code: 255, signal: None });
-                    let _ = tx.send(Ok(pb::ExecOutput { exited: true, exit_code: x.exit_code, ..Default::default() })).await;
+                    let x: ExecExit =
+                        f.parse().unwrap_or(ExecExit { exit_code: 255, signal: None });
+                    let _ = tx
+                        .send(Ok(pb::ExecOutput {
+                            exited: true,
+                            exit_code: x.exit_code,
+                            ..Default::default()
+                        }))
+                        .await;
                     break;
                 }
                 Kind::Error => {
-                    let _ = tx.send(Err(Status::internal(String::from_utf8_lossy(&f.payload).into_owned()))).await;
+                    let _ = tx
+                        .send(Err(Status::internal(
+                            String::from_utf8_lossy(&f.payload).into_owned(),
+                        )))
+                        .await;
                     break;
                 }
                 _ => continue,
             };
             if tx.send(Ok(msg)).await.is_err() {
                 // The client left: stop the process.
-                let _ = agent.send(Frame::new(Kind::Signal, id, libc::SIGKILL.to_be_bytes().to_vec())).await;
+                let _ = agent
+                    .send(Frame::new(Kind::Signal, id, libc::SIGKILL.to_be_bytes().to_vec()))
+                    .await;
                 break;
             }
         }
@@ -116,7 +136,11 @@ async fn finish(agent: &AgentClient, stream: &mut Stream) -> Result<(), Status> 
     let r = loop {
         match stream.recv().await {
             Some(f) if f.kind == Kind::Exit => break Ok(()),
-            Some(f) if f.kind == Kind::Error => break Err(Status::failed_precondition(String::from_utf8_lossy(&f.payload).into_owned())),
+            Some(f) if f.kind == Kind::Error => {
+                break Err(Status::failed_precondition(
+                    String::from_utf8_lossy(&f.payload).into_owned(),
+                ))
+            }
             Some(_) => continue,
             None => break Err(lost(id)),
         }
@@ -126,8 +150,14 @@ async fn finish(agent: &AgentClient, stream: &mut Stream) -> Result<(), Status> 
 }
 
 /// `hearth cp HOST VM:PATH`: a tar stream unpacked in the guest.
-pub async fn copy_to(d: Arc<Daemon>, mut input: tonic::Streaming<pb::CopyChunk>) -> Result<(), Status> {
-    let first = input.message().await?.ok_or_else(|| Status::invalid_argument("copy needs the VM and path first"))?;
+pub async fn copy_to(
+    d: Arc<Daemon>,
+    mut input: tonic::Streaming<pb::CopyChunk>,
+) -> Result<(), Status> {
+    let first = input
+        .message()
+        .await?
+        .ok_or_else(|| Status::invalid_argument("copy needs the VM and path first"))?;
     if first.path.is_empty() {
         return Err(Status::invalid_argument("no guest path given: VM:PATH"));
     }
@@ -135,7 +165,10 @@ pub async fn copy_to(d: Arc<Daemon>, mut input: tonic::Streaming<pb::CopyChunk>)
     let agent = agent_for(&d, &rec).await?;
     let mut stream = agent.open_stream();
     let (id, tx) = (stream.id, stream.input());
-    agent.send(Frame::json(Kind::CopyIn, id, &CopyRequest { path: first.path })).await.map_err(|_| lost(id))?;
+    agent
+        .send(Frame::json(Kind::CopyIn, id, &CopyRequest { path: first.path }))
+        .await
+        .map_err(|_| lost(id))?;
     for c in first.data.chunks(CHUNK) {
         tx.send(Frame::new(Kind::Stdin, id, c.to_vec())).await.map_err(|_| lost(id))?;
     }
@@ -149,19 +182,29 @@ pub async fn copy_to(d: Arc<Daemon>, mut input: tonic::Streaming<pb::CopyChunk>)
 }
 
 /// `hearth cp VM:PATH HOST`: the guest path as a tar stream.
-pub async fn copy_from(d: Arc<Daemon>, req: pb::CopyFromRequest) -> Result<mpsc::Receiver<Result<pb::CopyChunk, Status>>, Status> {
+pub async fn copy_from(
+    d: Arc<Daemon>,
+    req: pb::CopyFromRequest,
+) -> Result<mpsc::Receiver<Result<pb::CopyChunk, Status>>, Status> {
     let rec = d.resolve(&req.r#ref)?;
     let agent = agent_for(&d, &rec).await?;
     let mut stream = agent.open_stream();
     let id = stream.id;
-    agent.send(Frame::json(Kind::CopyOut, id, &CopyRequest { path: req.path })).await.map_err(|_| lost(id))?;
+    agent
+        .send(Frame::json(Kind::CopyOut, id, &CopyRequest { path: req.path }))
+        .await
+        .map_err(|_| lost(id))?;
     let (tx, out) = mpsc::channel(32);
     tokio::spawn(async move {
         loop {
             let msg = match stream.recv().await {
-                Some(f) if f.kind == Kind::Stdout => Ok(pb::CopyChunk { data: f.payload, ..Default::default() }),
+                Some(f) if f.kind == Kind::Stdout => {
+                    Ok(pb::CopyChunk { data: f.payload, ..Default::default() })
+                }
                 Some(f) if f.kind == Kind::Exit => break,
-                Some(f) if f.kind == Kind::Error => Err(Status::failed_precondition(String::from_utf8_lossy(&f.payload).into_owned())),
+                Some(f) if f.kind == Kind::Error => Err(Status::failed_precondition(
+                    String::from_utf8_lossy(&f.payload).into_owned(),
+                )),
                 Some(_) => continue,
                 None => Err(lost(id)),
             };

@@ -97,7 +97,10 @@ async fn main() {
     if let Ok(abs) = std::path::absolute(&args.root) {
         args.root = abs;
     }
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(&args.log)).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
+        .with_writer(std::io::stderr)
+        .init();
     if let Err(e) = run(args).await {
         eprintln!("hearthd: {e:#}");
         std::process::exit(1);
@@ -118,7 +121,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let init = daemon::find_init_binary(args.init_binary.as_deref())?;
     // Everything below writes under the root or serves its socket: one daemon at a time.
     let _root_lock = root::lock(&args.root)?;
-    let mut d = daemon::Daemon::open(&args.root, init).with_context(|| format!("opening {}", args.root.display()))?;
+    let mut d = daemon::Daemon::open(&args.root, init)
+        .with_context(|| format!("opening {}", args.root.display()))?;
     d.registry_timeout = args.registry_timeout;
     anyhow::ensure!(
         args.vmm_uid_base == 0 || args.vmm_uid_base.checked_add(daemon::VMM_UIDS).is_some(),
@@ -127,13 +131,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         daemon::VMM_UIDS
     );
     anyhow::ensure!(
-        args.cgroup_parent.split('/').all(|p| !p.is_empty() && p != "." && p != "..") || args.cgroup_parent.is_empty(),
+        args.cgroup_parent.split('/').all(|p| !p.is_empty() && p != "." && p != "..")
+            || args.cgroup_parent.is_empty(),
         "--cgroup-parent {:?} must be a relative cgroup path like hearth or machine/hearth",
         args.cgroup_parent
     );
     d.vmm_uid_base = args.vmm_uid_base;
     d.cgroup_parent = args.cgroup_parent.clone();
-    d.consoles.default_limits = hearth_vmm::console::LogLimits { max_size: args.log_max_size, max_files: args.log_max_files };
+    d.consoles.default_limits = hearth_vmm::console::LogLimits {
+        max_size: args.log_max_size,
+        max_files: args.log_max_files,
+    };
     let d = Arc::new(d);
     adapters::wire(&d);
     if let Some(dir) = socket.parent().filter(|dir| !dir.exists()) {
@@ -144,10 +152,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = bind_socket(&socket, group).await?;
     tracing::info!(root = %args.root.display(), socket = %socket.display(), "hearthd serving");
     reconcile::recover(&d).await;
-    let fl = flintlock::Flintlock::new(d.clone(), args.flintlock_network).context("opening the Flintlock API's records")?;
+    let fl = flintlock::Flintlock::new(d.clone(), args.flintlock_network)
+        .context("opening the Flintlock API's records")?;
     fl.resume();
     if let Some(addr) = args.flintlock_listen {
-        let tcp = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding --flintlock-listen {addr}"))?;
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding --flintlock-listen {addr}"))?;
         tracing::info!(%addr, tls = tls.is_some(), auth = args.basic_auth_token.is_some(), "serving the Flintlock API");
         let (fl, token) = (fl.clone(), args.basic_auth_token.clone());
         tokio::spawn(async move {
@@ -159,7 +170,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let svc = hearth_api::v1::hearth_server::HearthServer::new(service::Api::new(d.clone()));
     let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = async { if let Some(t) = term.as_mut() { t.recv().await; } else { std::future::pending::<()>().await } } => {}
@@ -178,17 +190,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 /// Binds the API socket (a stale file is replaced; one a daemon answers on is refused) with its
 /// mode set explicitly: 0600, or 0660 owned by `group`.
-async fn bind_socket(socket: &std::path::Path, group: Option<nix::unistd::Gid>) -> anyhow::Result<UnixListener> {
+async fn bind_socket(
+    socket: &std::path::Path,
+    group: Option<nix::unistd::Gid>,
+) -> anyhow::Result<UnixListener> {
     if socket.exists() {
         if tokio::net::UnixStream::connect(socket).await.is_ok() {
-            anyhow::bail!("another hearthd already serves {}; stop it or pick another --socket", socket.display());
+            anyhow::bail!(
+                "another hearthd already serves {}; stop it or pick another --socket",
+                socket.display()
+            );
         }
-        std::fs::remove_file(socket).with_context(|| format!("removing stale {}", socket.display()))?;
+        std::fs::remove_file(socket)
+            .with_context(|| format!("removing stale {}", socket.display()))?;
     }
-    let listener = UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
+    let listener =
+        UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
     let mode = if group.is_some() { 0o660 } else { 0o600 };
     if let Some(gid) = group {
-        nix::unistd::chown(socket, None, Some(gid)).with_context(|| format!("giving {} to group {gid}", socket.display()))?;
+        nix::unistd::chown(socket, None, Some(gid))
+            .with_context(|| format!("giving {} to group {gid}", socket.display()))?;
     }
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("setting the mode of {}", socket.display()))?;
@@ -210,7 +231,9 @@ fn group_id(name: &str) -> anyhow::Result<nix::unistd::Gid> {
     }
     match nix::unistd::Group::from_name(name) {
         Ok(Some(g)) => Ok(g.gid),
-        Ok(None) => anyhow::bail!("--group {name}: no such group; create it (groupadd {name}) or give a gid"),
+        Ok(None) => anyhow::bail!(
+            "--group {name}: no such group; create it (groupadd {name}) or give a gid"
+        ),
         Err(e) => anyhow::bail!("--group {name}: looking the group up failed: {e}"),
     }
 }
@@ -219,11 +242,17 @@ fn group_id(name: &str) -> anyhow::Result<nix::unistd::Gid> {
 fn tls_config(args: &Args) -> anyhow::Result<Option<ServerTlsConfig>> {
     let certs = args.tls_cert.is_some() || args.tls_key.is_some() || args.tls_client_ca.is_some();
     if args.flintlock_listen.is_none() {
-        anyhow::ensure!(!certs && !args.insecure, "--insecure and --tls-* only apply with --flintlock-listen ADDR");
+        anyhow::ensure!(
+            !certs && !args.insecure,
+            "--insecure and --tls-* only apply with --flintlock-listen ADDR"
+        );
         return Ok(None);
     }
     if args.insecure {
-        anyhow::ensure!(!certs, "--insecure cannot be combined with --tls-cert, --tls-key or --tls-client-ca");
+        anyhow::ensure!(
+            !certs,
+            "--insecure cannot be combined with --tls-cert, --tls-key or --tls-client-ca"
+        );
         return Ok(None);
     }
     let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {

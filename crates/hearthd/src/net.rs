@@ -22,12 +22,16 @@ pub fn plan(spec: &VmSpec) -> Result<Option<(NetLaunch, Option<u16>)>, Status> {
     check_ports_free(spec)?;
     if spec.network == NetworkMode::Bridge {
         // The guest has its own address: ports are DNAT rules (claim), SSH goes direct.
-        return Ok(Some((NetLaunch { mac: spec.mac(), forwards: vec![], tap: Some(tap_name(&spec.id)) }, None)));
+        return Ok(Some((
+            NetLaunch { mac: spec.mac(), forwards: vec![], tap: Some(tap_name(&spec.id)) },
+            None,
+        )));
     }
     let mut forwards = spec.ports.clone();
     let ssh_port = match &spec.ssh_public_key {
         Some(_) => {
-            let port = free_loopback_port().map_err(|e| Status::unavailable(format!("no free loopback port for SSH: {e}")))?;
+            let port = free_loopback_port()
+                .map_err(|e| Status::unavailable(format!("no free loopback port for SSH: {e}")))?;
             forwards.push(PortMapping {
                 host_ip: Ipv4Addr::LOCALHOST.to_string(),
                 host_port: port,
@@ -48,14 +52,20 @@ pub fn check_ports_free(spec: &VmSpec) -> Result<(), Status> {
 }
 
 fn check_free(p: &PortMapping) -> Result<(), Status> {
-    let ip: IpAddr = p.host_ip.parse().map_err(|_| Status::invalid_argument(format!("-p {p}: bad host address")))?;
+    let ip: IpAddr = p
+        .host_ip
+        .parse()
+        .map_err(|_| Status::invalid_argument(format!("-p {p}: bad host address")))?;
     let addr = SocketAddr::new(ip, p.host_port);
     let res = match p.protocol {
         Protocol::Tcp => TcpListener::bind(addr).map(drop),
         Protocol::Udp => UdpSocket::bind(addr).map(drop),
     };
     res.map_err(|e| {
-        Status::failed_precondition(format!("cannot publish {p}: host port {} is unavailable ({e}); choose another -p", p.host_port))
+        Status::failed_precondition(format!(
+            "cannot publish {p}: host port {} is unavailable ({e}); choose another -p",
+            p.host_port
+        ))
     })
 }
 
@@ -72,10 +82,13 @@ fn live(r: &VmRecord) -> bool {
 }
 
 /// The first of `spec`'s ports that one of `others` already publishes.
-fn taken<'a>(spec: &VmSpec, others: impl Iterator<Item = &'a VmSpec>) -> Option<(&'a VmSpec, PortMapping)> {
-    others
-        .filter(|o| o.id != spec.id)
-        .find_map(|o| spec.ports.iter().find(|p| o.ports.iter().any(|q| q.overlaps(p))).map(|p| (o, p.clone())))
+fn taken<'a>(
+    spec: &VmSpec,
+    others: impl Iterator<Item = &'a VmSpec>,
+) -> Option<(&'a VmSpec, PortMapping)> {
+    others.filter(|o| o.id != spec.id).find_map(|o| {
+        spec.ports.iter().find(|p| o.ports.iter().any(|q| q.overlaps(p))).map(|p| (o, p.clone()))
+    })
 }
 
 fn taken_error(other: &VmSpec, p: &PortMapping) -> Status {
@@ -93,7 +106,8 @@ pub fn check_unclaimed(d: &Daemon, spec: &VmSpec) -> Result<(), Status> {
     }
     let records = d.vms.list().map_err(internal)?;
     let launching = d.ports.launching.lock().unwrap_or_else(|e| e.into_inner());
-    match taken(spec, records.iter().filter(|r| live(r)).map(|r| &r.spec).chain(launching.values())) {
+    match taken(spec, records.iter().filter(|r| live(r)).map(|r| &r.spec).chain(launching.values()))
+    {
         Some((other, p)) => Err(taken_error(other, &p)),
         None => Ok(()),
     }
@@ -108,7 +122,9 @@ pub fn claim(d: &Daemon, spec: &VmSpec) -> Result<(), Status> {
     }
     let mut launching = d.ports.launching.lock().unwrap_or_else(|e| e.into_inner());
     let records = d.vms.list().map_err(internal)?;
-    if let Some((other, p)) = taken(spec, records.iter().filter(|r| live(r)).map(|r| &r.spec).chain(launching.values())) {
+    if let Some((other, p)) =
+        taken(spec, records.iter().filter(|r| live(r)).map(|r| &r.spec).chain(launching.values()))
+    {
         return Err(taken_error(other, &p));
     }
     launching.insert(spec.id.clone(), spec.clone());
@@ -139,7 +155,11 @@ pub fn sync_nat(d: &Daemon, gone: Option<&VmId>) -> Result<(), Status> {
     write_rules(&d.vms.list().map_err(internal)?, &launching, gone)
 }
 
-fn write_rules(records: &[VmRecord], launching: &HashMap<VmId, VmSpec>, gone: Option<&VmId>) -> Result<(), Status> {
+fn write_rules(
+    records: &[VmRecord],
+    launching: &HashMap<VmId, VmSpec>,
+    gone: Option<&VmId>,
+) -> Result<(), Status> {
     let specs = records
         .iter()
         .filter(|r| live(r))
@@ -166,8 +186,9 @@ fn write_rules(records: &[VmRecord], launching: &HashMap<VmId, VmSpec>, gone: Op
         }
     }
     forwards.dedup();
-    hearth_net::write_nat(&hearth_net::Bridge::hearth0(), &forwards)
-        .map_err(|e| Status::failed_precondition(format!("writing the bridge's port forwards: {e}")))
+    hearth_net::write_nat(&hearth_net::Bridge::hearth0(), &forwards).map_err(|e| {
+        Status::failed_precondition(format!("writing the bridge's port forwards: {e}"))
+    })
 }
 
 /// The host's resolvers for guests on the bridge: /etc/resolv.conf's, loopback ones left out
@@ -217,7 +238,14 @@ mod tests {
         let (net, ssh) = plan(&spec).expect("plan").expect("a card");
         let port = ssh.expect("ssh port");
         assert_eq!(net.forwards.len(), 1);
-        assert_eq!((net.forwards[0].host_ip.as_str(), net.forwards[0].host_port, net.forwards[0].guest_port), ("127.0.0.1", port, 22));
+        assert_eq!(
+            (
+                net.forwards[0].host_ip.as_str(),
+                net.forwards[0].host_port,
+                net.forwards[0].guest_port
+            ),
+            ("127.0.0.1", port, 22)
+        );
         assert_eq!(net.mac, hearth_types::net::mac_for(&spec.id));
         spec.network = NetworkMode::None;
         spec.ssh_public_key = None;
@@ -229,7 +257,10 @@ mod tests {
         let mut a = hearth_testkit::spec(1);
         a.ports = vec!["8080:80".parse().expect("port")];
         let mut b = hearth_testkit::spec(2);
-        b.ports = vec!["127.0.0.1:9090:90".parse().expect("port"), "127.0.0.1:8080:81".parse().expect("port")];
+        b.ports = vec![
+            "127.0.0.1:9090:90".parse().expect("port"),
+            "127.0.0.1:8080:81".parse().expect("port"),
+        ];
         let (other, p) = taken(&b, [&a].into_iter()).expect("8080 is a's on every address");
         assert_eq!((other.name.as_str(), p.host_port), ("vm1", 8080));
         assert!(taken(&a, [&a].into_iter()).is_none(), "a VM does not conflict with itself");
@@ -237,7 +268,8 @@ mod tests {
         assert!(taken(&b, [&a].into_iter()).is_none());
         let e = taken_error(&a, &b.ports[0]);
         assert!(
-            e.message().contains("VM vm1 already publishes host port 9090/tcp") && e.message().contains("choose another -p"),
+            e.message().contains("VM vm1 already publishes host port 9090/tcp")
+                && e.message().contains("choose another -p"),
             "{}",
             e.message()
         );
@@ -250,7 +282,11 @@ mod tests {
         let mut spec = hearth_testkit::spec(1);
         spec.ports = vec![format!("127.0.0.1:{port}:80").parse().expect("port")];
         let e = plan(&spec).expect_err("busy");
-        assert!(e.message().contains(&format!("host port {port} is unavailable")), "{}", e.message());
+        assert!(
+            e.message().contains(&format!("host port {port} is unavailable")),
+            "{}",
+            e.message()
+        );
         assert!(e.message().contains("choose another -p"));
     }
 }

@@ -10,7 +10,11 @@ use tonic::Status;
 use crate::daemon::Daemon;
 
 /// Brings one VM to its desired state, for callers that already hold the VM's lock.
-pub async fn reconcile_locked(d: &Arc<Daemon>, id: &VmId, opts: Options) -> Result<Option<VmRecord>, Status> {
+pub async fn reconcile_locked(
+    d: &Arc<Daemon>,
+    id: &VmId,
+    opts: Options,
+) -> Result<Option<VmRecord>, Status> {
     d.reconciler().reconcile_locked(id, opts).await.map_err(to_status)
 }
 

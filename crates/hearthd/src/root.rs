@@ -36,7 +36,8 @@ pub struct RootLock {
 /// another hearthd holds it.
 pub fn lock(root: &Path) -> anyhow::Result<RootLock> {
     fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
-    fs::set_permissions(root, fs::Permissions::from_mode(ROOT_MODE)).with_context(|| format!("setting the mode of {}", root.display()))?;
+    fs::set_permissions(root, fs::Permissions::from_mode(ROOT_MODE))
+        .with_context(|| format!("setting the mode of {}", root.display()))?;
     let path = root.join("hearthd.lock");
     let file = OpenOptions::new()
         .read(true)
@@ -56,10 +57,19 @@ pub fn lock(root: &Path) -> anyhow::Result<RootLock> {
                 let mut holder = String::new();
                 let _ = f.rewind().and_then(|()| f.read_to_string(&mut holder));
                 let holder = holder.trim().to_owned();
-                let alive = holder.parse::<u32>().is_ok_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+                let alive = holder
+                    .parse::<u32>()
+                    .is_ok_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
                 if alive || std::time::Instant::now() > deadline {
-                    let who = if holder.is_empty() { "another hearthd".to_owned() } else { format!("hearthd pid {holder}") };
-                    anyhow::bail!("{who} already owns {}: stop it first, or give this one another --root", root.display());
+                    let who = if holder.is_empty() {
+                        "another hearthd".to_owned()
+                    } else {
+                        format!("hearthd pid {holder}")
+                    };
+                    anyhow::bail!(
+                        "{who} already owns {}: stop it first, or give this one another --root",
+                        root.display()
+                    );
                 }
                 std::thread::sleep(std::time::Duration::from_millis(20));
                 file = f;
@@ -86,10 +96,18 @@ pub fn lock_socket(socket: &Path) -> anyhow::Result<Flock<File>> {
     let mut name = socket.as_os_str().to_owned();
     name.push(".lock");
     let path = PathBuf::from(name);
-    let file =
-        OpenOptions::new().write(true).create(true).truncate(false).open(&path).with_context(|| format!("opening {}", path.display()))?;
-    Flock::lock(file, FlockArg::LockExclusiveNonblock)
-        .map_err(|_| anyhow::anyhow!("another hearthd serves {}: stop it or pick another --socket", socket.display()))
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|_| {
+        anyhow::anyhow!(
+            "another hearthd serves {}: stop it or pick another --socket",
+            socket.display()
+        )
+    })
 }
 
 /// Space set aside for records (`ROOT/.reserve`): released when a record save finds the disk
@@ -165,7 +183,11 @@ mod tests {
         let _l = lock(&root).expect("lock");
         assert_eq!(fs::metadata(&root).expect("root").mode() & 0o777, ROOT_MODE);
         for sub in PRIVATE_DIRS {
-            assert_eq!(fs::metadata(root.join(sub)).expect(sub).mode() & 0o777, PRIVATE_DIR_MODE, "{sub}");
+            assert_eq!(
+                fs::metadata(root.join(sub)).expect(sub).mode() & 0o777,
+                PRIVATE_DIR_MODE,
+                "{sub}"
+            );
         }
     }
 
@@ -174,7 +196,10 @@ mod tests {
         let t = tempfile::tempdir().expect("tmp");
         let s = t.path().join("x.sock");
         let held = lock_socket(&s).expect("first");
-        assert!(lock_socket(&s).expect_err("second").to_string().contains("another hearthd serves"));
+        assert!(lock_socket(&s)
+            .expect_err("second")
+            .to_string()
+            .contains("another hearthd serves"));
         drop(held);
         lock_socket(&s).expect("again");
     }

@@ -41,7 +41,10 @@ mod tests {
     fn key_pair_is_private_and_usable_by_openssh() {
         let dir = tempfile::tempdir().expect("tmp");
         let public = generate(dir.path(), "hearth-vm1").expect("generate");
-        assert!(public.starts_with("ssh-ed25519 AAAA") && public.ends_with(" hearth-vm1"), "{public}");
+        assert!(
+            public.starts_with("ssh-ed25519 AAAA") && public.ends_with(" hearth-vm1"),
+            "{public}"
+        );
         hearth_types::net::validate_ssh_key(&public).expect("valid authorized_keys line");
         let path = key_path(dir.path());
         let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;

@@ -17,7 +17,10 @@ pub fn skip_reason() -> Option<String> {
         return Some("HEARTH_E2E is not 1 (run `cargo xtask e2e`)".into());
     }
     // SAFETY-free check of the effective uid through id(1).
-    let uid = Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    let uid = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
     if uid.as_deref().ok() != Some("0") {
         return Some("the e2e tests need root (mknod, loop devices, QEMU)".into());
     }
@@ -46,7 +49,8 @@ macro_rules! require_e2e {
 }
 
 pub fn which(bin: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join(bin)).find(|p| p.is_file()))
+    std::env::var_os("PATH")
+        .and_then(|p| std::env::split_paths(&p).map(|d| d.join(bin)).find(|p| p.is_file()))
 }
 
 /// Where the built `hearth` and `hearthd` are.
@@ -97,7 +101,13 @@ impl Daemon {
     fn start_inner_at(args: &[&str], netns: Option<String>, dir: &Path) -> Self {
         let root = tempfile::Builder::new().prefix("hearth-e2e-").tempdir_in(dir).expect("tempdir");
         let socket = root.path().join("hearthd.sock");
-        let mut d = Self { root, socket, args: args.iter().map(|a| a.to_string()).collect(), netns, child: None };
+        let mut d = Self {
+            root,
+            socket,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            netns,
+            child: None,
+        };
         d.spawn();
         d
     }
@@ -105,7 +115,11 @@ impl Daemon {
     /// Starts a new hearthd process on the same root (after a crash or kill).
     pub fn spawn(&mut self) {
         let started = std::time::SystemTime::now() - Duration::from_millis(50);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.root.path().join("hearthd.log")).expect("log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.path().join("hearthd.log"))
+            .expect("log");
         let mut cmd = match &self.netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
@@ -130,8 +144,10 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(30);
         // This daemon's socket, not one a killed predecessor left (whose listener a child it was
         // forking may hold for a moment).
-        let fresh = |s: &Path| std::fs::metadata(s).and_then(|m| m.modified()).is_ok_and(|t| t >= started);
-        while !fresh(&self.socket) || std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+        let fresh =
+            |s: &Path| std::fs::metadata(s).and_then(|m| m.modified()).is_ok_and(|t| t >= started);
+        while !fresh(&self.socket) || std::os::unix::net::UnixStream::connect(&self.socket).is_err()
+        {
             assert!(Instant::now() < deadline, "hearthd did not come up:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -168,7 +184,13 @@ impl Daemon {
     /// Runs the CLI and asserts success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.hearth(args);
-        assert!(out.status.success(), "hearth {args:?} failed ({}):\n{}\n--- hearthd log:\n{}", out.status, text(&out.stderr), self.log());
+        assert!(
+            out.status.success(),
+            "hearth {args:?} failed ({}):\n{}\n--- hearthd log:\n{}",
+            out.status,
+            text(&out.stderr),
+            self.log()
+        );
         text(&out.stdout)
     }
 
@@ -195,14 +217,24 @@ impl Daemon {
     }
 
     /// Polls `inspect` until `pred` holds or the deadline passes.
-    pub fn wait_for(&self, vm: &str, what: &str, timeout: Duration, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    pub fn wait_for(
+        &self,
+        vm: &str,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         let deadline = Instant::now() + timeout;
         loop {
             let v = self.inspect(vm);
             if pred(&v) {
                 return v;
             }
-            assert!(Instant::now() < deadline, "{vm} never became {what}: {v:#}\n--- log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "{vm} never became {what}: {v:#}\n--- log:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -227,7 +259,11 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.shutdown();
         // Kill any QEMU left over from this root, so a failing test cannot leak VMs.
-        let _ = Command::new("pkill").arg("-9").arg("-f").arg(self.root.path().display().to_string()).status();
+        let _ = Command::new("pkill")
+            .arg("-9")
+            .arg("-f")
+            .arg(self.root.path().display().to_string())
+            .status();
     }
 }
 
@@ -243,7 +279,8 @@ impl Netns {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let name = format!("hearth-e2e-{}-{n}", std::process::id());
-        let ok = Command::new("ip").args(["netns", "add", &name]).status().is_ok_and(|s| s.success());
+        let ok =
+            Command::new("ip").args(["netns", "add", &name]).status().is_ok_and(|s| s.success());
         assert!(ok, "ip netns add {name} failed");
         let ns = Self { name };
         assert!(ns.run(&["ip", "link", "set", "lo", "up"]).status.success());
@@ -252,7 +289,11 @@ impl Netns {
 
     /// Runs a command inside the namespace.
     pub fn run(&self, argv: &[&str]) -> Output {
-        Command::new("ip").args(["netns", "exec", &self.name]).args(argv).output().expect("ip netns exec")
+        Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(argv)
+            .output()
+            .expect("ip netns exec")
     }
 }
 
@@ -284,7 +325,9 @@ impl StallingRegistry {
             format!("sha256:{}", hex::encode(sha2::Sha256::digest(b)))
         };
         let layer = vec![0u8; 1 << 20];
-        let config = serde_json::json!({"rootfs": {"type": "layers", "diff_ids": [sha(&layer)]}}).to_string().into_bytes();
+        let config = serde_json::json!({"rootfs": {"type": "layers", "diff_ids": [sha(&layer)]}})
+            .to_string()
+            .into_bytes();
         let manifest = serde_json::json!({
             "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
             "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha(&config), "size": config.len()},
@@ -292,7 +335,10 @@ impl StallingRegistry {
         })
         .to_string()
         .into_bytes();
-        let (config_path, layer_path) = (format!("/v2/stall/blobs/{}", sha(&config)), format!("/v2/stall/blobs/{}", sha(&layer)));
+        let (config_path, layer_path) = (
+            format!("/v2/stall/blobs/{}", sha(&config)),
+            format!("/v2/stall/blobs/{}", sha(&layer)),
+        );
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
         std::thread::spawn(move || {
@@ -309,7 +355,11 @@ impl StallingRegistry {
                     }
                     let mut s = &stream;
                     let answer = |s: &mut &std::net::TcpStream, ct: &str, body: &[u8]| {
-                        let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Type: {ct}\r\nContent-Length: {}\r\n\r\n", body.len());
+                        let _ = write!(
+                            s,
+                            "HTTP/1.1 200 OK\r\nContent-Type: {ct}\r\nContent-Length: {}\r\n\r\n",
+                            body.len()
+                        );
                         let _ = s.write_all(body);
                     };
                     if path == "/v2/stall/manifests/1" {
@@ -358,7 +408,8 @@ pub fn text(b: &[u8]) -> String {
 
 /// A scratch directory on the same filesystem as the tests' roots.
 pub fn test_tmp() -> PathBuf {
-    let p = std::env::var_os("HEARTH_TEST_TMP").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let p =
+        std::env::var_os("HEARTH_TEST_TMP").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
     std::fs::create_dir_all(&p).expect("tmp");
     p
 }
@@ -377,7 +428,8 @@ pub fn mounts_and_loops(needle: &str) -> Vec<String> {
         .filter(|l| l.contains(needle))
         .map(str::to_owned)
         .collect();
-    let losetup = Command::new("losetup").arg("-a").output().map(|o| text(&o.stdout)).unwrap_or_default();
+    let losetup =
+        Command::new("losetup").arg("-a").output().map(|o| text(&o.stdout)).unwrap_or_default();
     out.extend(losetup.lines().filter(|l| l.contains(needle)).map(str::to_owned));
     out
 }

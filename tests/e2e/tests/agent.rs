@@ -28,12 +28,21 @@ fn exec_and_cp_through_the_agent() {
     assert_eq!(text(&out.stderr), "err\n");
 
     // The image's environment and working directory, with -e and -w on top.
-    let out = d.ok(&["exec", "-e", "EXTRA=1", "box", "--", "sh", "-c", "echo $GREETING $EXTRA; pwd"]);
+    let out =
+        d.ok(&["exec", "-e", "EXTRA=1", "box", "--", "sh", "-c", "echo $GREETING $EXTRA; pwd"]);
     assert_eq!(out, "hi 1\n/work\n");
-    assert_eq!(d.ok(&["exec", "-w", "/tmp", "-u", "app", "box", "--", "sh", "-c", "pwd; id -u"]), "/tmp\n1000\n");
+    assert_eq!(
+        d.ok(&["exec", "-w", "/tmp", "-u", "app", "box", "--", "sh", "-c", "pwd; id -u"]),
+        "/tmp\n1000\n"
+    );
 
     // stdin is forwarded with -i.
-    let mut child = d.cmd(&["exec", "-i", "box", "--", "cat"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("exec -i");
+    let mut child = d
+        .cmd(&["exec", "-i", "box", "--", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("exec -i");
     child.stdin.take().expect("stdin").write_all(b"echoed through the guest\n").expect("write");
     let out = child.wait_with_output().expect("wait");
     assert!(out.status.success());
@@ -69,7 +78,8 @@ fn exec_and_cp_through_the_agent() {
     // cp: a 20 MiB file and a directory tree, both ways, with modes kept.
     let work = tempfile::tempdir().expect("tmp");
     let big = work.path().join("big.bin");
-    let data: Vec<u8> = (0..20u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let data: Vec<u8> =
+        (0..20u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     std::fs::write(&big, &data).expect("write");
     d.ok(&["cp", big.to_str().expect("utf8"), "box:/tmp/big.bin"]);
     let guest_sum = d.ok(&["exec", "box", "--", "sha256sum", "/tmp/big.bin"]);
@@ -84,25 +94,42 @@ fn exec_and_cp_through_the_agent() {
     std::fs::write(tree.join("sub/deeper/run.sh"), b"#!/bin/sh\necho run\n").expect("write");
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(tree.join("sub/deeper/run.sh"), std::fs::Permissions::from_mode(0o750)).expect("chmod");
+        std::fs::set_permissions(
+            tree.join("sub/deeper/run.sh"),
+            std::fs::Permissions::from_mode(0o750),
+        )
+        .expect("chmod");
     }
     d.ok(&["cp", tree.to_str().expect("utf8"), "box:/srv"]);
     assert_eq!(d.ok(&["exec", "box", "--", "sh", "/srv/sub/deeper/run.sh"]), "run\n");
-    assert_eq!(d.ok(&["exec", "box", "--", "stat", "-c", "%a", "/srv/sub/deeper/run.sh"]).trim(), "750");
+    assert_eq!(
+        d.ok(&["exec", "box", "--", "stat", "-c", "%a", "/srv/sub/deeper/run.sh"]).trim(),
+        "750"
+    );
     let out_dir = work.path().join("out");
     std::fs::create_dir(&out_dir).expect("mkdir");
     d.ok(&["cp", "box:/srv", out_dir.to_str().expect("utf8")]);
     assert_eq!(std::fs::read(out_dir.join("srv/a.txt")).expect("a.txt"), b"alpha");
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(out_dir.join("srv/sub/deeper/run.sh")).expect("run.sh").permissions().mode();
+        let mode = std::fs::metadata(out_dir.join("srv/sub/deeper/run.sh"))
+            .expect("run.sh")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o750);
     }
 
     // An exec whose client stops reading its output holds up only itself: the guest keeps
     // the rest within the stream's flow-control window, and other execs still answer.
     let mut flood = d
-        .cmd(&["exec", "box", "--", "sh", "-c", "while :; do echo flooding-the-host-with-output; done"])
+        .cmd(&[
+            "exec",
+            "box",
+            "--",
+            "sh",
+            "-c",
+            "while :; do echo flooding-the-host-with-output; done",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -111,7 +138,8 @@ fn exec_and_cp_through_the_agent() {
     let t0 = std::time::Instant::now();
     assert_eq!(d.ok(&["exec", "box", "--", "echo", "still-answering"]), "still-answering\n");
     let mut piped = [0u8; 64];
-    std::io::Read::read_exact(flood.stdout.as_mut().expect("stdout"), &mut piped).expect("the flood's own output still comes");
+    std::io::Read::read_exact(flood.stdout.as_mut().expect("stdout"), &mut piped)
+        .expect("the flood's own output still comes");
     assert!(text(&piped).contains("flooding"), "{}", text(&piped));
     let _ = flood.kill();
     let _ = flood.wait();
@@ -128,5 +156,9 @@ fn exec_and_cp_through_the_agent() {
     d.ok(&["stop", "-t", "30", "box"]);
     assert!(t0.elapsed() < std::time::Duration::from_secs(25), "stop took {:?}", t0.elapsed());
     let out = d.hearth(&["exec", "box", "--", "true"]);
-    assert!(!out.status.success() && text(&out.stderr).contains("not running"), "{}", text(&out.stderr));
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("not running"),
+        "{}",
+        text(&out.stderr)
+    );
 }

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use hearth_e2e::testutil::{busybox_oci_layout, TestImage};
 use hearth_e2e::{require_e2e, text, Daemon, Netns};
 
-const SERVE: &str = "echo served-by-$(hostname) > /tmp/index.html; exec busybox httpd -f -p 8080 -h /tmp";
+const SERVE: &str =
+    "echo served-by-$(hostname) > /tmp/index.html; exec busybox httpd -f -p 8080 -h /tmp";
 
 /// Retries `get` until it answers (the guest's server starts just after the VM is ready).
 fn until_served(what: &str, get: impl Fn() -> (bool, String)) -> String {
@@ -36,7 +37,10 @@ fn bridged_vms_reach_each_other_and_the_host_reaches_them() {
     d.ok(&["run", "-d", "--network", "bridge", "--name", "b", "br:1", "sleep", "600"]);
     let ip = |vm: &str| d.inspect(vm)["status"]["ip"].as_str().expect("an address").to_owned();
     let (ip_a, ip_b) = (ip("a"), ip("b"));
-    assert!(ip_a.starts_with("10.61.") && ip_b.starts_with("10.61.") && ip_a != ip_b, "{ip_a} {ip_b}");
+    assert!(
+        ip_a.starts_with("10.61.") && ip_b.starts_with("10.61.") && ip_a != ip_b,
+        "{ip_a} {ip_b}"
+    );
 
     // Each guest has its own address on the bridge's subnet and the host as its gateway.
     let addr = d.ok(&["exec", "b", "--", "busybox", "ip", "-4", "addr"]);
@@ -45,7 +49,8 @@ fn bridged_vms_reach_each_other_and_the_host_reaches_them() {
 
     // VM to VM, and the host (the namespace) to a VM, straight to the guest's port. (An HTTP
     // request through nc: static busybox's wget crashes resolving the service name.)
-    let get = format!("printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | busybox nc -w 3 {ip_a} 8080");
+    let get =
+        format!("printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | busybox nc -w 3 {ip_a} 8080");
     let body = until_served("a, from b", || {
         let out = d.hearth(&["exec", "b", "--", "sh", "-c", &get]);
         (text(&out.stdout).contains("200 OK"), text(&out.stdout) + &text(&out.stderr))
@@ -91,9 +96,17 @@ fn bridged_vms_reach_each_other_and_the_host_reaches_them() {
     assert!(mounts.lines().any(|l| l.contains(" /mnt/img ext4 ro")), "{mounts}");
     assert!(d.ok(&["exec", "v", "--", "ls", "/mnt/img/bin"]).contains("busybox"));
     let out = d.hearth(&["run", "-d", "--network", "bridge", "--ip", "10.61.0.77", "br:1", "true"]);
-    assert!(!out.status.success() && text(&out.stderr).contains("10.61.0.77 is taken"), "{}", text(&out.stderr));
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("10.61.0.77 is taken"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = d.hearth(&["run", "-d", "--network", "bridge", "--ip", "10.61.0.1", "br:1", "true"]);
-    assert!(!out.status.success() && text(&out.stderr).contains("gateway"), "{}", text(&out.stderr));
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("gateway"),
+        "{}",
+        text(&out.stderr)
+    );
     d.ok(&["rm", "-f", "v"]);
 
     // Published ports are DNAT rules: reachable on the host's loopback and on its other local
@@ -115,7 +128,9 @@ fn bridged_vms_reach_each_other_and_the_host_reaches_them() {
         SERVE,
     ]);
     for (addr, port) in [("127.0.0.1", 18080), ("10.61.0.1", 18081)] {
-        let get = format!("printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | busybox nc -w 3 {addr} {port}");
+        let get = format!(
+            "printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | busybox nc -w 3 {addr} {port}"
+        );
         let body = until_served(&format!("{addr}:{port}"), || {
             let out = ns.run(&["sh", "-c", &get]);
             (text(&out.stdout).contains("200 OK"), text(&out.stdout) + &text(&out.stderr))
@@ -123,7 +138,11 @@ fn bridged_vms_reach_each_other_and_the_host_reaches_them() {
         assert!(body.contains("served-by-pub"), "{body}");
     }
     assert!(d.ok(&["ps"]).contains("127.0.0.1:18080->8080/tcp"));
-    let dnat = |ns: &Netns| text(&ns.run(&["nft", "list", "chain", "ip", "hearth", "prerouting"]).stdout).matches("dnat to").count();
+    let dnat = |ns: &Netns| {
+        text(&ns.run(&["nft", "list", "chain", "ip", "hearth", "prerouting"]).stdout)
+            .matches("dnat to")
+            .count()
+    };
     assert_eq!(dnat(&ns), 2);
     d.ok(&["stop", "pub"]);
     assert_eq!(dnat(&ns), 0, "the forwards go with the VM");

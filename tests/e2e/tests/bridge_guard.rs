@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use hearth_e2e::testutil::{busybox_oci_layout, TestImage};
 use hearth_e2e::{require_e2e, text, Daemon, Netns};
 
-const SERVE: &str = "echo served-by-$(hostname) > /tmp/index.html; exec busybox httpd -f -p 8080 -h /tmp";
+const SERVE: &str =
+    "echo served-by-$(hostname) > /tmp/index.html; exec busybox httpd -f -p 8080 -h /tmp";
 
 fn get(addr: &str, port: u16) -> String {
     format!("printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | busybox nc -w 3 {addr} {port}")
@@ -50,14 +51,26 @@ impl LoopbackService {
         let www = tempfile::tempdir().expect("tmp");
         std::fs::write(www.path().join("index.html"), body).expect("page");
         let child = Command::new("ip")
-            .args(["netns", "exec", &ns.name, "busybox", "httpd", "-f", "-p", &format!("127.0.0.1:{port}"), "-h"])
+            .args([
+                "netns",
+                "exec",
+                &ns.name,
+                "busybox",
+                "httpd",
+                "-f",
+                "-p",
+                &format!("127.0.0.1:{port}"),
+                "-h",
+            ])
             .arg(www.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("httpd");
         let svc = Self { child, _www: www };
-        until_served("the host's loopback service", || text(&ns.run(&["sh", "-c", &get("127.0.0.1", port)]).stdout));
+        until_served("the host's loopback service", || {
+            text(&ns.run(&["sh", "-c", &get("127.0.0.1", port)]).stdout)
+        });
         svc
     }
 }
@@ -75,7 +88,20 @@ fn a_guest_cannot_reach_host_loopback_and_a_neighbour_only_published_ports() {
     let (ns, lan) = (Netns::new(), Netns::new());
     let d = daemon_in(&ns);
     let _svc = LoopbackService::start(&ns, 19999, "host-loopback-secret");
-    d.ok(&["run", "-d", "--network", "bridge", "--name", "g", "-p", "18090:8080", "br:1", "sh", "-c", SERVE]);
+    d.ok(&[
+        "run",
+        "-d",
+        "--network",
+        "bridge",
+        "--name",
+        "g",
+        "-p",
+        "18090:8080",
+        "br:1",
+        "sh",
+        "-c",
+        SERVE,
+    ]);
     let guest_ip = d.inspect("g")["status"]["ip"].as_str().expect("ip").to_owned();
 
     // The guest routes 127.0.0.1 to its gateway, as a hostile guest would (CVE-2020-8558), and
@@ -84,13 +110,20 @@ fn a_guest_cannot_reach_host_loopback_and_a_neighbour_only_published_ports() {
          busybox ip route del local 127.0.0.0/8 dev lo table local; busybox ip route del local 127.0.0.1 dev lo table local; \
          busybox ip route add 127.0.0.1/32 via 10.61.0.1";
     d.ok(&["exec", "g", "--", "sh", "-c", route_loopback_out]);
-    let attack = || text(&d.hearth(&["exec", "g", "--", "sh", "-c", &get("127.0.0.1", 19999)]).stdout);
+    let attack =
+        || text(&d.hearth(&["exec", "g", "--", "sh", "-c", &get("127.0.0.1", 19999)]).stdout);
     for _ in 0..3 {
-        assert!(!attack().contains("host-loopback-secret"), "the guest reached the host's loopback service");
+        assert!(
+            !attack().contains("host-loopback-secret"),
+            "the guest reached the host's loopback service"
+        );
     }
 
     // A neighbour with a route to the bridge through the host.
-    assert!(ns.run(&["ip", "link", "add", "hv0", "type", "veth", "peer", "name", "hv1"]).status.success());
+    assert!(ns
+        .run(&["ip", "link", "add", "hv0", "type", "veth", "peer", "name", "hv1"])
+        .status
+        .success());
     assert!(ns.run(&["ip", "link", "set", "hv1", "netns", &lan.name]).status.success());
     for (n, cmd) in [
         (&ns, "ip addr add 10.99.0.1/24 dev hv0 && ip link set hv0 up"),
@@ -99,8 +132,9 @@ fn a_guest_cannot_reach_host_loopback_and_a_neighbour_only_published_ports() {
         let out = n.run(&["sh", "-c", cmd]);
         assert!(out.status.success(), "{cmd}: {}", text(&out.stderr));
     }
-    let published =
-        until_served("the published port, from the neighbour", || text(&lan.run(&["sh", "-c", &get("10.99.0.1", 18090)]).stdout));
+    let published = until_served("the published port, from the neighbour", || {
+        text(&lan.run(&["sh", "-c", &get("10.99.0.1", 18090)]).stdout)
+    });
     assert!(published.contains("served-by-g"), "{published}");
     let direct = || text(&lan.run(&["sh", "-c", &get(&guest_ip, 8080)]).stdout);
     assert!(!direct().contains("200 OK"), "the neighbour reached an unpublished guest port");
@@ -109,7 +143,8 @@ fn a_guest_cannot_reach_host_loopback_and_a_neighbour_only_published_ports() {
     assert!(ns.run(&["nft", "flush", "chain", "ip", "hearth", "forward"]).status.success());
     until_served("the unpublished port once the forward filter is gone", direct);
     assert!(ns.run(&["nft", "flush", "chain", "ip", "hearth", "input"]).status.success());
-    assert!(until_served("the loopback service once the input filter is gone", attack).contains("host-loopback-secret"));
+    assert!(until_served("the loopback service once the input filter is gone", attack)
+        .contains("host-loopback-secret"));
 }
 
 #[test]
@@ -121,11 +156,23 @@ fn published_ports_survive_concurrent_launches_and_restarts_and_belong_to_one_vm
         .map(|i| {
             let port = format!("1810{i}:8080");
             let name = format!("c{i}");
-            d.cmd(&["run", "-d", "--network", "bridge", "-p", &port, "--name", &name, "br:1", "sleep", "600"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("run")
+            d.cmd(&[
+                "run",
+                "-d",
+                "--network",
+                "bridge",
+                "-p",
+                &port,
+                "--name",
+                &name,
+                "br:1",
+                "sleep",
+                "600",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run")
         })
         .collect();
     for l in launches {
@@ -138,9 +185,23 @@ fn published_ports_survive_concurrent_launches_and_restarts_and_belong_to_one_vm
     };
     assert_eq!(forwards(&ns), 4, "every concurrent launch kept its forward");
 
-    let out = d.hearth(&["run", "-d", "--network", "bridge", "-p", "127.0.0.1:18102:80", "br:1", "sleep", "600"]);
+    let out = d.hearth(&[
+        "run",
+        "-d",
+        "--network",
+        "bridge",
+        "-p",
+        "127.0.0.1:18102:80",
+        "br:1",
+        "sleep",
+        "600",
+    ]);
     assert!(!out.status.success(), "a host port another VM publishes is refused");
-    assert!(text(&out.stderr).contains("VM c2 already publishes host port 18102"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("VM c2 already publishes host port 18102"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = d.hearth(&["run", "-d", "-p", "18103:80", "br:1", "sleep", "600"]);
     assert!(!out.status.success(), "on the user network too: {}", text(&out.stderr));
 

@@ -32,7 +32,12 @@ fn run_i_feeds_stdin_and_attach_reaches_the_console() {
     assert!(text(&out.stdout).contains("through the console"), "{:?}", text(&out.stdout));
 
     d.ok(&["run", "-d", "-i", "--name", "talk", &image, "sh", "-c", "read line; echo got:$line"]);
-    let mut child = d.cmd(&["attach", "talk"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("attach");
+    let mut child = d
+        .cmd(&["attach", "talk"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("attach");
     child.stdin.take().expect("stdin").write_all(b"xyz\n").expect("write");
     let out = child.wait_with_output().expect("wait");
     assert!(text(&out.stdout).contains("got:xyz"), "{:?}", text(&out.stdout));
@@ -50,7 +55,10 @@ fn the_cli_starts_a_daemon_when_none_answers() {
         .env_remove("HEARTH_HOST")
         .output()
         .expect("hearth");
-    let _ = Command::new("pkill").arg("-f").arg(format!("hearthd --root {}", root.path().display())).status();
+    let _ = Command::new("pkill")
+        .arg("-f")
+        .arg(format!("hearthd --root {}", root.path().display()))
+        .status();
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("started hearthd"), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("Server: hearthd"), "{}", text(&out.stdout));
@@ -64,7 +72,8 @@ fn kernel_pull_from_an_ignite_style_image_boots() {
     let modules = std::path::PathBuf::from(std::env::var("HEARTH_TEST_MODULES").expect("modules"));
     let keep = hearth_kernel_closure(&modules);
     let layer = hearth_e2e::testutil::kernel_layer(&kernel, &modules, &keep).expect("kernel layer");
-    hearth_e2e::testutil::push_layer(&reg, "kernels/debian:6.1", &layer).expect("push kernel image");
+    hearth_e2e::testutil::push_layer(&reg, "kernels/debian:6.1", &layer)
+        .expect("push kernel image");
     let d = Daemon::start();
     d.ok(&["kernel", "pull", "--name", "pulled", &format!("{}/kernels/debian:6.1", reg.host())]);
     let ls = d.ok(&["kernel", "ls"]);

@@ -29,7 +29,9 @@ fn client(rt: &tokio::runtime::Runtime, port: u16, token: Option<&str>) -> Clien
 }
 
 /// Connects, retrying while the daemon comes up.
-async fn connect(endpoint: &tonic::transport::Endpoint) -> Result<Channel, tonic::transport::Error> {
+async fn connect(
+    endpoint: &tonic::transport::Endpoint,
+) -> Result<Channel, tonic::transport::Error> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match endpoint.connect().await {
@@ -41,7 +43,8 @@ async fn connect(endpoint: &tonic::transport::Endpoint) -> Result<Channel, tonic
 }
 
 fn with_token(channel: Channel, token: Option<&str>) -> Client {
-    let header = token.map(|t| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(t)));
+    let header =
+        token.map(|t| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(t)));
     let auth: Auth = Box::new(move |mut req| {
         if let Some(h) = &header {
             req.metadata_mut().insert("authorization", h.parse().expect("header"));
@@ -56,20 +59,23 @@ fn b64(s: &str) -> String {
 }
 
 fn unb64(s: &str) -> String {
-    String::from_utf8(base64::engine::general_purpose::STANDARD.decode(s).expect("base64")).expect("utf8")
+    String::from_utf8(base64::engine::general_purpose::STANDARD.decode(s).expect("base64"))
+        .expect("utf8")
 }
 
 /// An Ignite-style kernel image's layer (/boot/vmlinux and the guest's modules).
 fn kernel_layer() -> Vec<u8> {
     let kernel = std::path::PathBuf::from(std::env::var("HEARTH_TEST_KERNEL").expect("kernel"));
     let modules = std::path::PathBuf::from(std::env::var("HEARTH_TEST_MODULES").expect("modules"));
-    let keep = hearth_kernel::modules::closure(&modules, hearth_kernel::GUEST_MODULES).expect("closure");
+    let keep =
+        hearth_kernel::modules::closure(&modules, hearth_kernel::GUEST_MODULES).expect("closure");
     hearth_e2e::testutil::kernel_layer(&kernel, &modules, &keep).expect("kernel layer")
 }
 
 /// A full-OS root image: busybox's init, which prints the cloud-init seed it finds.
 fn os_image() -> TestImage {
-    let inittab = "::sysinit:/bin/sh -c 'echo full-os-booted; cat /var/lib/cloud/seed/nocloud/meta-data'\n\
+    let inittab =
+        "::sysinit:/bin/sh -c 'echo full-os-booted; cat /var/lib/cloud/seed/nocloud/meta-data'\n\
                    ::respawn:/bin/sleep 3600\n\
                    ::shutdown:/bin/echo full-os-shutting-down\n";
     TestImage { inittab: Some(inittab.into()), ..Default::default() }
@@ -99,7 +105,10 @@ fn spec(name: &str, kernel: &str, root: &str) -> fl::MicroVmSpec {
         }),
         root_volume: Some(fl::Volume {
             id: "root".into(),
-            source: Some(fl::VolumeSource { container_source: Some(root.into()), ..Default::default() }),
+            source: Some(fl::VolumeSource {
+                container_source: Some(root.into()),
+                ..Default::default()
+            }),
             ..Default::default()
         }),
         interfaces: vec![fl::NetworkInterface {
@@ -115,8 +124,13 @@ fn spec(name: &str, kernel: &str, root: &str) -> fl::MicroVmSpec {
     }
 }
 
-fn get(rt: &tokio::runtime::Runtime, c: &mut Client, uid: &str) -> Result<fl::MicroVm, tonic::Status> {
-    rt.block_on(c.get_micro_vm(fpb::GetMicroVmRequest { uid: uid.into() })).map(|r| r.into_inner().microvm.expect("microvm"))
+fn get(
+    rt: &tokio::runtime::Runtime,
+    c: &mut Client,
+    uid: &str,
+) -> Result<fl::MicroVm, tonic::Status> {
+    rt.block_on(c.get_micro_vm(fpb::GetMicroVmRequest { uid: uid.into() }))
+        .map(|r| r.into_inner().microvm.expect("microvm"))
 }
 
 fn state(vm: &fl::MicroVm) -> fl::micro_vm_status::MicroVmState {
@@ -138,7 +152,11 @@ fn wait_get(
         if pred(&got) {
             return got;
         }
-        assert!(Instant::now() < deadline, "microvm {uid} never became {what}; last: {got:?}\n--- hearthd log:\n{}", d.log());
+        assert!(
+            Instant::now() < deadline,
+            "microvm {uid} never became {what}; last: {got:?}\n--- hearthd log:\n{}",
+            d.log()
+        );
         std::thread::sleep(Duration::from_millis(250));
     }
 }
@@ -163,7 +181,9 @@ fn a_flintlock_client_creates_gets_lists_and_deletes_a_microvm() {
     // Without the token (or with the wrong one): UNAUTHENTICATED.
     for token in [None, Some("wrong")] {
         let mut anon = client(&rt, port, token);
-        let e = rt.block_on(anon.list_micro_v_ms(fpb::ListMicroVMsRequest::default())).expect_err("unauthenticated");
+        let e = rt
+            .block_on(anon.list_micro_v_ms(fpb::ListMicroVMsRequest::default()))
+            .expect_err("unauthenticated");
         assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
     }
 
@@ -174,13 +194,22 @@ fn a_flintlock_client_creates_gets_lists_and_deletes_a_microvm() {
         id: id.into(),
         is_read_only: ro,
         mount_point: Some(mount.into()),
-        source: Some(fl::VolumeSource { container_source: Some(image.into()), ..Default::default() }),
+        source: Some(fl::VolumeSource {
+            container_source: Some(image.into()),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     let mut first = spec("mvm0", &kernel, &root);
-    first.additional_volumes = vec![volume("modules", &kernel, "/mnt/modules", true), volume("data", &root, "/data", false)];
+    first.additional_volumes = vec![
+        volume("modules", &kernel, "/mnt/modules", true),
+        volume("data", &root, "/data", false),
+    ];
     let created = rt
-        .block_on(c.create_micro_vm(fpb::CreateMicroVmRequest { microvm: Some(first), metadata: HashMap::new() }))
+        .block_on(c.create_micro_vm(fpb::CreateMicroVmRequest {
+            microvm: Some(first),
+            metadata: HashMap::new(),
+        }))
         .expect("create")
         .into_inner()
         .microvm
@@ -192,18 +221,27 @@ fn a_flintlock_client_creates_gets_lists_and_deletes_a_microvm() {
     assert_eq!(created.version, 1);
     assert_eq!(state(&created), fl::micro_vm_status::MicroVmState::Pending);
     let meta = unb64(&s.metadata["meta-data"]);
-    assert!(meta.contains(&format!("instance_id: {uid}")) && meta.contains("local_hostname: mvm0"), "{meta}");
+    assert!(
+        meta.contains(&format!("instance_id: {uid}")) && meta.contains("local_hostname: mvm0"),
+        "{meta}"
+    );
     let mac = s.interfaces[0].guest_mac.clone().expect("a MAC is filled in");
     assert_eq!(s.labels["cluster-name"], "c1", "labels are echoed back");
 
-    let up =
-        wait_get(&rt, &mut c, &d, &uid, "CREATED", |g| g.as_ref().is_ok_and(|v| state(v) == fl::micro_vm_status::MicroVmState::Created))
-            .expect("get");
+    let up = wait_get(&rt, &mut c, &d, &uid, "CREATED", |g| {
+        g.as_ref().is_ok_and(|v| state(v) == fl::micro_vm_status::MicroVmState::Created)
+    })
+    .expect("get");
     let status = up.status.expect("status");
     assert_eq!(status.network_interfaces["eth1"].mac_address, mac);
     // Every volume is reported with the host file behind it.
     for id in ["root", "modules", "data"] {
-        let source = status.volumes.get(id).and_then(|v| v.mount.as_ref()).map(|m| m.source.clone()).unwrap_or_default();
+        let source = status
+            .volumes
+            .get(id)
+            .and_then(|v| v.mount.as_ref())
+            .map(|m| m.source.clone())
+            .unwrap_or_default();
         assert!(std::path::Path::new(&source).is_file(), "volume {id}: {source:?}");
     }
 
@@ -212,17 +250,26 @@ fn a_flintlock_client_creates_gets_lists_and_deletes_a_microvm() {
     assert_eq!(d.ok(&["exec", vm, "--", "cat", "/proc/1/comm"]).trim(), "init");
     let seeded = d.ok(&["exec", vm, "--", "cat", "/var/lib/cloud/seed/nocloud/meta-data"]);
     assert!(seeded.contains(&format!("instance_id: {uid}")), "{seeded}");
-    assert!(d.ok(&["exec", vm, "--", "cat", "/var/lib/cloud/seed/nocloud/user-data"]).contains("final_message: hello"));
+    assert!(d
+        .ok(&["exec", vm, "--", "cat", "/var/lib/cloud/seed/nocloud/user-data"])
+        .contains("final_message: hello"));
     let netcfg = d.ok(&["exec", vm, "--", "cat", "/var/lib/cloud/seed/nocloud/network-config"]);
     assert!(netcfg.contains(&mac) && netcfg.contains("eth1"), "{netcfg}");
     assert!(d.ok(&["logs", vm]).contains("full-os-booted"));
     let mounts = d.ok(&["exec", vm, "--", "cat", "/proc/mounts"]);
     let mount = |at: &str| {
-        mounts.lines().find(|l| l.split_whitespace().nth(1) == Some(at)).unwrap_or_else(|| panic!("{at} not mounted:\n{mounts}")).to_owned()
+        mounts
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(at))
+            .unwrap_or_else(|| panic!("{at} not mounted:\n{mounts}"))
+            .to_owned()
     };
     assert!(mount("/mnt/modules").contains(" ext4 ro"), "{}", mount("/mnt/modules"));
     assert!(mount("/data").contains(" ext4 rw"), "{}", mount("/data"));
-    assert!(!d.ok(&["exec", vm, "--", "ls", "/mnt/modules/lib/modules"]).trim().is_empty(), "the kernel image's modules are in the volume");
+    assert!(
+        !d.ok(&["exec", vm, "--", "ls", "/mnt/modules/lib/modules"]).trim().is_empty(),
+        "the kernel image's modules are in the volume"
+    );
     d.ok(&["exec", vm, "--", "sh", "-c", "echo kept > /data/written && cat /data/written"]);
     let refused = d.hearth(&["exec", vm, "--", "touch", "/mnt/modules/x"]);
     assert!(!refused.status.success(), "a read-only volume refuses writes");
@@ -239,28 +286,49 @@ fn a_flintlock_client_creates_gets_lists_and_deletes_a_microvm() {
     assert_eq!(list(&mut c, "", None), 1);
     assert_eq!(list(&mut c, "elsewhere", None), 0);
     let streamed = rt.block_on(async {
-        let mut s =
-            c.list_micro_v_ms_stream(fpb::ListMicroVMsRequest { namespace: "ns0".into(), name: None }).await.expect("stream").into_inner();
+        let mut s = c
+            .list_micro_v_ms_stream(fpb::ListMicroVMsRequest {
+                namespace: "ns0".into(),
+                name: None,
+            })
+            .await
+            .expect("stream")
+            .into_inner();
         let mut n = 0;
         while let Some(m) = s.message().await.expect("message") {
-            assert_eq!(m.microvm.and_then(|v| v.spec).and_then(|s| s.uid).as_deref(), Some(uid.as_str()));
+            assert_eq!(
+                m.microvm.and_then(|v| v.spec).and_then(|s| s.uid).as_deref(),
+                Some(uid.as_str())
+            );
             n += 1;
         }
         n
     });
     assert_eq!(streamed, 1);
-    let e = rt.block_on(c.list_micro_v_ms_stream(fpb::ListMicroVMsRequest::default())).map(drop).expect_err("namespace required");
+    let e = rt
+        .block_on(c.list_micro_v_ms_stream(fpb::ListMicroVMsRequest::default()))
+        .map(drop)
+        .expect_err("namespace required");
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
 
     // The same namespace/name twice is refused; bad specs are refused naming the field.
-    let dup =
-        rt.block_on(c.create_micro_vm(fpb::CreateMicroVmRequest { microvm: Some(spec("mvm0", &kernel, &root)), metadata: HashMap::new() }));
+    let dup = rt.block_on(c.create_micro_vm(fpb::CreateMicroVmRequest {
+        microvm: Some(spec("mvm0", &kernel, &root)),
+        metadata: HashMap::new(),
+    }));
     assert_eq!(dup.expect_err("duplicate").code(), tonic::Code::AlreadyExists);
     let mut bad = spec("bad", &kernel, &root);
     bad.root_volume = None;
-    let e =
-        rt.block_on(c.create_micro_vm(fpb::CreateMicroVmRequest { microvm: Some(bad), metadata: HashMap::new() })).expect_err("no root");
-    assert!(e.code() == tonic::Code::InvalidArgument && e.message().contains("root_volume"), "{e:?}");
+    let e = rt
+        .block_on(c.create_micro_vm(fpb::CreateMicroVmRequest {
+            microvm: Some(bad),
+            metadata: HashMap::new(),
+        }))
+        .expect_err("no root");
+    assert!(
+        e.code() == tonic::Code::InvalidArgument && e.message().contains("root_volume"),
+        "{e:?}"
+    );
 
     // Unknown uids: NOT_FOUND, with the "not found" text CAPMVM matches.
     let e = get(&rt, &mut c, "01ARZ3NDEKTSV4RRFFQ69G5FAV").expect_err("unknown");
@@ -268,11 +336,16 @@ fn a_flintlock_client_creates_gets_lists_and_deletes_a_microvm() {
 
     // Delete: DELETING, then gone from Get and List, and the VM and its QEMU with it.
     rt.block_on(c.delete_micro_vm(fpb::DeleteMicroVmRequest { uid: uid.clone() })).expect("delete");
-    let gone = wait_get(&rt, &mut c, &d, &uid, "gone", |g| g.as_ref().is_err_and(|e| e.code() == tonic::Code::NotFound));
+    let gone = wait_get(&rt, &mut c, &d, &uid, "gone", |g| {
+        g.as_ref().is_err_and(|e| e.code() == tonic::Code::NotFound)
+    });
     assert!(gone.expect_err("gone").message().contains("not found"));
     assert_eq!(list(&mut c, "", None), 0);
     assert!(!d.ok(&["ps", "-a"]).contains(vm));
-    assert!(hearth_e2e::qemu_processes(&d.root.path().display().to_string()).is_empty(), "QEMU left running");
+    assert!(
+        hearth_e2e::qemu_processes(&d.root.path().display().to_string()).is_empty(),
+        "QEMU left running"
+    );
 }
 
 #[test]
@@ -280,30 +353,62 @@ fn a_microvm_whose_kernel_cannot_be_found_fails_with_the_reason() {
     require_e2e!();
     let (_reg, kernel, root) = registry();
     let port = free_port();
-    let d = Daemon::start_with(&["--flintlock-listen", &format!("127.0.0.1:{port}"), "--insecure", "--flintlock-network", "user"]);
+    let d = Daemon::start_with(&[
+        "--flintlock-listen",
+        &format!("127.0.0.1:{port}"),
+        "--insecure",
+        "--flintlock-network",
+        "user",
+    ]);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let mut c = client(&rt, port, None);
     let mut s = spec("nokernel", &kernel, &root);
     s.kernel.as_mut().expect("kernel").filename = Some("boot/nope".into());
-    let created = rt.block_on(c.create_micro_vm(fpb::CreateMicroVmRequest { microvm: Some(s), metadata: HashMap::new() })).expect("create");
+    let created = rt
+        .block_on(c.create_micro_vm(fpb::CreateMicroVmRequest {
+            microvm: Some(s),
+            metadata: HashMap::new(),
+        }))
+        .expect("create");
     let uid = created.into_inner().microvm.and_then(|m| m.spec).and_then(|s| s.uid).expect("uid");
-    let failed =
-        wait_get(&rt, &mut c, &d, &uid, "FAILED", |g| g.as_ref().is_ok_and(|v| state(v) == fl::micro_vm_status::MicroVmState::Failed))
-            .expect("get");
+    let failed = wait_get(&rt, &mut c, &d, &uid, "FAILED", |g| {
+        g.as_ref().is_ok_and(|v| state(v) == fl::micro_vm_status::MicroVmState::Failed)
+    })
+    .expect("get");
     let reason = failed.status.expect("status").reason;
     assert!(reason.contains("boot/nope"), "{reason}");
     // A failed microVM can be deleted like any other.
     rt.block_on(c.delete_micro_vm(fpb::DeleteMicroVmRequest { uid: uid.clone() })).expect("delete");
-    wait_get(&rt, &mut c, &d, &uid, "gone", |g| g.as_ref().is_err_and(|e| e.code() == tonic::Code::NotFound)).expect_err("gone");
+    wait_get(&rt, &mut c, &d, &uid, "gone", |g| {
+        g.as_ref().is_err_and(|e| e.code() == tonic::Code::NotFound)
+    })
+    .expect_err("gone");
 }
 
 /// A self-signed certificate for localhost (not a CA, as rustls wants of an end entity).
 fn self_signed(dir: &std::path::Path, name: &str) -> (Vec<u8>, Vec<u8>) {
     let (cert, key) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
     let out = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj"])
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+        ])
         .arg(format!("/CN={name}"))
-        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-addext", "basicConstraints=critical,CA:FALSE", "-keyout"])
+        .args([
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+            "-keyout",
+        ])
         .arg(&key)
         .arg("-out")
         .arg(&cert)
@@ -324,14 +429,20 @@ fn the_flintlock_api_speaks_tls_and_mutual_tls() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let list = |channel: Channel| {
         let mut c = with_token(channel, None);
-        rt.block_on(c.list_micro_v_ms(fpb::ListMicroVMsRequest::default())).map(|r| r.into_inner().microvm.len())
+        rt.block_on(c.list_micro_v_ms(fpb::ListMicroVMsRequest::default()))
+            .map(|r| r.into_inner().microvm.len())
     };
     let tls = |port: u16, identity: bool| {
-        let mut cfg = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&server_cert)).domain_name("localhost");
+        let mut cfg = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&server_cert))
+            .domain_name("localhost");
         if identity {
             cfg = cfg.identity(Identity::from_pem(&client_cert, &client_key));
         }
-        let endpoint = Channel::from_shared(format!("https://127.0.0.1:{port}")).expect("endpoint").tls_config(cfg).expect("tls");
+        let endpoint = Channel::from_shared(format!("https://127.0.0.1:{port}"))
+            .expect("endpoint")
+            .tls_config(cfg)
+            .expect("tls");
         rt.block_on(connect(&endpoint))
     };
 
@@ -340,7 +451,18 @@ fn the_flintlock_api_speaks_tls_and_mutual_tls() {
     let tls_daemon = |port: u16, extra: &[&str]| {
         let listen = format!("127.0.0.1:{port}");
         let (cert, key) = (path("server.pem"), path("server.key"));
-        let args = [&["--flintlock-listen", listen.as_str(), "--tls-cert", cert.as_str(), "--tls-key", key.as_str()][..], extra].concat();
+        let args = [
+            &[
+                "--flintlock-listen",
+                listen.as_str(),
+                "--tls-cert",
+                cert.as_str(),
+                "--tls-key",
+                key.as_str(),
+            ][..],
+            extra,
+        ]
+        .concat();
         Daemon::start_with(&args)
     };
     let port = free_port();
@@ -355,7 +477,10 @@ fn the_flintlock_api_speaks_tls_and_mutual_tls() {
     let _m = tls_daemon(port, &["--tls-client-ca", &path("client.pem")]);
     assert_eq!(list(tls(port, true).expect("mTLS connect")).expect("list over mTLS"), 0);
     let anonymous = tls(port, false).map(list);
-    assert!(!matches!(anonymous, Ok(Ok(_))), "a client without a certificate was answered under mutual TLS");
+    assert!(
+        !matches!(anonymous, Ok(Ok(_))),
+        "a client without a certificate was answered under mutual TLS"
+    );
 }
 
 #[test]
@@ -388,50 +513,94 @@ fn microvms_on_the_bridge_get_their_addresses_and_reach_each_other() {
     // Images already in the store are not pulled again: import them under the specs' names.
     let dir = tempfile::tempdir().expect("tmp");
     let (kernel, root) = ("registry.invalid/kernel-bin:6.1", "registry.invalid/os:1");
-    hearth_e2e::testutil::oci_layout(&dir.path().join("k"), "t", &kernel_layer(), "").expect("kernel layout");
-    hearth_e2e::testutil::busybox_oci_layout(&dir.path().join("os"), "t", &os_image()).expect("os layout");
+    hearth_e2e::testutil::oci_layout(&dir.path().join("k"), "t", &kernel_layer(), "")
+        .expect("kernel layout");
+    hearth_e2e::testutil::busybox_oci_layout(&dir.path().join("os"), "t", &os_image())
+        .expect("os layout");
     d.ok(&["image", "import", dir.path().join("k").to_str().expect("utf8"), "--name", kernel]);
     d.ok(&["image", "import", dir.path().join("os").to_str().expect("utf8"), "--name", root]);
 
     // Flintlock's service is on hearthd's Unix socket too.
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let mut c = with_token(rt.block_on(hearth_api::connect_unix(d.socket.clone())).expect("socket"), None);
+    let mut c =
+        with_token(rt.block_on(hearth_api::connect_unix(d.socket.clone())).expect("socket"), None);
     let mut create = |name: &str, address: Option<&str>| {
         let mut s = spec(name, kernel, root);
-        s.interfaces[0].address =
-            address.map(|a| fl::StaticAddress { address: a.into(), gateway: Some("10.61.0.1".into()), nameservers: vec![] });
-        let out = rt.block_on(c.create_micro_vm(fpb::CreateMicroVmRequest { microvm: Some(s), metadata: HashMap::new() })).expect("create");
+        s.interfaces[0].address = address.map(|a| fl::StaticAddress {
+            address: a.into(),
+            gateway: Some("10.61.0.1".into()),
+            nameservers: vec![],
+        });
+        let out = rt
+            .block_on(c.create_micro_vm(fpb::CreateMicroVmRequest {
+                microvm: Some(s),
+                metadata: HashMap::new(),
+            }))
+            .expect("create");
         out.into_inner().microvm.and_then(|m| m.spec).and_then(|s| s.uid).expect("uid")
     };
     let (fixed, dynamic) = (create("fixed", Some("10.61.0.50/16")), create("dynamic", None));
     // The static address is promised at once: a second microVM cannot have it, even while the
     // first is still pulling.
     let mut dup = spec("dup", kernel, root);
-    dup.interfaces[0].address = Some(fl::StaticAddress { address: "10.61.0.50/16".into(), gateway: None, nameservers: vec![] });
-    let e = rt.block_on(c.create_micro_vm(fpb::CreateMicroVmRequest { microvm: Some(dup), metadata: HashMap::new() })).expect_err("taken");
+    dup.interfaces[0].address = Some(fl::StaticAddress {
+        address: "10.61.0.50/16".into(),
+        gateway: None,
+        nameservers: vec![],
+    });
+    let e = rt
+        .block_on(c.create_micro_vm(fpb::CreateMicroVmRequest {
+            microvm: Some(dup),
+            metadata: HashMap::new(),
+        }))
+        .expect_err("taken");
     assert!(e.code() == tonic::Code::AlreadyExists && e.message().contains("10.61.0.50"), "{e:?}");
     for uid in [&fixed, &dynamic] {
-        let up =
-            wait_get(&rt, &mut c, &d, uid, "CREATED", |g| g.as_ref().is_ok_and(|v| state(v) == fl::micro_vm_status::MicroVmState::Created))
-                .expect("get");
+        let up = wait_get(&rt, &mut c, &d, uid, "CREATED", |g| {
+            g.as_ref().is_ok_and(|v| state(v) == fl::micro_vm_status::MicroVmState::Created)
+        })
+        .expect("get");
         let iface = &up.status.expect("status").network_interfaces["eth1"];
         assert!(iface.host_device_name.starts_with("ht"), "the tap is reported: {iface:?}");
     }
     // The static address is the guest's, and cloud-init's network-config says the same.
-    assert!(d.ok(&["exec", "fixed.ns0", "--", "busybox", "ip", "-4", "addr"]).contains("inet 10.61.0.50/16"));
-    let netcfg = d.ok(&["exec", "fixed.ns0", "--", "cat", "/var/lib/cloud/seed/nocloud/network-config"]);
+    assert!(d
+        .ok(&["exec", "fixed.ns0", "--", "busybox", "ip", "-4", "addr"])
+        .contains("inet 10.61.0.50/16"));
+    let netcfg =
+        d.ok(&["exec", "fixed.ns0", "--", "cat", "/var/lib/cloud/seed/nocloud/network-config"]);
     assert!(netcfg.contains("10.61.0.50/16") && netcfg.contains("via: 10.61.0.1"), "{netcfg}");
     // The other got an address of its own, and the two reach each other.
     let other = d.inspect("dynamic.ns0")["status"]["ip"].as_str().expect("ip").to_owned();
     assert!(other.starts_with("10.61.") && other != "10.61.0.50", "{other}");
-    let ping = d.hearth(&["exec", "dynamic.ns0", "--", "busybox", "ping", "-c", "1", "-W", "10", "10.61.0.50"]);
-    assert!(ping.status.success(), "{}{}", hearth_e2e::text(&ping.stdout), hearth_e2e::text(&ping.stderr));
+    let ping = d.hearth(&[
+        "exec",
+        "dynamic.ns0",
+        "--",
+        "busybox",
+        "ping",
+        "-c",
+        "1",
+        "-W",
+        "10",
+        "10.61.0.50",
+    ]);
+    assert!(
+        ping.status.success(),
+        "{}{}",
+        hearth_e2e::text(&ping.stdout),
+        hearth_e2e::text(&ping.stderr)
+    );
 
     for uid in [&fixed, &dynamic] {
-        rt.block_on(c.delete_micro_vm(fpb::DeleteMicroVmRequest { uid: uid.clone() })).expect("delete");
+        rt.block_on(c.delete_micro_vm(fpb::DeleteMicroVmRequest { uid: uid.clone() }))
+            .expect("delete");
     }
     for uid in [&fixed, &dynamic] {
-        wait_get(&rt, &mut c, &d, uid, "gone", |g| g.as_ref().is_err_and(|e| e.code() == tonic::Code::NotFound)).expect_err("gone");
+        wait_get(&rt, &mut c, &d, uid, "gone", |g| {
+            g.as_ref().is_err_and(|e| e.code() == tonic::Code::NotFound)
+        })
+        .expect_err("gone");
     }
     let taps = hearth_e2e::text(&ns.run(&["ip", "-o", "link", "show", "master", "hearth0"]).stdout);
     assert!(taps.is_empty(), "taps left: {taps}");
@@ -456,18 +625,34 @@ fn a_delete_behind_a_stalled_pull_completes() {
     let mut c = client(&rt, port, None);
     let s = spec("stalled", &reg.image(), &reg.image());
     let vm = rt
-        .block_on(c.create_micro_vm(fpb::CreateMicroVmRequest { microvm: Some(s), metadata: HashMap::new() }))
+        .block_on(c.create_micro_vm(fpb::CreateMicroVmRequest {
+            microvm: Some(s),
+            metadata: HashMap::new(),
+        }))
         .expect("create")
         .into_inner();
     let uid = vm.microvm.expect("microvm").spec.expect("spec").uid.expect("uid");
     // The kernel image's pull is under way (and stalled) when the delete comes.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !std::fs::read_dir(d.root.path().join("images/tmp")).is_ok_and(|mut r| r.next().is_some()) {
+    while !std::fs::read_dir(d.root.path().join("images/tmp")).is_ok_and(|mut r| r.next().is_some())
+    {
         assert!(Instant::now() < deadline, "the pull never started:\n{}", d.log());
         std::thread::sleep(Duration::from_millis(50));
     }
     let asked = Instant::now();
     rt.block_on(c.delete_micro_vm(fpb::DeleteMicroVmRequest { uid: uid.clone() })).expect("delete");
-    wait_get(&rt, &mut c, &d, &uid, "deleted", |g| matches!(g, Err(s) if s.code() == tonic::Code::NotFound)).expect_err("gone");
-    assert!(asked.elapsed() < Duration::from_secs(60), "the delete waited {:?} behind the pull", asked.elapsed());
+    wait_get(
+        &rt,
+        &mut c,
+        &d,
+        &uid,
+        "deleted",
+        |g| matches!(g, Err(s) if s.code() == tonic::Code::NotFound),
+    )
+    .expect_err("gone");
+    assert!(
+        asked.elapsed() < Duration::from_secs(60),
+        "the delete waited {:?} behind the pull",
+        asked.elapsed()
+    );
 }

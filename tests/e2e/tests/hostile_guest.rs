@@ -31,13 +31,21 @@ fn a_hostile_agent_is_cut_off_and_other_vms_keep_working() {
     let rec = VmRecord {
         spec: spec.clone(),
         desired: Desired::Running,
-        status: VmStatus { state: VmState::Running, pid: Some(pid), pid_start_time: hearth_vmm::start_time(pid), ..Default::default() },
+        status: VmStatus {
+            state: VmState::Running,
+            pid: Some(pid),
+            pid_start_time: hearth_vmm::start_time(pid),
+            ..Default::default()
+        },
     };
-    std::fs::write(dir.join("record.json"), serde_json::to_vec(&rec).expect("json")).expect("record");
+    std::fs::write(dir.join("record.json"), serde_json::to_vec(&rec).expect("json"))
+        .expect("record");
     let listener = UnixListener::bind(dir.join("agent.sock")).expect("agent socket");
     let guest = std::thread::spawn(move || {
         // First connection: an oversized frame. Second: an unknown frame kind.
-        for junk in [&[0xff, 0xff, 0xff, 0xff, 12, 0, 0, 0, 1][..], &[0, 0, 0, 1, 0xee, 0, 0, 0, 1, 0][..]] {
+        for junk in
+            [&[0xff, 0xff, 0xff, 0xff, 12, 0, 0, 0, 1][..], &[0, 0, 0, 1, 0xee, 0, 0, 0, 1, 0][..]]
+        {
             let Ok((mut s, _)) = listener.accept() else { return };
             let _ = s.write_all(junk);
             std::thread::sleep(Duration::from_millis(500));
@@ -50,11 +58,17 @@ fn a_hostile_agent_is_cut_off_and_other_vms_keep_working() {
         assert!(!out.status.success(), "exec on a hostile guest must fail");
         assert!(text(&out.stderr).contains("agent"), "{}", text(&out.stderr));
     }
-    assert!(d.log().contains("guest agent connection cut off"), "hearthd should log the cut-off:\n{}", d.log());
+    assert!(
+        d.log().contains("guest agent connection cut off"),
+        "hearthd should log the cut-off:\n{}",
+        d.log()
+    );
     // hearthd is alive and the well-behaved VM still answers.
     assert_eq!(d.ok(&["exec", "good", "--", "echo", "fine"]), "fine\n");
     let _ = guest.join();
     let _ = vmm.kill();
     let _ = vmm.wait();
-    d.wait_for("hostile", "stopped", Duration::from_secs(30), |v| v["status"]["state"] == "stopped");
+    d.wait_for("hostile", "stopped", Duration::from_secs(30), |v| {
+        v["status"]["state"] == "stopped"
+    });
 }

@@ -56,10 +56,20 @@ fn malicious_layers_are_rejected_naming_the_entry_and_write_nothing_outside() {
     std::fs::create_dir(&target).expect("mkdir");
     let dots = format!("../../../../../../../..{}/pwned", target.display());
     let cases: Vec<(&str, Vec<Entry>, &str)> = vec![
-        ("dotdot", vec![("bin/", tar::EntryType::Directory, ""), (dots.as_str(), tar::EntryType::Regular, "")], "pwned"),
+        (
+            "dotdot",
+            vec![
+                ("bin/", tar::EntryType::Directory, ""),
+                (dots.as_str(), tar::EntryType::Regular, ""),
+            ],
+            "pwned",
+        ),
         (
             "symlink",
-            vec![("esc", tar::EntryType::Symlink, target.to_str().expect("utf8")), ("esc/pwned", tar::EntryType::Regular, "")],
+            vec![
+                ("esc", tar::EntryType::Symlink, target.to_str().expect("utf8")),
+                ("esc/pwned", tar::EntryType::Regular, ""),
+            ],
             "esc/pwned",
         ),
         ("hardlink", vec![("h", tar::EntryType::Link, "../../../../etc/passwd")], "\"h\""),
@@ -73,14 +83,36 @@ fn malicious_layers_are_rejected_naming_the_entry_and_write_nothing_outside() {
         let err = text(&out.stderr);
         assert!(!out.status.success(), "{name}: the import should fail");
         assert!(err.contains("outside the image root") && err.contains(needle), "{name}: {err}");
-        assert_eq!(d.ok(&["image", "ls", "-q"]).trim(), "", "{name}: the refused image is not in the store");
+        assert_eq!(
+            d.ok(&["image", "ls", "-q"]).trim(),
+            "",
+            "{name}: the refused image is not in the store"
+        );
         let out = d.hearth(&["run", "--rm", "--pull", "never", &reference, "true"]);
-        assert!(!out.status.success() && text(&out.stderr).contains("not in the store"), "{name}: {}", text(&out.stderr));
+        assert!(
+            !out.status.success() && text(&out.stderr).contains("not in the store"),
+            "{name}: {}",
+            text(&out.stderr)
+        );
         assert!(files_under(&target).is_empty(), "{name}: wrote {:?}", files_under(&target));
-        assert_eq!(d.ok(&["ps", "-a", "-q"]).lines().count(), 0, "{name}: a failed run with --rm leaves no VM");
+        assert_eq!(
+            d.ok(&["ps", "-a", "-q"]).lines().count(),
+            0,
+            "{name}: a failed run with --rm leaves no VM"
+        );
         let staging = d.root.path().join("images/tmp");
-        assert!(files_under(&staging).is_empty(), "{name}: staging left behind: {:?}", files_under(&staging));
-        assert!(std::fs::read_dir(d.root.path().join("images/rootfs")).expect("rootfs dir").next().is_none(), "{name}: no base image");
+        assert!(
+            files_under(&staging).is_empty(),
+            "{name}: staging left behind: {:?}",
+            files_under(&staging)
+        );
+        assert!(
+            std::fs::read_dir(d.root.path().join("images/rootfs"))
+                .expect("rootfs dir")
+                .next()
+                .is_none(),
+            "{name}: no base image"
+        );
     }
 }
 
@@ -92,7 +124,8 @@ fn a_corrupt_blob_fails_the_pull_with_a_digest_mismatch_and_stores_nothing() {
     let d = Daemon::start();
     let image = format!("{}/demo:1", reg.host());
     d.ok(&["image", "pull", &image]);
-    let v: serde_json::Value = serde_json::from_str(&d.ok(&["image", "ls", "-o", "json"])).expect("json");
+    let v: serde_json::Value =
+        serde_json::from_str(&d.ok(&["image", "ls", "-o", "json"])).expect("json");
     let layer = v[0]["layers"][0].as_str().expect("layer").trim_start_matches("sha256:").to_owned();
     d.ok(&["image", "rm", &image]);
     std::fs::write(reg.blob_file(&layer), b"tampered").expect("corrupt");
@@ -112,8 +145,16 @@ fn a_registry_that_stalls_mid_blob_fails_the_pull_within_the_timeout() {
     let started = std::time::Instant::now();
     let out = d.hearth(&["image", "pull", &reg.image()]);
     assert!(!out.status.success(), "a stalled pull must fail");
-    assert!(text(&out.stderr).contains("stalled") && text(&out.stderr).contains("2 s"), "{}", text(&out.stderr));
-    assert!(started.elapsed() < std::time::Duration::from_secs(60), "gave up after {:?}", started.elapsed());
+    assert!(
+        text(&out.stderr).contains("stalled") && text(&out.stderr).contains("2 s"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "gave up after {:?}",
+        started.elapsed()
+    );
     assert_eq!(d.ok(&["image", "ls", "-q"]).trim(), "");
     let tmp = d.root.path().join("images/tmp");
     assert!(files_under(&tmp).is_empty(), "partial downloads left: {:?}", files_under(&tmp));

@@ -24,17 +24,27 @@ fn ready_daemon() -> Daemon {
 
 fn vm_dirs(root: &Path) -> Vec<String> {
     std::fs::read_dir(root.join("vms"))
-        .map(|r| r.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|r| {
+            r.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+        })
         .unwrap_or_default()
 }
 
 /// Nothing of any VM is left: records, files, processes, mounts, loop devices.
 fn assert_clean(d: &Daemon) {
     assert_eq!(d.ok(&["ps", "-a", "-q"]).trim(), "", "VMs left behind");
-    assert!(vm_dirs(d.root.path()).is_empty(), "VM directories left behind: {:?}", vm_dirs(d.root.path()));
+    assert!(
+        vm_dirs(d.root.path()).is_empty(),
+        "VM directories left behind: {:?}",
+        vm_dirs(d.root.path())
+    );
     let root = d.root.path().display().to_string();
     assert!(qemu_processes(&root).is_empty(), "QEMU left running: {:?}", qemu_processes(&root));
-    assert!(mounts_and_loops(&root).is_empty(), "mounts or loop devices left: {:?}", mounts_and_loops(&root));
+    assert!(
+        mounts_and_loops(&root).is_empty(),
+        "mounts or loop devices left: {:?}",
+        mounts_and_loops(&root)
+    );
 }
 
 #[test]
@@ -67,14 +77,24 @@ fn detached_vm_stops_starts_logs_both_boots_and_is_removed_cleanly() {
     require_e2e!();
     let (_reg, image) = registry_with_demo("");
     let d = ready_daemon();
-    let id = d.ok(&["run", "-d", "--name", "life", &image, "sh", "-c", "echo booted; exec sleep 100000"]);
+    let id = d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "life",
+        &image,
+        "sh",
+        "-c",
+        "echo booted; exec sleep 100000",
+    ]);
     let id = id.trim();
     assert_eq!(id.len(), 16, "run -d prints the id: {id:?}");
     let ps = d.ok(&["ps"]);
     assert!(ps.contains("life") && ps.contains("Running"), "{ps}");
     let boot = &d.inspect("life")["status"]["boot"];
     assert!(
-        boot["vmm_to_ready_ms"].as_u64().unwrap_or(0) > 0 && boot["kernel_to_init_ms"].as_u64().unwrap_or(0) > 0,
+        boot["vmm_to_ready_ms"].as_u64().unwrap_or(0) > 0
+            && boot["kernel_to_init_ms"].as_u64().unwrap_or(0) > 0,
         "boot timings: {boot}"
     );
     d.ok(&["stop", "-t", "20", "life"]);
@@ -95,14 +115,26 @@ fn detached_vm_stops_starts_logs_both_boots_and_is_removed_cleanly() {
     let pid = d.inspect("life")["status"]["pid"].as_i64().expect("a running VM has a pid") as i32;
     d.ok(&["kill", "life"]);
     let v = d.inspect("life");
-    assert_eq!((v["status"]["state"].as_str(), v["desired"].as_str()), (Some("stopped"), Some("stopped")), "{v:#}");
+    assert_eq!(
+        (v["status"]["state"].as_str(), v["desired"].as_str()),
+        (Some("stopped"), Some("stopped")),
+        "{v:#}"
+    );
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "the VMM is gone");
     let again = d.hearth(&["kill", "life"]);
-    assert!(!again.status.success() && text(&again.stderr).contains("not running"), "{}", text(&again.stderr));
+    assert!(
+        !again.status.success() && text(&again.stderr).contains("not running"),
+        "{}",
+        text(&again.stderr)
+    );
     d.ok(&["start", "life"]);
     d.wait_for("life", "running", BOOT, |v| v["status"]["state"] == "running");
     let busy = d.hearth(&["rm", "life"]);
-    assert!(!busy.status.success() && text(&busy.stderr).contains("rm -f"), "{}", text(&busy.stderr));
+    assert!(
+        !busy.status.success() && text(&busy.stderr).contains("rm -f"),
+        "{}",
+        text(&busy.stderr)
+    );
     d.ok(&["rm", "-f", &id[..6]]);
     assert_clean(&d);
 }
@@ -123,8 +155,14 @@ fn a_restarted_daemon_readopts_running_vms_and_notices_dead_vmms() {
 
     let pid = d.inspect("victim")["status"]["pid"].as_i64().expect("victim has a pid");
     // Kill the VMM behind hearth's back.
-    assert!(std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().expect("kill").success());
-    let v = d.wait_for("victim", "stopped", Duration::from_secs(30), |v| v["status"]["state"] == "stopped");
+    assert!(std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("kill")
+        .success());
+    let v = d.wait_for("victim", "stopped", Duration::from_secs(30), |v| {
+        v["status"]["state"] == "stopped"
+    });
     assert!(v["status"]["reason"].as_str().unwrap_or("").contains("unexpectedly"), "{v:#}");
     d.ok(&["rm", "survivor", "victim"]);
     assert_clean(&d);
@@ -152,14 +190,26 @@ fn bad_input_is_refused_clearly_and_leaves_nothing() {
     }
     d.ok(&["create", "--name", "dup", &image]);
     let out = d.hearth(&["create", "--name", "dup", &image]);
-    assert!(!out.status.success() && text(&out.stderr).contains("already used"), "{}", text(&out.stderr));
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("already used"),
+        "{}",
+        text(&out.stderr)
+    );
     // An image in use is not removed unless forced.
     let out = d.hearth(&["image", "rm", &image]);
-    assert!(!out.status.success() && text(&out.stderr).contains("used by"), "{}", text(&out.stderr));
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("used by"),
+        "{}",
+        text(&out.stderr)
+    );
     d.ok(&["rm", "dup"]);
     // A pull of an unknown image names it.
     let missing = image.replace("demo:1", "missing:1");
     let out = d.hearth(&["image", "pull", &missing]);
-    assert!(!out.status.success() && text(&out.stderr).contains("missing"), "{}", text(&out.stderr));
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("missing"),
+        "{}",
+        text(&out.stderr)
+    );
     assert_clean(&d);
 }

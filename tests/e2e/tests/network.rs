@@ -43,7 +43,8 @@ fn published_ports_reach_the_guest_and_none_has_no_network() {
     let image = format!("{}/net:1", reg.host());
     let port = free_port();
     let publish = format!("127.0.0.1:{port}:8080");
-    let serve = "echo served-by-$(hostname) > /tmp/index.html; exec busybox httpd -f -p 8080 -h /tmp";
+    let serve =
+        "echo served-by-$(hostname) > /tmp/index.html; exec busybox httpd -f -p 8080 -h /tmp";
     d.ok(&["run", "-d", "--name", "web", "-p", &publish, &image, "sh", "-c", serve]);
 
     // A host client reaches the guest's server through the published port.
@@ -54,7 +55,9 @@ fn published_ports_reach_the_guest_and_none_has_no_network() {
     let addr = d.ok(&["exec", "web", "--", "busybox", "ip", "-4", "addr"]);
     assert!(addr.contains("inet 10.0.2.15/24"), "{addr}");
     assert!(addr.contains("inet 127.0.0.1/8"), "loopback is up: {addr}");
-    assert!(d.ok(&["exec", "web", "--", "busybox", "ip", "route"]).contains("default via 10.0.2.2"));
+    assert!(d
+        .ok(&["exec", "web", "--", "busybox", "ip", "route"])
+        .contains("default via 10.0.2.2"));
     assert_eq!(d.ok(&["exec", "web", "--", "cat", "/etc/resolv.conf"]), "nameserver 10.0.2.3\n");
     assert!(d.ok(&["exec", "web", "--", "cat", "/etc/hosts"]).contains("10.0.2.15\tweb\n"));
     assert_eq!(d.inspect("web")["status"]["ip"], "10.0.2.15");
@@ -65,8 +68,15 @@ fn published_ports_reach_the_guest_and_none_has_no_network() {
     let out = d.hearth(&["run", "-d", "--name", "clash", "-p", &publish, &image, "sleep", "100"]);
     assert!(!out.status.success());
     let err = text(&out.stderr);
-    assert!(err.contains(&format!("host port {port} is unavailable")) && err.contains("choose another -p"), "{err}");
-    assert!(hearth_e2e::qemu_processes(&d.root.path().display().to_string()).len() == 1, "no VMM for the refused VM");
+    assert!(
+        err.contains(&format!("host port {port} is unavailable"))
+            && err.contains("choose another -p"),
+        "{err}"
+    );
+    assert!(
+        hearth_e2e::qemu_processes(&d.root.path().display().to_string()).len() == 1,
+        "no VMM for the refused VM"
+    );
 
     // The port is released when the VM stops.
     d.ok(&["stop", "web"]);
@@ -85,11 +95,14 @@ fn ssh_into_an_image_with_an_ssh_server() {
     require_e2e!();
     let dropbear = PathBuf::from("/usr/sbin/dropbear");
     if !dropbear.is_file() || hearth_e2e::which("ssh").is_none() {
-        eprintln!("skipping: needs dropbear-bin and openssh-client (cargo xtask deps installs them)");
+        eprintln!(
+            "skipping: needs dropbear-bin and openssh-client (cargo xtask deps installs them)"
+        );
         return;
     }
     let reg = LocalRegistry::start().expect("registry");
-    push_image(&reg, "sshd:1", &TestImage { host_binaries: vec![dropbear], ..Default::default() }).expect("push");
+    push_image(&reg, "sshd:1", &TestImage { host_binaries: vec![dropbear], ..Default::default() })
+        .expect("push");
     let d = Daemon::start();
     d.import_kernel();
     let image = format!("{}/sshd:1", reg.host());
@@ -99,7 +112,8 @@ fn ssh_into_an_image_with_an_ssh_server() {
     let mut args = vec!["run", "-d", "--ssh", "--name", "s1", image.as_str()];
     args.extend(sshd);
     d.ok(&args);
-    let key = d.inspect("s1")["status"]["ssh_key_path"].as_str().expect("a generated key").to_owned();
+    let key =
+        d.inspect("s1")["status"]["ssh_key_path"].as_str().expect("a generated key").to_owned();
     assert!(std::path::Path::new(&key).is_file());
     let deadline = Instant::now() + Duration::from_secs(90);
     let out = loop {
@@ -117,16 +131,23 @@ fn ssh_into_an_image_with_an_ssh_server() {
     // --ssh=PATH installs the user's own public key; their private key gets in.
     let tmp = tempfile::tempdir().expect("tmp");
     let own = tmp.path().join("id_ed25519");
-    let st = std::process::Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", "me@test", "-f"]).arg(&own).status();
+    let st = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "me@test", "-f"])
+        .arg(&own)
+        .status();
     assert!(st.expect("ssh-keygen").success());
     let pubkey = std::fs::read_to_string(own.with_extension("pub")).expect("pub");
     let flag = format!("--ssh={}", own.with_extension("pub").display());
     let mut args = vec!["run", "-d", flag.as_str(), "--name", "s2", image.as_str()];
     args.extend(sshd);
     d.ok(&args);
-    assert!(d.inspect("s2")["status"]["ssh_key_path"].is_null(), "no key generated when one is given");
+    assert!(
+        d.inspect("s2")["status"]["ssh_key_path"].is_null(),
+        "no key generated when one is given"
+    );
     assert_eq!(d.ok(&["exec", "s2", "--", "cat", "/root/.ssh/authorized_keys"]), pubkey);
-    let perms = d.ok(&["exec", "s2", "--", "stat", "-c", "%a", "/root/.ssh", "/root/.ssh/authorized_keys"]);
+    let perms =
+        d.ok(&["exec", "s2", "--", "stat", "-c", "%a", "/root/.ssh", "/root/.ssh/authorized_keys"]);
     assert_eq!(perms, "700\n600\n");
 
     // Without --ssh, hearth ssh explains what to do; rm removes the generated key.

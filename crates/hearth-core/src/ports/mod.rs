@@ -16,6 +16,6 @@ pub use network::{NetPlan, Network};
 pub use repo::VmRepository;
 pub use sandbox::Sandbox;
 pub use vmm::{
-    AgentTransport, Capabilities, Confinement, Endpoints, KernelFormat, LaunchSpec, Launched, NetLaunch, Provider, Vmm, VmmError,
-    VmmHandle, VolumeDisk,
+    AgentTransport, Capabilities, Confinement, Endpoints, KernelFormat, LaunchSpec, Launched,
+    NetLaunch, Provider, Vmm, VmmError, VmmHandle, VolumeDisk,
 };

@@ -172,7 +172,11 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
 
     /// Lets the guest's CPUs run. With `only_if_never_started`, only a guest that was launched
     /// and never started (a crash between launch and start); returns whether it started it.
-    async fn start_guest(&self, vm_dir: &Path, only_if_never_started: bool) -> Result<bool, VmmError>;
+    async fn start_guest(
+        &self,
+        vm_dir: &Path,
+        only_if_never_started: bool,
+    ) -> Result<bool, VmmError>;
 
     /// Asks the guest to power off, waits up to `grace`, then kills the VMM; a zero grace kills
     /// at once. Returns once the VMM is gone.

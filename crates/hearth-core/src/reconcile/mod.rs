@@ -83,7 +83,11 @@ impl Reconciler {
     }
 
     /// As [`Reconciler::reconcile`], for callers that already hold the VM's lock.
-    pub async fn reconcile_locked(self: &Arc<Self>, id: &VmId, opts: Options) -> Result<Option<VmRecord>> {
+    pub async fn reconcile_locked(
+        self: &Arc<Self>,
+        id: &VmId,
+        opts: Options,
+    ) -> Result<Option<VmRecord>> {
         for attempt in 0..MAX_ITERATIONS {
             let Some(mut rec) = self.ports.repo.get(id)? else { return Ok(None) };
             let (obs, vmm) = self.observe(&rec);
@@ -104,12 +108,19 @@ impl Reconciler {
                 return Err(e);
             }
         }
-        Err(Error::internal(format!("vm {id} did not settle after {MAX_ITERATIONS} reconcile rounds; see hearthd's log")))
+        Err(Error::internal(format!(
+            "vm {id} did not settle after {MAX_ITERATIONS} reconcile rounds; see hearthd's log"
+        )))
     }
 
     /// `start`, `stop`, `rm`: persists `desired` for the VM and brings it there. `None` when the
     /// VM is gone (removed, or it was never there).
-    pub async fn set_desired(self: &Arc<Self>, id: &VmId, desired: Desired, opts: Options) -> Result<Option<VmRecord>> {
+    pub async fn set_desired(
+        self: &Arc<Self>,
+        id: &VmId,
+        desired: Desired,
+        opts: Options,
+    ) -> Result<Option<VmRecord>> {
         let lock = self.lock_for(id);
         let _g = lock.lock().await;
         let Some(mut cur) = self.ports.repo.get(id)? else { return Ok(None) };
@@ -126,7 +137,11 @@ impl Reconciler {
             let lock = self.lock_for(id);
             let _g = lock.lock().await;
             let Some(mut cur) = p.repo.get(id)? else { return Ok(None) };
-            let vmm = cur.status.pid.zip(cur.status.pid_start_time).map(|(pid, start_time)| VmmHandle { pid, start_time });
+            let vmm = cur
+                .status
+                .pid
+                .zip(cur.status.pid_start_time)
+                .map(|(pid, start_time)| VmmHandle { pid, start_time });
             let Some(vmm) = vmm else {
                 return Err(Error::precondition(format!("VM {} is not running", cur.spec.name)));
             };
@@ -143,7 +158,11 @@ impl Reconciler {
     /// What exists of a VM on the host, and its live VMM.
     fn observe(&self, rec: &VmRecord) -> (Observed, Option<VmmHandle>) {
         let dir = self.ports.repo.vm_dir(&rec.spec.id);
-        let recorded = rec.status.pid.zip(rec.status.pid_start_time).map(|(pid, start_time)| VmmHandle { pid, start_time });
+        let recorded = rec
+            .status
+            .pid
+            .zip(rec.status.pid_start_time)
+            .map(|(pid, start_time)| VmmHandle { pid, start_time });
         let found = self.ports.vmm.find(&dir, recorded);
         let disks = self.ports.disks.observe(rec);
         let obs = Observed {

@@ -50,8 +50,12 @@ impl Reconciler {
             }
         }
         // The host's rules may have been flushed (or lost with a reboot) while hearthd was down.
-        let bridged_live =
-            p.repo.list().unwrap_or_default().iter().any(|r| r.spec.network == NetworkMode::Bridge && r.status.state.is_active());
+        let bridged_live = p
+            .repo
+            .list()
+            .unwrap_or_default()
+            .iter()
+            .any(|r| r.spec.network == NetworkMode::Bridge && r.status.state.is_active());
         if bridged_live {
             p.network.resync();
         }

@@ -11,7 +11,13 @@ use crate::ports::{Confinement, LaunchSpec, Launched, VmmError, VmmHandle};
 use crate::{Error, Result, Step};
 
 impl Reconciler {
-    pub(super) async fn execute(self: &Arc<Self>, rec: &mut VmRecord, step: Step, vmm: Option<VmmHandle>, opts: Options) -> Result<()> {
+    pub(super) async fn execute(
+        self: &Arc<Self>,
+        rec: &mut VmRecord,
+        step: Step,
+        vmm: Option<VmmHandle>,
+        opts: Options,
+    ) -> Result<()> {
         let p = &self.ports;
         match step {
             Step::CreateDisk => {
@@ -22,7 +28,9 @@ impl Reconciler {
             }
             Step::WriteConfigDisk => p.disks.write_config(rec).await,
             Step::Launch => self.launch(rec).await,
-            Step::AdoptVmm => self.adopt(rec, vmm.ok_or_else(|| Error::internal("no vmm to adopt"))?).await,
+            Step::AdoptVmm => {
+                self.adopt(rec, vmm.ok_or_else(|| Error::internal("no vmm to adopt"))?).await
+            }
             Step::Stop => {
                 let h = vmm.ok_or_else(|| Error::internal("no vmm to stop"))?;
                 rec.status.state = VmState::Stopping;
@@ -126,7 +134,10 @@ impl Reconciler {
             Ok(Ok(l)) => l,
             Ok(Err(VmmError::AlreadyRunning { pid })) => {
                 // A VMM appeared for this VM since it was observed: adopt it on the next round.
-                warn!(pid, "a VMM already runs for this VM; adopting it instead of launching another");
+                warn!(
+                    pid,
+                    "a VMM already runs for this VM; adopting it instead of launching another"
+                );
                 p.sandbox.settle(&confinement);
                 p.network.settle(&rec.spec, true);
                 return Ok(());
@@ -144,8 +155,14 @@ impl Reconciler {
         // cannot be set up undoes the launch.
         let ready = async {
             p.network.attach(&rec.spec).await?;
-            p.guests.capture_console(&rec.spec).await.map_err(|e| e.context("capturing the VM's console"))?;
-            p.vmm.start_guest(&spec.vm_dir, false).await.map_err(|e| Error::precondition(format!("starting the guest's CPUs: {e}")))
+            p.guests
+                .capture_console(&rec.spec)
+                .await
+                .map_err(|e| e.context("capturing the VM's console"))?;
+            p.vmm
+                .start_guest(&spec.vm_dir, false)
+                .await
+                .map_err(|e| Error::precondition(format!("starting the guest's CPUs: {e}")))
         };
         if let Err(e) = ready.await {
             if let Err(k) = p.vmm.stop(&spec.vm_dir, launched.handle(), Duration::ZERO).await {
@@ -160,7 +177,13 @@ impl Reconciler {
     }
 
     /// Saves a started VMM on the record and watches it.
-    fn record_launch(self: &Arc<Self>, rec: &mut VmRecord, launched: &Launched, ssh_port: Option<u16>, c: &Confinement) -> Result<()> {
+    fn record_launch(
+        self: &Arc<Self>,
+        rec: &mut VmRecord,
+        launched: &Launched,
+        ssh_port: Option<u16>,
+        c: &Confinement,
+    ) -> Result<()> {
         if let Some(w) = &launched.warning {
             warn!("{w}");
         }
@@ -215,7 +238,9 @@ impl Reconciler {
             }
             None => {
                 rec.status.exit_code = None;
-                rec.status.reason = "vmm exited unexpectedly (killed outside hearth, or it crashed; see qemu.log)".into();
+                rec.status.reason =
+                    "vmm exited unexpectedly (killed outside hearth, or it crashed; see qemu.log)"
+                        .into();
             }
         }
         rec.status.state = VmState::Stopped;

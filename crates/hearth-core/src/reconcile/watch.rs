@@ -65,7 +65,9 @@ impl Reconciler {
         let id = &rec.spec.id;
         let deadline = tokio::time::Instant::now() + timeout;
         let asked = tokio::time::timeout(SHUTDOWN_ASK_TIMEOUT, p.guests.shutdown(id)).await;
-        if matches!(asked, Ok(Ok(()))) && tokio::time::timeout_at(deadline, p.vmm.wait_exit(h)).await.is_ok() {
+        if matches!(asked, Ok(Ok(())))
+            && tokio::time::timeout_at(deadline, p.vmm.wait_exit(h)).await.is_ok()
+        {
             return;
         }
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());

@@ -30,12 +30,18 @@ pub fn find_channel() -> Option<Channel> {
             for e in rd.flatten() {
                 let name = std::fs::read_to_string(e.path().join("name")).unwrap_or_default();
                 if name.trim() == AGENT_PORT_NAME {
-                    return Some(Channel::Port(format!("/dev/{}", e.file_name().to_string_lossy())));
+                    return Some(Channel::Port(format!(
+                        "/dev/{}",
+                        e.file_name().to_string_lossy()
+                    )));
                 }
             }
         }
         if let Ok(rd) = std::fs::read_dir("/sys/bus/virtio/devices") {
-            let vsock = rd.flatten().any(|e| std::fs::read_to_string(e.path().join("device")).is_ok_and(|d| d.trim() == VIRTIO_ID_VSOCK));
+            let vsock = rd.flatten().any(|e| {
+                std::fs::read_to_string(e.path().join("device"))
+                    .is_ok_and(|d| d.trim() == VIRTIO_ID_VSOCK)
+            });
             if vsock {
                 return Some(Channel::Vsock);
             }
@@ -64,7 +70,9 @@ pub(super) fn writer(port: File, rx: mpsc::Receiver<Vec<u8>>) {
             }
             match (&port).write(&bytes[off..]) {
                 Ok(n) => off += n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => break,
             }
         }
@@ -78,7 +86,9 @@ pub fn serve(shared: Arc<Shared>) {
         Some(Channel::Port(port)) => serve_port(shared, &port),
         Some(Channel::Vsock) => match sys::vsock_listen(AGENT_VSOCK_PORT) {
             Ok(l) => serve_listener(&shared, &l),
-            Err(e) => eprintln!("hearth-init: agent: listening on vsock port {AGENT_VSOCK_PORT}: {e}"),
+            Err(e) => {
+                eprintln!("hearth-init: agent: listening on vsock port {AGENT_VSOCK_PORT}: {e}")
+            }
         },
         None => {}
     }
@@ -95,13 +105,14 @@ pub(super) fn attach_writer(shared: &Shared, conn: &File) -> std::io::Result<()>
 
 /// The virtio-serial port: one device for the VM's life; the host end comes and goes.
 pub(super) fn serve_port(shared: Arc<Shared>, port: &str) {
-    let port_file = match OpenOptions::new().read(true).write(true).custom_flags(libc::O_NONBLOCK).open(port) {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("hearth-init: agent port {port}: {e}");
-            return;
-        }
-    };
+    let port_file =
+        match OpenOptions::new().read(true).write(true).custom_flags(libc::O_NONBLOCK).open(port) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("hearth-init: agent port {port}: {e}");
+                return;
+            }
+        };
     if let Err(e) = attach_writer(&shared, &port_file) {
         eprintln!("hearth-init: agent port {port}: {e}");
         return;

@@ -36,7 +36,9 @@ pub(super) fn copy_out(shared: &Shared, stream: u32, path: String) {
     })();
     match result {
         Ok(()) => shared.send(&Frame::json(Kind::Exit, stream, &ExecExit::default())),
-        Err(e) => shared.send(&Frame::new(Kind::Error, stream, format!("{path}: {e}").into_bytes())),
+        Err(e) => {
+            shared.send(&Frame::new(Kind::Error, stream, format!("{path}: {e}").into_bytes()))
+        }
     }
     shared.close_output(stream);
 }
@@ -44,10 +46,17 @@ pub(super) fn copy_out(shared: &Shared, stream: u32, path: String) {
 pub(super) fn copy_in(shared: &Arc<Shared>, stream: u32, dest: String) {
     // The archive arrives as Stdin frames; collect it through a pipe-like file in /run.
     let tmp = format!("/run/.hearth-copy-{stream}");
-    let file = match OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&tmp) {
-        Ok(f) => f,
-        Err(e) => return shared.send(&Frame::new(Kind::Error, stream, format!("{tmp}: {e}").into_bytes())),
-    };
+    let file =
+        match OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&tmp) {
+            Ok(f) => f,
+            Err(e) => {
+                return shared.send(&Frame::new(
+                    Kind::Error,
+                    stream,
+                    format!("{tmp}: {e}").into_bytes(),
+                ))
+            }
+        };
     let Ok(w) = file.try_clone() else { return };
     // The writer thread ends once the host closed stdin and everything is written.
     let _ = shared.open_stdin(stream, w).join();
@@ -55,7 +64,9 @@ pub(super) fn copy_in(shared: &Arc<Shared>, stream: u32, dest: String) {
     let _ = std::fs::remove_file(&tmp);
     match result {
         Ok(()) => shared.send(&Frame::json(Kind::Exit, stream, &ExecExit::default())),
-        Err(e) => shared.send(&Frame::new(Kind::Error, stream, format!("{dest}: {e}").into_bytes())),
+        Err(e) => {
+            shared.send(&Frame::new(Kind::Error, stream, format!("{dest}: {e}").into_bytes()))
+        }
     }
 }
 
@@ -69,8 +80,14 @@ pub(super) fn unpack(archive: &str, dest: &str) -> std::io::Result<()> {
     for entry in ar.entries()? {
         let mut entry = entry?;
         let rel = entry.path()?.into_owned();
-        if rel.components().any(|c| !matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir)) {
-            return Err(std::io::Error::other(format!("unsafe path {} in the archive", rel.display())));
+        if rel
+            .components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir))
+        {
+            return Err(std::io::Error::other(format!(
+                "unsafe path {} in the archive",
+                rel.display()
+            )));
         }
         let mut comps = rel.components().filter(|c| matches!(c, std::path::Component::Normal(_)));
         let Some(first) = comps.next() else { continue };

@@ -39,7 +39,9 @@ pub(super) fn exec(shared: &Arc<Shared>, stream: u32, req: ExecRequest) {
             Ok(p) => p,
             Err(e) => return fail(125, format!("openpty: {e}")),
         };
-        let (Ok(s1), Ok(s2)) = (slave.try_clone(), slave.try_clone()) else { return fail(125, "dup pty".into()) };
+        let (Ok(s1), Ok(s2)) = (slave.try_clone(), slave.try_clone()) else {
+            return fail(125, "dup pty".into());
+        };
         cmd.stdin(slave).stdout(s1).stderr(s2);
         let child = match process::spawn(&mut cmd, &spec.args[0]) {
             Ok(c) => c,
@@ -74,7 +76,11 @@ pub(super) fn exec(shared: &Arc<Shared>, stream: u32, req: ExecRequest) {
     };
     let pid = child.id() as i32;
     let exited = shared.watch(pid);
-    shared.pids.lock().unwrap_or_else(|e| e.into_inner()).insert(stream, (pid, master.as_ref().and_then(|m| m.try_clone().ok())));
+    shared
+        .pids
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(stream, (pid, master.as_ref().and_then(|m| m.try_clone().ok())));
     let status = exited.recv().unwrap_or(255 << 8);
     if req.tty {
         // The pty reader ends with EIO once the last slave fd closes; drop ours first.

@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hearth_types::agent::{
-    credit_cost, CopyRequest, Decoder, ExecExit, ExecRequest, Frame, Hello, Kind, Ready, FRAME_COST, PROTOCOL_VERSION, WINDOW,
+    credit_cost, CopyRequest, Decoder, ExecExit, ExecRequest, Frame, Hello, Kind, Ready,
+    FRAME_COST, PROTOCOL_VERSION, WINDOW,
 };
 use hearth_types::guest::{AGENT_PORT_NAME, AGENT_VSOCK_PORT};
 

@@ -49,7 +49,9 @@ pub(super) fn read_loop(shared: &Arc<Shared>, port: &File, stream: bool) {
                     }
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(_) if stream => return shared.release_output(),
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
@@ -71,7 +73,11 @@ pub(super) fn handle(shared: &Arc<Shared>, f: Frame) {
         Kind::Exec => match f.parse::<ExecRequest>() {
             Ok(req) => {
                 shared.open_output(f.stream);
-                shared.stdins.lock().unwrap_or_else(|e| e.into_inner()).insert(f.stream, Slot::Pending(Vec::new(), false));
+                shared
+                    .stdins
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(f.stream, Slot::Pending(Vec::new(), false));
                 let s = shared.clone();
                 std::thread::spawn(move || exec(&s, f.stream, req));
             }
@@ -97,26 +103,42 @@ pub(super) fn handle(shared: &Arc<Shared>, f: Frame) {
             }
         }
         Kind::Signal => {
-            if let (Some(b), Some((pid, _))) = (f.payload.get(..4), shared.pids.lock().unwrap_or_else(|e| e.into_inner()).get(&f.stream)) {
+            if let (Some(b), Some((pid, _))) = (
+                f.payload.get(..4),
+                shared.pids.lock().unwrap_or_else(|e| e.into_inner()).get(&f.stream),
+            ) {
                 sys::kill(*pid, i32::from_be_bytes([b[0], b[1], b[2], b[3]]));
             }
         }
         Kind::Resize => {
-            if let (Some(b), Some((_, Some(m)))) =
-                (f.payload.get(..4), shared.pids.lock().unwrap_or_else(|e| e.into_inner()).get(&f.stream))
-            {
-                sys::set_winsize(m.as_raw_fd(), u16::from_be_bytes([b[0], b[1]]), u16::from_be_bytes([b[2], b[3]]));
+            if let (Some(b), Some((_, Some(m)))) = (
+                f.payload.get(..4),
+                shared.pids.lock().unwrap_or_else(|e| e.into_inner()).get(&f.stream),
+            ) {
+                sys::set_winsize(
+                    m.as_raw_fd(),
+                    u16::from_be_bytes([b[0], b[1]]),
+                    u16::from_be_bytes([b[2], b[3]]),
+                );
             }
         }
         Kind::CopyOut => {
             shared.open_output(f.stream);
             let s = shared.clone();
-            std::thread::spawn(move || copy_out(&s, f.stream, f.parse::<CopyRequest>().map(|r| r.path).unwrap_or_default()));
+            std::thread::spawn(move || {
+                copy_out(&s, f.stream, f.parse::<CopyRequest>().map(|r| r.path).unwrap_or_default())
+            });
         }
         Kind::CopyIn => {
-            shared.stdins.lock().unwrap_or_else(|e| e.into_inner()).insert(f.stream, Slot::Pending(Vec::new(), false));
+            shared
+                .stdins
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(f.stream, Slot::Pending(Vec::new(), false));
             let s = shared.clone();
-            std::thread::spawn(move || copy_in(&s, f.stream, f.parse::<CopyRequest>().map(|r| r.path).unwrap_or_default()));
+            std::thread::spawn(move || {
+                copy_in(&s, f.stream, f.parse::<CopyRequest>().map(|r| r.path).unwrap_or_default())
+            });
         }
         _ => {}
     }

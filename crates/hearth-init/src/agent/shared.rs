@@ -131,7 +131,11 @@ impl Shared {
                 }
                 Some(_) => {}
             }
-            credit = self.more_credit.wait_timeout(credit, Duration::from_secs(1)).unwrap_or_else(|e| e.into_inner()).0;
+            credit = self
+                .more_credit
+                .wait_timeout(credit, Duration::from_secs(1))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 
@@ -149,7 +153,11 @@ impl Shared {
     /// Connects a stream's stdin to `w` through a writer thread (so a process that does not
     /// read stalls only that thread), replaying what arrived early. Credit goes back to the
     /// host as bytes reach the process. The thread ends when stdin closes.
-    pub(super) fn open_stdin(self: &Arc<Self>, stream: u32, mut w: File) -> std::thread::JoinHandle<()> {
+    pub(super) fn open_stdin(
+        self: &Arc<Self>,
+        stream: u32,
+        mut w: File,
+    ) -> std::thread::JoinHandle<()> {
         let (tx, rx) = mpsc::channel::<Vec<u8>>();
         let mut stdins = self.stdins.lock().unwrap_or_else(|e| e.into_inner());
         let (early, eof) = match stdins.remove(&stream) {

@@ -28,7 +28,8 @@ fn a_listener_serves_one_connection_after_another() {
         let mut c = UnixStream::connect(&path).expect("connect");
         c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
         let mut dec = Decoder::new();
-        c.write_all(&Frame::json(Kind::Hello, 0, &Hello { version: PROTOCOL_VERSION }).encode()).expect("hello");
+        c.write_all(&Frame::json(Kind::Hello, 0, &Hello { version: PROTOCOL_VERSION }).encode())
+            .expect("hello");
         assert_eq!(read_frame(&mut c, &mut dec).kind, Kind::Hello, "round {round}");
         c.write_all(&Frame::new(Kind::Ping, 0, vec![round]).encode()).expect("ping");
         let pong = loop {
@@ -50,7 +51,8 @@ fn output_is_sent_as_credit_allows() {
     shared.open_output(1);
     shared.open_output(2);
     let s = shared.clone();
-    let big = std::thread::spawn(move || s.send_data(Kind::Stdout, 1, &vec![0u8; 2 * WINDOW as usize]));
+    let big =
+        std::thread::spawn(move || s.send_data(Kind::Stdout, 1, &vec![0u8; 2 * WINDOW as usize]));
     let sent = |rx: &mpsc::Receiver<Vec<u8>>| -> usize {
         let mut d = Decoder::new();
         while let Ok(b) = rx.recv_timeout(Duration::from_millis(300)) {
@@ -59,7 +61,10 @@ fn output_is_sent_as_credit_allows() {
         std::iter::from_fn(|| d.next_frame().expect("valid")).map(|f| f.payload.len()).sum()
     };
     let first = sent(&rx);
-    assert!(first <= WINDOW as usize && first > (WINDOW / 2) as usize, "one window's worth, got {first}");
+    assert!(
+        first <= WINDOW as usize && first > (WINDOW / 2) as usize,
+        "one window's worth, got {first}"
+    );
     assert!(!big.is_finished(), "waits for credit");
     // Another stream is not held up by the first.
     assert!(shared.send_data(Kind::Stderr, 2, b"other"));
@@ -77,8 +82,12 @@ fn output_is_sent_as_credit_allows() {
 fn vsock_listener_binds_the_agent_port_where_vsock_exists() {
     match sys::vsock_listen(AGENT_VSOCK_PORT) {
         Ok(_) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => eprintln!("skipping: no vsock in this kernel"),
-        Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => eprintln!("skipping: port {AGENT_VSOCK_PORT} in use here"),
+        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+            eprintln!("skipping: no vsock in this kernel")
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => {
+            eprintln!("skipping: port {AGENT_VSOCK_PORT} in use here")
+        }
         Err(e) => panic!("vsock listen: {e}"),
     }
 }

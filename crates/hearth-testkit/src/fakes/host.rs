@@ -6,7 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use hearth_core::ports::{Confinement, DiskState, Disks, Guests, Kernels, NetLaunch, NetPlan, Network, Sandbox, VmRepository, VolumeDisk};
+use hearth_core::ports::{
+    Confinement, DiskState, Disks, Guests, Kernels, NetLaunch, NetPlan, Network, Sandbox,
+    VmRepository, VolumeDisk,
+};
 use hearth_core::{Error, Result};
 use hearth_types::agent::Ready;
 use hearth_types::guest::GuestExit;
@@ -163,7 +166,11 @@ impl Disks for FakeHost {
     fn observe(&self, rec: &VmRecord) -> DiskState {
         let s = self.state();
         let id = &rec.spec.id;
-        DiskState { dir: s.dirs.contains(id), disk: s.disks.contains(id), config_disk: s.configs.contains(id) }
+        DiskState {
+            dir: s.dirs.contains(id),
+            disk: s.disks.contains(id),
+            config_disk: s.configs.contains(id),
+        }
     }
     async fn create(&self, rec: &VmRecord) -> Result<PathBuf> {
         let mut s = self.state();
@@ -193,15 +200,20 @@ impl Disks for FakeHost {
 #[async_trait]
 impl Kernels for FakeHost {
     async fn boot_files(&self, kernel: &str) -> Result<(PathBuf, PathBuf)> {
-        Ok((PathBuf::from(format!("/fake/kernels/{kernel}/vmlinuz")), PathBuf::from(format!("/fake/kernels/{kernel}/initrd"))))
+        Ok((
+            PathBuf::from(format!("/fake/kernels/{kernel}/vmlinuz")),
+            PathBuf::from(format!("/fake/kernels/{kernel}/initrd")),
+        ))
     }
 }
 
 #[async_trait]
 impl Network for FakeHost {
     fn plan(&self, spec: &VmSpec) -> Result<Option<NetPlan>> {
-        Ok((spec.network != NetworkMode::None)
-            .then(|| NetPlan { card: NetLaunch { mac: spec.mac(), forwards: spec.ports.clone(), tap: None }, ssh_port: None }))
+        Ok((spec.network != NetworkMode::None).then(|| NetPlan {
+            card: NetLaunch { mac: spec.mac(), forwards: spec.ports.clone(), tap: None },
+            ssh_port: None,
+        }))
     }
     async fn prepare(&self, spec: &VmSpec) -> Result<()> {
         if !spec.ports.is_empty() {
@@ -241,7 +253,9 @@ impl Guests for FakeHost {
         }
         let pid = self.state().records.get(id).and_then(|r| r.status.pid);
         // hearth-init stops the workload (SIGTERM), records how it ended and powers off.
-        self.state().exits.insert(id.clone(), GuestExit { exit_code: 143, signal: Some(15), error: None });
+        self.state()
+            .exits
+            .insert(id.clone(), GuestExit { exit_code: 143, signal: Some(15), error: None });
         if let Some(pid) = pid {
             self.vmm.exit(pid);
         }

@@ -6,7 +6,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use hearth_core::ports::{
-    AgentTransport, Capabilities, Confinement, Endpoints, KernelFormat, LaunchSpec, Launched, Provider, Vmm, VmmError, VmmHandle,
+    AgentTransport, Capabilities, Confinement, Endpoints, KernelFormat, LaunchSpec, Launched,
+    Provider, Vmm, VmmError, VmmHandle,
 };
 use hearth_types::Accel;
 use tokio::sync::watch;
@@ -82,7 +83,15 @@ impl FakeVmm {
         let mut s = self.state();
         s.next_pid += 1;
         let pid = 1000 + s.next_pid;
-        s.procs.insert(pid, Process { dir: dir.to_owned(), exited: watch::channel(false).0, findable, paused: true });
+        s.procs.insert(
+            pid,
+            Process {
+                dir: dir.to_owned(),
+                exited: watch::channel(false).0,
+                findable,
+                paused: true,
+            },
+        );
         VmmHandle { pid, start_time: 7 }
     }
 
@@ -95,7 +104,8 @@ impl FakeVmm {
 
     /// The live VMMs, by directory.
     pub fn running(&self) -> Vec<(i32, PathBuf)> {
-        let mut v: Vec<_> = self.state().procs.iter().map(|(pid, p)| (*pid, p.dir.clone())).collect();
+        let mut v: Vec<_> =
+            self.state().procs.iter().map(|(pid, p)| (*pid, p.dir.clone())).collect();
         v.sort();
         v
     }
@@ -130,7 +140,8 @@ impl Vmm for FakeVmm {
             let mut s = self.state();
             s.launches.push(spec.clone());
             // Like a real VMM's pid file: a second launch for a directory is refused.
-            if let Some((pid, _)) = s.procs.iter().find(|(_, p)| p.dir == spec.vm_dir && p.findable) {
+            if let Some((pid, _)) = s.procs.iter().find(|(_, p)| p.dir == spec.vm_dir && p.findable)
+            {
                 return Err(VmmError::AlreadyRunning { pid: *pid });
             }
             s.script.pop_front().unwrap_or(Launch::Ok)
@@ -138,7 +149,12 @@ impl Vmm for FakeVmm {
         match next {
             Launch::Ok => {
                 let h = self.start(&spec.vm_dir, true);
-                Ok(Launched { pid: h.pid, start_time: h.start_time, accel: Accel::Tcg, warning: None })
+                Ok(Launched {
+                    pid: h.pid,
+                    start_time: h.start_time,
+                    accel: Accel::Tcg,
+                    warning: None,
+                })
             }
             Launch::Fail(why) => Err(VmmError::Failed(why)),
             Launch::AlreadyRunning => {
@@ -155,7 +171,10 @@ impl Vmm for FakeVmm {
                 return Some((h, true));
             }
         }
-        s.procs.iter().find(|(_, p)| p.dir == vm_dir && p.findable).map(|(pid, _)| (VmmHandle { pid: *pid, start_time: 7 }, false))
+        s.procs
+            .iter()
+            .find(|(_, p)| p.dir == vm_dir && p.findable)
+            .map(|(pid, _)| (VmmHandle { pid: *pid, start_time: 7 }, false))
     }
 
     fn recover_orphans(&self, _vms_dir: &Path) -> Vec<PathBuf> {
@@ -174,9 +193,17 @@ impl Vmm for FakeVmm {
         }
     }
 
-    async fn start_guest(&self, vm_dir: &Path, only_if_never_started: bool) -> Result<bool, VmmError> {
+    async fn start_guest(
+        &self,
+        vm_dir: &Path,
+        only_if_never_started: bool,
+    ) -> Result<bool, VmmError> {
         let mut s = self.state();
-        let p = s.procs.values_mut().find(|p| p.dir == vm_dir).ok_or_else(|| VmmError::Failed("no VMM".into()))?;
+        let p = s
+            .procs
+            .values_mut()
+            .find(|p| p.dir == vm_dir)
+            .ok_or_else(|| VmmError::Failed("no VMM".into()))?;
         let was_paused = p.paused;
         p.paused = false;
         Ok(was_paused || !only_if_never_started)

@@ -24,7 +24,12 @@ pub(super) struct Flow {
 
 impl Default for Flow {
     fn default() -> Self {
-        Self { unconsumed: Mutex::new(0), stdin_credit: Mutex::new(WINDOW), more_credit: tokio::sync::Notify::new(), ended: false.into() }
+        Self {
+            unconsumed: Mutex::new(0),
+            stdin_credit: Mutex::new(WINDOW),
+            more_credit: tokio::sync::Notify::new(),
+            ended: false.into(),
+        }
     }
 }
 

@@ -16,7 +16,10 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hearth_types::agent::{credit_cost, queue_cost, Decoder, Frame, Hello, Kind, Ready, CONTROL_ALLOWANCE, PROTOCOL_VERSION, WINDOW};
+use hearth_types::agent::{
+    credit_cost, queue_cost, Decoder, Frame, Hello, Kind, Ready, CONTROL_ALLOWANCE,
+    PROTOCOL_VERSION, WINDOW,
+};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -205,12 +208,14 @@ impl AgentClient {
     fn note(&self, f: Frame) -> Result<Option<Ready>, AgentError> {
         match f.kind {
             Kind::Ready => {
-                let r: Ready = f.parse().map_err(|e| AgentError::Protocol(format!("ready: {e}")))?;
+                let r: Ready =
+                    f.parse().map_err(|e| AgentError::Protocol(format!("ready: {e}")))?;
                 *self.ready.lock().unwrap_or_else(|e| e.into_inner()) = Some(r.clone());
                 Ok(Some(r))
             }
             Kind::Hello => {
-                let h: Hello = f.parse().map_err(|e| AgentError::Protocol(format!("hello: {e}")))?;
+                let h: Hello =
+                    f.parse().map_err(|e| AgentError::Protocol(format!("hello: {e}")))?;
                 if h.version != PROTOCOL_VERSION {
                     return Err(AgentError::Protocol(format!(
                         "the guest speaks agent protocol {}, hearth speaks {PROTOCOL_VERSION}: rebuild the kernel's initramfs with this hearth-init",

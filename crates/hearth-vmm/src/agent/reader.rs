@@ -5,7 +5,11 @@ use super::*;
 /// How often `wait_ready` repeats its Hello while the guest is still booting.
 pub(super) const HELLO_INTERVAL: Duration = Duration::from_millis(500);
 
-pub(super) async fn read_loop<R: AsyncRead + Unpin>(rd: R, ctl: &mpsc::Sender<Frame>, routes: &Routes) -> String {
+pub(super) async fn read_loop<R: AsyncRead + Unpin>(
+    rd: R,
+    ctl: &mpsc::Sender<Frame>,
+    routes: &Routes,
+) -> String {
     let mut rd = BufReader::new(rd);
     let mut dec = Decoder::new();
     loop {
@@ -29,7 +33,8 @@ pub(super) async fn read_loop<R: AsyncRead + Unpin>(rd: R, ctl: &mpsc::Sender<Fr
                     // Frames for a stream nobody holds any more are dropped.
                     let Some(route) = routes.get(&f.stream) else { continue };
                     if f.kind == Kind::Credit {
-                        let mut c = route.flow.stdin_credit.lock().unwrap_or_else(|e| e.into_inner());
+                        let mut c =
+                            route.flow.stdin_credit.lock().unwrap_or_else(|e| e.into_inner());
                         *c = c.saturating_add(f.credit_amount()).min(WINDOW);
                         route.flow.more_credit.notify_waiters();
                         continue;
@@ -39,7 +44,10 @@ pub(super) async fn read_loop<R: AsyncRead + Unpin>(rd: R, ctl: &mpsc::Sender<Fr
                     let mut u = route.flow.unconsumed.lock().unwrap_or_else(|e| e.into_inner());
                     *u += queue_cost(f.payload.len());
                     if *u > WINDOW + CONTROL_ALLOWANCE {
-                        return format!("the guest sent more than its {WINDOW}-byte window on stream {}", f.stream);
+                        return format!(
+                            "the guest sent more than its {WINDOW}-byte window on stream {}",
+                            f.stream
+                        );
                     }
                     drop(u);
                     // Never waits: what a stream may hold is bounded above.

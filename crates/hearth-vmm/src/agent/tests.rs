@@ -41,7 +41,10 @@ async fn garbage_cuts_the_connection() {
     assert!(matches!(err, AgentError::Protocol(_)), "{err}");
     // The connection is really dropped: the guest end reads the client's Hello, then EOF.
     let mut rest = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), guest.read_to_end(&mut rest)).await.expect("eof").expect("read");
+    tokio::time::timeout(Duration::from_secs(5), guest.read_to_end(&mut rest))
+        .await
+        .expect("eof")
+        .expect("read");
     let mut dec = Decoder::new();
     dec.feed(&rest);
     while let Some(f) = dec.next_frame().expect("host frames are valid") {
@@ -74,7 +77,10 @@ fn fake_guest(mut guest: tokio::io::DuplexStream) -> tokio::task::JoinHandle<Vec
                         Frame::json(Kind::Hello, 0, &Hello { version: PROTOCOL_VERSION }),
                         Frame::json(Kind::Ready, 0, &Ready { init_started_ms: 5, ready_ms: 9 }),
                     ],
-                    Kind::Ping => vec![Frame::new(Kind::Pong, 0, b"stale".to_vec()), Frame::new(Kind::Pong, 0, f.payload)],
+                    Kind::Ping => vec![
+                        Frame::new(Kind::Pong, 0, b"stale".to_vec()),
+                        Frame::new(Kind::Pong, 0, f.payload),
+                    ],
                     _ => vec![],
                 };
                 for a in answer {
@@ -117,14 +123,20 @@ async fn a_silent_guest_times_out() {
     let c = AgentClient::over(host);
     let soon = Instant::now() + Duration::from_millis(100);
     assert!(matches!(c.ping(soon).await, Err(AgentError::Timeout)));
-    assert!(matches!(c.wait_ready(Instant::now() + Duration::from_millis(100)).await, Err(AgentError::Timeout)));
+    assert!(matches!(
+        c.wait_ready(Instant::now() + Duration::from_millis(100)).await,
+        Err(AgentError::Timeout)
+    ));
 }
 
 #[tokio::test]
 async fn a_guest_speaking_another_version_is_refused() {
     let (host, mut guest) = tokio::io::duplex(1 << 16);
     let c = AgentClient::over(host);
-    guest.write_all(&Frame::json(Kind::Hello, 0, &Hello { version: 99 }).encode()).await.expect("write");
+    guest
+        .write_all(&Frame::json(Kind::Hello, 0, &Hello { version: 99 }).encode())
+        .await
+        .expect("write");
     let e = c.wait_ready(soon()).await.expect_err("version");
     assert!(e.to_string().contains("protocol 99"), "{e}");
 }
@@ -134,8 +146,14 @@ async fn frames_for_unknown_streams_are_dropped_and_others_still_flow() {
     let (host, mut guest) = tokio::io::duplex(1 << 16);
     let c = AgentClient::over(host);
     let mut s = c.open_stream();
-    guest.write_all(&Frame::new(Kind::Stdout, 4242, b"nobody".to_vec()).encode()).await.expect("write");
-    guest.write_all(&Frame::new(Kind::Stderr, s.id, b"mine".to_vec()).encode()).await.expect("write");
+    guest
+        .write_all(&Frame::new(Kind::Stdout, 4242, b"nobody".to_vec()).encode())
+        .await
+        .expect("write");
+    guest
+        .write_all(&Frame::new(Kind::Stderr, s.id, b"mine".to_vec()).encode())
+        .await
+        .expect("write");
     let f = s.recv().await.expect("frame");
     assert_eq!((f.kind, f.payload.as_slice()), (Kind::Stderr, b"mine".as_slice()));
     c.close_stream(s.id);
@@ -151,7 +169,9 @@ async fn hybrid_vsock_handshake_keeps_the_bytes_after_ok() {
         guest.read_exact(&mut req).await.expect("connect line");
         assert_eq!(&req, b"CONNECT 789\n");
         let mut answer = b"OK 1073741824\n".to_vec();
-        answer.extend(Frame::json(Kind::Ready, 0, &Ready { init_started_ms: 1, ready_ms: 2 }).encode());
+        answer.extend(
+            Frame::json(Kind::Ready, 0, &Ready { init_started_ms: 1, ready_ms: 2 }).encode(),
+        );
         guest.write_all(&answer).await.expect("answer");
         guest
     });
@@ -163,9 +183,11 @@ async fn hybrid_vsock_handshake_keeps_the_bytes_after_ok() {
 
 #[tokio::test]
 async fn hybrid_vsock_refusals_say_what_happened() {
-    for (answer, expect) in
-        [(b"ERR no listener\n".to_vec(), "refused CONNECT 7"), (Vec::new(), "closed the vsock socket"), (vec![b'x'; 200], "longer than")]
-    {
+    for (answer, expect) in [
+        (b"ERR no listener\n".to_vec(), "refused CONNECT 7"),
+        (Vec::new(), "closed the vsock socket"),
+        (vec![b'x'; 200], "longer than"),
+    ] {
         let (mut host, mut guest) = tokio::io::duplex(1 << 16);
         let vmm = tokio::spawn(async move {
             let mut req = [0u8; 10];
@@ -221,11 +243,18 @@ mod closed_tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let mut s = c.open_stream();
-        assert!(tokio::time::timeout(Duration::from_secs(5), s.recv()).await.expect("not hanging").is_none());
+        assert!(tokio::time::timeout(Duration::from_secs(5), s.recv())
+            .await
+            .expect("not hanging")
+            .is_none());
     }
 
     /// Frames from the host end as the fake guest reads them.
-    async fn host_frames(guest: &mut tokio::io::DuplexStream, dec: &mut Decoder, want: Kind) -> Frame {
+    async fn host_frames(
+        guest: &mut tokio::io::DuplexStream,
+        dec: &mut Decoder,
+        want: Kind,
+    ) -> Frame {
         let mut buf = [0u8; 4096];
         loop {
             while let Some(f) = dec.next_frame().expect("host frames are valid") {
@@ -248,11 +277,20 @@ mod closed_tests {
         let (mut stalled, mut live) = (c.open_stream(), c.open_stream());
         // A whole window of output for a stream whose consumer is busy elsewhere...
         for _ in 0..3 {
-            guest.write_all(&Frame::new(Kind::Stdout, stalled.id, vec![b'x'; K64]).encode()).await.expect("write");
+            guest
+                .write_all(&Frame::new(Kind::Stdout, stalled.id, vec![b'x'; K64]).encode())
+                .await
+                .expect("write");
         }
         // ...does not keep the next stream's output from its reader.
-        guest.write_all(&Frame::new(Kind::Stdout, live.id, b"through".to_vec()).encode()).await.expect("write");
-        let f = tokio::time::timeout(Duration::from_secs(5), live.recv()).await.expect("not held up").expect("frame");
+        guest
+            .write_all(&Frame::new(Kind::Stdout, live.id, b"through".to_vec()).encode())
+            .await
+            .expect("write");
+        let f = tokio::time::timeout(Duration::from_secs(5), live.recv())
+            .await
+            .expect("not held up")
+            .expect("frame");
         assert_eq!(f.payload, b"through");
         for _ in 0..3 {
             assert_eq!(stalled.recv().await.expect("kept").payload.len(), K64);
@@ -266,14 +304,21 @@ mod closed_tests {
         let c = AgentClient::over(host);
         let mut s = c.open_stream();
         for _ in 0..2 {
-            guest.write_all(&Frame::new(Kind::Stderr, s.id, vec![0; K64]).encode()).await.expect("write");
+            guest
+                .write_all(&Frame::new(Kind::Stderr, s.id, vec![0; K64]).encode())
+                .await
+                .expect("write");
         }
         s.recv().await.expect("frame");
         s.recv().await.expect("frame");
         let mut dec = Decoder::new();
         let credit = host_frames(&mut guest, &mut dec, Kind::Credit).await;
         assert_eq!(credit.stream, s.id);
-        assert_eq!(credit.credit_amount(), credit_cost(K64), "handed back once a quarter window was consumed");
+        assert_eq!(
+            credit.credit_amount(),
+            credit_cost(K64),
+            "handed back once a quarter window was consumed"
+        );
     }
 
     #[tokio::test]
@@ -282,7 +327,10 @@ mod closed_tests {
         let c = AgentClient::over(host);
         let s = c.open_stream();
         for _ in 0..5 {
-            guest.write_all(&Frame::new(Kind::Stdout, s.id, vec![0; K64]).encode()).await.expect("write");
+            guest
+                .write_all(&Frame::new(Kind::Stdout, s.id, vec![0; K64]).encode())
+                .await
+                .expect("write");
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while c.closed().is_none() && std::time::Instant::now() < deadline {
@@ -298,8 +346,11 @@ mod closed_tests {
         let c = AgentClient::over(host);
         let s = c.open_stream();
         // Empty Exit frames, Hellos and Pings on the stream, never read: each is counted.
-        let flood: Vec<u8> =
-            (0..20_000).flat_map(|i| Frame::new([Kind::Exit, Kind::Hello, Kind::Ping][i % 3], s.id, Vec::new()).encode()).collect();
+        let flood: Vec<u8> = (0..20_000)
+            .flat_map(|i| {
+                Frame::new([Kind::Exit, Kind::Hello, Kind::Ping][i % 3], s.id, Vec::new()).encode()
+            })
+            .collect();
         guest.write_all(&flood).await.expect("write");
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while c.closed().is_none() && std::time::Instant::now() < deadline {
@@ -317,10 +368,22 @@ mod closed_tests {
         let mut s = c.open_stream();
         // A whole window of output, then the exit and an error: all within the bound.
         for _ in 0..3 {
-            guest.write_all(&Frame::new(Kind::Stdout, s.id, vec![1; K64]).encode()).await.expect("write");
+            guest
+                .write_all(&Frame::new(Kind::Stdout, s.id, vec![1; K64]).encode())
+                .await
+                .expect("write");
         }
-        guest.write_all(&Frame::new(Kind::Stderr, s.id, vec![2; (WINDOW as usize) - 3 * (K64 + 64) - 64]).encode()).await.expect("write");
-        guest.write_all(&Frame::new(Kind::Exit, s.id, b"{\"exit_code\":0}".to_vec()).encode()).await.expect("write");
+        guest
+            .write_all(
+                &Frame::new(Kind::Stderr, s.id, vec![2; (WINDOW as usize) - 3 * (K64 + 64) - 64])
+                    .encode(),
+            )
+            .await
+            .expect("write");
+        guest
+            .write_all(&Frame::new(Kind::Exit, s.id, b"{\"exit_code\":0}".to_vec()).encode())
+            .await
+            .expect("write");
         let mut kinds = Vec::new();
         for _ in 0..5 {
             kinds.push(s.recv().await.expect("frame").kind);
@@ -337,20 +400,33 @@ mod closed_tests {
         let input = s.input();
         // Three chunks fit the window; the fourth must wait for the guest.
         for _ in 0..3 {
-            input.send(Frame::new(Kind::Stdin, s.id, vec![1; K64])).await.expect("within the window");
+            input
+                .send(Frame::new(Kind::Stdin, s.id, vec![1; K64]))
+                .await
+                .expect("within the window");
         }
         let fourth = {
             let input = input.clone();
-            tokio::spawn(async move { input.send(Frame::new(Kind::Stdin, input.id, vec![2; K64])).await })
+            tokio::spawn(async move {
+                input.send(Frame::new(Kind::Stdin, input.id, vec![2; K64])).await
+            })
         };
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!fourth.is_finished(), "sent beyond the guest's window");
         guest.write_all(&Frame::credit(s.id, credit_cost(K64)).encode()).await.expect("credit");
-        tokio::time::timeout(Duration::from_secs(5), fourth).await.expect("credit unblocks it").expect("join").expect("sent");
+        tokio::time::timeout(Duration::from_secs(5), fourth)
+            .await
+            .expect("credit unblocks it")
+            .expect("join")
+            .expect("sent");
         // End of stdin is free, and stdin on a closed stream fails instead of waiting forever.
         input.send(Frame::new(Kind::Stdin, s.id, Vec::new())).await.expect("eof needs no credit");
         c.close_stream(s.id);
-        let r = tokio::time::timeout(Duration::from_secs(5), input.send(Frame::new(Kind::Stdin, s.id, vec![3; K64]))).await;
+        let r = tokio::time::timeout(
+            Duration::from_secs(5),
+            input.send(Frame::new(Kind::Stdin, s.id, vec![3; K64])),
+        )
+        .await;
         assert!(matches!(r, Ok(Err(AgentError::Closed))), "{r:?}");
     }
 }

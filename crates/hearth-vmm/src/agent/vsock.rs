@@ -7,7 +7,10 @@ pub(super) const MAX_HANDSHAKE_LINE: usize = 64;
 
 /// The hybrid vsock handshake on an open stream. Reads byte by byte so nothing after the
 /// answer's newline (the agent's first frame) is consumed.
-pub async fn hybrid_vsock_handshake<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, port: u32) -> Result<(), AgentError> {
+pub async fn hybrid_vsock_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    port: u32,
+) -> Result<(), AgentError> {
     s.write_all(format!("CONNECT {port}\n").as_bytes()).await.map_err(AgentError::Connect)?;
     let mut line = Vec::new();
     loop {
@@ -21,12 +24,17 @@ pub async fn hybrid_vsock_handshake<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S
             break;
         }
         if line.len() >= MAX_HANDSHAKE_LINE {
-            return Err(AgentError::Protocol(format!("the answer to CONNECT {port} is longer than {MAX_HANDSHAKE_LINE} bytes")));
+            return Err(AgentError::Protocol(format!(
+                "the answer to CONNECT {port} is longer than {MAX_HANDSHAKE_LINE} bytes"
+            )));
         }
         line.push(b[0]);
     }
     if !line.starts_with(b"OK ") && line != b"OK" {
-        return Err(AgentError::Protocol(format!("the VMM refused CONNECT {port}: {:?}", String::from_utf8_lossy(&line))));
+        return Err(AgentError::Protocol(format!(
+            "the VMM refused CONNECT {port}: {:?}",
+            String::from_utf8_lossy(&line)
+        )));
     }
     Ok(())
 }

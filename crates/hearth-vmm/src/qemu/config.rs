@@ -50,23 +50,45 @@ pub fn confinement_args(spec: &LaunchSpec, f: Features) -> Vec<String> {
     let drop = spec.confinement.run_as.filter(|_| f.run_with);
     if f.sandbox {
         let elevate = if drop.is_some() { "allow" } else { "deny" };
-        a.extend(["-sandbox".to_owned(), format!("on,obsolete=deny,elevateprivileges={elevate},spawn=deny,resourcecontrol=deny")]);
+        a.extend([
+            "-sandbox".to_owned(),
+            format!("on,obsolete=deny,elevateprivileges={elevate},spawn=deny,resourcecontrol=deny"),
+        ]);
     }
     if let Some((uid, gid)) = drop {
-        a.extend(["-run-with".to_owned(), format!("user={uid}:{gid},chroot={}", spec.vm_dir.display())]);
+        a.extend([
+            "-run-with".to_owned(),
+            format!("user={uid}:{gid},chroot={}", spec.vm_dir.display()),
+        ]);
     }
     a
 }
 
 /// The full argument list (without the binary). `accel` must be resolved (Kvm or Tcg); `bios`
 /// replaces the machine's default firmware.
-pub fn qemu_args(spec: &LaunchSpec, accel: Accel, bios: Option<&std::path::Path>, features: Features) -> Vec<String> {
+pub fn qemu_args(
+    spec: &LaunchSpec,
+    accel: Accel,
+    bios: Option<&std::path::Path>,
+    features: Features,
+) -> Vec<String> {
     let dir = &spec.vm_dir;
     let p = |name: &str| dir.join(name).display().to_string();
     let kvm = accel == Accel::Kvm;
-    let (blk, serial) = if kvm { ("virtio-blk-device", "virtio-serial-device") } else { ("virtio-blk-pci", "virtio-serial-pci") };
+    let (blk, serial) = if kvm {
+        ("virtio-blk-device", "virtio-serial-device")
+    } else {
+        ("virtio-blk-pci", "virtio-serial-pci")
+    };
     let machine: &[&str] = if kvm {
-        &["-M", "microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=on", "-accel", "kvm", "-cpu", "host"]
+        &[
+            "-M",
+            "microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=on",
+            "-accel",
+            "kvm",
+            "-cpu",
+            "host",
+        ]
     } else {
         &["-M", "pc", "-accel", "tcg", "-cpu", "max"]
     };
@@ -79,23 +101,59 @@ pub fn qemu_args(spec: &LaunchSpec, accel: Accel, bios: Option<&std::path::Path>
     }
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     let (mem, cpus) = (spec.memory_mib.to_string(), spec.cpus.to_string());
-    push(&["-m", &mem, "-smp", &cpus, "-nodefaults", "-no-user-config", "-nographic", "-display", "none", "-no-reboot"]);
-    let (kernel, initrd, cmdline) = (spec.kernel.display().to_string(), spec.initrd.display().to_string(), kernel_cmdline(spec, accel));
+    push(&[
+        "-m",
+        &mem,
+        "-smp",
+        &cpus,
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-display",
+        "none",
+        "-no-reboot",
+    ]);
+    let (kernel, initrd, cmdline) = (
+        spec.kernel.display().to_string(),
+        spec.initrd.display().to_string(),
+        kernel_cmdline(spec, accel),
+    );
     push(&["-kernel", &kernel, "-initrd", &initrd, "-append", &cmdline]);
-    let root = format!("file={},if=none,id=root,format=raw,cache=writeback,discard=unmap", spec.root_disk.display());
-    let config = format!("file={},if=none,id=config,format=raw,cache=writeback", spec.config_disk.display());
+    let root = format!(
+        "file={},if=none,id=root,format=raw,cache=writeback,discard=unmap",
+        spec.root_disk.display()
+    );
+    let config =
+        format!("file={},if=none,id=config,format=raw,cache=writeback", spec.config_disk.display());
     let root_dev = format!("{blk},drive=root,serial={}", hearth_types::guest::ROOT_SERIAL);
-    push(&["-drive", &root, "-device", &root_dev, "-drive", &config, "-device", &format!("{blk},drive=config")]);
+    push(&[
+        "-drive",
+        &root,
+        "-device",
+        &root_dev,
+        "-drive",
+        &config,
+        "-device",
+        &format!("{blk},drive=config"),
+    ]);
     for (i, v) in spec.volumes.iter().enumerate() {
         let ro = if v.read_only { ",readonly=on" } else { "" };
-        let drive = format!("file={},if=none,id=vol{i},format=raw,cache=writeback{ro}", v.path.display());
+        let drive =
+            format!("file={},if=none,id=vol{i},format=raw,cache=writeback{ro}", v.path.display());
         push(&["-drive", &drive, "-device", &format!("{blk},drive=vol{i},serial={}", v.serial)]);
     }
     // hearth captures the console itself (crate::console), so it can cap and rotate the log.
     let console = format!("socket,id=con,path={},server=on,wait=off", p(crate::console::SOCKET));
     push(&["-chardev", &console, "-serial", "chardev:con"]);
     let agent = format!("socket,id=agent,path={},server=on,wait=off", p("agent.sock"));
-    push(&["-device", serial, "-chardev", &agent, "-device", "virtserialport,chardev=agent,name=hearth.agent"]);
+    push(&[
+        "-device",
+        serial,
+        "-chardev",
+        &agent,
+        "-device",
+        "virtserialport,chardev=agent,name=hearth.agent",
+    ]);
     if let Some(net) = &spec.network {
         let nic = if kvm { "virtio-net-device" } else { "virtio-net-pci,romfile=" };
         push(&["-netdev", &netdev(net), "-device", &format!("{nic},netdev=net0,mac={}", net.mac)]);
@@ -118,7 +176,8 @@ fn netdev(net: &crate::NetLaunch) -> String {
     }
     let mut s = String::from("user,id=net0");
     for f in &net.forwards {
-        let ip = if f.host_ip.contains(':') { format!("[{}]", f.host_ip) } else { f.host_ip.clone() };
+        let ip =
+            if f.host_ip.contains(':') { format!("[{}]", f.host_ip) } else { f.host_ip.clone() };
         s.push_str(&format!(",hostfwd={}:{ip}:{}-:{}", f.protocol, f.host_port, f.guest_port));
     }
     s
@@ -155,11 +214,17 @@ mod tests {
     fn the_vmm_is_sandboxed_and_drops_to_the_vms_uid_in_a_chroot_of_its_directory() {
         let mut s = spec();
         let a = qemu_args(&s, Accel::Tcg, None, Features::ALL);
-        assert_eq!(after(&a, "-sandbox"), ["on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]);
+        assert_eq!(
+            after(&a, "-sandbox"),
+            ["on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+        );
         assert!(after(&a, "-run-with").is_empty(), "no uid given, no drop");
         s.confinement.run_as = Some((2_100_000_007, 2_100_000_007));
         let a = qemu_args(&s, Accel::Tcg, None, Features::ALL);
-        assert_eq!(after(&a, "-sandbox"), ["on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny"]);
+        assert_eq!(
+            after(&a, "-sandbox"),
+            ["on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny"]
+        );
         assert_eq!(after(&a, "-run-with"), ["user=2100000007:2100000007,chroot=/r/vms/abc"]);
         // A QEMU without the options gets none of them (and hearth says so when it launches).
         let a = qemu_args(&s, Accel::Tcg, None, Features::default());
@@ -195,7 +260,10 @@ mod tests {
         assert!(drives[0].contains("disk.img") && drives[1].contains("config.img"));
         assert!(after(&a, "-chardev").iter().all(|c| c.contains("/r/vms/abc/")));
         assert!(after(&a, "-append")[0].ends_with("panic=-1 foo=bar"));
-        assert!(!a.contains(&"-daemonize".to_string()), "the sandbox denies the fork -daemonize makes");
+        assert!(
+            !a.contains(&"-daemonize".to_string()),
+            "the sandbox denies the fork -daemonize makes"
+        );
         assert_eq!(after(&a, "-pidfile"), ["/r/vms/abc/qemu.pid"]);
         assert_eq!(after(&a, "-D"), ["/r/vms/abc/qemu.log"]);
         assert_eq!(after(&a, "-qmp"), ["unix:/r/vms/abc/qmp.sock,server=on,wait=off"]);
@@ -206,13 +274,23 @@ mod tests {
         for accel in [Accel::Tcg, Accel::Kvm] {
             let a = qemu_args(&spec(), accel, None, Features::ALL);
             let chardevs = after(&a, "-chardev");
-            assert_eq!(chardevs[0], "socket,id=con,path=/r/vms/abc/console.sock,server=on,wait=off", "no logfile: hearth captures it");
+            assert_eq!(
+                chardevs[0], "socket,id=con,path=/r/vms/abc/console.sock,server=on,wait=off",
+                "no logfile: hearth captures it"
+            );
             assert!(a.iter().any(|x| x == "-S"), "the guest starts paused");
             assert_eq!(after(&a, "-serial"), ["chardev:con"]);
-            assert_eq!(chardevs[1], "socket,id=agent,path=/r/vms/abc/agent.sock,server=on,wait=off");
+            assert_eq!(
+                chardevs[1],
+                "socket,id=agent,path=/r/vms/abc/agent.sock,server=on,wait=off"
+            );
             let devices = after(&a, "-device");
-            let bus = devices.iter().position(|d| d.starts_with("virtio-serial")).expect("virtio-serial");
-            let port = devices.iter().position(|d| *d == "virtserialport,chardev=agent,name=hearth.agent").expect("port");
+            let bus =
+                devices.iter().position(|d| d.starts_with("virtio-serial")).expect("virtio-serial");
+            let port = devices
+                .iter()
+                .position(|d| *d == "virtserialport,chardev=agent,name=hearth.agent")
+                .expect("port");
             assert!(bus < port, "the port needs its bus first");
             for flag in ["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"] {
                 assert!(a.iter().any(|x| x == flag), "{flag} missing");
@@ -226,9 +304,15 @@ mod tests {
     fn kernel_cmdline_puts_the_users_arguments_last() {
         let mut s = spec();
         s.cmdline = "  loglevel=7 ".into();
-        assert_eq!(kernel_cmdline(&s, Accel::Tcg), "console=ttyS0 quiet loglevel=0 rdinit=/init panic=-1 loglevel=7");
+        assert_eq!(
+            kernel_cmdline(&s, Accel::Tcg),
+            "console=ttyS0 quiet loglevel=0 rdinit=/init panic=-1 loglevel=7"
+        );
         s.cmdline.clear();
-        assert_eq!(kernel_cmdline(&s, Accel::Tcg), "console=ttyS0 quiet loglevel=0 rdinit=/init panic=-1");
+        assert_eq!(
+            kernel_cmdline(&s, Accel::Tcg),
+            "console=ttyS0 quiet loglevel=0 rdinit=/init panic=-1"
+        );
         assert!(!kernel_cmdline(&s, Accel::Tcg).contains("reboot=t"));
     }
 
@@ -243,7 +327,10 @@ mod tests {
             ]
         );
         let devices = after(&a, "-device");
-        assert_eq!(&devices[..2], ["virtio-blk-device,drive=root,serial=hearth-root", "virtio-blk-device,drive=config"]);
+        assert_eq!(
+            &devices[..2],
+            ["virtio-blk-device,drive=root,serial=hearth-root", "virtio-blk-device,drive=config"]
+        );
         assert_eq!(after(&a, "-cpu"), ["host"]);
         assert_eq!(after(&a, "-accel"), ["kvm"]);
     }
@@ -262,14 +349,31 @@ mod tests {
     fn volumes_follow_the_config_disk_with_their_serials() {
         let mut s = spec();
         s.volumes = vec![
-            crate::VolumeDisk { path: "/r/images/rootfs/k.ext4".into(), serial: "hearth-vol0".into(), read_only: true },
-            crate::VolumeDisk { path: "/r/vms/abc/volume-1.img".into(), serial: "hearth-vol1".into(), read_only: false },
+            crate::VolumeDisk {
+                path: "/r/images/rootfs/k.ext4".into(),
+                serial: "hearth-vol0".into(),
+                read_only: true,
+            },
+            crate::VolumeDisk {
+                path: "/r/vms/abc/volume-1.img".into(),
+                serial: "hearth-vol1".into(),
+                read_only: false,
+            },
         ];
         let a = qemu_args(&s, Accel::Tcg, None, Features::ALL);
         let drives = after(&a, "-drive");
         assert_eq!(drives.len(), 4);
-        assert!(drives[2].contains("file=/r/images/rootfs/k.ext4") && drives[2].ends_with(",readonly=on"), "{}", drives[2]);
-        assert!(drives[3].contains("file=/r/vms/abc/volume-1.img") && !drives[3].contains("readonly"), "{}", drives[3]);
+        assert!(
+            drives[2].contains("file=/r/images/rootfs/k.ext4")
+                && drives[2].ends_with(",readonly=on"),
+            "{}",
+            drives[2]
+        );
+        assert!(
+            drives[3].contains("file=/r/vms/abc/volume-1.img") && !drives[3].contains("readonly"),
+            "{}",
+            drives[3]
+        );
         let devices = after(&a, "-device");
         assert!(devices.contains(&"virtio-blk-pci,drive=vol0,serial=hearth-vol0"), "{devices:?}");
         assert!(devices.contains(&"virtio-blk-pci,drive=vol1,serial=hearth-vol1"), "{devices:?}");
@@ -277,19 +381,31 @@ mod tests {
 
     #[test]
     fn network_card_and_forwards() {
-        assert!(after(&qemu_args(&spec(), Accel::Tcg, None, Features::ALL), "-netdev").is_empty(), "no network, no card");
+        assert!(
+            after(&qemu_args(&spec(), Accel::Tcg, None, Features::ALL), "-netdev").is_empty(),
+            "no network, no card"
+        );
         let mut s = spec();
-        let forwards = ["127.0.0.1:2222:22", "8080:80", "[::1]:5353:53/udp"].map(|p| p.parse().expect("port")).to_vec();
+        let forwards = ["127.0.0.1:2222:22", "8080:80", "[::1]:5353:53/udp"]
+            .map(|p| p.parse().expect("port"))
+            .to_vec();
         s.network = Some(crate::NetLaunch { mac: "02:00:00:00:00:01".into(), forwards, tap: None });
         let a = qemu_args(&s, Accel::Tcg, None, Features::ALL);
         assert_eq!(
             after(&a, "-netdev"),
             ["user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=tcp:0.0.0.0:8080-:80,hostfwd=udp:[::1]:5353-:53"]
         );
-        assert!(after(&a, "-device").contains(&"virtio-net-pci,romfile=,netdev=net0,mac=02:00:00:00:00:01"));
+        assert!(after(&a, "-device")
+            .contains(&"virtio-net-pci,romfile=,netdev=net0,mac=02:00:00:00:00:01"));
         let a = qemu_args(&s, Accel::Kvm, None, Features::ALL);
-        assert!(after(&a, "-device").contains(&"virtio-net-device,netdev=net0,mac=02:00:00:00:00:01"));
-        s.network = Some(crate::NetLaunch { mac: "02:00:00:00:00:01".into(), forwards: vec![], tap: Some("ht0123".into()) });
+        assert!(
+            after(&a, "-device").contains(&"virtio-net-device,netdev=net0,mac=02:00:00:00:00:01")
+        );
+        s.network = Some(crate::NetLaunch {
+            mac: "02:00:00:00:00:01".into(),
+            forwards: vec![],
+            tap: Some("ht0123".into()),
+        });
         assert_eq!(
             after(&qemu_args(&s, Accel::Tcg, None, Features::ALL), "-netdev"),
             ["tap,id=net0,ifname=ht0123,script=no,downscript=no"]

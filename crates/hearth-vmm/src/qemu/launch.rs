@@ -23,7 +23,8 @@ const TAIL_LINES: usize = 10;
 
 fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).rev().take(TAIL_LINES).collect();
+    let lines: Vec<&str> =
+        text.lines().filter(|l| !l.trim().is_empty()).rev().take(TAIL_LINES).collect();
     if lines.is_empty() {
         return format!("{} is empty", path.display());
     }
@@ -62,7 +63,11 @@ fn features(binary: &Path) -> Features {
     if let Some((_, f)) = seen.iter().find(|(b, _)| b == binary) {
         return *f;
     }
-    let help = Command::new(binary).arg("-help").stdin(Stdio::null()).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    let help = Command::new(binary)
+        .arg("-help")
+        .stdin(Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
     let f = Features::from_help(&help.unwrap_or_default());
     seen.push((binary.to_owned(), f));
     f
@@ -77,7 +82,9 @@ fn bios(accel: Accel) -> Option<PathBuf> {
 /// QEMU chroots into the VM directory once set up, and may run from any directory, so every path
 /// must be absolute.
 fn absolute(spec: &LaunchSpec) -> Result<LaunchSpec, VmmError> {
-    let abs = |p: &Path| std::path::absolute(p).map_err(|source| VmmError::Io { path: p.to_owned(), source });
+    let abs = |p: &Path| {
+        std::path::absolute(p).map_err(|source| VmmError::Io { path: p.to_owned(), source })
+    };
     Ok(LaunchSpec {
         vm_dir: abs(&spec.vm_dir)?,
         kernel: abs(&spec.kernel)?,
@@ -123,30 +130,44 @@ pub fn launch(spec: &LaunchSpec) -> Result<Launched, VmmError> {
     }
     let args = qemu_args(&spec, accel, bios(accel).as_deref(), f);
     tracing::debug!(vm_dir = %dir.display(), binary = %binary.display(), ?args, "starting qemu");
-    let limits =
-        spec.confinement.cgroup.as_deref().map(|name| crate::cgroup::Limits::for_vm(name, spec.cpus, spec.memory_mib, accel == Accel::Tcg));
+    let limits = spec.confinement.cgroup.as_deref().map(|name| {
+        crate::cgroup::Limits::for_vm(name, spec.cpus, spec.memory_mib, accel == Accel::Tcg)
+    });
     let group = match &limits {
-        Some(limits) => crate::cgroup::Group::create(limits).map_err(|source| VmmError::Cgroup { name: limits.name.clone(), source })?,
+        Some(limits) => crate::cgroup::Group::create(limits)
+            .map_err(|source| VmmError::Cgroup { name: limits.name.clone(), source })?,
         None => None,
     };
     if spec.confinement.cgroup.is_some() && group.is_none() {
         tracing::warn!("no usable cgroup filesystem at /sys/fs/cgroup: the VMM runs without memory and CPU limits");
     }
     let mut cmd = Command::new(&binary);
-    cmd.args(&args).current_dir(dir).stdin(Stdio::null()).stdout(log.try_clone().map_err(io)?).stderr(log);
+    cmd.args(&args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(io)?)
+        .stderr(log);
     crate::sys::detach_and_join(&mut cmd, group.as_ref().map(|g| g.join_fds()).unwrap_or_default());
     let started = (|| {
-        let mut child = cmd.spawn().map_err(|source| VmmError::Spawn { binary: binary.display().to_string(), source })?;
+        let mut child = cmd
+            .spawn()
+            .map_err(|source| VmmError::Spawn { binary: binary.display().to_string(), source })?;
         if let Err(e) = wait_started(&mut child, &dir.join("qmp.sock")) {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(VmmError::Start { log: format!("{e}; {}:\n{}", log_path.display(), tail(&log_path)) });
+            return Err(VmmError::Start {
+                log: format!("{e}; {}:\n{}", log_path.display(), tail(&log_path)),
+            });
         }
         let pid = child.id() as i32;
         // Not waited for here: reaped when its exit is seen (crate::process::wait_exit).
         drop(child);
         let start_time = crate::start_time(pid).ok_or_else(|| VmmError::Start {
-            log: format!("it exited right after starting; {}:\n{}", log_path.display(), tail(&log_path)),
+            log: format!(
+                "it exited right after starting; {}:\n{}",
+                log_path.display(),
+                tail(&log_path)
+            ),
         })?;
         Ok((pid, start_time))
     })();
@@ -182,7 +203,9 @@ pub async fn wait_set_up(vm_dir: &Path, pid: i32, start: u64) -> Result<(), VmmE
     loop {
         match qmp(vm_dir).await {
             Ok(_) => return Ok(()),
-            Err(e) if !is_alive(pid, start) || tokio::time::Instant::now() > deadline => return Err(e),
+            Err(e) if !is_alive(pid, start) || tokio::time::Instant::now() > deadline => {
+                return Err(e)
+            }
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }
@@ -216,7 +239,12 @@ const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Asks the guest to power off through ACPI (QMP `system_powerdown`), waits until `timeout`,
 /// then kills the VMM. Returns once it is gone, with its sockets and pid file removed.
-pub async fn stop(vm_dir: &Path, pid: i32, start: u64, timeout: Duration) -> Result<Stopped, VmmError> {
+pub async fn stop(
+    vm_dir: &Path,
+    pid: i32,
+    start: u64,
+    timeout: Duration,
+) -> Result<Stopped, VmmError> {
     if !is_alive(pid, start) {
         remove_runtime_files(vm_dir);
         return Ok(Stopped::AlreadyGone);
@@ -227,7 +255,9 @@ pub async fn stop(vm_dir: &Path, pid: i32, start: u64, timeout: Duration) -> Res
         q.powerdown().await
     };
     let how = match tokio::time::timeout(QMP_TIMEOUT.min(timeout), asked).await {
-        Ok(Ok(())) if tokio::time::timeout_at(deadline, wait_exit(pid, start)).await.is_ok() => Stopped::PoweredOff,
+        Ok(Ok(())) if tokio::time::timeout_at(deadline, wait_exit(pid, start)).await.is_ok() => {
+            Stopped::PoweredOff
+        }
         outcome => {
             if let Ok(Err(e)) = outcome {
                 tracing::debug!(pid, error = %e, "acpi powerdown not delivered; killing");

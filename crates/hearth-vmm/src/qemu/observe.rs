@@ -52,13 +52,21 @@ pub fn scan(vms_dir: &Path) -> Vec<(std::path::PathBuf, i32, u64)> {
     let mut out = Vec::new();
     let Ok(procs) = std::fs::read_dir("/proc") else { return out };
     for e in procs.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
-        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
-        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-        let Some(pidfile) = args.windows(2).find(|w| w[0] == b"-pidfile").map(|w| Path::new(std::ffi::OsStr::from_bytes(w[1]))) else {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
             continue;
         };
-        let Some(dir) = pidfile.parent().filter(|d| d.parent() == Some(vms_dir) && pidfile.file_name() == Some("qemu.pid".as_ref())) else {
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        let Some(pidfile) = args
+            .windows(2)
+            .find(|w| w[0] == b"-pidfile")
+            .map(|w| Path::new(std::ffi::OsStr::from_bytes(w[1])))
+        else {
+            continue;
+        };
+        let Some(dir) = pidfile.parent().filter(|d| {
+            d.parent() == Some(vms_dir) && pidfile.file_name() == Some("qemu.pid".as_ref())
+        }) else {
             continue;
         };
         if let Some(start) = crate::start_time(pid).filter(|&t| crate::is_alive(pid, t)) {
@@ -104,14 +112,22 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let pidfile = dir.path().join("qemu.pid");
         // A stand-in whose command line carries `-pidfile DIR/qemu.pid`, as QEMU's does.
-        let mut ours = std::process::Command::new("sh").args(["-c", "sleep 30; true", "sh", "-pidfile"]).arg(&pidfile).spawn().expect("sh");
+        let mut ours = std::process::Command::new("sh")
+            .args(["-c", "sleep 30; true", "sh", "-pidfile"])
+            .arg(&pidfile)
+            .spawn()
+            .expect("sh");
         let mut other = std::process::Command::new("sleep").arg("30").spawn().expect("sleep");
         let (pid, oid) = (ours.id() as i32, other.id() as i32);
-        let (start, ostart) = (crate::start_time(pid).expect("start"), crate::start_time(oid).expect("start"));
+        let (start, ostart) =
+            (crate::start_time(pid).expect("start"), crate::start_time(oid).expect("start"));
         // Spawned is not yet exec'd: its command line is ours until then.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while !is_vmm_of(dir.path(), pid, start) {
-            assert!(std::time::Instant::now() < deadline, "the stand-in never showed its command line");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the stand-in never showed its command line"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
         assert!(!is_vmm_of(dir.path(), pid, start + 1), "another start time is another process");
@@ -123,7 +139,11 @@ mod tests {
         assert_eq!(find_running(dir.path()), Some((pid, start)));
         // Found from /proc alone too, pid file or not.
         std::fs::remove_file(&pidfile).expect("rm");
-        assert!(scan(dir.path().parent().expect("parent")).contains(&(dir.path().to_owned(), pid, start)));
+        assert!(scan(dir.path().parent().expect("parent")).contains(&(
+            dir.path().to_owned(),
+            pid,
+            start
+        )));
         for c in [&mut ours, &mut other] {
             let _ = c.kill();
             let _ = c.wait();

@@ -4,7 +4,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use hearth_core::ports::{
-    AgentTransport, Capabilities, Confinement, Endpoints, KernelFormat, LaunchSpec, Launched, Provider, Vmm, VmmError, VmmHandle,
+    AgentTransport, Capabilities, Confinement, Endpoints, KernelFormat, LaunchSpec, Launched,
+    Provider, Vmm, VmmError, VmmHandle,
 };
 use hearth_types::Accel;
 
@@ -74,7 +75,9 @@ impl Vmm for Qemu {
             if find_running(&dir).is_none_or(|(p, _)| p != pid) {
                 match hearth_fs::atomic_write(&dir.join("qemu.pid"), pid.to_string().as_bytes()) {
                     Ok(()) => found.push(dir),
-                    Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "writing the found VMM's pid file failed"),
+                    Err(e) => {
+                        tracing::warn!(dir = %dir.display(), error = %e, "writing the found VMM's pid file failed")
+                    }
                 }
             }
         }
@@ -85,7 +88,11 @@ impl Vmm for Qemu {
         crate::qemu::wait_set_up(vm_dir, vmm.pid, vmm.start_time).await.map_err(port_error)
     }
 
-    async fn start_guest(&self, vm_dir: &Path, only_if_never_started: bool) -> Result<bool, VmmError> {
+    async fn start_guest(
+        &self,
+        vm_dir: &Path,
+        only_if_never_started: bool,
+    ) -> Result<bool, VmmError> {
         if only_if_never_started {
             crate::qemu::resume_if_prelaunch(vm_dir).await.map_err(port_error)
         } else {
@@ -94,7 +101,10 @@ impl Vmm for Qemu {
     }
 
     async fn stop(&self, vm_dir: &Path, vmm: VmmHandle, grace: Duration) -> Result<(), VmmError> {
-        crate::qemu::stop(vm_dir, vmm.pid, vmm.start_time, grace).await.map(drop).map_err(port_error)
+        crate::qemu::stop(vm_dir, vmm.pid, vmm.start_time, grace)
+            .await
+            .map(drop)
+            .map_err(port_error)
     }
 
     fn signal(&self, vm_dir: &Path, vmm: VmmHandle, signal: i32) -> bool {

@@ -29,7 +29,9 @@ pub struct Qmp {
 impl Qmp {
     /// Connects and negotiates capabilities.
     pub async fn connect(path: &Path) -> Result<Self, VmmError> {
-        let s = UnixStream::connect(path).await.map_err(|e| VmmError::Qmp(format!("connecting {}: {e}", path.display())))?;
+        let s = UnixStream::connect(path)
+            .await
+            .map_err(|e| VmmError::Qmp(format!("connecting {}: {e}", path.display())))?;
         let (rd, wr) = s.into_split();
         let mut q = Self { rd: BufReader::new(rd), wr };
         q.read_message().await?;
@@ -41,14 +43,18 @@ impl Qmp {
         let mut line = String::new();
         loop {
             line.clear();
-            let n = AsyncReadExt::take(&mut self.rd, MAX_LINE as u64).read_line(&mut line).await.map_err(io_error)?;
+            let n = AsyncReadExt::take(&mut self.rd, MAX_LINE as u64)
+                .read_line(&mut line)
+                .await
+                .map_err(io_error)?;
             if n == 0 {
                 return Err(VmmError::QmpClosed);
             }
             if !line.ends_with('\n') && n >= MAX_LINE {
                 return Err(VmmError::Qmp("reply exceeds 1 MiB".into()));
             }
-            let v: Value = serde_json::from_str(&line).map_err(|e| VmmError::Qmp(format!("bad reply: {e}")))?;
+            let v: Value = serde_json::from_str(&line)
+                .map_err(|e| VmmError::Qmp(format!("bad reply: {e}")))?;
             // Asynchronous events interleave with replies; skip them.
             if v.get("event").is_none() {
                 return Ok(v);
@@ -67,7 +73,10 @@ impl Qmp {
         self.wr.write_all(&bytes).await.map_err(io_error)?;
         let reply = self.read_message().await?;
         if let Some(err) = reply.get("error") {
-            return Err(VmmError::Qmp(format!("{command}: {}", err["desc"].as_str().unwrap_or("error"))));
+            return Err(VmmError::Qmp(format!(
+                "{command}: {}",
+                err["desc"].as_str().unwrap_or("error")
+            )));
         }
         Ok(reply.get("return").cloned().unwrap_or(Value::Null))
     }
@@ -75,7 +84,10 @@ impl Qmp {
     /// `query-status`'s `status` (`running`, `paused`, `prelaunch`, `shutdown`, ...).
     pub async fn status(&mut self) -> Result<String, VmmError> {
         let v = self.execute("query-status", None).await?;
-        v["status"].as_str().map(str::to_owned).ok_or_else(|| VmmError::Qmp(format!("query-status answered without a status: {v}")))
+        v["status"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| VmmError::Qmp(format!("query-status answered without a status: {v}")))
     }
 
     /// `system_powerdown`: presses the ACPI power button. The guest decides whether to obey.
@@ -103,7 +115,9 @@ mod tests {
 
     /// A fake QMP server that answers each command line with the next canned reply (which may
     /// hold several lines, e.g. an event first).
-    async fn server(replies: Vec<String>) -> (tempfile::TempDir, std::path::PathBuf, tokio::task::JoinHandle<Vec<String>>) {
+    async fn server(
+        replies: Vec<String>,
+    ) -> (tempfile::TempDir, std::path::PathBuf, tokio::task::JoinHandle<Vec<String>>) {
         let dir = tempfile::tempdir().expect("tmp");
         let path = dir.path().join("qmp.sock");
         let listener = UnixListener::bind(&path).expect("bind");
@@ -143,7 +157,12 @@ mod tests {
         let seen = task.await.expect("server");
         let cmds: Vec<String> = seen
             .iter()
-            .map(|l| serde_json::from_str::<Value>(l).expect("json")["execute"].as_str().unwrap_or_default().to_owned())
+            .map(|l| {
+                serde_json::from_str::<Value>(l).expect("json")["execute"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
             .collect();
         assert_eq!(cmds, ["qmp_capabilities", "query-status", "system_powerdown", "quit"]);
     }

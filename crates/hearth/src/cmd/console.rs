@@ -40,7 +40,10 @@ pub async fn logs(host: Option<String>, a: LogsArgs) -> anyhow::Result<i32> {
         follow_logs(c, a.vm, false).await?;
         return Ok(0);
     }
-    let mut s = c.logs(pb::LogsRequest { r#ref: a.vm, follow: false, from_boot: false }).await?.into_inner();
+    let mut s = c
+        .logs(pb::LogsRequest { r#ref: a.vm, follow: false, from_boot: false })
+        .await?
+        .into_inner();
     let mut out = std::io::stdout();
     while let Some(chunk) = s.message().await? {
         out.write_all(&chunk.data)?;
@@ -78,7 +81,12 @@ const CTRL_Q: u8 = 0x11;
 
 /// Wires stdin and stdout to the console until the VM stops or the user detaches. Input is
 /// held back until `gate` fires (a booting guest would lose what reaches its UART too early).
-pub async fn attach_stream(c: &mut Client, vm: &str, raw: bool, gate: Option<tokio::sync::oneshot::Receiver<()>>) -> anyhow::Result<()> {
+pub async fn attach_stream(
+    c: &mut Client,
+    vm: &str,
+    raw: bool,
+    gate: Option<tokio::sync::oneshot::Receiver<()>>,
+) -> anyhow::Result<()> {
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::Chunk>(16);
     tx.send(pb::Chunk { data: Vec::new(), r#ref: vm.to_owned() }).await?;
     let mut s = c.attach(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();

@@ -49,12 +49,22 @@ pub async fn cp(host: Option<String>, a: CpArgs) -> anyhow::Result<i32> {
             let data = tokio::task::spawn_blocking(move || pack(&src)).await??;
             // The archive's top entry is the source's name: unpack it into the destination's
             // parent and let the guest rename when the destination names a new entry.
-            let mut chunks = vec![pb::CopyChunk { data: Vec::new(), r#ref: vm.to_owned(), path: path.to_owned() }];
-            chunks.extend(data.chunks(256 << 10).map(|d| pb::CopyChunk { data: d.to_vec(), ..Default::default() }));
+            let mut chunks = vec![pb::CopyChunk {
+                data: Vec::new(),
+                r#ref: vm.to_owned(),
+                path: path.to_owned(),
+            }];
+            chunks.extend(
+                data.chunks(256 << 10)
+                    .map(|d| pb::CopyChunk { data: d.to_vec(), ..Default::default() }),
+            );
             c.copy_to(tokio_stream::iter(chunks)).await?;
         }
         (Some((vm, path)), None) => {
-            let mut s = c.copy_from(pb::CopyFromRequest { r#ref: vm.to_owned(), path: path.to_owned() }).await?.into_inner();
+            let mut s = c
+                .copy_from(pb::CopyFromRequest { r#ref: vm.to_owned(), path: path.to_owned() })
+                .await?
+                .into_inner();
             // Streamed through a short queue: what the guest sends is never held whole.
             let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(8);
             let dest = PathBuf::from(&a.dest);
@@ -63,7 +73,9 @@ pub async fn cp(host: Option<String>, a: CpArgs) -> anyhow::Result<i32> {
             } else {
                 hearth_image::Unpack::COPY
             };
-            let unpacker = tokio::task::spawn_blocking(move || unpack(ChunkReader { rx, chunk: Vec::new(), at: 0 }, &dest, opts));
+            let unpacker = tokio::task::spawn_blocking(move || {
+                unpack(ChunkReader { rx, chunk: Vec::new(), at: 0 }, &dest, opts)
+            });
             while let Some(chunk) = s.message().await? {
                 if tx.send(chunk.data).is_err() {
                     break; // the unpacker stopped early; its error says why
@@ -72,7 +84,9 @@ pub async fn cp(host: Option<String>, a: CpArgs) -> anyhow::Result<i32> {
             drop(tx);
             unpacker.await??;
         }
-        (Some(_), Some(_)) => bail!("copying between two VMs is not supported: copy to the host first"),
+        (Some(_), Some(_)) => {
+            bail!("copying between two VMs is not supported: copy to the host first")
+        }
         (None, None) => bail!("one of the paths must be VM:PATH"),
     }
     Ok(0)
@@ -110,18 +124,30 @@ fn unpack(data: impl std::io::Read, dest: &Path, opts: hearth_image::Unpack) -> 
         (dest.to_owned(), None)
     } else {
         let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        (parent.to_owned(), Some(dest.file_name().context("the destination path has no file name")?.to_owned()))
+        (
+            parent.to_owned(),
+            Some(dest.file_name().context("the destination path has no file name")?.to_owned()),
+        )
     };
-    let staging =
-        tempfile::Builder::new().prefix(".hearth-cp-").tempdir_in(&dir).with_context(|| format!("writing in {}", dir.display()))?;
-    hearth_image::unpack(data, staging.path(), opts).context("the guest sent an archive hearth will not unpack")?;
+    let staging = tempfile::Builder::new()
+        .prefix(".hearth-cp-")
+        .tempdir_in(&dir)
+        .with_context(|| format!("writing in {}", dir.display()))?;
+    hearth_image::unpack(data, staging.path(), opts)
+        .context("the guest sent an archive hearth will not unpack")?;
     let mut tops = std::fs::read_dir(staging.path())?.collect::<Result<Vec<_>, _>>()?;
-    let [top] = tops.as_mut_slice() else { bail!("the guest sent {} top-level entries instead of one", tops.len()) };
+    let [top] = tops.as_mut_slice() else {
+        bail!("the guest sent {} top-level entries instead of one", tops.len())
+    };
     let target = dir.join(name.unwrap_or_else(|| top.file_name()));
     if std::fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir()) {
-        bail!("{} already exists: remove it first, or copy into another directory", target.display());
+        bail!(
+            "{} already exists: remove it first, or copy into another directory",
+            target.display()
+        );
     }
-    std::fs::rename(top.path(), &target).with_context(|| format!("writing {}", target.display()))?;
+    std::fs::rename(top.path(), &target)
+        .with_context(|| format!("writing {}", target.display()))?;
     Ok(())
 }
 
@@ -173,11 +199,23 @@ mod tests {
             ("..", "x/l/cron.d/evil", "top-level entries"),
         ];
         for (link, then, why) in cases {
-            let tar = tar_of(&[("x/", Directory, "", 0o755), ("x/l", Symlink, link, 0o777), (then, Regular, "", 0o644)]);
+            let tar = tar_of(&[
+                ("x/", Directory, "", 0o755),
+                ("x/l", Symlink, link, 0o777),
+                (then, Regular, "", 0o644),
+            ]);
             let e = unpack(&tar[..], &dest, COPY).expect_err("escape");
             assert!(format!("{e:#}").contains(why), "{e:#}");
-            assert_eq!(std::fs::read_dir(&outside).expect("dir").count(), 0, "wrote through {link}");
-            assert_eq!(std::fs::read_dir(&dest).expect("dir").count(), 0, "nothing half-made is left in the destination");
+            assert_eq!(
+                std::fs::read_dir(&outside).expect("dir").count(),
+                0,
+                "wrote through {link}"
+            );
+            assert_eq!(
+                std::fs::read_dir(&dest).expect("dir").count(),
+                0,
+                "nothing half-made is left in the destination"
+            );
         }
     }
 
@@ -192,12 +230,27 @@ mod tests {
         ]);
         unpack(&tar[..], t.path(), COPY).expect("unpack");
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(t.path().join("app/su")).expect("su").permissions().mode() & 0o7777, 0o755);
-        assert_eq!(std::fs::read_link(t.path().join("app/etc")).expect("link"), Path::new("/etc"), "a link is copied, not followed");
-        assert!(t.path().join("app/.wh.keep").is_file(), "whiteout names are plain names in a copy");
+        assert_eq!(
+            std::fs::metadata(t.path().join("app/su")).expect("su").permissions().mode() & 0o7777,
+            0o755
+        );
+        assert_eq!(
+            std::fs::read_link(t.path().join("app/etc")).expect("link"),
+            Path::new("/etc"),
+            "a link is copied, not followed"
+        );
+        assert!(
+            t.path().join("app/.wh.keep").is_file(),
+            "whiteout names are plain names in a copy"
+        );
         let kept = t.path().join("kept");
-        unpack(&tar[..], &kept, Unpack { owners: true, setid: true, ..COPY }).expect("archive mode");
-        assert_eq!(std::fs::metadata(kept.join("su")).expect("su").permissions().mode() & 0o7777, 0o6755, "cp -a keeps them");
+        unpack(&tar[..], &kept, Unpack { owners: true, setid: true, ..COPY })
+            .expect("archive mode");
+        assert_eq!(
+            std::fs::metadata(kept.join("su")).expect("su").permissions().mode() & 0o7777,
+            0o6755,
+            "cp -a keeps them"
+        );
         for kind in [Char, Block] {
             let tar = tar_of(&[("dev/", Directory, "", 0o755), ("dev/sda", kind, "", 0o600)]);
             let e = unpack(&tar[..], &t.path().join("devs"), COPY).expect_err("device");
@@ -215,7 +268,10 @@ mod tests {
         unpack(&tar[..], t.path(), COPY).expect("into a directory");
         assert_eq!(std::fs::read(t.path().join("hosts")).expect("read"), b"payload");
         let two = tar_of(&[("a", Regular, "", 0o644), ("b", Regular, "", 0o644)]);
-        assert!(unpack(&two[..], &t.path().join("two"), COPY).expect_err("two tops").to_string().contains("top-level entries"));
+        assert!(unpack(&two[..], &t.path().join("two"), COPY)
+            .expect_err("two tops")
+            .to_string()
+            .contains("top-level entries"));
         let leftovers: Vec<_> = std::fs::read_dir(t.path())
             .expect("dir")
             .flatten()

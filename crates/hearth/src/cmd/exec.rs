@@ -71,7 +71,8 @@ pub async fn exec(host: Option<String>, a: ExecArgs) -> anyhow::Result<i32> {
     })
     .await?;
     let mut out = c.exec(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
-    let _raw = (a.tty && a.interactive && std::io::stdin().is_terminal()).then(crate::cmd::console::RawMode::enter);
+    let _raw = (a.tty && a.interactive && std::io::stdin().is_terminal())
+        .then(crate::cmd::console::RawMode::enter);
     if !a.interactive {
         tx.send(pb::ExecInput { stdin_eof: true, ..Default::default() }).await?;
     } else {
@@ -82,11 +83,16 @@ pub async fn exec(host: Option<String>, a: ExecArgs) -> anyhow::Result<i32> {
             loop {
                 match stdin.read(&mut buf).await {
                     Ok(0) | Err(_) => {
-                        let _ = tx.send(pb::ExecInput { stdin_eof: true, ..Default::default() }).await;
+                        let _ =
+                            tx.send(pb::ExecInput { stdin_eof: true, ..Default::default() }).await;
                         return;
                     }
                     Ok(n) => {
-                        if tx.send(pb::ExecInput { stdin: buf[..n].to_vec(), ..Default::default() }).await.is_err() {
+                        if tx
+                            .send(pb::ExecInput { stdin: buf[..n].to_vec(), ..Default::default() })
+                            .await
+                            .is_err()
+                        {
                             return;
                         }
                     }
@@ -113,7 +119,11 @@ pub async fn exec(host: Option<String>, a: ExecArgs) -> anyhow::Result<i32> {
         let tx = tx.clone();
         tokio::spawn(async move {
             use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else { return };
+            let (Ok(mut int), Ok(mut term)) =
+                (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
+            else {
+                return;
+            };
             loop {
                 let sig = tokio::select! { _ = int.recv() => nix::libc::SIGINT, _ = term.recv() => nix::libc::SIGTERM };
                 if tx.send(pb::ExecInput { signal: sig, ..Default::default() }).await.is_err() {

@@ -103,14 +103,18 @@ pub struct Facts {
     pub reflink: Option<bool>,
 }
 
-const PROGRAMS: [&str; 6] = ["qemu-system-x86_64", "mkfs.ext4", "resize2fs", "nft", "firecracker", "cloud-hypervisor"];
+const PROGRAMS: [&str; 6] =
+    ["qemu-system-x86_64", "mkfs.ext4", "resize2fs", "nft", "firecracker", "cloud-hypervisor"];
 const SYSCTLS: [&str; 2] = ["net.ipv4.ip_forward", "net.bridge.bridge-nf-call-iptables"];
 const DEVICES: [&str; 3] = ["/dev/net/tun", "/dev/vhost-vsock", "/dev/vhost-net"];
 
 impl Facts {
     /// Reads this host.
     pub fn probe(root: &Path) -> Self {
-        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned();
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
         let moddir = Path::new("/lib/modules").join(&release);
         let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
         // The nearest existing ancestor: the root may not be created yet.
@@ -125,19 +129,25 @@ impl Facts {
             modules_dep: read(&moddir.join("modules.dep")),
             modules_known: moddir.join("modules.dep").is_file(),
             sys_modules: std::fs::read_dir("/sys/module")
-                .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+                .map(|rd| {
+                    rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+                })
                 .unwrap_or_default(),
             sysctls: SYSCTLS
                 .iter()
                 .map(|s| {
                     (
                         s.to_string(),
-                        std::fs::read_to_string(Path::new("/proc/sys").join(s.replace('.', "/"))).ok().map(|v| v.trim().to_owned()),
+                        std::fs::read_to_string(Path::new("/proc/sys").join(s.replace('.', "/")))
+                            .ok()
+                            .map(|v| v.trim().to_owned()),
                     )
                 })
                 .collect(),
             device_nodes: DEVICES.iter().map(|d| (d.to_string(), Path::new(d).exists())).collect(),
-            root_free: nix::sys::statvfs::statvfs(existing).ok().map(|s| s.blocks_available() * s.fragment_size()),
+            root_free: nix::sys::statvfs::statvfs(existing)
+                .ok()
+                .map(|s| s.blocks_available() * s.fragment_size()),
             // Probing writes two scratch files: only in the state directory itself.
             reflink: if root.is_dir() { hearth_storage::supports_reflink(root).ok() } else { None },
         }
@@ -165,7 +175,11 @@ impl Facts {
             let stem = file.split(".ko").next().unwrap_or(file);
             norm(stem) == want
         };
-        if self.proc_modules.lines().any(|l| l.split_whitespace().next().is_some_and(|m| norm(m) == want)) {
+        if self
+            .proc_modules
+            .lines()
+            .any(|l| l.split_whitespace().next().is_some_and(|m| norm(m) == want))
+        {
             ModState::Loaded
         } else if self.modules_builtin.lines().any(|l| file_is(l.trim())) {
             ModState::BuiltIn
@@ -183,11 +197,20 @@ impl Facts {
 
 fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path).chain(["/usr/sbin".into(), "/sbin".into()]).map(|d| d.join(name)).find(|p| p.is_file())
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
 }
 
 /// One check per kernel module: what needs it, and whether lacking it fails or limits.
-fn module_check(f: &Facts, module: &str, needed_for: &str, level_if_missing: Level, package_hint: &str) -> Check {
+fn module_check(
+    f: &Facts,
+    module: &str,
+    needed_for: &str,
+    level_if_missing: Level,
+    package_hint: &str,
+) -> Check {
     match f.module(module) {
         ModState::Loaded => check(&format!("module {module}"), Level::Ok, "loaded", ""),
         ModState::BuiltIn => check(&format!("module {module}"), Level::Ok, "built into the kernel", ""),
@@ -219,12 +242,22 @@ pub fn evaluate(f: &Facts) -> Vec<Check> {
     out.push(if f.euid == 0 {
         check("root", Level::Ok, "running as root", "")
     } else {
-        check("root", Level::Fail, format!("running as uid {}", f.euid), "run hearth as root: it creates disks, taps and VMM processes")
+        check(
+            "root",
+            Level::Fail,
+            format!("running as uid {}", f.euid),
+            "run hearth as root: it creates disks, taps and VMM processes",
+        )
     });
     out.push(if f.arch == "x86_64" {
         check("cpu", Level::Ok, "x86_64", "")
     } else {
-        check("cpu", Level::Fail, format!("{} is not supported", f.arch), "run hearth on an x86_64 host")
+        check(
+            "cpu",
+            Level::Fail,
+            format!("{} is not supported", f.arch),
+            "run hearth on an x86_64 host",
+        )
     });
     out.push(match &f.kvm_unusable {
         None => check("kvm", Level::Ok, "/dev/kvm opens and the CPU has vmx/svm: hardware virtualisation", ""),
@@ -239,10 +272,30 @@ pub fn evaluate(f: &Facts) -> Vec<Check> {
         Some(p) => check(name, Level::Ok, p.display().to_string(), ""),
         None => check(name, fail, detail_missing, fix),
     };
-    out.push(tool("qemu-system-x86_64", Level::Fail, "not installed: hearth's VMM", "apt-get install qemu-system-x86"));
-    out.push(tool("mkfs.ext4", Level::Fail, "not installed: root filesystems are built with it", "apt-get install e2fsprogs"));
-    out.push(tool("resize2fs", Level::Fail, "not installed: disks are grown to --size with it", "apt-get install e2fsprogs"));
-    out.push(tool("nft", Level::Warn, "not installed: --network bridge needs it for outbound NAT", "apt-get install nftables"));
+    out.push(tool(
+        "qemu-system-x86_64",
+        Level::Fail,
+        "not installed: hearth's VMM",
+        "apt-get install qemu-system-x86",
+    ));
+    out.push(tool(
+        "mkfs.ext4",
+        Level::Fail,
+        "not installed: root filesystems are built with it",
+        "apt-get install e2fsprogs",
+    ));
+    out.push(tool(
+        "resize2fs",
+        Level::Fail,
+        "not installed: disks are grown to --size with it",
+        "apt-get install e2fsprogs",
+    ));
+    out.push(tool(
+        "nft",
+        Level::Warn,
+        "not installed: --network bridge needs it for outbound NAT",
+        "apt-get install nftables",
+    ));
     out.push(tool(
         "firecracker",
         Level::Info,
@@ -258,7 +311,13 @@ pub fn evaluate(f: &Facts) -> Vec<Check> {
     out.push(module_check(f, "tun", "--network bridge (VM taps)", Level::Warn, "CONFIG_TUN"));
     out.push(module_check(f, "bridge", "--network bridge", Level::Warn, "CONFIG_BRIDGE"));
     out.push(module_check(f, "loop", "mounting disk images", Level::Info, "CONFIG_BLK_DEV_LOOP"));
-    out.push(module_check(f, "macvtap", "macvtap interfaces (not used yet)", Level::Info, "CONFIG_MACVTAP"));
+    out.push(module_check(
+        f,
+        "macvtap",
+        "macvtap interfaces (not used yet)",
+        Level::Info,
+        "CONFIG_MACVTAP",
+    ));
     out.push(module_check(
         f,
         "dm_thin_pool",
@@ -308,14 +367,24 @@ pub fn evaluate(f: &Facts) -> Vec<Check> {
         ),
     });
     out.push(match f.root_free {
-        Some(free) if free >= 2 << 30 => check("disk space", Level::Ok, format!("{} free", crate::output::human_bytes(free)), ""),
+        Some(free) if free >= 2 << 30 => {
+            check("disk space", Level::Ok, format!("{} free", crate::output::human_bytes(free)), "")
+        }
         Some(free) => check(
             "disk space",
             Level::Warn,
-            format!("{} free where the state directory lives; images and VM disks need room", crate::output::human_bytes(free)),
+            format!(
+                "{} free where the state directory lives; images and VM disks need room",
+                crate::output::human_bytes(free)
+            ),
             "free space there or choose another --root",
         ),
-        None => check("disk space", Level::Warn, "could not be read", "check that the state directory's filesystem is mounted"),
+        None => check(
+            "disk space",
+            Level::Warn,
+            "could not be read",
+            "check that the state directory's filesystem is mounted",
+        ),
     });
     out.push(match f.reflink {
         Some(true) => check("storage", Level::Ok, "reflink clones: a VM disk costs no copy, whatever the image size", ""),
@@ -353,7 +422,10 @@ fn print_checks(checks: &[Check], format: &str) -> anyhow::Result<()> {
             let rows: Vec<Vec<String>> = checks
                 .iter()
                 .map(|c| {
-                    let level = serde_json::to_value(c.level).ok().and_then(|v| v.as_str().map(str::to_uppercase)).unwrap_or_default();
+                    let level = serde_json::to_value(c.level)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_uppercase))
+                        .unwrap_or_default();
                     let detail = if c.fix.is_empty() || c.level == Level::Ok {
                         c.detail.clone()
                     } else {
@@ -384,7 +456,9 @@ async fn init(a: InitArgs) -> anyhow::Result<i32> {
         println!("network: left alone (--no-network); --network user needs nothing");
     } else {
         let bridge = hearth_net::Bridge::hearth0();
-        hearth_net::ensure_bridge(&bridge).await.context("setting up the bridge network (or pass --no-network)")?;
+        hearth_net::ensure_bridge(&bridge)
+            .await
+            .context("setting up the bridge network (or pass --no-network)")?;
         println!(
             "network: bridge {} at {}/{}, forwarding on, NAT for {} in nftables table ip {}",
             bridge.name,
@@ -402,7 +476,14 @@ async fn init(a: InitArgs) -> anyhow::Result<i32> {
     for c in &fails {
         println!("still failing: {}: {} — fix: {}", c.name, c.detail, c.fix);
     }
-    println!("{}", if fails.is_empty() { "ready: this host can run VMs (`hearth host check` for details)" } else { "not ready yet" });
+    println!(
+        "{}",
+        if fails.is_empty() {
+            "ready: this host can run VMs (`hearth host check` for details)"
+        } else {
+            "not ready yet"
+        }
+    );
     Ok(if fails.is_empty() { 0 } else { 1 })
 }
 
@@ -438,17 +519,28 @@ mod tests {
         assert_eq!(f.module("tun"), ModState::Loaded);
         assert_eq!(f.module("loop"), ModState::BuiltIn);
         assert_eq!(f.module("macvtap"), ModState::Available);
-        assert_eq!(f.module("dm_thin_pool"), ModState::Available, "dashes and underscores compare alike, .ko.xz too");
+        assert_eq!(
+            f.module("dm_thin_pool"),
+            ModState::Available,
+            "dashes and underscores compare alike, .ko.xz too"
+        );
         assert_eq!(f.module("vhost_vsock"), ModState::Present);
         assert_eq!(f.module("nbd"), ModState::Missing);
         let unknown = Facts { modules_known: false, ..host() };
-        assert_eq!(unknown.module("nbd"), ModState::Unknown, "without module lists, absence proves nothing");
+        assert_eq!(
+            unknown.module("nbd"),
+            ModState::Unknown,
+            "without module lists, absence proves nothing"
+        );
     }
 
     #[test]
     fn a_complete_host_has_no_failures_or_warnings() {
         let checks = evaluate(&host());
-        assert!(checks.iter().all(|c| c.level != Level::Fail && c.level != Level::Warn), "{checks:#?}");
+        assert!(
+            checks.iter().all(|c| c.level != Level::Fail && c.level != Level::Warn),
+            "{checks:#?}"
+        );
     }
 
     #[test]
@@ -462,19 +554,29 @@ mod tests {
         f.modules_dep.clear();
         f.sys_modules.clear();
         f.device_nodes = vec![("/dev/net/tun".into(), false)];
-        f.sysctls = vec![("net.ipv4.ip_forward".into(), Some("0".into())), ("net.bridge.bridge-nf-call-iptables".into(), Some("1".into()))];
+        f.sysctls = vec![
+            ("net.ipv4.ip_forward".into(), Some("0".into())),
+            ("net.bridge.bridge-nf-call-iptables".into(), Some("1".into())),
+        ];
         f.root_free = Some(100 << 20);
         f.reflink = Some(false);
         let checks = evaluate(&f);
         assert_eq!(find(&checks, "root").level, Level::Fail);
         assert_eq!(find(&checks, "qemu-system-x86_64").level, Level::Fail);
-        assert!(find(&checks, "qemu-system-x86_64").fix.contains("apt-get install qemu-system-x86"));
+        assert!(find(&checks, "qemu-system-x86_64")
+            .fix
+            .contains("apt-get install qemu-system-x86"));
         let kvm = find(&checks, "kvm");
-        assert!(kvm.level == Level::Warn && kvm.detail.contains("TCG") && kvm.fix.contains("VT-x"), "{kvm:?}");
+        assert!(
+            kvm.level == Level::Warn && kvm.detail.contains("TCG") && kvm.fix.contains("VT-x"),
+            "{kvm:?}"
+        );
         assert_eq!(find(&checks, "nft").level, Level::Warn);
         assert!(find(&checks, "module tun").fix.contains("CONFIG_TUN"));
         assert_eq!(find(&checks, "/dev/net/tun").level, Level::Warn);
-        assert!(find(&checks, "net.ipv4.ip_forward").fix.contains("sysctl -w net.ipv4.ip_forward=1"));
+        assert!(find(&checks, "net.ipv4.ip_forward")
+            .fix
+            .contains("sysctl -w net.ipv4.ip_forward=1"));
         assert!(find(&checks, "net.bridge.bridge-nf-call-iptables").fix.contains("FORWARD"));
         assert_eq!(find(&checks, "disk space").level, Level::Warn);
         assert!(find(&checks, "storage").fix.contains("reflink"));

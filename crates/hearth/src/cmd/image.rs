@@ -47,12 +47,21 @@ pub enum ImageCmd {
 }
 
 /// Pulls with per-layer progress bars on a terminal, a line per layer otherwise.
-pub async fn pull(c: &mut Client, image: &str, insecure: bool, quiet_done: bool) -> anyhow::Result<()> {
-    let mut s = c.pull_image(pb::PullImageRequest { r#ref: image.to_owned(), insecure }).await?.into_inner();
+pub async fn pull(
+    c: &mut Client,
+    image: &str,
+    insecure: bool,
+    quiet_done: bool,
+) -> anyhow::Result<()> {
+    let mut s = c
+        .pull_image(pb::PullImageRequest { r#ref: image.to_owned(), insecure })
+        .await?
+        .into_inner();
     let tty = std::io::stderr().is_terminal();
     let multi = MultiProgress::new();
     let mut bars: HashMap<String, ProgressBar> = HashMap::new();
-    let style = ProgressStyle::with_template("{msg:14} [{bar:30}] {bytes}/{total_bytes}").unwrap_or_else(|_| ProgressStyle::default_bar());
+    let style = ProgressStyle::with_template("{msg:14} [{bar:30}] {bytes}/{total_bytes}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
     while let Some(p) = s.message().await? {
         if !p.result_json.is_empty() {
             let rec: ImageRecord = parse_json(&p.result_json)?;
@@ -94,14 +103,19 @@ pub async fn image(host: Option<String>, cmd: ImageCmd) -> anyhow::Result<i32> {
     match cmd {
         ImageCmd::Pull { insecure, image } => pull(&mut c, &image, insecure, false).await?,
         ImageCmd::Import { path, name } => {
-            let path = std::fs::canonicalize(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-            let r = c.import_image(pb::ImportImageRequest { path: path.display().to_string(), name }).await?.into_inner();
+            let path = std::fs::canonicalize(&path)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            let r = c
+                .import_image(pb::ImportImageRequest { path: path.display().to_string(), name })
+                .await?
+                .into_inner();
             let rec: ImageRecord = parse_json(&r.json)?;
             println!("{}", rec.id);
         }
         ImageCmd::Ls { quiet, output } => {
             let list = c.list_images(pb::Empty {}).await?.into_inner();
-            let imgs: Vec<ImageRecord> = list.json.iter().map(|j| parse_json(j)).collect::<anyhow::Result<_>>()?;
+            let imgs: Vec<ImageRecord> =
+                list.json.iter().map(|j| parse_json(j)).collect::<anyhow::Result<_>>()?;
             if quiet {
                 imgs.iter().for_each(|i| println!("{}", i.id.short()));
             } else if output == "json" {
@@ -109,9 +123,18 @@ pub async fn image(host: Option<String>, cmd: ImageCmd) -> anyhow::Result<i32> {
             } else {
                 let mut rows = Vec::new();
                 for i in &imgs {
-                    let names = if i.names.is_empty() { vec!["<none>".to_owned()] } else { i.names.clone() };
+                    let names = if i.names.is_empty() {
+                        vec!["<none>".to_owned()]
+                    } else {
+                        i.names.clone()
+                    };
                     for n in names {
-                        rows.push(vec![n, i.id.short().to_owned(), ago(i.created_at), human_bytes(i.size)]);
+                        rows.push(vec![
+                            n,
+                            i.id.short().to_owned(),
+                            ago(i.created_at),
+                            human_bytes(i.size),
+                        ]);
                     }
                 }
                 table(&["NAME", "IMAGE ID", "CREATED", "SIZE"], &rows);

@@ -51,15 +51,37 @@ pub async fn kernel(host: Option<String>, cmd: KernelCmd) -> anyhow::Result<i32>
     let mut c = client::connect(host).await?;
     match cmd {
         KernelCmd::Import { file, modules, name, default } => {
-            let abs = |p: &std::path::Path| std::fs::canonicalize(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()));
+            let abs = |p: &std::path::Path| {
+                std::fs::canonicalize(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
+            };
             let path = abs(&file)?.display().to_string();
-            let modules = modules.as_deref().map(abs).transpose()?.map(|p| p.display().to_string()).unwrap_or_default();
-            let r = c.import_kernel(pb::ImportKernelRequest { path, modules, name, make_default: default }).await?.into_inner();
+            let modules = modules
+                .as_deref()
+                .map(abs)
+                .transpose()?
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            let r = c
+                .import_kernel(pb::ImportKernelRequest {
+                    path,
+                    modules,
+                    name,
+                    make_default: default,
+                })
+                .await?
+                .into_inner();
             let k: KernelRecord = parse_json(&r.json)?;
             println!("{} {}", k.name, k.version);
         }
         KernelCmd::Pull { insecure, name, image } => {
-            let mut s = c.pull_kernel(pb::PullKernelRequest { r#ref: image, name: name.unwrap_or_default(), insecure }).await?.into_inner();
+            let mut s = c
+                .pull_kernel(pb::PullKernelRequest {
+                    r#ref: image,
+                    name: name.unwrap_or_default(),
+                    insecure,
+                })
+                .await?
+                .into_inner();
             while let Some(p) = s.message().await? {
                 if !p.result_json.is_empty() {
                     let k: KernelRecord = parse_json(&p.result_json)?;
@@ -69,7 +91,8 @@ pub async fn kernel(host: Option<String>, cmd: KernelCmd) -> anyhow::Result<i32>
         }
         KernelCmd::Ls { output } => {
             let list = c.list_kernels(pb::Empty {}).await?.into_inner();
-            let ks: Vec<KernelRecord> = list.json.iter().map(|j| parse_json(j)).collect::<anyhow::Result<_>>()?;
+            let ks: Vec<KernelRecord> =
+                list.json.iter().map(|j| parse_json(j)).collect::<anyhow::Result<_>>()?;
             if output == "json" {
                 println!("{}", serde_json::to_string_pretty(&ks)?);
             } else {
@@ -77,7 +100,13 @@ pub async fn kernel(host: Option<String>, cmd: KernelCmd) -> anyhow::Result<i32>
                     .iter()
                     .map(|k| {
                         let mark = if k.name == list.default { "*" } else { "" };
-                        vec![format!("{}{mark}", k.name), k.version.clone(), k.format.clone(), k.modules.to_string(), ago(k.created_at)]
+                        vec![
+                            format!("{}{mark}", k.name),
+                            k.version.clone(),
+                            k.format.clone(),
+                            k.modules.to_string(),
+                            ago(k.created_at),
+                        ]
                     })
                     .collect();
                 table(&["NAME", "VERSION", "FORMAT", "MODULES", "CREATED"], &rows);

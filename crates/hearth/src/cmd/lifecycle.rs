@@ -72,7 +72,10 @@ pub async fn start(host: Option<String>, a: StartArgs) -> anyhow::Result<i32> {
     each(a.vms, |vm| {
         let mut c = c.clone();
         async move {
-            let r = c.start_vm(pb::StartVmRequest { r#ref: vm.clone(), wait_ready: !a.no_wait }).await?.into_inner();
+            let r = c
+                .start_vm(pb::StartVmRequest { r#ref: vm.clone(), wait_ready: !a.no_wait })
+                .await?
+                .into_inner();
             if !r.warning.is_empty() {
                 eprintln!("hearth: warning: {}", r.warning);
             }

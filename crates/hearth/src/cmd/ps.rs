@@ -29,7 +29,8 @@ pub struct InspectArgs {
 pub async fn ps(host: Option<String>, a: PsArgs) -> anyhow::Result<i32> {
     let mut c = client::connect(host).await?;
     let list = c.list_vms(pb::ListVmsRequest { all: a.all }).await?.into_inner();
-    let vms: Vec<VmRecord> = list.json.iter().map(|j| parse_json(j)).collect::<anyhow::Result<_>>()?;
+    let vms: Vec<VmRecord> =
+        list.json.iter().map(|j| parse_json(j)).collect::<anyhow::Result<_>>()?;
     if a.quiet {
         for v in &vms {
             println!("{}", v.spec.id);
@@ -56,7 +57,13 @@ pub async fn ps(host: Option<String>, a: PsArgs) -> anyhow::Result<i32> {
                     ]
                 })
                 .collect();
-            table(&["VM ID", "IMAGE", "KERNEL", "CPUS", "MEMORY", "CREATED", "STATUS", "IPS", "PORTS", "NAME"], &rows);
+            table(
+                &[
+                    "VM ID", "IMAGE", "KERNEL", "CPUS", "MEMORY", "CREATED", "STATUS", "IPS",
+                    "PORTS", "NAME",
+                ],
+                &rows,
+            );
         }
         other => anyhow::bail!("-o must be table or json, got {other:?}"),
     }

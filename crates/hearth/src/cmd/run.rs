@@ -118,7 +118,8 @@ fn request(a: &CreateArgs) -> anyhow::Result<pb::CreateVmRequest> {
             None => format!("{e}={}", std::env::var(e).unwrap_or_default()),
         })
         .collect();
-    let labels: HashMap<String, String> = hearth_types::parse_labels(&a.label)?.into_iter().collect();
+    let labels: HashMap<String, String> =
+        hearth_types::parse_labels(&a.label)?.into_iter().collect();
     let size = hearth_types::parse_size(&a.size).with_context(|| format!("--size {:?}", a.size))?;
     Ok(pb::CreateVmRequest {
         name: a.name.clone().unwrap_or_default(),
@@ -150,7 +151,12 @@ fn request(a: &CreateArgs) -> anyhow::Result<pb::CreateVmRequest> {
         cloud_init: Default::default(),
         address: a.ip.clone().unwrap_or_default(),
         cloud_init_network: String::new(),
-        volumes: a.image_volume.iter().enumerate().map(|(i, v)| image_volume(i, v)).collect::<anyhow::Result<_>>()?,
+        volumes: a
+            .image_volume
+            .iter()
+            .enumerate()
+            .map(|(i, v)| image_volume(i, v))
+            .collect::<anyhow::Result<_>>()?,
         log_opts: a.log_opt.clone(),
     })
 }
@@ -165,7 +171,12 @@ fn image_volume(index: usize, arg: &str) -> anyhow::Result<pb::VolumeRequest> {
         anyhow::bail!("--image-volume {arg:?}: expected IMAGE:/ABSOLUTE/PATH[:ro], e.g. modules:1:/lib/modules:ro");
     };
     anyhow::ensure!(!image.is_empty(), "--image-volume {arg:?}: the image is missing before ':/'");
-    Ok(pb::VolumeRequest { id: format!("vol{index}"), image: image.to_owned(), mount_point: format!("/{path}"), read_only })
+    Ok(pb::VolumeRequest {
+        id: format!("vol{index}"),
+        image: image.to_owned(),
+        mount_point: format!("/{path}"),
+        read_only,
+    })
 }
 
 /// The public key at `path` (`~/` is the home directory). Given the private key of a pair,
@@ -175,15 +186,20 @@ fn read_public_key(path: &str) -> anyhow::Result<String> {
         (Some(rest), Some(home)) => std::path::Path::new(&home).join(rest),
         _ => std::path::PathBuf::from(path),
     };
-    let text = std::fs::read_to_string(&path).with_context(|| format!("--ssh: reading the public key {}", path.display()))?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("--ssh: reading the public key {}", path.display()))?;
     if text.trim_start().starts_with("-----BEGIN") {
-        let public = path.with_file_name(format!("{}.pub", path.file_name().unwrap_or_default().to_string_lossy()));
+        let public = path.with_file_name(format!(
+            "{}.pub",
+            path.file_name().unwrap_or_default().to_string_lossy()
+        ));
         if public.exists() {
             return read_public_key(&public.display().to_string());
         }
         bail!("--ssh={}: this is a private key; give the public key (usually the same name with .pub)", path.display());
     }
-    hearth_types::net::validate_ssh_key(&text).with_context(|| format!("--ssh={}", path.display()))?;
+    hearth_types::net::validate_ssh_key(&text)
+        .with_context(|| format!("--ssh={}", path.display()))?;
     Ok(text.trim().to_owned())
 }
 
@@ -197,7 +213,11 @@ async fn create_vm(c: &mut Client, a: &CreateArgs) -> anyhow::Result<VmRecord> {
     }
     let rec = match c.create_vm(req.clone()).await {
         Ok(r) => r.into_inner(),
-        Err(s) if s.code() == Code::NotFound && s.message().starts_with("image ") && a.pull == "missing" => {
+        Err(s)
+            if s.code() == Code::NotFound
+                && s.message().starts_with("image ")
+                && a.pull == "missing" =>
+        {
             eprintln!("Unable to find image '{}' locally", a.image);
             crate::cmd::image::pull(c, &a.image, a.insecure, true).await?;
             c.create_vm(req).await?.into_inner()
@@ -218,7 +238,9 @@ pub async fn run(host: Option<String>, a: RunArgs) -> anyhow::Result<i32> {
     let mut c = client::connect(host).await?;
     let rec = create_vm(&mut c, &a.create).await?;
     let id = rec.spec.id.to_string();
-    let started = c.start_vm(pb::StartVmRequest { r#ref: id.clone(), wait_ready: a.detach && !a.no_wait }).await;
+    let started = c
+        .start_vm(pb::StartVmRequest { r#ref: id.clone(), wait_ready: a.detach && !a.no_wait })
+        .await;
     let started = match started {
         Ok(s) => s.into_inner(),
         Err(s) => {
@@ -243,8 +265,9 @@ pub async fn run(host: Option<String>, a: RunArgs) -> anyhow::Result<i32> {
             loop {
                 match c2.inspect_vm(pb::Ref { r#ref: id2.clone() }).await {
                     Ok(r)
-                        if parse_json::<VmRecord>(&r.get_ref().json)
-                            .map_or(true, |v| v.status.state != hearth_types::VmState::Starting) =>
+                        if parse_json::<VmRecord>(&r.get_ref().json).map_or(true, |v| {
+                            v.status.state != hearth_types::VmState::Starting
+                        }) =>
                     {
                         break
                     }
@@ -288,7 +311,10 @@ mod tests {
             ("127.0.0.1:5000/mods:6.1", "/lib/modules", true, "vol0")
         );
         let v = image_volume(3, "data:1:/srv").expect("parse");
-        assert_eq!((v.image.as_str(), v.mount_point.as_str(), v.read_only, v.id.as_str()), ("data:1", "/srv", false, "vol3"));
+        assert_eq!(
+            (v.image.as_str(), v.mount_point.as_str(), v.read_only, v.id.as_str()),
+            ("data:1", "/srv", false, "vol3")
+        );
         assert!(image_volume(0, "data:1:srv").is_err());
         assert!(image_volume(0, ":/srv").is_err());
     }

@@ -38,16 +38,28 @@ pub fn ssh_args(rec: &VmRecord, a: &SshArgs) -> anyhow::Result<Vec<String>> {
     // The user-mode network forwards a loopback port; on the bridge the guest is reachable.
     let (host, port) = match (rec.status.state, rec.status.ssh_port, &rec.status.ip) {
         (VmState::Running | VmState::Starting, Some(p), _) => ("127.0.0.1".to_owned(), p),
-        (VmState::Running | VmState::Starting, None, Some(ip)) if rec.spec.network == NetworkMode::Bridge => (ip.clone(), SSH_PORT),
+        (VmState::Running | VmState::Starting, None, Some(ip))
+            if rec.spec.network == NetworkMode::Bridge =>
+        {
+            (ip.clone(), SSH_PORT)
+        }
         _ => bail!("VM {name} is {}; start it with `hearth start {name}`", rec.status.state),
     };
     // Every VM's forward is a new host key on a reused loopback port: known_hosts would only
     // ever hold stale entries, so it is not consulted (as Ignite does).
-    let mut args: Vec<String> =
-        ["-p", &port.to_string(), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+    let mut args: Vec<String> = [
+        "-p",
+        &port.to_string(),
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "LogLevel=ERROR",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     if let Some(key) = a.identity.as_ref().or(rec.status.ssh_key_path.as_ref()) {
         args.extend(["-i".into(), key.clone(), "-o".into(), "IdentitiesOnly=yes".into()]);
     }

@@ -8,10 +8,15 @@ pub fn check_basic_auth(token: &str, req: &Request<()>) -> Result<(), Status> {
     let expected = base64::engine::general_purpose::STANDARD.encode(token);
     let given = req.metadata().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
     match given.split_once(' ') {
-        Some((scheme, value)) if scheme.eq_ignore_ascii_case("basic") && constant_time_eq(value.trim().as_bytes(), expected.as_bytes()) => {
+        Some((scheme, value))
+            if scheme.eq_ignore_ascii_case("basic")
+                && constant_time_eq(value.trim().as_bytes(), expected.as_bytes()) =>
+        {
             Ok(())
         }
-        _ => Err(Status::unauthenticated("missing or wrong authorization: send \"authorization: Basic <base64 of the token>\"")),
+        _ => Err(Status::unauthenticated(
+            "missing or wrong authorization: send \"authorization: Basic <base64 of the token>\"",
+        )),
     }
 }
 

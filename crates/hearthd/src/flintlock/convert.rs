@@ -5,27 +5,37 @@ use super::*;
 
 /// The image from the store, pulled first when it is not there (http for loopback registries,
 /// as `hearth image pull`).
-pub(super) async fn pull(d: &Arc<Daemon>, reference: &str) -> Result<hearth_types::ImageRecord, Status> {
-    let r: ImageRef = reference.parse().map_err(|e| Status::invalid_argument(format!("image {reference:?}: {e}")))?;
+pub(super) async fn pull(
+    d: &Arc<Daemon>,
+    reference: &str,
+) -> Result<hearth_types::ImageRecord, Status> {
+    let r: ImageRef = reference
+        .parse()
+        .map_err(|e| Status::invalid_argument(format!("image {reference:?}: {e}")))?;
     if let Some(img) = d.images.get(reference).map_err(internal)? {
         return Ok(img);
     }
     let d = d.clone();
     let what = reference.to_owned();
-    tokio::task::spawn_blocking(move || d.images.pull(&r, &d.pull_options(false), &hearth_image::NoProgress))
-        .await
-        .map_err(internal)?
-        .map_err(|e| {
-            // A refused or absent image stays so; a stalled or unreachable registry may not.
-            use hearth_image::PullError as P;
-            let permanent = matches!(e, P::Refused { .. } | P::NotFound { .. } | P::Platform { .. } | P::MediaType { .. });
-            let msg = format!("pulling {what}: {:#}", anyhow::Error::from(e));
-            if permanent {
-                Status::failed_precondition(msg)
-            } else {
-                Status::unavailable(msg)
-            }
-        })
+    tokio::task::spawn_blocking(move || {
+        d.images.pull(&r, &d.pull_options(false), &hearth_image::NoProgress)
+    })
+    .await
+    .map_err(internal)?
+    .map_err(|e| {
+        // A refused or absent image stays so; a stalled or unreachable registry may not.
+        use hearth_image::PullError as P;
+        let permanent = matches!(
+            e,
+            P::Refused { .. } | P::NotFound { .. } | P::Platform { .. } | P::MediaType { .. }
+        );
+        let msg = format!("pulling {what}: {:#}", anyhow::Error::from(e));
+        if permanent {
+            Status::failed_precondition(msg)
+        } else {
+            Status::unavailable(msg)
+        }
+    })
 }
 
 /// A kernel's store name: the image id, and the file when it is not Ignite's layout.
@@ -33,7 +43,8 @@ pub(super) fn kernel_name(image_id12: &str, filename: Option<&str>) -> String {
     match filename {
         None => format!("{KERNEL_PREFIX}{image_id12}"),
         Some(f) => {
-            let slug: String = f.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+            let slug: String =
+                f.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
             let mut n = format!("{KERNEL_PREFIX}{image_id12}-{}", slug.trim_matches('-'));
             n.truncate(63);
             n
@@ -42,7 +53,10 @@ pub(super) fn kernel_name(image_id12: &str, filename: Option<&str>) -> String {
 }
 
 /// Checks a spec and fills Flintlock's defaults; returns it ready to store.
-pub(super) fn validate(mut spec: fl::MicroVmSpec, network: NetworkMode) -> Result<fl::MicroVmSpec, Status> {
+pub(super) fn validate(
+    mut spec: fl::MicroVmSpec,
+    network: NetworkMode,
+) -> Result<fl::MicroVmSpec, Status> {
     let bad = |m: String| Err(Status::invalid_argument(m));
     if spec.id.is_empty() {
         return bad("microvm id (its name) is required".into());
@@ -51,7 +65,10 @@ pub(super) fn validate(mut spec: fl::MicroVmSpec, network: NetworkMode) -> Resul
         spec.namespace = DEFAULT_NAMESPACE.into();
     }
     if let Err(e) = hearth_types::validate_name(&vm_name(&spec)) {
-        return bad(format!("microvm {}/{}: {e} (hearth names the VM ID.NAMESPACE)", spec.namespace, spec.id));
+        return bad(format!(
+            "microvm {}/{}: {e} (hearth names the VM ID.NAMESPACE)",
+            spec.namespace, spec.id
+        ));
     }
     if spec.vcpu == 0 {
         spec.vcpu = DEFAULT_VCPU;
@@ -60,21 +77,42 @@ pub(super) fn validate(mut spec: fl::MicroVmSpec, network: NetworkMode) -> Resul
         spec.memory_in_mb = DEFAULT_MEMORY_MB;
     }
     if !(1..=hearth_types::vm::MAX_CPUS as i32).contains(&spec.vcpu) {
-        return bad(format!("vcpu must be between 1 and {}, got {}", hearth_types::vm::MAX_CPUS, spec.vcpu));
+        return bad(format!(
+            "vcpu must be between 1 and {}, got {}",
+            hearth_types::vm::MAX_CPUS,
+            spec.vcpu
+        ));
     }
     if i64::from(spec.memory_in_mb) < hearth_types::vm::MIN_MEMORY_MIB as i64 {
-        return bad(format!("memory_in_mb must be at least {}, got {}", hearth_types::vm::MIN_MEMORY_MIB, spec.memory_in_mb));
+        return bad(format!(
+            "memory_in_mb must be at least {}, got {}",
+            hearth_types::vm::MIN_MEMORY_MIB,
+            spec.memory_in_mb
+        ));
     }
     match &spec.kernel {
         Some(k) if !k.image.is_empty() => {}
-        _ => return bad("kernel.image is required: an OCI image holding the kernel (e.g. boot/vmlinux)".into()),
+        _ => {
+            return bad(
+                "kernel.image is required: an OCI image holding the kernel (e.g. boot/vmlinux)"
+                    .into(),
+            )
+        }
     }
     if spec.initrd.is_some() {
         return bad("initrd is not supported: hearth boots its own initramfs with hearth-init; drop the initrd".into());
     }
-    let root = spec.root_volume.as_ref().and_then(|v| v.source.as_ref()).and_then(|s| s.container_source.as_deref()).unwrap_or("");
+    let root = spec
+        .root_volume
+        .as_ref()
+        .and_then(|v| v.source.as_ref())
+        .and_then(|s| s.container_source.as_deref())
+        .unwrap_or("");
     if root.is_empty() {
-        return bad("root_volume.source.container_source is required: the OCI image of the root filesystem".into());
+        return bad(
+            "root_volume.source.container_source is required: the OCI image of the root filesystem"
+                .into(),
+        );
     }
     if spec.root_volume.as_ref().is_some_and(|v| v.is_read_only) {
         return bad("a read-only root volume is not supported; set is_read_only false".into());
@@ -85,26 +123,36 @@ pub(super) fn validate(mut spec: fl::MicroVmSpec, network: NetworkMode) -> Resul
             return bad(format!("volume {}: virtiofs sources are not supported (Cloud Hypervisor only); use container_source", v.id));
         }
         if source.container_source.as_deref().unwrap_or("").is_empty() {
-            return bad(format!("volume {}: source.container_source (an OCI image) is required", v.id));
+            return bad(format!(
+                "volume {}: source.container_source (an OCI image) is required",
+                v.id
+            ));
         }
         if v.id.is_empty() || spec.additional_volumes[..i].iter().any(|o| o.id == v.id) {
             return bad(format!("volume id {:?} must be given and unique", v.id));
         }
         if let Some(m) = v.mount_point.as_deref().filter(|m| !m.is_empty()) {
             if !m.starts_with('/') || m == "/" {
-                return bad(format!("volume {}: mount_point {m:?} must be an absolute path other than /", v.id));
+                return bad(format!(
+                    "volume {}: mount_point {m:?} must be an absolute path other than /",
+                    v.id
+                ));
             }
         }
     }
     if spec.interfaces.len() > 1 {
-        return bad(format!("{} network interfaces given: hearth gives a microvm one network card for now", spec.interfaces.len()));
+        return bad(format!(
+            "{} network interfaces given: hearth gives a microvm one network card for now",
+            spec.interfaces.len()
+        ));
     }
     for i in &spec.interfaces {
         if i.device_id.is_empty() {
             return bad("network interface device_id is required (e.g. eth1)".into());
         }
         if let Some(mac) = i.guest_mac.as_deref().filter(|m| !m.is_empty()) {
-            hearth_types::net::validate_mac(mac).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            hearth_types::net::validate_mac(mac)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
         }
         if let Some(a) = &i.address {
             if network != NetworkMode::Bridge {
@@ -113,12 +161,17 @@ pub(super) fn validate(mut spec: fl::MicroVmSpec, network: NetworkMode) -> Resul
                     i.device_id
                 ));
             }
-            static_address(a).map_err(|m| Status::invalid_argument(format!("interface {}: {m}", i.device_id)))?;
+            static_address(a)
+                .map_err(|m| Status::invalid_argument(format!("interface {}: {m}", i.device_id)))?;
         }
     }
     match spec.provider.as_deref() {
         None | Some("" | "qemu") => {}
-        Some(p) => return bad(format!("provider {p:?} is not available on this host; leave it empty or use \"qemu\"")),
+        Some(p) => {
+            return bad(format!(
+                "provider {p:?} is not available on this host; leave it empty or use \"qemu\""
+            ))
+        }
     }
     for (key, value) in &spec.metadata {
         if !hearth_types::vm::CLOUD_INIT_FILES.contains(&key.as_str()) {
@@ -144,11 +197,17 @@ pub(super) fn vm_name(spec: &fl::MicroVmSpec) -> String {
 /// Sets `instance_id` (and cloud-init's own `instance-id`) in the meta-data, as Flintlock does.
 pub(super) fn inject_instance_id(spec: &mut fl::MicroVmSpec, uid: &str) -> Result<(), Status> {
     let b64 = &base64::engine::general_purpose::STANDARD;
-    let current = spec.metadata.get("meta-data").map(|v| b64.decode(v).unwrap_or_default()).unwrap_or_default();
+    let current = spec
+        .metadata
+        .get("meta-data")
+        .map(|v| b64.decode(v).unwrap_or_default())
+        .unwrap_or_default();
     let mut doc: serde_yaml::Mapping = if current.iter().all(u8::is_ascii_whitespace) {
         serde_yaml::Mapping::new()
     } else {
-        serde_yaml::from_slice(&current).map_err(|e| Status::invalid_argument(format!("metadata meta-data is not a YAML mapping: {e}")))?
+        serde_yaml::from_slice(&current).map_err(|e| {
+            Status::invalid_argument(format!("metadata meta-data is not a YAML mapping: {e}"))
+        })?
     };
     doc.insert("instance_id".into(), uid.into());
     if !doc.contains_key("instance-id") {
@@ -161,8 +220,12 @@ pub(super) fn inject_instance_id(spec: &mut fl::MicroVmSpec, uid: &str) -> Resul
 
 /// The guest address of a static interface address, which must lie on hearth's bridge.
 pub(super) fn static_address(a: &fl::StaticAddress) -> Result<std::net::Ipv4Addr, String> {
-    let (ip, prefix) = a.address.split_once('/').ok_or_else(|| format!("address {:?} is not CIDR (like 10.61.0.50/16)", a.address))?;
-    let ip: std::net::Ipv4Addr = ip.parse().map_err(|_| format!("address {:?} is not an IPv4 CIDR", a.address))?;
+    let (ip, prefix) = a
+        .address
+        .split_once('/')
+        .ok_or_else(|| format!("address {:?} is not CIDR (like 10.61.0.50/16)", a.address))?;
+    let ip: std::net::Ipv4Addr =
+        ip.parse().map_err(|_| format!("address {:?} is not an IPv4 CIDR", a.address))?;
     if prefix != BRIDGE_PREFIX.to_string() {
         return Err(format!("address {}: the bridge network is {BRIDGE_GATEWAY}/{BRIDGE_PREFIX}; use /{BRIDGE_PREFIX}", a.address));
     }
@@ -176,29 +239,46 @@ pub(super) fn static_address(a: &fl::StaticAddress) -> Result<std::net::Ipv4Addr
 }
 
 /// The hearth VM for a microVM: its image's own init as PID 1, cloud-init seeded.
-pub(super) fn create_request(spec: &fl::MicroVmSpec, uid: &str, kernel: &str, network: NetworkMode) -> Result<pb::CreateVmRequest, Status> {
+pub(super) fn create_request(
+    spec: &fl::MicroVmSpec,
+    uid: &str,
+    kernel: &str,
+    network: NetworkMode,
+) -> Result<pb::CreateVmRequest, Status> {
     let b64 = &base64::engine::general_purpose::STANDARD;
     let mut cloud_init: HashMap<String, String> = HashMap::new();
     for (k, v) in &spec.metadata {
-        let bytes = b64.decode(v).map_err(|_| Status::invalid_argument(format!("metadata {k:?} is not base64")))?;
+        let bytes = b64
+            .decode(v)
+            .map_err(|_| Status::invalid_argument(format!("metadata {k:?} is not base64")))?;
         cloud_init.insert(k.clone(), String::from_utf8_lossy(&bytes).into_owned());
     }
     let iface = spec.interfaces.first();
     let mac = iface.and_then(|i| i.guest_mac.clone()).filter(|m| !m.is_empty()).unwrap_or_default();
     let kernel_spec = spec.kernel.clone().unwrap_or_default();
     // The network-config is written when the VM starts, from the address it was given.
-    let cloud_init_network = iface.filter(|_| kernel_spec.add_network_config).map(|i| i.device_id.clone()).unwrap_or_default();
+    let cloud_init_network = iface
+        .filter(|_| kernel_spec.add_network_config)
+        .map(|i| i.device_id.clone())
+        .unwrap_or_default();
     let address = match iface.and_then(|i| i.address.as_ref()) {
         Some(a) => static_address(a).map_err(Status::invalid_argument)?.to_string(),
         None => String::new(),
     };
     let cmdline: BTreeMap<_, _> = kernel_spec.cmdline.iter().collect();
-    let kernel_args =
-        cmdline.iter().map(|(k, v)| if v.is_empty() { (*k).clone() } else { format!("{k}={v}") }).collect::<Vec<_>>().join(" ");
+    let kernel_args = cmdline
+        .iter()
+        .map(|(k, v)| if v.is_empty() { (*k).clone() } else { format!("{k}={v}") })
+        .collect::<Vec<_>>()
+        .join(" ");
     let mut labels: HashMap<String, String> = spec.labels.clone().into_iter().collect();
     labels.insert(UID_LABEL.into(), uid.into());
     let root = spec.root_volume.clone().unwrap_or_default();
-    let size = root.size_in_mb.filter(|&s| s > 0).map(|s| s as u64 * (1 << 20)).unwrap_or(hearth_types::vm::DEFAULT_DISK_BYTES);
+    let size = root
+        .size_in_mb
+        .filter(|&s| s > 0)
+        .map(|s| s as u64 * (1 << 20))
+        .unwrap_or(hearth_types::vm::DEFAULT_DISK_BYTES);
     Ok(pb::CreateVmRequest {
         name: vm_name(spec),
         image: root.source.and_then(|s| s.container_source).unwrap_or_default(),

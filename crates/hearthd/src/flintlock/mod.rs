@@ -138,17 +138,26 @@ impl Flintlock {
     /// Holds a pending microVM's static address against the allocator until its VM exists.
     /// Fails when another VM or pending microVM has it.
     fn reserve_address(&self, spec: &fl::MicroVmSpec, uid: &str) -> Result<(), Status> {
-        let Some(a) = spec.interfaces.first().and_then(|i| i.address.as_ref()) else { return Ok(()) };
+        let Some(a) = spec.interfaces.first().and_then(|i| i.address.as_ref()) else {
+            return Ok(());
+        };
         let ip = static_address(a).map_err(Status::invalid_argument)?;
         let vms = self.inner.d.vms.list().map_err(internal)?;
-        if let Some(vm) = vms.iter().find(|r| r.spec.address == Some(ip) && r.spec.labels.get(UID_LABEL).map(String::as_str) != Some(uid)) {
-            return Err(Status::already_exists(format!("address {ip} is taken by VM {}; choose another", vm.spec.name)));
+        if let Some(vm) = vms.iter().find(|r| {
+            r.spec.address == Some(ip)
+                && r.spec.labels.get(UID_LABEL).map(String::as_str) != Some(uid)
+        }) {
+            return Err(Status::already_exists(format!(
+                "address {ip} is taken by VM {}; choose another",
+                vm.spec.name
+            )));
         }
-        let mut reserved = self.inner.d.reserved_addresses.lock().unwrap_or_else(|e| e.into_inner());
+        let mut reserved =
+            self.inner.d.reserved_addresses.lock().unwrap_or_else(|e| e.into_inner());
         match reserved.get(&ip) {
-            Some(holder) if holder != uid => {
-                Err(Status::already_exists(format!("address {ip} is promised to microvm {holder}; choose another")))
-            }
+            Some(holder) if holder != uid => Err(Status::already_exists(format!(
+                "address {ip} is promised to microvm {holder}; choose another"
+            ))),
             _ => {
                 reserved.insert(ip, uid.to_owned());
                 Ok(())
@@ -157,7 +166,12 @@ impl Flintlock {
     }
 
     fn release_address(&self, uid: &str) {
-        self.inner.d.reserved_addresses.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, holder| holder != uid);
+        self.inner
+            .d
+            .reserved_addresses
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, holder| holder != uid);
     }
 
     /// The hearth VM of a microVM, if it exists.
@@ -168,7 +182,10 @@ impl Flintlock {
     /// Every hearth VM that belongs to a microVM, by uid (one read of the store for a listing).
     fn vms_by_uid(&self) -> Result<HashMap<String, VmRecord>, Status> {
         let vms = self.inner.d.vms.list().map_err(internal)?;
-        Ok(vms.into_iter().filter_map(|r| r.spec.labels.get(UID_LABEL).cloned().map(|u| (u, r))).collect())
+        Ok(vms
+            .into_iter()
+            .filter_map(|r| r.spec.labels.get(UID_LABEL).cloned().map(|u| (u, r)))
+            .collect())
     }
 
     /// Pulls, creates and starts, retrying with backoff. Each attempt holds the microVM's lock;
@@ -218,7 +235,9 @@ impl Flintlock {
                     self.release_address(uid);
                     return;
                 }
-                Err(e) => warn!(uid, error = %e.message(), "recording microvm state failed; retrying"),
+                Err(e) => {
+                    warn!(uid, error = %e.message(), "recording microvm state failed; retrying")
+                }
             }
             failures += 1;
             tokio::time::sleep(backoff(failures)).await;
@@ -237,13 +256,25 @@ impl Flintlock {
             let _k = self.inner.kernels.lock().await;
             if d.kernels.get(&kernel).map_err(internal)?.is_none() {
                 let (d2, name) = (d.clone(), kernel.clone());
-                tokio::task::spawn_blocking(move || crate::service::kernel_from_image(&d2, &kernel_img, &name, filename.as_deref()))
-                    .await
-                    .map_err(internal)?
-                    .map_err(|e| Status::failed_precondition(format!("kernel image {}: {e:#}", kernel_spec.image)))?;
+                tokio::task::spawn_blocking(move || {
+                    crate::service::kernel_from_image(&d2, &kernel_img, &name, filename.as_deref())
+                })
+                .await
+                .map_err(internal)?
+                .map_err(|e| {
+                    Status::failed_precondition(format!(
+                        "kernel image {}: {e:#}",
+                        kernel_spec.image
+                    ))
+                })?;
             }
         }
-        let root = spec.root_volume.as_ref().and_then(|v| v.source.as_ref()).and_then(|s| s.container_source.clone()).unwrap_or_default();
+        let root = spec
+            .root_volume
+            .as_ref()
+            .and_then(|v| v.source.as_ref())
+            .and_then(|s| s.container_source.clone())
+            .unwrap_or_default();
         self.until_deleted(&rec.uid, pull(d, &root)).await?;
         for v in &spec.additional_volumes {
             self.until_deleted(&rec.uid, pull(d, &volume_image(v))).await?;
@@ -259,8 +290,10 @@ impl Flintlock {
         };
         self.check_not_deleting(&rec.uid)?;
         if !matches!(vm.status.state, VmState::Starting | VmState::Running) {
-            let start = pb::StartVmRequest { r#ref: vm.spec.id.as_str().to_owned(), wait_ready: false };
-            hearth_api::v1::hearth_server::Hearth::start_vm(&self.inner.api, Request::new(start)).await?;
+            let start =
+                pb::StartVmRequest { r#ref: vm.spec.id.as_str().to_owned(), wait_ready: false };
+            hearth_api::v1::hearth_server::Hearth::start_vm(&self.inner.api, Request::new(start))
+                .await?;
         }
         Ok(())
     }
@@ -268,10 +301,16 @@ impl Flintlock {
     /// Runs `work` (a pull) until it ends or the microVM's deletion begins, whichever is first:
     /// a delete never waits behind a registry that stalls. Left behind, a pull only fills the
     /// image store.
-    async fn until_deleted<T>(&self, uid: &str, work: impl std::future::Future<Output = Result<T, Status>>) -> Result<T, Status> {
+    async fn until_deleted<T>(
+        &self,
+        uid: &str,
+        work: impl std::future::Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
         let mut deleting = {
             let mut map = self.inner.deleting.lock().unwrap_or_else(|e| e.into_inner());
-            map.entry(uid.to_owned()).or_insert_with(|| tokio::sync::watch::channel(false).0).subscribe()
+            map.entry(uid.to_owned())
+                .or_insert_with(|| tokio::sync::watch::channel(false).0)
+                .subscribe()
         };
         // A delete that began before the subscription is seen in the record.
         self.check_not_deleting(uid)?;
@@ -302,7 +341,10 @@ impl Flintlock {
         let _g = lock.lock().await;
         if let Some(vm) = self.vm_of(uid)? {
             let opts = crate::reconcile::Options::default();
-            self.inner.api.set_desired(vm.spec.id.as_str(), hearth_types::Desired::Deleted, opts).await?;
+            self.inner
+                .api
+                .set_desired(vm.spec.id.as_str(), hearth_types::Desired::Deleted, opts)
+                .await?;
         }
         self.inner.records.remove(uid)?;
         self.release_address(uid);
@@ -318,16 +360,37 @@ impl Flintlock {
         spec.created_at = Some(timestamp(rec.created_at));
         spec.updated_at = Some(timestamp(rec.updated_at));
         let (state, reason) = observed_state(rec, vm);
-        let mut status = fl::MicroVmStatus { state: state as i32, retry: rec.retry, reason, ..Default::default() };
+        let mut status = fl::MicroVmStatus {
+            state: state as i32,
+            retry: rec.retry,
+            reason,
+            ..Default::default()
+        };
         if let Some(vm) = vm {
-            if let (Some(i), true) = (spec.interfaces.first(), vm.spec.network != NetworkMode::None) {
-                let host_device_name = if vm.spec.network == NetworkMode::Bridge { tap_name(&vm.spec.id) } else { String::new() };
-                let iface = fl::NetworkInterfaceStatus { host_device_name, index: 0, mac_address: vm.spec.mac() };
+            if let (Some(i), true) = (spec.interfaces.first(), vm.spec.network != NetworkMode::None)
+            {
+                let host_device_name = if vm.spec.network == NetworkMode::Bridge {
+                    tap_name(&vm.spec.id)
+                } else {
+                    String::new()
+                };
+                let iface = fl::NetworkInterfaceStatus {
+                    host_device_name,
+                    index: 0,
+                    mac_address: vm.spec.mac(),
+                };
                 status.network_interfaces.insert(i.device_id.clone(), iface);
             }
             if let Some(disk) = &vm.status.disk_path {
-                let id = spec.root_volume.as_ref().map(|v| v.id.clone()).unwrap_or_else(|| "root".into());
-                let mount = fl::Mount { r#type: fl::mount::MountType::Hostpath as i32, source: disk.clone() };
+                let id = spec
+                    .root_volume
+                    .as_ref()
+                    .map(|v| v.id.clone())
+                    .unwrap_or_else(|| "root".into());
+                let mount = fl::Mount {
+                    r#type: fl::mount::MountType::Hostpath as i32,
+                    source: disk.clone(),
+                };
                 status.volumes.insert(id, fl::VolumeStatus { mount: Some(mount) });
             }
             // Additional volumes: the shared cached filesystem when read-only, else the VM's copy.
@@ -336,11 +399,17 @@ impl Flintlock {
                     (true, Ok(id)) => self.inner.d.images.rootfs_path(&id),
                     _ => crate::adapters::volume_path(&self.inner.d.vm_dir(&vm.spec.id), i),
                 };
-                let mount = fl::Mount { r#type: fl::mount::MountType::Hostpath as i32, source: path.display().to_string() };
+                let mount = fl::Mount {
+                    r#type: fl::mount::MountType::Hostpath as i32,
+                    source: path.display().to_string(),
+                };
                 status.volumes.insert(v.id.clone(), fl::VolumeStatus { mount: Some(mount) });
             }
             let kernel = self.inner.d.kernels.kernel_path(&vm.spec.kernel);
-            status.kernel_mount = Some(fl::Mount { r#type: fl::mount::MountType::Hostpath as i32, source: kernel.display().to_string() });
+            status.kernel_mount = Some(fl::Mount {
+                r#type: fl::mount::MountType::Hostpath as i32,
+                source: kernel.display().to_string(),
+            });
         }
         fl::MicroVm { version: 1, spec: Some(spec), status: Some(status) }
     }

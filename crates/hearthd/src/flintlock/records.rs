@@ -34,7 +34,8 @@ pub(super) struct Record {
 
 impl Record {
     pub(super) fn spec(&self) -> fl::MicroVmSpec {
-        let bytes = base64::engine::general_purpose::STANDARD.decode(&self.spec).unwrap_or_default();
+        let bytes =
+            base64::engine::general_purpose::STANDARD.decode(&self.spec).unwrap_or_default();
         fl::MicroVmSpec::decode(bytes.as_slice()).unwrap_or_default()
     }
 }
@@ -71,7 +72,11 @@ impl Records {
 
     /// Reads, changes and saves a record as one step against other updates. A record marked for
     /// deletion keeps that mark whatever `change` does. `None` when there is no such record.
-    pub(super) fn update(&self, uid: &str, change: impl FnOnce(&mut Record)) -> Result<Option<Record>, Status> {
+    pub(super) fn update(
+        &self,
+        uid: &str,
+        change: impl FnOnce(&mut Record),
+    ) -> Result<Option<Record>, Status> {
         let _g = self.write.lock().unwrap_or_else(|e| e.into_inner());
         let Some(mut rec) = self.get(uid)? else { return Ok(None) };
         let deleting = rec.phase == Phase::Deleting;
@@ -102,7 +107,9 @@ impl Records {
                     Ok(Some(r)) => out.push(r),
                     Ok(None) => {}
                     // One unreadable record must not hide every other microVM.
-                    Err(e) => warn!(uid, error = %e.message(), "skipping an unreadable microvm record"),
+                    Err(e) => {
+                        warn!(uid, error = %e.message(), "skipping an unreadable microvm record")
+                    }
                 }
             }
         }

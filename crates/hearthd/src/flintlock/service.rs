@@ -4,8 +4,14 @@ use super::*;
 
 #[tonic::async_trait]
 impl MicroVm for Flintlock {
-    async fn create_micro_vm(&self, req: Request<fpb::CreateMicroVmRequest>) -> Result<Response<fpb::CreateMicroVmResponse>, Status> {
-        let spec = req.into_inner().microvm.ok_or_else(|| Status::invalid_argument("microvm spec is required"))?;
+    async fn create_micro_vm(
+        &self,
+        req: Request<fpb::CreateMicroVmRequest>,
+    ) -> Result<Response<fpb::CreateMicroVmResponse>, Status> {
+        let spec = req
+            .into_inner()
+            .microvm
+            .ok_or_else(|| Status::invalid_argument("microvm spec is required"))?;
         let mut spec = validate(spec, self.inner.network)?;
         let uid = ulid::Ulid::new().to_string();
         spec.uid = Some(uid.clone());
@@ -14,7 +20,10 @@ impl MicroVm for Flintlock {
         for i in &mut spec.interfaces {
             if i.guest_mac.as_deref().unwrap_or("").is_empty() {
                 let bytes: [u8; 5] = rand::random();
-                i.guest_mac = Some(format!("02:{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")));
+                i.guest_mac = Some(format!(
+                    "02:{}",
+                    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+                ));
             }
         }
         let mut rec = Record {
@@ -32,9 +41,15 @@ impl MicroVm for Flintlock {
                 let name = format!("{}/{}", spec.namespace, spec.id);
                 return Err(if other.phase == Phase::Deleting {
                     // Its VM still holds the name and address: a retry after it is gone succeeds.
-                    Status::unavailable(format!("microvm {name} (uid {}) is being deleted; create it again once it is gone", other.uid))
+                    Status::unavailable(format!(
+                        "microvm {name} (uid {}) is being deleted; create it again once it is gone",
+                        other.uid
+                    ))
                 } else {
-                    Status::already_exists(format!("microvm {name} already exists (uid {}); delete it or choose another id", other.uid))
+                    Status::already_exists(format!(
+                        "microvm {name} already exists (uid {}); delete it or choose another id",
+                        other.uid
+                    ))
                 });
             }
             self.reserve_address(&spec, &uid)?;
@@ -49,29 +64,43 @@ impl MicroVm for Flintlock {
         Ok(Response::new(fpb::CreateMicroVmResponse { microvm: Some(self.microvm(&rec, None)) }))
     }
 
-    async fn delete_micro_vm(&self, req: Request<fpb::DeleteMicroVmRequest>) -> Result<Response<()>, Status> {
+    async fn delete_micro_vm(
+        &self,
+        req: Request<fpb::DeleteMicroVmRequest>,
+    ) -> Result<Response<()>, Status> {
         let uid = req.into_inner().uid;
         if uid.is_empty() {
             return Err(Status::invalid_argument("uid is required"));
         }
-        self.inner.records.update(&uid, |rec| rec.phase = Phase::Deleting)?.ok_or_else(|| not_found(&uid))?;
+        self.inner
+            .records
+            .update(&uid, |rec| rec.phase = Phase::Deleting)?
+            .ok_or_else(|| not_found(&uid))?;
         self.signal_deleting(&uid);
         // Deleting is idempotent under the microVM's lock: a repeated Delete starts it again.
         self.spawn_delete(uid);
         Ok(Response::new(()))
     }
 
-    async fn get_micro_vm(&self, req: Request<fpb::GetMicroVmRequest>) -> Result<Response<fpb::GetMicroVmResponse>, Status> {
+    async fn get_micro_vm(
+        &self,
+        req: Request<fpb::GetMicroVmRequest>,
+    ) -> Result<Response<fpb::GetMicroVmResponse>, Status> {
         let uid = req.into_inner().uid;
         if uid.is_empty() {
             return Err(Status::invalid_argument("uid is required"));
         }
         let rec = self.inner.records.get(&uid)?.ok_or_else(|| not_found(&uid))?;
         let vm = self.vm_of(&uid)?;
-        Ok(Response::new(fpb::GetMicroVmResponse { microvm: Some(self.microvm(&rec, vm.as_ref())) }))
+        Ok(Response::new(fpb::GetMicroVmResponse {
+            microvm: Some(self.microvm(&rec, vm.as_ref())),
+        }))
     }
 
-    async fn list_micro_v_ms(&self, req: Request<fpb::ListMicroVMsRequest>) -> Result<Response<fpb::ListMicroVMsResponse>, Status> {
+    async fn list_micro_v_ms(
+        &self,
+        req: Request<fpb::ListMicroVMsRequest>,
+    ) -> Result<Response<fpb::ListMicroVMsResponse>, Status> {
         let req = req.into_inner();
         let name = req.name.as_deref().filter(|n| !n.is_empty());
         let list = self.records_in(&req.namespace, name)?;
@@ -89,8 +118,11 @@ impl MicroVm for Flintlock {
             return Err(Status::invalid_argument("namespace is required"));
         }
         let list = self.records_in(&req.namespace, None)?;
-        let items: Vec<Result<fpb::ListMessage, Status>> =
-            self.microvms(&list)?.into_iter().map(|m| Ok(fpb::ListMessage { microvm: Some(m) })).collect();
+        let items: Vec<Result<fpb::ListMessage, Status>> = self
+            .microvms(&list)?
+            .into_iter()
+            .map(|m| Ok(fpb::ListMessage { microvm: Some(m) }))
+            .collect();
         Ok(Response::new(Box::pin(tokio_stream::iter(items))))
     }
 }

@@ -3,18 +3,27 @@
 use super::*;
 
 /// PENDING until the guest is up, CREATED while it runs, FAILED with a reason otherwise.
-pub(super) fn observed_state(rec: &Record, vm: Option<&VmRecord>) -> (fl::micro_vm_status::MicroVmState, String) {
+pub(super) fn observed_state(
+    rec: &Record,
+    vm: Option<&VmRecord>,
+) -> (fl::micro_vm_status::MicroVmState, String) {
     use fl::micro_vm_status::MicroVmState as S;
     match (rec.phase, vm) {
         (Phase::Deleting, _) => (S::Deleting, String::new()),
         (Phase::Failed, _) => (S::Failed, rec.reason.clone()),
         (Phase::Pending, _) => (S::Pending, rec.reason.clone()),
-        (Phase::Created, None) => (S::Failed, "the VM was removed outside the Flintlock API (hearth rm)".into()),
+        (Phase::Created, None) => {
+            (S::Failed, "the VM was removed outside the Flintlock API (hearth rm)".into())
+        }
         (Phase::Created, Some(vm)) => match vm.status.state {
             VmState::Running => (S::Created, String::new()),
             VmState::Created | VmState::Starting => (S::Pending, String::new()),
             VmState::Stopping | VmState::Stopped | VmState::Failed => {
-                let why = if vm.status.reason.is_empty() { format!("the VM is {}", vm.status.state) } else { vm.status.reason.clone() };
+                let why = if vm.status.reason.is_empty() {
+                    format!("the VM is {}", vm.status.state)
+                } else {
+                    vm.status.reason.clone()
+                };
                 (S::Failed, why)
             }
         },

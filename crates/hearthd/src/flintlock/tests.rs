@@ -6,7 +6,10 @@ fn good() -> fl::MicroVmSpec {
         kernel: Some(fl::Kernel { image: "reg/kernel:1".into(), ..Default::default() }),
         root_volume: Some(fl::Volume {
             id: "root".into(),
-            source: Some(fl::VolumeSource { container_source: Some("reg/os:1".into()), ..Default::default() }),
+            source: Some(fl::VolumeSource {
+                container_source: Some("reg/os:1".into()),
+                ..Default::default()
+            }),
             ..Default::default()
         }),
         interfaces: vec![fl::NetworkInterface { device_id: "eth1".into(), ..Default::default() }],
@@ -32,14 +35,34 @@ fn validation_names_what_is_wrong() {
         (Box::new(|s| s.initrd = Some(fl::Initrd::default())), "initrd"),
         (Box::new(|s| s.provider = Some("firecracker".into())), "provider"),
         (Box::new(|s| s.interfaces[0].guest_mac = Some("01:00:00:00:00:01".into())), "MAC"),
-        (Box::new(|s| s.metadata.insert("userdata".into(), String::new()).map(drop).unwrap_or(())), "userdata"),
-        (Box::new(|s| s.metadata.insert("user-data".into(), "not base64!".into()).map(drop).unwrap_or(())), "base64"),
-        (Box::new(|s| s.id = "bad name".into()), "bad name"),
-        (Box::new(|s| s.additional_volumes.push(fl::Volume { id: "v".into(), ..Default::default() })), "container_source"),
         (
             Box::new(|s| {
-                let src = fl::VolumeSource { virtiofs_source: Some("/srv".into()), ..Default::default() };
-                s.additional_volumes.push(fl::Volume { id: "v".into(), source: Some(src), ..Default::default() })
+                s.metadata.insert("userdata".into(), String::new()).map(drop).unwrap_or(())
+            }),
+            "userdata",
+        ),
+        (
+            Box::new(|s| {
+                s.metadata.insert("user-data".into(), "not base64!".into()).map(drop).unwrap_or(())
+            }),
+            "base64",
+        ),
+        (Box::new(|s| s.id = "bad name".into()), "bad name"),
+        (
+            Box::new(|s| {
+                s.additional_volumes.push(fl::Volume { id: "v".into(), ..Default::default() })
+            }),
+            "container_source",
+        ),
+        (
+            Box::new(|s| {
+                let src =
+                    fl::VolumeSource { virtiofs_source: Some("/srv".into()), ..Default::default() };
+                s.additional_volumes.push(fl::Volume {
+                    id: "v".into(),
+                    source: Some(src),
+                    ..Default::default()
+                })
             }),
             "virtiofs",
         ),
@@ -57,7 +80,10 @@ fn validation_names_what_is_wrong() {
 fn instance_id_is_injected_and_the_rest_of_the_meta_data_kept() {
     let b64 = &base64::engine::general_purpose::STANDARD;
     let mut s = good();
-    s.metadata.insert("meta-data".into(), b64.encode("local_hostname: node1\ninstance_id: client-chose-this\n"));
+    s.metadata.insert(
+        "meta-data".into(),
+        b64.encode("local_hostname: node1\ninstance_id: client-chose-this\n"),
+    );
     inject_instance_id(&mut s, "01ABC").expect("inject");
     let text = String::from_utf8(b64.decode(&s.metadata["meta-data"]).expect("b64")).expect("utf8");
     let doc: serde_yaml::Mapping = serde_yaml::from_str(&text).expect("yaml");
@@ -66,7 +92,9 @@ fn instance_id_is_injected_and_the_rest_of_the_meta_data_kept() {
     assert_eq!(doc.get("local_hostname").and_then(|v| v.as_str()), Some("node1"));
     let mut empty = good();
     inject_instance_id(&mut empty, "01XYZ").expect("inject");
-    assert!(String::from_utf8(b64.decode(&empty.metadata["meta-data"]).expect("b64")).expect("utf8").contains("instance_id: 01XYZ"));
+    assert!(String::from_utf8(b64.decode(&empty.metadata["meta-data"]).expect("b64"))
+        .expect("utf8")
+        .contains("instance_id: 01XYZ"));
 }
 
 #[test]
@@ -98,13 +126,18 @@ fn the_create_request_carries_cloud_init_the_mac_and_kernel_arguments() {
 fn static_addresses_need_the_bridge_and_must_lie_on_it() {
     let with = |address: &str, gateway: Option<&str>| {
         let mut s = good();
-        let a = fl::StaticAddress { address: address.into(), gateway: gateway.map(Into::into), nameservers: vec![] };
+        let a = fl::StaticAddress {
+            address: address.into(),
+            gateway: gateway.map(Into::into),
+            nameservers: vec![],
+        };
         s.interfaces[0].address = Some(a);
         s
     };
     let e = validate(with("10.61.0.50/16", None), NetworkMode::User).expect_err("user mode");
     assert!(e.message().contains("--flintlock-network bridge"), "{}", e.message());
-    let ok = validate(with("10.61.0.50/16", Some("10.61.0.1/16")), NetworkMode::Bridge).expect("on the bridge");
+    let ok = validate(with("10.61.0.50/16", Some("10.61.0.1/16")), NetworkMode::Bridge)
+        .expect("on the bridge");
     let req = create_request(&ok, "01ABC", "fl-0", NetworkMode::Bridge).expect("request");
     assert_eq!((req.address.as_str(), req.network.as_str()), ("10.61.0.50", "bridge"));
     for (address, gateway, needle) in [
@@ -151,8 +184,14 @@ fn basic_auth_wants_the_base64_token_under_any_case_of_basic() {
     let token = base64::engine::general_purpose::STANDARD.encode("s3cret");
     assert!(check_basic_auth("s3cret", &with(&format!("Basic {token}"))).is_ok());
     assert!(check_basic_auth("s3cret", &with(&format!("basic {token}"))).is_ok());
-    assert_eq!(check_basic_auth("s3cret", &with("Basic czNjcmV")).expect_err("wrong").code(), tonic::Code::Unauthenticated);
-    assert_eq!(check_basic_auth("s3cret", &with(&format!("Bearer {token}"))).expect_err("scheme").code(), tonic::Code::Unauthenticated);
+    assert_eq!(
+        check_basic_auth("s3cret", &with("Basic czNjcmV")).expect_err("wrong").code(),
+        tonic::Code::Unauthenticated
+    );
+    assert_eq!(
+        check_basic_auth("s3cret", &with(&format!("Bearer {token}"))).expect_err("scheme").code(),
+        tonic::Code::Unauthenticated
+    );
     assert!(check_basic_auth("s3cret", &Request::new(())).is_err());
 }
 

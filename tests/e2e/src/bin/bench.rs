@@ -49,7 +49,13 @@ fn image_prep(reg: &LocalRegistry, runs: usize) {
         let root = work.path().join(format!("hearth-{i}"));
         let t = Instant::now();
         let store = hearth_image::ImageStore::open(&root).expect("store");
-        let rec = store.pull(&image.parse().expect("ref"), &hearth_image::PullOptions::default(), &hearth_image::NoProgress).expect("pull");
+        let rec = store
+            .pull(
+                &image.parse().expect("ref"),
+                &hearth_image::PullOptions::default(),
+                &hearth_image::NoProgress,
+            )
+            .expect("pull");
         store.rootfs(&rec).expect("rootfs");
         hearth.push(t.elapsed());
 
@@ -60,9 +66,16 @@ fn image_prep(reg: &LocalRegistry, runs: usize) {
             .args(["copy", "--quiet", "--src-tls-verify=false"])
             .arg(format!("docker://{image}"))
             .arg(format!("oci:{}:t", dir.join("oci").display())));
-        run(Command::new("umoci").args(["unpack", "--image"]).arg(format!("{}:t", dir.join("oci").display())).arg(dir.join("bundle")));
+        run(Command::new("umoci")
+            .args(["unpack", "--image"])
+            .arg(format!("{}:t", dir.join("oci").display()))
+            .arg(dir.join("bundle")));
         let rootfs = dir.join("bundle/rootfs");
-        run(Command::new("mkfs.ext4").args(["-q", "-F", "-d"]).arg(&rootfs).arg(dir.join("root.ext4")).arg("256M"));
+        run(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-d"])
+            .arg(&rootfs)
+            .arg(dir.join("root.ext4"))
+            .arg("256M"));
         base.push(t.elapsed());
         let _ = std::fs::remove_dir_all(&root);
         let _ = std::fs::remove_dir_all(&dir);
@@ -72,17 +85,24 @@ fn image_prep(reg: &LocalRegistry, runs: usize) {
     let (a, ma) = row("hearth (pull, unpack, mkfs.ext4 -d)", &mut hearth);
     let (b, mb) = row("skopeo copy + umoci unpack + mkfs.ext4 -d", &mut base);
     println!("{a}\n{b}");
-    println!("\nhearth takes {:.0}% of the baseline's time.", 100.0 * ma.as_secs_f64() / mb.as_secs_f64());
+    println!(
+        "\nhearth takes {:.0}% of the baseline's time.",
+        100.0 * ma.as_secs_f64() / mb.as_secs_f64()
+    );
 }
 
 /// Waits on an agent socket for hearth-init's Ready with the same client hearthd uses.
 fn wait_ready(sock: &Path, deadline: Instant) -> bool {
-    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return false };
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+        return false;
+    };
     rt.block_on(async {
         let agent = loop {
             match hearth_vmm::agent::AgentClient::connect(sock).await {
                 Ok(a) => break a,
-                Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(5)).await,
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(5)).await
+                }
                 Err(_) => return false,
             }
         };
@@ -112,8 +132,12 @@ fn run_to_ready(reg: &LocalRegistry, runs: usize) -> Daemon {
         .map(|e| e.path())
         .find(|p| p.to_string_lossy().contains("initramfs-"))
         .expect("initramfs");
-    let base_img =
-        std::fs::read_dir(d.root.path().join("images/rootfs")).expect("rootfs dir").flatten().map(|e| e.path()).next().expect("base ext4");
+    let base_img = std::fs::read_dir(d.root.path().join("images/rootfs"))
+        .expect("rootfs dir")
+        .flatten()
+        .map(|e| e.path())
+        .next()
+        .expect("base ext4");
     let work = tempfile::tempdir().expect("tmp");
     let mut bare = Vec::new();
     for i in 0..runs {
@@ -157,11 +181,24 @@ fn run_to_ready(reg: &LocalRegistry, runs: usize) -> Daemon {
         };
         let bios = Path::new(hearth_vmm::qemu::QBOOT);
         // The same command line, unconfined and not paused (nobody captures its console here).
-        let mut args = hearth_vmm::qemu::qemu_args(&spec, hearth_types::Accel::Tcg, bios.exists().then_some(bios), Default::default());
+        let mut args = hearth_vmm::qemu::qemu_args(
+            &spec,
+            hearth_types::Accel::Tcg,
+            bios.exists().then_some(bios),
+            Default::default(),
+        );
         args.retain(|a| a != "-S");
         let t = Instant::now();
-        let mut child = Command::new("qemu-system-x86_64").args(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("qemu");
-        assert!(wait_ready(&vm_dir.join("agent.sock"), Instant::now() + Duration::from_secs(120)), "bare qemu never became ready");
+        let mut child = Command::new("qemu-system-x86_64")
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu");
+        assert!(
+            wait_ready(&vm_dir.join("agent.sock"), Instant::now() + Duration::from_secs(120)),
+            "bare qemu never became ready"
+        );
         bare.push(t.elapsed());
         let _ = child.kill();
         let _ = child.wait();
@@ -171,7 +208,10 @@ fn run_to_ready(reg: &LocalRegistry, runs: usize) -> Daemon {
     let (a, ma) = row("hearth run -d (CLI → daemon → disk clone → QEMU → ready)", &mut hearth);
     let (b, mb) = row("bare qemu-system-x86_64 → ready", &mut bare);
     println!("{a}\n{b}");
-    println!("\nhearth's overhead over bare QEMU: {:+.1}%.", 100.0 * (ma.as_secs_f64() / mb.as_secs_f64() - 1.0));
+    println!(
+        "\nhearth's overhead over bare QEMU: {:+.1}%.",
+        100.0 * (ma.as_secs_f64() / mb.as_secs_f64() - 1.0)
+    );
     d
 }
 
@@ -184,7 +224,20 @@ fn exec_latency(d: &Daemon, reg: &LocalRegistry, n: usize) {
         let img = TestImage { host_binaries: vec![dropbear.to_path_buf()], ..Default::default() };
         push_image(reg, "sshd:1", &img).expect("push sshd image");
         let image = format!("{}/sshd:1", reg.host());
-        d.ok(&["run", "-d", "--ssh", "--name", "execbench", &image, "/usr/sbin/dropbear", "-F", "-E", "-R", "-p", "22"]);
+        d.ok(&[
+            "run",
+            "-d",
+            "--ssh",
+            "--name",
+            "execbench",
+            &image,
+            "/usr/sbin/dropbear",
+            "-F",
+            "-E",
+            "-R",
+            "-p",
+            "22",
+        ]);
         // dropbear generates its host key on the first connection.
         let deadline = Instant::now() + Duration::from_secs(120);
         while !d.hearth(&["ssh", "execbench", "true"]).status.success() {
@@ -212,10 +265,14 @@ fn exec_latency(d: &Daemon, reg: &LocalRegistry, n: usize) {
     println!("{row_exec}");
     if ssh {
         let mut over_ssh = time(&["ssh", "execbench", "true"], n);
-        let (row_ssh, m_ssh) = row("hearth ssh VM true (OpenSSH client → dropbear in the guest)", &mut over_ssh);
+        let (row_ssh, m_ssh) =
+            row("hearth ssh VM true (OpenSSH client → dropbear in the guest)", &mut over_ssh);
         println!("{row_ssh}");
         println!("{}", row("hearth version (CLI + one RPC, no guest)", &mut version).0);
-        println!("\nexec is {:.1}× faster than ssh on the same VM.", m_ssh.as_secs_f64() / m_exec.as_secs_f64());
+        println!(
+            "\nexec is {:.1}× faster than ssh on the same VM.",
+            m_ssh.as_secs_f64() / m_exec.as_secs_f64()
+        );
     } else {
         println!("{}", row("hearth version (CLI + one RPC, no guest)", &mut version).0);
         println!("| hearth ssh VM true | skipped: install dropbear-bin and openssh-client (cargo xtask deps) | | |");
@@ -226,7 +283,10 @@ fn exec_latency(d: &Daemon, reg: &LocalRegistry, n: usize) {
 /// hearthd's resident memory, from /proc.
 fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kib = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok());
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok());
     kib.unwrap_or(0) * 1024
 }
 
@@ -248,7 +308,8 @@ fn api_rate(
     rt.block_on(async {
         let tasks: Vec<_> = (0..CONCURRENCY)
             .map(|w| {
-                let (mut c, image, prefix) = (HearthClient::new(channel.clone()), image.to_owned(), prefix.to_owned());
+                let (mut c, image, prefix) =
+                    (HearthClient::new(channel.clone()), image.to_owned(), prefix.to_owned());
                 tokio::spawn(async move {
                     for i in 0..per {
                         if noop {
@@ -285,8 +346,11 @@ fn creation_rate_with(image: &str, existing: usize, creates: usize) -> f64 {
     let channel = rt.block_on(hearth_api::connect_unix(d.socket.clone())).expect("socket");
     api_rate(&rt, &channel, image, "seed", CONCURRENCY, false);
     let vms = d.root.path().join("vms");
-    let seed_dir = std::fs::read_dir(&vms).expect("vms").flatten().next().expect("a seed VM").path();
-    let seed: serde_json::Value = serde_json::from_slice(&std::fs::read(seed_dir.join("record.json")).expect("seed")).expect("json");
+    let seed_dir =
+        std::fs::read_dir(&vms).expect("vms").flatten().next().expect("a seed VM").path();
+    let seed: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(seed_dir.join("record.json")).expect("seed"))
+            .expect("json");
     d.kill9();
     for i in 0..existing.saturating_sub(CONCURRENCY) {
         let id = format!("{:016x}", 0xbe00_0000_0000_0000u64 + i as u64);
@@ -295,7 +359,8 @@ fn creation_rate_with(image: &str, existing: usize, creates: usize) -> f64 {
         r["spec"]["name"] = format!("old-{i}").into();
         let dir = vms.join(&id);
         std::fs::create_dir(&dir).expect("mkdir");
-        std::fs::write(dir.join("record.json"), serde_json::to_vec(&r).expect("json")).expect("record");
+        std::fs::write(dir.join("record.json"), serde_json::to_vec(&r).expect("json"))
+            .expect("record");
     }
     d.spawn();
     let channel = rt.block_on(hearth_api::connect_unix(d.socket.clone())).expect("socket");
@@ -318,7 +383,10 @@ fn control_plane(d: &Daemon, image: &str, creates: usize, runs: usize) {
     let mut overhead = Vec::new();
     for i in 0..runs {
         let name = format!("ovh{i}");
-        let t0 = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64;
+        let t0 = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis() as u64;
         d.ok(&["run", "-d", "--no-wait", "--name", &name, image, "sleep", "100000"]);
         let started = d.inspect(&name)["status"]["started_at"].as_u64().expect("started_at");
         overhead.push(Duration::from_millis(started.saturating_sub(t0)));
@@ -327,9 +395,13 @@ fn control_plane(d: &Daemon, image: &str, creates: usize, runs: usize) {
     println!("\n### Control plane ({} creations from {CONCURRENCY} clients over the Unix socket; no guest boots)\n", per * CONCURRENCY);
     println!("| measure | hearth | baseline / target |\n|---|---|---|");
     println!("| VM creations per second (CreateVm: validate, name, persist) | {created:.0}/s | no-op RPC on the same socket: {noop:.0}/s; target 150/s |");
-    let (small, large) = (creation_rate_with(image, 10, 200), creation_rate_with(image, 10_000, 200));
+    let (small, large) =
+        (creation_rate_with(image, 10, 200), creation_rate_with(image, 10_000, 200));
     println!("| VM creations per second with 10,000 VMs already on the host | {large:.0}/s | the same daemon with 10 VMs: {small:.0}/s |");
-    println!("| hearthd memory per created VM (RSS growth / VMs) | {:.1} KiB | target < 1024 KiB |", per_vm / 1024.0);
+    println!(
+        "| hearthd memory per created VM (RSS growth / VMs) | {:.1} KiB | target < 1024 KiB |",
+        per_vm / 1024.0
+    );
     println!(
         "| `hearth run -d` command start to VMM spawn, cached image (median of {runs}) | {} | target < 50 ms |",
         ms(median(&mut overhead))
@@ -351,13 +423,23 @@ fn main() {
         eprintln!("hearth-bench: {why}");
         std::process::exit(2);
     }
-    let runs: usize = std::env::args().skip_while(|a| a != "--runs").nth(1).and_then(|n| n.parse().ok()).unwrap_or(3);
+    let runs: usize = std::env::args()
+        .skip_while(|a| a != "--runs")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(3);
     let reg = LocalRegistry::start().expect("docker-registry");
-    push_image(&reg, "bench:1", &TestImage { payload_bytes: 64 << 20, ..Default::default() }).expect("push bench image");
+    push_image(&reg, "bench:1", &TestImage { payload_bytes: 64 << 20, ..Default::default() })
+        .expect("push bench image");
     push_image(&reg, "demo:1", &TestImage::default()).expect("push demo image");
     println!(
         "## hearth benchmarks ({})",
-        Command::new("date").arg("-u").arg("+%Y-%m-%d").output().map(|o| text(&o.stdout).trim().to_owned()).unwrap_or_default()
+        Command::new("date")
+            .arg("-u")
+            .arg("+%Y-%m-%d")
+            .output()
+            .map(|o| text(&o.stdout).trim().to_owned())
+            .unwrap_or_default()
     );
     let demo = format!("{}/demo:1", reg.host());
     if std::env::args().any(|a| a == "--control-plane") {

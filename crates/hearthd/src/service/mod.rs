@@ -27,72 +27,46 @@ impl Api {
     }
 }
 
-fn json<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_string(v).unwrap_or_default()
-}
+mod kernel_image;
+mod support;
 
-/// Any domain record (VM, image, kernel) as the API's JSON record.
-fn record<T: serde::Serialize>(v: &T) -> Response<pb::Record> {
-    Response::new(pb::Record { json: json(v), warning: String::new() })
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Send + 'static) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f).await.map_err(internal)?
-}
-
-fn user_error(e: impl std::fmt::Display) -> Status {
-    Status::invalid_argument(e.to_string())
-}
-
-fn chain(e: impl Into<anyhow::Error>) -> Status {
-    Status::failed_precondition(format!("{:#}", e.into()))
-}
-
-/// Runs a mutation to its end in a task of the daemon's own. A client that goes away drops the
-/// handler's future, which then cancels only its wait for the answer: the work is never cut off
-/// between two steps (a VMM started but not recorded, watched or attached).
-pub async fn detached<T: Send + 'static>(work: impl std::future::Future<Output = Result<T, Status>> + Send + 'static) -> Result<T, Status> {
-    tokio::spawn(work).await.map_err(internal)?
-}
-
-fn running(r: &VmRecord) -> bool {
-    r.status.state.is_active()
-}
-
-struct ChannelProgress(tokio::sync::mpsc::Sender<Result<pb::Progress, Status>>);
-
-impl hearth_image::Progress for ChannelProgress {
-    fn start(&self, digest: &str, total: u64) {
-        let _ = self.0.blocking_send(Ok(pb::Progress { digest: digest.into(), total, ..Default::default() }));
-    }
-    fn advance(&self, digest: &str, bytes: u64) {
-        let _ = self.0.blocking_send(Ok(pb::Progress { digest: digest.into(), current: bytes, ..Default::default() }));
-    }
-    fn finish(&self, digest: &str) {
-        let _ = self.0.blocking_send(Ok(pb::Progress { digest: digest.into(), done: true, ..Default::default() }));
-    }
-}
+pub use kernel_image::kernel_from_image;
+use support::*;
+pub use support::{created_now, detached, new_id, new_record};
 
 #[tonic::async_trait]
 impl Hearth for Api {
-    async fn version(&self, _: Request<pb::Empty>) -> Result<Response<pb::VersionResponse>, Status> {
+    async fn version(
+        &self,
+        _: Request<pb::Empty>,
+    ) -> Result<Response<pb::VersionResponse>, Status> {
         let accel = match hearth_vmm::resolve_accel(hearth_types::Accel::Auto) {
             Ok((a, _)) => a.to_string(),
             Err(e) => e.to_string(),
         };
-        Ok(Response::new(pb::VersionResponse { version: env!("CARGO_PKG_VERSION").into(), root: self.d.root.display().to_string(), accel }))
+        Ok(Response::new(pb::VersionResponse {
+            version: env!("CARGO_PKG_VERSION").into(),
+            root: self.d.root.display().to_string(),
+            accel,
+        }))
     }
 
     type PullImageStream = Streamed<pb::Progress>;
-    async fn pull_image(&self, req: Request<pb::PullImageRequest>) -> Result<Response<Self::PullImageStream>, Status> {
+    async fn pull_image(
+        &self,
+        req: Request<pb::PullImageRequest>,
+    ) -> Result<Response<Self::PullImageStream>, Status> {
         let req = req.into_inner();
         let r: ImageRef = req.r#ref.parse().map_err(user_error)?;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let d = self.d.clone();
         tokio::task::spawn_blocking(move || {
-            let out = d.images.pull(&r, &d.pull_options(req.insecure), &ChannelProgress(tx.clone()));
+            let out =
+                d.images.pull(&r, &d.pull_options(req.insecure), &ChannelProgress(tx.clone()));
             let msg = match out {
-                Ok(rec) => Ok(pb::Progress { done: true, result_json: json(&rec), ..Default::default() }),
+                Ok(rec) => {
+                    Ok(pb::Progress { done: true, result_json: json(&rec), ..Default::default() })
+                }
                 Err(e) => Err(chain(e)),
             };
             let _ = tx.blocking_send(msg);
@@ -100,11 +74,17 @@ impl Hearth for Api {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn import_image(&self, req: Request<pb::ImportImageRequest>) -> Result<Response<pb::Record>, Status> {
+    async fn import_image(
+        &self,
+        req: Request<pb::ImportImageRequest>,
+    ) -> Result<Response<pb::Record>, Status> {
         let req = req.into_inner();
         let name: ImageRef = req.name.parse().map_err(user_error)?;
         let d = self.d.clone();
-        let rec = blocking(move || d.images.import(std::path::Path::new(&req.path), &name).map_err(chain)).await?;
+        let rec = blocking(move || {
+            d.images.import(std::path::Path::new(&req.path), &name).map_err(chain)
+        })
+        .await?;
         Ok(record(&rec))
     }
 
@@ -113,16 +93,27 @@ impl Hearth for Api {
         Ok(Response::new(pb::Records { json: list.iter().map(json).collect() }))
     }
 
-    async fn remove_image(&self, req: Request<pb::RemoveRequest>) -> Result<Response<pb::Record>, Status> {
+    async fn remove_image(
+        &self,
+        req: Request<pb::RemoveRequest>,
+    ) -> Result<Response<pb::Record>, Status> {
         let req = req.into_inner();
-        let img = self
+        let img = self.d.images.get(&req.r#ref).map_err(internal)?.ok_or_else(|| {
+            Status::not_found(format!("no such image: {} (see `hearth image ls`)", req.r#ref))
+        })?;
+        let uses = |v: &VmRecord| {
+            v.spec.image_id == img.id.hex()
+                || v.spec.volumes.iter().any(|vol| vol.image_id == img.id.hex())
+        };
+        let users: Vec<String> = self
             .d
-            .images
-            .get(&req.r#ref)
+            .vms
+            .list()
             .map_err(internal)?
-            .ok_or_else(|| Status::not_found(format!("no such image: {} (see `hearth image ls`)", req.r#ref)))?;
-        let uses = |v: &VmRecord| v.spec.image_id == img.id.hex() || v.spec.volumes.iter().any(|vol| vol.image_id == img.id.hex());
-        let users: Vec<String> = self.d.vms.list().map_err(internal)?.into_iter().filter(uses).map(|v| v.spec.name).collect();
+            .into_iter()
+            .filter(uses)
+            .map(|v| v.spec.name)
+            .collect();
         if !users.is_empty() && !req.force {
             return Err(Status::failed_precondition(format!(
                 "image {} is used by VM(s) {}: remove them first, or use --force",
@@ -135,13 +126,19 @@ impl Hearth for Api {
         Ok(record(&rec))
     }
 
-    async fn import_kernel(&self, req: Request<pb::ImportKernelRequest>) -> Result<Response<pb::Record>, Status> {
+    async fn import_kernel(
+        &self,
+        req: Request<pb::ImportKernelRequest>,
+    ) -> Result<Response<pb::Record>, Status> {
         let req = req.into_inner();
         hearth_types::validate_name(&req.name).map_err(user_error)?;
         let d = self.d.clone();
         let rec = blocking(move || {
             let modules = (!req.modules.is_empty()).then(|| std::path::PathBuf::from(&req.modules));
-            let rec = d.kernels.import(std::path::Path::new(&req.path), modules.as_deref(), &req.name).map_err(chain)?;
+            let rec = d
+                .kernels
+                .import(std::path::Path::new(&req.path), modules.as_deref(), &req.name)
+                .map_err(chain)?;
             if req.make_default {
                 d.kernels.set_default(&req.name).map_err(chain)?;
             }
@@ -154,20 +151,33 @@ impl Hearth for Api {
     }
 
     type PullKernelStream = Streamed<pb::Progress>;
-    async fn pull_kernel(&self, req: Request<pb::PullKernelRequest>) -> Result<Response<Self::PullKernelStream>, Status> {
+    async fn pull_kernel(
+        &self,
+        req: Request<pb::PullKernelRequest>,
+    ) -> Result<Response<Self::PullKernelStream>, Status> {
         let req = req.into_inner();
         let r: ImageRef = req.r#ref.parse().map_err(user_error)?;
-        let name = if req.name.is_empty() { r.repository.rsplit('/').next().unwrap_or("kernel").to_owned() } else { req.name.clone() };
+        let name = if req.name.is_empty() {
+            r.repository.rsplit('/').next().unwrap_or("kernel").to_owned()
+        } else {
+            req.name.clone()
+        };
         hearth_types::validate_name(&name).map_err(user_error)?;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let d = self.d.clone();
         tokio::task::spawn_blocking(move || {
             let run = || -> anyhow::Result<hearth_types::KernelRecord> {
-                let img = d.images.pull(&r, &d.pull_options(req.insecure), &ChannelProgress(tx.clone()))?;
+                let img = d.images.pull(
+                    &r,
+                    &d.pull_options(req.insecure),
+                    &ChannelProgress(tx.clone()),
+                )?;
                 kernel_from_image(&d, &img, &name, None)
             };
             let msg = match run() {
-                Ok(rec) => Ok(pb::Progress { done: true, result_json: json(&rec), ..Default::default() }),
+                Ok(rec) => {
+                    Ok(pb::Progress { done: true, result_json: json(&rec), ..Default::default() })
+                }
                 Err(e) => Err(Status::failed_precondition(format!("{e:#}"))),
             };
             let _ = tx.blocking_send(msg);
@@ -175,16 +185,29 @@ impl Hearth for Api {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn list_kernels(&self, _: Request<pb::Empty>) -> Result<Response<pb::KernelList>, Status> {
+    async fn list_kernels(
+        &self,
+        _: Request<pb::Empty>,
+    ) -> Result<Response<pb::KernelList>, Status> {
         let list = self.d.kernels.list().map_err(chain)?;
         let default = self.d.kernels.default_name().map_err(chain)?.unwrap_or_default();
         Ok(Response::new(pb::KernelList { json: list.iter().map(json).collect(), default }))
     }
 
-    async fn remove_kernel(&self, req: Request<pb::RemoveRequest>) -> Result<Response<pb::Record>, Status> {
+    async fn remove_kernel(
+        &self,
+        req: Request<pb::RemoveRequest>,
+    ) -> Result<Response<pb::Record>, Status> {
         let req = req.into_inner();
-        let users: Vec<String> =
-            self.d.vms.list().map_err(internal)?.into_iter().filter(|v| v.spec.kernel == req.r#ref).map(|v| v.spec.name).collect();
+        let users: Vec<String> = self
+            .d
+            .vms
+            .list()
+            .map_err(internal)?
+            .into_iter()
+            .filter(|v| v.spec.kernel == req.r#ref)
+            .map(|v| v.spec.name)
+            .collect();
         if !users.is_empty() && !req.force {
             return Err(Status::failed_precondition(format!(
                 "kernel {} is used by VM(s) {}: remove them first, or use --force",
@@ -196,17 +219,28 @@ impl Hearth for Api {
         Ok(record(&rec))
     }
 
-    async fn set_default_kernel(&self, req: Request<pb::Ref>) -> Result<Response<pb::Empty>, Status> {
+    async fn set_default_kernel(
+        &self,
+        req: Request<pb::Ref>,
+    ) -> Result<Response<pb::Empty>, Status> {
         self.d.kernels.set_default(&req.into_inner().r#ref).map_err(chain)?;
         Ok(Response::new(pb::Empty {}))
     }
 
-    async fn create_vm(&self, req: Request<pb::CreateVmRequest>) -> Result<Response<pb::Record>, Status> {
+    async fn create_vm(
+        &self,
+        req: Request<pb::CreateVmRequest>,
+    ) -> Result<Response<pb::Record>, Status> {
         let d = self.d.clone();
-        detached(async move { crate::create::create(&d, req.into_inner()).await }).await.map(|r| record(&r))
+        detached(async move { crate::create::create(&d, req.into_inner()).await })
+            .await
+            .map(|r| record(&r))
     }
 
-    async fn start_vm(&self, req: Request<pb::StartVmRequest>) -> Result<Response<pb::Record>, Status> {
+    async fn start_vm(
+        &self,
+        req: Request<pb::StartVmRequest>,
+    ) -> Result<Response<pb::Record>, Status> {
         let req = req.into_inner();
         let rec = self.d.resolve(&req.r#ref)?;
         let id = rec.spec.id.clone();
@@ -215,7 +249,8 @@ impl Hearth for Api {
         let already = detached(async move {
             let lock = d.lock_for(&id2);
             let _g = lock.lock().await;
-            let mut cur = d.get(&id2)?.ok_or_else(|| Status::not_found(format!("no such VM: {name}")))?;
+            let mut cur =
+                d.get(&id2)?.ok_or_else(|| Status::not_found(format!("no such VM: {name}")))?;
             if running(&cur) {
                 return Ok(Some(cur));
             }
@@ -250,36 +285,62 @@ impl Hearth for Api {
                 if out.status.state != VmState::Starting {
                     break;
                 }
-                if tokio::time::timeout(reconcile::READY_TIMEOUT, changes.changed()).await.is_err() {
-                    return Err(Status::deadline_exceeded("the guest did not report ready in time; see `hearth logs`"));
+                if tokio::time::timeout(reconcile::READY_TIMEOUT, changes.changed()).await.is_err()
+                {
+                    return Err(Status::deadline_exceeded(
+                        "the guest did not report ready in time; see `hearth logs`",
+                    ));
                 }
             }
         }
-        Ok(Response::new(pb::Record { json: json(&out), warning: if out.status.accel == "tcg" { warning } else { String::new() } }))
+        Ok(Response::new(pb::Record {
+            json: json(&out),
+            warning: if out.status.accel == "tcg" { warning } else { String::new() },
+        }))
     }
 
-    async fn stop_vm(&self, req: Request<pb::StopVmRequest>) -> Result<Response<pb::Record>, Status> {
+    async fn stop_vm(
+        &self,
+        req: Request<pb::StopVmRequest>,
+    ) -> Result<Response<pb::Record>, Status> {
         let req = req.into_inner();
-        let timeout = if req.timeout_secs == 0 { reconcile::DEFAULT_STOP_TIMEOUT } else { Duration::from_secs(req.timeout_secs.into()) };
+        let timeout = if req.timeout_secs == 0 {
+            reconcile::DEFAULT_STOP_TIMEOUT
+        } else {
+            Duration::from_secs(req.timeout_secs.into())
+        };
         self.set_desired(&req.r#ref, Desired::Stopped, Options { stop_timeout: timeout }).await
     }
 
-    async fn kill_vm(&self, req: Request<pb::KillVmRequest>) -> Result<Response<pb::Record>, Status> {
+    async fn kill_vm(
+        &self,
+        req: Request<pb::KillVmRequest>,
+    ) -> Result<Response<pb::Record>, Status> {
         let req = req.into_inner();
         let sig = parse_signal(&req.signal)?;
         let rec = self.d.resolve(&req.r#ref)?;
         if rec.status.pid.is_none() {
-            return Err(Status::failed_precondition(format!("VM {} is not running", rec.spec.name)));
+            return Err(Status::failed_precondition(format!(
+                "VM {} is not running",
+                rec.spec.name
+            )));
         }
         let d = self.d.clone();
         detached(async move {
-            let out = d.reconciler().kill(&rec.spec.id, sig).await.map_err(hearth_api::status::to_status)?;
+            let out = d
+                .reconciler()
+                .kill(&rec.spec.id, sig)
+                .await
+                .map_err(hearth_api::status::to_status)?;
             Ok(record(&out.unwrap_or(rec)))
         })
         .await
     }
 
-    async fn remove_vm(&self, req: Request<pb::RemoveRequest>) -> Result<Response<pb::Record>, Status> {
+    async fn remove_vm(
+        &self,
+        req: Request<pb::RemoveRequest>,
+    ) -> Result<Response<pb::Record>, Status> {
         let req = req.into_inner();
         let rec = self.d.resolve(&req.r#ref)?;
         if running(&rec) && !req.force {
@@ -292,10 +353,15 @@ impl Hearth for Api {
         Ok(record(&rec))
     }
 
-    async fn list_vms(&self, req: Request<pb::ListVmsRequest>) -> Result<Response<pb::Records>, Status> {
+    async fn list_vms(
+        &self,
+        req: Request<pb::ListVmsRequest>,
+    ) -> Result<Response<pb::Records>, Status> {
         let all = req.into_inner().all;
         let list = self.d.vms.list().map_err(internal)?;
-        Ok(Response::new(pb::Records { json: list.iter().filter(|r| all || running(r)).map(json).collect() }))
+        Ok(Response::new(pb::Records {
+            json: list.iter().filter(|r| all || running(r)).map(json).collect(),
+        }))
     }
 
     async fn inspect_vm(&self, req: Request<pb::Ref>) -> Result<Response<pb::Record>, Status> {
@@ -313,12 +379,17 @@ impl Hearth for Api {
         loop {
             let Some(cur) = self.d.get(&id)? else {
                 // Removed: how it ended, if it ended before (an --rm VM), else that it was removed.
-                let t = self.d.tombstone(&id).ok_or_else(|| Status::not_found("the VM was removed"))?;
+                let t =
+                    self.d.tombstone(&id).ok_or_else(|| Status::not_found("the VM was removed"))?;
                 let ended = t.status.exit_code.is_some();
                 return Ok(Response::new(pb::WaitResponse {
                     exit_code: t.status.exit_code.unwrap_or(-1),
                     state: if ended { t.status.state.to_string() } else { "removed".into() },
-                    reason: if ended { t.status.reason } else { "it was removed (hearth rm -f) before it stopped".into() },
+                    reason: if ended {
+                        t.status.reason
+                    } else {
+                        "it was removed (hearth rm -f) before it stopped".into()
+                    },
                 }));
             };
             if !running(&cur) && cur.desired != Desired::Running {
@@ -333,7 +404,10 @@ impl Hearth for Api {
     }
 
     type LogsStream = Streamed<pb::Chunk>;
-    async fn logs(&self, req: Request<pb::LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
+    async fn logs(
+        &self,
+        req: Request<pb::LogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
         let req = req.into_inner();
         let rec = self.d.resolve(&req.r#ref)?;
         let offset = if req.from_boot { rec.status.console_offset } else { 0 };
@@ -342,30 +416,48 @@ impl Hearth for Api {
     }
 
     type AttachStream = Streamed<pb::Chunk>;
-    async fn attach(&self, req: Request<tonic::Streaming<pb::Chunk>>) -> Result<Response<Self::AttachStream>, Status> {
+    async fn attach(
+        &self,
+        req: Request<tonic::Streaming<pb::Chunk>>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
         let mut input = req.into_inner();
-        let first = input.message().await?.ok_or_else(|| Status::invalid_argument("attach needs the VM named first"))?;
+        let first = input
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("attach needs the VM named first"))?;
         let rec = self.d.resolve(&first.r#ref)?;
         if !running(&rec) {
-            return Err(Status::failed_precondition(format!("VM {} is not running; start it first", rec.spec.name)));
+            return Err(Status::failed_precondition(format!(
+                "VM {} is not running; start it first",
+                rec.spec.name
+            )));
         }
         let rx = crate::console::attach(self.d.clone(), rec.spec.id, input).await?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     type ExecStream = Streamed<pb::ExecOutput>;
-    async fn exec(&self, req: Request<tonic::Streaming<pb::ExecInput>>) -> Result<Response<Self::ExecStream>, Status> {
+    async fn exec(
+        &self,
+        req: Request<tonic::Streaming<pb::ExecInput>>,
+    ) -> Result<Response<Self::ExecStream>, Status> {
         let rx = crate::exec::exec(self.d.clone(), req.into_inner()).await?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn copy_to(&self, req: Request<tonic::Streaming<pb::CopyChunk>>) -> Result<Response<pb::Empty>, Status> {
+    async fn copy_to(
+        &self,
+        req: Request<tonic::Streaming<pb::CopyChunk>>,
+    ) -> Result<Response<pb::Empty>, Status> {
         crate::exec::copy_to(self.d.clone(), req.into_inner()).await?;
         Ok(Response::new(pb::Empty {}))
     }
 
     type CopyFromStream = Streamed<pb::CopyChunk>;
-    async fn copy_from(&self, req: Request<pb::CopyFromRequest>) -> Result<Response<Self::CopyFromStream>, Status> {
+    async fn copy_from(
+        &self,
+        req: Request<pb::CopyFromRequest>,
+    ) -> Result<Response<Self::CopyFromStream>, Status> {
         let rx = crate::exec::copy_from(self.d.clone(), req.into_inner()).await?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -373,72 +465,22 @@ impl Hearth for Api {
 
 impl Api {
     /// Persists `desired` for a VM and reconciles it, in a task of the daemon's own.
-    pub async fn set_desired(&self, reference: &str, desired: Desired, opts: Options) -> Result<Response<pb::Record>, Status> {
+    pub async fn set_desired(
+        &self,
+        reference: &str,
+        desired: Desired,
+        opts: Options,
+    ) -> Result<Response<pb::Record>, Status> {
         let rec = self.d.resolve(reference)?;
         let d = self.d.clone();
         detached(async move {
-            let out = d.reconciler().set_desired(&rec.spec.id, desired, opts).await.map_err(hearth_api::status::to_status)?;
+            let out = d
+                .reconciler()
+                .set_desired(&rec.spec.id, desired, opts)
+                .await
+                .map_err(hearth_api::status::to_status)?;
             Ok(record(&out.unwrap_or(rec)))
         })
         .await
     }
-}
-
-fn parse_signal(s: &str) -> Result<i32, Status> {
-    let name = s.trim_start_matches("SIG").to_ascii_uppercase();
-    Ok(match name.as_str() {
-        "" | "KILL" | "9" => libc::SIGKILL,
-        "TERM" | "15" => libc::SIGTERM,
-        "INT" | "2" => libc::SIGINT,
-        "HUP" | "1" => libc::SIGHUP,
-        other => return Err(Status::invalid_argument(format!("unknown signal {other:?}: use KILL, TERM, INT or HUP"))),
-    })
-}
-
-/// Imports the kernel in a pulled image as `name`, with its initramfs: the file at `filename`
-/// inside the image, or Ignite's layout (`/boot/vmlinux`, `/lib/modules`) when none is given.
-pub fn kernel_from_image(
-    d: &Daemon,
-    img: &hearth_types::ImageRecord,
-    name: &str,
-    filename: Option<&str>,
-) -> anyhow::Result<hearth_types::KernelRecord> {
-    let staging = tempfile_dir(&d.root)?;
-    let out = (|| {
-        d.images.unpack_to(img, &staging)?;
-        let rec = match filename {
-            None => d.kernels.import_rootfs(&staging, name)?,
-            Some(f) => {
-                let rel = std::path::Path::new(f.trim_start_matches('/'));
-                if rel.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
-                    anyhow::bail!("kernel filename {f:?} must be a plain path inside the image, like boot/vmlinux");
-                }
-                d.kernels.import_image_file(&staging, f, name)?
-            }
-        };
-        d.kernels.initramfs(name, &d.init_binary)?;
-        anyhow::Ok(rec)
-    })();
-    let _ = std::fs::remove_dir_all(&staging);
-    out
-}
-
-fn tempfile_dir(root: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
-    let dir = root.join("tmp").join(format!("kernel-{:016x}", rand::random::<u64>()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
-}
-
-/// A fresh record for a validated spec.
-pub fn new_record(spec: VmSpec) -> VmRecord {
-    VmRecord { spec, desired: Desired::Stopped, status: VmStatus::default() }
-}
-
-/// A new random VM id.
-pub fn new_id() -> VmId {
-    VmId::from_bytes(rand::random())
-}
-
-pub fn created_now() -> u64 {
-    now_secs()
 }
