@@ -391,21 +391,7 @@ async fn kill_signals_the_vmm_and_the_vm_stays_stopped() {
 #[tokio::test]
 async fn the_fake_vmm_keeps_the_vmm_contract() {
     let h = harness();
-    let spec = hearth_core::ports::LaunchSpec {
-        vm_dir: "/fake/vms/contract".into(),
-        kernel: "/k".into(),
-        initrd: "/i".into(),
-        cmdline: String::new(),
-        root_disk: "/d".into(),
-        config_disk: "/c".into(),
-        cpus: 1,
-        memory_mib: 128,
-        accel: hearth_types::Accel::Tcg,
-        qemu_binary: None,
-        network: None,
-        volumes: vec![],
-        confinement: Default::default(),
-    };
+    let spec = hearth_testkit::launch_spec(std::path::Path::new("/fake/vms/contract"));
     hearth_testkit::contract::vmm_contract(h.vmm.as_ref(), &spec).await;
 }
 

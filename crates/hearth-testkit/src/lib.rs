@@ -7,4 +7,4 @@ pub mod contract;
 pub mod fakes;
 mod records;
 
-pub use records::{record, spec};
+pub use records::{launch_spec, record, spec};

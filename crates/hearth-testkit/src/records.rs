@@ -40,3 +40,22 @@ pub fn spec(n: u8) -> VmSpec {
 pub fn record(n: u8, desired: Desired, state: VmState) -> VmRecord {
     VmRecord { spec: spec(n), desired, status: VmStatus { state, ..Default::default() } }
 }
+
+/// A launch of one vCPU and 128 MiB under TCG, its disks and boot files in `vm_dir`.
+pub fn launch_spec(vm_dir: &std::path::Path) -> hearth_core::ports::LaunchSpec {
+    hearth_core::ports::LaunchSpec {
+        vm_dir: vm_dir.to_owned(),
+        kernel: vm_dir.join("vmlinuz"),
+        initrd: vm_dir.join("initrd.img"),
+        cmdline: String::new(),
+        root_disk: vm_dir.join("disk.img"),
+        config_disk: vm_dir.join("config.img"),
+        cpus: 1,
+        memory_mib: 128,
+        accel: hearth_types::Accel::Tcg,
+        qemu_binary: None,
+        network: None,
+        volumes: vec![],
+        confinement: Default::default(),
+    }
+}

@@ -316,19 +316,8 @@ mod tests {
     fn a_missing_binary_says_what_to_install() {
         let dir = tempfile::tempdir().expect("tmp");
         let spec = LaunchSpec {
-            vm_dir: dir.path().to_owned(),
-            kernel: "/k".into(),
-            initrd: "/i".into(),
-            cmdline: String::new(),
-            root_disk: "/d".into(),
-            config_disk: "/c".into(),
-            cpus: 1,
-            memory_mib: 128,
-            accel: Accel::Tcg,
             qemu_binary: Some(dir.path().join("no-such-qemu")),
-            network: None,
-            volumes: vec![],
-            confinement: Default::default(),
+            ..hearth_testkit::launch_spec(dir.path())
         };
         let e = launch(&spec).expect_err("no binary");
         assert!(e.to_string().contains("qemu-system-x86"), "{e}");
