@@ -53,7 +53,7 @@ pub fn launch_spec(vm_dir: &std::path::Path) -> hearth_core::ports::LaunchSpec {
         cpus: 1,
         memory_mib: 128,
         accel: hearth_types::Accel::Tcg,
-        qemu_binary: None,
+        binary: None,
         network: None,
         volumes: vec![],
         confinement: Default::default(),

@@ -69,7 +69,7 @@ fn vm(extra_cmdline: &str) -> Option<(tempfile::TempDir, LaunchSpec)> {
         cpus: 1,
         memory_mib: 256,
         accel: Accel::Tcg,
-        qemu_binary: None,
+        binary: None,
         network: None,
         volumes: vec![],
         confinement: Default::default(),

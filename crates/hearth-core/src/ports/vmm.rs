@@ -23,6 +23,26 @@ impl std::fmt::Display for Provider {
     }
 }
 
+impl Provider {
+    /// Every provider, in the order they are offered.
+    pub const ALL: &'static [Provider] = &[Provider::Qemu];
+}
+
+impl std::str::FromStr for Provider {
+    type Err = crate::Error;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Provider::ALL.iter().copied().find(|p| p.to_string() == s).ok_or_else(|| {
+            let names: Vec<String> =
+                Provider::ALL.iter().map(|p| format!("{p:?}").to_lowercase()).collect();
+            crate::Error::invalid(format!(
+                "provider {s:?} is not available on this host; use one of: {}",
+                names.join(", ")
+            ))
+        })
+    }
+}
+
 /// How the host reaches hearth-init's agent in the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AgentTransport {
@@ -74,7 +94,7 @@ pub struct LaunchSpec {
     /// The accelerator asked for (a QEMU option: the other providers need KVM).
     pub accel: Accel,
     /// The VMM binary; the provider's default from PATH when `None`.
-    pub qemu_binary: Option<PathBuf>,
+    pub binary: Option<PathBuf>,
     /// The VM's network card, if it has one.
     pub network: Option<NetLaunch>,
     /// Disks after the root and config disks, in order.
@@ -201,4 +221,18 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
 pub struct Endpoints {
     pub agent: PathBuf,
     pub console: PathBuf,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn providers_parse_by_their_names_and_others_are_refused_with_the_choices() {
+        for p in Provider::ALL {
+            assert_eq!(p.to_string().parse::<Provider>(), Ok(*p));
+        }
+        let e = "firecracker".parse::<Provider>().expect_err("not yet");
+        assert!(e.message.contains("\"firecracker\"") && e.message.contains("qemu"), "{e}");
+    }
 }

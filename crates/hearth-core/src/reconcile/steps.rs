@@ -122,7 +122,7 @@ impl Reconciler {
             cpus: rec.spec.cpus,
             memory_mib: rec.spec.memory_mib,
             accel: rec.spec.accel,
-            qemu_binary: None,
+            binary: None,
             network: net.as_ref().map(|n| n.card.clone()),
             volumes,
             confinement: confinement.clone(),
@@ -239,7 +239,7 @@ impl Reconciler {
             None => {
                 rec.status.exit_code = None;
                 rec.status.reason =
-                    "vmm exited unexpectedly (killed outside hearth, or it crashed; see qemu.log)"
+                    "vmm exited unexpectedly (killed outside hearth, or it crashed; see the VMM's log in the VM's directory)"
                         .into();
             }
         }

@@ -199,7 +199,7 @@ mod tests {
             cpus: 2,
             memory_mib: 512,
             accel: Accel::Auto,
-            qemu_binary: None,
+            binary: None,
             network: None,
             volumes: vec![],
             confinement: Default::default(),

@@ -120,7 +120,7 @@ pub fn launch(spec: &LaunchSpec) -> Result<Launched, VmmError> {
     // opens its `-D` file arrive through these descriptors.
     std::fs::write(&log_path, b"").map_err(io)?;
     let log = std::fs::OpenOptions::new().append(true).open(&log_path).map_err(io)?;
-    let binary = spec.qemu_binary.clone().unwrap_or_else(|| "qemu-system-x86_64".into());
+    let binary = spec.binary.clone().unwrap_or_else(|| "qemu-system-x86_64".into());
     let f = features(&binary);
     if spec.confinement.run_as.is_some() && !f.run_with {
         tracing::warn!(binary = %binary.display(), "this QEMU cannot drop privileges (-run-with needs QEMU 9.1 or later): the VMM runs as root");
@@ -302,7 +302,7 @@ mod tests {
             cpus: 1,
             memory_mib: 128,
             accel: Accel::Tcg,
-            qemu_binary: None,
+            binary: None,
             network: None,
             volumes: vec![],
             confinement: Default::default(),
@@ -316,7 +316,7 @@ mod tests {
     fn a_missing_binary_says_what_to_install() {
         let dir = tempfile::tempdir().expect("tmp");
         let spec = LaunchSpec {
-            qemu_binary: Some(dir.path().join("no-such-qemu")),
+            binary: Some(dir.path().join("no-such-qemu")),
             ..hearth_testkit::launch_spec(dir.path())
         };
         let e = launch(&spec).expect_err("no binary");

@@ -54,8 +54,8 @@ impl Vmm for Qemu {
 
     fn launch(&self, spec: &LaunchSpec) -> Result<Launched, VmmError> {
         let mut spec = spec.clone();
-        if spec.qemu_binary.is_none() {
-            spec.qemu_binary.clone_from(&self.binary);
+        if spec.binary.is_none() {
+            spec.binary.clone_from(&self.binary);
         }
         crate::qemu::launch(&spec).map_err(port_error)
     }

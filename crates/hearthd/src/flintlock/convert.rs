@@ -165,12 +165,9 @@ pub(super) fn validate(
                 .map_err(|m| Status::invalid_argument(format!("interface {}: {m}", i.device_id)))?;
         }
     }
-    match spec.provider.as_deref() {
-        None | Some("" | "qemu") => {}
-        Some(p) => {
-            return bad(format!(
-                "provider {p:?} is not available on this host; leave it empty or use \"qemu\""
-            ))
+    if let Some(p) = spec.provider.as_deref().filter(|p| !p.is_empty()) {
+        if let Err(e) = p.parse::<hearth_core::ports::Provider>() {
+            return bad(format!("{e}, or leave it empty"));
         }
     }
     for (key, value) in &spec.metadata {

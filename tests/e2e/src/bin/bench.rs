@@ -174,7 +174,7 @@ fn run_to_ready(reg: &LocalRegistry, runs: usize) -> Daemon {
             cpus: 1,
             memory_mib: 512,
             accel: hearth_types::Accel::Tcg,
-            qemu_binary: None,
+            binary: None,
             network: Some(hearth_vmm::NetLaunch { mac: MAC.into(), forwards: vec![], tap: None }),
             volumes: vec![],
             confinement: Default::default(),
