@@ -57,6 +57,15 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| Error::precondition(format!("{e:#}")))
 }
 
+/// Runs blocking work (the `nft` tool, key generation) without stalling the async runtime's
+/// other tasks: in place on a worker the runtime replaces meanwhile.
+pub fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// Files of a VM's directory.
 pub fn disk_path(vm_dir: &Path) -> PathBuf {
     vm_dir.join("disk.img")
@@ -221,11 +230,11 @@ impl Network for Host {
                 .await
                 .map_err(|e| Error::precondition(format!("setting up the bridge network: {e}")))?;
         }
-        crate::net::claim(&self.0, spec).map_err(core)
+        off_runtime(|| crate::net::claim(&self.0, spec)).map_err(core)
     }
 
     fn settle(&self, spec: &VmSpec, failed: bool) {
-        if let Err(e) = crate::net::settle(&self.0, spec, failed) {
+        if let Err(e) = off_runtime(|| crate::net::settle(&self.0, spec, failed)) {
             warn!(error = %e.message(), "settling the launch's port forwards failed");
         }
     }
@@ -255,14 +264,14 @@ impl Network for Host {
         }
         if !spec.ports.is_empty() {
             // Its ports go with it.
-            if let Err(e) = crate::net::sync_nat(&self.0, Some(&spec.id)) {
+            if let Err(e) = off_runtime(|| crate::net::sync_nat(&self.0, Some(&spec.id))) {
                 warn!(error = %e.message(), "removing the VM's port forwards failed");
             }
         }
     }
 
     fn resync(&self) {
-        if let Err(e) = crate::net::sync_nat(&self.0, None) {
+        if let Err(e) = off_runtime(|| crate::net::sync_nat(&self.0, None)) {
             warn!(error = %e.message(), "rebuilding the bridge's port forwards failed");
         }
     }

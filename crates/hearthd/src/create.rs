@@ -179,7 +179,8 @@ pub async fn create(d: &Arc<Daemon>, req: pb::CreateVmRequest) -> Result<VmRecor
     let mut rec = new_record(spec);
     if req.ssh && given_key.is_none() {
         let dir = d.vm_dir(&rec.spec.id);
-        match crate::ssh::generate(&dir, &format!("hearth@{}", rec.spec.name)) {
+        let comment = format!("hearth@{}", rec.spec.name);
+        match crate::adapters::off_runtime(|| crate::ssh::generate(&dir, &comment)) {
             Ok(public) => rec.spec.ssh_public_key = Some(public),
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
