@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod error;
+pub mod forwards;
 pub mod guest;
 pub mod index;
 pub mod locks;

@@ -81,21 +81,11 @@ fn live(r: &VmRecord) -> bool {
     r.status.state.is_active()
 }
 
-/// The first of `spec`'s ports that one of `others` already publishes.
-fn taken<'a>(
-    spec: &VmSpec,
-    others: impl Iterator<Item = &'a VmSpec>,
-) -> Option<(&'a VmSpec, PortMapping)> {
-    others.filter(|o| o.id != spec.id).find_map(|o| {
-        spec.ports.iter().find(|p| o.ports.iter().any(|q| q.overlaps(p))).map(|p| (o, p.clone()))
+/// The port conflict of `spec` with `others`, as the user sees it.
+fn taken<'a>(spec: &VmSpec, others: impl Iterator<Item = &'a VmSpec>) -> Option<Status> {
+    hearth_core::forwards::port_conflict(spec, others).map(|(other, p)| {
+        hearth_api::status::to_status(hearth_core::forwards::port_conflict_error(other, &p))
     })
-}
-
-fn taken_error(other: &VmSpec, p: &PortMapping) -> Status {
-    Status::failed_precondition(format!(
-        "cannot publish {p}: VM {} already publishes host port {}/{}; choose another -p",
-        other.name, p.host_port, p.protocol
-    ))
 }
 
 /// Refuses a spec whose published ports another live VM publishes (create-time check; the
@@ -108,7 +98,7 @@ pub fn check_unclaimed(d: &Daemon, spec: &VmSpec) -> Result<(), Status> {
     let launching = d.ports.launching.lock().unwrap_or_else(|e| e.into_inner());
     match taken(spec, records.iter().filter(|r| live(r)).map(|r| &r.spec).chain(launching.values()))
     {
-        Some((other, p)) => Err(taken_error(other, &p)),
+        Some(e) => Err(e),
         None => Ok(()),
     }
 }
@@ -122,10 +112,10 @@ pub fn claim(d: &Daemon, spec: &VmSpec) -> Result<(), Status> {
     }
     let mut launching = d.ports.launching.lock().unwrap_or_else(|e| e.into_inner());
     let records = d.vms.list().map_err(internal)?;
-    if let Some((other, p)) =
+    if let Some(e) =
         taken(spec, records.iter().filter(|r| live(r)).map(|r| &r.spec).chain(launching.values()))
     {
-        return Err(taken_error(other, &p));
+        return Err(e);
     }
     launching.insert(spec.id.clone(), spec.clone());
     if spec.network == NetworkMode::Bridge {
@@ -160,32 +150,18 @@ fn write_rules(
     launching: &HashMap<VmId, VmSpec>,
     gone: Option<&VmId>,
 ) -> Result<(), Status> {
-    let specs = records
-        .iter()
-        .filter(|r| live(r))
-        .map(|r| &r.spec)
-        .chain(launching.values())
-        .filter(|s| s.network == NetworkMode::Bridge && Some(&s.id) != gone);
-    let mut forwards = Vec::new();
-    for spec in specs {
-        let Some(guest_ip) = spec.address else { continue };
-        for p in &spec.ports {
-            let host_ip = match p.host_ip.parse::<Ipv4Addr>() {
-                Ok(ip) if ip.is_unspecified() => None,
-                Ok(ip) => Some(ip),
-                Err(_) => continue,
-            };
-            forwards.push(hearth_net::Forward {
-                host_ip,
-                host_port: p.host_port,
-                guest_ip,
-                guest_port: p.guest_port,
-                protocol: p.protocol.to_string(),
-                owner: format!("hearth vm {}", spec.id.as_str()),
-            });
-        }
-    }
-    forwards.dedup();
+    let specs = records.iter().filter(|r| live(r)).map(|r| &r.spec).chain(launching.values());
+    let forwards: Vec<hearth_net::Forward> = hearth_core::forwards::bridge_forwards(specs, gone)
+        .into_iter()
+        .map(|r| hearth_net::Forward {
+            host_ip: r.host_ip,
+            host_port: r.host_port,
+            guest_ip: r.guest_ip,
+            guest_port: r.guest_port,
+            protocol: r.protocol.to_string(),
+            owner: r.owner,
+        })
+        .collect();
     hearth_net::write_nat(&hearth_net::Bridge::hearth0(), &forwards).map_err(|e| {
         Status::failed_precondition(format!("writing the bridge's port forwards: {e}"))
     })
@@ -250,29 +226,6 @@ mod tests {
         spec.network = NetworkMode::None;
         spec.ssh_public_key = None;
         assert!(plan(&spec).expect("plan").is_none());
-    }
-
-    #[test]
-    fn a_port_another_vm_publishes_is_taken() {
-        let mut a = hearth_testkit::spec(1);
-        a.ports = vec!["8080:80".parse().expect("port")];
-        let mut b = hearth_testkit::spec(2);
-        b.ports = vec![
-            "127.0.0.1:9090:90".parse().expect("port"),
-            "127.0.0.1:8080:81".parse().expect("port"),
-        ];
-        let (other, p) = taken(&b, [&a].into_iter()).expect("8080 is a's on every address");
-        assert_eq!((other.name.as_str(), p.host_port), ("vm1", 8080));
-        assert!(taken(&a, [&a].into_iter()).is_none(), "a VM does not conflict with itself");
-        b.ports.truncate(1);
-        assert!(taken(&b, [&a].into_iter()).is_none());
-        let e = taken_error(&a, &b.ports[0]);
-        assert!(
-            e.message().contains("VM vm1 already publishes host port 9090/tcp")
-                && e.message().contains("choose another -p"),
-            "{}",
-            e.message()
-        );
     }
 
     #[test]
