@@ -1,5 +1,6 @@
 //! hearth's gRPC API: the generated `hearth.v1` types and the Unix-socket client transport.
 #![allow(missing_debug_implementations)]
+#![forbid(unsafe_code)]
 
 /// Generated from `proto/hearth.proto`.
 #[allow(clippy::all, clippy::unwrap_used)]

@@ -8,7 +8,10 @@
 //! - [`die_with_parent`]: a tool started for a build dies with the thread that started it.
 //!
 //! A base crate like hearth-types: it depends on no other hearth crate, and every layer may use it.
+#![deny(unsafe_code)]
 
+// The only module with raw system calls (the crate denies unsafe code everywhere else).
+#[allow(unsafe_code)]
 mod sys;
 mod tree;
 

@@ -15,6 +15,7 @@
 //! without `-D` a daemonized QEMU sends stderr to /dev/null),
 //! `qemu.pid`, and the `console.sock`, `agent.sock` and `qmp.sock` sockets, which [`stop`]
 //! removes.
+#![deny(unsafe_code)]
 
 pub mod accel;
 pub mod agent;
@@ -22,6 +23,8 @@ pub mod cgroup;
 pub mod console;
 pub mod process;
 pub mod qemu;
+// The only module with raw system calls (the crate denies unsafe code everywhere else).
+#[allow(unsafe_code)]
 mod sys;
 
 use std::path::PathBuf;
