@@ -40,6 +40,19 @@ async fn run(h: &Harness, n: u8) -> VmRecord {
         .expect("record")
 }
 
+/// A record as a crash left it, its disks made.
+fn stored(h: &Harness, n: u8, desired: Desired, state: VmState) -> VmRecord {
+    let rec = record(n, desired, state);
+    h.host.put(rec.clone());
+    h.host.with_disks(&rec.spec.id);
+    rec
+}
+
+/// One reconcile that must succeed and leave the VM.
+async fn reconciled(h: &Harness, id: &VmId) -> VmRecord {
+    h.reconciler.reconcile(id, Options::default()).await.expect("reconcile").expect("record")
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_new_vm_gets_its_disks_a_vmm_and_becomes_ready() {
     let h = harness();
@@ -156,12 +169,7 @@ async fn an_auto_remove_vm_goes_when_its_workload_ends() {
     let mut rec = record(8, Desired::Running, VmState::Created);
     rec.spec.auto_remove = true;
     h.host.put(rec.clone());
-    let rec = h
-        .reconciler
-        .reconcile(&rec.spec.id, Options::default())
-        .await
-        .expect("ok")
-        .expect("record");
+    let rec = reconciled(&h, &rec.spec.id).await;
     h.host.guest_exit(&rec.spec.id, 0);
     h.vmm.exit(rec.status.pid.expect("pid"));
     until(&h, &rec.spec.id, "removed", |r| r.is_none()).await;
@@ -260,16 +268,9 @@ async fn delete_kills_the_vmm_and_removes_exactly_what_exists() {
 async fn a_crash_between_launch_and_saving_the_pid_is_adopted_not_relaunched() {
     let h = harness();
     // The record says starting, with no pid: the VMM started, the daemon died before saving it.
-    let rec = record(13, Desired::Running, VmState::Starting);
-    h.host.put(rec.clone());
-    h.host.with_disks(&rec.spec.id);
+    let rec = stored(&h, 13, Desired::Running, VmState::Starting);
     let vmm = h.vmm.spawn_unrecorded(&h.host.vm_dir(&rec.spec.id), true);
-    let now = h
-        .reconciler
-        .reconcile(&rec.spec.id, Options::default())
-        .await
-        .expect("ok")
-        .expect("record");
+    let now = reconciled(&h, &rec.spec.id).await;
     assert_eq!(now.status.pid, Some(vmm.pid), "adopted");
     assert!(h.vmm.launches().is_empty(), "never launched twice");
     assert!(!h.vmm.paused(vmm.pid), "a guest left paused before its start is started");
@@ -279,9 +280,7 @@ async fn a_crash_between_launch_and_saving_the_pid_is_adopted_not_relaunched() {
 #[tokio::test(start_paused = true)]
 async fn recovery_finds_a_vmm_whose_files_do_not_name_it_yet() {
     let h = harness();
-    let rec = record(14, Desired::Running, VmState::Starting);
-    h.host.put(rec.clone());
-    h.host.with_disks(&rec.spec.id);
+    let rec = stored(&h, 14, Desired::Running, VmState::Starting);
     let vmm = h.vmm.spawn_unrecorded(&h.host.vm_dir(&rec.spec.id), false);
     h.reconciler.recover().await;
     assert!(h.vmm.launches().is_empty(), "the scan found it: not launched twice");
@@ -334,21 +333,14 @@ async fn a_vmm_that_appeared_meanwhile_is_adopted_instead_of_a_second_launch() {
 #[tokio::test(start_paused = true)]
 async fn a_record_that_cannot_be_saved_after_a_launch_is_an_error_and_claims_are_given_back() {
     let h = harness();
-    let rec = record(19, Desired::Running, VmState::Created);
-    h.host.put(rec.clone());
-    h.host.with_disks(&rec.spec.id);
+    let rec = stored(&h, 19, Desired::Running, VmState::Created);
     h.host.fail_saves(true);
     let e = h.reconciler.reconcile(&rec.spec.id, Options::default()).await.expect_err("save fails");
     assert!(e.message.contains("No space left"), "{e}");
     assert_eq!((h.host.port_claims(), h.host.uid_claims()), (0, 0));
     // The VMM runs unrecorded; once saving works again it is adopted, not launched twice.
     h.host.fail_saves(false);
-    let now = h
-        .reconciler
-        .reconcile(&rec.spec.id, Options::default())
-        .await
-        .expect("ok")
-        .expect("record");
+    let now = reconciled(&h, &rec.spec.id).await;
     assert_eq!(h.vmm.launches().len(), 1);
     assert_eq!(now.status.pid, Some(h.vmm.running()[0].0));
 }
@@ -361,12 +353,7 @@ async fn restarting_a_stopped_vm_reuses_its_disk_and_boots_again() {
     let mut again = h.host.record(&rec.spec.id).expect("record");
     again.desired = Desired::Running;
     h.host.put(again);
-    let now = h
-        .reconciler
-        .reconcile(&rec.spec.id, Options::default())
-        .await
-        .expect("ok")
-        .expect("record");
+    let now = reconciled(&h, &rec.spec.id).await;
     assert_eq!(
         (now.status.state, now.status.boots, now.status.exit_code),
         (VmState::Starting, 2, None)
