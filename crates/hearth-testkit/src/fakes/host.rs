@@ -118,11 +118,6 @@ impl FakeHost {
     pub fn attached(&self, id: &VmId) -> bool {
         self.state().attached.contains(id)
     }
-
-    fn id_of(&self, dir: &std::path::Path) -> Option<VmId> {
-        let s = self.state();
-        s.records.keys().find(|id| self.vm_dir(id) == dir).cloned()
-    }
 }
 
 impl VmRepository for FakeHost {
@@ -285,12 +280,5 @@ impl Sandbox for FakeHost {
     }
     fn of(&self, _spec: &VmSpec) -> Confinement {
         Confinement::default()
-    }
-}
-
-impl FakeHost {
-    /// The VM whose directory is `dir`, for tests that have only a launch spec.
-    pub fn vm_of(&self, dir: &std::path::Path) -> Option<VmId> {
-        self.id_of(dir)
     }
 }
