@@ -20,6 +20,7 @@ pub fn spec(n: u8) -> VmSpec {
         env: vec![],
         labels: Default::default(),
         accel: Default::default(),
+        provider: Default::default(),
         auto_remove: false,
         interactive: false,
         tty: false,

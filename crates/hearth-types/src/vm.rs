@@ -53,6 +53,48 @@ impl fmt::Display for Accel {
     }
 }
 
+/// The VMMs hearth can drive (`--vmm`). Closed: adding one is a new variant, a folder in
+/// hearth-vmm and nothing else (docs/design.md, "Adding a provider").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    #[default]
+    Qemu,
+}
+
+impl Provider {
+    /// Every provider, in the order they are offered.
+    pub const ALL: &'static [Provider] = &[Provider::Qemu];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Qemu => "qemu",
+        }
+    }
+}
+
+impl fmt::Display for Provider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Provider {
+    type Err = VmSpecError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Provider::ALL
+            .iter()
+            .copied()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| VmSpecError::Provider(s.to_owned()))
+    }
+}
+
+fn provider_names() -> String {
+    Provider::ALL.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(", ")
+}
+
 /// Why a spec was refused. Each message names the flag to fix.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum VmSpecError {
@@ -66,6 +108,8 @@ pub enum VmSpecError {
     KernelArgs,
     #[error("--accel must be auto, kvm or tcg, got {0:?}")]
     Accel(String),
+    #[error("--vmm {0:?} is not a VMM hearth drives; use one of: {names}", names = provider_names())]
+    Provider(String),
     #[error("environment entry {0:?} is not KEY=VALUE with a non-empty KEY")]
     Env(String),
     #[error("label {0:?} is not KEY=VALUE with a non-empty KEY")]
@@ -118,6 +162,9 @@ pub struct VmSpec {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub accel: Accel,
+    /// The VMM that runs it (`--vmm`); QEMU for records made before there was a choice.
+    #[serde(default)]
+    pub provider: Provider,
     /// Remove the VM once it stops (`--rm`).
     #[serde(default)]
     pub auto_remove: bool,
@@ -443,6 +490,7 @@ mod tests {
             env: vec!["A=1".into()],
             labels: BTreeMap::new(),
             accel: Accel::Auto,
+            provider: Provider::Qemu,
             auto_remove: false,
             interactive: false,
             tty: false,

@@ -37,13 +37,18 @@ pub use qemu::{
     Stopped,
 };
 
-/// The provider `kind`, configured from the environment (`HEARTH_QEMU`: the QEMU binary).
+/// The provider `kind`, configured from the environment.
 pub fn provider(kind: hearth_core::ports::Provider) -> std::sync::Arc<dyn hearth_core::ports::Vmm> {
     match kind {
-        hearth_core::ports::Provider::Qemu => {
-            std::sync::Arc::new(Qemu { binary: std::env::var_os("HEARTH_QEMU").map(Into::into) })
-        }
+        hearth_core::ports::Provider::Qemu => std::sync::Arc::new(Qemu::from_env()),
     }
+}
+
+/// Every provider, configured from the environment.
+pub fn providers() -> hearth_core::ports::Vmms {
+    hearth_core::ports::Vmms::new(
+        hearth_core::ports::Provider::ALL.iter().map(|&p| provider(p)).collect(),
+    )
 }
 
 /// Why a VMM could not be started or controlled.
@@ -51,16 +56,16 @@ pub fn provider(kind: hearth_core::ports::Provider) -> std::sync::Arc<dyn hearth
 pub enum VmmError {
     #[error("{0}")]
     Accel(String),
-    #[error(
-        "cannot start {binary}: {source}; install Debian's qemu-system-x86 or set HEARTH_QEMU"
-    )]
+    #[error("cannot start {binary}: {source}; {fix}")]
     Spawn {
         binary: String,
+        /// How to get the binary (the provider's package or its env variable).
+        fix: &'static str,
         #[source]
         source: std::io::Error,
     },
-    #[error("qemu failed to start: {log}")]
-    Start { log: String },
+    #[error("{vmm} failed to start: {log}")]
+    Start { vmm: &'static str, log: String },
     #[error("vmm I/O on {path}")]
     Io {
         path: PathBuf,
@@ -73,10 +78,12 @@ pub enum VmmError {
         #[source]
         source: std::io::Error,
     },
-    #[error("qmp: {0}")]
-    Qmp(String),
-    #[error("qmp: qemu closed the connection")]
-    QmpClosed,
+    /// The VMM's control channel (QEMU's QMP, Firecracker's API socket) refused or failed.
+    #[error("{api}: {message}")]
+    Control { api: &'static str, message: String },
+    /// The VMM hung up its control channel (it exits right after a quit).
+    #[error("{api}: the VMM closed the connection")]
+    Closed { api: &'static str },
     #[error("a VMM (pid {pid}) is still running for {vm_dir}: stop the VM first")]
     AlreadyRunning { pid: i32, vm_dir: PathBuf },
 }

@@ -21,6 +21,50 @@ use tracing::{info, warn};
 
 use crate::daemon::Daemon;
 
+// The adapter types the front ends stream through: the agent connection (exec, cp) and the
+// console capture (logs, attach). Named here so this file is the one place hearthd picks its
+// adapters.
+pub use hearth_vmm::agent::{AgentClient, AgentError, Stream};
+pub use hearth_vmm::console::{self as console_log, Console, LogLimits};
+pub use hearth_vmm::VmmError;
+
+/// The providers this daemon drives, configured from the environment.
+pub fn providers() -> hearth_core::ports::Vmms {
+    hearth_vmm::providers()
+}
+
+/// The cgroup name of a VM's VMM below `parent`.
+pub fn cgroup_name(parent: &str, id: &VmId) -> String {
+    hearth_vmm::cgroup::name(parent, id.as_str())
+}
+
+/// The accelerator a VM with `--accel auto` gets on this host, or why none is usable.
+pub fn default_accel() -> std::result::Result<hearth_types::Accel, String> {
+    hearth_vmm::resolve_accel(hearth_types::Accel::Auto).map(|(a, _)| a).map_err(|e| e.to_string())
+}
+
+/// Whether a guest config fits on its config disk.
+pub fn check_config_fits(cfg: &hearth_types::GuestConfig) -> Result<()> {
+    hearth_storage::check_config_fits(cfg).map_err(|e| Error::invalid(e.to_string()))
+}
+
+/// Replaces the bridge's NAT table with `rules`.
+pub fn write_nat(rules: Vec<hearth_core::forwards::ForwardRule>) -> anyhow::Result<()> {
+    let forwards: Vec<hearth_net::Forward> = rules
+        .into_iter()
+        .map(|r| hearth_net::Forward {
+            host_ip: r.host_ip,
+            host_port: r.host_port,
+            guest_ip: r.guest_ip,
+            guest_port: r.guest_port,
+            protocol: r.protocol.to_string(),
+            owner: r.owner,
+        })
+        .collect();
+    hearth_net::write_nat(&hearth_net::Bridge::hearth0(), &forwards)?;
+    Ok(())
+}
+
 /// The daemon as the ports' implementation.
 #[derive(Debug)]
 pub struct Host(pub Arc<Daemon>);
@@ -29,7 +73,7 @@ pub struct Host(pub Arc<Daemon>);
 pub fn wire(d: &Arc<Daemon>) -> Arc<Reconciler> {
     let host = Arc::new(Host(d.clone()));
     let ports = Ports {
-        vmm: d.vmm.clone(),
+        vmms: d.vmms.clone(),
         repo: host.clone(),
         disks: host.clone(),
         kernels: host.clone(),

@@ -1,4 +1,4 @@
-//! The serial console through hearthd: one capture per running VM (hearth_vmm::console), which
+//! The serial console through hearthd: one capture per running VM (the adapters' console), which
 //! writes the capped, rotated log and relays output to attached clients; `logs` reads the log by
 //! logical offset, `attach` joins the capture. (docs/adr/0010-console-capture.md)
 
@@ -6,9 +6,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use crate::adapters::{console_log, Console, LogLimits, VmmError};
 use hearth_api::v1::Chunk;
 use hearth_types::{VmId, VmSpec};
-use hearth_vmm::console::{Console, LogLimits};
 use tokio::sync::mpsc;
 use tonic::Status;
 
@@ -59,7 +59,7 @@ impl Consoles {
 
 /// Starts capturing a VM's console: after a launch, before the guest is resumed, and when a
 /// running VM is re-adopted.
-pub async fn capture(d: &Daemon, spec: &VmSpec) -> Result<(), hearth_vmm::VmmError> {
+pub async fn capture(d: &Daemon, spec: &VmSpec) -> Result<(), VmmError> {
     let c = Console::capture(
         &d.vm_dir(&spec.id),
         d.consoles.limits_for(spec),
@@ -88,7 +88,7 @@ pub fn forget(d: &Daemon, id: &VmId) {
 pub fn log_end(d: &Daemon, id: &VmId) -> u64 {
     let lock = d.consoles.lock_of(id);
     let _r = lock.read().unwrap_or_else(|e| e.into_inner());
-    hearth_vmm::console::end(&d.vm_dir(id))
+    console_log::end(&d.vm_dir(id))
 }
 
 fn is_running(d: &Daemon, id: &VmId) -> bool {
@@ -113,7 +113,7 @@ pub fn stream_logs(
                 let (dir, lock) = (dir.clone(), lock.clone());
                 let read = tokio::task::spawn_blocking(move || {
                     let _r = lock.read().unwrap_or_else(|e| e.into_inner());
-                    hearth_vmm::console::read_at(&dir, pos, CHUNK)
+                    console_log::read_at(&dir, pos, CHUNK)
                 })
                 .await;
                 let Ok(Ok((data, next))) = read else { break };

@@ -48,6 +48,12 @@ pub async fn create(d: &Arc<Daemon>, req: pb::CreateVmRequest) -> Result<VmRecor
         .accel
         .parse()
         .map_err(|e: hearth_types::VmSpecError| Status::invalid_argument(e.to_string()))?;
+    let provider = match req.vmm.as_str() {
+        "" => hearth_types::Provider::default(),
+        v => v
+            .parse()
+            .map_err(|e: hearth_types::VmSpecError| Status::invalid_argument(e.to_string()))?,
+    };
     let bad = |e: hearth_types::NetError| Status::invalid_argument(e.to_string());
     let network = req.network.parse().map_err(bad)?;
     let ports = req.ports.iter().map(|p| p.parse()).collect::<Result<Vec<_>, _>>().map_err(bad)?;
@@ -118,6 +124,7 @@ pub async fn create(d: &Arc<Daemon>, req: pb::CreateVmRequest) -> Result<VmRecor
         env: req.env,
         labels,
         accel,
+        provider,
         auto_remove: req.auto_remove,
         interactive: req.interactive,
         tty: req.tty,
@@ -163,7 +170,7 @@ pub async fn create(d: &Arc<Daemon>, req: pb::CreateVmRequest) -> Result<VmRecor
     spec.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
     check_fits(d, &spec, base_bytes)?;
     let cfg = guest_config_for(&spec, &image.config)?;
-    hearth_storage::check_config_fits(&cfg).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    crate::adapters::check_config_fits(&cfg).map_err(|e| Status::invalid_argument(e.message))?;
     if let (false, Some(users)) = (cfg.init_system || cfg.process.user.is_empty(), &users) {
         let (passwd, group) =
             (users.passwd.as_deref().unwrap_or(""), users.group.as_deref().unwrap_or(""));

@@ -5,12 +5,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::adapters::{AgentClient, AgentError};
 use anyhow::Context;
+use hearth_core::ports::AgentTransport;
 use hearth_image::ImageStore;
 use hearth_kernel::KernelStore;
 use hearth_store::VmStore;
 use hearth_types::{VmId, VmRecord};
-use hearth_vmm::agent::{AgentClient, AgentError};
 use tokio::sync::watch;
 use tonic::Status;
 
@@ -21,8 +22,8 @@ pub struct Daemon {
     pub images: ImageStore,
     pub kernels: KernelStore,
     pub init_binary: PathBuf,
-    /// The VMM provider VMs are launched with.
-    pub vmm: Arc<dyn hearth_core::ports::Vmm>,
+    /// The VMM providers; each VM runs under the one its spec names.
+    pub vmms: hearth_core::ports::Vmms,
     /// The use-cases over this daemon's adapters (set once by `adapters::wire`).
     reconciler: std::sync::OnceLock<Arc<hearth_core::Reconciler>>,
     /// Bumped on every record change; waiters re-read the store.
@@ -112,7 +113,7 @@ impl Daemon {
             images,
             kernels,
             init_binary,
-            vmm: hearth_vmm::provider(hearth_core::ports::Provider::Qemu),
+            vmms: crate::adapters::providers(),
             reconciler: std::sync::OnceLock::new(),
             changes: watch::channel(0).0,
             tombstones: Mutex::new(HashMap::new()),
@@ -169,7 +170,7 @@ impl Daemon {
     /// The cgroup name of a VM's VMM, when VMMs get one.
     pub fn cgroup_of(&self, id: &VmId) -> Option<String> {
         (!self.cgroup_parent.is_empty())
-            .then(|| hearth_vmm::cgroup::name(&self.cgroup_parent, id.as_str()))
+            .then(|| crate::adapters::cgroup_name(&self.cgroup_parent, id))
     }
 
     pub fn set_reconciler(&self, r: Arc<hearth_core::Reconciler>) {
@@ -274,7 +275,17 @@ impl Daemon {
                 tracing::warn!(vm = %id, why, "agent connection lost");
             }
         }
-        let a = Arc::new(AgentClient::connect(&self.vmm.endpoints(&self.vm_dir(id)).agent).await?);
+        let provider = self.get(id).ok().flatten().map(|r| r.spec.provider).unwrap_or_default();
+        let vmm = self.vmms.of(provider);
+        let path = vmm.endpoints(&self.vm_dir(id)).agent;
+        let a = match vmm.capabilities().agent {
+            AgentTransport::Serial => AgentClient::connect(&path).await?,
+            AgentTransport::Vsock => {
+                AgentClient::connect_hybrid_vsock(&path, hearth_types::guest::AGENT_VSOCK_PORT)
+                    .await?
+            }
+        };
+        let a = Arc::new(a);
         agents.insert(id.clone(), a.clone());
         Ok(a)
     }

@@ -2,10 +2,10 @@
 
 use std::sync::Arc;
 
+use crate::adapters::{AgentClient, Stream};
 use hearth_api::v1 as pb;
 use hearth_types::agent::{CopyRequest, ExecExit, ExecRequest, Frame, Kind};
 use hearth_types::{VmRecord, VmState};
-use hearth_vmm::agent::{AgentClient, Stream};
 use tokio::sync::mpsc;
 use tonic::Status;
 

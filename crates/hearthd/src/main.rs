@@ -138,10 +138,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     d.vmm_uid_base = args.vmm_uid_base;
     d.cgroup_parent = args.cgroup_parent.clone();
-    d.consoles.default_limits = hearth_vmm::console::LogLimits {
-        max_size: args.log_max_size,
-        max_files: args.log_max_files,
-    };
+    d.consoles.default_limits =
+        crate::adapters::LogLimits { max_size: args.log_max_size, max_files: args.log_max_files };
     let d = Arc::new(d);
     adapters::wire(&d);
     if let Some(dir) = socket.parent().filter(|dir| !dir.exists()) {

@@ -5,9 +5,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use hearth_core::ports::NetLaunch;
 use hearth_types::net::{tap_name, SSH_PORT};
 use hearth_types::{NetworkMode, PortMapping, Protocol, VmId, VmRecord, VmSpec};
-use hearth_vmm::NetLaunch;
 use tonic::Status;
 
 use crate::daemon::{internal, Daemon};
@@ -151,18 +151,8 @@ fn write_rules(
     gone: Option<&VmId>,
 ) -> Result<(), Status> {
     let specs = records.iter().filter(|r| live(r)).map(|r| &r.spec).chain(launching.values());
-    let forwards: Vec<hearth_net::Forward> = hearth_core::forwards::bridge_forwards(specs, gone)
-        .into_iter()
-        .map(|r| hearth_net::Forward {
-            host_ip: r.host_ip,
-            host_port: r.host_port,
-            guest_ip: r.guest_ip,
-            guest_port: r.guest_port,
-            protocol: r.protocol.to_string(),
-            owner: r.owner,
-        })
-        .collect();
-    hearth_net::write_nat(&hearth_net::Bridge::hearth0(), &forwards).map_err(|e| {
+    let rules = hearth_core::forwards::bridge_forwards(specs, gone);
+    crate::adapters::write_nat(rules).map_err(|e| {
         Status::failed_precondition(format!("writing the bridge's port forwards: {e}"))
     })
 }

@@ -17,5 +17,5 @@ pub use repo::VmRepository;
 pub use sandbox::Sandbox;
 pub use vmm::{
     AgentTransport, Capabilities, Confinement, Endpoints, KernelFormat, LaunchSpec, Launched,
-    NetLaunch, Provider, Vmm, VmmError, VmmHandle, VolumeDisk,
+    NetLaunch, Provider, Vmm, VmmError, VmmHandle, Vmms, VolumeDisk,
 };

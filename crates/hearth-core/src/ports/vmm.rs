@@ -5,43 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use hearth_types::Provider;
 use hearth_types::{Accel, PortMapping};
-
-/// The VMMs hearth can drive. Closed: adding one is a new variant, a folder in hearth-vmm and
-/// a CLI value (docs/design.md, "Adding a provider").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum Provider {
-    #[default]
-    Qemu,
-}
-
-impl std::fmt::Display for Provider {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Provider::Qemu => "qemu",
-        })
-    }
-}
-
-impl Provider {
-    /// Every provider, in the order they are offered.
-    pub const ALL: &'static [Provider] = &[Provider::Qemu];
-}
-
-impl std::str::FromStr for Provider {
-    type Err = crate::Error;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Provider::ALL.iter().copied().find(|p| p.to_string() == s).ok_or_else(|| {
-            let names: Vec<String> =
-                Provider::ALL.iter().map(|p| format!("{p:?}").to_lowercase()).collect();
-            crate::Error::invalid(format!(
-                "provider {s:?} is not available on this host; use one of: {}",
-                names.join(", ")
-            ))
-        })
-    }
-}
 
 /// How the host reaches hearth-init's agent in the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -223,6 +188,95 @@ pub struct Endpoints {
     pub console: PathBuf,
 }
 
+/// The providers a daemon drives, each VM by its own (`VmSpec::provider`).
+#[derive(Clone, Debug, Default)]
+pub struct Vmms {
+    list: Vec<std::sync::Arc<dyn Vmm>>,
+}
+
+impl Vmms {
+    pub fn new(list: Vec<std::sync::Arc<dyn Vmm>>) -> Self {
+        Self { list }
+    }
+
+    /// The provider `p`; one that refuses every launch with the reason when this daemon was
+    /// built without it (a record from another build, a test harness with one fake).
+    pub fn of(&self, p: Provider) -> std::sync::Arc<dyn Vmm> {
+        self.list
+            .iter()
+            .find(|v| v.capabilities().provider == p)
+            .cloned()
+            .unwrap_or_else(|| std::sync::Arc::new(Unconfigured(p)))
+    }
+
+    pub fn all(&self) -> &[std::sync::Arc<dyn Vmm>] {
+        &self.list
+    }
+}
+
+/// A provider this daemon does not drive: nothing of it can be running, and it launches nothing.
+#[derive(Debug)]
+struct Unconfigured(Provider);
+
+#[async_trait::async_trait]
+impl Vmm for Unconfigured {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            provider: self.0,
+            user_network: false,
+            creates_tap: false,
+            console_socket: false,
+            agent: AgentTransport::Serial,
+            kernel_formats: &[],
+            accels: &[],
+        }
+    }
+
+    fn launch(&self, _spec: &LaunchSpec) -> Result<Launched, VmmError> {
+        Err(VmmError::Failed(format!(
+            "this hearthd does not drive the {} VMM; recreate the VM with another --vmm",
+            self.0
+        )))
+    }
+
+    fn find(&self, _vm_dir: &Path, _recorded: Option<VmmHandle>) -> Option<(VmmHandle, bool)> {
+        None
+    }
+
+    fn recover_orphans(&self, _vms_dir: &Path) -> Vec<PathBuf> {
+        Vec::new()
+    }
+
+    async fn wait_set_up(&self, _vm_dir: &Path, _vmm: VmmHandle) -> Result<(), VmmError> {
+        Err(VmmError::Failed(format!("no {} VMM runs here", self.0)))
+    }
+
+    async fn start_guest(&self, _vm_dir: &Path, _only_if: bool) -> Result<bool, VmmError> {
+        Err(VmmError::Failed(format!("no {} VMM runs here", self.0)))
+    }
+
+    async fn stop(
+        &self,
+        _vm_dir: &Path,
+        _vmm: VmmHandle,
+        _grace: Duration,
+    ) -> Result<(), VmmError> {
+        Ok(())
+    }
+
+    fn signal(&self, _vm_dir: &Path, _vmm: VmmHandle, _signal: i32) -> bool {
+        false
+    }
+
+    async fn wait_exit(&self, _vmm: VmmHandle) {}
+
+    fn endpoints(&self, vm_dir: &Path) -> Endpoints {
+        Endpoints { agent: vm_dir.join("agent.sock"), console: vm_dir.join("console.sock") }
+    }
+
+    fn cleanup(&self, _vm_dir: &Path, _confinement: &Confinement) {}
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,7 +286,31 @@ mod tests {
         for p in Provider::ALL {
             assert_eq!(p.to_string().parse::<Provider>(), Ok(*p));
         }
-        let e = "firecracker".parse::<Provider>().expect_err("not yet");
-        assert!(e.message.contains("\"firecracker\"") && e.message.contains("qemu"), "{e}");
+        let e = "vmware".parse::<Provider>().expect_err("not a provider").to_string();
+        assert!(e.contains("\"vmware\"") && e.contains("qemu"), "{e}");
+    }
+
+    #[test]
+    fn a_provider_the_daemon_lacks_launches_nothing_and_says_why() {
+        let none = Vmms::default().of(Provider::Qemu);
+        assert_eq!(none.capabilities().provider, Provider::Qemu);
+        let spec = LaunchSpec {
+            vm_dir: "/nonexistent".into(),
+            kernel: "k".into(),
+            initrd: "i".into(),
+            cmdline: String::new(),
+            root_disk: "r".into(),
+            config_disk: "c".into(),
+            cpus: 1,
+            memory_mib: 128,
+            accel: Accel::Auto,
+            binary: None,
+            network: None,
+            volumes: Vec::new(),
+            confinement: Confinement::default(),
+        };
+        let why = none.launch(&spec).expect_err("nothing to launch").to_string();
+        assert!(why.contains("qemu") && why.contains("--vmm"), "{why}");
+        assert!(none.find(Path::new("/nonexistent"), None).is_none());
     }
 }

@@ -14,7 +14,9 @@ use hearth_types::{Desired, VmId, VmRecord, VmState};
 use tracing::{info_span, Instrument};
 
 use crate::locks::KeyedLocks;
-use crate::ports::{Clock, Disks, Guests, Kernels, Network, Sandbox, VmRepository, Vmm, VmmHandle};
+use crate::ports::{
+    Clock, Disks, Guests, Kernels, Network, Sandbox, VmRepository, VmmHandle, Vmms,
+};
 use crate::{plan, Error, Observed, Result, Step, MAX_ITERATIONS};
 
 /// How long a guest gets to stop by itself before it is killed, unless `stop -t` says otherwise.
@@ -40,7 +42,7 @@ impl Default for Options {
 /// The adapters the reconciler drives.
 #[derive(Clone)]
 pub struct Ports {
-    pub vmm: Arc<dyn Vmm>,
+    pub vmms: Vmms,
     pub repo: Arc<dyn VmRepository>,
     pub disks: Arc<dyn Disks>,
     pub kernels: Arc<dyn Kernels>,
@@ -52,7 +54,7 @@ pub struct Ports {
 
 impl std::fmt::Debug for Ports {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ports").field("vmm", &self.vmm).finish_non_exhaustive()
+        f.debug_struct("Ports").field("vmms", &self.vmms).finish_non_exhaustive()
     }
 }
 
@@ -137,6 +139,7 @@ impl Reconciler {
             let lock = self.lock_for(id);
             let _g = lock.lock().await;
             let Some(mut cur) = p.repo.get(id)? else { return Ok(None) };
+            let provider = cur.spec.provider;
             let vmm = cur
                 .status
                 .pid
@@ -147,10 +150,12 @@ impl Reconciler {
             };
             cur.desired = Desired::Stopped;
             p.repo.save(&cur)?;
-            vmm
+            (provider, vmm)
         };
-        if p.vmm.signal(&p.repo.vm_dir(id), vmm, signal) {
-            let _ = tokio::time::timeout(KILL_WAIT, p.vmm.wait_exit(vmm)).await;
+        let (provider, vmm) = vmm;
+        let driver = p.vmms.of(provider);
+        if driver.signal(&p.repo.vm_dir(id), vmm, signal) {
+            let _ = tokio::time::timeout(KILL_WAIT, driver.wait_exit(vmm)).await;
         }
         self.reconcile(id, Options::default()).await
     }
@@ -163,7 +168,7 @@ impl Reconciler {
             .pid
             .zip(rec.status.pid_start_time)
             .map(|(pid, start_time)| VmmHandle { pid, start_time });
-        let found = self.ports.vmm.find(&dir, recorded);
+        let found = self.ports.vmms.of(rec.spec.provider).find(&dir, recorded);
         let disks = self.ports.disks.observe(rec);
         let obs = Observed {
             dir: disks.dir,

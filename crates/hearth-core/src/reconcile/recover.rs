@@ -20,8 +20,10 @@ impl Reconciler {
         };
         // A VMM launched by a predecessor that died before recording it, or before the VMM
         // wrote its own files: made findable, so it is adopted, never launched twice.
-        for dir in p.vmm.recover_orphans(&p.repo.vms_dir()) {
-            info!(dir = %dir.display(), "found a VMM its predecessor never recorded");
+        for vmm in p.vmms.all() {
+            for dir in vmm.recover_orphans(&p.repo.vms_dir()) {
+                info!(dir = %dir.display(), "found a VMM its predecessor never recorded");
+            }
         }
         for rec in records {
             let id = rec.spec.id.clone();
@@ -33,7 +35,7 @@ impl Reconciler {
                     warn!(vm = %id, error = %e, "re-attaching the VM's tap to the bridge failed");
                 }
                 self.take_over(&rec, h).await;
-                self.spawn_watchers(&id, h, rec.status.state == VmState::Starting);
+                self.spawn_watchers(&rec.spec, h, rec.status.state == VmState::Starting);
                 if rec.desired != Desired::Running || rec.status.state == VmState::Stopping {
                     // A stop or rm saved just before the crash is carried out now.
                     let r = self.clone();

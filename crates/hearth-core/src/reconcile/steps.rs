@@ -51,7 +51,9 @@ impl Reconciler {
             Step::Remove => {
                 p.network.release(&rec.spec, true).await;
                 p.guests.forget(&rec.spec.id, true).await;
-                p.vmm.cleanup(&p.repo.vm_dir(&rec.spec.id), &p.sandbox.of(&rec.spec));
+                p.vmms
+                    .of(rec.spec.provider)
+                    .cleanup(&p.repo.vm_dir(&rec.spec.id), &p.sandbox.of(&rec.spec));
                 p.repo.remove(rec)?;
                 self.locks.forget(&rec.spec.id);
                 Ok(())
@@ -62,7 +64,7 @@ impl Reconciler {
     /// Kills the VMM now and waits for it to go.
     pub(super) async fn kill_now(&self, rec: &VmRecord, h: VmmHandle) {
         let dir = self.ports.repo.vm_dir(&rec.spec.id);
-        if let Err(e) = self.ports.vmm.stop(&dir, h, Duration::ZERO).await {
+        if let Err(e) = self.ports.vmms.of(rec.spec.provider).stop(&dir, h, Duration::ZERO).await {
             warn!(vm = %rec.spec.id, error = %e, "killing the VMM failed");
         }
     }
@@ -78,7 +80,7 @@ impl Reconciler {
             rec.status.state = VmState::Starting;
         }
         self.ports.repo.save(rec)?;
-        self.spawn_watchers(&rec.spec.id, h, rec.status.state == VmState::Starting);
+        self.spawn_watchers(&rec.spec, h, rec.status.state == VmState::Starting);
         Ok(())
     }
 
@@ -86,13 +88,14 @@ impl Reconciler {
     /// left waiting for its start (a crash between launch and start) run.
     pub(super) async fn take_over(&self, rec: &VmRecord, h: VmmHandle) {
         let id = &rec.spec.id;
-        if let Err(e) = self.ports.vmm.wait_set_up(&self.ports.repo.vm_dir(id), h).await {
+        let vmm = self.ports.vmms.of(rec.spec.provider);
+        if let Err(e) = vmm.wait_set_up(&self.ports.repo.vm_dir(id), h).await {
             warn!(vm = %id, error = %e, "the VMM did not finish setting up");
         }
         if let Err(e) = self.ports.guests.capture_console(&rec.spec).await {
             warn!(vm = %id, error = %e, "capturing the VM's console failed; its output is not logged");
         }
-        match self.ports.vmm.start_guest(&self.ports.repo.vm_dir(id), true).await {
+        match vmm.start_guest(&self.ports.repo.vm_dir(id), true).await {
             Ok(true) => info!(vm = %id, "resumed a guest that was launched but never started"),
             Ok(false) => {}
             Err(e) => warn!(vm = %id, error = %e, "asking the VMM for the guest's state failed"),
@@ -128,9 +131,9 @@ impl Reconciler {
             confinement: confinement.clone(),
         };
         rec.status.started_at = Some(p.clock.now_millis());
-        let vmm = p.vmm.clone();
-        let spec2 = spec.clone();
-        let launched = match tokio::task::spawn_blocking(move || vmm.launch(&spec2)).await {
+        let vmm = p.vmms.of(rec.spec.provider);
+        let (vmm2, spec2) = (vmm.clone(), spec.clone());
+        let launched = match tokio::task::spawn_blocking(move || vmm2.launch(&spec2)).await {
             Ok(Ok(l)) => l,
             Ok(Err(VmmError::AlreadyRunning { pid })) => {
                 // A VMM appeared for this VM since it was observed: adopt it on the next round.
@@ -159,17 +162,16 @@ impl Reconciler {
                 .capture_console(&rec.spec)
                 .await
                 .map_err(|e| e.context("capturing the VM's console"))?;
-            p.vmm
-                .start_guest(&spec.vm_dir, false)
+            vmm.start_guest(&spec.vm_dir, false)
                 .await
                 .map_err(|e| Error::precondition(format!("starting the guest's CPUs: {e}")))
         };
         if let Err(e) = ready.await {
-            if let Err(k) = p.vmm.stop(&spec.vm_dir, launched.handle(), Duration::ZERO).await {
+            if let Err(k) = vmm.stop(&spec.vm_dir, launched.handle(), Duration::ZERO).await {
                 warn!(error = %k, "killing the half-started VMM failed");
             }
             p.guests.console_closed(&id).await;
-            p.vmm.cleanup(&spec.vm_dir, &confinement);
+            vmm.cleanup(&spec.vm_dir, &confinement);
             p.sandbox.settle(&confinement);
             return Err(self.unclaim(rec, Error::precondition(e.message)));
         }
@@ -206,7 +208,7 @@ impl Reconciler {
         self.ports.network.settle(&rec.spec, saved.is_err());
         saved?;
         info!(pid = launched.pid, accel = %launched.accel, "vmm started");
-        self.spawn_watchers(&rec.spec.id, launched.handle(), true);
+        self.spawn_watchers(&rec.spec, launched.handle(), true);
         Ok(())
     }
 
@@ -220,7 +222,9 @@ impl Reconciler {
     /// pid file go too, so nothing can mistake them for a live VMM later.
     fn record_exit(&self, rec: &mut VmRecord) -> Result<()> {
         let p = &self.ports;
-        p.vmm.cleanup(&p.repo.vm_dir(&rec.spec.id), &p.sandbox.of(&rec.spec));
+        p.vmms
+            .of(rec.spec.provider)
+            .cleanup(&p.repo.vm_dir(&rec.spec.id), &p.sandbox.of(&rec.spec));
         rec.status.vmm_uid = None;
         let exit = p.disks.read_exit(rec).unwrap_or_else(|e| {
             warn!(vm = %rec.spec.id, error = %e, "unreadable exit record");

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hearth_types::{VmId, VmRecord, VmState};
+use hearth_types::{VmId, VmRecord, VmSpec, VmState};
 use tracing::{info, warn};
 
 use super::{Options, Reconciler};
@@ -15,10 +15,11 @@ const SHUTDOWN_ASK_TIMEOUT: Duration = Duration::from_secs(2);
 impl Reconciler {
     /// Watches a VMM until it exits (then reconciles), and, while the guest boots, waits for
     /// hearth-init's ready report.
-    pub(super) fn spawn_watchers(self: &Arc<Self>, id: &VmId, h: VmmHandle, await_ready: bool) {
-        let (r, id1) = (self.clone(), id.clone());
+    pub(super) fn spawn_watchers(self: &Arc<Self>, spec: &VmSpec, h: VmmHandle, await_ready: bool) {
+        let (r, id, id1) = (self.clone(), &spec.id, spec.id.clone());
+        let vmm = self.ports.vmms.of(spec.provider);
         tokio::spawn(async move {
-            r.ports.vmm.wait_exit(h).await;
+            vmm.wait_exit(h).await;
             info!(vm = %id1, pid = h.pid, "vmm exited");
             // Everything the guest wrote is in the log before the exit is recorded.
             r.ports.guests.console_closed(&id1).await;
@@ -63,15 +64,16 @@ impl Reconciler {
     pub(super) async fn stop_vmm(&self, rec: &VmRecord, h: VmmHandle, timeout: Duration) {
         let p = &self.ports;
         let id = &rec.spec.id;
+        let vmm = p.vmms.of(rec.spec.provider);
         let deadline = tokio::time::Instant::now() + timeout;
         let asked = tokio::time::timeout(SHUTDOWN_ASK_TIMEOUT, p.guests.shutdown(id)).await;
         if matches!(asked, Ok(Ok(())))
-            && tokio::time::timeout_at(deadline, p.vmm.wait_exit(h)).await.is_ok()
+            && tokio::time::timeout_at(deadline, vmm.wait_exit(h)).await.is_ok()
         {
             return;
         }
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        if let Err(e) = p.vmm.stop(&p.repo.vm_dir(id), h, left).await {
+        if let Err(e) = vmm.stop(&p.repo.vm_dir(id), h, left).await {
             warn!(vm = %id, error = %e, "graceful stop failed; killing");
             self.kill_now(rec, h).await;
         }

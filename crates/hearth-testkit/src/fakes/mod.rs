@@ -45,7 +45,7 @@ pub fn harness() -> Harness {
     let host = Arc::new(FakeHost::new(vmm.clone()));
     let clock = Arc::new(ManualClock(AtomicU64::new(1_000)));
     let ports = Ports {
-        vmm: vmm.clone(),
+        vmms: hearth_core::ports::Vmms::new(vec![vmm.clone()]),
         repo: host.clone(),
         disks: host.clone(),
         kernels: host.clone(),

@@ -6,6 +6,7 @@
 //! outlives hearthd (reparented when hearthd exits) and is found again by pid + start time; while
 //! hearthd runs it is hearthd's child, reaped when its exit is seen (crate::process).
 
+use super::qmp::qmp_error;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -149,13 +150,16 @@ pub fn launch(spec: &LaunchSpec) -> Result<Launched, VmmError> {
         .stderr(log);
     crate::sys::detach_and_join(&mut cmd, group.as_ref().map(|g| g.join_fds()).unwrap_or_default());
     let started = (|| {
-        let mut child = cmd
-            .spawn()
-            .map_err(|source| VmmError::Spawn { binary: binary.display().to_string(), source })?;
+        let mut child = cmd.spawn().map_err(|source| VmmError::Spawn {
+            binary: binary.display().to_string(),
+            fix: "install Debian's qemu-system-x86 or set HEARTH_QEMU",
+            source,
+        })?;
         if let Err(e) = wait_started(&mut child, &dir.join("qmp.sock")) {
             let _ = child.kill();
             let _ = child.wait();
             return Err(VmmError::Start {
+                vmm: "qemu",
                 log: format!("{e}; {}:\n{}", log_path.display(), tail(&log_path)),
             });
         }
@@ -163,6 +167,7 @@ pub fn launch(spec: &LaunchSpec) -> Result<Launched, VmmError> {
         // Not waited for here: reaped when its exit is seen (crate::process::wait_exit).
         drop(child);
         let start_time = crate::start_time(pid).ok_or_else(|| VmmError::Start {
+            vmm: "qemu",
             log: format!(
                 "it exited right after starting; {}:\n{}",
                 log_path.display(),
@@ -192,7 +197,7 @@ pub async fn resume(vm_dir: &Path) -> Result<(), VmmError> {
 async fn qmp(vm_dir: &Path) -> Result<Qmp, VmmError> {
     tokio::time::timeout(QMP_TIMEOUT, Qmp::connect(&vm_dir.join("qmp.sock")))
         .await
-        .map_err(|_| VmmError::Qmp("qemu did not answer on its QMP socket".into()))?
+        .map_err(|_| qmp_error("qemu did not answer on its QMP socket"))?
 }
 
 /// Waits until a QEMU found running (not launched by this process) has finished setting up:
@@ -265,7 +270,7 @@ pub async fn stop(
             kill(pid, start, libc::SIGKILL);
             tokio::time::timeout(KILL_TIMEOUT, wait_exit(pid, start))
                 .await
-                .map_err(|_| VmmError::Qmp(format!("qemu pid {pid} survived SIGKILL for 10 s; check for a hung kernel task (D state)")))?;
+                .map_err(|_| qmp_error(format!("qemu pid {pid} survived SIGKILL for 10 s; check for a hung kernel task (D state)")))?;
             Stopped::Killed
         }
     };

@@ -18,6 +18,13 @@ pub struct Qemu {
     pub binary: Option<PathBuf>,
 }
 
+impl Qemu {
+    /// Configured from the environment: `HEARTH_QEMU` names the binary.
+    pub fn from_env() -> Self {
+        Self { binary: std::env::var_os("HEARTH_QEMU").map(Into::into) }
+    }
+}
+
 /// hearth-vmm's own errors as the port's: the words are kept, they name the fix.
 fn port_error(e: crate::VmmError) -> VmmError {
     match e {

@@ -11,11 +11,13 @@ use crate::VmmError;
 /// Longest QMP line accepted.
 const MAX_LINE: usize = 1 << 20;
 
-/// A hang-up is [`VmmError::QmpClosed`] (QEMU exits right after `quit`); other I/O errors stay.
+/// A hang-up is [`VmmError::Closed { api: "qmp" }`] (QEMU exits right after `quit`); other I/O errors stay.
 fn io_error(e: std::io::Error) -> VmmError {
     match e.kind() {
-        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => VmmError::QmpClosed,
-        _ => VmmError::Qmp(e.to_string()),
+        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => {
+            VmmError::Closed { api: "qmp" }
+        }
+        _ => qmp_error(e.to_string()),
     }
 }
 
@@ -31,7 +33,7 @@ impl Qmp {
     pub async fn connect(path: &Path) -> Result<Self, VmmError> {
         let s = UnixStream::connect(path)
             .await
-            .map_err(|e| VmmError::Qmp(format!("connecting {}: {e}", path.display())))?;
+            .map_err(|e| qmp_error(format!("connecting {}: {e}", path.display())))?;
         let (rd, wr) = s.into_split();
         let mut q = Self { rd: BufReader::new(rd), wr };
         q.read_message().await?;
@@ -48,13 +50,13 @@ impl Qmp {
                 .await
                 .map_err(io_error)?;
             if n == 0 {
-                return Err(VmmError::QmpClosed);
+                return Err(VmmError::Closed { api: "qmp" });
             }
             if !line.ends_with('\n') && n >= MAX_LINE {
-                return Err(VmmError::Qmp("reply exceeds 1 MiB".into()));
+                return Err(qmp_error("reply exceeds 1 MiB"));
             }
-            let v: Value = serde_json::from_str(&line)
-                .map_err(|e| VmmError::Qmp(format!("bad reply: {e}")))?;
+            let v: Value =
+                serde_json::from_str(&line).map_err(|e| qmp_error(format!("bad reply: {e}")))?;
             // Asynchronous events interleave with replies; skip them.
             if v.get("event").is_none() {
                 return Ok(v);
@@ -73,7 +75,7 @@ impl Qmp {
         self.wr.write_all(&bytes).await.map_err(io_error)?;
         let reply = self.read_message().await?;
         if let Some(err) = reply.get("error") {
-            return Err(VmmError::Qmp(format!(
+            return Err(qmp_error(format!(
                 "{command}: {}",
                 err["desc"].as_str().unwrap_or("error")
             )));
@@ -87,7 +89,7 @@ impl Qmp {
         v["status"]
             .as_str()
             .map(str::to_owned)
-            .ok_or_else(|| VmmError::Qmp(format!("query-status answered without a status: {v}")))
+            .ok_or_else(|| qmp_error(format!("query-status answered without a status: {v}")))
     }
 
     /// `system_powerdown`: presses the ACPI power button. The guest decides whether to obey.
@@ -99,10 +101,15 @@ impl Qmp {
     /// its reply arrives; that counts as done.
     pub async fn quit(&mut self) -> Result<(), VmmError> {
         match self.execute("quit", None).await {
-            Ok(_) | Err(VmmError::QmpClosed) => Ok(()),
+            Ok(_) | Err(VmmError::Closed { api: "qmp" }) => Ok(()),
             Err(e) => Err(e),
         }
     }
+}
+
+/// A QMP failure.
+pub(crate) fn qmp_error(message: impl Into<String>) -> VmmError {
+    VmmError::Control { api: "qmp", message: message.into() }
 }
 
 #[cfg(test)]

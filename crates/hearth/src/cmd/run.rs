@@ -44,6 +44,9 @@ pub struct CreateArgs {
     /// How QEMU runs the guest: auto, kvm or tcg.
     #[arg(long, default_value = "auto", env = "HEARTH_ACCEL")]
     accel: String,
+    /// The VMM that runs the VM: qemu.
+    #[arg(long, default_value = "qemu", env = "HEARTH_VMM")]
+    vmm: String,
     /// Remove the VM when it stops.
     #[arg(long)]
     rm: bool,
@@ -135,6 +138,7 @@ fn request(a: &CreateArgs) -> anyhow::Result<pb::CreateVmRequest> {
         env,
         labels,
         accel: a.accel.clone(),
+        vmm: a.vmm.clone(),
         auto_remove: a.rm,
         interactive: a.interactive,
         tty: a.tty,

@@ -165,10 +165,8 @@ pub(super) fn validate(
                 .map_err(|m| Status::invalid_argument(format!("interface {}: {m}", i.device_id)))?;
         }
     }
-    if let Some(p) = spec.provider.as_deref().filter(|p| !p.is_empty()) {
-        if let Err(e) = p.parse::<hearth_core::ports::Provider>() {
-            return bad(format!("{e}, or leave it empty"));
-        }
+    if let Err(e) = provider(&spec) {
+        return bad(format!("provider: {e}, or leave it empty"));
     }
     for (key, value) in &spec.metadata {
         if !hearth_types::vm::CLOUD_INIT_FILES.contains(&key.as_str()) {
@@ -179,6 +177,18 @@ pub(super) fn validate(
         }
     }
     Ok(spec)
+}
+
+/// The hearth provider a microVM asks for by Flintlock's name (`firecracker`,
+/// `cloudhypervisor`); `None` for the daemon's default.
+pub(super) fn provider(
+    spec: &fl::MicroVmSpec,
+) -> Result<Option<hearth_types::Provider>, hearth_types::VmSpecError> {
+    match spec.provider.as_deref().unwrap_or_default() {
+        "" => Ok(None),
+        "cloudhypervisor" => "cloud-hypervisor".parse().map(Some),
+        p => p.parse().map(Some),
+    }
 }
 
 /// The image of a container-sourced volume.
@@ -292,6 +302,7 @@ pub(super) fn create_request(
         cloud_init,
         address,
         cloud_init_network,
+        vmm: provider(spec).ok().flatten().map(|p| p.to_string()).unwrap_or_default(),
         volumes: spec
             .additional_volumes
             .iter()

@@ -40,10 +40,7 @@ impl Hearth for Api {
         &self,
         _: Request<pb::Empty>,
     ) -> Result<Response<pb::VersionResponse>, Status> {
-        let accel = match hearth_vmm::resolve_accel(hearth_types::Accel::Auto) {
-            Ok((a, _)) => a.to_string(),
-            Err(e) => e.to_string(),
-        };
+        let accel = crate::adapters::default_accel().map(|a| a.to_string()).unwrap_or_else(|e| e);
         Ok(Response::new(pb::VersionResponse {
             version: env!("CARGO_PKG_VERSION").into(),
             root: self.d.root.display().to_string(),
