@@ -28,6 +28,7 @@ pub mod microvm {
     }
 }
 
+pub mod convert;
 pub mod status;
 
 /// The encoded descriptors of Flintlock's API, for gRPC reflection.

@@ -8,6 +8,7 @@
 //! exactly what is observed to exist.
 #![forbid(unsafe_code)]
 
+pub mod create;
 pub mod error;
 pub mod forwards;
 pub mod guest;
@@ -17,6 +18,7 @@ pub mod plan;
 pub mod ports;
 pub mod reconcile;
 
+pub use create::{guest_config_for, NewVm, NewVolume, SshKey};
 pub use error::{Error, ErrorKind, Result};
 pub use guest::{cloud_init_network_config, guest_config, guest_network, GuestConfigError};
 pub use index::VmIndex;

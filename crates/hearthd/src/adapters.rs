@@ -9,8 +9,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use hearth_api::status::from_status;
 use hearth_core::ports::{
-    Confinement, DiskState, Disks, Guests, Kernels, NetPlan, Network, Sandbox, VmRepository,
-    VolumeDisk,
+    Confinement, DiskState, Disks, Guests, Images, Kernels, Keys, NetPlan, Network, RootFs,
+    Sandbox, VmRepository, VolumeDisk,
 };
 use hearth_core::{Error, Ports, Reconciler, Result};
 use hearth_types::agent::Ready;
@@ -79,8 +79,10 @@ pub fn wire(d: &Arc<Daemon>) -> Arc<Reconciler> {
         kernels: host.clone(),
         network: host.clone(),
         guests: host.clone(),
-        sandbox: host,
+        sandbox: host.clone(),
         clock: Arc::new(hearth_core::ports::SystemClock),
+        images: host.clone(),
+        keys: host,
     };
     let r = Reconciler::new(ports);
     d.set_reconciler(r.clone());
@@ -172,6 +174,50 @@ impl VmRepository for Host {
     fn vms_dir(&self) -> PathBuf {
         self.0.root.join("vms")
     }
+    fn name_holder(&self, name: &str) -> Option<VmId> {
+        self.0.index().by_name(name).cloned()
+    }
+    fn address_holder(&self, a: std::net::Ipv4Addr) -> Option<String> {
+        self.0.index().address_holder(a).map(str::to_owned)
+    }
+    fn used_addresses(&self) -> Vec<std::net::Ipv4Addr> {
+        let reserved: Vec<_> = self
+            .0
+            .reserved_addresses
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        self.0.index().addresses().chain(reserved).collect()
+    }
+}
+
+#[async_trait]
+impl Images for Host {
+    fn find(&self, reference: &str) -> Result<Option<ImageRecord>> {
+        self.0.images.get(reference).map_err(Error::internal)
+    }
+
+    async fn root_fs(&self, image: &ImageRecord) -> Result<RootFs> {
+        let (d, img) = (self.0.clone(), image.clone());
+        blocking(move || {
+            let users = d
+                .images
+                .users(&img)?
+                .map(|u| (u.passwd.unwrap_or_default(), u.group.unwrap_or_default()));
+            Ok(RootFs { bytes: std::fs::metadata(d.images.rootfs_path(&img.id))?.len(), users })
+        })
+        .await
+    }
+}
+
+impl Keys for Host {
+    fn generate_ssh_key(&self, vm_dir: &Path, comment: &str) -> Result<(String, PathBuf)> {
+        let public =
+            off_runtime(|| crate::ssh::generate(vm_dir, comment)).map_err(Error::internal)?;
+        Ok((public, crate::ssh::key_path(vm_dir)))
+    }
 }
 
 #[async_trait]
@@ -208,8 +254,11 @@ impl Disks for Host {
     }
 
     async fn write_config(&self, rec: &VmRecord) -> Result<()> {
-        let cfg = crate::create::guest_config_for(&rec.spec, &self.image_of(rec)?.config)
-            .map_err(core)?;
+        let cfg = hearth_core::guest_config_for(
+            &rec.spec,
+            &self.image_of(rec)?.config,
+            crate::net::host_resolvers(),
+        )?;
         let path = config_path(&self.dir(&rec.spec.id));
         tokio::task::spawn_blocking(move || hearth_storage::create_config_disk(&path, &cfg))
             .await
@@ -244,6 +293,15 @@ impl Disks for Host {
         hearth_storage::read_exit_record(&config_path(&self.dir(&rec.spec.id)))
             .map_err(Error::internal)
     }
+
+    fn capacity(&self) -> Option<u64> {
+        let fs = nix::sys::statvfs::statvfs(&self.0.root.join("vms")).ok()?;
+        Some(fs.blocks().saturating_mul(fs.fragment_size()))
+    }
+
+    fn check_config(&self, cfg: &hearth_types::GuestConfig) -> Result<()> {
+        check_config_fits(cfg)
+    }
 }
 
 #[async_trait]
@@ -259,6 +317,14 @@ impl Kernels for Host {
             Ok((d.kernels.kernel_path(&name), d.kernels.initramfs(&name, &d.init_binary)?))
         })
         .await
+    }
+
+    fn default_kernel(&self) -> Result<Option<String>> {
+        self.0.kernels.default_name().map_err(Error::internal)
+    }
+
+    fn exists(&self, kernel: &str) -> Result<bool> {
+        Ok(self.0.kernels.get(kernel).map_err(Error::internal)?.is_some())
     }
 }
 
@@ -318,6 +384,15 @@ impl Network for Host {
         if let Err(e) = off_runtime(|| crate::net::sync_nat(&self.0, None)) {
             warn!(error = %e.message(), "rebuilding the bridge's port forwards failed");
         }
+    }
+
+    fn check_publishable(&self, spec: &VmSpec) -> Result<()> {
+        crate::net::check_ports_free(spec).map_err(core)?;
+        crate::net::check_unclaimed(&self.0, spec).map_err(core)
+    }
+
+    fn resolvers(&self) -> Vec<String> {
+        crate::net::host_resolvers()
     }
 }
 

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use async_trait::async_trait;
 use hearth_types::guest::GuestExit;
+use hearth_types::GuestConfig;
 use hearth_types::VmRecord;
 
 use super::VolumeDisk;
@@ -34,10 +35,17 @@ pub trait Disks: Send + Sync {
     fn clear_exit(&self, rec: &VmRecord) -> Result<()>;
     /// How the workload ended, as hearth-init wrote it on the config disk.
     fn read_exit(&self, rec: &VmRecord) -> Result<Option<GuestExit>>;
+    /// The size of the filesystem VM disks are made on, when it can be read.
+    fn capacity(&self) -> Option<u64>;
+    /// Refuses a guest config too large for a config disk.
+    fn check_config(&self, cfg: &GuestConfig) -> Result<()>;
 }
 
 #[async_trait]
 pub trait Kernels: Send + Sync {
     /// The kernel image and the initramfs (the kernel's modules plus hearth-init) to boot.
     async fn boot_files(&self, kernel: &str) -> Result<(PathBuf, PathBuf)>;
+    /// The kernel VMs get when they name none.
+    fn default_kernel(&self) -> Result<Option<String>>;
+    fn exists(&self, kernel: &str) -> Result<bool>;
 }

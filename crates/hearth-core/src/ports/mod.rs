@@ -4,6 +4,7 @@
 pub mod clock;
 pub mod disks;
 pub mod guests;
+pub mod images;
 pub mod network;
 pub mod repo;
 pub mod sandbox;
@@ -12,6 +13,7 @@ pub mod vmm;
 pub use clock::{Clock, SystemClock};
 pub use disks::{DiskState, Disks, Kernels};
 pub use guests::Guests;
+pub use images::{Images, Keys, RootFs};
 pub use network::{NetPlan, Network};
 pub use repo::VmRepository;
 pub use sandbox::Sandbox;

@@ -29,4 +29,8 @@ pub trait Network: Send + Sync {
     async fn release(&self, spec: &VmSpec, remove: bool);
     /// Rebuilds the host's forwarding rules from the records (after a daemon start).
     fn resync(&self);
+    /// Refuses a new VM whose published ports are in use on the host or held by another VM.
+    fn check_publishable(&self, spec: &VmSpec) -> Result<()>;
+    /// The DNS servers guests on the bridge are given (the host's own, loopback ones left out).
+    fn resolvers(&self) -> Vec<String>;
 }

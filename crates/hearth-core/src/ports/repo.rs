@@ -1,5 +1,6 @@
 //! Where VM records live.
 
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use hearth_types::{VmId, VmRecord};
@@ -18,4 +19,10 @@ pub trait VmRepository: Send + Sync {
     fn vm_dir(&self, id: &VmId) -> PathBuf;
     /// The directory all VM directories are in.
     fn vms_dir(&self) -> PathBuf;
+    /// The id of the VM named `name`, if there is one (indexed: no listing).
+    fn name_holder(&self, name: &str) -> Option<VmId>;
+    /// Who holds a bridge address: a VM's name or a reservation's holder.
+    fn address_holder(&self, a: Ipv4Addr) -> Option<String>;
+    /// Every bridge address in use or promised.
+    fn used_addresses(&self) -> Vec<Ipv4Addr>;
 }

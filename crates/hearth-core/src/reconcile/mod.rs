@@ -15,7 +15,7 @@ use tracing::{info_span, Instrument};
 
 use crate::locks::KeyedLocks;
 use crate::ports::{
-    Clock, Disks, Guests, Kernels, Network, Sandbox, VmRepository, VmmHandle, Vmms,
+    Clock, Disks, Guests, Images, Kernels, Keys, Network, Sandbox, VmRepository, VmmHandle, Vmms,
 };
 use crate::{plan, Error, Observed, Result, Step, MAX_ITERATIONS};
 
@@ -50,6 +50,8 @@ pub struct Ports {
     pub guests: Arc<dyn Guests>,
     pub sandbox: Arc<dyn Sandbox>,
     pub clock: Arc<dyn Clock>,
+    pub images: Arc<dyn Images>,
+    pub keys: Arc<dyn Keys>,
 }
 
 impl std::fmt::Debug for Ports {
@@ -63,13 +65,20 @@ impl std::fmt::Debug for Ports {
 pub struct Reconciler {
     pub ports: Ports,
     locks: KeyedLocks<VmId>,
+    /// Serialises creates, so two cannot take one name or address.
+    pub(crate) creating: tokio::sync::Mutex<()>,
     /// How long a guest may take to report ready ([`READY_TIMEOUT`] unless a test says).
     pub ready_timeout: Duration,
 }
 
 impl Reconciler {
     pub fn new(ports: Ports) -> Arc<Self> {
-        Arc::new(Self { ports, locks: KeyedLocks::default(), ready_timeout: READY_TIMEOUT })
+        Arc::new(Self {
+            ports,
+            locks: KeyedLocks::default(),
+            creating: tokio::sync::Mutex::const_new(()),
+            ready_timeout: READY_TIMEOUT,
+        })
     }
 
     /// The lock that serialises all changes to one VM.

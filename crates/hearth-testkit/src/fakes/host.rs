@@ -1,19 +1,22 @@
 //! The host's side in memory: records, disks, claims on ports and uids, guests.
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use hearth_core::ports::{
-    Confinement, DiskState, Disks, Guests, Kernels, NetLaunch, NetPlan, Network, Sandbox,
-    VmRepository, VolumeDisk,
+    Confinement, DiskState, Disks, Guests, Images, Kernels, Keys, NetLaunch, NetPlan, Network,
+    RootFs, Sandbox, VmRepository, VolumeDisk,
 };
 use hearth_core::{Error, Result};
 use hearth_types::agent::Ready;
 use hearth_types::guest::GuestExit;
-use hearth_types::{NetworkMode, VmId, VmRecord, VmSpec};
+use hearth_types::{
+    Digest, GuestConfig, ImageConfig, ImageRecord, NetworkMode, VmId, VmRecord, VmSpec,
+};
 
 use super::FakeVmm;
 
@@ -38,6 +41,11 @@ struct State {
     released: Vec<(VmId, bool)>,
     uids: HashSet<u32>,
     next_uid: u32,
+    images: Vec<(ImageRecord, RootFs)>,
+    kernels: Vec<String>,
+    capacity: Option<u64>,
+    keys_made: Vec<PathBuf>,
+    fail_keys: bool,
 }
 
 /// Records, disks, network, guests and sandbox, in memory.
@@ -120,6 +128,82 @@ impl FakeHost {
     }
 }
 
+/// Stores, for create.
+impl FakeHost {
+    /// Adds an image `name` whose root filesystem is `bytes` long, with `users` (passwd,
+    /// group) when it has a passwd file.
+    pub fn add_image(
+        &self,
+        name: &str,
+        config: ImageConfig,
+        bytes: u64,
+        users: Option<(&str, &str)>,
+    ) -> ImageRecord {
+        let mut s = self.state();
+        let n = s.images.len() as u8 + 1;
+        let hex: String = std::iter::repeat_n(format!("{n:02x}"), 32).collect();
+        let image = ImageRecord {
+            names: vec![name.to_owned()],
+            id: Digest::from_hex(&hex).unwrap_or_else(|e| panic!("{e}")),
+            manifest_digest: None,
+            layers: vec![],
+            config,
+            size: bytes,
+            created_at: 0,
+        };
+        let users = users.map(|(p, g)| (p.to_owned(), g.to_owned()));
+        s.images.push((image.clone(), RootFs { bytes, users }));
+        image
+    }
+
+    /// Adds a kernel; the first is the default.
+    pub fn add_kernel(&self, name: &str) {
+        self.state().kernels.push(name.to_owned());
+    }
+
+    /// The size of the filesystem disks are made on.
+    pub fn set_capacity(&self, bytes: u64) {
+        self.state().capacity = Some(bytes);
+    }
+
+    pub fn fail_keys(&self) {
+        self.state().fail_keys = true;
+    }
+
+    /// The VM directories key pairs were generated in.
+    pub fn keys_made(&self) -> Vec<PathBuf> {
+        self.state().keys_made.clone()
+    }
+}
+
+#[async_trait]
+impl Images for FakeHost {
+    fn find(&self, reference: &str) -> Result<Option<ImageRecord>> {
+        let s = self.state();
+        let found = s
+            .images
+            .iter()
+            .find(|(i, _)| i.names.iter().any(|n| n == reference) || i.id.hex() == reference);
+        Ok(found.map(|(i, _)| i.clone()))
+    }
+    async fn root_fs(&self, image: &ImageRecord) -> Result<RootFs> {
+        let s = self.state();
+        let found = s.images.iter().find(|(i, _)| i.id == image.id);
+        found.map(|(_, r)| r.clone()).ok_or_else(|| Error::internal("no such fake image"))
+    }
+}
+
+impl Keys for FakeHost {
+    fn generate_ssh_key(&self, vm_dir: &Path, comment: &str) -> Result<(String, PathBuf)> {
+        let mut s = self.state();
+        if s.fail_keys {
+            return Err(Error::internal("ssh-keygen: out of entropy"));
+        }
+        s.keys_made.push(vm_dir.to_owned());
+        Ok((format!("ssh-ed25519 AAAAfake {comment}"), vm_dir.join("id_ed25519")))
+    }
+}
+
 impl VmRepository for FakeHost {
     fn get(&self, id: &VmId) -> Result<Option<VmRecord>> {
         Ok(self.state().records.get(id).cloned())
@@ -153,6 +237,17 @@ impl VmRepository for FakeHost {
     }
     fn vms_dir(&self) -> PathBuf {
         PathBuf::from(VMS)
+    }
+    fn name_holder(&self, name: &str) -> Option<VmId> {
+        let s = self.state();
+        s.records.values().find(|r| r.spec.name == name).map(|r| r.spec.id.clone())
+    }
+    fn address_holder(&self, a: Ipv4Addr) -> Option<String> {
+        let s = self.state();
+        s.records.values().find(|r| r.spec.address == Some(a)).map(|r| r.spec.name.clone())
+    }
+    fn used_addresses(&self) -> Vec<Ipv4Addr> {
+        self.state().records.values().filter_map(|r| r.spec.address).collect()
     }
 }
 
@@ -190,6 +285,12 @@ impl Disks for FakeHost {
     fn read_exit(&self, rec: &VmRecord) -> Result<Option<GuestExit>> {
         Ok(self.state().exits.get(&rec.spec.id).cloned())
     }
+    fn capacity(&self) -> Option<u64> {
+        self.state().capacity
+    }
+    fn check_config(&self, _cfg: &GuestConfig) -> Result<()> {
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -199,6 +300,12 @@ impl Kernels for FakeHost {
             PathBuf::from(format!("/fake/kernels/{kernel}/vmlinuz")),
             PathBuf::from(format!("/fake/kernels/{kernel}/initrd")),
         ))
+    }
+    fn default_kernel(&self) -> Result<Option<String>> {
+        Ok(self.state().kernels.first().cloned())
+    }
+    fn exists(&self, kernel: &str) -> Result<bool> {
+        Ok(self.state().kernels.iter().any(|k| k == kernel))
     }
 }
 
@@ -227,6 +334,22 @@ impl Network for FakeHost {
         self.state().released.push((spec.id.clone(), remove));
     }
     fn resync(&self) {}
+    fn check_publishable(&self, spec: &VmSpec) -> Result<()> {
+        let s = self.state();
+        for p in &spec.ports {
+            let taken = s.records.values().any(|r| {
+                r.status.state.is_active()
+                    && r.spec.ports.iter().any(|q| q.host_port == p.host_port)
+            });
+            if taken {
+                return Err(Error::precondition(format!("host port {} is taken", p.host_port)));
+            }
+        }
+        Ok(())
+    }
+    fn resolvers(&self) -> Vec<String> {
+        vec!["192.0.2.53".into()]
+    }
 }
 
 #[async_trait]

@@ -53,6 +53,8 @@ pub fn harness() -> Harness {
         guests: host.clone(),
         sandbox: host.clone(),
         clock: clock.clone(),
+        images: host.clone(),
+        keys: host.clone(),
     };
     Harness { reconciler: Reconciler::new(ports), vmm, host, clock }
 }

@@ -5,12 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hearth_api::v1::{self as pb, hearth_server::Hearth};
-use hearth_types::{Desired, ImageRef, VmId, VmRecord, VmSpec, VmState, VmStatus};
+use hearth_types::{Desired, ImageRef, VmRecord, VmState};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::daemon::{internal, now_secs, Daemon};
+use crate::daemon::{internal, Daemon};
 use crate::reconcile::{self, Options};
 
 pub type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -31,8 +31,8 @@ mod kernel_image;
 mod support;
 
 pub use kernel_image::kernel_from_image;
+pub use support::detached;
 use support::*;
-pub use support::{created_now, detached, new_id, new_record};
 
 #[tonic::async_trait]
 impl Hearth for Api {

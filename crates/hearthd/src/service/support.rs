@@ -80,17 +80,3 @@ pub(super) fn parse_signal(s: &str) -> Result<i32, Status> {
         }
     })
 }
-
-/// A fresh record for a validated spec.
-pub fn new_record(spec: VmSpec) -> VmRecord {
-    VmRecord { spec, desired: Desired::Stopped, status: VmStatus::default() }
-}
-
-/// A new random VM id.
-pub fn new_id() -> VmId {
-    VmId::from_bytes(rand::random())
-}
-
-pub fn created_now() -> u64 {
-    now_secs()
-}

@@ -1,0 +1,133 @@
+//! Wire requests into the core's commands, validated: every field that does not parse is refused
+//! here with the flag to fix.
+
+use hearth_core::{Error, NewVm, NewVolume, SshKey};
+use hearth_types::{LogOptions, Provider};
+
+use crate::v1 as pb;
+
+fn invalid(e: impl std::fmt::Display) -> Error {
+    Error::invalid(e.to_string())
+}
+
+impl TryFrom<pb::CreateVmRequest> for NewVm {
+    type Error = Error;
+
+    fn try_from(req: pb::CreateVmRequest) -> Result<Self, Error> {
+        let given_key = req.ssh_public_key.trim().to_owned();
+        let ssh = match (given_key.is_empty(), req.ssh) {
+            (false, _) => SshKey::Given(given_key),
+            (true, true) => SshKey::Generate,
+            (true, false) => SshKey::None,
+        };
+        let address = match req.address.as_str() {
+            "" => None,
+            a => Some(
+                a.parse::<std::net::Ipv4Addr>()
+                    .map_err(|_| Error::invalid(format!("address {a:?} is not an IPv4 address")))?,
+            ),
+        };
+        let provider = match req.vmm.as_str() {
+            "" => Provider::default(),
+            v => v.parse().map_err(invalid)?,
+        };
+        Ok(NewVm {
+            image: req.image,
+            kernel: Some(req.kernel).filter(|k| !k.is_empty()),
+            name: Some(req.name).filter(|n| !n.is_empty()),
+            cpus: req.cpus,
+            memory_mib: req.memory_mib,
+            disk_bytes: req.disk_bytes,
+            kernel_args: req.kernel_args,
+            entrypoint: req.has_entrypoint.then_some(req.entrypoint),
+            command: req.command,
+            env: req.env,
+            labels: req.labels.into_iter().collect(),
+            accel: req.accel.parse().map_err(invalid)?,
+            provider,
+            auto_remove: req.auto_remove,
+            interactive: req.interactive,
+            tty: req.tty,
+            network: req.network.parse().map_err(invalid)?,
+            ports: req
+                .ports
+                .iter()
+                .map(|p| p.parse())
+                .collect::<Result<_, _>>()
+                .map_err(invalid)?,
+            ssh,
+            mac: Some(req.mac).filter(|m| !m.is_empty()),
+            address,
+            cloud_init_network: Some(req.cloud_init_network).filter(|d| !d.is_empty()),
+            volumes: req
+                .volumes
+                .into_iter()
+                .map(|v| NewVolume {
+                    id: v.id,
+                    image: v.image,
+                    mount_point: Some(v.mount_point).filter(|m| !m.is_empty()),
+                    read_only: v.read_only,
+                })
+                .collect(),
+            cloud_init: req.cloud_init.into_iter().collect(),
+            log: LogOptions::parse(&req.log_opts).map_err(invalid)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req() -> pb::CreateVmRequest {
+        pb::CreateVmRequest {
+            image: "busybox:latest".into(),
+            cpus: 1,
+            memory_mib: 256,
+            disk_bytes: 1 << 30,
+            network: "user".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn empty_fields_mean_the_defaults() {
+        let v = NewVm::try_from(req()).expect("valid");
+        assert_eq!((v.kernel, v.name, v.address, v.mac), (None, None, None, None));
+        assert_eq!(v.provider, Provider::Qemu);
+        assert_eq!(v.ssh, SshKey::None);
+        assert_eq!(v.entrypoint, None);
+    }
+
+    #[test]
+    fn ssh_uses_a_given_key_and_generates_one_only_when_none_is_given() {
+        let mut r = req();
+        r.ssh = true;
+        assert_eq!(NewVm::try_from(r.clone()).expect("valid").ssh, SshKey::Generate);
+        r.ssh_public_key = " ssh-ed25519 AAAAC3 me \n".into();
+        assert_eq!(
+            NewVm::try_from(r).expect("valid").ssh,
+            SshKey::Given("ssh-ed25519 AAAAC3 me".into())
+        );
+    }
+
+    #[test]
+    fn each_malformed_field_is_refused_with_its_flag() {
+        type Spoil = fn(&mut pb::CreateVmRequest);
+        let cases: [(Spoil, &str); 6] = [
+            (|r| r.accel = "hvf".into(), "--accel"),
+            (|r| r.vmm = "vmware".into(), "--vmm"),
+            (|r| r.network = "wifi".into(), "network"),
+            (|r| r.ports = vec!["99999:80".into()], "99999"),
+            (|r| r.address = "10.61.0".into(), "IPv4"),
+            (|r| r.log_opts = vec!["max-size=0".into()], "--log-opt"),
+        ];
+        for (bad, says) in cases {
+            let mut r = req();
+            bad(&mut r);
+            let e = NewVm::try_from(r).expect_err(says);
+            assert_eq!(e.kind, hearth_core::ErrorKind::Invalid, "{e}");
+            assert!(e.message.contains(says), "{says}: {e}");
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! Creating a VM: resolve its image and kernel, check everything a start would trip on, choose
+//! its name and address, and persist its intent. Nothing is left behind when any check fails.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use hearth_types::{
+    format_size, generate_name, size_flag, Accel, Desired, GuestConfig, ImageConfig, LogOptions,
+    NetworkMode, PortMapping, Provider, VmId, VmRecord, VmSpec, VmStatus, VolumeSpec,
+};
+
+use crate::{Error, Reconciler, Result};
+
+/// What `hearth run`, `hearth create` and a Flintlock microVM ask for, parsed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NewVm {
+    /// The image reference or id; it must be in the store.
+    pub image: String,
+    /// The kernel's name; the default kernel when `None`.
+    pub kernel: Option<String>,
+    /// A generated name (adjective_surname) when `None`.
+    pub name: Option<String>,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub disk_bytes: u64,
+    pub kernel_args: String,
+    pub entrypoint: Option<Vec<String>>,
+    pub command: Vec<String>,
+    pub env: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub accel: Accel,
+    pub provider: Provider,
+    pub auto_remove: bool,
+    pub interactive: bool,
+    pub tty: bool,
+    pub network: NetworkMode,
+    pub ports: Vec<PortMapping>,
+    pub ssh: SshKey,
+    pub mac: Option<String>,
+    /// A bridge address asked for; allocated when `None` on the bridge.
+    pub address: Option<Ipv4Addr>,
+    pub cloud_init_network: Option<String>,
+    pub volumes: Vec<NewVolume>,
+    pub cloud_init: BTreeMap<String, String>,
+    pub log: Option<LogOptions>,
+}
+
+/// How a VM gets SSH access.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum SshKey {
+    #[default]
+    None,
+    /// This public key is authorised.
+    Given(String),
+    /// A key pair is generated in the VM's directory.
+    Generate,
+}
+
+/// An extra disk made from an image.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NewVolume {
+    pub id: String,
+    pub image: String,
+    pub mount_point: Option<String>,
+    pub read_only: bool,
+}
+
+impl Reconciler {
+    /// Validates `req` and persists the new VM (stopped; `start` launches it).
+    pub async fn create(self: &Arc<Self>, req: NewVm) -> Result<VmRecord> {
+        let p = &self.ports;
+        if req.image.is_empty() {
+            return Err(Error::invalid("no image given: hearth run IMAGE [COMMAND...]"));
+        }
+        let image = p.images.find(&req.image)?.ok_or_else(|| not_pulled(&req.image))?;
+        let kernel = match req.kernel.clone() {
+            Some(k) => k,
+            None => p.kernels.default_kernel()?.ok_or_else(|| {
+                Error::precondition(
+                    "no kernel is imported: import one with `hearth kernel import FILE --name NAME`",
+                )
+            })?,
+        };
+        if !p.kernels.exists(&kernel)? {
+            return Err(Error::not_found(format!(
+                "kernel {kernel} does not exist: see `hearth kernel ls`, or import it"
+            )));
+        }
+        let mut volumes = Vec::new();
+        for v in &req.volumes {
+            let img = p.images.find(&v.image)?.ok_or_else(|| {
+                Error::not_found(format!(
+                    "volume {}: image {} is not in the store: pull it with `hearth image pull {}`",
+                    v.id, v.image, v.image
+                ))
+            })?;
+            volumes.push(VolumeSpec {
+                id: v.id.clone(),
+                image: v.image.clone(),
+                image_id: img.id.hex().to_owned(),
+                mount_point: v.mount_point.clone(),
+                read_only: v.read_only,
+            });
+        }
+        // The image's root filesystem is built (once per image) before anything is recorded, so a
+        // --size it does not fit in, or a USER it lacks, is refused here and no VM is left behind.
+        let root_fs = p.images.root_fs(&image).await?;
+        let _one_at_a_time = self.creating.lock().await;
+        let name = self.unique_name(req.name.clone())?;
+        let mut spec = VmSpec {
+            id: VmId::from_bytes(rand::random()),
+            name,
+            image: image.names.first().cloned().unwrap_or_else(|| req.image.clone()),
+            image_id: image.id.hex().to_owned(),
+            kernel,
+            cpus: req.cpus,
+            memory_mib: req.memory_mib,
+            disk_bytes: req.disk_bytes,
+            kernel_args: req.kernel_args,
+            entrypoint: req.entrypoint,
+            command: req.command,
+            env: req.env,
+            labels: req.labels,
+            accel: req.accel,
+            provider: req.provider,
+            auto_remove: req.auto_remove,
+            interactive: req.interactive,
+            tty: req.tty,
+            network: req.network,
+            ports: req.ports,
+            // A placeholder for a key generated below, so validation sees that SSH is wanted.
+            ssh_public_key: match &req.ssh {
+                SshKey::None => None,
+                SshKey::Given(k) => Some(k.clone()),
+                SshKey::Generate => Some("ssh-ed25519 AAAA".to_owned()),
+            },
+            mac: req.mac,
+            address: None,
+            cloud_init_network: req.cloud_init_network,
+            volumes,
+            cloud_init: req.cloud_init,
+            log: req.log,
+            created_at: p.clock.now_millis() / 1000,
+        };
+        spec.address = self.address_for(spec.network, req.address)?;
+        spec.validate().map_err(|e| Error::invalid(e.to_string()))?;
+        self.check_fits(&spec, root_fs.bytes)?;
+        let cfg = guest_config_for(&spec, &image.config, p.network.resolvers())?;
+        p.disks.check_config(&cfg)?;
+        check_user(&spec, &cfg, root_fs.users.as_ref())?;
+        p.network.check_publishable(&spec)?;
+        let mut rec = VmRecord { spec, desired: Desired::Stopped, status: VmStatus::default() };
+        let dir = p.repo.vm_dir(&rec.spec.id);
+        if req.ssh == SshKey::Generate {
+            let comment = format!("hearth@{}", rec.spec.name);
+            match p.keys.generate_ssh_key(&dir, &comment) {
+                Ok((public, path)) => {
+                    rec.spec.ssh_public_key = Some(public);
+                    rec.status.ssh_key_path = Some(path.display().to_string());
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(e.context("generating the VM's SSH key pair"));
+                }
+            }
+        }
+        if let Err(e) = p.repo.save(&rec) {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        Ok(rec)
+    }
+
+    /// The name asked for if no VM has it, else a generated one no VM has.
+    fn unique_name(&self, asked: Option<String>) -> Result<String> {
+        let repo = &self.ports.repo;
+        let name = asked.unwrap_or_else(|| {
+            let mut n = generate_name(rand::random());
+            while repo.name_holder(&n).is_some() {
+                n = generate_name(rand::random());
+            }
+            n
+        });
+        if let Some(other) = repo.name_holder(&name) {
+            return Err(Error::conflict(format!(
+                "the name {name} is already used by VM {other}: remove it or choose another --name"
+            )));
+        }
+        Ok(name)
+    }
+
+    /// A bridge VM's address: the one asked for if it is free, else the first free one.
+    fn address_for(
+        &self,
+        network: NetworkMode,
+        asked: Option<Ipv4Addr>,
+    ) -> Result<Option<Ipv4Addr>> {
+        let repo = &self.ports.repo;
+        match (network, asked) {
+            (NetworkMode::Bridge, Some(a)) => {
+                hearth_types::net::check_bridge_address(a)
+                    .map_err(|e| Error::invalid(e.to_string()))?;
+                if let Some(other) = repo.address_holder(a) {
+                    return Err(Error::conflict(format!(
+                        "address {a} is taken by VM {other}; choose another or leave it empty"
+                    )));
+                }
+                Ok(Some(a))
+            }
+            (NetworkMode::Bridge, None) => {
+                hearth_types::net::allocate_bridge_address(&repo.used_addresses())
+                    .map(Some)
+                    .map_err(|e| Error::exhausted(e.to_string()))
+            }
+            (_, Some(a)) => Err(Error::invalid(format!("address {a} needs --network bridge"))),
+            (_, None) => Ok(None),
+        }
+    }
+
+    /// The root disk holds the image's filesystem and fits the filesystem it lives on.
+    fn check_fits(&self, spec: &VmSpec, base_bytes: u64) -> Result<()> {
+        if spec.disk_bytes < base_bytes {
+            return Err(Error::invalid(format!(
+                "--size {} is smaller than the root filesystem of {} ({}): use --size {} or more",
+                format_size(spec.disk_bytes),
+                spec.image,
+                format_size(base_bytes),
+                size_flag(base_bytes)
+            )));
+        }
+        match self.ports.disks.capacity() {
+            Some(total) if spec.disk_bytes > total => Err(Error::invalid(format!(
+                "--size {} is larger than the whole filesystem holding {} ({}): choose a smaller --size",
+                format_size(spec.disk_bytes),
+                self.ports.repo.vms_dir().display(),
+                format_size(total)
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn not_pulled(reference: &str) -> Error {
+    // A malformed reference is reported as such; a well-formed one as not pulled.
+    if let Err(e) = reference.parse::<hearth_types::ImageRef>() {
+        return Error::invalid(e.to_string());
+    }
+    Error::not_found(format!(
+        "image {reference} is not in the store: pull it with `hearth image pull {reference}`"
+    ))
+}
+
+/// An image's USER must exist in the image (unless its own init runs as PID 1).
+fn check_user(spec: &VmSpec, cfg: &GuestConfig, users: Option<&(String, String)>) -> Result<()> {
+    let (false, Some((passwd, group))) = (cfg.init_system || cfg.process.user.is_empty(), users)
+    else {
+        return Ok(());
+    };
+    hearth_types::user::resolve(&cfg.process.user, passwd, group).map(drop).map_err(|why| {
+        Error::invalid(format!(
+            "image {} runs as USER {:?}, but {why}: fix the image's USER",
+            spec.image, cfg.process.user
+        ))
+    })
+}
+
+/// The guest config a VM's config disk holds: the image's process with the VM's overrides, the
+/// host's `resolvers` on the bridge, cloud-init's network-config when asked for. Create checks it
+/// (size, USER) with the same function that writes it.
+pub fn guest_config_for(
+    spec: &VmSpec,
+    image: &ImageConfig,
+    resolvers: Vec<String>,
+) -> Result<GuestConfig> {
+    let mut cfg = crate::guest_config(spec, image).map_err(|e| Error::invalid(e.to_string()))?;
+    if let (Some(net), NetworkMode::Bridge) = (cfg.network.as_mut(), spec.network) {
+        net.dns = resolvers;
+    }
+    if let (Some(device), Some(net)) = (&spec.cloud_init_network, &cfg.network) {
+        cfg.cloud_init
+            .entry("network-config".into())
+            .or_insert_with(|| crate::cloud_init_network_config(device, net));
+    }
+    Ok(cfg)
+}

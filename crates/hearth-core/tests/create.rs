@@ -1,0 +1,199 @@
+//! The create use-case against the ports' fakes: what a user sees when `hearth run` refuses,
+//! and that a refused create leaves no record behind.
+
+use std::net::Ipv4Addr;
+
+use hearth_core::ports::VmRepository;
+use hearth_core::{ErrorKind, NewVm, NewVolume, SshKey};
+use hearth_testkit::fakes::{harness, Harness};
+use hearth_types::{Desired, ImageConfig, NetworkMode, VmState};
+
+const MIB: u64 = 1 << 20;
+
+/// A host with the busybox image (48 MiB root filesystem, root and nobody users) and a kernel.
+fn host() -> Harness {
+    let h = harness();
+    let config = ImageConfig { cmd: vec!["sh".into()], ..Default::default() };
+    h.host.add_image(
+        "docker.io/library/busybox:latest",
+        config,
+        48 * MIB,
+        Some(("root:x:0:0::/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n", "root:x:0:\n")),
+    );
+    h.host.add_kernel("default");
+    h
+}
+
+fn new_vm() -> NewVm {
+    NewVm {
+        image: "docker.io/library/busybox:latest".into(),
+        cpus: 1,
+        memory_mib: 256,
+        disk_bytes: 64 * MIB,
+        network: NetworkMode::User,
+        ..Default::default()
+    }
+}
+
+fn records(h: &Harness) -> usize {
+    h.host.list().expect("list").len()
+}
+
+#[tokio::test]
+async fn a_create_records_a_stopped_vm_with_the_image_and_default_kernel() {
+    let h = host();
+    let rec = h.reconciler.create(new_vm()).await.expect("create");
+    assert_eq!(rec.desired, Desired::Stopped);
+    assert_eq!(rec.status.state, VmState::Created);
+    assert_eq!(rec.spec.image, "docker.io/library/busybox:latest");
+    assert_eq!(rec.spec.kernel, "default");
+    assert!(!rec.spec.name.is_empty(), "a name is generated");
+    assert_eq!(h.host.record(&rec.spec.id), Some(rec));
+}
+
+#[tokio::test]
+async fn generated_names_never_repeat_and_a_taken_name_is_refused() {
+    let h = host();
+    let a = h.reconciler.create(new_vm()).await.expect("first");
+    let b = h.reconciler.create(new_vm()).await.expect("second");
+    assert_ne!(a.spec.name, b.spec.name);
+    let e = h
+        .reconciler
+        .create(NewVm { name: Some(a.spec.name.clone()), ..new_vm() })
+        .await
+        .expect_err("name in use");
+    assert_eq!(e.kind, ErrorKind::Conflict);
+    assert!(e.message.contains(&a.spec.name) && e.message.contains("--name"), "{e}");
+    assert_eq!(records(&h), 2);
+}
+
+#[tokio::test]
+async fn missing_images_and_kernels_say_how_to_get_them() {
+    let h = host();
+    let e = h.reconciler.create(NewVm { image: "alpine:3".into(), ..new_vm() }).await;
+    let e = e.expect_err("not pulled");
+    assert_eq!(e.kind, ErrorKind::NotFound);
+    assert!(e.message.contains("hearth image pull alpine:3"), "{e}");
+
+    let e = h.reconciler.create(NewVm { image: "Bad Ref".into(), ..new_vm() }).await;
+    assert_eq!(e.expect_err("malformed").kind, ErrorKind::Invalid);
+
+    let e = h.reconciler.create(NewVm { kernel: Some("6.9".into()), ..new_vm() }).await;
+    let e = e.expect_err("no such kernel");
+    assert_eq!(e.kind, ErrorKind::NotFound);
+    assert!(e.message.contains("hearth kernel ls"), "{e}");
+
+    let volume = NewVolume { id: "data".into(), image: "data:1".into(), ..Default::default() };
+    let e = h.reconciler.create(NewVm { volumes: vec![volume], ..new_vm() }).await;
+    let e = e.expect_err("volume image not pulled");
+    assert!(e.message.contains("volume data") && e.message.contains("pull"), "{e}");
+    assert_eq!(records(&h), 0);
+}
+
+#[tokio::test]
+async fn without_any_kernel_the_error_says_to_import_one() {
+    let h = harness();
+    h.host.add_image("docker.io/library/busybox:latest", ImageConfig::default(), MIB, None);
+    let e = h.reconciler.create(new_vm()).await.expect_err("no kernel");
+    assert_eq!(e.kind, ErrorKind::FailedPrecondition);
+    assert!(e.message.contains("hearth kernel import"), "{e}");
+}
+
+#[tokio::test]
+async fn a_size_the_image_does_not_fit_in_or_the_host_cannot_hold_is_refused() {
+    let h = host();
+    let e = h.reconciler.create(NewVm { disk_bytes: 32 * MIB, ..new_vm() }).await;
+    let e = e.expect_err("too small");
+    assert_eq!(e.kind, ErrorKind::Invalid);
+    assert!(
+        e.message.contains("smaller than the root filesystem") && e.message.contains("or more"),
+        "{e}"
+    );
+
+    h.host.set_capacity(32 * MIB);
+    let e = h.reconciler.create(new_vm()).await.expect_err("larger than the filesystem");
+    assert!(e.message.contains("larger than the whole filesystem"), "{e}");
+    assert_eq!(records(&h), 0);
+}
+
+#[tokio::test]
+async fn bridge_addresses_are_allocated_once_and_asked_ones_checked() {
+    let h = host();
+    let bridge = || NewVm { network: NetworkMode::Bridge, ..new_vm() };
+    let a = h.reconciler.create(bridge()).await.expect("first");
+    let b = h.reconciler.create(bridge()).await.expect("second");
+    let (a_ip, b_ip) = (a.spec.address.expect("address"), b.spec.address.expect("address"));
+    assert_ne!(a_ip, b_ip);
+
+    let e = h.reconciler.create(NewVm { address: Some(a_ip), ..bridge() }).await;
+    let e = e.expect_err("taken");
+    assert_eq!(e.kind, ErrorKind::Conflict);
+    assert!(e.message.contains(&a.spec.name), "{e}");
+
+    let user = NewVm { address: Some(Ipv4Addr::new(10, 61, 0, 99)), ..new_vm() };
+    let e = h.reconciler.create(user).await.expect_err("address without the bridge");
+    assert!(e.message.contains("--network bridge"), "{e}");
+
+    let outside = NewVm { address: Some(Ipv4Addr::new(192, 168, 1, 2)), ..bridge() };
+    assert_eq!(
+        h.reconciler.create(outside).await.expect_err("off the bridge").kind,
+        ErrorKind::Invalid
+    );
+    assert_eq!(records(&h), 2);
+}
+
+#[tokio::test]
+async fn a_user_the_image_lacks_is_refused_unless_its_own_init_runs() {
+    let h = host();
+    let passwd = "root:x:0:0::/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n";
+    for user in ["postgres", "nobody"] {
+        let config =
+            ImageConfig { cmd: vec!["sh".into()], user: user.into(), ..Default::default() };
+        h.host.add_image(&format!("runs-as-{user}:1"), config, MIB, Some((passwd, "root:x:0:\n")));
+    }
+    let as_user = |u: &str| NewVm { image: format!("runs-as-{u}:1"), ..new_vm() };
+    let e = h.reconciler.create(as_user("postgres")).await.expect_err("no such user");
+    assert_eq!(e.kind, ErrorKind::Invalid);
+    assert!(e.message.contains("USER \"postgres\""), "{e}");
+    h.reconciler.create(as_user("nobody")).await.expect("a user the image has");
+    let init = NewVm { entrypoint: Some(vec!["/sbin/init".into()]), ..as_user("postgres") };
+    h.reconciler.create(init).await.expect("init runs as root and switches itself");
+}
+
+#[tokio::test]
+async fn a_generated_ssh_key_is_recorded_and_a_failed_one_leaves_no_vm() {
+    let h = host();
+    let rec = h.reconciler.create(NewVm { ssh: SshKey::Generate, ..new_vm() }).await.expect("ssh");
+    let key = rec.spec.ssh_public_key.expect("public key");
+    assert!(key.starts_with("ssh-ed25519 ") && key.ends_with(&format!("hearth@{}", rec.spec.name)));
+    assert_eq!(h.host.keys_made(), vec![h.host.vm_dir(&rec.spec.id)]);
+    assert!(rec.status.ssh_key_path.is_some());
+
+    h.host.fail_keys();
+    let e = h.reconciler.create(NewVm { ssh: SshKey::Generate, ..new_vm() }).await;
+    assert!(e.expect_err("keygen failed").message.contains("SSH key pair"));
+    assert_eq!(records(&h), 1);
+}
+
+#[tokio::test]
+async fn a_failed_save_is_reported_and_nothing_is_recorded() {
+    let h = host();
+    h.host.fail_saves(true);
+    let e = h.reconciler.create(new_vm()).await.expect_err("disk full");
+    assert!(e.message.contains("No space left"), "{e}");
+    h.host.fail_saves(false);
+    assert_eq!(records(&h), 0);
+}
+
+#[tokio::test]
+async fn a_published_port_in_use_is_refused_before_anything_is_recorded() {
+    let h = host();
+    let port: hearth_types::PortMapping = "8080:80".parse().expect("port");
+    let first = h.reconciler.create(NewVm { ports: vec![port.clone()], ..new_vm() }).await;
+    let mut first = first.expect("first");
+    first.status.state = VmState::Running;
+    h.host.put(first);
+    let e = h.reconciler.create(NewVm { ports: vec![port], ..new_vm() }).await;
+    assert!(e.expect_err("port taken").message.contains("8080"));
+    assert_eq!(records(&h), 1);
+}
