@@ -183,11 +183,6 @@ impl Daemon {
         self.reconciler.get().expect("adapters::wire ran at start-up")
     }
 
-    /// The lock that serialises all changes to one VM.
-    pub fn lock_for(&self, id: &VmId) -> Arc<tokio::sync::Mutex<()>> {
-        self.reconciler().lock_for(id)
-    }
-
     /// Persists a record and wakes waiters.
     pub fn save(&self, rec: &VmRecord) -> Result<(), Status> {
         match self.vms.save(rec) {

@@ -8,7 +8,6 @@ mod daemon;
 mod exec;
 mod flintlock;
 mod net;
-mod reconcile;
 mod root;
 mod service;
 mod ssh;
@@ -149,7 +148,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _socket_lock = root::lock_socket(&socket)?;
     let listener = bind_socket(&socket, group).await?;
     tracing::info!(root = %args.root.display(), socket = %socket.display(), "hearthd serving");
-    reconcile::recover(&d).await;
+    d.reconciler().recover().await;
     let fl = flintlock::Flintlock::new(d.clone(), args.flintlock_network)
         .context("opening the Flintlock API's records")?;
     fl.resume();

@@ -140,6 +140,25 @@ impl Reconciler {
         self.reconcile_locked(id, opts).await
     }
 
+    /// `start`: the VM is to run; a failed one is retried from stopped. The record when it was
+    /// already running (nothing to do), else `None` once the launch was carried out.
+    pub async fn start(self: &Arc<Self>, id: &VmId) -> Result<Option<VmRecord>> {
+        let lock = self.lock_for(id);
+        let _g = lock.lock().await;
+        let Some(mut cur) = self.ports.repo.get(id)? else {
+            return Err(Error::not_found(format!("no such VM: {id}")));
+        };
+        if cur.status.state.is_active() {
+            return Ok(Some(cur));
+        }
+        cur.desired = Desired::Running;
+        if cur.status.state == VmState::Failed {
+            cur.status.state = VmState::Stopped;
+        }
+        self.ports.repo.save(&cur)?;
+        self.reconcile_locked(id, Options::default()).await.map(|_| None)
+    }
+
     /// `hearth kill`: the VM is to stay stopped, its VMM gets `signal` (if it is still the
     /// recorded one), and its exit is recorded.
     pub async fn kill(self: &Arc<Self>, id: &VmId, signal: i32) -> Result<Option<VmRecord>> {

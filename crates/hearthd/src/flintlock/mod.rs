@@ -21,12 +21,14 @@ use hearth_types::net::{tap_name, BRIDGE_GATEWAY, BRIDGE_PREFIX};
 use hearth_types::{ImageRef, NetworkMode, VmRecord, VmState};
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
+use hearth_api::status::to_status;
+use hearth_core::Options;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use crate::daemon::KeyedLocks;
 use crate::daemon::{internal, now_secs, Daemon};
-use crate::service::{Api, Streamed};
+use crate::service::Streamed;
 
 /// Label tying a hearth VM to its Flintlock microVM.
 pub const UID_LABEL: &str = "hearth.flintlock/uid";
@@ -61,7 +63,6 @@ pub struct Flintlock {
 #[derive(Debug)]
 struct Inner {
     d: Arc<Daemon>,
-    api: Api,
     records: Records,
     /// One lock per microVM: its provisioning steps and its deletion never interleave.
     locks: KeyedLocks<String>,
@@ -85,11 +86,9 @@ impl Flintlock {
                 std::fs::remove_file(e.path())?;
             }
         }
-        let api = Api::new(d.clone());
         Ok(Self {
             inner: Arc::new(Inner {
                 d,
-                api,
                 records: Records { dir, write: Mutex::new(()) },
                 locks: KeyedLocks::default(),
                 create: tokio::sync::Mutex::const_new(()),
@@ -290,10 +289,7 @@ impl Flintlock {
         };
         self.check_not_deleting(&rec.uid)?;
         if !matches!(vm.status.state, VmState::Starting | VmState::Running) {
-            let start =
-                pb::StartVmRequest { r#ref: vm.spec.id.as_str().to_owned(), wait_ready: false };
-            hearth_api::v1::hearth_server::Hearth::start_vm(&self.inner.api, Request::new(start))
-                .await?;
+            d.reconciler().start(&vm.spec.id).await.map_err(to_status)?;
         }
         Ok(())
     }
@@ -340,11 +336,14 @@ impl Flintlock {
         let lock = self.inner.locks.get(&uid.to_owned());
         let _g = lock.lock().await;
         if let Some(vm) = self.vm_of(uid)? {
-            let opts = crate::reconcile::Options::default();
-            self.inner
-                .api
-                .set_desired(vm.spec.id.as_str(), hearth_types::Desired::Deleted, opts)
-                .await?;
+            let (r, id) = (self.inner.d.reconciler().clone(), vm.spec.id.clone());
+            // Carried to its end even if this task is dropped between two steps.
+            crate::service::detached(async move {
+                r.set_desired(&id, hearth_types::Desired::Deleted, Options::default())
+                    .await
+                    .map_err(to_status)
+            })
+            .await?;
         }
         self.inner.records.remove(uid)?;
         self.release_address(uid);

@@ -11,7 +11,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::daemon::{internal, Daemon};
-use crate::reconcile::{self, Options};
+use hearth_core::{Options, DEFAULT_STOP_TIMEOUT, READY_TIMEOUT};
 
 pub type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -242,21 +242,9 @@ impl Hearth for Api {
         let rec = self.d.resolve(&req.r#ref)?;
         let id = rec.spec.id.clone();
         let mut changes = self.d.subscribe();
-        let (d, id2, name) = (self.d.clone(), id.clone(), req.r#ref.clone());
+        let (d, id2) = (self.d.clone(), id.clone());
         let already = detached(async move {
-            let lock = d.lock_for(&id2);
-            let _g = lock.lock().await;
-            let mut cur =
-                d.get(&id2)?.ok_or_else(|| Status::not_found(format!("no such VM: {name}")))?;
-            if running(&cur) {
-                return Ok(Some(cur));
-            }
-            cur.desired = Desired::Running;
-            if cur.status.state == VmState::Failed {
-                cur.status.state = VmState::Stopped;
-            }
-            d.save(&cur)?;
-            reconcile::reconcile_locked(&d, &id2, Options::default()).await.map(|_| None)
+            d.reconciler().start(&id2).await.map_err(hearth_api::status::to_status)
         })
         .await?;
         if let Some(cur) = already {
@@ -282,7 +270,7 @@ impl Hearth for Api {
                 if out.status.state != VmState::Starting {
                     break;
                 }
-                if tokio::time::timeout(reconcile::READY_TIMEOUT, changes.changed()).await.is_err()
+                if tokio::time::timeout(READY_TIMEOUT, changes.changed()).await.is_err()
                 {
                     return Err(Status::deadline_exceeded(
                         "the guest did not report ready in time; see `hearth logs`",
@@ -302,7 +290,7 @@ impl Hearth for Api {
     ) -> Result<Response<pb::Record>, Status> {
         let req = req.into_inner();
         let timeout = if req.timeout_secs == 0 {
-            reconcile::DEFAULT_STOP_TIMEOUT
+            DEFAULT_STOP_TIMEOUT
         } else {
             Duration::from_secs(req.timeout_secs.into())
         };
