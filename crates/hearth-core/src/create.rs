@@ -107,6 +107,9 @@ impl Reconciler {
         // --size it does not fit in, or a USER it lacks, is refused here and no VM is left behind.
         let root_fs = p.images.root_fs(&image).await?;
         let _one_at_a_time = self.creating.lock().await;
+        if p.images.find(image.id.hex())?.is_none() {
+            return Err(Error::conflict(format!("image {} was removed meanwhile", req.image)));
+        }
         let name = self.unique_name(req.name.clone())?;
         let mut spec = VmSpec {
             id: VmId::from_bytes(rand::random()),

@@ -8,6 +8,7 @@
 //! exactly what is observed to exist.
 #![forbid(unsafe_code)]
 
+pub mod artifacts;
 pub mod create;
 pub mod error;
 pub mod forwards;

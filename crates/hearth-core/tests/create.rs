@@ -197,3 +197,32 @@ async fn a_published_port_in_use_is_refused_before_anything_is_recorded() {
     assert!(e.expect_err("port taken").message.contains("8080"));
     assert_eq!(records(&h), 1);
 }
+
+#[tokio::test]
+async fn an_image_or_kernel_in_use_is_kept_unless_forced() {
+    let h = host();
+    let vm = h.reconciler.create(new_vm()).await.expect("create");
+    let image = "docker.io/library/busybox:latest";
+    let e = h.reconciler.remove_image(image, false).await.expect_err("in use");
+    assert_eq!(e.kind, ErrorKind::FailedPrecondition);
+    assert!(e.message.contains(&vm.spec.name) && e.message.contains("--force"), "{e}");
+    let e = h.reconciler.remove_kernel("default", false).await.expect_err("in use");
+    assert!(e.message.contains(&vm.spec.name), "{e}");
+
+    h.reconciler.remove_image(image, true).await.expect("forced");
+    let e = h.reconciler.create(new_vm()).await.expect_err("gone");
+    assert_eq!(e.kind, ErrorKind::NotFound);
+    let e = h.reconciler.remove_image(image, false).await.expect_err("already gone");
+    assert!(e.message.contains("hearth image ls"), "{e}");
+    h.reconciler.remove_kernel("default", true).await.expect("forced");
+}
+
+#[tokio::test]
+async fn an_image_used_only_as_a_volume_is_kept_too() {
+    let h = host();
+    h.host.add_image("data:1", ImageConfig::default(), MIB, None);
+    let volume = NewVolume { id: "data".into(), image: "data:1".into(), ..Default::default() };
+    h.reconciler.create(NewVm { volumes: vec![volume], ..new_vm() }).await.expect("create");
+    let e = h.reconciler.remove_image("data:1", false).await.expect_err("a volume uses it");
+    assert_eq!(e.kind, ErrorKind::FailedPrecondition);
+}

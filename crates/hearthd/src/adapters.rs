@@ -210,6 +210,11 @@ impl Images for Host {
         })
         .await
     }
+
+    fn remove(&self, image: &ImageRecord) -> Result<ImageRecord> {
+        off_runtime(|| self.0.images.remove(image.id.hex()))
+            .map_err(|e| Error::precondition(format!("{:#}", anyhow::Error::from(e))))
+    }
 }
 
 impl Keys for Host {
@@ -325,6 +330,11 @@ impl Kernels for Host {
 
     fn exists(&self, kernel: &str) -> Result<bool> {
         Ok(self.0.kernels.get(kernel).map_err(Error::internal)?.is_some())
+    }
+
+    fn remove(&self, kernel: &str) -> Result<hearth_types::KernelRecord> {
+        off_runtime(|| self.0.kernels.remove(kernel))
+            .map_err(|e| Error::precondition(format!("{:#}", anyhow::Error::from(e))))
     }
 }
 

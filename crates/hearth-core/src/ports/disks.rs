@@ -48,4 +48,6 @@ pub trait Kernels: Send + Sync {
     /// The kernel VMs get when they name none.
     fn default_kernel(&self) -> Result<Option<String>>;
     fn exists(&self, kernel: &str) -> Result<bool>;
+    /// Removes an imported kernel. Blocking.
+    fn remove(&self, kernel: &str) -> Result<hearth_types::KernelRecord>;
 }

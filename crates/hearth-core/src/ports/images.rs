@@ -22,6 +22,8 @@ pub trait Images: Send + Sync {
     fn find(&self, reference: &str) -> Result<Option<ImageRecord>>;
     /// Builds the image's root filesystem if it is not built yet; what create checks against.
     async fn root_fs(&self, image: &ImageRecord) -> Result<RootFs>;
+    /// Removes the image and what was built from it. Blocking.
+    fn remove(&self, image: &ImageRecord) -> Result<ImageRecord>;
 }
 
 /// Makes a VM's SSH key pair.

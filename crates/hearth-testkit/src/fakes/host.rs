@@ -191,6 +191,10 @@ impl Images for FakeHost {
         let found = s.images.iter().find(|(i, _)| i.id == image.id);
         found.map(|(_, r)| r.clone()).ok_or_else(|| Error::internal("no such fake image"))
     }
+    fn remove(&self, image: &ImageRecord) -> Result<ImageRecord> {
+        self.state().images.retain(|(i, _)| i.id != image.id);
+        Ok(image.clone())
+    }
 }
 
 impl Keys for FakeHost {
@@ -306,6 +310,22 @@ impl Kernels for FakeHost {
     }
     fn exists(&self, kernel: &str) -> Result<bool> {
         Ok(self.state().kernels.iter().any(|k| k == kernel))
+    }
+    fn remove(&self, kernel: &str) -> Result<hearth_types::KernelRecord> {
+        let mut s = self.state();
+        let before = s.kernels.len();
+        s.kernels.retain(|k| k != kernel);
+        if s.kernels.len() == before {
+            return Err(Error::precondition(format!("no such kernel: {kernel}")));
+        }
+        Ok(hearth_types::KernelRecord {
+            name: kernel.to_owned(),
+            id: Digest::from_hex(&"0".repeat(64)).unwrap_or_else(|e| panic!("{e}")),
+            version: "6.1.0-fake".into(),
+            format: "bzimage".into(),
+            modules: 0,
+            created_at: 0,
+        })
     }
 }
 

@@ -16,13 +16,13 @@ use std::time::Duration;
 use base64::Engine as _;
 use hearth_api::flintlock::types as fl;
 use hearth_api::microvm::services::api::v1alpha1::{self as fpb, micro_vm_server::MicroVm};
+use hearth_api::status::to_status;
 use hearth_api::v1 as pb;
+use hearth_core::Options;
 use hearth_types::net::{tap_name, BRIDGE_GATEWAY, BRIDGE_PREFIX};
 use hearth_types::{ImageRef, NetworkMode, VmRecord, VmState};
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
-use hearth_api::status::to_status;
-use hearth_core::Options;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 

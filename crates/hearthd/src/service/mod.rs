@@ -11,6 +11,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::daemon::{internal, Daemon};
+use hearth_api::status::to_status;
 use hearth_core::{Options, DEFAULT_STOP_TIMEOUT, READY_TIMEOUT};
 
 pub type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -95,31 +96,11 @@ impl Hearth for Api {
         req: Request<pb::RemoveRequest>,
     ) -> Result<Response<pb::Record>, Status> {
         let req = req.into_inner();
-        let img = self.d.images.get(&req.r#ref).map_err(internal)?.ok_or_else(|| {
-            Status::not_found(format!("no such image: {} (see `hearth image ls`)", req.r#ref))
-        })?;
-        let uses = |v: &VmRecord| {
-            v.spec.image_id == img.id.hex()
-                || v.spec.volumes.iter().any(|vol| vol.image_id == img.id.hex())
-        };
-        let users: Vec<String> = self
-            .d
-            .vms
-            .list()
-            .map_err(internal)?
-            .into_iter()
-            .filter(uses)
-            .map(|v| v.spec.name)
-            .collect();
-        if !users.is_empty() && !req.force {
-            return Err(Status::failed_precondition(format!(
-                "image {} is used by VM(s) {}: remove them first, or use --force",
-                req.r#ref,
-                users.join(", ")
-            )));
-        }
         let d = self.d.clone();
-        let rec = blocking(move || d.images.remove(&req.r#ref).map_err(chain)).await?;
+        let rec = detached(async move {
+            d.reconciler().remove_image(&req.r#ref, req.force).await.map_err(to_status)
+        })
+        .await?;
         Ok(record(&rec))
     }
 
@@ -196,23 +177,11 @@ impl Hearth for Api {
         req: Request<pb::RemoveRequest>,
     ) -> Result<Response<pb::Record>, Status> {
         let req = req.into_inner();
-        let users: Vec<String> = self
-            .d
-            .vms
-            .list()
-            .map_err(internal)?
-            .into_iter()
-            .filter(|v| v.spec.kernel == req.r#ref)
-            .map(|v| v.spec.name)
-            .collect();
-        if !users.is_empty() && !req.force {
-            return Err(Status::failed_precondition(format!(
-                "kernel {} is used by VM(s) {}: remove them first, or use --force",
-                req.r#ref,
-                users.join(", ")
-            )));
-        }
-        let rec = self.d.kernels.remove(&req.r#ref).map_err(chain)?;
+        let d = self.d.clone();
+        let rec = detached(async move {
+            d.reconciler().remove_kernel(&req.r#ref, req.force).await.map_err(to_status)
+        })
+        .await?;
         Ok(record(&rec))
     }
 
@@ -270,8 +239,7 @@ impl Hearth for Api {
                 if out.status.state != VmState::Starting {
                     break;
                 }
-                if tokio::time::timeout(READY_TIMEOUT, changes.changed()).await.is_err()
-                {
+                if tokio::time::timeout(READY_TIMEOUT, changes.changed()).await.is_err() {
                     return Err(Status::deadline_exceeded(
                         "the guest did not report ready in time; see `hearth logs`",
                     ));
