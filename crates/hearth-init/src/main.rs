@@ -10,10 +10,14 @@
 //! hang silently: a PID 1 that dies takes the kernel with it, so every failure is reported on the
 //! console and in the exit record, and the VM powers off.
 
+#![deny(unsafe_code)]
+
 mod agent;
 mod boot;
 mod net;
 mod process;
+// The only module with raw system calls (unsafe code is denied everywhere else).
+#[allow(unsafe_code)]
 mod sys;
 
 use std::fs::File;
@@ -85,8 +89,8 @@ fn run(started: u64, config_disk: &mut Option<File>) -> Result<GuestExit, String
             Ok(c) => c,
             Err(e) => return Ok(cannot_start(e)),
         };
-        // SAFETY: no thread has been started yet; the agent's threads start in the child.
-        match unsafe { sys::fork() } {
+        // No thread has been started yet; the agent's threads start in the child.
+        match sys::fork() {
             Ok(0) => full_os_agent(started, spec),
             Ok(_) => {}
             Err(e) => eprintln!(

@@ -1,4 +1,5 @@
 //! `hearth`: run OCI images as microVMs with docker's muscle memory.
+#![forbid(unsafe_code)]
 
 mod client;
 mod cmd;

@@ -33,14 +33,10 @@ pub struct ExecArgs {
 }
 
 fn window_size() -> (u32, u32) {
-    let mut ws = nix::libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
-    // SAFETY: TIOCGWINSZ writes a winsize into the struct we own; fd 0 may not be a tty, in
-    // which case the call fails and the zeroes stay.
-    let rc = unsafe { nix::libc::ioctl(0, nix::libc::TIOCGWINSZ, &mut ws) };
-    if rc == 0 {
-        (ws.ws_row.into(), ws.ws_col.into())
-    } else {
-        (24, 80)
+    // Standard input may not be a terminal: then the conventional 24x80.
+    match rustix::termios::tcgetwinsize(std::io::stdin()) {
+        Ok(ws) if ws.ws_row > 0 && ws.ws_col > 0 => (ws.ws_row.into(), ws.ws_col.into()),
+        _ => (24, 80),
     }
 }
 

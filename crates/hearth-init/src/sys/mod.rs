@@ -1,5 +1,7 @@
 //! Every raw system call hearth-init makes.
 
+pub mod inet;
+
 use std::ffi::CString;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -61,19 +63,31 @@ pub fn power_off() -> io::Error {
     io::Error::last_os_error()
 }
 
-/// `fork(2)`: `Ok(0)` in the child, the child's pid in the parent.
-///
-/// # Safety
-/// The calling process must have a single thread: the child gets a copy of only the calling
-/// thread, so a lock another thread held would never be released there.
-pub unsafe fn fork() -> io::Result<i32> {
-    // SAFETY: the caller guarantees the process is single-threaded.
+/// `fork(2)` of a process that has a single thread: `Ok(0)` in the child, the child's pid in
+/// the parent. Refused once a second thread exists (the child would get a copy of only the
+/// calling thread, and a lock another thread held would never be released there).
+pub fn fork() -> io::Result<i32> {
+    if thread_count()? != 1 {
+        return Err(io::Error::other("fork refused: the process already has other threads"));
+    }
+    // SAFETY: the process is single-threaded (checked just above; nothing in hearth-init starts
+    // a thread concurrently with this call, as it runs on the only thread).
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         Err(io::Error::last_os_error())
     } else {
         Ok(pid)
     }
+}
+
+/// The number of threads of this process, from /proc/self/status.
+fn thread_count() -> io::Result<usize> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or_else(|| io::Error::other("no thread count in /proc/self/status"))
 }
 
 /// `sethostname(2)`.
