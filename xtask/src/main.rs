@@ -291,7 +291,7 @@ fn allowed(krate: &str) -> Option<&'static [&'static str]> {
         "hearth-types" | "hearth-fs" => Some(&[]),
         "hearth-core" => Some(&["hearth-types"]),
         "hearth-image" | "hearth-kernel" | "hearth-storage" | "hearth-vmm" | "hearth-store"
-        | "hearth-api" | "hearth-net" => Some(ADAPTER),
+        | "hearth-api" | "hearth-net" | "hearth-host" => Some(ADAPTER),
         "hearth-init" => Some(&["hearth-types"]),
         _ => None, // binaries, testkit, e2e, xtask may use anything
     }

@@ -48,6 +48,12 @@ pub fn check_config_fits(cfg: &hearth_types::GuestConfig) -> Result<()> {
     hearth_storage::check_config_fits(cfg).map_err(|e| Error::invalid(e.to_string()))
 }
 
+/// This host's facts for the host check, with the VMM's KVM verdict and the reflink probe.
+pub fn host_facts(root: &Path) -> hearth_host::Facts {
+    let kvm = hearth_vmm::accel::kvm_unusable(&hearth_vmm::accel::HostFacts::probe());
+    hearth_host::Facts::probe(root, kvm, |dir| hearth_storage::supports_reflink(dir).ok())
+}
+
 /// Replaces the bridge's NAT table with `rules`.
 pub fn write_nat(rules: Vec<hearth_core::forwards::ForwardRule>) -> anyhow::Result<()> {
     let forwards: Vec<hearth_net::Forward> = rules

@@ -148,6 +148,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _socket_lock = root::lock_socket(&socket)?;
     let listener = bind_socket(&socket, group).await?;
     tracing::info!(root = %args.root.display(), socket = %socket.display(), "hearthd serving");
+    report_host(&args.root);
     d.reconciler().recover().await;
     let fl = flintlock::Flintlock::new(d.clone(), args.flintlock_network)
         .context("opening the Flintlock API's records")?;
@@ -292,4 +293,19 @@ async fn serve_flintlock(
         .serve_with_incoming(TcpListenerStream::new(tcp))
         .await
         .context("serving the Flintlock API")
+}
+
+/// Logs what `hearth host check` would flag, so a daemon's log says why a feature cannot work.
+fn report_host(root: &std::path::Path) {
+    for c in hearth_host::evaluate(&adapters::host_facts(root)) {
+        match c.level {
+            hearth_host::Level::Fail => {
+                tracing::error!(check = c.name, detail = c.detail, fix = c.fix, "host check failed")
+            }
+            hearth_host::Level::Warn => {
+                tracing::warn!(check = c.name, detail = c.detail, fix = c.fix, "host check")
+            }
+            hearth_host::Level::Ok | hearth_host::Level::Info => {}
+        }
+    }
 }

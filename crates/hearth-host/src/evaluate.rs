@@ -1,0 +1,335 @@
+//! Every check, from the facts: each section its own function, in the order they are printed.
+
+use crate::{check, Check, Facts, Level, ModState};
+
+/// Every check, in the order they are printed.
+pub fn evaluate(f: &Facts) -> Vec<Check> {
+    [machine(f), programs(f), modules(f), network(f), storage(f)].concat()
+}
+
+/// Root, the CPU, KVM.
+fn machine(f: &Facts) -> Vec<Check> {
+    let mut out = Vec::new();
+    out.push(if f.euid == 0 {
+        check("root", Level::Ok, "running as root", "")
+    } else {
+        check(
+            "root",
+            Level::Fail,
+            format!("running as uid {}", f.euid),
+            "run hearth as root: it creates disks, taps and VMM processes",
+        )
+    });
+    out.push(if f.arch == "x86_64" {
+        check("cpu", Level::Ok, "x86_64", "")
+    } else {
+        check(
+            "cpu",
+            Level::Fail,
+            format!("{} is not supported", f.arch),
+            "run hearth on an x86_64 host",
+        )
+    });
+    out.push(match &f.kvm_unusable {
+        None => check("kvm", Level::Ok, "/dev/kvm opens and the CPU has vmx/svm: hardware virtualisation", ""),
+        Some(why) => check(
+            "kvm",
+            Level::Warn,
+            format!("not usable: {why}; VMs run under QEMU's TCG software emulation (much slower)"),
+            "enable VT-x/AMD-V in the firmware (or nested virtualisation for a VM host), load kvm_intel or kvm_amd, and give access to /dev/kvm",
+        ),
+    });
+    out
+}
+
+/// The VMMs and the tools hearth runs.
+fn programs(f: &Facts) -> Vec<Check> {
+    let mut out = Vec::new();
+    let tool = |name: &str, fail: Level, detail_missing: &str, fix: &str| match f.program(name) {
+        Some(p) => check(name, Level::Ok, p.display().to_string(), ""),
+        None => check(name, fail, detail_missing, fix),
+    };
+    out.push(tool(
+        "qemu-system-x86_64",
+        Level::Fail,
+        "not installed: hearth's VMM",
+        "apt-get install qemu-system-x86",
+    ));
+    out.push(tool(
+        "mkfs.ext4",
+        Level::Fail,
+        "not installed: root filesystems are built with it",
+        "apt-get install e2fsprogs",
+    ));
+    out.push(tool(
+        "resize2fs",
+        Level::Fail,
+        "not installed: disks are grown to --size with it",
+        "apt-get install e2fsprogs",
+    ));
+    out.push(tool(
+        "nft",
+        Level::Warn,
+        "not installed: --network bridge needs it for outbound NAT",
+        "apt-get install nftables",
+    ));
+    out.push(tool(
+        "firecracker",
+        Level::Info,
+        "not installed (optional VMM; its provider is not enabled yet)",
+        "install Firecracker from its releases",
+    ));
+    out.push(tool(
+        "cloud-hypervisor",
+        Level::Info,
+        "not installed (optional VMM; its provider is not enabled yet)",
+        "install Cloud Hypervisor from its releases",
+    ));
+    out
+}
+
+/// The kernel modules features need.
+fn modules(f: &Facts) -> Vec<Check> {
+    vec![
+        module_check(f, "tun", "--network bridge (VM taps)", Level::Warn, "CONFIG_TUN"),
+        module_check(f, "bridge", "--network bridge", Level::Warn, "CONFIG_BRIDGE"),
+        module_check(f, "loop", "mounting disk images", Level::Info, "CONFIG_BLK_DEV_LOOP"),
+        module_check(
+            f,
+            "macvtap",
+            "macvtap interfaces (not used yet)",
+            Level::Info,
+            "CONFIG_MACVTAP",
+        ),
+        module_check(
+            f,
+            "dm_thin_pool",
+            "device-mapper thin-pool storage (not used yet: disks are reflink or sparse copies)",
+            Level::Info,
+            "CONFIG_DM_THIN_PROVISIONING",
+        ),
+        module_check(
+            f,
+            "vhost_vsock",
+            "the agent channel of Firecracker and Cloud Hypervisor (QEMU uses virtio-serial)",
+            Level::Info,
+            "CONFIG_VHOST_VSOCK",
+        ),
+    ]
+}
+
+/// The tap device and the sysctls of the bridge network.
+fn network(f: &Facts) -> Vec<Check> {
+    let mut out = Vec::new();
+    out.push(if f.device("/dev/net/tun") {
+        check("/dev/net/tun", Level::Ok, "present", "")
+    } else {
+        check(
+            "/dev/net/tun",
+            Level::Warn,
+            "missing: --network bridge cannot create taps",
+            "modprobe tun (and in a container, pass /dev/net/tun through)",
+        )
+    });
+    out.push(match f.sysctl("net.ipv4.ip_forward") {
+        Some("1") => check("net.ipv4.ip_forward", Level::Ok, "1", ""),
+        _ => check(
+            "net.ipv4.ip_forward",
+            Level::Info,
+            "0: bridged VMs reach the host and each other, not beyond; hearth turns it on when it creates the bridge",
+            "sysctl -w net.ipv4.ip_forward=1 (or run `hearth host init`)",
+        ),
+    });
+    out.push(match f.sysctl("net.bridge.bridge-nf-call-iptables") {
+        None => check(
+            "net.bridge.bridge-nf-call-iptables",
+            Level::Ok,
+            "br_netfilter not loaded: bridged traffic is not filtered by iptables",
+            "",
+        ),
+        Some("0") => check("net.bridge.bridge-nf-call-iptables", Level::Ok, "0: bridged traffic is not filtered by iptables", ""),
+        Some(v) => check(
+            "net.bridge.bridge-nf-call-iptables",
+            Level::Info,
+            format!("{v}: traffic between VMs on hearth0 passes iptables' FORWARD chain (a DROP policy, as Docker sets, cuts it off)"),
+            "allow it: iptables -I FORWARD -i hearth0 -o hearth0 -j ACCEPT (Kubernetes nodes need the sysctl at 1)",
+        ),
+    });
+    out
+}
+
+/// Room and clone support where the state directory lives.
+fn storage(f: &Facts) -> Vec<Check> {
+    let mut out = Vec::new();
+    out.push(match f.root_free {
+        Some(free) if free >= 2 << 30 => {
+            check("disk space", Level::Ok, format!("{} free", hearth_types::format_size(free)), "")
+        }
+        Some(free) => check(
+            "disk space",
+            Level::Warn,
+            format!(
+                "{} free where the state directory lives; images and VM disks need room",
+                hearth_types::format_size(free)
+            ),
+            "free space there or choose another --root",
+        ),
+        None => check(
+            "disk space",
+            Level::Warn,
+            "could not be read",
+            "check that the state directory's filesystem is mounted",
+        ),
+    });
+    out.push(match f.reflink {
+        Some(true) => check("storage", Level::Ok, "reflink clones: a VM disk costs no copy, whatever the image size", ""),
+        Some(false) => check(
+            "storage",
+            Level::Info,
+            "no reflink on this filesystem: VM disks are sparse copies (time grows with the image's data)",
+            "put the state directory on btrfs or XFS (reflink=1) for copy-free VM disks",
+        ),
+        None => check(
+            "storage",
+            Level::Info,
+            "reflink support not probed: the state directory does not exist yet or is not writable",
+            "create it with `hearth host init`",
+        ),
+    });
+    out
+}
+
+/// One check per kernel module: what needs it, and whether lacking it fails or limits.
+fn module_check(
+    f: &Facts,
+    module: &str,
+    needed_for: &str,
+    level_if_missing: Level,
+    package_hint: &str,
+) -> Check {
+    match f.module(module) {
+        ModState::Loaded => check(&format!("module {module}"), Level::Ok, "loaded", ""),
+        ModState::BuiltIn => check(&format!("module {module}"), Level::Ok, "built into the kernel", ""),
+        ModState::Present => check(&format!("module {module}"), Level::Ok, "in the running kernel", ""),
+        ModState::Unknown => check(
+            &format!("module {module}"),
+            Level::Info,
+            format!("cannot tell: this kernel's module lists are not on this host (a container?); needed for {needed_for}"),
+            format!("make sure the host kernel has {module} ({package_hint})"),
+        ),
+        ModState::Available => check(
+            &format!("module {module}"),
+            Level::Ok,
+            format!("not loaded; loads on demand ({needed_for})"),
+            format!("to load it now: modprobe {module}"),
+        ),
+        ModState::Missing => check(
+            &format!("module {module}"),
+            level_if_missing,
+            format!("not in this kernel; needed for {needed_for}"),
+            format!("use a kernel with {module} ({package_hint})"),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::facts::PROGRAMS;
+
+    fn host() -> Facts {
+        Facts {
+            euid: 0,
+            arch: "x86_64".into(),
+            kvm_unusable: None,
+            programs: PROGRAMS.iter().map(|p| (p.to_string(), Some(PathBuf::from("/usr/bin").join(p)))).collect(),
+            proc_modules: "tun 61440 0 - Live 0x0\nbridge 311296 0 - Live 0x0\n".into(),
+            modules_builtin: "kernel/drivers/block/loop.ko\n".into(),
+            modules_dep: "kernel/drivers/net/macvtap.ko: kernel/drivers/net/macvlan.ko\nkernel/drivers/md/dm-thin-pool.ko.xz: kernel/drivers/md/dm-bio-prison.ko\n".into(),
+            modules_known: true,
+            sys_modules: vec!["vhost_vsock".into()],
+            sysctls: vec![("net.ipv4.ip_forward".into(), Some("1".into())), ("net.bridge.bridge-nf-call-iptables".into(), None)],
+            device_nodes: vec![("/dev/net/tun".into(), true)],
+            root_free: Some(50 << 30),
+            reflink: Some(true),
+        }
+    }
+
+    fn find<'a>(checks: &'a [Check], name: &str) -> &'a Check {
+        checks.iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no check {name}"))
+    }
+
+    #[test]
+    fn modules_are_found_loaded_built_in_or_on_disk() {
+        let f = host();
+        assert_eq!(f.module("tun"), ModState::Loaded);
+        assert_eq!(f.module("loop"), ModState::BuiltIn);
+        assert_eq!(f.module("macvtap"), ModState::Available);
+        assert_eq!(
+            f.module("dm_thin_pool"),
+            ModState::Available,
+            "dashes and underscores compare alike, .ko.xz too"
+        );
+        assert_eq!(f.module("vhost_vsock"), ModState::Present);
+        assert_eq!(f.module("nbd"), ModState::Missing);
+        let unknown = Facts { modules_known: false, ..host() };
+        assert_eq!(
+            unknown.module("nbd"),
+            ModState::Unknown,
+            "without module lists, absence proves nothing"
+        );
+    }
+
+    #[test]
+    fn a_complete_host_has_no_failures_or_warnings() {
+        let checks = evaluate(&host());
+        assert!(
+            checks.iter().all(|c| c.level != Level::Fail && c.level != Level::Warn),
+            "{checks:#?}"
+        );
+    }
+
+    #[test]
+    fn every_shortfall_is_named_with_its_fix() {
+        let mut f = host();
+        f.euid = 1000;
+        f.kvm_unusable = Some("the CPU does not advertise vmx or svm".into());
+        f.programs.retain(|(n, _)| n != "qemu-system-x86_64" && n != "nft");
+        f.programs.push(("qemu-system-x86_64".into(), None));
+        f.proc_modules.clear();
+        f.modules_dep.clear();
+        f.sys_modules.clear();
+        f.device_nodes = vec![("/dev/net/tun".into(), false)];
+        f.sysctls = vec![
+            ("net.ipv4.ip_forward".into(), Some("0".into())),
+            ("net.bridge.bridge-nf-call-iptables".into(), Some("1".into())),
+        ];
+        f.root_free = Some(100 << 20);
+        f.reflink = Some(false);
+        let checks = evaluate(&f);
+        assert_eq!(find(&checks, "root").level, Level::Fail);
+        assert_eq!(find(&checks, "qemu-system-x86_64").level, Level::Fail);
+        assert!(find(&checks, "qemu-system-x86_64")
+            .fix
+            .contains("apt-get install qemu-system-x86"));
+        let kvm = find(&checks, "kvm");
+        assert!(
+            kvm.level == Level::Warn && kvm.detail.contains("TCG") && kvm.fix.contains("VT-x"),
+            "{kvm:?}"
+        );
+        assert_eq!(find(&checks, "nft").level, Level::Warn);
+        assert!(find(&checks, "module tun").fix.contains("CONFIG_TUN"));
+        assert_eq!(find(&checks, "/dev/net/tun").level, Level::Warn);
+        assert!(find(&checks, "net.ipv4.ip_forward")
+            .fix
+            .contains("sysctl -w net.ipv4.ip_forward=1"));
+        assert!(find(&checks, "net.bridge.bridge-nf-call-iptables").fix.contains("FORWARD"));
+        assert_eq!(find(&checks, "disk space").level, Level::Warn);
+        assert!(find(&checks, "storage").fix.contains("reflink"));
+        for c in checks.iter().filter(|c| c.level != Level::Ok) {
+            assert!(!c.fix.is_empty(), "{} has no fix", c.name);
+        }
+    }
+}
