@@ -228,36 +228,17 @@ impl Layer<'_> {
 
     fn apply<R: Read>(&mut self, mut entry: tar::Entry<'_, R>) -> Result<(), UnpackError> {
         let raw = entry.path_bytes().into_owned();
-        let shown = String::from_utf8_lossy(&raw).into_owned();
-        let escape = || UnpackError::Escape { entry: shown.clone() };
-        let at = |source| UnpackError::Entry { entry: shown.clone(), source };
-        let resolve_err = |r: Resolve| match r {
-            Resolve::Escape => escape(),
-            Resolve::Loop => UnpackError::SymlinkLoop { entry: shown.clone() },
-            Resolve::Missing => at(io::Error::from_raw_os_error(libc::ENOENT)),
-            Resolve::Io(e) => at(e),
-        };
-        let mut comps = components(&raw).ok_or_else(escape)?;
+        let e = EntryErr(String::from_utf8_lossy(&raw).into_owned());
+        let mut comps = components(&raw).ok_or_else(|| e.escape())?;
         let kind = entry.header().entry_type();
         let Some(name) = comps.pop() else {
             // The root itself: its owner and mode are hearth's, not the layer's.
             return Ok(());
         };
-        let name_bytes = name.as_bytes();
-        if self.opts.whiteouts && (name_bytes == OPAQUE || name_bytes.starts_with(WHITEOUT)) {
-            let parent = match resolve_dir(self.root, &comps, false) {
-                Ok(p) => p,
-                Err(Resolve::Missing) => return Ok(()),
-                Err(e) => return Err(resolve_err(e)),
-            };
-            if name_bytes == OPAQUE {
-                return self.prune(&parent).map_err(at);
-            }
-            let victim = &name_bytes[WHITEOUT.len()..];
-            if victim.is_empty() || victim == b"." || victim == b".." {
-                return Err(escape());
-            }
-            return remove_any(&parent.join(OsStr::from_bytes(victim))).map_err(at);
+        if self.opts.whiteouts
+            && (name.as_bytes() == OPAQUE || name.as_bytes().starts_with(WHITEOUT))
+        {
+            return self.whiteout(&comps, name.as_bytes(), &e);
         }
         if !matches!(
             kind,
@@ -275,9 +256,9 @@ impl Layer<'_> {
             return Ok(());
         }
         if !self.opts.devices && matches!(kind, tar::EntryType::Char | tar::EntryType::Block) {
-            return Err(UnpackError::Device { entry: shown });
+            return Err(UnpackError::Device { entry: e.0 });
         }
-        let parent = resolve_dir(self.root, &comps, true).map_err(resolve_err)?;
+        let parent = resolve_dir(self.root, &comps, true).map_err(|r| e.resolve(r))?;
         let target = parent.join(&name);
         let header = entry.header().clone();
         let pax = parse_pax(&mut entry);
@@ -285,47 +266,22 @@ impl Layer<'_> {
         let mode = header.mode().unwrap_or(0o644) & setid;
         let existing_dir = fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir());
         if !(kind == tar::EntryType::Directory && existing_dir) {
-            remove_any(&target).map_err(at)?;
+            remove_any(&target).map_err(|x| e.at(x))?;
         }
         match kind {
             tar::EntryType::Directory => {
                 if !existing_dir {
-                    fs::create_dir(&target).map_err(at)?;
+                    fs::create_dir(&target).map_err(|x| e.at(x))?;
                 }
             }
             tar::EntryType::Symlink => {
-                let link = entry
-                    .link_name_bytes()
-                    .ok_or_else(|| at(io::Error::from_raw_os_error(libc::EINVAL)))?;
-                symlink(OsStr::from_bytes(&link), &target).map_err(at)?;
+                let link = entry.link_name_bytes().ok_or_else(|| e.at(einval()))?;
+                symlink(OsStr::from_bytes(&link), &target).map_err(|x| e.at(x))?;
             }
             tar::EntryType::Link => {
-                let link = entry
-                    .link_name_bytes()
-                    .ok_or_else(|| at(io::Error::from_raw_os_error(libc::EINVAL)))?;
-                let shown_link = String::from_utf8_lossy(&link).into_owned();
-                let missing = || UnpackError::MissingLinkTarget {
-                    entry: shown.clone(),
-                    target: shown_link.clone(),
-                };
-                let mut lcomps = components(&link).ok_or_else(escape)?;
-                let lname = lcomps.pop().ok_or_else(escape)?;
-                let lparent = match resolve_dir(self.root, &lcomps, false) {
-                    Err(Resolve::Missing) => return Err(missing()),
-                    other => other.map_err(resolve_err)?,
-                };
-                let src = lparent.join(lname);
-                match fs::symlink_metadata(&src) {
-                    Ok(m) if m.is_dir() => {
-                        return Err(at(io::Error::from_raw_os_error(libc::EISDIR)))
-                    }
-                    Ok(_) => {}
-                    Err(_) => return Err(missing()),
-                }
-                // linkat without AT_SYMLINK_FOLLOW: a symlink there is linked, not followed.
-                fs::hard_link(&src, &target).map_err(at)?;
-                self.mark_written(&target);
-                return Ok(());
+                let link = entry.link_name_bytes().ok_or_else(|| e.at(einval()))?;
+                // A hard link keeps its target's metadata: nothing more to set.
+                return self.hard_link(&link, &target, &e);
             }
             tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
                 let fmt = match kind {
@@ -335,7 +291,7 @@ impl Layer<'_> {
                 };
                 let major = header.device_major().ok().flatten().unwrap_or(0);
                 let minor = header.device_minor().ok().flatten().unwrap_or(0);
-                sys::mknod(&target, fmt | mode, major, minor).map_err(at)?;
+                sys::mknod(&target, fmt | mode, major, minor).map_err(|x| e.at(x))?;
             }
             _ => {
                 let mut f = OpenOptions::new()
@@ -344,36 +300,114 @@ impl Layer<'_> {
                     .mode(0o600)
                     .custom_flags(libc::O_NOFOLLOW)
                     .open(&target)
-                    .map_err(at)?;
-                io::copy(&mut entry, &mut f).map_err(at)?;
+                    .map_err(|x| e.at(x))?;
+                io::copy(&mut entry, &mut f).map_err(|x| e.at(x))?;
             }
         }
         self.mark_written(&target);
-        let is_symlink = kind == tar::EntryType::Symlink;
+        self.set_metadata(target, kind, &header, &pax, mode).map_err(|x| e.at(x))
+    }
+
+    /// An OCI whiteout: `.wh..wh..opq` empties its directory, `.wh.NAME` removes NAME.
+    fn whiteout(&self, comps: &[OsString], name: &[u8], e: &EntryErr) -> Result<(), UnpackError> {
+        let parent = match resolve_dir(self.root, comps, false) {
+            Ok(p) => p,
+            Err(Resolve::Missing) => return Ok(()),
+            Err(r) => return Err(e.resolve(r)),
+        };
+        if name == OPAQUE {
+            return self.prune(&parent).map_err(|x| e.at(x));
+        }
+        let victim = &name[WHITEOUT.len()..];
+        if victim.is_empty() || victim == b"." || victim == b".." {
+            return Err(e.escape());
+        }
+        remove_any(&parent.join(OsStr::from_bytes(victim))).map_err(|x| e.at(x))
+    }
+
+    /// A hard link to an earlier entry, resolved inside the root (never through a symlink out).
+    fn hard_link(&mut self, link: &[u8], target: &Path, e: &EntryErr) -> Result<(), UnpackError> {
+        let shown_link = String::from_utf8_lossy(link).into_owned();
+        let missing =
+            || UnpackError::MissingLinkTarget { entry: e.0.clone(), target: shown_link.clone() };
+        let mut lcomps = components(link).ok_or_else(|| e.escape())?;
+        let lname = lcomps.pop().ok_or_else(|| e.escape())?;
+        let lparent = match resolve_dir(self.root, &lcomps, false) {
+            Err(Resolve::Missing) => return Err(missing()),
+            other => other.map_err(|r| e.resolve(r))?,
+        };
+        let src = lparent.join(lname);
+        match fs::symlink_metadata(&src) {
+            Ok(m) if m.is_dir() => return Err(e.at(io::Error::from_raw_os_error(libc::EISDIR))),
+            Ok(_) => {}
+            Err(_) => return Err(missing()),
+        }
+        // linkat without AT_SYMLINK_FOLLOW: a symlink there is linked, not followed.
+        fs::hard_link(&src, target).map_err(|x| e.at(x))?;
+        self.mark_written(target);
+        Ok(())
+    }
+
+    /// Owner, mode, extended attributes and mtime from the entry (a directory's mtime is set
+    /// last, once nothing more is written into it).
+    fn set_metadata(
+        &mut self,
+        target: PathBuf,
+        kind: tar::EntryType,
+        header: &tar::Header,
+        pax: &Pax,
+        mode: u32,
+    ) -> io::Result<()> {
         if self.opts.owners {
             let uid = pax.uid.unwrap_or_else(|| header.uid().unwrap_or(0) as u32);
             let gid = pax.gid.unwrap_or_else(|| header.gid().unwrap_or(0) as u32);
-            lchown(&target, Some(uid), Some(gid)).map_err(at)?;
+            lchown(&target, Some(uid), Some(gid))?;
         }
-        if !is_symlink {
+        if kind != tar::EntryType::Symlink {
             // After chown, which clears setuid/setgid bits.
-            fs::set_permissions(&target, fs::Permissions::from_mode(mode)).map_err(at)?;
+            fs::set_permissions(&target, fs::Permissions::from_mode(mode))?;
         }
         for (xname, value) in pax.xattrs.iter().filter(|_| self.opts.xattrs) {
             if let Err(e) = sys::lsetxattr(&target, xname, value) {
                 // security.* and trusted.* may be refused by the staging filesystem.
                 if !xname.starts_with(b"security.") && !xname.starts_with(b"trusted.") {
-                    return Err(at(e));
+                    return Err(e);
                 }
             }
         }
         let (secs, nanos) = pax.mtime.unwrap_or((header.mtime().unwrap_or(0) as i64, 0));
         if kind == tar::EntryType::Directory {
             self.dir_times.push((target, secs, nanos));
+            Ok(())
         } else {
-            sys::set_mtime_nofollow(&target, secs, nanos).map_err(at)?;
+            sys::set_mtime_nofollow(&target, secs, nanos)
         }
-        Ok(())
+    }
+}
+
+fn einval() -> io::Error {
+    io::Error::from_raw_os_error(libc::EINVAL)
+}
+
+/// The errors of one entry, named by its path as the layer spells it.
+struct EntryErr(String);
+
+impl EntryErr {
+    fn escape(&self) -> UnpackError {
+        UnpackError::Escape { entry: self.0.clone() }
+    }
+
+    fn at(&self, source: io::Error) -> UnpackError {
+        UnpackError::Entry { entry: self.0.clone(), source }
+    }
+
+    fn resolve(&self, r: Resolve) -> UnpackError {
+        match r {
+            Resolve::Escape => self.escape(),
+            Resolve::Loop => UnpackError::SymlinkLoop { entry: self.0.clone() },
+            Resolve::Missing => self.at(io::Error::from_raw_os_error(libc::ENOENT)),
+            Resolve::Io(e) => self.at(e),
+        }
     }
 }
 
