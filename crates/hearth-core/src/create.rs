@@ -6,8 +6,8 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use hearth_types::{
-    format_size, generate_name, size_flag, Accel, Desired, GuestConfig, ImageConfig, LogOptions,
-    NetworkMode, PortMapping, Provider, VmId, VmRecord, VmSpec, VmStatus, VolumeSpec,
+    format_size, generate_name, size_flag, Accel, Desired, GuestConfig, ImageConfig, ImageRecord,
+    LogOptions, NetworkMode, PortMapping, Provider, VmId, VmRecord, VmSpec, VmStatus, VolumeSpec,
 };
 
 use crate::{Error, Reconciler, Result};
@@ -87,22 +87,7 @@ impl Reconciler {
                 "kernel {kernel} does not exist: see `hearth kernel ls`, or import it"
             )));
         }
-        let mut volumes = Vec::new();
-        for v in &req.volumes {
-            let img = p.images.find(&v.image)?.ok_or_else(|| {
-                Error::not_found(format!(
-                    "volume {}: image {} is not in the store: pull it with `hearth image pull {}`",
-                    v.id, v.image, v.image
-                ))
-            })?;
-            volumes.push(VolumeSpec {
-                id: v.id.clone(),
-                image: v.image.clone(),
-                image_id: img.id.hex().to_owned(),
-                mount_point: v.mount_point.clone(),
-                read_only: v.read_only,
-            });
-        }
+        let volumes = self.volumes(&req.volumes)?;
         // The image's root filesystem is built (once per image) before anything is recorded, so a
         // --size it does not fit in, or a USER it lacks, is refused here and no VM is left behind.
         let root_fs = p.images.root_fs(&image).await?;
@@ -111,42 +96,11 @@ impl Reconciler {
             return Err(Error::conflict(format!("image {} was removed meanwhile", req.image)));
         }
         let name = self.unique_name(req.name.clone())?;
-        let mut spec = VmSpec {
-            id: VmId::from_bytes(rand::random()),
-            name,
-            image: image.names.first().cloned().unwrap_or_else(|| req.image.clone()),
-            image_id: image.id.hex().to_owned(),
-            kernel,
-            cpus: req.cpus,
-            memory_mib: req.memory_mib,
-            disk_bytes: req.disk_bytes,
-            kernel_args: req.kernel_args,
-            entrypoint: req.entrypoint,
-            command: req.command,
-            env: req.env,
-            labels: req.labels,
-            accel: req.accel,
-            provider: req.provider,
-            auto_remove: req.auto_remove,
-            interactive: req.interactive,
-            tty: req.tty,
-            network: req.network,
-            ports: req.ports,
-            // A placeholder for a key generated below, so validation sees that SSH is wanted.
-            ssh_public_key: match &req.ssh {
-                SshKey::None => None,
-                SshKey::Given(k) => Some(k.clone()),
-                SshKey::Generate => Some("ssh-ed25519 AAAA".to_owned()),
-            },
-            mac: req.mac,
-            address: None,
-            cloud_init_network: req.cloud_init_network,
-            volumes,
-            cloud_init: req.cloud_init,
-            log: req.log,
-            created_at: p.clock.now_millis() / 1000,
-        };
-        spec.address = self.address_for(spec.network, req.address)?;
+        let created_at = p.clock.now_millis() / 1000;
+        let address = req.address;
+        let ssh = req.ssh.clone();
+        let mut spec = spec_of(req, &image, kernel, name, volumes, created_at);
+        spec.address = self.address_for(spec.network, address)?;
         spec.validate().map_err(|e| Error::invalid(e.to_string()))?;
         self.check_fits(&spec, root_fs.bytes)?;
         let cfg = guest_config_for(&spec, &image.config, p.network.resolvers())?;
@@ -154,25 +108,53 @@ impl Reconciler {
         check_user(&spec, &cfg, root_fs.users.as_ref())?;
         p.network.check_publishable(&spec)?;
         let mut rec = VmRecord { spec, desired: Desired::Stopped, status: VmStatus::default() };
-        let dir = p.repo.vm_dir(&rec.spec.id);
-        if req.ssh == SshKey::Generate {
-            let comment = format!("hearth@{}", rec.spec.name);
-            match p.keys.generate_ssh_key(&dir, &comment) {
-                Ok((public, path)) => {
-                    rec.spec.ssh_public_key = Some(public);
-                    rec.status.ssh_key_path = Some(path.display().to_string());
-                }
-                Err(e) => {
-                    let _ = std::fs::remove_dir_all(&dir);
-                    return Err(e.context("generating the VM's SSH key pair"));
-                }
-            }
+        if ssh == SshKey::Generate {
+            self.generate_key(&mut rec)?;
         }
         if let Err(e) = p.repo.save(&rec) {
-            let _ = std::fs::remove_dir_all(&dir);
+            p.repo.discard(&rec.spec.id);
             return Err(e);
         }
         Ok(rec)
+    }
+
+    /// The volumes' images, resolved to what the VM keeps using.
+    fn volumes(&self, asked: &[NewVolume]) -> Result<Vec<VolumeSpec>> {
+        asked
+            .iter()
+            .map(|v| {
+                let img = self.ports.images.find(&v.image)?.ok_or_else(|| {
+                    Error::not_found(format!(
+                        "volume {}: image {} is not in the store: pull it with `hearth image pull {}`",
+                        v.id, v.image, v.image
+                    ))
+                })?;
+                Ok(VolumeSpec {
+                    id: v.id.clone(),
+                    image: v.image.clone(),
+                    image_id: img.id.hex().to_owned(),
+                    mount_point: v.mount_point.clone(),
+                    read_only: v.read_only,
+                })
+            })
+            .collect()
+    }
+
+    /// A key pair in the VM's directory, recorded on the VM; the directory goes if it fails.
+    fn generate_key(&self, rec: &mut VmRecord) -> Result<()> {
+        let dir = self.ports.repo.vm_dir(&rec.spec.id);
+        let comment = format!("hearth@{}", rec.spec.name);
+        match self.ports.keys.generate_ssh_key(&dir, &comment) {
+            Ok((public, path)) => {
+                rec.spec.ssh_public_key = Some(public);
+                rec.status.ssh_key_path = Some(path.display().to_string());
+                Ok(())
+            }
+            Err(e) => {
+                self.ports.repo.discard(&rec.spec.id);
+                Err(e.context("generating the VM's SSH key pair"))
+            }
+        }
     }
 
     /// The name asked for if no VM has it, else a generated one no VM has.
@@ -241,6 +223,52 @@ impl Reconciler {
             ))),
             _ => Ok(()),
         }
+    }
+}
+
+/// The spec of a new VM; its address is chosen after.
+fn spec_of(
+    req: NewVm,
+    image: &ImageRecord,
+    kernel: String,
+    name: String,
+    volumes: Vec<VolumeSpec>,
+    created_at: u64,
+) -> VmSpec {
+    VmSpec {
+        id: VmId::from_bytes(rand::random()),
+        name,
+        image: image.names.first().cloned().unwrap_or_else(|| req.image.clone()),
+        image_id: image.id.hex().to_owned(),
+        kernel,
+        cpus: req.cpus,
+        memory_mib: req.memory_mib,
+        disk_bytes: req.disk_bytes,
+        kernel_args: req.kernel_args,
+        entrypoint: req.entrypoint,
+        command: req.command,
+        env: req.env,
+        labels: req.labels,
+        accel: req.accel,
+        provider: req.provider,
+        auto_remove: req.auto_remove,
+        interactive: req.interactive,
+        tty: req.tty,
+        network: req.network,
+        ports: req.ports,
+        // A placeholder for a key generated later, so validation sees that SSH is wanted.
+        ssh_public_key: match req.ssh {
+            SshKey::None => None,
+            SshKey::Given(k) => Some(k),
+            SshKey::Generate => Some("ssh-ed25519 AAAA".to_owned()),
+        },
+        mac: req.mac,
+        address: None,
+        cloud_init_network: req.cloud_init_network,
+        volumes,
+        cloud_init: req.cloud_init,
+        log: req.log,
+        created_at,
     }
 }
 

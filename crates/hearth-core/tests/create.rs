@@ -173,6 +173,7 @@ async fn a_generated_ssh_key_is_recorded_and_a_failed_one_leaves_no_vm() {
     let e = h.reconciler.create(NewVm { ssh: SshKey::Generate, ..new_vm() }).await;
     assert!(e.expect_err("keygen failed").message.contains("SSH key pair"));
     assert_eq!(records(&h), 1);
+    assert_eq!(h.host.discarded().len(), 1, "the half-made directory goes");
 }
 
 #[tokio::test]
@@ -183,6 +184,7 @@ async fn a_failed_save_is_reported_and_nothing_is_recorded() {
     assert!(e.message.contains("No space left"), "{e}");
     h.host.fail_saves(false);
     assert_eq!(records(&h), 0);
+    assert_eq!(h.host.discarded().len(), 1, "the half-made directory goes");
 }
 
 #[tokio::test]

@@ -180,6 +180,9 @@ impl VmRepository for Host {
     fn vms_dir(&self) -> PathBuf {
         self.0.root.join("vms")
     }
+    fn discard(&self, id: &VmId) {
+        let _ = std::fs::remove_dir_all(self.dir(id));
+    }
     fn name_holder(&self, name: &str) -> Option<VmId> {
         self.0.index().by_name(name).cloned()
     }

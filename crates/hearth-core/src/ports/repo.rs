@@ -19,6 +19,8 @@ pub trait VmRepository: Send + Sync {
     fn vm_dir(&self, id: &VmId) -> PathBuf;
     /// The directory all VM directories are in.
     fn vms_dir(&self) -> PathBuf;
+    /// Removes what a create left in the directory of a VM whose record was never saved.
+    fn discard(&self, id: &VmId);
     /// The id of the VM named `name`, if there is one (indexed: no listing).
     fn name_holder(&self, name: &str) -> Option<VmId>;
     /// Who holds a bridge address: a VM's name or a reservation's holder.

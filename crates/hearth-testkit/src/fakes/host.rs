@@ -45,6 +45,7 @@ struct State {
     kernels: Vec<String>,
     capacity: Option<u64>,
     keys_made: Vec<PathBuf>,
+    discarded: Vec<VmId>,
     fail_keys: bool,
 }
 
@@ -170,6 +171,11 @@ impl FakeHost {
         self.state().fail_keys = true;
     }
 
+    /// The VMs whose directories a failed create discarded.
+    pub fn discarded(&self) -> Vec<VmId> {
+        self.state().discarded.clone()
+    }
+
     /// The VM directories key pairs were generated in.
     pub fn keys_made(&self) -> Vec<PathBuf> {
         self.state().keys_made.clone()
@@ -241,6 +247,11 @@ impl VmRepository for FakeHost {
     }
     fn vms_dir(&self) -> PathBuf {
         PathBuf::from(VMS)
+    }
+    fn discard(&self, id: &VmId) {
+        let mut s = self.state();
+        s.dirs.remove(id);
+        s.discarded.push(id.clone());
     }
     fn name_holder(&self, name: &str) -> Option<VmId> {
         let s = self.state();
