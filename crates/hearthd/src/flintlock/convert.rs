@@ -57,7 +57,6 @@ pub(super) fn validate(
     mut spec: fl::MicroVmSpec,
     network: NetworkMode,
 ) -> Result<fl::MicroVmSpec, Status> {
-    let bad = |m: String| Err(Status::invalid_argument(m));
     if spec.id.is_empty() {
         return bad("microvm id (its name) is required".into());
     }
@@ -70,6 +69,23 @@ pub(super) fn validate(
             spec.namespace, spec.id
         ));
     }
+    size(&mut spec)?;
+    boot_and_root(&spec)?;
+    volumes(&spec.additional_volumes)?;
+    interfaces(&spec.interfaces, network)?;
+    if let Err(e) = provider(&spec) {
+        return bad(format!("provider: {e}, or leave it empty"));
+    }
+    metadata(&spec.metadata)?;
+    Ok(spec)
+}
+
+fn bad<T>(m: String) -> Result<T, Status> {
+    Err(Status::invalid_argument(m))
+}
+
+/// vCPUs and memory, Flintlock's defaults where not given.
+fn size(spec: &mut fl::MicroVmSpec) -> Result<(), Status> {
     if spec.vcpu == 0 {
         spec.vcpu = DEFAULT_VCPU;
     }
@@ -90,6 +106,11 @@ pub(super) fn validate(
             spec.memory_in_mb
         ));
     }
+    Ok(())
+}
+
+/// The kernel image and the root filesystem's image.
+fn boot_and_root(spec: &fl::MicroVmSpec) -> Result<(), Status> {
     match &spec.kernel {
         Some(k) if !k.image.is_empty() => {}
         _ => {
@@ -117,7 +138,11 @@ pub(super) fn validate(
     if spec.root_volume.as_ref().is_some_and(|v| v.is_read_only) {
         return bad("a read-only root volume is not supported; set is_read_only false".into());
     }
-    for (i, v) in spec.additional_volumes.iter().enumerate() {
+    Ok(())
+}
+
+fn volumes(volumes: &[fl::Volume]) -> Result<(), Status> {
+    for (i, v) in volumes.iter().enumerate() {
         let source = v.source.clone().unwrap_or_default();
         if source.virtiofs_source.as_deref().is_some_and(|s| !s.is_empty()) {
             return bad(format!("volume {}: virtiofs sources are not supported (Cloud Hypervisor only); use container_source", v.id));
@@ -128,7 +153,7 @@ pub(super) fn validate(
                 v.id
             ));
         }
-        if v.id.is_empty() || spec.additional_volumes[..i].iter().any(|o| o.id == v.id) {
+        if v.id.is_empty() || volumes[..i].iter().any(|o| o.id == v.id) {
             return bad(format!("volume id {:?} must be given and unique", v.id));
         }
         if let Some(m) = v.mount_point.as_deref().filter(|m| !m.is_empty()) {
@@ -140,13 +165,18 @@ pub(super) fn validate(
             }
         }
     }
-    if spec.interfaces.len() > 1 {
+    Ok(())
+}
+
+/// One card at most, a valid MAC, static addresses only on the bridge.
+fn interfaces(interfaces: &[fl::NetworkInterface], network: NetworkMode) -> Result<(), Status> {
+    if interfaces.len() > 1 {
         return bad(format!(
             "{} network interfaces given: hearth gives a microvm one network card for now",
-            spec.interfaces.len()
+            interfaces.len()
         ));
     }
-    for i in &spec.interfaces {
+    for i in interfaces {
         if i.device_id.is_empty() {
             return bad("network interface device_id is required (e.g. eth1)".into());
         }
@@ -165,10 +195,12 @@ pub(super) fn validate(
                 .map_err(|m| Status::invalid_argument(format!("interface {}: {m}", i.device_id)))?;
         }
     }
-    if let Err(e) = provider(&spec) {
-        return bad(format!("provider: {e}, or leave it empty"));
-    }
-    for (key, value) in &spec.metadata {
+    Ok(())
+}
+
+/// The four cloud-init files, base64-encoded.
+fn metadata(metadata: &std::collections::HashMap<String, String>) -> Result<(), Status> {
+    for (key, value) in metadata {
         if !hearth_types::vm::CLOUD_INIT_FILES.contains(&key.as_str()) {
             return bad(format!("metadata key {key:?} is not one of meta-data, user-data, vendor-data, network-config"));
         }
@@ -176,7 +208,7 @@ pub(super) fn validate(
             return bad(format!("metadata {key:?} is not base64"));
         }
     }
-    Ok(spec)
+    Ok(())
 }
 
 /// The hearth provider a microVM asks for by Flintlock's name (`firecracker`,
