@@ -72,62 +72,12 @@ pub async fn exec(host: Option<String>, a: ExecArgs) -> anyhow::Result<i32> {
     if !a.interactive {
         tx.send(pb::ExecInput { stdin_eof: true, ..Default::default() }).await?;
     } else {
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let mut stdin = tokio::io::stdin();
-            let mut buf = vec![0u8; 32 << 10];
-            loop {
-                match stdin.read(&mut buf).await {
-                    Ok(0) | Err(_) => {
-                        let _ =
-                            tx.send(pb::ExecInput { stdin_eof: true, ..Default::default() }).await;
-                        return;
-                    }
-                    Ok(n) => {
-                        if tx
-                            .send(pb::ExecInput { stdin: buf[..n].to_vec(), ..Default::default() })
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
-                }
-            }
-        });
+        forward_stdin(tx.clone());
     }
     if a.tty {
-        // Keep the guest terminal's size in step with ours.
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let Ok(mut winch) = signal(SignalKind::window_change()) else { return };
-            while winch.recv().await.is_some() {
-                let (rows, cols) = window_size();
-                if tx.send(pb::ExecInput { rows, cols, ..Default::default() }).await.is_err() {
-                    return;
-                }
-            }
-        });
+        forward_window_size(tx.clone());
     }
-    {
-        // Forward Ctrl-C and friends to the guest process rather than dying here.
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut int), Ok(mut term)) =
-                (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
-            else {
-                return;
-            };
-            loop {
-                let sig = tokio::select! { _ = int.recv() => nix::libc::SIGINT, _ = term.recv() => nix::libc::SIGTERM };
-                if tx.send(pb::ExecInput { signal: sig, ..Default::default() }).await.is_err() {
-                    return;
-                }
-            }
-        });
-    }
+    forward_signals(tx.clone());
     let (mut so, mut se) = (std::io::stdout(), std::io::stderr());
     while let Some(m) = out.message().await? {
         if !m.stdout.is_empty() {
@@ -144,3 +94,62 @@ pub async fn exec(host: Option<String>, a: ExecArgs) -> anyhow::Result<i32> {
     }
     anyhow::bail!("the exec stream ended without an exit code (the VM stopped?)")
 }
+
+/// Sends this terminal's input to the guest process, then its end.
+fn forward_stdin(tx: Sender) {
+    tokio::spawn(async move {
+        let mut stdin = tokio::io::stdin();
+        let mut buf = vec![0u8; 32 << 10];
+        loop {
+            match stdin.read(&mut buf).await {
+                Ok(0) | Err(_) => {
+                    let _ = tx.send(pb::ExecInput { stdin_eof: true, ..Default::default() }).await;
+                    return;
+                }
+                Ok(n) => {
+                    if tx
+                        .send(pb::ExecInput { stdin: buf[..n].to_vec(), ..Default::default() })
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Keeps the guest terminal's size in step with ours.
+fn forward_window_size(tx: Sender) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut winch) = signal(SignalKind::window_change()) else { return };
+        while winch.recv().await.is_some() {
+            let (rows, cols) = window_size();
+            if tx.send(pb::ExecInput { rows, cols, ..Default::default() }).await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// Forwards Ctrl-C and friends to the guest process rather than dying here.
+fn forward_signals(tx: Sender) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut int), Ok(mut term)) =
+            (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
+        else {
+            return;
+        };
+        loop {
+            let sig = tokio::select! { _ = int.recv() => nix::libc::SIGINT, _ = term.recv() => nix::libc::SIGTERM };
+            if tx.send(pb::ExecInput { signal: sig, ..Default::default() }).await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
+type Sender = tokio::sync::mpsc::Sender<pb::ExecInput>;
