@@ -102,7 +102,7 @@ pub fn find_disks(config_disk: &mut Option<File>) -> Result<(GuestConfig, String
             let root = others
                 .iter()
                 .find(|d| serial(d) == ROOT_SERIAL)
-                .or_else(|| others.iter().find(|d| !serial(d).starts_with("hearth-vol")));
+                .or_else(|| others.iter().find(|d| !serial(d).starts_with("hearth_vol")));
             if let Some(root) = root {
                 let root = (*root).clone();
                 let cfg = found.map(|(_, c)| c).unwrap_or_default();

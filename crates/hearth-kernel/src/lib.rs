@@ -10,6 +10,7 @@ pub mod cpio;
 pub mod initramfs;
 pub mod modules;
 pub mod version;
+pub mod vmlinux;
 
 use std::fs;
 use std::io;
@@ -56,6 +57,12 @@ pub enum KernelError {
     Modules(#[from] ModuleError),
     #[error(transparent)]
     Initramfs(#[from] InitramfsError),
+    #[error("kernel {name}: {source}")]
+    Vmlinux {
+        name: String,
+        #[source]
+        source: vmlinux::VmlinuxError,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> KernelError + '_ {
@@ -360,6 +367,26 @@ impl KernelStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(KernelError::Io { path: p, source }),
         }
+    }
+
+    /// The kernel as an ELF vmlinux, for VMMs that boot only ELF: the imported file when it is
+    /// one, else the vmlinux inside the bzImage, taken out once and cached as
+    /// `ROOT/kernels/<name>/vmlinux`.
+    pub fn vmlinux(&self, name: &str) -> Result<PathBuf, KernelError> {
+        let rec = self.get(name)?.ok_or_else(|| KernelError::NotFound(name.to_owned()))?;
+        let kernel = self.kernel_path(name);
+        if rec.format == Format::Elf.as_str() {
+            return Ok(kernel);
+        }
+        let out = self.kdir(name).join("vmlinux");
+        if out.is_file() {
+            return Ok(out);
+        }
+        let bytes = fs::read(&kernel).map_err(io_err(&kernel))?;
+        let elf = vmlinux::from_bzimage(&bytes)
+            .map_err(|source| KernelError::Vmlinux { name: name.to_owned(), source })?;
+        write_atomic(&out, &elf)?;
+        Ok(out)
     }
 
     /// The initramfs for `name` with `init_binary` as /init: built once per (kernel id, init

@@ -78,11 +78,11 @@ pub struct GuestVolume {
 }
 
 /// The virtio serial of the root disk, so it is never mistaken for a volume.
-pub const ROOT_SERIAL: &str = "hearth-root";
+pub const ROOT_SERIAL: &str = "hearth_root";
 
 /// The virtio serial of a VM's `index`th volume (virtio-blk serials hold 20 bytes).
 pub fn volume_serial(index: usize) -> String {
-    format!("hearth-vol{index}")
+    format!("hearth_vol{index}")
 }
 
 /// Where cloud-init's NoCloud data source looks for seed files on the root filesystem.

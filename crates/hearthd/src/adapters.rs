@@ -320,15 +320,25 @@ impl Disks for Host {
 
 #[async_trait]
 impl Kernels for Host {
-    async fn boot_files(&self, kernel: &str) -> Result<(PathBuf, PathBuf)> {
+    async fn boot_files(
+        &self,
+        kernel: &str,
+        formats: &[hearth_core::ports::KernelFormat],
+    ) -> Result<(PathBuf, PathBuf)> {
+        use hearth_core::ports::KernelFormat;
         let (d, name) = (self.0.clone(), kernel.to_owned());
+        // A VMM that boots a bzImage takes the imported file; one that boots only plain ELF
+        // gets the vmlinux inside it.
+        let elf_only = !formats.contains(&KernelFormat::BzImage);
         blocking(move || {
             if d.kernels.get(&name)?.is_none() {
                 anyhow::bail!(
                     "kernel {name} was removed; import it again with `hearth kernel import`"
                 );
             }
-            Ok((d.kernels.kernel_path(&name), d.kernels.initramfs(&name, &d.init_binary)?))
+            let image =
+                if elf_only { d.kernels.vmlinux(&name)? } else { d.kernels.kernel_path(&name) };
+            Ok((image, d.kernels.initramfs(&name, &d.init_binary)?))
         })
         .await
     }

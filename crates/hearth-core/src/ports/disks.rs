@@ -43,8 +43,13 @@ pub trait Disks: Send + Sync {
 
 #[async_trait]
 pub trait Kernels: Send + Sync {
-    /// The kernel image and the initramfs (the kernel's modules plus hearth-init) to boot.
-    async fn boot_files(&self, kernel: &str) -> Result<(PathBuf, PathBuf)>;
+    /// The kernel image, in one of the `formats` the VMM boots (converted once where needed),
+    /// and the initramfs (the kernel's modules plus hearth-init) to boot.
+    async fn boot_files(
+        &self,
+        kernel: &str,
+        formats: &[super::KernelFormat],
+    ) -> Result<(PathBuf, PathBuf)>;
     /// The kernel VMs get when they name none.
     fn default_kernel(&self) -> Result<Option<String>>;
     fn exists(&self, kernel: &str) -> Result<bool>;

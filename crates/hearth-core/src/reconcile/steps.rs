@@ -105,7 +105,8 @@ impl Reconciler {
     async fn launch(self: &Arc<Self>, rec: &mut VmRecord) -> Result<()> {
         let p = &self.ports;
         let id = rec.spec.id.clone();
-        let (kernel, initrd) = p.kernels.boot_files(&rec.spec.kernel).await?;
+        let formats = p.vmms.of(rec.spec.provider).capabilities().kernel_formats;
+        let (kernel, initrd) = p.kernels.boot_files(&rec.spec.kernel, formats).await?;
         p.disks.clear_exit(rec)?;
         rec.status.console_offset = p.guests.console_offset(&id);
         let net = p.network.plan(&rec.spec)?;

@@ -310,7 +310,11 @@ impl Disks for FakeHost {
 
 #[async_trait]
 impl Kernels for FakeHost {
-    async fn boot_files(&self, kernel: &str) -> Result<(PathBuf, PathBuf)> {
+    async fn boot_files(
+        &self,
+        kernel: &str,
+        _formats: &[hearth_core::ports::KernelFormat],
+    ) -> Result<(PathBuf, PathBuf)> {
         Ok((
             PathBuf::from(format!("/fake/kernels/{kernel}/vmlinuz")),
             PathBuf::from(format!("/fake/kernels/{kernel}/initrd")),

@@ -239,7 +239,7 @@ mod tests {
         let a = qemu_args(&spec(), Accel::Tcg, None, Features::ALL);
         assert_eq!(after(&a, "-M"), ["pc"]);
         assert_eq!(after(&a, "-accel"), ["tcg"]);
-        assert!(after(&a, "-device").contains(&"virtio-blk-pci,drive=root,serial=hearth-root"));
+        assert!(after(&a, "-device").contains(&"virtio-blk-pci,drive=root,serial=hearth_root"));
         assert!(after(&a, "-device").contains(&"virtio-serial-pci"));
         assert_eq!(after(&a, "-smp"), ["2"]);
         assert_eq!(after(&a, "-m"), ["512"]);
@@ -249,7 +249,7 @@ mod tests {
     fn kvm_uses_microvm_with_mmio_devices() {
         let a = qemu_args(&spec(), Accel::Kvm, None, Features::ALL);
         assert!(after(&a, "-M")[0].starts_with("microvm"));
-        assert!(after(&a, "-device").contains(&"virtio-blk-device,drive=root,serial=hearth-root"));
+        assert!(after(&a, "-device").contains(&"virtio-blk-device,drive=root,serial=hearth_root"));
         assert!(after(&a, "-append")[0].contains("reboot=t"));
     }
 
@@ -329,7 +329,7 @@ mod tests {
         let devices = after(&a, "-device");
         assert_eq!(
             &devices[..2],
-            ["virtio-blk-device,drive=root,serial=hearth-root", "virtio-blk-device,drive=config"]
+            ["virtio-blk-device,drive=root,serial=hearth_root", "virtio-blk-device,drive=config"]
         );
         assert_eq!(after(&a, "-cpu"), ["host"]);
         assert_eq!(after(&a, "-accel"), ["kvm"]);
@@ -351,12 +351,12 @@ mod tests {
         s.volumes = vec![
             crate::VolumeDisk {
                 path: "/r/images/rootfs/k.ext4".into(),
-                serial: "hearth-vol0".into(),
+                serial: "hearth_vol0".into(),
                 read_only: true,
             },
             crate::VolumeDisk {
                 path: "/r/vms/abc/volume-1.img".into(),
-                serial: "hearth-vol1".into(),
+                serial: "hearth_vol1".into(),
                 read_only: false,
             },
         ];
@@ -375,8 +375,8 @@ mod tests {
             drives[3]
         );
         let devices = after(&a, "-device");
-        assert!(devices.contains(&"virtio-blk-pci,drive=vol0,serial=hearth-vol0"), "{devices:?}");
-        assert!(devices.contains(&"virtio-blk-pci,drive=vol1,serial=hearth-vol1"), "{devices:?}");
+        assert!(devices.contains(&"virtio-blk-pci,drive=vol0,serial=hearth_vol0"), "{devices:?}");
+        assert!(devices.contains(&"virtio-blk-pci,drive=vol1,serial=hearth_vol1"), "{devices:?}");
     }
 
     #[test]
