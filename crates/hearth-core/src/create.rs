@@ -73,6 +73,7 @@ impl Reconciler {
         if req.image.is_empty() {
             return Err(Error::invalid("no image given: hearth run IMAGE [COMMAND...]"));
         }
+        self.check_provider(&req)?;
         let image = p.images.find(&req.image)?.ok_or_else(|| not_pulled(&req.image))?;
         let kernel = match req.kernel.clone() {
             Some(k) => k,
@@ -116,6 +117,25 @@ impl Reconciler {
             return Err(e);
         }
         Ok(rec)
+    }
+
+    /// The VMM asked for can run what is asked of it: the core asks its capabilities.
+    fn check_provider(&self, req: &NewVm) -> Result<()> {
+        let caps = self.ports.vmms.of(req.provider).capabilities();
+        let vmm = req.provider;
+        if req.network == NetworkMode::User && !caps.user_network {
+            return Err(Error::invalid(format!(
+                "--vmm {vmm} has no user-mode network: use --network bridge or --network none"
+            )));
+        }
+        if req.accel != Accel::Auto && !caps.accels.contains(&req.accel) {
+            return Err(Error::invalid(format!(
+                "--vmm {vmm} cannot run guests with --accel {}: use --accel auto{}",
+                req.accel,
+                if req.accel == Accel::Tcg { ", or --vmm qemu for software emulation" } else { "" }
+            )));
+        }
+        Ok(())
     }
 
     /// The volumes' images, resolved to what the VM keeps using.

@@ -228,3 +228,25 @@ async fn an_image_used_only_as_a_volume_is_kept_too() {
     let e = h.reconciler.remove_image("data:1", false).await.expect_err("a volume uses it");
     assert_eq!(e.kind, ErrorKind::FailedPrecondition);
 }
+
+#[tokio::test]
+async fn what_the_vmm_cannot_do_is_refused_at_create_naming_the_alternative() {
+    // The harness drives only its fake QEMU: Firecracker's entry there can do nothing.
+    let h = host();
+    let fc = hearth_types::Provider::Firecracker;
+    let e = h.reconciler.create(NewVm { provider: fc, ..new_vm() }).await.expect_err("no user net");
+    assert_eq!(e.kind, ErrorKind::Invalid);
+    assert!(
+        e.message.contains("--vmm firecracker") && e.message.contains("--network bridge"),
+        "{e}"
+    );
+    let tcg = NewVm {
+        provider: fc,
+        network: NetworkMode::None,
+        accel: hearth_types::Accel::Tcg,
+        ..new_vm()
+    };
+    let e = h.reconciler.create(tcg).await.expect_err("no tcg");
+    assert!(e.message.contains("--vmm qemu"), "{e}");
+    assert_eq!(records(&h), 0);
+}

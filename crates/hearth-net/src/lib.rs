@@ -4,8 +4,13 @@
 //! Links and addresses are set over rtnetlink, natively. The NAT rule lives in an nftables table
 //! of hearth's own (`ip hearth`), written whole and atomically with `nft -f`, so setting it up
 //! twice is the same as once and removing the table removes everything hearth added. QEMU
-//! creates each VM's tap itself (not persistent), so a tap cannot outlive its VMM.
-#![forbid(unsafe_code)]
+//! creates each VM's tap itself (not persistent), so a tap cannot outlive its VMM; for VMMs that
+//! open an existing tap, [`create_tap`] makes a persistent one that [`remove_tap`] deletes.
+#![deny(unsafe_code)]
+
+// The only module with raw system calls (unsafe code is denied everywhere else).
+#[allow(unsafe_code)]
+mod sys;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
@@ -30,6 +35,12 @@ pub enum NetError {
     },
     #[error("the link {0} did not appear (was the VMM started with this tap?)")]
     NoLink(String),
+    #[error("creating the tap {tap} (is /dev/net/tun there? modprobe tun): {source}")]
+    Tap {
+        tap: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("running nft (install Debian's nftables package): {0}")]
     NftMissing(#[source] std::io::Error),
     #[error("nft refused hearth's NAT rules: {0}")]
@@ -135,6 +146,11 @@ pub struct Forward {
     pub protocol: String,
     /// Who the rule is for (a VM id), kept in the rule's comment.
     pub owner: String,
+}
+
+/// Makes the persistent tap `name` for a VMM that opens an existing one (kept if it exists).
+pub fn create_tap(name: &str, owner: Option<u32>) -> Result<(), NetError> {
+    sys::create_tap(name, owner).map_err(|source| NetError::Tap { tap: name.to_owned(), source })
 }
 
 /// Attaches a VM's tap to the bridge and brings it up; waits up to 5 s for the tap to appear.

@@ -60,15 +60,17 @@ impl fmt::Display for Accel {
 pub enum Provider {
     #[default]
     Qemu,
+    Firecracker,
 }
 
 impl Provider {
     /// Every provider, in the order they are offered.
-    pub const ALL: &'static [Provider] = &[Provider::Qemu];
+    pub const ALL: &'static [Provider] = &[Provider::Qemu, Provider::Firecracker];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Provider::Qemu => "qemu",
+            Provider::Firecracker => "firecracker",
         }
     }
 }

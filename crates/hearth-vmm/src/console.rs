@@ -25,6 +25,43 @@ use crate::VmmError;
 pub const LOG: &str = "console.log";
 /// The VMM's console socket, in the VM's directory.
 pub const SOCKET: &str = "console.sock";
+/// Or a pair of FIFOs, for a VMM whose serial port is its standard output and input
+/// (Firecracker): the VMM writes `console.out` and reads `console.in`.
+pub const FIFO_OUT: &str = "console.out";
+pub const FIFO_IN: &str = "console.in";
+
+type Reader = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
+type Sender = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
+
+/// The VMM's console: its FIFOs when it has them, else its socket (waiting up to 5 s for it).
+async fn connect(vm_dir: &Path) -> Result<(Reader, Sender), VmmError> {
+    let out = vm_dir.join(FIFO_OUT);
+    if out.exists() {
+        use tokio::net::unix::pipe;
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| VmmError::Io { path, source }
+        };
+        let rd = pipe::OpenOptions::new().open_receiver(&out).map_err(io(&out))?;
+        let input = vm_dir.join(FIFO_IN);
+        let wr = pipe::OpenOptions::new().open_sender(&input).map_err(io(&input))?;
+        return Ok((Box::new(rd), Box::new(wr)));
+    }
+    let sock = vm_dir.join(SOCKET);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match tokio::net::UnixStream::connect(&sock).await {
+            Ok(s) => {
+                let (rd, wr) = s.into_split();
+                return Ok((Box::new(rd), Box::new(wr)));
+            }
+            Err(e) if tokio::time::Instant::now() > deadline => {
+                return Err(VmmError::Io { path: sock, source: e })
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
 const START: &str = "console.log.start";
 /// Below this much free space the log stops growing (record saves need the room).
 pub const MIN_FREE: u64 = 64 << 20;
@@ -206,24 +243,13 @@ impl Console {
         limits: LogLimits,
         log_lock: Arc<RwLock<()>>,
     ) -> Result<Arc<Self>, VmmError> {
-        let sock = vm_dir.join(SOCKET);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        let stream = loop {
-            match tokio::net::UnixStream::connect(&sock).await {
-                Ok(s) => break s,
-                Err(e) if tokio::time::Instant::now() > deadline => {
-                    return Err(VmmError::Io { path: sock, source: e })
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        };
+        let (mut rd, mut wr) = connect(vm_dir).await?;
         let mut writer = Writer::open(vm_dir, limits)
             .map_err(|source| VmmError::Io { path: vm_dir.join(LOG), source })?;
         let (out, output) = broadcast::channel(256);
         let (input, mut input_rx) = mpsc::channel::<Vec<u8>>(64);
         let (done_tx, done) = watch::channel(false);
         tokio::spawn(async move {
-            let (mut rd, mut wr) = stream.into_split();
             let mut buf = vec![0u8; CHUNK];
             loop {
                 tokio::select! {

@@ -21,6 +21,7 @@ pub mod accel;
 pub mod agent;
 pub mod cgroup;
 pub mod console;
+pub mod firecracker;
 pub mod process;
 pub mod qemu;
 // The only module with raw system calls (the crate denies unsafe code everywhere else).
@@ -41,6 +42,9 @@ pub use qemu::{
 pub fn provider(kind: hearth_core::ports::Provider) -> std::sync::Arc<dyn hearth_core::ports::Vmm> {
     match kind {
         hearth_core::ports::Provider::Qemu => std::sync::Arc::new(Qemu::from_env()),
+        hearth_core::ports::Provider::Firecracker => {
+            std::sync::Arc::new(firecracker::Firecracker::from_env())
+        }
     }
 }
 
@@ -86,4 +90,26 @@ pub enum VmmError {
     Closed { api: &'static str },
     #[error("a VMM (pid {pid}) is still running for {vm_dir}: stop the VM first")]
     AlreadyRunning { pid: i32, vm_dir: PathBuf },
+}
+
+/// hearth-vmm's own errors as the port's: the words are kept, they name the fix.
+pub(crate) fn port_error(e: crate::VmmError) -> hearth_core::ports::VmmError {
+    match e {
+        crate::VmmError::AlreadyRunning { pid, .. } => {
+            hearth_core::ports::VmmError::AlreadyRunning { pid }
+        }
+        other => hearth_core::ports::VmmError::Failed(chain(&other)),
+    }
+}
+
+/// The whole chain of an error, as `{:#}` prints it for anyhow.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }

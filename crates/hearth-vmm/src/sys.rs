@@ -82,3 +82,16 @@ pub fn detach_and_join(cmd: &mut std::process::Command, fds: Vec<i32>) {
         });
     }
 }
+
+/// `mkfifo(3)`: a FIFO at `path` with `mode`.
+pub fn mkfifo(path: &std::path::Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "nul byte in path"))?;
+    // SAFETY: c is a valid NUL-terminated string for the duration of the call.
+    if unsafe { libc::mkfifo(c.as_ptr(), mode as libc::mode_t) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

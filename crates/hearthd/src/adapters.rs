@@ -368,6 +368,12 @@ impl Network for Host {
             hearth_net::ensure_bridge(&hearth_net::Bridge::hearth0())
                 .await
                 .map_err(|e| Error::precondition(format!("setting up the bridge network: {e}")))?;
+            // A VMM that opens an existing tap gets one made for it (removed with the VM).
+            if !self.0.vmms.of(spec.provider).capabilities().creates_tap {
+                let tap = hearth_types::net::tap_name(&spec.id);
+                off_runtime(|| hearth_net::create_tap(&tap, None))
+                    .map_err(|e| Error::precondition(e.to_string()))?;
+            }
         }
         off_runtime(|| crate::net::claim(&self.0, spec)).map_err(core)
     }

@@ -22,7 +22,7 @@ const RUNTIME_FILES: [&str; 4] = ["console.sock", "agent.sock", "qmp.sock", "qem
 /// Lines of qemu.log quoted in a start error.
 const TAIL_LINES: usize = 10;
 
-fn tail(path: &Path) -> String {
+pub(crate) fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> =
         text.lines().filter(|l| !l.trim().is_empty()).rev().take(TAIL_LINES).collect();

@@ -1,5 +1,6 @@
 //! QEMU as hearth-core's `Vmm` port.
 
+use crate::port_error;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -23,26 +24,6 @@ impl Qemu {
     pub fn from_env() -> Self {
         Self { binary: std::env::var_os("HEARTH_QEMU").map(Into::into) }
     }
-}
-
-/// hearth-vmm's own errors as the port's: the words are kept, they name the fix.
-fn port_error(e: crate::VmmError) -> VmmError {
-    match e {
-        crate::VmmError::AlreadyRunning { pid, .. } => VmmError::AlreadyRunning { pid },
-        other => VmmError::Failed(chain(&other)),
-    }
-}
-
-/// The whole chain of an error, as `{:#}` prints it for anyhow.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[async_trait::async_trait]

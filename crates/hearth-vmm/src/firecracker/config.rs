@@ -1,0 +1,147 @@
+//! A Firecracker VM's configuration, from a [`LaunchSpec`]: the API calls made before
+//! `InstanceStart`, in order. Every path is absolute (Firecracker resolves them itself).
+
+use serde_json::{json, Value};
+
+use crate::LaunchSpec;
+
+/// The guest's CID on the hybrid vsock device (2 is the host; guests start at 3).
+pub const GUEST_CID: u32 = 3;
+
+/// The kernel command line: the serial console, no PCI (virtio-mmio devices, which Firecracker
+/// adds to the command line itself), the keyboard reset as reboot, and hearth-init as /init.
+pub fn kernel_cmdline(spec: &LaunchSpec) -> String {
+    let mut c =
+        String::from("console=ttyS0 quiet loglevel=0 reboot=k panic=-1 pci=off rdinit=/init");
+    if !spec.cmdline.trim().is_empty() {
+        c.push(' ');
+        c.push_str(spec.cmdline.trim());
+    }
+    c
+}
+
+/// A Firecracker resource id (alphanumerics and underscores only) for a disk serial.
+fn drive_id(serial: &str) -> String {
+    serial.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect()
+}
+
+/// The configuration calls, as (path, body) pairs for `PUT`.
+pub fn calls(spec: &LaunchSpec) -> Vec<(String, Value)> {
+    let dir = &spec.vm_dir;
+    let path = |p: &std::path::Path| p.display().to_string();
+    let mut out = vec![
+        (
+            "/logger".to_owned(),
+            json!({ "log_path": path(&dir.join(super::LOG)), "level": "Warning", "show_level": true }),
+        ),
+        ("/metrics".to_owned(), json!({ "metrics_path": path(&dir.join(super::METRICS)) })),
+        (
+            "/machine-config".to_owned(),
+            json!({ "vcpu_count": spec.cpus, "mem_size_mib": spec.memory_mib, "smt": false }),
+        ),
+        (
+            "/boot-source".to_owned(),
+            json!({
+                "kernel_image_path": path(&spec.kernel),
+                "initrd_path": path(&spec.initrd),
+                "boot_args": kernel_cmdline(spec),
+            }),
+        ),
+    ];
+    let mut drive = |id: String, file: &std::path::Path, read_only: bool| {
+        out.push((
+            format!("/drives/{id}"),
+            json!({ "drive_id": id, "path_on_host": path(file), "is_root_device": false, "is_read_only": read_only }),
+        ));
+    };
+    // Firecracker gives each disk its drive id as the virtio serial hearth-init looks for.
+    drive(drive_id(hearth_types::guest::ROOT_SERIAL), &spec.root_disk, false);
+    drive("config".to_owned(), &spec.config_disk, false);
+    for v in &spec.volumes {
+        drive(drive_id(&v.serial), &v.path, v.read_only);
+    }
+    if let Some(tap) = spec.network.as_ref().and_then(|n| n.tap.as_ref().map(|t| (t, &n.mac))) {
+        out.push((
+            "/network-interfaces/eth0".to_owned(),
+            json!({ "iface_id": "eth0", "host_dev_name": tap.0, "guest_mac": tap.1 }),
+        ));
+    }
+    out.push((
+        "/vsock".to_owned(),
+        json!({ "guest_cid": GUEST_CID, "uds_path": path(&dir.join(super::AGENT_SOCK)) }),
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Confinement, NetLaunch, VolumeDisk};
+    use hearth_types::Accel;
+
+    fn spec() -> LaunchSpec {
+        LaunchSpec {
+            vm_dir: "/var/lib/hearth/vms/abc".into(),
+            kernel: "/k/vmlinux".into(),
+            initrd: "/k/initrd".into(),
+            cmdline: " systemd.unit=rescue.target ".into(),
+            root_disk: "/var/lib/hearth/vms/abc/disk.img".into(),
+            config_disk: "/var/lib/hearth/vms/abc/config.img".into(),
+            cpus: 2,
+            memory_mib: 512,
+            accel: Accel::Kvm,
+            binary: None,
+            network: Some(NetLaunch {
+                mac: "02:00:00:00:00:01".into(),
+                forwards: vec![],
+                tap: Some("hth-abc".into()),
+            }),
+            volumes: vec![VolumeDisk {
+                path: "/images/data.ext4".into(),
+                serial: hearth_types::guest::volume_serial(0),
+                read_only: true,
+            }],
+            confinement: Confinement::default(),
+        }
+    }
+
+    fn body<'a>(calls: &'a [(String, Value)], path: &str) -> &'a Value {
+        &calls.iter().find(|(p, _)| p == path).unwrap_or_else(|| panic!("no {path}")).1
+    }
+
+    #[test]
+    fn the_calls_carry_the_vms_shape_disks_card_and_agent() {
+        let c = calls(&spec());
+        let m = body(&c, "/machine-config");
+        assert_eq!((m["vcpu_count"].as_u64(), m["mem_size_mib"].as_u64()), (Some(2), Some(512)));
+        let boot = body(&c, "/boot-source");
+        assert_eq!(boot["kernel_image_path"], "/k/vmlinux");
+        let args = boot["boot_args"].as_str().expect("args");
+        assert!(
+            args.starts_with("console=ttyS0 ") && args.ends_with(" systemd.unit=rescue.target")
+        );
+        let root = body(&c, "/drives/hearth_root");
+        assert_eq!(root["path_on_host"], "/var/lib/hearth/vms/abc/disk.img");
+        assert_eq!(root["is_read_only"], false);
+        assert_eq!(body(&c, "/drives/hearth_vol0")["is_read_only"], true);
+        let net = body(&c, "/network-interfaces/eth0");
+        assert_eq!(
+            (net["host_dev_name"].as_str(), net["guest_mac"].as_str()),
+            (Some("hth-abc"), Some("02:00:00:00:00:01"))
+        );
+        assert_eq!(body(&c, "/vsock")["uds_path"], "/var/lib/hearth/vms/abc/agent.sock");
+        // Drive ids are Firecracker resource ids.
+        for (p, _) in c.iter().filter(|(p, _)| p.starts_with("/drives/")) {
+            assert!(
+                p["/drives/".len()..].chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_'),
+                "{p}"
+            );
+        }
+    }
+
+    #[test]
+    fn without_a_network_there_is_no_card() {
+        let c = calls(&LaunchSpec { network: None, ..spec() });
+        assert!(c.iter().all(|(p, _)| !p.starts_with("/network-interfaces")));
+    }
+}

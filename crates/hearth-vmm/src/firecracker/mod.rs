@@ -1,0 +1,30 @@
+//! The Firecracker provider: its configuration as API calls (`config.rs`), its HTTP API client
+//! (`api.rs`), start, find and stop (`launch.rs`), and all of it as hearth-core's `Vmm` port
+//! (`provider.rs`).
+//!
+//! Files a Firecracker VM keeps in its directory: `firecracker.sock` (the API),
+//! `firecracker.pid` (written by hearth), `firecracker.log` (its log and stderr for the current
+//! boot), `firecracker.metrics`, `agent.sock` (hybrid vsock to hearth-init's agent) and the
+//! console FIFOs `console.out`/`console.in` (its serial port), which the console capture turns
+//! into `console.log` like any VM's.
+
+mod api;
+mod config;
+mod launch;
+mod provider;
+
+pub use api::Api;
+pub use config::{calls, kernel_cmdline, GUEST_CID};
+pub use launch::{find_running, is_vmm_of, launch, remove_runtime_files, scan, start_guest, stop};
+pub use provider::Firecracker;
+
+/// The API socket, in the VM's directory.
+pub const API_SOCK: &str = "firecracker.sock";
+pub const PID: &str = "firecracker.pid";
+pub const LOG: &str = "firecracker.log";
+pub const METRICS: &str = "firecracker.metrics";
+/// The hybrid vsock socket the host reaches hearth-init's agent through.
+pub const AGENT_SOCK: &str = "agent.sock";
+
+const RUNTIME_FILES: [&str; 5] =
+    [API_SOCK, PID, AGENT_SOCK, crate::console::FIFO_OUT, crate::console::FIFO_IN];
