@@ -12,6 +12,11 @@ use std::time::{Duration, Instant};
 pub use hearth_image::testutil;
 
 /// Why a test cannot run here, or `None` when it can.
+/// Whether KVM here can run guests (hardware virtualisation), not merely open /dev/kvm.
+pub fn kvm_runs_guests() -> bool {
+    hearth_vmm::accel::kvm_unusable(&hearth_vmm::accel::HostFacts::probe()).is_none()
+}
+
 pub fn skip_reason() -> Option<String> {
     if std::env::var("HEARTH_E2E").as_deref() != Ok("1") {
         return Some("HEARTH_E2E is not 1 (run `cargo xtask e2e`)".into());
