@@ -76,7 +76,7 @@ fn programs(f: &Facts) -> Vec<Check> {
     out.push(tool(
         "firecracker",
         Level::Info,
-        "not installed (optional VMM; its provider is not enabled yet)",
+        "not installed: `--vmm firecracker` needs it (optional VMM)",
         "install Firecracker from its releases",
     ));
     out.push(tool(

@@ -307,16 +307,30 @@ fn halt(me: usize) -> ! {
     sys::kill(-1, libc::SIGKILL);
     while sys::reap_one().is_some() {}
     let _ = sys::mount("", "/", "", libc::MS_REMOUNT | libc::MS_RDONLY, "");
-    let err = sys::power_off();
+    let err = sys::power_off(exit_by_reset(
+        &std::fs::read_to_string("/proc/cmdline").unwrap_or_default(),
+    ));
     eprintln!("hearth-init: power off failed: {err}");
     loop {
         std::thread::sleep(Duration::from_secs(3600));
     }
 }
 
+/// Whether the VMM ends a VM on a reset rather than a power-off: hearth puts
+/// `hearth.exit=reset` on the command line of such VMMs' guests.
+fn exit_by_reset(cmdline: &str) -> bool {
+    cmdline.split_whitespace().any(|a| a == "hearth.exit=reset")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_vmm_says_how_a_vm_ends() {
+        assert!(exit_by_reset("console=ttyS0 reboot=k hearth.exit=reset rdinit=/init"));
+        assert!(!exit_by_reset("console=ttyS0 rdinit=/init"));
+    }
 
     #[test]
     fn stat_lines_parse_with_awkward_names() {

@@ -53,12 +53,14 @@ pub fn finit_module(f: &std::fs::File) -> io::Result<()> {
     }
 }
 
-/// Powers the machine off. Does not return on success.
-pub fn power_off() -> io::Error {
+/// Powers the machine off, or resets it where the VMM ends a VM on a reset instead
+/// (`reboot`: Firecracker, which has no power-off). Does not return on success.
+pub fn power_off(reboot: bool) -> io::Error {
+    let how = if reboot { libc::RB_AUTOBOOT } else { libc::RB_POWER_OFF };
     // SAFETY: sync and reboot take no pointers.
     unsafe {
         libc::sync();
-        libc::reboot(libc::RB_POWER_OFF);
+        libc::reboot(how);
     }
     io::Error::last_os_error()
 }

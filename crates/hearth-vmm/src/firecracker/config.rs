@@ -9,10 +9,12 @@ use crate::LaunchSpec;
 pub const GUEST_CID: u32 = 3;
 
 /// The kernel command line: the serial console, no PCI (virtio-mmio devices, which Firecracker
-/// adds to the command line itself), the keyboard reset as reboot, and hearth-init as /init.
+/// adds to the command line itself), the keyboard reset as reboot, hearth-init as /init, and
+/// told to end the VM with a reset (Firecracker has no power-off; a reset ends its process).
 pub fn kernel_cmdline(spec: &LaunchSpec) -> String {
-    let mut c =
-        String::from("console=ttyS0 quiet loglevel=0 reboot=k panic=-1 pci=off rdinit=/init");
+    let mut c = String::from(
+        "console=ttyS0 quiet loglevel=0 reboot=k panic=-1 pci=off rdinit=/init hearth.exit=reset",
+    );
     if !spec.cmdline.trim().is_empty() {
         c.push(' ');
         c.push_str(spec.cmdline.trim());
