@@ -58,5 +58,6 @@ pub fn launch_spec(vm_dir: &std::path::Path) -> hearth_core::ports::LaunchSpec {
         network: None,
         volumes: vec![],
         confinement: Default::default(),
+        cloud_init: Default::default(),
     }
 }

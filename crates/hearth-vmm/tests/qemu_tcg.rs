@@ -73,6 +73,7 @@ fn vm(extra_cmdline: &str) -> Option<(tempfile::TempDir, LaunchSpec)> {
         network: None,
         volumes: vec![],
         confinement: Default::default(),
+        cloud_init: Default::default(),
     };
     Some((dir, spec))
 }

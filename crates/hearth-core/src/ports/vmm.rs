@@ -66,6 +66,9 @@ pub struct LaunchSpec {
     pub volumes: Vec<VolumeDisk>,
     /// How the VMM is confined beyond the guest's own isolation.
     pub confinement: Confinement,
+    /// The VM's cloud-init files (meta-data, user-data, vendor-data, network-config), for a
+    /// VMM with a metadata service (Firecracker's MMDS); hearth-init seeds them in any case.
+    pub cloud_init: std::collections::BTreeMap<String, String>,
 }
 
 /// What confines a VMM (docs/adr/0011-vmm-confinement.md): a seccomp sandbox always; where
@@ -308,6 +311,7 @@ mod tests {
             network: None,
             volumes: Vec::new(),
             confinement: Confinement::default(),
+            cloud_init: Default::default(),
         };
         let why = none.launch(&spec).expect_err("nothing to launch").to_string();
         assert!(why.contains("qemu") && why.contains("--vmm"), "{why}");

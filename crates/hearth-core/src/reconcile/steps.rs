@@ -130,6 +130,7 @@ impl Reconciler {
             network: net.as_ref().map(|n| n.card.clone()),
             volumes,
             confinement: confinement.clone(),
+            cloud_init: rec.spec.cloud_init.clone(),
         };
         rec.status.started_at = Some(p.clock.now_millis());
         let vmm = p.vmms.of(rec.spec.provider);

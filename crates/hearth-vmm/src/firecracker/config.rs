@@ -27,6 +27,13 @@ fn drive_id(serial: &str) -> String {
     serial.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect()
 }
 
+/// What MMDS serves: the cloud-init files under `latest`, as Flintlock lays them out; `None`
+/// when the VM has none or no card to serve them on.
+pub fn mmds(spec: &LaunchSpec) -> Option<Value> {
+    let card = spec.network.as_ref().is_some_and(|n| n.tap.is_some());
+    (card && !spec.cloud_init.is_empty()).then(|| json!({ "latest": spec.cloud_init }))
+}
+
 /// The configuration calls, as (path, body) pairs for `PUT`.
 pub fn calls(spec: &LaunchSpec) -> Vec<(String, Value)> {
     let dir = &spec.vm_dir;
@@ -68,6 +75,14 @@ pub fn calls(spec: &LaunchSpec) -> Vec<(String, Value)> {
             json!({ "iface_id": "eth0", "host_dev_name": tap.0, "guest_mac": tap.1 }),
         ));
     }
+    // Flintlock's own Firecracker provider serves cloud-init through MMDS v2 on the card; so
+    // does hearth, with the same bundle hearth-init seeds (the NoCloud files).
+    if spec.network.as_ref().is_some_and(|n| n.tap.is_some()) && !spec.cloud_init.is_empty() {
+        out.push((
+            "/mmds/config".to_owned(),
+            json!({ "version": "V2", "network_interfaces": ["eth0"] }),
+        ));
+    }
     out.push((
         "/vsock".to_owned(),
         json!({ "guest_cid": GUEST_CID, "uds_path": path(&dir.join(super::AGENT_SOCK)) }),
@@ -104,6 +119,7 @@ mod tests {
                 read_only: true,
             }],
             confinement: Confinement::default(),
+            cloud_init: Default::default(),
         }
     }
 
@@ -142,8 +158,33 @@ mod tests {
     }
 
     #[test]
-    fn without_a_network_there_is_no_card() {
-        let c = calls(&LaunchSpec { network: None, ..spec() });
-        assert!(c.iter().all(|(p, _)| !p.starts_with("/network-interfaces")));
+    fn without_a_network_there_is_no_card_and_no_metadata_service() {
+        let mut s = LaunchSpec { network: None, ..spec() };
+        s.cloud_init.insert("user-data".into(), "#cloud-config\n".into());
+        let c = calls(&s);
+        assert!(c
+            .iter()
+            .all(|(p, _)| !p.starts_with("/network-interfaces") && p != "/mmds/config"));
+        assert_eq!(mmds(&s), None);
+    }
+
+    #[test]
+    fn cloud_init_is_served_through_mmds_v2_on_the_card() {
+        let mut s = spec();
+        assert_eq!(mmds(&s), None, "nothing to serve");
+        s.cloud_init.insert("meta-data".into(), "instance-id: i-1\n".into());
+        s.cloud_init.insert("user-data".into(), "#cloud-config\n".into());
+        let c = calls(&s);
+        let cfg = body(&c, "/mmds/config");
+        assert_eq!(
+            (cfg["version"].as_str(), cfg["network_interfaces"][0].as_str()),
+            (Some("V2"), Some("eth0"))
+        );
+        let card = c.iter().position(|(p, _)| p.starts_with("/network-interfaces")).expect("card");
+        let service = c.iter().position(|(p, _)| p == "/mmds/config").expect("mmds");
+        assert!(card < service, "MMDS names a card that exists");
+        let data = mmds(&s).expect("data");
+        assert_eq!(data["latest"]["meta-data"], "instance-id: i-1\n");
+        assert_eq!(data["latest"]["user-data"], "#cloud-config\n");
     }
 }

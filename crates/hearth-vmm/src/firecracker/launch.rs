@@ -169,6 +169,9 @@ pub fn launch(spec: &LaunchSpec, binary: &Path) -> Result<Launched, VmmError> {
             for (path, body) in config::calls(spec) {
                 api.put(&path, &body)?;
             }
+            if let Some(data) = config::mmds(spec) {
+                api.put("/mmds", &data)?;
+            }
             Ok(start_time)
         })();
         match configured {

@@ -203,6 +203,7 @@ mod tests {
             network: None,
             volumes: vec![],
             confinement: Default::default(),
+            cloud_init: Default::default(),
         }
     }
 

@@ -311,6 +311,7 @@ mod tests {
             network: None,
             volumes: vec![],
             confinement: Default::default(),
+            cloud_init: Default::default(),
         };
         let a = absolute(&spec).expect("absolute");
         assert!(a.vm_dir.is_absolute() && a.initrd.is_absolute() && a.root_disk.is_absolute());

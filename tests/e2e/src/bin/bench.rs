@@ -178,6 +178,7 @@ fn run_to_ready(reg: &LocalRegistry, runs: usize) -> Daemon {
             network: Some(hearth_vmm::NetLaunch { mac: MAC.into(), forwards: vec![], tap: None }),
             volumes: vec![],
             confinement: Default::default(),
+            cloud_init: Default::default(),
         };
         let bios = Path::new(hearth_vmm::qemu::QBOOT);
         // The same command line, unconfined and not paused (nobody captures its console here).
