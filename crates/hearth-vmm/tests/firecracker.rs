@@ -156,3 +156,65 @@ async fn a_configuration_firecracker_refuses_fails_the_launch_with_its_words_and
     let e = Firecracker::default().launch(&tcg).expect_err("no tcg").to_string();
     assert!(e.contains("--vmm qemu"), "{e}");
 }
+
+/// A network namespace of the test's own with a tap in it, removed when dropped.
+struct Netns(String);
+
+impl Netns {
+    fn with_tap(tap: &str) -> Option<Self> {
+        let name = format!("hearth-fc-{}", std::process::id());
+        let ok = |args: &[&str]| Command::new("ip").args(args).status().is_ok_and(|s| s.success());
+        if !ok(&["netns", "add", &name]) {
+            return None;
+        }
+        let ns = Self(name);
+        ok(&["-n", &ns.0, "tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"]).then_some(ns)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "delete", &self.0]).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_init_is_served_through_mmds_on_the_vms_card() {
+    let Some((dir, mut spec)) = vm("") else { return };
+    let Some(ns) = Netns::with_tap("fctap0") else {
+        eprintln!("skipped: cannot make a network namespace with a tap (ip netns, /dev/net/tun)");
+        return;
+    };
+    // Firecracker runs inside the namespace, where its tap is (never on the host's network).
+    let wrapper = dir.path().join("firecracker-in-netns");
+    std::fs::write(
+        &wrapper,
+        format!("#!/bin/sh\nexec ip netns exec {} firecracker \"$@\"\n", ns.0),
+    )
+    .expect("wrapper");
+    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    spec.binary = Some(wrapper);
+    spec.network = Some(hearth_vmm::NetLaunch {
+        mac: "02:00:00:00:00:07".into(),
+        forwards: vec![],
+        tap: Some("fctap0".into()),
+    });
+    spec.cloud_init.insert("meta-data".into(), "instance-id: i-7\n".into());
+    spec.cloud_init.insert("user-data".into(), "#cloud-config\nhostname: seven\n".into());
+    let fc = Firecracker::default();
+    let launched = fc.launch(&spec).expect("launch");
+    let api = Api::new(&dir.path().join(API_SOCK));
+    let data = api.get("/mmds").expect("mmds");
+    assert_eq!(data["latest"]["meta-data"], "instance-id: i-7\n");
+    assert_eq!(data["latest"]["user-data"], "#cloud-config\nhostname: seven\n");
+    let config = api.get("/vm/config").expect("config");
+    let card = &config["network-interfaces"][0];
+    assert_eq!(
+        (card["host_dev_name"].as_str(), card["guest_mac"].as_str()),
+        (Some("fctap0"), Some("02:00:00:00:00:07"))
+    );
+    assert_eq!(config["mmds-config"]["version"], "V2", "{config:#}");
+    fc.stop(dir.path(), launched.handle(), Duration::ZERO).await.expect("stop");
+    fc.cleanup(dir.path(), &spec.confinement);
+}
