@@ -95,3 +95,49 @@ fn a_firecracker_vm_boots_its_kernel_logs_its_console_and_is_removed_cleanly() {
         std::fs::read_dir(d.root.path().join("vms")).expect("vms").flatten().collect();
     assert!(dirs.is_empty(), "VM directories left behind: {dirs:?}");
 }
+
+#[test]
+fn a_bridged_firecracker_vm_gets_a_tap_hearth_made_on_the_bridge_and_loses_it_with_the_vm() {
+    require_e2e!();
+    if which("firecracker").is_none() {
+        eprintln!("skipped: firecracker is not on PATH (.ci/run puts ../shared/vmm/bin there)");
+        return;
+    }
+    let ns = hearth_e2e::Netns::new();
+    let d = Daemon::start_in(&ns);
+    d.import_kernel();
+    let layout = tempfile::tempdir().expect("tmp");
+    hearth_e2e::testutil::busybox_oci_layout(
+        layout.path(),
+        "1",
+        &hearth_e2e::testutil::TestImage::default(),
+    )
+    .expect("layout");
+    d.ok(&["image", "import", layout.path().to_str().expect("utf8"), "--name", "fcbr:1"]);
+    d.ok(&[
+        "run",
+        "-d",
+        "--no-wait",
+        "--vmm",
+        "firecracker",
+        "--network",
+        "bridge",
+        "--name",
+        "fcb",
+        "fcbr:1",
+        "sleep",
+        "600",
+    ]);
+    let v = d.inspect("fcb");
+    let id: hearth_types::VmId = v["spec"]["id"].as_str().expect("id").parse().expect("id");
+    let tap = hearth_types::net::tap_name(&id);
+    let link = text(&ns.run(&["ip", "-o", "link", "show", &tap]).stdout);
+    assert!(
+        link.contains("master hearth0"),
+        "the VM's tap is on the bridge: {link:?}\n{}",
+        d.log()
+    );
+    d.ok(&["rm", "-f", "fcb"]);
+    let gone = ns.run(&["ip", "link", "show", &tap]);
+    assert!(!gone.status.success(), "the tap went with the VM: {}", text(&gone.stdout));
+}
