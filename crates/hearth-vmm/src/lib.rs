@@ -22,6 +22,7 @@ pub mod agent;
 pub mod cgroup;
 pub mod console;
 pub mod firecracker;
+mod found;
 pub mod process;
 pub mod qemu;
 // The only module with raw system calls (the crate denies unsafe code everywhere else).

@@ -1,7 +1,7 @@
 //! Recognising and waiting for VMM processes that are not our children.
 
 use std::os::fd::AsFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use tokio::io::unix::AsyncFd;
@@ -121,6 +121,37 @@ async fn poll_exit(pid: i32, start: u64) {
     while is_alive(pid, start) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The value after `flag` on the command line of `pid` (`-pidfile PATH`, `--api-sock PATH`).
+pub fn arg_of(pid: i32, flag: &[u8]) -> Option<Vec<u8>> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    args.windows(2).find(|w| w[0] == flag).map(|w| w[1].to_vec())
+}
+
+/// Every live process whose command line gives `flag` a path whose file is `file` in a
+/// directory right under `vms_dir`, as (that VM directory, pid): how a VMM a dead daemon never
+/// recorded is found from /proc alone. (Under the root's lock every child the predecessor
+/// forked has exec'd: the lock's descriptor closes at exec.)
+pub fn scan_vmms(vms_dir: &Path, flag: &[u8], file: &str) -> Vec<(PathBuf, i32)> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else { return out };
+    for e in procs.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Some(value) = arg_of(pid, flag) else { continue };
+        let path = Path::new(std::ffi::OsStr::from_bytes(&value));
+        let ours = path.file_name() == Some(file.as_ref())
+            && path.parent().is_some_and(|d| d.parent() == Some(vms_dir));
+        let alive = start_time(pid).is_some_and(|t| is_alive(pid, t));
+        if let (true, true, Some(dir)) = (ours, alive, path.parent()) {
+            out.push((dir.to_owned(), pid));
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -8,7 +8,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use hearth_testkit::wait_for_text;
 
 use hearth_core::ports::{LaunchSpec, Vmm};
 use hearth_types::Accel;
@@ -75,23 +77,6 @@ fn nix_is_root() -> bool {
                 .map(|l| l.split_whitespace().nth(2) == Some("0"))
         })
         .unwrap_or(false)
-}
-
-/// Polls until the console log holds `needle` (the deadline only bounds a failure).
-fn wait_for_text(path: &Path, needle: &str, within: Duration) -> String {
-    let deadline = Instant::now() + within;
-    loop {
-        let text = String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned();
-        if text.contains(needle) {
-            return text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{needle:?} not in {} after {within:?}:\n{text}",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use hearth_testkit::wait_for_text;
+
 use hearth_types::Accel;
 use hearth_vmm::console::{Console, LogLimits};
 use hearth_vmm::qemu::{observe, qemu_args, Qmp};
@@ -76,23 +78,6 @@ fn vm(extra_cmdline: &str) -> Option<(tempfile::TempDir, LaunchSpec)> {
         cloud_init: Default::default(),
     };
     Some((dir, spec))
-}
-
-/// Polls until `path` contains `needle` (no fixed sleeps: the deadline only bounds a failure).
-fn wait_for_text(path: &Path, needle: &str, within: Duration) -> String {
-    let deadline = Instant::now() + within;
-    loop {
-        let text = String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned();
-        if text.contains(needle) {
-            return text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{needle:?} not in {} after {within:?}:\n{text}",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn sockets_left(dir: &Path) -> Vec<String> {

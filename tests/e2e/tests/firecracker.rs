@@ -7,6 +7,15 @@ use std::time::{Duration, Instant};
 
 use hearth_e2e::{require_e2e, text, which, Daemon};
 
+/// Whether the real Firecracker is here; says why not.
+fn have_firecracker() -> bool {
+    let found = which("firecracker").is_some();
+    if !found {
+        eprintln!("skipped: firecracker is not on PATH (.ci/run puts ../shared/vmm/bin there)");
+    }
+    found
+}
+
 fn firecracker_processes(needle: &str) -> Vec<String> {
     let out = std::process::Command::new("pgrep")
         .args(["-a", "-f", "firecracker"])
@@ -18,8 +27,7 @@ fn firecracker_processes(needle: &str) -> Vec<String> {
 #[test]
 fn a_firecracker_vm_boots_its_kernel_logs_its_console_and_is_removed_cleanly() {
     require_e2e!();
-    if which("firecracker").is_none() {
-        eprintln!("skipped: firecracker is not on PATH (.ci/run puts ../shared/vmm/bin there)");
+    if !have_firecracker() {
         return;
     }
     let reg = hearth_e2e::testutil::LocalRegistry::start().expect("starting docker-registry");
@@ -99,8 +107,7 @@ fn a_firecracker_vm_boots_its_kernel_logs_its_console_and_is_removed_cleanly() {
 #[test]
 fn a_bridged_firecracker_vm_gets_a_tap_hearth_made_on_the_bridge_and_loses_it_with_the_vm() {
     require_e2e!();
-    if which("firecracker").is_none() {
-        eprintln!("skipped: firecracker is not on PATH (.ci/run puts ../shared/vmm/bin there)");
+    if !have_firecracker() {
         return;
     }
     let ns = hearth_e2e::Netns::new();

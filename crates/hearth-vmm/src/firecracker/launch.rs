@@ -50,34 +50,15 @@ pub fn is_vmm_of(vm_dir: &Path, pid: i32, start: u64) -> bool {
     is_alive(pid, start) && names_vm(pid, vm_dir)
 }
 
-/// The API socket a command line names with `--api-sock`.
-fn api_sock_of(cmdline: &[u8]) -> Option<&[u8]> {
-    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-    args.windows(2).find(|w| w[0] == b"--api-sock").map(|w| w[1])
-}
-
 fn names_vm(pid: i32, vm_dir: &Path) -> bool {
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
-    api_sock_of(&cmdline) == Some(vm_dir.join(API_SOCK).as_os_str().as_bytes())
+    crate::process::arg_of(pid, b"--api-sock").as_deref()
+        == Some(vm_dir.join(API_SOCK).as_os_str().as_bytes())
 }
 
 /// Every live Firecracker whose API socket lies in a directory under `vms_dir`, as (VM
 /// directory, pid), found from /proc alone (a predecessor may have died before the pid file).
 pub fn scan(vms_dir: &Path) -> Vec<(PathBuf, i32)> {
-    let mut out = Vec::new();
-    let Ok(procs) = std::fs::read_dir("/proc") else { return out };
-    for e in procs.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
-        let Some(sock) = api_sock_of(&cmdline) else { continue };
-        let sock = Path::new(std::ffi::OsStr::from_bytes(sock));
-        if let Some(dir) = sock.parent().filter(|d| d.parent() == Some(vms_dir)) {
-            out.push((dir.to_owned(), pid));
-        }
-    }
-    out
+    crate::process::scan_vmms(vms_dir, b"--api-sock", API_SOCK)
 }
 
 /// Starts Firecracker for `spec` and configures it; returns once it waits for `InstanceStart`.
@@ -275,17 +256,4 @@ pub async fn stop(vm_dir: &Path, pid: i32, start: u64, grace: Duration) -> Resul
     })?;
     remove_runtime_files(vm_dir);
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_api_socket_is_read_from_the_command_line() {
-        let cmdline =
-            b"firecracker\0--api-sock\0/var/lib/hearth/vms/ab/firecracker.sock\0--id\0ab\0";
-        assert_eq!(api_sock_of(cmdline), Some(&b"/var/lib/hearth/vms/ab/firecracker.sock"[..]));
-        assert_eq!(api_sock_of(b"qemu-system-x86_64\0-pidfile\0x\0"), None);
-    }
 }

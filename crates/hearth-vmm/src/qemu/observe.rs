@@ -37,43 +37,15 @@ pub fn is_vmm_of(vm_dir: &Path, pid: i32, start: u64) -> bool {
 
 /// Whether the command line of `pid` holds `-pidfile VM_DIR/qemu.pid`.
 fn names_vm(pid: i32, vm_dir: &Path) -> bool {
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
     let pidfile = vm_dir.join("qemu.pid");
-    let needle = pidfile.as_os_str().as_encoded_bytes();
-    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-    args.windows(2).any(|w| w[0] == b"-pidfile" && w[1] == needle)
+    crate::process::arg_of(pid, b"-pidfile").as_deref() == Some(pidfile.as_os_str().as_bytes())
 }
 
-/// Every live QEMU whose `-pidfile` lies in a directory under `vms_dir`, as (VM directory, pid,
-/// start time), found from /proc alone. For a daemon start: a VMM its predecessor launched but
-/// died before recording may not have written its pid file yet. (Under the root's lock every
-/// child the predecessor forked has exec'd: the lock's descriptor closes at exec.)
-pub fn scan(vms_dir: &Path) -> Vec<(std::path::PathBuf, i32, u64)> {
-    let mut out = Vec::new();
-    let Ok(procs) = std::fs::read_dir("/proc") else { return out };
-    for e in procs.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
-        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-        let Some(pidfile) = args
-            .windows(2)
-            .find(|w| w[0] == b"-pidfile")
-            .map(|w| Path::new(std::ffi::OsStr::from_bytes(w[1])))
-        else {
-            continue;
-        };
-        let Some(dir) = pidfile.parent().filter(|d| {
-            d.parent() == Some(vms_dir) && pidfile.file_name() == Some("qemu.pid".as_ref())
-        }) else {
-            continue;
-        };
-        if let Some(start) = crate::start_time(pid).filter(|&t| crate::is_alive(pid, t)) {
-            out.push((dir.to_owned(), pid, start));
-        }
-    }
-    out
+/// Every live QEMU whose `-pidfile` lies in a directory under `vms_dir`, as (VM directory,
+/// pid), found from /proc alone: a VMM its predecessor launched but died before recording may
+/// not have written its pid file yet.
+pub fn scan(vms_dir: &Path) -> Vec<(std::path::PathBuf, i32)> {
+    crate::process::scan_vmms(vms_dir, b"-pidfile", "qemu.pid")
 }
 
 /// [`find_running`] plus a QMP status query bounded by `qmp_timeout`.
@@ -139,11 +111,7 @@ mod tests {
         assert_eq!(find_running(dir.path()), Some((pid, start)));
         // Found from /proc alone too, pid file or not.
         std::fs::remove_file(&pidfile).expect("rm");
-        assert!(scan(dir.path().parent().expect("parent")).contains(&(
-            dir.path().to_owned(),
-            pid,
-            start
-        )));
+        assert!(scan(dir.path().parent().expect("parent")).contains(&(dir.path().to_owned(), pid)));
         for c in [&mut ours, &mut other] {
             let _ = c.kill();
             let _ = c.wait();

@@ -26,6 +26,9 @@ impl Qemu {
     }
 }
 
+const FINDER: crate::found::Finder =
+    crate::found::Finder { find_running, is_vmm_of, scan, pid_file: "qemu.pid" };
+
 #[async_trait::async_trait]
 impl Vmm for Qemu {
     fn capabilities(&self) -> Capabilities {
@@ -49,27 +52,11 @@ impl Vmm for Qemu {
     }
 
     fn find(&self, vm_dir: &Path, recorded: Option<VmmHandle>) -> Option<(VmmHandle, bool)> {
-        if let Some(h) = recorded {
-            if is_vmm_of(vm_dir, h.pid, h.start_time) {
-                return Some((h, true));
-            }
-        }
-        find_running(vm_dir).map(|(pid, start_time)| (VmmHandle { pid, start_time }, false))
+        FINDER.find(vm_dir, recorded)
     }
 
     fn recover_orphans(&self, vms_dir: &Path) -> Vec<PathBuf> {
-        let mut found = Vec::new();
-        for (dir, pid, _) in scan(vms_dir) {
-            if find_running(&dir).is_none_or(|(p, _)| p != pid) {
-                match hearth_fs::atomic_write(&dir.join("qemu.pid"), pid.to_string().as_bytes()) {
-                    Ok(()) => found.push(dir),
-                    Err(e) => {
-                        tracing::warn!(dir = %dir.display(), error = %e, "writing the found VMM's pid file failed")
-                    }
-                }
-            }
-        }
-        found
+        FINDER.recover_orphans(vms_dir)
     }
 
     async fn wait_set_up(&self, vm_dir: &Path, vmm: VmmHandle) -> Result<(), VmmError> {
@@ -96,12 +83,7 @@ impl Vmm for Qemu {
     }
 
     fn signal(&self, vm_dir: &Path, vmm: VmmHandle, signal: i32) -> bool {
-        // Only a process that is still this VM's VMM is signalled.
-        let ours = is_vmm_of(vm_dir, vmm.pid, vmm.start_time);
-        if ours {
-            crate::process::kill(vmm.pid, vmm.start_time, signal);
-        }
-        ours
+        FINDER.signal(vm_dir, vmm, signal)
     }
 
     async fn wait_exit(&self, vmm: VmmHandle) {
