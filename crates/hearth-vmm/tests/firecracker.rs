@@ -116,7 +116,8 @@ async fn firecracker_is_configured_its_console_captured_and_it_is_stopped_and_cl
         .expect("capture");
     assert!(fc.start_guest(dir.path(), false).await.expect("InstanceStart"));
     let log = dir.path().join("console.log");
-    let text = wait_for_text(&log, "Command line:", Duration::from_secs(90));
+    // The command line's last word: the whole line is in (the log is read as it is written).
+    let text = wait_for_text(&log, "earlyprintk=serial,ttyS0", Duration::from_secs(90));
     let line = text.lines().find(|l| l.contains("Command line:")).expect("line");
     assert!(line.contains("console=ttyS0") && line.contains("rdinit=/init"), "{line}");
 

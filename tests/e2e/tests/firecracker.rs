@@ -71,7 +71,8 @@ fn a_firecracker_vm_boots_its_kernel_logs_its_console_and_is_removed_cleanly() {
     let deadline = Instant::now() + Duration::from_secs(120);
     let logs = loop {
         let logs = d.ok(&["logs", "fc"]);
-        if logs.contains("Command line:") {
+        // The line's last words, so the whole line is in (the log is read as it is written).
+        if logs.lines().any(|l| l.contains("Command line:") && l.trim_end().ends_with(args)) {
             break logs;
         }
         assert!(
