@@ -39,10 +39,6 @@ pub fn calls(spec: &LaunchSpec) -> Vec<(String, Value)> {
     let dir = &spec.vm_dir;
     let path = |p: &std::path::Path| p.display().to_string();
     let mut out = vec![
-        (
-            "/logger".to_owned(),
-            json!({ "log_path": path(&dir.join(super::LOG)), "level": "Warning", "show_level": true }),
-        ),
         ("/metrics".to_owned(), json!({ "metrics_path": path(&dir.join(super::METRICS)) })),
         (
             "/machine-config".to_owned(),

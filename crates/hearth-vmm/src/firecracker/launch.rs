@@ -124,9 +124,14 @@ pub fn launch(spec: &LaunchSpec, binary: &Path) -> Result<Launched, VmmError> {
         .collect();
     let id = if id.trim_matches('-').is_empty() { "hearth-vm".to_owned() } else { id };
     let mut cmd = Command::new(binary);
+    // The logger is set on the command line: until it is, Firecracker logs to its stdout, which
+    // is the guest's serial console here.
     cmd.arg("--api-sock")
         .arg(dir.join(API_SOCK))
         .args(["--id", &id])
+        .arg("--log-path")
+        .arg(&log_path)
+        .args(["--level", "Warning", "--show-level"])
         .current_dir(dir)
         .stdin(stdin)
         .stdout(stdout)
