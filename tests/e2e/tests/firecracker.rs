@@ -62,6 +62,8 @@ fn a_firecracker_vm_boots_its_kernel_logs_its_console_and_is_removed_cleanly() {
     ]);
     let v = d.inspect("fc");
     assert_eq!(v["spec"]["provider"], "firecracker", "{v:#}");
+    let ps = d.ok(&["ps"]);
+    assert!(ps.contains("VMM") && ps.contains(" firecracker "), "ps shows the VMM:\n{ps}");
     assert!(v["status"]["pid"].as_i64().is_some(), "a launched VM has its VMM's pid: {v:#}");
     let root = d.root.path().display().to_string();
     assert_eq!(firecracker_processes(&root).len(), 1, "one Firecracker for the VM");

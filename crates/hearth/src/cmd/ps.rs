@@ -47,6 +47,7 @@ pub async fn ps(host: Option<String>, a: PsArgs) -> anyhow::Result<i32> {
                         v.spec.id.to_string(),
                         v.spec.image.clone(),
                         v.spec.kernel.clone(),
+                        v.spec.provider.to_string(),
                         format!("{}", v.spec.cpus),
                         format!("{} MiB", v.spec.memory_mib),
                         ago(v.spec.created_at),
@@ -59,8 +60,8 @@ pub async fn ps(host: Option<String>, a: PsArgs) -> anyhow::Result<i32> {
                 .collect();
             table(
                 &[
-                    "VM ID", "IMAGE", "KERNEL", "CPUS", "MEMORY", "CREATED", "STATUS", "IPS",
-                    "PORTS", "NAME",
+                    "VM ID", "IMAGE", "KERNEL", "VMM", "CPUS", "MEMORY", "CREATED", "STATUS",
+                    "IPS", "PORTS", "NAME",
                 ],
                 &rows,
             );
