@@ -25,6 +25,7 @@ pub mod firecracker;
 mod found;
 pub mod process;
 pub mod qemu;
+mod spawn;
 // The only module with raw system calls (the crate denies unsafe code everywhere else).
 #[allow(unsafe_code)]
 mod sys;
@@ -86,6 +87,9 @@ pub enum VmmError {
     /// The VMM's control channel (QEMU's QMP, Firecracker's API socket) refused or failed.
     #[error("{api}: {message}")]
     Control { api: &'static str, message: String },
+    /// A VMM SIGKILL did not end: a task stuck in the kernel.
+    #[error("{vmm} pid {pid} survived SIGKILL for 10 s; check for a hung kernel task (D state)")]
+    Unkillable { vmm: &'static str, pid: i32 },
     /// The VMM hung up its control channel (it exits right after a quit).
     #[error("{api}: the VMM closed the connection")]
     Closed { api: &'static str },

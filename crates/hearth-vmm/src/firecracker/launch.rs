@@ -17,12 +17,11 @@ use hearth_types::Accel;
 use super::api::{api_error, Api};
 use super::{config, API_SOCK, LOG, METRICS, PID, RUNTIME_FILES};
 use crate::console::{FIFO_IN, FIFO_OUT};
-use crate::process::{is_alive, kill, read_pidfile, wait_exit};
+use crate::process::{is_alive, read_pidfile, wait_exit};
 use crate::{LaunchSpec, Launched, VmmError};
 
 /// How long Firecracker may take to open its API socket.
 const API_WAIT: Duration = Duration::from_secs(5);
-const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Removes what a Firecracker that is gone left: sockets, FIFOs, the pid file.
 pub fn remove_runtime_files(vm_dir: &Path) {
@@ -63,10 +62,8 @@ pub fn scan(vms_dir: &Path) -> Vec<(PathBuf, i32)> {
 
 /// Starts Firecracker for `spec` and configures it; returns once it waits for `InstanceStart`.
 pub fn launch(spec: &LaunchSpec, binary: &Path) -> Result<Launched, VmmError> {
+    let spec = &crate::spawn::absolute(spec)?;
     let dir = &spec.vm_dir;
-    if !dir.is_absolute() {
-        return Err(VmmError::Accel(format!("VM directory {} is not absolute", dir.display())));
-    }
     if spec.accel == Accel::Tcg {
         return Err(VmmError::Accel(
             "Firecracker runs guests only with KVM: --accel tcg is QEMU's; use --vmm qemu".into(),
@@ -103,16 +100,7 @@ pub fn launch(spec: &LaunchSpec, binary: &Path) -> Result<Launched, VmmError> {
         .open(&fifo_out)
         .map_err(io(&fifo_out))?;
     let stdout = OpenOptions::new().write(true).open(&fifo_out).map_err(io(&fifo_out))?;
-    let limits = spec
-        .confinement
-        .cgroup
-        .as_deref()
-        .map(|name| crate::cgroup::Limits::for_vm(name, spec.cpus, spec.memory_mib, false));
-    let group = match &limits {
-        Some(limits) => crate::cgroup::Group::create(limits)
-            .map_err(|source| VmmError::Cgroup { name: limits.name.clone(), source })?,
-        None => None,
-    };
+    let group = crate::spawn::cgroup(spec, false)?;
     // Its instance id (letters, digits and '-', at most 64): the VM directory's name.
     let id: String = dir
         .file_name()
@@ -171,7 +159,7 @@ pub fn launch(spec: &LaunchSpec, binary: &Path) -> Result<Launched, VmmError> {
                 let _ = child.wait();
                 Err(VmmError::Start {
                     vmm: "firecracker",
-                    log: format!("{e}; {}:\n{}", log_path.display(), crate::qemu::tail(&log_path)),
+                    log: format!("{e}; {}:\n{}", log_path.display(), crate::spawn::tail(&log_path)),
                 })
             }
         }
@@ -255,10 +243,7 @@ pub async fn stop(vm_dir: &Path, pid: i32, start: u64, grace: Duration) -> Resul
             return Ok(());
         }
     }
-    kill(pid, start, libc::SIGKILL);
-    tokio::time::timeout(KILL_TIMEOUT, wait_exit(pid, start)).await.map_err(|_| {
-        api_error(format!("firecracker pid {pid} survived SIGKILL for 10 s; check for a hung kernel task (D state)"))
-    })?;
+    crate::spawn::kill_and_wait("firecracker", pid, start).await?;
     remove_runtime_files(vm_dir);
     Ok(())
 }

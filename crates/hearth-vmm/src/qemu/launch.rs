@@ -6,31 +6,19 @@
 //! outlives hearthd (reparented when hearthd exits) and is found again by pid + start time; while
 //! hearthd runs it is hearthd's child, reaped when its exit is seen (crate::process).
 
-use super::qmp::qmp_error;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::process::{is_alive, kill, wait_exit};
+use super::qmp::qmp_error;
+use crate::process::{is_alive, wait_exit};
 use crate::qemu::{find_running, qemu_args, Features, Qmp, QBOOT};
+use crate::spawn::{absolute, tail};
 use crate::{resolve_accel, LaunchSpec, Launched, VmmError};
 use hearth_types::Accel;
 
 /// Files QEMU leaves behind when it is killed rather than exiting on its own.
 const RUNTIME_FILES: [&str; 4] = ["console.sock", "agent.sock", "qmp.sock", "qemu.pid"];
-
-/// Lines of qemu.log quoted in a start error.
-const TAIL_LINES: usize = 10;
-
-pub(crate) fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> =
-        text.lines().filter(|l| !l.trim().is_empty()).rev().take(TAIL_LINES).collect();
-    if lines.is_empty() {
-        return format!("{} is empty", path.display());
-    }
-    lines.into_iter().rev().collect::<Vec<_>>().join("\n")
-}
 
 /// How long QEMU may take to set up its devices.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -80,22 +68,6 @@ fn bios(accel: Accel) -> Option<PathBuf> {
     (accel == Accel::Tcg && q.exists()).then(|| q.to_owned())
 }
 
-/// QEMU chroots into the VM directory once set up, and may run from any directory, so every path
-/// must be absolute.
-fn absolute(spec: &LaunchSpec) -> Result<LaunchSpec, VmmError> {
-    let abs = |p: &Path| {
-        std::path::absolute(p).map_err(|source| VmmError::Io { path: p.to_owned(), source })
-    };
-    Ok(LaunchSpec {
-        vm_dir: abs(&spec.vm_dir)?,
-        kernel: abs(&spec.kernel)?,
-        initrd: abs(&spec.initrd)?,
-        root_disk: abs(&spec.root_disk)?,
-        config_disk: abs(&spec.config_disk)?,
-        ..spec.clone()
-    })
-}
-
 /// Removes sockets and the pid file of a QEMU that is gone, so a stale pid file can never be
 /// read as a live VMM later.
 pub fn remove_runtime_files(vm_dir: &Path) {
@@ -131,17 +103,7 @@ pub fn launch(spec: &LaunchSpec) -> Result<Launched, VmmError> {
     }
     let args = qemu_args(&spec, accel, bios(accel).as_deref(), f);
     tracing::debug!(vm_dir = %dir.display(), binary = %binary.display(), ?args, "starting qemu");
-    let limits = spec.confinement.cgroup.as_deref().map(|name| {
-        crate::cgroup::Limits::for_vm(name, spec.cpus, spec.memory_mib, accel == Accel::Tcg)
-    });
-    let group = match &limits {
-        Some(limits) => crate::cgroup::Group::create(limits)
-            .map_err(|source| VmmError::Cgroup { name: limits.name.clone(), source })?,
-        None => None,
-    };
-    if spec.confinement.cgroup.is_some() && group.is_none() {
-        tracing::warn!("no usable cgroup filesystem at /sys/fs/cgroup: the VMM runs without memory and CPU limits");
-    }
+    let group = crate::spawn::cgroup(&spec, accel == Accel::Tcg)?;
     let mut cmd = Command::new(&binary);
     cmd.args(&args)
         .current_dir(dir)
@@ -239,8 +201,6 @@ pub enum Stopped {
 
 /// Grace period for the QMP exchange itself, within the caller's timeout.
 const QMP_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long a SIGKILLed process may take to disappear.
-const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Asks the guest to power off through ACPI (QMP `system_powerdown`), waits until `timeout`,
 /// then kills the VMM. Returns once it is gone, with its sockets and pid file removed.
@@ -267,10 +227,7 @@ pub async fn stop(
             if let Ok(Err(e)) = outcome {
                 tracing::debug!(pid, error = %e, "acpi powerdown not delivered; killing");
             }
-            kill(pid, start, libc::SIGKILL);
-            tokio::time::timeout(KILL_TIMEOUT, wait_exit(pid, start))
-                .await
-                .map_err(|_| qmp_error(format!("qemu pid {pid} survived SIGKILL for 10 s; check for a hung kernel task (D state)")))?;
+            crate::spawn::kill_and_wait("qemu", pid, start).await?;
             Stopped::Killed
         }
     };
@@ -281,19 +238,6 @@ pub async fn stop(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tail_keeps_the_last_non_empty_lines() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let p = dir.path().join("qemu.log");
-        let text: String = (0..30).map(|i| format!("line {i}\n\n")).collect();
-        std::fs::write(&p, text).expect("write");
-        let t = tail(&p);
-        assert_eq!(t.lines().count(), TAIL_LINES);
-        assert!(t.starts_with("line 20") && t.ends_with("line 29"), "{t}");
-        std::fs::write(&p, "").expect("write");
-        assert!(tail(&p).contains("is empty"));
-    }
 
     #[test]
     fn relative_paths_become_absolute() {

@@ -9,7 +9,6 @@ mod provider;
 mod qmp;
 
 pub use config::{confinement_args, kernel_cmdline, qemu_args, Features, QBOOT};
-pub(crate) use launch::tail;
 pub use launch::{
     launch, remove_runtime_files, resume, resume_if_prelaunch, stop, wait_set_up, Stopped,
 };

@@ -1,6 +1,5 @@
 //! QEMU as hearth-core's `Vmm` port.
 
-use crate::port_error;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -10,6 +9,7 @@ use hearth_core::ports::{
 };
 use hearth_types::Accel;
 
+use crate::port_error;
 use crate::qemu::{find_running, is_vmm_of, scan};
 
 /// The QEMU provider.
