@@ -325,13 +325,29 @@ pub fn guest_config_for(
     resolvers: Vec<String>,
 ) -> Result<GuestConfig> {
     let mut cfg = crate::guest_config(spec, image).map_err(|e| Error::invalid(e.to_string()))?;
-    if let (Some(net), NetworkMode::Bridge) = (cfg.network.as_mut(), spec.network) {
+    cfg.network = network_for(spec, resolvers.clone());
+    cfg.cloud_init = cloud_init_bundle(spec, resolvers);
+    Ok(cfg)
+}
+
+/// The VM's network as its guest is told it: the host's `resolvers` on the bridge.
+fn network_for(spec: &VmSpec, resolvers: Vec<String>) -> Option<hearth_types::GuestNetwork> {
+    let mut net = crate::guest_network(spec)?;
+    if spec.network == NetworkMode::Bridge {
         net.dns = resolvers;
     }
-    if let (Some(device), Some(net)) = (&spec.cloud_init_network, &cfg.network) {
-        cfg.cloud_init
+    Some(net)
+}
+
+/// The cloud-init files a VM is given: its own, plus the generated network-config when asked
+/// for. hearth-init's NoCloud seed and a VMM's metadata service (Firecracker's MMDS) get this
+/// same bundle.
+pub fn cloud_init_bundle(spec: &VmSpec, resolvers: Vec<String>) -> BTreeMap<String, String> {
+    let mut files = spec.cloud_init.clone();
+    if let (Some(device), Some(net)) = (&spec.cloud_init_network, network_for(spec, resolvers)) {
+        files
             .entry("network-config".into())
-            .or_insert_with(|| crate::cloud_init_network_config(device, net));
+            .or_insert_with(|| crate::cloud_init_network_config(device, &net));
     }
-    Ok(cfg)
+    files
 }

@@ -19,7 +19,7 @@ pub mod plan;
 pub mod ports;
 pub mod reconcile;
 
-pub use create::{guest_config_for, NewVm, NewVolume, SshKey};
+pub use create::{cloud_init_bundle, guest_config_for, NewVm, NewVolume, SshKey};
 pub use error::{Error, ErrorKind, Result};
 pub use guest::{cloud_init_network_config, guest_config, guest_network, GuestConfigError};
 pub use index::VmIndex;

@@ -394,3 +394,20 @@ async fn changing_the_intent_of_a_vm_that_is_gone_is_none() {
         .is_none());
     assert!(h.vmm.launches().is_empty());
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_vmm_gets_the_same_cloud_init_bundle_the_guest_seeds() {
+    let h = harness();
+    let mut rec = record(1, Desired::Running, VmState::Created);
+    rec.spec.network = hearth_types::NetworkMode::Bridge;
+    rec.spec.address = Some("10.61.0.9".parse().expect("ip"));
+    rec.spec.cloud_init_network = Some("eth1".into());
+    rec.spec.cloud_init.insert("user-data".into(), "#cloud-config\n".into());
+    h.host.put(rec.clone());
+    reconciled(&h, &rec.spec.id).await;
+    let launched = h.vmm.launches().pop().expect("a launch");
+    assert_eq!(launched.cloud_init.get("user-data").map(String::as_str), Some("#cloud-config\n"));
+    let net = launched.cloud_init.get("network-config").expect("the generated network-config");
+    assert!(net.contains("10.61.0.9/16") && net.contains("eth1"), "{net}");
+    assert!(net.contains("192.0.2.53"), "the host's resolvers, as on the config disk: {net}");
+}

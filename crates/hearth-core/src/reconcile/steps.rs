@@ -105,7 +105,8 @@ impl Reconciler {
     async fn launch(self: &Arc<Self>, rec: &mut VmRecord) -> Result<()> {
         let p = &self.ports;
         let id = rec.spec.id.clone();
-        let formats = p.vmms.of(rec.spec.provider).capabilities().kernel_formats;
+        let vmm = p.vmms.of(rec.spec.provider);
+        let formats = vmm.capabilities().kernel_formats;
         let (kernel, initrd) = p.kernels.boot_files(&rec.spec.kernel, formats).await?;
         p.disks.clear_exit(rec)?;
         rec.status.console_offset = p.guests.console_offset(&id);
@@ -130,10 +131,9 @@ impl Reconciler {
             network: net.as_ref().map(|n| n.card.clone()),
             volumes,
             confinement: confinement.clone(),
-            cloud_init: rec.spec.cloud_init.clone(),
+            cloud_init: crate::create::cloud_init_bundle(&rec.spec, p.network.resolvers()),
         };
         rec.status.started_at = Some(p.clock.now_millis());
-        let vmm = p.vmms.of(rec.spec.provider);
         let (vmm2, spec2) = (vmm.clone(), spec.clone());
         let launched = match tokio::task::spawn_blocking(move || vmm2.launch(&spec2)).await {
             Ok(Ok(l)) => l,
