@@ -20,23 +20,28 @@ pub enum VmlinuxError {
     Compression(&'static str),
     #[error("the kernel's payload does not decompress: {0}")]
     Corrupt(String),
-    #[error("the kernel's payload decompresses to more than {} MiB", MAX_VMLINUX >> 20)]
-    TooLarge,
+    #[error("the kernel's payload decompresses to more than {} MiB", .0 >> 20)]
+    TooLarge(usize),
     #[error("the kernel's payload is not an ELF image")]
     NotElf,
 }
 
 /// The ELF vmlinux of bzImage `bytes`.
 pub fn from_bzimage(bytes: &[u8]) -> Result<Vec<u8>, VmlinuxError> {
+    within(bytes, MAX_VMLINUX)
+}
+
+/// As [`from_bzimage`], decompressing at most `max` bytes.
+fn within(bytes: &[u8], max: usize) -> Result<Vec<u8>, VmlinuxError> {
     let payload = payload(bytes)?;
     let out = match payload {
-        [0x1f, 0x8b, ..] => read_bounded(flate2::read::GzDecoder::new(payload))?,
+        [0x1f, 0x8b, ..] => read_bounded(flate2::read::GzDecoder::new(payload), max)?,
         [0x28, 0xb5, 0x2f, 0xfd, ..] => {
             let d = zstd::stream::read::Decoder::new(payload)
                 .map_err(|e| VmlinuxError::Corrupt(e.to_string()))?;
-            read_bounded(d)?
+            read_bounded(d, max)?
         }
-        [0x02, 0x21, 0x4c, 0x18, ..] => lz4_legacy(&payload[4..])?,
+        [0x02, 0x21, 0x4c, 0x18, ..] => lz4_legacy(&payload[4..], max)?,
         [0xfd, b'7', b'z', b'X', b'Z', 0, ..] => return Err(VmlinuxError::Compression("xz")),
         [b'B', b'Z', b'h', ..] => return Err(VmlinuxError::Compression("bzip2")),
         [0x89, b'L', b'Z', b'O', ..] => return Err(VmlinuxError::Compression("lzo")),
@@ -75,13 +80,13 @@ fn payload(bytes: &[u8]) -> Result<&[u8], VmlinuxError> {
         .ok_or(VmlinuxError::NoPayload)
 }
 
-fn read_bounded(r: impl Read) -> Result<Vec<u8>, VmlinuxError> {
+fn read_bounded(r: impl Read, max: usize) -> Result<Vec<u8>, VmlinuxError> {
     let mut out = Vec::new();
-    r.take(MAX_VMLINUX as u64 + 1)
+    r.take(max as u64 + 1)
         .read_to_end(&mut out)
         .map_err(|e| VmlinuxError::Corrupt(e.to_string()))?;
-    if out.len() > MAX_VMLINUX {
-        return Err(VmlinuxError::TooLarge);
+    if out.len() > max {
+        return Err(VmlinuxError::TooLarge(max));
     }
     Ok(out)
 }
@@ -90,7 +95,7 @@ fn read_bounded(r: impl Read) -> Result<Vec<u8>, VmlinuxError> {
 /// little-endian u32 compressed size and the block, each decompressing to at most 8 MiB. It has
 /// no end marker: the kernel appends the uncompressed size, which reads as a block size no
 /// block can have.
-fn lz4_legacy(mut rest: &[u8]) -> Result<Vec<u8>, VmlinuxError> {
+fn lz4_legacy(mut rest: &[u8], max: usize) -> Result<Vec<u8>, VmlinuxError> {
     const BLOCK: usize = 8 << 20;
     const MAGIC: [u8; 4] = [0x02, 0x21, 0x4c, 0x18];
     let mut out = Vec::new();
@@ -108,8 +113,8 @@ fn lz4_legacy(mut rest: &[u8]) -> Result<Vec<u8>, VmlinuxError> {
         };
         let n = lz4_flex::block::decompress_into(data, &mut block)
             .map_err(|e| VmlinuxError::Corrupt(e.to_string()))?;
-        if out.len() + n > MAX_VMLINUX {
-            return Err(VmlinuxError::TooLarge);
+        if out.len() + n > max {
+            return Err(VmlinuxError::TooLarge(max));
         }
         out.extend_from_slice(&block[..n]);
         rest = &rest[4 + size..];
@@ -161,6 +166,32 @@ mod tests {
         lz.extend_from_slice(&block);
         lz.extend_from_slice(&(elf().len() as u32).to_le_bytes());
         assert_eq!(from_bzimage(&bzimage(&lz)), Ok(elf()));
+    }
+
+    #[test]
+    fn a_payload_that_decompresses_past_the_bound_is_refused_in_every_format() {
+        use std::io::Write;
+        let bomb = vec![0u8; 3 << 20];
+        let max = 1 << 20;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(&bomb).expect("gzip");
+        let gz = gz.finish().expect("gzip");
+        assert_eq!(within(&bzimage(&gz), max), Err(VmlinuxError::TooLarge(max)));
+        let zs = zstd::encode_all(&bomb[..], 19).expect("zstd");
+        assert_eq!(within(&bzimage(&zs), max), Err(VmlinuxError::TooLarge(max)));
+        let mut lz = vec![0x02, 0x21, 0x4c, 0x18];
+        for chunk in bomb.chunks(1 << 20) {
+            let block = lz4_flex::block::compress(chunk);
+            lz.extend_from_slice(&(block.len() as u32).to_le_bytes());
+            lz.extend_from_slice(&block);
+        }
+        assert_eq!(within(&bzimage(&lz), max), Err(VmlinuxError::TooLarge(max)));
+        // A block claiming more than a legacy block can hold is corrupt, not a reason to grow.
+        let huge = lz4_flex::block::compress(&vec![0u8; 9 << 20]);
+        let mut lz = vec![0x02, 0x21, 0x4c, 0x18];
+        lz.extend_from_slice(&(huge.len() as u32).to_le_bytes());
+        lz.extend_from_slice(&huge);
+        assert!(matches!(from_bzimage(&bzimage(&lz)), Err(VmlinuxError::Corrupt(_))));
     }
 
     #[test]
