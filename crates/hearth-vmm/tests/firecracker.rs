@@ -50,20 +50,11 @@ fn vm(extra_cmdline: &str) -> Option<(tempfile::TempDir, LaunchSpec)> {
     std::fs::write(d.join("disk.img"), vec![0u8; 1 << 20]).expect("disk");
     std::fs::write(d.join("config.img"), vec![0u8; 1 << 20]).expect("config");
     let spec = LaunchSpec {
-        vm_dir: d.to_owned(),
         kernel: d.join("vmlinux"),
-        initrd: d.join("initrd.img"),
         cmdline: extra_cmdline.into(),
-        root_disk: d.join("disk.img"),
-        config_disk: d.join("config.img"),
-        cpus: 1,
         memory_mib: 256,
         accel: Accel::Auto,
-        binary: None,
-        network: None,
-        volumes: vec![],
-        confinement: Default::default(),
-        cloud_init: Default::default(),
+        ..hearth_testkit::launch_spec(d)
     };
     Some((dir, spec))
 }
