@@ -17,6 +17,7 @@ pub mod index;
 pub mod locks;
 pub mod plan;
 pub mod ports;
+pub mod provision;
 pub mod reconcile;
 
 pub use create::{cloud_init_bundle, guest_config_for, NewVm, NewVolume, SshKey};
@@ -25,4 +26,5 @@ pub use guest::{cloud_init_network_config, guest_config, guest_network, GuestCon
 pub use index::VmIndex;
 pub use locks::KeyedLocks;
 pub use plan::{plan, Observed, Step, MAX_ITERATIONS};
+pub use provision::{Provisioner, RetryPolicy};
 pub use reconcile::{Options, Ports, Reconciler, DEFAULT_STOP_TIMEOUT, READY_TIMEOUT};

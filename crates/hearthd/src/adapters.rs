@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use hearth_api::status::from_status;
 use hearth_core::ports::{
-    Confinement, DiskState, Disks, Guests, Images, Kernels, Keys, NetPlan, Network, RootFs,
+    Confinement, DiskState, Disks, Fetch, Guests, Images, Kernels, Keys, NetPlan, Network, RootFs,
     Sandbox, VmRepository, VolumeDisk,
 };
 use hearth_core::{Error, Ports, Reconciler, Result};
@@ -199,6 +199,52 @@ impl VmRepository for Host {
             .copied()
             .collect();
         self.0.index().addresses().chain(reserved).collect()
+    }
+}
+
+/// Pulls for Flintlock's microVMs (http for loopback registries, as `hearth image pull`).
+#[async_trait]
+impl Fetch for Host {
+    async fn pull(&self, reference: &str) -> Result<ImageRecord> {
+        let r: hearth_types::ImageRef =
+            reference.parse().map_err(|e| Error::invalid(format!("image {reference:?}: {e}")))?;
+        if let Some(img) = self.0.images.get(reference).map_err(Error::internal)? {
+            return Ok(img);
+        }
+        let d = self.0.clone();
+        let pulled = tokio::task::spawn_blocking(move || {
+            d.images.pull(&r, &d.pull_options(false), &hearth_image::NoProgress)
+        })
+        .await
+        .map_err(Error::internal)?;
+        pulled.map_err(|e| {
+            // A refused or absent image stays so; a stalled or unreachable registry may not.
+            use hearth_image::PullError as P;
+            let permanent = matches!(
+                e,
+                P::Refused { .. } | P::NotFound { .. } | P::Platform { .. } | P::MediaType { .. }
+            );
+            let msg = format!("pulling {reference}: {:#}", anyhow::Error::from(e));
+            if permanent {
+                Error::precondition(msg)
+            } else {
+                Error::unavailable(msg)
+            }
+        })
+    }
+
+    async fn import_kernel(
+        &self,
+        image: &ImageRecord,
+        file: Option<&str>,
+        name: &str,
+    ) -> Result<()> {
+        let (d, img, name) = (self.0.clone(), image.clone(), name.to_owned());
+        let file = file.map(str::to_owned);
+        blocking(move || {
+            crate::service::kernel_from_image(&d, &img, &name, file.as_deref()).map(|_| ())
+        })
+        .await
     }
 }
 

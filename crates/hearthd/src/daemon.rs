@@ -60,8 +60,6 @@ impl std::fmt::Debug for Daemon {
     }
 }
 
-pub use hearth_core::KeyedLocks;
-
 /// Locates the static hearth-init binary: the flag, else beside hearthd, else in the cargo
 /// target directory of a source checkout.
 pub fn find_init_binary(flag: Option<&Path>) -> anyhow::Result<PathBuf> {

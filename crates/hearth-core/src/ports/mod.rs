@@ -6,6 +6,7 @@ pub mod disks;
 pub mod guests;
 pub mod images;
 pub mod network;
+pub mod provision;
 pub mod repo;
 pub mod sandbox;
 pub mod vmm;
@@ -15,6 +16,7 @@ pub use disks::{DiskState, Disks, Kernels};
 pub use guests::Guests;
 pub use images::{Images, Keys, RootFs};
 pub use network::{NetPlan, Network};
+pub use provision::{Fetch, Job, Jobs, Outcome};
 pub use repo::VmRepository;
 pub use sandbox::Sandbox;
 pub use vmm::{

@@ -3,6 +3,7 @@
 //! counts what was done to them; [`ManualClock`] moves only when told. [`ports`] wires them.
 
 mod host;
+mod provision;
 mod vmm;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,6 +13,7 @@ use hearth_core::ports::Clock;
 use hearth_core::{Ports, Reconciler};
 
 pub use host::FakeHost;
+pub use provision::{Answer, FakeFetch, FakeJobs, Phase};
 pub use vmm::{FakeVmm, Launch};
 
 /// A clock that stands still until [`ManualClock::advance`].

@@ -1,56 +1,6 @@
-//! Flintlock's spec checked, defaulted and turned into hearth's create request; images and
-//! kernels pulled for it.
+//! Flintlock's spec checked, defaulted and turned into hearth's create request.
 
 use super::*;
-
-/// The image from the store, pulled first when it is not there (http for loopback registries,
-/// as `hearth image pull`).
-pub(super) async fn pull(
-    d: &Arc<Daemon>,
-    reference: &str,
-) -> Result<hearth_types::ImageRecord, Status> {
-    let r: ImageRef = reference
-        .parse()
-        .map_err(|e| Status::invalid_argument(format!("image {reference:?}: {e}")))?;
-    if let Some(img) = d.images.get(reference).map_err(internal)? {
-        return Ok(img);
-    }
-    let d = d.clone();
-    let what = reference.to_owned();
-    tokio::task::spawn_blocking(move || {
-        d.images.pull(&r, &d.pull_options(false), &hearth_image::NoProgress)
-    })
-    .await
-    .map_err(internal)?
-    .map_err(|e| {
-        // A refused or absent image stays so; a stalled or unreachable registry may not.
-        use hearth_image::PullError as P;
-        let permanent = matches!(
-            e,
-            P::Refused { .. } | P::NotFound { .. } | P::Platform { .. } | P::MediaType { .. }
-        );
-        let msg = format!("pulling {what}: {:#}", anyhow::Error::from(e));
-        if permanent {
-            Status::failed_precondition(msg)
-        } else {
-            Status::unavailable(msg)
-        }
-    })
-}
-
-/// A kernel's store name: the image id, and the file when it is not Ignite's layout.
-pub(super) fn kernel_name(image_id12: &str, filename: Option<&str>) -> String {
-    match filename {
-        None => format!("{KERNEL_PREFIX}{image_id12}"),
-        Some(f) => {
-            let slug: String =
-                f.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
-            let mut n = format!("{KERNEL_PREFIX}{image_id12}-{}", slug.trim_matches('-'));
-            n.truncate(63);
-            n
-        }
-    }
-}
 
 /// Checks a spec and fills Flintlock's defaults; returns it ready to store.
 pub(super) fn validate(

@@ -2,40 +2,34 @@
 //! Flintlock's clients (CAPMVM, hammertime, fl, grpcurl) drive a hearth host unchanged.
 //!
 //! A create is accepted at once (uid + PENDING, as Flintlock does) and its intent persisted as a
-//! record under `ROOT/flintlock/`; a task per microVM then pulls the kernel and root images,
-//! creates a hearth VM labelled with the uid and starts it. The reported state is derived from
-//! that VM, so it reflects the real VMM and hearth-init's readiness. Tasks of one microVM run
-//! under its lock, a delete marks the record first so an in-flight create stops at its next
-//! step, and `resume` restarts whatever a crash interrupted. See docs/adr/0008-flintlock-api.md.
+//! record under `ROOT/flintlock/`; the core's [`Provisioner`] then pulls the kernel and root
+//! images, creates a hearth VM labelled with the uid and starts it, retrying what may pass as
+//! delayed re-queues. The reported state is derived from that VM, so it reflects the real VMM
+//! and hearth-init's readiness. A delete marks the record first, so an attempt in flight stops
+//! at its next step, and `resume` re-queues whatever a crash interrupted. See
+//! docs/adr/0008-flintlock-api.md.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use base64::Engine as _;
 use hearth_api::flintlock::types as fl;
 use hearth_api::microvm::services::api::v1alpha1::{self as fpb, micro_vm_server::MicroVm};
-use hearth_api::status::to_status;
 use hearth_api::v1 as pb;
-use hearth_core::Options;
+use hearth_core::{Provisioner, RetryPolicy};
 use hearth_types::net::{tap_name, BRIDGE_GATEWAY, BRIDGE_PREFIX};
-use hearth_types::{ImageRef, NetworkMode, VmRecord, VmState};
+use hearth_types::{NetworkMode, VmRecord, VmState};
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-use crate::daemon::KeyedLocks;
 use crate::daemon::{internal, now_secs, Daemon};
 use crate::service::Streamed;
 
 /// Label tying a hearth VM to its Flintlock microVM.
-pub const UID_LABEL: &str = "hearth.flintlock/uid";
-/// Kernel images imported for microVMs are named after this prefix and the image id.
-const KERNEL_PREFIX: &str = "fl-";
-/// Attempts at provisioning before a microVM is FAILED (a registry can be away for minutes).
-const MAX_ATTEMPTS: i32 = 10;
+pub use hearth_core::provision::OWNER_LABEL as UID_LABEL;
 /// Flintlock's defaults.
 const DEFAULT_VCPU: i32 = 2;
 const DEFAULT_MEMORY_MB: i32 = 1024;
@@ -43,6 +37,7 @@ const DEFAULT_NAMESPACE: &str = "default";
 
 mod auth;
 mod convert;
+mod jobs;
 mod records;
 mod service;
 mod status;
@@ -51,6 +46,7 @@ mod tests;
 
 pub use auth::check_basic_auth;
 use convert::*;
+use jobs::{release_address, MicroVmJobs};
 use records::*;
 use status::*;
 
@@ -63,15 +59,11 @@ pub struct Flintlock {
 #[derive(Debug)]
 struct Inner {
     d: Arc<Daemon>,
-    records: Records,
-    /// One lock per microVM: its provisioning steps and its deletion never interleave.
-    locks: KeyedLocks<String>,
+    records: Arc<Records>,
     /// Serialises creates, so two requests cannot take the same namespace/name.
     create: tokio::sync::Mutex<()>,
-    /// Serialises kernel imports (two microVMs often share one kernel image).
-    kernels: tokio::sync::Mutex<()>,
-    /// Set (true) when a microVM's deletion begins, so its provisioning stops waiting on pulls.
-    deleting: Mutex<HashMap<String, tokio::sync::watch::Sender<bool>>>,
+    /// Runs each microVM's provisioning and deletion.
+    provisioner: Arc<Provisioner>,
     /// The network microVMs' interfaces are put on (`--flintlock-network`).
     network: NetworkMode,
 }
@@ -86,14 +78,21 @@ impl Flintlock {
                 std::fs::remove_file(e.path())?;
             }
         }
+        let records = Arc::new(Records { dir, write: Mutex::new(()) });
+        let jobs = MicroVmJobs { d: d.clone(), records: records.clone(), network };
+        let fetch = Arc::new(crate::adapters::Host(d.clone()));
+        let provisioner = Provisioner::start(
+            d.reconciler().clone(),
+            Arc::new(jobs),
+            fetch,
+            RetryPolicy::default(),
+        );
         Ok(Self {
             inner: Arc::new(Inner {
                 d,
-                records: Records { dir, write: Mutex::new(()) },
-                locks: KeyedLocks::default(),
+                records,
                 create: tokio::sync::Mutex::const_new(()),
-                kernels: tokio::sync::Mutex::const_new(()),
-                deleting: Mutex::new(HashMap::new()),
+                provisioner,
                 network,
             }),
         })
@@ -108,30 +107,12 @@ impl Flintlock {
                     if let Err(e) = self.reserve_address(&r.spec(), &r.uid) {
                         warn!(uid = r.uid, error = %e.message(), "the microvm's static address is no longer free");
                     }
-                    self.spawn_provision(r.uid)
+                    self.inner.provisioner.submit(&r.uid)
                 }
-                Phase::Deleting => self.spawn_delete(r.uid),
+                Phase::Deleting => self.inner.provisioner.delete(&r.uid),
                 Phase::Created | Phase::Failed => {}
             }
         }
-    }
-
-    fn spawn_provision(&self, uid: String) {
-        let me = self.clone();
-        tokio::spawn(async move { me.provision(&uid).await });
-    }
-
-    /// Deletes until it succeeds (a VM that will not stop is retried with backoff).
-    fn spawn_delete(&self, uid: String) {
-        let me = self.clone();
-        tokio::spawn(async move {
-            let mut attempt = 0u32;
-            while let Err(e) = me.delete(&uid).await {
-                attempt += 1;
-                warn!(uid, attempt, error = %e.message(), "deleting microvm failed; retrying");
-                tokio::time::sleep(backoff(attempt)).await;
-            }
-        });
     }
 
     /// Holds a pending microVM's static address against the allocator until its VM exists.
@@ -164,15 +145,6 @@ impl Flintlock {
         }
     }
 
-    fn release_address(&self, uid: &str) {
-        self.inner
-            .d
-            .reserved_addresses
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|_, holder| holder != uid);
-    }
-
     /// The hearth VM of a microVM, if it exists.
     fn vm_of(&self, uid: &str) -> Result<Option<VmRecord>, Status> {
         Ok(self.vms_by_uid()?.remove(uid))
@@ -185,172 +157,6 @@ impl Flintlock {
             .into_iter()
             .filter_map(|r| r.spec.labels.get(UID_LABEL).cloned().map(|u| (u, r)))
             .collect())
-    }
-
-    /// Pulls, creates and starts, retrying with backoff. Each attempt holds the microVM's lock;
-    /// the waits between attempts do not, so a delete goes ahead there, and wins.
-    async fn provision(&self, uid: &str) {
-        let mut failures = 0u32;
-        loop {
-            let outcome = {
-                let lock = self.inner.locks.get(&uid.to_owned());
-                let _g = lock.lock().await;
-                match self.inner.records.get(uid) {
-                    Ok(Some(rec)) if rec.phase == Phase::Pending => self.provision_once(&rec).await,
-                    Ok(_) => return,
-                    Err(e) => Err(e),
-                }
-            };
-            let saved = self.inner.records.update(uid, |rec| match &outcome {
-                Ok(()) => {
-                    rec.phase = Phase::Created;
-                    rec.reason.clear();
-                }
-                Err(e) => {
-                    rec.retry += 1;
-                    rec.reason = e.message().to_owned();
-                    // Pulls fail with UNAVAILABLE and are retried; a bad spec or image is final.
-                    let permanent = !hearth_api::status::from_status(e).is_retryable();
-                    if permanent || rec.retry >= MAX_ATTEMPTS {
-                        rec.phase = Phase::Failed;
-                    }
-                }
-            });
-            match saved {
-                Ok(Some(rec)) if rec.phase == Phase::Pending => {
-                    warn!(uid, attempt = rec.retry, reason = %rec.reason, "provisioning microvm failed; retrying");
-                }
-                Ok(Some(rec)) => {
-                    // Created (the VM holds the address now), failed or being deleted.
-                    self.release_address(uid);
-                    match rec.phase {
-                        Phase::Created => info!(uid, "microvm created"),
-                        Phase::Failed => warn!(uid, reason = %rec.reason, "microvm failed"),
-                        Phase::Pending | Phase::Deleting => {}
-                    }
-                    return;
-                }
-                Ok(None) => {
-                    self.release_address(uid);
-                    return;
-                }
-                Err(e) => {
-                    warn!(uid, error = %e.message(), "recording microvm state failed; retrying")
-                }
-            }
-            failures += 1;
-            tokio::time::sleep(backoff(failures)).await;
-        }
-    }
-
-    async fn provision_once(&self, rec: &Record) -> Result<(), Status> {
-        let spec = rec.spec();
-        let d = &self.inner.d;
-        let kernel_spec = spec.kernel.clone().unwrap_or_default();
-        let kernel_img = self.until_deleted(&rec.uid, pull(d, &kernel_spec.image)).await?;
-        self.check_not_deleting(&rec.uid)?;
-        let filename = kernel_spec.filename.clone().filter(|f| !f.is_empty());
-        let kernel = kernel_name(&kernel_img.id.hex()[..12], filename.as_deref());
-        {
-            let _k = self.inner.kernels.lock().await;
-            if d.kernels.get(&kernel).map_err(internal)?.is_none() {
-                let (d2, name) = (d.clone(), kernel.clone());
-                tokio::task::spawn_blocking(move || {
-                    crate::service::kernel_from_image(&d2, &kernel_img, &name, filename.as_deref())
-                })
-                .await
-                .map_err(internal)?
-                .map_err(|e| {
-                    Status::failed_precondition(format!(
-                        "kernel image {}: {e:#}",
-                        kernel_spec.image
-                    ))
-                })?;
-            }
-        }
-        let root = spec
-            .root_volume
-            .as_ref()
-            .and_then(|v| v.source.as_ref())
-            .and_then(|s| s.container_source.clone())
-            .unwrap_or_default();
-        self.until_deleted(&rec.uid, pull(d, &root)).await?;
-        for v in &spec.additional_volumes {
-            self.until_deleted(&rec.uid, pull(d, &volume_image(v))).await?;
-            self.check_not_deleting(&rec.uid)?;
-        }
-        self.check_not_deleting(&rec.uid)?;
-        let vm = match self.vm_of(&rec.uid)? {
-            Some(vm) => vm,
-            None => {
-                let req = create_request(&spec, &rec.uid, &kernel, self.inner.network)?;
-                crate::create::create(d, req).await?
-            }
-        };
-        self.check_not_deleting(&rec.uid)?;
-        if !matches!(vm.status.state, VmState::Starting | VmState::Running) {
-            d.reconciler().start(&vm.spec.id).await.map_err(to_status)?;
-        }
-        Ok(())
-    }
-
-    /// Runs `work` (a pull) until it ends or the microVM's deletion begins, whichever is first:
-    /// a delete never waits behind a registry that stalls. Left behind, a pull only fills the
-    /// image store.
-    async fn until_deleted<T>(
-        &self,
-        uid: &str,
-        work: impl std::future::Future<Output = Result<T, Status>>,
-    ) -> Result<T, Status> {
-        let mut deleting = {
-            let mut map = self.inner.deleting.lock().unwrap_or_else(|e| e.into_inner());
-            map.entry(uid.to_owned())
-                .or_insert_with(|| tokio::sync::watch::channel(false).0)
-                .subscribe()
-        };
-        // A delete that began before the subscription is seen in the record.
-        self.check_not_deleting(uid)?;
-        tokio::select! {
-            r = work => r,
-            _ = deleting.wait_for(|d| *d) => Err(Status::aborted("the microvm is being deleted")),
-        }
-    }
-
-    /// Tells a provisioning in progress that its microVM is being deleted.
-    fn signal_deleting(&self, uid: &str) {
-        let map = self.inner.deleting.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(tx) = map.get(uid) {
-            tx.send_replace(true);
-        }
-    }
-
-    fn check_not_deleting(&self, uid: &str) -> Result<(), Status> {
-        match self.inner.records.get(uid)? {
-            Some(r) if r.phase != Phase::Deleting => Ok(()),
-            _ => Err(Status::aborted("the microvm is being deleted")),
-        }
-    }
-
-    /// Removes the VM (stopping it), then the record.
-    async fn delete(&self, uid: &str) -> Result<(), Status> {
-        let lock = self.inner.locks.get(&uid.to_owned());
-        let _g = lock.lock().await;
-        if let Some(vm) = self.vm_of(uid)? {
-            let (r, id) = (self.inner.d.reconciler().clone(), vm.spec.id.clone());
-            // Carried to its end even if this task is dropped between two steps.
-            crate::service::detached(async move {
-                r.set_desired(&id, hearth_types::Desired::Deleted, Options::default())
-                    .await
-                    .map_err(to_status)
-            })
-            .await?;
-        }
-        self.inner.records.remove(uid)?;
-        self.release_address(uid);
-        self.inner.locks.forget(&uid.to_owned());
-        self.inner.deleting.lock().unwrap_or_else(|e| e.into_inner()).remove(uid);
-        info!(uid, "microvm deleted");
-        Ok(())
     }
 
     /// The wire form of a record, with its state derived from its hearth VM (`vm`).

@@ -54,12 +54,12 @@ impl MicroVm for Flintlock {
             }
             self.reserve_address(&spec, &uid)?;
             if let Err(e) = self.inner.records.save(&mut rec) {
-                self.release_address(&uid);
+                release_address(&self.inner.d, &uid);
                 return Err(e);
             }
         }
         info!(uid, namespace = %spec.namespace, name = %spec.id, "microvm accepted");
-        self.spawn_provision(uid);
+        self.inner.provisioner.submit(&uid);
         // A new record has no VM yet: the answer is PENDING, as Flintlock's.
         Ok(Response::new(fpb::CreateMicroVmResponse { microvm: Some(self.microvm(&rec, None)) }))
     }
@@ -76,9 +76,8 @@ impl MicroVm for Flintlock {
             .records
             .update(&uid, |rec| rec.phase = Phase::Deleting)?
             .ok_or_else(|| not_found(&uid))?;
-        self.signal_deleting(&uid);
-        // Deleting is idempotent under the microVM's lock: a repeated Delete starts it again.
-        self.spawn_delete(uid);
+        // Deleting is idempotent: a repeated Delete queues it again.
+        self.inner.provisioner.delete(&uid);
         Ok(Response::new(()))
     }
 

@@ -1,4 +1,4 @@
-//! A microVM's reported state, derived from its hearth VM; provisioning's back-off.
+//! A microVM's reported state, derived from its hearth VM.
 
 use super::*;
 
@@ -28,11 +28,6 @@ pub(super) fn observed_state(
             }
         },
     }
-}
-
-/// 2, 4, 8 … seconds, at most 32.
-pub(super) fn backoff(attempt: u32) -> Duration {
-    Duration::from_secs(1 << attempt.clamp(1, 5))
 }
 
 pub(super) fn timestamp(secs: u64) -> prost_types::Timestamp {

@@ -194,11 +194,3 @@ fn basic_auth_wants_the_base64_token_under_any_case_of_basic() {
     );
     assert!(check_basic_auth("s3cret", &Request::new(())).is_err());
 }
-
-#[test]
-fn kernel_names_are_valid_store_names() {
-    assert_eq!(kernel_name("0123456789ab", None), "fl-0123456789ab");
-    let n = kernel_name("0123456789ab", Some("/boot/vmlinux-6.1"));
-    assert_eq!(n, "fl-0123456789ab-boot-vmlinux-6-1");
-    assert!(hearth_types::validate_name(&n).is_ok());
-}
