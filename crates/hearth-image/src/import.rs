@@ -55,6 +55,83 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ImportError + '_ {
     move |source| ImportError::Io { path: path.to_owned(), source }
 }
 
+/// An OCI image layout directory being imported; every blob read is checked against its digest.
+struct Layout<'a> {
+    dir: &'a Path,
+}
+
+impl Layout<'_> {
+    fn blob_file(&self, d: &Digest) -> PathBuf {
+        self.dir.join("blobs/sha256").join(d.hex())
+    }
+
+    fn digest(&self, s: &str) -> Result<Digest, ImportError> {
+        s.parse::<Digest>()
+            .map_err(|_| malformed(self.dir, format!("{s:?} is not a sha256 digest")))
+    }
+
+    /// A metadata blob (bounded), verified against its digest.
+    fn read_verified(&self, d: &Digest) -> Result<Vec<u8>, ImportError> {
+        let p = self.blob_file(d);
+        let mut bytes = Vec::new();
+        File::open(&p)
+            .map_err(io_err(&p))?
+            .take(MAX_METADATA)
+            .read_to_end(&mut bytes)
+            .map_err(io_err(&p))?;
+        let actual = digest_of(&bytes);
+        if actual != *d {
+            let what = p.display().to_string();
+            return Err(StoreError::DigestMismatch { what, expected: d.clone(), actual }.into());
+        }
+        Ok(bytes)
+    }
+
+    fn parse(&self, bytes: &[u8], what: &str) -> Result<Manifest, ImportError> {
+        serde_json::from_slice(bytes)
+            .map_err(|e| malformed(self.dir, format!("{what} is not valid JSON: {e}")))
+    }
+
+    /// The image manifest (bytes, parse, digest) `name` picks: the tag asked for among several
+    /// images, linux/amd64 among platforms, through at most three levels of index.
+    fn manifest(&self, name: &ImageRef) -> Result<(Vec<u8>, Manifest, Digest), ImportError> {
+        let index_path = self.dir.join("index.json");
+        let mut bytes = fs::read(&index_path).map_err(io_err(&index_path))?;
+        let mut index = self.parse(&bytes, "index.json")?;
+        if index.manifests.is_empty() {
+            return Err(malformed(self.dir, "index.json lists no manifests"));
+        }
+        // The top-level index may list several images: prefer the tag asked for.
+        let tag = name.tag.clone().unwrap_or_default();
+        let wanted = |d: &&oci::Descriptor| {
+            d.annotations.get(REF_NAME).is_some_and(|r| *r == tag || *r == name.to_string())
+        };
+        if index.manifests.iter().all(|d| d.platform.is_none()) {
+            let chosen = index.manifests.iter().find(wanted).unwrap_or(&index.manifests[0]).clone();
+            index.manifests = vec![chosen];
+        }
+        for _ in 0..3 {
+            let desc = match index.manifests.as_slice() {
+                [only] if only.platform.is_none() => only.clone(),
+                _ => index
+                    .pick_amd64()
+                    .map_err(|have| ImportError::Platform {
+                        path: self.dir.to_owned(),
+                        available: have.join(", "),
+                    })?
+                    .clone(),
+            };
+            let d = self.digest(&desc.digest)?;
+            bytes = self.read_verified(&d)?;
+            index = self.parse(&bytes, &format!("manifest {d}"))?;
+            if !index.is_index() {
+                return Ok((bytes, index, d));
+            }
+        }
+        Err(malformed(self.dir, "indexes nest too deeply"))
+    }
+}
+
 fn malformed(path: &Path, why: impl Into<String>) -> ImportError {
     ImportError::Malformed { path: path.to_owned(), why: why.into() }
 }
@@ -215,94 +292,28 @@ impl ImageStore {
     }
 
     fn import_oci_layout(&self, dir: &Path, name: &ImageRef) -> Result<ImageRecord, ImportError> {
-        let blob_file = |d: &Digest| dir.join("blobs/sha256").join(d.hex());
-        let digest = |s: &str| {
-            s.parse::<Digest>().map_err(|_| malformed(dir, format!("{s:?} is not a sha256 digest")))
-        };
-        let read_verified = |d: &Digest| -> Result<Vec<u8>, ImportError> {
-            let p = blob_file(d);
-            let mut bytes = Vec::new();
-            File::open(&p)
-                .map_err(io_err(&p))?
-                .take(MAX_METADATA)
-                .read_to_end(&mut bytes)
-                .map_err(io_err(&p))?;
-            let actual = digest_of(&bytes);
-            if actual != *d {
-                return Err(StoreError::DigestMismatch {
-                    what: p.display().to_string(),
-                    expected: d.clone(),
-                    actual,
-                }
-                .into());
-            }
-            Ok(bytes)
-        };
-        let parse = |bytes: &[u8], what: &str| -> Result<Manifest, ImportError> {
-            serde_json::from_slice(bytes)
-                .map_err(|e| malformed(dir, format!("{what} is not valid JSON: {e}")))
-        };
-        let index_path = dir.join("index.json");
-        let mut bytes = fs::read(&index_path).map_err(io_err(&index_path))?;
-        let mut index = parse(&bytes, "index.json")?;
-        if index.manifests.is_empty() {
-            return Err(malformed(dir, "index.json lists no manifests"));
-        }
-        // The top-level index may list several images: prefer the tag asked for.
-        let tag = name.tag.clone().unwrap_or_default();
-        let wanted = |d: &&oci::Descriptor| {
-            d.annotations.get(REF_NAME).is_some_and(|r| *r == tag || *r == name.to_string())
-        };
-        if index.manifests.iter().all(|d| d.platform.is_none()) {
-            let chosen = index.manifests.iter().find(wanted).unwrap_or(&index.manifests[0]).clone();
-            index.manifests = vec![chosen];
-        }
-        let mut manifest_digest = None;
-        for _ in 0..3 {
-            let desc = match index.manifests.as_slice() {
-                [only] if only.platform.is_none() => only.clone(),
-                _ => index
-                    .pick_amd64()
-                    .map_err(|have| ImportError::Platform {
-                        path: dir.to_owned(),
-                        available: have.join(", "),
-                    })?
-                    .clone(),
-            };
-            let d = digest(&desc.digest)?;
-            bytes = read_verified(&d)?;
-            index = parse(&bytes, &format!("manifest {d}"))?;
-            manifest_digest = Some(d);
-            if !index.is_index() {
-                break;
-            }
-        }
-        let (m, mdg) = match manifest_digest {
-            Some(d) if !index.is_index() => (index, d),
-            _ => return Err(malformed(dir, "indexes nest too deeply")),
-        };
+        let layout = Layout { dir };
+        let (bytes, m, mdg) = layout.manifest(name)?;
         let config = m
             .config
             .as_ref()
             .ok_or_else(|| malformed(dir, format!("manifest {mdg} has no config")))?;
-        for l in &m.layers {
-            if !oci::is_layer_type(&l.media_type) {
-                return Err(ImportError::MediaType {
-                    path: dir.to_owned(),
-                    digest: l.digest.clone(),
-                    media_type: l.media_type.clone(),
-                });
-            }
+        if let Some(l) = m.layers.iter().find(|l| !oci::is_layer_type(&l.media_type)) {
+            return Err(ImportError::MediaType {
+                path: dir.to_owned(),
+                digest: l.digest.clone(),
+                media_type: l.media_type.clone(),
+            });
         }
-        let config_digest = digest(&config.digest)?;
-        let config_bytes = read_verified(&config_digest)?;
+        let config_digest = layout.digest(&config.digest)?;
+        let config_bytes = layout.read_verified(&config_digest)?;
         let cfg = oci::parse_config(&config_bytes)
             .map_err(|e| malformed(dir, format!("the image config is not valid JSON: {e}")))?;
         self.put_blob(&config_bytes[..], Some(&config_digest), &|_| {})?;
         let (mut layers, mut size) = (Vec::new(), 0);
         for l in &m.layers {
-            let d = digest(&l.digest)?;
-            let (_, n) = self.store_file(&blob_file(&d), Some(&d))?;
+            let d = layout.digest(&l.digest)?;
+            let (_, n) = self.store_file(&layout.blob_file(&d), Some(&d))?;
             layers.push(d);
             size += n;
         }

@@ -305,70 +305,10 @@ impl ImageStore {
         opts: &PullOptions,
         progress: &dyn Progress,
     ) -> Result<ImageRecord, PullError> {
-        let plain = opts.insecure || r.is_loopback();
-        let host = if r.registry == hearth_types::reference::DEFAULT_REGISTRY {
-            "registry-1.docker.io"
-        } else {
-            r.registry.as_str()
-        };
-        // The blocking client applies `timeout` to connecting, to each answer and to every
-        // read of a body: a stall anywhere fails, a slow but steady blob does not.
-        let client = Client::builder()
-            .timeout(opts.timeout)
-            .connect_timeout(opts.timeout)
-            .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS))
-            .user_agent(concat!("hearth/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|source| PullError::Http { registry: r.registry.clone(), source })?;
-        let mut s = Session {
-            client,
-            base: format!("{}://{host}/v2", if plain { "http" } else { "https" }),
-            registry: r.registry.clone(),
-            repo: r.repository.clone(),
-            auth: None,
-            creds: auth::load_credentials(opts.docker_config.as_deref(), &r.registry)?,
-            timeout: opts.timeout,
-        };
-        let parse = |bytes: &[u8], s: &Session| -> Result<Manifest, PullError> {
-            serde_json::from_slice(bytes)
-                .map_err(|e| s.bad(format!("manifest of {r} is not valid JSON: {e}")))
-        };
-        let (mut bytes, mut digest) = s.manifest(&r.reference())?;
-        let mut m = parse(&bytes, &s)?;
-        if m.is_index() {
-            let pick = m
-                .pick_amd64()
-                .map_err(|have| PullError::Platform {
-                    reference: r.to_string(),
-                    available: have.join(", "),
-                })?
-                .digest
-                .clone();
-            (bytes, digest) = s.manifest(&pick)?;
-            m = parse(&bytes, &s)?;
-            if m.is_index() {
-                return Err(s.bad(format!("the linux/amd64 entry of {r} is another index")));
-            }
-        }
-        let config =
-            m.config.clone().ok_or_else(|| s.bad(format!("the manifest of {r} has no config")))?;
+        let mut s = Session::open(r, opts)?;
+        let (bytes, digest, m) = s.amd64_manifest(r)?;
+        let config = s.check_manifest(&m, r)?;
         let config_digest = parse_digest(&config.digest, r)?;
-        if config.size > MAX_CONFIG {
-            return Err(PullError::TooLarge {
-                registry: s.registry.clone(),
-                what: format!("the config of {r}"),
-                limit: MAX_CONFIG,
-            });
-        }
-        for l in &m.layers {
-            if !oci::is_layer_type(&l.media_type) {
-                return Err(PullError::MediaType {
-                    reference: r.to_string(),
-                    digest: l.digest.clone(),
-                    media_type: l.media_type.clone(),
-                });
-            }
-        }
         let mut layers = Vec::new();
         let mut size = 0;
         for (i, desc) in std::iter::once(&config).chain(&m.layers).enumerate() {
@@ -377,22 +317,9 @@ impl ImageStore {
                 layers.push(d.clone());
                 size += desc.size;
             }
-            if self.has_blob(&d) {
-                continue;
+            if !self.has_blob(&d) {
+                self.fetch_blob(&mut s, &d, desc.size, progress)?;
             }
-            let url = format!("{}/{}/blobs/{}", s.base, s.repo, d);
-            let resp = s.get(&url, None, &format!("blob {d}"))?;
-            let name = d.to_string();
-            progress.start(&name, desc.size);
-            // Never more than the descriptor's size: a registry cannot fill the disk.
-            let body = Bounded { inner: resp, left: desc.size, what: format!("blob {d}") };
-            match self.put_blob(body, Some(&d), &|n| progress.advance(&name, n)) {
-                Err(StoreError::Source(e)) => {
-                    return Err(s.read_error(e, &format!("blob {d}"), desc.size))
-                }
-                other => other?,
-            };
-            progress.finish(&name);
         }
         self.put_blob(&bytes[..], Some(&digest), &|_| {})?;
         let cfg = oci::parse_config(&self.read_blob(&config_digest)?)
@@ -411,6 +338,110 @@ impl ImageStore {
         self.rootfs(&rec)
             .map_err(|source| PullError::Refused { reference: r.to_string(), source })?;
         Ok(self.save(&rec)?)
+    }
+
+    /// Downloads one blob into the store, never more than its descriptor's `size`: a registry
+    /// cannot fill the disk.
+    fn fetch_blob(
+        &self,
+        s: &mut Session,
+        d: &Digest,
+        size: u64,
+        progress: &dyn Progress,
+    ) -> Result<(), PullError> {
+        let url = format!("{}/{}/blobs/{}", s.base, s.repo, d);
+        let resp = s.get(&url, None, &format!("blob {d}"))?;
+        let name = d.to_string();
+        progress.start(&name, size);
+        let body = Bounded { inner: resp, left: size, what: format!("blob {d}") };
+        match self.put_blob(body, Some(d), &|n| progress.advance(&name, n)) {
+            Err(StoreError::Source(e)) => return Err(s.read_error(e, &format!("blob {d}"), size)),
+            other => other?,
+        };
+        progress.finish(&name);
+        Ok(())
+    }
+}
+
+impl Session {
+    /// A session with the registry `r` names: http for `--insecure` and loopback registries.
+    fn open(r: &ImageRef, opts: &PullOptions) -> Result<Self, PullError> {
+        let plain = opts.insecure || r.is_loopback();
+        let host = if r.registry == hearth_types::reference::DEFAULT_REGISTRY {
+            "registry-1.docker.io"
+        } else {
+            r.registry.as_str()
+        };
+        // The blocking client applies `timeout` to connecting, to each answer and to every
+        // read of a body: a stall anywhere fails, a slow but steady blob does not.
+        let client = Client::builder()
+            .timeout(opts.timeout)
+            .connect_timeout(opts.timeout)
+            .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS))
+            .user_agent(concat!("hearth/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|source| PullError::Http { registry: r.registry.clone(), source })?;
+        Ok(Session {
+            client,
+            base: format!("{}://{host}/v2", if plain { "http" } else { "https" }),
+            registry: r.registry.clone(),
+            repo: r.repository.clone(),
+            auth: None,
+            creds: auth::load_credentials(opts.docker_config.as_deref(), &r.registry)?,
+            timeout: opts.timeout,
+        })
+    }
+
+    /// The image's manifest (its bytes, digest and parse), through the index's linux/amd64
+    /// entry when `r` names an index.
+    fn amd64_manifest(&mut self, r: &ImageRef) -> Result<(Vec<u8>, Digest, Manifest), PullError> {
+        let parse = |bytes: &[u8], s: &Session| -> Result<Manifest, PullError> {
+            serde_json::from_slice(bytes)
+                .map_err(|e| s.bad(format!("manifest of {r} is not valid JSON: {e}")))
+        };
+        let (bytes, digest) = self.manifest(&r.reference())?;
+        let m = parse(&bytes, self)?;
+        if !m.is_index() {
+            return Ok((bytes, digest, m));
+        }
+        let pick = m
+            .pick_amd64()
+            .map_err(|have| PullError::Platform {
+                reference: r.to_string(),
+                available: have.join(", "),
+            })?
+            .digest
+            .clone();
+        let (bytes, digest) = self.manifest(&pick)?;
+        let m = parse(&bytes, self)?;
+        if m.is_index() {
+            return Err(self.bad(format!("the linux/amd64 entry of {r} is another index")));
+        }
+        Ok((bytes, digest, m))
+    }
+
+    /// The manifest's config descriptor, once the config is small enough and every layer is a
+    /// layer type hearth unpacks.
+    fn check_manifest(&self, m: &Manifest, r: &ImageRef) -> Result<oci::Descriptor, PullError> {
+        let config = m
+            .config
+            .clone()
+            .ok_or_else(|| self.bad(format!("the manifest of {r} has no config")))?;
+        if config.size > MAX_CONFIG {
+            return Err(PullError::TooLarge {
+                registry: self.registry.clone(),
+                what: format!("the config of {r}"),
+                limit: MAX_CONFIG,
+            });
+        }
+        if let Some(l) = m.layers.iter().find(|l| !oci::is_layer_type(&l.media_type)) {
+            return Err(PullError::MediaType {
+                reference: r.to_string(),
+                digest: l.digest.clone(),
+                media_type: l.media_type.clone(),
+            });
+        }
+        Ok(config)
     }
 }
 

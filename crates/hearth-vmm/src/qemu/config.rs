@@ -75,11 +75,66 @@ pub fn qemu_args(
     let dir = &spec.vm_dir;
     let p = |name: &str| dir.join(name).display().to_string();
     let kvm = accel == Accel::Kvm;
-    let (blk, serial) = if kvm {
-        ("virtio-blk-device", "virtio-serial-device")
-    } else {
-        ("virtio-blk-pci", "virtio-serial-pci")
-    };
+    let serial = if kvm { "virtio-serial-device" } else { "virtio-serial-pci" };
+    let mut a = machine_args(kvm, bios);
+    let (mem, cpus) = (spec.memory_mib.to_string(), spec.cpus.to_string());
+    push(
+        &mut a,
+        &[
+            "-m",
+            &mem,
+            "-smp",
+            &cpus,
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-display",
+            "none",
+            "-no-reboot",
+        ],
+    );
+    let (kernel, initrd, cmdline) = (
+        spec.kernel.display().to_string(),
+        spec.initrd.display().to_string(),
+        kernel_cmdline(spec, accel),
+    );
+    push(&mut a, &["-kernel", &kernel, "-initrd", &initrd, "-append", &cmdline]);
+    a.extend(disk_args(spec, kvm));
+    // hearth captures the console itself (crate::console), so it can cap and rotate the log.
+    let console = format!("socket,id=con,path={},server=on,wait=off", p(crate::console::SOCKET));
+    push(&mut a, &["-chardev", &console, "-serial", "chardev:con"]);
+    let agent = format!("socket,id=agent,path={},server=on,wait=off", p("agent.sock"));
+    push(
+        &mut a,
+        &[
+            "-device",
+            serial,
+            "-chardev",
+            &agent,
+            "-device",
+            "virtserialport,chardev=agent,name=hearth.agent",
+        ],
+    );
+    if let Some(net) = &spec.network {
+        let nic = if kvm { "virtio-net-device" } else { "virtio-net-pci,romfile=" };
+        push(
+            &mut a,
+            &["-netdev", &netdev(net), "-device", &format!("{nic},netdev=net0,mac={}", net.mac)],
+        );
+    }
+    let qmp = format!("unix:{},server=on,wait=off", p("qmp.sock"));
+    // `-D`: QEMU's own log (it truncates it on open, so qemu.log holds this boot only). `-S`:
+    // the guest waits, paused, until hearth has connected to the console and says `cont`. No
+    // `-daemonize`: QEMU installs its seccomp filter before it would fork, and the filter denies
+    // forking; hearth starts it in a session of its own instead (launch.rs).
+    push(&mut a, &["-qmp", &qmp, "-pidfile", &p("qemu.pid"), "-D", &p("qemu.log"), "-S"]);
+    a.extend(confinement_args(spec, features));
+    a
+}
+
+/// The machine, accelerator, CPU model and firmware: microvm with KVM, pc with TCG (microvm
+/// hangs under TCG calibrating its timer).
+fn machine_args(kvm: bool, bios: Option<&std::path::Path>) -> Vec<String> {
     let machine: &[&str] = if kvm {
         &[
             "-M",
@@ -99,72 +154,36 @@ pub fn qemu_args(
         // Without qboot, keep SeaBIOS off the serial console.
         a.extend(["-fw_cfg".to_owned(), "name=etc/sercon-port,string=0".to_owned()]);
     }
-    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
-    let (mem, cpus) = (spec.memory_mib.to_string(), spec.cpus.to_string());
-    push(&[
-        "-m",
-        &mem,
-        "-smp",
-        &cpus,
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-display",
-        "none",
-        "-no-reboot",
-    ]);
-    let (kernel, initrd, cmdline) = (
-        spec.kernel.display().to_string(),
-        spec.initrd.display().to_string(),
-        kernel_cmdline(spec, accel),
-    );
-    push(&["-kernel", &kernel, "-initrd", &initrd, "-append", &cmdline]);
-    let root = format!(
-        "file={},if=none,id=root,format=raw,cache=writeback,discard=unmap",
-        spec.root_disk.display()
-    );
-    let config =
-        format!("file={},if=none,id=config,format=raw,cache=writeback", spec.config_disk.display());
-    let root_dev = format!("{blk},drive=root,serial={}", hearth_types::guest::ROOT_SERIAL);
-    push(&[
-        "-drive",
-        &root,
-        "-device",
-        &root_dev,
-        "-drive",
-        &config,
-        "-device",
-        &format!("{blk},drive=config"),
-    ]);
+    a
+}
+
+fn push(a: &mut Vec<String>, items: &[&str]) {
+    a.extend(items.iter().map(|s| s.to_string()));
+}
+
+/// The root disk (with its serial), the config disk and the volumes: virtio-mmio under KVM's
+/// microvm machine, PCI under TCG's pc.
+fn disk_args(spec: &LaunchSpec, kvm: bool) -> Vec<String> {
+    let blk = if kvm { "virtio-blk-device" } else { "virtio-blk-pci" };
+    let mut a = Vec::new();
+    let mut drive = |file: &std::path::Path, id: &str, extra: &str, serial: Option<&str>| {
+        a.push("-drive".to_owned());
+        a.push(format!(
+            "file={},if=none,id={id},format=raw,cache=writeback{extra}",
+            file.display()
+        ));
+        a.push("-device".to_owned());
+        a.push(match serial {
+            Some(s) => format!("{blk},drive={id},serial={s}"),
+            None => format!("{blk},drive={id}"),
+        });
+    };
+    drive(&spec.root_disk, "root", ",discard=unmap", Some(hearth_types::guest::ROOT_SERIAL));
+    drive(&spec.config_disk, "config", "", None);
     for (i, v) in spec.volumes.iter().enumerate() {
         let ro = if v.read_only { ",readonly=on" } else { "" };
-        let drive =
-            format!("file={},if=none,id=vol{i},format=raw,cache=writeback{ro}", v.path.display());
-        push(&["-drive", &drive, "-device", &format!("{blk},drive=vol{i},serial={}", v.serial)]);
+        drive(&v.path, &format!("vol{i}"), ro, Some(&v.serial));
     }
-    // hearth captures the console itself (crate::console), so it can cap and rotate the log.
-    let console = format!("socket,id=con,path={},server=on,wait=off", p(crate::console::SOCKET));
-    push(&["-chardev", &console, "-serial", "chardev:con"]);
-    let agent = format!("socket,id=agent,path={},server=on,wait=off", p("agent.sock"));
-    push(&[
-        "-device",
-        serial,
-        "-chardev",
-        &agent,
-        "-device",
-        "virtserialport,chardev=agent,name=hearth.agent",
-    ]);
-    if let Some(net) = &spec.network {
-        let nic = if kvm { "virtio-net-device" } else { "virtio-net-pci,romfile=" };
-        push(&["-netdev", &netdev(net), "-device", &format!("{nic},netdev=net0,mac={}", net.mac)]);
-    }
-    let qmp = format!("unix:{},server=on,wait=off", p("qmp.sock"));
-    // `-D`: QEMU's own log (it truncates it on open, so qemu.log holds this boot only). `-S`:
-    // the guest waits, paused, until hearth has connected to the console and says `cont`. No
-    // `-daemonize`: QEMU installs its seccomp filter before it would fork, and the filter denies
-    // forking; hearth starts it in a session of its own instead (launch.rs).
-    push(&["-qmp", &qmp, "-pidfile", &p("qemu.pid"), "-D", &p("qemu.log"), "-S"]);
-    a.extend(confinement_args(spec, features));
     a
 }
 
