@@ -5,6 +5,7 @@
 
 pub mod contract;
 pub mod fakes;
+pub mod kvm;
 mod records;
 
 pub use records::{launch_spec, record, spec};

@@ -61,16 +61,20 @@ pub enum Provider {
     #[default]
     Qemu,
     Firecracker,
+    #[serde(rename = "cloud-hypervisor")]
+    CloudHypervisor,
 }
 
 impl Provider {
     /// Every provider, in the order they are offered.
-    pub const ALL: &'static [Provider] = &[Provider::Qemu, Provider::Firecracker];
+    pub const ALL: &'static [Provider] =
+        &[Provider::Qemu, Provider::Firecracker, Provider::CloudHypervisor];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Provider::Qemu => "qemu",
             Provider::Firecracker => "firecracker",
+            Provider::CloudHypervisor => "cloud-hypervisor",
         }
     }
 }

@@ -8,7 +8,7 @@ use hearth_core::ports::VmmHandle;
 
 /// How one provider recognises its VMM.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Finder {
+pub struct Finder {
     /// The VMM its pid file names, if that process still names the VM.
     pub find_running: fn(&Path) -> Option<(i32, u64)>,
     /// Whether `pid` started at `start` is still this VM's VMM.

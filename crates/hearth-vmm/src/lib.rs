@@ -20,9 +20,12 @@
 pub mod accel;
 pub mod agent;
 pub mod cgroup;
+pub mod cloud_hypervisor;
 pub mod console;
+pub mod driven;
 pub mod firecracker;
 mod found;
+pub mod http;
 pub mod process;
 pub mod qemu;
 mod spawn;
@@ -46,6 +49,9 @@ pub fn provider(kind: hearth_core::ports::Provider) -> std::sync::Arc<dyn hearth
         hearth_core::ports::Provider::Qemu => std::sync::Arc::new(Qemu::from_env()),
         hearth_core::ports::Provider::Firecracker => {
             std::sync::Arc::new(firecracker::Firecracker::from_env())
+        }
+        hearth_core::ports::Provider::CloudHypervisor => {
+            std::sync::Arc::new(cloud_hypervisor::CloudHypervisor::from_env())
         }
     }
 }

@@ -1,8 +1,14 @@
-//! What every provider's launch and stop share: absolute paths, the VMM's cgroup, the tail of
-//! its log in a start error, and the kill that ends a stop.
+//! What every provider's launch and stop share: absolute paths, the VMM's cgroup, starting a
+//! VMM and setting it up through its API (killed, with the tail of its log in the error, when
+//! that fails), the runtime files it leaves, and the kill that ends a stop.
 
-use std::path::Path;
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
+
+use hearth_types::Accel;
 
 use crate::process::{kill, wait_exit};
 use crate::{LaunchSpec, VmmError};
@@ -53,6 +59,98 @@ pub(crate) fn cgroup(
         tracing::warn!("no usable cgroup filesystem at /sys/fs/cgroup: the VMM runs without memory and CPU limits");
     }
     Ok(group)
+}
+
+/// A KVM-only VMM's refusal of `--accel tcg`, and its warning where KVM may not run guests.
+pub(crate) fn kvm_only(vmm: &str, spec: &LaunchSpec) -> Result<Option<String>, VmmError> {
+    if spec.accel == Accel::Tcg {
+        return Err(VmmError::Accel(format!(
+            "{vmm} runs guests only with KVM: --accel tcg is QEMU's; use --vmm qemu"
+        )));
+    }
+    Ok(crate::accel::kvm_unusable(&crate::accel::HostFacts::probe())
+        .map(|why| format!("KVM may not run guests here ({why}); {vmm} has no software emulation")))
+}
+
+/// `path` emptied and opened for appending: a VMM's log, fresh per boot so a start error quotes
+/// this boot's messages only.
+pub(crate) fn fresh_log(path: &Path) -> Result<File, VmmError> {
+    let io = |source| VmmError::Io { path: path.to_owned(), source };
+    std::fs::write(path, b"").map_err(io)?;
+    std::fs::OpenOptions::new().append(true).open(path).map_err(io)
+}
+
+/// One VMM process to start and set up.
+pub(crate) struct Start<'a> {
+    /// The VMM's name in errors.
+    pub vmm: &'static str,
+    /// How to get the binary, for a spawn error.
+    pub fix: &'static str,
+    pub binary: &'a Path,
+    /// Written with its pid once it runs.
+    pub pid_file: PathBuf,
+    /// Its log, quoted when the set-up fails.
+    pub log: &'a Path,
+}
+
+impl Start<'_> {
+    /// Spawns `cmd` as a session leader of its own in `group`, writes the pid file, and runs
+    /// `set_up(pid, start_time)`. When that fails the VMM is killed and the error quotes its log;
+    /// the caller removes its files. Returns (pid, start time).
+    pub fn run(
+        &self,
+        mut cmd: Command,
+        group: Option<&crate::cgroup::Group>,
+        set_up: impl FnOnce(i32, u64) -> Result<(), VmmError>,
+    ) -> Result<(i32, u64), VmmError> {
+        crate::sys::detach_and_join(&mut cmd, group.map(|g| g.join_fds()).unwrap_or_default());
+        let mut child = cmd.spawn().map_err(|source| VmmError::Spawn {
+            binary: self.binary.display().to_string(),
+            fix: self.fix,
+            source,
+        })?;
+        let pid = child.id() as i32;
+        let configured = (|| -> Result<u64, VmmError> {
+            let start = crate::start_time(pid).ok_or_else(|| VmmError::Control {
+                api: self.vmm,
+                message: "it exited right after starting".into(),
+            })?;
+            hearth_fs::atomic_write(&self.pid_file, pid.to_string().as_bytes())
+                .map_err(|source| VmmError::Io { path: self.pid_file.clone(), source })?;
+            set_up(pid, start)?;
+            Ok(start)
+        })();
+        match configured {
+            Ok(start) => {
+                // Not waited for here: reaped when its exit is seen (crate::process::wait_exit).
+                drop(child);
+                Ok((pid, start))
+            }
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(VmmError::Start {
+                    vmm: self.vmm,
+                    log: format!("{e}; {}:\n{}", self.log.display(), tail(self.log)),
+                })
+            }
+        }
+    }
+}
+
+/// Removes `names` from `vm_dir`, and the `agent.sock_PORT` sockets a hybrid vsock device makes
+/// for connections the guest opens (Firecracker's, Cloud Hypervisor's).
+pub(crate) fn remove_files(vm_dir: &Path, names: &[&str]) {
+    for name in names {
+        let _ = std::fs::remove_file(vm_dir.join(name));
+    }
+    if let Ok(rd) = std::fs::read_dir(vm_dir) {
+        for e in rd.flatten() {
+            if e.file_name().as_bytes().starts_with(b"agent.sock_") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
 }
 
 /// SIGKILL, then waits until the process is gone (bounded: a task stuck in the kernel is

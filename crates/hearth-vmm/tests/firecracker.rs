@@ -6,8 +6,6 @@
 //! after its first lines, which is all these tests need; a boot to ready is an end-to-end test.
 //! Skips, saying why, without root, /dev/kvm, the binary or the kernel.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use hearth_testkit::wait_for_text;
@@ -17,57 +15,10 @@ use hearth_types::Accel;
 use hearth_vmm::console::{Console, LogLimits};
 use hearth_vmm::firecracker::{Api, Firecracker, API_SOCK};
 
-fn binary() -> Option<PathBuf> {
-    let ok =
-        Command::new("firecracker").arg("--version").output().is_ok_and(|o| o.status.success());
-    ok.then(|| "firecracker".into())
-}
-
-/// A VM directory with the test kernel's vmlinux, an empty initramfs and zeroed disks.
+/// A VM directory with the test kernel's vmlinux (Firecracker boots ELF kernels only).
 fn vm(extra_cmdline: &str) -> Option<(tempfile::TempDir, LaunchSpec)> {
-    let why = if !nix_is_root() {
-        Some("not root (Firecracker needs /dev/kvm and hearth's VM directories)")
-    } else if !Path::new("/dev/kvm").exists() {
-        Some("no /dev/kvm")
-    } else if binary().is_none() {
-        Some("firecracker is not on PATH (.ci/run puts ../shared/vmm/bin there)")
-    } else if std::env::var_os("HEARTH_TEST_KERNEL").is_none() {
-        Some("HEARTH_TEST_KERNEL is not set (cargo xtask kernel fetches one)")
-    } else {
-        None
-    };
-    if let Some(why) = why {
-        eprintln!("skipped: {why}");
-        return None;
-    }
-    let bz = std::fs::read(std::env::var_os("HEARTH_TEST_KERNEL")?).expect("kernel");
-    let dir = tempfile::tempdir().expect("tmp");
-    let d = dir.path();
-    std::fs::write(d.join("vmlinux"), hearth_kernel::vmlinux::from_bzimage(&bz).expect("elf"))
-        .expect("vmlinux");
-    // Not a valid cpio: the kernel says so after its first lines, which is all the tests need.
-    std::fs::write(d.join("initrd.img"), vec![0u8; 4096]).expect("initrd");
-    std::fs::write(d.join("disk.img"), vec![0u8; 1 << 20]).expect("disk");
-    std::fs::write(d.join("config.img"), vec![0u8; 1 << 20]).expect("config");
-    let spec = LaunchSpec {
-        kernel: d.join("vmlinux"),
-        cmdline: extra_cmdline.into(),
-        memory_mib: 256,
-        accel: Accel::Auto,
-        ..hearth_testkit::launch_spec(d)
-    };
-    Some((dir, spec))
-}
-
-fn nix_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
+    let vmlinux = |bz: &[u8]| hearth_kernel::vmlinux::from_bzimage(bz).expect("elf");
+    hearth_testkit::kvm::vm_dir("firecracker", vmlinux, extra_cmdline)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,7 +37,7 @@ async fn firecracker_is_configured_its_console_captured_and_it_is_stopped_and_cl
     let h = launched.handle();
 
     // Configured as asked, and waiting for InstanceStart.
-    let api = Api::new(&dir.path().join(API_SOCK));
+    let api = Api::firecracker(&dir.path().join(API_SOCK));
     let machine = api.get("/machine-config").expect("machine-config");
     assert_eq!(machine["vcpu_count"], 1);
     assert_eq!(machine["mem_size_mib"], 256);
@@ -112,6 +63,12 @@ async fn firecracker_is_configured_its_console_captured_and_it_is_stopped_and_cl
     let line = text.lines().find(|l| l.contains("Command line:")).expect("line");
     assert!(line.contains("console=ttyS0") && line.contains("rdinit=/init"), "{line}");
 
+    // Pause and resume, as Firecracker reports them.
+    hearth_vmm::firecracker::pause(dir.path()).await.expect("pause");
+    assert_eq!(hearth_vmm::firecracker::state(dir.path()).expect("state"), "Paused");
+    hearth_vmm::firecracker::resume(dir.path()).await.expect("resume");
+    assert_eq!(hearth_vmm::firecracker::state(dir.path()).expect("state"), "Running");
+
     // A stop with a grace period asks first (Ctrl-Alt-Del), then kills; nothing is left.
     fc.stop(dir.path(), h, Duration::from_secs(1)).await.expect("stop");
     assert!(fc.find(dir.path(), Some(h)).is_none());
@@ -134,44 +91,15 @@ async fn a_configuration_firecracker_refuses_fails_the_launch_with_its_words_and
     assert!(e.contains("--vmm qemu"), "{e}");
 }
 
-/// A network namespace of the test's own with a tap in it, removed when dropped.
-struct Netns(String);
-
-impl Netns {
-    fn with_tap(tap: &str) -> Option<Self> {
-        let name = format!("hearth-fc-{}", std::process::id());
-        let ok = |args: &[&str]| Command::new("ip").args(args).status().is_ok_and(|s| s.success());
-        if !ok(&["netns", "add", &name]) {
-            return None;
-        }
-        let ns = Self(name);
-        ok(&["-n", &ns.0, "tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"]).then_some(ns)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "delete", &self.0]).status();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloud_init_is_served_through_mmds_on_the_vms_card() {
     let Some((dir, mut spec)) = vm("") else { return };
-    let Some(ns) = Netns::with_tap("fctap0") else {
+    let Some(ns) = hearth_testkit::kvm::Netns::with_tap("hearth-fc", "fctap0") else {
         eprintln!("skipped: cannot make a network namespace with a tap (ip netns, /dev/net/tun)");
         return;
     };
     // Firecracker runs inside the namespace, where its tap is (never on the host's network).
-    let wrapper = dir.path().join("firecracker-in-netns");
-    std::fs::write(
-        &wrapper,
-        format!("#!/bin/sh\nexec ip netns exec {} firecracker \"$@\"\n", ns.0),
-    )
-    .expect("wrapper");
-    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("chmod");
-    spec.binary = Some(wrapper);
+    spec.binary = Some(ns.wrapper(dir.path(), "firecracker"));
     spec.network = Some(hearth_vmm::NetLaunch {
         mac: "02:00:00:00:00:07".into(),
         forwards: vec![],
@@ -181,7 +109,7 @@ async fn cloud_init_is_served_through_mmds_on_the_vms_card() {
     spec.cloud_init.insert("user-data".into(), "#cloud-config\nhostname: seven\n".into());
     let fc = Firecracker::default();
     let launched = fc.launch(&spec).expect("launch");
-    let api = Api::new(&dir.path().join(API_SOCK));
+    let api = Api::firecracker(&dir.path().join(API_SOCK));
     let data = api.get("/mmds").expect("mmds");
     assert_eq!(data["latest"]["meta-data"], "instance-id: i-7\n");
     assert_eq!(data["latest"]["user-data"], "#cloud-config\nhostname: seven\n");

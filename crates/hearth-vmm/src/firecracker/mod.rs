@@ -1,5 +1,5 @@
 //! The Firecracker provider: its configuration as API calls (`config.rs`), its HTTP API client
-//! (`api.rs`), start, find and stop (`launch.rs`), and all of it as hearth-core's `Vmm` port
+//! (`crate::http`), start, find and stop (`launch.rs`), and all of it as hearth-core's `Vmm` port
 //! (`provider.rs`).
 //!
 //! Files a Firecracker VM keeps in its directory: `firecracker.sock` (the API),
@@ -8,14 +8,16 @@
 //! console FIFOs `console.out`/`console.in` (its serial port), which the console capture turns
 //! into `console.log` like any VM's.
 
-mod api;
 mod config;
 mod launch;
 mod provider;
 
-pub use api::Api;
+pub use crate::http::Api;
 pub use config::{calls, kernel_cmdline, GUEST_CID};
-pub use launch::{find_running, is_vmm_of, launch, remove_runtime_files, scan, start_guest, stop};
+pub use launch::{
+    find_running, is_vmm_of, launch, pause, remove_runtime_files, resume, scan, start_guest, state,
+    stop,
+};
 pub use provider::Firecracker;
 
 /// The API socket, in the VM's directory.

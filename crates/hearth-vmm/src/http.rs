@@ -1,6 +1,6 @@
-//! Firecracker's API: HTTP/1.1 with JSON bodies on the VM's Unix socket. One connection per
-//! request; replies are bounded (headers 16 KiB, bodies 1 MiB), since a VMM is not trusted to
-//! answer sanely.
+//! The REST APIs of Firecracker and Cloud Hypervisor: HTTP/1.1 with JSON bodies on the VM's
+//! Unix socket. One connection per request; replies are bounded (headers 16 KiB, bodies 1 MiB),
+//! since a VMM is not trusted to answer sanely.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -18,20 +18,31 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct Api {
     pub socket: PathBuf,
-}
-
-/// A Firecracker API failure, its `fault_message` kept.
-pub(crate) fn api_error(message: impl Into<String>) -> VmmError {
-    VmmError::Control { api: "firecracker api", message: message.into() }
+    /// Which API, for errors: `firecracker api`, `cloud-hypervisor api`.
+    name: &'static str,
 }
 
 impl Api {
-    pub fn new(socket: &Path) -> Self {
-        Self { socket: socket.to_owned() }
+    pub fn firecracker(socket: &Path) -> Self {
+        Self { socket: socket.to_owned(), name: "firecracker api" }
+    }
+
+    pub fn cloud_hypervisor(socket: &Path) -> Self {
+        Self { socket: socket.to_owned(), name: "cloud-hypervisor api" }
+    }
+
+    /// A failure of this API, with the VMM's own words.
+    pub(crate) fn error(&self, message: impl Into<String>) -> VmmError {
+        VmmError::Control { api: self.name, message: message.into() }
     }
 
     pub fn put(&self, path: &str, body: &serde_json::Value) -> Result<(), VmmError> {
         self.call("PUT", path, Some(body)).map(drop)
+    }
+
+    /// A `PUT` with no body (Cloud Hypervisor's actions: `vm.boot`, `vm.power-button`).
+    pub fn put_empty(&self, path: &str) -> Result<(), VmmError> {
+        self.call("PUT", path, None).map(drop)
     }
 
     pub fn patch(&self, path: &str, body: &serde_json::Value) -> Result<(), VmmError> {
@@ -40,7 +51,31 @@ impl Api {
 
     pub fn get(&self, path: &str) -> Result<serde_json::Value, VmmError> {
         let body = self.call("GET", path, None)?;
-        serde_json::from_slice(&body).map_err(|e| api_error(format!("GET {path}: {e}")))
+        serde_json::from_slice(&body).map_err(|e| self.error(format!("GET {path}: {e}")))
+    }
+
+    /// Waits until `GET path` answers, for up to `wait`, or until the process (pid, start time)
+    /// is gone.
+    pub(crate) fn wait_ready(
+        &self,
+        path: &str,
+        pid: i32,
+        start: u64,
+        wait: Duration,
+    ) -> Result<(), VmmError> {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            match self.get(path) {
+                Ok(_) => return Ok(()),
+                Err(e)
+                    if std::time::Instant::now() > deadline
+                        || !crate::process::is_alive(pid, start) =>
+                {
+                    return Err(self.error(format!("the API socket never answered: {e}")))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
     }
 
     /// One request; the reply's body when its status is 2xx, else the VMM's fault message.
@@ -56,9 +91,9 @@ impl Api {
                 e.kind(),
                 std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
             ) {
-                VmmError::Closed { api: "firecracker api" }
+                VmmError::Closed { api: self.name }
             } else {
-                api_error(format!("{what}: {e} ({})", self.socket.display()))
+                self.error(format!("{what}: {e} ({})", self.socket.display()))
             }
         };
         let mut s = UnixStream::connect(&self.socket).map_err(io)?;
@@ -69,23 +104,33 @@ impl Api {
             "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nConnection: close\r\n"
         );
         if body.is_some() {
-            req.push_str(&format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n",
-                payload.len()
-            ));
+            req.push_str("Content-Type: application/json\r\n");
         }
+        req.push_str(&format!("Content-Length: {}\r\n", payload.len()));
         req.push_str("\r\n");
         req.push_str(&payload);
         s.write_all(req.as_bytes()).map_err(io)?;
-        let (status, reply) = read_reply(&mut s).map_err(|m| api_error(format!("{what}: {m}")))?;
+        let (status, reply) = read_reply(&mut s).map_err(|m| self.error(format!("{what}: {m}")))?;
         if (200..300).contains(&status) {
             return Ok(reply);
         }
-        let fault = serde_json::from_slice::<serde_json::Value>(&reply)
-            .ok()
-            .and_then(|v| v.get("fault_message").and_then(|m| m.as_str()).map(str::to_owned))
-            .unwrap_or_else(|| String::from_utf8_lossy(&reply).into_owned());
-        Err(api_error(format!("{what} answered {status}: {fault}")))
+        Err(self.error(format!("{what} answered {status}: {}", fault(&reply))))
+    }
+}
+
+/// The VMM's words in an error reply: Firecracker's `fault_message`, Cloud Hypervisor's chain of
+/// messages (a JSON array), else the body as text.
+fn fault(reply: &[u8]) -> String {
+    match serde_json::from_slice::<serde_json::Value>(reply) {
+        Ok(serde_json::Value::Object(o))
+            if o.get("fault_message").is_some_and(|m| m.is_string()) =>
+        {
+            o["fault_message"].as_str().unwrap_or_default().to_owned()
+        }
+        Ok(serde_json::Value::Array(chain)) if chain.iter().all(|m| m.is_string()) => {
+            chain.iter().filter_map(|m| m.as_str()).collect::<Vec<_>>().join(": ")
+        }
+        _ => String::from_utf8_lossy(reply).into_owned(),
     }
 }
 
@@ -153,5 +198,15 @@ mod tests {
         let endless = vec![b'x'; MAX_HEAD + 8192];
         assert!(read_reply(&mut &endless[..]).expect_err("no end").contains("headers"));
         assert!(read_reply(&mut &b"garbage\r\n\r\n"[..]).is_err());
+    }
+
+    #[test]
+    fn error_replies_keep_the_vmms_words() {
+        assert_eq!(fault(br#"{"fault_message":"bad drive"}"#), "bad drive");
+        assert_eq!(
+            fault(br#"["Error from API","The VM could not boot","Cannot open kernel file"]"#),
+            "Error from API: The VM could not boot: Cannot open kernel file"
+        );
+        assert_eq!(fault(b"plain words"), "plain words");
     }
 }

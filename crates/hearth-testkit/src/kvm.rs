@@ -1,0 +1,105 @@
+//! Fixtures for tests against a real KVM-only VMM binary (Firecracker, Cloud Hypervisor): why
+//! such a test cannot run here, a VM directory with Debian's kernel and dummy disks, and a
+//! network namespace with a tap, so no test touches the host's own network.
+
+use std::path::Path;
+use std::process::Command;
+
+use hearth_core::ports::LaunchSpec;
+use hearth_types::Accel;
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Whether `binary --version` runs.
+pub fn runs(binary: &str) -> bool {
+    Command::new(binary).arg("--version").output().is_ok_and(|o| o.status.success())
+}
+
+/// Why a test of `binary` against KVM cannot run here; `None` when it can.
+pub fn skip_reason(binary: &str) -> Option<String> {
+    if !is_root() {
+        Some(format!("not root ({binary} needs /dev/kvm and hearth's VM directories)"))
+    } else if !Path::new("/dev/kvm").exists() {
+        Some("no /dev/kvm".into())
+    } else if !runs(binary) {
+        Some(format!("{binary} is not on PATH (.ci/run puts ../shared/vmm/bin there)"))
+    } else if std::env::var_os("HEARTH_TEST_KERNEL").is_none() {
+        Some("HEARTH_TEST_KERNEL is not set (cargo xtask kernel fetches one)".into())
+    } else {
+        None
+    }
+}
+
+/// A VM directory for `binary` with the test kernel (as `kernel` makes it from Debian's
+/// bzImage), an initramfs that is not a valid cpio (the kernel says so after its first lines,
+/// which is all these tests need) and zeroed disks; `None`, saying why, where it cannot run.
+pub fn vm_dir(
+    binary: &str,
+    kernel: impl FnOnce(&[u8]) -> Vec<u8>,
+    extra_cmdline: &str,
+) -> Option<(tempfile::TempDir, LaunchSpec)> {
+    if let Some(why) = skip_reason(binary) {
+        eprintln!("skipped: {why}");
+        return None;
+    }
+    let bz = std::fs::read(std::env::var_os("HEARTH_TEST_KERNEL")?).expect("kernel");
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    std::fs::write(d.join("kernel"), kernel(&bz)).expect("kernel");
+    std::fs::write(d.join("initrd.img"), vec![0u8; 4096]).expect("initrd");
+    std::fs::write(d.join("disk.img"), vec![0u8; 1 << 20]).expect("disk");
+    std::fs::write(d.join("config.img"), vec![0u8; 1 << 20]).expect("config");
+    let spec = LaunchSpec {
+        kernel: d.join("kernel"),
+        cmdline: extra_cmdline.into(),
+        memory_mib: 256,
+        accel: Accel::Auto,
+        ..crate::launch_spec(d)
+    };
+    Some((dir, spec))
+}
+
+/// A network namespace of the test's own with a tap in it, removed when dropped.
+pub struct Netns(pub String);
+
+impl Netns {
+    /// `None` where namespaces or taps cannot be made.
+    pub fn with_tap(prefix: &str, tap: &str) -> Option<Self> {
+        let name = format!("{prefix}-{}", std::process::id());
+        let ok = |args: &[&str]| Command::new("ip").args(args).status().is_ok_and(|s| s.success());
+        if !ok(&["netns", "add", &name]) {
+            return None;
+        }
+        let ns = Self(name);
+        ok(&["-n", &ns.0, "tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"]).then_some(ns)
+    }
+
+    /// An executable in `dir` that runs `binary` inside the namespace, where its tap is.
+    pub fn wrapper(&self, dir: &Path, binary: &str) -> std::path::PathBuf {
+        let path = dir.join(format!("{binary}-in-netns"));
+        std::fs::write(
+            &path,
+            format!("#!/bin/sh\nexec ip netns exec {} {binary} \"$@\"\n", self.0),
+        )
+        .expect("wrapper");
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+        path
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "delete", &self.0]).status();
+    }
+}

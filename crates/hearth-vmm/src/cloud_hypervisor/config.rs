@@ -1,0 +1,138 @@
+//! A Cloud Hypervisor VM's configuration, from a [`LaunchSpec`]: the one `vm.create` body.
+//! Every path is absolute (Cloud Hypervisor resolves them itself, at boot).
+
+use serde_json::{json, Value};
+
+use crate::LaunchSpec;
+
+/// The guest's CID on the hybrid vsock device (2 is the host; guests start at 3).
+pub const GUEST_CID: u32 = 3;
+
+/// The kernel command line: the serial console and hearth-init as /init. The devices are
+/// virtio-pci, found by the guest itself; the guest powers off through ACPI, which ends Cloud
+/// Hypervisor's process.
+pub fn kernel_cmdline(spec: &LaunchSpec) -> String {
+    let mut c = String::from("console=ttyS0 quiet loglevel=0 panic=-1 rdinit=/init");
+    if !spec.cmdline.trim().is_empty() {
+        c.push(' ');
+        c.push_str(spec.cmdline.trim());
+    }
+    c
+}
+
+/// The `vm.create` body: shape, payload, disks (each found by its virtio serial), the card, the
+/// agent's hybrid vsock, the serial port on a socket, and no virtio console.
+pub fn vm_config(spec: &LaunchSpec) -> Value {
+    let dir = &spec.vm_dir;
+    let path = |p: &std::path::Path| p.display().to_string();
+    let mut disks = vec![
+        json!({ "id": "root", "path": path(&spec.root_disk), "readonly": false,
+                "serial": hearth_types::guest::ROOT_SERIAL }),
+        json!({ "id": "config", "path": path(&spec.config_disk), "readonly": false }),
+    ];
+    for (i, v) in spec.volumes.iter().enumerate() {
+        disks.push(json!({ "id": format!("vol{i}"), "path": path(&v.path),
+                           "readonly": v.read_only, "serial": v.serial }));
+    }
+    let mut config = json!({
+        "cpus": { "boot_vcpus": spec.cpus, "max_vcpus": spec.cpus },
+        "memory": { "size": spec.memory_mib << 20 },
+        "payload": {
+            "kernel": path(&spec.kernel),
+            "initramfs": path(&spec.initrd),
+            "cmdline": kernel_cmdline(spec),
+        },
+        "disks": disks,
+        "rng": { "src": "/dev/urandom" },
+        "serial": { "mode": "Socket", "socket": path(&dir.join(crate::console::SOCKET)) },
+        "console": { "mode": "Off" },
+        "vsock": { "cid": GUEST_CID, "socket": path(&dir.join(super::AGENT_SOCK)) },
+    });
+    if let Some((tap, mac)) =
+        spec.network.as_ref().and_then(|n| n.tap.as_ref().map(|t| (t, &n.mac)))
+    {
+        config["net"] = json!([{ "id": "eth0", "tap": tap, "mac": mac }]);
+    }
+    config
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{NetLaunch, VolumeDisk};
+
+    fn spec() -> LaunchSpec {
+        LaunchSpec {
+            cpus: 2,
+            memory_mib: 512,
+            cmdline: " systemd.unit=rescue.target ".into(),
+            network: Some(NetLaunch {
+                mac: "02:00:00:00:00:01".into(),
+                forwards: vec![],
+                tap: Some("hth-abc".into()),
+            }),
+            volumes: vec![VolumeDisk {
+                path: "/images/data.ext4".into(),
+                serial: hearth_types::guest::volume_serial(0),
+                read_only: true,
+            }],
+            ..base()
+        }
+    }
+
+    fn base() -> LaunchSpec {
+        LaunchSpec {
+            vm_dir: "/var/lib/hearth/vms/abc".into(),
+            kernel: "/k/vmlinuz".into(),
+            initrd: "/k/initrd".into(),
+            cmdline: String::new(),
+            root_disk: "/var/lib/hearth/vms/abc/disk.img".into(),
+            config_disk: "/var/lib/hearth/vms/abc/config.img".into(),
+            cpus: 1,
+            memory_mib: 256,
+            accel: hearth_types::Accel::Kvm,
+            binary: None,
+            network: None,
+            volumes: vec![],
+            confinement: Default::default(),
+            cloud_init: Default::default(),
+        }
+    }
+
+    #[test]
+    fn the_config_carries_the_vms_shape_disks_card_console_and_agent() {
+        let c = vm_config(&spec());
+        assert_eq!(
+            (c["cpus"]["boot_vcpus"].as_u64(), c["cpus"]["max_vcpus"].as_u64()),
+            (Some(2), Some(2))
+        );
+        assert_eq!(c["memory"]["size"], 512u64 << 20);
+        assert_eq!(c["payload"]["kernel"], "/k/vmlinuz");
+        let args = c["payload"]["cmdline"].as_str().expect("cmdline");
+        assert!(
+            args.starts_with("console=ttyS0 ") && args.ends_with(" systemd.unit=rescue.target"),
+            "{args}"
+        );
+        assert!(!args.contains("pci=off"), "Cloud Hypervisor's devices are virtio-pci: {args}");
+        let disks = c["disks"].as_array().expect("disks");
+        assert_eq!(disks[0]["serial"], hearth_types::guest::ROOT_SERIAL);
+        assert_eq!(disks[0]["path"], "/var/lib/hearth/vms/abc/disk.img");
+        assert_eq!(
+            (disks[2]["serial"].as_str(), disks[2]["readonly"].as_bool()),
+            (Some("hearth_vol0"), Some(true))
+        );
+        assert_eq!(
+            (c["net"][0]["tap"].as_str(), c["net"][0]["mac"].as_str()),
+            (Some("hth-abc"), Some("02:00:00:00:00:01"))
+        );
+        assert_eq!(c["serial"]["socket"], "/var/lib/hearth/vms/abc/console.sock");
+        assert_eq!(c["console"]["mode"], "Off");
+        assert_eq!(c["vsock"]["socket"], "/var/lib/hearth/vms/abc/agent.sock");
+    }
+
+    #[test]
+    fn without_a_tap_there_is_no_card() {
+        let c = vm_config(&LaunchSpec { network: None, ..spec() });
+        assert!(c.get("net").is_none(), "{c}");
+    }
+}

@@ -1,0 +1,176 @@
+//! Starting, finding and stopping a VM's Cloud Hypervisor.
+//!
+//! Cloud Hypervisor is started with only its API socket and given the VM with `vm.create`,
+//! which makes the devices (the serial port's socket among them) but runs nothing: the guest
+//! runs at `vm.boot` ([`start_guest`]), once its console is captured. hearth writes
+//! `cloud-hypervisor.pid`; a process counts as this VM's only while it is alive with the same
+//! start time and its command line names this VM's API socket.
+
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use hearth_types::Accel;
+
+use super::{config, API_SOCK, LOG, PID, RUNTIME_FILES};
+use crate::http::Api;
+use crate::process::{is_alive, read_pidfile, wait_exit};
+use crate::{LaunchSpec, Launched, VmmError};
+
+/// How long Cloud Hypervisor may take to open its API socket.
+const API_WAIT: Duration = Duration::from_secs(5);
+const PING: &str = "/api/v1/vmm.ping";
+
+/// Removes what a Cloud Hypervisor that is gone left: sockets, the lock file, the pid file.
+pub fn remove_runtime_files(vm_dir: &Path) {
+    crate::spawn::remove_files(vm_dir, &RUNTIME_FILES);
+}
+
+/// The Cloud Hypervisor running for `vm_dir`, as (pid, start time).
+pub fn find_running(vm_dir: &Path) -> Option<(i32, u64)> {
+    let (pid, start) = read_pidfile(&vm_dir.join(PID))?;
+    names_vm(pid, vm_dir).then_some((pid, start))
+}
+
+/// True when `pid`, started at `start`, is still this VM's Cloud Hypervisor.
+pub fn is_vmm_of(vm_dir: &Path, pid: i32, start: u64) -> bool {
+    is_alive(pid, start) && names_vm(pid, vm_dir)
+}
+
+fn names_vm(pid: i32, vm_dir: &Path) -> bool {
+    crate::process::arg_of(pid, b"--api-socket").as_deref()
+        == Some(vm_dir.join(API_SOCK).as_os_str().as_bytes())
+}
+
+/// Every live Cloud Hypervisor whose API socket lies in a directory under `vms_dir`, as (VM
+/// directory, pid), found from /proc alone.
+pub fn scan(vms_dir: &Path) -> Vec<(PathBuf, i32)> {
+    crate::process::scan_vmms(vms_dir, b"--api-socket", API_SOCK)
+}
+
+fn api(dir: &Path) -> Api {
+    Api::cloud_hypervisor(&dir.join(API_SOCK))
+}
+
+/// Every file the VM needs, there before Cloud Hypervisor is started: it opens the kernel and
+/// initramfs only at `vm.boot`, after hearth has reported the VM created.
+fn check_inputs(spec: &LaunchSpec) -> Result<(), VmmError> {
+    let files = [&spec.kernel, &spec.initrd, &spec.root_disk, &spec.config_disk];
+    for f in files.into_iter().chain(spec.volumes.iter().map(|v| &v.path)) {
+        std::fs::metadata(f).map_err(|source| VmmError::Io { path: f.clone(), source })?;
+    }
+    Ok(())
+}
+
+/// Starts Cloud Hypervisor for `spec` and creates the VM; returns before `vm.boot`.
+pub fn launch(spec: &LaunchSpec, binary: &Path) -> Result<Launched, VmmError> {
+    let spec = &crate::spawn::absolute(spec)?;
+    let dir = &spec.vm_dir;
+    let warning = crate::spawn::kvm_only("Cloud Hypervisor", spec)?;
+    if let Some((pid, _)) = find_running(dir) {
+        return Err(VmmError::AlreadyRunning { pid, vm_dir: dir.clone() });
+    }
+    check_inputs(spec)?;
+    remove_runtime_files(dir);
+    let log_path = dir.join(LOG);
+    let log = crate::spawn::fresh_log(&log_path)?;
+    let err = log.try_clone().map_err(|source| VmmError::Io { path: log_path.clone(), source })?;
+    let group = crate::spawn::cgroup(spec, false)?;
+    let mut cmd = Command::new(binary);
+    cmd.arg("--api-socket")
+        .arg(dir.join(API_SOCK))
+        .arg("--log-file")
+        .arg(&log_path)
+        .args(["--seccomp", "true"])
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(err);
+    let start = crate::spawn::Start {
+        vmm: "cloud-hypervisor",
+        fix: "install Cloud Hypervisor from its releases or set HEARTH_CLOUD_HYPERVISOR",
+        binary,
+        pid_file: dir.join(PID),
+        log: &log_path,
+    };
+    let started = start.run(cmd, group.as_ref(), |pid, start_time| {
+        let api = api(dir);
+        api.wait_ready(PING, pid, start_time, API_WAIT)?;
+        api.put("/api/v1/vm.create", &config::vm_config(spec))
+    });
+    match started {
+        Ok((pid, start_time)) => Ok(Launched { pid, start_time, accel: Accel::Kvm, warning }),
+        Err(e) => {
+            remove_runtime_files(dir);
+            if let Some(g) = &group {
+                g.remove();
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The VM's state as Cloud Hypervisor reports it (`Created`, `Running`, `Paused`, `Shutdown`).
+pub fn state(vm_dir: &Path) -> Result<String, VmmError> {
+    let info = api(vm_dir).get("/api/v1/vm.info")?;
+    Ok(info.get("state").and_then(|s| s.as_str()).unwrap_or_default().to_owned())
+}
+
+/// Runs a blocking API call off the async runtime.
+async fn blocking<T: Send + 'static>(
+    vm_dir: &Path,
+    f: impl FnOnce(&Path) -> Result<T, VmmError> + Send + 'static,
+) -> Result<T, VmmError> {
+    let dir = vm_dir.to_owned();
+    tokio::task::spawn_blocking(move || f(&dir))
+        .await
+        .map_err(|e| api(vm_dir).error(e.to_string()))?
+}
+
+/// `vm.boot`, once; with `only_if_never_started`, only for a VM that was created and never
+/// booted (a crash between launch and start). Returns whether it booted the guest.
+pub async fn start_guest(vm_dir: &Path, only_if_never_started: bool) -> Result<bool, VmmError> {
+    blocking(vm_dir, move |dir| {
+        if only_if_never_started && state(dir)? != "Created" {
+            return Ok(false);
+        }
+        api(dir).put_empty("/api/v1/vm.boot")?;
+        Ok(true)
+    })
+    .await
+}
+
+/// Waits until a Cloud Hypervisor found running answers on its API socket.
+pub async fn wait_set_up(vm_dir: &Path, pid: i32, start: u64) -> Result<(), VmmError> {
+    blocking(vm_dir, move |dir| api(dir).wait_ready(PING, pid, start, API_WAIT)).await
+}
+
+/// Pauses the guest's vCPUs (`vm.pause`).
+pub async fn pause(vm_dir: &Path) -> Result<(), VmmError> {
+    blocking(vm_dir, |dir| api(dir).put_empty("/api/v1/vm.pause")).await
+}
+
+/// Resumes a paused guest (`vm.resume`).
+pub async fn resume(vm_dir: &Path) -> Result<(), VmmError> {
+    blocking(vm_dir, |dir| api(dir).put_empty("/api/v1/vm.resume")).await
+}
+
+/// The ACPI power button (the guest powers off, which ends Cloud Hypervisor), then, after
+/// `grace`, SIGKILL; a zero grace kills at once. Returns once the process is gone.
+pub async fn stop(vm_dir: &Path, pid: i32, start: u64, grace: Duration) -> Result<(), VmmError> {
+    if !is_alive(pid, start) {
+        remove_runtime_files(vm_dir);
+        return Ok(());
+    }
+    if !grace.is_zero() {
+        let asked = blocking(vm_dir, |dir| api(dir).put_empty("/api/v1/vm.power-button")).await;
+        if asked.is_ok() && tokio::time::timeout(grace, wait_exit(pid, start)).await.is_ok() {
+            remove_runtime_files(vm_dir);
+            return Ok(());
+        }
+    }
+    crate::spawn::kill_and_wait("cloud-hypervisor", pid, start).await?;
+    remove_runtime_files(vm_dir);
+    Ok(())
+}

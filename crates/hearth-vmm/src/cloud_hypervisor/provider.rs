@@ -1,0 +1,59 @@
+//! Cloud Hypervisor as hearth-core's `Vmm` port, through [`crate::driven`].
+
+use std::path::Path;
+use std::time::Duration;
+
+use hearth_core::ports::{
+    AgentTransport, Capabilities, Endpoints, KernelFormat, LaunchSpec, Launched, Provider,
+};
+use hearth_types::Accel;
+
+use super::{find_running, is_vmm_of, scan, AGENT_SOCK, PID};
+use crate::VmmError;
+
+/// The Cloud Hypervisor provider (`HEARTH_CLOUD_HYPERVISOR` names the binary).
+pub type CloudHypervisor = crate::driven::Driven<Driver>;
+
+/// Cloud Hypervisor's part of the provider.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Driver;
+
+impl crate::driven::Driver for Driver {
+    const CAPABILITIES: Capabilities = Capabilities {
+        provider: Provider::CloudHypervisor,
+        user_network: false,
+        creates_tap: false,
+        console_socket: true,
+        agent: AgentTransport::Vsock,
+        kernel_formats: &[KernelFormat::BzImage, KernelFormat::ElfPvh],
+        accels: &[Accel::Kvm],
+    };
+    const BINARY: &'static str = "cloud-hypervisor";
+    const BINARY_ENV: &'static str = "HEARTH_CLOUD_HYPERVISOR";
+    const FINDER: crate::found::Finder =
+        crate::found::Finder { find_running, is_vmm_of, scan, pid_file: PID };
+
+    fn launch(spec: &LaunchSpec, binary: &Path) -> Result<Launched, VmmError> {
+        super::launch(spec, binary)
+    }
+
+    async fn wait_set_up(vm_dir: &Path, pid: i32, start: u64) -> Result<(), VmmError> {
+        super::launch::wait_set_up(vm_dir, pid, start).await
+    }
+
+    async fn start_guest(vm_dir: &Path, only_if_never_started: bool) -> Result<bool, VmmError> {
+        super::start_guest(vm_dir, only_if_never_started).await
+    }
+
+    async fn stop(vm_dir: &Path, pid: i32, start: u64, grace: Duration) -> Result<(), VmmError> {
+        super::stop(vm_dir, pid, start, grace).await
+    }
+
+    fn endpoints(vm_dir: &Path) -> Endpoints {
+        Endpoints { agent: vm_dir.join(AGENT_SOCK), console: vm_dir.join(crate::console::SOCKET) }
+    }
+
+    fn remove_runtime_files(vm_dir: &Path) {
+        super::remove_runtime_files(vm_dir);
+    }
+}

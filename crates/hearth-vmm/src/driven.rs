@@ -1,0 +1,118 @@
+//! hearth-core's `Vmm` port for a VMM driven through a REST API on a Unix socket (Firecracker,
+//! Cloud Hypervisor): a provider says how it launches, starts, stops and is found again in a
+//! [`Driver`], and [`Driven`] makes that the port, the same way for each.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hearth_core::ports::{
+    Capabilities, Confinement, Endpoints, LaunchSpec, Launched, Vmm, VmmError, VmmHandle,
+};
+
+use crate::port_error;
+
+/// What one API-driven VMM does, as plain functions of its VM directory.
+pub trait Driver: Send + Sync + std::fmt::Debug + Default + 'static {
+    const CAPABILITIES: Capabilities;
+    /// The binary when neither the spec nor the provider names one (from PATH).
+    const BINARY: &'static str;
+    /// The environment variable that names the binary.
+    const BINARY_ENV: &'static str;
+    #[doc(hidden)]
+    const FINDER: crate::found::Finder;
+
+    fn launch(spec: &LaunchSpec, binary: &Path) -> Result<Launched, crate::VmmError>;
+    fn wait_set_up(
+        vm_dir: &Path,
+        pid: i32,
+        start: u64,
+    ) -> impl Future<Output = Result<(), crate::VmmError>> + Send;
+    fn start_guest(
+        vm_dir: &Path,
+        only_if_never_started: bool,
+    ) -> impl Future<Output = Result<bool, crate::VmmError>> + Send;
+    fn stop(
+        vm_dir: &Path,
+        pid: i32,
+        start: u64,
+        grace: Duration,
+    ) -> impl Future<Output = Result<(), crate::VmmError>> + Send;
+    fn endpoints(vm_dir: &Path) -> Endpoints;
+    fn remove_runtime_files(vm_dir: &Path);
+}
+
+/// An API-driven provider.
+#[derive(Debug, Clone, Default)]
+pub struct Driven<D> {
+    /// The VMM binary; the driver's default from PATH when `None`.
+    pub binary: Option<PathBuf>,
+    _driver: std::marker::PhantomData<D>,
+}
+
+impl<D: Driver> Driven<D> {
+    /// Configured from the environment: the driver's variable names the binary.
+    pub fn from_env() -> Self {
+        Self::with_binary(std::env::var_os(D::BINARY_ENV).map(Into::into))
+    }
+
+    pub fn with_binary(binary: Option<PathBuf>) -> Self {
+        Self { binary, _driver: std::marker::PhantomData }
+    }
+}
+
+#[async_trait::async_trait]
+impl<D: Driver> Vmm for Driven<D> {
+    fn capabilities(&self) -> Capabilities {
+        D::CAPABILITIES
+    }
+
+    fn launch(&self, spec: &LaunchSpec) -> Result<Launched, VmmError> {
+        let binary =
+            spec.binary.clone().or_else(|| self.binary.clone()).unwrap_or_else(|| D::BINARY.into());
+        D::launch(spec, &binary).map_err(port_error)
+    }
+
+    fn find(&self, vm_dir: &Path, recorded: Option<VmmHandle>) -> Option<(VmmHandle, bool)> {
+        D::FINDER.find(vm_dir, recorded)
+    }
+
+    fn recover_orphans(&self, vms_dir: &Path) -> Vec<PathBuf> {
+        D::FINDER.recover_orphans(vms_dir)
+    }
+
+    async fn wait_set_up(&self, vm_dir: &Path, vmm: VmmHandle) -> Result<(), VmmError> {
+        D::wait_set_up(vm_dir, vmm.pid, vmm.start_time).await.map_err(port_error)
+    }
+
+    async fn start_guest(
+        &self,
+        vm_dir: &Path,
+        only_if_never_started: bool,
+    ) -> Result<bool, VmmError> {
+        D::start_guest(vm_dir, only_if_never_started).await.map_err(port_error)
+    }
+
+    async fn stop(&self, vm_dir: &Path, vmm: VmmHandle, grace: Duration) -> Result<(), VmmError> {
+        D::stop(vm_dir, vmm.pid, vmm.start_time, grace).await.map_err(port_error)
+    }
+
+    fn signal(&self, vm_dir: &Path, vmm: VmmHandle, signal: i32) -> bool {
+        D::FINDER.signal(vm_dir, vmm, signal)
+    }
+
+    async fn wait_exit(&self, vmm: VmmHandle) {
+        crate::process::wait_exit(vmm.pid, vmm.start_time).await;
+    }
+
+    fn endpoints(&self, vm_dir: &Path) -> Endpoints {
+        D::endpoints(vm_dir)
+    }
+
+    fn cleanup(&self, vm_dir: &Path, confinement: &Confinement) {
+        D::remove_runtime_files(vm_dir);
+        if let Some(cg) = &confinement.cgroup {
+            crate::cgroup::remove(cg);
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! The Cloud Hypervisor provider against the real `cloud-hypervisor` binary: the VM it was
+//! given read back from `vm.info`, the Vmm contract, the console captured from its serial
+//! socket before the guest runs (the kernel's own command line read back from the guest's
+//! serial port), pause and resume, stop and cleanup. The guest is Debian's cloud kernel as it
+//! ships (a bzImage, which Cloud Hypervisor boots directly) with an initramfs that is not one.
+//! Where KVM cannot run guests (a nested paravirtual KVM) the guest dies after its first lines,
+//! which is all these tests need; a boot to ready is an end-to-end test. Skips, saying why,
+//! without root, /dev/kvm, the binary or the kernel.
+
+use std::time::Duration;
+
+use hearth_core::ports::{LaunchSpec, Vmm};
+use hearth_testkit::wait_for_text;
+use hearth_types::Accel;
+use hearth_vmm::cloud_hypervisor::{self as ch, CloudHypervisor, API_SOCK};
+use hearth_vmm::console::{Console, LogLimits};
+use hearth_vmm::http::Api;
+
+fn vm(extra_cmdline: &str) -> Option<(tempfile::TempDir, LaunchSpec)> {
+    hearth_testkit::kvm::vm_dir("cloud-hypervisor", <[u8]>::to_vec, extra_cmdline)
+}
+
+fn api(dir: &std::path::Path) -> Api {
+    Api::cloud_hypervisor(&dir.join(API_SOCK))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_hypervisor_keeps_the_vmm_contract() {
+    let Some((_dir, spec)) = vm("") else { return };
+    hearth_testkit::contract::vmm_contract(&CloudHypervisor::default(), &spec).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_hypervisor_is_configured_its_console_captured_and_it_is_stopped_and_cleaned_up() {
+    // loglevel=8 before earlyprintk: the early console replays the kernel's buffer with the
+    // loglevel in force when it registers (../shared/vmm/README.md).
+    let Some((dir, mut spec)) = vm("loglevel=8 earlyprintk=serial,ttyS0") else { return };
+    std::fs::write(dir.path().join("data.img"), vec![0u8; 1 << 20]).expect("volume");
+    spec.volumes.push(hearth_vmm::VolumeDisk {
+        path: dir.path().join("data.img"),
+        serial: hearth_types::guest::volume_serial(0),
+        read_only: true,
+    });
+    let vmm = CloudHypervisor::default();
+    let h = vmm.launch(&spec).expect("launch").handle();
+
+    // The VM is created as asked, and not booted.
+    let info = api(dir.path()).get("/api/v1/vm.info").expect("vm.info");
+    assert_eq!(info["state"], "Created", "{info:#}");
+    let config = &info["config"];
+    assert_eq!(config["cpus"]["boot_vcpus"], 1);
+    assert_eq!(config["memory"]["size"], 256u64 << 20);
+    let disks: Vec<(&str, bool)> = config["disks"]
+        .as_array()
+        .expect("disks")
+        .iter()
+        .map(|d| (d["serial"].as_str().unwrap_or(""), d["readonly"].as_bool().unwrap_or(false)))
+        .collect();
+    assert_eq!(disks, [("hearth_root", false), ("", false), ("hearth_vol0", true)], "{config:#}");
+    assert!(config["vsock"]["socket"].as_str().is_some_and(|p| p.ends_with("/agent.sock")));
+    assert_eq!(config["serial"]["mode"], "Socket");
+
+    // The console is captured before the guest runs, so its first line is in the log.
+    let _console = Console::capture(dir.path(), LogLimits::default(), Default::default())
+        .await
+        .expect("capture");
+    assert!(vmm.start_guest(dir.path(), false).await.expect("vm.boot"));
+    let log = dir.path().join("console.log");
+    // The command line's last word: the whole line is in (the log is read as it is written).
+    let text = wait_for_text(&log, "earlyprintk=serial,ttyS0", Duration::from_secs(90));
+    let line = text.lines().find(|l| l.contains("Command line:")).expect("line");
+    assert!(line.contains("console=ttyS0") && line.contains("rdinit=/init"), "{line}");
+
+    ch::pause(dir.path()).await.expect("pause");
+    assert_eq!(ch::state(dir.path()).expect("state"), "Paused");
+    ch::resume(dir.path()).await.expect("resume");
+    assert_eq!(ch::state(dir.path()).expect("state"), "Running");
+
+    // A stop with a grace period asks first (the power button), then kills; nothing is left.
+    vmm.stop(dir.path(), h, Duration::from_secs(1)).await.expect("stop");
+    assert!(vmm.find(dir.path(), Some(h)).is_none());
+    vmm.cleanup(dir.path(), &spec.confinement);
+    for f in [
+        API_SOCK,
+        "cloud-hypervisor.sock.lock",
+        "cloud-hypervisor.pid",
+        "agent.sock",
+        "console.sock",
+    ] {
+        assert!(!dir.path().join(f).exists(), "{f} left behind");
+    }
+    assert!(log.exists(), "the console log stays for `hearth logs`");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_fails_with_the_vmms_words_or_the_file_and_leaves_nothing() {
+    let Some((dir, spec)) = vm("") else { return };
+    let leftovers = || {
+        [API_SOCK, "cloud-hypervisor.pid", "console.sock", "agent.sock"]
+            .into_iter()
+            .filter(|f| dir.path().join(f).exists())
+            .collect::<Vec<_>>()
+    };
+    // A Cloud Hypervisor that exits while it is being set up: its own last words are quoted.
+    let exits = dir.path().join("exits");
+    std::fs::write(&exits, "#!/bin/sh\nexec cloud-hypervisor \"$@\" --no-such-flag\n")
+        .expect("wrapper");
+    std::fs::set_permissions(&exits, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let e = CloudHypervisor::with_binary(Some(exits)).launch(&spec).expect_err("exits").to_string();
+    assert!(e.contains("cloud-hypervisor failed to start") && e.contains("no-such-flag"), "{e}");
+    assert_eq!(leftovers(), Vec::<&str>::new());
+
+    // A missing kernel is named before anything starts.
+    let missing = LaunchSpec { kernel: dir.path().join("no-such-kernel"), ..spec.clone() };
+    let e = CloudHypervisor::default().launch(&missing).expect_err("no kernel").to_string();
+    assert!(e.contains("no-such-kernel"), "{e}");
+    assert_eq!(leftovers(), Vec::<&str>::new());
+
+    // A kernel that is not one: Cloud Hypervisor reads it only at vm.boot, and says so then.
+    std::fs::write(dir.path().join("kernel"), b"not a kernel").expect("kernel");
+    let vmm = CloudHypervisor::default();
+    let h = vmm.launch(&spec).expect("created").handle();
+    let e = vmm.start_guest(dir.path(), false).await.expect_err("no boot").to_string();
+    assert!(e.contains("vm.boot") && e.contains("kernel"), "{e}");
+    vmm.stop(dir.path(), h, Duration::ZERO).await.expect("stop");
+    vmm.cleanup(dir.path(), &spec.confinement);
+    assert_eq!(leftovers(), Vec::<&str>::new());
+
+    let tcg = LaunchSpec { accel: Accel::Tcg, ..spec.clone() };
+    let e = CloudHypervisor::default().launch(&tcg).expect_err("no tcg").to_string();
+    assert!(e.contains("--vmm qemu"), "{e}");
+    let absent = CloudHypervisor::with_binary(Some("/nonexistent/cloud-hypervisor".into()));
+    let e = absent.launch(&spec).expect_err("no binary").to_string();
+    assert!(e.contains("HEARTH_CLOUD_HYPERVISOR"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_vms_card_is_its_tap_with_its_mac() {
+    let Some((dir, mut spec)) = vm("") else { return };
+    let Some(ns) = hearth_testkit::kvm::Netns::with_tap("hearth-ch", "chtap0") else {
+        eprintln!("skipped: cannot make a network namespace with a tap (ip netns, /dev/net/tun)");
+        return;
+    };
+    // Cloud Hypervisor runs inside the namespace, where its tap is (never on the host's network).
+    spec.binary = Some(ns.wrapper(dir.path(), "cloud-hypervisor"));
+    spec.network = Some(hearth_vmm::NetLaunch {
+        mac: "02:00:00:00:00:08".into(),
+        forwards: vec![],
+        tap: Some("chtap0".into()),
+    });
+    let vmm = CloudHypervisor::default();
+    let h = vmm.launch(&spec).expect("launch").handle();
+    // The card is made at boot; the config holds it from vm.create.
+    vmm.start_guest(dir.path(), false).await.expect("boot");
+    let info = api(dir.path()).get("/api/v1/vm.info").expect("vm.info");
+    let card = &info["config"]["net"][0];
+    assert_eq!(
+        (card["tap"].as_str(), card["mac"].as_str()),
+        (Some("chtap0"), Some("02:00:00:00:00:08")),
+        "{info:#}"
+    );
+    vmm.stop(dir.path(), h, Duration::ZERO).await.expect("stop");
+    vmm.cleanup(dir.path(), &spec.confinement);
+}
