@@ -70,6 +70,7 @@ pub fn vm_dir(
 }
 
 /// A network namespace of the test's own with a tap in it, removed when dropped.
+#[derive(Debug)]
 pub struct Netns(pub String);
 
 impl Netns {

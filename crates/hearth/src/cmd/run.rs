@@ -44,7 +44,8 @@ pub struct CreateArgs {
     /// How QEMU runs the guest: auto, kvm or tcg.
     #[arg(long, default_value = "auto", env = "HEARTH_ACCEL")]
     accel: String,
-    /// The VMM that runs the VM: qemu, or firecracker (needs KVM and --network bridge or none).
+    /// The VMM that runs the VM: qemu, firecracker or cloud-hypervisor (the last two need KVM
+    /// and --network bridge or none).
     #[arg(long, default_value = "qemu", env = "HEARTH_VMM")]
     vmm: String,
     /// Remove the VM when it stops.

@@ -1,33 +1,40 @@
-//! A VM under Firecracker through hearthd and the CLI: created with `--vmm firecracker`, its
-//! kernel converted to the ELF vmlinux Firecracker boots, its serial console in `hearth logs`,
-//! removed with nothing left. On this machine kind (nested paravirtual KVM) the guest dies after
-//! its first kernel lines, so readiness is checked only where KVM can run guests.
+//! VMs under Firecracker and Cloud Hypervisor through hearthd and the CLI: created with `--vmm
+//! firecracker` (the kernel converted to the ELF vmlinux Firecracker boots) or `--vmm
+//! cloud-hypervisor` (the bzImage as it is), the serial console in `hearth logs`, a tap on the
+//! bridge, removed with nothing left. On this machine kind (nested paravirtual KVM) the guest
+//! dies after its first kernel lines, so readiness is checked only where KVM can run guests.
 
 use std::time::{Duration, Instant};
 
 use hearth_e2e::{require_e2e, text, which, Daemon};
 
-/// Whether the real Firecracker is here; says why not.
-fn have_firecracker() -> bool {
-    let found = which("firecracker").is_some();
+/// Whether the real `vmm` is here; says why not.
+fn have(vmm: &str) -> bool {
+    let found = which(vmm).is_some();
     if !found {
-        eprintln!("skipped: firecracker is not on PATH (.ci/run puts ../shared/vmm/bin there)");
+        eprintln!("skipped: {vmm} is not on PATH (.ci/run puts ../shared/vmm/bin there)");
     }
     found
 }
 
-fn firecracker_processes(needle: &str) -> Vec<String> {
-    let out = std::process::Command::new("pgrep")
-        .args(["-a", "-f", "firecracker"])
-        .output()
-        .expect("pgrep");
+fn processes(vmm: &str, needle: &str) -> Vec<String> {
+    let out = std::process::Command::new("pgrep").args(["-a", "-f", vmm]).output().expect("pgrep");
     text(&out.stdout).lines().filter(|l| l.contains(needle)).map(str::to_owned).collect()
 }
 
 #[test]
 fn a_firecracker_vm_boots_its_kernel_logs_its_console_and_is_removed_cleanly() {
+    boots_its_kernel_logs_its_console_and_is_removed_cleanly("firecracker");
+}
+
+#[test]
+fn a_cloud_hypervisor_vm_boots_its_kernel_logs_its_console_and_is_removed_cleanly() {
+    boots_its_kernel_logs_its_console_and_is_removed_cleanly("cloud-hypervisor");
+}
+
+fn boots_its_kernel_logs_its_console_and_is_removed_cleanly(vmm: &str) {
     require_e2e!();
-    if !have_firecracker() {
+    if !have(vmm) {
         return;
     }
     let reg = hearth_e2e::testutil::LocalRegistry::start().expect("starting docker-registry");
@@ -37,7 +44,7 @@ fn a_firecracker_vm_boots_its_kernel_logs_its_console_and_is_removed_cleanly() {
     d.import_kernel();
 
     // What Firecracker cannot do is refused before anything is made.
-    let out = d.hearth(&["run", "-d", "--vmm", "firecracker", &image, "true"]);
+    let out = d.hearth(&["run", "-d", "--vmm", vmm, &image, "true"]);
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("--network bridge"), "{}", text(&out.stderr));
     assert_eq!(d.ok(&["ps", "-a", "-q"]).trim(), "");
@@ -48,7 +55,7 @@ fn a_firecracker_vm_boots_its_kernel_logs_its_console_and_is_removed_cleanly() {
         "-d",
         "--no-wait",
         "--vmm",
-        "firecracker",
+        vmm,
         "--network",
         "none",
         "--name",
@@ -58,16 +65,17 @@ fn a_firecracker_vm_boots_its_kernel_logs_its_console_and_is_removed_cleanly() {
         &image,
         "sh",
         "-c",
-        "echo from-firecracker",
+        "echo from-the-guest",
     ]);
     let v = d.inspect("fc");
-    assert_eq!(v["spec"]["provider"], "firecracker", "{v:#}");
+    assert_eq!(v["spec"]["provider"], vmm, "{v:#}");
     let ps = d.ok(&["ps"]);
-    assert!(ps.contains("VMM") && ps.contains(" firecracker "), "ps shows the VMM:\n{ps}");
+    assert!(ps.contains("VMM") && ps.contains(&format!(" {vmm} ")), "ps shows the VMM:\n{ps}");
     assert!(v["status"]["pid"].as_i64().is_some(), "a launched VM has its VMM's pid: {v:#}");
     let root = d.root.path().display().to_string();
-    assert_eq!(firecracker_processes(&root).len(), 1, "one Firecracker for the VM");
-    assert!(d.root.path().join("kernels/debian/vmlinux").is_file(), "the ELF kernel is cached");
+    assert_eq!(processes(vmm, &root).len(), 1, "one {vmm} for the VM");
+    let elf = d.root.path().join("kernels/debian/vmlinux").is_file();
+    assert_eq!(elf, vmm == "firecracker", "only Firecracker needs the ELF kernel extracted");
 
     // The guest's serial console reaches `hearth logs`: the kernel's own command line.
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -86,8 +94,8 @@ fn a_firecracker_vm_boots_its_kernel_logs_its_console_and_is_removed_cleanly() {
     };
     let line = logs.lines().find(|l| l.contains("Command line:")).expect("line");
     assert!(
-        !logs.contains("Firecracker v"),
-        "Firecracker's own log stays out of the console:\n{logs}"
+        !logs.contains("Firecracker v") && !logs.contains("cloud-hypervisor:"),
+        "the VMM's own log stays out of the console:\n{logs}"
     );
     assert!(line.contains("rdinit=/init") && line.contains(args), "{line}");
 
@@ -96,16 +104,16 @@ fn a_firecracker_vm_boots_its_kernel_logs_its_console_and_is_removed_cleanly() {
             v["status"]["state"] == "exited"
         });
         assert_eq!(v["status"]["exit_code"], 0, "{v:#}");
-        assert!(d.ok(&["logs", "fc"]).contains("from-firecracker"));
+        assert!(d.ok(&["logs", "fc"]).contains("from-the-guest"));
     } else {
         eprintln!(
-            "skipped: the boot to ready (KVM here cannot run guests; Firecracker has no emulation)"
+            "skipped: the boot to ready (KVM here cannot run guests; {vmm} has no emulation)"
         );
     }
 
     d.ok(&["rm", "-f", "fc"]);
     assert_eq!(d.ok(&["ps", "-a", "-q"]).trim(), "", "VMs left behind");
-    assert!(firecracker_processes(&root).is_empty(), "Firecracker left running");
+    assert!(processes(vmm, &root).is_empty(), "{vmm} left running");
     let dirs: Vec<_> =
         std::fs::read_dir(d.root.path().join("vms")).expect("vms").flatten().collect();
     assert!(dirs.is_empty(), "VM directories left behind: {dirs:?}");
@@ -113,8 +121,17 @@ fn a_firecracker_vm_boots_its_kernel_logs_its_console_and_is_removed_cleanly() {
 
 #[test]
 fn a_bridged_firecracker_vm_gets_a_tap_hearth_made_on_the_bridge_and_loses_it_with_the_vm() {
+    gets_a_tap_on_the_bridge_and_loses_it_with_the_vm("firecracker");
+}
+
+#[test]
+fn a_bridged_cloud_hypervisor_vm_gets_a_tap_hearth_made_on_the_bridge_and_loses_it_with_the_vm() {
+    gets_a_tap_on_the_bridge_and_loses_it_with_the_vm("cloud-hypervisor");
+}
+
+fn gets_a_tap_on_the_bridge_and_loses_it_with_the_vm(vmm: &str) {
     require_e2e!();
-    if !have_firecracker() {
+    if !have(vmm) {
         return;
     }
     let ns = hearth_e2e::Netns::new();
@@ -133,7 +150,7 @@ fn a_bridged_firecracker_vm_gets_a_tap_hearth_made_on_the_bridge_and_loses_it_wi
         "-d",
         "--no-wait",
         "--vmm",
-        "firecracker",
+        vmm,
         "--network",
         "bridge",
         "--name",
