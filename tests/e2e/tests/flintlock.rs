@@ -656,3 +656,104 @@ fn a_delete_behind_a_stalled_pull_completes() {
         asked.elapsed()
     );
 }
+
+/// Whether the real `vmm` is here; says why not.
+fn have(vmm: &str) -> bool {
+    let found = hearth_e2e::which(vmm).is_some();
+    if !found {
+        eprintln!("skipped: {vmm} is not on PATH (.ci/run puts ../shared/vmm/bin there)");
+    }
+    found
+}
+
+#[test]
+fn microvms_asking_for_firecracker_or_cloudhypervisor_run_under_it_with_their_metadata() {
+    require_e2e!();
+    if !have("firecracker") || !have("cloud-hypervisor") {
+        return;
+    }
+    let ns = Netns::new();
+    let d = Daemon::start_in(&ns);
+    let dir = tempfile::tempdir().expect("tmp");
+    let (kernel, root) = ("registry.invalid/kernel-bin:6.1", "registry.invalid/os:1");
+    hearth_e2e::testutil::oci_layout(&dir.path().join("k"), "t", &kernel_layer(), "")
+        .expect("kernel layout");
+    hearth_e2e::testutil::busybox_oci_layout(&dir.path().join("os"), "t", &os_image())
+        .expect("os layout");
+    d.ok(&["image", "import", dir.path().join("k").to_str().expect("utf8"), "--name", kernel]);
+    d.ok(&["image", "import", dir.path().join("os").to_str().expect("utf8"), "--name", root]);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mut c =
+        with_token(rt.block_on(hearth_api::connect_unix(d.socket.clone())).expect("socket"), None);
+    let mut uids = Vec::new();
+    for (name, provider) in [("fc", "firecracker"), ("ch", "cloudhypervisor")] {
+        let mut s = spec(name, kernel, root);
+        s.provider = Some(provider.into());
+        let created = rt
+            .block_on(c.create_micro_vm(fpb::CreateMicroVmRequest {
+                microvm: Some(s),
+                metadata: HashMap::new(),
+            }))
+            .expect("create")
+            .into_inner();
+        uids.push(created.microvm.and_then(|m| m.spec).and_then(|s| s.uid).expect("uid"));
+    }
+
+    // Each runs under the VMM it asked for, once its images are in.
+    let launched = |vm: &str| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let out = d.hearth(&["inspect", vm]);
+            if out.status.success() {
+                let v: serde_json::Value =
+                    serde_json::from_slice(&out.stdout).expect("inspect json");
+                if v[0]["status"]["pid"].as_i64().is_some() {
+                    return v[0].clone();
+                }
+            }
+            assert!(Instant::now() < deadline, "{vm} never got a VMM:\n{}", d.log());
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    };
+    let fc = launched("fc.ns0");
+    assert_eq!(fc["spec"]["provider"], "firecracker", "{fc:#}");
+    let fc_dir = d.root.path().join("vms").join(fc["spec"]["id"].as_str().expect("id"));
+    let api = hearth_vmm::http::Api::firecracker(&fc_dir.join(hearth_vmm::firecracker::API_SOCK));
+    // MMDS serves the microVM's cloud-init data, instance_id included, on its card.
+    let mmds = api.get("/mmds").expect("mmds");
+    let meta = mmds["latest"]["meta-data"].as_str().unwrap_or_default();
+    assert!(meta.contains(&format!("instance_id: {}", uids[0])), "{mmds:#}");
+    assert!(mmds["latest"]["user-data"].as_str().is_some_and(|u| u.contains("final_message")));
+    let config = api.get("/vm/config").expect("config");
+    assert_eq!(config["mmds-config"]["version"], "V2", "{config:#}");
+    assert_eq!(config["machine-config"]["mem_size_mib"], 256);
+    let card = config["network-interfaces"][0]["host_dev_name"].as_str().unwrap_or_default();
+    assert!(card.starts_with("ht"), "the card is hearth's tap: {config:#}");
+
+    let ch = launched("ch.ns0");
+    assert_eq!(ch["spec"]["provider"], "cloud-hypervisor", "{ch:#}");
+    let ch_dir = d.root.path().join("vms").join(ch["spec"]["id"].as_str().expect("id"));
+    let api = hearth_vmm::http::Api::cloud_hypervisor(
+        &ch_dir.join(hearth_vmm::cloud_hypervisor::API_SOCK),
+    );
+    let info = api.get("/api/v1/vm.info").expect("vm.info");
+    let config = &info["config"];
+    assert_eq!(config["memory"]["size"], 256u64 << 20, "{info:#}");
+    assert!(config["net"][0]["tap"].as_str().is_some_and(|t| t.starts_with("ht")), "{info:#}");
+    assert_eq!(config["disks"][0]["serial"], "hearth_root");
+    assert!(config["vsock"]["socket"].as_str().is_some_and(|s| s.ends_with("/agent.sock")));
+
+    for uid in &uids {
+        rt.block_on(c.delete_micro_vm(fpb::DeleteMicroVmRequest { uid: uid.clone() }))
+            .expect("delete");
+    }
+    for uid in &uids {
+        wait_get(&rt, &mut c, &d, uid, "gone", |g| {
+            g.as_ref().is_err_and(|e| e.code() == tonic::Code::NotFound)
+        })
+        .expect_err("gone");
+    }
+    let taps = hearth_e2e::text(&ns.run(&["ip", "-o", "link", "show", "master", "hearth0"]).stdout);
+    assert!(taps.is_empty(), "taps left: {taps}");
+    assert!(!fc_dir.exists() && !ch_dir.exists(), "VM directories left behind");
+}
