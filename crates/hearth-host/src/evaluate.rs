@@ -46,7 +46,7 @@ fn machine(f: &Facts) -> Vec<Check> {
 fn programs(f: &Facts) -> Vec<Check> {
     let mut out = Vec::new();
     let tool = |name: &str, fail: Level, detail_missing: &str, fix: &str| match f.program(name) {
-        Some(p) => check(name, Level::Ok, p.display().to_string(), ""),
+        Some(p) => check(name, Level::Ok, installed(f, name, p), ""),
         None => check(name, fail, detail_missing, fix),
     };
     out.push(tool(
@@ -73,19 +73,47 @@ fn programs(f: &Facts) -> Vec<Check> {
         "not installed: --network bridge needs it for outbound NAT",
         "apt-get install nftables",
     ));
-    out.push(tool(
-        "firecracker",
-        Level::Info,
-        "not installed: `--vmm firecracker` needs it (optional VMM)",
-        "install Firecracker from its releases",
-    ));
-    out.push(tool(
-        "cloud-hypervisor",
-        Level::Info,
-        "not installed (optional VMM; its provider is not enabled yet)",
-        "install Cloud Hypervisor from its releases",
-    ));
+    for (name, flag) in [("firecracker", "firecracker"), ("cloud-hypervisor", "cloud-hypervisor")] {
+        out.push(kvm_vmm(f, name, flag));
+    }
     out
+}
+
+/// Where a program is, with its version when it is a VMM.
+fn installed(f: &Facts, name: &str, path: &std::path::Path) -> String {
+    match f.version(name) {
+        Some(v) => format!("{} ({v})", path.display()),
+        None => path.display().to_string(),
+    }
+}
+
+/// An optional KVM-only VMM: where it is, its version, and whether it can run guests here.
+fn kvm_vmm(f: &Facts, name: &str, flag: &str) -> Check {
+    let Some(path) = f.program(name) else {
+        return check(
+            name,
+            Level::Info,
+            format!("not installed: `--vmm {flag}` needs it (optional VMM)"),
+            format!(
+                "install {name} from its project's releases, or name it with HEARTH_{}",
+                name.to_uppercase().replace('-', "_")
+            ),
+        );
+    };
+    match &f.kvm_unusable {
+        None => {
+            check(name, Level::Ok, format!("{}; runs guests here", installed(f, name, path)), "")
+        }
+        Some(why) => check(
+            name,
+            Level::Info,
+            format!(
+                "{}; cannot run guests here: {why} (it has no software emulation)",
+                installed(f, name, path)
+            ),
+            "use --vmm qemu on this host, or run on one with hardware virtualisation",
+        ),
+    }
 }
 
 /// The kernel modules features need.
@@ -111,7 +139,7 @@ fn modules(f: &Facts) -> Vec<Check> {
         module_check(
             f,
             "vhost_vsock",
-            "the agent channel of Firecracker and Cloud Hypervisor (QEMU uses virtio-serial)",
+            "QEMU's vhost-vsock devices (not used yet: QEMU's agent channel is virtio-serial, and Firecracker and Cloud Hypervisor serve hybrid vsock themselves)",
             Level::Info,
             "CONFIG_VHOST_VSOCK",
         ),
@@ -245,6 +273,7 @@ mod tests {
             arch: "x86_64".into(),
             kvm_unusable: None,
             programs: PROGRAMS.iter().map(|p| (p.to_string(), Some(PathBuf::from("/usr/bin").join(p)))).collect(),
+            versions: vec![("firecracker".into(), "Firecracker v1.16.1".into())],
             proc_modules: "tun 61440 0 - Live 0x0\nbridge 311296 0 - Live 0x0\n".into(),
             modules_builtin: "kernel/drivers/block/loop.ko\n".into(),
             modules_dep: "kernel/drivers/net/macvtap.ko: kernel/drivers/net/macvlan.ko\nkernel/drivers/md/dm-thin-pool.ko.xz: kernel/drivers/md/dm-bio-prison.ko\n".into(),
@@ -288,6 +317,32 @@ mod tests {
         assert!(
             checks.iter().all(|c| c.level != Level::Fail && c.level != Level::Warn),
             "{checks:#?}"
+        );
+    }
+
+    #[test]
+    fn each_vmm_is_reported_with_its_version_and_whether_it_runs_guests_here() {
+        let fc = find(&evaluate(&host()), "firecracker").clone();
+        assert_eq!(fc.level, Level::Ok);
+        assert!(
+            fc.detail.contains("Firecracker v1.16.1") && fc.detail.contains("runs guests here"),
+            "{fc:?}"
+        );
+        let nested = Facts { kvm_unusable: Some("no vmx".into()), ..host() };
+        let checks = evaluate(&nested);
+        let fc = find(&checks, "firecracker");
+        assert!(
+            fc.detail.contains("cannot run guests here: no vmx") && fc.fix.contains("--vmm qemu"),
+            "{fc:?}"
+        );
+        let mut missing = host();
+        missing.programs.retain(|(n, _)| n != "cloud-hypervisor");
+        let ch = find(&evaluate(&missing), "cloud-hypervisor").clone();
+        assert_eq!(ch.level, Level::Info);
+        assert!(
+            ch.detail.contains("--vmm cloud-hypervisor")
+                && ch.fix.contains("HEARTH_CLOUD_HYPERVISOR"),
+            "{ch:?}"
         );
     }
 

@@ -26,6 +26,8 @@ pub struct Facts {
     pub kvm_unusable: Option<String>,
     /// Programs found on PATH, by name.
     pub programs: Vec<(String, Option<PathBuf>)>,
+    /// The first line each installed VMM prints for `--version`, by program name.
+    pub versions: Vec<(String, String)>,
     pub proc_modules: String,
     pub modules_builtin: String,
     pub modules_dep: String,
@@ -43,6 +45,8 @@ pub struct Facts {
 
 pub(crate) const PROGRAMS: [&str; 6] =
     ["qemu-system-x86_64", "mkfs.ext4", "resize2fs", "nft", "firecracker", "cloud-hypervisor"];
+/// The VMMs whose versions are reported.
+pub(crate) const VMMS: [&str; 3] = ["qemu-system-x86_64", "firecracker", "cloud-hypervisor"];
 const SYSCTLS: [&str; 2] = ["net.ipv4.ip_forward", "net.bridge.bridge-nf-call-iptables"];
 const DEVICES: [&str; 3] = ["/dev/net/tun", "/dev/vhost-vsock", "/dev/vhost-net"];
 
@@ -68,6 +72,10 @@ impl Facts {
             arch: std::env::consts::ARCH.to_owned(),
             kvm_unusable,
             programs: PROGRAMS.iter().map(|p| (p.to_string(), which(p))).collect(),
+            versions: VMMS
+                .iter()
+                .filter_map(|p| Some((p.to_string(), version(&which(p)?)?)))
+                .collect(),
             proc_modules: read(Path::new("/proc/modules")),
             modules_builtin: read(&moddir.join("modules.builtin")),
             modules_dep: read(&moddir.join("modules.dep")),
@@ -99,6 +107,10 @@ impl Facts {
 
     pub(crate) fn program(&self, name: &str) -> Option<&PathBuf> {
         self.programs.iter().find(|(n, _)| n == name).and_then(|(_, p)| p.as_ref())
+    }
+
+    pub(crate) fn version(&self, name: &str) -> Option<&str> {
+        self.versions.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
     }
 
     pub(crate) fn sysctl(&self, name: &str) -> Option<&str> {
@@ -137,6 +149,14 @@ impl Facts {
             ModState::Unknown
         }
     }
+}
+
+/// The first line `binary --version` prints, bounded (a VMM is asked, not trusted).
+fn version(binary: &Path) -> Option<String> {
+    let out = std::process::Command::new(binary).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().map(str::trim).find(|l| !l.is_empty())?;
+    Some(line.chars().take(120).collect())
 }
 
 fn which(name: &str) -> Option<PathBuf> {
