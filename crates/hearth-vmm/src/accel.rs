@@ -58,6 +58,11 @@ pub fn kvm_unusable(facts: &HostFacts) -> Option<String> {
     None
 }
 
+/// Why KVM cannot run guests on this host, probed now; `None` when it can.
+pub fn kvm_unusable_here() -> Option<String> {
+    kvm_unusable(&HostFacts::probe())
+}
+
 /// Resolves `requested` against the host: `(accelerator, warning)`. An explicit request wins
 /// over `HEARTH_ACCEL`, which wins over probing.
 pub fn decide(requested: Accel, facts: &HostFacts) -> Result<(Accel, Option<String>), VmmError> {

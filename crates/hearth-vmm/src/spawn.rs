@@ -68,7 +68,7 @@ pub(crate) fn kvm_only(vmm: &str, spec: &LaunchSpec) -> Result<Option<String>, V
             "{vmm} runs guests only with KVM: --accel tcg is QEMU's; use --vmm qemu"
         )));
     }
-    Ok(crate::accel::kvm_unusable(&crate::accel::HostFacts::probe())
+    Ok(crate::accel::kvm_unusable_here()
         .map(|why| format!("KVM may not run guests here ({why}); {vmm} has no software emulation")))
 }
 

@@ -50,8 +50,14 @@ pub fn check_config_fits(cfg: &hearth_types::GuestConfig) -> Result<()> {
 
 /// This host's facts for the host check, with the VMM's KVM verdict and the reflink probe.
 pub fn host_facts(root: &Path) -> hearth_host::Facts {
-    let kvm = hearth_vmm::accel::kvm_unusable(&hearth_vmm::accel::HostFacts::probe());
-    hearth_host::Facts::probe(root, kvm, |dir| hearth_storage::supports_reflink(dir).ok())
+    hearth_host::Facts::probe(root, kvm_unusable(), |dir| {
+        hearth_storage::supports_reflink(dir).ok()
+    })
+}
+
+/// Why KVM cannot run guests here, or `None`.
+pub fn kvm_unusable() -> Option<String> {
+    hearth_vmm::accel::kvm_unusable_here()
 }
 
 /// Replaces the bridge's NAT table with `rules`.

@@ -11,7 +11,10 @@ use tonic::Status;
 
 use crate::daemon::Daemon;
 
-pub async fn create(d: &Arc<Daemon>, req: pb::CreateVmRequest) -> Result<VmRecord, Status> {
+pub async fn create(d: &Arc<Daemon>, mut req: pb::CreateVmRequest) -> Result<VmRecord, Status> {
+    if req.vmm.is_empty() {
+        req.vmm = d.default_vmm.to_string();
+    }
     let new = NewVm::try_from(req).map_err(to_status)?;
     d.reconciler().create(new).await.map_err(to_status)
 }

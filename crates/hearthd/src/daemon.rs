@@ -47,6 +47,8 @@ pub struct Daemon {
     /// cgroup their groups go under (empty: none).
     pub vmm_uid_base: u32,
     pub cgroup_parent: String,
+    /// The VMM of VMs that name none (`--default-vmm`).
+    pub default_vmm: hearth_types::Provider,
     /// VMM uids handed to launches in flight (the running VMs' records carry theirs).
     launching_uids: Mutex<std::collections::HashSet<u32>>,
 }
@@ -122,6 +124,7 @@ impl Daemon {
             consoles: Default::default(),
             vmm_uid_base: 0,
             cgroup_parent: String::new(),
+            default_vmm: hearth_types::Provider::Qemu,
             launching_uids: Mutex::new(Default::default()),
         })
     }

@@ -77,6 +77,10 @@ struct Args {
     /// them), once set up, chrooted into their VM's directory. 0 runs them as root.
     #[arg(long, value_name = "UID", default_value_t = 2_100_000_000)]
     vmm_uid_base: u32,
+    /// The VMM of VMs and microVMs that do not name one: qemu, firecracker or cloud-hypervisor.
+    /// QEMU is the default, since only it runs guests where KVM cannot (TCG).
+    #[arg(long, env = "HEARTH_DEFAULT_VMM", value_name = "VMM", default_value = "qemu")]
+    default_vmm: hearth_types::Provider,
     /// The cgroup each VMM's own group goes under (memory, CPU and process limits from the VM's
     /// size); empty for none.
     #[arg(long, value_name = "NAME", default_value = "hearth")]
@@ -136,6 +140,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.cgroup_parent
     );
     d.vmm_uid_base = args.vmm_uid_base;
+    d.default_vmm = args.default_vmm;
+    if args.default_vmm != hearth_types::Provider::Qemu {
+        if let Some(why) = crate::adapters::kvm_unusable() {
+            tracing::warn!(vmm = %args.default_vmm, "--default-vmm {} cannot run guests here ({why}): VMs that name no VMM will fail to boot; --default-vmm qemu runs them under TCG", args.default_vmm);
+        }
+    }
     d.cgroup_parent = args.cgroup_parent.clone();
     d.consoles.default_limits =
         crate::adapters::LogLimits { max_size: args.log_max_size, max_files: args.log_max_files };

@@ -122,6 +122,7 @@ async fn init(a: InitArgs) -> anyhow::Result<i32> {
 
 /// This host's facts, with the VMM's KVM verdict and the storage's reflink probe.
 fn probe(root: &std::path::Path) -> Facts {
-    let kvm = hearth_vmm::accel::kvm_unusable(&hearth_vmm::accel::HostFacts::probe());
-    Facts::probe(root, kvm, |dir| hearth_storage::supports_reflink(dir).ok())
+    Facts::probe(root, hearth_vmm::accel::kvm_unusable_here(), |dir| {
+        hearth_storage::supports_reflink(dir).ok()
+    })
 }

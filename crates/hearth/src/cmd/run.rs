@@ -46,8 +46,9 @@ pub struct CreateArgs {
     accel: String,
     /// The VMM that runs the VM: qemu, firecracker or cloud-hypervisor (the last two need KVM
     /// and --network bridge or none).
-    #[arg(long, default_value = "qemu", env = "HEARTH_VMM")]
-    vmm: String,
+    /// The daemon's `--default-vmm` (QEMU unless set) when not given.
+    #[arg(long, env = "HEARTH_VMM")]
+    vmm: Option<String>,
     /// Remove the VM when it stops.
     #[arg(long)]
     rm: bool,
@@ -139,7 +140,7 @@ fn request(a: &CreateArgs) -> anyhow::Result<pb::CreateVmRequest> {
         env,
         labels,
         accel: a.accel.clone(),
-        vmm: a.vmm.clone(),
+        vmm: a.vmm.clone().unwrap_or_default(),
         auto_remove: a.rm,
         interactive: a.interactive,
         tty: a.tty,

@@ -27,7 +27,10 @@ impl Jobs for MicroVmJobs {
         }
         let spec = rec.spec();
         let kernel = spec.kernel.clone().unwrap_or_default();
-        let req = create_request(&spec, uid, "", self.network).map_err(|s| from_status(&s))?;
+        let mut req = create_request(&spec, uid, "", self.network).map_err(|s| from_status(&s))?;
+        if req.vmm.is_empty() {
+            req.vmm = self.d.default_vmm.to_string();
+        }
         let mut images = vec![req.image.clone()];
         images.extend(spec.additional_volumes.iter().map(volume_image));
         Ok(Some(Job {
