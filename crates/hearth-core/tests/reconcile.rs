@@ -164,6 +164,21 @@ async fn a_vmm_that_dies_is_recorded_not_relaunched() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_vmm_that_says_why_it_died_has_that_as_the_reason() {
+    let h = harness();
+    let rec = run(&h, 7).await;
+    h.vmm.says_when_it_ends("Shutting down VM after intercepting signal 7, code 0.");
+    h.vmm.exit(rec.status.pid.expect("pid"));
+    let done = until(&h, &rec.spec.id, "stopped", |r| state(r) == Some(VmState::Stopped))
+        .await
+        .expect("record");
+    assert_eq!(
+        done.status.reason,
+        "vmm exited unexpectedly: Shutting down VM after intercepting signal 7, code 0."
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_auto_remove_vm_goes_when_its_workload_ends() {
     let h = harness();
     let mut rec = record(8, Desired::Running, VmState::Created);

@@ -40,6 +40,8 @@ pub trait Driver: Send + Sync + std::fmt::Debug + Default + 'static {
     ) -> impl Future<Output = Result<(), crate::VmmError>> + Send;
     fn endpoints(vm_dir: &Path) -> Endpoints;
     fn remove_runtime_files(vm_dir: &Path);
+    /// The VMM's log, whose last error says why it ended.
+    fn log(vm_dir: &Path) -> PathBuf;
 }
 
 /// An API-driven provider.
@@ -114,5 +116,55 @@ impl<D: Driver> Vmm for Driven<D> {
         if let Some(cg) = &confinement.cgroup {
             crate::cgroup::remove(cg);
         }
+    }
+
+    fn exit_reason(&self, vm_dir: &Path) -> Option<String> {
+        exit_reason(&std::fs::read(D::log(vm_dir)).ok()?)
+    }
+}
+
+/// How much of a log's end is read for the exit reason.
+const LOG_TAIL: usize = 64 << 10;
+
+/// Why a VMM ended, from its log's last error line (Firecracker: `[.. :ERROR] Shutting down VM
+/// after intercepting signal 7`, a bad syscall; Cloud Hypervisor: `cloud-hypervisor: .. ERROR:..
+/// -- ...`), a seccomp violation named as one; `None` when no error was logged.
+pub(crate) fn exit_reason(log: &[u8]) -> Option<String> {
+    let tail = String::from_utf8_lossy(&log[log.len().saturating_sub(LOG_TAIL)..]).into_owned();
+    let line = tail.lines().rev().find(|l| l.contains("ERROR"))?.trim();
+    // The message after the logger's prefix.
+    let msg = line
+        .rsplit_once("] ")
+        .map(|(_, m)| m)
+        .or_else(|| line.split_once(" -- ").map(|(_, m)| m))
+        .unwrap_or(line)
+        .trim();
+    let msg: String = msg.chars().take(300).collect();
+    Some(if msg.contains("bad syscall") || msg.to_ascii_lowercase().contains("seccomp") {
+        format!("a seccomp violation (a system call outside the VMM's filter): {msg}")
+    } else {
+        msg
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exit_reason;
+
+    #[test]
+    fn the_last_logged_error_is_the_reason_and_a_bad_syscall_is_named() {
+        let fc = b"2026-12-03T07:00:00 [vm:main:WARN:src/x.rs:1] slow\n2026-12-03T07:00:01 [vm:main:ERROR:src/vmm/src/signal_handler.rs:60] Shutting down VM after intercepting signal 7, code 0.\n";
+        assert_eq!(
+            exit_reason(fc).as_deref(),
+            Some("Shutting down VM after intercepting signal 7, code 0.")
+        );
+        let sys = b"[vm:fc_vcpu 0:ERROR:src/vmm/src/signal_handler.rs:40] Shutting down VM after intercepting a bad syscall (42).\n";
+        assert!(exit_reason(sys)
+            .is_some_and(|r| r.starts_with("a seccomp violation") && r.contains("(42)")));
+        let ch =
+            b"cloud-hypervisor: 5.1s: <vmm> ERROR:vmm/src/lib.rs:900 -- Error booting VM: kernel\n";
+        assert_eq!(exit_reason(ch).as_deref(), Some("Error booting VM: kernel"));
+        assert_eq!(exit_reason(b"all well\n"), None);
+        assert_eq!(exit_reason(b""), None);
     }
 }

@@ -123,3 +123,17 @@ async fn cloud_init_is_served_through_mmds_on_the_vms_card() {
     fc.stop(dir.path(), launched.handle(), Duration::ZERO).await.expect("stop");
     fc.cleanup(dir.path(), &spec.confinement);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_firecracker_ended_by_a_signal_says_so_as_its_exit_reason() {
+    let Some((dir, spec)) = vm("") else { return };
+    let fc = Firecracker::default();
+    let h = fc.launch(&spec).expect("launch").handle();
+    assert!(fc.start_guest(dir.path(), false).await.expect("InstanceStart"));
+    // SIGBUS: Firecracker's handler logs it and exits.
+    assert!(fc.signal(dir.path(), h, libc::SIGBUS));
+    tokio::time::timeout(Duration::from_secs(10), fc.wait_exit(h)).await.expect("it exits");
+    fc.cleanup(dir.path(), &spec.confinement);
+    let why = fc.exit_reason(dir.path()).expect("a reason");
+    assert!(why.contains("signal 7"), "{why}");
+}

@@ -182,6 +182,12 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
 
     /// Removes what a VMM that is gone left: sockets, pid file, its cgroup.
     fn cleanup(&self, vm_dir: &Path, confinement: &Confinement);
+
+    /// Why a VMM that is gone ended, in its own words (its log's last error: a signal, a
+    /// seccomp violation), when it said; `None` when it left nothing (SIGKILL).
+    fn exit_reason(&self, _vm_dir: &Path) -> Option<String> {
+        None
+    }
 }
 
 /// Where the host reaches a VM's guest.

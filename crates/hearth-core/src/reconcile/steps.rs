@@ -244,9 +244,11 @@ impl Reconciler {
             }
             None => {
                 rec.status.exit_code = None;
-                rec.status.reason =
-                    "vmm exited unexpectedly (killed outside hearth, or it crashed; see the VMM's log in the VM's directory)"
-                        .into();
+                let vm_dir = p.repo.vm_dir(&rec.spec.id);
+                rec.status.reason = match p.vmms.of(rec.spec.provider).exit_reason(&vm_dir) {
+                    Some(why) => format!("vmm exited unexpectedly: {why}"),
+                    None => "vmm exited unexpectedly (killed outside hearth, or it crashed; see the VMM's log in the VM's directory)".into(),
+                };
             }
         }
         rec.status.state = VmState::Stopped;

@@ -43,6 +43,8 @@ struct State {
     stubborn: bool,
     orphans: Vec<PathBuf>,
     cleaned: Vec<PathBuf>,
+    /// What the VMM's log says when it ends.
+    last_words: Option<String>,
 }
 
 /// The scripted VMM.
@@ -62,6 +64,11 @@ impl FakeVmm {
     /// Every launch so far.
     pub fn launches(&self) -> Vec<LaunchSpec> {
         self.state().launches.clone()
+    }
+
+    /// The VMM logs `why` before it ends (a signal, a seccomp violation).
+    pub fn says_when_it_ends(&self, why: &str) {
+        self.state().last_words = Some(why.to_owned());
     }
 
     /// Guests ignore power-off requests from now on (only a kill ends them).
@@ -240,5 +247,9 @@ impl Vmm for FakeVmm {
 
     fn cleanup(&self, vm_dir: &Path, _confinement: &Confinement) {
         self.state().cleaned.push(vm_dir.to_owned());
+    }
+
+    fn exit_reason(&self, _vm_dir: &Path) -> Option<String> {
+        self.state().last_words.clone()
     }
 }

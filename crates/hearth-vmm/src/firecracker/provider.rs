@@ -56,4 +56,8 @@ impl crate::driven::Driver for Driver {
     fn remove_runtime_files(vm_dir: &Path) {
         super::remove_runtime_files(vm_dir);
     }
+
+    fn log(vm_dir: &Path) -> std::path::PathBuf {
+        vm_dir.join(super::LOG)
+    }
 }
