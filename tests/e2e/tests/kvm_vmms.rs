@@ -195,3 +195,75 @@ fn an_unknown_default_vmm_is_refused_with_the_choices() {
     assert!(!out.status.success());
     assert!(err.contains("vmware") && err.contains("cloud-hypervisor"), "{err}");
 }
+
+#[test]
+fn a_new_hearthd_readopts_firecracker_and_cloud_hypervisor_vms_after_a_kill_9() {
+    require_e2e!();
+    if !have("firecracker") || !have("cloud-hypervisor") {
+        return;
+    }
+    let mut d = Daemon::start();
+    d.import_kernel();
+    let layout = tempfile::tempdir().expect("tmp");
+    hearth_e2e::testutil::busybox_oci_layout(
+        layout.path(),
+        "1",
+        &hearth_e2e::testutil::TestImage::default(),
+    )
+    .expect("layout");
+    d.ok(&["image", "import", layout.path().to_str().expect("utf8"), "--name", "adopt:1"]);
+    let vms = [("fc", "firecracker"), ("ch", "cloud-hypervisor")];
+    let mut pids = Vec::new();
+    for (name, vmm) in vms {
+        d.ok(&[
+            "run",
+            "-d",
+            "--no-wait",
+            "--vmm",
+            vmm,
+            "--network",
+            "none",
+            "--name",
+            name,
+            "adopt:1",
+            "sleep",
+            "600",
+        ]);
+        pids.push(d.inspect(name)["status"]["pid"].as_i64().expect("pid"));
+    }
+
+    d.kill9();
+    d.spawn();
+    let ps = d.ok(&["ps"]);
+    for ((name, vmm), pid) in vms.iter().zip(&pids) {
+        assert!(ps.lines().any(|l| l.contains(name) && l.contains(vmm)), "{name} in ps:\n{ps}");
+        let v = d.inspect(name);
+        assert_eq!(v["status"]["pid"].as_i64(), Some(*pid), "{name} re-adopted: {v:#}");
+    }
+
+    // A stop through the new daemon ends the adopted Firecracker.
+    d.ok(&["stop", "-t", "1", "fc"]);
+    let v = d.inspect("fc");
+    assert_eq!(v["status"]["state"], "stopped", "{v:#}");
+    // Gone, or a zombie its new parent (init, since hearthd died) has yet to reap.
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pids[0])).unwrap_or_default();
+    let state = stat.rsplit_once(") ").map(|(_, rest)| &rest[..1]);
+    assert!(matches!(state, None | Some("Z")), "Firecracker still runs: {stat}");
+
+    // A Cloud Hypervisor killed behind hearth's back is recorded as stopped, with the reason.
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &pids[1].to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let v =
+        d.wait_for("ch", "stopped", Duration::from_secs(30), |v| v["status"]["state"] == "stopped");
+    let reason = v["status"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("exited unexpectedly"), "{v:#}");
+
+    d.ok(&["rm", "-f", "fc", "ch"]);
+    let root = d.root.path().display().to_string();
+    for (_, vmm) in vms {
+        assert!(processes(vmm, &root).is_empty(), "{vmm} left running");
+    }
+}
