@@ -63,6 +63,35 @@ pub fn providers() -> hearth_core::ports::Vmms {
     )
 }
 
+/// A VM with a card and a read-only volume, for the providers' configuration tests.
+#[cfg(test)]
+pub(crate) fn sample_spec() -> LaunchSpec {
+    LaunchSpec {
+        vm_dir: "/var/lib/hearth/vms/abc".into(),
+        kernel: "/k/vmlinux".into(),
+        initrd: "/k/initrd".into(),
+        cmdline: " systemd.unit=rescue.target ".into(),
+        root_disk: "/var/lib/hearth/vms/abc/disk.img".into(),
+        config_disk: "/var/lib/hearth/vms/abc/config.img".into(),
+        cpus: 2,
+        memory_mib: 512,
+        accel: hearth_types::Accel::Kvm,
+        binary: None,
+        network: Some(NetLaunch {
+            mac: "02:00:00:00:00:01".into(),
+            forwards: vec![],
+            tap: Some("hth-abc".into()),
+        }),
+        volumes: vec![VolumeDisk {
+            path: "/images/data.ext4".into(),
+            serial: hearth_types::guest::volume_serial(0),
+            read_only: true,
+        }],
+        confinement: Confinement::default(),
+        cloud_init: Default::default(),
+    }
+}
+
 /// Why a VMM could not be started or controlled.
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {

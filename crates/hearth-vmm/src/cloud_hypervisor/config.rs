@@ -59,44 +59,9 @@ pub fn vm_config(spec: &LaunchSpec) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{NetLaunch, VolumeDisk};
 
     fn spec() -> LaunchSpec {
-        LaunchSpec {
-            cpus: 2,
-            memory_mib: 512,
-            cmdline: " systemd.unit=rescue.target ".into(),
-            network: Some(NetLaunch {
-                mac: "02:00:00:00:00:01".into(),
-                forwards: vec![],
-                tap: Some("hth-abc".into()),
-            }),
-            volumes: vec![VolumeDisk {
-                path: "/images/data.ext4".into(),
-                serial: hearth_types::guest::volume_serial(0),
-                read_only: true,
-            }],
-            ..base()
-        }
-    }
-
-    fn base() -> LaunchSpec {
-        LaunchSpec {
-            vm_dir: "/var/lib/hearth/vms/abc".into(),
-            kernel: "/k/vmlinuz".into(),
-            initrd: "/k/initrd".into(),
-            cmdline: String::new(),
-            root_disk: "/var/lib/hearth/vms/abc/disk.img".into(),
-            config_disk: "/var/lib/hearth/vms/abc/config.img".into(),
-            cpus: 1,
-            memory_mib: 256,
-            accel: hearth_types::Accel::Kvm,
-            binary: None,
-            network: None,
-            volumes: vec![],
-            confinement: Default::default(),
-            cloud_init: Default::default(),
-        }
+        LaunchSpec { kernel: "/k/vmlinuz".into(), ..crate::sample_spec() }
     }
 
     #[test]

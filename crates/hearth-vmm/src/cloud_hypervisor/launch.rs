@@ -6,7 +6,6 @@
 //! `cloud-hypervisor.pid`; a process counts as this VM's only while it is alive with the same
 //! start time and its command line names this VM's API socket.
 
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -15,7 +14,7 @@ use hearth_types::Accel;
 
 use super::{config, API_SOCK, LOG, PID, RUNTIME_FILES};
 use crate::http::Api;
-use crate::process::{is_alive, read_pidfile, wait_exit};
+use crate::process::{is_alive, wait_exit};
 use crate::{LaunchSpec, Launched, VmmError};
 
 /// How long Cloud Hypervisor may take to open its API socket.
@@ -29,24 +28,18 @@ pub fn remove_runtime_files(vm_dir: &Path) {
 
 /// The Cloud Hypervisor running for `vm_dir`, as (pid, start time).
 pub fn find_running(vm_dir: &Path) -> Option<(i32, u64)> {
-    let (pid, start) = read_pidfile(&vm_dir.join(PID))?;
-    names_vm(pid, vm_dir).then_some((pid, start))
+    super::FINDER.find_running(vm_dir)
 }
 
 /// True when `pid`, started at `start`, is still this VM's Cloud Hypervisor.
 pub fn is_vmm_of(vm_dir: &Path, pid: i32, start: u64) -> bool {
-    is_alive(pid, start) && names_vm(pid, vm_dir)
+    super::FINDER.is_vmm_of(vm_dir, pid, start)
 }
 
-fn names_vm(pid: i32, vm_dir: &Path) -> bool {
-    crate::process::arg_of(pid, b"--api-socket").as_deref()
-        == Some(vm_dir.join(API_SOCK).as_os_str().as_bytes())
-}
-
-/// Every live Cloud Hypervisor whose API socket lies in a directory under `vms_dir`, as (VM
-/// directory, pid), found from /proc alone.
+/// Every live Cloud Hypervisor whose files lie in a directory under `vms_dir`, as (VM directory, pid),
+/// found from /proc alone (a predecessor may have died before the pid file).
 pub fn scan(vms_dir: &Path) -> Vec<(PathBuf, i32)> {
-    crate::process::scan_vmms(vms_dir, b"--api-socket", API_SOCK)
+    super::FINDER.scan(vms_dir)
 }
 
 fn api(dir: &Path) -> Api {

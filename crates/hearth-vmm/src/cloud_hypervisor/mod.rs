@@ -21,6 +21,10 @@ pub use provider::CloudHypervisor;
 
 /// The API socket, in the VM's directory.
 pub const API_SOCK: &str = "cloud-hypervisor.sock";
+/// Found by hearth's pid file and the API socket on its command line.
+pub(crate) const FINDER: crate::found::Finder =
+    crate::found::Finder { pid_file: PID, flag: b"--api-socket", named: API_SOCK };
+
 pub const PID: &str = "cloud-hypervisor.pid";
 pub const LOG: &str = "cloud-hypervisor.log";
 /// The hybrid vsock socket the host reaches hearth-init's agent through.

@@ -8,7 +8,7 @@ use hearth_core::ports::{
 };
 use hearth_types::Accel;
 
-use super::{find_running, is_vmm_of, scan, AGENT_SOCK, PID};
+use super::AGENT_SOCK;
 use crate::VmmError;
 
 /// The Cloud Hypervisor provider (`HEARTH_CLOUD_HYPERVISOR` names the binary).
@@ -30,8 +30,7 @@ impl crate::driven::Driver for Driver {
     };
     const BINARY: &'static str = "cloud-hypervisor";
     const BINARY_ENV: &'static str = "HEARTH_CLOUD_HYPERVISOR";
-    const FINDER: crate::found::Finder =
-        crate::found::Finder { find_running, is_vmm_of, scan, pid_file: PID };
+    const FINDER: crate::found::Finder = super::FINDER;
 
     fn launch(spec: &LaunchSpec, binary: &Path) -> Result<Launched, VmmError> {
         super::launch(spec, binary)

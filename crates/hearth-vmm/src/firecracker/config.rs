@@ -89,34 +89,9 @@ pub fn calls(spec: &LaunchSpec) -> Vec<(String, Value)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Confinement, NetLaunch, VolumeDisk};
-    use hearth_types::Accel;
 
     fn spec() -> LaunchSpec {
-        LaunchSpec {
-            vm_dir: "/var/lib/hearth/vms/abc".into(),
-            kernel: "/k/vmlinux".into(),
-            initrd: "/k/initrd".into(),
-            cmdline: " systemd.unit=rescue.target ".into(),
-            root_disk: "/var/lib/hearth/vms/abc/disk.img".into(),
-            config_disk: "/var/lib/hearth/vms/abc/config.img".into(),
-            cpus: 2,
-            memory_mib: 512,
-            accel: Accel::Kvm,
-            binary: None,
-            network: Some(NetLaunch {
-                mac: "02:00:00:00:00:01".into(),
-                forwards: vec![],
-                tap: Some("hth-abc".into()),
-            }),
-            volumes: vec![VolumeDisk {
-                path: "/images/data.ext4".into(),
-                serial: hearth_types::guest::volume_serial(0),
-                read_only: true,
-            }],
-            confinement: Confinement::default(),
-            cloud_init: Default::default(),
-        }
+        crate::sample_spec()
     }
 
     fn body<'a>(calls: &'a [(String, Value)], path: &str) -> &'a Value {

@@ -6,7 +6,6 @@
 //! while it is alive with the same start time and its command line names this VM's API socket.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,7 +16,7 @@ use hearth_types::Accel;
 use super::{config, API_SOCK, LOG, METRICS, PID, RUNTIME_FILES};
 use crate::console::{FIFO_IN, FIFO_OUT};
 use crate::http::Api;
-use crate::process::{is_alive, read_pidfile, wait_exit};
+use crate::process::{is_alive, wait_exit};
 use crate::{LaunchSpec, Launched, VmmError};
 
 /// How long Firecracker may take to open its API socket.
@@ -30,24 +29,18 @@ pub fn remove_runtime_files(vm_dir: &Path) {
 
 /// The Firecracker running for `vm_dir`, as (pid, start time).
 pub fn find_running(vm_dir: &Path) -> Option<(i32, u64)> {
-    let (pid, start) = read_pidfile(&vm_dir.join(PID))?;
-    names_vm(pid, vm_dir).then_some((pid, start))
+    super::FINDER.find_running(vm_dir)
 }
 
 /// True when `pid`, started at `start`, is still this VM's Firecracker.
 pub fn is_vmm_of(vm_dir: &Path, pid: i32, start: u64) -> bool {
-    is_alive(pid, start) && names_vm(pid, vm_dir)
+    super::FINDER.is_vmm_of(vm_dir, pid, start)
 }
 
-fn names_vm(pid: i32, vm_dir: &Path) -> bool {
-    crate::process::arg_of(pid, b"--api-sock").as_deref()
-        == Some(vm_dir.join(API_SOCK).as_os_str().as_bytes())
-}
-
-/// Every live Firecracker whose API socket lies in a directory under `vms_dir`, as (VM
-/// directory, pid), found from /proc alone (a predecessor may have died before the pid file).
+/// Every live Firecracker whose files lie in a directory under `vms_dir`, as (VM directory, pid),
+/// found from /proc alone (a predecessor may have died before the pid file).
 pub fn scan(vms_dir: &Path) -> Vec<(PathBuf, i32)> {
-    crate::process::scan_vmms(vms_dir, b"--api-sock", API_SOCK)
+    super::FINDER.scan(vms_dir)
 }
 
 /// Starts Firecracker for `spec` and configures it; returns once it waits for `InstanceStart`.

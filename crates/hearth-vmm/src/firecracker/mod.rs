@@ -22,6 +22,10 @@ pub use provider::Firecracker;
 
 /// The API socket, in the VM's directory.
 pub const API_SOCK: &str = "firecracker.sock";
+/// Found by hearth's pid file and the API socket on its command line.
+pub(crate) const FINDER: crate::found::Finder =
+    crate::found::Finder { pid_file: PID, flag: b"--api-sock", named: API_SOCK };
+
 pub const PID: &str = "firecracker.pid";
 pub const LOG: &str = "firecracker.log";
 pub const METRICS: &str = "firecracker.metrics";

@@ -4,11 +4,9 @@
 //! the process is alive, not a zombie, and its command line names this VM's pid file; its start
 //! time is returned so later checks ([`crate::is_alive`]) keep guarding against reuse.
 
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::process::read_pidfile;
 use crate::qemu::Qmp;
 
 /// The QEMU running for a VM directory.
@@ -22,30 +20,25 @@ pub struct Observed {
     pub status: Option<String>,
 }
 
+/// Found by its pid file, which its `-pidfile` names.
+pub(crate) const FINDER: crate::found::Finder =
+    crate::found::Finder { pid_file: "qemu.pid", flag: b"-pidfile", named: "qemu.pid" };
+
 /// The QEMU still running for `vm_dir`, as `(pid, start time)`.
 pub fn find_running(vm_dir: &Path) -> Option<(i32, u64)> {
-    let (pid, start) = read_pidfile(&vm_dir.join("qemu.pid"))?;
-    names_vm(pid, vm_dir).then_some((pid, start))
+    FINDER.find_running(vm_dir)
 }
 
-/// True when `pid`, started at `start`, is still this VM's QEMU: alive, not a zombie, the same
-/// start time, and a command line that names the VM's pid file. A recorded pid is trusted only
-/// after this check: after a kill, an OOM kill or a reboot the number may name anything.
+/// True when `pid`, started at `start`, is still this VM's QEMU (see `Finder::is_vmm_of`).
 pub fn is_vmm_of(vm_dir: &Path, pid: i32, start: u64) -> bool {
-    crate::is_alive(pid, start) && names_vm(pid, vm_dir)
-}
-
-/// Whether the command line of `pid` holds `-pidfile VM_DIR/qemu.pid`.
-fn names_vm(pid: i32, vm_dir: &Path) -> bool {
-    let pidfile = vm_dir.join("qemu.pid");
-    crate::process::arg_of(pid, b"-pidfile").as_deref() == Some(pidfile.as_os_str().as_bytes())
+    FINDER.is_vmm_of(vm_dir, pid, start)
 }
 
 /// Every live QEMU whose `-pidfile` lies in a directory under `vms_dir`, as (VM directory,
 /// pid), found from /proc alone: a VMM its predecessor launched but died before recording may
 /// not have written its pid file yet.
 pub fn scan(vms_dir: &Path) -> Vec<(std::path::PathBuf, i32)> {
-    crate::process::scan_vmms(vms_dir, b"-pidfile", "qemu.pid")
+    FINDER.scan(vms_dir)
 }
 
 /// [`find_running`] plus a QMP status query bounded by `qmp_timeout`.

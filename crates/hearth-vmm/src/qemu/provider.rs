@@ -10,7 +10,6 @@ use hearth_core::ports::{
 use hearth_types::Accel;
 
 use crate::port_error;
-use crate::qemu::{find_running, is_vmm_of, scan};
 
 /// The QEMU provider.
 #[derive(Debug, Clone, Default)]
@@ -26,8 +25,7 @@ impl Qemu {
     }
 }
 
-const FINDER: crate::found::Finder =
-    crate::found::Finder { find_running, is_vmm_of, scan, pid_file: "qemu.pid" };
+use crate::qemu::observe::FINDER;
 
 #[async_trait::async_trait]
 impl Vmm for Qemu {
