@@ -10,6 +10,8 @@
 //! 4. Control plane: VM creations per second through the API (intent persisted, no boot) beside
 //!    the rate of a no-op RPC on the same socket; hearthd's memory per VM record; and the
 //!    manager's overhead from `hearth run -d` to the VMM being spawned.
+//! 5. Command to guest start under Firecracker and Cloud Hypervisor against each bare VMM
+//!    configured by hand, and hearthd's memory per running VM (`bench/vmms.rs`).
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -18,6 +20,9 @@ use std::time::{Duration, Instant};
 use hearth_e2e::testutil::{push_image, LocalRegistry, TestImage};
 use hearth_e2e::{text, Daemon};
 use hearth_types::net;
+
+#[path = "bench/vmms.rs"]
+mod bench_vmms;
 
 /// The bare QEMU's network card.
 const MAC: &str = "02:00:00:00:00:01";
@@ -443,6 +448,15 @@ fn main() {
             .unwrap_or_default()
     );
     let demo = format!("{}/demo:1", reg.host());
+    if std::env::args().any(|a| a == "--vmms") {
+        // Only the KVM-only VMMs' start.
+        let d = Daemon::start();
+        d.import_kernel();
+        d.ok(&["image", "pull", &demo]);
+        let pid = d.pid().expect("hearthd pid");
+        bench_vmms::vmm_start(&d, &demo, runs, || rss_bytes(pid));
+        return;
+    }
     if std::env::args().any(|a| a == "--control-plane") {
         // Only the control plane (a quick check of creation rates).
         let d = Daemon::start();
@@ -455,4 +469,6 @@ fn main() {
     let d = run_to_ready(&reg, runs);
     exec_latency(&d, &reg, 100);
     control_plane(&d, &demo, 400, runs);
+    let pid = d.pid().expect("hearthd pid");
+    bench_vmms::vmm_start(&d, &demo, runs, || rss_bytes(pid));
 }
