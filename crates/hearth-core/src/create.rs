@@ -88,6 +88,7 @@ impl Reconciler {
                 "kernel {kernel} does not exist: see `hearth kernel ls`, or import it"
             )));
         }
+        self.check_kernel(&kernel, req.provider)?;
         let volumes = self.volumes(&req.volumes)?;
         // The image's root filesystem is built (once per image) before anything is recorded, so a
         // --size it does not fit in, or a USER it lacks, is refused here and no VM is left behind.
@@ -136,6 +137,33 @@ impl Reconciler {
             )));
         }
         Ok(())
+    }
+
+    /// The VMM boots the kernel, as it is or converted (an ELF-only VMM gets the vmlinux inside
+    /// a bzImage); else the refusal names the VMMs that do.
+    fn check_kernel(&self, kernel: &str, vmm: hearth_types::Provider) -> Result<()> {
+        use crate::ports::KernelFormat;
+        let format = self.ports.kernels.format(kernel)?;
+        if boots(self.ports.vmms.of(vmm).capabilities().kernel_formats, format) {
+            return Ok(());
+        }
+        let what = match format {
+            KernelFormat::Elf => "an ELF vmlinux without a PVH note",
+            KernelFormat::ElfPvh => "an ELF vmlinux",
+            KernelFormat::BzImage => "a bzImage",
+        };
+        let by: Vec<String> = (self.ports.vmms.all().iter())
+            .map(|v| v.capabilities())
+            .filter(|c| boots(c.kernel_formats, format))
+            .map(|c| c.provider.to_string())
+            .collect();
+        Err(Error::invalid(match by.first() {
+            Some(first) => format!(
+                "kernel {kernel} is {what}: only {} boots it, not {vmm}; use --vmm {first} or a bzImage",
+                by.join(" and ")
+            ),
+            None => format!("kernel {kernel} is {what}, which no VMM here boots: import a bzImage"),
+        }))
     }
 
     /// The volumes' images, resolved to what the VM keeps using.
@@ -350,4 +378,26 @@ pub fn cloud_init_bundle(spec: &VmSpec, resolvers: Vec<String>) -> BTreeMap<Stri
             .or_insert_with(|| crate::cloud_init_network_config(device, &net));
     }
     files
+}
+
+/// Whether a VMM booting `formats` boots a `kernel` of that format, converting a bzImage to the
+/// vmlinux inside it for an ELF-only VMM.
+fn boots(formats: &[crate::ports::KernelFormat], kernel: crate::ports::KernelFormat) -> bool {
+    use crate::ports::KernelFormat::{BzImage, Elf};
+    formats.contains(&kernel) || (kernel == BzImage && formats.contains(&Elf))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::boots;
+    use crate::ports::KernelFormat::{BzImage, Elf, ElfPvh};
+
+    #[test]
+    fn each_vmm_boots_its_formats_and_an_elf_only_one_a_bzimage_converted() {
+        let (qemu, firecracker) = (&[BzImage, ElfPvh][..], &[Elf, ElfPvh][..]);
+        assert!(boots(qemu, BzImage) && boots(qemu, ElfPvh) && !boots(qemu, Elf));
+        assert!(boots(firecracker, Elf) && boots(firecracker, ElfPvh));
+        assert!(boots(firecracker, BzImage), "the vmlinux inside it is extracted");
+        assert!(!boots(&[], BzImage));
+    }
 }

@@ -230,6 +230,27 @@ async fn an_image_used_only_as_a_volume_is_kept_too() {
 }
 
 #[tokio::test]
+async fn a_kernel_the_vmm_cannot_boot_is_refused_at_create_naming_the_kernel_and_the_fix() {
+    let h = host();
+    h.host.add_kernel_of("k8s-5.10", hearth_core::ports::KernelFormat::Elf);
+    let e = h
+        .reconciler
+        .create(NewVm { kernel: Some("k8s-5.10".into()), ..new_vm() })
+        .await
+        .expect_err("QEMU cannot boot an ELF without PVH");
+    assert_eq!(e.kind, ErrorKind::Invalid);
+    assert!(
+        e.message.contains("kernel k8s-5.10 is an ELF vmlinux without a PVH note")
+            && e.message.contains("bzImage"),
+        "{e}"
+    );
+    assert_eq!(records(&h), 0);
+    h.host.add_kernel_of("pvh", hearth_core::ports::KernelFormat::ElfPvh);
+    let ok = NewVm { kernel: Some("pvh".into()), ..new_vm() };
+    h.reconciler.create(ok).await.expect("an ELF with PVH boots under QEMU");
+}
+
+#[tokio::test]
 async fn what_the_vmm_cannot_do_is_refused_at_create_naming_the_alternative() {
     // The harness drives only its fake QEMU: Firecracker's entry there can do nothing.
     let h = host();

@@ -9,6 +9,7 @@
 pub mod cpio;
 pub mod initramfs;
 pub mod modules;
+pub mod pvh;
 pub mod version;
 pub mod vmlinux;
 
@@ -373,6 +374,21 @@ impl KernelStore {
     /// one, else the vmlinux inside the bzImage, taken out once and cached as
     /// `ROOT/kernels/<name>/vmlinux`.
     pub fn vmlinux(&self, name: &str) -> Result<PathBuf, KernelError> {
+        self.vmlinux_of(name)
+    }
+
+    /// Whether the imported kernel `name` is an ELF vmlinux, and if so whether it has a PVH
+    /// note: `None` for a bzImage, `Some(pvh)` for an ELF (read from its headers).
+    pub fn elf_pvh(&self, name: &str) -> Result<Option<bool>, KernelError> {
+        let rec = self.get(name)?.ok_or_else(|| KernelError::NotFound(name.to_owned()))?;
+        if rec.format != Format::Elf.as_str() {
+            return Ok(None);
+        }
+        let kernel = self.kernel_path(name);
+        pvh::has_pvh_note(&kernel).map(Some).map_err(io_err(&kernel))
+    }
+
+    fn vmlinux_of(&self, name: &str) -> Result<PathBuf, KernelError> {
         let rec = self.get(name)?.ok_or_else(|| KernelError::NotFound(name.to_owned()))?;
         let kernel = self.kernel_path(name);
         if rec.format == Format::Elf.as_str() {

@@ -399,6 +399,15 @@ impl Kernels for Host {
         self.0.kernels.default_name().map_err(Error::internal)
     }
 
+    fn format(&self, kernel: &str) -> Result<hearth_core::ports::KernelFormat> {
+        use hearth_core::ports::KernelFormat;
+        Ok(match self.0.kernels.elf_pvh(kernel).map_err(Error::internal)? {
+            None => KernelFormat::BzImage,
+            Some(true) => KernelFormat::ElfPvh,
+            Some(false) => KernelFormat::Elf,
+        })
+    }
+
     fn exists(&self, kernel: &str) -> Result<bool> {
         Ok(self.0.kernels.get(kernel).map_err(Error::internal)?.is_some())
     }

@@ -141,11 +141,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     d.vmm_uid_base = args.vmm_uid_base;
     d.default_vmm = args.default_vmm;
-    if args.default_vmm != hearth_types::Provider::Qemu {
-        if let Some(why) = crate::adapters::kvm_unusable() {
-            tracing::warn!(vmm = %args.default_vmm, "--default-vmm {} cannot run guests here ({why}): VMs that name no VMM will fail to boot; --default-vmm qemu runs them under TCG", args.default_vmm);
-        }
-    }
+    warn_unusable_default(args.default_vmm);
     d.cgroup_parent = args.cgroup_parent.clone();
     d.consoles.default_limits =
         crate::adapters::LogLimits { max_size: args.log_max_size, max_files: args.log_max_files };
@@ -317,5 +313,15 @@ fn report_host(root: &std::path::Path) {
             }
             hearth_host::Level::Ok | hearth_host::Level::Info => {}
         }
+    }
+}
+
+/// Says so at start when the default VMM needs KVM that cannot run guests here.
+fn warn_unusable_default(vmm: hearth_types::Provider) {
+    if vmm == hearth_types::Provider::Qemu {
+        return;
+    }
+    if let Some(why) = crate::adapters::kvm_unusable() {
+        tracing::warn!(%vmm, "--default-vmm {vmm} cannot run guests here ({why}): VMs that name no VMM will fail to boot; --default-vmm qemu runs them under TCG");
     }
 }

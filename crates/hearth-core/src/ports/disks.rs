@@ -50,6 +50,8 @@ pub trait Kernels: Send + Sync {
         kernel: &str,
         formats: &[super::KernelFormat],
     ) -> Result<(PathBuf, PathBuf)>;
+    /// The format of the imported kernel `kernel` (an ELF one read for its PVH note). Blocking.
+    fn format(&self, kernel: &str) -> Result<super::KernelFormat>;
     /// The kernel VMs get when they name none.
     fn default_kernel(&self) -> Result<Option<String>>;
     fn exists(&self, kernel: &str) -> Result<bool>;

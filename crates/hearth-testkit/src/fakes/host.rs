@@ -43,6 +43,8 @@ struct State {
     next_uid: u32,
     images: Vec<(ImageRecord, RootFs)>,
     kernels: Vec<String>,
+    /// Kernels that are not bzImages, by name.
+    kernel_formats: HashMap<String, hearth_core::ports::KernelFormat>,
     capacity: Option<u64>,
     keys_made: Vec<PathBuf>,
     discarded: Vec<VmId>,
@@ -160,6 +162,13 @@ impl FakeHost {
     /// Adds a kernel; the first is the default.
     pub fn add_kernel(&self, name: &str) {
         self.state().kernels.push(name.to_owned());
+    }
+
+    /// A kernel of another format than a bzImage.
+    pub fn add_kernel_of(&self, name: &str, format: hearth_core::ports::KernelFormat) {
+        let mut s = self.state();
+        s.kernels.push(name.to_owned());
+        s.kernel_formats.insert(name.to_owned(), format);
     }
 
     /// The size of the filesystem disks are made on.
@@ -322,6 +331,13 @@ impl Kernels for FakeHost {
     }
     fn default_kernel(&self) -> Result<Option<String>> {
         Ok(self.state().kernels.first().cloned())
+    }
+    fn format(&self, kernel: &str) -> Result<hearth_core::ports::KernelFormat> {
+        let s = self.state();
+        Ok(s.kernel_formats
+            .get(kernel)
+            .copied()
+            .unwrap_or(hearth_core::ports::KernelFormat::BzImage))
     }
     fn exists(&self, kernel: &str) -> Result<bool> {
         Ok(self.state().kernels.iter().any(|k| k == kernel))

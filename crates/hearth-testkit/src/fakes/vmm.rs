@@ -137,7 +137,7 @@ impl Vmm for FakeVmm {
             creates_tap: true,
             console_socket: true,
             agent: AgentTransport::Serial,
-            kernel_formats: &[KernelFormat::BzImage],
+            kernel_formats: &[KernelFormat::BzImage, KernelFormat::ElfPvh],
             accels: &[Accel::Tcg],
         }
     }
