@@ -54,6 +54,17 @@ impl Api {
         serde_json::from_slice(&body).map_err(|e| self.error(format!("GET {path}: {e}")))
     }
 
+    /// Runs `f` on this API off the async runtime (every call blocks for up to its timeout).
+    pub(crate) async fn off_runtime<T: Send + 'static>(
+        self,
+        f: impl FnOnce(&Api) -> Result<T, VmmError> + Send + 'static,
+    ) -> Result<T, VmmError> {
+        let on_panic = self.clone();
+        tokio::task::spawn_blocking(move || f(&self))
+            .await
+            .map_err(|e| on_panic.error(e.to_string()))?
+    }
+
     /// Waits until `GET path` answers, for up to `wait`, or until the process (pid, start time)
     /// is gone.
     pub(crate) fn wait_ready(

@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -87,17 +87,36 @@ pub(crate) struct Start<'a> {
     /// How to get the binary, for a spawn error.
     pub fix: &'static str,
     pub binary: &'a Path,
-    /// Written with its pid once it runs.
-    pub pid_file: PathBuf,
+    pub vm_dir: &'a Path,
+    /// Its pid file, in `vm_dir`, written once it runs.
+    pub pid_file: &'static str,
     /// Its log, quoted when the set-up fails.
     pub log: &'a Path,
+    /// What it leaves in `vm_dir`, removed when the start fails.
+    pub runtime_files: &'a [&'a str],
 }
 
 impl Start<'_> {
     /// Spawns `cmd` as a session leader of its own in `group`, writes the pid file, and runs
-    /// `set_up(pid, start_time)`. When that fails the VMM is killed and the error quotes its log;
-    /// the caller removes its files. Returns (pid, start time).
+    /// `set_up(pid, start_time)`. When anything fails the VMM is killed, its runtime files and
+    /// the group are removed, and the error quotes its log. Returns (pid, start time).
     pub fn run(
+        &self,
+        cmd: Command,
+        group: Option<&crate::cgroup::Group>,
+        set_up: impl FnOnce(i32, u64) -> Result<(), VmmError>,
+    ) -> Result<(i32, u64), VmmError> {
+        let started = self.spawn_and_set_up(cmd, group, set_up);
+        if started.is_err() {
+            remove_files(self.vm_dir, self.runtime_files);
+            if let Some(g) = group {
+                g.remove();
+            }
+        }
+        started
+    }
+
+    fn spawn_and_set_up(
         &self,
         mut cmd: Command,
         group: Option<&crate::cgroup::Group>,
@@ -115,8 +134,9 @@ impl Start<'_> {
                 api: self.vmm,
                 message: "it exited right after starting".into(),
             })?;
-            hearth_fs::atomic_write(&self.pid_file, pid.to_string().as_bytes())
-                .map_err(|source| VmmError::Io { path: self.pid_file.clone(), source })?;
+            let pid_file = self.vm_dir.join(self.pid_file);
+            hearth_fs::atomic_write(&pid_file, pid.to_string().as_bytes())
+                .map_err(|source| VmmError::Io { path: pid_file, source })?;
             set_up(pid, start)?;
             Ok(start)
         })();
@@ -151,6 +171,27 @@ pub(crate) fn remove_files(vm_dir: &Path, names: &[&str]) {
             }
         }
     }
+}
+
+/// A stop: when there is a grace period, `ask` the guest to end and wait up to `grace` for the
+/// exit; then SIGKILL. The runtime files go once the process is gone.
+pub(crate) async fn stop(
+    vmm: &'static str,
+    (pid, start): (i32, u64),
+    grace: Duration,
+    ask: impl std::future::Future<Output = Result<(), VmmError>>,
+    remove_runtime_files: impl FnOnce(),
+) -> Result<(), VmmError> {
+    if crate::process::is_alive(pid, start) {
+        let ended = !grace.is_zero()
+            && ask.await.is_ok()
+            && tokio::time::timeout(grace, wait_exit(pid, start)).await.is_ok();
+        if !ended {
+            kill_and_wait(vmm, pid, start).await?;
+        }
+    }
+    remove_runtime_files();
+    Ok(())
 }
 
 /// SIGKILL, then waits until the process is gone (bounded: a task stuck in the kernel is

@@ -90,6 +90,19 @@ fn registry() -> (LocalRegistry, String, String) {
     (reg, k, r)
 }
 
+/// Imports the kernel and OS images under the names specs use, so they are not pulled.
+fn import_images(d: &Daemon) -> (&'static str, &'static str) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (kernel, root) = ("registry.invalid/kernel-bin:6.1", "registry.invalid/os:1");
+    hearth_e2e::testutil::oci_layout(&dir.path().join("k"), "t", &kernel_layer(), "")
+        .expect("kernel layout");
+    hearth_e2e::testutil::busybox_oci_layout(&dir.path().join("os"), "t", &os_image())
+        .expect("os layout");
+    d.ok(&["image", "import", dir.path().join("k").to_str().expect("utf8"), "--name", kernel]);
+    d.ok(&["image", "import", dir.path().join("os").to_str().expect("utf8"), "--name", root]);
+    (kernel, root)
+}
+
 fn spec(name: &str, kernel: &str, root: &str) -> fl::MicroVmSpec {
     fl::MicroVmSpec {
         id: name.into(),
@@ -511,14 +524,7 @@ fn microvms_on_the_bridge_get_their_addresses_and_reach_each_other() {
     // The default --flintlock-network is the bridge: hearthd runs inside the test's namespace.
     let d = Daemon::start_in(&ns);
     // Images already in the store are not pulled again: import them under the specs' names.
-    let dir = tempfile::tempdir().expect("tmp");
-    let (kernel, root) = ("registry.invalid/kernel-bin:6.1", "registry.invalid/os:1");
-    hearth_e2e::testutil::oci_layout(&dir.path().join("k"), "t", &kernel_layer(), "")
-        .expect("kernel layout");
-    hearth_e2e::testutil::busybox_oci_layout(&dir.path().join("os"), "t", &os_image())
-        .expect("os layout");
-    d.ok(&["image", "import", dir.path().join("k").to_str().expect("utf8"), "--name", kernel]);
-    d.ok(&["image", "import", dir.path().join("os").to_str().expect("utf8"), "--name", root]);
+    let (kernel, root) = import_images(&d);
 
     // Flintlock's service is on hearthd's Unix socket too.
     let rt = tokio::runtime::Runtime::new().expect("runtime");
@@ -674,14 +680,7 @@ fn microvms_asking_for_firecracker_or_cloudhypervisor_run_under_it_with_their_me
     }
     let ns = Netns::new();
     let d = Daemon::start_in(&ns);
-    let dir = tempfile::tempdir().expect("tmp");
-    let (kernel, root) = ("registry.invalid/kernel-bin:6.1", "registry.invalid/os:1");
-    hearth_e2e::testutil::oci_layout(&dir.path().join("k"), "t", &kernel_layer(), "")
-        .expect("kernel layout");
-    hearth_e2e::testutil::busybox_oci_layout(&dir.path().join("os"), "t", &os_image())
-        .expect("os layout");
-    d.ok(&["image", "import", dir.path().join("k").to_str().expect("utf8"), "--name", kernel]);
-    d.ok(&["image", "import", dir.path().join("os").to_str().expect("utf8"), "--name", root]);
+    let (kernel, root) = import_images(&d);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let mut c =
         with_token(rt.block_on(hearth_api::connect_unix(d.socket.clone())).expect("socket"), None);

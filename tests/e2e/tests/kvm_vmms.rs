@@ -17,6 +17,18 @@ fn have(vmm: &str) -> bool {
     found
 }
 
+/// Imports the busybox test image under `name`, from an OCI layout (no registry needed).
+fn import_busybox(d: &Daemon, name: &str) {
+    let layout = tempfile::tempdir().expect("tmp");
+    hearth_e2e::testutil::busybox_oci_layout(
+        layout.path(),
+        "1",
+        &hearth_e2e::testutil::TestImage::default(),
+    )
+    .expect("layout");
+    d.ok(&["image", "import", layout.path().to_str().expect("utf8"), "--name", name]);
+}
+
 fn processes(vmm: &str, needle: &str) -> Vec<String> {
     let out = std::process::Command::new("pgrep").args(["-a", "-f", vmm]).output().expect("pgrep");
     // The VMM's own processes: its binary is the command (hearthd's flags may name it too).
@@ -148,14 +160,7 @@ fn gets_a_tap_on_the_bridge_and_loses_it_with_the_vm(vmm: &str) {
     let ns = hearth_e2e::Netns::new();
     let d = Daemon::start_in(&ns);
     d.import_kernel();
-    let layout = tempfile::tempdir().expect("tmp");
-    hearth_e2e::testutil::busybox_oci_layout(
-        layout.path(),
-        "1",
-        &hearth_e2e::testutil::TestImage::default(),
-    )
-    .expect("layout");
-    d.ok(&["image", "import", layout.path().to_str().expect("utf8"), "--name", "fcbr:1"]);
+    import_busybox(&d, "fcbr:1");
     d.ok(&[
         "run",
         "-d",
@@ -204,14 +209,7 @@ fn a_new_hearthd_readopts_firecracker_and_cloud_hypervisor_vms_after_a_kill_9() 
     }
     let mut d = Daemon::start();
     d.import_kernel();
-    let layout = tempfile::tempdir().expect("tmp");
-    hearth_e2e::testutil::busybox_oci_layout(
-        layout.path(),
-        "1",
-        &hearth_e2e::testutil::TestImage::default(),
-    )
-    .expect("layout");
-    d.ok(&["image", "import", layout.path().to_str().expect("utf8"), "--name", "adopt:1"]);
+    import_busybox(&d, "adopt:1");
     let vms = [("fc", "firecracker"), ("ch", "cloud-hypervisor")];
     let mut pids = Vec::new();
     for (name, vmm) in vms {

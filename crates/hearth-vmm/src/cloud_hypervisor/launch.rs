@@ -6,7 +6,7 @@
 //! `cloud-hypervisor.pid`; a process counts as this VM's only while it is alive with the same
 //! start time and its command line names this VM's API socket.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -14,7 +14,7 @@ use hearth_types::Accel;
 
 use super::{config, API_SOCK, LOG, PID, RUNTIME_FILES};
 use crate::http::Api;
-use crate::process::{is_alive, wait_exit};
+
 use crate::{LaunchSpec, Launched, VmmError};
 
 /// How long Cloud Hypervisor may take to open its API socket.
@@ -24,22 +24,6 @@ const PING: &str = "/api/v1/vmm.ping";
 /// Removes what a Cloud Hypervisor that is gone left: sockets, the lock file, the pid file.
 pub fn remove_runtime_files(vm_dir: &Path) {
     crate::spawn::remove_files(vm_dir, &RUNTIME_FILES);
-}
-
-/// The Cloud Hypervisor running for `vm_dir`, as (pid, start time).
-pub fn find_running(vm_dir: &Path) -> Option<(i32, u64)> {
-    super::FINDER.find_running(vm_dir)
-}
-
-/// True when `pid`, started at `start`, is still this VM's Cloud Hypervisor.
-pub fn is_vmm_of(vm_dir: &Path, pid: i32, start: u64) -> bool {
-    super::FINDER.is_vmm_of(vm_dir, pid, start)
-}
-
-/// Every live Cloud Hypervisor whose files lie in a directory under `vms_dir`, as (VM directory, pid),
-/// found from /proc alone (a predecessor may have died before the pid file).
-pub fn scan(vms_dir: &Path) -> Vec<(PathBuf, i32)> {
-    super::FINDER.scan(vms_dir)
 }
 
 fn api(dir: &Path) -> Api {
@@ -61,7 +45,7 @@ pub fn launch(spec: &LaunchSpec, binary: &Path) -> Result<Launched, VmmError> {
     let spec = &crate::spawn::absolute(spec)?;
     let dir = &spec.vm_dir;
     let warning = crate::spawn::kvm_only("Cloud Hypervisor", spec)?;
-    if let Some((pid, _)) = find_running(dir) {
+    if let Some((pid, _)) = super::FINDER.find_running(dir) {
         return Err(VmmError::AlreadyRunning { pid, vm_dir: dir.clone() });
     }
     check_inputs(spec)?;
@@ -84,24 +68,17 @@ pub fn launch(spec: &LaunchSpec, binary: &Path) -> Result<Launched, VmmError> {
         vmm: "cloud-hypervisor",
         fix: "install Cloud Hypervisor from its releases or set HEARTH_CLOUD_HYPERVISOR",
         binary,
-        pid_file: dir.join(PID),
+        vm_dir: dir,
+        pid_file: PID,
         log: &log_path,
+        runtime_files: &RUNTIME_FILES,
     };
-    let started = start.run(cmd, group.as_ref(), |pid, start_time| {
+    let (pid, start_time) = start.run(cmd, group.as_ref(), |pid, start_time| {
         let api = api(dir);
         api.wait_ready(PING, pid, start_time, API_WAIT)?;
         api.put("/api/v1/vm.create", &config::vm_config(spec))
-    });
-    match started {
-        Ok((pid, start_time)) => Ok(Launched { pid, start_time, accel: Accel::Kvm, warning }),
-        Err(e) => {
-            remove_runtime_files(dir);
-            if let Some(g) = &group {
-                g.remove();
-            }
-            Err(e)
-        }
-    }
+    })?;
+    Ok(Launched { pid, start_time, accel: Accel::Kvm, warning })
 }
 
 /// The VM's state as Cloud Hypervisor reports it (`Created`, `Running`, `Paused`, `Shutdown`).
@@ -110,60 +87,42 @@ pub fn state(vm_dir: &Path) -> Result<String, VmmError> {
     Ok(info.get("state").and_then(|s| s.as_str()).unwrap_or_default().to_owned())
 }
 
-/// Runs a blocking API call off the async runtime.
-async fn blocking<T: Send + 'static>(
-    vm_dir: &Path,
-    f: impl FnOnce(&Path) -> Result<T, VmmError> + Send + 'static,
-) -> Result<T, VmmError> {
-    let dir = vm_dir.to_owned();
-    tokio::task::spawn_blocking(move || f(&dir))
-        .await
-        .map_err(|e| api(vm_dir).error(e.to_string()))?
-}
-
 /// `vm.boot`, once; with `only_if_never_started`, only for a VM that was created and never
 /// booted (a crash between launch and start). Returns whether it booted the guest.
 pub async fn start_guest(vm_dir: &Path, only_if_never_started: bool) -> Result<bool, VmmError> {
-    blocking(vm_dir, move |dir| {
-        if only_if_never_started && state(dir)? != "Created" {
-            return Ok(false);
-        }
-        api(dir).put_empty("/api/v1/vm.boot")?;
-        Ok(true)
-    })
-    .await
+    let dir = vm_dir.to_owned();
+    api(vm_dir)
+        .off_runtime(move |api| {
+            if only_if_never_started && state(&dir)? != "Created" {
+                return Ok(false);
+            }
+            api.put_empty("/api/v1/vm.boot")?;
+            Ok(true)
+        })
+        .await
 }
 
 /// Waits until a Cloud Hypervisor found running answers on its API socket.
 pub async fn wait_set_up(vm_dir: &Path, pid: i32, start: u64) -> Result<(), VmmError> {
-    blocking(vm_dir, move |dir| api(dir).wait_ready(PING, pid, start, API_WAIT)).await
+    api(vm_dir).off_runtime(move |api| api.wait_ready(PING, pid, start, API_WAIT)).await
 }
 
 /// Pauses the guest's vCPUs (`vm.pause`).
 pub async fn pause(vm_dir: &Path) -> Result<(), VmmError> {
-    blocking(vm_dir, |dir| api(dir).put_empty("/api/v1/vm.pause")).await
+    api(vm_dir).off_runtime(|api| api.put_empty("/api/v1/vm.pause")).await
 }
 
 /// Resumes a paused guest (`vm.resume`).
 pub async fn resume(vm_dir: &Path) -> Result<(), VmmError> {
-    blocking(vm_dir, |dir| api(dir).put_empty("/api/v1/vm.resume")).await
+    api(vm_dir).off_runtime(|api| api.put_empty("/api/v1/vm.resume")).await
 }
 
 /// The ACPI power button (the guest powers off, which ends Cloud Hypervisor), then, after
 /// `grace`, SIGKILL; a zero grace kills at once. Returns once the process is gone.
 pub async fn stop(vm_dir: &Path, pid: i32, start: u64, grace: Duration) -> Result<(), VmmError> {
-    if !is_alive(pid, start) {
-        remove_runtime_files(vm_dir);
-        return Ok(());
-    }
-    if !grace.is_zero() {
-        let asked = blocking(vm_dir, |dir| api(dir).put_empty("/api/v1/vm.power-button")).await;
-        if asked.is_ok() && tokio::time::timeout(grace, wait_exit(pid, start)).await.is_ok() {
-            remove_runtime_files(vm_dir);
-            return Ok(());
-        }
-    }
-    crate::spawn::kill_and_wait("cloud-hypervisor", pid, start).await?;
-    remove_runtime_files(vm_dir);
-    Ok(())
+    let ask = api(vm_dir).off_runtime(|api| api.put_empty("/api/v1/vm.power-button"));
+    crate::spawn::stop("cloud-hypervisor", (pid, start), grace, ask, || {
+        remove_runtime_files(vm_dir)
+    })
+    .await
 }

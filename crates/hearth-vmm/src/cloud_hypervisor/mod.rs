@@ -13,10 +13,7 @@ mod launch;
 mod provider;
 
 pub use config::{kernel_cmdline, vm_config, GUEST_CID};
-pub use launch::{
-    find_running, is_vmm_of, launch, pause, remove_runtime_files, resume, scan, start_guest, state,
-    stop,
-};
+pub use launch::{launch, pause, remove_runtime_files, resume, start_guest, state, stop};
 pub use provider::CloudHypervisor;
 
 /// The API socket, in the VM's directory.

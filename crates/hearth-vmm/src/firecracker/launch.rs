@@ -7,7 +7,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use hearth_types::Accel;
 use super::{config, API_SOCK, LOG, METRICS, PID, RUNTIME_FILES};
 use crate::console::{FIFO_IN, FIFO_OUT};
 use crate::http::Api;
-use crate::process::{is_alive, wait_exit};
+
 use crate::{LaunchSpec, Launched, VmmError};
 
 /// How long Firecracker may take to open its API socket.
@@ -27,28 +27,12 @@ pub fn remove_runtime_files(vm_dir: &Path) {
     crate::spawn::remove_files(vm_dir, &RUNTIME_FILES);
 }
 
-/// The Firecracker running for `vm_dir`, as (pid, start time).
-pub fn find_running(vm_dir: &Path) -> Option<(i32, u64)> {
-    super::FINDER.find_running(vm_dir)
-}
-
-/// True when `pid`, started at `start`, is still this VM's Firecracker.
-pub fn is_vmm_of(vm_dir: &Path, pid: i32, start: u64) -> bool {
-    super::FINDER.is_vmm_of(vm_dir, pid, start)
-}
-
-/// Every live Firecracker whose files lie in a directory under `vms_dir`, as (VM directory, pid),
-/// found from /proc alone (a predecessor may have died before the pid file).
-pub fn scan(vms_dir: &Path) -> Vec<(PathBuf, i32)> {
-    super::FINDER.scan(vms_dir)
-}
-
 /// Starts Firecracker for `spec` and configures it; returns once it waits for `InstanceStart`.
 pub fn launch(spec: &LaunchSpec, binary: &Path) -> Result<Launched, VmmError> {
     let spec = &crate::spawn::absolute(spec)?;
     let dir = &spec.vm_dir;
     let warning = crate::spawn::kvm_only("Firecracker", spec)?;
-    if let Some((pid, _)) = find_running(dir) {
+    if let Some((pid, _)) = super::FINDER.find_running(dir) {
         return Err(VmmError::AlreadyRunning { pid, vm_dir: dir.clone() });
     }
     remove_runtime_files(dir);
@@ -76,10 +60,12 @@ pub fn launch(spec: &LaunchSpec, binary: &Path) -> Result<Launched, VmmError> {
         vmm: "firecracker",
         fix: "install Firecracker from its releases or set HEARTH_FIRECRACKER",
         binary,
-        pid_file: dir.join(PID),
+        vm_dir: dir,
+        pid_file: PID,
         log: &log_path,
+        runtime_files: &RUNTIME_FILES,
     };
-    let started = start.run(cmd, group.as_ref(), |pid, start_time| {
+    let (pid, start_time) = start.run(cmd, group.as_ref(), |pid, start_time| {
         let api = api(dir);
         api.wait_ready("/", pid, start_time, API_WAIT)?;
         for (path, body) in config::calls(spec) {
@@ -89,17 +75,8 @@ pub fn launch(spec: &LaunchSpec, binary: &Path) -> Result<Launched, VmmError> {
             Some(data) => api.put("/mmds", &data),
             None => Ok(()),
         }
-    });
-    match started {
-        Ok((pid, start_time)) => Ok(Launched { pid, start_time, accel: Accel::Kvm, warning }),
-        Err(e) => {
-            remove_runtime_files(dir);
-            if let Some(g) = &group {
-                g.remove();
-            }
-            Err(e)
-        }
-    }
+    })?;
+    Ok(Launched { pid, start_time, accel: Accel::Kvm, warning })
 }
 
 /// The serial port's FIFOs, as Firecracker's stdin and stdout: hearth's console capture reads
@@ -147,11 +124,6 @@ fn api(dir: &Path) -> Api {
     Api::firecracker(&dir.join(API_SOCK))
 }
 
-/// Waits until the API socket answers, or the process is gone.
-fn wait_api(dir: &Path, pid: i32, start: u64) -> Result<(), VmmError> {
-    api(dir).wait_ready("/", pid, start, API_WAIT)
-}
-
 /// The instance's state as Firecracker reports it (`Not started`, `Running`, `Paused`).
 pub fn state(dir: &Path) -> Result<String, VmmError> {
     let info = Api::firecracker(&dir.join(API_SOCK)).get("/")?;
@@ -162,16 +134,15 @@ pub fn state(dir: &Path) -> Result<String, VmmError> {
 /// never started (a crash between launch and start). Returns whether it started the guest.
 pub async fn start_guest(vm_dir: &Path, only_if_never_started: bool) -> Result<bool, VmmError> {
     let dir = vm_dir.to_owned();
-    tokio::task::spawn_blocking(move || {
-        if only_if_never_started && state(&dir)? != "Not started" {
-            return Ok(false);
-        }
-        let api = Api::firecracker(&dir.join(API_SOCK));
-        api.put("/actions", &serde_json::json!({ "action_type": "InstanceStart" }))?;
-        Ok(true)
-    })
-    .await
-    .map_err(|e| api(vm_dir).error(e.to_string()))?
+    api(vm_dir)
+        .off_runtime(move |api| {
+            if only_if_never_started && state(&dir)? != "Not started" {
+                return Ok(false);
+            }
+            api.put("/actions", &serde_json::json!({ "action_type": "InstanceStart" }))?;
+            Ok(true)
+        })
+        .await
 }
 
 /// Pauses the guest's vCPUs (`PATCH /vm` to `Paused`).
@@ -185,42 +156,19 @@ pub async fn resume(vm_dir: &Path) -> Result<(), VmmError> {
 }
 
 async fn set_vm_state(vm_dir: &Path, to: &'static str) -> Result<(), VmmError> {
-    let dir = vm_dir.to_owned();
-    tokio::task::spawn_blocking(move || api(&dir).patch("/vm", &serde_json::json!({ "state": to })))
-        .await
-        .map_err(|e| api(vm_dir).error(e.to_string()))?
+    api(vm_dir).off_runtime(move |api| api.patch("/vm", &serde_json::json!({ "state": to }))).await
 }
 
 /// Waits until a Firecracker found running answers on its API socket.
 pub async fn wait_set_up(vm_dir: &Path, pid: i32, start: u64) -> Result<(), VmmError> {
-    let dir = vm_dir.to_owned();
-    tokio::task::spawn_blocking(move || wait_api(&dir, pid, start))
-        .await
-        .map_err(|e| api(vm_dir).error(e.to_string()))?
+    api(vm_dir).off_runtime(move |api| api.wait_ready("/", pid, start, API_WAIT)).await
 }
 
 /// Ctrl-Alt-Del through the emulated keyboard (the guest's init decides what it means), then,
 /// after `grace`, SIGKILL; a zero grace kills at once. Returns once the process is gone.
 pub async fn stop(vm_dir: &Path, pid: i32, start: u64, grace: Duration) -> Result<(), VmmError> {
-    if !is_alive(pid, start) {
-        remove_runtime_files(vm_dir);
-        return Ok(());
-    }
-    if !grace.is_zero() {
-        let dir = vm_dir.to_owned();
-        let asked = tokio::task::spawn_blocking(move || {
-            Api::firecracker(&dir.join(API_SOCK))
-                .put("/actions", &serde_json::json!({ "action_type": "SendCtrlAltDel" }))
-        })
-        .await;
-        if matches!(asked, Ok(Ok(())))
-            && tokio::time::timeout(grace, wait_exit(pid, start)).await.is_ok()
-        {
-            remove_runtime_files(vm_dir);
-            return Ok(());
-        }
-    }
-    crate::spawn::kill_and_wait("firecracker", pid, start).await?;
-    remove_runtime_files(vm_dir);
-    Ok(())
+    let ctrl_alt_del = serde_json::json!({ "action_type": "SendCtrlAltDel" });
+    let ask = api(vm_dir).off_runtime(move |api| api.put("/actions", &ctrl_alt_del));
+    crate::spawn::stop("firecracker", (pid, start), grace, ask, || remove_runtime_files(vm_dir))
+        .await
 }

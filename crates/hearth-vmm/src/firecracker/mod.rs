@@ -14,10 +14,7 @@ mod provider;
 
 pub use crate::http::Api;
 pub use config::{calls, kernel_cmdline, GUEST_CID};
-pub use launch::{
-    find_running, is_vmm_of, launch, pause, remove_runtime_files, resume, scan, start_guest, state,
-    stop,
-};
+pub use launch::{launch, pause, remove_runtime_files, resume, start_guest, state, stop};
 pub use provider::Firecracker;
 
 /// The API socket, in the VM's directory.

@@ -131,18 +131,7 @@ fn run_to_ready(reg: &LocalRegistry, runs: usize) -> Daemon {
     }
     // The bare command: same kernel, initramfs, disk and config, no hearth in the loop.
     let kdir = d.root.path().join("kernels/debian");
-    let initrd = std::fs::read_dir(&kdir)
-        .expect("kernel dir")
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.to_string_lossy().contains("initramfs-"))
-        .expect("initramfs");
-    let base_img = std::fs::read_dir(d.root.path().join("images/rootfs"))
-        .expect("rootfs dir")
-        .flatten()
-        .map(|e| e.path())
-        .next()
-        .expect("base ext4");
+    let (initrd, base_img) = built_files(d.root.path());
     let work = tempfile::tempdir().expect("tmp");
     let mut bare = Vec::new();
     for i in 0..runs {
@@ -422,6 +411,23 @@ fn control_plane(d: &Daemon, image: &str, creates: usize, runs: usize) {
     for chunk in ids.chunks(50) {
         d.ok(&[&["rm", "-f"][..], chunk].concat());
     }
+}
+
+/// The initramfs and base ext4 a daemon on `root` built (for the bare baselines to boot).
+fn built_files(root: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let initrd = std::fs::read_dir(root.join("kernels/debian"))
+        .expect("kernel dir")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().contains("initramfs-"))
+        .expect("initramfs");
+    let base = std::fs::read_dir(root.join("images/rootfs"))
+        .expect("rootfs dir")
+        .flatten()
+        .map(|e| e.path())
+        .next()
+        .expect("base ext4");
+    (initrd, base)
 }
 
 fn main() {

@@ -14,18 +14,7 @@ use hearth_vmm::http::Api;
 fn bare_vm(d: &Daemon, dir: &Path, vmm: &str) -> hearth_vmm::LaunchSpec {
     std::fs::create_dir_all(dir).expect("mkdir");
     let kdir = d.root.path().join("kernels/debian");
-    let initrd = std::fs::read_dir(&kdir)
-        .expect("kernel dir")
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.to_string_lossy().contains("initramfs-"))
-        .expect("initramfs");
-    let base = std::fs::read_dir(d.root.path().join("images/rootfs"))
-        .expect("rootfs dir")
-        .flatten()
-        .map(|e| e.path())
-        .next()
-        .expect("base ext4");
+    let (initrd, base) = super::built_files(d.root.path());
     let disk = dir.join("disk.img");
     let copied = Command::new("cp").arg("--sparse=always").arg(&base).arg(&disk).status();
     assert!(copied.is_ok_and(|s| s.success()), "cp");
