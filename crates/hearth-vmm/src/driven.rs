@@ -119,12 +119,23 @@ impl<D: Driver> Vmm for Driven<D> {
     }
 
     fn exit_reason(&self, vm_dir: &Path) -> Option<String> {
-        exit_reason(&std::fs::read(D::log(vm_dir)).ok()?)
+        exit_reason(&log_tail(&D::log(vm_dir)).ok()?)
     }
 }
 
 /// How much of a log's end is read for the exit reason.
 const LOG_TAIL: usize = 64 << 10;
+
+/// The last `LOG_TAIL` bytes of a VMM's log, however large it grew.
+fn log_tail(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL as u64)))?;
+    let mut tail = Vec::with_capacity(LOG_TAIL.min(len as usize));
+    f.take(LOG_TAIL as u64).read_to_end(&mut tail)?;
+    Ok(tail)
+}
 
 /// Why a VMM ended, from its log's last error line (Firecracker: `[.. :ERROR] Shutting down VM
 /// after intercepting signal 7`, a bad syscall; Cloud Hypervisor: `cloud-hypervisor: .. ERROR:..
@@ -149,7 +160,7 @@ pub(crate) fn exit_reason(log: &[u8]) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::exit_reason;
+    use super::{exit_reason, log_tail, LOG_TAIL};
 
     #[test]
     fn the_last_logged_error_is_the_reason_and_a_bad_syscall_is_named() {
@@ -165,6 +176,16 @@ mod tests {
             b"cloud-hypervisor: 5.1s: <vmm> ERROR:vmm/src/lib.rs:900 -- Error booting VM: kernel\n";
         assert_eq!(exit_reason(ch).as_deref(), Some("Error booting VM: kernel"));
         assert_eq!(exit_reason(b"all well\n"), None);
+        // A log grown huge (an error of its own long ago, then junk) is read from its end only.
+        let dir = tempfile::tempdir().expect("tmp");
+        let log = dir.path().join("vmm.log");
+        let mut big = b"[x:ERROR] old\n".to_vec();
+        big.resize(32 << 20, b'x');
+        big.extend_from_slice(b"\n[vm:main:ERROR:y] the last words\n");
+        std::fs::write(&log, &big).expect("log");
+        let tail = log_tail(&log).expect("tail");
+        assert_eq!(tail.len(), LOG_TAIL);
+        assert_eq!(exit_reason(&tail).as_deref(), Some("the last words"));
         assert_eq!(exit_reason(b""), None);
     }
 }
