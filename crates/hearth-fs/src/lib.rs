@@ -11,6 +11,7 @@
 #![deny(unsafe_code)]
 
 // The only module with raw system calls (the crate denies unsafe code everywhere else).
+pub mod elf;
 #[allow(unsafe_code)]
 mod sys;
 mod tree;

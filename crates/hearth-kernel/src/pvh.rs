@@ -3,66 +3,22 @@
 //! Firecracker boots ELF kernels without one. Read with bounded positioned reads: the kernel is
 //! an imported file, never trusted to be well formed.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-/// `PT_NOTE`.
-const PT_NOTE: u32 = 4;
+use hearth_fs::elf::{u32_at, Elf, PT_NOTE};
+
 /// `XEN_ELFNOTE_PHYS32_ENTRY`.
 const PHYS32_ENTRY: u32 = 18;
-/// The most program headers and note bytes read.
-const MAX_PHDRS: u64 = 256;
+/// The most note bytes read.
 const MAX_NOTES: u64 = 1 << 20;
 
 /// Whether the ELF64 file at `path` has a PVH note; `false` for anything malformed.
 pub fn has_pvh_note(path: &Path) -> std::io::Result<bool> {
-    let f = File::open(path)?;
-    Ok(scan(&f).unwrap_or(false))
-}
-
-fn read(f: &File, at: u64, len: u64) -> Option<Vec<u8>> {
-    let mut buf = vec![0u8; usize::try_from(len).ok()?];
-    f.read_exact_at(&mut buf, at).ok()?;
-    Some(buf)
-}
-
-fn u16_at(b: &[u8], i: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(i..i + 2)?.try_into().ok()?))
-}
-fn u32_at(b: &[u8], i: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(i..i + 4)?.try_into().ok()?))
-}
-fn u64_at(b: &[u8], i: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(i..i + 8)?.try_into().ok()?))
-}
-
-/// `None` when the file is not a little-endian ELF64 it can read.
-fn scan(f: &File) -> Option<bool> {
-    let head = read(f, 0, 64)?;
-    if &head[..4] != b"\x7fELF" || head[4] != 2 || head[5] != 1 {
-        return None;
-    }
-    let (phoff, phentsize, phnum) =
-        (u64_at(&head, 0x20)?, u64::from(u16_at(&head, 0x36)?), u64::from(u16_at(&head, 0x38)?));
-    if phentsize < 56 || phnum > MAX_PHDRS {
-        return None;
-    }
-    let phdrs = read(f, phoff, phentsize.checked_mul(phnum)?)?;
-    for i in 0..phnum as usize {
-        let ph = &phdrs[i * phentsize as usize..];
-        if u32_at(ph, 0)? != PT_NOTE {
-            continue;
-        }
-        let (offset, size) = (u64_at(ph, 0x08)?, u64_at(ph, 0x20)?);
-        if size > MAX_NOTES {
-            return None;
-        }
-        if notes_have_pvh(&read(f, offset, size)?) {
-            return Some(true);
-        }
-    }
-    Some(false)
+    let Some(elf) = Elf::open(path)? else { return Ok(false) };
+    let found = elf
+        .of_kind(PT_NOTE)
+        .any(|s| elf.contents(s, MAX_NOTES).is_some_and(|n| notes_have_pvh(&n)));
+    Ok(found)
 }
 
 /// Walks one note segment: (namesz, descsz, type, name, desc), each padded to 4 bytes.

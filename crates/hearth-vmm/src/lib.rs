@@ -26,6 +26,7 @@ pub mod driven;
 pub mod firecracker;
 mod found;
 pub mod http;
+pub mod jail;
 pub mod process;
 pub mod qemu;
 mod spawn;

@@ -137,3 +137,100 @@ async fn a_firecracker_ended_by_a_signal_says_so_as_its_exit_reason() {
     let why = fc.exit_reason(dir.path()).expect("a reason");
     assert!(why.contains("signal 7"), "{why}");
 }
+
+/// The jailer's way, with what hearth puts in the chroot: a Firecracker linked against glibc
+/// (as ../shared/vmm/bin's is) runs in an otherwise empty chroot once its loader and libraries
+/// are placed there, as an unprivileged uid, in a PID namespace of its own, and answers on
+/// its API socket inside the chroot.
+#[test]
+fn a_dynamically_linked_firecracker_runs_under_the_jailer_with_its_libraries_placed() {
+    for binary in ["firecracker", "jailer"] {
+        if let Some(why) = hearth_testkit::kvm::skip_reason(binary) {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    }
+    let which = |b: &str| {
+        std::env::var_os("PATH")
+            .into_iter()
+            .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+            .map(|d| d.join(b))
+            .find(|p| p.is_file())
+            .expect("on PATH")
+    };
+    let fc = which("firecracker");
+    let base = tempfile::tempdir().expect("tmp");
+    let id = "jail-test";
+    let root = base.path().join("firecracker").join(id).join("root");
+    let files = hearth_vmm::jail::runtime_files(&fc).expect("libraries");
+    for f in &files {
+        hearth_vmm::jail::place(&root, f).expect("place");
+    }
+    let uid = "2100009999";
+    let status = std::process::Command::new(which("jailer"))
+        .args(["--id", id, "--uid", uid, "--gid", uid, "--new-pid-ns", "--exec-file"])
+        .arg(&fc)
+        .arg("--chroot-base-dir")
+        .arg(base.path())
+        .args(["--", "--api-sock", "/firecracker.sock", "--level", "Warning"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("jailer");
+    // With a new PID namespace the jailer forks, writes the VMM's pid and exits.
+    assert!(status.success(), "{status}");
+    let pid: i32 = std::fs::read_to_string(root.join("firecracker.pid"))
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+    let _kill = scopeguard(pid);
+    let sock = root.join("firecracker.sock");
+    assert!(
+        wait_until(Duration::from_secs(10), || sock.exists()),
+        "no API socket; static: {}",
+        files.is_empty()
+    );
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let ids = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .map(|l| l.split_whitespace().nth(1).map(str::to_owned))
+    };
+    assert_eq!(ids("Uid:").flatten().as_deref(), Some(uid));
+    assert_eq!(ids("Gid:").flatten().as_deref(), Some(uid));
+    // Its root is the chroot (pivoted to in a mount namespace of its own, so /proc shows "/":
+    // the same directory, by device and inode), and it is init of a PID namespace of its own.
+    use std::os::unix::fs::MetadataExt;
+    let (seen, made) = (
+        std::fs::metadata(format!("/proc/{pid}/root/")).expect("its root"),
+        std::fs::metadata(&root).expect("chroot"),
+    );
+    assert_eq!((seen.dev(), seen.ino()), (made.dev(), made.ino()));
+    assert!(status.lines().any(|l| l.starts_with("NSpid:") && l.ends_with("\t1")), "{status}");
+    let info = Api::firecracker(&sock).get("/").expect("API");
+    assert_eq!(info["state"], "Not started");
+}
+
+fn wait_until(limit: Duration, mut ok: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < end {
+        if ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ok()
+}
+
+/// Kills `pid` when dropped (the test's Firecracker, whatever the test's outcome).
+fn scopeguard(pid: i32) -> impl Drop {
+    struct Kill(i32);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("kill").args(["-9", &self.0.to_string()]).status();
+        }
+    }
+    Kill(pid)
+}
