@@ -22,7 +22,16 @@ pub trait Driver: Send + Sync + std::fmt::Debug + Default + 'static {
     #[doc(hidden)]
     const FINDER: crate::found::Finder;
 
-    fn launch(spec: &LaunchSpec, binary: &Path) -> Result<Launched, crate::VmmError>;
+    /// The launcher that confines the VMM (Firecracker's jailer), from PATH when none is named;
+    /// `None` for a VMM without one.
+    const JAILER: Option<(&'static str, &'static str)> = None;
+
+    /// Launches `binary`, under `jailer` when given and the spec names a uid to run as.
+    fn launch(
+        spec: &LaunchSpec,
+        binary: &Path,
+        jailer: Option<&Path>,
+    ) -> Result<Launched, crate::VmmError>;
     fn wait_set_up(
         vm_dir: &Path,
         pid: i32,
@@ -49,17 +58,24 @@ pub trait Driver: Send + Sync + std::fmt::Debug + Default + 'static {
 pub struct Driven<D> {
     /// The VMM binary; the driver's default from PATH when `None`.
     pub binary: Option<PathBuf>,
+    /// The driver's jailer binary; its default from PATH when `None`.
+    pub jailer: Option<PathBuf>,
+    /// Runs the VMM without its jailer even where it has one (hearthd's `--no-jail`).
+    pub no_jail: bool,
     _driver: std::marker::PhantomData<D>,
 }
 
 impl<D: Driver> Driven<D> {
-    /// Configured from the environment: the driver's variable names the binary.
+    /// Configured from the environment: the driver's variables name the binary and its jailer.
     pub fn from_env() -> Self {
-        Self::with_binary(std::env::var_os(D::BINARY_ENV).map(Into::into))
+        Self {
+            jailer: D::JAILER.and_then(|(_, var)| std::env::var_os(var)).map(Into::into),
+            ..Self::with_binary(std::env::var_os(D::BINARY_ENV).map(Into::into))
+        }
     }
 
     pub fn with_binary(binary: Option<PathBuf>) -> Self {
-        Self { binary, _driver: std::marker::PhantomData }
+        Self { binary, jailer: None, no_jail: false, _driver: std::marker::PhantomData }
     }
 }
 
@@ -72,7 +88,10 @@ impl<D: Driver> Vmm for Driven<D> {
     fn launch(&self, spec: &LaunchSpec) -> Result<Launched, VmmError> {
         let binary =
             spec.binary.clone().or_else(|| self.binary.clone()).unwrap_or_else(|| D::BINARY.into());
-        D::launch(spec, &binary).map_err(port_error)
+        let jailer = D::JAILER
+            .filter(|_| !self.no_jail)
+            .map(|(name, _)| self.jailer.clone().unwrap_or_else(|| name.into()));
+        D::launch(spec, &binary, jailer.as_deref()).map_err(port_error)
     }
 
     fn find(&self, vm_dir: &Path, recorded: Option<VmmHandle>) -> Option<(VmmHandle, bool)> {
@@ -129,7 +148,8 @@ const LOG_TAIL: usize = 64 << 10;
 /// The last `LOG_TAIL` bytes of a VMM's log, however large it grew.
 fn log_tail(path: &Path) -> std::io::Result<Vec<u8>> {
     use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::fs::File::open(path)?;
+    // Read without following a link: a jailed VMM's log was its to replace.
+    let mut f = crate::jail::open_nofollow(path)?;
     let len = f.metadata()?.len();
     f.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL as u64)))?;
     let mut tail = Vec::with_capacity(LOG_TAIL.min(len as usize));

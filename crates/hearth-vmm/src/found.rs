@@ -17,6 +17,9 @@ pub struct Finder {
     pub flag: &'static [u8],
     /// The file in the VM's directory that the flag's value names.
     pub named: &'static str,
+    /// A jailed VMM's chroot for a VM directory: such a VMM's flag names the file at its own
+    /// root (`/firecracker.sock`), and its root must be that directory.
+    pub jail: Option<fn(&Path) -> PathBuf>,
 }
 
 impl Finder {
@@ -35,14 +38,37 @@ impl Finder {
 
     fn names_vm(&self, pid: i32, vm_dir: &Path) -> bool {
         use std::os::unix::ffi::OsStrExt;
-        crate::process::arg_of(pid, self.flag).as_deref()
-            == Some(vm_dir.join(self.named).as_os_str().as_bytes())
+        let Some(arg) = crate::process::arg_of(pid, self.flag) else { return false };
+        if arg == vm_dir.join(self.named).as_os_str().as_bytes() {
+            return true;
+        }
+        self.jail.is_some_and(|root| {
+            arg == Path::new("/").join(self.named).as_os_str().as_bytes()
+                && same_file(&format!("/proc/{pid}/root/"), &root(vm_dir))
+        })
     }
 
     /// Every live VMM whose flag names a file in a directory right under `vms_dir`, as (VM
     /// directory, pid), found from /proc alone (a predecessor may have died before the pid file).
     pub fn scan(&self, vms_dir: &Path) -> Vec<(PathBuf, i32)> {
-        crate::process::scan_vmms(vms_dir, self.flag, self.named)
+        let mut found = crate::process::scan_vmms(vms_dir, self.flag, self.named);
+        if self.jail.is_some() {
+            found.extend(self.scan_jails(vms_dir));
+        }
+        found
+    }
+
+    /// Jailed VMMs: the pid each jail's launcher recorded, when that process is the VM's.
+    fn scan_jails(&self, vms_dir: &Path) -> Vec<(PathBuf, i32)> {
+        let Ok(dirs) = std::fs::read_dir(vms_dir) else { return Vec::new() };
+        dirs.flatten()
+            .filter_map(|e| {
+                let dir = e.path();
+                let pid = crate::firecracker::jail::forked_pid(&dir)?;
+                let start = crate::process::start_time(pid)?;
+                self.is_vmm_of(&dir, pid, start).then_some((dir, pid))
+            })
+            .collect()
     }
 
     pub fn find(&self, vm_dir: &Path, recorded: Option<VmmHandle>) -> Option<(VmmHandle, bool)> {
@@ -78,5 +104,14 @@ impl Finder {
             crate::process::kill(vmm.pid, vmm.start_time, signal);
         }
         ours
+    }
+}
+
+/// Whether two paths are one directory (device and inode): a process's root seen through /proc.
+fn same_file(a: &str, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => (x.dev(), x.ino()) == (y.dev(), y.ino()),
+        _ => false,
     }
 }

@@ -3,7 +3,6 @@
 //! since a VMM is not trusted to answer sanely.
 
 use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -107,7 +106,7 @@ impl Api {
                 self.error(format!("{what}: {e} ({})", self.socket.display()))
             }
         };
-        let mut s = UnixStream::connect(&self.socket).map_err(io)?;
+        let mut s = crate::jail::connect(&self.socket).map_err(io)?;
         s.set_read_timeout(Some(TIMEOUT)).map_err(io)?;
         s.set_write_timeout(Some(TIMEOUT)).map_err(io)?;
         let payload = body.map(|b| b.to_string()).unwrap_or_default();

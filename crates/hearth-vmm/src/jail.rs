@@ -101,21 +101,65 @@ fn resolve(name: &str) -> Option<PathBuf> {
     LIB_DIRS.iter().map(|d| Path::new(d).join(name)).find(|p| p.is_file())
 }
 
+/// `binary` as a path: as it is when it has a slash, else the first match on PATH (as exec
+/// would find it).
+pub fn on_path(binary: &Path) -> Option<PathBuf> {
+    if binary.as_os_str().as_bytes().contains(&b'/') {
+        return Some(binary.to_owned());
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(binary)).find(|p| p.is_file())
+}
+
 /// Puts `file` at the same absolute path under `root`: a hard link where both are on one
 /// filesystem, else a copy (the target's own content, links resolved). Its directories are
 /// made as real directories (a host's `/lib64 -> usr/lib64` is not reproduced).
 pub fn place(root: &Path, file: &Path) -> std::io::Result<PathBuf> {
     let rel = file.strip_prefix("/").unwrap_or(file);
     let at = root.join(rel);
-    if let Some(dir) = at.parent() {
-        std::fs::create_dir_all(dir)?;
+    // Directories the VMM may pass through but not change (whatever hearthd's umask).
+    std::fs::create_dir_all(root)?;
+    let mut dir = root.to_owned();
+    for part in rel.parent().into_iter().flat_map(|p| p.components()) {
+        dir.push(part);
+        if std::fs::symlink_metadata(&dir).is_err() {
+            std::fs::create_dir(&dir)?;
+        }
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     }
     let real = std::fs::canonicalize(file)?;
     let _ = std::fs::remove_file(&at);
     if std::fs::hard_link(&real, &at).is_err() {
         std::fs::copy(&real, &at)?;
+        std::fs::set_permissions(&at, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     }
     Ok(at)
+}
+
+/// Opens `path` for reading without following a symbolic link in its last component: a file in
+/// a jail (the VMM's log) is the VMM's to replace, with a link to anything on the host.
+pub fn open_nofollow(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path)
+}
+
+/// Connects to the Unix socket at `path` only if it is one, never through a symbolic link in
+/// its last component (a jailed VMM owns its chroot and could put a link to another service's
+/// socket in its API socket's place). The socket is reached through its `O_PATH` descriptor,
+/// which also lifts the 108-byte limit on socket paths.
+pub fn connect(path: &Path) -> std::io::Result<std::os::unix::net::UnixStream> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
+        .open(path)?;
+    if !f.metadata()?.file_type().is_socket() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} is not a socket", path.display()),
+        ));
+    }
+    std::os::unix::net::UnixStream::connect(format!("/proc/self/fd/{}", f.as_raw_fd()))
 }
 
 #[cfg(test)]
@@ -140,6 +184,35 @@ mod tests {
     }
 
     #[test]
+    fn sockets_are_reached_only_as_themselves_and_files_never_through_links() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let sock = dir.path().join("api.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
+        assert!(connect(&sock).is_ok());
+        drop(listener.accept().expect("accepted"));
+        let link = dir.path().join("link.sock");
+        std::os::unix::fs::symlink(&sock, &link).expect("symlink");
+        assert!(connect(&link).is_err(), "a link to another socket is refused");
+        let plain = dir.path().join("file");
+        std::fs::write(&plain, b"x").expect("write");
+        assert!(connect(&plain).is_err_and(|e| e.to_string().contains("not a socket")));
+        let to_file = dir.path().join("log");
+        std::os::unix::fs::symlink(&plain, &to_file).expect("symlink");
+        assert!(open_nofollow(&to_file).is_err() && open_nofollow(&plain).is_ok());
+    }
+
+    #[test]
+    fn a_truncated_binary_is_read_without_panic_or_a_large_allocation() {
+        let me = std::fs::read(std::env::current_exe().expect("exe")).expect("read");
+        let dir = tempfile::tempdir().expect("tmp");
+        for cut in [16, 64, 200, 4096, me.len() / 2] {
+            let p = dir.path().join(format!("cut{cut}"));
+            std::fs::write(&p, &me[..cut]).expect("write");
+            let _ = runtime_files(&p);
+        }
+    }
+
+    #[test]
     fn placed_files_keep_their_path_under_the_root_and_their_content() {
         let dir = tempfile::tempdir().expect("tmp");
         let src = dir.path().join("lib/libx.so");
@@ -151,6 +224,9 @@ mod tests {
         let at = place(&root, &link).expect("place");
         assert_eq!(at, root.join(link.strip_prefix("/").expect("abs")));
         assert!(!at.is_symlink());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(at.parent().expect("dir")).expect("dir").permissions().mode();
+        assert_eq!(mode & 0o777, 0o755, "passable by the VMM's uid whatever the umask");
         assert_eq!(std::fs::read(&at).expect("read"), b"x");
     }
 }

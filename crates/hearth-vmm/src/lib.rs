@@ -46,10 +46,21 @@ pub use qemu::{
 
 /// The provider `kind`, configured from the environment.
 pub fn provider(kind: hearth_core::ports::Provider) -> std::sync::Arc<dyn hearth_core::ports::Vmm> {
+    provider_with(kind, false)
+}
+
+/// The provider `kind`, configured from the environment; `no_jail` runs Firecracker without
+/// its jailer.
+pub fn provider_with(
+    kind: hearth_core::ports::Provider,
+    no_jail: bool,
+) -> std::sync::Arc<dyn hearth_core::ports::Vmm> {
     match kind {
         hearth_core::ports::Provider::Qemu => std::sync::Arc::new(Qemu::from_env()),
         hearth_core::ports::Provider::Firecracker => {
-            std::sync::Arc::new(firecracker::Firecracker::from_env())
+            let mut fc = firecracker::Firecracker::from_env();
+            fc.no_jail = no_jail;
+            std::sync::Arc::new(fc)
         }
         hearth_core::ports::Provider::CloudHypervisor => {
             std::sync::Arc::new(cloud_hypervisor::CloudHypervisor::from_env())
@@ -59,8 +70,13 @@ pub fn provider(kind: hearth_core::ports::Provider) -> std::sync::Arc<dyn hearth
 
 /// Every provider, configured from the environment.
 pub fn providers() -> hearth_core::ports::Vmms {
+    providers_with(false)
+}
+
+/// Every provider; `no_jail` runs Firecracker without its jailer.
+pub fn providers_with(no_jail: bool) -> hearth_core::ports::Vmms {
     hearth_core::ports::Vmms::new(
-        hearth_core::ports::Provider::ALL.iter().map(|&p| provider(p)).collect(),
+        hearth_core::ports::Provider::ALL.iter().map(|&p| provider_with(p, no_jail)).collect(),
     )
 }
 

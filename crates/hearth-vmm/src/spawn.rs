@@ -94,6 +94,25 @@ pub(crate) struct Start<'a> {
     pub log: &'a Path,
     /// What it leaves in `vm_dir`, removed when the start fails.
     pub runtime_files: &'a [&'a str],
+    /// For a launcher that forks the VMM and exits (Firecracker's jailer, into a PID namespace):
+    /// where the VMM's pid is read from once the launcher is done, given the VM's directory.
+    pub forks: Option<fn(&Path) -> Option<i32>>,
+}
+
+/// How long a launcher may take to fork its VMM and exit.
+const LAUNCHER_WAIT: Duration = Duration::from_secs(10);
+
+/// Waits (bounded) for a launcher child to exit; true when it exited successfully.
+fn launcher_done(child: &mut std::process::Child) -> bool {
+    let deadline = std::time::Instant::now() + LAUNCHER_WAIT;
+    while std::time::Instant::now() < deadline {
+        match child.try_wait() {
+            Ok(Some(status)) => return status.success(),
+            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+            Err(_) => return false,
+        }
+    }
+    false
 }
 
 impl Start<'_> {
@@ -128,12 +147,34 @@ impl Start<'_> {
             fix: self.fix,
             source,
         })?;
-        let pid = child.id() as i32;
+        let pid = match self.forks {
+            None => child.id() as i32,
+            Some(forked) => {
+                match launcher_done(&mut child).then(|| forked(self.vm_dir)).flatten() {
+                    Some(pid) => pid,
+                    None => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        return Err(VmmError::Start {
+                            vmm: self.vmm,
+                            log: format!(
+                                "{} did not start it; {}:\n{}",
+                                self.binary.display(),
+                                self.log.display(),
+                                tail(self.log)
+                            ),
+                        });
+                    }
+                }
+            }
+        };
+        let mut started_at = None;
         let configured = (|| -> Result<u64, VmmError> {
             let start = crate::start_time(pid).ok_or_else(|| VmmError::Control {
                 api: self.vmm,
                 message: "it exited right after starting".into(),
             })?;
+            started_at = Some(start);
             let pid_file = self.vm_dir.join(self.pid_file);
             hearth_fs::atomic_write(&pid_file, pid.to_string().as_bytes())
                 .map_err(|source| VmmError::Io { path: pid_file, source })?;
@@ -149,6 +190,11 @@ impl Start<'_> {
             Err(e) => {
                 let _ = child.kill();
                 let _ = child.wait();
+                // A forked VMM is no child of ours: killed by pid and start time, waited for.
+                if let (Some(_), Some(start)) = (self.forks, started_at) {
+                    kill(pid, start, libc::SIGKILL);
+                    crate::process::wait_exit_blocking(pid, start, KILL_TIMEOUT);
+                }
                 Err(VmmError::Start {
                     vmm: self.vmm,
                     log: format!("{e}; {}:\n{}", self.log.display(), tail(self.log)),

@@ -13,7 +13,7 @@ use hearth_testkit::wait_for_text;
 use hearth_core::ports::{LaunchSpec, Vmm};
 use hearth_types::Accel;
 use hearth_vmm::console::{Console, LogLimits};
-use hearth_vmm::firecracker::{Api, Firecracker, API_SOCK};
+use hearth_vmm::firecracker::{jail, Api, Firecracker, API_SOCK};
 
 /// A VM directory with the test kernel's vmlinux (Firecracker boots ELF kernels only).
 fn vm(extra_cmdline: &str) -> Option<(tempfile::TempDir, LaunchSpec)> {
@@ -138,99 +138,87 @@ async fn a_firecracker_ended_by_a_signal_says_so_as_its_exit_reason() {
     assert!(why.contains("signal 7"), "{why}");
 }
 
-/// The jailer's way, with what hearth puts in the chroot: a Firecracker linked against glibc
-/// (as ../shared/vmm/bin's is) runs in an otherwise empty chroot once its loader and libraries
-/// are placed there, as an unprivileged uid, in a PID namespace of its own, and answers on
-/// its API socket inside the chroot.
-#[test]
-fn a_dynamically_linked_firecracker_runs_under_the_jailer_with_its_libraries_placed() {
-    for binary in ["firecracker", "jailer"] {
-        if let Some(why) = hearth_testkit::kvm::skip_reason(binary) {
-            eprintln!("skipped: {why}");
-            return;
-        }
+/// Under the jailer (the default wherever the VM has a uid of its own): the jailer's chroot in
+/// the VM's directory with the kernel, disks and (for a glibc-linked Firecracker, as
+/// ../shared/vmm/bin's is) the loader and libraries placed in it; Firecracker runs there as the
+/// VM's uid and gid, as init of a PID namespace of its own, in the VM's cgroup with its limits;
+/// it is found again without hearth's pid file; stop and cleanup leave no process, jail or
+/// cgroup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jailed_firecracker_runs_unprivileged_in_its_chroot_and_cgroup_and_leaves_nothing() {
+    if let Some(why) = hearth_testkit::kvm::skip_reason("jailer") {
+        eprintln!("skipped: {why}");
+        return;
     }
-    let which = |b: &str| {
-        std::env::var_os("PATH")
-            .into_iter()
-            .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-            .map(|d| d.join(b))
-            .find(|p| p.is_file())
-            .expect("on PATH")
+    let Some((dir, mut spec)) = vm("") else { return };
+    let uid = 2_100_009_990;
+    let group = format!("hearth-test/vm-jail-{}", std::process::id());
+    spec.confinement =
+        hearth_vmm::Confinement { run_as: Some((uid, uid)), cgroup: Some(group.clone()) };
+    let fc = Firecracker::default();
+    let h = fc.launch(&spec).expect("launch").handle();
+    let root = jail::root(dir.path());
+
+    let status = std::fs::read_to_string(format!("/proc/{}/status", h.pid)).expect("status");
+    let field = |key: &str| {
+        status.lines().find(|l| l.starts_with(key)).map(|l| l[key.len()..].trim().to_owned())
     };
-    let fc = which("firecracker");
-    let base = tempfile::tempdir().expect("tmp");
-    let id = "jail-test";
-    let root = base.path().join("firecracker").join(id).join("root");
-    let files = hearth_vmm::jail::runtime_files(&fc).expect("libraries");
-    for f in &files {
-        hearth_vmm::jail::place(&root, f).expect("place");
-    }
-    let uid = "2100009999";
-    let status = std::process::Command::new(which("jailer"))
-        .args(["--id", id, "--uid", uid, "--gid", uid, "--new-pid-ns", "--exec-file"])
-        .arg(&fc)
-        .arg("--chroot-base-dir")
-        .arg(base.path())
-        .args(["--", "--api-sock", "/firecracker.sock", "--level", "Warning"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect("jailer");
-    // With a new PID namespace the jailer forks, writes the VMM's pid and exits.
-    assert!(status.success(), "{status}");
-    let pid: i32 = std::fs::read_to_string(root.join("firecracker.pid"))
-        .expect("pid file")
-        .trim()
-        .parse()
-        .expect("pid");
-    let _kill = scopeguard(pid);
-    let sock = root.join("firecracker.sock");
-    assert!(
-        wait_until(Duration::from_secs(10), || sock.exists()),
-        "no API socket; static: {}",
-        files.is_empty()
-    );
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    let ids = |key: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(key))
-            .map(|l| l.split_whitespace().nth(1).map(str::to_owned))
-    };
-    assert_eq!(ids("Uid:").flatten().as_deref(), Some(uid));
-    assert_eq!(ids("Gid:").flatten().as_deref(), Some(uid));
+    let uid = uid.to_string();
+    assert_eq!(field("Uid:"), Some(format!("{uid}\t{uid}\t{uid}\t{uid}")));
+    assert_eq!(field("Gid:"), Some(format!("{uid}\t{uid}\t{uid}\t{uid}")));
+    assert_eq!(field("CapEff:").as_deref(), Some("0000000000000000"));
+    assert!(field("NSpid:").is_some_and(|p| p.ends_with("\t1")), "init of its PID namespace");
     // Its root is the chroot (pivoted to in a mount namespace of its own, so /proc shows "/":
-    // the same directory, by device and inode), and it is init of a PID namespace of its own.
+    // compared as the same directory, by device and inode).
     use std::os::unix::fs::MetadataExt;
     let (seen, made) = (
-        std::fs::metadata(format!("/proc/{pid}/root/")).expect("its root"),
+        std::fs::metadata(format!("/proc/{}/root/", h.pid)).expect("its root"),
         std::fs::metadata(&root).expect("chroot"),
     );
     assert_eq!((seen.dev(), seen.ino()), (made.dev(), made.ino()));
-    assert!(status.lines().any(|l| l.starts_with("NSpid:") && l.ends_with("\t1")), "{status}");
-    let info = Api::firecracker(&sock).get("/").expect("API");
-    assert_eq!(info["state"], "Not started");
-}
+    let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", h.pid)).expect("cgroup");
+    assert!(cgroups.lines().any(|l| l.ends_with(&format!("/{group}"))), "{cgroups}");
+    let memory = ["/sys/fs/cgroup/memory", "/sys/fs/cgroup"]
+        .iter()
+        .map(|m| std::path::Path::new(m).join(&group))
+        .find_map(|d| {
+            std::fs::read_to_string(d.join("memory.limit_in_bytes"))
+                .or_else(|_| std::fs::read_to_string(d.join("memory.max")))
+                .ok()
+        })
+        .expect("memory limit");
+    assert_eq!(memory.trim(), ((256u64 + 256) << 20).to_string());
 
-fn wait_until(limit: Duration, mut ok: impl FnMut() -> bool) -> bool {
-    let end = std::time::Instant::now() + limit;
-    while std::time::Instant::now() < end {
-        if ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    ok()
-}
+    // Configured with the paths it sees from inside.
+    let api = Api::firecracker(&jail::host_path(dir.path(), API_SOCK));
+    let config = api.get("/vm/config").expect("config");
+    assert_eq!(config["boot-source"]["kernel_image_path"], "/vmlinux", "{config:#}");
+    assert_eq!(config["drives"][0]["path_on_host"], "/disk.img");
+    assert_eq!(config["vsock"]["uds_path"], "/agent.sock");
+    assert_eq!(
+        std::fs::metadata(dir.path().join("disk.img")).expect("disk").uid().to_string(),
+        uid
+    );
 
-/// Kills `pid` when dropped (the test's Firecracker, whatever the test's outcome).
-fn scopeguard(pid: i32) -> impl Drop {
-    struct Kill(i32);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("kill").args(["-9", &self.0.to_string()]).status();
-        }
+    // Found again from the VM's directory alone, even without hearth's pid file.
+    std::fs::remove_file(dir.path().join("firecracker.pid")).expect("rm pid file");
+    assert_eq!(
+        fc.recover_orphans(dir.path().parent().expect("parent")),
+        vec![dir.path().to_owned()]
+    );
+    assert_eq!(fc.find(dir.path(), None).map(|(f, _)| f), Some(h));
+
+    fc.stop(dir.path(), h, Duration::ZERO).await.expect("stop");
+    fc.cleanup(dir.path(), &spec.confinement);
+    assert!(!hearth_vmm::is_alive(h.pid, h.start_time));
+    assert!(!jail::dir(dir.path()).exists(), "the jail is removed");
+    for m in
+        ["/sys/fs/cgroup/memory", "/sys/fs/cgroup/cpu", "/sys/fs/cgroup/pids", "/sys/fs/cgroup"]
+    {
+        assert!(!std::path::Path::new(m).join(&group).exists(), "cgroup left in {m}");
     }
-    Kill(pid)
+    let _ = std::fs::remove_dir("/sys/fs/cgroup/memory/hearth-test");
+    for f in [API_SOCK, "firecracker.pid", "agent.sock", "console.out", "console.in"] {
+        assert!(!dir.path().join(f).exists(), "{f} left behind");
+    }
 }

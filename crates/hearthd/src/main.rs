@@ -81,6 +81,10 @@ struct Args {
     /// QEMU is the default, since only it runs guests where KVM cannot (TCG).
     #[arg(long, env = "HEARTH_DEFAULT_VMM", value_name = "VMM", default_value = "qemu")]
     default_vmm: hearth_types::Provider,
+    /// Runs Firecracker without its jailer (no chroot, PID namespace or uid of its own: it runs
+    /// as root). For debugging only.
+    #[arg(long)]
+    no_jail: bool,
     /// The cgroup each VMM's own group goes under (memory, CPU and process limits from the VM's
     /// size); empty for none.
     #[arg(long, value_name = "NAME", default_value = "hearth")]
@@ -142,6 +146,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     d.vmm_uid_base = args.vmm_uid_base;
     d.default_vmm = args.default_vmm;
     warn_unusable_default(args.default_vmm);
+    if args.no_jail {
+        tracing::warn!("--no-jail: Firecracker runs without its jailer, as root, unconfined but for its seccomp filter and cgroup; use this for debugging only");
+        d.vmms = hearth_vmm::providers_with(true);
+    }
     d.cgroup_parent = args.cgroup_parent.clone();
     d.consoles.default_limits =
         crate::adapters::LogLimits { max_size: args.log_max_size, max_files: args.log_max_files };

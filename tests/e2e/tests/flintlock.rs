@@ -717,7 +717,10 @@ fn microvms_asking_for_firecracker_or_cloudhypervisor_run_under_it_with_their_me
     let fc = launched("fc.ns0");
     assert_eq!(fc["spec"]["provider"], "firecracker", "{fc:#}");
     let fc_dir = d.root.path().join("vms").join(fc["spec"]["id"].as_str().expect("id"));
-    let api = hearth_vmm::http::Api::firecracker(&fc_dir.join(hearth_vmm::firecracker::API_SOCK));
+    let api = hearth_vmm::http::Api::firecracker(&hearth_vmm::firecracker::jail::host_path(
+        &fc_dir,
+        hearth_vmm::firecracker::API_SOCK,
+    ));
     // MMDS serves the microVM's cloud-init data, instance_id included, on its card.
     let mmds = api.get("/mmds").expect("mmds");
     let meta = mmds["latest"]["meta-data"].as_str().unwrap_or_default();

@@ -29,6 +29,30 @@ fn import_busybox(d: &Daemon, name: &str) {
     d.ok(&["image", "import", layout.path().to_str().expect("utf8"), "--name", name]);
 }
 
+/// Whether `pid` still runs (gone, or a zombie init has yet to reap, counts as ended).
+fn runs(pid: i64) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    !matches!(stat.rsplit_once(") ").map(|(_, rest)| &rest[..1]), None | Some("Z"))
+}
+
+/// A jailed Firecracker (hearthd's default): it runs as the VM's recorded uid, at the root of
+/// its jail in the VM's directory, in the VM's cgroup.
+fn assert_jailed(d: &Daemon, v: &serde_json::Value) {
+    let pid = v["status"]["pid"].as_i64().expect("pid");
+    let uid = v["status"]["vmm_uid"].as_u64().expect("a VMM uid of its own");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).expect("Uid");
+    assert_eq!(uid_line.split_whitespace().nth(2), Some(uid.to_string().as_str()), "{status}");
+    let dir = d.root.path().join("vms").join(v["spec"]["id"].as_str().expect("id"));
+    use std::os::unix::fs::MetadataExt;
+    let seen = std::fs::metadata(format!("/proc/{pid}/root/")).expect("its root");
+    let jail = std::fs::metadata(hearth_vmm::firecracker::jail::root(&dir)).expect("the jail");
+    assert_eq!((seen.dev(), seen.ino()), (jail.dev(), jail.ino()), "chrooted in its jail");
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup");
+    let id = v["spec"]["id"].as_str().expect("id");
+    assert!(cgroups.contains(&format!("/vm-{id}")), "in the VM's cgroup: {cgroups}");
+}
+
 fn processes(vmm: &str, needle: &str) -> Vec<String> {
     let out = std::process::Command::new("pgrep").args(["-a", "-f", vmm]).output().expect("pgrep");
     // The VMM's own processes: its binary is the command (hearthd's flags may name it too).
@@ -96,7 +120,12 @@ fn boots_its_kernel_logs_its_console_and_is_removed_cleanly(vmm: &str) {
     assert!(ps.contains("VMM") && ps.contains(&format!(" {vmm} ")), "ps shows the VMM:\n{ps}");
     assert!(v["status"]["pid"].as_i64().is_some(), "a launched VM has its VMM's pid: {v:#}");
     let root = d.root.path().display().to_string();
-    assert_eq!(processes(vmm, &root).len(), 1, "one {vmm} for the VM");
+    let pid = v["status"]["pid"].as_i64().expect("pid");
+    if vmm == "firecracker" {
+        assert_jailed(&d, &v);
+    } else {
+        assert_eq!(processes(vmm, &root).len(), 1, "one {vmm} for the VM");
+    }
     let elf = d.root.path().join("kernels/debian/vmlinux").is_file();
     assert_eq!(elf, vmm == "firecracker", "only Firecracker needs the ELF kernel extracted");
 
@@ -136,7 +165,12 @@ fn boots_its_kernel_logs_its_console_and_is_removed_cleanly(vmm: &str) {
 
     d.ok(&["rm", "-f", "fc"]);
     assert_eq!(d.ok(&["ps", "-a", "-q"]).trim(), "", "VMs left behind");
-    assert!(processes(vmm, &root).is_empty(), "{vmm} left running");
+    assert!(processes(vmm, &root).is_empty() && !runs(pid), "{vmm} left running");
+    let id = v["spec"]["id"].as_str().expect("id");
+    for m in ["memory", "cpu", "pids", ""] {
+        let group = std::path::Path::new("/sys/fs/cgroup").join(m).join(format!("hearth/vm-{id}"));
+        assert!(!group.exists(), "{} left behind", group.display());
+    }
     let dirs: Vec<_> =
         std::fs::read_dir(d.root.path().join("vms")).expect("vms").flatten().collect();
     assert!(dirs.is_empty(), "VM directories left behind: {dirs:?}");
@@ -227,7 +261,11 @@ fn a_new_hearthd_readopts_firecracker_and_cloud_hypervisor_vms_after_a_kill_9() 
             "sleep",
             "600",
         ]);
-        pids.push(d.inspect(name)["status"]["pid"].as_i64().expect("pid"));
+        let v = d.inspect(name);
+        if vmm == "firecracker" {
+            assert_jailed(&d, &v);
+        }
+        pids.push(v["status"]["pid"].as_i64().expect("pid"));
     }
 
     d.kill9();
@@ -244,9 +282,7 @@ fn a_new_hearthd_readopts_firecracker_and_cloud_hypervisor_vms_after_a_kill_9() 
     let v = d.inspect("fc");
     assert_eq!(v["status"]["state"], "stopped", "{v:#}");
     // Gone, or a zombie its new parent (init, since hearthd died) has yet to reap.
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pids[0])).unwrap_or_default();
-    let state = stat.rsplit_once(") ").map(|(_, rest)| &rest[..1]);
-    assert!(matches!(state, None | Some("Z")), "Firecracker still runs: {stat}");
+    assert!(!runs(pids[0]), "Firecracker still runs");
 
     // A Cloud Hypervisor killed behind hearth's back is recorded as stopped, with the reason.
     let killed = std::process::Command::new("kill")
@@ -261,7 +297,7 @@ fn a_new_hearthd_readopts_firecracker_and_cloud_hypervisor_vms_after_a_kill_9() 
 
     d.ok(&["rm", "-f", "fc", "ch"]);
     let root = d.root.path().display().to_string();
-    for (_, vmm) in vms {
-        assert!(processes(vmm, &root).is_empty(), "{vmm} left running");
+    for ((_, vmm), pid) in vms.iter().zip(&pids) {
+        assert!(processes(vmm, &root).is_empty() && !runs(*pid), "{vmm} left running");
     }
 }

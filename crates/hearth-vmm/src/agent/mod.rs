@@ -82,7 +82,12 @@ impl AgentClient {
     /// Connects through Firecracker/Cloud Hypervisor hybrid vsock: the VMM's Unix socket,
     /// then `CONNECT <port>\n` and its `OK <host port>\n`.
     pub async fn connect_hybrid_vsock(path: &Path, port: u32) -> Result<Self, AgentError> {
-        let mut s = tokio::net::UnixStream::connect(path).await.map_err(AgentError::Connect)?;
+        // In a jail, the socket is the VMM's to replace: reached only as itself.
+        let s = crate::jail::connect(path).and_then(|s| {
+            s.set_nonblocking(true)?;
+            tokio::net::UnixStream::from_std(s)
+        });
+        let mut s = s.map_err(AgentError::Connect)?;
         hybrid_vsock_handshake(&mut s, port).await?;
         Ok(Self::over(s))
     }

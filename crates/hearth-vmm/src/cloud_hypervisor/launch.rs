@@ -72,6 +72,7 @@ pub fn launch(spec: &LaunchSpec, binary: &Path) -> Result<Launched, VmmError> {
         pid_file: PID,
         log: &log_path,
         runtime_files: &RUNTIME_FILES,
+        forks: None,
     };
     let (pid, start_time) = start.run(cmd, group.as_ref(), |pid, start_time| {
         let api = api(dir);

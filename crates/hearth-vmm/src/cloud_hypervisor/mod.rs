@@ -20,7 +20,7 @@ pub use provider::CloudHypervisor;
 pub const API_SOCK: &str = "cloud-hypervisor.sock";
 /// Found by hearth's pid file and the API socket on its command line.
 pub(crate) const FINDER: crate::found::Finder =
-    crate::found::Finder { pid_file: PID, flag: b"--api-socket", named: API_SOCK };
+    crate::found::Finder { pid_file: PID, flag: b"--api-socket", named: API_SOCK, jail: None };
 
 pub const PID: &str = "cloud-hypervisor.pid";
 pub const LOG: &str = "cloud-hypervisor.log";

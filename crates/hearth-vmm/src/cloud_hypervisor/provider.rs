@@ -32,7 +32,11 @@ impl crate::driven::Driver for Driver {
     const BINARY_ENV: &'static str = "HEARTH_CLOUD_HYPERVISOR";
     const FINDER: crate::found::Finder = super::FINDER;
 
-    fn launch(spec: &LaunchSpec, binary: &Path) -> Result<Launched, VmmError> {
+    fn launch(
+        spec: &LaunchSpec,
+        binary: &Path,
+        _jailer: Option<&Path>,
+    ) -> Result<Launched, VmmError> {
         super::launch(spec, binary)
     }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use hearth_types::Accel;
 
-use super::{config, API_SOCK, LOG, METRICS, PID, RUNTIME_FILES};
+use super::{config, jail, API_SOCK, JAILER_LOG, LOG, METRICS, PID, RUNTIME_FILES};
 use crate::console::{FIFO_IN, FIFO_OUT};
 use crate::http::Api;
 
@@ -22,13 +22,19 @@ use crate::{LaunchSpec, Launched, VmmError};
 /// How long Firecracker may take to open its API socket.
 const API_WAIT: Duration = Duration::from_secs(5);
 
-/// Removes what a Firecracker that is gone left: sockets, FIFOs, the pid file.
+/// Removes what a Firecracker that is gone left: sockets, FIFOs, the pid file, its jail.
 pub fn remove_runtime_files(vm_dir: &Path) {
     crate::spawn::remove_files(vm_dir, &RUNTIME_FILES);
+    jail::remove(vm_dir);
 }
 
 /// Starts Firecracker for `spec` and configures it; returns once it waits for `InstanceStart`.
-pub fn launch(spec: &LaunchSpec, binary: &Path) -> Result<Launched, VmmError> {
+/// With a `jailer` and a uid to run as, under the jailer ([`super::jail`]); else as it is.
+pub fn launch(
+    spec: &LaunchSpec,
+    binary: &Path,
+    jailer: Option<&Path>,
+) -> Result<Launched, VmmError> {
     let spec = &crate::spawn::absolute(spec)?;
     let dir = &spec.vm_dir;
     let warning = crate::spawn::kvm_only("Firecracker", spec)?;
@@ -36,21 +42,76 @@ pub fn launch(spec: &LaunchSpec, binary: &Path) -> Result<Launched, VmmError> {
         return Err(VmmError::AlreadyRunning { pid, vm_dir: dir.clone() });
     }
     remove_runtime_files(dir);
-    let log_path = dir.join(LOG);
-    let log = crate::spawn::fresh_log(&log_path)?;
+    let jail = spec.confinement.run_as.zip(jailer);
+    // The jailer is given the binary's path, and its libraries are read from it.
+    let found = crate::jail::on_path(binary);
+    let binary = match (&jail, &found) {
+        (Some(_), Some(path)) => path.as_path(),
+        (Some(_), None) => {
+            return Err(VmmError::Spawn {
+                binary: binary.display().to_string(),
+                fix: "install Firecracker from its releases or set HEARTH_FIRECRACKER",
+                source: std::io::ErrorKind::NotFound.into(),
+            })
+        }
+        (None, _) => binary,
+    };
+    let launched = launch_as(spec, binary, jail, warning);
+    if launched.is_err() {
+        jail::remove(dir);
+    }
+    launched
+}
+
+fn launch_as(
+    spec: &LaunchSpec,
+    binary: &Path,
+    jail: Option<((u32, u32), &Path)>,
+    warning: Option<String>,
+) -> Result<Launched, VmmError> {
+    let dir = &spec.vm_dir;
+    // Jailed, Firecracker sees its files at the chroot's root, and its stderr (with the
+    // jailer's) goes to a log outside the chroot.
+    let (inside, stderr_log) = match jail {
+        Some((ids, _)) => {
+            let inside = jail::prepare(spec, binary, ids)?;
+            let _ = std::fs::remove_file(dir.join(LOG));
+            (inside, dir.join(JAILER_LOG))
+        }
+        None => (spec.clone(), dir.join(LOG)),
+    };
+    let log = crate::spawn::fresh_log(&stderr_log)?;
     let metrics = dir.join(METRICS);
-    std::fs::write(&metrics, b"").map_err(|source| VmmError::Io { path: metrics, source })?;
+    if jail.is_none() {
+        std::fs::write(&metrics, b"").map_err(|source| VmmError::Io { path: metrics, source })?;
+    }
     // Its reader is held until Firecracker is set up, so nothing it writes meanwhile fails.
     let (stdin, stdout, _reader) = serial_fifos(dir)?;
     let group = crate::spawn::cgroup(spec, false)?;
-    let mut cmd = Command::new(binary);
+    let mut cmd = match jail {
+        Some(((uid, gid), jailer)) => {
+            let mut cmd = Command::new(jailer);
+            cmd.args(["--id", jail::ID, "--uid", &uid.to_string(), "--gid", &gid.to_string()])
+                .arg("--new-pid-ns")
+                .arg("--exec-file")
+                .arg(jail::exec_file(dir, binary)?)
+                .arg("--chroot-base-dir")
+                .arg(dir)
+                .arg("--");
+            cmd
+        }
+        None => {
+            let mut cmd = Command::new(binary);
+            cmd.args(["--id", &instance_id(dir)]);
+            cmd
+        }
+    };
     // The logger is set on the command line: until it is, Firecracker logs to its stdout, which
     // is the guest's serial console here.
     cmd.arg("--api-sock")
-        .arg(dir.join(API_SOCK))
-        .args(["--id", &instance_id(dir)])
+        .arg(inside.vm_dir.join(API_SOCK))
         .arg("--log-path")
-        .arg(&log_path)
+        .arg(inside.vm_dir.join(LOG))
         .args(["--level", "Warning", "--show-level"])
         .current_dir(dir)
         .stdin(stdin)
@@ -58,17 +119,21 @@ pub fn launch(spec: &LaunchSpec, binary: &Path) -> Result<Launched, VmmError> {
         .stderr(log);
     let start = crate::spawn::Start {
         vmm: "firecracker",
-        fix: "install Firecracker from its releases or set HEARTH_FIRECRACKER",
-        binary,
+        fix: match jail {
+            Some(_) => "install Firecracker's jailer from its releases (beside firecracker), set HEARTH_JAILER, or start hearthd with --no-jail",
+            None => "install Firecracker from its releases or set HEARTH_FIRECRACKER",
+        },
+        binary: jail.map(|(_, j)| j).unwrap_or(binary),
         vm_dir: dir,
         pid_file: PID,
-        log: &log_path,
+        log: &stderr_log,
         runtime_files: &RUNTIME_FILES,
+        forks: jail.map(|_| jail::forked_pid as fn(&Path) -> Option<i32>),
     };
     let (pid, start_time) = start.run(cmd, group.as_ref(), |pid, start_time| {
         let api = api(dir);
         api.wait_ready("/", pid, start_time, API_WAIT)?;
-        for (path, body) in config::calls(spec) {
+        for (path, body) in config::calls(&inside) {
             api.put(&path, &body)?;
         }
         match config::mmds(spec) {
@@ -120,13 +185,14 @@ fn instance_id(dir: &Path) -> String {
     }
 }
 
+/// The VM's API, in its jail when it has one.
 fn api(dir: &Path) -> Api {
-    Api::firecracker(&dir.join(API_SOCK))
+    Api::firecracker(&jail::host_path(dir, API_SOCK))
 }
 
 /// The instance's state as Firecracker reports it (`Not started`, `Running`, `Paused`).
 pub fn state(dir: &Path) -> Result<String, VmmError> {
-    let info = Api::firecracker(&dir.join(API_SOCK)).get("/")?;
+    let info = api(dir).get("/")?;
     Ok(info.get("state").and_then(|s| s.as_str()).unwrap_or_default().to_owned())
 }
 

@@ -9,6 +9,7 @@
 //! into `console.log` like any VM's.
 
 mod config;
+pub mod jail;
 mod launch;
 mod provider;
 
@@ -20,11 +21,17 @@ pub use provider::Firecracker;
 /// The API socket, in the VM's directory.
 pub const API_SOCK: &str = "firecracker.sock";
 /// Found by hearth's pid file and the API socket on its command line.
-pub(crate) const FINDER: crate::found::Finder =
-    crate::found::Finder { pid_file: PID, flag: b"--api-sock", named: API_SOCK };
+pub(crate) const FINDER: crate::found::Finder = crate::found::Finder {
+    pid_file: PID,
+    flag: b"--api-sock",
+    named: API_SOCK,
+    jail: Some(jail::root),
+};
 
 pub const PID: &str = "firecracker.pid";
 pub const LOG: &str = "firecracker.log";
+/// A jailed Firecracker's stderr and its jailer's, outside the chroot.
+pub const JAILER_LOG: &str = "jailer.log";
 pub const METRICS: &str = "firecracker.metrics";
 /// The hybrid vsock socket the host reaches hearth-init's agent through.
 pub const AGENT_SOCK: &str = "agent.sock";

@@ -31,9 +31,14 @@ impl crate::driven::Driver for Driver {
     const BINARY: &'static str = "firecracker";
     const BINARY_ENV: &'static str = "HEARTH_FIRECRACKER";
     const FINDER: crate::found::Finder = super::FINDER;
+    const JAILER: Option<(&'static str, &'static str)> = Some(("jailer", "HEARTH_JAILER"));
 
-    fn launch(spec: &LaunchSpec, binary: &Path) -> Result<Launched, VmmError> {
-        super::launch(spec, binary)
+    fn launch(
+        spec: &LaunchSpec,
+        binary: &Path,
+        jailer: Option<&Path>,
+    ) -> Result<Launched, VmmError> {
+        super::launch(spec, binary, jailer)
     }
 
     async fn wait_set_up(vm_dir: &Path, pid: i32, start: u64) -> Result<(), VmmError> {
@@ -49,7 +54,10 @@ impl crate::driven::Driver for Driver {
     }
 
     fn endpoints(vm_dir: &Path) -> Endpoints {
-        Endpoints { agent: vm_dir.join(AGENT_SOCK), console: vm_dir.join(crate::console::FIFO_OUT) }
+        Endpoints {
+            agent: super::jail::host_path(vm_dir, AGENT_SOCK),
+            console: vm_dir.join(crate::console::FIFO_OUT),
+        }
     }
 
     fn remove_runtime_files(vm_dir: &Path) {

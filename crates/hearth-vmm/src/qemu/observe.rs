@@ -22,7 +22,7 @@ pub struct Observed {
 
 /// Found by its pid file, which its `-pidfile` names.
 pub(crate) const FINDER: crate::found::Finder =
-    crate::found::Finder { pid_file: "qemu.pid", flag: b"-pidfile", named: "qemu.pid" };
+    crate::found::Finder { pid_file: "qemu.pid", flag: b"-pidfile", named: "qemu.pid", jail: None };
 
 /// The QEMU still running for `vm_dir`, as `(pid, start time)`.
 pub fn find_running(vm_dir: &Path) -> Option<(i32, u64)> {
