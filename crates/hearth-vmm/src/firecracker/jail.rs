@@ -152,3 +152,34 @@ pub fn remove(vm_dir: &Path) {
         tracing::warn!(dir = %dir.display(), error = %e, "removing a Firecracker jail failed");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hearth_core::ports::Vmm;
+
+    /// A VMM that escaped into its jail owns it: it can put links where hearth looks for its
+    /// socket and log. hearth neither talks to what they point at nor reads it for the reason.
+    #[test]
+    fn links_a_jailed_vmm_plants_are_never_followed() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let vm = tmp.path();
+        let root = root(vm);
+        std::fs::create_dir_all(&root).expect("jail");
+        let secret = vm.join("secret");
+        std::fs::write(&secret, "[x:ERROR] the host's secret\n").expect("secret");
+        std::os::unix::fs::symlink(&secret, root.join(super::super::LOG)).expect("log link");
+        let elsewhere = vm.join("other.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&elsewhere).expect("bind");
+        std::os::unix::fs::symlink(&elsewhere, root.join(super::super::API_SOCK)).expect("link");
+
+        assert!(is_jailed(vm));
+        let api = crate::http::Api::firecracker(&host_path(vm, super::super::API_SOCK));
+        assert!(api.get("/").is_err(), "another service's socket is never spoken to");
+        remove(vm);
+        assert!(!dir(vm).exists(), "the jail is removed");
+        let fc = super::super::Firecracker::default();
+        assert_eq!(fc.exit_reason(vm), None, "the planted log is not read");
+        assert!(secret.exists(), "what the link named is left alone");
+    }
+}

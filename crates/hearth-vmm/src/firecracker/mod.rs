@@ -6,7 +6,8 @@
 //! `firecracker.pid` (written by hearth), `firecracker.log` (its log and stderr for the current
 //! boot), `firecracker.metrics`, `agent.sock` (hybrid vsock to hearth-init's agent) and the
 //! console FIFOs `console.out`/`console.in` (its serial port), which the console capture turns
-//! into `console.log` like any VM's.
+//! into `console.log` like any VM's. Jailed ([`jail`]), the sockets, log and metrics are in the
+//! chroot `firecracker/jail/root/` instead, and `jailer.log` holds the jailer's stderr.
 
 mod config;
 pub mod jail;
