@@ -131,26 +131,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut d = daemon::Daemon::open(&args.root, init)
         .with_context(|| format!("opening {}", args.root.display()))?;
     d.registry_timeout = args.registry_timeout;
-    anyhow::ensure!(
-        args.vmm_uid_base == 0 || args.vmm_uid_base.checked_add(daemon::VMM_UIDS).is_some(),
-        "--vmm-uid-base {} leaves no room for {} uids below 2^32",
-        args.vmm_uid_base,
-        daemon::VMM_UIDS
-    );
-    anyhow::ensure!(
-        args.cgroup_parent.split('/').all(|p| !p.is_empty() && p != "." && p != "..")
-            || args.cgroup_parent.is_empty(),
-        "--cgroup-parent {:?} must be a relative cgroup path like hearth or machine/hearth",
-        args.cgroup_parent
-    );
-    d.vmm_uid_base = args.vmm_uid_base;
-    d.default_vmm = args.default_vmm;
-    warn_unusable_default(args.default_vmm);
-    if args.no_jail {
-        tracing::warn!("--no-jail: Firecracker runs without its jailer, as root, unconfined but for its seccomp filter and cgroup; use this for debugging only");
-        d.vmms = hearth_vmm::providers_with(true);
-    }
-    d.cgroup_parent = args.cgroup_parent.clone();
+    configure_vmms(&mut d, &args)?;
     d.consoles.default_limits =
         crate::adapters::LogLimits { max_size: args.log_max_size, max_files: args.log_max_files };
     let d = Arc::new(d);
@@ -325,6 +306,31 @@ fn report_host(root: &std::path::Path) {
 }
 
 /// Says so at start when the default VMM needs KVM that cannot run guests here.
+/// How VMMs run: their uids, cgroups, default and jail, from the flags (checked here).
+fn configure_vmms(d: &mut daemon::Daemon, args: &Args) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.vmm_uid_base == 0 || args.vmm_uid_base.checked_add(daemon::VMM_UIDS).is_some(),
+        "--vmm-uid-base {} leaves no room for {} uids below 2^32",
+        args.vmm_uid_base,
+        daemon::VMM_UIDS
+    );
+    anyhow::ensure!(
+        args.cgroup_parent.split('/').all(|p| !p.is_empty() && p != "." && p != "..")
+            || args.cgroup_parent.is_empty(),
+        "--cgroup-parent {:?} must be a relative cgroup path like hearth or machine/hearth",
+        args.cgroup_parent
+    );
+    d.vmm_uid_base = args.vmm_uid_base;
+    d.default_vmm = args.default_vmm;
+    warn_unusable_default(args.default_vmm);
+    if args.no_jail {
+        tracing::warn!("--no-jail: Firecracker runs without its jailer, as root, unconfined but for its seccomp filter and cgroup; use this for debugging only");
+        d.vmms = hearth_vmm::providers_with(true);
+    }
+    d.cgroup_parent = args.cgroup_parent.clone();
+    Ok(())
+}
+
 fn warn_unusable_default(vmm: hearth_types::Provider) {
     if vmm == hearth_types::Provider::Qemu {
         return;
