@@ -301,3 +301,37 @@ fn a_new_hearthd_readopts_firecracker_and_cloud_hypervisor_vms_after_a_kill_9() 
         assert!(processes(vmm, &root).is_empty() && !runs(*pid), "{vmm} left running");
     }
 }
+
+#[test]
+fn hearthd_no_jail_runs_firecracker_unjailed_and_says_so() {
+    require_e2e!();
+    if !have("firecracker") {
+        return;
+    }
+    let d = Daemon::start_with(&["--no-jail"]);
+    d.import_kernel();
+    import_busybox(&d, "nojail:1");
+    d.ok(&[
+        "run",
+        "-d",
+        "--no-wait",
+        "--vmm",
+        "firecracker",
+        "--network",
+        "none",
+        "--name",
+        "fc",
+        "nojail:1",
+        "sleep",
+        "600",
+    ]);
+    let v = d.inspect("fc");
+    let pid = v["status"]["pid"].as_i64().expect("pid");
+    let dir = d.root.path().join("vms").join(v["spec"]["id"].as_str().expect("id"));
+    assert!(!hearth_vmm::firecracker::jail::dir(&dir).exists(), "no jail");
+    let root = std::fs::read_link(format!("/proc/{pid}/root")).expect("root");
+    assert_eq!(root, std::path::Path::new("/"), "not chrooted");
+    assert!(d.log().contains("--no-jail"), "the daemon warns:\n{}", d.log());
+    d.ok(&["rm", "-f", "fc"]);
+    assert!(!runs(pid), "Firecracker left running");
+}
