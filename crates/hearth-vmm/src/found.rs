@@ -17,9 +17,17 @@ pub struct Finder {
     pub flag: &'static [u8],
     /// The file in the VM's directory that the flag's value names.
     pub named: &'static str,
-    /// A jailed VMM's chroot for a VM directory: such a VMM's flag names the file at its own
-    /// root (`/firecracker.sock`), and its root must be that directory.
-    pub jail: Option<fn(&Path) -> PathBuf>,
+    /// Where a jailed VMM of this provider lives, when it can be jailed.
+    pub jail: Option<Jail>,
+}
+
+/// A jailed VMM's chroot for a VM directory (its flag names the file at its own root,
+/// `/firecracker.sock`, and its root must be that directory), and the pid its launcher recorded
+/// there, for finding one no pid file of hearth's names.
+#[derive(Debug, Clone, Copy)]
+pub struct Jail {
+    pub root: fn(&Path) -> PathBuf,
+    pub recorded_pid: fn(&Path) -> Option<i32>,
 }
 
 impl Finder {
@@ -42,9 +50,9 @@ impl Finder {
         if arg == vm_dir.join(self.named).as_os_str().as_bytes() {
             return true;
         }
-        self.jail.is_some_and(|root| {
+        self.jail.is_some_and(|jail| {
             arg == Path::new("/").join(self.named).as_os_str().as_bytes()
-                && same_file(&format!("/proc/{pid}/root/"), &root(vm_dir))
+                && same_file(&format!("/proc/{pid}/root/"), &(jail.root)(vm_dir))
         })
     }
 
@@ -52,19 +60,19 @@ impl Finder {
     /// directory, pid), found from /proc alone (a predecessor may have died before the pid file).
     pub fn scan(&self, vms_dir: &Path) -> Vec<(PathBuf, i32)> {
         let mut found = crate::process::scan_vmms(vms_dir, self.flag, self.named);
-        if self.jail.is_some() {
-            found.extend(self.scan_jails(vms_dir));
+        if let Some(jail) = self.jail {
+            found.extend(self.scan_jails(vms_dir, jail));
         }
         found
     }
 
     /// Jailed VMMs: the pid each jail's launcher recorded, when that process is the VM's.
-    fn scan_jails(&self, vms_dir: &Path) -> Vec<(PathBuf, i32)> {
+    fn scan_jails(&self, vms_dir: &Path, jail: Jail) -> Vec<(PathBuf, i32)> {
         let Ok(dirs) = std::fs::read_dir(vms_dir) else { return Vec::new() };
         dirs.flatten()
             .filter_map(|e| {
                 let dir = e.path();
-                let pid = crate::firecracker::jail::forked_pid(&dir)?;
+                let pid = (jail.recorded_pid)(&dir)?;
                 let start = crate::process::start_time(pid)?;
                 self.is_vmm_of(&dir, pid, start).then_some((dir, pid))
             })

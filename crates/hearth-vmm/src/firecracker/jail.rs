@@ -43,18 +43,14 @@ pub fn host_path(vm_dir: &Path, name: &str) -> PathBuf {
     }
 }
 
-/// Makes the chroot for `spec` run as `(uid, gid)` by `binary`; returns the spec as Firecracker
-/// sees it from inside (every path at the chroot's root). On error nothing is left.
-pub fn prepare(spec: &LaunchSpec, binary: &Path, ids: (u32, u32)) -> Result<LaunchSpec, VmmError> {
-    remove(&spec.vm_dir);
-    let made = fill(spec, binary, ids);
-    if made.is_err() {
-        remove(&spec.vm_dir);
-    }
-    made
-}
-
-fn fill(spec: &LaunchSpec, binary: &Path, (uid, gid): (u32, u32)) -> Result<LaunchSpec, VmmError> {
+/// Makes the chroot for `spec` run as `(uid, gid)` by `binary`, where no jail is left (the
+/// launch removes the last one first, and this one when anything fails); returns the spec as
+/// Firecracker sees it from inside (every path at the chroot's root).
+pub fn prepare(
+    spec: &LaunchSpec,
+    binary: &Path,
+    (uid, gid): (u32, u32),
+) -> Result<LaunchSpec, VmmError> {
     let root = root(&spec.vm_dir);
     let io = |path: &Path| {
         let path = path.to_owned();

@@ -26,7 +26,7 @@ pub(crate) const FINDER: crate::found::Finder = crate::found::Finder {
     pid_file: PID,
     flag: b"--api-sock",
     named: API_SOCK,
-    jail: Some(jail::root),
+    jail: Some(crate::found::Jail { root: jail::root, recorded_pid: jail::forked_pid }),
 };
 
 pub const PID: &str = "firecracker.pid";
