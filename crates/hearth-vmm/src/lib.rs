@@ -44,11 +44,6 @@ pub use qemu::{
     Stopped,
 };
 
-/// The provider `kind`, configured from the environment.
-pub fn provider(kind: hearth_core::ports::Provider) -> std::sync::Arc<dyn hearth_core::ports::Vmm> {
-    provider_with(kind, false)
-}
-
 /// The provider `kind`, configured from the environment; `no_jail` runs Firecracker without
 /// its jailer.
 pub fn provider_with(
