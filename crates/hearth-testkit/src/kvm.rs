@@ -104,3 +104,54 @@ impl Drop for Netns {
         let _ = Command::new("ip").args(["netns", "delete", &self.0]).status();
     }
 }
+
+/// The cgroup filesystems a VMM's group may be in (cgroup v1's controllers, or v2's root).
+const CGROUP_MOUNTS: [&str; 4] =
+    ["/sys/fs/cgroup/memory", "/sys/fs/cgroup/cpu", "/sys/fs/cgroup/pids", "/sys/fs/cgroup"];
+
+/// Asserts that the VMM `pid` runs as `uid` (its gid the same) with no capabilities, chrooted
+/// in `root` (compared as the same directory, by device and inode: a root pivoted to in a mount
+/// namespace of its own shows as "/" in /proc), in the cgroup `group` with a memory limit of
+/// `memory` bytes. Returns its /proc status.
+pub fn assert_confined(pid: i32, uid: u32, root: &Path, group: &str, memory: u64) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let field = |key: &str| {
+        status.lines().find(|l| l.starts_with(key)).map(|l| l[key.len()..].trim().to_owned())
+    };
+    let ids = format!("{uid}\t{uid}\t{uid}\t{uid}");
+    assert_eq!(field("Uid:"), Some(ids.clone()), "{status}");
+    assert_eq!(field("Gid:"), Some(ids), "{status}");
+    assert_eq!(field("CapEff:").as_deref(), Some("0000000000000000"), "{status}");
+    let (seen, made) = (
+        std::fs::metadata(format!("/proc/{pid}/root/")).expect("its root"),
+        std::fs::metadata(root).expect("chroot"),
+    );
+    assert_eq!((seen.dev(), seen.ino()), (made.dev(), made.ino()), "chrooted in {root:?}");
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup");
+    assert!(cgroups.lines().any(|l| l.ends_with(&format!("/{group}"))), "{cgroups}");
+    let limit = CGROUP_MOUNTS
+        .iter()
+        .map(|m| Path::new(m).join(group))
+        .find_map(|d| {
+            std::fs::read_to_string(d.join("memory.limit_in_bytes"))
+                .or_else(|_| std::fs::read_to_string(d.join("memory.max")))
+                .ok()
+        })
+        .expect("memory limit");
+    assert_eq!(limit.trim(), memory.to_string());
+    status
+}
+
+/// Asserts that no cgroup filesystem has `group` any more (removing the test's parent group
+/// where it is left empty).
+pub fn assert_cgroup_gone(group: &str) {
+    for m in CGROUP_MOUNTS {
+        assert!(!Path::new(m).join(group).exists(), "cgroup {group} left in {m}");
+    }
+    if let Some((parent, _)) = group.split_once('/') {
+        for m in CGROUP_MOUNTS {
+            let _ = std::fs::remove_dir(Path::new(m).join(parent));
+        }
+    }
+}

@@ -26,10 +26,12 @@ pub trait Driver: Send + Sync + std::fmt::Debug + Default + 'static {
     /// `None` for a VMM without one.
     const JAILER: Option<(&'static str, &'static str)> = None;
 
-    /// Launches `binary`, under `jailer` when given and the spec names a uid to run as.
+    /// Launches `binary`, confined (under `jailer` for a VMM that has one) when `confine` and
+    /// the spec names a uid to run as.
     fn launch(
         spec: &LaunchSpec,
         binary: &Path,
+        confine: bool,
         jailer: Option<&Path>,
     ) -> Result<Launched, crate::VmmError>;
     fn wait_set_up(
@@ -60,7 +62,7 @@ pub struct Driven<D> {
     pub binary: Option<PathBuf>,
     /// The driver's jailer binary; its default from PATH when `None`.
     pub jailer: Option<PathBuf>,
-    /// Runs the VMM without its jailer even where it has one (hearthd's `--no-jail`).
+    /// Runs the VMM unconfined, as root, even where it has a uid (hearthd's `--no-jail`).
     pub no_jail: bool,
     _driver: std::marker::PhantomData<D>,
 }
@@ -91,7 +93,7 @@ impl<D: Driver> Vmm for Driven<D> {
         let jailer = D::JAILER
             .filter(|_| !self.no_jail)
             .map(|(name, _)| self.jailer.clone().unwrap_or_else(|| name.into()));
-        D::launch(spec, &binary, jailer.as_deref()).map_err(port_error)
+        D::launch(spec, &binary, !self.no_jail, jailer.as_deref()).map_err(port_error)
     }
 
     fn find(&self, vm_dir: &Path, recorded: Option<VmmHandle>) -> Option<(VmmHandle, bool)> {

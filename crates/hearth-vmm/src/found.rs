@@ -17,17 +17,10 @@ pub struct Finder {
     pub flag: &'static [u8],
     /// The file in the VM's directory that the flag's value names.
     pub named: &'static str,
-    /// Where a jailed VMM of this provider lives, when it can be jailed.
-    pub jail: Option<Jail>,
-}
-
-/// A jailed VMM's chroot for a VM directory (its flag names the file at its own root,
-/// `/firecracker.sock`, and its root must be that directory), and the pid its launcher recorded
-/// there, for finding one no pid file of hearth's names.
-#[derive(Debug, Clone, Copy)]
-pub struct Jail {
-    pub root: fn(&Path) -> PathBuf,
-    pub recorded_pid: fn(&Path) -> Option<i32>,
+    /// A jailed VMM's chroot for a VM directory, when this provider's VMM can be jailed: its
+    /// flag then names the file at its own root (`/firecracker.sock`), and its root must be
+    /// that directory.
+    pub jail: Option<fn(&Path) -> PathBuf>,
 }
 
 impl Finder {
@@ -52,7 +45,7 @@ impl Finder {
         }
         self.jail.is_some_and(|jail| {
             arg == Path::new("/").join(self.named).as_os_str().as_bytes()
-                && same_file(&format!("/proc/{pid}/root/"), &(jail.root)(vm_dir))
+                && same_file(&format!("/proc/{pid}/root/"), &jail(vm_dir))
         })
     }
 
@@ -66,17 +59,24 @@ impl Finder {
         found
     }
 
-    /// Jailed VMMs: the pid each jail's launcher recorded, when that process is the VM's.
-    fn scan_jails(&self, vms_dir: &Path, jail: Jail) -> Vec<(PathBuf, i32)> {
+    /// Jailed VMMs: the live processes whose flag names the file at their own root, each
+    /// matched to the VM directory whose jail is its root.
+    fn scan_jails(&self, vms_dir: &Path, jail: fn(&Path) -> PathBuf) -> Vec<(PathBuf, i32)> {
+        let inside = Path::new("/").join(self.named);
+        let pids = crate::process::with_arg(self.flag, inside.as_os_str().as_encoded_bytes());
+        if pids.is_empty() {
+            return Vec::new();
+        }
         let Ok(dirs) = std::fs::read_dir(vms_dir) else { return Vec::new() };
-        dirs.flatten()
-            .filter_map(|e| {
-                let dir = e.path();
-                let pid = (jail.recorded_pid)(&dir)?;
-                let start = crate::process::start_time(pid)?;
-                self.is_vmm_of(&dir, pid, start).then_some((dir, pid))
-            })
-            .collect()
+        let mut found = Vec::new();
+        for dir in dirs.flatten().map(|e| e.path()) {
+            let root = jail(&dir);
+            let pid = pids.iter().find(|p| same_file(&format!("/proc/{p}/root/"), &root));
+            if let Some(&pid) = pid {
+                found.push((dir, pid));
+            }
+        }
+        found
     }
 
     pub fn find(&self, vm_dir: &Path, recorded: Option<VmmHandle>) -> Option<(VmmHandle, bool)> {

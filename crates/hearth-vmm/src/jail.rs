@@ -1,14 +1,153 @@
-//! What a VMM needs inside a chroot of its own besides its binary: a dynamically linked VMM
-//! (a distribution's or a source build's Firecracker, against glibc) cannot even be executed in
-//! an empty chroot, because its program interpreter and shared libraries are not there. They
-//! are found natively from the binary's ELF headers (`PT_INTERP`, then `DT_NEEDED` of it and of
-//! every library, resolved in the system's library directories, as the dynamic loader would
-//! without a cache) and linked into the chroot at the same paths. A static binary needs none.
+//! A VMM's chroot of its own (Firecracker's jailer's, docs/adr/0016-firecracker-jailer.md, and
+//! the one hearth makes for Cloud Hypervisor, docs/adr/0017-cloud-hypervisor-confined.md): what
+//! goes in ([`Chroot::prepare`]), where hearth finds the VMM's files in it ([`host_path`]), how
+//! it reaches them without following what the VMM may have put there ([`connect`],
+//! [`open_nofollow`]), and its removal ([`remove`]).
+//!
+//! The chroot holds what the VMM opens after it drops privileges, each at a fixed name: the
+//! kernel and initrd (hard links, or copies across filesystems; shared and read-only), the VM's
+//! own disks (hard links, owned by the VM's uid), read-only volumes, the files it writes, its
+//! sockets, and, for a dynamically linked VMM, its loader and libraries. No bind mounts:
+//! removing the jail is removing a directory tree.
+//!
+//! A dynamically linked VMM (a distribution's or a source build's, against glibc) cannot even
+//! be executed in an empty chroot, because its program interpreter and shared libraries are not
+//! there. They are found natively from the binary's ELF headers (`PT_INTERP`, then `DT_NEEDED`
+//! of it and of every library, resolved in the system's library directories, as the dynamic
+//! loader would without a cache) and linked into the chroot at the same paths. A static binary
+//! needs none.
 
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
 use hearth_fs::elf::{u64_at, Elf, PT_DYNAMIC, PT_INTERP};
+
+use crate::{LaunchSpec, VmmError, VolumeDisk};
+
+/// The chroots a VM's VMM may run in, under the VM's directory: Firecracker's (its jailer's
+/// `<base>/<exec name>/<id>/root`) and Cloud Hypervisor's. A VM has one VMM, so at most one.
+const ROOTS: [&str; 2] = ["firecracker/jail/root", "cloud-hypervisor/jail/root"];
+
+/// The chroot the VM's VMM runs (or ran) in, if it has one.
+pub fn root_of(vm_dir: &Path) -> Option<PathBuf> {
+    ROOTS
+        .iter()
+        .map(|r| vm_dir.join(r))
+        .find(|r| std::fs::symlink_metadata(r).is_ok_and(|m| m.is_dir()))
+}
+
+/// Where hearth finds one of the VMM's files (its sockets): at its chroot's root when it has
+/// one, else in the VM's directory.
+pub fn host_path(vm_dir: &Path, name: &str) -> PathBuf {
+    root_of(vm_dir).unwrap_or_else(|| vm_dir.to_owned()).join(name)
+}
+
+/// A chroot to make for one VM's VMM.
+#[derive(Debug, Clone)]
+pub struct Chroot<'a> {
+    pub root: PathBuf,
+    /// The VMM's name, for errors.
+    pub vmm: &'static str,
+    /// The kernel's name at the chroot's root.
+    pub kernel: &'static str,
+    /// Empty files the VMM writes (its log, its metrics), made for its uid.
+    pub files: &'a [&'a str],
+}
+
+fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> VmmError {
+    let path = path.to_owned();
+    move |source| VmmError::Io { path, source }
+}
+
+impl Chroot<'_> {
+    /// Makes the chroot for `spec` run as `(uid, gid)` by `binary` (whose loader and libraries
+    /// it gets), where no chroot is left (the launch removes the last one first, and this one
+    /// when anything fails); returns the spec as the VMM sees it from inside (every path at the
+    /// chroot's root).
+    pub fn prepare(
+        &self,
+        spec: &LaunchSpec,
+        binary: &Path,
+        (uid, gid): (u32, u32),
+    ) -> Result<LaunchSpec, VmmError> {
+        let root = &self.root;
+        std::fs::create_dir_all(root).map_err(io_at(root))?;
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
+            .map_err(io_at(root))?;
+        let libs = runtime_files(binary).map_err(|m| VmmError::Control {
+            api: self.vmm,
+            message: format!("{m}; use a static {} from its releases", self.vmm),
+        })?;
+        for lib in libs {
+            place(root, &lib).map_err(io_at(&lib))?;
+        }
+        let chown = |at: &Path| std::os::unix::fs::chown(at, Some(uid), Some(gid));
+        // Shared, read-only inputs: linked when others may read them, else a copy of its own.
+        let shared = |from: &Path, name: &str| -> Result<PathBuf, VmmError> {
+            let at = root.join(name);
+            let meta = std::fs::metadata(from).map_err(io_at(from))?;
+            if meta.mode() & 0o004 == 0 || std::fs::hard_link(from, &at).is_err() {
+                std::fs::copy(from, &at).map_err(io_at(from))?;
+                chown(&at).map_err(io_at(&at))?;
+            }
+            Ok(Path::new("/").join(name))
+        };
+        // The VM's own disks: linked (writes must reach the VM's file) and handed to its uid.
+        let own = |from: &Path, name: &str| -> Result<PathBuf, VmmError> {
+            let at = root.join(name);
+            std::fs::hard_link(from, &at).map_err(io_at(from))?;
+            chown(&at).map_err(io_at(&at))?;
+            Ok(Path::new("/").join(name))
+        };
+        let mut volumes = Vec::new();
+        for (i, v) in spec.volumes.iter().enumerate() {
+            let name = format!("volume-{i}.img");
+            let path = if v.read_only { shared(&v.path, &name)? } else { own(&v.path, &name)? };
+            volumes.push(VolumeDisk { path, ..v.clone() });
+        }
+        for name in self.files {
+            let at = root.join(name);
+            std::fs::write(&at, b"").map_err(io_at(&at))?;
+            chown(&at).map_err(io_at(&at))?;
+        }
+        Ok(LaunchSpec {
+            vm_dir: "/".into(),
+            kernel: shared(&spec.kernel, self.kernel)?,
+            initrd: shared(&spec.initrd, "initrd")?,
+            root_disk: own(&spec.root_disk, "disk.img")?,
+            config_disk: own(&spec.config_disk, "config.img")?,
+            volumes,
+            ..spec.clone()
+        })
+    }
+}
+
+/// Removes a jail (`dir`, with its chroot `root`), once its VMM is gone; the files named in
+/// `keep` are moved beside the VM's other files first (moved, not read: they may be anything
+/// the VMM put there), for the exit reason.
+pub fn remove(vm_dir: &Path, dir: &Path, root: &Path, keep: &[&str]) {
+    if std::fs::symlink_metadata(dir).is_err() {
+        return;
+    }
+    for name in keep {
+        let _ = std::fs::rename(root.join(name), vm_dir.join(name));
+    }
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        tracing::warn!(dir = %dir.display(), error = %e, "removing a VMM's jail failed");
+    }
+}
+
+/// `binary` as the file a chroot is made from (found on PATH when it has no slash); a missing
+/// one is the VMM's spawn error, with `fix`.
+pub fn binary_file(binary: &Path, fix: &'static str) -> Result<PathBuf, VmmError> {
+    on_path(binary).ok_or_else(|| VmmError::Spawn {
+        binary: binary.display().to_string(),
+        fix,
+        source: std::io::ErrorKind::NotFound.into(),
+    })
+}
 
 /// Where the loader looks when it has no cache (glibc's trusted directories on a multiarch
 /// distribution first).

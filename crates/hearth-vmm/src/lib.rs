@@ -44,8 +44,8 @@ pub use qemu::{
     Stopped,
 };
 
-/// The provider `kind`, configured from the environment; `no_jail` runs Firecracker without
-/// its jailer.
+/// The provider `kind`, configured from the environment; `no_jail` runs Firecracker and Cloud
+/// Hypervisor unconfined (no jailer, chroot or uid of their own).
 pub fn provider_with(
     kind: hearth_core::ports::Provider,
     no_jail: bool,
@@ -58,7 +58,9 @@ pub fn provider_with(
             std::sync::Arc::new(fc)
         }
         hearth_core::ports::Provider::CloudHypervisor => {
-            std::sync::Arc::new(cloud_hypervisor::CloudHypervisor::from_env())
+            let mut ch = cloud_hypervisor::CloudHypervisor::from_env();
+            ch.no_jail = no_jail;
+            std::sync::Arc::new(ch)
         }
     }
 }
@@ -68,7 +70,7 @@ pub fn providers() -> hearth_core::ports::Vmms {
     providers_with(false)
 }
 
-/// Every provider; `no_jail` runs Firecracker without its jailer.
+/// Every provider; `no_jail` runs Firecracker and Cloud Hypervisor unconfined.
 pub fn providers_with(no_jail: bool) -> hearth_core::ports::Vmms {
     hearth_core::ports::Vmms::new(
         hearth_core::ports::Provider::ALL.iter().map(|&p| provider_with(p, no_jail)).collect(),

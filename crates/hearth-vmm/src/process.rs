@@ -137,21 +137,31 @@ pub fn arg_of(pid: i32, flag: &[u8]) -> Option<Vec<u8>> {
 pub fn scan_vmms(vms_dir: &Path, flag: &[u8], file: &str) -> Vec<(PathBuf, i32)> {
     use std::os::unix::ffi::OsStrExt;
     let mut out = Vec::new();
-    let Ok(procs) = std::fs::read_dir("/proc") else { return out };
-    for e in procs.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Some(value) = arg_of(pid, flag) else { continue };
+    for (pid, value) in live_with_flag(flag) {
         let path = Path::new(std::ffi::OsStr::from_bytes(&value));
         let ours = path.file_name() == Some(file.as_ref())
             && path.parent().is_some_and(|d| d.parent() == Some(vms_dir));
-        let alive = start_time(pid).is_some_and(|t| is_alive(pid, t));
-        if let (true, true, Some(dir)) = (ours, alive, path.parent()) {
+        if let (true, Some(dir)) = (ours, path.parent()) {
             out.push((dir.to_owned(), pid));
         }
     }
     out
+}
+
+/// Every live process whose `flag` is `value` on its command line.
+pub fn with_arg(flag: &[u8], value: &[u8]) -> Vec<i32> {
+    live_with_flag(flag).into_iter().filter(|(_, v)| v == value).map(|(pid, _)| pid).collect()
+}
+
+/// Every live process with `flag` on its command line, with the flag's value.
+fn live_with_flag(flag: &[u8]) -> Vec<(i32, Vec<u8>)> {
+    let Ok(procs) = std::fs::read_dir("/proc") else { return Vec::new() };
+    procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+        .filter_map(|pid| Some((pid, arg_of(pid, flag)?)))
+        .filter(|(pid, _)| start_time(*pid).is_some_and(|t| is_alive(*pid, t)))
+        .collect()
 }
 
 #[cfg(test)]

@@ -97,6 +97,9 @@ pub(crate) struct Start<'a> {
     /// For a launcher that forks the VMM and exits (Firecracker's jailer, into a PID namespace):
     /// where the VMM's pid is read from once the launcher is done, given the VM's directory.
     pub forks: Option<fn(&Path) -> Option<i32>>,
+    /// A chroot to enter and the (uid, gid) to become before executing (a VMM hearth confines
+    /// itself: Cloud Hypervisor).
+    pub confine: Option<(&'a Path, (u32, u32))>,
 }
 
 /// How long a launcher may take to fork its VMM and exit.
@@ -142,6 +145,10 @@ impl Start<'_> {
         set_up: impl FnOnce(i32, u64) -> Result<(), VmmError>,
     ) -> Result<(i32, u64), VmmError> {
         crate::sys::detach_and_join(&mut cmd, group.map(|g| g.join_fds()).unwrap_or_default());
+        if let Some((root, ids)) = self.confine {
+            crate::sys::chroot_and_drop(&mut cmd, root, ids)
+                .map_err(|source| VmmError::Io { path: root.to_owned(), source })?;
+        }
         let mut child = cmd.spawn().map_err(|source| VmmError::Spawn {
             binary: self.binary.display().to_string(),
             fix: self.fix,

@@ -95,3 +95,47 @@ pub fn mkfifo(path: &std::path::Path, mode: u32) -> io::Result<()> {
         Err(io::Error::last_os_error())
     }
 }
+
+/// `mknod(2)`: a character device node at `path` with `mode` (permission bits).
+pub fn mknod_char(path: &std::path::Path, mode: u32, major: u32, minor: u32) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "nul byte in path"))?;
+    let dev = libc::makedev(major, minor);
+    // SAFETY: c is a valid NUL-terminated string for the duration of the call.
+    if unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | mode as libc::mode_t, dev) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Makes the child `cmd` starts enter the chroot `root` and become `uid:gid`, with no
+/// supplementary groups, no capabilities (a root-to-user setuid clears them) and no way to gain
+/// privileges again, before it executes (the program's path is then resolved inside `root`).
+/// Registered after [`detach_and_join`], so the cgroup is joined with root's rights.
+pub fn chroot_and_drop(
+    cmd: &mut std::process::Command,
+    root: &std::path::Path,
+    (uid, gid): (u32, u32),
+) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::process::CommandExt;
+    let root = std::ffi::CString::new(root.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "nul byte in path"))?;
+    // SAFETY: the closure runs between fork and exec and makes only async-signal-safe system
+    // calls (chroot, chdir, setgroups, setgid, setuid, prctl) on data made before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let ok =
+                |rc: libc::c_int| if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) };
+            ok(libc::chroot(root.as_ptr()))?;
+            ok(libc::chdir(c"/".as_ptr()))?;
+            ok(libc::setgroups(0, std::ptr::null()))?;
+            ok(libc::setgid(gid))?;
+            ok(libc::setuid(uid))?;
+            ok(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
+        });
+    }
+    Ok(())
+}

@@ -163,3 +163,57 @@ async fn the_vms_card_is_its_tap_with_its_mac() {
     vmm.stop(dir.path(), h, Duration::ZERO).await.expect("stop");
     vmm.cleanup(dir.path(), &spec.confinement);
 }
+
+/// With a uid of its own, Cloud Hypervisor runs in the chroot hearth makes for it: as that uid
+/// and gid with no capabilities, in its cgroup with the VM's memory limit, configured with the
+/// paths it sees from inside, its console reached in the chroot (the guest kernel's command
+/// line read back), found again without hearth's pid file; stop and cleanup leave no process,
+/// jail or cgroup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confined_cloud_hypervisor_runs_unprivileged_in_its_chroot_and_cgroup_and_leaves_nothing()
+{
+    let Some((dir, mut spec)) = vm("loglevel=8 earlyprintk=serial,ttyS0") else { return };
+    let uid = 2_100_009_991;
+    let group = format!("hearth-test/vm-chjail-{}", std::process::id());
+    spec.confinement =
+        hearth_vmm::Confinement { run_as: Some((uid, uid)), cgroup: Some(group.clone()) };
+    let vmm = CloudHypervisor::default();
+    let h = vmm.launch(&spec).expect("launch").handle();
+    let root = ch::jail::root(dir.path());
+    hearth_testkit::kvm::assert_confined(h.pid, uid, &root, &group, (256u64 + 256) << 20);
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{}/exe", h.pid)).ok(),
+        Some(root.join("cloud-hypervisor"))
+    );
+
+    let api = Api::cloud_hypervisor(&root.join(API_SOCK));
+    let config = &api.get("/api/v1/vm.info").expect("vm.info")["config"];
+    assert_eq!(config["payload"]["kernel"], "/kernel", "{config:#}");
+    assert_eq!(config["disks"][0]["path"], "/disk.img");
+    assert_eq!(config["vsock"]["socket"], "/agent.sock");
+    assert_eq!(config["serial"]["socket"], "/console.sock");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(dir.path().join("disk.img")).expect("disk").uid(), uid);
+
+    let _console = Console::capture(dir.path(), LogLimits::default(), Default::default())
+        .await
+        .expect("capture");
+    assert!(vmm.start_guest(dir.path(), false).await.expect("vm.boot"));
+    let log = dir.path().join("console.log");
+    let text = wait_for_text(&log, "earlyprintk=serial,ttyS0", Duration::from_secs(90));
+    assert!(text.contains("Command line:"), "{text}");
+
+    std::fs::remove_file(dir.path().join("cloud-hypervisor.pid")).expect("rm pid file");
+    assert_eq!(
+        vmm.recover_orphans(dir.path().parent().expect("parent")),
+        vec![dir.path().to_owned()]
+    );
+    assert_eq!(vmm.find(dir.path(), None).map(|(f, _)| f), Some(h));
+
+    vmm.stop(dir.path(), h, Duration::ZERO).await.expect("stop");
+    vmm.cleanup(dir.path(), &spec.confinement);
+    assert!(!hearth_vmm::is_alive(h.pid, h.start_time));
+    assert!(!ch::jail::dir(dir.path()).exists(), "the jail is removed");
+    hearth_testkit::kvm::assert_cgroup_gone(&group);
+    assert!(dir.path().join("cloud-hypervisor.log").exists(), "its log stays, for the reason");
+}

@@ -159,35 +159,10 @@ async fn a_jailed_firecracker_runs_unprivileged_in_its_chroot_and_cgroup_and_lea
     let h = fc.launch(&spec).expect("launch").handle();
     let root = jail::root(dir.path());
 
-    let status = std::fs::read_to_string(format!("/proc/{}/status", h.pid)).expect("status");
-    let field = |key: &str| {
-        status.lines().find(|l| l.starts_with(key)).map(|l| l[key.len()..].trim().to_owned())
-    };
-    let uid = uid.to_string();
-    assert_eq!(field("Uid:"), Some(format!("{uid}\t{uid}\t{uid}\t{uid}")));
-    assert_eq!(field("Gid:"), Some(format!("{uid}\t{uid}\t{uid}\t{uid}")));
-    assert_eq!(field("CapEff:").as_deref(), Some("0000000000000000"));
-    assert!(field("NSpid:").is_some_and(|p| p.ends_with("\t1")), "init of its PID namespace");
-    // Its root is the chroot (pivoted to in a mount namespace of its own, so /proc shows "/":
-    // compared as the same directory, by device and inode).
-    use std::os::unix::fs::MetadataExt;
-    let (seen, made) = (
-        std::fs::metadata(format!("/proc/{}/root/", h.pid)).expect("its root"),
-        std::fs::metadata(&root).expect("chroot"),
-    );
-    assert_eq!((seen.dev(), seen.ino()), (made.dev(), made.ino()));
-    let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", h.pid)).expect("cgroup");
-    assert!(cgroups.lines().any(|l| l.ends_with(&format!("/{group}"))), "{cgroups}");
-    let memory = ["/sys/fs/cgroup/memory", "/sys/fs/cgroup"]
-        .iter()
-        .map(|m| std::path::Path::new(m).join(&group))
-        .find_map(|d| {
-            std::fs::read_to_string(d.join("memory.limit_in_bytes"))
-                .or_else(|_| std::fs::read_to_string(d.join("memory.max")))
-                .ok()
-        })
-        .expect("memory limit");
-    assert_eq!(memory.trim(), ((256u64 + 256) << 20).to_string());
+    let status =
+        hearth_testkit::kvm::assert_confined(h.pid, uid, &root, &group, (256u64 + 256) << 20);
+    let nspid = status.lines().find(|l| l.starts_with("NSpid:")).expect("NSpid");
+    assert!(nspid.ends_with("\t1"), "init of its PID namespace: {nspid}");
 
     // Configured with the paths it sees from inside.
     let api = Api::firecracker(&jail::host_path(dir.path(), API_SOCK));
@@ -195,10 +170,8 @@ async fn a_jailed_firecracker_runs_unprivileged_in_its_chroot_and_cgroup_and_lea
     assert_eq!(config["boot-source"]["kernel_image_path"], "/vmlinux", "{config:#}");
     assert_eq!(config["drives"][0]["path_on_host"], "/disk.img");
     assert_eq!(config["vsock"]["uds_path"], "/agent.sock");
-    assert_eq!(
-        std::fs::metadata(dir.path().join("disk.img")).expect("disk").uid().to_string(),
-        uid
-    );
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(dir.path().join("disk.img")).expect("disk").uid(), uid);
 
     // Found again from the VM's directory alone, even without hearth's pid file.
     std::fs::remove_file(dir.path().join("firecracker.pid")).expect("rm pid file");
@@ -212,12 +185,7 @@ async fn a_jailed_firecracker_runs_unprivileged_in_its_chroot_and_cgroup_and_lea
     fc.cleanup(dir.path(), &spec.confinement);
     assert!(!hearth_vmm::is_alive(h.pid, h.start_time));
     assert!(!jail::dir(dir.path()).exists(), "the jail is removed");
-    for m in
-        ["/sys/fs/cgroup/memory", "/sys/fs/cgroup/cpu", "/sys/fs/cgroup/pids", "/sys/fs/cgroup"]
-    {
-        assert!(!std::path::Path::new(m).join(&group).exists(), "cgroup left in {m}");
-    }
-    let _ = std::fs::remove_dir("/sys/fs/cgroup/memory/hearth-test");
+    hearth_testkit::kvm::assert_cgroup_gone(&group);
     for f in [API_SOCK, "firecracker.pid", "agent.sock", "console.out", "console.in"] {
         assert!(!dir.path().join(f).exists(), "{f} left behind");
     }

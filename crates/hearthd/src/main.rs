@@ -81,8 +81,8 @@ struct Args {
     /// QEMU is the default, since only it runs guests where KVM cannot (TCG).
     #[arg(long, env = "HEARTH_DEFAULT_VMM", value_name = "VMM", default_value = "qemu")]
     default_vmm: hearth_types::Provider,
-    /// Runs Firecracker without its jailer (no chroot, PID namespace or uid of its own: it runs
-    /// as root). For debugging only.
+    /// Runs Firecracker without its jailer and Cloud Hypervisor without its chroot (no uid of
+    /// their own: they run as root). For debugging only.
     #[arg(long)]
     no_jail: bool,
     /// The cgroup each VMM's own group goes under (memory, CPU and process limits from the VM's
@@ -324,7 +324,7 @@ fn configure_vmms(d: &mut daemon::Daemon, args: &Args) -> anyhow::Result<()> {
     d.default_vmm = args.default_vmm;
     warn_unusable_default(args.default_vmm);
     if args.no_jail {
-        tracing::warn!("--no-jail: Firecracker runs without its jailer, as root, unconfined but for its seccomp filter and cgroup; use this for debugging only");
+        tracing::warn!("--no-jail: Firecracker and Cloud Hypervisor run without a jail, as root, unconfined but for their seccomp filters and cgroups; use this for debugging only");
         d.vmms = hearth_vmm::providers_with(true);
     }
     d.cgroup_parent = args.cgroup_parent.clone();

@@ -717,7 +717,7 @@ fn microvms_asking_for_firecracker_or_cloudhypervisor_run_under_it_with_their_me
     let fc = launched("fc.ns0");
     assert_eq!(fc["spec"]["provider"], "firecracker", "{fc:#}");
     let fc_dir = d.root.path().join("vms").join(fc["spec"]["id"].as_str().expect("id"));
-    let api = hearth_vmm::http::Api::firecracker(&hearth_vmm::firecracker::jail::host_path(
+    let api = hearth_vmm::http::Api::firecracker(&hearth_vmm::jail::host_path(
         &fc_dir,
         hearth_vmm::firecracker::API_SOCK,
     ));
@@ -735,9 +735,11 @@ fn microvms_asking_for_firecracker_or_cloudhypervisor_run_under_it_with_their_me
     let ch = launched("ch.ns0");
     assert_eq!(ch["spec"]["provider"], "cloud-hypervisor", "{ch:#}");
     let ch_dir = d.root.path().join("vms").join(ch["spec"]["id"].as_str().expect("id"));
-    let api = hearth_vmm::http::Api::cloud_hypervisor(
-        &ch_dir.join(hearth_vmm::cloud_hypervisor::API_SOCK),
-    );
+    // Confined in its jail, where its API socket is.
+    let api = hearth_vmm::http::Api::cloud_hypervisor(&hearth_vmm::jail::host_path(
+        &ch_dir,
+        hearth_vmm::cloud_hypervisor::API_SOCK,
+    ));
     let info = api.get("/api/v1/vm.info").expect("vm.info");
     let config = &info["config"];
     assert_eq!(config["memory"]["size"], 256u64 << 20, "{info:#}");

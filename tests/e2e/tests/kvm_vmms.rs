@@ -46,22 +46,29 @@ fn assert_jailed(d: &Daemon, v: &serde_json::Value) {
     let dir = d.root.path().join("vms").join(v["spec"]["id"].as_str().expect("id"));
     use std::os::unix::fs::MetadataExt;
     let seen = std::fs::metadata(format!("/proc/{pid}/root/")).expect("its root");
-    let jail = std::fs::metadata(hearth_vmm::firecracker::jail::root(&dir)).expect("the jail");
+    let jail = hearth_vmm::jail::root_of(&dir).expect("the VM's jail");
+    let jail = std::fs::metadata(jail).expect("the jail");
     assert_eq!((seen.dev(), seen.ino()), (jail.dev(), jail.ino()), "chrooted in its jail");
     let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup");
     let id = v["spec"]["id"].as_str().expect("id");
     assert!(cgroups.contains(&format!("/vm-{id}")), "in the VM's cgroup: {cgroups}");
 }
 
+/// The VMM's processes (its binary is the command; hearthd's flags may name it too) that name
+/// `needle` on their command line or are chrooted under it.
 fn processes(vmm: &str, needle: &str) -> Vec<String> {
     let out = std::process::Command::new("pgrep").args(["-a", "-f", vmm]).output().expect("pgrep");
-    // The VMM's own processes: its binary is the command (hearthd's flags may name it too).
     let is_vmm = |l: &str| {
         l.split_whitespace().nth(1).is_some_and(|c| std::path::Path::new(c).ends_with(vmm))
     };
+    let chrooted = |l: &str| {
+        let pid = l.split_whitespace().next().unwrap_or_default();
+        std::fs::read_link(format!("/proc/{pid}/root"))
+            .is_ok_and(|r| r.to_string_lossy().starts_with(needle))
+    };
     text(&out.stdout)
         .lines()
-        .filter(|l| is_vmm(l) && l.contains(needle))
+        .filter(|l| is_vmm(l) && (l.contains(needle) || chrooted(l)))
         .map(str::to_owned)
         .collect()
 }
@@ -121,11 +128,7 @@ fn boots_its_kernel_logs_its_console_and_is_removed_cleanly(vmm: &str) {
     assert!(v["status"]["pid"].as_i64().is_some(), "a launched VM has its VMM's pid: {v:#}");
     let root = d.root.path().display().to_string();
     let pid = v["status"]["pid"].as_i64().expect("pid");
-    if vmm == "firecracker" {
-        assert_jailed(&d, &v);
-    } else {
-        assert_eq!(processes(vmm, &root).len(), 1, "one {vmm} for the VM");
-    }
+    assert_jailed(&d, &v);
     let elf = d.root.path().join("kernels/debian/vmlinux").is_file();
     assert_eq!(elf, vmm == "firecracker", "only Firecracker needs the ELF kernel extracted");
 
@@ -218,6 +221,19 @@ fn gets_a_tap_on_the_bridge_and_loses_it_with_the_vm(vmm: &str) {
         "the VM's tap is on the bridge: {link:?}\n{}",
         d.log()
     );
+    // The VMM (confined, as the VM's uid) has the tap open: a tun descriptor attached to it.
+    let pid = v["status"]["pid"].as_i64().expect("pid");
+    let attached = || {
+        std::fs::read_dir(format!("/proc/{pid}/fdinfo")).into_iter().flatten().flatten().any(|f| {
+            std::fs::read_to_string(f.path())
+                .is_ok_and(|t| t.lines().any(|l| l.split_whitespace().eq(["iff:", tap.as_str()])))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !attached() {
+        assert!(Instant::now() < deadline, "{vmm} never opened {tap}:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
     d.ok(&["rm", "-f", "fcb"]);
     let gone = ns.run(&["ip", "link", "show", &tap]);
     assert!(!gone.status.success(), "the tap went with the VM: {}", text(&gone.stdout));
@@ -262,9 +278,7 @@ fn a_new_hearthd_readopts_firecracker_and_cloud_hypervisor_vms_after_a_kill_9() 
             "600",
         ]);
         let v = d.inspect(name);
-        if vmm == "firecracker" {
-            assert_jailed(&d, &v);
-        }
+        assert_jailed(&d, &v);
         pids.push(v["status"]["pid"].as_i64().expect("pid"));
     }
 
@@ -303,35 +317,37 @@ fn a_new_hearthd_readopts_firecracker_and_cloud_hypervisor_vms_after_a_kill_9() 
 }
 
 #[test]
-fn hearthd_no_jail_runs_firecracker_unjailed_and_says_so() {
+fn hearthd_no_jail_runs_firecracker_and_cloud_hypervisor_unconfined_and_says_so() {
     require_e2e!();
-    if !have("firecracker") {
+    if !have("firecracker") || !have("cloud-hypervisor") {
         return;
     }
     let d = Daemon::start_with(&["--no-jail"]);
     d.import_kernel();
     import_busybox(&d, "nojail:1");
-    d.ok(&[
-        "run",
-        "-d",
-        "--no-wait",
-        "--vmm",
-        "firecracker",
-        "--network",
-        "none",
-        "--name",
-        "fc",
-        "nojail:1",
-        "sleep",
-        "600",
-    ]);
-    let v = d.inspect("fc");
-    let pid = v["status"]["pid"].as_i64().expect("pid");
-    let dir = d.root.path().join("vms").join(v["spec"]["id"].as_str().expect("id"));
-    assert!(!hearth_vmm::firecracker::jail::dir(&dir).exists(), "no jail");
-    let root = std::fs::read_link(format!("/proc/{pid}/root")).expect("root");
-    assert_eq!(root, std::path::Path::new("/"), "not chrooted");
+    for vmm in ["firecracker", "cloud-hypervisor"] {
+        d.ok(&[
+            "run",
+            "-d",
+            "--no-wait",
+            "--vmm",
+            vmm,
+            "--network",
+            "none",
+            "--name",
+            "unjailed",
+            "nojail:1",
+            "sleep",
+            "600",
+        ]);
+        let v = d.inspect("unjailed");
+        let pid = v["status"]["pid"].as_i64().expect("pid");
+        let dir = d.root.path().join("vms").join(v["spec"]["id"].as_str().expect("id"));
+        assert_eq!(hearth_vmm::jail::root_of(&dir), None, "no jail for {vmm}");
+        let root = std::fs::read_link(format!("/proc/{pid}/root")).expect("root");
+        assert_eq!(root, std::path::Path::new("/"), "{vmm} not chrooted");
+        d.ok(&["rm", "-f", "unjailed"]);
+        assert!(!runs(pid), "{vmm} left running");
+    }
     assert!(d.log().contains("--no-jail"), "the daemon warns:\n{}", d.log());
-    d.ok(&["rm", "-f", "fc"]);
-    assert!(!runs(pid), "Firecracker left running");
 }

@@ -2,9 +2,11 @@
 //!
 //! Cloud Hypervisor is started with only its API socket and given the VM with `vm.create`,
 //! which makes the devices (the serial port's socket among them) but runs nothing: the guest
-//! runs at `vm.boot` ([`start_guest`]), once its console is captured. hearth writes
-//! `cloud-hypervisor.pid`; a process counts as this VM's only while it is alive with the same
-//! start time and its command line names this VM's API socket.
+//! runs at `vm.boot` ([`start_guest`]), once its console is captured. With a uid to run as, it
+//! runs confined ([`super::jail`]). It logs to its standard error, `cloud-hypervisor.log` in
+//! the VM's directory. hearth writes `cloud-hypervisor.pid`; a process counts as this VM's only
+//! while it is alive with the same start time and its command line names this VM's API socket
+//! (at its jail's root when confined).
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -12,7 +14,7 @@ use std::time::Duration;
 
 use hearth_types::Accel;
 
-use super::{config, API_SOCK, LOG, PID, RUNTIME_FILES};
+use super::{config, jail, API_SOCK, LOG, PID, RUNTIME_FILES};
 use crate::http::Api;
 
 use crate::{LaunchSpec, Launched, VmmError};
@@ -21,13 +23,18 @@ use crate::{LaunchSpec, Launched, VmmError};
 const API_WAIT: Duration = Duration::from_secs(5);
 const PING: &str = "/api/v1/vmm.ping";
 
-/// Removes what a Cloud Hypervisor that is gone left: sockets, the lock file, the pid file.
+const FIX: &str = "install Cloud Hypervisor from its releases or set HEARTH_CLOUD_HYPERVISOR";
+
+/// Removes what a Cloud Hypervisor that is gone left: sockets, the lock file, the pid file,
+/// its jail.
 pub fn remove_runtime_files(vm_dir: &Path) {
     crate::spawn::remove_files(vm_dir, &RUNTIME_FILES);
+    jail::remove(vm_dir);
 }
 
+/// The VM's API, in its jail when it has one.
 fn api(dir: &Path) -> Api {
-    Api::cloud_hypervisor(&dir.join(API_SOCK))
+    Api::cloud_hypervisor(&crate::jail::host_path(dir, API_SOCK))
 }
 
 /// Every file the VM needs, there before Cloud Hypervisor is started: it opens the kernel and
@@ -40,8 +47,9 @@ fn check_inputs(spec: &LaunchSpec) -> Result<(), VmmError> {
     Ok(())
 }
 
-/// Starts Cloud Hypervisor for `spec` and creates the VM; returns before `vm.boot`.
-pub fn launch(spec: &LaunchSpec, binary: &Path) -> Result<Launched, VmmError> {
+/// Starts Cloud Hypervisor for `spec` and creates the VM; returns before `vm.boot`. With
+/// `confine` and a uid to run as, in its jail as that uid.
+pub fn launch(spec: &LaunchSpec, binary: &Path, confine: bool) -> Result<Launched, VmmError> {
     let spec = &crate::spawn::absolute(spec)?;
     let dir = &spec.vm_dir;
     let warning = crate::spawn::kvm_only("Cloud Hypervisor", spec)?;
@@ -50,15 +58,37 @@ pub fn launch(spec: &LaunchSpec, binary: &Path) -> Result<Launched, VmmError> {
     }
     check_inputs(spec)?;
     remove_runtime_files(dir);
+    let launched = match spec.confinement.run_as.filter(|_| confine) {
+        Some(ids) => {
+            let binary = crate::jail::binary_file(binary, FIX)?;
+            let inside = jail::prepare(spec, &binary, ids)?;
+            let root = jail::root(dir);
+            start(spec, &inside, Path::new(jail::BINARY), Some((&root, ids)))
+        }
+        None => start(spec, spec, binary, None),
+    };
+    if launched.is_err() {
+        jail::remove(dir);
+    }
+    Ok(Launched { warning, ..launched? })
+}
+
+/// Starts `binary` (as it is named from where it runs: its jail's root when `confine` names
+/// one) and creates the VM `inside` describes, as it sees its files.
+fn start(
+    spec: &LaunchSpec,
+    inside: &LaunchSpec,
+    binary: &Path,
+    confine: Option<(&Path, (u32, u32))>,
+) -> Result<Launched, VmmError> {
+    let dir = &spec.vm_dir;
     let log_path = dir.join(LOG);
     let log = crate::spawn::fresh_log(&log_path)?;
     let err = log.try_clone().map_err(|source| VmmError::Io { path: log_path.clone(), source })?;
     let group = crate::spawn::cgroup(spec, false)?;
     let mut cmd = Command::new(binary);
     cmd.arg("--api-socket")
-        .arg(dir.join(API_SOCK))
-        .arg("--log-file")
-        .arg(&log_path)
+        .arg(inside.vm_dir.join(API_SOCK))
         .args(["--seccomp", "true"])
         .current_dir(dir)
         .stdin(Stdio::null())
@@ -66,20 +96,21 @@ pub fn launch(spec: &LaunchSpec, binary: &Path) -> Result<Launched, VmmError> {
         .stderr(err);
     let start = crate::spawn::Start {
         vmm: "cloud-hypervisor",
-        fix: "install Cloud Hypervisor from its releases or set HEARTH_CLOUD_HYPERVISOR",
+        fix: FIX,
         binary,
         vm_dir: dir,
         pid_file: PID,
         log: &log_path,
         runtime_files: &RUNTIME_FILES,
         forks: None,
+        confine,
     };
     let (pid, start_time) = start.run(cmd, group.as_ref(), |pid, start_time| {
         let api = api(dir);
         api.wait_ready(PING, pid, start_time, API_WAIT)?;
-        api.put("/api/v1/vm.create", &config::vm_config(spec))
+        api.put("/api/v1/vm.create", &config::vm_config(inside))
     })?;
-    Ok(Launched { pid, start_time, accel: Accel::Kvm, warning })
+    Ok(Launched { pid, start_time, accel: Accel::Kvm, warning: None })
 }
 
 /// The VM's state as Cloud Hypervisor reports it (`Created`, `Running`, `Paused`, `Shutdown`).

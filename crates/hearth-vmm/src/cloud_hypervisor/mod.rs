@@ -6,9 +6,11 @@
 //! the `.lock` file Cloud Hypervisor keeps beside it), `cloud-hypervisor.pid` (written by
 //! hearth), `cloud-hypervisor.log` (its log and stderr for the current boot), `console.sock`
 //! (the serial port, which the console capture turns into `console.log` like any VM's) and
-//! `agent.sock` (hybrid vsock to hearth-init's agent).
+//! `agent.sock` (hybrid vsock to hearth-init's agent). Confined ([`jail`]), the sockets are in
+//! the chroot `cloud-hypervisor/jail/root/` instead.
 
 mod config;
+pub mod jail;
 mod launch;
 mod provider;
 
@@ -19,8 +21,12 @@ pub use provider::CloudHypervisor;
 /// The API socket, in the VM's directory.
 pub const API_SOCK: &str = "cloud-hypervisor.sock";
 /// Found by hearth's pid file and the API socket on its command line.
-pub(crate) const FINDER: crate::found::Finder =
-    crate::found::Finder { pid_file: PID, flag: b"--api-socket", named: API_SOCK, jail: None };
+pub(crate) const FINDER: crate::found::Finder = crate::found::Finder {
+    pid_file: PID,
+    flag: b"--api-socket",
+    named: API_SOCK,
+    jail: Some(jail::root),
+};
 
 pub const PID: &str = "cloud-hypervisor.pid";
 pub const LOG: &str = "cloud-hypervisor.log";

@@ -35,9 +35,10 @@ impl crate::driven::Driver for Driver {
     fn launch(
         spec: &LaunchSpec,
         binary: &Path,
+        confine: bool,
         _jailer: Option<&Path>,
     ) -> Result<Launched, VmmError> {
-        super::launch(spec, binary)
+        super::launch(spec, binary, confine)
     }
 
     async fn wait_set_up(vm_dir: &Path, pid: i32, start: u64) -> Result<(), VmmError> {
@@ -53,7 +54,10 @@ impl crate::driven::Driver for Driver {
     }
 
     fn endpoints(vm_dir: &Path) -> Endpoints {
-        Endpoints { agent: vm_dir.join(AGENT_SOCK), console: vm_dir.join(crate::console::SOCKET) }
+        Endpoints {
+            agent: crate::jail::host_path(vm_dir, AGENT_SOCK),
+            console: crate::jail::host_path(vm_dir, crate::console::SOCKET),
+        }
     }
 
     fn remove_runtime_files(vm_dir: &Path) {

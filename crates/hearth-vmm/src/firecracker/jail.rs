@@ -3,18 +3,15 @@
 //! directory as the base), the VM's unprivileged uid and gid, a PID namespace of its own, and
 //! hearth's cgroup for the VM, which the jailer joins before it executes.
 //!
-//! The chroot holds what Firecracker opens after it drops privileges, each at a fixed name:
-//! the kernel and initrd (hard links, or copies across filesystems; shared and read-only), the
-//! VM's own disks (hard links, owned by the VM's uid), read-only volumes, its log and metrics
-//! files, its API and agent sockets, and, for a dynamically linked Firecracker, its loader and
-//! libraries. No bind mounts: removing the jail is removing a directory tree. Everything in
-//! the chroot is the VMM's to change, so hearth reaches its sockets and log without following
-//! links (`crate::jail::connect`, `crate::jail::open_nofollow`).
+//! The chroot is made as [`crate::jail`] makes every VMM's, with Firecracker's log and metrics
+//! files; the jailer adds the device nodes. Everything in the chroot is the VMM's to change, so
+//! hearth reaches its sockets and log without following links (`crate::jail::connect`,
+//! `crate::jail::open_nofollow`).
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::{LaunchSpec, VmmError, VolumeDisk};
+pub use crate::jail::host_path;
+use crate::{LaunchSpec, VmmError};
 
 /// The jail's id, the middle of its path (the VM's directory already names the VM).
 pub const ID: &str = "jail";
@@ -29,79 +26,16 @@ pub fn root(vm_dir: &Path) -> PathBuf {
     dir(vm_dir).join(ID).join("root")
 }
 
-/// Whether the VM's Firecracker runs (or ran) jailed.
-pub fn is_jailed(vm_dir: &Path) -> bool {
-    std::fs::symlink_metadata(root(vm_dir)).is_ok_and(|m| m.is_dir())
-}
-
-/// Where hearth finds one of Firecracker's files: in the chroot when jailed.
-pub fn host_path(vm_dir: &Path, name: &str) -> PathBuf {
-    if is_jailed(vm_dir) {
-        root(vm_dir).join(name)
-    } else {
-        vm_dir.join(name)
-    }
-}
-
-/// Makes the chroot for `spec` run as `(uid, gid)` by `binary`, where no jail is left (the
-/// launch removes the last one first, and this one when anything fails); returns the spec as
-/// Firecracker sees it from inside (every path at the chroot's root).
-pub fn prepare(
-    spec: &LaunchSpec,
-    binary: &Path,
-    (uid, gid): (u32, u32),
-) -> Result<LaunchSpec, VmmError> {
-    let root = root(&spec.vm_dir);
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |source| VmmError::Io { path, source }
+/// Makes the chroot for `spec` run as `ids` by `binary`; returns the spec as Firecracker sees
+/// it from inside.
+pub fn prepare(spec: &LaunchSpec, binary: &Path, ids: (u32, u32)) -> Result<LaunchSpec, VmmError> {
+    let chroot = crate::jail::Chroot {
+        root: root(&spec.vm_dir),
+        vmm: "Firecracker",
+        kernel: "vmlinux",
+        files: &[super::LOG, super::METRICS],
     };
-    std::fs::create_dir_all(&root).map_err(io(&root))?;
-    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700)).map_err(io(&root))?;
-    let libs = crate::jail::runtime_files(binary).map_err(|m| VmmError::Control {
-        api: "jailer",
-        message: format!("{m}; use a static Firecracker from its releases"),
-    })?;
-    for lib in libs {
-        crate::jail::place(&root, &lib).map_err(io(&lib))?;
-    }
-    // Shared, read-only inputs: linked when others may read them, else a copy of its own.
-    let shared = |from: &Path, name: &str| -> Result<PathBuf, VmmError> {
-        let at = root.join(name);
-        let meta = std::fs::metadata(from).map_err(io(from))?;
-        if meta.mode() & 0o004 == 0 || std::fs::hard_link(from, &at).is_err() {
-            std::fs::copy(from, &at).map_err(io(from))?;
-            std::os::unix::fs::chown(&at, Some(uid), Some(gid)).map_err(io(&at))?;
-        }
-        Ok(Path::new("/").join(name))
-    };
-    // The VM's own disks: linked (writes must reach the VM's file) and handed to its uid.
-    let own = |from: &Path, name: &str| -> Result<PathBuf, VmmError> {
-        let at = root.join(name);
-        std::fs::hard_link(from, &at).map_err(io(from))?;
-        std::os::unix::fs::chown(&at, Some(uid), Some(gid)).map_err(io(&at))?;
-        Ok(Path::new("/").join(name))
-    };
-    let mut volumes = Vec::new();
-    for (i, v) in spec.volumes.iter().enumerate() {
-        let name = format!("volume-{i}.img");
-        let path = if v.read_only { shared(&v.path, &name)? } else { own(&v.path, &name)? };
-        volumes.push(VolumeDisk { path, ..v.clone() });
-    }
-    for name in [super::LOG, super::METRICS] {
-        let at = root.join(name);
-        std::fs::write(&at, b"").map_err(io(&at))?;
-        std::os::unix::fs::chown(&at, Some(uid), Some(gid)).map_err(io(&at))?;
-    }
-    Ok(LaunchSpec {
-        vm_dir: "/".into(),
-        kernel: shared(&spec.kernel, "vmlinux")?,
-        initrd: shared(&spec.initrd, "initrd")?,
-        root_disk: own(&spec.root_disk, "disk.img")?,
-        config_disk: own(&spec.config_disk, "config.img")?,
-        volumes,
-        ..spec.clone()
-    })
+    chroot.prepare(spec, binary, ids)
 }
 
 /// The binary the jailer is given: it names the chroot after the file (`<base>/<name>/<id>`), so
@@ -136,17 +70,9 @@ pub fn forked_pid(vm_dir: &Path) -> Option<i32> {
     text.trim().parse().ok().filter(|&p| p > 1)
 }
 
-/// Removes the jail, once its VMM is gone; its log is kept beside the VM's other files first
-/// (moved, not read: it may be anything the VMM put there), for the exit reason.
+/// Removes the jail, once its VMM is gone, keeping its log for the exit reason.
 pub fn remove(vm_dir: &Path) {
-    let dir = dir(vm_dir);
-    if std::fs::symlink_metadata(&dir).is_err() {
-        return;
-    }
-    let _ = std::fs::rename(root(vm_dir).join(super::LOG), vm_dir.join(super::LOG));
-    if let Err(e) = std::fs::remove_dir_all(&dir) {
-        tracing::warn!(dir = %dir.display(), error = %e, "removing a Firecracker jail failed");
-    }
+    crate::jail::remove(vm_dir, &dir(vm_dir), &root(vm_dir), &[super::LOG]);
 }
 
 #[cfg(test)]
@@ -169,7 +95,7 @@ mod tests {
         let _listener = std::os::unix::net::UnixListener::bind(&elsewhere).expect("bind");
         std::os::unix::fs::symlink(&elsewhere, root.join(super::super::API_SOCK)).expect("link");
 
-        assert!(is_jailed(vm));
+        assert_eq!(crate::jail::root_of(vm), Some(root.clone()));
         let api = crate::http::Api::firecracker(&host_path(vm, super::super::API_SOCK));
         assert!(api.get("/").is_err(), "another service's socket is never spoken to");
         remove(vm);

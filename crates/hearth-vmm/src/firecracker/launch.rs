@@ -19,6 +19,8 @@ use crate::http::Api;
 
 use crate::{LaunchSpec, Launched, VmmError};
 
+const FIX: &str = "install Firecracker from its releases or set HEARTH_FIRECRACKER";
+
 /// How long Firecracker may take to open its API socket.
 const API_WAIT: Duration = Duration::from_secs(5);
 
@@ -44,17 +46,13 @@ pub fn launch(
     remove_runtime_files(dir);
     let jail = spec.confinement.run_as.zip(jailer);
     // The jailer is given the binary's path, and its libraries are read from it.
-    let found = crate::jail::on_path(binary);
-    let binary = match (&jail, &found) {
-        (Some(_), Some(path)) => path.as_path(),
-        (Some(_), None) => {
-            return Err(VmmError::Spawn {
-                binary: binary.display().to_string(),
-                fix: "install Firecracker from its releases or set HEARTH_FIRECRACKER",
-                source: std::io::ErrorKind::NotFound.into(),
-            })
+    let found;
+    let binary = match jail {
+        Some(_) => {
+            found = crate::jail::binary_file(binary, FIX)?;
+            found.as_path()
         }
-        (None, _) => binary,
+        None => binary,
     };
     let launched = launch_as(spec, binary, jail, warning);
     if launched.is_err() {
@@ -121,7 +119,7 @@ fn launch_as(
         vmm: "firecracker",
         fix: match jail {
             Some(_) => "install Firecracker's jailer from its releases (beside firecracker), set HEARTH_JAILER, or start hearthd with --no-jail",
-            None => "install Firecracker from its releases or set HEARTH_FIRECRACKER",
+            None => FIX,
         },
         binary: jail.map(|(_, j)| j).unwrap_or(binary),
         vm_dir: dir,
@@ -129,6 +127,7 @@ fn launch_as(
         log: &stderr_log,
         runtime_files: &RUNTIME_FILES,
         forks: jail.map(|_| jail::forked_pid as fn(&Path) -> Option<i32>),
+        confine: None,
     };
     let (pid, start_time) = start.run(cmd, group.as_ref(), |pid, start_time| {
         let api = api(dir);

@@ -26,7 +26,7 @@ pub(crate) const FINDER: crate::found::Finder = crate::found::Finder {
     pid_file: PID,
     flag: b"--api-sock",
     named: API_SOCK,
-    jail: Some(crate::found::Jail { root: jail::root, recorded_pid: jail::forked_pid }),
+    jail: Some(jail::root),
 };
 
 pub const PID: &str = "firecracker.pid";

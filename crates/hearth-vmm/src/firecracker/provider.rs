@@ -36,6 +36,7 @@ impl crate::driven::Driver for Driver {
     fn launch(
         spec: &LaunchSpec,
         binary: &Path,
+        _confine: bool,
         jailer: Option<&Path>,
     ) -> Result<Launched, VmmError> {
         super::launch(spec, binary, jailer)
