@@ -145,6 +145,37 @@ fn link_tree(src: &Path, dst: &Path, origin: Origin<'_>) -> Result<usize, Kernel
     Ok(count)
 }
 
+/// The kernel's file in the store: a hard link when others may read it (never changing the
+/// mode of a file that is also the user's), else a copy of its own, readable by all (0644:
+/// the store is inside the private state directory, and a VMM's jail can then link it rather
+/// than copy it).
+fn shared_copy(src: &Path, dst: &Path) -> Result<(), KernelError> {
+    use std::os::unix::fs::PermissionsExt;
+    let readable = fs::metadata(src).map_err(io_err(src))?.permissions().mode() & 0o004 != 0;
+    if !(readable && fs::hard_link(src, dst).is_ok()) {
+        fs::copy(src, dst).map_err(io_err(dst))?;
+        fs::set_permissions(dst, readable_by_all()).map_err(io_err(dst))?;
+    }
+    Ok(())
+}
+
+/// 0644, for what the store shares with VMMs' jails (kernels, their vmlinux, initramfs images).
+fn readable_by_all() -> fs::Permissions {
+    std::os::unix::fs::PermissionsExt::from_mode(0o644)
+}
+
+/// What the VMMs need to know of how the kernel at `path` boots: a bzImage's payload
+/// compression, an ELF's PVH note.
+fn boot_facts(path: &Path, format: Format) -> Result<(Option<String>, Option<bool>), KernelError> {
+    match format {
+        Format::Elf => pvh::has_pvh_note(path).map(|p| (None, Some(p))).map_err(io_err(path)),
+        Format::BzImage => {
+            let bytes = fs::read(path).map_err(io_err(path))?;
+            Ok((vmlinux::compression(&bytes).map(|m| m.as_str().to_owned()), None))
+        }
+    }
+}
+
 fn sha256_file(path: &Path) -> Result<String, KernelError> {
     let mut f = fs::File::open(path).map_err(io_err(path))?;
     let mut h = Sha256::new();
@@ -200,8 +231,10 @@ impl KernelStore {
         let _ = fs::remove_dir_all(&staging);
         let result: Result<KernelRecord, KernelError> = (|| {
             fs::create_dir_all(&staging).map_err(io_err(&staging))?;
-            link_or_copy(kernel, &staging.join("kernel"))?;
-            let id = sha256_file(&staging.join("kernel"))?;
+            let stored = staging.join("kernel");
+            shared_copy(kernel, &stored)?;
+            let id = sha256_file(&stored)?;
+            let (compression, pvh) = boot_facts(&stored, format)?;
             let count = match &mod_tree {
                 Some(t) => link_tree(t, &staging.join("modules").join(&ver), origin)?,
                 None => 0,
@@ -211,6 +244,8 @@ impl KernelStore {
                 id: Digest::from_hex(&id).map_err(|_| KernelError::Corrupt(kernel.to_owned()))?,
                 version: ver.clone(),
                 format: format.as_str().to_owned(),
+                compression,
+                pvh,
                 modules: count,
                 created_at: now(),
             };
@@ -384,6 +419,9 @@ impl KernelStore {
         if rec.format != Format::Elf.as_str() {
             return Ok(None);
         }
+        if rec.pvh.is_some() {
+            return Ok(rec.pvh);
+        }
         let kernel = self.kernel_path(name);
         pvh::has_pvh_note(&kernel).map(Some).map_err(io_err(&kernel))
     }
@@ -402,6 +440,7 @@ impl KernelStore {
         let elf = vmlinux::from_bzimage(&bytes)
             .map_err(|source| KernelError::Vmlinux { name: name.to_owned(), source })?;
         write_atomic(&out, &elf)?;
+        fs::set_permissions(&out, readable_by_all()).map_err(io_err(&out))?;
         Ok(out)
     }
 
@@ -434,6 +473,7 @@ impl KernelStore {
             )?;
             drop(w);
             f.sync_all().map_err(io_err(&tmp))?;
+            fs::set_permissions(&tmp, readable_by_all()).map_err(io_err(&tmp))?;
             fs::rename(&tmp, &out).map_err(io_err(&out))
         })();
         if res.is_err() {

@@ -16,6 +16,8 @@ fn import_list_default_remove() {
     let k = fake_kernel(src.path());
     let rec = s.import(&k, None, "fake").expect("import");
     assert_eq!((rec.version.as_str(), rec.format.as_str()), ("6.9.9-fake", "elf"));
+    assert_eq!((rec.pvh, rec.compression.as_deref()), (Some(false), None), "read at import");
+    assert_eq!(rec.format_detail(), "elf (no pvh)");
     assert_eq!(s.default_name().expect("default").as_deref(), Some("fake"));
     assert!(matches!(s.import(&k, None, "fake"), Err(KernelError::Exists(_))));
     assert_eq!(s.list().expect("list").len(), 1);
@@ -187,17 +189,49 @@ fn module_trees_are_found_in_every_accepted_shape() {
     assert!(matches!(s.set_default("ghost"), Err(KernelError::NotFound(_))));
 }
 
+/// What the store shares with a VMM's jail is readable by all (inside the private state
+/// directory), so the jail links it: a kernel others may read is linked as it is, one they may
+/// not is copied (its own mode left alone); the initramfs and the vmlinux follow.
+#[test]
+fn kernels_and_their_boot_files_are_stored_readable_for_vmm_jails() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let root = tempfile::tempdir().expect("tmp");
+    let src = tempfile::tempdir().expect("tmp");
+    let s = KernelStore::open(root.path()).expect("open");
+    let k = fake_kernel(src.path());
+    let mode = |p: &Path| fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+    fs::set_permissions(&k, fs::Permissions::from_mode(0o600)).expect("chmod");
+    s.import(&k, None, "private").expect("import");
+    let stored = s.kernel_path("private");
+    assert_eq!((mode(&stored), mode(&k)), (0o644, 0o600), "a copy, the user's file untouched");
+    assert_ne!(fs::metadata(&stored).expect("stat").ino(), fs::metadata(&k).expect("stat").ino());
+    fs::set_permissions(&k, fs::Permissions::from_mode(0o644)).expect("chmod");
+    s.import(&k, None, "public").expect("import");
+    let linked = s.kernel_path("public");
+    assert_eq!(fs::metadata(&linked).expect("stat").ino(), fs::metadata(&k).expect("stat").ino());
+    let init = src.path().join("init");
+    fs::write(&init, b"binary").expect("write");
+    assert_eq!(mode(&s.initramfs("private", &init).expect("initramfs")), 0o644);
+}
+
 #[test]
 fn ignite_style_image_imports_when_the_debian_kernel_is_present() {
-    let dir = Path::new("/tmp/kpkg/root");
-    if !dir.join("boot").is_dir() {
-        eprintln!("skipping: {} not present", dir.display());
+    let Some(dir) = std::env::var_os("HEARTH_KERNEL_DIR").map(PathBuf::from) else {
+        eprintln!("skipped: HEARTH_KERNEL_DIR is not set (cargo xtask kernel fetches one)");
         return;
-    }
+    };
+    let version = fs::read_dir(dir.join("lib/modules"))
+        .expect("modules")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .next()
+        .expect("a module tree");
     let root = tempfile::tempdir().expect("tmp");
     let s = KernelStore::open(root.path()).expect("open");
-    let rec = s.import_rootfs(dir, "debian").expect("import");
-    assert_eq!((rec.version.as_str(), rec.format.as_str()), ("6.1.0-56-cloud-amd64", "bzimage"));
+    let rec = s.import_rootfs(&dir, "debian").expect("import");
+    assert_eq!((rec.version.as_str(), rec.format.as_str()), (version.as_str(), "bzimage"));
+    let method = rec.compression.clone().expect("its payload's compression, read at import");
+    assert_eq!(rec.format_detail(), format!("bzimage ({method})"));
     assert!(rec.modules > 100, "{rec:?}");
     assert_eq!(rec.id.hex(), sha256_file(&s.kernel_path("debian")).expect("hash"));
     let init = root.path().join("init");

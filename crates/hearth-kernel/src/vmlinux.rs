@@ -3,8 +3,10 @@
 //!
 //! A bzImage's setup header says where its compressed payload is (`payload_offset` and
 //! `payload_length`, boot protocol 2.08+); the payload's first bytes say how it is compressed.
-//! Distros use gzip, zstd or (Debian) the legacy LZ4 frame; the output is bounded, so a hostile
-//! image cannot make hearth decompress without end.
+//! Every method the kernel's build offers is unpacked: gzip, zstd, the legacy LZ4 frame (Debian's),
+//! xz (with the x86 branch filter the build adds), lzma and bzip2; LZO is named and refused. The
+//! build appends the uncompressed size after the stream, so each decoder stops at its stream's
+//! end. The output is bounded, so a hostile image cannot make hearth decompress without end.
 
 use std::io::Read;
 
@@ -16,7 +18,7 @@ pub const MAX_VMLINUX: usize = 512 << 20;
 pub enum VmlinuxError {
     #[error("not a bzImage with a payload (boot protocol 2.08 or later is needed)")]
     NoPayload,
-    #[error("the kernel's payload is compressed with {0}, which hearth does not unpack; use an ELF vmlinux or a gzip, zstd or lz4 kernel")]
+    #[error("the kernel's payload is compressed with {0}, which hearth does not unpack; use an ELF vmlinux or a kernel compressed with gzip, zstd, lz4, xz, lzma or bzip2")]
     Compression(&'static str),
     #[error("the kernel's payload does not decompress: {0}")]
     Corrupt(String),
@@ -31,22 +33,69 @@ pub fn from_bzimage(bytes: &[u8]) -> Result<Vec<u8>, VmlinuxError> {
     within(bytes, MAX_VMLINUX)
 }
 
+/// How a bzImage's payload is compressed: the methods the kernel's build offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Gzip,
+    Zstd,
+    Lz4,
+    Xz,
+    Lzma,
+    Bzip2,
+    Lzo,
+}
+
+impl Method {
+    /// From the payload's first bytes.
+    fn of(payload: &[u8]) -> Option<Self> {
+        Some(match payload {
+            [0x1f, 0x8b, ..] => Self::Gzip,
+            [0x28, 0xb5, 0x2f, 0xfd, ..] => Self::Zstd,
+            [0x02, 0x21, 0x4c, 0x18, ..] => Self::Lz4,
+            [0xfd, b'7', b'z', b'X', b'Z', 0, ..] => Self::Xz,
+            [0x5d, 0, 0, ..] => Self::Lzma,
+            [b'B', b'Z', b'h', ..] => Self::Bzip2,
+            [0x89, b'L', b'Z', b'O', ..] => Self::Lzo,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Gzip => "gzip",
+            Self::Zstd => "zstd",
+            Self::Lz4 => "lz4",
+            Self::Xz => "xz",
+            Self::Lzma => "lzma",
+            Self::Bzip2 => "bzip2",
+            Self::Lzo => "lzo",
+        }
+    }
+}
+
+/// How bzImage `bytes` has its payload compressed; `None` when it is no bzImage with a payload
+/// or the method is unknown.
+pub fn compression(bytes: &[u8]) -> Option<Method> {
+    Method::of(payload(bytes).ok()?)
+}
+
 /// As [`from_bzimage`], decompressing at most `max` bytes.
 fn within(bytes: &[u8], max: usize) -> Result<Vec<u8>, VmlinuxError> {
+    use xz2::stream::Stream;
     let payload = payload(bytes)?;
-    let out = match payload {
-        [0x1f, 0x8b, ..] => read_bounded(flate2::read::GzDecoder::new(payload), max)?,
-        [0x28, 0xb5, 0x2f, 0xfd, ..] => {
-            let d = zstd::stream::read::Decoder::new(payload)
-                .map_err(|e| VmlinuxError::Corrupt(e.to_string()))?;
+    let corrupt = |e: std::io::Error| VmlinuxError::Corrupt(e.to_string());
+    let out = match Method::of(payload) {
+        Some(Method::Gzip) => read_bounded(flate2::read::GzDecoder::new(payload), max)?,
+        Some(Method::Zstd) => {
+            let d = zstd::stream::read::Decoder::new(payload).map_err(corrupt)?.single_frame();
             read_bounded(d, max)?
         }
-        [0x02, 0x21, 0x4c, 0x18, ..] => lz4_legacy(&payload[4..], max)?,
-        [0xfd, b'7', b'z', b'X', b'Z', 0, ..] => return Err(VmlinuxError::Compression("xz")),
-        [b'B', b'Z', b'h', ..] => return Err(VmlinuxError::Compression("bzip2")),
-        [0x89, b'L', b'Z', b'O', ..] => return Err(VmlinuxError::Compression("lzo")),
-        [0x5d, 0, 0, ..] => return Err(VmlinuxError::Compression("lzma")),
-        _ => return Err(VmlinuxError::Compression("an unknown method")),
+        Some(Method::Lz4) => lz4_legacy(&payload[4..], max)?,
+        Some(Method::Xz) => liblzma(Stream::new_stream_decoder(DECODER_MEMORY, 0), payload, max)?,
+        Some(Method::Lzma) => liblzma(Stream::new_lzma_decoder(DECODER_MEMORY), payload, max)?,
+        Some(Method::Bzip2) => read_bounded(bzip2::read::BzDecoder::new(payload), max)?,
+        Some(m @ Method::Lzo) => return Err(VmlinuxError::Compression(m.as_str())),
+        None => return Err(VmlinuxError::Compression("an unknown method")),
     };
     if !out.starts_with(b"\x7fELF") {
         return Err(VmlinuxError::NotElf);
@@ -78,6 +127,43 @@ fn payload(bytes: &[u8]) -> Result<&[u8], VmlinuxError> {
     bytes
         .get(start..start.checked_add(length).ok_or(VmlinuxError::NoPayload)?)
         .ok_or(VmlinuxError::NoPayload)
+}
+
+/// The most memory liblzma may use for a dictionary (the kernel's build uses 32 MiB at most).
+const DECODER_MEMORY: u64 = 256 << 20;
+
+/// An xz or lzma stream through liblzma, up to the stream's end (what follows is the kernel's
+/// appended size), decompressing at most `max` bytes.
+fn liblzma(
+    stream: Result<xz2::stream::Stream, xz2::stream::Error>,
+    input: &[u8],
+    max: usize,
+) -> Result<Vec<u8>, VmlinuxError> {
+    let corrupt = |e: xz2::stream::Error| VmlinuxError::Corrupt(e.to_string());
+    let mut stream = stream.map_err(corrupt)?;
+    let mut out = Vec::new();
+    loop {
+        if out.len() == out.capacity() {
+            if out.len() > max {
+                return Err(VmlinuxError::TooLarge(max));
+            }
+            out.reserve((max + 1 - out.len()).min(4 << 20));
+        }
+        let (read, wrote) = (stream.total_in(), out.len());
+        let rest = input.get(read as usize..).unwrap_or_default();
+        let status =
+            stream.process_vec(rest, &mut out, xz2::stream::Action::Run).map_err(corrupt)?;
+        if out.len() > max {
+            return Err(VmlinuxError::TooLarge(max));
+        }
+        match status {
+            xz2::stream::Status::StreamEnd => return Ok(out),
+            _ if stream.total_in() == read && out.len() == wrote && out.len() < out.capacity() => {
+                return Err(VmlinuxError::Corrupt("the stream ends early".into()));
+            }
+            _ => {}
+        }
+    }
 }
 
 fn read_bounded(r: impl Read, max: usize) -> Result<Vec<u8>, VmlinuxError> {
@@ -149,43 +235,79 @@ mod tests {
         e
     }
 
-    #[test]
-    fn gzip_zstd_and_legacy_lz4_payloads_come_out_as_the_elf() {
+    /// `data` compressed as the kernel's build does it with each method it offers (xz with the
+    /// x86 branch filter and CRC32, the legacy LZ4 frame), each followed by the uncompressed size
+    /// the build appends: (method, payload).
+    fn every_method(data: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
         use std::io::Write;
+        let size = (data.len() as u32).to_le_bytes();
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        gz.write_all(&elf()).expect("gzip");
-        let gz = gz.finish().expect("gzip");
-        assert_eq!(from_bzimage(&bzimage(&gz)), Ok(elf()));
-
-        let zs = zstd::encode_all(&elf()[..], 1).expect("zstd");
-        assert_eq!(from_bzimage(&bzimage(&zs)), Ok(elf()));
-
-        let block = lz4_flex::block::compress(&elf());
+        gz.write_all(data).expect("gzip");
+        let zs = zstd::encode_all(data, 1).expect("zstd");
         let mut lz = vec![0x02, 0x21, 0x4c, 0x18];
-        lz.extend_from_slice(&(block.len() as u32).to_le_bytes());
-        lz.extend_from_slice(&block);
-        lz.extend_from_slice(&(elf().len() as u32).to_le_bytes());
-        assert_eq!(from_bzimage(&bzimage(&lz)), Ok(elf()));
-    }
-
-    #[test]
-    fn a_payload_that_decompresses_past_the_bound_is_refused_in_every_format() {
-        use std::io::Write;
-        let bomb = vec![0u8; 3 << 20];
-        let max = 1 << 20;
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-        gz.write_all(&bomb).expect("gzip");
-        let gz = gz.finish().expect("gzip");
-        assert_eq!(within(&bzimage(&gz), max), Err(VmlinuxError::TooLarge(max)));
-        let zs = zstd::encode_all(&bomb[..], 19).expect("zstd");
-        assert_eq!(within(&bzimage(&zs), max), Err(VmlinuxError::TooLarge(max)));
-        let mut lz = vec![0x02, 0x21, 0x4c, 0x18];
-        for chunk in bomb.chunks(1 << 20) {
+        for chunk in data.chunks(8 << 20) {
             let block = lz4_flex::block::compress(chunk);
             lz.extend_from_slice(&(block.len() as u32).to_le_bytes());
             lz.extend_from_slice(&block);
         }
-        assert_eq!(within(&bzimage(&lz), max), Err(VmlinuxError::TooLarge(max)));
+        let xz_filters = {
+            let mut f = xz2::stream::Filters::new();
+            f.x86().lzma2(&xz2::stream::LzmaOptions::new_preset(0).expect("preset"));
+            f
+        };
+        let xz = xz2::stream::MtStreamBuilder::new()
+            .filters(xz_filters)
+            .check(xz2::stream::Check::Crc32)
+            .encoder()
+            .expect("xz");
+        let mut xz = xz2::write::XzEncoder::new_stream(Vec::new(), xz);
+        xz.write_all(data).expect("xz");
+        let lzma = xz2::stream::Stream::new_lzma_encoder(
+            &xz2::stream::LzmaOptions::new_preset(0).expect("preset"),
+        )
+        .expect("lzma");
+        let mut lzma = xz2::write::XzEncoder::new_stream(Vec::new(), lzma);
+        lzma.write_all(data).expect("lzma");
+        let mut bz = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::fast());
+        bz.write_all(data).expect("bzip2");
+        let methods = [
+            ("gzip", gz.finish().expect("gzip")),
+            ("zstd", zs),
+            ("lz4", lz),
+            ("xz", xz.finish().expect("xz")),
+            ("lzma", lzma.finish().expect("lzma")),
+            ("bzip2", bz.finish().expect("bzip2")),
+        ];
+        methods
+            .into_iter()
+            .map(|(m, mut p)| {
+                (m, {
+                    p.extend_from_slice(&size);
+                    p
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_payload_method_of_the_kernels_build_comes_out_as_the_elf() {
+        for (method, payload) in every_method(&elf()) {
+            let unpacked = from_bzimage(&bzimage(&payload));
+            assert!(unpacked.as_ref().is_ok_and(|e| *e == elf()), "{method}: {:?}", unpacked.err());
+        }
+    }
+
+    #[test]
+    fn a_payload_that_decompresses_past_the_bound_is_refused_in_every_format() {
+        let bomb = vec![0u8; 3 << 20];
+        let max = 1 << 20;
+        for (method, payload) in every_method(&bomb) {
+            assert_eq!(
+                within(&bzimage(&payload), max),
+                Err(VmlinuxError::TooLarge(max)),
+                "{method}"
+            );
+        }
         // A block claiming more than a legacy block can hold is corrupt, not a reason to grow.
         let huge = lz4_flex::block::compress(&vec![0u8; 9 << 20]);
         let mut lz = vec![0x02, 0x21, 0x4c, 0x18];
@@ -197,8 +319,16 @@ mod tests {
     #[test]
     fn what_cannot_be_unpacked_says_why() {
         assert_eq!(from_bzimage(b"not a kernel"), Err(VmlinuxError::NoPayload));
-        let xz = bzimage(b"\xfd7zXZ\0rest");
-        assert_eq!(from_bzimage(&xz), Err(VmlinuxError::Compression("xz")));
+        let lzo = bzimage(b"\x89LZO\0rest");
+        assert_eq!(from_bzimage(&lzo), Err(VmlinuxError::Compression("lzo")));
+        // Streams cut short or damaged are corrupt, whatever their method.
+        for (method, payload) in every_method(&elf()) {
+            let cut = &payload[..payload.len() / 2];
+            assert!(
+                matches!(from_bzimage(&bzimage(cut)), Err(VmlinuxError::Corrupt(_))),
+                "{method} cut short"
+            );
+        }
         let zs = zstd::encode_all(&b"no elf here"[..], 1).expect("zstd");
         assert_eq!(from_bzimage(&bzimage(&zs)), Err(VmlinuxError::NotElf));
         let mut short = bzimage(b"\x1f\x8b");
@@ -216,5 +346,12 @@ mod tests {
         let vmlinux = from_bzimage(&bytes).expect("vmlinux");
         assert!(vmlinux.len() > bytes.len(), "decompressed is larger");
         assert_eq!(crate::version::detect(&vmlinux), Some(crate::version::Format::Elf));
+        // Its vmlinux (its first 4 MiB: the ELF headers and the start of its code) packed with
+        // every other method of the kernel's build comes out the same.
+        let head = &vmlinux[..vmlinux.len().min(4 << 20)];
+        for (method, payload) in every_method(head) {
+            let unpacked = from_bzimage(&bzimage(&payload)).expect(method);
+            assert!(unpacked == head, "{method}");
+        }
     }
 }

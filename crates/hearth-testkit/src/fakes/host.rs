@@ -354,6 +354,8 @@ impl Kernels for FakeHost {
             id: Digest::from_hex(&"0".repeat(64)).unwrap_or_else(|e| panic!("{e}")),
             version: "6.1.0-fake".into(),
             format: "bzimage".into(),
+            compression: Some("zstd".into()),
+            pvh: None,
             modules: 0,
             created_at: 0,
         })

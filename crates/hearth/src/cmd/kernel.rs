@@ -103,7 +103,7 @@ pub async fn kernel(host: Option<String>, cmd: KernelCmd) -> anyhow::Result<i32>
                         vec![
                             format!("{}{mark}", k.name),
                             k.version.clone(),
-                            k.format.clone(),
+                            k.format_detail(),
                             k.modules.to_string(),
                             ago(k.created_at),
                         ]
