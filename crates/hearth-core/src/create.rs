@@ -75,8 +75,8 @@ impl Reconciler {
         }
         self.check_provider(&req)?;
         let image = p.images.find(&req.image)?.ok_or_else(|| not_pulled(&req.image))?;
-        let kernel = match req.kernel.clone() {
-            Some(k) => k,
+        let kernel = match req.kernel.as_deref() {
+            Some(k) => hearth_types::kernel_name(k).map_err(|e| Error::invalid(e.to_string()))?,
             None => p.kernels.default_kernel()?.ok_or_else(|| {
                 Error::precondition(
                     "no kernel is imported: import one with `hearth kernel import FILE --name NAME`",
@@ -84,9 +84,12 @@ impl Reconciler {
             })?,
         };
         if !p.kernels.exists(&kernel)? {
-            return Err(Error::not_found(format!(
-                "kernel {kernel} does not exist: see `hearth kernel ls`, or import it"
-            )));
+            let fix = if hearth_types::kernel::is_reference(&kernel) {
+                format!("pull it with `hearth kernel pull {kernel}` or `--pull missing`")
+            } else {
+                "see `hearth kernel ls`, or import it".to_owned()
+            };
+            return Err(Error::not_found(format!("kernel {kernel} does not exist: {fix}")));
         }
         self.check_kernel(&kernel, req.provider)?;
         let volumes = self.volumes(&req.volumes)?;

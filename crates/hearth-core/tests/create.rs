@@ -82,6 +82,17 @@ async fn missing_images_and_kernels_say_how_to_get_them() {
     let e = e.expect_err("no such kernel");
     assert_eq!(e.kind, ErrorKind::NotFound);
     assert!(e.message.contains("hearth kernel ls"), "{e}");
+    // A kernel by reference is looked up under its familiar name, and the fix is a pull.
+    let kernel = Some("docker.io/weaveworks/ignite-kernel:5.10.51".into());
+    let e = h.reconciler.create(NewVm { kernel, ..new_vm() }).await.expect_err("not pulled");
+    assert_eq!(e.kind, ErrorKind::NotFound);
+    assert!(
+        e.message.starts_with("kernel weaveworks/ignite-kernel:5.10.51 does not exist")
+            && e.message.contains("hearth kernel pull weaveworks/ignite-kernel:5.10.51"),
+        "{e}"
+    );
+    let e = h.reconciler.create(NewVm { kernel: Some("Bad:Ref:".into()), ..new_vm() }).await;
+    assert_eq!(e.expect_err("malformed").kind, ErrorKind::Invalid);
 
     let volume = NewVolume { id: "data".into(), image: "data:1".into(), ..Default::default() };
     let e = h.reconciler.create(NewVm { volumes: vec![volume], ..new_vm() }).await;

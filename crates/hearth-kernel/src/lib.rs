@@ -36,7 +36,7 @@ pub enum KernelError {
     },
     #[error(transparent)]
     Version(#[from] VersionError),
-    #[error("invalid kernel name {0:?}: use letters, digits, '.', '_' and '-' (at most 63, starting alphanumeric)")]
+    #[error("invalid kernel name {0:?}: use letters, digits, '.', '_' and '-' (at most 63, starting alphanumeric), or an image reference (like weaveworks/ignite-kernel:5.10.51)")]
     Name(String),
     #[error("a kernel named {0} already exists: remove it with `hearth kernel rm {0}` first")]
     Exists(String),
@@ -176,6 +176,12 @@ fn boot_facts(path: &Path, format: Format) -> Result<(Option<String>, Option<boo
     }
 }
 
+/// Whether `name` is a kernel name as the store keeps it: plain, or a reference in its familiar
+/// form ([`hearth_types::kernel_name`]).
+fn is_name(name: &str) -> bool {
+    hearth_types::kernel_name(name).is_ok_and(|n| n == name)
+}
+
 fn sha256_file(path: &Path) -> Result<String, KernelError> {
     let mut f = fs::File::open(path).map_err(io_err(path))?;
     let mut h = Sha256::new();
@@ -191,8 +197,20 @@ impl KernelStore {
         Ok(Self { dir })
     }
 
+    /// A kernel's directory: its name, or for a kernel named by an image reference (which has
+    /// slashes and colons) a readable slug of it and a digest of the whole, so two references
+    /// never share one.
     fn kdir(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
+        if !hearth_types::kernel::is_reference(name) {
+            return self.dir.join(name);
+        }
+        let slug: String = name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .take(40)
+            .collect();
+        let digest = hex::encode(Sha256::digest(name.as_bytes()));
+        self.dir.join(format!("ref-{}-{}", slug.trim_matches('-'), &digest[..16]))
     }
 
     /// The kernel file of a stored kernel.
@@ -220,7 +238,9 @@ impl KernelStore {
         name: &str,
         origin: Origin<'_>,
     ) -> Result<KernelRecord, KernelError> {
-        hearth_types::validate_name(name).map_err(|_| KernelError::Name(name.to_owned()))?;
+        if !is_name(name) {
+            return Err(KernelError::Name(name.to_owned()));
+        }
         let (format, ver) = version::read(kernel)?;
         let mod_tree = modules.map(|m| find_module_tree(m, &ver, origin)).transpose()?;
         let dir = self.kdir(name);
@@ -344,7 +364,7 @@ impl KernelStore {
 
     /// The record of one kernel, `None` when there is no such kernel.
     pub fn get(&self, name: &str) -> Result<Option<KernelRecord>, KernelError> {
-        if hearth_types::validate_name(name).is_err() {
+        if !is_name(name) {
             return Ok(None);
         }
         let p = self.kdir(name).join("record.json");

@@ -249,3 +249,28 @@ fn ignite_style_image_imports_when_the_debian_kernel_is_present() {
     assert_ne!(img, img2);
     assert!(!img.exists(), "the stale image is removed");
 }
+
+#[test]
+fn a_kernel_named_by_its_image_reference_is_stored_listed_and_removed_under_it() {
+    let root = tempfile::tempdir().expect("tmp");
+    let src = tempfile::tempdir().expect("tmp");
+    let s = KernelStore::open(root.path()).expect("open");
+    let k = fake_kernel(src.path());
+    let (a, b) = ("weaveworks/ignite-kernel:5.10.51", "weaveworks/ignite-kernel:5.10.52");
+    s.import(&k, None, a).expect("import a");
+    s.import(&k, None, b).expect("import b");
+    assert_eq!(s.get(a).expect("get").map(|r| r.name).as_deref(), Some(a));
+    let mut names: Vec<String> = s.list().expect("list").into_iter().map(|r| r.name).collect();
+    names.sort();
+    assert_eq!(names, [a, b], "two references, two kernels");
+    assert!(s.kernel_path(a).starts_with(root.path().join("kernels")), "inside the store");
+    assert_ne!(s.kernel_path(a), s.kernel_path(b));
+    // Only the familiar form names it; anything else is no name at all.
+    for not in ["docker.io/weaveworks/ignite-kernel:5.10.51", "../x:1", "a/../../b:1"] {
+        assert!(matches!(s.import(&k, None, not), Err(KernelError::Name(_))), "{not}");
+        assert_eq!(s.get(not).expect("get"), None);
+    }
+    s.remove(a).expect("rm");
+    assert_eq!(s.get(a).expect("get"), None);
+    assert!(s.get(b).expect("get").is_some());
+}

@@ -39,3 +39,53 @@ impl KernelRecord {
         }
     }
 }
+
+/// A kernel's name in the store: a plain name ([`crate::validate_name`]: `debian`,
+/// `k8s-5.10`), or the reference of the image it was pulled from, in its familiar form
+/// (`weaveworks/ignite-kernel:5.10.51`, `127.0.0.1:5000/kernel:1`), as Ignite's
+/// `--kernel-image` takes it. What a user types becomes one: anything with a `/`, `:` or `@`
+/// is read as an image reference (so `docker.io/weaveworks/ignite-kernel:5.10.51` and
+/// `weaveworks/ignite-kernel:5.10.51` name one kernel), anything else must be a plain name.
+pub fn kernel_name(given: &str) -> Result<String, KernelNameError> {
+    if !is_reference(given) {
+        return crate::validate_name(given)
+            .map(|()| given.to_owned())
+            .map_err(|_| KernelNameError(given.to_owned()));
+    }
+    let r: crate::ImageRef = given.parse().map_err(|_| KernelNameError(given.to_owned()))?;
+    Ok(r.familiar())
+}
+
+/// Whether a kernel name is an image reference (else a plain name).
+pub fn is_reference(name: &str) -> bool {
+    name.contains(['/', ':', '@'])
+}
+
+/// A kernel name that is neither a plain name nor an image reference.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is no kernel name (letters, digits, '.', '_', '-', at most 63) and no image reference (like weaveworks/ignite-kernel:5.10.51)")]
+pub struct KernelNameError(pub String);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_names_stay_and_references_take_their_familiar_form() {
+        assert_eq!(kernel_name("debian").as_deref(), Ok("debian"));
+        assert_eq!(
+            kernel_name("docker.io/weaveworks/ignite-kernel:5.10.51").as_deref(),
+            Ok("weaveworks/ignite-kernel:5.10.51")
+        );
+        assert_eq!(
+            kernel_name("weaveworks/ignite-kernel").as_deref(),
+            Ok("weaveworks/ignite-kernel:latest")
+        );
+        assert_eq!(kernel_name("127.0.0.1:5000/k:1").as_deref(), Ok("127.0.0.1:5000/k:1"));
+        for bad in
+            ["", "-x", "has space", "UPPER/Case:1", "a/b:c:d", "../x:1", ".a/x:1", &"x".repeat(64)]
+        {
+            assert!(kernel_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}

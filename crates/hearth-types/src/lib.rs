@@ -20,7 +20,7 @@ pub use digest::{Digest, DigestError};
 pub use guest::{GuestConfig, GuestExit, GuestNetwork, GuestProcess, GuestVolume};
 pub use id::{generate_name, validate_name, IdError, VmId};
 pub use image::{ImageConfig, ImageRecord};
-pub use kernel::KernelRecord;
+pub use kernel::{kernel_name, KernelNameError, KernelRecord};
 pub use net::{NetError, NetworkMode, PortMapping, Protocol};
 pub use reference::{ImageRef, ReferenceError};
 pub use size::{format_size, parse_size, size_flag, SizeError};

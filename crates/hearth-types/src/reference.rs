@@ -114,7 +114,12 @@ fn valid_tag(t: &str) -> bool {
 }
 
 fn valid_registry(r: &str) -> bool {
+    // A host name's labels are never empty (`..`, `.x`, `x.` are no hosts); an IPv6 literal
+    // in brackets has no dots.
+    let host = r.rsplit_once(':').map_or(r, |(h, _)| h);
+    let labels_ok = host.starts_with('[') || host.split('.').all(|l| !l.is_empty());
     !r.is_empty()
+        && labels_ok
         && r.bytes().all(|x| {
             x.is_ascii_alphanumeric()
                 || x == b'.'

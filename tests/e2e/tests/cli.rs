@@ -80,6 +80,31 @@ fn kernel_pull_from_an_ignite_style_image_boots() {
     assert!(ls.contains("pulled") && ls.contains("6.1.0"), "{ls}");
     let out = d.ok(&["run", "--rm", "--kernel", "pulled", &image, "uname", "-r"]);
     assert!(out.trim().starts_with("6.1.0"), "{out}");
+
+    // By reference, as Ignite's --kernel-image: pulled when missing, named after the reference.
+    let reference = format!("{}/kernels/debian:6.1", reg.host());
+    let missing = format!("{}/kernels/none:1", reg.host());
+    let out = d.hearth(&["run", "--rm", "--pull", "never", "--kernel", &missing, &image, "true"]);
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains(&format!("kernel {missing} does not exist")),
+        "{err}"
+    );
+    let out = d.hearth(&["run", "--rm", "--kernel-image", &reference, &image, "uname", "-r"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).trim().starts_with("6.1.0"), "{}", text(&out.stdout));
+    assert!(text(&out.stderr).contains(&format!("Unable to find kernel '{reference}' locally")));
+    let ls = d.ok(&["kernel", "ls"]);
+    assert!(ls.lines().any(|l| l.starts_with(&reference)), "named after its reference:\n{ls}");
+    // A second run finds it: nothing is pulled again.
+    let out = d.hearth(&["run", "--rm", "--kernel", &reference, &image, "true"]);
+    assert!(
+        out.status.success() && !text(&out.stderr).contains("Unable to find"),
+        "{}",
+        text(&out.stderr)
+    );
+    d.ok(&["kernel", "rm", &reference]);
+    assert!(!d.ok(&["kernel", "ls"]).contains(&reference));
 }
 
 /// The module files the guest needs, found the way hearth finds them.

@@ -25,7 +25,7 @@ pub enum KernelCmd {
     Pull {
         #[arg(long)]
         insecure: bool,
-        /// Name to store it under (default: the repository's last path element).
+        /// Name to store it under (default: its reference, `repo:tag`, which `--kernel` takes).
         #[arg(long)]
         name: Option<String>,
         image: String,
@@ -74,20 +74,8 @@ pub async fn kernel(host: Option<String>, cmd: KernelCmd) -> anyhow::Result<i32>
             println!("{} {}", k.name, k.version);
         }
         KernelCmd::Pull { insecure, name, image } => {
-            let mut s = c
-                .pull_kernel(pb::PullKernelRequest {
-                    r#ref: image,
-                    name: name.unwrap_or_default(),
-                    insecure,
-                })
-                .await?
-                .into_inner();
-            while let Some(p) = s.message().await? {
-                if !p.result_json.is_empty() {
-                    let k: KernelRecord = parse_json(&p.result_json)?;
-                    println!("{} {}", k.name, k.version);
-                }
-            }
+            let k = pull(&mut c, &image, name, insecure).await?;
+            println!("{} {}", k.name, k.version);
         }
         KernelCmd::Ls { output } => {
             let list = c.list_kernels(pb::Empty {}).await?.into_inner();
@@ -123,4 +111,27 @@ pub async fn kernel(host: Option<String>, cmd: KernelCmd) -> anyhow::Result<i32>
         }
     }
     Ok(0)
+}
+
+/// Pulls the kernel image `reference` and imports it, under `name` or else its reference.
+pub async fn pull(
+    c: &mut client::Client,
+    reference: &str,
+    name: Option<String>,
+    insecure: bool,
+) -> anyhow::Result<KernelRecord> {
+    let mut s = c
+        .pull_kernel(pb::PullKernelRequest {
+            r#ref: reference.to_owned(),
+            name: name.unwrap_or_default(),
+            insecure,
+        })
+        .await?
+        .into_inner();
+    while let Some(p) = s.message().await? {
+        if !p.result_json.is_empty() {
+            return parse_json(&p.result_json);
+        }
+    }
+    anyhow::bail!("the daemon ended the pull of {reference} without a result")
 }

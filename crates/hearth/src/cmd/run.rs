@@ -26,8 +26,9 @@ pub struct CreateArgs {
     /// Root disk size, e.g. 4G.
     #[arg(long, default_value = "4G")]
     size: String,
-    /// Kernel to boot (default: the default kernel).
-    #[arg(long)]
+    /// Kernel to boot: a kernel's name, or an Ignite-style kernel image's reference (pulled as
+    /// --pull says, like the image). Default: the default kernel.
+    #[arg(long, visible_alias = "kernel-image", value_name = "NAME|REF")]
     kernel: Option<String>,
     /// Extra kernel command-line arguments.
     #[arg(long, default_value = "")]
@@ -209,28 +210,48 @@ fn read_public_key(path: &str) -> anyhow::Result<String> {
     Ok(text.trim().to_owned())
 }
 
-/// Creates the VM, pulling its image first when the policy says so.
+/// Creates the VM, pulling its image (and its kernel, given by reference) first when the policy
+/// says so: `always` before, `missing` when the daemon has not got them.
 async fn create_vm(c: &mut Client, a: &CreateArgs) -> anyhow::Result<VmRecord> {
     let req = request(a)?;
+    let kernel_ref = a.kernel.as_deref().filter(|k| hearth_types::kernel::is_reference(k));
     match a.pull.as_str() {
-        "always" => crate::cmd::image::pull(c, &a.image, a.insecure, true).await?,
+        "always" => {
+            crate::cmd::image::pull(c, &a.image, a.insecure, true).await?;
+            if let Some(k) = kernel_ref {
+                pull_kernel(c, k, a.insecure).await?;
+            }
+        }
         "missing" | "never" => {}
         other => bail!("--pull must be missing, always or never, got {other:?}"),
     }
-    let rec = match c.create_vm(req.clone()).await {
-        Ok(r) => r.into_inner(),
-        Err(s)
-            if s.code() == Code::NotFound
-                && s.message().starts_with("image ")
-                && a.pull == "missing" =>
-        {
+    let (mut image_pulled, mut kernel_pulled) = (false, false);
+    loop {
+        let missing = match c.create_vm(req.clone()).await {
+            Ok(r) => return parse_json(&r.into_inner().json),
+            Err(s) if s.code() == Code::NotFound && a.pull == "missing" => s,
+            Err(s) => return Err(s.into()),
+        };
+        if missing.message().starts_with("image ") && !image_pulled {
             eprintln!("Unable to find image '{}' locally", a.image);
             crate::cmd::image::pull(c, &a.image, a.insecure, true).await?;
-            c.create_vm(req).await?.into_inner()
+            image_pulled = true;
+        } else if let Some(k) =
+            kernel_ref.filter(|_| missing.message().starts_with("kernel ") && !kernel_pulled)
+        {
+            eprintln!("Unable to find kernel '{k}' locally");
+            pull_kernel(c, k, a.insecure).await?;
+            kernel_pulled = true;
+        } else {
+            return Err(missing.into());
         }
-        Err(s) => return Err(s.into()),
-    };
-    parse_json(&rec.json)
+    }
+}
+
+async fn pull_kernel(c: &mut Client, reference: &str, insecure: bool) -> anyhow::Result<()> {
+    let k = crate::cmd::kernel::pull(c, reference, None, insecure).await?;
+    eprintln!("Pulled kernel {} ({})", k.name, k.version);
+    Ok(())
 }
 
 pub async fn create(host: Option<String>, a: CreateArgs) -> anyhow::Result<i32> {

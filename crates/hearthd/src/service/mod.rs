@@ -135,12 +135,9 @@ impl Hearth for Api {
     ) -> Result<Response<Self::PullKernelStream>, Status> {
         let req = req.into_inner();
         let r: ImageRef = req.r#ref.parse().map_err(user_error)?;
-        let name = if req.name.is_empty() {
-            r.repository.rsplit('/').next().unwrap_or("kernel").to_owned()
-        } else {
-            req.name.clone()
-        };
-        hearth_types::validate_name(&name).map_err(user_error)?;
+        // Named after its reference (`repo:tag`, as `--kernel REF` finds it) unless named.
+        let name = if req.name.is_empty() { r.familiar() } else { req.name.clone() };
+        let name = hearth_types::kernel_name(&name).map_err(user_error)?;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let d = self.d.clone();
         tokio::task::spawn_blocking(move || {
