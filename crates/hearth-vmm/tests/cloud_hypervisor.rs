@@ -24,6 +24,23 @@ fn api(dir: &std::path::Path) -> Api {
     Api::cloud_hypervisor(&dir.join(API_SOCK))
 }
 
+/// Captures the console, boots the guest and waits for the kernel's command line (its last word,
+/// so the whole line is in: the log is read as it is written); returns the capture and the log.
+async fn boot_to_the_command_line(
+    vmm: &CloudHypervisor,
+    dir: &std::path::Path,
+) -> (std::sync::Arc<Console>, String) {
+    let console =
+        Console::capture(dir, LogLimits::default(), Default::default()).await.expect("capture");
+    assert!(vmm.start_guest(dir, false).await.expect("vm.boot"));
+    let text = wait_for_text(
+        &dir.join("console.log"),
+        "earlyprintk=serial,ttyS0",
+        Duration::from_secs(90),
+    );
+    (console, text)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloud_hypervisor_keeps_the_vmm_contract() {
     let Some((_dir, spec)) = vm("") else { return };
@@ -61,13 +78,7 @@ async fn cloud_hypervisor_is_configured_its_console_captured_and_it_is_stopped_a
     assert_eq!(config["serial"]["mode"], "Socket");
 
     // The console is captured before the guest runs, so its first line is in the log.
-    let _console = Console::capture(dir.path(), LogLimits::default(), Default::default())
-        .await
-        .expect("capture");
-    assert!(vmm.start_guest(dir.path(), false).await.expect("vm.boot"));
-    let log = dir.path().join("console.log");
-    // The command line's last word: the whole line is in (the log is read as it is written).
-    let text = wait_for_text(&log, "earlyprintk=serial,ttyS0", Duration::from_secs(90));
+    let (_console, text) = boot_to_the_command_line(&vmm, dir.path()).await;
     let line = text.lines().find(|l| l.contains("Command line:")).expect("line");
     assert!(line.contains("console=ttyS0") && line.contains("rdinit=/init"), "{line}");
 
@@ -89,7 +100,7 @@ async fn cloud_hypervisor_is_configured_its_console_captured_and_it_is_stopped_a
     ] {
         assert!(!dir.path().join(f).exists(), "{f} left behind");
     }
-    assert!(log.exists(), "the console log stays for `hearth logs`");
+    assert!(dir.path().join("console.log").exists(), "the console log stays for `hearth logs`");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -195,12 +206,7 @@ async fn a_confined_cloud_hypervisor_runs_unprivileged_in_its_chroot_and_cgroup_
     use std::os::unix::fs::MetadataExt;
     assert_eq!(std::fs::metadata(dir.path().join("disk.img")).expect("disk").uid(), uid);
 
-    let _console = Console::capture(dir.path(), LogLimits::default(), Default::default())
-        .await
-        .expect("capture");
-    assert!(vmm.start_guest(dir.path(), false).await.expect("vm.boot"));
-    let log = dir.path().join("console.log");
-    let text = wait_for_text(&log, "earlyprintk=serial,ttyS0", Duration::from_secs(90));
+    let (_console, text) = boot_to_the_command_line(&vmm, dir.path()).await;
     assert!(text.contains("Command line:"), "{text}");
 
     std::fs::remove_file(dir.path().join("cloud-hypervisor.pid")).expect("rm pid file");

@@ -29,6 +29,12 @@ fn import_busybox(d: &Daemon, name: &str) {
     d.ok(&["image", "import", layout.path().to_str().expect("utf8"), "--name", name]);
 }
 
+/// Runs a VM under `vmm` that sleeps (no network), from `image`, without waiting for ready.
+fn run_sleeping(d: &Daemon, vmm: &str, name: &str, image: &str) {
+    let args = ["run", "-d", "--no-wait", "--vmm", vmm, "--network", "none", "--name", name];
+    d.ok(&[&args[..], &[image, "sleep", "600"]].concat());
+}
+
 /// Whether `pid` still runs (gone, or a zombie init has yet to reap, counts as ended).
 fn runs(pid: i64) -> bool {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -263,20 +269,7 @@ fn a_new_hearthd_readopts_firecracker_and_cloud_hypervisor_vms_after_a_kill_9() 
     let vms = [("fc", "firecracker"), ("ch", "cloud-hypervisor")];
     let mut pids = Vec::new();
     for (name, vmm) in vms {
-        d.ok(&[
-            "run",
-            "-d",
-            "--no-wait",
-            "--vmm",
-            vmm,
-            "--network",
-            "none",
-            "--name",
-            name,
-            "adopt:1",
-            "sleep",
-            "600",
-        ]);
+        run_sleeping(&d, vmm, name, "adopt:1");
         let v = d.inspect(name);
         assert_jailed(&d, &v);
         pids.push(v["status"]["pid"].as_i64().expect("pid"));
@@ -326,20 +319,7 @@ fn hearthd_no_jail_runs_firecracker_and_cloud_hypervisor_unconfined_and_says_so(
     d.import_kernel();
     import_busybox(&d, "nojail:1");
     for vmm in ["firecracker", "cloud-hypervisor"] {
-        d.ok(&[
-            "run",
-            "-d",
-            "--no-wait",
-            "--vmm",
-            vmm,
-            "--network",
-            "none",
-            "--name",
-            "unjailed",
-            "nojail:1",
-            "sleep",
-            "600",
-        ]);
+        run_sleeping(&d, vmm, "unjailed", "nojail:1");
         let v = d.inspect("unjailed");
         let pid = v["status"]["pid"].as_i64().expect("pid");
         let dir = d.root.path().join("vms").join(v["spec"]["id"].as_str().expect("id"));
