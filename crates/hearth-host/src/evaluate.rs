@@ -132,7 +132,7 @@ fn modules(f: &Facts) -> Vec<Check> {
         module_check(
             f,
             "dm_thin_pool",
-            "device-mapper thin-pool storage (not used yet: disks are reflink or sparse copies)",
+            "device-mapper thin-pool storage (`hearth host provision --dev`)",
             Level::Info,
             "CONFIG_DM_THIN_PROVISIONING",
         ),
@@ -224,7 +224,56 @@ fn storage(f: &Facts) -> Vec<Check> {
             "create it with `hearth host init`",
         ),
     });
+    out.push(thin_pool(f));
     out
+}
+
+/// Past this much use of its data or metadata, a thin pool is reported as filling up.
+const POOL_WARN_PERCENT: f64 = 80.0;
+
+fn thin_pool(f: &Facts) -> Check {
+    let name = "thin pool";
+    let Some((pool, usage)) = &f.thin_pool else {
+        return check(
+            name,
+            Level::Info,
+            "no device-mapper thin pool",
+            "hearth host provision --dev makes one on sparse files",
+        );
+    };
+    match usage {
+        Err(e) => {
+            check(name, Level::Warn, format!("{pool}: {e}"), "see `dmsetup status` for the pool")
+        }
+        Ok(u) if u.needs_check || u.mode != "rw" => check(
+            name,
+            Level::Warn,
+            format!(
+                "{pool} is {}{}",
+                u.mode,
+                if u.needs_check { " and needs a metadata check" } else { "" }
+            ),
+            "run thin_check on its metadata (thin-provisioning-tools), or grow a full pool",
+        ),
+        Ok(u) => {
+            let detail = format!(
+                "{pool}: data {:.1}% used of {}, metadata {:.1}%",
+                u.data_percent,
+                hearth_types::format_size(u.data_bytes),
+                u.metadata_percent
+            );
+            if u.data_percent.max(u.metadata_percent) >= POOL_WARN_PERCENT {
+                check(
+                    name,
+                    Level::Warn,
+                    format!("{detail}: filling up"),
+                    "grow the pool or remove VMs and images",
+                )
+            } else {
+                check(name, Level::Ok, detail, "")
+            }
+        }
+    }
 }
 
 /// One check per kernel module: what needs it, and whether lacking it fails or limits.
@@ -265,7 +314,7 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::facts::PROGRAMS;
+    use crate::facts::{PoolUsage, PROGRAMS};
 
     fn host() -> Facts {
         Facts {
@@ -283,6 +332,7 @@ mod tests {
             device_nodes: vec![("/dev/net/tun".into(), true)],
             root_free: Some(50 << 30),
             reflink: Some(true),
+            thin_pool: None,
         }
     }
 
@@ -386,5 +436,32 @@ mod tests {
         for c in checks.iter().filter(|c| c.level != Level::Ok) {
             assert!(!c.fix.is_empty(), "{} has no fix", c.name);
         }
+    }
+
+    #[test]
+    fn the_thin_pool_is_reported_with_its_usage_and_warned_about_when_full_or_damaged() {
+        let mut f = host();
+        let c = find(&evaluate(&f), "thin pool").clone();
+        assert_eq!(c.level, Level::Info);
+        assert!(c.fix.contains("hearth host provision --dev"), "{c:?}");
+        let usage = PoolUsage {
+            data_percent: 12.5,
+            metadata_percent: 1.0,
+            data_bytes: 100 << 30,
+            mode: "rw".into(),
+            needs_check: false,
+        };
+        f.thin_pool = Some(("hearth-thinpool".into(), Ok(usage.clone())));
+        let c = find(&evaluate(&f), "thin pool").clone();
+        assert_eq!(c.level, Level::Ok);
+        assert!(c.detail.contains("12.5%") && c.detail.contains("100.0 GiB"), "{c:?}");
+        f.thin_pool = Some(("p".into(), Ok(PoolUsage { metadata_percent: 91.0, ..usage.clone() })));
+        assert_eq!(find(&evaluate(&f), "thin pool").level, Level::Warn);
+        f.thin_pool =
+            Some(("p".into(), Ok(PoolUsage { mode: "out_of_data_space".into(), ..usage })));
+        let c = find(&evaluate(&f), "thin pool").clone();
+        assert!(c.level == Level::Warn && c.detail.contains("out_of_data_space"), "{c:?}");
+        f.thin_pool = Some(("p".into(), Err("status unreadable".into())));
+        assert_eq!(find(&evaluate(&f), "thin pool").level, Level::Warn);
     }
 }

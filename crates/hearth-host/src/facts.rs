@@ -41,6 +41,20 @@ pub struct Facts {
     /// Free bytes on the root's filesystem, and whether it clones by reflink.
     pub root_free: Option<u64>,
     pub reflink: Option<bool>,
+    /// hearth's device-mapper thin pool, when it exists (filled by the caller, which speaks
+    /// device-mapper): its name and usage, or why its usage could not be read.
+    pub thin_pool: Option<(String, Result<PoolUsage, String>)>,
+}
+
+/// How full a thin pool is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolUsage {
+    pub data_percent: f64,
+    pub metadata_percent: f64,
+    pub data_bytes: u64,
+    /// `rw`, `ro` or `out_of_data_space`.
+    pub mode: String,
+    pub needs_check: bool,
 }
 
 pub(crate) const PROGRAMS: [&str; 6] =
@@ -102,6 +116,7 @@ impl Facts {
                 .map(|s| s.blocks_available() * s.fragment_size()),
             // Probing writes two scratch files: only in the state directory itself.
             reflink: if root.is_dir() { reflink(root) } else { None },
+            thin_pool: None,
         }
     }
 

@@ -5,8 +5,10 @@
 mod evaluate;
 mod facts;
 
+pub mod kmod;
+
 pub use evaluate::evaluate;
-pub use facts::{Facts, ModState};
+pub use facts::{Facts, ModState, PoolUsage};
 
 use serde::Serialize;
 

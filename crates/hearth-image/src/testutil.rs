@@ -64,6 +64,9 @@ pub struct TestImage {
     pub host_binaries: Vec<PathBuf>,
     /// A full-OS image: busybox's init as /sbin/init, run by this /etc/inittab.
     pub inittab: Option<String>,
+    /// Kernel modules at /lib/modules/VERSION: a `lib/modules/VERSION` tree and the paths in
+    /// it to copy (a guest that is itself a test host loads them).
+    pub modules: Option<(PathBuf, Vec<PathBuf>)>,
 }
 
 fn sha(b: &[u8]) -> String {
@@ -144,6 +147,28 @@ pub fn busybox_layer(img: &TestImage) -> std::io::Result<Vec<u8>> {
         entry(&mut b, "sbin", 0o755, &[], Directory, None)?;
         entry(&mut b, "sbin/init", 0o777, &[], Symlink, Some("/bin/busybox"))?;
         entry(&mut b, "etc/inittab", 0o644, inittab.as_bytes(), Regular, None)?;
+    }
+    if let Some((tree, keep)) = &img.modules {
+        let version =
+            tree.file_name().map(|v| v.to_string_lossy().into_owned()).unwrap_or_default();
+        let mut made: Vec<PathBuf> = Vec::new();
+        for rel in keep {
+            let at = Path::new("lib/modules").join(&version).join(rel);
+            for anc in at
+                .ancestors()
+                .skip(1)
+                .filter(|a| !a.as_os_str().is_empty())
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+            {
+                if !made.iter().any(|m| m == anc) {
+                    entry(&mut b, &anc.to_string_lossy(), 0o755, &[], Directory, None)?;
+                    made.push(anc.to_path_buf());
+                }
+            }
+            entry(&mut b, &at.to_string_lossy(), 0o644, &fs::read(tree.join(rel))?, Regular, None)?;
+        }
     }
     if img.payload_bytes > 0 {
         // Incompressible-ish but deterministic content.

@@ -7,6 +7,7 @@
 //! (docs/adr/0002-config-disk.md).
 #![deny(unsafe_code)]
 
+pub mod dm;
 // The only module with raw system calls (the crate denies unsafe code everywhere else).
 #[allow(unsafe_code)]
 mod sys;

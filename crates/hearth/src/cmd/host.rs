@@ -15,6 +15,33 @@ pub enum HostCmd {
     Check(CheckArgs),
     /// Prepare the host: the state directory, the storage check and the bridge network.
     Init(InitArgs),
+    /// Set up what a Flintlock host has: a device-mapper thin pool for VM disks (`--dev`: on
+    /// sparse files), its kernel modules. Idempotent; `--dry-run` prints the plan.
+    Provision(ProvisionArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ProvisionArgs {
+    /// The thin pool on sparse files in the state directory, on loop devices (Flintlock's dev
+    /// mode; it comes back after a reboot when hearthd starts).
+    #[arg(long)]
+    dev: bool,
+    /// Print what would be done, and do nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// State directory (HEARTH_ROOT, default /var/lib/hearth): the dev pool's files are in
+    /// ROOT/pool.
+    #[arg(long, env = "HEARTH_ROOT", default_value = DEFAULT_ROOT)]
+    root: PathBuf,
+    /// The pool's device-mapper name.
+    #[arg(long, default_value = hearth_storage::dm::pool::DEFAULT_NAME)]
+    pool_name: String,
+    /// The dev pool's data file size (sparse: it takes what VMs write).
+    #[arg(long, default_value = "100G", value_parser = size)]
+    data_size: u64,
+    /// The dev pool's metadata file size (sparse).
+    #[arg(long, default_value = "2G", value_parser = size)]
+    metadata_size: u64,
 }
 
 #[derive(Debug, Args)]
@@ -45,6 +72,7 @@ pub async fn host(c: HostCmd) -> anyhow::Result<i32> {
             Ok(if checks.iter().any(|c| c.level == Level::Fail) { 1 } else { 0 })
         }
         HostCmd::Init(a) => init(a).await,
+        HostCmd::Provision(a) => provision(a),
     }
 }
 
@@ -120,9 +148,86 @@ async fn init(a: InitArgs) -> anyhow::Result<i32> {
     Ok(if fails.is_empty() { 0 } else { 1 })
 }
 
+/// A size flag (`100G`, `512M`).
+fn size(s: &str) -> Result<u64, String> {
+    hearth_types::parse_size(s).map_err(|e| e.to_string())
+}
+
+/// Kernel modules a thin pool on files needs.
+const POOL_MODULES: [&str; 2] = ["dm_thin_pool", "loop"];
+
+fn provision(a: ProvisionArgs) -> anyhow::Result<i32> {
+    use anyhow::Context;
+    anyhow::ensure!(
+        a.dev,
+        "say what to provision: --dev (a thin pool on sparse files; --direct-lvm --disk is not in this version yet)"
+    );
+    let pool = hearth_storage::dm::pool::DevPool {
+        dir: a.root.join("pool"),
+        name: a.pool_name.clone(),
+        data_bytes: a.data_size,
+        metadata_bytes: a.metadata_size,
+    };
+    if a.dry_run {
+        let dm = hearth_storage::dm::Control::open().ok();
+        let mut plan: Vec<String> = POOL_MODULES
+            .iter()
+            .filter(|m| !hearth_host::kmod::present(m))
+            .map(|m| format!("load the kernel module {m}"))
+            .collect();
+        plan.extend(pool.plan(dm.as_ref())?.iter().map(ToString::to_string));
+        if plan.is_empty() {
+            println!("nothing to do: the thin pool {} is set up", pool.name);
+        }
+        for step in plan {
+            println!("would {step}");
+        }
+        return Ok(0);
+    }
+    anyhow::ensure!(nix::unistd::geteuid().is_root(), "hearth host provision must run as root");
+    for m in hearth_host::kmod::load(&hearth_host::kmod::tree(), &POOL_MODULES)
+        .map_err(anyhow::Error::msg)?
+    {
+        println!("loaded the kernel module {m}");
+    }
+    let dm = hearth_storage::dm::Control::open()?;
+    let steps =
+        pool.ensure(&dm).with_context(|| format!("setting up the thin pool {}", pool.name))?;
+    for step in &steps {
+        println!("did {step}");
+    }
+    let usage = pool.pool(&dm).usage()?;
+    println!(
+        "thin pool {}: data {:.1}% used of {}, metadata {:.1}%{}",
+        pool.name,
+        usage.data_percent(),
+        hearth_types::format_size(usage.data_total * hearth_storage::dm::thin::BLOCK_SECTORS * 512),
+        usage.metadata_percent(),
+        if steps.is_empty() { " (it was set up already: nothing changed)" } else { "" }
+    );
+    Ok(0)
+}
+
 /// This host's facts, with the VMM's KVM verdict and the storage's reflink probe.
 fn probe(root: &std::path::Path) -> Facts {
-    Facts::probe(root, hearth_vmm::accel::kvm_unusable_here(), |dir| {
+    let mut facts = Facts::probe(root, hearth_vmm::accel::kvm_unusable_here(), |dir| {
         hearth_storage::supports_reflink(dir).ok()
-    })
+    });
+    facts.thin_pool = thin_pool(hearth_storage::dm::pool::DEFAULT_NAME);
+    facts
+}
+
+/// The thin pool `name` and its usage, when device-mapper has it.
+fn thin_pool(name: &str) -> Option<(String, Result<hearth_host::PoolUsage, String>)> {
+    let dm = hearth_storage::dm::Control::open().ok()?;
+    dm.info(name).ok()??;
+    let pool = hearth_storage::dm::thin::Pool { dm: &dm, name: name.to_owned() };
+    let usage = pool.usage().map_err(|e| e.to_string()).map(|u| hearth_host::PoolUsage {
+        data_percent: u.data_percent(),
+        metadata_percent: u.metadata_percent(),
+        data_bytes: u.data_total * hearth_storage::dm::thin::BLOCK_SECTORS * 512,
+        mode: u.mode.clone(),
+        needs_check: u.needs_check,
+    });
+    Some((name.to_owned(), usage))
 }
