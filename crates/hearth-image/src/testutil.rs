@@ -67,6 +67,28 @@ pub struct TestImage {
     /// Kernel modules at /lib/modules/VERSION: a `lib/modules/VERSION` tree and the paths in
     /// it to copy (a guest that is itself a test host loads them).
     pub modules: Option<(PathBuf, Vec<PathBuf>)>,
+    /// More files: (path in the image, host file to copy there, mode).
+    pub files: Vec<(String, PathBuf, u32)>,
+}
+
+/// Adds the directories above `rel` that `made` does not list yet.
+fn parents(
+    b: &mut tar::Builder<Vec<u8>>,
+    made: &mut Vec<PathBuf>,
+    rel: &Path,
+) -> std::io::Result<()> {
+    let mut above: Vec<&Path> =
+        rel.ancestors().skip(1).filter(|a| !a.as_os_str().is_empty()).collect();
+    above.reverse();
+    for anc in above {
+        let builtin = ["bin", "etc", "var", "var/run", "tmp", "root", "home", "home/app", "work"]
+            .contains(&anc.to_string_lossy().as_ref());
+        if !builtin && !made.iter().any(|m| m == anc) {
+            entry(b, &anc.to_string_lossy(), 0o755, &[], tar::EntryType::Directory, None)?;
+            made.push(anc.to_path_buf());
+        }
+    }
+    Ok(())
 }
 
 fn sha(b: &[u8]) -> String {
@@ -121,21 +143,7 @@ pub fn busybox_layer(img: &TestImage) -> std::io::Result<Vec<u8>> {
         files.extend(shared_libraries(bin)?);
         for f in files {
             let rel = f.strip_prefix("/").unwrap_or(&f).to_path_buf();
-            for anc in rel
-                .ancestors()
-                .skip(1)
-                .filter(|a| !a.as_os_str().is_empty())
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-            {
-                if !dirs.contains(&anc.to_path_buf())
-                    && !["bin", "etc", "var"].contains(&anc.to_string_lossy().as_ref())
-                {
-                    entry(&mut b, &anc.to_string_lossy(), 0o755, &[], Directory, None)?;
-                    dirs.push(anc.to_path_buf());
-                }
-            }
+            parents(&mut b, &mut dirs, &rel)?;
             entry(&mut b, &rel.to_string_lossy(), 0o755, &fs::read(&f)?, Regular, None)?;
         }
     }
@@ -151,24 +159,16 @@ pub fn busybox_layer(img: &TestImage) -> std::io::Result<Vec<u8>> {
     if let Some((tree, keep)) = &img.modules {
         let version =
             tree.file_name().map(|v| v.to_string_lossy().into_owned()).unwrap_or_default();
-        let mut made: Vec<PathBuf> = Vec::new();
         for rel in keep {
             let at = Path::new("lib/modules").join(&version).join(rel);
-            for anc in at
-                .ancestors()
-                .skip(1)
-                .filter(|a| !a.as_os_str().is_empty())
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-            {
-                if !made.iter().any(|m| m == anc) {
-                    entry(&mut b, &anc.to_string_lossy(), 0o755, &[], Directory, None)?;
-                    made.push(anc.to_path_buf());
-                }
-            }
+            parents(&mut b, &mut dirs, &at)?;
             entry(&mut b, &at.to_string_lossy(), 0o644, &fs::read(tree.join(rel))?, Regular, None)?;
         }
+    }
+    for (at, host, mode) in &img.files {
+        let rel = Path::new(at.trim_start_matches('/'));
+        parents(&mut b, &mut dirs, rel)?;
+        entry(&mut b, &rel.to_string_lossy(), *mode, &fs::read(host)?, Regular, None)?;
     }
     if img.payload_bytes > 0 {
         // Incompressible-ish but deterministic content.

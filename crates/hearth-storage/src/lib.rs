@@ -114,6 +114,22 @@ pub fn clone_disk(base: &Path, dest: &Path, size: u64) -> Result<CloneMethod, St
     result
 }
 
+/// Copies the first `len` bytes of `src` into `dst` (a file of that size already, or a block
+/// device) at the same offsets, writing only `src`'s data extents: what it does not write must
+/// read as zeros already (a new sparse file, a fresh thin device).
+pub(crate) fn copy_data(src: &File, dst: &File, len: u64) -> io::Result<()> {
+    copy_extents(src, dst, len)
+}
+
+/// Grows the ext4 on `disk` (a file or a block device) to fill it, after the check resize2fs
+/// needs.
+pub(crate) fn grow_filesystem(disk: &Path) -> Result<(), StorageError> {
+    // resize2fs wants a freshly checked filesystem. -p repairs only what is safe to repair
+    // unattended; exit 1 means "errors corrected".
+    run_tool("e2fsck", &["-f", "-p"], disk, &[0, 1])?;
+    run_tool("resize2fs", &[], disk, &[0])
+}
+
 fn clone_into(base: &Path, tmp: &Path, size: u64) -> Result<CloneMethod, StorageError> {
     let src = File::open(base).map_err(io_err(base))?;
     let base_len = src.metadata().map_err(io_err(base))?.len();
@@ -137,10 +153,7 @@ fn clone_into(base: &Path, tmp: &Path, size: u64) -> Result<CloneMethod, Storage
     dst.sync_all().map_err(io_err(tmp))?;
     drop(dst);
     if size > base_len {
-        // resize2fs wants a freshly checked filesystem. -p repairs only what is safe to repair
-        // unattended; exit 1 means "errors corrected".
-        run_tool("e2fsck", &["-f", "-p"], tmp, &[0, 1])?;
-        run_tool("resize2fs", &[], tmp, &[0])?;
+        grow_filesystem(tmp)?;
     }
     Ok(method)
 }
@@ -150,6 +163,10 @@ fn clone_into(base: &Path, tmp: &Path, size: u64) -> Result<CloneMethod, Storage
 /// filesystem can); plain reads and writes are the fallback.
 fn sparse_copy(src: &File, dst: &File, len: u64) -> io::Result<()> {
     dst.set_len(len)?;
+    copy_extents(src, dst, len)
+}
+
+fn copy_extents(src: &File, dst: &File, len: u64) -> io::Result<()> {
     let mut pos = 0;
     while pos < len {
         let start = match sys::seek(src, pos, true) {

@@ -94,10 +94,17 @@ impl Chroot<'_> {
             }
             Ok(Path::new("/").join(name))
         };
-        // The VM's own disks: linked (writes must reach the VM's file) and handed to its uid.
+        // The VM's own disks: linked (writes must reach the VM's file) and handed to its uid; a
+        // disk that is a block device (a thin pool's) gets a node of its own in the chroot.
         let own = |from: &Path, name: &str| -> Result<PathBuf, VmmError> {
+            use std::os::unix::fs::FileTypeExt;
             let at = root.join(name);
-            std::fs::hard_link(from, &at).map_err(io_at(from))?;
+            let meta = std::fs::metadata(from).map_err(io_at(from))?;
+            if meta.file_type().is_block_device() {
+                crate::sys::mknod_block(&at, 0o600, meta.rdev()).map_err(io_at(&at))?;
+            } else {
+                std::fs::hard_link(from, &at).map_err(io_at(from))?;
+            }
             chown(&at).map_err(io_at(&at))?;
             Ok(Path::new("/").join(name))
         };

@@ -98,12 +98,20 @@ pub fn mkfifo(path: &std::path::Path, mode: u32) -> io::Result<()> {
 
 /// `mknod(2)`: a character device node at `path` with `mode` (permission bits).
 pub fn mknod_char(path: &std::path::Path, mode: u32, major: u32, minor: u32) -> io::Result<()> {
+    mknod(path, libc::S_IFCHR | mode as libc::mode_t, libc::makedev(major, minor))
+}
+
+/// `mknod(2)`: a block device node at `path` for device number `dev`, with `mode`.
+pub fn mknod_block(path: &std::path::Path, mode: u32, dev: u64) -> io::Result<()> {
+    mknod(path, libc::S_IFBLK | mode as libc::mode_t, dev as libc::dev_t)
+}
+
+fn mknod(path: &std::path::Path, mode: libc::mode_t, dev: libc::dev_t) -> io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "nul byte in path"))?;
-    let dev = libc::makedev(major, minor);
     // SAFETY: c is a valid NUL-terminated string for the duration of the call.
-    if unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | mode as libc::mode_t, dev) } == 0 {
+    if unsafe { libc::mknod(c.as_ptr(), mode, dev) } == 0 {
         Ok(())
     } else {
         Err(io::Error::last_os_error())

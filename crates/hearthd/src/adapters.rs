@@ -187,6 +187,12 @@ impl VmRepository for Host {
         self.0.root.join("vms")
     }
     fn discard(&self, id: &VmId) {
+        // A failed create's disk: removed with its directory, on the pool as in it.
+        if let Some(thin) = &self.0.thin {
+            if let Err(e) = thin.disks.remove(&thin.control, &id.to_string()) {
+                tracing::warn!(vm = %id, error = %e, "removing the VM's thin device failed");
+            }
+        }
         let _ = std::fs::remove_dir_all(self.dir(id));
     }
     fn name_holder(&self, name: &str) -> Option<VmId> {
@@ -290,9 +296,10 @@ impl Keys for Host {
 impl Disks for Host {
     fn observe(&self, rec: &VmRecord) -> DiskState {
         let dir = self.dir(&rec.spec.id);
+        let on_pool = self.0.thin.as_ref().is_some_and(|t| t.disks.has(&rec.spec.id.to_string()));
         DiskState {
             dir: dir.exists(),
-            disk: disk_path(&dir).exists(),
+            disk: on_pool || disk_path(&dir).exists(),
             config_disk: config_path(&dir).exists(),
         }
     }
@@ -312,6 +319,13 @@ impl Disks for Host {
                 }
             }
             let base = d.images.rootfs(&image)?;
+            if let Some(thin) = &d.thin {
+                let vm =
+                    dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let node = thin.disks.create(&thin.control, &vm, image.id.hex(), &base, size)?;
+                info!(disk = %node.display(), "root disk: a thin snapshot of the image's base");
+                return Ok(node);
+            }
             let method = hearth_storage::clone_disk(&base, &disk_path(&dir), size)?;
             info!(?method, "root disk cloned");
             Ok(disk_path(&dir))
@@ -345,7 +359,12 @@ impl Disks for Host {
                     read_only: *read_only,
                 });
             }
-            Ok((disk_path(&dir), config_path(&dir), out))
+            let vm = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let on_pool = match &d.thin {
+                Some(thin) => thin.disks.attach(&thin.control, &vm)?,
+                None => None,
+            };
+            Ok((on_pool.unwrap_or_else(|| disk_path(&dir)), config_path(&dir), out))
         })
         .await
     }

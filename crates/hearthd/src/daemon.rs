@@ -16,6 +16,13 @@ use tokio::sync::watch;
 use tonic::Status;
 
 /// Everything the API handlers and the reconciler share.
+/// The thin pool VM disks are on, and device-mapper.
+#[derive(Debug)]
+pub struct Thin {
+    pub control: hearth_storage::dm::Control,
+    pub disks: hearth_storage::dm::disks::ThinDisks,
+}
+
 pub struct Daemon {
     pub root: PathBuf,
     pub vms: VmStore,
@@ -47,6 +54,9 @@ pub struct Daemon {
     /// cgroup their groups go under (empty: none).
     pub vmm_uid_base: u32,
     pub cgroup_parent: String,
+    /// VM root disks on a device-mapper thin pool (`--thin-pool`), else reflink or sparse
+    /// copies.
+    pub thin: Option<Thin>,
     /// The VMM of VMs that name none (`--default-vmm`).
     pub default_vmm: hearth_types::Provider,
     /// VMM uids handed to launches in flight (the running VMs' records carry theirs).
@@ -124,9 +134,59 @@ impl Daemon {
             consoles: Default::default(),
             vmm_uid_base: 0,
             cgroup_parent: String::new(),
+            thin: None,
             default_vmm: hearth_types::Provider::Qemu,
             launching_uids: Mutex::new(Default::default()),
         })
+    }
+
+    /// Puts VM root disks on the thin pool `name`: a dev pool on files in ROOT/pool is brought
+    /// back first (after a reboot its loop devices and device are gone), then what a crash left
+    /// half made is removed.
+    pub fn use_thin_pool(&mut self, name: &str) -> anyhow::Result<()> {
+        use hearth_storage::dm;
+        let dir = self.root.join("pool");
+        if dir.join("data").is_file() {
+            hearth_host::kmod::load(&hearth_host::kmod::tree(), &["dm_thin_pool", "loop"])
+                .map_err(anyhow::Error::msg)?;
+            let control = dm::Control::open()?;
+            let dev = dm::pool::DevPool {
+                dir: dir.clone(),
+                name: name.to_owned(),
+                data_bytes: 0,
+                metadata_bytes: 0,
+            };
+            let steps = dev
+                .ensure(&control)
+                .with_context(|| format!("bringing back the thin pool {name}"))?;
+            if !steps.is_empty() {
+                tracing::info!(pool = name, ?steps, "thin pool brought back");
+            }
+        }
+        let control = dm::Control::open()?;
+        anyhow::ensure!(
+            control.info(name)?.is_some_and(|i| i.active),
+            "no thin pool {name}: make one with `hearth host provision --dev`"
+        );
+        std::fs::create_dir_all(&dir)?;
+        let disks = dm::disks::ThinDisks::new(name, dir.join("devices.json"));
+        let mut cleaned = disks.recover(&control)?;
+        // Root disks of VMs whose record is gone (removed while the pool was not configured).
+        let known: std::collections::HashSet<String> =
+            self.vms.list()?.iter().map(|r| r.spec.id.to_string()).collect();
+        for vm in
+            disks.devices()?.vms.keys().filter(|v| !known.contains(*v)).cloned().collect::<Vec<_>>()
+        {
+            if disks.remove(&control, &vm)? {
+                cleaned.push(format!("hearth-vm-{vm}"));
+            }
+        }
+        if !cleaned.is_empty() {
+            tracing::info!(?cleaned, "removed thin devices an interrupted create left");
+        }
+        tracing::info!(pool = name, "VM root disks are thin snapshots on the pool");
+        self.thin = Some(Thin { control, disks });
+        Ok(())
     }
 
     /// How pulls reach registries: `insecure` as asked, the daemon's timeout.
@@ -211,6 +271,11 @@ impl Daemon {
                 t.clear();
             }
             t.insert(rec.spec.id.clone(), rec.clone());
+        }
+        // The thin device before the record: a crash between them leaves a record to remove
+        // again, never a device nothing names.
+        if let Some(thin) = &self.thin {
+            thin.disks.remove(&thin.control, &rec.spec.id.to_string()).map_err(internal)?;
         }
         self.vms.remove(&rec.spec.id).map_err(internal)?;
         self.index().remove(&rec.spec.id);

@@ -85,6 +85,11 @@ struct Args {
     /// their own: they run as root). For debugging only.
     #[arg(long)]
     no_jail: bool,
+    /// Puts VM root disks on this device-mapper thin pool as thin snapshots of a base per
+    /// image (`hearth host provision --dev` makes `hearth-thinpool`); a pool on files in
+    /// ROOT/pool is brought back at start. Without it, disks are reflink or sparse copies.
+    #[arg(long, value_name = "NAME")]
+    thin_pool: Option<String>,
     /// The cgroup each VMM's own group goes under (memory, CPU and process limits from the VM's
     /// size); empty for none.
     #[arg(long, value_name = "NAME", default_value = "hearth")]
@@ -132,6 +137,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("opening {}", args.root.display()))?;
     d.registry_timeout = args.registry_timeout;
     configure_vmms(&mut d, &args)?;
+    if let Some(pool) = &args.thin_pool {
+        d.use_thin_pool(pool).with_context(|| format!("--thin-pool {pool}"))?;
+    }
     d.consoles.default_limits =
         crate::adapters::LogLimits { max_size: args.log_max_size, max_files: args.log_max_files };
     let d = Arc::new(d);

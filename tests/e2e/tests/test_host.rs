@@ -6,18 +6,57 @@
 
 use hearth_e2e::{require_e2e, text, Daemon};
 
-/// The test-host image: busybox, the `hearth` binary, and the modules a thin pool on files needs.
-fn test_host_image(d: &Daemon, name: &str) {
+/// The test-host image: busybox, hearth's binaries (`with_daemon`: hearthd, hearth-init,
+/// e2fsprogs, the test kernel and a busybox image's OCI layout too), and the modules a thin
+/// pool on files needs (and the guest modules an initramfs needs).
+fn test_host_image(d: &Daemon, name: &str, with_daemon: bool) {
     let tree = std::path::PathBuf::from(std::env::var("HEARTH_TEST_MODULES").expect("modules"));
-    let keep = hearth_kernel::modules::closure(&tree, &["dm_thin_pool", "loop"]).expect("closure");
-    let img = hearth_e2e::testutil::TestImage {
-        host_binaries: vec![hearth_bin()],
-        modules: Some((tree, keep)),
-        ..Default::default()
-    };
+    let mut roots = vec!["dm_thin_pool", "loop"];
+    let mut img =
+        hearth_e2e::testutil::TestImage { host_binaries: vec![hearth_bin()], ..Default::default() };
     let layout = tempfile::tempdir().expect("tmp");
-    hearth_e2e::testutil::busybox_oci_layout(layout.path(), "1", &img).expect("layout");
-    d.ok(&["image", "import", layout.path().to_str().expect("utf8"), "--name", name]);
+    if with_daemon {
+        roots.extend(hearth_kernel::GUEST_MODULES);
+        img.host_binaries.extend([
+            hearthd_bin(),
+            "/usr/sbin/mkfs.ext4".into(),
+            "/usr/sbin/e2fsck".into(),
+            "/usr/sbin/resize2fs".into(),
+        ]);
+        let init = std::env::var("HEARTH_INIT").expect("HEARTH_INIT");
+        let kernel = std::env::var("HEARTH_TEST_KERNEL").expect("HEARTH_TEST_KERNEL");
+        img.files.push(("/boot/vmlinuz".into(), kernel.into(), 0o644));
+        img.files.push(("/hearth-init".into(), init.into(), 0o755));
+        let demo = layout.path().join("demo");
+        hearth_e2e::testutil::busybox_oci_layout(&demo, "1", &Default::default())
+            .expect("demo layout");
+        for f in walk(&demo) {
+            let rel = f.strip_prefix(&demo).expect("inside").display().to_string();
+            img.files.push((format!("/demo/{rel}"), f, 0o644));
+        }
+    }
+    img.modules =
+        Some((tree.clone(), hearth_kernel::modules::closure(&tree, &roots).expect("closure")));
+    let dir = layout.path().join("testhost");
+    hearth_e2e::testutil::busybox_oci_layout(&dir, "1", &img).expect("layout");
+    d.ok(&["image", "import", dir.to_str().expect("utf8"), "--name", name]);
+}
+
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).expect("dir").flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            out.extend(walk(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out
+}
+
+fn hearthd_bin() -> std::path::PathBuf {
+    std::fs::canonicalize(hearth_e2e::bin_dir().join("hearthd")).expect("hearthd")
 }
 
 /// The `hearth` binary, at the path it has in the test-host image too.
@@ -49,7 +88,7 @@ fn provision_dev_makes_a_thin_pool_on_files_once_and_dry_run_changes_nothing() {
     require_e2e!();
     let d = Daemon::start();
     d.import_kernel();
-    test_host_image(&d, "testhost:1");
+    test_host_image(&d, "testhost:1", false);
     let h = hearth_bin().display().to_string();
     let p = format!(
         "{h} host provision --dev --root /var/lib/hearth --data-size 1G --metadata-size 64M"
@@ -132,4 +171,96 @@ fn on_a_host_without_device_mapper_the_pool_and_its_module_are_reported_with_the
     let err = text(&out.stderr);
     assert!(!out.status.success() && err.contains("no module dm_thin_pool"), "{err}");
     assert!(!d.root.path().join("pool").exists(), "nothing made");
+}
+
+#[test]
+fn vm_disks_on_the_pool_are_thin_snapshots_of_one_base_and_go_with_their_vms() {
+    require_e2e!();
+    let d = Daemon::start();
+    d.import_kernel();
+    test_host_image(&d, "testhostd:1", true);
+    let (h, hd) = (hearth_bin().display().to_string(), hearthd_bin().display().to_string());
+    let version = std::path::Path::new(&std::env::var("HEARTH_TEST_MODULES").expect("modules"))
+        .file_name()
+        .expect("version")
+        .to_string_lossy()
+        .into_owned();
+    let script = format!(
+        "set -e; R=/var/lib/hearth; export HEARTH_HOST=unix://$R/hearthd.sock; \
+         mkdir -p $R/pool; dd if=/dev/urandom of=$R/pool/data bs=1M count=256 2>/dev/null; \
+         dd if=/dev/zero of=$R/pool/data bs=1M seek=4095 count=1 2>/dev/null; \
+         {h} host provision --dev --root $R --data-size 4G --metadata-size 64M >/dev/null; \
+         HEARTH_QEMU=/bin/false {hd} --root $R --thin-pool hearth-thinpool --init-binary /hearth-init --vmm-uid-base 0 \
+           --cgroup-parent '' >/tmp/hearthd.log 2>&1 & \
+         for i in $(seq 300); do [ -S $R/hearthd.sock ] && break; sleep 0.1; done; \
+         {h} kernel import /boot/vmlinuz --modules /lib/modules/{version} --name k --default >/dev/null; \
+         {h} image import /demo --name demo:1 >/dev/null; \
+         for n in a b c; do {h} create --name $n --network none --size 1G demo:1 >/dev/null; \
+           {h} start $n >/dev/null 2>&1 || true; done; \
+         echo '== devices'; cat /sys/block/dm-*/dm/name; \
+         echo '== sizes'; for n in /sys/block/dm-*; do echo $(cat $n/dm/name) $(cat $n/size); done; \
+         echo '== state'; cat $R/pool/devices.json; echo; \
+         echo '== check'; {h} host check --root $R | grep '^thin pool'; \
+         dev_of() {{ for n in /sys/block/dm-*; do [ \"$(cat $n/dm/name)\" = hearth-vm-$1 ] && echo /dev/${{n##*/}}; done; }}; \
+         {h} rm a b c >/dev/null; \
+         E=$({h} create --name e --network none --size 1G demo:1); {h} start e >/dev/null 2>&1 || true; \
+         dd if=/dev/urandom of=$(dev_of $E) bs=4096 seek=$((512*256)) count=1 conv=fsync 2>/dev/null; \
+         echo '== reused'; dd if=$(dev_of $E) bs=4096 skip=$((512*256+1)) count=15 2>/dev/null | md5sum; \
+         dd if=/dev/zero bs=4096 count=15 2>/dev/null | md5sum; \
+         {h} rm e >/dev/null; \
+         echo '== after'; cat /sys/block/dm-*/dm/name; cat $R/pool/devices.json; echo; \
+         echo '== log'; cat /tmp/hearthd.log"
+    );
+    let (out, code) = in_test_host(&d, "testhostd:1", &script);
+    assert_eq!(code, 0, "{out}");
+    let section = |name: &str| -> String {
+        out.split(&format!("== {name}\n"))
+            .nth(1)
+            .unwrap_or_default()
+            .split("\n== ")
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let devices = section("devices");
+    let vms: Vec<&str> = devices.lines().filter(|l| l.starts_with("hearth-vm-")).collect();
+    assert_eq!(vms.len(), 3, "three thin devices, one per VM:\n{out}");
+    assert!(devices.lines().any(|l| l == "hearth-thinpool"), "{out}");
+    assert!(
+        !devices.contains("hearth-base-"),
+        "the base is written once and left inactive:\n{out}"
+    );
+    // Each VM's disk is its --size (1 GiB, in 512-byte sectors), whatever the base's.
+    let sizes = section("sizes");
+    for l in sizes.lines().filter(|l| l.starts_with("hearth-vm-")) {
+        assert!(l.ends_with(" 2097152"), "{l}\n{out}");
+    }
+    let state: serde_json::Value =
+        serde_json::from_str(section("state").trim()).unwrap_or_else(|e| panic!("{e}:\n{out}"));
+    let bases = state["bases"].as_object().expect("bases");
+    assert_eq!(bases.len(), 1, "one base for the image:\n{out}");
+    let base_id = bases.values().next().expect("base")["id"].as_u64();
+    let vm_ids: std::collections::BTreeSet<u64> = state["vms"]
+        .as_object()
+        .expect("vms")
+        .values()
+        .map(|v| {
+            assert_eq!(v["ready"], true, "{v}");
+            v["id"].as_u64().expect("id")
+        })
+        .collect();
+    assert_eq!(vm_ids.len(), 3, "distinct thin ids:\n{out}");
+    assert!(!vm_ids.contains(&base_id.expect("id")));
+    assert!(section("check").contains("hearth-thinpool: data"), "{out}");
+    // The pool's data file held data before (as a reused disk does): a VM's first small write
+    // into a fresh block leaves the rest of the block zeroed, not showing what was there.
+    let reused = section("reused");
+    let reused: Vec<&str> = reused.lines().collect();
+    assert!(
+        reused.len() == 2 && reused[0] == reused[1],
+        "the rest of the block reads as zeros:\n{out}"
+    );
+    let after = section("after");
+    assert!(!after.contains("hearth-vm-"), "rm removed every VM's thin device:\n{out}");
+    assert!(after.contains("\"vms\": {}"), "and their entries:\n{out}");
 }

@@ -4,6 +4,7 @@
 //! here with every length checked against the buffer, so a kernel answer is never read past its
 //! end. Thin pools on top of it: [`thin`]; loop devices for a pool on files: [`loopdev`].
 
+pub mod disks;
 pub mod loopdev;
 pub mod pool;
 pub mod thin;
