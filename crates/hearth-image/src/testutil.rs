@@ -50,6 +50,8 @@ const APPLETS: &[&str] = &[
     "seq",
     "kill",
     "ps",
+    "sed",
+    "cut",
 ];
 
 /// What the test image's config says.

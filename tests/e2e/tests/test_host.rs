@@ -264,3 +264,107 @@ fn vm_disks_on_the_pool_are_thin_snapshots_of_one_base_and_go_with_their_vms() {
     assert!(!after.contains("hearth-vm-"), "rm removed every VM's thin device:\n{out}");
     assert!(after.contains("\"vms\": {}"), "and their entries:\n{out}");
 }
+
+/// A crash of hearthd half way through making disks, and a reboot of the host: the test host
+/// runs the same script on two boots. First boot: VMs on a pool over files; a marker written
+/// into one VM's disk; hearthd killed; one VM's entry marked half made and another VM's record
+/// removed, as a crash between the steps would leave them; hearthd started again. Second boot:
+/// hearthd brings the pool back and the marked disk still holds its marker.
+#[test]
+fn the_pool_comes_back_after_a_reboot_and_a_crash_leaves_no_orphan_device() {
+    require_e2e!();
+    let d = Daemon::start();
+    d.import_kernel();
+    test_host_image(&d, "testhostr:1", true);
+    let (h, hd) = (hearth_bin().display().to_string(), hearthd_bin().display().to_string());
+    let version = std::path::Path::new(&std::env::var("HEARTH_TEST_MODULES").expect("modules"))
+        .file_name()
+        .expect("version")
+        .to_string_lossy()
+        .into_owned();
+    let script = format!(
+        "R=/var/lib/hearth; export HEARTH_HOST=unix://$R/hearthd.sock; \
+         dev_of() {{ for n in /sys/block/dm-*; do [ \"$(cat $n/dm/name)\" = hearth-vm-$1 ] && echo /dev/${{n##*/}}; done; }}; \
+         id_of() {{ {h} inspect $1 | grep -m1 '\"id\":' | cut -d'\"' -f4; }}; \
+         daemon() {{ rm -f $R/hearthd.sock; HEARTH_QEMU=/bin/false {hd} --root $R --thin-pool hearth-thinpool \
+           --init-binary /hearth-init --vmm-uid-base 0 --cgroup-parent '' >>/tmp/hearthd.log 2>&1 & \
+           HD=$!; for i in $(seq 300); do [ -S $R/hearthd.sock ] && break; sleep 0.1; done; }}; \
+         if [ ! -e $R/booted-once ]; then \
+           echo '== boot1'; \
+           {h} host provision --dev --root $R --data-size 4G --metadata-size 64M >/dev/null; daemon; \
+           {h} kernel import /boot/vmlinuz --modules /lib/modules/{version} --name k --default >/dev/null; \
+           {h} image import /demo --name demo:1 >/dev/null; \
+           for n in a b c; do {h} create --name $n --network none --size 1G demo:1 >/dev/null; \
+             {h} start $n >/dev/null 2>&1 || true; done; \
+           A=$(id_of a); B=$(id_of b); C=$(id_of c); \
+           echo marker-of-a | dd of=$(dev_of $A) bs=1 seek=$((900*1024*1024)) conv=fsync 2>/dev/null; \
+           kill -9 $HD; sleep 0.5; \
+           sed -i \"/\\\"$B\\\"/,/}}/ s/\\\"ready\\\": true/\\\"ready\\\": false/\" $R/pool/devices.json; \
+           rm -rf $R/vms/$C; \
+           daemon; \
+           echo \"== recovered\"; cat $R/pool/devices.json; echo; cat /sys/block/dm-*/dm/name; \
+           echo \"== names $A $B $C\"; \
+           touch $R/booted-once; \
+         else \
+           echo '== boot2'; echo '== pool before'; cat /sys/block/dm-*/dm/name 2>/dev/null; daemon; \
+           echo '== pool after'; cat /sys/block/dm-*/dm/name; \
+           {h} start a >/dev/null 2>&1 || true; \
+           A=$(id_of a); echo \"== marker\"; \
+           dd if=$(dev_of $A) bs=1 skip=$((900*1024*1024)) count=11 2>/dev/null; echo; \
+           echo '== end'; \
+         fi"
+    );
+    let run = d.hearth(&[
+        "run",
+        "-d",
+        "--no-wait",
+        "--name",
+        "th",
+        "--memory",
+        "1G",
+        "--size",
+        "3G",
+        "--network",
+        "none",
+        "testhostr:1",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    d.ok(&["wait", "th"]);
+    let first = d.ok(&["logs", "th"]);
+    let after = |out: &str, mark: &str| -> String {
+        out.split(&format!("== {mark}"))
+            .nth(1)
+            .unwrap_or_default()
+            .split("\n== ")
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let names = after(&first, "names");
+    let ids: Vec<&str> = names.split_whitespace().collect();
+    assert_eq!(ids.len(), 3, "{first}");
+    let recovered = after(&first, "recovered");
+    assert!(recovered.contains(&format!("hearth-vm-{}", ids[0])), "a's disk stays:\n{first}");
+    for (what, id) in [("half made", ids[1]), ("without a record", ids[2])] {
+        assert!(!recovered.contains(id), "the disk {what} is gone, device and entry:\n{first}");
+    }
+
+    // The host reboots: the same VM boots again.
+    d.ok(&["start", "--no-wait", "th"]);
+    d.ok(&["wait", "th"]);
+    let second = d.ok(&["logs", "th"]);
+    let boot2 = second.split("== boot2").nth(1).unwrap_or_default().to_owned();
+    assert!(
+        !after(&boot2, "pool before").contains("hearth-thinpool"),
+        "a reboot loses the pool's device:\n{second}"
+    );
+    assert!(
+        after(&boot2, "pool after").contains("hearth-thinpool"),
+        "hearthd brings it back:\n{second}"
+    );
+    assert!(after(&boot2, "marker").contains("marker-of-a"), "the VM's disk is intact:\n{second}");
+    d.ok(&["rm", "-f", "th"]);
+}
