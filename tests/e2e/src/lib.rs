@@ -10,6 +10,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub use hearth_image::testutil;
+pub mod test_host;
 
 /// Why a test cannot run here, or `None` when it can.
 /// Whether KVM here can run guests (hardware virtualisation), not merely open /dev/kvm.

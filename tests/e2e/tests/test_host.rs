@@ -4,84 +4,8 @@
 //! CLI (and the loader and libraries it links) and the modules' files; hearth loads the modules
 //! itself, natively, as it would on a host.
 
+use hearth_e2e::test_host::{hearth_bin, in_test_host, prelude, test_host_image};
 use hearth_e2e::{require_e2e, text, Daemon};
-
-/// The test-host image: busybox, hearth's binaries (`with_daemon`: hearthd, hearth-init,
-/// e2fsprogs, the test kernel and a busybox image's OCI layout too), and the modules a thin
-/// pool on files needs (and the guest modules an initramfs needs).
-fn test_host_image(d: &Daemon, name: &str, with_daemon: bool) {
-    let tree = std::path::PathBuf::from(std::env::var("HEARTH_TEST_MODULES").expect("modules"));
-    let mut roots = vec!["dm_thin_pool", "loop"];
-    let mut img =
-        hearth_e2e::testutil::TestImage { host_binaries: vec![hearth_bin()], ..Default::default() };
-    let layout = tempfile::tempdir().expect("tmp");
-    if with_daemon {
-        roots.extend(hearth_kernel::GUEST_MODULES);
-        img.host_binaries.extend([
-            hearthd_bin(),
-            "/usr/sbin/mkfs.ext4".into(),
-            "/usr/sbin/e2fsck".into(),
-            "/usr/sbin/resize2fs".into(),
-        ]);
-        let init = std::env::var("HEARTH_INIT").expect("HEARTH_INIT");
-        let kernel = std::env::var("HEARTH_TEST_KERNEL").expect("HEARTH_TEST_KERNEL");
-        img.files.push(("/boot/vmlinuz".into(), kernel.into(), 0o644));
-        img.files.push(("/hearth-init".into(), init.into(), 0o755));
-        let demo = layout.path().join("demo");
-        hearth_e2e::testutil::busybox_oci_layout(&demo, "1", &Default::default())
-            .expect("demo layout");
-        for f in walk(&demo) {
-            let rel = f.strip_prefix(&demo).expect("inside").display().to_string();
-            img.files.push((format!("/demo/{rel}"), f, 0o644));
-        }
-    }
-    img.modules =
-        Some((tree.clone(), hearth_kernel::modules::closure(&tree, &roots).expect("closure")));
-    let dir = layout.path().join("testhost");
-    hearth_e2e::testutil::busybox_oci_layout(&dir, "1", &img).expect("layout");
-    d.ok(&["image", "import", dir.to_str().expect("utf8"), "--name", name]);
-}
-
-/// Every file under `dir`.
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).expect("dir").flatten() {
-        if e.file_type().is_ok_and(|t| t.is_dir()) {
-            out.extend(walk(&e.path()));
-        } else {
-            out.push(e.path());
-        }
-    }
-    out
-}
-
-fn hearthd_bin() -> std::path::PathBuf {
-    std::fs::canonicalize(hearth_e2e::bin_dir().join("hearthd")).expect("hearthd")
-}
-
-/// The `hearth` binary, at the path it has in the test-host image too.
-fn hearth_bin() -> std::path::PathBuf {
-    std::fs::canonicalize(hearth_e2e::bin_dir().join("hearth")).expect("hearth")
-}
-
-/// Runs `script` in a test-host guest; returns what it printed (its console) and its exit code.
-fn in_test_host(d: &Daemon, image: &str, script: &str) -> (String, i32) {
-    let out = d.hearth(&[
-        "run",
-        "--rm",
-        "--memory",
-        "1G",
-        "--size",
-        "3G",
-        "--network",
-        "none",
-        image,
-        "sh",
-        "-c",
-        script,
-    ]);
-    (text(&out.stdout), out.status.code().unwrap_or(-1))
-}
 
 #[test]
 fn provision_dev_makes_a_thin_pool_on_files_once_and_dry_run_changes_nothing() {
@@ -99,7 +23,7 @@ fn provision_dev_makes_a_thin_pool_on_files_once_and_dry_run_changes_nothing() {
          echo '== check'; {h} host check --root /var/lib/hearth || true; \
          echo '== files'; ls -ls /var/lib/hearth/pool"
     );
-    let (out, code) = in_test_host(&d, "testhost:1", &script);
+    let (out, code) = in_test_host(&d, "testhost:1", "1G", "3G", &script);
     assert_eq!(code, 0, "{out}");
     let section = |name: &str| -> String {
         out.split(&format!("== {name}\n"))
@@ -179,39 +103,30 @@ fn vm_disks_on_the_pool_are_thin_snapshots_of_one_base_and_go_with_their_vms() {
     let d = Daemon::start();
     d.import_kernel();
     test_host_image(&d, "testhostd:1", true);
-    let (h, hd) = (hearth_bin().display().to_string(), hearthd_bin().display().to_string());
-    let version = std::path::Path::new(&std::env::var("HEARTH_TEST_MODULES").expect("modules"))
-        .file_name()
-        .expect("version")
-        .to_string_lossy()
-        .into_owned();
     let script = format!(
-        "set -e; R=/var/lib/hearth; export HEARTH_HOST=unix://$R/hearthd.sock; \
+        "{p} set -e; \
          mkdir -p $R/pool; dd if=/dev/urandom of=$R/pool/data bs=1M count=256 2>/dev/null; \
          dd if=/dev/zero of=$R/pool/data bs=1M seek=4095 count=1 2>/dev/null; \
-         {h} host provision --dev --root $R --data-size 4G --metadata-size 64M >/dev/null; \
-         HEARTH_QEMU=/bin/false {hd} --root $R --thin-pool hearth-thinpool --init-binary /hearth-init --vmm-uid-base 0 \
-           --cgroup-parent '' >/tmp/hearthd.log 2>&1 & \
-         for i in $(seq 300); do [ -S $R/hearthd.sock ] && break; sleep 0.1; done; \
-         {h} kernel import /boot/vmlinuz --modules /lib/modules/{version} --name k --default >/dev/null; \
-         {h} image import /demo --name demo:1 >/dev/null; \
-         for n in a b c; do {h} create --name $n --network none --size 1G demo:1 >/dev/null; \
-           {h} start $n >/dev/null 2>&1 || true; done; \
+         $H host provision --dev --root $R --data-size 4G --metadata-size 64M >/dev/null; \
+         daemon --thin-pool hearth-thinpool; import_kernel; \
+         $H image import /demo --name demo:1 >/dev/null; \
+         for n in a b c; do $H create --name $n --network none --size 1G demo:1 >/dev/null; \
+           $H start $n >/dev/null 2>&1 || true; done; \
          echo '== devices'; cat /sys/block/dm-*/dm/name; \
          echo '== sizes'; for n in /sys/block/dm-*; do echo $(cat $n/dm/name) $(cat $n/size); done; \
          echo '== state'; cat $R/pool/devices.json; echo; \
-         echo '== check'; {h} host check --root $R | grep '^thin pool'; \
-         dev_of() {{ for n in /sys/block/dm-*; do [ \"$(cat $n/dm/name)\" = hearth-vm-$1 ] && echo /dev/${{n##*/}}; done; }}; \
-         {h} rm a b c >/dev/null; \
-         E=$({h} create --name e --network none --size 1G demo:1); {h} start e >/dev/null 2>&1 || true; \
+         echo '== check'; $H host check --root $R | grep '^thin pool'; \
+         $H rm a b c >/dev/null; \
+         E=$($H create --name e --network none --size 1G demo:1); $H start e >/dev/null 2>&1 || true; \
          dd if=/dev/urandom of=$(dev_of $E) bs=4096 seek=$((512*256)) count=1 conv=fsync 2>/dev/null; \
          echo '== reused'; dd if=$(dev_of $E) bs=4096 skip=$((512*256+1)) count=15 2>/dev/null | md5sum; \
          dd if=/dev/zero bs=4096 count=15 2>/dev/null | md5sum; \
-         {h} rm e >/dev/null; \
+         $H rm e >/dev/null; \
          echo '== after'; cat /sys/block/dm-*/dm/name; cat $R/pool/devices.json; echo; \
-         echo '== log'; cat /tmp/hearthd.log"
+         echo '== log'; cat /tmp/hearthd.log",
+        p = prelude()
     );
-    let (out, code) = in_test_host(&d, "testhostd:1", &script);
+    let (out, code) = in_test_host(&d, "testhostd:1", "1G", "3G", &script);
     assert_eq!(code, 0, "{out}");
     let section = |name: &str| -> String {
         out.split(&format!("== {name}\n"))
@@ -276,43 +191,33 @@ fn the_pool_comes_back_after_a_reboot_and_a_crash_leaves_no_orphan_device() {
     let d = Daemon::start();
     d.import_kernel();
     test_host_image(&d, "testhostr:1", true);
-    let (h, hd) = (hearth_bin().display().to_string(), hearthd_bin().display().to_string());
-    let version = std::path::Path::new(&std::env::var("HEARTH_TEST_MODULES").expect("modules"))
-        .file_name()
-        .expect("version")
-        .to_string_lossy()
-        .into_owned();
     let script = format!(
-        "R=/var/lib/hearth; export HEARTH_HOST=unix://$R/hearthd.sock; \
-         dev_of() {{ for n in /sys/block/dm-*; do [ \"$(cat $n/dm/name)\" = hearth-vm-$1 ] && echo /dev/${{n##*/}}; done; }}; \
-         id_of() {{ {h} inspect $1 | grep -m1 '\"id\":' | cut -d'\"' -f4; }}; \
-         daemon() {{ rm -f $R/hearthd.sock; HEARTH_QEMU=/bin/false {hd} --root $R --thin-pool hearth-thinpool \
-           --init-binary /hearth-init --vmm-uid-base 0 --cgroup-parent '' >>/tmp/hearthd.log 2>&1 & \
-           HD=$!; for i in $(seq 300); do [ -S $R/hearthd.sock ] && break; sleep 0.1; done; }}; \
+        "{p} \
          if [ ! -e $R/booted-once ]; then \
            echo '== boot1'; \
-           {h} host provision --dev --root $R --data-size 4G --metadata-size 64M >/dev/null; daemon; \
-           {h} kernel import /boot/vmlinuz --modules /lib/modules/{version} --name k --default >/dev/null; \
-           {h} image import /demo --name demo:1 >/dev/null; \
-           for n in a b c; do {h} create --name $n --network none --size 1G demo:1 >/dev/null; \
-             {h} start $n >/dev/null 2>&1 || true; done; \
+           $H host provision --dev --root $R --data-size 4G --metadata-size 64M >/dev/null; \
+           daemon --thin-pool hearth-thinpool; import_kernel; \
+           $H image import /demo --name demo:1 >/dev/null; \
+           for n in a b c; do $H create --name $n --network none --size 1G demo:1 >/dev/null; \
+             $H start $n >/dev/null 2>&1 || true; done; \
            A=$(id_of a); B=$(id_of b); C=$(id_of c); \
            echo marker-of-a | dd of=$(dev_of $A) bs=1 seek=$((900*1024*1024)) conv=fsync 2>/dev/null; \
            kill -9 $HD; sleep 0.5; \
            sed -i \"/\\\"$B\\\"/,/}}/ s/\\\"ready\\\": true/\\\"ready\\\": false/\" $R/pool/devices.json; \
            rm -rf $R/vms/$C; \
-           daemon; \
+           daemon --thin-pool hearth-thinpool; \
            echo \"== recovered\"; cat $R/pool/devices.json; echo; cat /sys/block/dm-*/dm/name; \
            echo \"== names $A $B $C\"; \
            touch $R/booted-once; \
          else \
-           echo '== boot2'; echo '== pool before'; cat /sys/block/dm-*/dm/name 2>/dev/null; daemon; \
+           echo '== boot2'; echo '== pool before'; cat /sys/block/dm-*/dm/name 2>/dev/null; daemon --thin-pool hearth-thinpool; \
            echo '== pool after'; cat /sys/block/dm-*/dm/name; \
-           {h} start a >/dev/null 2>&1 || true; \
+           $H start a >/dev/null 2>&1 || true; \
            A=$(id_of a); echo \"== marker\"; \
            dd if=$(dev_of $A) bs=1 skip=$((900*1024*1024)) count=11 2>/dev/null; echo; \
            echo '== end'; \
-         fi"
+         fi",
+        p = prelude()
     );
     let run = d.hearth(&[
         "run",

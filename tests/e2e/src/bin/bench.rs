@@ -11,7 +11,10 @@
 //!    the rate of a no-op RPC on the same socket; hearthd's memory per VM record; and the
 //!    manager's overhead from `hearth run -d` to the VMM being spawned.
 //! 5. Command to guest start under Firecracker and Cloud Hypervisor against each bare VMM
-//!    configured by hand, and hearthd's memory per running VM (`bench/vmms.rs`).
+//!    configured by hand, and hearthd's memory per running VM (`bench/vmms.rs`; alone with
+//!    `--vmms`).
+//! 6. A VM's root disk as a thin snapshot against a sparse copy, for a small and a 1 GiB image,
+//!    inside the test-host guest (`bench/thin.rs`; alone with `--thin`).
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -21,6 +24,8 @@ use hearth_e2e::testutil::{push_image, LocalRegistry, TestImage};
 use hearth_e2e::{text, Daemon};
 use hearth_types::net;
 
+#[path = "bench/thin.rs"]
+mod bench_thin;
 #[path = "bench/vmms.rs"]
 mod bench_vmms;
 
@@ -463,6 +468,13 @@ fn main() {
         bench_vmms::vmm_start(&d, &demo, runs, || rss_bytes(pid));
         return;
     }
+    if std::env::args().any(|a| a == "--thin") {
+        // Only VM disks on the thin pool against copies, inside the test-host guest.
+        let d = Daemon::start();
+        d.import_kernel();
+        bench_thin::thin_vs_copy(&d, runs);
+        return;
+    }
     if std::env::args().any(|a| a == "--control-plane") {
         // Only the control plane (a quick check of creation rates).
         let d = Daemon::start();
@@ -477,4 +489,5 @@ fn main() {
     control_plane(&d, &demo, 400, runs);
     let pid = d.pid().expect("hearthd pid");
     bench_vmms::vmm_start(&d, &demo, runs, || rss_bytes(pid));
+    bench_thin::thin_vs_copy(&d, runs);
 }
