@@ -107,3 +107,17 @@ pub fn prelude() -> String {
          import_kernel() {{ $H kernel import /boot/vmlinuz --modules /lib/modules/{version} --name k --default >/dev/null; }}; "
     )
 }
+
+/// What a script printed after its marker line `== NAME` (the rest of that line, then the lines
+/// up to the next marker).
+pub fn section(out: &str, name: &str) -> String {
+    let marker = format!("== {name}");
+    let rest = out
+        .match_indices(&marker)
+        .map(|(at, _)| &out[at + marker.len()..])
+        .find(|r| r.starts_with('\n') || r.starts_with(' '))
+        .unwrap_or_default();
+    // Up to the next marker line, which may follow at once (an empty section).
+    let body = rest.split("\n== ").next().unwrap_or_default();
+    body.strip_prefix('\n').unwrap_or(body).to_owned()
+}

@@ -4,7 +4,7 @@
 //! CLI (and the loader and libraries it links) and the modules' files; hearth loads the modules
 //! itself, natively, as it would on a host.
 
-use hearth_e2e::test_host::{hearth_bin, in_test_host, prelude, test_host_image};
+use hearth_e2e::test_host::{hearth_bin, in_test_host, prelude, section, test_host_image};
 use hearth_e2e::{require_e2e, text, Daemon};
 
 #[test]
@@ -25,15 +25,7 @@ fn provision_dev_makes_a_thin_pool_on_files_once_and_dry_run_changes_nothing() {
     );
     let (out, code) = in_test_host(&d, "testhost:1", "1G", "3G", &script);
     assert_eq!(code, 0, "{out}");
-    let section = |name: &str| -> String {
-        out.split(&format!("== {name}\n"))
-            .nth(1)
-            .unwrap_or_default()
-            .split("\n== ")
-            .next()
-            .unwrap_or_default()
-            .to_owned()
-    };
+    let section = |name: &str| section(&out, name);
     let plan = section("plan");
     assert!(
         plan.contains("would load the kernel module dm_thin_pool")
@@ -128,15 +120,7 @@ fn vm_disks_on_the_pool_are_thin_snapshots_of_one_base_and_go_with_their_vms() {
     );
     let (out, code) = in_test_host(&d, "testhostd:1", "1G", "3G", &script);
     assert_eq!(code, 0, "{out}");
-    let section = |name: &str| -> String {
-        out.split(&format!("== {name}\n"))
-            .nth(1)
-            .unwrap_or_default()
-            .split("\n== ")
-            .next()
-            .unwrap_or_default()
-            .to_owned()
-    };
+    let section = |name: &str| section(&out, name);
     let devices = section("devices");
     let vms: Vec<&str> = devices.lines().filter(|l| l.starts_with("hearth-vm-")).collect();
     assert_eq!(vms.len(), 3, "three thin devices, one per VM:\n{out}");
@@ -239,15 +223,7 @@ fn the_pool_comes_back_after_a_reboot_and_a_crash_leaves_no_orphan_device() {
     assert!(run.status.success(), "{}", text(&run.stderr));
     d.ok(&["wait", "th"]);
     let first = d.ok(&["logs", "th"]);
-    let after = |out: &str, mark: &str| -> String {
-        out.split(&format!("== {mark}"))
-            .nth(1)
-            .unwrap_or_default()
-            .split("\n== ")
-            .next()
-            .unwrap_or_default()
-            .to_owned()
-    };
+    let after = section;
     let names = after(&first, "names");
     let ids: Vec<&str> = names.split_whitespace().collect();
     assert_eq!(ids.len(), 3, "{first}");
