@@ -5,8 +5,6 @@
 mod evaluate;
 mod facts;
 
-pub mod kmod;
-
 pub use evaluate::evaluate;
 pub use facts::{Facts, ModState, PoolUsage};
 

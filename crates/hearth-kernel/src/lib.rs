@@ -8,6 +8,7 @@
 
 pub mod cpio;
 pub mod initramfs;
+pub mod kmod;
 pub mod modules;
 pub mod pvh;
 pub mod version;

@@ -279,8 +279,13 @@ impl Images for Host {
     }
 
     fn remove(&self, image: &ImageRecord) -> Result<ImageRecord> {
-        off_runtime(|| self.0.images.remove(image.id.hex()))
-            .map_err(|e| Error::precondition(format!("{:#}", anyhow::Error::from(e))))
+        let removed = off_runtime(|| self.0.images.remove(image.id.hex()))
+            .map_err(|e| Error::precondition(format!("{:#}", anyhow::Error::from(e))))?;
+        // Its base on the thin pool goes too: VMs' snapshots keep the blocks they share.
+        if let Some(thin) = &self.0.thin {
+            thin.disks.remove_base(&thin.control, image.id.hex()).map_err(Error::internal)?;
+        }
+        Ok(removed)
     }
 }
 

@@ -147,7 +147,7 @@ impl Daemon {
         use hearth_storage::dm;
         let dir = self.root.join("pool");
         if dir.join("data").is_file() {
-            hearth_host::kmod::load(&hearth_host::kmod::tree(), &["dm_thin_pool", "loop"])
+            hearth_kernel::kmod::load(&hearth_kernel::kmod::tree(), &["dm_thin_pool", "loop"])
                 .map_err(anyhow::Error::msg)?;
             let control = dm::Control::open()?;
             let dev = dm::pool::DevPool {

@@ -113,7 +113,7 @@ fn vm_disks_on_the_pool_are_thin_snapshots_of_one_base_and_go_with_their_vms() {
          dd if=/dev/urandom of=$(dev_of $E) bs=4096 seek=$((512*256)) count=1 conv=fsync 2>/dev/null; \
          echo '== reused'; dd if=$(dev_of $E) bs=4096 skip=$((512*256+1)) count=15 2>/dev/null | md5sum; \
          dd if=/dev/zero bs=4096 count=15 2>/dev/null | md5sum; \
-         $H rm e >/dev/null; \
+         $H rm e >/dev/null; $H image rm demo:1 >/dev/null; \
          echo '== after'; cat /sys/block/dm-*/dm/name; cat $R/pool/devices.json; echo; \
          echo '== log'; cat /tmp/hearthd.log",
         p = prelude()
@@ -162,6 +162,7 @@ fn vm_disks_on_the_pool_are_thin_snapshots_of_one_base_and_go_with_their_vms() {
     let after = section("after");
     assert!(!after.contains("hearth-vm-"), "rm removed every VM's thin device:\n{out}");
     assert!(after.contains("\"vms\": {}"), "and their entries:\n{out}");
+    assert!(after.contains("\"bases\": {}"), "the image's base goes with the image:\n{out}");
 }
 
 /// A crash of hearthd half way through making disks, and a reboot of the host: the test host

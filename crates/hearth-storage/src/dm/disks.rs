@@ -222,6 +222,20 @@ impl ThinDisks {
         pool.activate(&vm_name(vm), dev.id, dev.bytes).map(Some)
     }
 
+    /// Removes image `image`'s base from the pool (snapshots made from it keep the blocks they
+    /// share: a thin snapshot does not need its origin); `Ok(false)` when it had none.
+    pub fn remove_base(&self, dm: &Control, image: &str) -> io::Result<bool> {
+        let _g = self.guard();
+        let mut d = self.load()?;
+        let Some(dev) = d.bases.get(image).copied() else { return Ok(false) };
+        let pool = Pool { dm, name: self.pool.clone() };
+        pool.deactivate(&base_name(image))?;
+        pool.delete(dev.id)?;
+        d.bases.remove(image);
+        self.save(&d)?;
+        Ok(true)
+    }
+
     /// Removes VM `vm`'s root disk from the pool; `Ok(false)` when it had none there.
     pub fn remove(&self, dm: &Control, vm: &str) -> io::Result<bool> {
         let _g = self.guard();

@@ -172,7 +172,7 @@ fn provision(a: ProvisionArgs) -> anyhow::Result<i32> {
         let dm = hearth_storage::dm::Control::open().ok();
         let mut plan: Vec<String> = POOL_MODULES
             .iter()
-            .filter(|m| !hearth_host::kmod::present(m))
+            .filter(|m| !hearth_kernel::kmod::present(m))
             .map(|m| format!("load the kernel module {m}"))
             .collect();
         plan.extend(pool.plan(dm.as_ref())?.iter().map(ToString::to_string));
@@ -185,7 +185,7 @@ fn provision(a: ProvisionArgs) -> anyhow::Result<i32> {
         return Ok(0);
     }
     anyhow::ensure!(nix::unistd::geteuid().is_root(), "hearth host provision must run as root");
-    for m in hearth_host::kmod::load(&hearth_host::kmod::tree(), &POOL_MODULES)
+    for m in hearth_kernel::kmod::load(&hearth_kernel::kmod::tree(), &POOL_MODULES)
         .map_err(anyhow::Error::msg)?
     {
         println!("loaded the kernel module {m}");

@@ -1,7 +1,7 @@
 //! Loading the host's kernel modules natively, as `modprobe` would: the modules a name needs
 //! are found in `/lib/modules/RELEASE` (its `modules.dep`, else each module's own `depends`),
 //! loaded dependencies first with `init_module(2)`, each read (and, when zstd-compressed,
-//! decompressed) by hearth-kernel, skipping what `/sys/module` shows is there already.
+//! decompressed) by [`crate::modules`], skipping what `/sys/module` shows is there already.
 
 use std::path::{Path, PathBuf};
 
@@ -13,7 +13,7 @@ pub fn tree() -> PathBuf {
 
 /// Whether module `name` is loaded or built in.
 pub fn present(name: &str) -> bool {
-    Path::new("/sys/module").join(hearth_kernel::modules::canonical(name)).exists()
+    Path::new("/sys/module").join(crate::modules::canonical(name)).exists()
 }
 
 /// Loads `names` and what they depend on from `tree`; returns the modules it loaded. A name
@@ -30,15 +30,15 @@ pub fn load(tree: &Path, names: &[&str]) -> Result<Vec<String>, String> {
             tree.display()
         ));
     }
-    let order = hearth_kernel::modules::closure(tree, &missing)
+    let order = crate::modules::closure(tree, &missing)
         .map_err(|e| format!("finding modules in {}: {e}", tree.display()))?;
     let mut loaded = Vec::new();
     for rel in order {
-        let Some(name) = hearth_kernel::modules::module_name(&rel) else { continue };
+        let Some(name) = crate::modules::module_name(&rel) else { continue };
         if present(&name) {
             continue;
         }
-        let image = hearth_kernel::modules::read_module(&tree.join(&rel))
+        let image = crate::modules::read_module(&tree.join(&rel))
             .map_err(|e| format!("reading module {name}: {e}"))?;
         match nix::kmod::init_module(&image, c"") {
             Ok(()) | Err(nix::errno::Errno::EEXIST) => loaded.push(name),
