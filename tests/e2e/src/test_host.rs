@@ -6,10 +6,12 @@ use crate::{text, Daemon};
 
 /// The test-host image: busybox, hearth's binaries (`with_daemon`: hearthd, hearth-init,
 /// e2fsprogs, the test kernel and a busybox image's OCI layout too), and the modules a thin
-/// pool on files needs (and the guest modules an initramfs needs).
+/// pool on files, macvtap and vhost-vsock need (and the guest modules an initramfs needs),
+/// listed in a `modules.dep`.
 pub fn test_host_image(d: &Daemon, name: &str, with_daemon: bool) {
     let tree = std::path::PathBuf::from(std::env::var("HEARTH_TEST_MODULES").expect("modules"));
-    let mut roots = vec!["dm_thin_pool", "loop"];
+    // What a Flintlock host needs of its kernel: a thin pool on files, macvtap, vhost-vsock.
+    let mut roots = vec!["dm_thin_pool", "loop", "macvtap", "vhost_vsock"];
     let mut img =
         crate::testutil::TestImage { host_binaries: vec![hearth_bin()], ..Default::default() };
     let layout = tempfile::tempdir().expect("tmp");
@@ -32,11 +34,29 @@ pub fn test_host_image(d: &Daemon, name: &str, with_daemon: bool) {
             img.files.push((format!("/demo/{rel}"), f, 0o644));
         }
     }
-    img.modules =
-        Some((tree.clone(), hearth_kernel::modules::closure(&tree, &roots).expect("closure")));
+    let keep = hearth_kernel::modules::closure(&tree, &roots).expect("closure");
+    let version = tree.file_name().expect("version").to_string_lossy().into_owned();
+    let dep = layout.path().join("modules.dep");
+    std::fs::write(&dep, modules_dep(&tree, &keep)).expect("modules.dep");
+    img.files.push((format!("/lib/modules/{version}/modules.dep"), dep, 0o644));
+    img.modules = Some((tree.clone(), keep));
     let dir = layout.path().join("testhost");
     crate::testutil::busybox_oci_layout(&dir, "1", &img).expect("layout");
     d.ok(&["image", "import", dir.to_str().expect("utf8"), "--name", name]);
+}
+
+/// A `modules.dep` for the modules `keep` of `tree` (each with what it needs, as depmod writes
+/// it), so the test host's kernel lists what it can load.
+fn modules_dep(tree: &std::path::Path, keep: &[std::path::PathBuf]) -> String {
+    let mut out = String::new();
+    for rel in keep {
+        let name = hearth_kernel::modules::module_name(rel).expect("module");
+        let deps = hearth_kernel::modules::closure(tree, &[name.as_str()]).expect("closure");
+        let deps: Vec<String> =
+            deps.iter().filter(|d| *d != rel).map(|d| d.display().to_string()).collect();
+        out.push_str(&format!("{}: {}\n", rel.display(), deps.join(" ")));
+    }
+    out
 }
 
 /// Every file under `dir`.
