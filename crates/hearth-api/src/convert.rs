@@ -2,7 +2,7 @@
 //! here with the flag to fix.
 
 use hearth_core::{Error, NewVm, NewVolume, SshKey};
-use hearth_types::{LogOptions, Provider};
+use hearth_types::{LogOptions, Provider, VolumeSource};
 
 use crate::v1 as pb;
 
@@ -59,20 +59,33 @@ impl TryFrom<pb::CreateVmRequest> for NewVm {
             mac: Some(req.mac).filter(|m| !m.is_empty()),
             address,
             cloud_init_network: Some(req.cloud_init_network).filter(|d| !d.is_empty()),
-            volumes: req
-                .volumes
-                .into_iter()
-                .map(|v| NewVolume {
-                    id: v.id,
-                    image: v.image,
-                    mount_point: Some(v.mount_point).filter(|m| !m.is_empty()),
-                    read_only: v.read_only,
-                })
-                .collect(),
+            volumes: req.volumes.into_iter().map(volume).collect::<Result<_, _>>()?,
             cloud_init: req.cloud_init.into_iter().collect(),
             log: LogOptions::parse(&req.log_opts).map_err(invalid)?,
         })
     }
+}
+
+/// A volume from exactly one source.
+fn volume(v: pb::VolumeRequest) -> Result<NewVolume, Error> {
+    let source = match (v.image.is_empty(), v.host_path.is_empty(), v.size_bytes) {
+        (false, true, 0) => VolumeSource::Image,
+        (true, false, 0) => VolumeSource::Host { path: v.host_path },
+        (true, true, n) if n > 0 => VolumeSource::Blank { size_bytes: n },
+        _ => {
+            return Err(Error::invalid(format!(
+                "volume {}: give exactly one of an image, a host path and a size",
+                v.id
+            )))
+        }
+    };
+    Ok(NewVolume {
+        id: v.id,
+        source,
+        image: v.image,
+        mount_point: Some(v.mount_point).filter(|m| !m.is_empty()),
+        read_only: v.read_only,
+    })
 }
 
 #[cfg(test)]

@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use hearth_types::{
     format_size, generate_name, size_flag, Accel, Desired, GuestConfig, ImageConfig, ImageRecord,
-    LogOptions, NetworkMode, PortMapping, Provider, VmId, VmRecord, VmSpec, VmStatus, VolumeSpec,
+    LogOptions, NetworkMode, PortMapping, Provider, VmId, VmRecord, VmSpec, VmStatus, VolumeSource,
+    VolumeSpec,
 };
 
 use crate::{Error, Reconciler, Result};
@@ -57,10 +58,12 @@ pub enum SshKey {
     Generate,
 }
 
-/// An extra disk made from an image.
+/// An extra disk: made from an image, a host file or block device, or blank.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NewVolume {
     pub id: String,
+    pub source: VolumeSource,
+    /// The image of an image volume.
     pub image: String,
     pub mount_point: Option<String>,
     pub read_only: bool,
@@ -100,6 +103,7 @@ impl Reconciler {
         if p.images.find(image.id.hex())?.is_none() {
             return Err(Error::conflict(format!("image {} was removed meanwhile", req.image)));
         }
+        self.check_host_volumes(&volumes)?;
         let name = self.unique_name(req.name.clone())?;
         let created_at = p.clock.now_millis() / 1000;
         let address = req.address;
@@ -174,6 +178,16 @@ impl Reconciler {
         asked
             .iter()
             .map(|v| {
+                if !v.source.is_image() {
+                    return Ok(VolumeSpec {
+                        id: v.id.clone(),
+                        source: v.source.clone(),
+                        image: String::new(),
+                        image_id: String::new(),
+                        mount_point: v.mount_point.clone(),
+                        read_only: v.read_only,
+                    });
+                }
                 let img = self.ports.images.find(&v.image)?.ok_or_else(|| {
                     Error::not_found(format!(
                         "volume {}: image {} is not in the store: pull it with `hearth image pull {}`",
@@ -182,6 +196,7 @@ impl Reconciler {
                 })?;
                 Ok(VolumeSpec {
                     id: v.id.clone(),
+                    source: VolumeSource::Image,
                     image: v.image.clone(),
                     image_id: img.id.hex().to_owned(),
                     mount_point: v.mount_point.clone(),
@@ -189,6 +204,39 @@ impl Reconciler {
                 })
             })
             .collect()
+    }
+
+    /// Each host volume is a file or block device the host may give (the port checks it), and
+    /// no two writers share one: not two VMs, not two volumes of this one, unless all read.
+    fn check_host_volumes(&self, volumes: &[VolumeSpec]) -> Result<()> {
+        let disks = &self.ports.disks;
+        let host_path = |v: &VolumeSpec| match &v.source {
+            VolumeSource::Host { path } => Some(path.clone()),
+            _ => None,
+        };
+        let mut taken: Vec<(String, bool, String)> = Vec::new();
+        for rec in self.ports.repo.list()? {
+            for v in &rec.spec.volumes {
+                if let Some(key) = host_path(v).and_then(|p| disks.host_volume_id(&p)) {
+                    taken.push((key, v.read_only, format!("VM {}", rec.spec.name)));
+                }
+            }
+        }
+        for v in volumes {
+            let Some(path) = host_path(v) else { continue };
+            let key = disks
+                .check_host_volume(&path)
+                .map_err(|e| e.context(format!("volume {}", v.id)))?;
+            let shared = taken.iter().find(|(k, ro, _)| *k == key && !(*ro && v.read_only));
+            if let Some((_, _, holder)) = shared {
+                return Err(Error::conflict(format!(
+                    "volume {}: {path} is attached to {holder} already, and two writers of one disk corrupt it: attach it read-only (:ro) everywhere, or remove the other",
+                    v.id
+                )));
+            }
+            taken.push((key, v.read_only, format!("volume {} of this VM", v.id)));
+        }
+        Ok(())
     }
 
     /// A key pair in the VM's directory, recorded on the VM; the directory goes if it fails.

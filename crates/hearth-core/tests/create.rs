@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use hearth_core::ports::VmRepository;
 use hearth_core::{ErrorKind, NewVm, NewVolume, SshKey};
 use hearth_testkit::fakes::{harness, Harness};
-use hearth_types::{Desired, ImageConfig, NetworkMode, VmState};
+use hearth_types::{Desired, ImageConfig, NetworkMode, VmState, VolumeSource};
 
 const MIB: u64 = 1 << 20;
 
@@ -99,6 +99,46 @@ async fn missing_images_and_kernels_say_how_to_get_them() {
     let e = e.expect_err("volume image not pulled");
     assert!(e.message.contains("volume data") && e.message.contains("pull"), "{e}");
     assert_eq!(records(&h), 0);
+}
+
+/// A host disk has one writer at most, however it is named; readers share it.
+#[tokio::test]
+async fn a_host_disk_is_never_given_to_two_writers_and_a_missing_one_is_named() {
+    let h = host();
+    h.host.host_disk("/dev/vdb", "disk-b");
+    h.host.host_disk("/dev/disk/by-id/virtio-b", "disk-b");
+    h.host.host_disk("/srv/shared.img", "shared");
+    let vol = |path: &str, read_only: bool| NewVolume {
+        id: "data".into(),
+        source: VolumeSource::Host { path: path.into() },
+        mount_point: Some("/data".into()),
+        read_only,
+        ..Default::default()
+    };
+    let with = |name: &str, vols: Vec<NewVolume>| NewVm {
+        name: Some(name.into()),
+        volumes: vols,
+        ..new_vm()
+    };
+    let first = h.reconciler.create(with("a", vec![vol("/dev/vdb", false)])).await.expect("a");
+    assert_eq!(first.spec.volumes[0].source, VolumeSource::Host { path: "/dev/vdb".into() });
+
+    // Another name for the same disk, writable or not: refused, naming the holder and the fix.
+    for read_only in [false, true] {
+        let e = h.reconciler.create(with("b", vec![vol("/dev/disk/by-id/virtio-b", read_only)]));
+        let e = e.await.expect_err("two writers");
+        assert_eq!(e.kind, ErrorKind::Conflict);
+        assert!(e.message.contains("VM a") && e.message.contains(":ro"), "{e}");
+    }
+    // Read-only everywhere is shared; one writer among readers is not.
+    h.reconciler.create(with("c", vec![vol("/srv/shared.img", true)])).await.expect("reader");
+    h.reconciler.create(with("d", vec![vol("/srv/shared.img", true)])).await.expect("reader");
+    let e = h.reconciler.create(with("e", vec![vol("/srv/shared.img", false)])).await;
+    assert_eq!(e.expect_err("a writer among readers").kind, ErrorKind::Conflict);
+    let missing = vec![vol("/dev/null-ish", true)];
+    let e = h.reconciler.create(with("f", missing)).await.expect_err("not on the host");
+    assert!(e.message.contains("volume data") && e.message.contains("/dev/null-ish"), "{e}");
+    assert_eq!(records(&h), 3);
 }
 
 #[tokio::test]

@@ -6,12 +6,14 @@
 //! - [`resolve_in_root`]: a path inside an untrusted tree (an unpacked image) resolved as if the
 //!   tree were `/`: symbolic links are followed, but never out of it.
 //! - [`die_with_parent`]: a tool started for a build dies with the thread that started it.
+//! - [`loopdev`]: loop devices, for a pool on files and for host files a jailed VMM opens.
 //!
 //! A base crate like hearth-types: it depends on no other hearth crate, and every layer may use it.
 #![deny(unsafe_code)]
 
 // The only module with raw system calls (the crate denies unsafe code everywhere else).
 pub mod elf;
+pub mod loopdev;
 #[allow(unsafe_code)]
 mod sys;
 mod tree;
@@ -20,7 +22,7 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-pub use sys::die_with_parent;
+pub use sys::{die_with_parent, ioctl_buf, ioctl_int};
 pub use tree::{open_in_root, resolve_in_root};
 
 /// A temporary name beside `path`, unique to this attempt: `.NAME.<random>.tmp`.

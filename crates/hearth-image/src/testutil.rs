@@ -52,6 +52,7 @@ const APPLETS: &[&str] = &[
     "ps",
     "sed",
     "cut",
+    "df",
 ];
 
 /// What the test image's config says.

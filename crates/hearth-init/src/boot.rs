@@ -145,14 +145,34 @@ pub fn mount_volumes(volumes: &[GuestVolume]) {
             continue;
         };
         let flags = if v.read_only { libc::MS_RDONLY } else { 0 };
-        let res = fs::create_dir_all(&v.mount_point).map_err(|e| e.to_string()).and_then(|()| {
-            sys::mount(&format!("/dev/{dev}"), &v.mount_point, "ext4", flags, "")
-                .map_err(|e| e.to_string())
-        });
+        let res = fs::create_dir_all(&v.mount_point)
+            .map_err(|e| e.to_string())
+            .and_then(|()| mount_any(&format!("/dev/{dev}"), &v.mount_point, flags));
         if let Err(e) = res {
             eprintln!("hearth-init: mounting volume /dev/{dev} on {}: {e}", v.mount_point);
         }
     }
+}
+
+/// Mounts `dev` with the first filesystem type the kernel has that takes it, ext4 first, as
+/// mount(8) does without `-t` (a host volume may hold any filesystem).
+fn mount_any(dev: &str, at: &str, flags: libc::c_ulong) -> Result<(), String> {
+    let listed = fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    let mut types = vec!["ext4"];
+    types.extend(block_filesystems(&listed).filter(|t| *t != "ext4"));
+    let mut last = String::new();
+    for t in types {
+        match sys::mount(dev, at, t, flags, "") {
+            Ok(()) => return Ok(()),
+            Err(e) => last = format!("{t}: {e}"),
+        }
+    }
+    Err(format!("no filesystem of this kernel takes it (last: {last}); is it formatted?"))
+}
+
+/// The filesystem types in /proc/filesystems that need a device (not the `nodev` ones).
+fn block_filesystems(listed: &str) -> impl Iterator<Item = &str> {
+    listed.lines().filter(|l| !l.starts_with("nodev")).map(str::trim).filter(|t| !t.is_empty())
 }
 
 /// Mounts the root disk and makes it `/`, carrying /dev, /proc and /sys over.
@@ -209,5 +229,15 @@ pub fn mount_late() {
         ("/dev/stderr", "/proc/self/fd/2"),
     ] {
         let _ = std::os::unix::fs::symlink(target, link);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_filesystems_on_devices_are_tried() {
+        let listed = "nodev\tsysfs\nnodev\ttmpfs\n\text3\n\text4\n\txfs\nnodev\toverlay\n\tvfat\n";
+        let types: Vec<_> = super::block_filesystems(listed).collect();
+        assert_eq!(types, ["ext3", "ext4", "xfs", "vfat"]);
     }
 }

@@ -4,10 +4,12 @@
 //! filesystem shares extents (constant time, whatever the image size), else a sparse copy that
 //! copies only the data extents. The clone is then grown to the VM's `--size` and the filesystem
 //! resized with e2fsprogs. The *config disk* carries the guest config in and the exit record out
-//! (docs/adr/0002-config-disk.md).
+//! (docs/adr/0002-config-disk.md). Volumes that are not images: [`create_blank`], and the
+//! host's own disks a VM is given ([`check_host_disk`]).
 #![deny(unsafe_code)]
 
 pub mod dm;
+mod volumes;
 // The only module with raw system calls (the crate denies unsafe code everywhere else).
 #[allow(unsafe_code)]
 mod sys;
@@ -23,6 +25,7 @@ use hearth_types::guest::{
     EXIT_OFFSET, MAX_RECORD,
 };
 use hearth_types::{GuestConfig, GuestExit};
+pub use volumes::{check_host_disk, create_blank, host_disk_id, HostDiskError};
 
 /// Why a disk operation failed.
 #[derive(Debug, thiserror::Error)]

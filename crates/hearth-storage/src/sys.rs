@@ -61,28 +61,4 @@ pub fn copy_range(src: &File, dest: &File, off: u64, len: u64) -> io::Result<()>
     Ok(())
 }
 
-/// `ioctl(fd, request, buf)` with a buffer the kernel reads and rewrites in place
-/// (device-mapper's `struct dm_ioctl` and its data, a loop device's `struct loop_config`).
-/// Returns the ioctl's non-negative result.
-pub fn ioctl_buf(f: &File, request: libc::c_ulong, buf: &mut [u8]) -> io::Result<i32> {
-    // SAFETY: `buf` is exclusively borrowed for the call and the structure it holds gives the
-    // kernel its own length (device-mapper's data_size is set to buf.len() by the caller; a
-    // loop_config has the fixed size the request encodes), so the kernel writes within it.
-    let rc = unsafe { libc::ioctl(f.as_raw_fd(), request as _, buf.as_mut_ptr()) };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
-}
-
-/// `ioctl(fd, request, arg)` with an integer argument (`LOOP_CTL_GET_FREE`, `LOOP_CLR_FD`).
-pub fn ioctl_int(f: &File, request: libc::c_ulong, arg: libc::c_ulong) -> io::Result<i32> {
-    // SAFETY: the argument is passed by value; no memory of ours is touched.
-    let rc = unsafe { libc::ioctl(f.as_raw_fd(), request as _, arg) };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
-}
+pub use hearth_fs::ioctl_buf;

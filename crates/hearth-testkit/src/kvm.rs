@@ -155,3 +155,102 @@ pub fn assert_cgroup_gone(group: &str) {
         }
     }
 }
+
+/// Host volumes for a jailed VMM, in `dir`: a file of another user's (uid 4321, mode 0640,
+/// known bytes) to attach writable, and a block device (a loop device on a second file,
+/// detached on drop) to attach read-only.
+#[derive(Debug)]
+pub struct HostVolumes {
+    pub file: std::path::PathBuf,
+    pub device: std::path::PathBuf,
+}
+
+impl HostVolumes {
+    pub fn new(dir: &Path) -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let file = dir.join("user-data.img");
+        std::fs::write(&file, vec![7u8; 1 << 20]).expect("host file");
+        std::os::unix::fs::chown(&file, Some(4321), Some(4321)).expect("chown");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        let backing = dir.join("device-backing.img");
+        std::fs::write(&backing, vec![0u8; 1 << 20]).expect("device backing");
+        let out = Command::new("losetup").args(["-f", "--show"]).arg(&backing).output();
+        let out = out.expect("losetup");
+        assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+        let device = String::from_utf8_lossy(&out.stdout).trim().into();
+        Self { file, device }
+    }
+
+    /// The volumes as a launch takes them: the file writable, the device read-only.
+    pub fn disks(&self) -> Vec<hearth_core::ports::VolumeDisk> {
+        [(&self.file, false), (&self.device, true)]
+            .into_iter()
+            .enumerate()
+            .map(|(i, (path, read_only))| hearth_core::ports::VolumeDisk {
+                path: path.clone(),
+                serial: hearth_types::guest::volume_serial(i),
+                read_only,
+                host: true,
+            })
+            .collect()
+    }
+
+    /// The host's file kept its owner, mode and content; in the chroot `root`, each volume is
+    /// a block device node of the VM's `uid` (the file's through a loop device backed by it).
+    pub fn assert_in_jail(&self, root: &Path, uid: u32) {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        self.assert_untouched();
+        for i in 0..2 {
+            let at = root.join(format!("volume-{i}.img"));
+            let m = std::fs::symlink_metadata(&at).expect("volume node");
+            assert!(m.file_type().is_block_device(), "{at:?} is a block device node");
+            assert_eq!(m.uid(), uid, "{at:?} is the VM's");
+        }
+        let device = std::fs::metadata(&self.device).expect("device").rdev();
+        let node = std::fs::metadata(root.join("volume-1.img")).expect("node").rdev();
+        assert_eq!(node, device, "the host's device itself");
+        assert!(self.loop_of_file().is_some(), "a loop device backs the host file meanwhile");
+    }
+
+    pub fn assert_untouched(&self) {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(&self.file).expect("host file");
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (4321, 4321, 0o640), "owner and mode");
+        let bytes = std::fs::read(&self.file).expect("read");
+        assert!(bytes.len() == 1 << 20 && bytes.iter().all(|&b| b == 7), "content");
+    }
+
+    /// Once the VMM is gone, no loop device is left on the host file.
+    pub fn assert_released(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while self.loop_of_file().is_some() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert_eq!(self.loop_of_file(), None, "the host file's loop device detached itself");
+        self.assert_untouched();
+    }
+
+    fn loop_of_file(&self) -> Option<String> {
+        let rd = std::fs::read_dir("/sys/block").ok()?;
+        rd.flatten().map(|e| e.path()).find_map(|p| {
+            let backing = std::fs::read_to_string(p.join("loop/backing_file")).ok()?;
+            (Path::new(backing.trim_end()) == self.file)
+                .then(|| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .flatten()
+        })
+    }
+}
+
+impl Drop for HostVolumes {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
+    }
+}
+
+/// Held by a test while its guest runs: under this machine kind's nested KVM a guest shows its
+/// first console lines after about 20 s alone, and far later beside another on two cores, so
+/// the tests of one binary boot their guests one at a time.
+pub async fn one_guest_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    static GUESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    GUESTS.lock().await
+}

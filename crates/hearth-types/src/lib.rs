@@ -26,5 +26,5 @@ pub use reference::{ImageRef, ReferenceError};
 pub use size::{format_size, parse_size, size_flag, SizeError};
 pub use vm::{
     parse_labels, Accel, BootTimings, Desired, LogOptions, Provider, VmRecord, VmSpec, VmSpecError,
-    VmState, VmStatus, VolumeSpec,
+    VmState, VmStatus, VolumeSource, VolumeSpec,
 };

@@ -307,6 +307,7 @@ impl VmSpec {
                     v.id
                 )));
             }
+            v.source.validate(&v.id)?;
             if let Some(m) = &v.mount_point {
                 if !m.starts_with('/') || m == "/" || m.split('/').any(|c| c == "..") {
                     return Err(VmSpecError::Volume(format!(
@@ -336,13 +337,20 @@ impl VmSpec {
     }
 }
 
-/// A disk holding an image's filesystem: shared read-only, or a copy of the VM's own.
+/// An extra disk: an image's filesystem (shared read-only, or a copy of the VM's own), a file
+/// or block device of the host's, or a blank filesystem of the VM's own.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeSpec {
     /// The volume's name (Flintlock's volume id); the disk's serial in the guest is derived.
     pub id: String,
-    /// The reference as given, and the image id resolved at create time.
+    /// Where the disk comes from (an image's, in records made before there were others).
+    #[serde(default, skip_serializing_if = "VolumeSource::is_image")]
+    pub source: VolumeSource,
+    /// For an image volume, the reference as given and the image id resolved at create time;
+    /// empty for the others.
+    #[serde(default)]
     pub image: String,
+    #[serde(default)]
     pub image_id: String,
     /// Where hearth-init mounts it in the guest; attached but not mounted when `None`.
     #[serde(default)]
@@ -350,6 +358,64 @@ pub struct VolumeSpec {
     #[serde(default)]
     pub read_only: bool,
 }
+
+/// Where a volume's disk comes from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum VolumeSource {
+    /// An image's filesystem ([`VolumeSpec::image`]).
+    #[default]
+    Image,
+    /// A regular file or block device on the host, attached as it is: the VM writes to it
+    /// (unless read-only), and it stays when the VM is removed.
+    Host { path: String },
+    /// An empty ext4 filesystem of this size, made at create and removed with the VM.
+    Blank { size_bytes: u64 },
+}
+
+impl VolumeSource {
+    pub fn is_image(&self) -> bool {
+        matches!(self, Self::Image)
+    }
+
+    /// A host path must be absolute, canonical-looking (no `..`, not `/`); a blank volume's
+    /// size within bounds.
+    fn validate(&self, id: &str) -> Result<(), VmSpecError> {
+        match self {
+            Self::Image => Ok(()),
+            Self::Host { path } => {
+                let ok = path.starts_with('/')
+                    && path != "/"
+                    && path.len() <= 4096
+                    && !path.split('/').any(|c| c == "..")
+                    && !path.contains('\0');
+                if ok {
+                    Ok(())
+                } else {
+                    Err(VmSpecError::Volume(format!(
+                        "volume {id}: host path {path:?} must be an absolute path other than / without .."
+                    )))
+                }
+            }
+            Self::Blank { size_bytes } => {
+                if (MIN_VOLUME_BYTES..=MAX_VOLUME_BYTES).contains(size_bytes) {
+                    Ok(())
+                } else {
+                    Err(VmSpecError::Volume(format!(
+                        "volume {id}: size {} is outside {} to {}",
+                        crate::size::format_size(*size_bytes),
+                        crate::size::format_size(MIN_VOLUME_BYTES),
+                        crate::size::format_size(MAX_VOLUME_BYTES)
+                    )))
+                }
+            }
+        }
+    }
+}
+
+/// The smallest and largest blank volume.
+pub const MIN_VOLUME_BYTES: u64 = 1 << 20;
+pub const MAX_VOLUME_BYTES: u64 = MAX_DISK_BYTES;
 
 /// The most volumes a VM takes.
 pub const MAX_VOLUMES: usize = 16;
@@ -517,6 +583,7 @@ mod tests {
     fn volumes_need_unique_ids_and_absolute_mount_points() {
         let vol = |id: &str, m: Option<&str>| VolumeSpec {
             id: id.into(),
+            source: VolumeSource::Image,
             image: "i".into(),
             image_id: "x".into(),
             mount_point: m.map(Into::into),
@@ -535,6 +602,46 @@ mod tests {
             s.volumes = bad;
             assert!(matches!(s.validate(), Err(VmSpecError::Volume(_))), "{:?}", s.volumes);
         }
+    }
+
+    #[test]
+    fn host_and_blank_volumes_are_checked_and_old_records_read_as_image_volumes() {
+        let vol = |source| VolumeSpec {
+            id: "data".into(),
+            source,
+            image: String::new(),
+            image_id: String::new(),
+            mount_point: Some("/data".into()),
+            read_only: false,
+        };
+        let mut s = spec();
+        for ok in [
+            VolumeSource::Host { path: "/dev/vdb".into() },
+            VolumeSource::Host { path: "/srv/data.img".into() },
+            VolumeSource::Blank { size_bytes: 1 << 30 },
+        ] {
+            s.volumes = vec![vol(ok)];
+            assert!(s.validate().is_ok(), "{:?}", s.volumes);
+        }
+        for bad in [
+            VolumeSource::Host { path: "relative.img".into() },
+            VolumeSource::Host { path: "/".into() },
+            VolumeSource::Host { path: "/srv/../etc/shadow".into() },
+            VolumeSource::Blank { size_bytes: 4096 },
+            VolumeSource::Blank { size_bytes: MAX_VOLUME_BYTES + 1 },
+        ] {
+            s.volumes = vec![vol(bad)];
+            assert!(matches!(s.validate(), Err(VmSpecError::Volume(_))), "{:?}", s.volumes);
+        }
+        let old: VolumeSpec = serde_json::from_str(
+            r#"{"id":"m","image":"modules:1","image_id":"ab","mount_point":null,"read_only":true}"#,
+        )
+        .expect("an old record");
+        assert_eq!(old.source, VolumeSource::Image);
+        let host = vol(VolumeSource::Host { path: "/dev/vdb".into() });
+        let back: VolumeSpec =
+            serde_json::from_str(&serde_json::to_string(&host).expect("json")).expect("parse");
+        assert_eq!(back, host);
     }
 
     #[test]

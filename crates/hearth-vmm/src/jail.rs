@@ -44,6 +44,9 @@ pub fn host_path(vm_dir: &Path, name: &str) -> PathBuf {
     root_of(vm_dir).unwrap_or_else(|| vm_dir.to_owned()).join(name)
 }
 
+/// Descriptors a launch holds until its guest has started ([`crate::Launched::held`]).
+pub type Held = Vec<std::sync::Arc<std::os::fd::OwnedFd>>;
+
 /// A chroot to make for one VM's VMM.
 #[derive(Debug, Clone)]
 pub struct Chroot<'a> {
@@ -65,13 +68,13 @@ impl Chroot<'_> {
     /// Makes the chroot for `spec` run as `(uid, gid)` by `binary` (whose loader and libraries
     /// it gets), where no chroot is left (the launch removes the last one first, and this one
     /// when anything fails); returns the spec as the VMM sees it from inside (every path at the
-    /// chroot's root).
+    /// chroot's root), and what the launch must hold until the guest has started.
     pub fn prepare(
         &self,
         spec: &LaunchSpec,
         binary: &Path,
         (uid, gid): (u32, u32),
-    ) -> Result<LaunchSpec, VmmError> {
+    ) -> Result<(LaunchSpec, Held), VmmError> {
         let root = &self.root;
         std::fs::create_dir_all(root).map_err(io_at(root))?;
         std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
@@ -109,9 +112,18 @@ impl Chroot<'_> {
             Ok(Path::new("/").join(name))
         };
         let mut volumes = Vec::new();
+        let mut held = Vec::new();
         for (i, v) in spec.volumes.iter().enumerate() {
             let name = format!("volume-{i}.img");
-            let path = if v.read_only { shared(&v.path, &name)? } else { own(&v.path, &name)? };
+            let path = match (v.host, v.read_only) {
+                (true, _) => {
+                    let (_, hold) = host_disk(v, &root.join(&name), (uid, gid))?;
+                    held.extend(hold);
+                    Path::new("/").join(&name)
+                }
+                (false, true) => shared(&v.path, &name)?,
+                (false, false) => own(&v.path, &name)?,
+            };
             volumes.push(VolumeDisk { path, ..v.clone() });
         }
         for name in self.files {
@@ -119,7 +131,7 @@ impl Chroot<'_> {
             std::fs::write(&at, b"").map_err(io_at(&at))?;
             chown(&at).map_err(io_at(&at))?;
         }
-        Ok(LaunchSpec {
+        let inside = LaunchSpec {
             vm_dir: "/".into(),
             kernel: shared(&spec.kernel, self.kernel)?,
             initrd: shared(&spec.initrd, "initrd")?,
@@ -127,8 +139,33 @@ impl Chroot<'_> {
             config_disk: own(&spec.config_disk, "config.img")?,
             volumes,
             ..spec.clone()
-        })
+        };
+        Ok((inside, held))
     }
+}
+
+/// A host volume in the chroot, `at`: a block device node of the VM's uid for the device, or
+/// for a file, the node of a loop device attached to it, held open until the VMM has opened
+/// it (the loop device goes when both are closed). The host's file or device itself is never
+/// linked, copied or re-owned.
+fn host_disk(
+    v: &VolumeDisk,
+    at: &Path,
+    (uid, gid): (u32, u32),
+) -> Result<(PathBuf, Option<std::sync::Arc<std::os::fd::OwnedFd>>), VmmError> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = std::fs::metadata(&v.path).map_err(io_at(&v.path))?;
+    let (rdev, hold) = if meta.file_type().is_block_device() {
+        (meta.rdev(), None)
+    } else {
+        let (dev, fd) = hearth_fs::loopdev::attach_held(&v.path, v.read_only)
+            .map_err(|e| VmmError::Io { path: v.path.clone(), source: e })?;
+        let rdev = std::fs::metadata(&dev).map_err(io_at(&dev))?.rdev();
+        (rdev, Some(std::sync::Arc::new(std::os::fd::OwnedFd::from(fd))))
+    };
+    crate::sys::mknod_block(at, 0o600, rdev).map_err(io_at(at))?;
+    std::os::unix::fs::chown(at, Some(uid), Some(gid)).map_err(io_at(at))?;
+    Ok((at.to_owned(), hold))
 }
 
 /// Removes a jail (`dir`, with its chroot `root`), once its VMM is gone; the files named in

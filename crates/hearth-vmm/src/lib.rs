@@ -100,6 +100,7 @@ pub(crate) fn sample_spec() -> LaunchSpec {
             path: "/images/data.ext4".into(),
             serial: hearth_types::guest::volume_serial(0),
             read_only: true,
+            host: false,
         }],
         confinement: Confinement::default(),
         cloud_init: Default::default(),

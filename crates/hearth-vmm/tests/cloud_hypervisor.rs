@@ -36,7 +36,7 @@ async fn boot_to_the_command_line(
     let text = wait_for_text(
         &dir.join("console.log"),
         "earlyprintk=serial,ttyS0",
-        Duration::from_secs(90),
+        Duration::from_secs(180),
     );
     (console, text)
 }
@@ -49,6 +49,7 @@ async fn cloud_hypervisor_keeps_the_vmm_contract() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloud_hypervisor_is_configured_its_console_captured_and_it_is_stopped_and_cleaned_up() {
+    let _one = hearth_testkit::kvm::one_guest_at_a_time().await;
     // loglevel=8 before earlyprintk: the early console replays the kernel's buffer with the
     // loglevel in force when it registers (../shared/vmm/README.md).
     let Some((dir, mut spec)) = vm("loglevel=8 earlyprintk=serial,ttyS0") else { return };
@@ -57,6 +58,7 @@ async fn cloud_hypervisor_is_configured_its_console_captured_and_it_is_stopped_a
         path: dir.path().join("data.img"),
         serial: hearth_types::guest::volume_serial(0),
         read_only: true,
+        host: false,
     });
     let vmm = CloudHypervisor::default();
     let h = vmm.launch(&spec).expect("launch").handle();
@@ -148,6 +150,7 @@ async fn bad_input_fails_with_the_vmms_words_or_the_file_and_leaves_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_vms_card_is_its_tap_with_its_mac() {
+    let _one = hearth_testkit::kvm::one_guest_at_a_time().await;
     let Some((dir, mut spec)) = vm("") else { return };
     let Some(ns) = hearth_testkit::kvm::Netns::with_tap("hearth-ch", "chtap0") else {
         eprintln!("skipped: cannot make a network namespace with a tap (ip netns, /dev/net/tun)");
@@ -183,14 +186,20 @@ async fn the_vms_card_is_its_tap_with_its_mac() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_confined_cloud_hypervisor_runs_unprivileged_in_its_chroot_and_cgroup_and_leaves_nothing()
 {
+    let _one = hearth_testkit::kvm::one_guest_at_a_time().await;
     let Some((dir, mut spec)) = vm("loglevel=8 earlyprintk=serial,ttyS0") else { return };
     let uid = 2_100_009_991;
     let group = format!("hearth-test/vm-chjail-{}", std::process::id());
     spec.confinement =
         hearth_vmm::Confinement { run_as: Some((uid, uid)), cgroup: Some(group.clone()) };
+    let host = hearth_testkit::kvm::HostVolumes::new(dir.path());
+    spec.volumes = host.disks();
     let vmm = CloudHypervisor::default();
-    let h = vmm.launch(&spec).expect("launch").handle();
+    // Held as the reconciler holds it: Cloud Hypervisor opens its disks only at vm.boot.
+    let launched = vmm.launch(&spec).expect("launch");
+    let h = launched.handle();
     let root = ch::jail::root(dir.path());
+    host.assert_in_jail(&root, uid);
     hearth_testkit::kvm::assert_confined(h.pid, uid, &root, &group, (256u64 + 256) << 20);
     assert_eq!(
         std::fs::read_link(format!("/proc/{}/exe", h.pid)).ok(),
@@ -206,8 +215,20 @@ async fn a_confined_cloud_hypervisor_runs_unprivileged_in_its_chroot_and_cgroup_
     use std::os::unix::fs::MetadataExt;
     assert_eq!(std::fs::metadata(dir.path().join("disk.img")).expect("disk").uid(), uid);
 
+    assert_eq!(config["disks"][2]["path"], "/volume-0.img", "{config:#}");
+    assert_eq!(config["disks"][3]["readonly"], true, "{config:#}");
+
     let (_console, text) = boot_to_the_command_line(&vmm, dir.path()).await;
     assert!(text.contains("Command line:"), "{text}");
+    drop(launched);
+    // Booted, it has every disk open, the host file's through its loop device.
+    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", h.pid))
+        .expect("fds")
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|l| l.display().to_string())
+        .collect();
+    assert!(fds.iter().any(|l| l.ends_with("jail/root/volume-0.img")), "{fds:?}");
 
     std::fs::remove_file(dir.path().join("cloud-hypervisor.pid")).expect("rm pid file");
     assert_eq!(
@@ -220,6 +241,7 @@ async fn a_confined_cloud_hypervisor_runs_unprivileged_in_its_chroot_and_cgroup_
     vmm.cleanup(dir.path(), &spec.confinement);
     assert!(!hearth_vmm::is_alive(h.pid, h.start_time));
     assert!(!ch::jail::dir(dir.path()).exists(), "the jail is removed");
+    host.assert_released();
     hearth_testkit::kvm::assert_cgroup_gone(&group);
     assert!(dir.path().join("cloud-hypervisor.log").exists(), "its log stays, for the reason");
 }

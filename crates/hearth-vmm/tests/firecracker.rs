@@ -29,6 +29,7 @@ async fn firecracker_keeps_the_vmm_contract() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn firecracker_is_configured_its_console_captured_and_it_is_stopped_and_cleaned_up() {
+    let _one = hearth_testkit::kvm::one_guest_at_a_time().await;
     // loglevel=8 before earlyprintk: the early console replays the kernel's buffer with the
     // loglevel in force when it registers (../shared/vmm/README.md).
     let Some((dir, spec)) = vm("loglevel=8 earlyprintk=serial,ttyS0") else { return };
@@ -59,7 +60,7 @@ async fn firecracker_is_configured_its_console_captured_and_it_is_stopped_and_cl
     assert!(fc.start_guest(dir.path(), false).await.expect("InstanceStart"));
     let log = dir.path().join("console.log");
     // The command line's last word: the whole line is in (the log is read as it is written).
-    let text = wait_for_text(&log, "earlyprintk=serial,ttyS0", Duration::from_secs(90));
+    let text = wait_for_text(&log, "earlyprintk=serial,ttyS0", Duration::from_secs(180));
     let line = text.lines().find(|l| l.contains("Command line:")).expect("line");
     assert!(line.contains("console=ttyS0") && line.contains("rdinit=/init"), "{line}");
 
@@ -126,6 +127,7 @@ async fn cloud_init_is_served_through_mmds_on_the_vms_card() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_firecracker_ended_by_a_signal_says_so_as_its_exit_reason() {
+    let _one = hearth_testkit::kvm::one_guest_at_a_time().await;
     let Some((dir, spec)) = vm("") else { return };
     let fc = Firecracker::default();
     let h = fc.launch(&spec).expect("launch").handle();
@@ -155,9 +157,13 @@ async fn a_jailed_firecracker_runs_unprivileged_in_its_chroot_and_cgroup_and_lea
     let group = format!("hearth-test/vm-jail-{}", std::process::id());
     spec.confinement =
         hearth_vmm::Confinement { run_as: Some((uid, uid)), cgroup: Some(group.clone()) };
+    let host = hearth_testkit::kvm::HostVolumes::new(dir.path());
+    spec.volumes = host.disks();
     let fc = Firecracker::default();
     let h = fc.launch(&spec).expect("launch").handle();
     let root = jail::root(dir.path());
+    // The host's file and device reach it as nodes of its own; the file itself is untouched.
+    host.assert_in_jail(&root, uid);
 
     let status =
         hearth_testkit::kvm::assert_confined(h.pid, uid, &root, &group, (256u64 + 256) << 20);
@@ -170,6 +176,10 @@ async fn a_jailed_firecracker_runs_unprivileged_in_its_chroot_and_cgroup_and_lea
     assert_eq!(config["boot-source"]["kernel_image_path"], "/vmlinux", "{config:#}");
     assert_eq!(config["drives"][0]["path_on_host"], "/disk.img");
     assert_eq!(config["vsock"]["uds_path"], "/agent.sock");
+    let drive =
+        |i: usize| (&config["drives"][i]["path_on_host"], &config["drives"][i]["is_read_only"]);
+    assert_eq!(drive(2), (&"/volume-0.img".into(), &false.into()), "{config:#}");
+    assert_eq!(drive(3), (&"/volume-1.img".into(), &true.into()), "{config:#}");
     use std::os::unix::fs::MetadataExt;
     assert_eq!(std::fs::metadata(dir.path().join("disk.img")).expect("disk").uid(), uid);
 
@@ -185,6 +195,7 @@ async fn a_jailed_firecracker_runs_unprivileged_in_its_chroot_and_cgroup_and_lea
     fc.cleanup(dir.path(), &spec.confinement);
     assert!(!hearth_vmm::is_alive(h.pid, h.start_time));
     assert!(!jail::dir(dir.path()).exists(), "the jail is removed");
+    host.assert_released();
     hearth_testkit::kvm::assert_cgroup_gone(&group);
     for f in [API_SOCK, "firecracker.pid", "agent.sock", "console.out", "console.in"] {
         assert!(!dir.path().join(f).exists(), "{f} left behind");

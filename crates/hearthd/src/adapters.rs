@@ -15,7 +15,7 @@ use hearth_core::ports::{
 use hearth_core::{Error, Ports, Reconciler, Result};
 use hearth_types::agent::Ready;
 use hearth_types::guest::GuestExit;
-use hearth_types::{ImageRecord, NetworkMode, VmId, VmRecord, VmSpec};
+use hearth_types::{ImageRecord, NetworkMode, VmId, VmRecord, VmSpec, VolumeSource};
 use tonic::Status;
 use tracing::{info, warn};
 
@@ -148,23 +148,37 @@ impl Host {
         })
     }
 
-    /// The images of a VM's volumes, with whether each is shared read-only.
-    fn volume_images(&self, rec: &VmRecord) -> Result<Vec<(ImageRecord, bool)>> {
+    /// Where each of a VM's volumes comes from, its images looked up.
+    fn volume_sources(&self, rec: &VmRecord) -> Result<Vec<Volume>> {
         rec.spec
             .volumes
             .iter()
-            .map(|v| {
-                let img = self.0.images.get(&v.image_id).map_err(Error::internal)?;
-                let img = img.ok_or_else(|| {
-                    Error::precondition(format!(
-                        "volume {}: image {} was removed; pull it again",
-                        v.id, v.image
-                    ))
-                })?;
-                Ok((img, v.read_only))
+            .map(|v| match &v.source {
+                VolumeSource::Host { path } => Ok(Volume::Host(path.into(), v.read_only)),
+                VolumeSource::Blank { size_bytes } => Ok(Volume::Blank(*size_bytes)),
+                VolumeSource::Image => {
+                    let img = self.0.images.get(&v.image_id).map_err(Error::internal)?;
+                    let img = img.ok_or_else(|| {
+                        Error::precondition(format!(
+                            "volume {}: image {} was removed; pull it again",
+                            v.id, v.image
+                        ))
+                    })?;
+                    Ok(Volume::Image(Box::new(img), v.read_only))
+                }
             })
             .collect()
     }
+}
+
+/// A VM's volume as its disks are made and attached.
+enum Volume {
+    /// An image's filesystem: shared when read-only, else the VM's copy.
+    Image(Box<ImageRecord>, bool),
+    /// The host's file or device, read-only or not.
+    Host(PathBuf, bool),
+    /// A blank filesystem of the VM's own, of this size.
+    Blank(u64),
 }
 
 impl VmRepository for Host {
@@ -311,16 +325,22 @@ impl Disks for Host {
 
     async fn create(&self, rec: &VmRecord) -> Result<PathBuf> {
         let image = self.image_of(rec)?;
-        let volumes = self.volume_images(rec)?;
+        let volumes = self.volume_sources(rec)?;
         let (d, dir, size) = (self.0.clone(), self.dir(&rec.spec.id), rec.spec.disk_bytes);
         blocking(move || {
             // Volumes first: the root disk's existence marks the step done.
-            for (i, (img, read_only)) in volumes.iter().enumerate() {
-                let base = d.images.rootfs(img)?;
+            for (i, v) in volumes.iter().enumerate() {
                 let path = volume_path(&dir, i);
-                if !read_only && !path.exists() {
-                    let len = std::fs::metadata(&base)?.len();
-                    hearth_storage::clone_disk(&base, &path, len)?;
+                match v {
+                    Volume::Image(img, false) if !path.exists() => {
+                        let base = d.images.rootfs(img)?;
+                        let len = std::fs::metadata(&base)?.len();
+                        hearth_storage::clone_disk(&base, &path, len)?;
+                    }
+                    Volume::Blank(bytes) if !path.exists() => {
+                        hearth_storage::create_blank(&path, *bytes)?;
+                    }
+                    _ => {}
                 }
             }
             let base = d.images.rootfs(&image)?;
@@ -352,16 +372,32 @@ impl Disks for Host {
     }
 
     async fn attach(&self, rec: &VmRecord) -> Result<(PathBuf, PathBuf, Vec<VolumeDisk>)> {
-        let (d, images, dir) = (self.0.clone(), self.volume_images(rec)?, self.dir(&rec.spec.id));
+        let (d, volumes, dir) = (self.0.clone(), self.volume_sources(rec)?, self.dir(&rec.spec.id));
+        let ids: Vec<String> = rec.spec.volumes.iter().map(|v| v.id.clone()).collect();
         blocking(move || {
             let mut out = Vec::new();
-            for (i, (img, read_only)) in images.iter().enumerate() {
-                // Read-only volumes share the image's cached filesystem; the others have a copy.
-                let path = if *read_only { d.images.rootfs(img)? } else { volume_path(&dir, i) };
+            for (i, v) in volumes.into_iter().enumerate() {
+                // Read-only image volumes share the image's cached filesystem; the others have
+                // a copy; the host's own disks are used where they are.
+                let (path, read_only, host) = match v {
+                    Volume::Image(img, true) => (d.images.rootfs(&img)?, true, false),
+                    Volume::Image(_, false) | Volume::Blank(_) => (volume_path(&dir, i), false, false),
+                    Volume::Host(path, read_only) => {
+                        if std::fs::metadata(&path).is_err() {
+                            anyhow::bail!(
+                                "volume {}: {} is not on the host any more: put it back, or remove the VM",
+                                ids[i],
+                                path.display()
+                            );
+                        }
+                        (path, read_only, true)
+                    }
+                };
                 out.push(VolumeDisk {
                     path,
                     serial: hearth_types::guest::volume_serial(i),
-                    read_only: *read_only,
+                    read_only,
+                    host,
                 });
             }
             let vm = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -391,6 +427,22 @@ impl Disks for Host {
 
     fn check_config(&self, cfg: &hearth_types::GuestConfig) -> Result<()> {
         check_config_fits(cfg)
+    }
+
+    fn check_host_volume(&self, path: &str) -> Result<String> {
+        use hearth_storage::HostDiskError as E;
+        hearth_storage::check_host_disk(Path::new(path), &self.0.root).map_err(|e| match e {
+            E::Missing(_) => Error::not_found(e.to_string()),
+            E::InUse(_) => Error::precondition(e.to_string()),
+            E::Io { .. } => Error::precondition(e.to_string()),
+            E::Directory(_) | E::NotADisk(_) | E::Empty(_) | E::Hearths(_) => {
+                Error::invalid(e.to_string())
+            }
+        })
+    }
+
+    fn host_volume_id(&self, path: &str) -> Option<String> {
+        hearth_storage::host_disk_id(Path::new(path))
     }
 }
 

@@ -39,6 +39,13 @@ pub trait Disks: Send + Sync {
     fn capacity(&self) -> Option<u64>;
     /// Refuses a guest config too large for a config disk.
     fn check_config(&self, cfg: &GuestConfig) -> Result<()>;
+    /// Refuses a host volume's path that is not a regular file or block device the VM may be
+    /// given (hearth's own files, a device in use on the host); returns what identifies the
+    /// disk ([`Self::host_volume_id`]). Blocking.
+    fn check_host_volume(&self, path: &str) -> Result<String>;
+    /// What identifies the disk at a host path, the same for every path to it; `None` when it
+    /// cannot be read. Blocking.
+    fn host_volume_id(&self, path: &str) -> Option<String>;
 }
 
 #[async_trait]

@@ -87,6 +87,9 @@ pub struct VolumeDisk {
     pub path: PathBuf,
     pub serial: String,
     pub read_only: bool,
+    /// A file or block device of the host's (a host volume), not hearth's: the VMM opens it
+    /// where it is, and a jail never links, copies or re-owns it.
+    pub host: bool,
 }
 
 /// The VM's network card.
@@ -117,6 +120,10 @@ pub struct Launched {
     pub accel: Accel,
     /// Said to the user once, e.g. that TCG is slow.
     pub warning: Option<String>,
+    /// Descriptors to hold until the guest has started (the VMM may open its disks only then):
+    /// loop devices a jail attached for host files, which detach themselves once the VMM and
+    /// these are closed.
+    pub held: Vec<std::sync::Arc<std::os::fd::OwnedFd>>,
 }
 
 impl Launched {

@@ -2,10 +2,9 @@
 //! (docs/adr/0018-device-mapper-thin-pool.md): the `struct dm_ioctl` requests `dmsetup` makes
 //! (create, load, suspend and resume, remove, status, table, message, list), encoded and decoded
 //! here with every length checked against the buffer, so a kernel answer is never read past its
-//! end. Thin pools on top of it: [`thin`]; loop devices for a pool on files: [`loopdev`].
+//! end. Thin pools on top of it: [`thin`]; loop devices for a pool on files: `hearth_fs::loopdev`.
 
 pub mod disks;
-pub mod loopdev;
 pub mod pool;
 pub mod thin;
 

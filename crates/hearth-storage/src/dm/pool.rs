@@ -7,7 +7,8 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use super::{loopdev, thin, Control};
+use super::{thin, Control};
+use hearth_fs::loopdev;
 
 /// The pool's device-mapper name unless configured otherwise.
 pub const DEFAULT_NAME: &str = "hearth-thinpool";

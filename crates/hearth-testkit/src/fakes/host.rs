@@ -49,6 +49,8 @@ struct State {
     keys_made: Vec<PathBuf>,
     discarded: Vec<VmId>,
     fail_keys: bool,
+    /// Host paths a volume may attach, with the disk each names (two paths may name one).
+    host_disks: HashMap<String, String>,
 }
 
 /// Records, disks, network, guests and sandbox, in memory.
@@ -93,6 +95,12 @@ impl FakeHost {
     /// The guest's workload ends with `exit_code` (hearth-init writes its exit record).
     pub fn guest_exit(&self, id: &VmId, exit_code: i32) {
         self.state().exits.insert(id.clone(), GuestExit { exit_code, signal: None, error: None });
+    }
+
+    /// A file or block device on the host at `path`, the disk `disk` (give two paths one disk
+    /// for a link and its target).
+    pub fn host_disk(&self, path: &str, disk: &str) {
+        self.state().host_disks.insert(path.to_owned(), disk.to_owned());
     }
 
     pub fn fail_saves(&self, fail: bool) {
@@ -314,6 +322,13 @@ impl Disks for FakeHost {
     }
     fn check_config(&self, _cfg: &GuestConfig) -> Result<()> {
         Ok(())
+    }
+    fn check_host_volume(&self, path: &str) -> Result<String> {
+        self.host_volume_id(path)
+            .ok_or_else(|| Error::not_found(format!("{path} does not exist on the host")))
+    }
+    fn host_volume_id(&self, path: &str) -> Option<String> {
+        self.state().host_disks.get(path).cloned()
     }
 }
 

@@ -161,6 +161,7 @@ impl Vmm for FakeVmm {
                     start_time: h.start_time,
                     accel: Accel::Tcg,
                     warning: None,
+                    held: vec![],
                 })
             }
             Launch::Fail(why) => Err(VmmError::Failed(why)),

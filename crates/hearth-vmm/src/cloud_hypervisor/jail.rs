@@ -28,12 +28,12 @@ pub fn root(vm_dir: &Path) -> PathBuf {
 }
 
 /// Makes the chroot for `spec` to run `binary` as `ids`; returns the spec as Cloud Hypervisor
-/// sees it from inside.
+/// sees it from inside, and what to hold until its guest has started.
 pub fn prepare(
     spec: &LaunchSpec,
     binary: &Path,
     (uid, gid): (u32, u32),
-) -> Result<LaunchSpec, VmmError> {
+) -> Result<(LaunchSpec, crate::jail::Held), VmmError> {
     let root = root(&spec.vm_dir);
     let chroot = crate::jail::Chroot {
         root: root.clone(),
@@ -41,7 +41,7 @@ pub fn prepare(
         kernel: "kernel",
         files: &[],
     };
-    let inside = chroot.prepare(spec, binary, (uid, gid))?;
+    let (inside, held) = chroot.prepare(spec, binary, (uid, gid))?;
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| VmmError::Io { path, source }
@@ -63,7 +63,7 @@ pub fn prepare(
     }
     // Its root is where it makes its sockets.
     std::os::unix::fs::chown(&root, Some(uid), Some(gid)).map_err(io(&root))?;
-    Ok(inside)
+    Ok((inside, held))
 }
 
 /// Removes the jail, once its VMM is gone (its log is outside: its standard error).

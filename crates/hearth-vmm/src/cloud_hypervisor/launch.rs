@@ -61,9 +61,10 @@ pub fn launch(spec: &LaunchSpec, binary: &Path, confine: bool) -> Result<Launche
     let launched = match spec.confinement.run_as.filter(|_| confine) {
         Some(ids) => {
             let binary = crate::jail::binary_file(binary, FIX)?;
-            let inside = jail::prepare(spec, &binary, ids)?;
+            let (inside, held) = jail::prepare(spec, &binary, ids)?;
             let root = jail::root(dir);
             start(spec, &inside, Path::new(jail::BINARY), Some((&root, ids)))
+                .map(|l| Launched { held, ..l })
         }
         None => start(spec, spec, binary, None),
     };
@@ -110,7 +111,7 @@ fn start(
         api.wait_ready(PING, pid, start_time, API_WAIT)?;
         api.put("/api/v1/vm.create", &config::vm_config(inside))
     })?;
-    Ok(Launched { pid, start_time, accel: Accel::Kvm, warning: None })
+    Ok(Launched { pid, start_time, accel: Accel::Kvm, warning: None, held: vec![] })
 }
 
 /// The VM's state as Cloud Hypervisor reports it (`Created`, `Running`, `Paused`, `Shutdown`).

@@ -27,8 +27,12 @@ pub fn root(vm_dir: &Path) -> PathBuf {
 }
 
 /// Makes the chroot for `spec` run as `ids` by `binary`; returns the spec as Firecracker sees
-/// it from inside.
-pub fn prepare(spec: &LaunchSpec, binary: &Path, ids: (u32, u32)) -> Result<LaunchSpec, VmmError> {
+/// it from inside, and what to hold until its guest has started.
+pub fn prepare(
+    spec: &LaunchSpec,
+    binary: &Path,
+    ids: (u32, u32),
+) -> Result<(LaunchSpec, crate::jail::Held), VmmError> {
     let chroot = crate::jail::Chroot {
         root: root(&spec.vm_dir),
         vmm: "Firecracker",

@@ -70,13 +70,13 @@ fn launch_as(
     let dir = &spec.vm_dir;
     // Jailed, Firecracker sees its files at the chroot's root, and its stderr (with the
     // jailer's) goes to a log outside the chroot.
-    let (inside, stderr_log) = match jail {
+    let (inside, held, stderr_log) = match jail {
         Some((ids, _)) => {
-            let inside = jail::prepare(spec, binary, ids)?;
+            let (inside, held) = jail::prepare(spec, binary, ids)?;
             let _ = std::fs::remove_file(dir.join(LOG));
-            (inside, dir.join(JAILER_LOG))
+            (inside, held, dir.join(JAILER_LOG))
         }
-        None => (spec.clone(), dir.join(LOG)),
+        None => (spec.clone(), vec![], dir.join(LOG)),
     };
     let log = crate::spawn::fresh_log(&stderr_log)?;
     let metrics = dir.join(METRICS);
@@ -86,24 +86,7 @@ fn launch_as(
     // Its reader is held until Firecracker is set up, so nothing it writes meanwhile fails.
     let (stdin, stdout, _reader) = serial_fifos(dir)?;
     let group = crate::spawn::cgroup(spec, false)?;
-    let mut cmd = match jail {
-        Some(((uid, gid), jailer)) => {
-            let mut cmd = Command::new(jailer);
-            cmd.args(["--id", jail::ID, "--uid", &uid.to_string(), "--gid", &gid.to_string()])
-                .arg("--new-pid-ns")
-                .arg("--exec-file")
-                .arg(jail::exec_file(dir, binary)?)
-                .arg("--chroot-base-dir")
-                .arg(dir)
-                .arg("--");
-            cmd
-        }
-        None => {
-            let mut cmd = Command::new(binary);
-            cmd.args(["--id", &instance_id(dir)]);
-            cmd
-        }
-    };
+    let mut cmd = command(dir, binary, jail)?;
     // The logger is set on the command line: until it is, Firecracker logs to its stdout, which
     // is the guest's serial console here.
     cmd.arg("--api-sock")
@@ -140,7 +123,33 @@ fn launch_as(
             None => Ok(()),
         }
     })?;
-    Ok(Launched { pid, start_time, accel: Accel::Kvm, warning })
+    Ok(Launched { pid, start_time, accel: Accel::Kvm, warning, held })
+}
+
+/// The command that starts Firecracker: under its jailer, or as it is.
+fn command(
+    dir: &Path,
+    binary: &Path,
+    jail: Option<((u32, u32), &Path)>,
+) -> Result<Command, VmmError> {
+    Ok(match jail {
+        Some(((uid, gid), jailer)) => {
+            let mut cmd = Command::new(jailer);
+            cmd.args(["--id", jail::ID, "--uid", &uid.to_string(), "--gid", &gid.to_string()])
+                .arg("--new-pid-ns")
+                .arg("--exec-file")
+                .arg(jail::exec_file(dir, binary)?)
+                .arg("--chroot-base-dir")
+                .arg(dir)
+                .arg("--");
+            cmd
+        }
+        None => {
+            let mut cmd = Command::new(binary);
+            cmd.args(["--id", &instance_id(dir)]);
+            cmd
+        }
+    })
 }
 
 /// The serial port's FIFOs, as Firecracker's stdin and stdout: hearth's console capture reads

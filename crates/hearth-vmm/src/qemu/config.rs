@@ -373,11 +373,13 @@ mod tests {
                 path: "/r/images/rootfs/k.ext4".into(),
                 serial: "hearth_vol0".into(),
                 read_only: true,
+                host: false,
             },
             crate::VolumeDisk {
                 path: "/r/vms/abc/volume-1.img".into(),
                 serial: "hearth_vol1".into(),
                 read_only: false,
+                host: false,
             },
         ];
         let a = qemu_args(&s, Accel::Tcg, None, Features::ALL);

@@ -147,7 +147,7 @@ pub fn launch(spec: &LaunchSpec) -> Result<Launched, VmmError> {
             return Err(e);
         }
     };
-    Ok(Launched { pid, start_time, accel, warning })
+    Ok(Launched { pid, start_time, accel, warning, held: vec![] })
 }
 
 /// Lets a guest launched paused (`-S`) run: QMP `cont`. Call it once the console is captured.

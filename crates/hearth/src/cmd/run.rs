@@ -70,6 +70,14 @@ pub struct CreateArgs {
     /// a copy of the VM's own: IMAGE:PATH[:ro]. The image must be in the store (`image pull`).
     #[arg(long = "image-volume", value_name = "IMAGE:PATH[:ro]")]
     image_volume: Vec<String>,
+    /// A disk: `/HOST/FILE-OR-DEVICE[:/PATH][:ro]` attaches the host's file or block device as
+    /// it is (mounted at PATH when given); `NAME:/PATH` a blank ext4 volume of the VM's own
+    /// (1G, or its --volume-size), removed with it.
+    #[arg(short = 'v', long = "volume", value_name = "SRC[:/PATH][:ro]")]
+    volume: Vec<String>,
+    /// The size of a blank volume named with -v NAME:/PATH.
+    #[arg(long = "volume-size", value_name = "NAME=SIZE")]
+    volume_size: Vec<String>,
     /// Publish a guest port on the host: [IP:]HOST_PORT:GUEST_PORT[/tcp|/udp].
     #[arg(short = 'p', long = "publish", value_name = "PORT")]
     publish: Vec<String>,
@@ -158,13 +166,78 @@ fn request(a: &CreateArgs) -> anyhow::Result<pb::CreateVmRequest> {
         cloud_init: Default::default(),
         address: a.ip.clone().unwrap_or_default(),
         cloud_init_network: String::new(),
-        volumes: a
-            .image_volume
-            .iter()
-            .enumerate()
-            .map(|(i, v)| image_volume(i, v))
-            .collect::<anyhow::Result<_>>()?,
+        volumes: volumes(a)?,
         log_opts: a.log_opt.clone(),
+    })
+}
+
+/// The volumes of --image-volume, then of -v, with the sizes of --volume-size.
+fn volumes(a: &CreateArgs) -> anyhow::Result<Vec<pb::VolumeRequest>> {
+    let mut sizes = HashMap::new();
+    for arg in &a.volume_size {
+        let Some((name, size)) = arg.split_once('=') else {
+            anyhow::bail!("--volume-size {arg:?}: expected NAME=SIZE, e.g. data=10G");
+        };
+        let bytes =
+            hearth_types::parse_size(size).with_context(|| format!("--volume-size {arg:?}"))?;
+        sizes.insert(name.to_owned(), bytes);
+    }
+    let mut out: Vec<pb::VolumeRequest> = (a.image_volume.iter().enumerate())
+        .map(|(i, v)| image_volume(i, v))
+        .collect::<anyhow::Result<_>>()?;
+    for v in &a.volume {
+        let index = out.len();
+        out.push(volume(index, v, &sizes)?);
+    }
+    if let Some(name) = sizes.keys().find(|n| !out.iter().any(|v| &v.id == *n && v.size_bytes > 0))
+    {
+        anyhow::bail!("--volume-size {name}=...: no -v {name}:/PATH names that volume");
+    }
+    Ok(out)
+}
+
+/// The default size of a blank volume.
+const BLANK_VOLUME_BYTES: u64 = 1 << 30;
+
+/// `-v SRC[:/PATH][:ro]`: an absolute SRC is the host's file or device, else the name of a blank
+/// volume (which needs a PATH).
+fn volume(
+    index: usize,
+    arg: &str,
+    sizes: &HashMap<String, u64>,
+) -> anyhow::Result<pb::VolumeRequest> {
+    let (rest, read_only) = match arg.strip_suffix(":ro") {
+        Some(r) => (r, true),
+        None => (arg.strip_suffix(":rw").unwrap_or(arg), false),
+    };
+    let (src, mount_point) = match rest.rsplit_once(":/") {
+        Some((src, path)) => (src, format!("/{path}")),
+        None => (rest, String::new()),
+    };
+    anyhow::ensure!(!src.is_empty(), "-v {arg:?}: the source is missing before ':/'");
+    if src.starts_with('/') {
+        return Ok(pb::VolumeRequest {
+            id: format!("vol{index}"),
+            host_path: src.to_owned(),
+            mount_point,
+            read_only,
+            ..Default::default()
+        });
+    }
+    anyhow::ensure!(
+        !src.contains('/'),
+        "-v {arg:?}: a host file or device is given by its absolute path (/{src})"
+    );
+    anyhow::ensure!(
+        !mount_point.is_empty(),
+        "-v {arg:?}: expected /HOST/PATH[:/PATH][:ro] for a host file or device, or NAME:/PATH for a blank volume"
+    );
+    Ok(pb::VolumeRequest {
+        id: src.to_owned(),
+        size_bytes: sizes.get(src).copied().unwrap_or(BLANK_VOLUME_BYTES),
+        mount_point,
+        read_only,
+        ..Default::default()
     })
 }
 
@@ -183,6 +256,7 @@ fn image_volume(index: usize, arg: &str) -> anyhow::Result<pb::VolumeRequest> {
         image: image.to_owned(),
         mount_point: format!("/{path}"),
         read_only,
+        ..Default::default()
     })
 }
 
@@ -344,5 +418,24 @@ mod tests {
         );
         assert!(image_volume(0, "data:1:srv").is_err());
         assert!(image_volume(0, ":/srv").is_err());
+    }
+
+    #[test]
+    fn volumes_are_host_disks_by_absolute_path_and_blank_ones_by_name() {
+        let sizes: HashMap<String, u64> = [("data".to_owned(), 10 << 30)].into();
+        let v = volume(1, "/srv/data.img:/data:ro", &sizes).expect("host file");
+        assert_eq!(
+            (v.host_path.as_str(), v.mount_point.as_str(), v.read_only, v.id.as_str()),
+            ("/srv/data.img", "/data", true, "vol1")
+        );
+        let v = volume(0, "/dev/vdb", &sizes).expect("a device, not mounted");
+        assert_eq!((v.host_path.as_str(), v.mount_point.as_str()), ("/dev/vdb", ""));
+        let v = volume(0, "data:/var/lib/db", &sizes).expect("blank");
+        assert_eq!((v.id.as_str(), v.size_bytes, v.host_path.as_str()), ("data", 10 << 30, ""));
+        let v = volume(0, "cache:/cache", &sizes).expect("blank, default size");
+        assert_eq!(v.size_bytes, BLANK_VOLUME_BYTES);
+        for bad in ["cache", ":/data", "relative/path:/data"] {
+            assert!(volume(0, bad, &sizes).is_err(), "{bad}");
+        }
     }
 }

@@ -99,7 +99,7 @@ fn volumes(volumes: &[fl::Volume]) -> Result<(), Status> {
         }
         if source.container_source.as_deref().unwrap_or("").is_empty() {
             return bad(format!(
-                "volume {}: source.container_source (an OCI image) is required",
+                "volume {}: source.container_source (an OCI image, or a host device's absolute path) is required",
                 v.id
             ));
         }
@@ -173,9 +173,20 @@ pub(super) fn provider(
     }
 }
 
-/// The image of a container-sourced volume.
-pub(super) fn volume_image(v: &fl::Volume) -> String {
+/// A volume's `container_source`: an OCI image, or (hearth's extension: no OCI reference
+/// starts with '/') a block device or file on the host, by absolute path.
+fn volume_source(v: &fl::Volume) -> String {
     v.source.as_ref().and_then(|s| s.container_source.clone()).unwrap_or_default()
+}
+
+/// The image of a container-sourced volume; empty for a host device.
+pub(super) fn volume_image(v: &fl::Volume) -> String {
+    Some(volume_source(v)).filter(|s| !s.starts_with('/')).unwrap_or_default()
+}
+
+/// The host path of a volume whose `container_source` is one.
+fn volume_host_path(v: &fl::Volume) -> String {
+    Some(volume_source(v)).filter(|s| s.starts_with('/')).unwrap_or_default()
 }
 
 /// The hearth VM's name for a microVM.
@@ -291,8 +302,10 @@ pub(super) fn create_request(
             .map(|v| pb::VolumeRequest {
                 id: v.id.clone(),
                 image: volume_image(v),
+                host_path: volume_host_path(v),
                 mount_point: v.mount_point.clone().unwrap_or_default(),
                 read_only: v.is_read_only,
+                size_bytes: 0,
             })
             .collect(),
         ..Default::default()

@@ -32,7 +32,7 @@ impl Jobs for MicroVmJobs {
             req.vmm = self.d.default_vmm.to_string();
         }
         let mut images = vec![req.image.clone()];
-        images.extend(spec.additional_volumes.iter().map(volume_image));
+        images.extend(spec.additional_volumes.iter().map(volume_image).filter(|i| !i.is_empty()));
         Ok(Some(Job {
             kernel_image: kernel.image,
             kernel_file: kernel.filename,

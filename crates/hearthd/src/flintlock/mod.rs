@@ -198,12 +198,15 @@ impl Flintlock {
                 };
                 status.volumes.insert(id, fl::VolumeStatus { mount: Some(mount) });
             }
-            // Additional volumes: the shared cached filesystem when read-only, else the VM's copy.
+            // Additional volumes: the shared cached filesystem when read-only, else the VM's
+            // copy; a host device where it is.
             for (i, v) in vm.spec.volumes.iter().enumerate() {
-                let path = match (v.read_only, hearth_types::Digest::from_hex(&v.image_id)) {
-                    (true, Ok(id)) => self.inner.d.images.rootfs_path(&id),
-                    _ => crate::adapters::volume_path(&self.inner.d.vm_dir(&vm.spec.id), i),
-                };
+                let path =
+                    match (&v.source, v.read_only, hearth_types::Digest::from_hex(&v.image_id)) {
+                        (hearth_types::VolumeSource::Host { path }, ..) => path.into(),
+                        (_, true, Ok(id)) => self.inner.d.images.rootfs_path(&id),
+                        _ => crate::adapters::volume_path(&self.inner.d.vm_dir(&vm.spec.id), i),
+                    };
                 let mount = fl::Mount {
                     r#type: fl::mount::MountType::Hostpath as i32,
                     source: path.display().to_string(),

@@ -123,6 +123,27 @@ fn the_create_request_carries_cloud_init_the_mac_and_kernel_arguments() {
 }
 
 #[test]
+fn an_additional_volume_sourced_from_an_absolute_path_is_the_hosts_device() {
+    let mut s = good();
+    let vol = |id: &str, source: &str| fl::Volume {
+        id: id.into(),
+        source: Some(fl::VolumeSource {
+            container_source: Some(source.into()),
+            ..Default::default()
+        }),
+        mount_point: Some(format!("/mnt/{id}")),
+        ..Default::default()
+    };
+    s.additional_volumes = vec![vol("disk", "/dev/vdb"), vol("mods", "reg/modules:1")];
+    let s = validate(s, NetworkMode::User).expect("valid");
+    let req = create_request(&s, "01ABC", "fl-0", NetworkMode::User).expect("request");
+    let got: Vec<(&str, &str, &str)> = (req.volumes.iter())
+        .map(|v| (v.id.as_str(), v.image.as_str(), v.host_path.as_str()))
+        .collect();
+    assert_eq!(got, [("disk", "", "/dev/vdb"), ("mods", "reg/modules:1", "")]);
+}
+
+#[test]
 fn static_addresses_need_the_bridge_and_must_lie_on_it() {
     let with = |address: &str, gateway: Option<&str>| {
         let mut s = good();
