@@ -25,6 +25,9 @@ const APT_PACKAGES: &[&str] = &[
     // sshd for the `hearth ssh` test image, and the client `hearth ssh` runs.
     "dropbear-bin",
     "openssh-client",
+    // LVM's tools for `hearth host provision --direct-lvm`, copied into the test-host guest.
+    "lvm2",
+    "thin-provisioning-tools",
 ];
 
 /// The guest kernel package: Debian's cloud kernel (virtio as modules).

@@ -238,7 +238,7 @@ fn thin_pool(f: &Facts) -> Check {
             name,
             Level::Info,
             "no device-mapper thin pool",
-            "hearth host provision --dev makes one on sparse files",
+            "hearth host provision --dev makes one on sparse files, --direct-lvm --disk DEV on a disk",
         );
     };
     match usage {

@@ -53,6 +53,7 @@ const APPLETS: &[&str] = &[
     "sed",
     "cut",
     "df",
+    "umount",
 ];
 
 /// What the test image's config says.

@@ -9,6 +9,7 @@
 #![deny(unsafe_code)]
 
 pub mod dm;
+pub mod lvm;
 mod volumes;
 // The only module with raw system calls (the crate denies unsafe code everywhere else).
 #[allow(unsafe_code)]

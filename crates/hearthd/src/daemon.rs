@@ -166,7 +166,13 @@ impl Daemon {
         let control = dm::Control::open()?;
         anyhow::ensure!(
             control.info(name)?.is_some_and(|i| i.active),
-            "no thin pool {name}: make one with `hearth host provision --dev`"
+            "no thin pool {name}: make one with `hearth host provision --dev` (on files) or `--direct-lvm --disk DEV` (on a disk); an LVM pool made before a reboot comes back with `vgchange -ay`"
+        );
+        let table = control.status(name, true)?;
+        let kind = table.first().map(|t| t.kind.clone()).unwrap_or_default();
+        anyhow::ensure!(
+            kind == "thin-pool",
+            "{name} is a device-mapper device but not a thin pool (its table is {kind:?}); an LVM pool with thin volumes of LVM's own is {name}-tpool"
         );
         std::fs::create_dir_all(&dir)?;
         let disks = dm::disks::ThinDisks::new(name, dir.join("devices.json"));

@@ -4,7 +4,7 @@
 
 use crate::{text, Daemon};
 
-/// The test-host image: busybox, hearth's binaries (`with_daemon`: hearthd, hearth-init,
+/// The test-host image: busybox, hearth's CLI and LVM's tools (`with_daemon`: hearthd, hearth-init,
 /// e2fsprogs, the test kernel and a busybox image's OCI layout too), and the modules a thin
 /// pool on files, macvtap and vhost-vsock need (and the guest modules an initramfs needs),
 /// listed in a `modules.dep`.
@@ -12,8 +12,12 @@ pub fn test_host_image(d: &Daemon, name: &str, with_daemon: bool) {
     let tree = std::path::PathBuf::from(std::env::var("HEARTH_TEST_MODULES").expect("modules"));
     // What a Flintlock host needs of its kernel: a thin pool on files, macvtap, vhost-vsock.
     let mut roots = vec!["dm_thin_pool", "loop", "macvtap", "vhost_vsock"];
-    let mut img =
-        crate::testutil::TestImage { host_binaries: vec![hearth_bin()], ..Default::default() };
+    // LVM's tools for --direct-lvm (every command is a subcommand of `lvm`), with the
+    // thin_check its thin pools are activated through.
+    let mut img = crate::testutil::TestImage {
+        host_binaries: vec![hearth_bin(), "/usr/sbin/lvm".into(), "/usr/sbin/thin_check".into()],
+        ..Default::default()
+    };
     let layout = tempfile::tempdir().expect("tmp");
     if with_daemon {
         roots.extend(hearth_kernel::GUEST_MODULES);
@@ -90,20 +94,22 @@ pub fn in_test_host(
     size: &str,
     script: &str,
 ) -> (String, i32) {
-    let out = d.hearth(&[
-        "run",
-        "--rm",
-        "--memory",
-        memory,
-        "--size",
-        size,
-        "--network",
-        "none",
-        image,
-        "sh",
-        "-c",
-        script,
-    ]);
+    in_test_host_with(d, image, memory, size, &[], script)
+}
+
+/// As [`in_test_host`], with more `hearth run` options (`-v` disks).
+pub fn in_test_host_with(
+    d: &Daemon,
+    image: &str,
+    memory: &str,
+    size: &str,
+    options: &[&str],
+    script: &str,
+) -> (String, i32) {
+    let mut args = vec!["run", "--rm", "--memory", memory, "--size", size, "--network", "none"];
+    args.extend(options);
+    args.extend([image, "sh", "-c", script]);
+    let out = d.hearth(&args);
     (text(&out.stdout), out.status.code().unwrap_or(-1))
 }
 

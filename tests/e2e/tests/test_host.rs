@@ -4,7 +4,9 @@
 //! CLI (and the loader and libraries it links) and the modules' files; hearth loads the modules
 //! itself, natively, as it would on a host.
 
-use hearth_e2e::test_host::{hearth_bin, in_test_host, prelude, section, test_host_image};
+use hearth_e2e::test_host::{
+    hearth_bin, in_test_host, in_test_host_with, prelude, section, test_host_image,
+};
 use hearth_e2e::{require_e2e, text, Daemon};
 
 #[test]
@@ -56,6 +58,96 @@ fn provision_dev_makes_a_thin_pool_on_files_once_and_dry_run_changes_nothing() {
     // Sparse: the files hold almost nothing of their size.
     let files = section("files");
     assert!(files.lines().any(|l| l.ends_with(" data")), "{files}");
+}
+
+/// `--direct-lvm` on the test host's extra disks: a blank one (a sparse file of zeros here) and
+/// one holding ext4 (made here), both attached as they are with `-v`.
+#[test]
+fn provision_direct_lvm_makes_a_pool_on_a_blank_disk_once_and_refuses_a_disk_in_use() {
+    require_e2e!();
+    let d = Daemon::start();
+    d.import_kernel();
+    test_host_image(&d, "testhost-lvm:1", true);
+    let work = tempfile::tempdir().expect("tmp");
+    let (blank, formatted) = (work.path().join("blank.img"), work.path().join("ext4.img"));
+    std::fs::File::create(&blank).and_then(|f| f.set_len(2 << 30)).expect("blank disk");
+    std::fs::File::create(&formatted).and_then(|f| f.set_len(256 << 20)).expect("disk");
+    let st = std::process::Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&formatted).status();
+    assert!(st.expect("mkfs.ext4").success());
+    let (h, p) = (hearth_bin().display().to_string(), prelude());
+    // LVM without udev in the guest: device-mapper's nodes made by libdevmapper itself.
+    let script = format!(
+        "{p} export DM_DISABLE_UDEV=1; mkdir -p /run/lock /etc/lvm; \
+         disk_of() {{ for b in /sys/block/vd*; do [ \"$(cat $b/serial)\" = $1 ] && echo /dev/${{b##*/}}; done; }}; \
+         B=$(disk_of hearth_vol0); F=$(disk_of hearth_vol1); P=\"{h} host provision --direct-lvm --disk\"; \
+         echo '== formatted'; $P $F --dry-run 2>&1; echo \"exit=$?\"; \
+         mkdir -p /mnt/f; mount $F /mnt/f; echo '== mounted'; $P $F --force 2>&1; echo \"exit=$?\"; umount /mnt/f; \
+         echo '== plan'; $P $B --dry-run 2>&1; echo '== first'; $P $B 2>&1; echo \"exit=$?\"; \
+         echo '== second'; $P $B 2>&1; echo '== plan again'; $P $B --dry-run 2>&1; \
+         echo '== check'; {h} host check || true; \
+         echo '== lvs'; lvm lvs --noheadings -o lv_name,lv_attr,lv_profile hearth 2>&1; \
+         daemon --thin-pool hearth-thinpool; import_kernel; $H image import /demo --name demo:1 >/dev/null; \
+         $H create --name a --network none --size 1G demo:1 >/dev/null; $H start a >/dev/null 2>&1; \
+         echo '== vm'; cat /sys/block/dm-*/dm/name; $H rm -f a >/dev/null; \
+         echo '== vm removed'; cat /sys/block/dm-*/dm/name; kill $HD; \
+         echo '== forced'; $P $F --force --vg other 2>&1; echo \"exit=$?\"; \
+         echo '== end'"
+    );
+    let (b, f) = (blank.display().to_string(), formatted.display().to_string());
+    let disks = ["-v", &b, "-v", &f];
+    let (out, code) = in_test_host_with(&d, "testhost-lvm:1", "1G", "3G", &disks, &script);
+    assert_eq!(code, 0, "{out}");
+    let section = |name: &str| section(&out, name);
+    let formatted_said = section("formatted");
+    assert!(
+        formatted_said.contains("holds an ext2/3/4 filesystem")
+            && formatted_said.contains("--force wipes it")
+            && formatted_said.contains("exit=1"),
+        "a formatted disk is refused, naming what it holds:\n{out}"
+    );
+    let mounted = section("mounted");
+    assert!(
+        mounted.contains("it is mounted at /mnt/f") && mounted.contains("exit=1"),
+        "a mounted disk is refused even with --force:\n{out}"
+    );
+    let plan = section("plan");
+    for step in [
+        "would write the autoextend profile /etc/lvm/profile/hearth-thinpool.profile",
+        "would make /dev/vd",
+        "would create the volume group hearth on /dev/vd",
+        "would create the thin pool hearth/thinpool",
+    ] {
+        assert!(plan.contains(step), "the plan says {step:?}:\n{out}");
+    }
+    let first = section("first");
+    assert!(first.contains("did create the thin pool hearth/thinpool"), "{out}");
+    assert!(
+        first.contains("thin pool hearth-thinpool: data 0.0% used of 1.")
+            && first.contains("exit=0"),
+        "{out}"
+    );
+    let second = section("second");
+    assert!(!second.contains("did ") && second.contains("nothing changed"), "{out}");
+    assert!(section("plan again").contains("nothing to do"), "{out}");
+    let check = section("check");
+    let pool = check.lines().find(|l| l.starts_with("thin pool")).unwrap_or_default();
+    assert!(pool.contains("OK") && pool.contains("hearth-thinpool: data 0.0%"), "{check}");
+    let lvs = section("lvs");
+    let row = lvs.lines().find(|l| l.trim_start().starts_with("thinpool")).unwrap_or_default();
+    let fields: Vec<&str> = row.split_whitespace().collect();
+    assert!(
+        fields.len() == 3 && fields[1].starts_with('t') && fields[2] == "hearth-thinpool",
+        "an LVM thin pool with the autoextend profile:\n{lvs}"
+    );
+    // hearthd puts a VM's root disk on the LVM pool as on the dev pool, and removes it with it.
+    let vm = section("vm");
+    assert!(vm.lines().any(|l| l.starts_with("hearth-vm-")), "a thin device of its own:\n{out}");
+    let removed = section("vm removed");
+    assert!(!removed.contains("hearth-vm-") && removed.contains("hearth-thinpool"), "{out}");
+    // --force goes past the filesystem, and LVM sizes the metadata of a small pool too.
+    let forced = section("forced");
+    assert!(forced.contains("did make /dev/vd") && forced.contains("exit=0"), "{out}");
+    assert!(forced.contains("thin pool other-thinpool: data 0.0%"), "{out}");
 }
 
 #[test]

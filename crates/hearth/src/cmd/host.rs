@@ -24,8 +24,22 @@ pub enum HostCmd {
 pub struct ProvisionArgs {
     /// The thin pool on sparse files in the state directory, on loop devices (Flintlock's dev
     /// mode; it comes back after a reboot when hearthd starts).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "direct_lvm")]
     dev: bool,
+    /// The thin pool on a whole disk through LVM (Flintlock's direct_lvm): a volume group on
+    /// --disk, a thin pool on 95% of it (its metadata sized by LVM), an autoextend profile.
+    #[arg(long, requires = "disk")]
+    direct_lvm: bool,
+    /// The disk for --direct-lvm. One that is mounted or in use is refused; one with partitions
+    /// or a filesystem too, unless --force.
+    #[arg(long, value_name = "DEV")]
+    disk: Option<PathBuf>,
+    /// With --direct-lvm: wipe the partitions or filesystem found on --disk.
+    #[arg(long)]
+    force: bool,
+    /// With --direct-lvm: the volume group's name (the pool's device is VG-thinpool).
+    #[arg(long, default_value = hearth_storage::lvm::DEFAULT_VG)]
+    vg: String,
     /// Print what would be done, and do nothing.
     #[arg(long)]
     dry_run: bool,
@@ -33,9 +47,10 @@ pub struct ProvisionArgs {
     /// ROOT/pool.
     #[arg(long, env = "HEARTH_ROOT", default_value = DEFAULT_ROOT)]
     root: PathBuf,
-    /// The pool's device-mapper name.
-    #[arg(long, default_value = hearth_storage::dm::pool::DEFAULT_NAME)]
-    pool_name: String,
+    /// The pool's device-mapper name (--dev), or its logical volume's name in the group
+    /// (--direct-lvm, default thinpool).
+    #[arg(long)]
+    pool_name: Option<String>,
     /// The dev pool's data file size (sparse: it takes what VMs write).
     #[arg(long, default_value = "100G", value_parser = size)]
     data_size: u64,
@@ -158,13 +173,16 @@ const POOL_MODULES: [&str; 2] = ["dm_thin_pool", "loop"];
 
 fn provision(a: ProvisionArgs) -> anyhow::Result<i32> {
     use anyhow::Context;
+    if a.direct_lvm {
+        return direct_lvm(&a);
+    }
     anyhow::ensure!(
         a.dev,
-        "say what to provision: --dev (a thin pool on sparse files; --direct-lvm --disk is not in this version yet)"
+        "say what to provision: --dev (a thin pool on sparse files) or --direct-lvm --disk DEV (on a disk, through LVM)"
     );
     let pool = hearth_storage::dm::pool::DevPool {
         dir: a.root.join("pool"),
-        name: a.pool_name.clone(),
+        name: a.pool_name.clone().unwrap_or_else(|| hearth_storage::dm::pool::DEFAULT_NAME.into()),
         data_bytes: a.data_size,
         metadata_bytes: a.metadata_size,
     };
@@ -196,15 +214,63 @@ fn provision(a: ProvisionArgs) -> anyhow::Result<i32> {
     for step in &steps {
         println!("did {step}");
     }
-    let usage = pool.pool(&dm).usage()?;
+    report_pool(&pool.pool(&dm), steps.is_empty())?;
+    Ok(0)
+}
+
+/// The pool's usage after a provision.
+fn report_pool(pool: &hearth_storage::dm::thin::Pool, unchanged: bool) -> anyhow::Result<()> {
+    let usage = pool.usage()?;
     println!(
         "thin pool {}: data {:.1}% used of {}, metadata {:.1}%{}",
         pool.name,
         usage.data_percent(),
         hearth_types::format_size(usage.data_total * hearth_storage::dm::thin::BLOCK_SECTORS * 512),
         usage.metadata_percent(),
-        if steps.is_empty() { " (it was set up already: nothing changed)" } else { "" }
+        if unchanged { " (it was set up already: nothing changed)" } else { "" }
     );
+    Ok(())
+}
+
+/// `--direct-lvm --disk DEV`: the pool through LVM on a whole disk.
+fn direct_lvm(a: &ProvisionArgs) -> anyhow::Result<i32> {
+    let lvm = hearth_storage::lvm::DirectLvm {
+        disk: a.disk.clone().unwrap_or_default(),
+        vg: a.vg.clone(),
+        lv: a.pool_name.clone().unwrap_or_else(|| hearth_storage::lvm::DEFAULT_LV.into()),
+        force: a.force,
+    };
+    let modules = ["dm_thin_pool"];
+    if a.dry_run {
+        let mut plan: Vec<String> = (modules.iter())
+            .filter(|m| !hearth_kernel::kmod::present(m))
+            .map(|m| format!("load the kernel module {m}"))
+            .collect();
+        plan.extend(lvm.plan().map_err(anyhow::Error::msg)?.iter().map(ToString::to_string));
+        if plan.is_empty() {
+            println!("nothing to do: the thin pool {} is set up", lvm.dm_name());
+        }
+        for step in plan {
+            println!("would {step}");
+        }
+        return Ok(0);
+    }
+    anyhow::ensure!(nix::unistd::geteuid().is_root(), "hearth host provision must run as root");
+    for m in hearth_kernel::kmod::load(&hearth_kernel::kmod::tree(), &modules)
+        .map_err(anyhow::Error::msg)?
+    {
+        println!("loaded the kernel module {m}");
+    }
+    let steps = lvm.ensure().map_err(anyhow::Error::msg)?;
+    for step in &steps {
+        println!("did {step}");
+    }
+    let dm = hearth_storage::dm::Control::open()?;
+    report_pool(
+        &hearth_storage::dm::thin::Pool { dm: &dm, name: lvm.dm_name() },
+        steps.is_empty(),
+    )?;
+    println!("start hearthd with --thin-pool {} to put VM disks on it", lvm.dm_name());
     Ok(0)
 }
 
