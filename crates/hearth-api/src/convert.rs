@@ -31,6 +31,12 @@ impl TryFrom<pb::CreateVmRequest> for NewVm {
             "" => Provider::default(),
             v => v.parse().map_err(invalid)?,
         };
+        // `macvtap:IFACE` names the host interface; `macvtap` alone takes the daemon's.
+        let (network, macvtap_parent) = match req.network.split_once(':') {
+            Some(("macvtap", iface)) => ("macvtap", Some(iface.to_owned())),
+            _ => (req.network.as_str(), None),
+        };
+        let network = network.parse().map_err(invalid)?;
         Ok(NewVm {
             image: req.image,
             kernel: Some(req.kernel).filter(|k| !k.is_empty()),
@@ -48,7 +54,8 @@ impl TryFrom<pb::CreateVmRequest> for NewVm {
             auto_remove: req.auto_remove,
             interactive: req.interactive,
             tty: req.tty,
-            network: req.network.parse().map_err(invalid)?,
+            network,
+            macvtap_parent,
             ports: req
                 .ports
                 .iter()

@@ -42,6 +42,8 @@ pub struct NewVm {
     /// A bridge address asked for; allocated when `None` on the bridge.
     pub address: Option<Ipv4Addr>,
     pub cloud_init_network: Option<String>,
+    /// The host interface of a macvtap network.
+    pub macvtap_parent: Option<String>,
     pub volumes: Vec<NewVolume>,
     pub cloud_init: BTreeMap<String, String>,
     pub log: Option<LogOptions>,
@@ -134,6 +136,11 @@ impl Reconciler {
         if req.network == NetworkMode::User && !caps.user_network {
             return Err(Error::invalid(format!(
                 "--vmm {vmm} has no user-mode network: use --network bridge or --network none"
+            )));
+        }
+        if req.network == NetworkMode::Macvtap && !caps.macvtap {
+            return Err(Error::invalid(format!(
+                "--vmm {vmm} has no macvtap interfaces (it opens taps only by name): use --network bridge, or --vmm qemu or cloud-hypervisor"
             )));
         }
         if req.accel != Accel::Auto && !caps.accels.contains(&req.accel) {
@@ -364,6 +371,7 @@ fn spec_of(
         mac: req.mac,
         address: None,
         cloud_init_network: req.cloud_init_network,
+        macvtap_parent: req.macvtap_parent,
         volumes,
         cloud_init: req.cloud_init,
         log: req.log,
@@ -423,10 +431,16 @@ fn network_for(spec: &VmSpec, resolvers: Vec<String>) -> Option<hearth_types::Gu
 /// same bundle.
 pub fn cloud_init_bundle(spec: &VmSpec, resolvers: Vec<String>) -> BTreeMap<String, String> {
     let mut files = spec.cloud_init.clone();
-    if let (Some(device), Some(net)) = (&spec.cloud_init_network, network_for(spec, resolvers)) {
-        files
-            .entry("network-config".into())
-            .or_insert_with(|| crate::cloud_init_network_config(device, &net));
+    let Some(device) = &spec.cloud_init_network else { return files };
+    let config = match (spec.network, network_for(spec, resolvers)) {
+        (NetworkMode::Macvtap, _) => {
+            Some(crate::guest::cloud_init_dhcp_config(device, &spec.mac()))
+        }
+        (_, Some(net)) => Some(crate::cloud_init_network_config(device, &net)),
+        (_, None) => None,
+    };
+    if let Some(config) = config {
+        files.entry("network-config".into()).or_insert(config);
     }
     files
 }

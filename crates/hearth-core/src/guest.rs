@@ -91,6 +91,8 @@ pub fn guest_network(spec: &VmSpec) -> Option<GuestNetwork> {
             gateway: USER_NET_GATEWAY.to_owned(),
             dns: vec![USER_NET_DNS.to_owned()],
         }),
+        // On the LAN the guest takes its address there, with its own DHCP client.
+        NetworkMode::Macvtap => None,
         // The resolvers are the host's; the daemon adds them when it writes the config.
         NetworkMode::Bridge => spec.address.map(|a| GuestNetwork {
             mac: spec.mac(),
@@ -100,6 +102,14 @@ pub fn guest_network(spec: &VmSpec) -> Option<GuestNetwork> {
             dns: vec![],
         }),
     }
+}
+
+/// cloud-init's network-config (version 2) for a card on the LAN: matched by MAC, renamed to
+/// `device`, its address from DHCP.
+pub fn cloud_init_dhcp_config(device: &str, mac: &str) -> String {
+    format!(
+        "version: 2\nethernets:\n  {device}:\n    match:\n      macaddress: \"{mac}\"\n    set-name: {device}\n    dhcp4: true\n"
+    )
 }
 
 /// cloud-init's network-config (version 2) for the card hearth-init configures: matched by MAC,
@@ -163,6 +173,23 @@ mod tests {
         }
         assert!(!cloud_init_network_config("eth1", &GuestNetwork { dns: vec![], ..net })
             .contains("nameservers"));
+    }
+
+    #[test]
+    fn a_card_on_the_lan_takes_dhcp_and_hearth_init_leaves_it_to_the_guest() {
+        let text = cloud_init_dhcp_config("eth1", "02:00:00:00:00:07");
+        for needle in
+            ["  eth1:", "macaddress: \"02:00:00:00:00:07\"", "set-name: eth1", "dhcp4: true"]
+        {
+            assert!(text.contains(needle), "{needle} in\n{text}");
+        }
+        let mut s = spec(None, vec![]);
+        s.network = NetworkMode::Macvtap;
+        s.macvtap_parent = Some("eth0".into());
+        assert_eq!(guest_network(&s), None);
+        s.cloud_init_network = Some("eth1".into());
+        let files = crate::cloud_init_bundle(&s, vec![]);
+        assert!(files["network-config"].contains("dhcp4: true"), "{files:?}");
     }
 
     #[test]

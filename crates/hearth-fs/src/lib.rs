@@ -22,7 +22,7 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-pub use sys::{die_with_parent, ioctl_buf, ioctl_int};
+pub use sys::{default_sigpipe, die_with_parent, ioctl_buf, ioctl_int};
 pub use tree::{open_in_root, resolve_in_root};
 
 /// A temporary name beside `path`, unique to this attempt: `.NAME.<random>.tmp`.

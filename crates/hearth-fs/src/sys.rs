@@ -54,6 +54,15 @@ pub fn ioctl_int(f: &File, request: libc::c_ulong, arg: libc::c_ulong) -> io::Re
     }
 }
 
+/// Gives SIGPIPE its default action back (Rust ignores it), so a command-line tool whose
+/// output pipe closes ends quietly, as other tools do. Call it before starting threads.
+pub fn default_sigpipe() {
+    // SAFETY: setting a signal's disposition to SIG_DFL installs no handler of ours.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,6 +6,10 @@
 //! twice is the same as once and removing the table removes everything hearth added. QEMU
 //! creates each VM's tap itself (not persistent), so a tap cannot outlive its VMM; for VMMs that
 //! open an existing tap, [`create_tap`] makes a persistent one that [`remove_tap`] deletes.
+//!
+//! A VM on the host's LAN (`--network macvtap:IFACE`, Flintlock's MACVTAP) gets a macvtap in
+//! bridge mode on that interface with the VM's MAC ([`ensure_macvtap`]); the VMM is handed its
+//! character device, `/dev/tapN` (N its interface index), as an open descriptor.
 #![deny(unsafe_code)]
 
 // The only module with raw system calls (unsafe code is denied everywhere else).
@@ -16,7 +20,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use futures_util::TryStreamExt;
-use rtnetlink::{Handle, LinkBridge, LinkUnspec};
+use rtnetlink::{Handle, LinkBridge, LinkMacVtap, LinkUnspec};
 
 /// The nftables table holding hearth's rules.
 pub const NFT_TABLE: &str = "hearth";
@@ -45,6 +49,10 @@ pub enum NetError {
     NftMissing(#[source] std::io::Error),
     #[error("nft refused hearth's NAT rules: {0}")]
     Nft(String),
+    #[error("this kernel has no macvtap (load it: modprobe macvtap), so {link} cannot be made")]
+    NoMacvtap { link: String },
+    #[error("the host interface {0} does not exist: name the host's NIC (see `ip link`)")]
+    NoParent(String),
     #[error("enabling IPv4 forwarding ({path}): {source}")]
     Forwarding {
         path: String,
@@ -196,6 +204,81 @@ pub async fn remove_tap(tap: &str, wait: Duration) -> Result<bool, NetError> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Makes the macvtap `name` (bridge mode: VMs on one interface reach each other too) on the host
+/// interface `parent` with `mac`, up, unless one of that name is there already on that parent
+/// with that MAC (a stopped VM's, kept for its next start); a stale one is replaced. Returns its
+/// character device, `/dev/tapN`, once devtmpfs has made it.
+pub async fn ensure_macvtap(
+    name: &str,
+    parent: &str,
+    mac: &str,
+) -> Result<std::path::PathBuf, NetError> {
+    let h = connect().await?;
+    let netlink = |what, source| NetError::Netlink { what, link: name.to_owned(), source };
+    let lower = link_index(&h, parent).await?.ok_or_else(|| NetError::NoParent(parent.into()))?;
+    let bytes =
+        mac_bytes(mac).ok_or_else(|| NetError::NoLink(format!("{name} (bad MAC {mac})")))?;
+    if let Some(index) = link_index(&h, name).await? {
+        if macvtap_matches(name, lower, mac) {
+            return tap_device(index).await;
+        }
+        h.link().del(index).execute().await.map_err(|e| netlink("replacing", e))?;
+    }
+    let add = LinkMacVtap::new(name, lower, rtnetlink::packet_route::link::MacVtapMode::Bridge)
+        .address(bytes)
+        .up()
+        .build();
+    match h.link().add(add).execute().await {
+        Ok(()) => {}
+        Err(e) if errno(&e) == Some(libc::EOPNOTSUPP) => {
+            return Err(NetError::NoMacvtap { link: name.to_owned() })
+        }
+        Err(e) => return Err(netlink("creating the macvtap", e)),
+    }
+    let index = link_index(&h, name).await?.ok_or_else(|| NetError::NoLink(name.to_owned()))?;
+    tap_device(index).await
+}
+
+/// Deletes the macvtap `name`, if there; returns whether it was.
+pub async fn remove_macvtap(name: &str) -> Result<bool, NetError> {
+    let h = connect().await?;
+    let Some(index) = link_index(&h, name).await? else { return Ok(false) };
+    match h.link().del(index).execute().await {
+        Err(e) if errno(&e) != Some(libc::ENODEV) => {
+            Err(NetError::Netlink { what: "deleting", link: name.to_owned(), source: e })
+        }
+        _ => Ok(true),
+    }
+}
+
+/// Whether the macvtap `name` sits on the interface `lower` with `mac` (read from sysfs).
+fn macvtap_matches(name: &str, lower: u32, mac: &str) -> bool {
+    let dir = std::path::Path::new("/sys/class/net").join(name);
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+    dir.join("macvtap").is_dir()
+        && read("address").trim().eq_ignore_ascii_case(mac)
+        && read("iflink").trim() == lower.to_string()
+}
+
+/// `/dev/tapN` for the macvtap with index `index`, waiting briefly for devtmpfs.
+async fn tap_device(index: u32) -> Result<std::path::PathBuf, NetError> {
+    let dev = std::path::PathBuf::from(format!("/dev/tap{index}"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !dev.exists() {
+        if tokio::time::Instant::now() > deadline {
+            return Err(NetError::NoLink(dev.display().to_string()));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(dev)
+}
+
+fn mac_bytes(mac: &str) -> Option<Vec<u8>> {
+    let b: Vec<u8> =
+        mac.split(':').map(|o| u8::from_str_radix(o, 16).ok()).collect::<Option<_>>()?;
+    (b.len() == 6).then_some(b)
 }
 
 fn enable_forwarding(bridge: &str) -> Result<(), NetError> {

@@ -30,6 +30,7 @@ pub fn spec(n: u8) -> VmSpec {
         mac: None,
         address: None,
         cloud_init_network: None,
+        macvtap_parent: None,
         volumes: vec![],
         cloud_init: Default::default(),
         log: None,

@@ -39,6 +39,9 @@ pub enum NetworkMode {
     Bridge,
     /// No network device at all.
     None,
+    /// A macvtap on a host interface ([`crate::VmSpec::macvtap_parent`]): the VM is on the
+    /// host's LAN with its own MAC and takes its address there.
+    Macvtap,
 }
 
 impl std::str::FromStr for NetworkMode {
@@ -48,6 +51,7 @@ impl std::str::FromStr for NetworkMode {
             "user" | "" => Ok(Self::User),
             "none" => Ok(Self::None),
             "bridge" => Ok(Self::Bridge),
+            "macvtap" => Ok(Self::Macvtap),
             other => Err(NetError::Mode(other.to_owned())),
         }
     }
@@ -59,6 +63,7 @@ impl fmt::Display for NetworkMode {
             Self::User => "user",
             Self::Bridge => "bridge",
             Self::None => "none",
+            Self::Macvtap => "macvtap",
         })
     }
 }

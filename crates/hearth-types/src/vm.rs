@@ -124,6 +124,8 @@ pub enum VmSpecError {
     Volume(String),
     #[error("interface name {0:?} must be 1-15 letters, digits, '_', '.' or '-'")]
     InterfaceName(String),
+    #[error("--network macvtap needs the host interface to sit on (macvtap:IFACE, 1-15 letters, digits, '_', '.' or '-'), and only it takes one; got {0:?}")]
+    Macvtap(String),
     #[error(
         "cloud-init file {0:?} is not one of meta-data, user-data, vendor-data, network-config"
     )]
@@ -198,6 +200,9 @@ pub struct VmSpec {
     /// Extra disks made from images' filesystems, attached after the root disk.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeSpec>,
+    /// The host interface a macvtap network sits on (`--network macvtap:IFACE`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub macvtap_parent: Option<String>,
     /// Generate cloud-init's network-config for the card, naming the interface this (Flintlock's
     /// `add_network_config`), unless `cloud_init` carries one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -286,11 +291,13 @@ impl VmSpec {
         if let Some(mac) = &self.mac {
             crate::net::validate_mac(mac)?;
         }
+        match (&self.macvtap_parent, self.network) {
+            (Some(p), NetworkMode::Macvtap) if iface_ok(p) => {}
+            (None, m) if m != NetworkMode::Macvtap => {}
+            (p, _) => return Err(VmSpecError::Macvtap(p.clone().unwrap_or_default())),
+        }
         if let Some(dev) = &self.cloud_init_network {
-            let ok = !dev.is_empty()
-                && dev.len() <= 15
-                && dev.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
-            if !ok {
+            if !iface_ok(dev) {
                 return Err(VmSpecError::InterfaceName(dev.clone()));
             }
         }
@@ -357,6 +364,13 @@ pub struct VolumeSpec {
     pub mount_point: Option<String>,
     #[serde(default)]
     pub read_only: bool,
+}
+
+/// A Linux interface name: 1-15 letters, digits, '_', '.' or '-'.
+fn iface_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
 }
 
 /// Where a volume's disk comes from.
@@ -571,6 +585,7 @@ mod tests {
             ssh_public_key: None,
             mac: None,
             address: None,
+            macvtap_parent: None,
             cloud_init_network: None,
             volumes: vec![],
             cloud_init: Default::default(),
@@ -642,6 +657,25 @@ mod tests {
         let back: VolumeSpec =
             serde_json::from_str(&serde_json::to_string(&host).expect("json")).expect("parse");
         assert_eq!(back, host);
+    }
+
+    #[test]
+    fn a_macvtap_network_names_its_host_interface_and_only_it_does() {
+        let mut s = spec();
+        s.network = NetworkMode::Macvtap;
+        s.macvtap_parent = Some("eth0".into());
+        assert!(s.validate().is_ok());
+        for (network, parent) in [
+            (NetworkMode::Macvtap, None),
+            (NetworkMode::Macvtap, Some("a/b")),
+            (NetworkMode::Macvtap, Some("a-very-long-interface")),
+            (NetworkMode::Bridge, Some("eth0")),
+        ] {
+            s.network = network;
+            s.macvtap_parent = parent.map(Into::into);
+            assert!(matches!(s.validate(), Err(VmSpecError::Macvtap(_))), "{network} {parent:?}");
+        }
+        assert_eq!("macvtap".parse::<NetworkMode>().expect("mode"), NetworkMode::Macvtap);
     }
 
     #[test]

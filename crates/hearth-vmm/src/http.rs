@@ -39,6 +39,17 @@ impl Api {
         self.call("PUT", path, Some(body)).map(drop)
     }
 
+    /// A `PUT` that hands the VMM open descriptors with the request (`SCM_RIGHTS`: Cloud
+    /// Hypervisor's `vm.add-net` takes a tap's this way).
+    pub fn put_with_fds(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+        fds: &[i32],
+    ) -> Result<(), VmmError> {
+        self.request("PUT", path, Some(body), fds).map(drop)
+    }
+
     /// A `PUT` with no body (Cloud Hypervisor's actions: `vm.boot`, `vm.power-button`).
     pub fn put_empty(&self, path: &str) -> Result<(), VmmError> {
         self.call("PUT", path, None).map(drop)
@@ -95,6 +106,17 @@ impl Api {
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<Vec<u8>, VmmError> {
+        self.request(method, path, body, &[])
+    }
+
+    /// [`Self::call`], with `fds` sent along with the request's first bytes.
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+        fds: &[i32],
+    ) -> Result<Vec<u8>, VmmError> {
         let what = format!("{method} {path}");
         let io = |e: std::io::Error| {
             if matches!(
@@ -119,7 +141,11 @@ impl Api {
         req.push_str(&format!("Content-Length: {}\r\n", payload.len()));
         req.push_str("\r\n");
         req.push_str(&payload);
-        s.write_all(req.as_bytes()).map_err(io)?;
+        let mut sent = 0;
+        if !fds.is_empty() {
+            sent = crate::sys::send_with_fds(&s, req.as_bytes(), fds).map_err(io)?;
+        }
+        s.write_all(&req.as_bytes()[sent..]).map_err(io)?;
         let (status, reply) = read_reply(&mut s).map_err(|m| self.error(format!("{what}: {m}")))?;
         if (200..300).contains(&status) {
             return Ok(reply);

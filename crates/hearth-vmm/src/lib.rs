@@ -27,6 +27,7 @@ pub mod firecracker;
 mod found;
 pub mod http;
 pub mod jail;
+mod macvtap;
 pub mod process;
 pub mod qemu;
 mod spawn;
@@ -95,6 +96,7 @@ pub(crate) fn sample_spec() -> LaunchSpec {
             mac: "02:00:00:00:00:01".into(),
             forwards: vec![],
             tap: Some("hth-abc".into()),
+            macvtap: None,
         }),
         volumes: vec![VolumeDisk {
             path: "/images/data.ext4".into(),

@@ -144,7 +144,11 @@ impl Start<'_> {
         group: Option<&crate::cgroup::Group>,
         set_up: impl FnOnce(i32, u64) -> Result<(), VmmError>,
     ) -> Result<(i32, u64), VmmError> {
-        crate::sys::detach_and_join(&mut cmd, group.map(|g| g.join_fds()).unwrap_or_default());
+        crate::sys::detach_and_join(
+            &mut cmd,
+            group.map(|g| g.join_fds()).unwrap_or_default(),
+            None,
+        );
         if let Some((root, ids)) = self.confine {
             crate::sys::chroot_and_drop(&mut cmd, root, ids)
                 .map_err(|source| VmmError::Io { path: root.to_owned(), source })?;

@@ -63,11 +63,15 @@ pub fn poll_readable(fd: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<bool> {
 /// Makes the child `cmd` starts a session leader of its own (no terminal, no signal from
 /// hearthd's process group) that joins the cgroups whose `cgroup.procs` are open as `fds`
 /// before it executes: it writes `0` ("this process") to each.
-pub fn detach_and_join(cmd: &mut std::process::Command, fds: Vec<i32>) {
+pub fn detach_and_join(
+    cmd: &mut std::process::Command,
+    fds: Vec<i32>,
+    inherit: Option<(i32, i32)>,
+) {
     use std::os::unix::process::CommandExt;
     // SAFETY: the closure runs between fork and exec and makes only the async-signal-safe
-    // setsid(2) and write(2) calls, the latter on descriptors the parent keeps open for the
-    // duration of the spawn, from a static buffer.
+    // setsid(2), write(2), dup2(2) and fcntl(2) calls, on descriptors the parent keeps open for
+    // the duration of the spawn, writing from a static buffer.
     unsafe {
         cmd.pre_exec(move || {
             if libc::setsid() < 0 {
@@ -75,6 +79,17 @@ pub fn detach_and_join(cmd: &mut std::process::Command, fds: Vec<i32>) {
             }
             for &fd in &fds {
                 if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            // Last: the descriptor handed over may land where a cgroup descriptor was.
+            if let Some((from, to)) = inherit {
+                let rc = if from == to {
+                    libc::fcntl(from, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(from, to)
+                };
+                if rc < 0 {
                     return Err(io::Error::last_os_error());
                 }
             }
@@ -146,4 +161,40 @@ pub fn chroot_and_drop(
         });
     }
     Ok(())
+}
+
+/// `sendmsg(2)` of `data` on `stream` with `fds` passed as `SCM_RIGHTS` (a descriptor handed to
+/// a VMM over its API socket); returns the bytes sent, which may be fewer than `data`'s.
+pub fn send_with_fds(
+    stream: &std::os::unix::net::UnixStream,
+    data: &[u8],
+    fds: &[i32],
+) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let fd_bytes = std::mem::size_of_val(fds);
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(fd_bytes as u32) } as usize;
+    let mut control = vec![0u8; space];
+    let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
+    // SAFETY: msghdr is plain data; every pointer in it refers to a live local buffer whose
+    // length is given alongside (iov and control), and the control buffer is CMSG_SPACE bytes,
+    // so the one header CMSG_FIRSTHDR returns and its data (fd_bytes) fit inside it.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes as u32) as _;
+        std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), libc::CMSG_DATA(cmsg), fd_bytes);
+        let n = libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL);
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
 }

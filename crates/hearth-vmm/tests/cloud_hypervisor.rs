@@ -162,6 +162,7 @@ async fn the_vms_card_is_its_tap_with_its_mac() {
         mac: "02:00:00:00:00:08".into(),
         forwards: vec![],
         tap: Some("chtap0".into()),
+        macvtap: None,
     });
     let vmm = CloudHypervisor::default();
     let h = vmm.launch(&spec).expect("launch").handle();
@@ -174,6 +175,65 @@ async fn the_vms_card_is_its_tap_with_its_mac() {
         (Some("chtap0"), Some("02:00:00:00:00:08")),
         "{info:#}"
     );
+    vmm.stop(dir.path(), h, Duration::ZERO).await.expect("stop");
+    vmm.cleanup(dir.path(), &spec.confinement);
+}
+
+/// An open descriptor of the tap `tap` in the network namespace `ns` (attached from a thread
+/// that enters the namespace, so this process's own network is never touched).
+fn tap_fd_in(ns: &str, tap: &str) -> std::os::fd::OwnedFd {
+    use std::os::fd::AsRawFd;
+    let (ns, tap) = (format!("/run/netns/{ns}"), tap.to_owned());
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(&ns).expect("netns");
+        // SAFETY: setns on a descriptor we hold, for this thread only.
+        assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+        let tun = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun");
+        let tun = tun.expect("/dev/net/tun");
+        // struct ifreq: the name (16 bytes), then the flags.
+        let mut req = [0u8; 40];
+        req[..tap.len()].copy_from_slice(tap.as_bytes());
+        let flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as u16;
+        req[16..18].copy_from_slice(&flags.to_ne_bytes());
+        // SAFETY: TUNSETIFF reads and writes a struct ifreq, which `req` is large enough for.
+        let rc = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, req.as_mut_ptr()) };
+        assert_eq!(rc, 0, "TUNSETIFF {tap}: {}", std::io::Error::last_os_error());
+        std::os::fd::OwnedFd::from(tun)
+    })
+    .join()
+    .expect("tap thread")
+}
+
+/// A card added with `vm.add-net` and the tap's descriptor sent with the request (how hearth
+/// hands Cloud Hypervisor a macvtap's `/dev/tapN`): Cloud Hypervisor takes the descriptor and
+/// boots with the card.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_card_handed_over_as_a_descriptor_is_the_vms() {
+    let _one = hearth_testkit::kvm::one_guest_at_a_time().await;
+    let Some((dir, spec)) = vm("") else { return };
+    let Some(ns) = hearth_testkit::kvm::Netns::with_tap("hearth-chfd", "chfd0") else {
+        eprintln!("skipped: cannot make a network namespace with a tap (ip netns, /dev/net/tun)");
+        return;
+    };
+    let vmm = CloudHypervisor::default();
+    let h = vmm.launch(&spec).expect("launch").handle();
+    let tap = tap_fd_in(&ns.0, "chfd0");
+    let card = serde_json::json!({ "id": "eth0", "mac": "02:00:00:00:00:0a" });
+    use std::os::fd::AsRawFd;
+    api(dir.path()).put_with_fds("/api/v1/vm.add-net", &card, &[tap.as_raw_fd()]).expect("add-net");
+    drop(tap);
+    vmm.start_guest(dir.path(), false).await.expect("boot");
+    let info = api(dir.path()).get("/api/v1/vm.info").expect("vm.info");
+    let net = &info["config"]["net"][0];
+    assert_eq!(net["mac"].as_str(), Some("02:00:00:00:00:0a"), "{info:#}");
+    assert!(net["tap"].is_null(), "no tap by name: {info:#}");
+    // It holds the tap: ours is closed, so the descriptor it has is the one it was sent.
+    let holds = std::fs::read_dir(format!("/proc/{}/fd", h.pid))
+        .expect("fds")
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .any(|l| l == std::path::Path::new("/dev/net/tun"));
+    assert!(holds, "Cloud Hypervisor holds the tap's descriptor");
     vmm.stop(dir.path(), h, Duration::ZERO).await.expect("stop");
     vmm.cleanup(dir.path(), &spec.confinement);
 }

@@ -105,6 +105,7 @@ async fn cloud_init_is_served_through_mmds_on_the_vms_card() {
         mac: "02:00:00:00:00:07".into(),
         forwards: vec![],
         tap: Some("fctap0".into()),
+        macvtap: None,
     });
     spec.cloud_init.insert("meta-data".into(), "instance-id: i-7\n".into());
     spec.cloud_init.insert("user-data".into(), "#cloud-config\nhostname: seven\n".into());

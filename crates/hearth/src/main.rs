@@ -64,6 +64,9 @@ enum Command {
 }
 
 fn main() {
+    // Output piped into `head` or `grep -m1` ends quietly, as other tools' does, rather than
+    // with a panic on the closed pipe.
+    hearth_fs::default_sigpipe();
     let cli = Cli::parse();
     let rt =
         match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {

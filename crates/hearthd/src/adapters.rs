@@ -501,6 +501,23 @@ impl Network for Host {
     }
 
     async fn prepare(&self, spec: &VmSpec) -> Result<()> {
+        if spec.network == NetworkMode::Macvtap {
+            // On the host's interface, with the VM's MAC; kept while the VM exists.
+            let name = hearth_types::net::tap_name(&spec.id);
+            let parent = spec.macvtap_parent.clone().unwrap_or_default();
+            // Loaded natively where it is a module (nothing may run modprobe for the kernel).
+            off_runtime(|| hearth_kernel::kmod::load(&hearth_kernel::kmod::tree(), &["macvtap"]))
+                .map_err(|e| {
+                    Error::precondition(format!(
+                        "the VM's macvtap on {parent}: {e}; use a kernel with macvtap (CONFIG_MACVTAP), or --network bridge"
+                    ))
+                })?;
+            let dev = hearth_net::ensure_macvtap(&name, &parent, &spec.mac())
+                .await
+                .map_err(|e| Error::precondition(format!("the VM's macvtap on {parent}: {e}")))?;
+            info!(macvtap = name, parent, device = %dev.display(), "macvtap ready");
+            return Ok(());
+        }
         if spec.network == NetworkMode::Bridge {
             hearth_net::ensure_bridge(&hearth_net::Bridge::hearth0())
                 .await
@@ -534,6 +551,12 @@ impl Network for Host {
     }
 
     async fn release(&self, spec: &VmSpec, remove: bool) {
+        if spec.network == NetworkMode::Macvtap && remove {
+            let name = hearth_types::net::tap_name(&spec.id);
+            if let Err(e) = hearth_net::remove_macvtap(&name).await {
+                warn!(macvtap = name, error = %e, "removing the VM's macvtap failed");
+            }
+        }
         if spec.network != NetworkMode::Bridge {
             return;
         }

@@ -15,6 +15,20 @@ pub async fn create(d: &Arc<Daemon>, mut req: pb::CreateVmRequest) -> Result<VmR
     if req.vmm.is_empty() {
         req.vmm = d.default_vmm.to_string();
     }
-    let new = NewVm::try_from(req).map_err(to_status)?;
+    let new = new_vm(d, req).map_err(to_status)?;
     d.reconciler().create(new).await.map_err(to_status)
+}
+
+/// The core's command for `req`, with the daemon's defaults: a macvtap network with no
+/// interface named sits on `--parent-iface`.
+pub fn new_vm(d: &Daemon, req: pb::CreateVmRequest) -> Result<NewVm, hearth_core::Error> {
+    let mut new = NewVm::try_from(req)?;
+    if new.network == hearth_types::NetworkMode::Macvtap && new.macvtap_parent.is_none() {
+        new.macvtap_parent = Some(d.parent_iface.clone().ok_or_else(|| {
+            hearth_core::Error::invalid(
+                "--network macvtap needs the host interface: macvtap:IFACE (e.g. macvtap:eth0), or start hearthd with --parent-iface IFACE",
+            )
+        })?);
+    }
+    Ok(new)
 }

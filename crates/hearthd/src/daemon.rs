@@ -59,6 +59,8 @@ pub struct Daemon {
     pub thin: Option<Thin>,
     /// The VMM of VMs that name none (`--default-vmm`).
     pub default_vmm: hearth_types::Provider,
+    /// The host interface macvtap networks sit on when none is named (`--parent-iface`).
+    pub parent_iface: Option<String>,
     /// VMM uids handed to launches in flight (the running VMs' records carry theirs).
     launching_uids: Mutex<std::collections::HashSet<u32>>,
 }
@@ -136,6 +138,7 @@ impl Daemon {
             cgroup_parent: String::new(),
             thin: None,
             default_vmm: hearth_types::Provider::Qemu,
+            parent_iface: None,
             launching_uids: Mutex::new(Default::default()),
         })
     }

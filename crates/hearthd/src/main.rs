@@ -56,6 +56,11 @@ struct Args {
     /// addresses allowed; VMs reach each other) or user (user-mode NAT; changes nothing on the host).
     #[arg(long, default_value = "bridge", value_name = "MODE")]
     flintlock_network: hearth_types::NetworkMode,
+    /// The host interface macvtap networks sit on: `hearth run --network macvtap` with no
+    /// interface named, and Flintlock interfaces of type MACVTAP (else they go on
+    /// --flintlock-network), as Flintlock's flag.
+    #[arg(long, value_name = "IFACE")]
+    parent_iface: Option<String>,
     /// Require `authorization: Basic <base64(TOKEN)>` on --flintlock-listen, as Flintlock's flag.
     #[arg(long, env = "HEARTH_BASIC_AUTH_TOKEN", value_name = "TOKEN", hide_env_values = true)]
     basic_auth_token: Option<String>,
@@ -136,6 +141,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut d = daemon::Daemon::open(&args.root, init)
         .with_context(|| format!("opening {}", args.root.display()))?;
     d.registry_timeout = args.registry_timeout;
+    d.parent_iface = args.parent_iface.clone();
     configure_vmms(&mut d, &args)?;
     if let Some(pool) = &args.thin_pool {
         d.use_thin_pool(pool).with_context(|| format!("--thin-pool {pool}"))?;

@@ -20,10 +20,16 @@ pub fn plan(spec: &VmSpec) -> Result<Option<(NetLaunch, Option<u16>)>, Status> {
         return Ok(None);
     }
     check_ports_free(spec)?;
+    if spec.network == NetworkMode::Macvtap {
+        // On the LAN: no forwards, SSH goes to the guest's own address.
+        let card =
+            NetLaunch { mac: spec.mac(), macvtap: Some(tap_name(&spec.id)), ..Default::default() };
+        return Ok(Some((card, None)));
+    }
     if spec.network == NetworkMode::Bridge {
         // The guest has its own address: ports are DNAT rules (claim), SSH goes direct.
         return Ok(Some((
-            NetLaunch { mac: spec.mac(), forwards: vec![], tap: Some(tap_name(&spec.id)) },
+            NetLaunch { mac: spec.mac(), tap: Some(tap_name(&spec.id)), ..Default::default() },
             None,
         )));
     }
@@ -42,7 +48,7 @@ pub fn plan(spec: &VmSpec) -> Result<Option<(NetLaunch, Option<u16>)>, Status> {
         }
         None => None,
     };
-    Ok(Some((NetLaunch { mac: spec.mac(), forwards, tap: None }, ssh_port)))
+    Ok(Some((NetLaunch { mac: spec.mac(), forwards, ..Default::default() }, ssh_port)))
 }
 
 /// Every published host port can be bound now: a published port must not shadow a host service

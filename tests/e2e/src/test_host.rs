@@ -115,7 +115,7 @@ pub fn in_test_host_with(
 
 /// Shell functions for scripts in the test host: `R` (hearth's root there, and `HEARTH_HOST`
 /// set to its socket), `daemon ARGS...` (starts hearthd with the test kernel's init binary,
-/// VMMs as root, no cgroups, QEMU replaced by `false` since nested guests would be TCG in TCG,
+/// VMMs as root, no cgroups, QEMU replaced by `false` (or `$QEMU`) since nested guests would be TCG in TCG,
 /// and waits for its socket; `$HD` is its pid), `id_of NAME` (a VM's id), `dev_of ID` (the
 /// node of a VM's thin device), `import_kernel` (the test kernel as `k`, the default).
 pub fn prelude() -> String {
@@ -127,7 +127,7 @@ pub fn prelude() -> String {
         "H={h}; R=/var/lib/hearth; export HEARTH_HOST=unix://$R/hearthd.sock; \
          id_of() {{ $H inspect $1 | grep -m1 '\"id\":' | cut -d'\"' -f4; }}; \
          dev_of() {{ for n in /sys/block/dm-*; do [ \"$(cat $n/dm/name)\" = hearth-vm-$1 ] && echo /dev/${{n##*/}}; done; }}; \
-         daemon() {{ rm -f $R/hearthd.sock; HEARTH_QEMU=/bin/false {hd} --root $R \
+         daemon() {{ rm -f $R/hearthd.sock; HEARTH_QEMU=${{QEMU:-/bin/false}} {hd} --root $R \
            --init-binary /hearth-init --vmm-uid-base 0 --cgroup-parent '' \"$@\" >>/tmp/hearthd.log 2>&1 & \
            HD=$!; for i in $(seq 300); do [ -S $R/hearthd.sock ] && break; sleep 0.1; done; }}; \
          import_kernel() {{ $H kernel import /boot/vmlinuz --modules /lib/modules/{version} --name k --default >/dev/null; }}; "

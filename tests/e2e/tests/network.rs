@@ -157,3 +157,41 @@ fn ssh_into_an_image_with_an_ssh_server() {
     d.ok(&["rm", "-f", "s1"]);
     assert!(!std::path::Path::new(&key).exists(), "the VM's key is removed with it");
 }
+
+/// Where this host's kernel has no macvtap, `--network macvtap:IFACE` fails at start with the
+/// reason and the fix, and the VM can be removed; Firecracker, which cannot take a macvtap,
+/// is refused at create.
+#[test]
+fn a_macvtap_network_without_macvtap_in_the_kernel_or_under_firecracker_is_refused_with_why() {
+    require_e2e!();
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("release");
+    let tree = std::path::Path::new("/lib/modules").join(release.trim());
+    let on_disk = std::process::Command::new("find")
+        .arg(&tree)
+        .args(["-name", "macvtap.ko*"])
+        .output()
+        .is_ok_and(|o| !o.stdout.is_empty());
+    if std::path::Path::new("/sys/module/macvtap").exists() || on_disk {
+        eprintln!("skipped: this host's kernel has macvtap (the test-host guest covers it)");
+        return;
+    }
+    let ns = hearth_e2e::Netns::new();
+    let d = Daemon::start_in(&ns);
+    d.import_kernel();
+    // The daemon is in the namespace, away from a registry on the host's loopback.
+    let layout = tempfile::tempdir().expect("tmp");
+    let dir = layout.path().join("mv");
+    hearth_e2e::testutil::busybox_oci_layout(&dir, "1", &TestImage::default()).expect("layout");
+    d.ok(&["image", "import", dir.to_str().expect("utf8"), "--name", "mv:1"]);
+    let image = "mv:1";
+    d.ok(&["create", "--name", "m", "--network", "macvtap:lo", image]);
+    let out = d.hearth(&["start", "m"]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("macvtap") && err.contains("CONFIG_MACVTAP"), "{err}");
+    d.ok(&["rm", "-f", "m"]);
+    let out = d.hearth(&["create", "--network", "macvtap", image]);
+    assert!(text(&out.stderr).contains("--parent-iface"), "{}", text(&out.stderr));
+    let out = d.hearth(&["create", "--vmm", "firecracker", "--network", "macvtap:lo", image]);
+    assert!(text(&out.stderr).contains("no macvtap interfaces"), "{}", text(&out.stderr));
+}

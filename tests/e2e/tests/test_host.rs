@@ -342,3 +342,63 @@ fn the_pool_comes_back_after_a_reboot_and_a_crash_leaves_no_orphan_device() {
     assert!(after(&boot2, "marker").contains("marker-of-a"), "the VM's disk is intact:\n{second}");
     d.ok(&["rm", "-f", "th"]);
 }
+
+/// A VM on `--network macvtap:IFACE` in the test host (whose kernel has macvtap), on the guest's
+/// own NIC: hearthd loads the module, makes the macvtap with the VM's MAC on that interface and
+/// hands QEMU its `/dev/tapN` as descriptor 3 (a stand-in QEMU records what it was given, then
+/// exits: a nested guest would be TCG in TCG); the macvtap stays while the VM exists and goes
+/// with it.
+#[test]
+fn a_macvtap_is_made_on_the_hosts_nic_with_the_vms_mac_handed_to_qemu_and_removed_with_the_vm() {
+    require_e2e!();
+    let d = Daemon::start();
+    d.import_kernel();
+    test_host_image(&d, "testhost-mv:1", true);
+    let p = prelude();
+    let script = format!(
+        "{p} printf '#!/bin/sh\\nls -l /proc/$$/fd/3 > /tmp/fd3; echo \"$*\" > /tmp/args; exit 1\\n' > /tmp/qemu; \
+         chmod +x /tmp/qemu; NIC=$(ls /sys/class/net | grep -v '^lo$' | head -1); \
+         QEMU=/tmp/qemu daemon; import_kernel; $H image import /demo --name demo:1 >/dev/null; \
+         echo '== nic'; echo $NIC $(cat /sys/class/net/$NIC/ifindex); \
+         $H create --name m --size 1G --network macvtap:$NIC demo:1 >/dev/null; $H start m >/dev/null 2>&1; \
+         echo '== id'; id_of m; \
+         echo '== link'; for l in /sys/class/net/ht*; do echo ${{l##*/}} $(cat $l/address) $(cat $l/iflink) $(cat $l/ifindex) $(ls $l | grep -c '^macvtap$'); done; \
+         echo '== fd3'; cat /tmp/fd3; echo '== args'; grep -o 'tap,id=net0,[^ ]*' /tmp/args; \
+         $H start m >/dev/null 2>&1; echo '== kept'; ls /sys/class/net | grep -c '^ht'; \
+         $H rm -f m >/dev/null; echo '== after'; ls /sys/class/net | grep -c '^ht'; echo '== end'"
+    );
+    let out = d.hearth(&[
+        "run",
+        "--rm",
+        "--memory",
+        "1G",
+        "--size",
+        "3G",
+        "--network",
+        "user",
+        "testhost-mv:1",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let out = text(&out.stdout);
+    let section = |name: &str| section(&out, name);
+    let nic = section("nic");
+    let first = nic.lines().next().unwrap_or_default();
+    let (nic_name, nic_index) = first.split_once(' ').unwrap_or_else(|| panic!("{out}"));
+    let id: hearth_types::VmId = section("id").trim().parse().unwrap_or_else(|_| panic!("{out}"));
+    let mac = hearth_types::net::mac_for(&id);
+    let link = section("link");
+    let fields: Vec<&str> = link.split_whitespace().collect();
+    assert_eq!(fields.len(), 5, "one macvtap:\n{out}");
+    assert_eq!(fields[1], mac.as_str(), "with the VM's MAC:\n{out}");
+    assert_eq!(fields[2], nic_index, "on {nic_name}:\n{out}");
+    assert_eq!(fields[4], "1", "a macvtap (its tap device in sysfs):\n{out}");
+    assert!(
+        section("fd3").trim_end().ends_with(&format!("/dev/tap{}", fields[3])),
+        "QEMU is handed the macvtap's /dev/tapN as descriptor 3:\n{out}"
+    );
+    assert!(section("args").contains("tap,id=net0,fd=3,vhost=off"), "{out}");
+    assert_eq!(section("kept").trim(), "1", "a second start reuses it:\n{out}");
+    assert_eq!(section("after").trim(), "0", "removed with the VM:\n{out}");
+}

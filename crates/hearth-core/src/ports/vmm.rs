@@ -36,6 +36,8 @@ pub struct Capabilities {
     pub user_network: bool,
     /// The VMM creates the VM's tap itself (else the host makes it first).
     pub creates_tap: bool,
+    /// It takes a macvtap's character device as an open descriptor.
+    pub macvtap: bool,
     /// The serial console is a socket hearth can capture and attach to.
     pub console_socket: bool,
     pub agent: AgentTransport,
@@ -100,6 +102,9 @@ pub struct NetLaunch {
     pub forwards: Vec<PortMapping>,
     /// A tap under this name (bridge network), instead of the user-mode stack.
     pub tap: Option<String>,
+    /// A macvtap under this name, made already, whose character device (`/dev/tapN`, N its
+    /// interface index) the VMM is handed open, instead.
+    pub macvtap: Option<String>,
 }
 
 /// A running VMM process: its pid and its start time (clock ticks since boot), so a reused pid
@@ -241,6 +246,7 @@ impl Vmm for Unconfigured {
             provider: self.0,
             user_network: false,
             creates_tap: false,
+            macvtap: false,
             console_socket: false,
             agent: AgentTransport::Serial,
             kernel_formats: &[],

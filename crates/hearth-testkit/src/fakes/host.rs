@@ -381,7 +381,12 @@ impl Kernels for FakeHost {
 impl Network for FakeHost {
     fn plan(&self, spec: &VmSpec) -> Result<Option<NetPlan>> {
         Ok((spec.network != NetworkMode::None).then(|| NetPlan {
-            card: NetLaunch { mac: spec.mac(), forwards: spec.ports.clone(), tap: None },
+            card: NetLaunch {
+                mac: spec.mac(),
+                forwards: spec.ports.clone(),
+                tap: None,
+                macvtap: None,
+            },
             ssh_port: None,
         }))
     }

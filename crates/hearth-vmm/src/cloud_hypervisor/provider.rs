@@ -23,6 +23,7 @@ impl crate::driven::Driver for Driver {
         provider: Provider::CloudHypervisor,
         user_network: false,
         creates_tap: false,
+        macvtap: true,
         console_socket: true,
         agent: AgentTransport::Vsock,
         kernel_formats: &[KernelFormat::BzImage, KernelFormat::ElfPvh],

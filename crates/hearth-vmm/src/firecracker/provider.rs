@@ -23,6 +23,7 @@ impl crate::driven::Driver for Driver {
         provider: Provider::Firecracker,
         user_network: false,
         creates_tap: false,
+        macvtap: false,
         console_socket: true,
         agent: AgentTransport::Vsock,
         kernel_formats: &[KernelFormat::Elf, KernelFormat::ElfPvh],

@@ -189,7 +189,14 @@ fn disk_args(spec: &LaunchSpec, kvm: bool) -> Vec<String> {
 
 /// A tap QEMU creates itself (gone with the process; no scripts), or QEMU's user-mode network
 /// backend with one `hostfwd` per published port.
+/// The descriptor a macvtap's character device is handed to QEMU as.
+pub const MACVTAP_FD: i32 = 3;
+
 fn netdev(net: &crate::NetLaunch) -> String {
+    if net.macvtap.is_some() {
+        // Opened by hearth and inherited (launch.rs); no vhost-net: QEMU does the I/O itself.
+        return format!("tap,id=net0,fd={MACVTAP_FD},vhost=off");
+    }
     if let Some(tap) = &net.tap {
         return format!("tap,id=net0,ifname={tap},script=no,downscript=no");
     }
@@ -411,7 +418,11 @@ mod tests {
         let forwards = ["127.0.0.1:2222:22", "8080:80", "[::1]:5353:53/udp"]
             .map(|p| p.parse().expect("port"))
             .to_vec();
-        s.network = Some(crate::NetLaunch { mac: "02:00:00:00:00:01".into(), forwards, tap: None });
+        s.network = Some(crate::NetLaunch {
+            mac: "02:00:00:00:00:01".into(),
+            forwards,
+            ..Default::default()
+        });
         let a = qemu_args(&s, Accel::Tcg, None, Features::ALL);
         assert_eq!(
             after(&a, "-netdev"),
@@ -427,10 +438,21 @@ mod tests {
             mac: "02:00:00:00:00:01".into(),
             forwards: vec![],
             tap: Some("ht0123".into()),
+            macvtap: None,
         });
         assert_eq!(
             after(&qemu_args(&s, Accel::Tcg, None, Features::ALL), "-netdev"),
             ["tap,id=net0,ifname=ht0123,script=no,downscript=no"]
+        );
+        // A macvtap's device is inherited as descriptor 3; QEMU does its I/O (no vhost-net).
+        s.network = Some(crate::NetLaunch {
+            mac: "02:00:00:00:00:01".into(),
+            macvtap: Some("ht0123".into()),
+            ..Default::default()
+        });
+        assert_eq!(
+            after(&qemu_args(&s, Accel::Tcg, None, Features::ALL), "-netdev"),
+            ["tap,id=net0,fd=3,vhost=off"]
         );
     }
 }

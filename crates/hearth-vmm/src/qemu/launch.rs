@@ -110,7 +110,17 @@ pub fn launch(spec: &LaunchSpec) -> Result<Launched, VmmError> {
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(io)?)
         .stderr(log);
-    crate::sys::detach_and_join(&mut cmd, group.as_ref().map(|g| g.join_fds()).unwrap_or_default());
+    // A macvtap's device, opened here (as root) and handed over as descriptor 3.
+    let macvtap = match spec.network.as_ref().and_then(|n| n.macvtap.as_deref()) {
+        Some(name) => Some(crate::macvtap::open(name)?),
+        None => None,
+    };
+    let inherit = macvtap.as_ref().map(|f| {
+        use std::os::fd::AsRawFd;
+        (f.as_raw_fd(), super::config::MACVTAP_FD)
+    });
+    let joins = group.as_ref().map(|g| g.join_fds()).unwrap_or_default();
+    crate::sys::detach_and_join(&mut cmd, joins, inherit);
     let started = (|| {
         let mut child = cmd.spawn().map_err(|source| VmmError::Spawn {
             binary: binary.display().to_string(),

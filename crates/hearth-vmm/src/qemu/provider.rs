@@ -34,6 +34,7 @@ impl Vmm for Qemu {
             provider: Provider::Qemu,
             user_network: true,
             creates_tap: true,
+            macvtap: true,
             console_socket: true,
             agent: AgentTransport::Serial,
             kernel_formats: &[KernelFormat::BzImage, KernelFormat::ElfPvh],

@@ -35,6 +35,9 @@ pub fn ssh_args(rec: &VmRecord, a: &SshArgs) -> anyhow::Result<Vec<String>> {
     if rec.spec.ssh_public_key.is_none() {
         bail!("VM {name} was not created with --ssh; use `hearth exec {name} -- sh`, or create it again with --ssh");
     }
+    if rec.spec.network == NetworkMode::Macvtap {
+        bail!("VM {name} is on the host's LAN through a macvtap (MAC {}): ssh to the address it took there", rec.spec.mac());
+    }
     // The user-mode network forwards a loopback port; on the bridge the guest is reachable.
     let (host, port) = match (rec.status.state, rec.status.ssh_port, &rec.status.ip) {
         (VmState::Running | VmState::Starting, Some(p), _) => ("127.0.0.1".to_owned(), p),

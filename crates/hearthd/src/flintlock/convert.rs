@@ -137,7 +137,7 @@ fn interfaces(interfaces: &[fl::NetworkInterface], network: NetworkMode) -> Resu
         if let Some(a) = &i.address {
             if network != NetworkMode::Bridge {
                 return bad(format!(
-                    "interface {}: static addresses need the bridge network (hearthd --flintlock-network bridge); leave address empty",
+                    "interface {}: static addresses need the bridge network (hearthd --flintlock-network bridge, and type TAP where hearthd has --parent-iface); leave address empty",
                     i.device_id
                 ));
             }
@@ -159,6 +159,23 @@ fn metadata(metadata: &std::collections::HashMap<String, String>) -> Result<(), 
         }
     }
     Ok(())
+}
+
+/// The network a microVM's card is on: a macvtap on the daemon's `--parent-iface` for an
+/// interface of type MACVTAP (the enum's zero, Flintlock's default) when the daemon has one, as
+/// Flintlock does; else the daemon's `--flintlock-network`.
+pub(super) fn card_network(
+    spec: &fl::MicroVmSpec,
+    network: NetworkMode,
+    parent: Option<&str>,
+) -> NetworkMode {
+    let macvtap = (spec.interfaces.first())
+        .is_some_and(|i| i.r#type == fl::network_interface::IfaceType::Macvtap as i32);
+    if macvtap && parent.is_some() {
+        NetworkMode::Macvtap
+    } else {
+        network
+    }
 }
 
 /// The hearth provider a microVM asks for by Flintlock's name (`firecracker`,

@@ -4,7 +4,6 @@
 
 use hearth_api::status::from_status;
 use hearth_core::ports::{Job, Jobs, Outcome};
-use hearth_core::NewVm;
 
 use super::*;
 
@@ -27,7 +26,9 @@ impl Jobs for MicroVmJobs {
         }
         let spec = rec.spec();
         let kernel = spec.kernel.clone().unwrap_or_default();
-        let mut req = create_request(&spec, uid, "", self.network).map_err(|s| from_status(&s))?;
+        let network =
+            super::convert::card_network(&spec, self.network, self.d.parent_iface.as_deref());
+        let mut req = create_request(&spec, uid, "", network).map_err(|s| from_status(&s))?;
         if req.vmm.is_empty() {
             req.vmm = self.d.default_vmm.to_string();
         }
@@ -37,7 +38,7 @@ impl Jobs for MicroVmJobs {
             kernel_image: kernel.image,
             kernel_file: kernel.filename,
             images,
-            vm: NewVm::try_from(req)?,
+            vm: crate::create::new_vm(&self.d, req)?,
             failures: rec.retry.max(0) as u32,
         }))
     }

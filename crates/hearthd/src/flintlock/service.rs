@@ -12,7 +12,9 @@ impl MicroVm for Flintlock {
             .into_inner()
             .microvm
             .ok_or_else(|| Status::invalid_argument("microvm spec is required"))?;
-        let mut spec = validate(spec, self.inner.network)?;
+        let parent = self.inner.d.parent_iface.as_deref();
+        let network = super::convert::card_network(&spec, self.inner.network, parent);
+        let mut spec = validate(spec, network)?;
         let uid = ulid::Ulid::new().to_string();
         spec.uid = Some(uid.clone());
         inject_instance_id(&mut spec, &uid)?;
