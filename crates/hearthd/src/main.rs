@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod adapters;
+mod config;
 mod console;
 mod create;
 mod daemon;
@@ -17,7 +18,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use hearth_api::microvm::services::api::v1alpha1::micro_vm_server::MicroVmServer;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
@@ -25,8 +26,12 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 /// hearth's daemon: owns the state under --root and serves the API on --socket.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version, about, args_override_self = true)]
 struct Args {
+    /// A TOML file of settings, each key one of these long flags (`thin-pool = "NAME"`,
+    /// `insecure = true`); flags given here win over it. Unknown keys are refused.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Directory holding images, kernels and VMs.
     #[arg(long, env = "HEARTH_ROOT", default_value = "/var/lib/hearth")]
     root: PathBuf,
@@ -108,7 +113,15 @@ struct Args {
 async fn main() {
     // Before anything is created: what hearthd and its VMMs write is private to root.
     root::private_umask();
-    let mut args = Args::parse();
+    let flags: Vec<(String, bool)> = Args::command()
+        .get_arguments()
+        .filter_map(|a| a.get_long().map(|l| (l.to_owned(), a.get_action().takes_values())))
+        .collect();
+    let argv = config::with_config(std::env::args_os().collect(), &flags).unwrap_or_else(|e| {
+        eprintln!("hearthd: {e:#}");
+        std::process::exit(2);
+    });
+    let mut args = Args::parse_from(argv);
     // VMMs change directory when they daemonize, and identity checks compare the paths on their
     // command lines: the root must be absolute.
     if let Ok(abs) = std::path::absolute(&args.root) {

@@ -402,3 +402,77 @@ fn a_macvtap_is_made_on_the_hosts_nic_with_the_vms_mac_handed_to_qemu_and_remove
     assert_eq!(section("kept").trim(), "1", "a second start reuses it:\n{out}");
     assert_eq!(section("after").trim(), "0", "removed with the VM:\n{out}");
 }
+
+/// `provision --all` in the test host (no apt, no systemd, no nftables there: those steps say
+/// why they are skipped; the network is left out with --no-network): modules loaded and listed
+/// for boot, the sysctl set and persisted, the dev pool made, hearthd's config and unit
+/// written; a second run does nothing; hearthd started from the config file uses what it says,
+/// and a config with a key that is not a flag is refused by name.
+#[test]
+fn provision_all_sets_up_the_host_and_hearthd_runs_from_the_config_it_wrote() {
+    require_e2e!();
+    let d = Daemon::start();
+    d.import_kernel();
+    test_host_image(&d, "testhost-all:1", true);
+    let p = prelude();
+    let hd = hearth_e2e::test_host::hearthd_bin().display().to_string();
+    let script = format!(
+        "{p} echo 0 > /proc/sys/net/ipv4/ip_forward; \
+         P=\"$H host provision --all --root $R --data-size 1G --metadata-size 64M --grpc-address 127.0.0.1:9090 --insecure --no-network --parent-iface eth0\"; \
+         echo '== plan'; $P --dry-run 2>&1; test -e /etc/hearth/hearthd.toml || echo 'no config yet'; \
+         echo '== first'; $P 2>&1; echo \"exit=$?\"; \
+         echo '== second'; $P 2>&1; echo \"exit=$?\"; \
+         echo '== config'; cat /etc/hearth/hearthd.toml; \
+         echo '== boot files'; cat /etc/modules-load.d/hearth.conf /etc/sysctl.d/90-hearth.conf; \
+         grep ExecStart /etc/systemd/system/hearthd.service; echo \"ip_forward=$(cat /proc/sys/net/ipv4/ip_forward)\"; \
+         echo '== daemon'; daemon --config /etc/hearth/hearthd.toml; \
+         for i in $(seq 100); do grep -q 'serving the Flintlock' /tmp/hearthd.log && break; sleep 0.1; done; grep -o 'serving the Flintlock API.*\\|VM root disks are thin snapshots.*' /tmp/hearthd.log | cut -c1-60; kill $HD; \
+         echo 'thin_pol = \"x\"' > /tmp/bad.toml; echo '== bad'; {hd} --config /tmp/bad.toml 2>&1; echo \"exit=$?\"; \
+         echo '== end'"
+    );
+    let (out, code) = in_test_host(&d, "testhost-all:1", "1G", "3G", &script);
+    assert_eq!(code, 0, "{out}");
+    let section = |name: &str| section(&out, name);
+    let plan = section("plan");
+    for step in [
+        "skipped installing qemu-system-x86",
+        "would load the kernel modules loop, dm_thin_pool, macvtap",
+        "would set net.ipv4.ip_forward = 1",
+        "would write /etc/modules-load.d/hearth.conf",
+        "would create the thin pool hearth-thinpool",
+        "would write /etc/hearth/hearthd.toml",
+        "would write /etc/systemd/system/hearthd.service",
+        "skipped starting hearthd: systemd is not running here",
+        "no config yet",
+    ] {
+        assert!(plan.contains(step), "the plan says {step:?}:\n{out}");
+    }
+    let first = section("first");
+    assert!(first.contains("did load the kernel modules") && first.contains("exit=0"), "{out}");
+    assert!(first.contains("did write /etc/hearth/hearthd.toml"), "{out}");
+    let second = section("second");
+    assert!(!second.contains("did ") && second.contains("nothing changed"), "{out}");
+    let config: toml::Table = section("config").parse().unwrap_or_else(|e| panic!("{e}:\n{out}"));
+    assert_eq!(config["thin-pool"].as_str(), Some("hearth-thinpool"), "{out}");
+    assert_eq!(config["flintlock-listen"].as_str(), Some("127.0.0.1:9090"), "{out}");
+    assert_eq!(config["parent-iface"].as_str(), Some("eth0"), "{out}");
+    assert_eq!(config["insecure"].as_bool(), Some(true), "{out}");
+    let boot = section("boot files");
+    for line in [
+        "dm_thin_pool",
+        "macvtap",
+        "net.ipv4.ip_forward = 1",
+        "--config /etc/hearth/hearthd.toml",
+        "ip_forward=1",
+    ] {
+        assert!(boot.contains(line), "{line}:\n{out}");
+    }
+    let daemon = section("daemon");
+    assert!(
+        daemon.contains("serving the Flintlock API"),
+        "from the config's flintlock-listen:\n{out}"
+    );
+    assert!(daemon.contains("VM root disks are thin snapshots"), "from its thin-pool:\n{out}");
+    let bad = section("bad");
+    assert!(bad.contains("unknown key \"thin_pol\"") && bad.contains("exit=2"), "{out}");
+}

@@ -15,13 +15,41 @@ pub enum HostCmd {
     Check(CheckArgs),
     /// Prepare the host: the state directory, the storage check and the bridge network.
     Init(InitArgs),
-    /// Set up what a Flintlock host has: a device-mapper thin pool for VM disks (`--dev`: on
-    /// sparse files), its kernel modules. Idempotent; `--dry-run` prints the plan.
+    /// Set up what a Flintlock host has: a device-mapper thin pool for VM disks (`--dev` on
+    /// sparse files, `--direct-lvm --disk` on a disk), or with `--all` everything: packages,
+    /// modules, sysctls, the pool, the bridge, hearthd's config and service. Idempotent;
+    /// `--dry-run` prints the plan.
     Provision(ProvisionArgs),
 }
 
 #[derive(Debug, Args)]
 pub struct ProvisionArgs {
+    /// Everything a host needs, as Flintlock's provision.sh `all`: the packages (apt), the
+    /// kernel modules now and at boot, the sysctls now and at boot, the thin pool (on files,
+    /// or on --disk through LVM), the bridge network, /etc/hearth/hearthd.toml with the options
+    /// below and a hearthd systemd unit, enabled and started.
+    #[arg(long, conflicts_with_all = ["dev", "direct_lvm"])]
+    all: bool,
+    /// With --all: serve Flintlock's API on this TCP address (hearthd --flintlock-listen).
+    #[arg(long, value_name = "ADDR")]
+    grpc_address: Option<String>,
+    /// With --all: the host interface macvtap networks sit on (hearthd --parent-iface).
+    #[arg(long, value_name = "IFACE")]
+    parent_iface: Option<String>,
+    /// With --all: serve --grpc-address in plaintext.
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key"])]
+    insecure: bool,
+    /// With --all: TLS certificate and key (PEM) for --grpc-address, and a CA for client
+    /// certificates (mutual TLS).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// With --all: leave the network alone (no bridge; no tun and bridge modules).
+    #[arg(long)]
+    no_network: bool,
     /// The thin pool on sparse files in the state directory, on loop devices (Flintlock's dev
     /// mode; it comes back after a reboot when hearthd starts).
     #[arg(long, conflicts_with = "direct_lvm")]
@@ -87,6 +115,7 @@ pub async fn host(c: HostCmd) -> anyhow::Result<i32> {
             Ok(if checks.iter().any(|c| c.level == Level::Fail) { 1 } else { 0 })
         }
         HostCmd::Init(a) => init(a).await,
+        HostCmd::Provision(a) if a.all => provision_all(a).await,
         HostCmd::Provision(a) => provision(a),
     }
 }
@@ -172,14 +201,85 @@ fn size(s: &str) -> Result<u64, String> {
 const POOL_MODULES: [&str; 2] = ["dm_thin_pool", "loop"];
 
 fn provision(a: ProvisionArgs) -> anyhow::Result<i32> {
-    use anyhow::Context;
     if a.direct_lvm {
         return direct_lvm(&a);
     }
     anyhow::ensure!(
         a.dev,
-        "say what to provision: --dev (a thin pool on sparse files) or --direct-lvm --disk DEV (on a disk, through LVM)"
+        "say what to provision: --dev (a thin pool on sparse files), --direct-lvm --disk DEV (on a disk, through LVM), or --all"
     );
+    dev_pool(&a)
+}
+
+/// `--all`: see [`super::provision`].
+async fn provision_all(a: ProvisionArgs) -> anyhow::Result<i32> {
+    use super::provision as p;
+    let dry = a.dry_run;
+    anyhow::ensure!(
+        dry || nix::unistd::geteuid().is_root(),
+        "hearth host provision must run as root"
+    );
+    anyhow::ensure!(
+        a.grpc_address.is_none() || a.insecure || a.tls_cert.is_some(),
+        "--grpc-address needs TLS (--tls-cert and --tls-key) or --insecure for plaintext"
+    );
+    let lvm = a.disk.is_some();
+    let thin_pool = match &a.disk {
+        Some(disk) => hearth_storage::lvm::DirectLvm {
+            disk: disk.clone(),
+            vg: a.vg.clone(),
+            lv: a.pool_name.clone().unwrap_or_else(|| hearth_storage::lvm::DEFAULT_LV.into()),
+            force: a.force,
+        }
+        .dm_name(),
+        None => {
+            a.pool_name.clone().unwrap_or_else(|| hearth_storage::dm::pool::DEFAULT_NAME.into())
+        }
+    };
+    let svc = p::Service {
+        root: a.root.clone(),
+        thin_pool,
+        grpc_address: a.grpc_address.clone(),
+        parent_iface: a.parent_iface.clone(),
+        insecure: a.insecure,
+        tls_cert: a.tls_cert.clone(),
+        tls_key: a.tls_key.clone(),
+        tls_client_ca: a.tls_client_ca.clone(),
+        network: !a.no_network,
+    };
+    p::packages(dry, lvm)?;
+    p::modules(dry, &svc)?;
+    p::sysctls(dry)?;
+    if lvm {
+        direct_lvm(&a)?;
+    } else {
+        dev_pool(&a)?;
+    }
+    if svc.network {
+        let bridge = hearth_net::Bridge::hearth0();
+        let there = std::path::Path::new("/sys/class/net").join(&bridge.name).exists();
+        if !there {
+            println!(
+                "{} create the bridge {} at {}/{} with NAT",
+                if dry { "would" } else { "did" },
+                bridge.name,
+                bridge.gateway,
+                bridge.prefix
+            );
+        }
+        if !dry {
+            hearth_net::ensure_bridge(&bridge).await.map_err(|e| {
+                anyhow::anyhow!("setting up the bridge network (or pass --no-network): {e}")
+            })?;
+        }
+    }
+    p::service(dry, &svc, &p::hearthd_binary())?;
+    Ok(0)
+}
+
+/// `--dev`: the pool on sparse files in ROOT/pool.
+fn dev_pool(a: &ProvisionArgs) -> anyhow::Result<i32> {
+    use anyhow::Context;
     let pool = hearth_storage::dm::pool::DevPool {
         dir: a.root.join("pool"),
         name: a.pool_name.clone().unwrap_or_else(|| hearth_storage::dm::pool::DEFAULT_NAME.into()),

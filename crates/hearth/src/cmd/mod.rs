@@ -7,6 +7,7 @@ pub mod host;
 pub mod image;
 pub mod kernel;
 pub mod lifecycle;
+pub mod provision;
 pub mod ps;
 pub mod run;
 pub mod ssh;
