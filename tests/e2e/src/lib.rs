@@ -439,3 +439,16 @@ pub fn mounts_and_loops(needle: &str) -> Vec<String> {
     out.extend(losetup.lines().filter(|l| l.contains(needle)).map(str::to_owned));
     out
 }
+
+/// Whether this host's kernel has the module `name` (loaded, built in, or on disk to load).
+pub fn kernel_has(name: &str) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let tree = Path::new("/lib/modules").join(release.trim());
+    let file = format!("{}.ko*", name.replace('_', "-"));
+    let on_disk = std::process::Command::new("find")
+        .arg(&tree)
+        .args(["-name", &file])
+        .output()
+        .is_ok_and(|o| !o.stdout.is_empty());
+    Path::new("/sys/module").join(name).exists() || on_disk
+}

@@ -164,14 +164,7 @@ fn ssh_into_an_image_with_an_ssh_server() {
 #[test]
 fn a_macvtap_network_without_macvtap_in_the_kernel_or_under_firecracker_is_refused_with_why() {
     require_e2e!();
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("release");
-    let tree = std::path::Path::new("/lib/modules").join(release.trim());
-    let on_disk = std::process::Command::new("find")
-        .arg(&tree)
-        .args(["-name", "macvtap.ko*"])
-        .output()
-        .is_ok_and(|o| !o.stdout.is_empty());
-    if std::path::Path::new("/sys/module/macvtap").exists() || on_disk {
+    if hearth_e2e::kernel_has("macvtap") {
         eprintln!("skipped: this host's kernel has macvtap (the test-host guest covers it)");
         return;
     }

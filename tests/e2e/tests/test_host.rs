@@ -153,14 +153,7 @@ fn provision_direct_lvm_makes_a_pool_on_a_blank_disk_once_and_refuses_a_disk_in_
 #[test]
 fn on_a_host_without_device_mapper_the_pool_and_its_module_are_reported_with_their_fix() {
     require_e2e!();
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("release");
-    let tree = std::path::Path::new("/lib/modules").join(release.trim());
-    let on_disk = std::process::Command::new("find")
-        .arg(&tree)
-        .args(["-name", "dm-thin-pool.ko*"])
-        .output()
-        .is_ok_and(|o| !o.stdout.is_empty());
-    if std::path::Path::new("/sys/module/dm_thin_pool").exists() || on_disk {
+    if hearth_e2e::kernel_has("dm_thin_pool") {
         eprintln!("skipped: this host's kernel has dm_thin_pool (the test-host guest covers it)");
         return;
     }

@@ -31,14 +31,20 @@ fn sha256(path: &Path) -> String {
     text(&out.stdout).split_whitespace().next().unwrap_or_default().to_owned()
 }
 
-#[test]
-fn host_files_and_blank_volumes_reach_the_guest_and_only_the_vms_own_go_with_it() {
-    require_e2e!();
+/// A daemon with a kernel, and a busybox image in a local registry (kept while the test runs).
+fn daemon_and_image() -> (Daemon, hearth_e2e::testutil::LocalRegistry, String) {
     let reg = hearth_e2e::testutil::LocalRegistry::start().expect("registry");
     hearth_e2e::testutil::push_busybox(&reg, "vol:1", "").expect("push");
     let image = format!("{}/vol:1", reg.host());
     let d = Daemon::start();
     d.import_kernel();
+    (d, reg, image)
+}
+
+#[test]
+fn host_files_and_blank_volumes_reach_the_guest_and_only_the_vms_own_go_with_it() {
+    require_e2e!();
+    let (d, _reg, image) = daemon_and_image();
     let work = tempfile::tempdir().expect("tmp");
     let (data, ro) = (work.path().join("data.img"), work.path().join("ro.img"));
     ext4_with(&data, 32, "from the host\n");
@@ -109,11 +115,7 @@ fn host_files_and_blank_volumes_reach_the_guest_and_only_the_vms_own_go_with_it(
 #[test]
 fn volumes_that_cannot_be_given_are_refused_by_name_and_leave_no_vm() {
     require_e2e!();
-    let reg = hearth_e2e::testutil::LocalRegistry::start().expect("registry");
-    hearth_e2e::testutil::push_busybox(&reg, "vol:1", "").expect("push");
-    let image = format!("{}/vol:1", reg.host());
-    let d = Daemon::start();
-    d.import_kernel();
+    let (d, _reg, image) = daemon_and_image();
     let work = tempfile::tempdir().expect("tmp");
     let shared = work.path().join("shared.img");
     ext4_with(&shared, 16, "x\n");

@@ -294,20 +294,10 @@ fn dev_pool(a: &ProvisionArgs) -> anyhow::Result<i32> {
             .map(|m| format!("load the kernel module {m}"))
             .collect();
         plan.extend(pool.plan(dm.as_ref())?.iter().map(ToString::to_string));
-        if plan.is_empty() {
-            println!("nothing to do: the thin pool {} is set up", pool.name);
-        }
-        for step in plan {
-            println!("would {step}");
-        }
+        print_plan(&plan, &pool.name);
         return Ok(0);
     }
-    anyhow::ensure!(nix::unistd::geteuid().is_root(), "hearth host provision must run as root");
-    for m in hearth_kernel::kmod::load(&hearth_kernel::kmod::tree(), &POOL_MODULES)
-        .map_err(anyhow::Error::msg)?
-    {
-        println!("loaded the kernel module {m}");
-    }
+    load_modules(&POOL_MODULES)?;
     let dm = hearth_storage::dm::Control::open()?;
     let steps =
         pool.ensure(&dm).with_context(|| format!("setting up the thin pool {}", pool.name))?;
@@ -332,6 +322,27 @@ fn report_pool(pool: &hearth_storage::dm::thin::Pool, unchanged: bool) -> anyhow
     Ok(())
 }
 
+/// A dry run's plan for the pool `name`.
+fn print_plan(plan: &[String], name: &str) {
+    if plan.is_empty() {
+        println!("nothing to do: the thin pool {name} is set up");
+    }
+    for step in plan {
+        println!("would {step}");
+    }
+}
+
+/// Loads the pool's modules (as root), saying which it loaded.
+fn load_modules(names: &[&str]) -> anyhow::Result<()> {
+    anyhow::ensure!(nix::unistd::geteuid().is_root(), "hearth host provision must run as root");
+    for m in hearth_kernel::kmod::load(&hearth_kernel::kmod::tree(), names)
+        .map_err(anyhow::Error::msg)?
+    {
+        println!("loaded the kernel module {m}");
+    }
+    Ok(())
+}
+
 /// `--direct-lvm --disk DEV`: the pool through LVM on a whole disk.
 fn direct_lvm(a: &ProvisionArgs) -> anyhow::Result<i32> {
     let lvm = hearth_storage::lvm::DirectLvm {
@@ -347,20 +358,10 @@ fn direct_lvm(a: &ProvisionArgs) -> anyhow::Result<i32> {
             .map(|m| format!("load the kernel module {m}"))
             .collect();
         plan.extend(lvm.plan().map_err(anyhow::Error::msg)?.iter().map(ToString::to_string));
-        if plan.is_empty() {
-            println!("nothing to do: the thin pool {} is set up", lvm.dm_name());
-        }
-        for step in plan {
-            println!("would {step}");
-        }
+        print_plan(&plan, &lvm.dm_name());
         return Ok(0);
     }
-    anyhow::ensure!(nix::unistd::geteuid().is_root(), "hearth host provision must run as root");
-    for m in hearth_kernel::kmod::load(&hearth_kernel::kmod::tree(), &modules)
-        .map_err(anyhow::Error::msg)?
-    {
-        println!("loaded the kernel module {m}");
-    }
+    load_modules(&modules)?;
     let steps = lvm.ensure().map_err(anyhow::Error::msg)?;
     for step in &steps {
         println!("did {step}");
