@@ -232,15 +232,21 @@ fn storage(f: &Facts) -> Vec<Check> {
 const POOL_WARN_PERCENT: f64 = 80.0;
 
 fn thin_pool(f: &Facts) -> Check {
-    let name = "thin pool";
     let Some((pool, usage)) = &f.thin_pool else {
         return check(
-            name,
+            "thin pool",
             Level::Info,
             "no device-mapper thin pool",
             "hearth host provision --dev makes one on sparse files, --direct-lvm --disk DEV on a disk",
         );
     };
+    pool_check(pool, usage)
+}
+
+/// The thin pool `pool`'s report: its use, a warning past 80% or when it is not writable or
+/// needs a check (`hearth host check`, `hearth info`).
+pub fn pool_check(pool: &str, usage: &Result<crate::PoolUsage, String>) -> Check {
+    let name = "thin pool";
     match usage {
         Err(e) => {
             check(name, Level::Warn, format!("{pool}: {e}"), "see `dmsetup status` for the pool")

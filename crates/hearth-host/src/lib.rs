@@ -5,7 +5,7 @@
 mod evaluate;
 mod facts;
 
-pub use evaluate::evaluate;
+pub use evaluate::{evaluate, pool_check};
 pub use facts::{Facts, ModState, PoolUsage};
 
 use serde::Serialize;

@@ -59,6 +59,13 @@ enum Command {
     Host(cmd::host::HostCmd),
     /// Show client and daemon versions.
     Version,
+    /// Show what the daemon has (VMs, images, kernels) and how it stores VMs' disks (the thin
+    /// pool's use, with a warning past 80%).
+    Info {
+        /// Output format: table or json.
+        #[arg(short = 'o', long, default_value = "table")]
+        output: String,
+    },
     /// Print a shell completion script.
     Completion { shell: clap_complete::Shell },
 }
@@ -102,6 +109,7 @@ async fn dispatch(cli: Cli) -> i32 {
         Command::Kernel(c) => cmd::kernel::kernel(host, c).await,
         Command::Host(c) => cmd::host::host(c).await,
         Command::Version => cmd::ps::version(host).await,
+        Command::Info { output } => cmd::ps::info(host, &output).await,
         Command::Completion { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "hearth", &mut std::io::stdout());

@@ -124,6 +124,50 @@ pub fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
+/// `hearth info`: the daemon's counts, defaults, storage (the thin pool's use, with a warning
+/// past its threshold) and network, as JSON.
+pub fn info(d: &Daemon) -> anyhow::Result<serde_json::Value> {
+    use hearth_types::VmState;
+    let vms = d.vms.list()?;
+    let running = (vms.iter())
+        .filter(|v| matches!(v.status.state, VmState::Running | VmState::Starting))
+        .count();
+    let storage = match &d.thin {
+        Some(t) => {
+            let pool =
+                hearth_storage::dm::thin::Pool { dm: &t.control, name: t.disks.pool.clone() };
+            let usage = pool.usage().map_err(|e| e.to_string()).map(|u| hearth_host::PoolUsage {
+                data_percent: u.data_percent(),
+                metadata_percent: u.metadata_percent(),
+                data_bytes: u.data_total * hearth_storage::dm::thin::BLOCK_SECTORS * 512,
+                mode: u.mode.clone(),
+                needs_check: u.needs_check,
+            });
+            serde_json::to_value(hearth_host::pool_check(&t.disks.pool, &usage))?
+        }
+        None => {
+            let reflink = hearth_storage::supports_reflink(&d.root.join("vms")).unwrap_or(false);
+            serde_json::json!({
+                "name": "files",
+                "level": "ok",
+                "detail": if reflink { "reflink copies of each image's base filesystem" } else { "sparse copies of each image's base filesystem" },
+            })
+        }
+    };
+    Ok(serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "root": d.root.display().to_string(),
+        "accel": default_accel().map(|a| a.to_string()).unwrap_or_else(|e| e),
+        "default_vmm": d.default_vmm.to_string(),
+        "parent_iface": d.parent_iface,
+        "vms": { "total": vms.len(), "running": running },
+        "images": d.images.list()?.len(),
+        "kernels": d.kernels.list()?.len(),
+        "default_kernel": d.kernels.default_name()?,
+        "storage": storage,
+    }))
+}
+
 /// Files of a VM's directory.
 pub fn disk_path(vm_dir: &Path) -> PathBuf {
     vm_dir.join("disk.img")

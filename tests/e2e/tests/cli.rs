@@ -111,3 +111,28 @@ fn kernel_pull_from_an_ignite_style_image_boots() {
 fn hearth_kernel_closure(modules: &std::path::Path) -> Vec<std::path::PathBuf> {
     hearth_kernel::modules::closure(modules, hearth_kernel::GUEST_MODULES).expect("closure")
 }
+
+/// `hearth info` counts what the daemon has and says how it stores VM disks (here, without a
+/// thin pool, copies of each image's base); `-o json` is the same for machines.
+#[test]
+fn info_says_what_the_daemon_has_and_how_it_stores_disks() {
+    require_e2e!();
+    let (_reg, image) = demo_registry();
+    let d = Daemon::start();
+    d.import_kernel();
+    d.ok(&["create", "--name", "a", &image]);
+    let info = d.ok(&["info"]);
+    for line in [
+        "VMs: 1 (running 0, stopped 1)",
+        "Images: 1",
+        "Kernels: 1 (default debian)",
+        "Default VMM: qemu",
+        "copies of each image's base filesystem",
+    ] {
+        assert!(info.contains(line), "{line}:\n{info}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&d.ok(&["info", "-o", "json"])).expect("json");
+    assert_eq!(json["vms"]["total"], 1);
+    assert_eq!(json["root"].as_str(), d.root.path().to_str());
+}

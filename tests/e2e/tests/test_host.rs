@@ -419,7 +419,8 @@ fn provision_all_sets_up_the_host_and_hearthd_runs_from_the_config_it_wrote() {
          echo '== boot files'; cat /etc/modules-load.d/hearth.conf /etc/sysctl.d/90-hearth.conf; \
          grep ExecStart /etc/systemd/system/hearthd.service; echo \"ip_forward=$(cat /proc/sys/net/ipv4/ip_forward)\"; \
          echo '== daemon'; daemon --config /etc/hearth/hearthd.toml; \
-         for i in $(seq 100); do grep -q 'serving the Flintlock' /tmp/hearthd.log && break; sleep 0.1; done; grep -o 'serving the Flintlock API.*\\|VM root disks are thin snapshots.*' /tmp/hearthd.log | cut -c1-60; kill $HD; \
+         for i in $(seq 100); do grep -q 'serving the Flintlock' /tmp/hearthd.log && break; sleep 0.1; done; grep -o 'serving the Flintlock API.*\\|VM root disks are thin snapshots.*' /tmp/hearthd.log | cut -c1-60; \
+         echo '== info'; $H info; kill $HD; \
          echo 'thin_pol = \"x\"' > /tmp/bad.toml; echo '== bad'; {hd} --config /tmp/bad.toml 2>&1; echo \"exit=$?\"; \
          echo '== end'"
     );
@@ -466,6 +467,16 @@ fn provision_all_sets_up_the_host_and_hearthd_runs_from_the_config_it_wrote() {
         "from the config's flintlock-listen:\n{out}"
     );
     assert!(daemon.contains("VM root disks are thin snapshots"), "from its thin-pool:\n{out}");
+    // `hearth info` reports the daemon's pool and its use, and the macvtap interface.
+    let info = section("info");
+    for line in [
+        "VMs: 0 (running 0, stopped 0)",
+        "Storage: hearth-thinpool: data 0.0% used of 1.0 GiB, metadata",
+        "macvtap interface: eth0",
+    ] {
+        assert!(info.contains(line), "{line}:\n{out}");
+    }
+    assert!(!info.contains("WARNING"), "{out}");
     let bad = section("bad");
     assert!(bad.contains("unknown key \"thin_pol\"") && bad.contains("exit=2"), "{out}");
 }

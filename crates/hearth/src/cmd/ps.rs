@@ -82,6 +82,47 @@ pub async fn inspect(host: Option<String>, a: InspectArgs) -> anyhow::Result<i32
     Ok(0)
 }
 
+/// `hearth info`: what the daemon has, and how it stores and networks VMs.
+pub async fn info(host: Option<String>, output: &str) -> anyhow::Result<i32> {
+    let mut c = client::connect(host).await?;
+    let info: serde_json::Value =
+        serde_json::from_str(&c.info(pb::Empty {}).await?.into_inner().json)?;
+    if output == "json" {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+        return Ok(0);
+    }
+    anyhow::ensure!(output == "table", "-o {output:?}: expected table or json");
+    let s = |k: &str| info[k].as_str().unwrap_or("").to_owned();
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    let vms = &info["vms"];
+    println!("Server version: hearthd {}", s("version"));
+    println!("Root: {}", s("root"));
+    println!(
+        "VMs: {} (running {}, stopped {})",
+        n(&vms["total"]),
+        n(&vms["running"]),
+        n(&vms["total"]) - n(&vms["running"]).min(n(&vms["total"]))
+    );
+    println!("Images: {}", n(&info["images"]));
+    let default =
+        info["default_kernel"].as_str().map(|k| format!(" (default {k})")).unwrap_or_default();
+    println!("Kernels: {}{default}", n(&info["kernels"]));
+    println!("Default VMM: {}; accelerator: {}", s("default_vmm"), s("accel"));
+    let storage = &info["storage"];
+    println!("Storage: {}", storage["detail"].as_str().unwrap_or(""));
+    if let Some(parent) = info["parent_iface"].as_str() {
+        println!("macvtap interface: {parent}");
+    }
+    if matches!(storage["level"].as_str(), Some("warn" | "fail")) {
+        println!(
+            "WARNING: {} — fix: {}",
+            storage["detail"].as_str().unwrap_or(""),
+            storage["fix"].as_str().unwrap_or("")
+        );
+    }
+    Ok(0)
+}
+
 pub async fn version(host: Option<String>) -> anyhow::Result<i32> {
     println!("Client: hearth {}", env!("CARGO_PKG_VERSION"));
     let mut c = client::connect(host).await?;

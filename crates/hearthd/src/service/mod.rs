@@ -49,6 +49,15 @@ impl Hearth for Api {
         }))
     }
 
+    async fn info(&self, _: Request<pb::Empty>) -> Result<Response<pb::Record>, Status> {
+        let d = self.d.clone();
+        let info = tokio::task::spawn_blocking(move || crate::adapters::info(&d))
+            .await
+            .map_err(internal)?
+            .map_err(chain)?;
+        Ok(Response::new(pb::Record { json: info.to_string(), warning: String::new() }))
+    }
+
     type PullImageStream = Streamed<pb::Progress>;
     async fn pull_image(
         &self,
