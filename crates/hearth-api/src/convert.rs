@@ -20,8 +20,22 @@ impl TryFrom<pb::CreateVmRequest> for NewVm {
             (true, true) => SshKey::Generate,
             (true, false) => SshKey::None,
         };
+        // On the LAN a static address is a CIDR; on the bridge, an address of its subnet.
+        let on_lan = req.network.starts_with("macvtap");
+        let lan = match req.address.as_str() {
+            a if on_lan && !a.is_empty() => Some(
+                hearth_types::LanAddress::parse(a, Some(&req.gateway), &req.dns).map_err(invalid)?,
+            ),
+            _ if !req.gateway.is_empty() || !req.dns.is_empty() => {
+                return Err(Error::invalid(
+                    "--gateway and --dns go with a static address on --network macvtap (--ip A.B.C.D/N)",
+                ))
+            }
+            _ => None,
+        };
         let address = match req.address.as_str() {
             "" => None,
+            _ if on_lan => None,
             a => Some(
                 a.parse::<std::net::Ipv4Addr>()
                     .map_err(|_| Error::invalid(format!("address {a:?} is not an IPv4 address")))?,
@@ -56,6 +70,7 @@ impl TryFrom<pb::CreateVmRequest> for NewVm {
             tty: req.tty,
             network,
             macvtap_parent,
+            lan,
             ports: req
                 .ports
                 .iter()
@@ -129,6 +144,25 @@ mod tests {
             NewVm::try_from(r).expect("valid").ssh,
             SshKey::Given("ssh-ed25519 AAAAC3 me".into())
         );
+    }
+
+    #[test]
+    fn a_macvtap_network_names_its_interface_and_takes_a_static_lan_address() {
+        let mut r = req();
+        r.network = "macvtap:eth0".into();
+        r.address = "192.168.1.50/24".into();
+        r.gateway = "192.168.1.1".into();
+        r.dns = vec!["192.168.1.1".into()];
+        let v = NewVm::try_from(r.clone()).expect("valid");
+        assert_eq!(v.network, hearth_types::NetworkMode::Macvtap);
+        assert_eq!(v.macvtap_parent.as_deref(), Some("eth0"));
+        let lan = v.lan.expect("lan");
+        assert_eq!((lan.address.to_string(), lan.prefix), ("192.168.1.50".into(), 24));
+        assert_eq!(v.address, None, "not a bridge address");
+        r.network = "bridge".into();
+        r.address = String::new();
+        let e = NewVm::try_from(r).expect_err("a gateway without a LAN address");
+        assert!(e.message.contains("--network macvtap"), "{e}");
     }
 
     #[test]

@@ -42,8 +42,9 @@ pub struct NewVm {
     /// A bridge address asked for; allocated when `None` on the bridge.
     pub address: Option<Ipv4Addr>,
     pub cloud_init_network: Option<String>,
-    /// The host interface of a macvtap network.
+    /// The host interface of a macvtap network, and a static address there.
     pub macvtap_parent: Option<String>,
+    pub lan: Option<hearth_types::LanAddress>,
     pub volumes: Vec<NewVolume>,
     pub cloud_init: BTreeMap<String, String>,
     pub log: Option<LogOptions>,
@@ -372,6 +373,7 @@ fn spec_of(
         address: None,
         cloud_init_network: req.cloud_init_network,
         macvtap_parent: req.macvtap_parent,
+        lan: req.lan,
         volumes,
         cloud_init: req.cloud_init,
         log: req.log,
@@ -433,7 +435,7 @@ pub fn cloud_init_bundle(spec: &VmSpec, resolvers: Vec<String>) -> BTreeMap<Stri
     let mut files = spec.cloud_init.clone();
     let Some(device) = &spec.cloud_init_network else { return files };
     let config = match (spec.network, network_for(spec, resolvers)) {
-        (NetworkMode::Macvtap, _) => {
+        (NetworkMode::Macvtap, None) => {
             Some(crate::guest::cloud_init_dhcp_config(device, &spec.mac()))
         }
         (_, Some(net)) => Some(crate::cloud_init_network_config(device, &net)),

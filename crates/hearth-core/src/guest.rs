@@ -92,7 +92,13 @@ pub fn guest_network(spec: &VmSpec) -> Option<GuestNetwork> {
             dns: vec![USER_NET_DNS.to_owned()],
         }),
         // On the LAN the guest takes its address there, with its own DHCP client.
-        NetworkMode::Macvtap => None,
+        NetworkMode::Macvtap => spec.lan.as_ref().map(|l| GuestNetwork {
+            mac: spec.mac(),
+            address: l.address.to_string(),
+            prefix: l.prefix,
+            gateway: l.gateway.map(|g| g.to_string()).unwrap_or_default(),
+            dns: l.dns.iter().map(ToString::to_string).collect(),
+        }),
         // The resolvers are the host's; the daemon adds them when it writes the config.
         NetworkMode::Bridge => spec.address.map(|a| GuestNetwork {
             mac: spec.mac(),
@@ -116,9 +122,12 @@ pub fn cloud_init_dhcp_config(device: &str, mac: &str) -> String {
 /// renamed to `device`, with the same static address, gateway and resolvers.
 pub fn cloud_init_network_config(device: &str, net: &GuestNetwork) -> String {
     let mut s = format!(
-        "version: 2\nethernets:\n  {device}:\n    match:\n      macaddress: \"{}\"\n    set-name: {device}\n    addresses: [\"{}/{}\"]\n    routes:\n      - to: default\n        via: {}\n",
-        net.mac, net.address, net.prefix, net.gateway
+        "version: 2\nethernets:\n  {device}:\n    match:\n      macaddress: \"{}\"\n    set-name: {device}\n    addresses: [\"{}/{}\"]\n",
+        net.mac, net.address, net.prefix
     );
+    if !net.gateway.is_empty() {
+        s.push_str(&format!("    routes:\n      - to: default\n        via: {}\n", net.gateway));
+    }
     if !net.dns.is_empty() {
         s.push_str(&format!("    nameservers:\n      addresses: [{}]\n", net.dns.join(", ")));
     }
@@ -190,6 +199,17 @@ mod tests {
         s.cloud_init_network = Some("eth1".into());
         let files = crate::cloud_init_bundle(&s, vec![]);
         assert!(files["network-config"].contains("dhcp4: true"), "{files:?}");
+        // A static address there: hearth-init sets it, cloud-init's config says it, and with
+        // no gateway there is no default route.
+        s.lan = Some(hearth_types::LanAddress::parse("192.168.1.50/24", None, &[]).expect("lan"));
+        let net = guest_network(&s).expect("static");
+        assert_eq!(
+            (net.address.as_str(), net.prefix, net.gateway.as_str()),
+            ("192.168.1.50", 24, "")
+        );
+        let files = crate::cloud_init_bundle(&s, vec![]);
+        let config = &files["network-config"];
+        assert!(config.contains("192.168.1.50/24") && !config.contains("routes"), "{config}");
     }
 
     #[test]

@@ -48,12 +48,15 @@ pub fn configure(net: Option<&GuestNetwork>, hostname: &str) {
             .ok_or_else(|| format!("no interface with MAC {} appeared", net.mac))?;
         let addr: Ipv4Addr =
             net.address.parse().map_err(|_| format!("bad address {:?}", net.address))?;
-        let gw: Ipv4Addr =
-            net.gateway.parse().map_err(|_| format!("bad gateway {:?}", net.gateway))?;
         sock.set_addr(&card, addr, net.prefix)
             .map_err(|e| format!("{card}: setting {addr}/{}: {e}", net.prefix))?;
         sock.up(&card).map_err(|e| format!("{card}: up: {e}"))?;
-        sock.default_route(gw).map_err(|e| format!("default route via {gw}: {e}"))?;
+        // A LAN address may come without a gateway: then the subnet is all it reaches.
+        if !net.gateway.is_empty() {
+            let gw: Ipv4Addr =
+                net.gateway.parse().map_err(|_| format!("bad gateway {:?}", net.gateway))?;
+            sock.default_route(gw).map_err(|e| format!("default route via {gw}: {e}"))?;
+        }
         Ok(())
     })();
     if let Err(e) = res {

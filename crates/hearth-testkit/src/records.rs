@@ -31,6 +31,7 @@ pub fn spec(n: u8) -> VmSpec {
         address: None,
         cloud_init_network: None,
         macvtap_parent: None,
+        lan: None,
         volumes: vec![],
         cloud_init: Default::default(),
         log: None,

@@ -25,6 +25,6 @@ pub use net::{NetError, NetworkMode, PortMapping, Protocol};
 pub use reference::{ImageRef, ReferenceError};
 pub use size::{format_size, parse_size, size_flag, SizeError};
 pub use vm::{
-    parse_labels, Accel, BootTimings, Desired, LogOptions, Provider, VmRecord, VmSpec, VmSpecError,
-    VmState, VmStatus, VolumeSource, VolumeSpec,
+    parse_labels, Accel, BootTimings, Desired, LanAddress, LogOptions, Provider, VmRecord, VmSpec,
+    VmSpecError, VmState, VmStatus, VolumeSource, VolumeSpec,
 };

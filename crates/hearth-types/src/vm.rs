@@ -203,6 +203,9 @@ pub struct VmSpec {
     /// The host interface a macvtap network sits on (`--network macvtap:IFACE`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub macvtap_parent: Option<String>,
+    /// A static address on the LAN (macvtap network); without one the guest takes DHCP there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lan: Option<LanAddress>,
     /// Generate cloud-init's network-config for the card, naming the interface this (Flintlock's
     /// `add_network_config`), unless `cloud_init` carries one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -291,6 +294,11 @@ impl VmSpec {
         if let Some(mac) = &self.mac {
             crate::net::validate_mac(mac)?;
         }
+        if self.lan.is_some() && self.network != NetworkMode::Macvtap {
+            return Err(VmSpecError::Macvtap(
+                "a static LAN address without --network macvtap".into(),
+            ));
+        }
         match (&self.macvtap_parent, self.network) {
             (Some(p), NetworkMode::Macvtap) if iface_ok(p) => {}
             (None, m) if m != NetworkMode::Macvtap => {}
@@ -364,6 +372,52 @@ pub struct VolumeSpec {
     pub mount_point: Option<String>,
     #[serde(default)]
     pub read_only: bool,
+}
+
+/// A static IPv4 address on the host's LAN, for a macvtap card.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LanAddress {
+    pub address: std::net::Ipv4Addr,
+    pub prefix: u8,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<std::net::Ipv4Addr>,
+    /// Resolvers for the guest (IPv4 addresses).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<std::net::Ipv4Addr>,
+}
+
+impl LanAddress {
+    /// `A.B.C.D/N`, with an optional gateway and resolvers; the gateway must be on the subnet.
+    pub fn parse(cidr: &str, gateway: Option<&str>, dns: &[String]) -> Result<Self, String> {
+        let (ip, prefix) = cidr.split_once('/').ok_or_else(|| {
+            format!("address {cidr:?} needs its prefix on the LAN (like 192.168.1.50/24)")
+        })?;
+        let address: std::net::Ipv4Addr =
+            ip.parse().map_err(|_| format!("address {cidr:?} is not an IPv4 CIDR"))?;
+        let prefix: u8 = prefix
+            .parse()
+            .ok()
+            .filter(|p| (1..=32).contains(p))
+            .ok_or_else(|| format!("address {cidr:?}: the prefix must be 1-32"))?;
+        let gateway = match gateway.filter(|g| !g.is_empty()) {
+            Some(g) => {
+                let g = g.split('/').next().unwrap_or(g);
+                let gw: std::net::Ipv4Addr =
+                    g.parse().map_err(|_| format!("gateway {g:?} is not an IPv4 address"))?;
+                let mask = u32::MAX << (32 - u32::from(prefix));
+                if u32::from(gw) & mask != u32::from(address) & mask {
+                    return Err(format!("gateway {gw} is not on {cidr}"));
+                }
+                Some(gw)
+            }
+            None => None,
+        };
+        let dns = dns
+            .iter()
+            .map(|d| d.parse().map_err(|_| format!("resolver {d:?} is not an IPv4 address")))
+            .collect::<Result<_, _>>()?;
+        Ok(Self { address, prefix, gateway, dns })
+    }
 }
 
 /// A Linux interface name: 1-15 letters, digits, '_', '.' or '-'.
@@ -586,6 +640,7 @@ mod tests {
             mac: None,
             address: None,
             macvtap_parent: None,
+            lan: None,
             cloud_init_network: None,
             volumes: vec![],
             cloud_init: Default::default(),
@@ -676,6 +731,32 @@ mod tests {
             assert!(matches!(s.validate(), Err(VmSpecError::Macvtap(_))), "{network} {parent:?}");
         }
         assert_eq!("macvtap".parse::<NetworkMode>().expect("mode"), NetworkMode::Macvtap);
+        // A static LAN address goes with a macvtap only.
+        s.network = NetworkMode::Bridge;
+        s.macvtap_parent = None;
+        s.lan = Some(LanAddress::parse("192.168.1.50/24", None, &[]).expect("lan"));
+        assert!(matches!(s.validate(), Err(VmSpecError::Macvtap(_))));
+    }
+
+    #[test]
+    fn a_lan_address_is_a_cidr_with_its_gateway_on_the_subnet() {
+        let dns = ["192.168.1.1".to_owned()];
+        let l = LanAddress::parse("192.168.1.50/24", Some("192.168.1.1"), &dns).expect("ok");
+        assert_eq!((l.address.to_string(), l.prefix), ("192.168.1.50".into(), 24));
+        assert_eq!(l.gateway.map(|g| g.to_string()).as_deref(), Some("192.168.1.1"));
+        assert_eq!(l.dns.len(), 1);
+        // Flintlock sends the gateway as CIDR too.
+        assert!(LanAddress::parse("10.0.0.5/8", Some("10.0.0.1/8"), &[]).is_ok());
+        for (cidr, gw, why) in [
+            ("192.168.1.50", None, "prefix"),
+            ("192.168.1.50/33", None, "1-32"),
+            ("host/24", None, "IPv4"),
+            ("192.168.1.50/24", Some("192.168.2.1"), "not on"),
+        ] {
+            let e = LanAddress::parse(cidr, gw, &[]).expect_err(cidr);
+            assert!(e.contains(why), "{cidr}: {e}");
+        }
+        assert!(LanAddress::parse("192.168.1.50/24", None, &["dns.example".into()]).is_err());
     }
 
     #[test]

@@ -358,7 +358,9 @@ fn a_macvtap_is_made_on_the_hosts_nic_with_the_vms_mac_handed_to_qemu_and_remove
          echo '== link'; for l in /sys/class/net/ht*; do echo ${{l##*/}} $(cat $l/address) $(cat $l/iflink) $(cat $l/ifindex) $(ls $l | grep -c '^macvtap$'); done; \
          echo '== fd3'; cat /tmp/fd3; echo '== args'; grep -o 'tap,id=net0,[^ ]*' /tmp/args; \
          $H start m >/dev/null 2>&1; echo '== kept'; ls /sys/class/net | grep -c '^ht'; \
-         $H rm -f m >/dev/null; echo '== after'; ls /sys/class/net | grep -c '^ht'; echo '== end'"
+         $H rm -f m >/dev/null; echo '== after'; ls /sys/class/net | grep -c '^ht'; \
+         $H create --name s --size 1G --network macvtap:$NIC --ip 192.168.77.5/24 --gateway 192.168.77.1 demo:1 >/dev/null; \
+         echo '== static'; $H inspect s | grep -A6 'lan' | tr -d ' \\n'; echo; echo '== end'"
     );
     let out = d.hearth(&[
         "run",
@@ -394,6 +396,14 @@ fn a_macvtap_is_made_on_the_hosts_nic_with_the_vms_mac_handed_to_qemu_and_remove
     assert!(section("args").contains("tap,id=net0,fd=3,vhost=off"), "{out}");
     assert_eq!(section("kept").trim(), "1", "a second start reuses it:\n{out}");
     assert_eq!(section("after").trim(), "0", "removed with the VM:\n{out}");
+    // A static address on the LAN is the VM's, with its gateway.
+    let lan = section("static");
+    assert!(
+        lan.contains("\"address\":\"192.168.77.5\"")
+            && lan.contains("\"prefix\":24")
+            && lan.contains("\"gateway\":\"192.168.77.1\""),
+        "{out}"
+    );
 }
 
 /// `provision --all` in the test host (no apt, no systemd, no nftables there: those steps say

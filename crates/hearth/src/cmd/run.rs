@@ -63,9 +63,17 @@ pub struct CreateArgs {
     /// of its own; needs root) or none.
     #[arg(long, default_value = "user")]
     network: String,
-    /// The VM's address on the bridge network (with --network bridge); allocated when not given.
+    /// The VM's address: on the bridge network, one of its subnet (allocated when not given);
+    /// on a macvtap network, a static LAN address with its prefix, A.B.C.D/N (DHCP when not
+    /// given).
     #[arg(long, value_name = "ADDR")]
     ip: Option<String>,
+    /// With --network macvtap and --ip: the LAN's gateway.
+    #[arg(long, value_name = "ADDR")]
+    gateway: Option<String>,
+    /// With --network macvtap and --ip: a resolver for the guest (repeatable).
+    #[arg(long, value_name = "ADDR")]
+    dns: Vec<String>,
     /// Attach an image's filesystem as a disk mounted at PATH, shared read-only with `:ro`, else
     /// a copy of the VM's own: IMAGE:PATH[:ro]. The image must be in the store (`image pull`).
     #[arg(long = "image-volume", value_name = "IMAGE:PATH[:ro]")]
@@ -165,6 +173,8 @@ fn request(a: &CreateArgs) -> anyhow::Result<pb::CreateVmRequest> {
         mac: String::new(),
         cloud_init: Default::default(),
         address: a.ip.clone().unwrap_or_default(),
+        gateway: a.gateway.clone().unwrap_or_default(),
+        dns: a.dns.clone(),
         cloud_init_network: String::new(),
         volumes: volumes(a)?,
         log_opts: a.log_opt.clone(),

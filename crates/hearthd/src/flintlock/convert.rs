@@ -135,13 +135,19 @@ fn interfaces(interfaces: &[fl::NetworkInterface], network: NetworkMode) -> Resu
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
         }
         if let Some(a) = &i.address {
-            if network != NetworkMode::Bridge {
-                return bad(format!(
-                    "interface {}: static addresses need the bridge network (hearthd --flintlock-network bridge, and type TAP where hearthd has --parent-iface); leave address empty",
+            let checked = match network {
+                NetworkMode::Bridge => static_address(a).map(drop),
+                // On the LAN through a macvtap: any subnet, the guest configures it.
+                NetworkMode::Macvtap => {
+                    hearth_types::LanAddress::parse(&a.address, a.gateway.as_deref(), &a.nameservers)
+                        .map(drop)
+                }
+                _ => return bad(format!(
+                    "interface {}: static addresses need the bridge network (hearthd --flintlock-network bridge) or a macvtap (hearthd --parent-iface); leave address empty",
                     i.device_id
-                ));
-            }
-            static_address(a)
+                )),
+            };
+            checked
                 .map_err(|m| Status::invalid_argument(format!("interface {}: {m}", i.device_id)))?;
         }
     }
@@ -278,9 +284,15 @@ pub(super) fn create_request(
         .filter(|_| kernel_spec.add_network_config)
         .map(|i| i.device_id.clone())
         .unwrap_or_default();
-    let address = match iface.and_then(|i| i.address.as_ref()) {
-        Some(a) => static_address(a).map_err(Status::invalid_argument)?.to_string(),
-        None => String::new(),
+    let (address, gateway, dns) = match iface.and_then(|i| i.address.as_ref()) {
+        Some(a) if network == NetworkMode::Macvtap => {
+            (a.address.clone(), a.gateway.clone().unwrap_or_default(), a.nameservers.clone())
+        }
+        Some(a) => {
+            let ip = static_address(a).map_err(Status::invalid_argument)?;
+            (ip.to_string(), String::new(), vec![])
+        }
+        None => Default::default(),
     };
     let cmdline: BTreeMap<_, _> = kernel_spec.cmdline.iter().collect();
     let kernel_args = cmdline
@@ -311,6 +323,8 @@ pub(super) fn create_request(
         mac,
         cloud_init,
         address,
+        gateway,
+        dns,
         cloud_init_network,
         vmm: provider(spec).ok().flatten().map(|p| p.to_string()).unwrap_or_default(),
         volumes: spec

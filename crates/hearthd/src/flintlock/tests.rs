@@ -122,6 +122,35 @@ fn the_create_request_carries_cloud_init_the_mac_and_kernel_arguments() {
     assert_eq!(req.network, "user");
 }
 
+/// With hearthd's --parent-iface, an interface of type MACVTAP (the default) is a macvtap, and a
+/// static address on it may be on any subnet, with its gateway and resolvers.
+#[test]
+fn a_macvtap_interface_takes_a_static_lan_address() {
+    let mut s = good();
+    s.interfaces[0].address = Some(fl::StaticAddress {
+        address: "192.168.1.50/24".into(),
+        gateway: Some("192.168.1.1".into()),
+        nameservers: vec!["192.168.1.1".into()],
+    });
+    let network = card_network(&s, NetworkMode::Bridge, Some("eth0"));
+    assert_eq!(network, NetworkMode::Macvtap);
+    assert_eq!(card_network(&s, NetworkMode::Bridge, None), NetworkMode::Bridge);
+    let s = validate(s, network).expect("valid on the LAN");
+    let req = create_request(&s, "01ABC", "fl-0", network).expect("request");
+    assert_eq!(req.network, "macvtap");
+    assert_eq!((req.address.as_str(), req.gateway.as_str()), ("192.168.1.50/24", "192.168.1.1"));
+    assert_eq!(req.dns, ["192.168.1.1"]);
+    // The same address is not the bridge's.
+    assert!(validate(good_with_address("192.168.1.50/24"), NetworkMode::Bridge).is_err());
+}
+
+fn good_with_address(cidr: &str) -> fl::MicroVmSpec {
+    let mut s = good();
+    s.interfaces[0].address =
+        Some(fl::StaticAddress { address: cidr.into(), ..Default::default() });
+    s
+}
+
 #[test]
 fn an_additional_volume_sourced_from_an_absolute_path_is_the_hosts_device() {
     let mut s = good();
