@@ -61,7 +61,10 @@ pub fn kvm_unusable() -> Option<String> {
 }
 
 /// Replaces the bridge's NAT table with `rules`.
-pub fn write_nat(rules: Vec<hearth_core::forwards::ForwardRule>) -> anyhow::Result<()> {
+pub fn write_nat(
+    bridge: &hearth_net::Bridge,
+    rules: Vec<hearth_core::forwards::ForwardRule>,
+) -> anyhow::Result<()> {
     let forwards: Vec<hearth_net::Forward> = rules
         .into_iter()
         .map(|r| hearth_net::Forward {
@@ -73,7 +76,7 @@ pub fn write_nat(rules: Vec<hearth_core::forwards::ForwardRule>) -> anyhow::Resu
             owner: r.owner,
         })
         .collect();
-    hearth_net::write_nat(&hearth_net::Bridge::hearth0(), &forwards)?;
+    hearth_net::write_nat(bridge, &forwards)?;
     Ok(())
 }
 
@@ -563,7 +566,7 @@ impl Network for Host {
             return Ok(());
         }
         if spec.network == NetworkMode::Bridge {
-            hearth_net::ensure_bridge(&hearth_net::Bridge::hearth0())
+            hearth_net::ensure_bridge(&self.0.bridge)
                 .await
                 .map_err(|e| Error::precondition(format!("setting up the bridge network: {e}")))?;
             // A VMM that opens an existing tap gets one made for it (removed with the VM).
@@ -586,12 +589,9 @@ impl Network for Host {
         if spec.network != NetworkMode::Bridge {
             return Ok(());
         }
-        hearth_net::attach(
-            &hearth_types::net::tap_name(&spec.id),
-            &hearth_net::Bridge::hearth0().name,
-        )
-        .await
-        .map_err(|e| Error::precondition(format!("attaching the VM's tap to the bridge: {e}")))
+        hearth_net::attach(&hearth_types::net::tap_name(&spec.id), &self.0.bridge.name)
+            .await
+            .map_err(|e| Error::precondition(format!("attaching the VM's tap to the bridge: {e}")))
     }
 
     async fn release(&self, spec: &VmSpec, remove: bool) {

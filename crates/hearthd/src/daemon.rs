@@ -61,6 +61,8 @@ pub struct Daemon {
     pub default_vmm: hearth_types::Provider,
     /// The host interface macvtap networks sit on when none is named (`--parent-iface`).
     pub parent_iface: Option<String>,
+    /// The bridge of `--network bridge` VMs (`--bridge-name`, hearth0 by default).
+    pub bridge: hearth_net::Bridge,
     /// VMM uids handed to launches in flight (the running VMs' records carry theirs).
     launching_uids: Mutex<std::collections::HashSet<u32>>,
 }
@@ -139,6 +141,7 @@ impl Daemon {
             thin: None,
             default_vmm: hearth_types::Provider::Qemu,
             parent_iface: None,
+            bridge: hearth_net::Bridge::hearth0(),
             launching_uids: Mutex::new(Default::default()),
         })
     }

@@ -66,6 +66,10 @@ struct Args {
     /// --flintlock-network), as Flintlock's flag.
     #[arg(long, value_name = "IFACE")]
     parent_iface: Option<String>,
+    /// The bridge `--network bridge` VMs (and Flintlock's TAP interfaces) are on, made when
+    /// missing, as Flintlock's flag; its subnet is 10.61.0.0/16 whatever its name.
+    #[arg(long, value_name = "NAME", default_value = hearth_types::net::BRIDGE_NAME)]
+    bridge_name: String,
     /// Require `authorization: Basic <base64(TOKEN)>` on --flintlock-listen, as Flintlock's flag.
     #[arg(long, env = "HEARTH_BASIC_AUTH_TOKEN", value_name = "TOKEN", hide_env_values = true)]
     basic_auth_token: Option<String>,
@@ -155,6 +159,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("opening {}", args.root.display()))?;
     d.registry_timeout = args.registry_timeout;
     d.parent_iface = args.parent_iface.clone();
+    anyhow::ensure!(
+        !args.bridge_name.is_empty()
+            && args.bridge_name.len() <= 15
+            && args.bridge_name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)),
+        "--bridge-name {:?}: an interface name is 1-15 letters, digits, '_', '.' or '-'",
+        args.bridge_name
+    );
+    d.bridge.name = args.bridge_name.clone();
     configure_vmms(&mut d, &args)?;
     if let Some(pool) = &args.thin_pool {
         d.use_thin_pool(pool).with_context(|| format!("--thin-pool {pool}"))?;

@@ -125,7 +125,7 @@ pub fn claim(d: &Daemon, spec: &VmSpec) -> Result<(), Status> {
     }
     launching.insert(spec.id.clone(), spec.clone());
     if spec.network == NetworkMode::Bridge {
-        if let Err(e) = write_rules(&records, &launching, None) {
+        if let Err(e) = write_rules(d, &records, &launching, None) {
             launching.remove(&spec.id);
             return Err(e);
         }
@@ -140,7 +140,7 @@ pub fn settle(d: &Daemon, spec: &VmSpec, failed: bool) -> Result<(), Status> {
     if launching.remove(&spec.id).is_none() || !failed || spec.network != NetworkMode::Bridge {
         return Ok(());
     }
-    write_rules(&d.vms.list().map_err(internal)?, &launching, None)
+    write_rules(d, &d.vms.list().map_err(internal)?, &launching, None)
 }
 
 /// Rewrites the bridge's table from the records and the launches in flight, leaving out `gone`
@@ -148,17 +148,18 @@ pub fn settle(d: &Daemon, spec: &VmSpec, failed: bool) -> Result<(), Status> {
 /// drift; also how the table is rebuilt when hearthd starts.
 pub fn sync_nat(d: &Daemon, gone: Option<&VmId>) -> Result<(), Status> {
     let launching = d.ports.launching.lock().unwrap_or_else(|e| e.into_inner());
-    write_rules(&d.vms.list().map_err(internal)?, &launching, gone)
+    write_rules(d, &d.vms.list().map_err(internal)?, &launching, gone)
 }
 
 fn write_rules(
+    d: &Daemon,
     records: &[VmRecord],
     launching: &HashMap<VmId, VmSpec>,
     gone: Option<&VmId>,
 ) -> Result<(), Status> {
     let specs = records.iter().filter(|r| live(r)).map(|r| &r.spec).chain(launching.values());
     let rules = hearth_core::forwards::bridge_forwards(specs, gone);
-    crate::adapters::write_nat(rules).map_err(|e| {
+    crate::adapters::write_nat(&d.bridge, rules).map_err(|e| {
         Status::failed_precondition(format!("writing the bridge's port forwards: {e}"))
     })
 }

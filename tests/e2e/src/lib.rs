@@ -95,6 +95,11 @@ impl Daemon {
         Self::start_inner(&[], Some(ns.name.clone()))
     }
 
+    /// As [`Daemon::start_in`], with extra hearthd flags.
+    pub fn start_in_with(ns: &Netns, args: &[&str]) -> Self {
+        Self::start_inner(args, Some(ns.name.clone()))
+    }
+
     /// As [`Daemon::start`], with its root inside `dir` (a filesystem of the test's choosing).
     pub fn start_under(dir: &Path) -> Self {
         Self::start_inner_at(&[], None, dir)

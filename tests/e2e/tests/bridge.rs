@@ -155,3 +155,24 @@ fn bridged_vms_reach_each_other_and_the_host_reaches_them() {
     let out = d.hearth(&["run", "--network", "bridge", "-p", "[::1]:8080:80", "br:1", "true"]);
     assert!(!out.status.success() && text(&out.stderr).contains("IPv4"), "{}", text(&out.stderr));
 }
+
+/// `hearthd --bridge-name` puts bridged VMs on a bridge of that name (made when missing, with
+/// the same subnet and NAT), as Flintlock's flag does.
+#[test]
+fn the_bridge_has_the_name_hearthd_is_given() {
+    require_e2e!();
+    let ns = Netns::new();
+    let d = Daemon::start_in_with(&ns, &["--bridge-name", "br-vms"]);
+    d.import_kernel();
+    let layout = tempfile::tempdir().expect("tmp");
+    busybox_oci_layout(layout.path(), "1", &TestImage::default()).expect("layout");
+    d.ok(&["image", "import", layout.path().to_str().expect("utf8"), "--name", "br:1"]);
+    d.ok(&["run", "-d", "--network", "bridge", "--name", "a", "br:1", "sleep", "600"]);
+    let ports = text(&ns.run(&["ip", "-o", "link", "show", "master", "br-vms"]).stdout);
+    assert_eq!(ports.lines().count(), 1, "a's tap is on br-vms: {ports}");
+    let addr = text(&ns.run(&["ip", "-o", "-4", "addr", "show", "br-vms"]).stdout);
+    assert!(addr.contains("10.61.0.1/16"), "{addr}");
+    let hearth0 = ns.run(&["ip", "link", "show", "hearth0"]);
+    assert!(!hearth0.status.success(), "no hearth0 is made");
+    d.ok(&["rm", "-f", "a"]);
+}

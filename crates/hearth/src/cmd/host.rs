@@ -19,7 +19,7 @@ pub enum HostCmd {
     /// sparse files, `--direct-lvm --disk` on a disk), or with `--all` everything: packages,
     /// modules, sysctls, the pool, the bridge, hearthd's config and service. Idempotent;
     /// `--dry-run` prints the plan.
-    Provision(ProvisionArgs),
+    Provision(Box<ProvisionArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -50,6 +50,9 @@ pub struct ProvisionArgs {
     /// With --all: leave the network alone (no bridge; no tun and bridge modules).
     #[arg(long)]
     no_network: bool,
+    /// With --all: the bridge's name (hearthd --bridge-name).
+    #[arg(long, value_name = "NAME", default_value = hearth_types::net::BRIDGE_NAME)]
+    bridge: String,
     /// The thin pool on sparse files in the state directory, on loop devices (Flintlock's dev
     /// mode; it comes back after a reboot when hearthd starts).
     #[arg(long, conflicts_with = "direct_lvm")]
@@ -105,6 +108,9 @@ pub struct InitArgs {
     /// Leave the network alone (no hearth0 bridge, no forwarding, no NAT table).
     #[arg(long)]
     no_network: bool,
+    /// The bridge's name (give hearthd the same --bridge-name).
+    #[arg(long, value_name = "NAME", default_value = hearth_types::net::BRIDGE_NAME)]
+    bridge: String,
 }
 
 pub async fn host(c: HostCmd) -> anyhow::Result<i32> {
@@ -115,8 +121,8 @@ pub async fn host(c: HostCmd) -> anyhow::Result<i32> {
             Ok(if checks.iter().any(|c| c.level == Level::Fail) { 1 } else { 0 })
         }
         HostCmd::Init(a) => init(a).await,
-        HostCmd::Provision(a) if a.all => provision_all(a).await,
-        HostCmd::Provision(a) => provision(a),
+        HostCmd::Provision(a) if a.all => provision_all(*a).await,
+        HostCmd::Provision(a) => provision(*a),
     }
 }
 
@@ -160,7 +166,7 @@ async fn init(a: InitArgs) -> anyhow::Result<i32> {
     if a.no_network {
         println!("network: left alone (--no-network); --network user needs nothing");
     } else {
-        let bridge = hearth_net::Bridge::hearth0();
+        let bridge = hearth_net::Bridge { name: a.bridge.clone(), ..hearth_net::Bridge::hearth0() };
         hearth_net::ensure_bridge(&bridge)
             .await
             .context("setting up the bridge network (or pass --no-network)")?;
@@ -246,6 +252,7 @@ async fn provision_all(a: ProvisionArgs) -> anyhow::Result<i32> {
         tls_key: a.tls_key.clone(),
         tls_client_ca: a.tls_client_ca.clone(),
         network: !a.no_network,
+        bridge: a.bridge.clone(),
     };
     p::packages(dry, lvm)?;
     p::modules(dry, &svc)?;
@@ -256,7 +263,7 @@ async fn provision_all(a: ProvisionArgs) -> anyhow::Result<i32> {
         dev_pool(&a)?;
     }
     if svc.network {
-        let bridge = hearth_net::Bridge::hearth0();
+        let bridge = hearth_net::Bridge { name: a.bridge.clone(), ..hearth_net::Bridge::hearth0() };
         let there = std::path::Path::new("/sys/class/net").join(&bridge.name).exists();
         if !there {
             println!(

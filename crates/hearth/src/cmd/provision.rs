@@ -23,6 +23,7 @@ pub struct Service {
     pub tls_key: Option<PathBuf>,
     pub tls_client_ca: Option<PathBuf>,
     pub network: bool,
+    pub bridge: String,
 }
 
 pub const CONFIG: &str = "/etc/hearth/hearthd.toml";
@@ -152,6 +153,9 @@ pub fn config_text(s: &Service) -> String {
     if let Some(i) = &s.parent_iface {
         t.push_str(&format!("parent-iface = {}\n", q(i)));
     }
+    if !s.bridge.is_empty() && s.bridge != hearth_types::net::BRIDGE_NAME {
+        t.push_str(&format!("bridge-name = {}\n", q(&s.bridge)));
+    }
     t
 }
 
@@ -238,6 +242,7 @@ mod tests {
             grpc_address: Some("0.0.0.0:9090".into()),
             parent_iface: Some("eth0".into()),
             tls_cert: Some("/etc/hearth/tls/\"odd\".pem".into()),
+            bridge: "br-vms".into(),
             ..Default::default()
         };
         let text = config_text(&s);
@@ -245,6 +250,7 @@ mod tests {
         assert_eq!(table["thin-pool"].as_str(), Some("hearth-thinpool"));
         assert_eq!(table["flintlock-listen"].as_str(), Some("0.0.0.0:9090"));
         assert_eq!(table["parent-iface"].as_str(), Some("eth0"));
+        assert_eq!(table["bridge-name"].as_str(), Some("br-vms"));
         assert_eq!(table["tls-cert"].as_str(), Some("/etc/hearth/tls/\"odd\".pem"));
         assert!(!table.contains_key("insecure"));
         let unit = unit_text(Path::new("/usr/local/bin/hearthd"));
