@@ -46,16 +46,7 @@ pub struct Facts {
     pub thin_pool: Option<(String, Result<PoolUsage, String>)>,
 }
 
-/// How full a thin pool is.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PoolUsage {
-    pub data_percent: f64,
-    pub metadata_percent: f64,
-    pub data_bytes: u64,
-    /// `rw`, `ro` or `out_of_data_space`.
-    pub mode: String,
-    pub needs_check: bool,
-}
+pub use hearth_types::size::PoolUsage;
 
 pub(crate) const PROGRAMS: [&str; 6] =
     ["qemu-system-x86_64", "mkfs.ext4", "resize2fs", "nft", "firecracker", "cloud-hypervisor"];

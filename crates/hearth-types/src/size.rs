@@ -10,6 +10,17 @@ pub enum SizeError {
 }
 
 /// Parses a size in bytes. Units are binary (K = 1024), as docker and ignite read them.
+/// How full a thin pool is (as its storage reads it, as the host check reports it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolUsage {
+    pub data_percent: f64,
+    pub metadata_percent: f64,
+    pub data_bytes: u64,
+    /// `rw`, `ro` or `out_of_data_space`.
+    pub mode: String,
+    pub needs_check: bool,
+}
+
 pub fn parse_size(s: &str) -> Result<u64, SizeError> {
     let t = s.trim();
     let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());

@@ -139,14 +139,7 @@ pub fn info(d: &Daemon) -> anyhow::Result<serde_json::Value> {
         Some(t) => {
             let pool =
                 hearth_storage::dm::thin::Pool { dm: &t.control, name: t.disks.pool.clone() };
-            let usage = pool.usage().map_err(|e| e.to_string()).map(|u| hearth_host::PoolUsage {
-                data_percent: u.data_percent(),
-                metadata_percent: u.metadata_percent(),
-                data_bytes: u.data_total * hearth_storage::dm::thin::BLOCK_SECTORS * 512,
-                mode: u.mode.clone(),
-                needs_check: u.needs_check,
-            });
-            serde_json::to_value(hearth_host::pool_check(&t.disks.pool, &usage))?
+            serde_json::to_value(hearth_host::pool_check(&t.disks.pool, &pool.report()))?
         }
         None => {
             let reflink = hearth_storage::supports_reflink(&d.root.join("vms")).unwrap_or(false);

@@ -147,6 +147,19 @@ impl Pool<'_> {
         parse_usage(line)
             .ok_or_else(|| io::Error::other(format!("thin pool {} reports {line:?}", self.name)))
     }
+
+    /// Its use as reports give it: percentages, data size in bytes, mode; the reason as text
+    /// when it cannot be read.
+    pub fn report(&self) -> Result<hearth_types::size::PoolUsage, String> {
+        let u = self.usage().map_err(|e| e.to_string())?;
+        Ok(hearth_types::size::PoolUsage {
+            data_percent: u.data_percent(),
+            metadata_percent: u.metadata_percent(),
+            data_bytes: u.data_total * BLOCK_SECTORS * 512,
+            mode: u.mode.clone(),
+            needs_check: u.needs_check,
+        })
+    }
 }
 
 #[cfg(test)]

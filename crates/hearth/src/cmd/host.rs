@@ -396,12 +396,5 @@ fn thin_pool(name: &str) -> Option<(String, Result<hearth_host::PoolUsage, Strin
     let dm = hearth_storage::dm::Control::open().ok()?;
     dm.info(name).ok()??;
     let pool = hearth_storage::dm::thin::Pool { dm: &dm, name: name.to_owned() };
-    let usage = pool.usage().map_err(|e| e.to_string()).map(|u| hearth_host::PoolUsage {
-        data_percent: u.data_percent(),
-        metadata_percent: u.metadata_percent(),
-        data_bytes: u.data_total * hearth_storage::dm::thin::BLOCK_SECTORS * 512,
-        mode: u.mode.clone(),
-        needs_check: u.needs_check,
-    });
-    Some((name.to_owned(), usage))
+    Some((name.to_owned(), pool.report()))
 }
