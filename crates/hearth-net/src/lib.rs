@@ -241,7 +241,7 @@ pub async fn ensure_macvtap(
     tap_device(index).await
 }
 
-/// Deletes the macvtap `name`, if there; returns whether it was.
+/// Deletes the macvtap (or any link) `name`, if there; returns whether it was.
 pub async fn remove_macvtap(name: &str) -> Result<bool, NetError> {
     let h = connect().await?;
     let Some(index) = link_index(&h, name).await? else { return Ok(false) };

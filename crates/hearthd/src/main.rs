@@ -183,6 +183,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = bind_socket(&socket, group).await?;
     tracing::info!(root = %args.root.display(), socket = %socket.display(), "hearthd serving");
     report_host(&args.root);
+    net::sweep_links(&d).await;
     d.reconciler().recover().await;
     let fl = flintlock::Flintlock::new(d.clone(), args.flintlock_network)
         .context("opening the Flintlock API's records")?;

@@ -164,6 +164,33 @@ fn write_rules(
     })
 }
 
+/// Deletes the taps and macvtaps hearth made for VMs that are gone (a crash between a VM's
+/// record going and its link going): links named as a VM's tap (`ht` and 12 hex digits) that
+/// are a tap or a macvtap, with no VM of that name. Run at start, before any launch.
+pub async fn sweep_links(d: &Daemon) {
+    let Ok(records) = d.vms.list() else { return };
+    let ours: std::collections::HashSet<String> =
+        records.iter().map(|r| tap_name(&r.spec.id)).collect();
+    let Ok(links) = std::fs::read_dir("/sys/class/net") else { return };
+    for link in links.flatten() {
+        let name = link.file_name().to_string_lossy().into_owned();
+        let hearths = name.len() == 14
+            && name.starts_with("ht")
+            && name[2..].bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
+        let kind = link.path();
+        let tap_like = kind.join("tun_flags").exists() || kind.join("macvtap").is_dir();
+        if !hearths || !tap_like || ours.contains(&name) {
+            continue;
+        }
+        match hearth_net::remove_macvtap(&name).await {
+            Ok(_) => tracing::info!(link = name, "removed a tap whose VM is gone"),
+            Err(e) => {
+                tracing::warn!(link = name, error = %e, "removing a tap whose VM is gone failed")
+            }
+        }
+    }
+}
+
 /// The host's resolvers for guests on the bridge: /etc/resolv.conf's, loopback ones left out
 /// (the guest cannot reach the host's local stub); behind systemd-resolved's stub, the upstream
 /// servers it lists in /run/systemd/resolve/resolv.conf.
