@@ -307,6 +307,8 @@ fn halt(me: usize) -> ! {
     sys::kill(-1, libc::SIGKILL);
     while sys::reap_one().is_some() {}
     let _ = sys::mount("", "/", "", libc::MS_REMOUNT | libc::MS_RDONLY, "");
+    // The workload's last lines are still leaving the serial port.
+    sys::drain_console(Duration::from_secs(2));
     let err = sys::power_off(exit_by_reset(
         &std::fs::read_to_string("/proc/cmdline").unwrap_or_default(),
     ));

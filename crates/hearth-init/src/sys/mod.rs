@@ -53,6 +53,29 @@ pub fn finit_module(f: &std::fs::File) -> io::Result<()> {
     }
 }
 
+/// Waits, for up to `within`, until what was written to the console (hearth-init's standard
+/// error) has left the serial port: the tty's output queue is empty (`TIOCOUTQ`), then the
+/// UART's transmitter (`TIOCSERGETLSR`). A power-off drops what is still queued, which would be
+/// the workload's last lines. Bounded, so a console that never drains cannot stop the VM.
+pub fn drain_console(within: std::time::Duration) {
+    let deadline = std::time::Instant::now() + within;
+    let fd = libc::STDERR_FILENO;
+    loop {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ writes one int through the pointer, which points at `queued`.
+        let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) };
+        let mut lsr: libc::c_int = 0;
+        // SAFETY: TIOCSERGETLSR writes one int through the pointer, which points at `lsr`.
+        let lsr_rc = unsafe { libc::ioctl(fd, libc::TIOCSERGETLSR, &mut lsr) };
+        // TIOCSER_TEMT: the transmitter is empty.
+        let empty = lsr_rc != 0 || lsr & 0x01 != 0;
+        if rc != 0 || (queued == 0 && empty) || std::time::Instant::now() > deadline {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// Powers the machine off, or resets it where the VMM ends a VM on a reset instead
 /// (`reboot`: Firecracker, which has no power-off). Does not return on success.
 pub fn power_off(reboot: bool) -> io::Error {
