@@ -230,14 +230,8 @@ impl HostVolumes {
         self.assert_untouched();
     }
 
-    fn loop_of_file(&self) -> Option<String> {
-        let rd = std::fs::read_dir("/sys/block").ok()?;
-        rd.flatten().map(|e| e.path()).find_map(|p| {
-            let backing = std::fs::read_to_string(p.join("loop/backing_file")).ok()?;
-            (Path::new(backing.trim_end()) == self.file)
-                .then(|| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-                .flatten()
-        })
+    fn loop_of_file(&self) -> Option<std::path::PathBuf> {
+        hearth_fs::loopdev::find(&self.file).ok().flatten()
     }
 }
 

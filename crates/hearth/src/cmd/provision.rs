@@ -47,12 +47,9 @@ fn missing_packages(lvm: bool) -> Vec<(&'static str, &'static str)> {
     if lvm {
         want.extend([("lvm", "lvm2"), ("thin_check", "thin-provisioning-tools")]);
     }
-    want.into_iter().filter(|(bin, _)| !on_path(bin)).collect()
-}
-
-fn on_path(bin: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
+    want.into_iter()
+        .filter(|(bin, _)| hearth_vmm::jail::on_path(Path::new(bin)).is_none())
+        .collect()
 }
 
 /// Whether this is Debian or a relative (Ubuntu), whose packages `apt-get` installs.
@@ -220,14 +217,10 @@ pub fn service(dry: bool, s: &Service, hearthd: &Path) -> anyhow::Result<()> {
 /// hearthd beside this `hearth`, else on PATH.
 pub fn hearthd_binary() -> PathBuf {
     let beside = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("hearthd")));
-    match beside.filter(|p| p.is_file()) {
-        Some(p) => p,
-        None => std::env::var_os("PATH")
-            .and_then(|p| {
-                std::env::split_paths(&p).map(|d| d.join("hearthd")).find(|p| p.is_file())
-            })
-            .unwrap_or_else(|| PathBuf::from("/usr/local/bin/hearthd")),
-    }
+    beside
+        .filter(|p| p.is_file())
+        .or_else(|| hearth_vmm::jail::on_path(Path::new("hearthd")))
+        .unwrap_or_else(|| PathBuf::from("/usr/local/bin/hearthd"))
 }
 
 #[cfg(test)]
