@@ -103,6 +103,15 @@ fn volumes(volumes: &[fl::Volume]) -> Result<(), Status> {
                 v.id
             ));
         }
+        // A network client names host block devices only, never a host file it could then
+        // read through its VM (/etc/shadow); and no path that climbs out of /dev.
+        let host = volume_host_path(v);
+        if !host.is_empty() && (!host.starts_with("/dev/") || host.split('/').any(|c| c == "..")) {
+            return bad(format!(
+                "volume {}: a host volume over the Flintlock API is a block device under /dev, not {host:?}",
+                v.id
+            ));
+        }
         if v.id.is_empty() || volumes[..i].iter().any(|o| o.id == v.id) {
             return bad(format!("volume id {:?} must be given and unique", v.id));
         }

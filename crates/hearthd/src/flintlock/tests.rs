@@ -170,6 +170,13 @@ fn an_additional_volume_sourced_from_an_absolute_path_is_the_hosts_device() {
         .map(|v| (v.id.as_str(), v.image.as_str(), v.host_path.as_str()))
         .collect();
     assert_eq!(got, [("disk", "", "/dev/vdb"), ("mods", "reg/modules:1", "")]);
+    // A client may not make a host file (or a path out of /dev) its VM's disk.
+    for path in ["/etc/shadow", "/dev/../etc/shadow", "/var/lib/hearth/vms/x/disk.img"] {
+        let mut s = good();
+        s.additional_volumes = vec![vol("disk", path)];
+        let e = validate(s, NetworkMode::User).expect_err(path);
+        assert!(e.message().contains("block device under /dev"), "{path}: {}", e.message());
+    }
 }
 
 #[test]
