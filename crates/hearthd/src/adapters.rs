@@ -642,7 +642,7 @@ impl Guests for Host {
     async fn forget(&self, id: &VmId, removed: bool) {
         self.0.forget_agent(id).await;
         if removed {
-            crate::console::forget(&self.0, id);
+            crate::console::forget(&self.0, id).await;
         }
     }
     async fn shutdown(&self, id: &VmId) -> Result<()> {

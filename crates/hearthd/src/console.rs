@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::adapters::{console_log, Console, LogLimits, VmmError};
 use hearth_api::v1::Chunk;
 use hearth_types::{VmId, VmSpec};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
 use crate::daemon::Daemon;
@@ -20,12 +20,17 @@ const FOLLOW_POLL: Duration = Duration::from_millis(50);
 const CHUNK: usize = 64 << 10;
 /// How long an exited VMM's capture may take to write its last bytes.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a removal waits for a follower of the VM's log that makes no progress (a client
+/// that stopped reading) before it removes the log anyway.
+const FOLLOWER_STALL: Duration = Duration::from_secs(3);
 
 /// The live captures, and each VM's log lock (stable across boots).
 #[derive(Debug, Default)]
 pub struct Consoles {
     live: Mutex<HashMap<VmId, Arc<Console>>>,
     locks: Mutex<HashMap<VmId, Arc<RwLock<()>>>>,
+    /// Per VM, its log's followers: how many, and how many chunks they have sent in all.
+    followers: Mutex<HashMap<VmId, watch::Sender<(usize, u64)>>>,
     /// The daemon's `--log-max-size`/`--log-max-files`, for VMs that set none.
     pub default_limits: LogLimits,
 }
@@ -33,6 +38,15 @@ pub struct Consoles {
 impl Consoles {
     fn lock_of(&self, id: &VmId) -> Arc<RwLock<()>> {
         self.locks.lock().unwrap_or_else(|e| e.into_inner()).entry(id.clone()).or_default().clone()
+    }
+
+    fn followers_of(&self, id: &VmId) -> watch::Sender<(usize, u64)> {
+        self.followers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(id.clone())
+            .or_insert_with(|| watch::channel((0, 0)).0)
+            .clone()
     }
 
     fn live(&self, id: &VmId) -> Option<Arc<Console>> {
@@ -78,10 +92,40 @@ pub async fn closed(d: &Daemon, id: &VmId) {
     }
 }
 
-/// Forgets a removed VM's entries.
-pub fn forget(d: &Daemon, id: &VmId) {
+/// Forgets a removed VM's entries, once the followers of its log have read its last lines (an
+/// `--rm` VM's log goes with it): as long as they make progress, or until they end.
+pub async fn forget(d: &Daemon, id: &VmId) {
     d.consoles.live.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+    let followers = d.consoles.followers.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+    if let Some(followers) = followers {
+        let mut rx = followers.subscribe();
+        while rx.borrow_and_update().0 > 0 {
+            if !matches!(tokio::time::timeout(FOLLOWER_STALL, rx.changed()).await, Ok(Ok(()))) {
+                break;
+            }
+        }
+    }
     d.consoles.locks.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+}
+
+/// A follower of a VM's log, counted while it lives.
+struct Following(watch::Sender<(usize, u64)>);
+
+impl Following {
+    fn new(followers: watch::Sender<(usize, u64)>) -> Self {
+        followers.send_modify(|(n, _)| *n += 1);
+        Self(followers)
+    }
+
+    fn progressed(&self) {
+        self.0.send_modify(|(_, sent)| *sent += 1);
+    }
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        self.0.send_modify(|(n, _)| *n -= 1);
+    }
 }
 
 /// The logical end of a VM's log: where its next boot's output will start.
@@ -103,6 +147,8 @@ pub fn stream_logs(
     follow: bool,
 ) -> mpsc::Receiver<Result<Chunk, Status>> {
     let (tx, rx) = mpsc::channel(16);
+    // Counted from now, so a removal that follows waits for this reader.
+    let following = follow.then(|| Following::new(d.consoles.followers_of(&id)));
     tokio::spawn(async move {
         let (dir, lock) = (d.vm_dir(&id), d.consoles.lock_of(&id));
         let mut pos = offset;
@@ -124,6 +170,9 @@ pub fn stream_logs(
                 progressed = true;
                 if tx.send(Ok(Chunk { data, r#ref: String::new() })).await.is_err() {
                     return;
+                }
+                if let Some(f) = &following {
+                    f.progressed();
                 }
             }
             if !follow {
@@ -176,4 +225,50 @@ pub async fn attach(
         }
     });
     Ok(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hearth_types::{Desired, VmState};
+
+    /// What a follower of the log gets until its stream ends.
+    async fn drain(rx: &mut mpsc::Receiver<Result<Chunk, Status>>) -> String {
+        let mut got = Vec::new();
+        while let Some(chunk) = rx.recv().await {
+            got.extend(chunk.expect("chunk").data);
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
+    /// An `--rm` VM: its last lines, its exit recorded and its removal, one right after the
+    /// other as the reconciler does them (nothing in between lets the follower run): the
+    /// follower still gets the last lines, and its stream ends.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_removal_waits_until_a_follower_has_read_the_last_lines() {
+        let root = tempfile::tempdir().expect("tmp");
+        let _lock = crate::root::lock(root.path()).expect("lock");
+        let d = Daemon::open(root.path(), "/nonexistent/hearth-init".into()).expect("open");
+        let d = Arc::new(d);
+        let mut rec = hearth_testkit::record(1, Desired::Deleted, VmState::Running);
+        d.save(&rec).expect("save");
+        let dir = d.vm_dir(&rec.spec.id);
+        let log = dir.join(console_log::LOG);
+        std::fs::write(&log, "booted\n").expect("log");
+        let mut rx = stream_logs(d.clone(), rec.spec.id.clone(), 0, true);
+        let first = rx.recv().await.expect("a chunk").expect("chunk");
+        assert_eq!(first.data, b"booted\n");
+        // The follower reads on, finds nothing more and waits (the clock is paused: it moves
+        // only once every task waits for it).
+        tokio::time::sleep(Duration::from_secs(1)).await;
+
+        let mut f = std::fs::OpenOptions::new().append(true).open(&log).expect("log");
+        std::io::Write::write_all(&mut f, b"last words\n").expect("write");
+        rec.status.state = VmState::Stopped;
+        d.save(&rec).expect("save");
+        forget(&d, &rec.spec.id).await;
+        d.forget(&rec).expect("remove");
+        assert!(!dir.exists(), "the VM's directory went with it");
+        assert_eq!(drain(&mut rx).await, "last words\n");
+    }
 }

@@ -45,6 +45,51 @@ fn run_i_feeds_stdin_and_attach_reaches_the_console() {
     assert_eq!(d.inspect("talk")["status"]["exit_code"], 0);
 }
 
+/// `run --rm` in the foreground prints every byte the workload wrote, even to a reader slower
+/// than the guest: the VM and its log are removed only after the follower has read them.
+#[test]
+fn a_slow_reader_of_run_rm_gets_every_line_before_the_vm_goes() {
+    require_e2e!();
+    let (_reg, image) = demo_registry();
+    let d = Daemon::start();
+    d.import_kernel();
+    let lines = 20_000;
+    let script =
+        format!("i=0; while [ $i -lt {lines} ]; do echo line-$i; i=$((i+1)); done; echo last-line");
+    let mut child = d
+        .cmd(&["run", "--rm", &image, "sh", "-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4 << 10];
+    loop {
+        // About 80 KiB/s: slower than the guest writes, so the follower lags behind it.
+        let n = std::io::Read::read(&mut stdout, &mut buf).expect("read");
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let got = text(&got);
+    let printed: Vec<&str> =
+        got.lines().map(str::trim_end).filter(|l| l.starts_with("line-")).collect();
+    assert_eq!(printed.len(), lines, "every line, in order");
+    assert!(printed.iter().enumerate().all(|(i, l)| *l == format!("line-{i}")));
+    assert!(
+        got.contains("last-line"),
+        "the last line: {:?}",
+        &got[got.len().saturating_sub(200)..]
+    );
+    let ps = d.ok(&["ps", "-a", "-q"]);
+    assert!(ps.trim().is_empty(), "the --rm VM is gone: {ps}");
+}
+
 #[test]
 fn the_cli_starts_a_daemon_when_none_answers() {
     require_e2e!();
