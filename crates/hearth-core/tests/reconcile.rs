@@ -390,6 +390,55 @@ async fn kill_signals_the_vmm_and_the_vm_stays_stopped() {
     assert_eq!(e.kind, ErrorKind::FailedPrecondition);
 }
 
+#[tokio::test(start_paused = true)]
+async fn pause_freezes_a_running_guest_and_unpause_lets_it_run() {
+    let h = harness();
+    let rec = run(&h, 22).await;
+    let id = &rec.spec.id;
+    let pid = rec.status.pid.expect("pid");
+    let e = h.reconciler.set_paused(id, false).await.expect_err("not paused yet");
+    assert_eq!((e.kind, e.message()), (ErrorKind::FailedPrecondition, "VM vm22 is not paused"));
+    until(&h, id, "running", |r| state(r) == Some(VmState::Running)).await;
+    let paused = h.reconciler.set_paused(id, true).await.expect("pause");
+    assert!(paused.status.paused && h.vmm.frozen(pid));
+    assert!(h.host.record(id).expect("record").status.paused, "recorded");
+    let e = h.reconciler.set_paused(id, true).await.expect_err("twice");
+    assert_eq!(e.message(), "VM vm22 is already paused");
+    let resumed = h.reconciler.set_paused(id, false).await.expect("unpause");
+    assert!(!resumed.status.paused && !h.vmm.frozen(pid));
+    assert_eq!(resumed.status.state, VmState::Running);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_vm_that_is_not_running_cannot_be_paused() {
+    let h = harness();
+    let rec = stored(&h, 23, Desired::Stopped, VmState::Stopped);
+    let e = h.reconciler.set_paused(&rec.spec.id, true).await.expect_err("stopped");
+    assert_eq!(
+        (e.kind, e.message()),
+        (ErrorKind::FailedPrecondition, "VM vm23 is stopped: only a running VM can be paused")
+    );
+    let gone = VmId::from_bytes([99; 8]);
+    let e = h.reconciler.set_paused(&gone, true).await.expect_err("no such VM");
+    assert_eq!(e.kind, ErrorKind::NotFound);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_paused_vm_is_resumed_to_stop_gracefully_and_its_exit_clears_the_pause() {
+    let h = harness();
+    let rec = run(&h, 24).await;
+    until(&h, &rec.spec.id, "running", |r| state(r) == Some(VmState::Running)).await;
+    h.reconciler.set_paused(&rec.spec.id, true).await.expect("pause");
+    let started = tokio::time::Instant::now();
+    let done = stop(&h, &rec, Duration::from_secs(10)).await;
+    assert!(started.elapsed() < Duration::from_secs(5), "not killed after the timeout");
+    assert_eq!(
+        (done.status.state, done.status.exit_code, done.status.paused),
+        (VmState::Stopped, Some(143), false),
+        "the guest heard the stop (hearth-init's SIGTERM), and a stopped VM is not paused"
+    );
+}
+
 #[tokio::test]
 async fn the_fake_vmm_keeps_the_vmm_contract() {
     let h = harness();

@@ -38,6 +38,12 @@ pub async fn vmm_contract(vmm: &dyn Vmm, spec: &LaunchSpec) {
         !vmm.start_guest(dir, true).await.expect("ask again"),
         "a started guest is left as it is"
     );
+    vmm.set_paused(dir, true).await.unwrap_or_else(|e| panic!("pause: {e}"));
+    assert!(
+        !vmm.start_guest(dir, true).await.expect("ask while paused"),
+        "a guest paused after its start is not one that was never started: it stays paused"
+    );
+    vmm.set_paused(dir, false).await.unwrap_or_else(|e| panic!("resume: {e}"));
     let ends = tokio::time::timeout(Duration::from_millis(100), vmm.wait_exit(h)).await;
     assert!(ends.is_err(), "wait_exit waits while the VMM runs");
     vmm.stop(dir, h, Duration::ZERO).await.unwrap_or_else(|e| panic!("stop: {e}"));

@@ -589,6 +589,9 @@ pub struct VmStatus {
     /// The unprivileged uid (and gid) the running VMM dropped to, the VM's own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vmm_uid: Option<u32>,
+    /// The running guest's CPUs are frozen (`hearth pause`) until `hearth unpause`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
 }
 
 /// Boot timings of the last start, from the host's clock and the guest's uptime.

@@ -49,6 +49,11 @@ pub trait Driver: Send + Sync + std::fmt::Debug + Default + 'static {
         start: u64,
         grace: Duration,
     ) -> impl Future<Output = Result<(), crate::VmmError>> + Send;
+    /// Freezes or resumes the guest's CPUs.
+    fn set_paused(
+        vm_dir: &Path,
+        paused: bool,
+    ) -> impl Future<Output = Result<(), crate::VmmError>> + Send;
     fn endpoints(vm_dir: &Path) -> Endpoints;
     fn remove_runtime_files(vm_dir: &Path);
     /// The VMM's log, whose last error says why it ended.
@@ -114,6 +119,10 @@ impl<D: Driver> Vmm for Driven<D> {
         only_if_never_started: bool,
     ) -> Result<bool, VmmError> {
         D::start_guest(vm_dir, only_if_never_started).await.map_err(port_error)
+    }
+
+    async fn set_paused(&self, vm_dir: &Path, paused: bool) -> Result<(), VmmError> {
+        D::set_paused(vm_dir, paused).await.map_err(port_error)
     }
 
     async fn stop(&self, vm_dir: &Path, vmm: VmmHandle, grace: Duration) -> Result<(), VmmError> {

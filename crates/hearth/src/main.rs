@@ -30,6 +30,10 @@ enum Command {
     Stop(cmd::lifecycle::StopArgs),
     /// Kill running VMs.
     Kill(cmd::lifecycle::KillArgs),
+    /// Freeze running VMs' guests (their CPUs stop; memory and devices are kept).
+    Pause(cmd::lifecycle::PauseArgs),
+    /// Let paused VMs' guests run again.
+    Unpause(cmd::lifecycle::PauseArgs),
     /// Remove VMs.
     Rm(cmd::lifecycle::RmArgs),
     /// Wait for VMs to stop and print their exit codes.
@@ -96,6 +100,8 @@ async fn dispatch(cli: Cli) -> i32 {
         Command::Start(a) => cmd::lifecycle::start(host, a).await,
         Command::Stop(a) => cmd::lifecycle::stop(host, a).await,
         Command::Kill(a) => cmd::lifecycle::kill(host, a).await,
+        Command::Pause(a) => cmd::lifecycle::pause(host, a, true).await,
+        Command::Unpause(a) => cmd::lifecycle::pause(host, a, false).await,
         Command::Rm(a) => cmd::lifecycle::rm(host, a).await,
         Command::Wait(a) => cmd::lifecycle::wait(host, a).await,
         Command::Ps(a) => cmd::ps::ps(host, a).await,

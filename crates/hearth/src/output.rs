@@ -69,6 +69,7 @@ pub fn status_text(r: &VmRecord) -> String {
             None => "Stopped".into(),
         },
         hearth_types::VmState::Failed => format!("Failed: {}", s.reason),
+        hearth_types::VmState::Running if s.paused => "Running (Paused)".into(),
         other => {
             let mut t = other.to_string();
             if let Some(c) = t.get_mut(0..1) {
@@ -89,4 +90,25 @@ pub fn parse_json<T: for<'de> serde::Deserialize<'de>>(s: &str) -> anyhow::Resul
             "the daemon sent a record this client cannot read ({e}); are versions mismatched?"
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hearth_types::{Desired, VmState};
+
+    #[test]
+    fn the_status_column_says_what_a_user_checks() {
+        let s = |state, exit_code, reason: &str, paused| {
+            let mut r = hearth_testkit::record(1, Desired::Running, state);
+            (r.status.exit_code, r.status.reason, r.status.paused) =
+                (exit_code, reason.into(), paused);
+            status_text(&r)
+        };
+        assert_eq!(s(VmState::Running, None, "", false), "Running");
+        assert_eq!(s(VmState::Running, None, "", true), "Running (Paused)");
+        assert_eq!(s(VmState::Stopped, Some(3), "", false), "Exited (3)");
+        assert_eq!(s(VmState::Stopped, None, "killed", false), "Stopped (killed)");
+        assert_eq!(s(VmState::Failed, None, "no disk", false), "Failed: no disk");
+    }
 }

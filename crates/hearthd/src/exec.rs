@@ -22,6 +22,12 @@ async fn agent_for(d: &Daemon, rec: &VmRecord) -> Result<Arc<AgentClient>, Statu
             rec.spec.name, rec.status.state
         )));
     }
+    if rec.status.paused {
+        return Err(Status::failed_precondition(format!(
+            "VM {0} is paused: its guest cannot answer; unpause it first (hearth unpause {0})",
+            rec.spec.name
+        )));
+    }
     d.agent(&rec.spec.id).await.map_err(|e| Status::unavailable(format!("{e}")))
 }
 

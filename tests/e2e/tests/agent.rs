@@ -162,3 +162,58 @@ fn exec_and_cp_through_the_agent() {
         text(&out.stderr)
     );
 }
+
+/// `pause` freezes the guest (a counter it prints stops), `exec` says why it cannot reach it,
+/// `unpause` lets it count on, and a paused VM stops gracefully (its workload gets SIGTERM).
+#[test]
+fn pause_freezes_the_guest_and_unpause_lets_it_run_on() {
+    require_e2e!();
+    let reg = hearth_e2e::testutil::LocalRegistry::start().expect("registry");
+    hearth_e2e::testutil::push_busybox(&reg, "demo:1", "").expect("push");
+    let d = Daemon::start();
+    d.import_kernel();
+    let image = format!("{}/demo:1", reg.host());
+    let counter = "i=0; while :; do i=$((i+1)); echo tick-$i; sleep 0.2; done";
+    d.ok(&["run", "-d", "--name", "ticker", &image, "sh", "-c", counter]);
+    let ticks = || d.ok(&["logs", "ticker"]).matches("tick-").count();
+    let wait_ticks = |n: usize| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while ticks() < n {
+            assert!(std::time::Instant::now() < deadline, "only {} ticks", ticks());
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    wait_ticks(3);
+
+    assert_eq!(d.ok(&["pause", "ticker"]).trim(), "ticker");
+    assert_eq!(d.inspect("ticker")["status"]["paused"], true);
+    assert!(d.ok(&["ps"]).contains("Running (Paused)"), "{}", d.ok(&["ps"]));
+    // Bytes already on their way out of the UART land; then nothing more.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let frozen = ticks();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(ticks(), frozen, "the guest counted while paused");
+    let out = d.hearth(&["exec", "ticker", "--", "true"]);
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("VM ticker is paused"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = d.hearth(&["pause", "ticker"]);
+    assert!(text(&out.stderr).contains("already paused"), "{}", text(&out.stderr));
+
+    assert_eq!(d.ok(&["unpause", "ticker"]).trim(), "ticker");
+    wait_ticks(frozen + 3);
+    assert_eq!(d.inspect("ticker")["status"]["paused"], serde_json::Value::Null);
+    let out = d.hearth(&["unpause", "ticker"]);
+    assert!(text(&out.stderr).contains("is not paused"), "{}", text(&out.stderr));
+
+    d.ok(&["pause", "ticker"]);
+    d.ok(&["stop", "ticker"]);
+    let v = d.inspect("ticker");
+    assert_eq!(
+        (v["status"]["state"].as_str(), v["status"]["exit_code"].as_i64()),
+        (Some("stopped"), Some(143)),
+        "stopped through hearth-init (SIGTERM to the workload), not killed: {v}"
+    );
+}

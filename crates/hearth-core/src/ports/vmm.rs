@@ -178,6 +178,10 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
         only_if_never_started: bool,
     ) -> Result<bool, VmmError>;
 
+    /// Freezes the guest's CPUs (`paused`) or lets them run again (`hearth pause`/`unpause`);
+    /// a guest frozen this way is not one that was never started.
+    async fn set_paused(&self, vm_dir: &Path, paused: bool) -> Result<(), VmmError>;
+
     /// Asks the guest to power off, waits up to `grace`, then kills the VMM; a zero grace kills
     /// at once. Returns once the VMM is gone.
     async fn stop(&self, vm_dir: &Path, vmm: VmmHandle, grace: Duration) -> Result<(), VmmError>;
@@ -274,6 +278,10 @@ impl Vmm for Unconfigured {
     }
 
     async fn start_guest(&self, _vm_dir: &Path, _only_if: bool) -> Result<bool, VmmError> {
+        Err(VmmError::Failed(format!("no {} VMM runs here", self.0)))
+    }
+
+    async fn set_paused(&self, _vm_dir: &Path, _paused: bool) -> Result<(), VmmError> {
         Err(VmmError::Failed(format!("no {} VMM runs here", self.0)))
     }
 

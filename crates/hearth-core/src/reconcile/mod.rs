@@ -3,6 +3,7 @@
 //! A [`Reconciler`] owns the per-VM locks and drives the ports; every change to a VM goes
 //! through it under the VM's lock, so loops and API mutations of one VM never interleave.
 
+mod pause;
 mod recover;
 mod steps;
 mod watch;

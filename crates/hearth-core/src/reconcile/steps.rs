@@ -33,6 +33,14 @@ impl Reconciler {
             }
             Step::Stop => {
                 let h = vmm.ok_or_else(|| Error::internal("no vmm to stop"))?;
+                if rec.status.paused {
+                    // A frozen guest can neither hear a power-off request nor carry it out.
+                    let dir = p.repo.vm_dir(&rec.spec.id);
+                    if let Err(e) = p.vmms.of(rec.spec.provider).set_paused(&dir, false).await {
+                        warn!(vm = %rec.spec.id, error = %e, "resuming the paused guest to stop it failed");
+                    }
+                    rec.status.paused = false;
+                }
                 rec.status.state = VmState::Stopping;
                 p.repo.save(rec)?;
                 self.stop_vmm(rec, h, opts.stop_timeout).await;
@@ -252,6 +260,7 @@ impl Reconciler {
             }
         }
         rec.status.state = VmState::Stopped;
+        rec.status.paused = false;
         rec.status.finished_at = Some(p.clock.now_millis());
         rec.status.pid = None;
         rec.status.pid_start_time = None;

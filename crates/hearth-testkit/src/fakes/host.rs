@@ -443,6 +443,9 @@ impl Guests for FakeHost {
             return Ok(());
         }
         let pid = self.state().records.get(id).and_then(|r| r.status.pid);
+        if pid.is_some_and(|pid| self.vmm.frozen(pid)) {
+            return Err(Error::unavailable("the guest's agent did not answer"));
+        }
         // hearth-init stops the workload (SIGTERM), records how it ended and powers off.
         self.state()
             .exits

@@ -31,6 +31,8 @@ struct Process {
     findable: bool,
     /// The guest is still paused, waiting for its first start.
     paused: bool,
+    /// The guest was started and is frozen since (`hearth pause`).
+    frozen: bool,
 }
 
 #[derive(Debug, Default)]
@@ -97,6 +99,7 @@ impl FakeVmm {
                 exited: watch::channel(false).0,
                 findable,
                 paused: true,
+                frozen: false,
             },
         );
         VmmHandle { pid, start_time: 7 }
@@ -120,6 +123,11 @@ impl FakeVmm {
     /// Whether the guest of `pid` still waits for its first start.
     pub fn paused(&self, pid: i32) -> bool {
         self.state().procs.get(&pid).is_some_and(|p| p.paused)
+    }
+
+    /// Whether the guest of `pid` was frozen after its start (`hearth pause`).
+    pub fn frozen(&self, pid: i32) -> bool {
+        self.state().procs.get(&pid).is_some_and(|p| p.frozen)
     }
 
     /// Directories cleaned up after a VMM.
@@ -215,11 +223,27 @@ impl Vmm for FakeVmm {
             .ok_or_else(|| VmmError::Failed("no VMM".into()))?;
         let was_paused = p.paused;
         p.paused = false;
+        if !only_if_never_started {
+            p.frozen = false;
+        }
         Ok(was_paused || !only_if_never_started)
     }
 
+    async fn set_paused(&self, vm_dir: &Path, paused: bool) -> Result<(), VmmError> {
+        let mut s = self.state();
+        let p = s
+            .procs
+            .values_mut()
+            .find(|p| p.dir == vm_dir)
+            .ok_or_else(|| VmmError::Failed("no VMM".into()))?;
+        p.frozen = paused;
+        Ok(())
+    }
+
     async fn stop(&self, _vm_dir: &Path, vmm: VmmHandle, grace: Duration) -> Result<(), VmmError> {
-        let stubborn = self.state().stubborn;
+        // A frozen guest cannot answer a power-off request either.
+        let frozen = self.frozen(vmm.pid);
+        let stubborn = self.state().stubborn || frozen;
         if stubborn && !grace.is_zero() {
             tokio::time::sleep(grace).await;
         }

@@ -55,6 +55,14 @@ impl crate::driven::Driver for Driver {
         super::stop(vm_dir, pid, start, grace).await
     }
 
+    async fn set_paused(vm_dir: &Path, paused: bool) -> Result<(), VmmError> {
+        if paused {
+            super::pause(vm_dir).await
+        } else {
+            super::resume(vm_dir).await
+        }
+    }
+
     fn endpoints(vm_dir: &Path) -> Endpoints {
         Endpoints {
             agent: super::jail::host_path(vm_dir, AGENT_SOCK),

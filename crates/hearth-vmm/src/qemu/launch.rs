@@ -160,7 +160,13 @@ pub fn launch(spec: &LaunchSpec) -> Result<Launched, VmmError> {
     Ok(Launched { pid, start_time, accel, warning, held: vec![] })
 }
 
-/// Lets a guest launched paused (`-S`) run: QMP `cont`. Call it once the console is captured.
+/// Freezes the guest's CPUs (QMP `stop`): QEMU's state becomes `paused`, never `prelaunch`.
+pub async fn pause(vm_dir: &Path) -> Result<(), VmmError> {
+    qmp(vm_dir).await?.execute("stop", None).await.map(drop)
+}
+
+/// Lets a guest launched paused (`-S`), or paused since, run: QMP `cont`. Call it once the
+/// console is captured.
 pub async fn resume(vm_dir: &Path) -> Result<(), VmmError> {
     qmp(vm_dir).await?.execute("cont", None).await.map(drop)
 }

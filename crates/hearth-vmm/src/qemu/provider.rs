@@ -74,6 +74,14 @@ impl Vmm for Qemu {
         }
     }
 
+    async fn set_paused(&self, vm_dir: &Path, paused: bool) -> Result<(), VmmError> {
+        if paused {
+            crate::qemu::pause(vm_dir).await.map_err(port_error)
+        } else {
+            crate::qemu::resume(vm_dir).await.map_err(port_error)
+        }
+    }
+
     async fn stop(&self, vm_dir: &Path, vmm: VmmHandle, grace: Duration) -> Result<(), VmmError> {
         crate::qemu::stop(vm_dir, vmm.pid, vmm.start_time, grace)
             .await

@@ -1,4 +1,4 @@
-//! `start`, `stop`, `kill`, `rm`, `wait`: each takes several VMs, like docker.
+//! `start`, `stop`, `kill`, `pause`, `unpause`, `rm`, `wait`: each takes several VMs, like docker.
 
 use clap::Args;
 use hearth_api::v1 as pb;
@@ -28,6 +28,12 @@ pub struct KillArgs {
     /// Signal to send to the VMM.
     #[arg(short = 's', long, default_value = "KILL")]
     signal: String,
+    #[arg(required = true)]
+    vms: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PauseArgs {
     #[arg(required = true)]
     vms: Vec<String>,
 }
@@ -103,6 +109,24 @@ pub async fn kill(host: Option<String>, a: KillArgs) -> anyhow::Result<i32> {
         let (mut c, signal) = (c.clone(), a.signal.clone());
         async move {
             c.kill_vm(pb::KillVmRequest { r#ref: vm.clone(), signal }).await?;
+            Ok(Some(vm))
+        }
+    })
+    .await
+}
+
+/// `pause` (`paused`) and `unpause`.
+pub async fn pause(host: Option<String>, a: PauseArgs, paused: bool) -> anyhow::Result<i32> {
+    let c = client::connect(host).await?;
+    each(a.vms, |vm| {
+        let mut c = c.clone();
+        async move {
+            let r = pb::Ref { r#ref: vm.clone() };
+            if paused {
+                c.pause_vm(r).await?;
+            } else {
+                c.unpause_vm(r).await?;
+            }
             Ok(Some(vm))
         }
     })

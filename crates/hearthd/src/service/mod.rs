@@ -23,6 +23,25 @@ pub struct Api {
 }
 
 impl Api {
+    /// `pause`/`unpause`, in a task of the daemon's own.
+    async fn set_paused(
+        &self,
+        reference: &str,
+        paused: bool,
+    ) -> Result<Response<pb::Record>, Status> {
+        let rec = self.d.resolve(reference)?;
+        let d = self.d.clone();
+        detached(async move {
+            let out = d
+                .reconciler()
+                .set_paused(&rec.spec.id, paused)
+                .await
+                .map_err(hearth_api::status::to_status)?;
+            Ok(record(&out))
+        })
+        .await
+    }
+
     pub fn new(d: Arc<Daemon>) -> Self {
         Self { d }
     }
@@ -294,6 +313,14 @@ impl Hearth for Api {
             Ok(record(&out.unwrap_or(rec)))
         })
         .await
+    }
+
+    async fn pause_vm(&self, req: Request<pb::Ref>) -> Result<Response<pb::Record>, Status> {
+        self.set_paused(&req.into_inner().r#ref, true).await
+    }
+
+    async fn unpause_vm(&self, req: Request<pb::Ref>) -> Result<Response<pb::Record>, Status> {
+        self.set_paused(&req.into_inner().r#ref, false).await
     }
 
     async fn remove_vm(
