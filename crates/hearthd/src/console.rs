@@ -204,16 +204,20 @@ pub async fn attach(
     let mut output = console.subscribe();
     let (tx, rx) = mpsc::channel(16);
     let c = console.clone();
+    // The client closes its input to detach: once what it typed is in, its output ends too.
+    let (detached_tx, mut detached) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         while let Ok(Some(chunk)) = input.message().await {
             if !c.send(chunk.data).await {
                 break;
             }
         }
+        let _ = detached_tx.send(());
     });
     tokio::spawn(async move {
         loop {
             tokio::select! {
+                _ = &mut detached => return,
                 m = output.recv() => match m {
                     Ok(data) => if tx.send(Ok(Chunk { data, r#ref: String::new() })).await.is_err() { return },
                     // A client that fell behind loses what it missed (the log has it).

@@ -43,6 +43,32 @@ fn run_i_feeds_stdin_and_attach_reaches_the_console() {
     assert!(text(&out.stdout).contains("got:xyz"), "{:?}", text(&out.stdout));
     d.wait_for("talk", "stopped", Duration::from_secs(60), |v| v["status"]["state"] == "stopped");
     assert_eq!(d.inspect("talk")["status"]["exit_code"], 0);
+
+    // Ctrl-P Ctrl-Q detaches and leaves the VM running; the keys never reach the guest, what
+    // was typed before them does.
+    d.ok(&["run", "-d", "-i", "--name", "keys", &image, "sh", "-c", "read line; echo got:$line"]);
+    let attach = |input: &[u8]| {
+        let mut child = d
+            .cmd(&["attach", "keys"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("attach");
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(input).expect("write");
+        // Held open, so only the keys (or the VM's end) can end the attach.
+        let out = child.wait_with_output().expect("wait");
+        drop(stdin);
+        out
+    };
+    let out = attach(b"ab\x10\x11");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("detached from keys"), "{}", text(&out.stderr));
+    assert_eq!(d.inspect("keys")["status"]["state"], "running", "detaching leaves it running");
+    let out = attach(b"c\n");
+    let said = text(&out.stdout);
+    assert!(said.lines().any(|l| l.trim_end() == "got:abc"), "{said:?}");
 }
 
 /// `run --rm` in the foreground prints every byte the workload wrote, even to a reader slower

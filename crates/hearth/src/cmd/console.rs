@@ -79,6 +79,36 @@ impl Drop for RawMode {
 const CTRL_P: u8 = 0x10;
 const CTRL_Q: u8 = 0x11;
 
+/// The detach sequence, Ctrl-P Ctrl-Q, as docker reads it: a Ctrl-P is held back until the next
+/// byte says whether it starts the sequence; the sequence never reaches the guest, and
+/// everything typed before it does.
+#[derive(Debug, Default)]
+struct DetachKeys {
+    held_p: bool,
+}
+
+impl DetachKeys {
+    /// The bytes to send on, and whether the user detached (then nothing after the sequence).
+    fn feed(&mut self, input: &[u8]) -> (Vec<u8>, bool) {
+        let mut out = Vec::with_capacity(input.len() + 1);
+        for &b in input {
+            if self.held_p {
+                self.held_p = false;
+                if b == CTRL_Q {
+                    return (out, true);
+                }
+                out.push(CTRL_P);
+            }
+            if b == CTRL_P {
+                self.held_p = true;
+            } else {
+                out.push(b);
+            }
+        }
+        (out, false)
+    }
+}
+
 /// Wires stdin and stdout to the console until the VM stops or the user detaches. Input is
 /// held back until `gate` fires (a booting guest would lose what reaches its UART too early).
 pub async fn attach_stream(
@@ -98,7 +128,7 @@ pub async fn attach_stream(
         }
         let mut stdin = tokio::io::stdin();
         let mut buf = [0u8; 4096];
-        let mut saw_p = false;
+        let mut keys = DetachKeys::default();
         loop {
             let n = match stdin.read(&mut buf).await {
                 Ok(0) | Err(_) => {
@@ -108,14 +138,13 @@ pub async fn attach_stream(
                 }
                 Ok(n) => n,
             };
-            for &b in &buf[..n] {
-                if saw_p && b == CTRL_Q {
-                    let _ = detach_tx.send(());
-                    return;
-                }
-                saw_p = b == CTRL_P;
+            let (data, detach) = keys.feed(&buf[..n]);
+            if !data.is_empty() && tx.send(pb::Chunk { data, r#ref: String::new() }).await.is_err()
+            {
+                return;
             }
-            if tx.send(pb::Chunk { data: buf[..n].to_vec(), r#ref: String::new() }).await.is_err() {
+            if detach {
+                let _ = detach_tx.send(());
                 return;
             }
         }
@@ -128,6 +157,15 @@ pub async fn attach_stream(
                 None => return Ok(()),
             },
             _ = &mut detach_rx => {
+                // The input is closed: the daemon sends on what was typed before the keys, then
+                // ends the output (bounded, for a daemon that does not).
+                let rest = async {
+                    while let Ok(Some(chunk)) = s.message().await {
+                        out.write_all(&chunk.data)?;
+                    }
+                    out.flush()
+                };
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), rest).await;
                 eprintln!("\r\nhearth: detached from {vm}\r");
                 return Ok(());
             }
@@ -139,4 +177,28 @@ pub async fn attach(host: Option<String>, a: AttachArgs) -> anyhow::Result<i32> 
     let mut c = client::connect(host).await?;
     attach_stream(&mut c, &a.vm, true, None).await?;
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ctrl_p_ctrl_q_detaches_and_everything_else_reaches_the_guest() {
+        let mut k = DetachKeys::default();
+        assert_eq!(k.feed(b"ls\r"), (b"ls\r".to_vec(), false));
+        // Typed before the sequence in the same read: sent; the sequence itself: not.
+        assert_eq!(k.feed(&[b'a', CTRL_P, CTRL_Q, b'z']), (b"a".to_vec(), true));
+        // A Ctrl-P at the end of one read waits for the next.
+        let mut k = DetachKeys::default();
+        assert_eq!(k.feed(&[b'x', CTRL_P]), (b"x".to_vec(), false));
+        assert_eq!(k.feed(&[CTRL_Q]), (Vec::new(), true));
+        // A Ctrl-P that starts no sequence goes on, late but in order (twice over, too).
+        let mut k = DetachKeys::default();
+        assert_eq!(k.feed(&[CTRL_P]), (Vec::new(), false));
+        assert_eq!(
+            k.feed(&[b'k', CTRL_P, CTRL_P, b'j']),
+            (vec![CTRL_P, b'k', CTRL_P, CTRL_P, b'j'], false)
+        );
+    }
 }
