@@ -83,13 +83,30 @@ async fn firecracker_is_configured_its_console_captured_and_it_is_stopped_and_cl
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_configuration_firecracker_refuses_fails_the_launch_with_its_words_and_leaves_nothing() {
     let Some((dir, mut spec)) = vm("") else { return };
-    spec.kernel = dir.path().join("no-such-vmlinux");
+    let kernel = std::mem::replace(&mut spec.kernel, dir.path().join("no-such-vmlinux"));
     let e = Firecracker::default().launch(&spec).expect_err("refused").to_string();
     assert!(e.contains("firecracker failed to start") && e.contains("/boot-source"), "{e}");
     assert!(!dir.path().join(API_SOCK).exists() && !dir.path().join("firecracker.pid").exists());
-    let tcg = LaunchSpec { accel: Accel::Tcg, ..spec };
+    let tcg = LaunchSpec { accel: Accel::Tcg, ..spec.clone() };
     let e = Firecracker::default().launch(&tcg).expect_err("no tcg").to_string();
     assert!(e.contains("--vmm qemu"), "{e}");
+    // A VMM or jailer that is not installed: named, with the install step.
+    let absent = Firecracker::with_binary(Some("/nonexistent/firecracker".into()));
+    let e = absent.launch(&spec).expect_err("no binary").to_string();
+    assert!(e.contains("/nonexistent/firecracker") && e.contains("HEARTH_FIRECRACKER"), "{e}");
+    let jailed = LaunchSpec {
+        kernel,
+        confinement: hearth_vmm::Confinement { run_as: Some((64_123, 64_123)), cgroup: None },
+        ..spec
+    };
+    let mut no_jailer = Firecracker::default();
+    no_jailer.jailer = Some("/nonexistent/jailer".into());
+    let e = no_jailer.launch(&jailed).expect_err("no jailer").to_string();
+    assert!(
+        e.contains("/nonexistent/jailer") && e.contains("HEARTH_JAILER") && e.contains("--no-jail"),
+        "{e}"
+    );
+    assert!(!dir.path().join("firecracker").exists(), "no jail is left behind");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -160,6 +160,24 @@ fn boots_its_kernel_logs_its_console_and_is_removed_cleanly(vmm: &str) {
     );
     assert!(line.contains("rdinit=/init") && line.contains(args), "{line}");
 
+    // `logs -f` follows the console until the VM stops; `kill` stops it and leaves no VMM,
+    // socket, jail or cgroup (its disk stays until rm).
+    let mut follow =
+        d.cmd(&["logs", "-f", "fc"]).stdout(std::process::Stdio::piped()).spawn().expect("logs -f");
+    let lines = lines_of(follow.stdout.take().expect("stdout"));
+    until_line(&lines, "Command line:", "logs -f");
+    assert!(follow.try_wait().expect("try_wait").is_none(), "logs -f ends only with the VM");
+    if !hearth_e2e::kvm_runs_guests() {
+        d.ok(&["kill", "fc"]);
+        let v = d.inspect("fc");
+        assert_eq!(v["status"]["state"], "stopped", "{v:#}");
+        let ended = wait_child(&mut follow, Duration::from_secs(20));
+        assert!(ended.is_some_and(|s| s.success()), "logs -f ends once the VM stopped");
+        assert!(!runs(pid) && processes(vmm, &root).is_empty(), "{vmm} left running after kill");
+        assert_unconfined_and_closed(&d, &v, vmm);
+        d.ok(&["start", "--no-wait", "fc"]);
+    }
+
     if hearth_e2e::kvm_runs_guests() {
         let v = d.wait_for("fc", "exited", Duration::from_secs(180), |v| {
             v["status"]["state"] == "exited"
@@ -172,6 +190,7 @@ fn boots_its_kernel_logs_its_console_and_is_removed_cleanly(vmm: &str) {
         );
     }
 
+    let pid = d.inspect("fc")["status"]["pid"].as_i64().unwrap_or(pid);
     d.ok(&["rm", "-f", "fc"]);
     assert_eq!(d.ok(&["ps", "-a", "-q"]).trim(), "", "VMs left behind");
     assert!(processes(vmm, &root).is_empty() && !runs(pid), "{vmm} left running");
@@ -183,6 +202,129 @@ fn boots_its_kernel_logs_its_console_and_is_removed_cleanly(vmm: &str) {
     let dirs: Vec<_> =
         std::fs::read_dir(d.root.path().join("vms")).expect("vms").flatten().collect();
     assert!(dirs.is_empty(), "VM directories left behind: {dirs:?}");
+}
+
+/// The lines a child prints, as they come.
+fn lines_of(out: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(out)).map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits (two minutes at most) for a line that contains `needle`.
+fn until_line(lines: &std::sync::mpsc::Receiver<String>, needle: &str, what: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(l) if l.contains(needle) => return l,
+            Ok(_) => {}
+            Err(e) => panic!("{what}: no line with {needle:?} ({e})"),
+        }
+    }
+}
+
+/// The child's exit status, if it ends within `within`.
+fn wait_child(
+    child: &mut std::process::Child,
+    within: Duration,
+) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    None
+}
+
+/// A VM whose VMM is gone has no API or console socket, jail or cgroup left.
+fn assert_unconfined_and_closed(d: &Daemon, v: &serde_json::Value, vmm: &str) {
+    let id = v["spec"]["id"].as_str().expect("id");
+    let dir = d.root.path().join("vms").join(id);
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .expect("the VM's directory")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".sock") || n == "firecracker" || n == "cloud-hypervisor")
+        .collect();
+    assert!(left.is_empty(), "{vmm} left {left:?} in {}", dir.display());
+    for m in ["memory", "cpu", "pids", ""] {
+        let group = std::path::Path::new("/sys/fs/cgroup").join(m).join(format!("hearth/vm-{id}"));
+        assert!(!group.exists(), "{} left behind", group.display());
+    }
+}
+
+/// `hearth run` in the foreground streams the console as it comes, and Ctrl-C stops the VM.
+#[test]
+fn a_firecracker_vm_run_in_the_foreground_streams_its_console_and_stops_on_ctrl_c() {
+    foreground_run_streams_and_stops_on_ctrl_c("firecracker");
+}
+
+#[test]
+fn a_cloud_hypervisor_vm_run_in_the_foreground_streams_its_console_and_stops_on_ctrl_c() {
+    foreground_run_streams_and_stops_on_ctrl_c("cloud-hypervisor");
+}
+
+fn foreground_run_streams_and_stops_on_ctrl_c(vmm: &str) {
+    require_e2e!();
+    if !have(vmm) {
+        return;
+    }
+    if hearth_e2e::kvm_runs_guests() {
+        eprintln!("skipped: a guest that boots here ends by itself (the main job tests that)");
+        return;
+    }
+    let d = Daemon::start();
+    d.import_kernel();
+    import_busybox(&d, "fg:1");
+    let args = "loglevel=8 earlyprintk=serial,ttyS0";
+    let mut run = d
+        .cmd(&[
+            "run",
+            "--vmm",
+            vmm,
+            "--network",
+            "none",
+            "--name",
+            "fg",
+            "--kernel-args",
+            args,
+            "fg:1",
+            "sleep",
+            "600",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run");
+    let lines = lines_of(run.stdout.take().expect("stdout"));
+    let line = until_line(&lines, "Command line:", "run in the foreground");
+    assert!(line.contains(args), "{line}");
+    let pid = d.inspect("fg")["status"]["pid"].as_i64().expect("a running VMM");
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &run.id().to_string()])
+        .status()
+        .expect("kill -INT");
+    assert!(sent.success());
+    let status = wait_child(&mut run, Duration::from_secs(60)).expect("run ends after Ctrl-C");
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut run.stderr.take().expect("stderr"), &mut err)
+        .expect("stderr");
+    assert!(err.contains("stopping"), "{err}");
+    assert!(!status.success(), "a VM stopped before its workload ended is no success");
+    let v = d.inspect("fg");
+    assert_eq!(v["status"]["state"], "stopped", "{v:#}");
+    assert!(!runs(pid), "{vmm} left running");
+    assert_unconfined_and_closed(&d, &v, vmm);
 }
 
 #[test]
