@@ -125,7 +125,7 @@ fn modules(f: &Facts) -> Vec<Check> {
         module_check(
             f,
             "macvtap",
-            "macvtap interfaces (not used yet)",
+            "macvtap networks (--network macvtap, Flintlock's MACVTAP interfaces)",
             Level::Info,
             "CONFIG_MACVTAP",
         ),
@@ -139,7 +139,7 @@ fn modules(f: &Facts) -> Vec<Check> {
         module_check(
             f,
             "vhost_vsock",
-            "QEMU's vhost-vsock devices (not used yet: QEMU's agent channel is virtio-serial, and Firecracker and Cloud Hypervisor serve hybrid vsock themselves)",
+            "vhost-vsock devices (hearth needs none: QEMU's agent channel is virtio-serial, and Firecracker and Cloud Hypervisor serve hybrid vsock themselves)",
             Level::Info,
             "CONFIG_VHOST_VSOCK",
         ),
@@ -232,15 +232,28 @@ fn storage(f: &Facts) -> Vec<Check> {
 const POOL_WARN_PERCENT: f64 = 80.0;
 
 fn thin_pool(f: &Facts) -> Check {
-    let Some((pool, usage)) = &f.thin_pool else {
-        return check(
+    const MAKE: &str =
+        "hearth host provision --dev makes one on sparse files, --direct-lvm --disk DEV on a disk";
+    match (&f.thin_pool, &f.configured_pool) {
+        (None, None) => check("thin pool", Level::Info, "no device-mapper thin pool", MAKE),
+        (None, Some((pool, config))) => check(
             "thin pool",
-            Level::Info,
-            "no device-mapper thin pool",
-            "hearth host provision --dev makes one on sparse files, --direct-lvm --disk DEV on a disk",
-        );
-    };
-    pool_check(pool, usage)
+            Level::Fail,
+            format!(
+                "hearthd's config {} names the thin pool {pool}, which device-mapper does not have",
+                config.display()
+            ),
+            format!("{MAKE} (a dev pool also comes back when hearthd starts)"),
+        ),
+        (Some((pool, usage)), configured) => {
+            let mut c = pool_check(pool, usage);
+            c.detail.push_str(match configured {
+                Some((named, _)) if named == pool => " (hearthd's, from its config)",
+                _ => " (hearthd uses it only with --thin-pool)",
+            });
+            c
+        }
+    }
 }
 
 /// The thin pool `pool`'s report: its use, a warning past 80% or when it is not writable or
@@ -339,6 +352,7 @@ mod tests {
             root_free: Some(50 << 30),
             reflink: Some(true),
             thin_pool: None,
+            configured_pool: None,
         }
     }
 
@@ -461,6 +475,22 @@ mod tests {
         let c = find(&evaluate(&f), "thin pool").clone();
         assert_eq!(c.level, Level::Ok);
         assert!(c.detail.contains("12.5%") && c.detail.contains("100.0 GiB"), "{c:?}");
+        assert!(c.detail.ends_with("(hearthd uses it only with --thin-pool)"), "{c:?}");
+        // The pool hearthd's config names: said to be its, or a failure when it is missing.
+        let config = std::path::PathBuf::from("/etc/hearth/hearthd.toml");
+        f.configured_pool = Some(("hearth-thinpool".into(), config.clone()));
+        let c = find(&evaluate(&f), "thin pool").clone();
+        assert!(c.level == Level::Ok && c.detail.ends_with("(hearthd's, from its config)"));
+        f.configured_pool = Some(("vg-thinpool".into(), config));
+        f.thin_pool = None;
+        let c = find(&evaluate(&f), "thin pool").clone();
+        assert_eq!(c.level, Level::Fail);
+        assert!(
+            c.detail.contains("/etc/hearth/hearthd.toml names the thin pool vg-thinpool")
+                && c.fix.contains("hearth host provision --dev"),
+            "{c:?}"
+        );
+        f.configured_pool = None;
         f.thin_pool = Some(("p".into(), Ok(PoolUsage { metadata_percent: 91.0, ..usage.clone() })));
         assert_eq!(find(&evaluate(&f), "thin pool").level, Level::Warn);
         f.thin_pool =

@@ -44,6 +44,8 @@ pub struct Facts {
     /// hearth's device-mapper thin pool, when it exists (filled by the caller, which speaks
     /// device-mapper): its name and usage, or why its usage could not be read.
     pub thin_pool: Option<(String, Result<PoolUsage, String>)>,
+    /// The thin pool hearthd's config file names (`thin-pool`), and that file.
+    pub configured_pool: Option<(String, std::path::PathBuf)>,
 }
 
 pub use hearth_types::size::PoolUsage;
@@ -108,6 +110,7 @@ impl Facts {
             // Probing writes two scratch files: only in the state directory itself.
             reflink: if root.is_dir() { reflink(root) } else { None },
             thin_pool: None,
+            configured_pool: None,
         }
     }
 

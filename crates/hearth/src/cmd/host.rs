@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::{Args, Subcommand};
 use hearth_host::{evaluate, Check, Facts, Level};
 
@@ -98,6 +99,10 @@ pub struct CheckArgs {
     /// Output format: table or json.
     #[arg(short = 'o', long, default_value = "table")]
     output: String,
+    /// hearthd's config file, whose `thin-pool` is the pool checked (hearth host provision
+    /// writes it).
+    #[arg(long, value_name = "FILE", default_value = crate::cmd::provision::CONFIG)]
+    config: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -116,7 +121,7 @@ pub struct InitArgs {
 pub async fn host(c: HostCmd) -> anyhow::Result<i32> {
     match c {
         HostCmd::Check(a) => {
-            let checks = evaluate(&probe(&a.root));
+            let checks = evaluate(&probe(&a.root, &a.config)?);
             print_checks(&checks, &a.output)?;
             Ok(if checks.iter().any(|c| c.level == Level::Fail) { 1 } else { 0 })
         }
@@ -159,7 +164,6 @@ fn print_checks(checks: &[Check], format: &str) -> anyhow::Result<()> {
 }
 
 async fn init(a: InitArgs) -> anyhow::Result<i32> {
-    use anyhow::Context;
     anyhow::ensure!(nix::unistd::geteuid().is_root(), "hearth host init must run as root");
     std::fs::create_dir_all(&a.root).with_context(|| format!("creating {}", a.root.display()))?;
     println!("state directory: {}", a.root.display());
@@ -179,7 +183,7 @@ async fn init(a: InitArgs) -> anyhow::Result<i32> {
             hearth_net::NFT_TABLE
         );
     }
-    let checks = evaluate(&probe(&a.root));
+    let checks = evaluate(&probe(&a.root, std::path::Path::new(crate::cmd::provision::CONFIG))?);
     if let Some(storage) = checks.iter().find(|c| c.name == "storage") {
         println!("storage: {}", storage.detail);
     }
@@ -286,7 +290,6 @@ async fn provision_all(a: ProvisionArgs) -> anyhow::Result<i32> {
 
 /// `--dev`: the pool on sparse files in ROOT/pool.
 fn dev_pool(a: &ProvisionArgs) -> anyhow::Result<i32> {
-    use anyhow::Context;
     let pool = hearth_storage::dm::pool::DevPool {
         dir: a.root.join("pool"),
         name: a.pool_name.clone().unwrap_or_else(|| hearth_storage::dm::pool::DEFAULT_NAME.into()),
@@ -382,13 +385,38 @@ fn direct_lvm(a: &ProvisionArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-/// This host's facts, with the VMM's KVM verdict and the storage's reflink probe.
-fn probe(root: &std::path::Path) -> Facts {
+/// This host's facts, with the VMM's KVM verdict, the storage's reflink probe and the thin pool
+/// hearthd's `config` names (else the default one).
+fn probe(root: &std::path::Path, config: &std::path::Path) -> anyhow::Result<Facts> {
     let mut facts = Facts::probe(root, hearth_vmm::accel::kvm_unusable_here(), |dir| {
         hearth_storage::supports_reflink(dir).ok()
     });
-    facts.thin_pool = thin_pool(hearth_storage::dm::pool::DEFAULT_NAME);
-    facts
+    facts.configured_pool = configured_pool(config)?.map(|p| (p, config.to_owned()));
+    let name = facts.configured_pool.as_ref().map(|(p, _)| p.as_str());
+    facts.thin_pool = thin_pool(name.unwrap_or(hearth_storage::dm::pool::DEFAULT_NAME));
+    Ok(facts)
+}
+
+/// The `thin-pool` of hearthd's config file, if the file exists and names one.
+fn configured_pool(config: &std::path::Path) -> anyhow::Result<Option<String>> {
+    let text = match std::fs::read_to_string(config) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", config.display())),
+    };
+    let table: toml::Table =
+        text.parse().with_context(|| format!("{} is not TOML", config.display()))?;
+    match table.get("thin-pool") {
+        None => Ok(None),
+        Some(toml::Value::String(p)) => Ok(Some(p.clone())),
+        Some(other) => {
+            anyhow::bail!(
+                "{}: thin-pool must be a string, not {}",
+                config.display(),
+                other.type_str()
+            )
+        }
+    }
 }
 
 /// The thin pool `name` and its usage, when device-mapper has it.

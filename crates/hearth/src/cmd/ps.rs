@@ -92,35 +92,41 @@ pub async fn info(host: Option<String>, output: &str) -> anyhow::Result<i32> {
         return Ok(0);
     }
     anyhow::ensure!(output == "table", "-o {output:?}: expected table or json");
+    print!("{}", info_text(&info));
+    Ok(0)
+}
+
+/// `hearth info`'s table: what the daemon reported, a warning where its storage needs one.
+fn info_text(info: &serde_json::Value) -> String {
+    use std::fmt::Write;
     let s = |k: &str| info[k].as_str().unwrap_or("").to_owned();
     let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
     let vms = &info["vms"];
-    println!("Server version: hearthd {}", s("version"));
-    println!("Root: {}", s("root"));
-    println!(
-        "VMs: {} (running {}, stopped {})",
-        n(&vms["total"]),
-        n(&vms["running"]),
-        n(&vms["total"]) - n(&vms["running"]).min(n(&vms["total"]))
-    );
-    println!("Images: {}", n(&info["images"]));
+    let (total, running) = (n(&vms["total"]), n(&vms["running"]));
+    let mut out = String::new();
+    let _ = writeln!(out, "Server version: hearthd {}", s("version"));
+    let _ = writeln!(out, "Root: {}", s("root"));
+    let _ =
+        writeln!(out, "VMs: {total} (running {running}, stopped {})", total - running.min(total));
+    let _ = writeln!(out, "Images: {}", n(&info["images"]));
     let default =
         info["default_kernel"].as_str().map(|k| format!(" (default {k})")).unwrap_or_default();
-    println!("Kernels: {}{default}", n(&info["kernels"]));
-    println!("Default VMM: {}; accelerator: {}", s("default_vmm"), s("accel"));
+    let _ = writeln!(out, "Kernels: {}{default}", n(&info["kernels"]));
+    let _ = writeln!(out, "Default VMM: {}; accelerator: {}", s("default_vmm"), s("accel"));
     let storage = &info["storage"];
-    println!("Storage: {}", storage["detail"].as_str().unwrap_or(""));
+    let _ = writeln!(out, "Storage: {}", storage["detail"].as_str().unwrap_or(""));
     if let Some(parent) = info["parent_iface"].as_str() {
-        println!("macvtap interface: {parent}");
+        let _ = writeln!(out, "macvtap interface: {parent}");
     }
     if matches!(storage["level"].as_str(), Some("warn" | "fail")) {
-        println!(
+        let _ = writeln!(
+            out,
             "WARNING: {} — fix: {}",
             storage["detail"].as_str().unwrap_or(""),
             storage["fix"].as_str().unwrap_or("")
         );
     }
-    Ok(0)
+    out
 }
 
 pub async fn version(host: Option<String>) -> anyhow::Result<i32> {
@@ -129,4 +135,35 @@ pub async fn version(host: Option<String>) -> anyhow::Result<i32> {
     let v = c.version(pb::Empty {}).await?.into_inner();
     println!("Server: hearthd {} (root {}, accelerator {})", v.version, v.root, v.accel);
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn info_warns_when_the_daemons_storage_needs_it() {
+        let mut info = serde_json::json!({
+            "version": "0.1.0", "root": "/var/lib/hearth",
+            "vms": {"total": 3, "running": 1}, "images": 2, "kernels": 1,
+            "default_kernel": "debian", "default_vmm": "qemu", "accel": "tcg",
+            "storage": {"level": "ok", "detail": "hearth-thinpool: data 12.0% used of 100.0 GiB, metadata 1.0%"}
+        });
+        let text = info_text(&info);
+        assert!(text.contains("VMs: 3 (running 1, stopped 2)\n"), "{text}");
+        assert!(text.contains("Kernels: 1 (default debian)\n"), "{text}");
+        assert!(!text.contains("WARNING") && !text.contains("macvtap"), "{text}");
+        info["storage"] = serde_json::json!({
+            "level": "warn",
+            "detail": "hearth-thinpool: data 85.0% used of 100.0 GiB, metadata 1.0%: filling up",
+            "fix": "grow the pool or remove VMs and images"
+        });
+        info["parent_iface"] = "eth0".into();
+        let text = info_text(&info);
+        assert!(text.contains("macvtap interface: eth0\n"), "{text}");
+        assert!(
+            text.contains("WARNING: hearth-thinpool: data 85.0% used of 100.0 GiB, metadata 1.0%: filling up — fix: grow the pool"),
+            "{text}"
+        );
+    }
 }
