@@ -323,6 +323,23 @@ async fn recovery_re_adopts_live_vms_and_records_dead_ones() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn recovery_leaves_no_record_naming_a_disk_that_is_gone() {
+    let h = harness();
+    // Stopped, its disk recorded, but gone (a half-made thin device a predecessor's crash left,
+    // removed at start).
+    let mut rec = record(18, Desired::Stopped, VmState::Stopped);
+    rec.status.disk_path = Some("/dev/dm-2".into());
+    h.host.put(rec.clone());
+    h.reconciler.recover().await;
+    let after = h.host.record(&rec.spec.id).expect("record");
+    assert_eq!(after.status.disk_path, None);
+    // Started again, it gets a disk and the record names it.
+    h.reconciler.start(&rec.spec.id).await.expect("start");
+    let started = h.host.record(&rec.spec.id).expect("record");
+    assert!(started.status.disk_path.is_some(), "{:?}", started.status);
+}
+
+#[tokio::test(start_paused = true)]
 async fn recovery_finishes_a_delete_saved_before_the_crash() {
     let h = harness();
     let rec = run(&h, 17).await;

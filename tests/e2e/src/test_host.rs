@@ -26,6 +26,7 @@ pub fn test_host_image(d: &Daemon, name: &str, with_daemon: bool) {
             "/usr/sbin/mkfs.ext4".into(),
             "/usr/sbin/e2fsck".into(),
             "/usr/sbin/resize2fs".into(),
+            "/usr/sbin/dumpe2fs".into(),
         ]);
         let init = std::env::var("HEARTH_INIT").expect("HEARTH_INIT");
         let kernel = std::env::var("HEARTH_TEST_KERNEL").expect("HEARTH_TEST_KERNEL");

@@ -213,10 +213,25 @@ fn a_flintlock_client_creates_gets_lists_and_deletes_a_microvm() {
         }),
         ..Default::default()
     };
+    // And a block device of the host's (a loop device over an ext4 file here).
+    let work = tempfile::tempdir().expect("tmp");
+    let disk = work.path().join("host.img");
+    let tree = work.path().join("tree");
+    std::fs::create_dir(&tree).expect("tree");
+    std::fs::write(tree.join("hello"), "from the host's disk\n").expect("hello");
+    std::fs::File::create(&disk).and_then(|f| f.set_len(16 << 20)).expect("disk");
+    let made = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&tree)
+        .arg(&disk)
+        .status();
+    assert!(made.expect("mkfs.ext4").success());
+    let loopdev = LoopDev::attach(&disk);
     let mut first = spec("mvm0", &kernel, &root);
     first.additional_volumes = vec![
         volume("modules", &kernel, "/mnt/modules", true),
         volume("data", &root, "/data", false),
+        volume("hostdisk", &loopdev.0, "/hostdisk", false),
     ];
     let created = rt
         .block_on(c.create_micro_vm(fpb::CreateMicroVmRequest {
@@ -247,7 +262,9 @@ fn a_flintlock_client_creates_gets_lists_and_deletes_a_microvm() {
     .expect("get");
     let status = up.status.expect("status");
     assert_eq!(status.network_interfaces["eth1"].mac_address, mac);
-    // Every volume is reported with the host file behind it.
+    // Every volume is reported with the host file (or device) behind it.
+    let hostdisk = status.volumes.get("hostdisk").and_then(|v| v.mount.as_ref());
+    assert_eq!(hostdisk.map(|m| m.source.as_str()), Some(loopdev.0.as_str()));
     for id in ["root", "modules", "data"] {
         let source = status
             .volumes
@@ -286,6 +303,9 @@ fn a_flintlock_client_creates_gets_lists_and_deletes_a_microvm() {
     d.ok(&["exec", vm, "--", "sh", "-c", "echo kept > /data/written && cat /data/written"]);
     let refused = d.hearth(&["exec", vm, "--", "touch", "/mnt/modules/x"]);
     assert!(!refused.status.success(), "a read-only volume refuses writes");
+    // The host's block device is the guest's disk: read there, written back to it.
+    assert_eq!(d.ok(&["exec", vm, "--", "cat", "/hostdisk/hello"]), "from the host's disk\n");
+    d.ok(&["exec", vm, "--", "sh", "-c", "echo from-the-guest > /hostdisk/back; sync"]);
 
     // Listing: by namespace, by name ("" is no filter), all namespaces; the stream.
     let list = |c: &mut Client, ns: &str, name: Option<&str>| {
@@ -359,6 +379,31 @@ fn a_flintlock_client_creates_gets_lists_and_deletes_a_microvm() {
         hearth_e2e::qemu_processes(&d.root.path().display().to_string()).is_empty(),
         "QEMU left running"
     );
+    // The host's device is left as it was, with what the guest wrote.
+    drop(loopdev);
+    let back = std::process::Command::new("debugfs").args(["-R", "cat /back"]).arg(&disk).output();
+    assert_eq!(String::from_utf8_lossy(&back.expect("debugfs").stdout), "from-the-guest\n");
+}
+
+/// A loop device over a file, detached when dropped.
+struct LoopDev(String);
+
+impl LoopDev {
+    fn attach(file: &std::path::Path) -> Self {
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(file)
+            .output()
+            .expect("losetup");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        Self(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup").args(["-d", &self.0]).status();
+    }
 }
 
 #[test]

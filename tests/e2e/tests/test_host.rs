@@ -74,13 +74,25 @@ fn provision_direct_lvm_makes_a_pool_on_a_blank_disk_once_and_refuses_a_disk_in_
     std::fs::File::create(&formatted).and_then(|f| f.set_len(256 << 20)).expect("disk");
     let st = std::process::Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&formatted).status();
     assert!(st.expect("mkfs.ext4").success());
+    // A disk with an MBR partition table and one Linux partition (and nothing in it).
+    let parted = work.path().join("parted.img");
+    let mut mbr = vec![0u8; 512];
+    let sectors: u32 = (64 << 20) / 512;
+    mbr[446 + 4] = 0x83;
+    mbr[446 + 8..446 + 12].copy_from_slice(&2048u32.to_le_bytes());
+    mbr[446 + 12..446 + 16].copy_from_slice(&(sectors - 2048).to_le_bytes());
+    mbr[510..].copy_from_slice(&[0x55, 0xaa]);
+    std::fs::write(&parted, &mbr)
+        .and_then(|()| std::fs::OpenOptions::new().write(true).open(&parted)?.set_len(64 << 20))
+        .expect("partitioned disk");
     let (h, p) = (hearth_bin().display().to_string(), prelude());
     // LVM without udev in the guest: device-mapper's nodes made by libdevmapper itself.
     let script = format!(
         "{p} export DM_DISABLE_UDEV=1; mkdir -p /run/lock /etc/lvm; \
          disk_of() {{ for b in /sys/block/vd*; do [ \"$(cat $b/serial)\" = $1 ] && echo /dev/${{b##*/}}; done; }}; \
-         B=$(disk_of hearth_vol0); F=$(disk_of hearth_vol1); P=\"{h} host provision --direct-lvm --disk\"; \
+         B=$(disk_of hearth_vol0); F=$(disk_of hearth_vol1); T=$(disk_of hearth_vol2); P=\"{h} host provision --direct-lvm --disk\"; \
          echo '== formatted'; $P $F --dry-run 2>&1; echo \"exit=$?\"; \
+         echo '== partitioned'; $P $T 2>&1; echo \"exit=$?\"; \
          mkdir -p /mnt/f; mount $F /mnt/f; echo '== mounted'; $P $F --force 2>&1; echo \"exit=$?\"; umount /mnt/f; \
          echo '== plan'; $P $B --dry-run 2>&1; echo '== first'; $P $B 2>&1; echo \"exit=$?\"; \
          echo '== second'; $P $B 2>&1; echo '== plan again'; $P $B --dry-run 2>&1; \
@@ -90,11 +102,13 @@ fn provision_direct_lvm_makes_a_pool_on_a_blank_disk_once_and_refuses_a_disk_in_
          $H create --name a --network none --size 1G demo:1 >/dev/null; $H start a >/dev/null 2>&1; \
          echo '== vm'; cat /sys/block/dm-*/dm/name; $H rm -f a >/dev/null; \
          echo '== vm removed'; cat /sys/block/dm-*/dm/name; kill $HD; \
+         echo '== held'; $P $B --vg other --force 2>&1; echo \"exit=$?\"; \
          echo '== forced'; $P $F --force --vg other 2>&1; echo \"exit=$?\"; \
          echo '== end'"
     );
     let (b, f) = (blank.display().to_string(), formatted.display().to_string());
-    let disks = ["-v", &b, "-v", &f];
+    let t = parted.display().to_string();
+    let disks = ["-v", &b, "-v", &f, "-v", &t];
     let (out, code) = in_test_host_with(&d, "testhost-lvm:1", "1G", "3G", &disks, &script);
     assert_eq!(code, 0, "{out}");
     let section = |name: &str| section(&out, name);
@@ -104,6 +118,16 @@ fn provision_direct_lvm_makes_a_pool_on_a_blank_disk_once_and_refuses_a_disk_in_
             && formatted_said.contains("--force wipes it")
             && formatted_said.contains("exit=1"),
         "a formatted disk is refused, naming what it holds:\n{out}"
+    );
+    let partitioned = section("partitioned");
+    assert!(
+        partitioned.contains("it has partitions (") && partitioned.contains("exit=1"),
+        "a partitioned disk is refused, naming its partitions:\n{out}"
+    );
+    let held = section("held");
+    assert!(
+        held.contains("it is in use by") && held.contains("exit=1"),
+        "a disk LVM holds is refused, even with --force:\n{out}"
     );
     let mounted = section("mounted");
     assert!(
@@ -167,6 +191,10 @@ fn on_a_host_without_device_mapper_the_pool_and_its_module_are_reported_with_the
     assert!(!module.contains(" OK ") && module.contains("fix: "), "{check}");
     let pool = row("thin pool");
     assert!(pool.contains("fix: hearth host provision --dev"), "{check}");
+    for m in ["macvtap", "vhost_vsock"].into_iter().filter(|m| !hearth_e2e::kernel_has(m)) {
+        let module = row(&format!("module {m}"));
+        assert!(!module.contains(" OK ") && module.contains("fix: "), "{m}:\n{check}");
+    }
     let out =
         d.hearth(&["host", "provision", "--dev", "--root", d.root.path().to_str().expect("utf8")]);
     let err = text(&out.stderr);
@@ -193,6 +221,7 @@ fn vm_disks_on_the_pool_are_thin_snapshots_of_one_base_and_go_with_their_vms() {
          echo '== sizes'; for n in /sys/block/dm-*; do echo $(cat $n/dm/name) $(cat $n/size); done; \
          echo '== state'; cat $R/pool/devices.json; echo; \
          echo '== check'; $H host check --root $R | grep '^thin pool'; \
+         echo '== fs'; dumpe2fs -h $(dev_of $(id_of a)) 2>/dev/null | grep -E '^Block (count|size):'; \
          $H rm a b c >/dev/null; \
          E=$($H create --name e --network none --size 1G demo:1); $H start e >/dev/null 2>&1 || true; \
          dd if=/dev/urandom of=$(dev_of $E) bs=4096 seek=$((512*256)) count=1 conv=fsync 2>/dev/null; \
@@ -236,6 +265,13 @@ fn vm_disks_on_the_pool_are_thin_snapshots_of_one_base_and_go_with_their_vms() {
     assert_eq!(vm_ids.len(), 3, "distinct thin ids:\n{out}");
     assert!(!vm_ids.contains(&base_id.expect("id")));
     assert!(section("check").contains("hearth-thinpool: data"), "{out}");
+    // The filesystem in the snapshot was grown to fill it (the base's is the image's size).
+    let fs = section("fs");
+    let field = |name: &str| -> u64 {
+        let line = fs.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{out}"));
+        line.split_whitespace().last().and_then(|n| n.parse().ok()).expect("a number")
+    };
+    assert_eq!(field("Block count:") * field("Block size:"), 1 << 30, "{out}");
     // The pool's data file held data before (as a reused disk does): a VM's first small write
     // into a fresh block leaves the rest of the block zeroed, not showing what was there.
     let reused = section("reused");
@@ -278,6 +314,13 @@ fn the_pool_comes_back_after_a_reboot_and_a_crash_leaves_no_orphan_device() {
            daemon --thin-pool hearth-thinpool; \
            echo \"== recovered\"; cat $R/pool/devices.json; echo; cat /sys/block/dm-*/dm/name; \
            echo \"== names $A $B $C\"; \
+           for t in 0.05 0.15 0.3 0.5 0.8 1.2 2; do \
+             ( $H run -d --no-wait --network none --size 1G --name k$t demo:1 >/dev/null 2>&1 & ); \
+             sleep $t; kill -9 $HD; sleep 0.2; daemon --thin-pool hearth-thinpool; done; \
+           echo '== chaos state'; cat $R/pool/devices.json; echo; \
+           echo '== chaos records'; for f in $R/vms/*/record.json; do \
+             echo $(basename $(dirname $f)) $(grep -o '\"disk_path\": *\"[^\"]*\"' $f | cut -d'\"' -f4); done; \
+           echo '== chaos active'; cat /sys/block/dm-*/dm/name; \
            touch $R/booted-once; \
          else \
            echo '== boot2'; echo '== pool before'; cat /sys/block/dm-*/dm/name 2>/dev/null; daemon --thin-pool hearth-thinpool; \
@@ -317,6 +360,28 @@ fn the_pool_comes_back_after_a_reboot_and_a_crash_leaves_no_orphan_device() {
     assert!(recovered.contains(&format!("hearth-vm-{}", ids[0])), "a's disk stays:\n{first}");
     for (what, id) in [("half made", ids[1]), ("without a record", ids[2])] {
         assert!(!recovered.contains(id), "the disk {what} is gone, device and entry:\n{first}");
+    }
+    // hearthd killed at several points of creates: every thin device and entry belongs to a VM
+    // whose record exists, and every record whose disk was made has its entry.
+    let state: serde_json::Value = serde_json::from_str(after(&first, "chaos state").trim())
+        .unwrap_or_else(|e| panic!("{e}:\n{first}"));
+    let entries: Vec<&String> = state["vms"].as_object().expect("vms").keys().collect();
+    let records = after(&first, "chaos records");
+    let records: Vec<Vec<&str>> = records
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .filter(|r: &Vec<&str>| !r.is_empty())
+        .collect();
+    assert!(records.len() > 3, "some of the creates made a record before the kill:\n{first}");
+    for e in &entries {
+        assert!(records.iter().any(|r| r[0] == e.as_str()), "thin entry {e} has no VM:\n{first}");
+        assert_eq!(state["vms"][e.as_str()]["ready"], true, "a half-made entry stayed:\n{first}");
+    }
+    for r in records.iter().filter(|r| r.len() > 1) {
+        assert!(entries.iter().any(|e| e.as_str() == r[0]), "VM {} lost its disk:\n{first}", r[0]);
+    }
+    for name in after(&first, "chaos active").lines().filter_map(|l| l.strip_prefix("hearth-vm-")) {
+        assert!(entries.iter().any(|e| e.as_str() == name), "orphan device {name}:\n{first}");
     }
 
     // The host reboots: the same VM boots again.
@@ -437,6 +502,7 @@ fn provision_all_sets_up_the_host_and_hearthd_runs_from_the_config_it_wrote() {
          echo '== daemon'; daemon --config /etc/hearth/hearthd.toml; \
          for i in $(seq 100); do grep -q 'serving the Flintlock' /tmp/hearthd.log && break; sleep 0.1; done; grep -o 'serving the Flintlock API.*\\|VM root disks are thin snapshots.*' /tmp/hearthd.log | cut -c1-60; \
          echo '== info'; $H info; kill $HD; \
+         echo '== check'; $H host check | grep '^thin pool'; \
          echo 'thin_pol = \"x\"' > /tmp/bad.toml; echo '== bad'; {hd} --config /tmp/bad.toml 2>&1; echo \"exit=$?\"; \
          echo '== end'"
     );
@@ -493,6 +559,12 @@ fn provision_all_sets_up_the_host_and_hearthd_runs_from_the_config_it_wrote() {
         assert!(info.contains(line), "{line}:\n{out}");
     }
     assert!(!info.contains("WARNING"), "{out}");
+    // `host check` reports the pool hearthd's config names, as hearthd's.
+    let check = section("check");
+    assert!(
+        check.contains("hearth-thinpool") && check.contains("(hearthd's, from its config)"),
+        "{out}"
+    );
     let bad = section("bad");
     assert!(bad.contains("unknown key \"thin_pol\"") && bad.contains("exit=2"), "{out}");
 }

@@ -1,6 +1,7 @@
 //! Volumes that are not images, through `hearth run -v`: the host's own file (written by the
 //! guest, kept after rm), the host's file read-only (never written), a blank volume of the VM's
-//! own (its size, gone with the VM), and the refusals that leave no VM behind. One guest boots.
+//! own (its size, gone with the VM), and the refusals that leave no VM behind. Two guests boot:
+//! the second reads what the first wrote.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -110,6 +111,11 @@ fn host_files_and_blank_volumes_reach_the_guest_and_only_the_vms_own_go_with_it(
     assert!(data.exists() && ro.exists(), "the host's files stay");
     assert_eq!(read_in(&data, "/out"), "written-by-guest\n");
     assert!(!blank.exists(), "the blank volume went with the VM");
+
+    // Another VM, after the first is gone, reads what the first wrote.
+    let out = d.hearth(&["run", "--rm", "-v", &data_v, &image, "cat", "/data/out"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim_end_matches(['\r', '\n']), "written-by-guest");
 }
 
 #[test]

@@ -47,6 +47,15 @@ impl Reconciler {
                 }
                 continue;
             }
+            if !obs.disk && rec.status.disk_path.is_some() {
+                // Its disk was half made when a predecessor died, and removed since: the record
+                // names no disk (the next start makes one).
+                let mut r = rec.clone();
+                r.status.disk_path = None;
+                if let Err(e) = p.repo.save(&r) {
+                    warn!(vm = %id, error = %e, "recording that the VM has no disk failed");
+                }
+            }
             if let Err(e) = self.reconcile(&id, Options::default()).await {
                 warn!(vm = %id, error = %e, "recovery reconcile failed");
             }

@@ -120,6 +120,9 @@ impl Reconciler {
         rec.status.console_offset = p.guests.console_offset(&id);
         let net = p.network.plan(&rec.spec)?;
         let (root_disk, config_disk, volumes) = p.disks.attach(rec).await?;
+        // A thin device's node may differ from one activation to the next: the record says
+        // the one this boot uses.
+        rec.status.disk_path = Some(root_disk.display().to_string());
         p.network.prepare(&rec.spec).await?;
         let confinement = match p.sandbox.claim(&rec.spec) {
             Ok(c) => c,
