@@ -28,6 +28,8 @@ const APT_PACKAGES: &[&str] = &[
     // LVM's tools for `hearth host provision --direct-lvm`, copied into the test-host guest.
     "lvm2",
     "thin-provisioning-tools",
+    // A real DHCP server for hearth-init's DHCP client (tests in network namespaces).
+    "dnsmasq-base",
 ];
 
 /// The guest kernel package: Debian's cloud kernel (virtio as modules).

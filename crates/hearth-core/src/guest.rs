@@ -67,6 +67,7 @@ pub fn guest_config(spec: &VmSpec, image: &ImageConfig) -> Result<GuestConfig, G
         },
         ssh_authorized_keys: spec.ssh_public_key.iter().map(|k| k.trim().to_owned()).collect(),
         network: guest_network(spec),
+        dhcp: (spec.network == NetworkMode::Macvtap && spec.lan.is_none()).then(|| spec.mac()),
         cloud_init: spec.cloud_init.clone(),
         volumes: spec
             .volumes
@@ -91,7 +92,7 @@ pub fn guest_network(spec: &VmSpec) -> Option<GuestNetwork> {
             gateway: USER_NET_GATEWAY.to_owned(),
             dns: vec![USER_NET_DNS.to_owned()],
         }),
-        // On the LAN the guest takes its address there, with its own DHCP client.
+        // On the LAN without a static address: DHCP (`GuestConfig::dhcp`).
         NetworkMode::Macvtap => spec.lan.as_ref().map(|l| GuestNetwork {
             mac: spec.mac(),
             address: l.address.to_string(),
@@ -185,7 +186,7 @@ mod tests {
     }
 
     #[test]
-    fn a_card_on_the_lan_takes_dhcp_and_hearth_init_leaves_it_to_the_guest() {
+    fn a_card_on_the_lan_takes_dhcp_from_hearth_init_or_the_images_own_client() {
         let text = cloud_init_dhcp_config("eth1", "02:00:00:00:00:07");
         for needle in
             ["  eth1:", "macaddress: \"02:00:00:00:00:07\"", "set-name: eth1", "dhcp4: true"]
@@ -196,6 +197,9 @@ mod tests {
         s.network = NetworkMode::Macvtap;
         s.macvtap_parent = Some("eth0".into());
         assert_eq!(guest_network(&s), None);
+        let cfg = guest_config(&s, &ImageConfig { cmd: vec!["sh".into()], ..Default::default() })
+            .expect("config");
+        assert_eq!(cfg.dhcp, Some(s.mac()), "hearth-init runs DHCP on the VM's card");
         s.cloud_init_network = Some("eth1".into());
         let files = crate::cloud_init_bundle(&s, vec![]);
         assert!(files["network-config"].contains("dhcp4: true"), "{files:?}");
@@ -210,6 +214,9 @@ mod tests {
         let files = crate::cloud_init_bundle(&s, vec![]);
         let config = &files["network-config"];
         assert!(config.contains("192.168.1.50/24") && !config.contains("routes"), "{config}");
+        let cfg = guest_config(&s, &ImageConfig { cmd: vec!["sh".into()], ..Default::default() })
+            .expect("config");
+        assert_eq!(cfg.dhcp, None, "a static address needs no DHCP");
     }
 
     #[test]

@@ -14,6 +14,7 @@
 
 mod agent;
 mod boot;
+mod dhcp;
 mod net;
 mod process;
 // The only module with raw system calls (unsafe code is denied everywhere else).
@@ -38,6 +39,10 @@ const SIGNALS: [i32; 6] =
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 fn main() {
+    // Not PID 1: a tool for tests of the parts that need no VM (`hearth-init dhcp IFACE`).
+    if std::process::id() != 1 {
+        std::process::exit(tool(&std::env::args().skip(1).collect::<Vec<_>>()));
+    }
     let started = sys::uptime_ms();
     sys::block_signals(&SIGNALS);
     let mut config_disk: Option<File> = None;
@@ -99,6 +104,10 @@ fn run(started: u64, config_disk: &mut Option<File>) -> Result<GuestExit, String
         }
         let err = cmd.exec();
         return Ok(cannot_start(process::spawn_error(&spec.args[0], &err)));
+    }
+    // Threads may start from here on (the full-OS branch forked before any did).
+    if let Some(mac) = &cfg.dhcp {
+        net::dhcp(mac, &cfg.hostname);
     }
     let shared = Arc::new(agent::Shared::default());
     *shared.defaults.lock().unwrap_or_else(|e| e.into_inner()) = spec.clone();
@@ -277,6 +286,44 @@ fn user_processes() -> usize {
         .filter_map(|s| stat_ids(&s))
         .filter(|&(pid, ppid)| pid > 2 && ppid != 2 && ppid != 0)
         .count()
+}
+
+/// `hearth-init dhcp IFACE [--renew]`, outside a VM: takes a lease on IFACE as the guest does
+/// (the address and default route set, no files written), prints it, and with `--renew` renews
+/// it once. For tests against a real DHCP server in a network namespace.
+fn tool(args: &[String]) -> i32 {
+    let (Some("dhcp"), Some(card)) = (args.first().map(String::as_str), args.get(1)) else {
+        eprintln!("hearth-init is the init of hearth's guests (PID 1); outside one it only has `dhcp IFACE [--renew]`");
+        return 2;
+    };
+    let mac = std::fs::read_to_string(format!("/sys/class/net/{card}/address")).unwrap_or_default();
+    let Some(mac) = dhcp::parse_mac(&mac) else {
+        eprintln!("no interface {card}");
+        return 1;
+    };
+    if let Err(e) = net::up(card) {
+        eprintln!("{e}");
+        return 1;
+    }
+    let lease = match dhcp::acquire(card, mac, "probe", Duration::from_secs(20)) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("{e}");
+            return 1;
+        }
+    };
+    net::apply_lease(card, "probe", &lease, false);
+    println!("{lease:?}");
+    if args.iter().any(|a| a == "--renew") {
+        match dhcp::renew(card, mac, "probe", &lease, false) {
+            Ok(Some(l)) => println!("renewed {l:?}"),
+            other => {
+                eprintln!("renewal failed: {other:?}");
+                return 1;
+            }
+        }
+    }
+    0
 }
 
 /// Records the exit, stops everything else, flushes, powers off.

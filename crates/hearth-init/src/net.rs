@@ -1,6 +1,7 @@
 //! The guest's network: loopback up, the card hearth gave the VM configured statically (found by
-//! its MAC, whatever the kernel named it), a default route, and the resolver and hosts files.
-//! Plain ioctls on an inet socket: no DHCP client, no netlink library, nothing in the image.
+//! its MAC, whatever the kernel named it) or by DHCP on a LAN ([`crate::dhcp`]), a default
+//! route, and the resolver and hosts files. Plain ioctls on an inet socket: no netlink library,
+//! nothing in the image.
 
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
@@ -64,6 +65,76 @@ pub fn configure(net: Option<&GuestNetwork>, hostname: &str) {
     }
     write_resolv(&net.dns);
     write_hosts(Some(&net.address), hostname);
+}
+
+/// How long the boot waits for a DHCP lease before the workload starts without one (a client
+/// thread goes on asking).
+const DHCP_WAIT: Duration = Duration::from_secs(10);
+
+/// Takes the card with MAC `mac` up and its address from the LAN's DHCP server, then keeps the
+/// lease in a thread of its own. Failures are reported, not fatal.
+pub fn dhcp(mac_text: &str, hostname: &str) {
+    let res = (|| -> Result<(), String> {
+        let mac =
+            crate::dhcp::parse_mac(mac_text).ok_or_else(|| format!("bad MAC {mac_text:?}"))?;
+        let card = find_card(mac_text)
+            .ok_or_else(|| format!("no interface with MAC {mac_text} appeared"))?;
+        up(&card)?;
+        let (name, host) = (card.clone(), hostname.to_owned());
+        let lease = match crate::dhcp::acquire(&card, mac, hostname, DHCP_WAIT) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("hearth-init: network: {e}; the workload starts without an address");
+                std::thread::spawn(move || {
+                    if let Ok(l) = crate::dhcp::acquire(&name, mac, &host, Duration::MAX) {
+                        apply_lease(&name, &host, &l, true);
+                        crate::dhcp::keep(name.clone(), mac, host.clone(), l, |l| {
+                            apply_lease(&name, &host, l, true)
+                        });
+                    }
+                });
+                return Ok(());
+            }
+        };
+        apply_lease(&card, hostname, &lease, true);
+        std::thread::spawn(move || {
+            crate::dhcp::keep(name.clone(), mac, host.clone(), lease, |l| {
+                apply_lease(&name, &host, l, true)
+            })
+        });
+        Ok(())
+    })();
+    if let Err(e) = res {
+        eprintln!("hearth-init: network: {e}");
+    }
+}
+
+/// Brings `card` up (a DHCP client sends on it before it has an address).
+pub fn up(card: &str) -> Result<(), String> {
+    let sock = Sock::new().map_err(|e| format!("socket: {e}"))?;
+    sock.up(card).map_err(|e| format!("{card}: up: {e}"))
+}
+
+/// Puts a DHCP lease on `card`: its address, the default route through its router and, with
+/// `files`, the resolvers and the hosts file.
+pub fn apply_lease(card: &str, hostname: &str, l: &crate::dhcp::Lease, files: bool) {
+    let res = (|| -> Result<(), String> {
+        let sock = Sock::new().map_err(|e| format!("socket: {e}"))?;
+        sock.set_addr(card, l.address, l.prefix)
+            .map_err(|e| format!("{card}: setting {}/{}: {e}", l.address, l.prefix))?;
+        sock.up(card).map_err(|e| format!("{card}: up: {e}"))?;
+        if let Some(gw) = l.router {
+            sock.default_route(gw).map_err(|e| format!("default route via {gw}: {e}"))?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = res {
+        eprintln!("hearth-init: network: {e}");
+    }
+    if files {
+        write_resolv(&l.dns.iter().map(ToString::to_string).collect::<Vec<_>>());
+        write_hosts(Some(&l.address.to_string()), hostname);
+    }
 }
 
 /// /etc/resolv.conf, unless the image manages it through a symlink (systemd-resolved).

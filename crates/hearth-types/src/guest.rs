@@ -59,6 +59,10 @@ pub struct GuestConfig {
     /// The network interface to configure; none when the VM has no network.
     #[serde(default)]
     pub network: Option<GuestNetwork>,
+    /// The MAC of a card on a LAN that takes its address by DHCP: hearth-init runs the client
+    /// for a workload it supervises (a full-OS image's init runs its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhcp: Option<String>,
     /// cloud-init NoCloud files, by name, that hearth-init writes to the seed directory
     /// ([`CLOUD_INIT_SEED_DIR`]) before handing over to the image's init.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]

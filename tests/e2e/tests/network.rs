@@ -188,3 +188,67 @@ fn a_macvtap_network_without_macvtap_in_the_kernel_or_under_firecracker_is_refus
     let out = d.hearth(&["create", "--vmm", "firecracker", "--network", "macvtap:lo", image]);
     assert!(text(&out.stderr).contains("no macvtap interfaces"), "{}", text(&out.stderr));
 }
+
+/// hearth-init's DHCP client (what a workload on a macvtap LAN without `--ip` gets) against a
+/// real DHCP server: dnsmasq in one network namespace, the client (`hearth-init dhcp`, outside a
+/// VM) in another, a veth pair between them. It takes the lease, sets the address and default
+/// route the server gave, and renews the lease.
+#[test]
+fn hearth_inits_dhcp_client_takes_and_renews_a_lease_from_a_real_server() {
+    require_e2e!();
+    let Some(dnsmasq) = hearth_e2e::which("dnsmasq") else {
+        eprintln!("skipped: dnsmasq is not installed (cargo xtask deps installs dnsmasq-base)");
+        return;
+    };
+    let init = std::env::var("HEARTH_INIT").expect("HEARTH_INIT");
+    let (server, client) = (hearth_e2e::Netns::new(), hearth_e2e::Netns::new());
+    let ok = |o: std::process::Output| {
+        assert!(o.status.success(), "{}", text(&o.stderr));
+    };
+    ok(server.run(&["ip", "link", "add", "dhs0", "type", "veth", "peer", "name", "dhc0"]));
+    ok(server.run(&["ip", "link", "set", "dhc0", "netns", &client.name]));
+    ok(server.run(&["ip", "addr", "add", "10.77.0.1/24", "dev", "dhs0"]));
+    ok(server.run(&["ip", "link", "set", "dhs0", "up"]));
+    let work = tempfile::tempdir().expect("tmp");
+    let leases = work.path().join("leases");
+    let mut dnsmasq = std::process::Command::new("ip")
+        .args(["netns", "exec", &server.name])
+        .arg(dnsmasq)
+        .args([
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--port=0",
+            "--bind-interfaces",
+        ])
+        .args([
+            "--interface=dhs0",
+            "--except-interface=lo",
+            "--dhcp-range=10.77.0.50,10.77.0.60,255.255.255.0,2m",
+        ])
+        .args([
+            "--dhcp-option=option:router,10.77.0.1",
+            "--dhcp-option=option:dns-server,10.77.0.53",
+        ])
+        .arg(format!("--dhcp-leasefile={}", leases.display()))
+        .args(["--pid-file=", "--user=root"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("dnsmasq");
+    let out = client.run(&[&init, "dhcp", "dhc0", "--renew"]);
+    let _ = dnsmasq.kill();
+    let _ = dnsmasq.wait();
+    let said = text(&out.stdout);
+    assert!(out.status.success(), "{said}{}", text(&out.stderr));
+    assert!(said.contains("address: 10.77.0.5"), "an address from the range: {said}");
+    for field in ["prefix: 24", "router: Some(10.77.0.1)", "dns: [10.77.0.53]", "lease_secs: 120"] {
+        assert!(said.contains(field), "{field}: {said}");
+    }
+    assert!(said.lines().any(|l| l.starts_with("renewed ")), "{said}");
+    let addr = text(&client.run(&["ip", "-4", "-o", "addr", "show", "dhc0"]).stdout);
+    assert!(addr.contains("inet 10.77.0.5") && addr.contains("/24"), "{addr}");
+    let route = text(&client.run(&["ip", "-4", "route", "show", "default"]).stdout);
+    assert!(route.contains("default via 10.77.0.1 dev dhc0"), "{route}");
+    let lease_file = std::fs::read_to_string(&leases).unwrap_or_default();
+    assert!(lease_file.contains("probe"), "the server recorded the client's name: {lease_file}");
+}

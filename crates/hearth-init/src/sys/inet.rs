@@ -123,6 +123,27 @@ impl Sock {
     }
 }
 
+/// Binds `s` to the interface `name` (SO_BINDTODEVICE): it sends and hears only there, which is
+/// how a DHCP client talks on a card that has no address yet.
+pub fn bind_to_device(s: &std::net::UdpSocket, name: &str) -> io::Result<()> {
+    let r = ifreq(name)?;
+    // SAFETY: the option value is the interface name in ifr_name, NUL-terminated (ifreq zeroed
+    // it and the name is shorter than IFNAMSIZ), and the length passed is that buffer's.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_BINDTODEVICE,
+            r.ifr_name.as_ptr().cast(),
+            libc::IFNAMSIZ as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
