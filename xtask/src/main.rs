@@ -30,6 +30,8 @@ const APT_PACKAGES: &[&str] = &[
     "thin-provisioning-tools",
     // A real DHCP server for hearth-init's DHCP client (tests in network namespaces).
     "dnsmasq-base",
+    // The Debian test host (systemd, apt) that `hearth host provision --all` is tested in.
+    "debootstrap",
 ];
 
 /// The guest kernel package: Debian's cloud kernel (virtio as modules).

@@ -148,3 +148,122 @@ pub fn section(out: &str, name: &str) -> String {
     let body = rest.split("\n== ").next().unwrap_or_default();
     body.strip_prefix('\n').unwrap_or(body).to_owned()
 }
+
+/// What the Debian test host has installed: systemd as its init, LVM's tools, e2fsprogs and
+/// QEMU, as a Flintlock host has them. nftables is left out: `provision --all` installs it from
+/// a local apt repository in the image (the guest has no network).
+const DEBIAN_PACKAGES: &str = "systemd,systemd-sysv,udev,dbus,kmod,iproute2,lvm2,thin-provisioning-tools,e2fsprogs,qemu-system-x86";
+const DEBIAN_MIRROR: &str = "http://deb.debian.org/debian";
+
+fn run_ok(cmd: &mut std::process::Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?}: {}{}", text(&out.stdout), text(&out.stderr));
+}
+
+/// A debootstrapped Debian 12 (`DEBIAN_PACKAGES`), with nftables and the packages it needs as a
+/// local apt repository at /srv/debs (the only source the image's apt has), made once and kept
+/// in the repository's `.cache/testhost-debian`.
+fn debian_tree() -> std::path::PathBuf {
+    use std::process::Command;
+    let cache =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/testhost-debian");
+    let (root, stamp) = (cache.join("root"), cache.join("stamp"));
+    let want = format!("bookworm {DEBIAN_PACKAGES} + nftables in /srv/debs, 1\n");
+    if root.join("sbin/init").exists() && std::fs::read_to_string(&stamp).ok() == Some(want.clone())
+    {
+        return root;
+    }
+    let _ = std::fs::remove_dir_all(&cache);
+    std::fs::create_dir_all(&cache).expect("cache");
+    let tmp = cache.join("root.tmp");
+    run_ok(
+        Command::new("debootstrap")
+            .args(["--variant=minbase", &format!("--include={DEBIAN_PACKAGES}"), "bookworm"])
+            .arg(&tmp)
+            .arg(DEBIAN_MIRROR),
+    );
+    // nftables and what it needs beyond what is installed, fetched by the tree's own apt.
+    std::fs::copy("/etc/resolv.conf", tmp.join("etc/resolv.conf")).expect("resolv.conf");
+    run_ok(Command::new("chroot").arg(&tmp).args(["apt-get", "update", "-q"]));
+    run_ok(Command::new("chroot").arg(&tmp).args([
+        "apt-get",
+        "install",
+        "-q",
+        "-y",
+        "--download-only",
+        "--no-install-recommends",
+        "nftables",
+    ]));
+    let debs = tmp.join("srv/debs");
+    std::fs::create_dir_all(&debs).expect("srv/debs");
+    let mut index = String::new();
+    for e in std::fs::read_dir(tmp.join("var/cache/apt/archives")).expect("archives").flatten() {
+        let p = e.path();
+        if p.extension().is_none_or(|x| x != "deb") {
+            continue;
+        }
+        let name = p.file_name().expect("name").to_string_lossy().into_owned();
+        std::fs::rename(&p, debs.join(&name)).expect("move deb");
+        let control = Command::new("dpkg-deb").arg("-f").arg(debs.join(&name)).output();
+        let sum = Command::new("sha256sum").arg(debs.join(&name)).output().expect("sha256sum");
+        let size = std::fs::metadata(debs.join(&name)).expect("deb").len();
+        index.push_str(text(&control.expect("dpkg-deb").stdout).trim_end());
+        let sha = text(&sum.stdout).split_whitespace().next().unwrap_or_default().to_owned();
+        index.push_str(&format!("\nFilename: ./{name}\nSize: {size}\nSHA256: {sha}\n\n"));
+    }
+    assert!(index.contains("Package: nftables"), "nftables was fetched");
+    std::fs::write(debs.join("Packages"), index).expect("Packages");
+    let _ = std::fs::remove_file(tmp.join("etc/apt/sources.list"));
+    let _ = std::fs::remove_dir_all(tmp.join("etc/apt/sources.list.d"));
+    std::fs::create_dir_all(tmp.join("etc/apt/sources.list.d")).expect("sources.list.d");
+    std::fs::write(
+        tmp.join("etc/apt/sources.list.d/local.list"),
+        "deb [trusted=yes] file:/srv/debs ./\n",
+    )
+    .expect("local.list");
+    for dir in ["var/lib/apt/lists", "usr/share/doc", "usr/share/man", "usr/share/locale"] {
+        let _ = std::fs::remove_dir_all(tmp.join(dir));
+        std::fs::create_dir_all(tmp.join(dir)).expect("dir");
+    }
+    std::fs::remove_file(tmp.join("etc/resolv.conf")).expect("resolv.conf");
+    std::fs::write(tmp.join("etc/hostname"), "testhost\n").expect("hostname");
+    std::fs::rename(&tmp, &root).expect("root");
+    std::fs::write(&stamp, want).expect("stamp");
+    root
+}
+
+/// The Debian test host as the image `name`: [`debian_tree`] with hearth's CLI and daemon at
+/// the paths they have here, hearth-init where an installed hearthd looks for it, and the test
+/// kernel with all its modules (and depmod's indexes, so the guest's modprobe finds them).
+/// Booted with `/sbin/init` (systemd); scripts run in it with `hearth exec`.
+pub fn debian_test_host_image(d: &Daemon, name: &str) {
+    use std::process::Command;
+    let tree = debian_tree();
+    let work = tempfile::tempdir().expect("tmp");
+    let stage = work.path().join("root");
+    run_ok(Command::new("cp").args(["-a", "--reflink=auto"]).arg(&tree).arg(&stage));
+    let place = |from: &std::path::Path, to: &str, mode: u32| {
+        let dest = stage.join(to.trim_start_matches('/'));
+        std::fs::create_dir_all(dest.parent().expect("parent")).expect("mkdir");
+        std::fs::copy(from, &dest).unwrap_or_else(|e| panic!("{}: {e}", from.display()));
+        std::fs::set_permissions(&dest, std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .expect("chmod");
+    };
+    for bin in [hearth_bin(), hearthd_bin()] {
+        place(&bin, &bin.display().to_string(), 0o755);
+    }
+    let init = std::env::var("HEARTH_INIT").expect("HEARTH_INIT");
+    place(std::path::Path::new(&init), "/usr/lib/hearth/hearth-init", 0o755);
+    let kernel = std::env::var("HEARTH_TEST_KERNEL").expect("HEARTH_TEST_KERNEL");
+    place(std::path::Path::new(&kernel), "/boot/vmlinuz", 0o644);
+    let modules = std::path::PathBuf::from(
+        std::env::var("HEARTH_TEST_MODULES").expect("HEARTH_TEST_MODULES"),
+    );
+    let version = modules.file_name().expect("version").to_string_lossy().into_owned();
+    std::fs::create_dir_all(stage.join("lib/modules")).expect("lib/modules");
+    run_ok(Command::new("cp").arg("-a").arg(&modules).arg(stage.join("lib/modules")));
+    run_ok(Command::new("chroot").arg(&stage).args(["depmod", &version]));
+    let tar = work.path().join("testhost.tar");
+    run_ok(Command::new("tar").arg("-C").arg(&stage).arg("-cf").arg(&tar).arg("."));
+    d.ok(&["image", "import", tar.to_str().expect("utf8"), "--name", name]);
+}

@@ -2,10 +2,13 @@
 //! devices), tested inside a guest that hearth boots under QEMU/TCG with Debian's cloud kernel,
 //! which has them as modules: the guest is the test host. Its image is busybox with hearth's
 //! CLI (and the loader and libraries it links) and the modules' files; hearth loads the modules
-//! itself, natively, as it would on a host.
+//! itself, natively, as it would on a host. `provision --all` is also tested on a
+//! debootstrapped Debian test host booted with systemd, where it installs packages with apt and
+//! runs hearthd as a systemd service.
 
 use hearth_e2e::test_host::{
-    hearth_bin, in_test_host, in_test_host_with, prelude, section, test_host_image,
+    debian_test_host_image, hearth_bin, in_test_host, in_test_host_with, prelude, section,
+    test_host_image,
 };
 use hearth_e2e::{require_e2e, text, Daemon};
 
@@ -567,4 +570,98 @@ fn provision_all_sets_up_the_host_and_hearthd_runs_from_the_config_it_wrote() {
     );
     let bad = section("bad");
     assert!(bad.contains("unknown key \"thin_pol\"") && bad.contains("exit=2"), "{out}");
+}
+
+/// `provision --all` on a Debian host with systemd (debootstrapped, booted with its own init;
+/// no network: its apt's only source is a local repository holding nftables): the missing
+/// package installed with apt, modules and sysctls, the dev pool, the bridge with its NAT, the
+/// config and a hearthd unit enabled and started by systemd, whose daemon serves the pool; a
+/// second run changes nothing and leaves the service running as it was.
+#[test]
+fn provision_all_on_a_debian_host_installs_what_is_missing_and_runs_hearthd_under_systemd() {
+    require_e2e!();
+    if hearth_e2e::which("debootstrap").is_none() {
+        eprintln!("skipped: debootstrap is not installed (cargo xtask deps installs it)");
+        return;
+    }
+    let d = Daemon::start();
+    d.import_kernel();
+    debian_test_host_image(&d, "testhost-debian:1");
+    let args = ["--memory", "1G", "--size", "4G", "--network", "none"];
+    d.ok(&[&["run", "-d", "--name", "deb"][..], &args, &["testhost-debian:1", "/sbin/init"]]
+        .concat());
+    // The agent answers as soon as the image's init is exec'd; systemd takes a while to be.
+    let wait = "for i in $(seq 600); do [ -S /run/systemd/private ] && break; sleep 0.1; done; \
+                systemctl is-system-running --wait";
+    let booted = d.hearth(&["exec", "deb", "--", "sh", "-c", wait]);
+    let said = text(&booted.stdout);
+    assert!(
+        matches!(said.trim(), "running" | "degraded"),
+        "systemd came up: {said}{}\n{}",
+        text(&booted.stderr),
+        d.ok(&["logs", "deb"])
+    );
+    let h = hearth_bin().display().to_string();
+    let script = format!(
+        "H={h}; R=/var/lib/hearth; export HEARTH_HOST=unix://$R/hearthd.sock; \
+         P=\"$H host provision --all --data-size 1G --metadata-size 64M --grpc-address 127.0.0.1:9090 --insecure\"; \
+         echo '== plan'; $P --dry-run 2>&1; \
+         echo '== first'; $P 2>&1; echo \"exit=$?\"; \
+         echo '== nft'; command -v nft; \
+         echo '== service'; systemctl is-enabled hearthd; systemctl is-active hearthd; \
+         for i in $(seq 150); do [ -S $R/hearthd.sock ] && break; sleep 0.2; done; \
+         echo '== info'; $H info 2>&1; \
+         echo '== pid'; systemctl show -p MainPID --value hearthd; \
+         echo '== second'; $P 2>&1; echo \"exit=$?\"; \
+         echo '== pid after'; systemctl show -p MainPID --value hearthd; \
+         echo '== bridge'; ip -o link show hearth0; \
+         echo '== end'"
+    );
+    let out = d.hearth(&["exec", "deb", "--", "sh", "-c", &script]);
+    let out = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    let section = |name: &str| section(&out, name);
+    let plan = section("plan");
+    for step in [
+        "would install the packages nftables (apt-get)",
+        "would create the thin pool hearth-thinpool",
+        "would create the bridge hearth0",
+        "would write /etc/systemd/system/hearthd.service",
+        "would enable and (re)start the hearthd service (systemctl)",
+    ] {
+        assert!(plan.contains(step), "the plan says {step:?}:\n{out}");
+    }
+    let first = section("first");
+    for step in [
+        "did install the packages nftables (apt-get)",
+        "did create the bridge hearth0",
+        "did enable and (re)start the hearthd service (systemctl)",
+        "exit=0",
+    ] {
+        assert!(first.contains(step), "{step:?}:\n{out}");
+    }
+    assert!(section("nft").trim().ends_with("/nft"), "nftables is installed:\n{out}");
+    assert_eq!(
+        section("service").split_whitespace().collect::<Vec<_>>(),
+        ["enabled", "active"],
+        "{out}"
+    );
+    let info = section("info");
+    assert!(
+        info.contains("Storage: hearth-thinpool: data 0.0% used of 1.0 GiB"),
+        "systemd's hearthd runs from the config, on the pool:\n{out}"
+    );
+    let second = section("second");
+    assert!(
+        !second.contains("did ") && second.contains("exit=0"),
+        "a second run changes nothing:\n{out}"
+    );
+    let pid = section("pid");
+    assert!(pid.trim().parse::<u32>().is_ok_and(|p| p > 0), "{out}");
+    assert_eq!(
+        pid.trim(),
+        section("pid after").trim(),
+        "and leaves the service running as it was:\n{out}"
+    );
+    assert!(section("bridge").contains("hearth0"), "{out}");
+    d.ok(&["rm", "-f", "deb"]);
 }

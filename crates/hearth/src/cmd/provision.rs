@@ -76,6 +76,16 @@ pub fn packages(dry: bool, lvm: bool) -> anyhow::Result<()> {
     }
     say(dry, &format!("install the packages {} (apt-get)", names.join(", ")));
     if !dry {
+        // The package lists may be old or missing (a fresh host, an image's build): as
+        // provision.sh does, update them first; a failed update still lets the install try.
+        let updated = Command::new("apt-get")
+            .args(["update", "-q"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .context("running apt-get")?;
+        if !updated.success() {
+            eprintln!("hearth: warning: apt-get update failed ({updated}); installing from the lists there are");
+        }
         let st = Command::new("apt-get")
             .args(["install", "-y", "-q", "--no-install-recommends"])
             .args(&names)
