@@ -84,6 +84,8 @@ impl TryFrom<pb::CreateVmRequest> for NewVm {
             volumes: req.volumes.into_iter().map(volume).collect::<Result<_, _>>()?,
             cloud_init: req.cloud_init.into_iter().collect(),
             log: LogOptions::parse(&req.log_opts).map_err(invalid)?,
+            restart: req.restart.parse().map_err(invalid)?,
+            crash_loop_limit: Some(req.crash_loop_limit).filter(|&n| n > 0),
         })
     }
 }

@@ -48,6 +48,10 @@ pub struct NewVm {
     pub volumes: Vec<NewVolume>,
     pub cloud_init: BTreeMap<String, String>,
     pub log: Option<LogOptions>,
+    /// `--restart`; refused with `auto_remove`.
+    pub restart: hearth_types::RestartPolicy,
+    /// Fail the VM after this many quick restarts in a row (Flintlock microVMs).
+    pub crash_loop_limit: Option<u32>,
 }
 
 /// How a VM gets SSH access.
@@ -377,6 +381,8 @@ fn spec_of(
         volumes,
         cloud_init: req.cloud_init,
         log: req.log,
+        restart: req.restart,
+        crash_loop_limit: req.crash_loop_limit,
         created_at,
     }
 }

@@ -19,6 +19,8 @@ pub struct Observed {
     /// The record's pid/start time still name that live VMM (false after a crash before the
     /// pid was recorded: the VMM must be adopted).
     pub vmm_recorded: bool,
+    /// The VM's restart policy starts it again, but not yet (its back-off runs).
+    pub restart_later: bool,
 }
 
 /// One idempotent action. Each is safe to repeat after a crash.
@@ -75,6 +77,9 @@ pub fn plan(rec: &VmRecord, obs: &Observed) -> Vec<Step> {
                 steps.push(Step::RecordExit);
                 return steps;
             }
+            if obs.restart_later {
+                return steps;
+            }
             if !obs.disk {
                 steps.push(Step::CreateDisk);
             }
@@ -102,15 +107,23 @@ mod tests {
         config_disk: false,
         vmm_alive: false,
         vmm_recorded: false,
+        restart_later: false,
     };
-    const RUNNING: Observed =
-        Observed { dir: true, disk: true, config_disk: true, vmm_alive: true, vmm_recorded: true };
+    const RUNNING: Observed = Observed {
+        dir: true,
+        disk: true,
+        config_disk: true,
+        vmm_alive: true,
+        vmm_recorded: true,
+        restart_later: false,
+    };
     const DOWN: Observed = Observed {
         dir: true,
         disk: true,
         config_disk: true,
         vmm_alive: false,
         vmm_recorded: false,
+        restart_later: false,
     };
 
     #[test]
@@ -122,6 +135,15 @@ mod tests {
     #[test]
     fn restarting_reuses_the_disk() {
         assert_eq!(plan(&rec(Desired::Running, VmState::Stopped), &DOWN), [Step::Launch]);
+    }
+
+    #[test]
+    fn a_restart_waits_for_its_back_off() {
+        let waiting = Observed { restart_later: true, ..DOWN };
+        assert!(plan(&rec(Desired::Running, VmState::Stopped), &waiting).is_empty());
+        assert_eq!(plan(&rec(Desired::Running, VmState::Stopped), &DOWN), [Step::Launch]);
+        // A stop or rm while it waits is carried out.
+        assert_eq!(plan(&rec(Desired::Deleted, VmState::Stopped), &waiting), [Step::Remove]);
     }
 
     #[test]

@@ -9,21 +9,13 @@ use hearth_testkit::fakes::{harness, Harness, Launch};
 use hearth_testkit::record;
 use hearth_types::{Desired, PortMapping, Protocol, VmId, VmRecord, VmState};
 
-/// Polls (in paused time) until `cond` holds for the VM's record, or fails after a minute.
 async fn until(
     h: &Harness,
     id: &VmId,
     what: &str,
     cond: impl Fn(Option<&VmRecord>) -> bool,
 ) -> Option<VmRecord> {
-    for _ in 0..600 {
-        let r = h.host.record(id);
-        if cond(r.as_ref()) {
-            return r;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{what}: never; the record is {:?}", h.host.record(id));
+    h.until(id, what, cond).await
 }
 
 fn state(r: Option<&VmRecord>) -> Option<VmState> {
@@ -31,13 +23,7 @@ fn state(r: Option<&VmRecord>) -> Option<VmState> {
 }
 
 async fn run(h: &Harness, n: u8) -> VmRecord {
-    let rec = record(n, Desired::Running, VmState::Created);
-    h.host.put(rec.clone());
-    h.reconciler
-        .reconcile(&rec.spec.id, Options::default())
-        .await
-        .expect("reconcile")
-        .expect("record")
+    h.run(n).await
 }
 
 /// A record as a crash left it, its disks made.

@@ -35,6 +35,8 @@ pub fn spec(n: u8) -> VmSpec {
         volumes: vec![],
         cloud_init: Default::default(),
         log: None,
+        restart: Default::default(),
+        crash_loop_limit: None,
         created_at: u64::from(n),
     }
 }

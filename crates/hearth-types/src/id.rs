@@ -67,10 +67,13 @@ impl fmt::Debug for VmId {
 }
 
 /// Checks a user-chosen VM name. Names double as the guest hostname, so they stay DNS-friendly.
+/// The longest VM name.
+pub const MAX_NAME: usize = 63;
+
 pub fn validate_name(name: &str) -> Result<(), IdError> {
     let b = name.as_bytes();
     let ok = !b.is_empty()
-        && b.len() <= 63
+        && b.len() <= MAX_NAME
         && b[0].is_ascii_alphanumeric()
         && b.iter().all(|&c| c.is_ascii_alphanumeric() || c == b'_' || c == b'.' || c == b'-');
     if ok {

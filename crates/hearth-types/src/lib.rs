@@ -12,6 +12,7 @@ pub mod image;
 pub mod kernel;
 pub mod net;
 pub mod reference;
+pub mod restart;
 pub mod size;
 pub mod user;
 pub mod vm;
@@ -23,6 +24,7 @@ pub use image::{ImageConfig, ImageRecord};
 pub use kernel::{kernel_name, KernelNameError, KernelRecord};
 pub use net::{NetError, NetworkMode, PortMapping, Protocol};
 pub use reference::{ImageRef, ReferenceError};
+pub use restart::{RestartPolicy, RestartPolicyError};
 pub use size::{format_size, parse_size, size_flag, SizeError};
 pub use vm::{
     parse_labels, Accel, BootTimings, Desired, LanAddress, LogOptions, Provider, VmRecord, VmSpec,

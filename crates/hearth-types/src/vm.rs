@@ -134,6 +134,8 @@ pub enum VmSpecError {
     CloudInitSize(String),
     #[error("--log-opt {0:?}: use max-size=SIZE (4K to 1G) or max-file=N (1 to 100)")]
     LogOpt(String),
+    #[error("--rm cannot be combined with --restart {0}: a VM removed when it stops is never started again")]
+    RemoveAndRestart(crate::RestartPolicy),
     #[error(transparent)]
     Name(#[from] crate::id::IdError),
     #[error(transparent)]
@@ -217,8 +219,20 @@ pub struct VmSpec {
     /// The console log's limits, when not the daemon's (`--log-opt`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log: Option<LogOptions>,
+    /// When the VM is started again after it ended on its own (`--restart`).
+    #[serde(default, skip_serializing_if = "is_no_restart")]
+    pub restart: crate::RestartPolicy,
+    /// Give up after this many restarts in a row, each after a run shorter than
+    /// [`crate::restart::STEADY_RUN`]: the VM is then failed, saying it crash-looped (Flintlock
+    /// microVMs; docker's policies have no such limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crash_loop_limit: Option<u32>,
     /// Unix seconds.
     pub created_at: u64,
+}
+
+fn is_no_restart(p: &crate::RestartPolicy) -> bool {
+    *p == crate::RestartPolicy::No
 }
 
 /// A VM's own console log limits (docker's `--log-opt max-size=..,max-file=..`).
@@ -273,6 +287,9 @@ impl VmSpec {
     /// Checks every field a user can set.
     pub fn validate(&self) -> Result<(), VmSpecError> {
         validate_name(&self.name)?;
+        if self.auto_remove && self.restart != crate::RestartPolicy::No {
+            return Err(VmSpecError::RemoveAndRestart(self.restart));
+        }
         if self.cpus == 0 || self.cpus > MAX_CPUS {
             return Err(VmSpecError::Cpus(self.cpus));
         }
@@ -592,6 +609,23 @@ pub struct VmStatus {
     /// The running guest's CPUs are frozen (`hearth pause`) until `hearth unpause`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub paused: bool,
+    /// The VM ended on its own and its restart policy starts it again at `restart_at`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub restarting: bool,
+    /// When the pending restart is due (Unix milliseconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_at: Option<u64>,
+    /// Restarts in a row, each after a run shorter than [`crate::restart::STEADY_RUN`]; a
+    /// longer run, a start or a stop by hand counts again from 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub restarts_in_a_row: u32,
+    /// Restarts by the policy since the VM was created (docker's `RestartCount`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub restart_count: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Boot timings of the last start, from the host's clock and the guest's uptime.
@@ -648,6 +682,8 @@ mod tests {
             volumes: vec![],
             cloud_init: Default::default(),
             log: None,
+            restart: Default::default(),
+            crash_loop_limit: None,
             created_at: 0,
         }
     }

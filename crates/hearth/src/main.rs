@@ -28,6 +28,8 @@ enum Command {
     Start(cmd::lifecycle::StartArgs),
     /// Stop running VMs gracefully (agent, then ACPI, then kill after the timeout).
     Stop(cmd::lifecycle::StopArgs),
+    /// Stop VMs (gracefully, as stop does) and start them again.
+    Restart(cmd::lifecycle::RestartArgs),
     /// Kill running VMs.
     Kill(cmd::lifecycle::KillArgs),
     /// Freeze running VMs' guests (their CPUs stop; memory and devices are kept).
@@ -99,6 +101,7 @@ async fn dispatch(cli: Cli) -> i32 {
         Command::Create(a) => cmd::run::create(host, a).await,
         Command::Start(a) => cmd::lifecycle::start(host, a).await,
         Command::Stop(a) => cmd::lifecycle::stop(host, a).await,
+        Command::Restart(a) => cmd::lifecycle::restart(host, a).await,
         Command::Kill(a) => cmd::lifecycle::kill(host, a).await,
         Command::Pause(a) => cmd::lifecycle::pause(host, a, true).await,
         Command::Unpause(a) => cmd::lifecycle::pause(host, a, false).await,

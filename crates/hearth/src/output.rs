@@ -62,6 +62,12 @@ pub fn ago(unix_secs: u64) -> String {
 /// The STATUS column, as docker words it.
 pub fn status_text(r: &VmRecord) -> String {
     let s = &r.status;
+    if s.restarting {
+        return match s.exit_code {
+            Some(c) => format!("Restarting ({c})"),
+            None => "Restarting".into(),
+        };
+    }
     match s.state {
         hearth_types::VmState::Stopped => match s.exit_code {
             Some(c) => format!("Exited ({c})"),
@@ -110,5 +116,8 @@ mod tests {
         assert_eq!(s(VmState::Stopped, Some(3), "", false), "Exited (3)");
         assert_eq!(s(VmState::Stopped, None, "killed", false), "Stopped (killed)");
         assert_eq!(s(VmState::Failed, None, "no disk", false), "Failed: no disk");
+        let mut r = hearth_testkit::record(1, Desired::Running, VmState::Stopped);
+        (r.status.restarting, r.status.exit_code) = (true, Some(2));
+        assert_eq!(status_text(&r), "Restarting (2)");
     }
 }

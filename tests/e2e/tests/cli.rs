@@ -207,3 +207,95 @@ fn info_says_what_the_daemon_has_and_how_it_stores_disks() {
     assert_eq!(json["vms"]["total"], 1);
     assert_eq!(json["root"].as_str(), d.root.path().to_str());
 }
+
+/// `--restart` as docker has it, against real guests: on-failure restarts a run that failed (and
+/// a VMM killed) but not one that exited 0; no leaves a killed VMM's VM stopped; always restarts
+/// every end until a stop by hand; after a daemon restart, always starts a VM stopped by hand and
+/// unless-stopped does not. The root disk is kept across restarts, so a workload can count its runs.
+#[test]
+fn restart_policies_start_vms_again_as_docker_does() {
+    require_e2e!();
+    let (_reg, image) = demo_registry();
+    let mut d = Daemon::start();
+    d.import_kernel();
+    let long = Duration::from_secs(180);
+    let field = |v: &serde_json::Value, k: &str| v["status"][k].as_i64().unwrap_or(0);
+    let run = |name: &str, policy: &str, script: &str| {
+        d.ok(&[
+            "run",
+            "-d",
+            "--no-wait",
+            "--restart",
+            policy,
+            "--name",
+            name,
+            &image,
+            "sh",
+            "-c",
+            script,
+        ]);
+    };
+    // Fails on its first run, succeeds on its second.
+    run("flaky", "on-failure", "if [ -e /ran ]; then exit 0; fi; touch /ran; sync; exit 1");
+    let v = d.wait_for("flaky", "done", long, |v| {
+        v["status"]["state"] == "stopped" && v["status"]["restarting"].is_null()
+    });
+    assert_eq!(
+        (field(&v, "exit_code"), field(&v, "restart_count"), field(&v, "boots")),
+        (0, 1, 2),
+        "{v:#}"
+    );
+    assert_eq!(v["spec"]["restart"], "on-failure");
+    assert!(d.ok(&["ps", "-a"]).contains("Exited (0)"));
+
+    // A VMM killed behind hearth's back: a failure for on-failure, the end for no.
+    run("sturdy", "on-failure", "sleep 100000");
+    run("plain", "no", "sleep 100000");
+    for name in ["sturdy", "plain"] {
+        let v = d.wait_for(name, "running", long, |v| v["status"]["state"] == "running");
+        let pid = v["status"]["pid"].as_i64().expect("pid").to_string();
+        assert!(Command::new("kill").args(["-9", &pid]).status().expect("kill").success());
+    }
+    let v = d.wait_for("sturdy", "running again", long, |v| {
+        v["status"]["state"] == "running" && field(v, "boots") == 2
+    });
+    assert_eq!(field(&v, "restart_count"), 1);
+    let v = d.wait_for("plain", "stopped", long, |v| v["status"]["state"] == "stopped");
+    assert!(v["status"]["reason"].as_str().unwrap_or("").contains("unexpectedly"), "{v:#}");
+    assert_eq!(field(&v, "boots"), 1, "no: never started again");
+
+    // always: every end, until stopped by hand.
+    run("loop", "always", "exit 0");
+    d.wait_for("loop", "restarted twice", long, |v| field(v, "restart_count") >= 2);
+    d.ok(&["stop", "loop"]);
+    let boots = field(&d.inspect("loop"), "boots");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(field(&d.inspect("loop"), "boots"), boots, "a stop by hand ends the loop");
+
+    // A daemon restart: always starts its VM stopped by hand, unless-stopped does not.
+    run("kept", "unless-stopped", "sleep 100000");
+    d.wait_for("kept", "running", long, |v| v["status"]["state"] == "running");
+    d.ok(&["stop", "kept", "sturdy"]);
+    d.ok(&["rm", "-f", "flaky", "plain"]);
+    d.kill9();
+    d.spawn();
+    d.wait_for("loop", "started with the daemon", long, |v| field(v, "boots") > boots);
+    std::thread::sleep(Duration::from_secs(2));
+    for name in ["kept", "sturdy"] {
+        assert_eq!(d.inspect(name)["status"]["state"], "stopped", "{name} stays stopped");
+    }
+    d.ok(&["stop", "loop"]);
+
+    // `hearth restart` stops and starts; --rm with a policy is refused.
+    d.ok(&["start", "kept"]);
+    let before = field(&d.inspect("kept"), "boots");
+    d.ok(&["restart", "-t", "2", "kept"]);
+    let v = d.inspect("kept");
+    assert_eq!((v["status"]["state"].as_str(), field(&v, "boots")), (Some("running"), before + 1));
+    let out = d.hearth(&["run", "--rm", "--restart", "always", &image, "true"]);
+    assert!(
+        text(&out.stderr).contains("--rm cannot be combined with --restart always"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -235,7 +235,7 @@ fn a_flintlock_client_creates_gets_lists_and_deletes_a_microvm() {
     ];
     let created = rt
         .block_on(c.create_micro_vm(fpb::CreateMicroVmRequest {
-            microvm: Some(first),
+            microvm: Some(first.clone()),
             metadata: HashMap::new(),
         }))
         .expect("create")
@@ -344,7 +344,22 @@ fn a_flintlock_client_creates_gets_lists_and_deletes_a_microvm() {
         .expect_err("namespace required");
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
 
-    // The same namespace/name twice is refused; bad specs are refused naming the field.
+    // The same create again (CAPMVM retrying one whose answer it lost, with a new MAC): OK, the
+    // microVM that exists.
+    let mut again = first.clone();
+    again.interfaces[0].guest_mac = Some("02:aa:bb:cc:dd:ee".into());
+    let same = rt
+        .block_on(c.create_micro_vm(fpb::CreateMicroVmRequest {
+            microvm: Some(again),
+            metadata: HashMap::new(),
+        }))
+        .expect("a repeated create")
+        .into_inner();
+    let same = same.microvm.and_then(|m| m.spec).expect("spec");
+    assert_eq!(same.uid.as_deref(), Some(uid.as_str()), "the existing microVM");
+    assert_eq!(same.interfaces[0].guest_mac.as_deref(), Some(mac.as_str()), "with its own MAC");
+    // The same namespace/name with another spec is refused; bad specs are refused naming the
+    // field.
     let dup = rt.block_on(c.create_micro_vm(fpb::CreateMicroVmRequest {
         microvm: Some(spec("mvm0", &kernel, &root)),
         metadata: HashMap::new(),
@@ -805,4 +820,72 @@ fn microvms_asking_for_firecracker_or_cloudhypervisor_run_under_it_with_their_me
     let taps = hearth_e2e::text(&ns.run(&["ip", "-o", "link", "show", "master", "hearth0"]).stdout);
     assert!(taps.is_empty(), "taps left: {taps}");
     assert!(!fc_dir.exists() && !ch_dir.exists(), "VM directories left behind");
+}
+
+/// What CAPMVM relies on when a node's VM ends: its microVM is restarted without a client's
+/// call (PENDING meanwhile, CREATED again), after its VMM is killed and after a host reboot
+/// (hearthd and the VMM both killed, hearthd started); a microVM whose VM cannot stay up is
+/// FAILED once it crash-loops, with the reason.
+#[test]
+fn a_microvm_whose_vm_ends_is_restarted_and_failed_only_after_a_crash_loop() {
+    require_e2e!();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let args = ["--flintlock-listen", &listen, "--insecure", "--flintlock-network", "user"];
+    let mut d = Daemon::start_with(&args);
+    let (kernel, root) = import_images(&d);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mut c = client(&rt, port, None);
+    let create = |c: &mut Client, spec: fl::MicroVmSpec| {
+        let req = fpb::CreateMicroVmRequest { microvm: Some(spec), metadata: HashMap::new() };
+        let created = rt.block_on(c.create_micro_vm(req)).expect("create").into_inner();
+        created.microvm.and_then(|m| m.spec).and_then(|s| s.uid).expect("uid")
+    };
+    let uid = create(&mut c, spec("node", kernel, root));
+    let created = |g: &Result<fl::MicroVm, tonic::Status>| {
+        g.as_ref().is_ok_and(|v| state(v) == fl::micro_vm_status::MicroVmState::Created)
+    };
+    wait_get(&rt, &mut c, &d, &uid, "CREATED", created).expect("get");
+    let vm = "node.ns0";
+    let boots = |d: &Daemon| d.inspect(vm)["status"]["boots"].as_i64().unwrap_or(0);
+    let vmm_pid =
+        |d: &Daemon| d.inspect(vm)["status"]["pid"].as_i64().expect("a running VMM").to_string();
+    let kill = |pid: String| {
+        let st = std::process::Command::new("kill").args(["-9", &pid]).status();
+        assert!(st.expect("kill").success());
+    };
+
+    // The VMM killed: PENDING while it restarts, CREATED again, nobody asking.
+    kill(vmm_pid(&d));
+    wait_get(&rt, &mut c, &d, &uid, "CREATED after a VMM crash", |g| created(g) && boots(&d) == 2)
+        .expect("get");
+
+    // A host reboot: the daemon and the VMM gone, the daemon started again.
+    let pid = vmm_pid(&d);
+    d.kill9();
+    kill(pid);
+    d.spawn();
+    let mut c = client(&rt, port, None);
+    wait_get(&rt, &mut c, &d, &uid, "CREATED after a reboot", |g| created(g) && boots(&d) == 3)
+        .expect("get");
+
+    // A root image without an init: each boot ends at once, and after the crash loop the
+    // microVM is FAILED, saying so.
+    let plain = tempfile::tempdir().expect("tmp");
+    hearth_e2e::testutil::busybox_oci_layout(plain.path(), "t", &TestImage::default())
+        .expect("layout");
+    d.ok(&[
+        "image",
+        "import",
+        plain.path().to_str().expect("utf8"),
+        "--name",
+        "registry.invalid/plain:1",
+    ]);
+    let doomed = create(&mut c, spec("doomed", kernel, "registry.invalid/plain:1"));
+    let failed = wait_get(&rt, &mut c, &d, &doomed, "FAILED", |g| {
+        g.as_ref().is_ok_and(|v| state(v) == fl::micro_vm_status::MicroVmState::Failed)
+    })
+    .expect("get");
+    let reason = failed.status.expect("status").reason;
+    assert!(reason.starts_with("crash loop: restarted 5 times in a row"), "{reason}");
 }

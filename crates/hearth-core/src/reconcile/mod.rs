@@ -5,6 +5,7 @@
 
 mod pause;
 mod recover;
+mod restart;
 mod steps;
 mod watch;
 
@@ -137,6 +138,12 @@ impl Reconciler {
         let _g = lock.lock().await;
         let Some(mut cur) = self.ports.repo.get(id)? else { return Ok(None) };
         cur.desired = desired;
+        if desired != Desired::Running {
+            // Stopped or removed by hand: a pending restart is off, and the count starts over.
+            cur.status.restarting = false;
+            cur.status.restart_at = None;
+            cur.status.restarts_in_a_row = 0;
+        }
         self.ports.repo.save(&cur)?;
         self.reconcile_locked(id, opts).await
     }
@@ -153,6 +160,10 @@ impl Reconciler {
             return Ok(Some(cur));
         }
         cur.desired = Desired::Running;
+        // Started by hand: now, not after a pending restart's back-off, and counted from 0.
+        cur.status.restarting = false;
+        cur.status.restart_at = None;
+        cur.status.restarts_in_a_row = 0;
         if cur.status.state == VmState::Failed {
             cur.status.state = VmState::Stopped;
         }
@@ -205,6 +216,8 @@ impl Reconciler {
             config_disk: disks.config_disk,
             vmm_alive: found.is_some(),
             vmm_recorded: found.is_some_and(|(_, r)| r),
+            restart_later: rec.status.restarting
+                && rec.status.restart_at.is_some_and(|at| at > self.ports.clock.now_millis()),
         };
         (obs, found.map(|(h, _)| h))
     }

@@ -56,8 +56,23 @@ impl Reconciler {
                     warn!(vm = %id, error = %e, "recording that the VM has no disk failed");
                 }
             }
-            if let Err(e) = self.reconcile(&id, Options::default()).await {
-                warn!(vm = %id, error = %e, "recovery reconcile failed");
+            // docker's `always`: started with the daemon, even after a stop by hand.
+            if rec.spec.restart.starts_stopped_vms_with_the_daemon()
+                && rec.desired == Desired::Stopped
+                && rec.status.state == VmState::Stopped
+            {
+                info!(vm = %id, "starting a VM whose restart policy is always");
+                if let Err(e) = self.start(&id).await {
+                    warn!(vm = %id, error = %e, "starting a VM with the daemon failed");
+                }
+                continue;
+            }
+            match self.reconcile(&id, Options::default()).await {
+                // A restart that was pending when the daemon went down, its back-off still
+                // running: its timer again.
+                Ok(Some(after)) if rec.status.restarting => self.schedule_restart(&after),
+                Ok(_) => {}
+                Err(e) => warn!(vm = %id, error = %e, "recovery reconcile failed"),
             }
         }
         // The host's rules may have been flushed (or lost with a reboot) while hearthd was down.

@@ -54,6 +54,7 @@ impl Reconciler {
             Step::RecordExit => {
                 self.record_exit(rec)?;
                 p.network.release(&rec.spec, false).await;
+                self.schedule_restart(rec);
                 Ok(())
             }
             Step::Remove => {
@@ -211,6 +212,8 @@ impl Reconciler {
         rec.status.ready_at = None;
         rec.status.boot = None;
         rec.status.finished_at = None;
+        rec.status.restarting = false;
+        rec.status.restart_at = None;
         rec.status.boots += 1;
         rec.status.ssh_port = ssh_port;
         rec.status.ip = crate::guest_network(&rec.spec).map(|n| n.address);
@@ -269,7 +272,14 @@ impl Reconciler {
         rec.status.pid_start_time = None;
         rec.status.ip = None;
         rec.status.ssh_port = None;
+        let on_its_own = rec.desired == Desired::Running && !was_stopping;
         rec.desired = if rec.spec.auto_remove { Desired::Deleted } else { Desired::Stopped };
+        rec.status.restarting = false;
+        rec.status.restart_at = None;
+        if on_its_own {
+            let code = rec.status.exit_code;
+            self.apply_restart_policy(rec, code);
+        }
         p.repo.save(rec)
     }
 }

@@ -60,3 +60,39 @@ pub fn harness() -> Harness {
     };
     Harness { reconciler: Reconciler::new(ports), vmm, host, clock }
 }
+
+impl Harness {
+    /// Polls (in paused time) until `cond` holds for the VM's record, or fails after a minute.
+    pub async fn until(
+        &self,
+        id: &hearth_types::VmId,
+        what: &str,
+        cond: impl Fn(Option<&hearth_types::VmRecord>) -> bool,
+    ) -> Option<hearth_types::VmRecord> {
+        for _ in 0..600 {
+            let r = self.host.record(id);
+            if cond(r.as_ref()) {
+                return r;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("{what}: never; the record is {:?}", self.host.record(id));
+    }
+
+    /// Stores `rec` and reconciles it once; the record after.
+    pub async fn reconciled(&self, rec: hearth_types::VmRecord) -> hearth_types::VmRecord {
+        let id = rec.spec.id.clone();
+        self.host.put(rec);
+        self.reconciler
+            .reconcile(&id, hearth_core::Options::default())
+            .await
+            .expect("reconcile")
+            .expect("record")
+    }
+
+    /// A new VM `n` that is to run, reconciled (its VMM launched).
+    pub async fn run(&self, n: u8) -> hearth_types::VmRecord {
+        let rec = crate::record(n, hearth_types::Desired::Running, hearth_types::VmState::Created);
+        self.reconciled(rec).await
+    }
+}

@@ -160,11 +160,26 @@ pub async fn resume(vm_dir: &Path) -> Result<(), VmmError> {
     api(vm_dir).off_runtime(|api| api.put_empty("/api/v1/vm.resume")).await
 }
 
-/// The ACPI power button (the guest powers off, which ends Cloud Hypervisor), then, after
-/// `grace`, SIGKILL; a zero grace kills at once. Returns once the process is gone.
+/// How long Cloud Hypervisor gets to end itself on `vmm.shutdown` before it is killed.
+const VMM_SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
+
+/// The ACPI power button (the guest powers off, which ends Cloud Hypervisor); after `grace`,
+/// `vmm.shutdown` (Cloud Hypervisor ends itself), then SIGKILL; a zero grace kills at once.
+/// Returns once the process is gone.
 pub async fn stop(vm_dir: &Path, pid: i32, start: u64, grace: Duration) -> Result<(), VmmError> {
-    let ask = api(vm_dir).off_runtime(|api| api.put_empty("/api/v1/vm.power-button"));
-    crate::spawn::stop("cloud-hypervisor", (pid, start), grace, ask, || {
+    if !grace.is_zero() && crate::process::is_alive(pid, start) {
+        let ended = |within| tokio::time::timeout(within, crate::process::wait_exit(pid, start));
+        let pressed = api(vm_dir).off_runtime(|api| api.put_empty("/api/v1/vm.power-button"));
+        if !(pressed.await.is_ok() && ended(grace).await.is_ok()) {
+            // The guest did not power off: the VMM is asked to end before it is killed.
+            let shutdown = api(vm_dir).off_runtime(|api| api.put_empty("/api/v1/vmm.shutdown"));
+            if shutdown.await.is_ok() {
+                let _ = ended(VMM_SHUTDOWN_WAIT).await;
+            }
+        }
+    }
+    let nothing_to_ask = async { Ok(()) };
+    crate::spawn::stop("cloud-hypervisor", (pid, start), Duration::ZERO, nothing_to_ask, || {
         remove_runtime_files(vm_dir)
     })
     .await

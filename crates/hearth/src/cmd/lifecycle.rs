@@ -1,4 +1,5 @@
-//! `start`, `stop`, `kill`, `pause`, `unpause`, `rm`, `wait`: each takes several VMs, like docker.
+//! `start`, `stop`, `restart`, `kill`, `pause`, `unpause`, `rm`, `wait`: each takes several VMs,
+//! like docker.
 
 use clap::Args;
 use hearth_api::v1 as pb;
@@ -16,6 +17,15 @@ pub struct StartArgs {
 
 #[derive(Debug, Args)]
 pub struct StopArgs {
+    /// Seconds to wait for the guest to stop before killing it.
+    #[arg(short = 't', long = "time", default_value_t = 10)]
+    time: u32,
+    #[arg(required = true)]
+    vms: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RestartArgs {
     /// Seconds to wait for the guest to stop before killing it.
     #[arg(short = 't', long = "time", default_value_t = 10)]
     time: u32,
@@ -97,6 +107,27 @@ pub async fn stop(host: Option<String>, a: StopArgs) -> anyhow::Result<i32> {
         let mut c = c.clone();
         async move {
             c.stop_vm(pb::StopVmRequest { r#ref: vm.clone(), timeout_secs: a.time.max(1) }).await?;
+            Ok(Some(vm))
+        }
+    })
+    .await
+}
+
+/// `restart`: a stop (a VM that is not running is only started), then a start, waiting for the
+/// guest to be ready.
+pub async fn restart(host: Option<String>, a: RestartArgs) -> anyhow::Result<i32> {
+    let c = client::connect(host).await?;
+    each(a.vms, |vm| {
+        let mut c = c.clone();
+        async move {
+            c.stop_vm(pb::StopVmRequest { r#ref: vm.clone(), timeout_secs: a.time.max(1) }).await?;
+            let r = c
+                .start_vm(pb::StartVmRequest { r#ref: vm.clone(), wait_ready: true })
+                .await?
+                .into_inner();
+            if !r.warning.is_empty() {
+                eprintln!("hearth: warning: {}", r.warning);
+            }
             Ok(Some(vm))
         }
     })

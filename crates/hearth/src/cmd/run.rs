@@ -53,6 +53,12 @@ pub struct CreateArgs {
     /// Remove the VM when it stops.
     #[arg(long)]
     rm: bool,
+    /// Start the VM again when it ends on its own: no, on-failure[:N] (an exit code other than
+    /// 0, or a VMM that died; at most N times in a row), always (also when hearthd starts, even
+    /// after a stop by hand), unless-stopped (but not after a stop by hand). Back-off: 100 ms
+    /// doubling up to a minute, from the start again after 10 s of running.
+    #[arg(long, value_name = "POLICY", default_value = "no")]
+    restart: String,
     /// Keep the console's stdin open.
     #[arg(short = 'i', long)]
     interactive: bool,
@@ -178,6 +184,8 @@ fn request(a: &CreateArgs) -> anyhow::Result<pb::CreateVmRequest> {
         cloud_init_network: String::new(),
         volumes: volumes(a)?,
         log_opts: a.log_opt.clone(),
+        restart: a.restart.clone(),
+        crash_loop_limit: 0,
     })
 }
 

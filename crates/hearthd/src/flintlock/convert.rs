@@ -13,11 +13,12 @@ pub(super) fn validate(
     if spec.namespace.is_empty() {
         spec.namespace = DEFAULT_NAMESPACE.into();
     }
-    if let Err(e) = hearth_types::validate_name(&vm_name(&spec)) {
-        return bad(format!(
-            "microvm {}/{}: {e} (hearth names the VM ID.NAMESPACE)",
-            spec.namespace, spec.id
-        ));
+    for (what, v) in [("id", &spec.id), ("namespace", &spec.namespace)] {
+        if v.len() > MAX_NAME || v.chars().any(|c| c.is_control() || c == '/') {
+            return bad(format!(
+                "microvm {what} {v:?}: at most {MAX_NAME} bytes, without '/' or control characters"
+            ));
+        }
     }
     size(&mut spec)?;
     boot_and_root(&spec)?;
@@ -221,10 +222,39 @@ fn volume_host_path(v: &fl::Volume) -> String {
     Some(volume_source(v)).filter(|s| s.starts_with('/')).unwrap_or_default()
 }
 
-/// The hearth VM's name for a microVM.
+/// A microVM's root disk when its spec gives no size (CAPMVM never does): Flintlock's
+/// `base_image_size`, 10 GiB. Sparse, or a thin snapshot: it takes what the guest writes.
+pub(super) const ROOT_DISK_BYTES: u64 = 10 << 30;
+
+/// The longest microVM id or namespace taken (Kubernetes' longest names).
+const MAX_NAME: usize = 253;
+
+/// The hearth VM's name for a microVM: `ID.NAMESPACE` when that is a hearth name; else (too
+/// long, or with characters hearth's names do not take) its first characters made one, ended
+/// by the end of its uid, so two microVMs never map to one name.
 pub(super) fn vm_name(spec: &fl::MicroVmSpec) -> String {
-    format!("{}.{}", spec.id, spec.namespace)
+    let full = format!("{}.{}", spec.id, spec.namespace);
+    if hearth_types::validate_name(&full).is_ok() {
+        return full;
+    }
+    let uid = spec.uid.as_deref().unwrap_or_default().to_ascii_lowercase();
+    let tag = &uid[uid.len().saturating_sub(UID_TAG)..];
+    let clean: String = full
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '-' })
+        .collect();
+    let head = clean.trim_start_matches(|c: char| !c.is_ascii_alphanumeric());
+    let head = &head[..head.len().min(hearth_types::id::MAX_NAME - 1 - tag.len())];
+    if head.is_empty() {
+        format!("mvm-{tag}")
+    } else {
+        format!("{head}-{tag}")
+    }
 }
+
+/// The characters of a microVM's uid that end a derived VM name (a ULID's last 10: 50 random
+/// bits).
+const UID_TAG: usize = 10;
 
 /// Sets `instance_id` (and cloud-init's own `instance-id`) in the meta-data, as Flintlock does.
 pub(super) fn inject_instance_id(spec: &mut fl::MicroVmSpec, uid: &str) -> Result<(), Status> {
@@ -312,11 +342,8 @@ pub(super) fn create_request(
     let mut labels: HashMap<String, String> = spec.labels.clone().into_iter().collect();
     labels.insert(UID_LABEL.into(), uid.into());
     let root = spec.root_volume.clone().unwrap_or_default();
-    let size = root
-        .size_in_mb
-        .filter(|&s| s > 0)
-        .map(|s| s as u64 * (1 << 20))
-        .unwrap_or(hearth_types::vm::DEFAULT_DISK_BYTES);
+    let size =
+        root.size_in_mb.filter(|&s| s > 0).map(|s| s as u64 * (1 << 20)).unwrap_or(ROOT_DISK_BYTES);
     Ok(pb::CreateVmRequest {
         name: vm_name(spec),
         image: root.source.and_then(|s| s.container_source).unwrap_or_default(),
@@ -348,9 +375,16 @@ pub(super) fn create_request(
                 size_bytes: 0,
             })
             .collect(),
+        // As Flintlock relaunches a VMM that ended, until it crash-loops.
+        restart: hearth_types::RestartPolicy::Always.to_string(),
+        crash_loop_limit: CRASH_LOOP_LIMIT,
         ..Default::default()
     })
 }
+
+/// A microVM is FAILED after this many restarts in a row of runs shorter than
+/// [`hearth_types::restart::STEADY_RUN`].
+pub(super) const CRASH_LOOP_LIMIT: u32 = 5;
 
 pub(super) fn not_found(uid: &str) -> Status {
     // CAPMVM matches "not found" in the text; the code is a real NOT_FOUND.

@@ -15,6 +15,7 @@ impl MicroVm for Flintlock {
         let parent = self.inner.d.parent_iface.as_deref();
         let network = super::convert::card_network(&spec, self.inner.network, parent);
         let mut spec = validate(spec, network)?;
+        let requested = spec.clone();
         let uid = ulid::Ulid::new().to_string();
         spec.uid = Some(uid.clone());
         inject_instance_id(&mut spec, &uid)?;
@@ -41,6 +42,16 @@ impl MicroVm for Flintlock {
             let _g = self.inner.create.lock().await;
             if let Some(other) = self.records_in(&spec.namespace, Some(&spec.id))?.first() {
                 let name = format!("{}/{}", spec.namespace, spec.id);
+                if other.phase != Phase::Deleting && same_spec(requested, other)? {
+                    // A retry of a create whose answer the client lost (CAPMVM does so when it
+                    // could not record the uid): the microVM it made.
+                    info!(uid = other.uid, namespace = %spec.namespace, name = %spec.id, "create repeated: the microvm exists");
+                    let vm = self.vm_of(&other.uid)?;
+                    let microvm = self.microvm(other, vm.as_ref());
+                    return Ok(Response::new(fpb::CreateMicroVmResponse {
+                        microvm: Some(microvm),
+                    }));
+                }
                 return Err(if other.phase == Phase::Deleting {
                     // Its VM still holds the name and address: a retry after it is gone succeeds.
                     Status::unavailable(format!(
@@ -49,7 +60,7 @@ impl MicroVm for Flintlock {
                     ))
                 } else {
                     Status::already_exists(format!(
-                        "microvm {name} already exists (uid {}); delete it or choose another id",
+                        "microvm {name} already exists (uid {}) with another spec; delete it or choose another id",
                         other.uid
                     ))
                 });
@@ -126,4 +137,20 @@ impl MicroVm for Flintlock {
             .collect();
         Ok(Response::new(Box::pin(tokio_stream::iter(items))))
     }
+}
+
+/// Whether `requested` (validated, before a uid was given) asks for what `existing` is: the
+/// same spec once given the existing uid, the interfaces' MACs aside (CAPMVM makes new ones
+/// for each attempt).
+fn same_spec(mut requested: fl::MicroVmSpec, existing: &Record) -> Result<bool, Status> {
+    requested.uid = Some(existing.uid.clone());
+    inject_instance_id(&mut requested, &existing.uid)?;
+    let mut existing = existing.spec();
+    for spec in [&mut requested, &mut existing] {
+        for i in &mut spec.interfaces {
+            i.guest_mac = None;
+        }
+        (spec.created_at, spec.updated_at) = (None, None);
+    }
+    Ok(requested == existing)
 }

@@ -2,7 +2,8 @@
 
 use super::*;
 
-/// PENDING until the guest is up, CREATED while it runs, FAILED with a reason otherwise.
+/// PENDING until the guest is up (and again while its VM restarts after it ended), CREATED while
+/// it runs, FAILED with a reason otherwise (a crash loop, a stop outside the Flintlock API).
 pub(super) fn observed_state(
     rec: &Record,
     vm: Option<&VmRecord>,
@@ -14,6 +15,14 @@ pub(super) fn observed_state(
         (Phase::Pending, _) => (S::Pending, rec.reason.clone()),
         (Phase::Created, None) => {
             (S::Failed, "the VM was removed outside the Flintlock API (hearth rm)".into())
+        }
+        (Phase::Created, Some(vm)) if vm.status.restarting => {
+            let why = match (vm.status.exit_code, vm.status.reason.as_str()) {
+                (Some(c), _) => format!("the VM ended (exit code {c})"),
+                (None, "") => "the VM ended".to_owned(),
+                (None, r) => r.to_owned(),
+            };
+            (S::Pending, format!("restarting ({} in a row): {why}", vm.status.restarts_in_a_row))
         }
         (Phase::Created, Some(vm)) => match vm.status.state {
             VmState::Running => (S::Created, String::new()),

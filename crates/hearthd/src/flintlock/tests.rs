@@ -47,7 +47,7 @@ fn validation_names_what_is_wrong() {
             }),
             "base64",
         ),
-        (Box::new(|s| s.id = "bad name".into()), "bad name"),
+        (Box::new(|s| s.id = "bad/name".into()), "microvm id"),
         (
             Box::new(|s| {
                 s.additional_volumes.push(fl::Volume { id: "v".into(), ..Default::default() })
@@ -250,4 +250,34 @@ fn basic_auth_wants_the_base64_token_under_any_case_of_basic() {
         tonic::Code::Unauthenticated
     );
     assert!(check_basic_auth("s3cret", &Request::new(())).is_err());
+}
+
+#[test]
+fn a_long_or_odd_microvm_name_maps_to_a_bounded_hearth_name_of_its_own() {
+    let mut s = good();
+    s.id = "node".into();
+    s.namespace = "ns0".into();
+    assert_eq!(vm_name(&s), "node.ns0", "a name hearth takes is used as it is");
+    s.id = format!("capmvm-{}", "a".repeat(83));
+    s.namespace = "n".repeat(90);
+    s.uid = Some("01HZX3A7K9QW2E5R8T6Y4U1IOP".into());
+    let a = vm_name(&s);
+    assert!(hearth_types::validate_name(&a).is_ok() && a.len() <= 63, "{a}");
+    assert!(a.starts_with("capmvm-aaa") && a.ends_with("-8t6y4u1iop"), "{a}");
+    s.uid = Some("01HZX3A7K9QW2E5R8T6Y4U1IOQ".into());
+    assert_ne!(vm_name(&s), a, "another microVM, another name");
+    s.id = "Ünïcode/../id".into();
+    let odd = vm_name(&s);
+    assert!(hearth_types::validate_name(&odd).is_ok(), "{odd}");
+    // Validation takes long names but not paths or control characters.
+    let mut long = good();
+    long.id = "x".repeat(90);
+    long.namespace = "y".repeat(90);
+    assert!(validate(long, NetworkMode::User).is_ok());
+    for bad in ["a/b", "a\nb", &"z".repeat(254)] {
+        let mut b = good();
+        b.id = bad.into();
+        let e = validate(b, NetworkMode::User).expect_err(bad);
+        assert!(e.message().contains("microvm id"), "{e:?}");
+    }
 }
