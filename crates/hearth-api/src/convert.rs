@@ -82,7 +82,7 @@ impl TryFrom<pb::CreateVmRequest> for NewVm {
             address,
             cloud_init_network: Some(req.cloud_init_network).filter(|d| !d.is_empty()),
             volumes: req.volumes.into_iter().map(volume).collect::<Result<_, _>>()?,
-            cloud_init: req.cloud_init.into_iter().collect(),
+            cloud_init: req.cloud_init.into_iter().map(|(k, v)| (k, v.into())).collect(),
             log: LogOptions::parse(&req.log_opts).map_err(invalid)?,
             restart: req.restart.parse().map_err(invalid)?,
             crash_loop_limit: Some(req.crash_loop_limit).filter(|&n| n > 0),

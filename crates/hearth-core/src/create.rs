@@ -46,7 +46,7 @@ pub struct NewVm {
     pub macvtap_parent: Option<String>,
     pub lan: Option<hearth_types::LanAddress>,
     pub volumes: Vec<NewVolume>,
-    pub cloud_init: BTreeMap<String, String>,
+    pub cloud_init: BTreeMap<String, hearth_types::Blob>,
     pub log: Option<LogOptions>,
     /// `--restart`; refused with `auto_remove`.
     pub restart: hearth_types::RestartPolicy,
@@ -422,6 +422,7 @@ pub fn guest_config_for(
     let mut cfg = crate::guest_config(spec, image).map_err(|e| Error::invalid(e.to_string()))?;
     cfg.network = network_for(spec, resolvers.clone());
     cfg.cloud_init = cloud_init_bundle(spec, resolvers);
+    cfg.cloud_init.retain(|name, _| hearth_types::vm::CLOUD_INIT_FILES.contains(&name.as_str()));
     Ok(cfg)
 }
 
@@ -434,11 +435,18 @@ fn network_for(spec: &VmSpec, resolvers: Vec<String>) -> Option<hearth_types::Gu
     Some(net)
 }
 
-/// The cloud-init files a VM is given: its own, plus the generated network-config when asked
-/// for. hearth-init's NoCloud seed and a VMM's metadata service (Firecracker's MMDS) get this
-/// same bundle.
-pub fn cloud_init_bundle(spec: &VmSpec, resolvers: Vec<String>) -> BTreeMap<String, String> {
+/// The metadata a VM is given: its own, plus the generated network-config when asked for (it
+/// wins over one given: Flintlock's `add_network_config`), and an empty user-data when none is
+/// given, so cloud-init's NoCloud source still finds the VM's seed. A VMM's metadata service
+/// (Firecracker's MMDS) gets all of it, hearth-init's NoCloud seed cloud-init's own files.
+pub fn cloud_init_bundle(
+    spec: &VmSpec,
+    resolvers: Vec<String>,
+) -> BTreeMap<String, hearth_types::Blob> {
     let mut files = spec.cloud_init.clone();
+    if !files.is_empty() || spec.cloud_init_network.is_some() {
+        files.entry("user-data".into()).or_default();
+    }
     let Some(device) = &spec.cloud_init_network else { return files };
     let config = match (spec.network, network_for(spec, resolvers)) {
         (NetworkMode::Macvtap, None) => {
@@ -448,7 +456,7 @@ pub fn cloud_init_bundle(spec: &VmSpec, resolvers: Vec<String>) -> BTreeMap<Stri
         (_, None) => None,
     };
     if let Some(config) = config {
-        files.entry("network-config".into()).or_insert(config);
+        files.insert("network-config".into(), config.into());
     }
     files
 }

@@ -202,7 +202,7 @@ mod tests {
         assert_eq!(cfg.dhcp, Some(s.mac()), "hearth-init runs DHCP on the VM's card");
         s.cloud_init_network = Some("eth1".into());
         let files = crate::cloud_init_bundle(&s, vec![]);
-        assert!(files["network-config"].contains("dhcp4: true"), "{files:?}");
+        assert!(files["network-config"].to_text_lossy().contains("dhcp4: true"), "{files:?}");
         // A static address there: hearth-init sets it, cloud-init's config says it, and with
         // no gateway there is no default route.
         s.lan = Some(hearth_types::LanAddress::parse("192.168.1.50/24", None, &[]).expect("lan"));
@@ -212,7 +212,7 @@ mod tests {
             ("192.168.1.50", 24, "")
         );
         let files = crate::cloud_init_bundle(&s, vec![]);
-        let config = &files["network-config"];
+        let config = files["network-config"].to_text_lossy();
         assert!(config.contains("192.168.1.50/24") && !config.contains("routes"), "{config}");
         let cfg = guest_config(&s, &ImageConfig { cmd: vec!["sh".into()], ..Default::default() })
             .expect("config");

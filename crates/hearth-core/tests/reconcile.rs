@@ -473,8 +473,9 @@ async fn the_vmm_gets_the_same_cloud_init_bundle_the_guest_seeds() {
     h.host.put(rec.clone());
     reconciled(&h, &rec.spec.id).await;
     let launched = h.vmm.launches().pop().expect("a launch");
-    assert_eq!(launched.cloud_init.get("user-data").map(String::as_str), Some("#cloud-config\n"));
+    assert_eq!(launched.cloud_init["user-data"], "#cloud-config\n");
     let net = launched.cloud_init.get("network-config").expect("the generated network-config");
+    let net = net.to_text_lossy();
     assert!(net.contains("10.61.0.9/16") && net.contains("eth1"), "{net}");
     assert!(net.contains("192.0.2.53"), "the host's resolvers, as on the config disk: {net}");
 }

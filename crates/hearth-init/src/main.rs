@@ -218,7 +218,7 @@ fn init_poweroff_signal() -> Option<i32> {
 }
 
 /// Writes the cloud-init NoCloud seed (0700 directory, 0600 files: user-data may hold secrets).
-fn seed_cloud_init(files: &std::collections::BTreeMap<String, String>) {
+fn seed_cloud_init(files: &std::collections::BTreeMap<String, hearth_types::Blob>) {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     if files.is_empty() {
         return;
@@ -227,8 +227,8 @@ fn seed_cloud_init(files: &std::collections::BTreeMap<String, String>) {
     let res = (|| -> std::io::Result<()> {
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
         for (name, content) in files {
-            // The host allows only the four NoCloud names; never a path.
-            if name.contains('/') {
+            // Only cloud-init's own files, by their names: never a path.
+            if !hearth_types::vm::CLOUD_INIT_FILES.contains(&name.as_str()) {
                 continue;
             }
             let mut f = std::fs::OpenOptions::new()

@@ -66,7 +66,7 @@ pub struct GuestConfig {
     /// cloud-init NoCloud files, by name, that hearth-init writes to the seed directory
     /// ([`CLOUD_INIT_SEED_DIR`]) before handing over to the image's init.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    pub cloud_init: std::collections::BTreeMap<String, String>,
+    pub cloud_init: std::collections::BTreeMap<String, crate::Blob>,
     /// Extra disks to mount, found by their virtio serial.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<GuestVolume>,

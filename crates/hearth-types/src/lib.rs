@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod blob;
 pub mod digest;
 pub mod guest;
 pub mod id;
@@ -17,6 +18,7 @@ pub mod size;
 pub mod user;
 pub mod vm;
 
+pub use blob::Blob;
 pub use digest::{Digest, DigestError};
 pub use guest::{GuestConfig, GuestExit, GuestNetwork, GuestProcess, GuestVolume};
 pub use id::{generate_name, validate_name, IdError, VmId};

@@ -127,11 +127,13 @@ pub enum VmSpecError {
     #[error("--network macvtap needs the host interface to sit on (macvtap:IFACE, 1-15 letters, digits, '_', '.' or '-'), and only it takes one; got {0:?}")]
     Macvtap(String),
     #[error(
-        "cloud-init file {0:?} is not one of meta-data, user-data, vendor-data, network-config"
+        "metadata key {0:?}: use 1-64 letters, digits, '.', '_' or '-', not starting with '.' (cloud-init's files are meta-data, user-data, vendor-data, network-config)"
     )]
     CloudInitKey(String),
-    #[error("cloud-init file {0:?} is larger than {kib} KiB", kib = MAX_CLOUD_INIT_BYTES >> 10)]
+    #[error("metadata {0:?} is larger than {kib} KiB", kib = MAX_CLOUD_INIT_BYTES >> 10)]
     CloudInitSize(String),
+    #[error("metadata: at most {MAX_METADATA_KEYS} entries of {kib} KiB in all", kib = MAX_METADATA_BYTES >> 10)]
+    MetadataTotal,
     #[error("--log-opt {0:?}: use max-size=SIZE (4K to 1G) or max-file=N (1 to 100)")]
     LogOpt(String),
     #[error("--rm cannot be combined with --restart {0}: a VM removed when it stops is never started again")]
@@ -215,7 +217,7 @@ pub struct VmSpec {
     /// cloud-init NoCloud files (`meta-data`, `user-data`, `vendor-data`, `network-config`) that
     /// hearth-init seeds into the guest for the image's own cloud-init.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub cloud_init: BTreeMap<String, String>,
+    pub cloud_init: BTreeMap<String, crate::Blob>,
     /// The console log's limits, when not the daemon's (`--log-opt`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log: Option<LogOptions>,
@@ -353,12 +355,16 @@ impl VmSpec {
             l.validate()?;
         }
         for (key, value) in &self.cloud_init {
-            if !CLOUD_INIT_FILES.contains(&key.as_str()) {
+            if !is_metadata_key(key) {
                 return Err(VmSpecError::CloudInitKey(key.clone()));
             }
             if value.len() > MAX_CLOUD_INIT_BYTES {
                 return Err(VmSpecError::CloudInitSize(key.clone()));
             }
+        }
+        let total: usize = self.cloud_init.values().map(crate::Blob::len).sum();
+        if self.cloud_init.len() > MAX_METADATA_KEYS || total > MAX_METADATA_BYTES {
+            return Err(VmSpecError::MetadataTotal);
         }
         Ok(())
     }
@@ -509,6 +515,18 @@ pub const MAX_VOLUMES: usize = 16;
 pub const CLOUD_INIT_FILES: [&str; 4] = ["meta-data", "user-data", "vendor-data", "network-config"];
 /// Bound on one cloud-init file (they travel in the guest config record).
 pub const MAX_CLOUD_INIT_BYTES: usize = 96 << 10;
+/// Metadata entries a VM may carry (cloud-init's files and others a metadata service serves).
+pub const MAX_METADATA_KEYS: usize = 16;
+/// Their bytes in all (they travel on the config disk).
+pub const MAX_METADATA_BYTES: usize = 384 << 10;
+
+/// A metadata entry's name: one of cloud-init's files, or another a metadata service serves
+/// (Flintlock's clients send their own).
+pub fn is_metadata_key(key: &str) -> bool {
+    (1..=64).contains(&key.len())
+        && !key.starts_with('.')
+        && key.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
 
 /// Splits `KEY=VALUE` labels given on the command line.
 pub fn parse_labels(items: &[String]) -> Result<BTreeMap<String, String>, VmSpecError> {
@@ -805,10 +823,18 @@ mod tests {
         s.mac = Some("02:00:00:00:00:09".into());
         assert!(s.validate().is_ok());
         assert_eq!(s.mac(), "02:00:00:00:00:09");
-        s.cloud_init.insert("../etc/passwd".into(), String::new());
+        s.cloud_init.insert("../etc/passwd".into(), "".into());
         assert_eq!(s.validate(), Err(VmSpecError::CloudInitKey("../etc/passwd".into())));
         s.cloud_init.remove("../etc/passwd");
-        s.cloud_init.insert("meta-data".into(), "x".repeat(MAX_CLOUD_INIT_BYTES + 1));
+        // Other metadata keys are taken (a metadata service serves them), within bounds.
+        s.cloud_init.insert("capmvm-extra".into(), crate::Blob(vec![0x1f, 0x8b, 0]));
+        assert!(s.validate().is_ok());
+        for i in 0..MAX_METADATA_KEYS {
+            s.cloud_init.insert(format!("k{i}"), "v".into());
+        }
+        assert_eq!(s.validate(), Err(VmSpecError::MetadataTotal));
+        s.cloud_init.retain(|k, _| !k.starts_with('k'));
+        s.cloud_init.insert("meta-data".into(), "x".repeat(MAX_CLOUD_INIT_BYTES + 1).into());
         assert_eq!(s.validate(), Err(VmSpecError::CloudInitSize("meta-data".into())));
         s.cloud_init.clear();
         s.mac = Some("ff:ff:ff:ff:ff:ff".into());

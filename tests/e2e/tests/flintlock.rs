@@ -889,3 +889,67 @@ fn a_microvm_whose_vm_ends_is_restarted_and_failed_only_after_a_crash_loop() {
     let reason = failed.status.expect("status").reason;
     assert!(reason.starts_with("crash loop: restarted 5 times in a row"), "{reason}");
 }
+
+/// Names and metadata as CAPMVM and the fl CLI send them: a 90-character id and namespace; a
+/// gzip-compressed user-data (valid cloud-init) that reaches the guest byte for byte; a value
+/// that is not base64 (taken as it is) and a key that is not cloud-init's, both echoed by Get.
+#[test]
+fn long_names_raw_and_binary_metadata_and_unknown_keys_are_taken_as_flintlock_takes_them() {
+    require_e2e!();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let d = Daemon::start_with(&[
+        "--flintlock-listen",
+        &listen,
+        "--insecure",
+        "--flintlock-network",
+        "user",
+    ]);
+    let (kernel, root) = import_images(&d);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mut c = client(&rt, port, None);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, b"#cloud-config\nfinal_message: zipped\n").expect("gzip");
+    let user_data = gz.finish().expect("gzip");
+    let mut s = spec(&"n".repeat(90), kernel, root);
+    s.namespace = "s".repeat(90);
+    s.metadata.insert("user-data".into(), b64_bytes(&user_data));
+    s.metadata.insert("vendor-data".into(), "#cloud-config raw, not base64\n".into());
+    s.metadata.insert("capmvm-extra".into(), b64("kept"));
+    let req = fpb::CreateMicroVmRequest { microvm: Some(s), metadata: HashMap::new() };
+    let created = rt.block_on(c.create_micro_vm(req)).expect("create").into_inner();
+    let uid = created.microvm.and_then(|m| m.spec).and_then(|s| s.uid).expect("uid");
+    let up = wait_get(&rt, &mut c, &d, &uid, "CREATED", |g| {
+        g.as_ref().is_ok_and(|v| state(v) == fl::micro_vm_status::MicroVmState::Created)
+    })
+    .expect("get");
+    let spec = up.spec.expect("spec");
+    assert_eq!((spec.id.len(), spec.namespace.len()), (90, 90), "its own id and namespace");
+    assert_eq!(spec.metadata["vendor-data"], "#cloud-config raw, not base64\n");
+    assert_eq!(spec.metadata["capmvm-extra"], b64("kept"));
+    let vm = d.ok(&["ps", "-q"]).trim().to_owned();
+    let name = d.inspect(&vm)["spec"]["name"].as_str().expect("name").to_owned();
+    assert!(
+        name.len() <= 63 && name.ends_with(&uid[uid.len() - 10..].to_ascii_lowercase()),
+        "{name}"
+    );
+    let seed = "/var/lib/cloud/seed/nocloud";
+    let sums = d.ok(&["exec", &vm, "--", "sha256sum", &format!("{seed}/user-data")]);
+    let want = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&user_data))
+    };
+    assert!(sums.starts_with(&want), "the gzip user-data, byte for byte: {sums}");
+    assert_eq!(
+        d.ok(&["exec", &vm, "--", "cat", &format!("{seed}/vendor-data")]),
+        "#cloud-config raw, not base64\n"
+    );
+    let listed = d.ok(&["exec", &vm, "--", "ls", seed]);
+    assert!(!listed.contains("capmvm-extra"), "only cloud-init's files are seeded: {listed}");
+    rt.block_on(c.delete_micro_vm(fpb::DeleteMicroVmRequest { uid: uid.clone() })).expect("delete");
+    wait_get(&rt, &mut c, &d, &uid, "gone", |g| g.as_ref().is_err()).expect_err("gone");
+}
+
+fn b64_bytes(b: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(b)
+}

@@ -70,7 +70,7 @@ pub struct LaunchSpec {
     pub confinement: Confinement,
     /// The VM's cloud-init files (meta-data, user-data, vendor-data, network-config), for a
     /// VMM with a metadata service (Firecracker's MMDS); hearth-init seeds them in any case.
-    pub cloud_init: std::collections::BTreeMap<String, String>,
+    pub cloud_init: std::collections::BTreeMap<String, hearth_types::Blob>,
 }
 
 /// What confines a VMM (docs/adr/0011-vmm-confinement.md): a seccomp sandbox always; where

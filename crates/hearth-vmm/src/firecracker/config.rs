@@ -31,7 +31,11 @@ fn drive_id(serial: &str) -> String {
 /// when the VM has none or no card to serve them on.
 pub fn mmds(spec: &LaunchSpec) -> Option<Value> {
     let card = spec.network.as_ref().is_some_and(|n| n.tap.is_some());
-    (card && !spec.cloud_init.is_empty()).then(|| json!({ "latest": spec.cloud_init }))
+    // MMDS holds text: bytes that are not UTF-8 (gzip user-data) reach the guest exactly
+    // through hearth-init's NoCloud seed instead.
+    let latest: serde_json::Map<String, Value> =
+        spec.cloud_init.iter().map(|(k, v)| (k.clone(), v.to_text_lossy().into())).collect();
+    (card && !spec.cloud_init.is_empty()).then(|| json!({ "latest": latest }))
 }
 
 /// The configuration calls, as (path, body) pairs for `PUT`.

@@ -166,15 +166,38 @@ fn interfaces(interfaces: &[fl::NetworkInterface], network: NetworkMode) -> Resu
 
 /// The four cloud-init files, base64-encoded.
 fn metadata(metadata: &std::collections::HashMap<String, String>) -> Result<(), Status> {
+    let mut total = 0;
     for (key, value) in metadata {
-        if !hearth_types::vm::CLOUD_INIT_FILES.contains(&key.as_str()) {
-            return bad(format!("metadata key {key:?} is not one of meta-data, user-data, vendor-data, network-config"));
+        if !hearth_types::vm::is_metadata_key(key) {
+            return bad(format!("metadata key {key:?}: use 1-64 letters, digits, '.', '_' or '-'"));
         }
-        if base64::engine::general_purpose::STANDARD.decode(value).is_err() {
-            return bad(format!("metadata {key:?} is not base64"));
+        let len = metadata_value(value).len();
+        if len > hearth_types::vm::MAX_CLOUD_INIT_BYTES {
+            return bad(format!(
+                "metadata {key:?} is larger than {} KiB",
+                hearth_types::vm::MAX_CLOUD_INIT_BYTES >> 10
+            ));
         }
+        total += len;
+    }
+    if metadata.len() > hearth_types::vm::MAX_METADATA_KEYS
+        || total > hearth_types::vm::MAX_METADATA_BYTES
+    {
+        return bad(format!(
+            "metadata: at most {} entries of {} KiB in all",
+            hearth_types::vm::MAX_METADATA_KEYS,
+            hearth_types::vm::MAX_METADATA_BYTES >> 10
+        ));
     }
     Ok(())
+}
+
+/// A metadata value's bytes: base64 as Flintlock's clients mostly send it, else the value as it
+/// is (the fl CLI sends files raw).
+pub(super) fn metadata_value(value: &str) -> Vec<u8> {
+    base64::engine::general_purpose::STANDARD
+        .decode(value)
+        .unwrap_or_else(|_| value.as_bytes().to_vec())
 }
 
 /// The network a microVM's card is on: a macvtap on the daemon's `--parent-iface` for an
@@ -256,14 +279,11 @@ pub(super) fn vm_name(spec: &fl::MicroVmSpec) -> String {
 /// bits).
 const UID_TAG: usize = 10;
 
-/// Sets `instance_id` (and cloud-init's own `instance-id`) in the meta-data, as Flintlock does.
+/// Sets `instance_id` (and cloud-init's own `instance-id`) in the meta-data to the uid, as
+/// Flintlock does, unless the client gave its own.
 pub(super) fn inject_instance_id(spec: &mut fl::MicroVmSpec, uid: &str) -> Result<(), Status> {
     let b64 = &base64::engine::general_purpose::STANDARD;
-    let current = spec
-        .metadata
-        .get("meta-data")
-        .map(|v| b64.decode(v).unwrap_or_default())
-        .unwrap_or_default();
+    let current = spec.metadata.get("meta-data").map(|v| metadata_value(v)).unwrap_or_default();
     let mut doc: serde_yaml::Mapping = if current.iter().all(u8::is_ascii_whitespace) {
         serde_yaml::Mapping::new()
     } else {
@@ -271,9 +291,10 @@ pub(super) fn inject_instance_id(spec: &mut fl::MicroVmSpec, uid: &str) -> Resul
             Status::invalid_argument(format!("metadata meta-data is not a YAML mapping: {e}"))
         })?
     };
-    doc.insert("instance_id".into(), uid.into());
+    let id = doc.get("instance_id").cloned().unwrap_or_else(|| uid.into());
+    doc.insert("instance_id".into(), id.clone());
     if !doc.contains_key("instance-id") {
-        doc.insert("instance-id".into(), uid.into());
+        doc.insert("instance-id".into(), id);
     }
     let text = serde_yaml::to_string(&doc).map_err(internal)?;
     spec.metadata.insert("meta-data".into(), b64.encode(text));
@@ -307,14 +328,8 @@ pub(super) fn create_request(
     kernel: &str,
     network: NetworkMode,
 ) -> Result<pb::CreateVmRequest, Status> {
-    let b64 = &base64::engine::general_purpose::STANDARD;
-    let mut cloud_init: HashMap<String, String> = HashMap::new();
-    for (k, v) in &spec.metadata {
-        let bytes = b64
-            .decode(v)
-            .map_err(|_| Status::invalid_argument(format!("metadata {k:?} is not base64")))?;
-        cloud_init.insert(k.clone(), String::from_utf8_lossy(&bytes).into_owned());
-    }
+    let cloud_init: HashMap<String, Vec<u8>> =
+        spec.metadata.iter().map(|(k, v)| (k.clone(), metadata_value(v))).collect();
     let iface = spec.interfaces.first();
     let mac = iface.and_then(|i| i.guest_mac.clone()).filter(|m| !m.is_empty()).unwrap_or_default();
     let kernel_spec = spec.kernel.clone().unwrap_or_default();

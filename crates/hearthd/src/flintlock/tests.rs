@@ -37,15 +37,16 @@ fn validation_names_what_is_wrong() {
         (Box::new(|s| s.interfaces[0].guest_mac = Some("01:00:00:00:00:01".into())), "MAC"),
         (
             Box::new(|s| {
-                s.metadata.insert("userdata".into(), String::new()).map(drop).unwrap_or(())
+                s.metadata.insert("../user-data".into(), String::new()).map(drop).unwrap_or(())
             }),
-            "userdata",
+            "metadata key",
         ),
         (
             Box::new(|s| {
-                s.metadata.insert("user-data".into(), "not base64!".into()).map(drop).unwrap_or(())
+                let big = "x".repeat(hearth_types::vm::MAX_CLOUD_INIT_BYTES + 1);
+                s.metadata.insert("user-data".into(), big).map(drop).unwrap_or(())
             }),
-            "base64",
+            "larger than",
         ),
         (Box::new(|s| s.id = "bad/name".into()), "microvm id"),
         (
@@ -77,7 +78,7 @@ fn validation_names_what_is_wrong() {
 }
 
 #[test]
-fn instance_id_is_injected_and_the_rest_of_the_meta_data_kept() {
+fn instance_id_is_injected_unless_the_client_gave_one_and_the_rest_of_the_meta_data_kept() {
     let b64 = &base64::engine::general_purpose::STANDARD;
     let mut s = good();
     s.metadata.insert(
@@ -87,14 +88,21 @@ fn instance_id_is_injected_and_the_rest_of_the_meta_data_kept() {
     inject_instance_id(&mut s, "01ABC").expect("inject");
     let text = String::from_utf8(b64.decode(&s.metadata["meta-data"]).expect("b64")).expect("utf8");
     let doc: serde_yaml::Mapping = serde_yaml::from_str(&text).expect("yaml");
-    assert_eq!(doc.get("instance_id").and_then(|v| v.as_str()), Some("01ABC"));
-    assert_eq!(doc.get("instance-id").and_then(|v| v.as_str()), Some("01ABC"));
+    assert_eq!(doc.get("instance_id").and_then(|v| v.as_str()), Some("client-chose-this"));
+    assert_eq!(doc.get("instance-id").and_then(|v| v.as_str()), Some("client-chose-this"));
     assert_eq!(doc.get("local_hostname").and_then(|v| v.as_str()), Some("node1"));
     let mut empty = good();
     inject_instance_id(&mut empty, "01XYZ").expect("inject");
     assert!(String::from_utf8(b64.decode(&empty.metadata["meta-data"]).expect("b64"))
         .expect("utf8")
         .contains("instance_id: 01XYZ"));
+    // Raw (not base64) meta-data, as the fl CLI sends a file.
+    let mut raw = good();
+    raw.metadata.insert("meta-data".into(), "local_hostname: raw\n".into());
+    inject_instance_id(&mut raw, "01RAW").expect("inject");
+    let text =
+        String::from_utf8(b64.decode(&raw.metadata["meta-data"]).expect("b64")).expect("utf8");
+    assert!(text.contains("local_hostname: raw") && text.contains("instance_id: 01RAW"), "{text}");
 }
 
 #[test]
@@ -107,6 +115,9 @@ fn the_create_request_carries_cloud_init_the_mac_and_kernel_arguments() {
     k.cmdline.insert("console".into(), "ttyS0".into());
     k.cmdline.insert("quiet".into(), String::new());
     s.metadata.insert("user-data".into(), b64.encode("#cloud-config\n"));
+    // Values that are not base64 are taken as they are; keys beyond cloud-init's are kept.
+    s.metadata.insert("vendor-data".into(), "#cloud-config raw!\n".into());
+    s.metadata.insert("capmvm-extra".into(), b64.encode([0x1f_u8, 0x8b, 0x08, 0xff]));
     s.labels.insert("cluster-name".into(), "c1".into());
     let req = create_request(&s, "01ABC", "fl-0123", NetworkMode::User).expect("request");
     assert_eq!(req.name, "mvm0.default");
@@ -115,7 +126,9 @@ fn the_create_request_carries_cloud_init_the_mac_and_kernel_arguments() {
     assert_eq!(req.entrypoint, vec!["/sbin/init"]);
     assert_eq!(req.mac, "02:00:00:00:00:07");
     assert_eq!(req.kernel_args, "console=ttyS0 quiet");
-    assert_eq!(req.cloud_init["user-data"], "#cloud-config\n");
+    assert_eq!(req.cloud_init["user-data"], b"#cloud-config\n");
+    assert_eq!(req.cloud_init["vendor-data"], b"#cloud-config raw!\n");
+    assert_eq!(req.cloud_init["capmvm-extra"], [0x1f, 0x8b, 0x08, 0xff], "bytes exactly");
     assert_eq!(req.cloud_init_network, "eth1", "network-config is generated for eth1 at start");
     assert_eq!(req.labels[UID_LABEL], "01ABC");
     assert_eq!(req.labels["cluster-name"], "c1");
