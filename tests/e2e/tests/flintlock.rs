@@ -260,6 +260,10 @@ fn a_flintlock_client_creates_gets_lists_and_deletes_a_microvm() {
         g.as_ref().is_ok_and(|v| state(v) == fl::micro_vm_status::MicroVmState::Created)
     })
     .expect("get");
+    // Each change of what Get reports is a new version; asking again changes nothing.
+    assert!(up.version > 1, "PENDING then CREATED: {}", up.version);
+    let again = get(&rt, &mut c, &uid).expect("get");
+    assert_eq!(again.version, up.version);
     let status = up.status.expect("status");
     assert_eq!(status.network_interfaces["eth1"].mac_address, mac);
     // Every volume is reported with the host file (or device) behind it.
@@ -628,6 +632,9 @@ fn microvms_on_the_bridge_get_their_addresses_and_reach_each_other() {
         .expect("get");
         let iface = &up.status.expect("status").network_interfaces["eth1"];
         assert!(iface.host_device_name.starts_with("ht"), "the tap is reported: {iface:?}");
+        let path = format!("/sys/class/net/{}/ifindex", iface.host_device_name);
+        let index = String::from_utf8_lossy(&ns.run(&["cat", &path]).stdout).trim().to_owned();
+        assert_eq!(iface.index.to_string(), index, "with its interface index: {iface:?}");
     }
     // The static address is the guest's, and cloud-init's network-config says the same.
     assert!(d

@@ -174,14 +174,21 @@ impl Flintlock {
         if let Some(vm) = vm {
             if let (Some(i), true) = (spec.interfaces.first(), vm.spec.network != NetworkMode::None)
             {
-                let host_device_name = if vm.spec.network == NetworkMode::Bridge {
-                    tap_name(&vm.spec.id)
-                } else {
-                    String::new()
+                // The tap on the bridge, or the macvtap on the LAN, and its interface index (a
+                // macvtap's character device is /dev/tapINDEX); none for user-mode NAT.
+                let host_device_name = match vm.spec.network {
+                    NetworkMode::Bridge | NetworkMode::Macvtap => tap_name(&vm.spec.id),
+                    _ => String::new(),
                 };
+                let index =
+                    std::fs::read_to_string(format!("/sys/class/net/{host_device_name}/ifindex"))
+                        .ok()
+                        .filter(|_| !host_device_name.is_empty())
+                        .and_then(|i| i.trim().parse().ok())
+                        .unwrap_or(0);
                 let iface = fl::NetworkInterfaceStatus {
                     host_device_name,
-                    index: 0,
+                    index,
                     mac_address: vm.spec.mac(),
                 };
                 status.network_interfaces.insert(i.device_id.clone(), iface);
@@ -219,7 +226,28 @@ impl Flintlock {
                 source: kernel.display().to_string(),
             });
         }
-        fl::MicroVm { version: 1, spec: Some(spec), status: Some(status) }
+        let version = self.version_of(rec, &status);
+        fl::MicroVm { version, spec: Some(spec), status: Some(status) }
+    }
+
+    /// The microVM's version for `status`: the record's, one more (and recorded) when `status`
+    /// differs from the one last reported.
+    fn version_of(&self, rec: &Record, status: &fl::MicroVmStatus) -> i32 {
+        let seen = fingerprint(&canonical(status));
+        if rec.reported == seen {
+            return rec.version;
+        }
+        let bumped = self.inner.records.update(&rec.uid, |r| {
+            if r.reported != seen {
+                r.version += 1;
+                r.reported = seen.clone();
+            }
+        });
+        match bumped {
+            Ok(Some(r)) => r.version,
+            // Gone meanwhile, or not writable: what it was, plus this change.
+            _ => rec.version + 1,
+        }
     }
 
     /// The wire form of several records, reading the VM store once.
@@ -238,4 +266,30 @@ impl Flintlock {
             })
             .collect())
     }
+}
+
+/// A status's bytes in one order whatever its maps' (a HashMap iterates in an order of its own).
+fn canonical(status: &fl::MicroVmStatus) -> Vec<u8> {
+    let mut s = status.clone();
+    let ifaces: BTreeMap<_, _> = std::mem::take(&mut s.network_interfaces).into_iter().collect();
+    let volumes: BTreeMap<_, _> = std::mem::take(&mut s.volumes).into_iter().collect();
+    let mut out = s.encode_to_vec();
+    for (name, i) in ifaces {
+        out.extend(name.into_bytes());
+        out.extend(i.encode_to_vec());
+    }
+    for (id, v) in volumes {
+        out.extend(id.into_bytes());
+        out.extend(v.encode_to_vec());
+    }
+    out
+}
+
+/// A stable fingerprint of bytes (FNV-1a, 64 bits), to tell a reported status from the last.
+fn fingerprint(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
 }

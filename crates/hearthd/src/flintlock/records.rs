@@ -30,6 +30,12 @@ pub(super) struct Record {
     pub(super) retry: i32,
     pub(super) created_at: u64,
     pub(super) updated_at: u64,
+    /// Flintlock's `version`: one more each time what Get reports of the microVM changes.
+    #[serde(default)]
+    pub(super) version: i32,
+    /// A fingerprint of the status last reported at `version`.
+    #[serde(default)]
+    pub(super) reported: String,
 }
 
 impl Record {

@@ -37,6 +37,8 @@ impl MicroVm for Flintlock {
             retry: 0,
             created_at: now_secs(),
             updated_at: 0,
+            version: 0,
+            reported: String::new(),
         };
         {
             let _g = self.inner.create.lock().await;

@@ -233,6 +233,8 @@ fn the_state_follows_the_vm() {
         retry: 0,
         created_at: 0,
         updated_at: 0,
+        version: 0,
+        reported: String::new(),
     };
     let vm = |state| hearth_testkit::record(1, hearth_types::Desired::Running, state);
     assert_eq!(observed_state(&rec(Phase::Pending), None).0, S::Pending);
@@ -242,6 +244,16 @@ fn the_state_follows_the_vm() {
     assert_eq!(observed_state(&rec(Phase::Created), Some(&vm(VmState::Running))).0, S::Created);
     assert_eq!(observed_state(&rec(Phase::Created), Some(&vm(VmState::Stopped))).0, S::Failed);
     assert!(observed_state(&rec(Phase::Created), None).1.contains("removed"));
+    // A VM that restarts: PENDING, saying why; FAILED always says why.
+    let mut restarting = vm(VmState::Stopped);
+    (restarting.status.restarting, restarting.status.exit_code) = (true, Some(1));
+    let (state, why) = observed_state(&rec(Phase::Created), Some(&restarting));
+    assert_eq!(state, S::Pending);
+    assert!(why.starts_with("restarting") && why.contains("exit code 1"), "{why}");
+    for state in [VmState::Stopped, VmState::Failed, VmState::Stopping] {
+        let (s, why) = observed_state(&rec(Phase::Created), Some(&vm(state)));
+        assert!(s == S::Failed && !why.is_empty(), "{state}: {why:?}");
+    }
 }
 
 #[test]
