@@ -31,6 +31,9 @@ pub mod microvm {
 pub mod convert;
 pub mod status;
 
+/// The encoded descriptors of hearth's own API, for gRPC reflection.
+pub const HEARTH_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("hearth_descriptor");
+
 /// The encoded descriptors of Flintlock's API, for gRPC reflection.
 pub const FLINTLOCK_DESCRIPTOR_SET: &[u8] =
     tonic::include_file_descriptor_set!("flintlock_descriptor");

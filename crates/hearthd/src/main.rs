@@ -12,6 +12,7 @@ mod net;
 mod root;
 mod service;
 mod ssh;
+mod tls;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -22,7 +23,6 @@ use clap::{CommandFactory, Parser};
 use hearth_api::microvm::services::api::v1alpha1::micro_vm_server::MicroVmServer;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 /// hearth's daemon: owns the state under --root and serves the API on --socket.
 #[derive(Debug, Parser)]
@@ -54,9 +54,17 @@ struct Args {
     /// TLS private key (PEM) for --flintlock-listen.
     #[arg(long, value_name = "FILE")]
     tls_key: Option<PathBuf>,
-    /// Require client certificates signed by this CA (PEM): mutual TLS.
+    /// The CA (PEM) client certificates are checked against; a client that presents one it did
+    /// not sign is refused.
     #[arg(long, value_name = "FILE")]
     tls_client_ca: Option<PathBuf>,
+    /// Require every client to present a certificate --tls-client-ca signed (mutual TLS), as
+    /// Flintlock's flag.
+    #[arg(long, requires = "tls_client_ca")]
+    tls_client_validate: bool,
+    /// The lowest TLS version served on --flintlock-listen.
+    #[arg(long, value_name = "VERSION", default_value = "1.3")]
+    tls_min_version: tls::MinVersion,
     /// The network of Flintlock microVMs' interfaces: bridge (the hearth0 bridge; static
     /// addresses allowed; VMs reach each other) or user (user-mode NAT; changes nothing on the host).
     #[arg(long, default_value = "bridge", value_name = "MODE")]
@@ -210,9 +218,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             _ = async { if let Some(t) = term.as_mut() { t.recv().await; } else { std::future::pending::<()>().await } } => {}
         }
     };
-    tonic::transport::Server::builder()
-        .add_service(svc)
-        .add_service(MicroVmServer::new(fl))
+    let router =
+        tonic::transport::Server::builder().add_service(svc).add_service(MicroVmServer::new(fl));
+    let sets = [hearth_api::HEARTH_DESCRIPTOR_SET, hearth_api::FLINTLOCK_DESCRIPTOR_SET];
+    with_reflection(router, &sets)?
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
         .context("serving the API")?;
@@ -272,7 +281,7 @@ fn group_id(name: &str) -> anyhow::Result<nix::unistd::Gid> {
 }
 
 /// The TLS settings of --flintlock-listen, checked as Flintlock checks its flags.
-fn tls_config(args: &Args) -> anyhow::Result<Option<ServerTlsConfig>> {
+fn tls_config(args: &Args) -> anyhow::Result<Option<tls::Settings>> {
     let certs = args.tls_cert.is_some() || args.tls_key.is_some() || args.tls_client_ca.is_some();
     if args.flintlock_listen.is_none() {
         anyhow::ensure!(
@@ -291,43 +300,58 @@ fn tls_config(args: &Args) -> anyhow::Result<Option<ServerTlsConfig>> {
     let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
         anyhow::bail!("--flintlock-listen needs --tls-cert and --tls-key (or --insecure to serve plaintext on a trusted network)");
     };
-    let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
-    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
-    if let Some(ca) = &args.tls_client_ca {
-        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
-    }
-    Ok(Some(tls))
+    let settings = tls::Settings {
+        cert: cert.clone(),
+        key: key.clone(),
+        client_ca: args.tls_client_ca.clone(),
+        client_validate: args.tls_client_validate,
+        min_version: args.tls_min_version,
+    };
+    // Read and checked now, so a bad file stops the daemon with its name.
+    settings.acceptor(&[b"h2"])?;
+    Ok(Some(settings))
 }
 
 /// Flintlock's API on TCP: TLS unless --insecure, basic-token auth when set, plus gRPC health
 /// and reflection (which Flintlock clients and grpcurl use).
 async fn serve_flintlock(
     tcp: tokio::net::TcpListener,
-    tls: Option<ServerTlsConfig>,
+    tls: Option<tls::Settings>,
     fl: flintlock::Flintlock,
     token: Option<String>,
 ) -> anyhow::Result<()> {
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        builder = builder.tls_config(tls).context("configuring TLS")?;
-    }
     let auth = move |req: tonic::Request<()>| match &token {
         Some(t) => flintlock::check_basic_auth(t, &req).map(|()| req),
         None => Ok(req),
     };
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<MicroVmServer<flintlock::Flintlock>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(hearth_api::FLINTLOCK_DESCRIPTOR_SET)
-        .build_v1()
-        .context("building gRPC reflection")?;
-    builder
+    let router = tonic::transport::Server::builder()
         .add_service(MicroVmServer::with_interceptor(fl, auth))
-        .add_service(health)
-        .add_service(reflection)
-        .serve_with_incoming(TcpListenerStream::new(tcp))
-        .await
-        .context("serving the Flintlock API")
+        .add_service(health);
+    let router = with_reflection(router, &[hearth_api::FLINTLOCK_DESCRIPTOR_SET])?;
+    match tls {
+        Some(tls) => router.serve_with_incoming(tls::incoming(tcp, tls.acceptor(&[b"h2"])?)).await,
+        None => router.serve_with_incoming(TcpListenerStream::new(tcp)).await,
+    }
+    .context("serving the Flintlock API")
+}
+
+/// `router` with gRPC reflection of the services in `sets`, as both of its versions (v1, and
+/// v1alpha, which older clients such as grpcurl before 1.8.8 ask).
+fn with_reflection(
+    router: tonic::transport::server::Router,
+    sets: &[&[u8]],
+) -> anyhow::Result<tonic::transport::server::Router> {
+    let mut v1 = tonic_reflection::server::Builder::configure();
+    let mut alpha = tonic_reflection::server::Builder::configure();
+    for set in sets {
+        v1 = v1.register_encoded_file_descriptor_set(set);
+        alpha = alpha.register_encoded_file_descriptor_set(set);
+    }
+    Ok(router
+        .add_service(v1.build_v1().context("building gRPC reflection")?)
+        .add_service(alpha.build_v1alpha().context("building gRPC reflection")?))
 }
 
 /// Logs what `hearth host check` would flag, so a daemon's log says why a feature cannot work.

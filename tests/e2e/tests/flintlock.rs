@@ -382,9 +382,12 @@ fn a_flintlock_client_creates_gets_lists_and_deletes_a_microvm() {
         "{e:?}"
     );
 
-    // Unknown uids: NOT_FOUND, with the "not found" text CAPMVM matches.
+    // Unknown uids: NOT_FOUND, with the "not found" text CAPMVM matches; an empty one is
+    // INVALID_ARGUMENT, saying "not found" too.
     let e = get(&rt, &mut c, "01ARZ3NDEKTSV4RRFFQ69G5FAV").expect_err("unknown");
     assert!(e.code() == tonic::Code::NotFound && e.message().contains("not found"), "{e:?}");
+    let e = get(&rt, &mut c, "").expect_err("empty");
+    assert!(e.code() == tonic::Code::InvalidArgument && e.message().contains("not found"), "{e:?}");
 
     // Delete: DELETING, then gone from Get and List, and the VM and its QEMU with it.
     rt.block_on(c.delete_micro_vm(fpb::DeleteMicroVmRequest { uid: uid.clone() })).expect("delete");
@@ -549,15 +552,37 @@ fn the_flintlock_api_speaks_tls_and_mutual_tls() {
     let refused = rt.block_on(plain.connect()).map(list);
     assert!(!matches!(refused, Ok(Ok(_))), "plaintext was answered on a TLS listener");
 
-    // Mutual TLS: without a client certificate from the CA, no answer.
+    // TLS 1.3 unless told: a client that speaks at most TLS 1.2 is refused.
+    let handshake = |port: u16, version: &str| {
+        let out = std::process::Command::new("openssl")
+            .args(["s_client", version, "-connect", &format!("127.0.0.1:{port}")])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("openssl s_client");
+        // "New, TLSv1.3, Cipher is ...": a handshake done ("New, (NONE)" when refused).
+        String::from_utf8_lossy(&out.stdout).contains("New, TLSv1.")
+    };
+    assert!(handshake(port, "-tls1_3") && !handshake(port, "-tls1_2"), "only TLS 1.3");
+    let port12 = free_port();
+    let _v = tls_daemon(port12, &["--tls-min-version", "1.2"]);
+    assert!(handshake(port12, "-tls1_2"), "--tls-min-version 1.2 takes TLS 1.2");
+
+    // Mutual TLS (--tls-client-validate, as Flintlock): without a client certificate from the
+    // CA, no answer.
     let port = free_port();
-    let _m = tls_daemon(port, &["--tls-client-ca", &path("client.pem")]);
+    let _m = tls_daemon(port, &["--tls-client-ca", &path("client.pem"), "--tls-client-validate"]);
     assert_eq!(list(tls(port, true).expect("mTLS connect")).expect("list over mTLS"), 0);
     let anonymous = tls(port, false).map(list);
     assert!(
         !matches!(anonymous, Ok(Ok(_))),
         "a client without a certificate was answered under mutual TLS"
     );
+    // A CA without --tls-client-validate: a client may come without a certificate, or with one
+    // the CA signed.
+    let port = free_port();
+    let _o = tls_daemon(port, &["--tls-client-ca", &path("client.pem")]);
+    assert_eq!(list(tls(port, false).expect("TLS connect")).expect("anonymous"), 0);
+    assert_eq!(list(tls(port, true).expect("TLS connect")).expect("with its certificate"), 0);
 }
 
 #[test]
@@ -959,4 +984,54 @@ fn long_names_raw_and_binary_metadata_and_unknown_keys_are_taken_as_flintlock_ta
 
 fn b64_bytes(b: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+/// gRPC reflection in both of its versions (v1, and v1alpha that older grpcurl asks), on the
+/// Flintlock TCP listener and on the Unix socket (where hearth's own service is listed too).
+#[test]
+fn reflection_lists_the_services_in_both_versions_on_tcp_and_the_socket() {
+    require_e2e!();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let d = Daemon::start_with(&["--flintlock-listen", &listen, "--insecure"]);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let tcp = || {
+        let endpoint = Channel::from_shared(format!("http://{listen}")).expect("endpoint");
+        rt.block_on(connect(&endpoint)).expect("tcp")
+    };
+    let unix = || {
+        let path = d.root.path().join("hearthd.sock");
+        rt.block_on(hearth_api::connect_unix(path)).expect("unix")
+    };
+    // The services a reflection client of version `$r` is told of.
+    macro_rules! list_services {
+        ($r:path, $channel:expr) => {
+            rt.block_on(async {
+                use $r as r;
+                let mut c = r::server_reflection_client::ServerReflectionClient::new($channel);
+                let ask = r::server_reflection_request::MessageRequest::ListServices(String::new());
+                let req =
+                    r::ServerReflectionRequest { host: String::new(), message_request: Some(ask) };
+                let answer = c.server_reflection_info(tokio_stream::iter([req])).await;
+                let mut s = answer.expect("reflection").into_inner();
+                match s.message().await.expect("answer").and_then(|m| m.message_response) {
+                    Some(r::server_reflection_response::MessageResponse::ListServicesResponse(
+                        l,
+                    )) => l.service.into_iter().map(|s| s.name).collect::<Vec<_>>(),
+                    other => panic!("answered {other:?}"),
+                }
+            })
+        };
+    }
+    for (channel, hearth_too) in [(tcp(), false), (unix(), true)] {
+        let v1 = list_services!(tonic_reflection::pb::v1, channel.clone());
+        let alpha = list_services!(tonic_reflection::pb::v1alpha, channel.clone());
+        for names in [&v1, &alpha] {
+            assert!(
+                names.iter().any(|n| n == "microvm.services.api.v1alpha1.MicroVM"),
+                "{names:?}"
+            );
+            assert_eq!(names.iter().any(|n| n == "hearth.v1.Hearth"), hearth_too, "{names:?}");
+        }
+    }
 }

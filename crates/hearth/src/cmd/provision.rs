@@ -157,6 +157,10 @@ pub fn config_text(s: &Service) -> String {
             t.push_str(&format!("{key} = {}\n", q(&p.display().to_string())));
         }
     }
+    if s.tls_client_ca.is_some() {
+        // A client CA asked for is mutual TLS: every client presents a certificate it signed.
+        t.push_str("tls-client-validate = true\n");
+    }
     if let Some(i) = &s.parent_iface {
         t.push_str(&format!("parent-iface = {}\n", q(i)));
     }
@@ -245,6 +249,7 @@ mod tests {
             grpc_address: Some("0.0.0.0:9090".into()),
             parent_iface: Some("eth0".into()),
             tls_cert: Some("/etc/hearth/tls/\"odd\".pem".into()),
+            tls_client_ca: Some("/etc/hearth/tls/clients.pem".into()),
             bridge: "br-vms".into(),
             ..Default::default()
         };
@@ -256,6 +261,8 @@ mod tests {
         assert_eq!(table["bridge-name"].as_str(), Some("br-vms"));
         assert_eq!(table["tls-cert"].as_str(), Some("/etc/hearth/tls/\"odd\".pem"));
         assert!(!table.contains_key("insecure"));
+        assert_eq!(table["tls-client-ca"].as_str(), Some("/etc/hearth/tls/clients.pem"));
+        assert_eq!(table["tls-client-validate"].as_bool(), Some(true), "a client CA is mutual TLS");
         let unit = unit_text(Path::new("/usr/local/bin/hearthd"));
         assert!(unit.contains("ExecStart=/usr/local/bin/hearthd --config /etc/hearth/hearthd.toml"));
     }

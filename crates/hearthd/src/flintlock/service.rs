@@ -85,7 +85,7 @@ impl MicroVm for Flintlock {
     ) -> Result<Response<()>, Status> {
         let uid = req.into_inner().uid;
         if uid.is_empty() {
-            return Err(Status::invalid_argument("uid is required"));
+            return Err(empty_uid());
         }
         self.inner
             .records
@@ -102,7 +102,7 @@ impl MicroVm for Flintlock {
     ) -> Result<Response<fpb::GetMicroVmResponse>, Status> {
         let uid = req.into_inner().uid;
         if uid.is_empty() {
-            return Err(Status::invalid_argument("uid is required"));
+            return Err(empty_uid());
         }
         let rec = self.inner.records.get(&uid)?.ok_or_else(|| not_found(&uid))?;
         let vm = self.vm_of(&uid)?;
@@ -155,4 +155,10 @@ fn same_spec(mut requested: fl::MicroVmSpec, existing: &Record) -> Result<bool, 
         (spec.created_at, spec.updated_at) = (None, None);
     }
     Ok(requested == existing)
+}
+
+/// An empty uid: INVALID_ARGUMENT, its text saying "not found" as CAPMVM matches to let go of a
+/// machine whose create was refused.
+fn empty_uid() -> Status {
+    Status::invalid_argument("uid is required: a microvm with an empty uid is not found")
 }
