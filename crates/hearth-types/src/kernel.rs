@@ -66,9 +66,63 @@ pub fn is_reference(name: &str) -> bool {
 #[error("{0:?} is no kernel name (letters, digits, '.', '_', '-', at most 63) and no image reference (like weaveworks/ignite-kernel:5.10.51)")]
 pub struct KernelNameError(pub String);
 
+/// The kernel command line `base` with `extra` merged over it, as a map: an argument of
+/// `extra` whose key (`console` of `console=hvc0`, `quiet` of `quiet`) `base` has replaces it
+/// where it stands, the rest are appended in their order. A key `extra` gives twice is kept
+/// twice (several consoles). Order matters to the kernel (`loglevel` before `earlyprintk`), so
+/// `base`'s order is kept.
+pub fn merge_cmdline(base: &str, extra: &str) -> String {
+    fn key(arg: &str) -> &str {
+        arg.split_once('=').map_or(arg, |(k, _)| k)
+    }
+    let mut args: Vec<String> = base.split_whitespace().map(str::to_owned).collect();
+    let mut replaced: Vec<&str> = Vec::new();
+    for arg in extra.split_whitespace() {
+        let k = key(arg);
+        match args.iter().position(|a| key(a) == k).filter(|_| !replaced.contains(&k)) {
+            Some(i) => {
+                args[i] = arg.to_owned();
+                // Any other default under that key goes: the given value stands alone.
+                let mut at = 0;
+                args.retain(|a| {
+                    let keep = at == i || key(a) != k;
+                    at += 1;
+                    keep
+                });
+                replaced.push(k);
+            }
+            None => {
+                args.push(arg.to_owned());
+                replaced.push(k);
+            }
+        }
+    }
+    args.join(" ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn given_arguments_replace_defaults_by_key_where_they_stand_and_the_rest_follow() {
+        let base = "console=ttyS0 quiet loglevel=0 panic=-1 rdinit=/init";
+        assert_eq!(merge_cmdline(base, ""), base);
+        assert_eq!(
+            merge_cmdline(base, "loglevel=8 earlyprintk=serial,ttyS0"),
+            "console=ttyS0 quiet loglevel=8 panic=-1 rdinit=/init earlyprintk=serial,ttyS0"
+        );
+        // Two consoles given: the first replaces the default, the second follows it.
+        assert_eq!(
+            merge_cmdline("console=ttyS0 quiet", "console=hvc0 console=tty1 ds=nocloud"),
+            "console=hvc0 quiet console=tty1 ds=nocloud"
+        );
+        // A flag (no value) replaces a flag; a default given twice stands once, as given.
+        assert_eq!(
+            merge_cmdline("quiet console=a console=b", "console=c quiet"),
+            "quiet console=c"
+        );
+    }
 
     #[test]
     fn plain_names_stay_and_references_take_their_familiar_form() {

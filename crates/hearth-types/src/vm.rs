@@ -158,7 +158,7 @@ pub struct VmSpec {
     pub cpus: u32,
     pub memory_mib: u64,
     pub disk_bytes: u64,
-    /// Extra kernel command-line arguments, appended to hearth's.
+    /// Kernel command-line arguments, merged over hearth's by key.
     #[serde(default)]
     pub kernel_args: String,
     /// Overrides the image ENTRYPOINT when set (`--entrypoint`).

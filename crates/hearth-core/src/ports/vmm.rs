@@ -52,7 +52,7 @@ pub struct LaunchSpec {
     pub vm_dir: PathBuf,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
-    /// Extra kernel arguments, appended after hearth's.
+    /// Kernel arguments, merged over the provider's by key (`merge_cmdline`).
     pub cmdline: String,
     pub root_disk: PathBuf,
     pub config_disk: PathBuf,

@@ -12,12 +12,9 @@ pub const GUEST_CID: u32 = 3;
 /// virtio-pci, found by the guest itself; the guest powers off through ACPI, which ends Cloud
 /// Hypervisor's process.
 pub fn kernel_cmdline(spec: &LaunchSpec) -> String {
-    let mut c = String::from("console=ttyS0 quiet loglevel=0 panic=-1 rdinit=/init");
-    if !spec.cmdline.trim().is_empty() {
-        c.push(' ');
-        c.push_str(spec.cmdline.trim());
-    }
-    c
+    let c = String::from("console=ttyS0 quiet loglevel=0 panic=-1 rdinit=/init");
+    // The VM's own arguments replace hearth's by key, and follow them otherwise.
+    hearth_types::kernel::merge_cmdline(&c, &spec.cmdline)
 }
 
 /// The `vm.create` body: shape, payload, disks (each found by its virtio serial), the card, the

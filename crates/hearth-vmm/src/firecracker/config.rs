@@ -12,14 +12,11 @@ pub const GUEST_CID: u32 = 3;
 /// adds to the command line itself), the keyboard reset as reboot, hearth-init as /init, and
 /// told to end the VM with a reset (Firecracker has no power-off; a reset ends its process).
 pub fn kernel_cmdline(spec: &LaunchSpec) -> String {
-    let mut c = String::from(
+    let c = String::from(
         "console=ttyS0 quiet loglevel=0 reboot=k panic=-1 pci=off rdinit=/init hearth.exit=reset",
     );
-    if !spec.cmdline.trim().is_empty() {
-        c.push(' ');
-        c.push_str(spec.cmdline.trim());
-    }
-    c
+    // The VM's own arguments replace hearth's by key, and follow them otherwise.
+    hearth_types::kernel::merge_cmdline(&c, &spec.cmdline)
 }
 
 /// A Firecracker resource id (alphanumerics and underscores only) for a disk serial.

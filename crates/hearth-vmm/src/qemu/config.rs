@@ -11,11 +11,8 @@ pub fn kernel_cmdline(spec: &LaunchSpec, accel: Accel) -> String {
         // microvm has no PCI and no ACPI reboot path; reboot=t triple-faults out.
         c.push_str(" reboot=t pci=off");
     }
-    if !spec.cmdline.trim().is_empty() {
-        c.push(' ');
-        c.push_str(spec.cmdline.trim());
-    }
-    c
+    // The VM's own arguments replace hearth's by key, and follow them otherwise.
+    hearth_types::kernel::merge_cmdline(&c, &spec.cmdline)
 }
 
 /// qboot: a minimal firmware that boots `-kernel` straight away and prints nothing on the serial
@@ -328,12 +325,12 @@ mod tests {
     }
 
     #[test]
-    fn kernel_cmdline_puts_the_users_arguments_last() {
+    fn kernel_cmdline_takes_the_users_arguments_over_hearths_by_key() {
         let mut s = spec();
-        s.cmdline = "  loglevel=7 ".into();
+        s.cmdline = "  loglevel=7 ds=nocloud ".into();
         assert_eq!(
             kernel_cmdline(&s, Accel::Tcg),
-            "console=ttyS0 quiet loglevel=0 rdinit=/init panic=-1 loglevel=7"
+            "console=ttyS0 quiet loglevel=7 rdinit=/init panic=-1 ds=nocloud"
         );
         s.cmdline.clear();
         assert_eq!(

@@ -30,7 +30,8 @@ pub struct CreateArgs {
     /// --pull says, like the image). Default: the default kernel.
     #[arg(long, visible_alias = "kernel-image", value_name = "NAME|REF")]
     kernel: Option<String>,
-    /// Extra kernel command-line arguments.
+    /// Kernel command-line arguments, merged over hearth's by key (`loglevel=7` replaces
+    /// hearth's `loglevel=0`; the rest follow).
     #[arg(long, default_value = "")]
     kernel_args: String,
     /// Set environment variables (KEY=VALUE, or KEY to copy it from here).
