@@ -304,11 +304,12 @@ impl Reconciler {
                 }
                 Ok(Some(a))
             }
-            (NetworkMode::Bridge, None) => {
-                hearth_types::net::allocate_bridge_address(&repo.used_addresses())
-                    .map(Some)
-                    .map_err(|e| Error::exhausted(e.to_string()))
-            }
+            (NetworkMode::Bridge, None) => hearth_types::net::allocate_bridge_address(
+                &repo.used_addresses(),
+                &repo.reserved_networks(),
+            )
+            .map(Some)
+            .map_err(|e| Error::exhausted(e.to_string())),
             (_, Some(a)) => Err(Error::invalid(format!("address {a} needs --network bridge"))),
             (_, None) => Ok(None),
         }

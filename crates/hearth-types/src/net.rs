@@ -235,13 +235,53 @@ fn bridge_range() -> (u32, u32) {
     (net, net | !mask)
 }
 
+/// An IPv4 network, A.B.C.D/N.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv4Net {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Ipv4Net {
+    pub fn contains(&self, a: Ipv4Addr) -> bool {
+        let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(self.prefix)) };
+        u32::from(a) & mask == u32::from(self.addr) & mask
+    }
+}
+
+impl std::str::FromStr for Ipv4Net {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not an IPv4 network like 10.61.200.0/24");
+        let (a, p) = s.split_once('/').ok_or_else(bad)?;
+        let prefix: u8 = p.parse().map_err(|_| bad())?;
+        if prefix > 32 {
+            return Err(bad());
+        }
+        Ok(Self { addr: a.parse().map_err(|_| bad())?, prefix })
+    }
+}
+
+impl std::fmt::Display for Ipv4Net {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
 /// The lowest address of the bridge's subnet that is not the gateway, the network, the
-/// broadcast or in `used`.
-pub fn allocate_bridge_address(used: &[Ipv4Addr]) -> Result<Ipv4Addr, NetError> {
+/// broadcast, in `used` or in one of the `reserved` networks (kube-vip's control-plane
+/// addresses, say: a VM may still ask for one of those by name).
+pub fn allocate_bridge_address(
+    used: &[Ipv4Addr],
+    reserved: &[Ipv4Net],
+) -> Result<Ipv4Addr, NetError> {
+    let used: std::collections::HashSet<Ipv4Addr> = used.iter().copied().collect();
     let (net, broadcast) = bridge_range();
     (net + 1..broadcast)
         .map(Ipv4Addr::from)
-        .find(|a| *a != BRIDGE_GATEWAY && !used.contains(a))
+        .find(|a| {
+            *a != BRIDGE_GATEWAY && !used.contains(a) && !reserved.iter().any(|r| r.contains(*a))
+        })
         .ok_or(NetError::BridgeFull)
 }
 
@@ -286,9 +326,16 @@ mod tests {
 
     #[test]
     fn bridge_addresses_are_the_lowest_free_after_the_gateway() {
-        assert_eq!(allocate_bridge_address(&[]), Ok(Ipv4Addr::new(10, 61, 0, 2)));
+        assert_eq!(allocate_bridge_address(&[], &[]), Ok(Ipv4Addr::new(10, 61, 0, 2)));
         let used = [Ipv4Addr::new(10, 61, 0, 2), Ipv4Addr::new(10, 61, 0, 4)];
-        assert_eq!(allocate_bridge_address(&used), Ok(Ipv4Addr::new(10, 61, 0, 3)));
+        assert_eq!(allocate_bridge_address(&used, &[]), Ok(Ipv4Addr::new(10, 61, 0, 3)));
+        // Reserved networks are never handed out.
+        let reserved: [Ipv4Net; 2] =
+            ["10.61.0.0/30".parse().expect("net"), "10.61.0.5/32".parse().expect("net")];
+        assert_eq!(allocate_bridge_address(&used, &reserved), Ok(Ipv4Addr::new(10, 61, 0, 6)));
+        assert!(
+            "10.61.0.0/33".parse::<Ipv4Net>().is_err() && "10.61.0.0".parse::<Ipv4Net>().is_err()
+        );
         assert!(tap_name(&VmId::from_bytes([0xab; 8])).len() <= 15);
         assert!(check_bridge_address(Ipv4Addr::new(10, 61, 3, 7)).is_ok());
         for bad in

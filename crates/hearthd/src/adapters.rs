@@ -266,6 +266,9 @@ impl VmRepository for Host {
             .collect();
         self.0.index().addresses().chain(reserved).collect()
     }
+    fn reserved_networks(&self) -> Vec<hearth_types::net::Ipv4Net> {
+        self.0.reserved_networks.clone()
+    }
 }
 
 /// Pulls for Flintlock's microVMs (http for loopback registries, as `hearth image pull`).

@@ -44,6 +44,8 @@ pub struct Daemon {
     /// Bridge addresses promised to VMs not created yet (a Flintlock microVM's static address
     /// while its images are pulled), by holder: the allocator skips them.
     pub reserved_addresses: Mutex<HashMap<std::net::Ipv4Addr, String>>,
+    /// Bridge networks the allocator never hands out (`--flintlock-reserve`).
+    pub reserved_networks: Vec<hearth_types::net::Ipv4Net>,
     /// Published host ports of launches in flight, and the lock for the bridge's table.
     pub ports: crate::net::Ports,
     /// How long a registry may stay silent during a pull (`--registry-timeout`).
@@ -133,6 +135,7 @@ impl Daemon {
             tombstones: Mutex::new(HashMap::new()),
             agents: tokio::sync::Mutex::new(HashMap::new()),
             reserved_addresses: Mutex::new(HashMap::new()),
+            reserved_networks: Vec::new(),
             ports: Default::default(),
             registry_timeout: hearth_image::registry::DEFAULT_TIMEOUT,
             consoles: Default::default(),

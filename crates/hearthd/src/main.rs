@@ -78,6 +78,10 @@ struct Args {
     /// missing, as Flintlock's flag; its subnet is 10.61.0.0/16 whatever its name.
     #[arg(long, value_name = "NAME", default_value = hearth_types::net::BRIDGE_NAME)]
     bridge_name: String,
+    /// Addresses of the bridge network that are never given to a VM that asks for none (where a
+    /// workload cluster's control-plane VIP lives, say), as CIDRs; repeatable or comma-separated.
+    #[arg(long, value_name = "CIDR", value_delimiter = ',')]
+    flintlock_reserve: Vec<hearth_types::net::Ipv4Net>,
     /// Require `authorization: Basic <base64(TOKEN)>` on --flintlock-listen, as Flintlock's flag.
     #[arg(long, env = "HEARTH_BASIC_AUTH_TOKEN", value_name = "TOKEN", hide_env_values = true)]
     basic_auth_token: Option<String>,
@@ -175,6 +179,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.bridge_name
     );
     d.bridge.name = args.bridge_name.clone();
+    d.reserved_networks = args.flintlock_reserve.clone();
     configure_vmms(&mut d, &args)?;
     if let Some(pool) = &args.thin_pool {
         d.use_thin_pool(pool).with_context(|| format!("--thin-pool {pool}"))?;

@@ -252,3 +252,32 @@ fn hearth_inits_dhcp_client_takes_and_renews_a_lease_from_a_real_server() {
     let lease_file = std::fs::read_to_string(&leases).unwrap_or_default();
     assert!(lease_file.contains("probe"), "the server recorded the client's name: {lease_file}");
 }
+
+/// `--flintlock-reserve`: the bridge's allocator never hands out an address in a reserved
+/// network (kube-vip's VIP, say), while a VM may still ask for one by name.
+#[test]
+fn reserved_bridge_addresses_are_never_allocated_but_may_be_asked_for() {
+    require_e2e!();
+    let d = Daemon::start_with(&["--flintlock-reserve", "10.61.0.2/31,10.61.0.5/32"]);
+    d.import_kernel();
+    let layout = tempfile::tempdir().expect("tmp");
+    hearth_e2e::testutil::busybox_oci_layout(layout.path(), "1", &TestImage::default())
+        .expect("layout");
+    d.ok(&["image", "import", layout.path().to_str().expect("utf8"), "--name", "res:1"]);
+    let address = |name: &str| d.inspect(name)["spec"]["address"].as_str().unwrap_or("").to_owned();
+    for name in ["a", "b"] {
+        d.ok(&["create", "--network", "bridge", "--name", name, "res:1"]);
+    }
+    assert_eq!((address("a"), address("b")), ("10.61.0.4".into(), "10.61.0.6".into()));
+    d.ok(&["create", "--network", "bridge", "--ip", "10.61.0.5", "--name", "vip", "res:1"]);
+    assert_eq!(address("vip"), "10.61.0.5", "asked for by name");
+    let bad = std::process::Command::new(hearth_e2e::bin_dir().join("hearthd"))
+        .args(["--root", "/nonexistent/hearth-e2e", "--flintlock-reserve", "10.61.0.0/40"])
+        .output()
+        .expect("hearthd");
+    assert!(
+        !bad.status.success() && text(&bad.stderr).contains("10.61.0.0/40"),
+        "{}",
+        text(&bad.stderr)
+    );
+}

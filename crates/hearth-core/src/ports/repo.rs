@@ -27,4 +27,8 @@ pub trait VmRepository: Send + Sync {
     fn address_holder(&self, a: Ipv4Addr) -> Option<String>;
     /// Every bridge address in use or promised.
     fn used_addresses(&self) -> Vec<Ipv4Addr>;
+    /// Networks of the bridge the allocator never hands out (`--flintlock-reserve`).
+    fn reserved_networks(&self) -> Vec<hearth_types::net::Ipv4Net> {
+        Vec::new()
+    }
 }
