@@ -32,6 +32,8 @@ const APT_PACKAGES: &[&str] = &[
     "dnsmasq-base",
     // The Debian test host (systemd, apt) that `hearth host provision --all` is tested in.
     "debootstrap",
+    // An HTTP client for the Flintlock HTTP gateway's tests.
+    "curl",
 ];
 
 /// The guest kernel package: Debian's cloud kernel (virtio as modules).

@@ -13,6 +13,7 @@ pub mod v1 {
 pub mod flintlock {
     pub mod types {
         tonic::include_proto!("flintlock.types");
+        include!(concat!(env!("OUT_DIR"), "/flintlock.types.serde.rs"));
     }
 }
 
@@ -23,6 +24,7 @@ pub mod microvm {
         pub mod api {
             pub mod v1alpha1 {
                 tonic::include_proto!("microvm.services.api.v1alpha1");
+                include!(concat!(env!("OUT_DIR"), "/microvm.services.api.v1alpha1.serde.rs"));
             }
         }
     }

@@ -8,6 +8,7 @@ mod create;
 mod daemon;
 mod exec;
 mod flintlock;
+mod gateway;
 mod net;
 mod root;
 mod service;
@@ -82,6 +83,13 @@ struct Args {
     /// workload cluster's control-plane VIP lives, say), as CIDRs; repeatable or comma-separated.
     #[arg(long, value_name = "CIDR", value_delimiter = ',')]
     flintlock_reserve: Vec<hearth_types::net::Ipv4Net>,
+    /// Also serve Flintlock's HTTP/JSON gateway (its proto's HTTP routes) on --http-endpoint,
+    /// with --flintlock-listen's TLS and token, as Flintlock's flag.
+    #[arg(long, requires = "flintlock_listen")]
+    enable_http: bool,
+    /// Where --enable-http serves the gateway.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8090")]
+    http_endpoint: std::net::SocketAddr,
     /// Require `authorization: Basic <base64(TOKEN)>` on --flintlock-listen, as Flintlock's flag.
     #[arg(long, env = "HEARTH_BASIC_AUTH_TOKEN", value_name = "TOKEN", hide_env_values = true)]
     basic_auth_token: Option<String>,
@@ -206,6 +214,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding --flintlock-listen {addr}"))?;
         tracing::info!(%addr, tls = tls.is_some(), auth = args.basic_auth_token.is_some(), "serving the Flintlock API");
+        if args.enable_http {
+            serve_gateway(&args, tls.clone(), fl.clone()).await?;
+        }
         let (fl, token) = (fl.clone(), args.basic_auth_token.clone());
         tokio::spawn(async move {
             if let Err(e) = serve_flintlock(tcp, tls, fl, token).await {
@@ -340,6 +351,40 @@ async fn serve_flintlock(
         None => router.serve_with_incoming(TcpListenerStream::new(tcp)).await,
     }
     .context("serving the Flintlock API")
+}
+
+/// Flintlock's HTTP/JSON gateway on --http-endpoint, with the gRPC listener's TLS and token.
+async fn serve_gateway(
+    args: &Args,
+    tls: Option<tls::Settings>,
+    fl: flintlock::Flintlock,
+) -> anyhow::Result<()> {
+    let addr = args.http_endpoint;
+    let tcp = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding --http-endpoint {addr}"))?;
+    let addr = tcp.local_addr()?;
+    tracing::info!(%addr, tls = tls.is_some(), "serving Flintlock's HTTP gateway");
+    let router = gateway::router(fl, args.basic_auth_token.clone());
+    match tls {
+        Some(tls) => {
+            let incoming = tls::incoming(tcp, tls.acceptor(&[b"http/1.1"])?);
+            tokio::spawn(async move {
+                let listener = gateway::TlsListener { incoming, addr };
+                if let Err(e) = axum::serve(listener, router).await {
+                    tracing::error!(error = %e, "the HTTP gateway stopped");
+                }
+            });
+        }
+        None => {
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(tcp, router).await {
+                    tracing::error!(error = %e, "the HTTP gateway stopped");
+                }
+            });
+        }
+    }
+    Ok(())
 }
 
 /// `router` with gRPC reflection of the services in `sets`, as both of its versions (v1, and

@@ -1035,3 +1035,104 @@ fn reflection_lists_the_services_in_both_versions_on_tcp_and_the_socket() {
         }
     }
 }
+
+/// Flintlock's HTTP/JSON gateway (`--enable-http`), with curl as a client: the same requests as
+/// gRPC, in proto3 JSON, behind the same token; Get and List told apart; errors as
+/// grpc-gateway's (the HTTP status and `{"code", "message"}`).
+#[test]
+fn the_http_gateway_answers_what_the_grpc_api_answers() {
+    require_e2e!();
+    let (port, http) = (free_port(), free_port());
+    let (listen, endpoint) = (format!("127.0.0.1:{port}"), format!("127.0.0.1:{http}"));
+    let d = Daemon::start_with(&[
+        "--flintlock-listen",
+        &listen,
+        "--insecure",
+        "--basic-auth-token",
+        TOKEN,
+        "--flintlock-network",
+        "user",
+        "--enable-http",
+        "--http-endpoint",
+        &endpoint,
+    ]);
+    let (kernel, root) = import_images(&d);
+    let auth = format!("authorization: Basic {}", b64(TOKEN));
+    // (HTTP status, JSON body) of a request.
+    let curl = |method: &str, path: &str, body: Option<&str>, token: bool| {
+        let mut c = std::process::Command::new("curl");
+        c.args(["-s", "-w", "\n%{http_code}", "-X", method])
+            .arg(format!("http://{endpoint}{path}"));
+        if token {
+            c.args(["-H", &auth]);
+        }
+        if let Some(b) = body {
+            c.args(["-H", "content-type: application/json", "--data-binary", b]);
+        }
+        let out = c.output().expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (json, code) = text.rsplit_once('\n').expect("a status line");
+        (code.parse::<u16>().expect("status"), json.to_owned())
+    };
+    let json = |s: &str| {
+        serde_json::from_str::<serde_json::Value>(s).unwrap_or_else(|e| panic!("{e}: {s}"))
+    };
+    let spec = serde_json::json!({
+        "id": "web0", "namespace": "ns0", "vcpu": 1, "memoryInMb": 256,
+        "kernel": { "image": kernel, "filename": "boot/vmlinux", "addNetworkConfig": true },
+        "rootVolume": { "id": "root", "source": { "containerSource": root } },
+        "interfaces": [{ "deviceId": "eth1", "type": "TAP" }],
+        "metadata": { "meta-data": b64("local_hostname: web0\n") }
+    })
+    .to_string();
+
+    let (code, body) = curl("POST", "/v1alpha1/microvm", Some(&spec), false);
+    assert_eq!(code, 401, "no token: {body}");
+    assert_eq!(json(&body)["code"], 16, "UNAUTHENTICATED: {body}");
+    let (code, body) = curl("POST", "/v1alpha1/microvm", Some(&spec), true);
+    assert_eq!(code, 200, "{body}");
+    let created = json(&body);
+    let uid = created["microvm"]["spec"]["uid"].as_str().expect("uid").to_owned();
+    assert_eq!(created["microvm"]["status"]["state"], "PENDING", "{body}");
+    assert_eq!(created["microvm"]["spec"]["memoryInMb"], 256, "proto3 JSON names: {body}");
+
+    // The same microVM over gRPC and over HTTP, CREATED in time; Get by uid, List by namespace.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mut c = client(&rt, port, Some(TOKEN));
+    wait_get(&rt, &mut c, &d, &uid, "CREATED", |g| {
+        g.as_ref().is_ok_and(|v| state(v) == fl::micro_vm_status::MicroVmState::Created)
+    })
+    .expect("get");
+    let (code, body) = curl("GET", &format!("/v1alpha1/microvm/{uid}"), None, true);
+    assert_eq!(
+        (code, json(&body)["microvm"]["spec"]["id"].as_str()),
+        (200, Some("web0")),
+        "{body}"
+    );
+    assert_eq!(json(&body)["microvm"]["status"]["state"], "CREATED", "{body}");
+    let (code, body) = curl("GET", "/v1alpha1/microvm/ns0", None, true);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json(&body)["microvm"].as_array().map(Vec::len), Some(1), "{body}");
+    let (_, body) = curl("GET", "/v1alpha1/microvm?namespace=ns0&name=other", None, true);
+    assert!(json(&body)["microvm"].as_array().is_none_or(Vec::is_empty), "{body}");
+    let stream = "/microvm.services.api.v1alpha1.MicroVM/ListMicroVMsStream";
+    let (code, body) = curl("POST", stream, Some(r#"{"namespace":"ns0"}"#), true);
+    assert_eq!(code, 200, "{body}");
+    let lines: Vec<serde_json::Value> = body.lines().map(json).collect();
+    assert_eq!(lines.len(), 1, "{body}");
+    assert_eq!(lines[0]["result"]["microvm"]["spec"]["uid"], uid.as_str());
+
+    // Errors as grpc-gateway's.
+    let (code, body) = curl("POST", "/v1alpha1/microvm", Some("{\"id\": 5"), true);
+    assert_eq!((code, json(&body)["code"].as_i64()), (400, Some(3)), "{body}");
+    let (code, body) =
+        curl("POST", "/v1alpha1/microvm", Some(r#"{"id":"x","namespace":"ns0"}"#), true);
+    assert_eq!(code, 400, "{body}");
+    assert!(json(&body)["message"].as_str().unwrap_or("").contains("kernel"), "{body}");
+
+    let (code, body) = curl("DELETE", &format!("/v1alpha1/microvm/{uid}"), None, true);
+    assert_eq!((code, body.trim()), (200, "{}"));
+    wait_get(&rt, &mut c, &d, &uid, "gone", |g| g.as_ref().is_err()).expect_err("gone");
+    let (code, body) = curl("DELETE", &format!("/v1alpha1/microvm/{uid}"), None, true);
+    assert_eq!((code, json(&body)["code"].as_i64()), (404, Some(5)), "{body}");
+}

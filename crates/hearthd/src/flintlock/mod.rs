@@ -145,6 +145,11 @@ impl Flintlock {
         }
     }
 
+    /// Whether `uid` names a microVM.
+    pub fn has_microvm(&self, uid: &str) -> bool {
+        self.inner.records.get(uid).is_ok_and(|r| r.is_some())
+    }
+
     /// The hearth VM of a microVM, if it exists.
     fn vm_of(&self, uid: &str) -> Result<Option<VmRecord>, Status> {
         Ok(self.vms_by_uid()?.remove(uid))

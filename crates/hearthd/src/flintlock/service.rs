@@ -82,7 +82,7 @@ impl MicroVm for Flintlock {
     async fn delete_micro_vm(
         &self,
         req: Request<fpb::DeleteMicroVmRequest>,
-    ) -> Result<Response<()>, Status> {
+    ) -> Result<Response<pbjson_types::Empty>, Status> {
         let uid = req.into_inner().uid;
         if uid.is_empty() {
             return Err(empty_uid());
@@ -93,7 +93,7 @@ impl MicroVm for Flintlock {
             .ok_or_else(|| not_found(&uid))?;
         // Deleting is idempotent: a repeated Delete queues it again.
         self.inner.provisioner.delete(&uid);
-        Ok(Response::new(()))
+        Ok(Response::new(pbjson_types::Empty {}))
     }
 
     async fn get_micro_vm(

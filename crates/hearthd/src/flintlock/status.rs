@@ -39,6 +39,6 @@ pub(super) fn observed_state(
     }
 }
 
-pub(super) fn timestamp(secs: u64) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: secs as i64, nanos: 0 }
+pub(super) fn timestamp(secs: u64) -> pbjson_types::Timestamp {
+    pbjson_types::Timestamp { seconds: secs as i64, nanos: 0 }
 }
