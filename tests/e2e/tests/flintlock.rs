@@ -873,7 +873,24 @@ fn a_microvm_whose_vm_ends_is_restarted_and_failed_only_after_a_crash_loop() {
         let created = rt.block_on(c.create_micro_vm(req)).expect("create").into_inner();
         created.microvm.and_then(|m| m.spec).and_then(|s| s.uid).expect("uid")
     };
-    let uid = create(&mut c, spec("node", kernel, root));
+    // As CAPMVM builds a node: the kernel image's modules as a read-only volume, a MACVTAP
+    // interface with a guest MAC (on --flintlock-network here: this host has no macvtap), and
+    // meta-data, user-data and vendor-data.
+    let mut node = spec("node", kernel, root);
+    node.additional_volumes = vec![fl::Volume {
+        id: "modules".into(),
+        is_read_only: true,
+        mount_point: Some("/lib/modules".into()),
+        source: Some(fl::VolumeSource {
+            container_source: Some(kernel.into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }];
+    node.interfaces[0].r#type = fl::network_interface::IfaceType::Macvtap as i32;
+    node.interfaces[0].guest_mac = Some("02:12:34:56:78:9a".into());
+    node.metadata.insert("vendor-data".into(), b64("#cloud-config\nruncmd: []\n"));
+    let uid = create(&mut c, node);
     let created = |g: &Result<fl::MicroVm, tonic::Status>| {
         g.as_ref().is_ok_and(|v| state(v) == fl::micro_vm_status::MicroVmState::Created)
     };
