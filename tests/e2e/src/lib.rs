@@ -457,3 +457,12 @@ pub fn kernel_has(name: &str) -> bool {
         .is_ok_and(|o| !o.stdout.is_empty());
     Path::new("/sys/module").join(name).exists() || on_disk
 }
+
+/// A local registry serving the busybox test image as `demo:1`, and that image's reference
+/// (the registry is stopped when dropped).
+pub fn demo_registry() -> (testutil::LocalRegistry, String) {
+    let reg = testutil::LocalRegistry::start().expect("registry");
+    testutil::push_busybox(&reg, "demo:1", "").expect("push");
+    let image = format!("{}/demo:1", reg.host());
+    (reg, image)
+}

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::process::Stdio;
 
-use hearth_e2e::{require_e2e, text, Daemon};
+use hearth_e2e::{demo_registry, require_e2e, text, Daemon};
 
 fn sha256(path: &std::path::Path) -> String {
     let out = std::process::Command::new("sha256sum").arg(path).output().expect("sha256sum");
@@ -14,11 +14,9 @@ fn sha256(path: &std::path::Path) -> String {
 #[test]
 fn exec_and_cp_through_the_agent() {
     require_e2e!();
-    let reg = hearth_e2e::testutil::LocalRegistry::start().expect("registry");
-    hearth_e2e::testutil::push_busybox(&reg, "demo:1", "").expect("push");
+    let (_reg, image) = demo_registry();
     let d = Daemon::start();
     d.import_kernel();
-    let image = format!("{}/demo:1", reg.host());
     d.ok(&["run", "-d", "--name", "box", &image, "sleep", "1000000"]);
 
     // Separate streams and the exit code.
@@ -168,11 +166,9 @@ fn exec_and_cp_through_the_agent() {
 #[test]
 fn pause_freezes_the_guest_and_unpause_lets_it_run_on() {
     require_e2e!();
-    let reg = hearth_e2e::testutil::LocalRegistry::start().expect("registry");
-    hearth_e2e::testutil::push_busybox(&reg, "demo:1", "").expect("push");
+    let (_reg, image) = demo_registry();
     let d = Daemon::start();
     d.import_kernel();
-    let image = format!("{}/demo:1", reg.host());
     let counter = "i=0; while :; do i=$((i+1)); echo tick-$i; sleep 0.2; done";
     d.ok(&["run", "-d", "--name", "ticker", &image, "sh", "-c", counter]);
     let ticks = || d.ok(&["logs", "ticker"]).matches("tick-").count();

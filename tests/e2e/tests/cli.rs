@@ -4,14 +4,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use hearth_e2e::{require_e2e, text, Daemon};
-
-fn demo_registry() -> (hearth_e2e::testutil::LocalRegistry, String) {
-    let reg = hearth_e2e::testutil::LocalRegistry::start().expect("registry");
-    hearth_e2e::testutil::push_busybox(&reg, "demo:1", "").expect("push");
-    let image = format!("{}/demo:1", reg.host());
-    (reg, image)
-}
+use hearth_e2e::{demo_registry, require_e2e, text, Daemon};
 
 #[test]
 fn run_i_feeds_stdin_and_attach_reaches_the_console() {

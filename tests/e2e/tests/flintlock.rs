@@ -22,6 +22,16 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
+/// A daemon serving Flintlock's API in plaintext on a free loopback port, its microVMs on
+/// user-mode NAT (the test's daemon runs in the host's own network namespace), with `extra`
+/// flags; and the port.
+fn plaintext_daemon(extra: &[&str]) -> (Daemon, u16) {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let base = ["--flintlock-listen", &listen, "--insecure", "--flintlock-network", "user"];
+    (Daemon::start_with(&[&base[..], extra].concat()), port)
+}
+
 fn client(rt: &tokio::runtime::Runtime, port: u16, token: Option<&str>) -> Client {
     let endpoint = Channel::from_shared(format!("http://127.0.0.1:{port}")).expect("endpoint");
     let channel = rt.block_on(connect(&endpoint)).expect("connecting to the Flintlock API");
@@ -178,17 +188,7 @@ fn wait_get(
 fn a_flintlock_client_creates_gets_lists_and_deletes_a_microvm() {
     require_e2e!();
     let (_reg, kernel, root) = registry();
-    let port = free_port();
-    // User-mode NAT: the test's daemon runs in the host's own network namespace.
-    let d = Daemon::start_with(&[
-        "--flintlock-listen",
-        &format!("127.0.0.1:{port}"),
-        "--insecure",
-        "--basic-auth-token",
-        TOKEN,
-        "--flintlock-network",
-        "user",
-    ]);
+    let (d, port) = plaintext_daemon(&["--basic-auth-token", TOKEN]);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
 
     // Without the token (or with the wrong one): UNAUTHENTICATED.
@@ -432,14 +432,7 @@ impl Drop for LoopDev {
 fn a_microvm_whose_kernel_cannot_be_found_fails_with_the_reason() {
     require_e2e!();
     let (_reg, kernel, root) = registry();
-    let port = free_port();
-    let d = Daemon::start_with(&[
-        "--flintlock-listen",
-        &format!("127.0.0.1:{port}"),
-        "--insecure",
-        "--flintlock-network",
-        "user",
-    ]);
+    let (d, port) = plaintext_daemon(&[]);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let mut c = client(&rt, port, None);
     let mut s = spec("nokernel", &kernel, &root);
@@ -708,17 +701,8 @@ fn microvms_on_the_bridge_get_their_addresses_and_reach_each_other() {
 fn a_delete_behind_a_stalled_pull_completes() {
     require_e2e!();
     let reg = hearth_e2e::StallingRegistry::start();
-    let port = free_port();
     // A timeout far longer than the test: the delete must not wait for it.
-    let d = Daemon::start_with(&[
-        "--flintlock-listen",
-        &format!("127.0.0.1:{port}"),
-        "--insecure",
-        "--flintlock-network",
-        "user",
-        "--registry-timeout",
-        "10m",
-    ]);
+    let (d, port) = plaintext_daemon(&["--registry-timeout", "10m"]);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let mut c = client(&rt, port, None);
     let s = spec("stalled", &reg.image(), &reg.image());
@@ -861,10 +845,7 @@ fn microvms_asking_for_firecracker_or_cloudhypervisor_run_under_it_with_their_me
 #[test]
 fn a_microvm_whose_vm_ends_is_restarted_and_failed_only_after_a_crash_loop() {
     require_e2e!();
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let args = ["--flintlock-listen", &listen, "--insecure", "--flintlock-network", "user"];
-    let mut d = Daemon::start_with(&args);
+    let (mut d, port) = plaintext_daemon(&[]);
     let (kernel, root) = import_images(&d);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let mut c = client(&rt, port, None);
@@ -945,15 +926,7 @@ fn a_microvm_whose_vm_ends_is_restarted_and_failed_only_after_a_crash_loop() {
 #[test]
 fn long_names_raw_and_binary_metadata_and_unknown_keys_are_taken_as_flintlock_takes_them() {
     require_e2e!();
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let d = Daemon::start_with(&[
-        "--flintlock-listen",
-        &listen,
-        "--insecure",
-        "--flintlock-network",
-        "user",
-    ]);
+    let (d, port) = plaintext_daemon(&[]);
     let (kernel, root) = import_images(&d);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let mut c = client(&rt, port, None);
@@ -1059,16 +1032,10 @@ fn reflection_lists_the_services_in_both_versions_on_tcp_and_the_socket() {
 #[test]
 fn the_http_gateway_answers_what_the_grpc_api_answers() {
     require_e2e!();
-    let (port, http) = (free_port(), free_port());
-    let (listen, endpoint) = (format!("127.0.0.1:{port}"), format!("127.0.0.1:{http}"));
-    let d = Daemon::start_with(&[
-        "--flintlock-listen",
-        &listen,
-        "--insecure",
+    let endpoint = format!("127.0.0.1:{}", free_port());
+    let (d, port) = plaintext_daemon(&[
         "--basic-auth-token",
         TOKEN,
-        "--flintlock-network",
-        "user",
         "--enable-http",
         "--http-endpoint",
         &endpoint,

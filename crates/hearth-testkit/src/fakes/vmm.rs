@@ -49,6 +49,16 @@ struct State {
     last_words: Option<String>,
 }
 
+impl State {
+    /// The live VMM of `dir`.
+    fn of(&mut self, dir: &Path) -> Result<&mut Process, VmmError> {
+        self.procs
+            .values_mut()
+            .find(|p| p.dir == dir)
+            .ok_or_else(|| VmmError::Failed("no VMM".into()))
+    }
+}
+
 /// The scripted VMM.
 #[derive(Debug, Default)]
 pub struct FakeVmm(Mutex<State>);
@@ -216,11 +226,7 @@ impl Vmm for FakeVmm {
         only_if_never_started: bool,
     ) -> Result<bool, VmmError> {
         let mut s = self.state();
-        let p = s
-            .procs
-            .values_mut()
-            .find(|p| p.dir == vm_dir)
-            .ok_or_else(|| VmmError::Failed("no VMM".into()))?;
+        let p = s.of(vm_dir)?;
         let was_paused = p.paused;
         p.paused = false;
         if !only_if_never_started {
@@ -230,13 +236,7 @@ impl Vmm for FakeVmm {
     }
 
     async fn set_paused(&self, vm_dir: &Path, paused: bool) -> Result<(), VmmError> {
-        let mut s = self.state();
-        let p = s
-            .procs
-            .values_mut()
-            .find(|p| p.dir == vm_dir)
-            .ok_or_else(|| VmmError::Failed("no VMM".into()))?;
-        p.frozen = paused;
+        self.state().of(vm_dir)?.frozen = paused;
         Ok(())
     }
 

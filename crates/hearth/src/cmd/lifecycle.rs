@@ -83,18 +83,22 @@ where
     Ok(if failed { 1 } else { 0 })
 }
 
+/// Starts one VM, waiting for its guest to be ready unless `no_wait`; says any warning.
+async fn start_one(c: &mut client::Client, vm: &str, no_wait: bool) -> anyhow::Result<()> {
+    let req = pb::StartVmRequest { r#ref: vm.to_owned(), wait_ready: !no_wait };
+    let r = c.start_vm(req).await?.into_inner();
+    if !r.warning.is_empty() {
+        eprintln!("hearth: warning: {}", r.warning);
+    }
+    Ok(())
+}
+
 pub async fn start(host: Option<String>, a: StartArgs) -> anyhow::Result<i32> {
     let c = client::connect(host).await?;
     each(a.vms, |vm| {
         let mut c = c.clone();
         async move {
-            let r = c
-                .start_vm(pb::StartVmRequest { r#ref: vm.clone(), wait_ready: !a.no_wait })
-                .await?
-                .into_inner();
-            if !r.warning.is_empty() {
-                eprintln!("hearth: warning: {}", r.warning);
-            }
+            start_one(&mut c, &vm, a.no_wait).await?;
             Ok(Some(vm))
         }
     })
@@ -121,13 +125,7 @@ pub async fn restart(host: Option<String>, a: RestartArgs) -> anyhow::Result<i32
         let mut c = c.clone();
         async move {
             c.stop_vm(pb::StopVmRequest { r#ref: vm.clone(), timeout_secs: a.time.max(1) }).await?;
-            let r = c
-                .start_vm(pb::StartVmRequest { r#ref: vm.clone(), wait_ready: true })
-                .await?
-                .into_inner();
-            if !r.warning.is_empty() {
-                eprintln!("hearth: warning: {}", r.warning);
-            }
+            start_one(&mut c, &vm, false).await?;
             Ok(Some(vm))
         }
     })

@@ -23,25 +23,6 @@ pub struct Api {
 }
 
 impl Api {
-    /// `pause`/`unpause`, in a task of the daemon's own.
-    async fn set_paused(
-        &self,
-        reference: &str,
-        paused: bool,
-    ) -> Result<Response<pb::Record>, Status> {
-        let rec = self.d.resolve(reference)?;
-        let d = self.d.clone();
-        detached(async move {
-            let out = d
-                .reconciler()
-                .set_paused(&rec.spec.id, paused)
-                .await
-                .map_err(hearth_api::status::to_status)?;
-            Ok(record(&out))
-        })
-        .await
-    }
-
     pub fn new(d: Arc<Daemon>) -> Self {
         Self { d }
     }
@@ -303,24 +284,17 @@ impl Hearth for Api {
                 rec.spec.name
             )));
         }
-        let d = self.d.clone();
-        detached(async move {
-            let out = d
-                .reconciler()
-                .kill(&rec.spec.id, sig)
-                .await
-                .map_err(hearth_api::status::to_status)?;
-            Ok(record(&out.unwrap_or(rec)))
-        })
-        .await
+        self.on_vm(rec, move |r, id| async move { r.kill(&id, sig).await }).await
     }
 
     async fn pause_vm(&self, req: Request<pb::Ref>) -> Result<Response<pb::Record>, Status> {
-        self.set_paused(&req.into_inner().r#ref, true).await
+        let rec = self.d.resolve(&req.into_inner().r#ref)?;
+        self.on_vm(rec, |r, id| async move { r.set_paused(&id, true).await.map(Some) }).await
     }
 
     async fn unpause_vm(&self, req: Request<pb::Ref>) -> Result<Response<pb::Record>, Status> {
-        self.set_paused(&req.into_inner().r#ref, false).await
+        let rec = self.d.resolve(&req.into_inner().r#ref)?;
+        self.on_vm(rec, |r, id| async move { r.set_paused(&id, false).await.map(Some) }).await
     }
 
     async fn remove_vm(
@@ -458,11 +432,19 @@ impl Api {
         opts: Options,
     ) -> Result<Response<pb::Record>, Status> {
         let rec = self.d.resolve(reference)?;
+        self.on_vm(rec, move |r, id| async move { r.set_desired(&id, desired, opts).await }).await
+    }
+
+    /// Runs `op` on the reconciler for the VM of `rec`, in a task of the daemon's own (it
+    /// outlives a client that goes away); its record after, or `rec` when it is gone.
+    async fn on_vm<F, Fut>(&self, rec: VmRecord, op: F) -> Result<Response<pb::Record>, Status>
+    where
+        F: FnOnce(Arc<hearth_core::Reconciler>, hearth_types::VmId) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = hearth_core::Result<Option<VmRecord>>> + Send + 'static,
+    {
         let d = self.d.clone();
         detached(async move {
-            let out = d
-                .reconciler()
-                .set_desired(&rec.spec.id, desired, opts)
+            let out = op(d.reconciler().clone(), rec.spec.id.clone())
                 .await
                 .map_err(hearth_api::status::to_status)?;
             Ok(record(&out.unwrap_or(rec)))
