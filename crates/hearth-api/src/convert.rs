@@ -54,6 +54,7 @@ impl TryFrom<pb::CreateVmRequest> for NewVm {
         Ok(NewVm {
             image: req.image,
             kernel: Some(req.kernel).filter(|k| !k.is_empty()),
+            initrd: None,
             name: Some(req.name).filter(|n| !n.is_empty()),
             cpus: req.cpus,
             memory_mib: req.memory_mib,

@@ -20,6 +20,8 @@ pub struct NewVm {
     pub image: String,
     /// The kernel's name; the default kernel when `None`.
     pub kernel: Option<String>,
+    /// An initrd of the VM's own, by its stored digest (Flintlock's `initrd`).
+    pub initrd: Option<String>,
     /// A generated name (adjective_surname) when `None`.
     pub name: Option<String>,
     pub cpus: u32,
@@ -353,6 +355,7 @@ fn spec_of(
         image: image.names.first().cloned().unwrap_or_else(|| req.image.clone()),
         image_id: image.id.hex().to_owned(),
         kernel,
+        initrd: req.initrd,
         cpus: req.cpus,
         memory_mib: req.memory_mib,
         disk_bytes: req.disk_bytes,

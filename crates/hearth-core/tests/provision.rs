@@ -34,6 +34,7 @@ fn job(name: &str) -> Job {
     Job {
         kernel_image: KERNEL.into(),
         kernel_file: None,
+        initrd: None,
         images: vec![ROOT.into(), VOLUME.into()],
         vm: NewVm {
             image: ROOT.into(),
@@ -79,6 +80,23 @@ async fn a_microvm_gets_its_images_its_kernel_once_and_a_started_vm_labelled_wit
     for r in [ROOT, VOLUME] {
         assert!(w.fetch.pulls().iter().any(|p| p == r), "{r} pulled");
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_initrd_of_the_microvms_own_is_pulled_stored_and_booted_with() {
+    let w = world(RetryPolicy::default());
+    let mut j = job("ns_initrd");
+    j.initrd = Some(("reg/initrd:1".into(), "boot/initrd".into()));
+    w.jobs.add("uid3", j);
+    w.p.submit("uid3");
+    settle(&w, "uid3", Some(Phase::Pending), Duration::from_secs(5)).await;
+    assert_eq!(w.jobs.phase("uid3"), Some(Phase::Created), "{:?}", w.jobs.outcomes("uid3"));
+    assert!(w.fetch.pulls().iter().any(|r| r == "reg/initrd:1"));
+    assert!(w.fetch.imports().iter().any(|i| i == "initrd boot/initrd"), "{:?}", w.fetch.imports());
+    let vm = w.p.vm_of("uid3").expect("list").expect("the VM");
+    let digest = vm.spec.initrd.clone().expect("the VM boots with it");
+    let launched = w.h.vmm.launches().pop().expect("launched");
+    assert!(launched.initrd.to_string_lossy().ends_with(&format!("+{digest}")), "{launched:?}");
 }
 
 #[tokio::test(start_paused = true)]

@@ -8,6 +8,7 @@
 
 pub mod cpio;
 pub mod initramfs;
+pub mod initrd;
 pub mod kmod;
 pub mod modules;
 pub mod pvh;
@@ -51,6 +52,12 @@ pub enum KernelError {
     WrongModules { dir: PathBuf, found: String, version: String },
     #[error("the kernel image has no file {file} (links are followed inside the image only)")]
     NoKernelFile { file: String },
+    #[error("the initrd image has no file {file} (links are followed inside the image only)")]
+    NoInitrdFile { file: String },
+    #[error("initrd {file} is {bytes} bytes; at most 1 GiB is taken")]
+    InitrdTooLarge { file: String, bytes: u64 },
+    #[error("no stored initrd {digest}: its image is pulled again by the next attempt")]
+    NoInitrd { digest: String },
     #[error("{dir} holds no kernel: expected /boot/vmlinux, /boot/vmlinuz* or /boot/bzImage")]
     NoKernelInImage { dir: PathBuf },
     #[error("kernel record {0} is corrupt: remove the kernel with `hearth kernel rm` and import it again")]
@@ -347,6 +354,10 @@ impl KernelStore {
             let e = e.map_err(io_err(&self.dir))?;
             let (p, name) = (e.path(), e.file_name().to_string_lossy().into_owned());
             let is_dir = e.file_type().map_err(io_err(&p))?.is_dir();
+            if name == initrd::INITRDS {
+                // Initrds are kept (or swept) with the VMs that use them.
+                continue;
+            }
             if name.ends_with(".tmp") || name.ends_with(".importing") {
                 remove(p, is_dir)?;
             } else if is_dir && !p.join("record.json").exists() {

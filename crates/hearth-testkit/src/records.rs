@@ -11,6 +11,7 @@ pub fn spec(n: u8) -> VmSpec {
         image: "demo:1".into(),
         image_id: "0".repeat(64),
         kernel: "k".into(),
+        initrd: None,
         cpus: DEFAULT_CPUS,
         memory_mib: DEFAULT_MEMORY_MIB,
         disk_bytes: DEFAULT_DISK_BYTES,

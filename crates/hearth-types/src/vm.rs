@@ -136,6 +136,8 @@ pub enum VmSpecError {
     MetadataTotal,
     #[error("--log-opt {0:?}: use max-size=SIZE (4K to 1G) or max-file=N (1 to 100)")]
     LogOpt(String),
+    #[error("initrd {0:?} is not the digest of a stored initrd")]
+    Initrd(String),
     #[error("--rm cannot be combined with --restart {0}: a VM removed when it stops is never started again")]
     RemoveAndRestart(crate::RestartPolicy),
     #[error(transparent)]
@@ -155,6 +157,10 @@ pub struct VmSpec {
     pub image_id: String,
     /// Kernel name in the store.
     pub kernel: String,
+    /// An initrd of the VM's own (Flintlock's `initrd`), by the digest it is stored under:
+    /// unpacked before hearth's initramfs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
     pub cpus: u32,
     pub memory_mib: u64,
     pub disk_bytes: u64,
@@ -289,6 +295,11 @@ impl VmSpec {
     /// Checks every field a user can set.
     pub fn validate(&self) -> Result<(), VmSpecError> {
         validate_name(&self.name)?;
+        if let Some(d) = &self.initrd {
+            if d.len() != 64 || !d.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(VmSpecError::Initrd(d.clone()));
+            }
+        }
         if self.auto_remove && self.restart != crate::RestartPolicy::No {
             return Err(VmSpecError::RemoveAndRestart(self.restart));
         }
@@ -676,6 +687,7 @@ mod tests {
             image: "x".into(),
             image_id: "y".into(),
             kernel: "k".into(),
+            initrd: None,
             cpus: DEFAULT_CPUS,
             memory_mib: DEFAULT_MEMORY_MIB,
             disk_bytes: DEFAULT_DISK_BYTES,

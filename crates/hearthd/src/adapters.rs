@@ -315,6 +315,11 @@ impl Fetch for Host {
         })
         .await
     }
+
+    async fn import_initrd(&self, image: &ImageRecord, file: &str) -> Result<String> {
+        let (d, img, file) = (self.0.clone(), image.clone(), file.to_owned());
+        blocking(move || crate::service::initrd_from_image(&d, &img, &file)).await
+    }
 }
 
 #[async_trait]
@@ -495,9 +500,10 @@ impl Kernels for Host {
         &self,
         kernel: &str,
         formats: &[hearth_core::ports::KernelFormat],
+        initrd: Option<&str>,
     ) -> Result<(PathBuf, PathBuf)> {
         use hearth_core::ports::KernelFormat;
-        let (d, name) = (self.0.clone(), kernel.to_owned());
+        let (d, name, initrd) = (self.0.clone(), kernel.to_owned(), initrd.map(str::to_owned));
         // A VMM that boots a bzImage takes the imported file; one that boots only plain ELF
         // gets the vmlinux inside it.
         let elf_only = !formats.contains(&KernelFormat::BzImage);
@@ -509,7 +515,11 @@ impl Kernels for Host {
             }
             let image =
                 if elf_only { d.kernels.vmlinux(&name)? } else { d.kernels.kernel_path(&name) };
-            Ok((image, d.kernels.initramfs(&name, &d.init_binary)?))
+            let initramfs = match &initrd {
+                Some(digest) => d.kernels.initramfs_with(&name, &d.init_binary, digest)?,
+                None => d.kernels.initramfs(&name, &d.init_binary)?,
+            };
+            Ok((image, initramfs))
         })
         .await
     }

@@ -115,6 +115,9 @@ impl Daemon {
         let mut swept = vms.sweep()?;
         swept.extend(images.sweep()?);
         swept.extend(kernels.sweep()?);
+        // Initrds no VM boots with (a microVM still provisioning stores its own again).
+        let in_use = vms.list()?.into_iter().filter_map(|r| r.spec.initrd).collect();
+        swept.extend(kernels.sweep_initrds(&in_use));
         crate::root::keep_reserve(root);
         let tmp = crate::root::sweep_tmp(root)
             .with_context(|| format!("clearing {}", root.join("tmp").display()))?;

@@ -1120,3 +1120,59 @@ fn the_http_gateway_answers_what_the_grpc_api_answers() {
     let (code, body) = curl("DELETE", &format!("/v1alpha1/microvm/{uid}"), None, true);
     assert_eq!((code, json(&body)["code"].as_i64()), (404, Some(5)), "{body}");
 }
+
+/// A microVM with an initrd of its own (an image's `boot/initrd`): it boots with that archive
+/// before hearth's initramfs (so hearth-init is still its init and the microVM is CREATED).
+#[test]
+fn a_microvm_with_an_initrd_of_its_own_boots_with_it_before_hearths() {
+    require_e2e!();
+    let (d, port) = plaintext_daemon(&[]);
+    let (kernel, root) = import_images(&d);
+    let work = tempfile::tempdir().expect("tmp");
+    let mut cpio = hearth_kernel::cpio::Cpio::new(Vec::new());
+    cpio.dir("etc").expect("dir");
+    cpio.file("etc/from-the-initrd", 0o644, b"yes\n").expect("file");
+    let archive = cpio.finish().expect("cpio");
+    std::fs::write(work.path().join("initrd"), &archive).expect("initrd");
+    let image = TestImage {
+        files: vec![("/boot/initrd".into(), work.path().join("initrd"), 0o644)],
+        ..Default::default()
+    };
+    hearth_e2e::testutil::busybox_oci_layout(&work.path().join("layout"), "t", &image)
+        .expect("layout");
+    let layout = work.path().join("layout");
+    d.ok(&[
+        "image",
+        "import",
+        layout.to_str().expect("utf8"),
+        "--name",
+        "registry.invalid/initrd:1",
+    ]);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mut c = client(&rt, port, None);
+    let mut s = spec("withinitrd", kernel, root);
+    s.initrd = Some(fl::Initrd { image: "registry.invalid/initrd:1".into(), filename: None });
+    let req = fpb::CreateMicroVmRequest { microvm: Some(s), metadata: HashMap::new() };
+    let created = rt.block_on(c.create_micro_vm(req)).expect("create").into_inner();
+    let uid = created.microvm.and_then(|m| m.spec).and_then(|s| s.uid).expect("uid");
+    wait_get(&rt, &mut c, &d, &uid, "CREATED", |g| {
+        g.as_ref().is_ok_and(|v| state(v) == fl::micro_vm_status::MicroVmState::Created)
+    })
+    .expect("get");
+    // The initrd QEMU was given starts with the microVM's own archive, byte for byte.
+    let pid = d.inspect("withinitrd.ns0")["status"]["pid"].as_i64().expect("pid");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
+    let args: Vec<String> =
+        cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+    let initrd = args.iter().skip_while(|a| *a != "-initrd").nth(1).expect("-initrd");
+    // QEMU runs chrooted in the VM's directory: the path is inside it.
+    let vm_dir = d
+        .root
+        .path()
+        .join("vms")
+        .join(d.inspect("withinitrd.ns0")["spec"]["id"].as_str().expect("id"));
+    let host_path = vm_dir.join(initrd.trim_start_matches('/'));
+    let path = if host_path.exists() { host_path } else { std::path::PathBuf::from(initrd) };
+    let given = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(given.len() > archive.len() && given.starts_with(&archive), "{}", path.display());
+}

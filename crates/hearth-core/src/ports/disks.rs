@@ -51,11 +51,13 @@ pub trait Disks: Send + Sync {
 #[async_trait]
 pub trait Kernels: Send + Sync {
     /// The kernel image, in one of the `formats` the VMM boots (converted once where needed),
-    /// and the initramfs (the kernel's modules plus hearth-init) to boot.
+    /// and the initramfs (the kernel's modules plus hearth-init, after the stored `initrd` of
+    /// that digest when the VM has one of its own) to boot.
     async fn boot_files(
         &self,
         kernel: &str,
         formats: &[super::KernelFormat],
+        initrd: Option<&str>,
     ) -> Result<(PathBuf, PathBuf)>;
     /// The format of the imported kernel `kernel` (an ELF one read for its PVH note). Blocking.
     fn format(&self, kernel: &str) -> Result<super::KernelFormat>;

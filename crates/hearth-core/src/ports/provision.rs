@@ -13,6 +13,8 @@ pub struct Job {
     pub kernel_image: String,
     /// The kernel's file in that image; Ignite's layout (`boot/vmlinux`...) when `None`.
     pub kernel_file: Option<String>,
+    /// An initrd of the VM's own: its image, and the file in it.
+    pub initrd: Option<(String, String)>,
     /// The root image, then each volume's image: pulled in this order.
     pub images: Vec<String>,
     /// The VM to create; provisioning fills in its kernel and the owner's label.
@@ -58,4 +60,6 @@ pub trait Fetch: Send + Sync {
         file: Option<&str>,
         name: &str,
     ) -> Result<()>;
+    /// Stores the initrd at `file` in `image`; its digest.
+    async fn import_initrd(&self, image: &ImageRecord, file: &str) -> Result<String>;
 }

@@ -210,6 +210,15 @@ impl Provisioner {
     /// Fetches what `job` needs, creates its VM (unless it exists) and starts it.
     async fn provision(&self, owner: &str, mut job: Job) -> Result<VmId> {
         let kernel = self.kernel(owner, &job).await?;
+        if let Some((image, file)) = &job.initrd {
+            let img = self.until_deleted(owner, self.fetch.pull(image)).await?;
+            let digest = self
+                .fetch
+                .import_initrd(&img, file)
+                .await
+                .map_err(|e| e.context(format!("initrd image {image}")))?;
+            job.vm.initrd = Some(digest);
+        }
         for image in &job.images {
             self.until_deleted(owner, self.fetch.pull(image)).await?;
         }

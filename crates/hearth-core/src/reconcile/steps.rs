@@ -116,7 +116,8 @@ impl Reconciler {
         let id = rec.spec.id.clone();
         let vmm = p.vmms.of(rec.spec.provider);
         let formats = vmm.capabilities().kernel_formats;
-        let (kernel, initrd) = p.kernels.boot_files(&rec.spec.kernel, formats).await?;
+        let (kernel, initrd) =
+            p.kernels.boot_files(&rec.spec.kernel, formats, rec.spec.initrd.as_deref()).await?;
         p.disks.clear_exit(rec)?;
         rec.status.console_offset = p.guests.console_offset(&id);
         let net = p.network.plan(&rec.spec)?;

@@ -338,11 +338,13 @@ impl Kernels for FakeHost {
         &self,
         kernel: &str,
         _formats: &[hearth_core::ports::KernelFormat],
+        initrd: Option<&str>,
     ) -> Result<(PathBuf, PathBuf)> {
-        Ok((
-            PathBuf::from(format!("/fake/kernels/{kernel}/vmlinuz")),
-            PathBuf::from(format!("/fake/kernels/{kernel}/initrd")),
-        ))
+        let initramfs = match initrd {
+            Some(d) => format!("/fake/kernels/{kernel}/initrd+{d}"),
+            None => format!("/fake/kernels/{kernel}/initrd"),
+        };
+        Ok((PathBuf::from(format!("/fake/kernels/{kernel}/vmlinuz")), PathBuf::from(initramfs)))
     }
     fn default_kernel(&self) -> Result<Option<String>> {
         Ok(self.state().kernels.first().cloned())

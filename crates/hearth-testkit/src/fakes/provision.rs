@@ -169,6 +169,11 @@ impl Fetch for FakeFetch {
         }
     }
 
+    async fn import_initrd(&self, image: &ImageRecord, file: &str) -> Result<String> {
+        self.imports.lock().unwrap_or_else(|e| e.into_inner()).push(format!("initrd {file}"));
+        Ok(image.id.hex().to_owned())
+    }
+
     async fn import_kernel(&self, _: &ImageRecord, _: Option<&str>, name: &str) -> Result<()> {
         self.imports.lock().unwrap_or_else(|e| e.into_inner()).push(name.into());
         self.host.add_kernel(name);

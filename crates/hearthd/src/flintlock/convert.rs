@@ -71,8 +71,8 @@ fn boot_and_root(spec: &fl::MicroVmSpec) -> Result<(), Status> {
             )
         }
     }
-    if spec.initrd.is_some() {
-        return bad("initrd is not supported: hearth boots its own initramfs with hearth-init; drop the initrd".into());
+    if spec.initrd.as_ref().is_some_and(|i| i.image.is_empty()) {
+        return bad("initrd.image is required with an initrd: the OCI image holding it".into());
     }
     let root = spec
         .root_volume
@@ -244,6 +244,9 @@ pub(super) fn volume_image(v: &fl::Volume) -> String {
 fn volume_host_path(v: &fl::Volume) -> String {
     Some(volume_source(v)).filter(|s| s.starts_with('/')).unwrap_or_default()
 }
+
+/// The initrd's file in its image when `initrd.filename` is not given.
+pub(super) const DEFAULT_INITRD_FILE: &str = "boot/initrd";
 
 /// A microVM's root disk when its spec gives no size (CAPMVM never does): Flintlock's
 /// `base_image_size`, 10 GiB. Sparse, or a thin snapshot: it takes what the guest writes.

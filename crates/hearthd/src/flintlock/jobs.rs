@@ -34,9 +34,14 @@ impl Jobs for MicroVmJobs {
         }
         let mut images = vec![req.image.clone()];
         images.extend(spec.additional_volumes.iter().map(volume_image).filter(|i| !i.is_empty()));
+        let initrd = spec.initrd.as_ref().map(|i| {
+            let file = i.filename.clone().filter(|f| !f.is_empty());
+            (i.image.clone(), file.unwrap_or_else(|| super::convert::DEFAULT_INITRD_FILE.into()))
+        });
         Ok(Some(Job {
             kernel_image: kernel.image,
             kernel_file: kernel.filename,
+            initrd,
             images,
             vm: crate::create::new_vm(&self.d, req)?,
             failures: rec.retry.max(0) as u32,

@@ -32,7 +32,7 @@ fn validation_names_what_is_wrong() {
         (Box::new(|s| s.root_volume = None), "container_source"),
         (Box::new(|s| s.vcpu = 65), "vcpu"),
         (Box::new(|s| s.memory_in_mb = 16), "memory_in_mb"),
-        (Box::new(|s| s.initrd = Some(fl::Initrd::default())), "initrd"),
+        (Box::new(|s| s.initrd = Some(fl::Initrd::default())), "initrd.image"),
         (Box::new(|s| s.provider = Some("vmware".into())), "provider"),
         (Box::new(|s| s.interfaces[0].guest_mac = Some("01:00:00:00:00:01".into())), "MAC"),
         (

@@ -30,6 +30,21 @@ pub fn kernel_from_image(
     out
 }
 
+/// Stores the initrd at `file` in the image `img`; its digest.
+pub fn initrd_from_image(
+    d: &Daemon,
+    img: &hearth_types::ImageRecord,
+    file: &str,
+) -> anyhow::Result<String> {
+    let staging = tempfile_dir(&d.root)?;
+    let out = (|| {
+        d.images.unpack_to(img, &staging)?;
+        anyhow::Ok(d.kernels.import_initrd(&staging, file)?)
+    })();
+    let _ = std::fs::remove_dir_all(&staging);
+    out
+}
+
 pub(super) fn tempfile_dir(root: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
     let dir = root.join("tmp").join(format!("kernel-{:016x}", rand::random::<u64>()));
     std::fs::create_dir_all(&dir)?;

@@ -31,7 +31,7 @@ impl Api {
 mod kernel_image;
 mod support;
 
-pub use kernel_image::kernel_from_image;
+pub use kernel_image::{initrd_from_image, kernel_from_image};
 pub use support::detached;
 use support::*;
 
