@@ -2,7 +2,7 @@
 //! here with the flag to fix.
 
 use hearth_core::{Error, NewVm, NewVolume, SshKey};
-use hearth_types::{LogOptions, Provider, VolumeSource};
+use hearth_types::{LogOptions, NetworkMode, NicSpec, Provider, VolumeSource};
 
 use crate::v1 as pb;
 
@@ -20,37 +20,12 @@ impl TryFrom<pb::CreateVmRequest> for NewVm {
             (true, true) => SshKey::Generate,
             (true, false) => SshKey::None,
         };
-        // On the LAN a static address is a CIDR; on the bridge, an address of its subnet.
-        let on_lan = req.network.starts_with("macvtap");
-        let lan = match req.address.as_str() {
-            a if on_lan && !a.is_empty() => Some(
-                hearth_types::LanAddress::parse(a, Some(&req.gateway), &req.dns).map_err(invalid)?,
-            ),
-            _ if !req.gateway.is_empty() || !req.dns.is_empty() => {
-                return Err(Error::invalid(
-                    "--gateway and --dns go with a static address on --network macvtap (--ip A.B.C.D/N)",
-                ))
-            }
-            _ => None,
-        };
-        let address = match req.address.as_str() {
-            "" => None,
-            _ if on_lan => None,
-            a => Some(
-                a.parse::<std::net::Ipv4Addr>()
-                    .map_err(|_| Error::invalid(format!("address {a:?} is not an IPv4 address")))?,
-            ),
-        };
+        let first = card_settings(&req.network, &req.address, &req.gateway, &req.dns)?;
         let provider = match req.vmm.as_str() {
             "" => Provider::default(),
             v => v.parse().map_err(invalid)?,
         };
-        // `macvtap:IFACE` names the host interface; `macvtap` alone takes the daemon's.
-        let (network, macvtap_parent) = match req.network.split_once(':') {
-            Some(("macvtap", iface)) => ("macvtap", Some(iface.to_owned())),
-            _ => (req.network.as_str(), None),
-        };
-        let network = network.parse().map_err(invalid)?;
+        let nics = req.cards.into_iter().map(nic).collect::<Result<_, _>>()?;
         Ok(NewVm {
             image: req.image,
             kernel: Some(req.kernel).filter(|k| !k.is_empty()),
@@ -69,9 +44,10 @@ impl TryFrom<pb::CreateVmRequest> for NewVm {
             auto_remove: req.auto_remove,
             interactive: req.interactive,
             tty: req.tty,
-            network,
-            macvtap_parent,
-            lan,
+            network: first.network,
+            macvtap_parent: first.macvtap_parent,
+            lan: first.lan,
+            nics,
             ports: req
                 .ports
                 .iter()
@@ -80,7 +56,7 @@ impl TryFrom<pb::CreateVmRequest> for NewVm {
                 .map_err(invalid)?,
             ssh,
             mac: Some(req.mac).filter(|m| !m.is_empty()),
-            address,
+            address: first.address,
             cloud_init_network: Some(req.cloud_init_network).filter(|d| !d.is_empty()),
             volumes: req.volumes.into_iter().map(volume).collect::<Result<_, _>>()?,
             cloud_init: req.cloud_init.into_iter().map(|(k, v)| (k, v.into())).collect(),
@@ -89,6 +65,50 @@ impl TryFrom<pb::CreateVmRequest> for NewVm {
             crash_loop_limit: Some(req.crash_loop_limit).filter(|&n| n > 0),
         })
     }
+}
+
+/// A card's network, macvtap parent, LAN address and bridge address (its MAC and name left
+/// out). On the LAN a static address is a CIDR; on the bridge, an address of its subnet.
+/// `macvtap:IFACE` names the host interface; `macvtap` alone takes the daemon's.
+fn card_settings(
+    network: &str,
+    address: &str,
+    gateway: &str,
+    dns: &[String],
+) -> Result<NicSpec, Error> {
+    let (mode, parent) = match network.split_once(':') {
+        Some(("macvtap", iface)) => ("macvtap", Some(iface.to_owned())),
+        _ => (network, None),
+    };
+    let mode: NetworkMode = mode.parse().map_err(invalid)?;
+    let on_lan = mode == NetworkMode::Macvtap;
+    let lan = match address {
+        a if on_lan && !a.is_empty() => {
+            Some(hearth_types::LanAddress::parse(a, Some(gateway), dns).map_err(invalid)?)
+        }
+        _ if !gateway.is_empty() || !dns.is_empty() => return Err(Error::invalid(
+            "--gateway and --dns go with a static address on --network macvtap (--ip A.B.C.D/N)",
+        )),
+        _ => None,
+    };
+    let address = match address {
+        "" => None,
+        _ if on_lan => None,
+        a => Some(
+            a.parse::<std::net::Ipv4Addr>()
+                .map_err(|_| Error::invalid(format!("address {a:?} is not an IPv4 address")))?,
+        ),
+    };
+    Ok(NicSpec { address, macvtap_parent: parent, lan, ..NicSpec::on(mode) })
+}
+
+/// A card after the first.
+fn nic(c: pb::NetworkCard) -> Result<NicSpec, Error> {
+    Ok(NicSpec {
+        mac: Some(c.mac).filter(|m| !m.is_empty()),
+        guest_name: Some(c.guest_name).filter(|g| !g.is_empty()),
+        ..card_settings(&c.network, &c.address, &c.gateway, &c.dns)?
+    })
 }
 
 /// A volume from exactly one source.
@@ -166,6 +186,43 @@ mod tests {
         r.address = String::new();
         let e = NewVm::try_from(r).expect_err("a gateway without a LAN address");
         assert!(e.message.contains("--network macvtap"), "{e}");
+    }
+
+    #[test]
+    fn cards_after_the_first_take_the_same_settings() {
+        let mut r = req();
+        r.network = "bridge".into();
+        r.cards = vec![
+            pb::NetworkCard {
+                network: "macvtap:eth0".into(),
+                address: "192.168.1.50/24".into(),
+                gateway: "192.168.1.1".into(),
+                guest_name: "eth1".into(),
+                ..Default::default()
+            },
+            pb::NetworkCard {
+                network: "bridge".into(),
+                address: "10.61.0.9".into(),
+                mac: "02:00:00:00:00:09".into(),
+                ..Default::default()
+            },
+        ];
+        let v = NewVm::try_from(r.clone()).expect("valid");
+        assert_eq!(v.nics.len(), 2);
+        let lan = &v.nics[0];
+        assert_eq!(lan.network, hearth_types::NetworkMode::Macvtap);
+        assert_eq!(lan.macvtap_parent.as_deref(), Some("eth0"));
+        assert_eq!(
+            lan.lan.as_ref().and_then(|l| l.gateway).map(|g| g.to_string()).as_deref(),
+            Some("192.168.1.1")
+        );
+        assert_eq!(lan.guest_name.as_deref(), Some("eth1"));
+        let bridge = &v.nics[1];
+        assert_eq!(bridge.address, Some(std::net::Ipv4Addr::new(10, 61, 0, 9)));
+        assert_eq!(bridge.mac.as_deref(), Some("02:00:00:00:00:09"));
+        r.cards[1].gateway = "10.61.0.1".into();
+        let e = NewVm::try_from(r).expect_err("a gateway on the bridge");
+        assert!(e.message.contains("--gateway"), "{e}");
     }
 
     #[test]

@@ -47,6 +47,8 @@ pub struct NewVm {
     /// The host interface of a macvtap network, and a static address there.
     pub macvtap_parent: Option<String>,
     pub lan: Option<hearth_types::LanAddress>,
+    /// Network cards after the first; a bridge card's address is allocated when not asked for.
+    pub nics: Vec<hearth_types::NicSpec>,
     pub volumes: Vec<NewVolume>,
     pub cloud_init: BTreeMap<String, hearth_types::Blob>,
     pub log: Option<LogOptions>,
@@ -118,7 +120,12 @@ impl Reconciler {
         let address = req.address;
         let ssh = req.ssh.clone();
         let mut spec = spec_of(req, &image, kernel, name, volumes, created_at);
-        spec.address = self.address_for(spec.network, address)?;
+        spec.address = self.address_for(spec.network, address, &[])?;
+        let mut mine: Vec<Ipv4Addr> = spec.address.into_iter().collect();
+        for nic in &mut spec.nics {
+            nic.address = self.address_for(nic.network, nic.address, &mine)?;
+            mine.extend(nic.address);
+        }
         spec.validate().map_err(|e| Error::invalid(e.to_string()))?;
         self.check_fits(&spec, root_fs.bytes)?;
         let cfg = guest_config_for(&spec, &image.config, p.network.resolvers())?;
@@ -145,7 +152,10 @@ impl Reconciler {
                 "--vmm {vmm} has no user-mode network: use --network bridge or --network none"
             )));
         }
-        if req.network == NetworkMode::Macvtap && !caps.macvtap {
+        let macvtap = std::iter::once(req.network)
+            .chain(req.nics.iter().map(|n| n.network))
+            .any(|n| n == NetworkMode::Macvtap);
+        if macvtap && !caps.macvtap {
             return Err(Error::invalid(format!(
                 "--vmm {vmm} has no macvtap interfaces (it opens taps only by name): use --network bridge, or --vmm qemu or cloud-hypervisor"
             )));
@@ -288,11 +298,13 @@ impl Reconciler {
         Ok(name)
     }
 
-    /// A bridge VM's address: the one asked for if it is free, else the first free one.
+    /// A card's bridge address: the one asked for if free, else the lowest free one; `mine`
+    /// are those the VM's earlier cards took.
     fn address_for(
         &self,
         network: NetworkMode,
         asked: Option<Ipv4Addr>,
+        mine: &[Ipv4Addr],
     ) -> Result<Option<Ipv4Addr>> {
         let repo = &self.ports.repo;
         match (network, asked) {
@@ -304,10 +316,15 @@ impl Reconciler {
                         "address {a} is taken by VM {other}; choose another or leave it empty"
                     )));
                 }
+                if mine.contains(&a) {
+                    return Err(Error::invalid(format!(
+                        "address {a} is given to two of the VM's cards; give each its own"
+                    )));
+                }
                 Ok(Some(a))
             }
             (NetworkMode::Bridge, None) => hearth_types::net::allocate_bridge_address(
-                &repo.used_addresses(),
+                &[repo.used_addresses(), mine.to_vec()].concat(),
                 &repo.reserved_networks(),
             )
             .map(Some)
@@ -381,6 +398,7 @@ fn spec_of(
         address: None,
         cloud_init_network: req.cloud_init_network,
         macvtap_parent: req.macvtap_parent,
+        nics: req.nics,
         lan: req.lan,
         volumes,
         cloud_init: req.cloud_init,
@@ -448,18 +466,26 @@ pub fn cloud_init_bundle(
     resolvers: Vec<String>,
 ) -> BTreeMap<String, hearth_types::Blob> {
     let mut files = spec.cloud_init.clone();
-    if !files.is_empty() || spec.cloud_init_network.is_some() {
+    if !files.is_empty() || spec.cards().iter().any(|c| c.guest_name.is_some()) {
         files.entry("user-data".into()).or_default();
     }
-    let Some(device) = &spec.cloud_init_network else { return files };
-    let config = match (spec.network, network_for(spec, resolvers)) {
-        (NetworkMode::Macvtap, None) => {
-            Some(crate::guest::cloud_init_dhcp_config(device, &spec.mac()))
-        }
-        (_, Some(net)) => Some(crate::cloud_init_network_config(device, &net)),
-        (_, None) => None,
-    };
-    if let Some(config) = config {
+    // Every card given a name in the guest (the first by `cloud_init_network`), in order.
+    let first = network_for(spec, resolvers);
+    let cards = spec.cards();
+    let settings: Vec<_> = (cards.iter())
+        .map(|c| if c.index == 0 { first.clone() } else { crate::guest::card_network(c) })
+        .collect();
+    let named: Vec<_> = (cards.iter().zip(&settings))
+        .filter_map(|(c, net)| {
+            let device = c.guest_name.as_deref()?;
+            // A card with neither a static address nor the LAN's DHCP is left to the guest.
+            (net.is_some() || c.network == NetworkMode::Macvtap).then_some(
+                crate::guest::CloudInitCard { device, mac: &c.mac, network: net.as_ref() },
+            )
+        })
+        .collect();
+    if !named.is_empty() {
+        let config = crate::cloud_init_network_config(&named);
         files.insert("network-config".into(), config.into());
     }
     files

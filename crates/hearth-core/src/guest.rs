@@ -6,7 +6,8 @@ use hearth_types::net::{
     USER_NET_PREFIX,
 };
 use hearth_types::{
-    GuestConfig, GuestNetwork, GuestProcess, GuestVolume, ImageConfig, NetworkMode, VmSpec,
+    Card, GuestCard, GuestConfig, GuestNetwork, GuestProcess, GuestVolume, ImageConfig,
+    NetworkMode, VmSpec,
 };
 
 /// PATH given to a workload whose image sets none.
@@ -68,6 +69,7 @@ pub fn guest_config(spec: &VmSpec, image: &ImageConfig) -> Result<GuestConfig, G
         ssh_authorized_keys: spec.ssh_public_key.iter().map(|k| k.trim().to_owned()).collect(),
         network: guest_network(spec),
         dhcp: (spec.network == NetworkMode::Macvtap && spec.lan.is_none()).then(|| spec.mac()),
+        cards: guest_cards(spec),
         cloud_init: spec.cloud_init.clone(),
         volumes: spec
             .volumes
@@ -81,56 +83,84 @@ pub fn guest_config(spec: &VmSpec, image: &ImageConfig) -> Result<GuestConfig, G
     })
 }
 
-/// The interface settings for the VM's network mode.
+/// The first card's settings, as the guest configures them.
 pub fn guest_network(spec: &VmSpec) -> Option<GuestNetwork> {
-    match spec.network {
+    spec.cards().first().and_then(card_network)
+}
+
+/// A card's static settings; `None` for a card that takes DHCP on the LAN (`GuestConfig::dhcp`,
+/// [`GuestCard`] without a network).
+pub fn card_network(card: &Card) -> Option<GuestNetwork> {
+    let mac = card.mac.clone();
+    match card.network {
         NetworkMode::None => None,
         NetworkMode::User => Some(GuestNetwork {
-            mac: spec.mac(),
+            mac,
             address: USER_NET_ADDRESS.to_owned(),
             prefix: USER_NET_PREFIX,
             gateway: USER_NET_GATEWAY.to_owned(),
             dns: vec![USER_NET_DNS.to_owned()],
         }),
-        // On the LAN without a static address: DHCP (`GuestConfig::dhcp`).
-        NetworkMode::Macvtap => spec.lan.as_ref().map(|l| GuestNetwork {
-            mac: spec.mac(),
+        NetworkMode::Macvtap => card.lan.as_ref().map(|l| GuestNetwork {
+            mac,
             address: l.address.to_string(),
             prefix: l.prefix,
             gateway: l.gateway.map(|g| g.to_string()).unwrap_or_default(),
             dns: l.dns.iter().map(ToString::to_string).collect(),
         }),
-        // The resolvers are the host's; the daemon adds them when it writes the config.
-        NetworkMode::Bridge => spec.address.map(|a| GuestNetwork {
-            mac: spec.mac(),
+        // The resolvers are the host's; the daemon adds them when it writes the config. The
+        // default route is the first card's: a later card on the bridge has none.
+        NetworkMode::Bridge => card.address.map(|a| GuestNetwork {
+            mac,
             address: a.to_string(),
             prefix: BRIDGE_PREFIX,
-            gateway: BRIDGE_GATEWAY.to_string(),
+            gateway: if card.index == 0 { BRIDGE_GATEWAY.to_string() } else { String::new() },
             dns: vec![],
         }),
     }
 }
 
-/// cloud-init's network-config (version 2) for a card on the LAN: matched by MAC, renamed to
-/// `device`, its address from DHCP.
-pub fn cloud_init_dhcp_config(device: &str, mac: &str) -> String {
-    format!(
-        "version: 2\nethernets:\n  {device}:\n    match:\n      macaddress: \"{mac}\"\n    set-name: {device}\n    dhcp4: true\n"
-    )
+/// The cards after the first, as hearth-init configures them.
+fn guest_cards(spec: &VmSpec) -> Vec<GuestCard> {
+    (spec.cards().iter().skip(1))
+        .map(|c| GuestCard { mac: c.mac.clone(), network: card_network(c) })
+        .collect()
 }
 
-/// cloud-init's network-config (version 2) for the card hearth-init configures: matched by MAC,
-/// renamed to `device`, with the same static address, gateway and resolvers.
-pub fn cloud_init_network_config(device: &str, net: &GuestNetwork) -> String {
-    let mut s = format!(
-        "version: 2\nethernets:\n  {device}:\n    match:\n      macaddress: \"{}\"\n    set-name: {device}\n    addresses: [\"{}/{}\"]\n",
-        net.mac, net.address, net.prefix
-    );
-    if !net.gateway.is_empty() {
-        s.push_str(&format!("    routes:\n      - to: default\n        via: {}\n", net.gateway));
-    }
-    if !net.dns.is_empty() {
-        s.push_str(&format!("    nameservers:\n      addresses: [{}]\n", net.dns.join(", ")));
+/// A card in cloud-init's network-config: the name it is given, its MAC, and its static
+/// settings (DHCP without them).
+#[derive(Debug)]
+pub struct CloudInitCard<'a> {
+    pub device: &'a str,
+    pub mac: &'a str,
+    pub network: Option<&'a GuestNetwork>,
+}
+
+/// cloud-init's network-config (version 2) for the cards hearth-init configures: each matched by
+/// MAC and renamed to its device name, with the same static address, gateway and resolvers, or
+/// DHCP on the LAN.
+pub fn cloud_init_network_config(cards: &[CloudInitCard<'_>]) -> String {
+    let mut s = String::from("version: 2\nethernets:\n");
+    for c in cards {
+        let device = c.device;
+        s.push_str(&format!(
+            "  {device}:\n    match:\n      macaddress: \"{}\"\n    set-name: {device}\n",
+            c.mac
+        ));
+        let Some(net) = c.network else {
+            s.push_str("    dhcp4: true\n");
+            continue;
+        };
+        s.push_str(&format!("    addresses: [\"{}/{}\"]\n", net.address, net.prefix));
+        if !net.gateway.is_empty() {
+            s.push_str(&format!(
+                "    routes:\n      - to: default\n        via: {}\n",
+                net.gateway
+            ));
+        }
+        if !net.dns.is_empty() {
+            s.push_str(&format!("    nameservers:\n      addresses: [{}]\n", net.dns.join(", ")));
+        }
     }
     s
 }
@@ -169,7 +199,8 @@ mod tests {
             gateway: "10.61.0.1".into(),
             dns: vec!["192.0.2.53".into()],
         };
-        let text = cloud_init_network_config("eth1", &net);
+        let card = |network| CloudInitCard { device: "eth1", mac: &net.mac, network };
+        let text = cloud_init_network_config(&[card(Some(&net))]);
         for needle in [
             "version: 2",
             "  eth1:",
@@ -181,18 +212,18 @@ mod tests {
         ] {
             assert!(text.contains(needle), "{needle} in\n{text}");
         }
-        assert!(!cloud_init_network_config("eth1", &GuestNetwork { dns: vec![], ..net })
-            .contains("nameservers"));
+        let quiet = GuestNetwork { dns: vec![], ..net.clone() };
+        assert!(!cloud_init_network_config(&[card(Some(&quiet))]).contains("nameservers"));
+        let dhcp = cloud_init_network_config(&[card(None)]);
+        for needle in
+            ["  eth1:", "macaddress: \"02:00:00:00:00:07\"", "set-name: eth1", "dhcp4: true"]
+        {
+            assert!(dhcp.contains(needle), "{needle} in\n{dhcp}");
+        }
     }
 
     #[test]
     fn a_card_on_the_lan_takes_dhcp_from_hearth_init_or_the_images_own_client() {
-        let text = cloud_init_dhcp_config("eth1", "02:00:00:00:00:07");
-        for needle in
-            ["  eth1:", "macaddress: \"02:00:00:00:00:07\"", "set-name: eth1", "dhcp4: true"]
-        {
-            assert!(text.contains(needle), "{needle} in\n{text}");
-        }
         let mut s = spec(None, vec![]);
         s.network = NetworkMode::Macvtap;
         s.macvtap_parent = Some("eth0".into());

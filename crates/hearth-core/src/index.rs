@@ -12,7 +12,7 @@ use crate::Error;
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Entry {
     name: String,
-    address: Option<Ipv4Addr>,
+    addresses: Vec<Ipv4Addr>,
 }
 
 /// Names, ids and addresses of the stored VMs.
@@ -37,13 +37,11 @@ impl VmIndex {
     pub fn upsert(&mut self, spec: &VmSpec) {
         self.remove(&spec.id);
         self.names.insert(spec.name.clone(), spec.id.clone());
-        if let Some(a) = spec.address {
-            self.addresses.insert(a, spec.id.clone());
+        let addresses = spec.bridge_addresses();
+        for a in &addresses {
+            self.addresses.insert(*a, spec.id.clone());
         }
-        self.ids.insert(
-            spec.id.as_str().to_owned(),
-            Entry { name: spec.name.clone(), address: spec.address },
-        );
+        self.ids.insert(spec.id.as_str().to_owned(), Entry { name: spec.name.clone(), addresses });
     }
 
     pub fn remove(&mut self, id: &VmId) {
@@ -51,7 +49,7 @@ impl VmIndex {
             if self.names.get(&e.name) == Some(id) {
                 self.names.remove(&e.name);
             }
-            if let Some(a) = e.address {
+            for a in e.addresses {
                 if self.addresses.get(&a) == Some(id) {
                     self.addresses.remove(&a);
                 }

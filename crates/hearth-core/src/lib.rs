@@ -22,7 +22,10 @@ pub mod reconcile;
 
 pub use create::{cloud_init_bundle, guest_config_for, NewVm, NewVolume, SshKey};
 pub use error::{Error, ErrorKind, Result};
-pub use guest::{cloud_init_network_config, guest_config, guest_network, GuestConfigError};
+pub use guest::{
+    card_network, cloud_init_network_config, guest_config, guest_network, CloudInitCard,
+    GuestConfigError,
+};
 pub use index::VmIndex;
 pub use locks::KeyedLocks;
 pub use plan::{plan, Observed, Step, MAX_ITERATIONS};

@@ -194,6 +194,46 @@ async fn bridge_addresses_are_allocated_once_and_asked_ones_checked() {
 }
 
 #[tokio::test]
+async fn each_bridge_card_gets_its_own_address_and_only_the_first_a_route() {
+    let h = host();
+    let card = || hearth_types::NicSpec::on(NetworkMode::Bridge);
+    let two = || NewVm { network: NetworkMode::Bridge, nics: vec![card()], ..new_vm() };
+    let a = h.reconciler.create(two()).await.expect("two cards");
+    let b = h.reconciler.create(two()).await.expect("two more");
+    let ips: Vec<Ipv4Addr> = [&a, &b]
+        .iter()
+        .flat_map(|r| [r.spec.address, r.spec.nics[0].address])
+        .map(|ip| ip.expect("every card has an address"))
+        .collect();
+    let unique: std::collections::BTreeSet<_> = ips.iter().collect();
+    assert_eq!(unique.len(), 4, "no address given twice: {ips:?}");
+
+    // The guest is told every card, each by its own MAC; only the first routes.
+    let image = ImageConfig { cmd: vec!["sh".into()], ..Default::default() };
+    let cfg = hearth_core::guest_config(&a.spec, &image).expect("guest config");
+    let first = cfg.network.as_ref().expect("first card");
+    assert_eq!(cfg.cards.len(), 1);
+    let second = cfg.cards[0].network.as_ref().expect("second card");
+    assert_ne!(first.mac, second.mac);
+    assert_eq!(second.address, ips[1].to_string());
+    assert!(!first.gateway.is_empty() && second.gateway.is_empty(), "{first:?} {second:?}");
+
+    // One address asked for on two cards, and a second card's address taken elsewhere.
+    let twice = NewVm {
+        address: Some(Ipv4Addr::new(10, 61, 0, 90)),
+        nics: vec![hearth_types::NicSpec { address: Some(Ipv4Addr::new(10, 61, 0, 90)), ..card() }],
+        ..two()
+    };
+    let e = h.reconciler.create(twice).await.expect_err("one address, two cards");
+    assert!(e.message.contains("two of the VM's cards"), "{e}");
+    let taken =
+        NewVm { nics: vec![hearth_types::NicSpec { address: Some(ips[1]), ..card() }], ..two() };
+    let e = h.reconciler.create(taken).await.expect_err("taken");
+    assert_eq!(e.kind, ErrorKind::Conflict);
+    assert_eq!(records(&h), 2);
+}
+
+#[tokio::test]
 async fn a_user_the_image_lacks_is_refused_unless_its_own_init_runs() {
     let h = host();
     let passwd = "root:x:0:0::/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n";

@@ -79,6 +79,7 @@ fn run(started: u64, config_disk: &mut Option<File>) -> Result<GuestExit, String
         let _ = sys::sethostname(&cfg.hostname);
     }
     net::configure(cfg.network.as_ref(), &cfg.hostname);
+    net::configure_cards(&cfg.cards);
     install_keys(&cfg.ssh_authorized_keys);
     seed_cloud_init(&cfg.cloud_init);
     let spec = process::Spec {
@@ -107,7 +108,10 @@ fn run(started: u64, config_disk: &mut Option<File>) -> Result<GuestExit, String
     }
     // Threads may start from here on (the full-OS branch forked before any did).
     if let Some(mac) = &cfg.dhcp {
-        net::dhcp(mac, &cfg.hostname);
+        net::dhcp(mac, &cfg.hostname, net::LeaseUse::First);
+    }
+    for card in cfg.cards.iter().filter(|c| c.network.is_none()) {
+        net::dhcp(&card.mac, &cfg.hostname, net::LeaseUse::AddressOnly);
     }
     let shared = Arc::new(agent::Shared::default());
     *shared.defaults.lock().unwrap_or_else(|e| e.into_inner()) = spec.clone();
@@ -312,7 +316,7 @@ fn tool(args: &[String]) -> i32 {
             return 1;
         }
     };
-    net::apply_lease(card, "probe", &lease, false);
+    net::apply_lease(card, "probe", &lease, net::LeaseUse::Route);
     println!("{lease:?}");
     if args.iter().any(|a| a == "--renew") {
         match dhcp::renew(card, mac, "probe", &lease, false) {

@@ -71,9 +71,21 @@ pub fn configure(net: Option<&GuestNetwork>, hostname: &str) {
 /// thread goes on asking).
 const DHCP_WAIT: Duration = Duration::from_secs(10);
 
+/// What a DHCP lease sets besides its card's address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseUse {
+    /// The VM's first card: the default route through the router, the resolvers, the hosts file.
+    First,
+    /// The default route only (the `dhcp` tool).
+    Route,
+    /// A card after the first: its address (and its subnet's route) alone.
+    AddressOnly,
+}
+
 /// Takes the card with MAC `mac` up and its address from the LAN's DHCP server, then keeps the
-/// lease in a thread of its own. Failures are reported, not fatal.
-pub fn dhcp(mac_text: &str, hostname: &str) {
+/// lease in a thread of its own; `role` says what else the lease sets. Failures are reported,
+/// not fatal.
+pub fn dhcp(mac_text: &str, hostname: &str, role: LeaseUse) {
     let res = (|| -> Result<(), String> {
         let mac =
             crate::dhcp::parse_mac(mac_text).ok_or_else(|| format!("bad MAC {mac_text:?}"))?;
@@ -84,22 +96,24 @@ pub fn dhcp(mac_text: &str, hostname: &str) {
         let lease = match crate::dhcp::acquire(&card, mac, hostname, DHCP_WAIT) {
             Ok(l) => l,
             Err(e) => {
-                eprintln!("hearth-init: network: {e}; the workload starts without an address");
+                eprintln!(
+                    "hearth-init: network: {e}; the workload starts without an address on {card}"
+                );
                 std::thread::spawn(move || {
                     if let Ok(l) = crate::dhcp::acquire(&name, mac, &host, Duration::MAX) {
-                        apply_lease(&name, &host, &l, true);
+                        apply_lease(&name, &host, &l, role);
                         crate::dhcp::keep(name.clone(), mac, host.clone(), l, |l| {
-                            apply_lease(&name, &host, l, true)
+                            apply_lease(&name, &host, l, role)
                         });
                     }
                 });
                 return Ok(());
             }
         };
-        apply_lease(&card, hostname, &lease, true);
+        apply_lease(&card, hostname, &lease, role);
         std::thread::spawn(move || {
             crate::dhcp::keep(name.clone(), mac, host.clone(), lease, |l| {
-                apply_lease(&name, &host, l, true)
+                apply_lease(&name, &host, l, role)
             })
         });
         Ok(())
@@ -109,21 +123,41 @@ pub fn dhcp(mac_text: &str, hostname: &str) {
     }
 }
 
+/// Gives each card after the first its static address (the first card alone has the default
+/// route and the resolvers). Those without one take DHCP later ([`dhcp`], once threads may
+/// start). Failures are reported, not fatal.
+pub fn configure_cards(cards: &[hearth_types::GuestCard]) {
+    for net in cards.iter().filter_map(|c| c.network.as_ref()) {
+        let res = (|| -> Result<(), String> {
+            let sock = Sock::new().map_err(|e| format!("socket: {e}"))?;
+            let card = find_card(&net.mac)
+                .ok_or_else(|| format!("no interface with MAC {} appeared", net.mac))?;
+            let addr: Ipv4Addr =
+                net.address.parse().map_err(|_| format!("bad address {:?}", net.address))?;
+            sock.set_addr(&card, addr, net.prefix)
+                .map_err(|e| format!("{card}: setting {addr}/{}: {e}", net.prefix))?;
+            sock.up(&card).map_err(|e| format!("{card}: up: {e}"))
+        })();
+        if let Err(e) = res {
+            eprintln!("hearth-init: network: {e}");
+        }
+    }
+}
+
 /// Brings `card` up (a DHCP client sends on it before it has an address).
 pub fn up(card: &str) -> Result<(), String> {
     let sock = Sock::new().map_err(|e| format!("socket: {e}"))?;
     sock.up(card).map_err(|e| format!("{card}: up: {e}"))
 }
 
-/// Puts a DHCP lease on `card`: its address, the default route through its router and, with
-/// `files`, the resolvers and the hosts file.
-pub fn apply_lease(card: &str, hostname: &str, l: &crate::dhcp::Lease, files: bool) {
+/// Puts a DHCP lease on `card`: its address, and what `role` says besides.
+pub fn apply_lease(card: &str, hostname: &str, l: &crate::dhcp::Lease, role: LeaseUse) {
     let res = (|| -> Result<(), String> {
         let sock = Sock::new().map_err(|e| format!("socket: {e}"))?;
         sock.set_addr(card, l.address, l.prefix)
             .map_err(|e| format!("{card}: setting {}/{}: {e}", l.address, l.prefix))?;
         sock.up(card).map_err(|e| format!("{card}: up: {e}"))?;
-        if let Some(gw) = l.router {
+        if let Some(gw) = l.router.filter(|_| role != LeaseUse::AddressOnly) {
             sock.default_route(gw).map_err(|e| format!("default route via {gw}: {e}"))?;
         }
         Ok(())
@@ -131,7 +165,7 @@ pub fn apply_lease(card: &str, hostname: &str, l: &crate::dhcp::Lease, files: bo
     if let Err(e) = res {
         eprintln!("hearth-init: network: {e}");
     }
-    if files {
+    if role == LeaseUse::First {
         write_resolv(&l.dns.iter().map(ToString::to_string).collect::<Vec<_>>());
         write_hosts(Some(&l.address.to_string()), hostname);
     }

@@ -74,15 +74,23 @@ pub fn vm_dir(
 pub struct Netns(pub String);
 
 impl Netns {
-    /// `None` where namespaces or taps cannot be made.
+    /// A namespace of its own holding the tap `tap`; `None` where namespaces or taps cannot be
+    /// made.
     pub fn with_tap(prefix: &str, tap: &str) -> Option<Self> {
+        Self::with_taps(prefix, &[tap])
+    }
+
+    /// A namespace of its own holding the taps `taps`.
+    pub fn with_taps(prefix: &str, taps: &[&str]) -> Option<Self> {
         let name = format!("{prefix}-{}", std::process::id());
         let ok = |args: &[&str]| Command::new("ip").args(args).status().is_ok_and(|s| s.success());
         if !ok(&["netns", "add", &name]) {
             return None;
         }
         let ns = Self(name);
-        ok(&["-n", &ns.0, "tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"]).then_some(ns)
+        (taps.iter())
+            .all(|tap| ok(&["-n", &ns.0, "tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"]))
+            .then_some(ns)
     }
 
     /// An executable in `dir` that runs `binary` inside the namespace, where its tap is.

@@ -63,6 +63,9 @@ pub struct GuestConfig {
     /// for a workload it supervises (a full-OS image's init runs its own).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dhcp: Option<String>,
+    /// The network cards after the first, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cards: Vec<GuestCard>,
     /// cloud-init NoCloud files, by name, that hearth-init writes to the seed directory
     /// ([`CLOUD_INIT_SEED_DIR`]) before handing over to the image's init.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
@@ -103,6 +106,16 @@ pub struct GuestNetwork {
     pub gateway: String,
     /// Resolvers written to /etc/resolv.conf.
     pub dns: Vec<String>,
+}
+
+/// A network card after the VM's first. The first card alone has the default route and the
+/// resolvers: a card after it takes its address (and the routes of its subnet), nothing else.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestCard {
+    pub mac: String,
+    /// Its static address (gateway and resolvers unused); DHCP for its address when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<GuestNetwork>,
 }
 
 /// Current [`GuestConfig::version`]. New optional fields keep it; older readers ignore them.

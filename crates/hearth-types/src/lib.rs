@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod blob;
+pub mod card;
 pub mod digest;
 pub mod guest;
 pub mod id;
@@ -19,8 +20,9 @@ pub mod user;
 pub mod vm;
 
 pub use blob::Blob;
+pub use card::{Card, NicSpec};
 pub use digest::{Digest, DigestError};
-pub use guest::{GuestConfig, GuestExit, GuestNetwork, GuestProcess, GuestVolume};
+pub use guest::{GuestCard, GuestConfig, GuestExit, GuestNetwork, GuestProcess, GuestVolume};
 pub use id::{generate_name, validate_name, IdError, VmId};
 pub use image::{ImageConfig, ImageRecord};
 pub use kernel::{kernel_name, KernelNameError, KernelRecord};

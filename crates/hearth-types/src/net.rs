@@ -121,7 +121,7 @@ impl PortMapping {
 /// Why a network setting was refused. Each message names the flag and the fix.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NetError {
-    #[error("--network must be user, bridge or none, got {0:?}")]
+    #[error("--network must be user, bridge, none or macvtap[:IFACE], got {0:?}")]
     Mode(String),
     #[error("-p {0:?}: expected [IP:]HOST_PORT:GUEST_PORT[/tcp|/udp], e.g. 8080:80 or 127.0.0.1:8080:80/tcp")]
     PortSyntax(String),

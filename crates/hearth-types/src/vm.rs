@@ -122,6 +122,8 @@ pub enum VmSpecError {
     Label(String),
     #[error("{0}")]
     Volume(String),
+    #[error("{0}")]
+    Card(String),
     #[error("interface name {0:?} must be 1-15 letters, digits, '_', '.' or '-'")]
     InterfaceName(String),
     #[error("--network macvtap needs the host interface to sit on (macvtap:IFACE, 1-15 letters, digits, '_', '.' or '-'), and only it takes one; got {0:?}")]
@@ -213,6 +215,9 @@ pub struct VmSpec {
     /// The host interface a macvtap network sits on (`--network macvtap:IFACE`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub macvtap_parent: Option<String>,
+    /// Network cards after the first (the fields above describe the first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<crate::NicSpec>,
     /// A static address on the LAN (macvtap network); without one the guest takes DHCP there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lan: Option<LanAddress>,
@@ -339,6 +344,7 @@ impl VmSpec {
                 return Err(VmSpecError::InterfaceName(dev.clone()));
             }
         }
+        self.validate_nics()?;
         if self.volumes.len() > MAX_VOLUMES {
             return Err(VmSpecError::Volume(format!("more than {MAX_VOLUMES} volumes")));
         }
@@ -455,7 +461,7 @@ impl LanAddress {
 }
 
 /// A Linux interface name: 1-15 letters, digits, '_', '.' or '-'.
-fn iface_ok(name: &str) -> bool {
+pub(crate) fn iface_ok(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 15
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
@@ -677,10 +683,10 @@ pub struct VmRecord {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn spec() -> VmSpec {
+    pub(crate) fn spec() -> VmSpec {
         VmSpec {
             id: VmId::from_bytes([1; 8]),
             name: "t".into(),
@@ -707,6 +713,7 @@ mod tests {
             mac: None,
             address: None,
             macvtap_parent: None,
+            nics: vec![],
             lan: None,
             cloud_init_network: None,
             volumes: vec![],

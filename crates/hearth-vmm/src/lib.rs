@@ -92,12 +92,12 @@ pub(crate) fn sample_spec() -> LaunchSpec {
         memory_mib: 512,
         accel: hearth_types::Accel::Kvm,
         binary: None,
-        network: Some(NetLaunch {
+        networks: vec![NetLaunch {
             mac: "02:00:00:00:00:01".into(),
             forwards: vec![],
             tap: Some("hth-abc".into()),
             macvtap: None,
-        }),
+        }],
         volumes: vec![VolumeDisk {
             path: "/images/data.ext4".into(),
             serial: hearth_types::guest::volume_serial(0),

@@ -147,7 +147,7 @@ impl Start<'_> {
         crate::sys::detach_and_join(
             &mut cmd,
             group.map(|g| g.join_fds()).unwrap_or_default(),
-            None,
+            vec![],
         );
         if let Some((root, ids)) = self.confine {
             crate::sys::chroot_and_drop(&mut cmd, root, ids)

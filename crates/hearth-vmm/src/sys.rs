@@ -62,12 +62,9 @@ pub fn poll_readable(fd: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<bool> {
 
 /// Makes the child `cmd` starts a session leader of its own (no terminal, no signal from
 /// hearthd's process group) that joins the cgroups whose `cgroup.procs` are open as `fds`
-/// before it executes: it writes `0` ("this process") to each.
-pub fn detach_and_join(
-    cmd: &mut std::process::Command,
-    fds: Vec<i32>,
-    inherit: Option<(i32, i32)>,
-) {
+/// before it executes: it writes `0` ("this process") to each. Each `(from, to)` of `inherit`
+/// is handed over as descriptor `to`; no `to` may be another pair's `from` (see [`dup_high`]).
+pub fn detach_and_join(cmd: &mut std::process::Command, fds: Vec<i32>, inherit: Vec<(i32, i32)>) {
     use std::os::unix::process::CommandExt;
     // SAFETY: the closure runs between fork and exec and makes only the async-signal-safe
     // setsid(2), write(2), dup2(2) and fcntl(2) calls, on descriptors the parent keeps open for
@@ -82,8 +79,8 @@ pub fn detach_and_join(
                     return Err(io::Error::last_os_error());
                 }
             }
-            // Last: the descriptor handed over may land where a cgroup descriptor was.
-            if let Some((from, to)) = inherit {
+            // Last: a descriptor handed over may land where a cgroup descriptor was.
+            for &(from, to) in &inherit {
                 let rc = if from == to {
                     libc::fcntl(from, libc::F_SETFD, 0)
                 } else {
@@ -96,6 +93,23 @@ pub fn detach_and_join(
             Ok(())
         });
     }
+}
+
+/// The lowest descriptor [`dup_high`] gives: above any a child is handed.
+const HIGH_FD: i32 = 64;
+
+/// A duplicate of `fd` numbered [`HIGH_FD`] or above, closed on exec: the source of a
+/// descriptor handed to a child as a low number, which then can never be another's target.
+pub fn dup_high(fd: &std::os::fd::OwnedFd) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: fcntl(F_DUPFD_CLOEXEC) on a descriptor `fd` keeps open; a new descriptor it
+    // returns is ours alone.
+    let new = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, HIGH_FD) };
+    if new < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `new` was just opened and is owned by nothing else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(new) })
 }
 
 /// `mkfifo(3)`: a FIFO at `path` with `mode`.

@@ -149,30 +149,35 @@ async fn bad_input_fails_with_the_vmms_words_or_the_file_and_leaves_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_vms_card_is_its_tap_with_its_mac() {
+async fn the_vms_cards_are_its_taps_with_their_macs() {
     let _one = hearth_testkit::kvm::one_guest_at_a_time().await;
     let Some((dir, mut spec)) = vm("") else { return };
-    let Some(ns) = hearth_testkit::kvm::Netns::with_tap("hearth-ch", "chtap0") else {
+    let Some(ns) = hearth_testkit::kvm::Netns::with_taps("hearth-ch", &["chtap0", "chtap1"]) else {
         eprintln!("skipped: cannot make a network namespace with a tap (ip netns, /dev/net/tun)");
         return;
     };
     // Cloud Hypervisor runs inside the namespace, where its tap is (never on the host's network).
     spec.binary = Some(ns.wrapper(dir.path(), "cloud-hypervisor"));
-    spec.network = Some(hearth_vmm::NetLaunch {
-        mac: "02:00:00:00:00:08".into(),
-        forwards: vec![],
-        tap: Some("chtap0".into()),
-        macvtap: None,
-    });
+    let card = |mac: &str, tap: &str| hearth_vmm::NetLaunch {
+        mac: mac.into(),
+        tap: Some(tap.into()),
+        ..Default::default()
+    };
+    spec.networks = vec![card("02:00:00:00:00:08", "chtap0"), card("12:00:00:00:00:08", "chtap1")];
     let vmm = CloudHypervisor::default();
     let h = vmm.launch(&spec).expect("launch").handle();
     // The card is made at boot; the config holds it from vm.create.
     vmm.start_guest(dir.path(), false).await.expect("boot");
     let info = api(dir.path()).get("/api/v1/vm.info").expect("vm.info");
-    let card = &info["config"]["net"][0];
+    let cards: Vec<_> = (info["config"]["net"].as_array().expect("cards").iter())
+        .map(|c| (c["id"].as_str(), c["tap"].as_str(), c["mac"].as_str()))
+        .collect();
     assert_eq!(
-        (card["tap"].as_str(), card["mac"].as_str()),
-        (Some("chtap0"), Some("02:00:00:00:00:08")),
+        cards,
+        [
+            (Some("eth0"), Some("chtap0"), Some("02:00:00:00:00:08")),
+            (Some("eth1"), Some("chtap1"), Some("12:00:00:00:00:08"))
+        ],
         "{info:#}"
     );
     vmm.stop(dir.path(), h, Duration::ZERO).await.expect("stop");

@@ -112,18 +112,19 @@ async fn a_configuration_firecracker_refuses_fails_the_launch_with_its_words_and
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloud_init_is_served_through_mmds_on_the_vms_card() {
     let Some((dir, mut spec)) = vm("") else { return };
-    let Some(ns) = hearth_testkit::kvm::Netns::with_tap("hearth-fc", "fctap0") else {
+    let Some(ns) = hearth_testkit::kvm::Netns::with_taps("hearth-fc", &["fctap0", "fctap1"]) else {
         eprintln!("skipped: cannot make a network namespace with a tap (ip netns, /dev/net/tun)");
         return;
     };
     // Firecracker runs inside the namespace, where its tap is (never on the host's network).
     spec.binary = Some(ns.wrapper(dir.path(), "firecracker"));
-    spec.network = Some(hearth_vmm::NetLaunch {
-        mac: "02:00:00:00:00:07".into(),
-        forwards: vec![],
-        tap: Some("fctap0".into()),
-        macvtap: None,
-    });
+    let card = |mac: &str, tap: &str| hearth_vmm::NetLaunch {
+        mac: mac.into(),
+        tap: Some(tap.into()),
+        ..Default::default()
+    };
+    // Two cards: MMDS is served on the first.
+    spec.networks = vec![card("02:00:00:00:00:07", "fctap0"), card("12:00:00:00:00:07", "fctap1")];
     spec.cloud_init.insert("meta-data".into(), "instance-id: i-7\n".into());
     spec.cloud_init.insert("user-data".into(), "#cloud-config\nhostname: seven\n".into());
     let fc = Firecracker::default();
@@ -133,11 +134,18 @@ async fn cloud_init_is_served_through_mmds_on_the_vms_card() {
     assert_eq!(data["latest"]["meta-data"], "instance-id: i-7\n");
     assert_eq!(data["latest"]["user-data"], "#cloud-config\nhostname: seven\n");
     let config = api.get("/vm/config").expect("config");
-    let card = &config["network-interfaces"][0];
+    let cards: Vec<_> = (config["network-interfaces"].as_array().expect("cards").iter())
+        .map(|c| (c["iface_id"].as_str(), c["host_dev_name"].as_str(), c["guest_mac"].as_str()))
+        .collect();
     assert_eq!(
-        (card["host_dev_name"].as_str(), card["guest_mac"].as_str()),
-        (Some("fctap0"), Some("02:00:00:00:00:07"))
+        cards,
+        [
+            (Some("eth0"), Some("fctap0"), Some("02:00:00:00:00:07")),
+            (Some("eth1"), Some("fctap1"), Some("12:00:00:00:00:07"))
+        ],
+        "{config:#}"
     );
+    assert_eq!(config["mmds-config"]["network_interfaces"][0], "eth0", "{config:#}");
     assert_eq!(config["mmds-config"]["version"], "V2", "{config:#}");
     fc.stop(dir.path(), launched.handle(), Duration::ZERO).await.expect("stop");
     fc.cleanup(dir.path(), &spec.confinement);

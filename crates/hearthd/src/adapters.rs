@@ -550,36 +550,43 @@ impl Kernels for Host {
 #[async_trait]
 impl Network for Host {
     fn plan(&self, spec: &VmSpec) -> Result<Option<NetPlan>> {
-        Ok(crate::net::plan(spec).map_err(core)?.map(|(card, ssh_port)| NetPlan { card, ssh_port }))
+        crate::net::plan(spec).map_err(core)
     }
 
     async fn prepare(&self, spec: &VmSpec) -> Result<()> {
-        if spec.network == NetworkMode::Macvtap {
-            // On the host's interface, with the VM's MAC; kept while the VM exists.
-            let name = hearth_types::net::tap_name(&spec.id);
-            let parent = spec.macvtap_parent.clone().unwrap_or_default();
+        let cards = spec.cards();
+        if cards.iter().any(|c| c.network == NetworkMode::Macvtap) {
             // Loaded natively where it is a module (nothing may run modprobe for the kernel).
             off_runtime(|| hearth_kernel::kmod::load(&hearth_kernel::kmod::tree(), &["macvtap"]))
                 .map_err(|e| {
                     Error::precondition(format!(
-                        "the VM's macvtap on {parent}: {e}; use a kernel with macvtap (CONFIG_MACVTAP), or --network bridge"
+                        "the VM's macvtap: {e}; use a kernel with macvtap (CONFIG_MACVTAP), or --network bridge"
                     ))
                 })?;
-            let dev = hearth_net::ensure_macvtap(&name, &parent, &spec.mac())
-                .await
-                .map_err(|e| Error::precondition(format!("the VM's macvtap on {parent}: {e}")))?;
-            info!(macvtap = name, parent, device = %dev.display(), "macvtap ready");
-            return Ok(());
         }
-        if spec.network == NetworkMode::Bridge {
+        if cards.iter().any(|c| c.network == NetworkMode::Bridge) {
             hearth_net::ensure_bridge(&self.0.bridge)
                 .await
                 .map_err(|e| Error::precondition(format!("setting up the bridge network: {e}")))?;
-            // A VMM that opens an existing tap gets one made for it (removed with the VM).
-            if !self.0.vmms.of(spec.provider).capabilities().creates_tap {
-                let tap = hearth_types::net::tap_name(&spec.id);
-                off_runtime(|| hearth_net::create_tap(&tap, None))
-                    .map_err(|e| Error::precondition(e.to_string()))?;
+        }
+        let creates_tap = self.0.vmms.of(spec.provider).capabilities().creates_tap;
+        for card in &cards {
+            let name = card.link.clone();
+            match card.network {
+                // On the host's interface, with the card's MAC; kept while the VM exists.
+                NetworkMode::Macvtap => {
+                    let parent = card.macvtap_parent.clone().unwrap_or_default();
+                    let dev = hearth_net::ensure_macvtap(&name, &parent, &card.mac).await.map_err(
+                        |e| Error::precondition(format!("the VM's macvtap on {parent}: {e}")),
+                    )?;
+                    info!(macvtap = name, parent, device = %dev.display(), "macvtap ready");
+                }
+                // A VMM that opens an existing tap gets one made for it (removed with the VM).
+                NetworkMode::Bridge if !creates_tap => {
+                    off_runtime(|| hearth_net::create_tap(&name, None))
+                        .map_err(|e| Error::precondition(e.to_string()))?;
+                }
+                _ => {}
             }
         }
         off_runtime(|| crate::net::claim(&self.0, spec)).map_err(core)
@@ -592,32 +599,33 @@ impl Network for Host {
     }
 
     async fn attach(&self, spec: &VmSpec) -> Result<()> {
-        if spec.network != NetworkMode::Bridge {
-            return Ok(());
+        for card in spec.cards().iter().filter(|c| c.network == NetworkMode::Bridge) {
+            hearth_net::attach(&card.link, &self.0.bridge.name).await.map_err(|e| {
+                Error::precondition(format!("attaching the VM's tap to the bridge: {e}"))
+            })?;
         }
-        hearth_net::attach(&hearth_types::net::tap_name(&spec.id), &self.0.bridge.name)
-            .await
-            .map_err(|e| Error::precondition(format!("attaching the VM's tap to the bridge: {e}")))
+        Ok(())
     }
 
     async fn release(&self, spec: &VmSpec, remove: bool) {
-        if spec.network == NetworkMode::Macvtap && remove {
-            let name = hearth_types::net::tap_name(&spec.id);
-            if let Err(e) = hearth_net::remove_macvtap(&name).await {
-                warn!(macvtap = name, error = %e, "removing the VM's macvtap failed");
+        for card in spec.cards() {
+            let name = card.link;
+            match card.network {
+                NetworkMode::Macvtap if remove => {
+                    if let Err(e) = hearth_net::remove_macvtap(&name).await {
+                        warn!(macvtap = name, error = %e, "removing the VM's macvtap failed");
+                    }
+                }
+                // The VMM is gone; its tap goes with it a moment later, or is deleted here.
+                NetworkMode::Bridge if remove => {
+                    if let Err(e) = hearth_net::remove_tap(&name, Duration::from_secs(2)).await {
+                        warn!(tap = name, error = %e, "removing the VM's tap failed");
+                    }
+                }
+                _ => {}
             }
         }
-        if spec.network != NetworkMode::Bridge {
-            return;
-        }
-        if remove {
-            // The VMM is gone; its tap goes with it a moment later, or is deleted here.
-            let tap = hearth_types::net::tap_name(&spec.id);
-            if let Err(e) = hearth_net::remove_tap(&tap, Duration::from_secs(2)).await {
-                warn!(tap, error = %e, "removing the VM's tap failed");
-            }
-        }
-        if !spec.ports.is_empty() {
+        if spec.network == NetworkMode::Bridge && !spec.ports.is_empty() {
             // Its ports go with it.
             if let Err(e) = off_runtime(|| crate::net::sync_nat(&self.0, Some(&spec.id))) {
                 warn!(error = %e.message(), "removing the VM's port forwards failed");

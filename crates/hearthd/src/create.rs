@@ -22,13 +22,20 @@ pub async fn create(d: &Arc<Daemon>, mut req: pb::CreateVmRequest) -> Result<VmR
 /// The core's command for `req`, with the daemon's defaults: a macvtap network with no
 /// interface named sits on `--parent-iface`.
 pub fn new_vm(d: &Daemon, req: pb::CreateVmRequest) -> Result<NewVm, hearth_core::Error> {
+    use hearth_types::NetworkMode::Macvtap;
     let mut new = NewVm::try_from(req)?;
-    if new.network == hearth_types::NetworkMode::Macvtap && new.macvtap_parent.is_none() {
-        new.macvtap_parent = Some(d.parent_iface.clone().ok_or_else(|| {
+    let parent = || {
+        d.parent_iface.clone().ok_or_else(|| {
             hearth_core::Error::invalid(
                 "--network macvtap needs the host interface: macvtap:IFACE (e.g. macvtap:eth0), or start hearthd with --parent-iface IFACE",
             )
-        })?);
+        })
+    };
+    if new.network == Macvtap && new.macvtap_parent.is_none() {
+        new.macvtap_parent = Some(parent()?);
+    }
+    for nic in new.nics.iter_mut().filter(|n| n.network == Macvtap && n.macvtap_parent.is_none()) {
+        nic.macvtap_parent = Some(parent()?);
     }
     Ok(new)
 }

@@ -5,33 +5,36 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use hearth_core::ports::NetLaunch;
-use hearth_types::net::{tap_name, SSH_PORT};
+use hearth_core::ports::{NetLaunch, NetPlan};
+use hearth_types::net::SSH_PORT;
 use hearth_types::{NetworkMode, PortMapping, Protocol, VmId, VmRecord, VmSpec};
 use tonic::Status;
 
 use crate::daemon::{internal, Daemon};
 
-/// The card for `spec`, and the loopback port forwarded to the guest's SSH port when `--ssh`
+/// The cards for `spec`, and the loopback port forwarded to the guest's SSH port when `--ssh`
 /// asked for one. Every published host port is checked first, so a port in use is reported
 /// as such instead of as a VMM start failure.
-pub fn plan(spec: &VmSpec) -> Result<Option<(NetLaunch, Option<u16>)>, Status> {
+pub fn plan(spec: &VmSpec) -> Result<Option<NetPlan>, Status> {
     if spec.network == NetworkMode::None {
         return Ok(None);
     }
     check_ports_free(spec)?;
-    if spec.network == NetworkMode::Macvtap {
-        // On the LAN: no forwards, SSH goes to the guest's own address.
-        let card =
-            NetLaunch { mac: spec.mac(), macvtap: Some(tap_name(&spec.id)), ..Default::default() };
-        return Ok(Some((card, None)));
-    }
-    if spec.network == NetworkMode::Bridge {
-        // The guest has its own address: ports are DNAT rules (claim), SSH goes direct.
-        return Ok(Some((
-            NetLaunch { mac: spec.mac(), tap: Some(tap_name(&spec.id)), ..Default::default() },
-            None,
-        )));
+    let mut cards: Vec<NetLaunch> = (spec.cards().into_iter())
+        .map(|c| match c.network {
+            // On the LAN: no forwards, SSH goes to the guest's own address.
+            NetworkMode::Macvtap => {
+                NetLaunch { mac: c.mac, macvtap: Some(c.link), ..Default::default() }
+            }
+            // The guest has its own address: ports are DNAT rules (claim), SSH goes direct.
+            NetworkMode::Bridge => {
+                NetLaunch { mac: c.mac, tap: Some(c.link), ..Default::default() }
+            }
+            _ => NetLaunch { mac: c.mac, ..Default::default() },
+        })
+        .collect();
+    if spec.network != NetworkMode::User {
+        return Ok(Some(NetPlan { cards, ssh_port: None }));
     }
     let mut forwards = spec.ports.clone();
     let ssh_port = match &spec.ssh_public_key {
@@ -48,7 +51,8 @@ pub fn plan(spec: &VmSpec) -> Result<Option<(NetLaunch, Option<u16>)>, Status> {
         }
         None => None,
     };
-    Ok(Some((NetLaunch { mac: spec.mac(), forwards, ..Default::default() }, ssh_port)))
+    cards[0].forwards = forwards;
+    Ok(Some(NetPlan { cards, ssh_port }))
 }
 
 /// Every published host port can be bound now: a published port must not shadow a host service
@@ -165,18 +169,16 @@ fn write_rules(
 }
 
 /// Deletes the taps and macvtaps hearth made for VMs that are gone (a crash between a VM's
-/// record going and its link going): links named as a VM's tap (`ht` and 12 hex digits) that
-/// are a tap or a macvtap, with no VM of that name. Run at start, before any launch.
+/// record going and its link going): links named as a VM card's link (`ht`, 12 hex digits and
+/// the card's index after the first) that are a tap or a macvtap, and no VM's card's. Run at start, before any launch.
 pub async fn sweep_links(d: &Daemon) {
     let Ok(records) = d.vms.list() else { return };
     let ours: std::collections::HashSet<String> =
-        records.iter().map(|r| tap_name(&r.spec.id)).collect();
+        records.iter().flat_map(|r| r.spec.cards()).map(|c| c.link).collect();
     let Ok(links) = std::fs::read_dir("/sys/class/net") else { return };
     for link in links.flatten() {
         let name = link.file_name().to_string_lossy().into_owned();
-        let hearths = name.len() == 14
-            && name.starts_with("ht")
-            && name[2..].bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
+        let hearths = hearth_types::card::link_stem(&name).is_some();
         let kind = link.path();
         let tap_like = kind.join("tun_flags").exists() || kind.join("macvtap").is_dir();
         if !hearths || !tap_like || ours.contains(&name) {
@@ -235,8 +237,9 @@ mod tests {
     fn ssh_gets_a_loopback_forward_and_none_gets_no_card() {
         let mut spec = hearth_testkit::spec(1);
         spec.ssh_public_key = Some("ssh-ed25519 AAAA".into());
-        let (net, ssh) = plan(&spec).expect("plan").expect("a card");
-        let port = ssh.expect("ssh port");
+        let planned = plan(&spec).expect("plan").expect("a card");
+        let net = &planned.cards[0];
+        let port = planned.ssh_port.expect("ssh port");
         assert_eq!(net.forwards.len(), 1);
         assert_eq!(
             (
@@ -250,6 +253,23 @@ mod tests {
         spec.network = NetworkMode::None;
         spec.ssh_public_key = None;
         assert!(plan(&spec).expect("plan").is_none());
+    }
+
+    #[test]
+    fn every_card_gets_its_link() {
+        let mut spec = hearth_testkit::spec(1);
+        spec.network = NetworkMode::Bridge;
+        let mut lan = hearth_types::NicSpec::on(NetworkMode::Macvtap);
+        lan.macvtap_parent = Some("eth0".into());
+        spec.nics = vec![hearth_types::NicSpec::on(NetworkMode::Bridge), lan];
+        let NetPlan { cards, ssh_port } = plan(&spec).expect("plan").expect("cards");
+        assert_eq!(ssh_port, None);
+        let links: Vec<_> = spec.cards().into_iter().map(|c| (c.mac, c.link)).collect();
+        assert_eq!(cards.len(), 3);
+        assert_eq!((&cards[0].mac, cards[0].tap.as_ref()), (&links[0].0, Some(&links[0].1)));
+        assert_eq!((&cards[1].mac, cards[1].tap.as_ref()), (&links[1].0, Some(&links[1].1)));
+        assert_eq!((&cards[2].mac, cards[2].macvtap.as_ref()), (&links[2].0, Some(&links[2].1)));
+        assert!(cards.iter().all(|c| c.forwards.is_empty()));
     }
 
     #[test]

@@ -176,3 +176,57 @@ fn the_bridge_has_the_name_hearthd_is_given() {
     assert!(!hearth0.status.success(), "no hearth0 is made");
     d.ok(&["rm", "-f", "a"]);
 }
+
+/// `--network` given twice: two cards on the bridge, each with its own tap, MAC and address,
+/// both reachable from the host; the default route is the first's; both taps go with the VM.
+#[test]
+fn a_vm_with_two_cards_on_the_bridge_is_reached_at_both_addresses() {
+    require_e2e!();
+    let ns = Netns::new();
+    let d = Daemon::start_in(&ns);
+    d.import_kernel();
+    let layout = tempfile::tempdir().expect("tmp");
+    busybox_oci_layout(layout.path(), "1", &TestImage::default()).expect("layout");
+    d.ok(&["image", "import", layout.path().to_str().expect("utf8"), "--name", "br:1"]);
+
+    let args = ["run", "-d", "--network", "bridge", "--network", "bridge", "--name", "two"];
+    d.ok(&[&args[..], &["br:1", "sleep", "600"]].concat());
+    let rec = d.inspect("two");
+    let first = rec["status"]["ip"].as_str().expect("first address").to_owned();
+    let second = rec["spec"]["nics"][0]["address"].as_str().expect("second address").to_owned();
+    assert!(first != second && second.starts_with("10.61."), "{first} {second}");
+
+    // The guest has both, each on its own card, and routes through the first.
+    let addr = d.ok(&["exec", "two", "--", "busybox", "ip", "-o", "-4", "addr"]);
+    let card_of = |ip: &str| {
+        let line = addr.lines().find(|l| l.contains(&format!("inet {ip}/16")));
+        line.and_then(|l| l.split_whitespace().nth(1)).map(str::to_owned)
+    };
+    let (a, b) = (card_of(&first), card_of(&second));
+    assert!(a.is_some() && b.is_some() && a != b, "{addr}");
+    let routes = d.ok(&["exec", "two", "--", "busybox", "ip", "route"]);
+    let default: Vec<_> = routes.lines().filter(|l| l.starts_with("default")).collect();
+    assert_eq!(default.len(), 1, "{routes}");
+    assert!(default[0].contains(a.as_deref().expect("card")), "{routes}");
+
+    // The host reaches the guest at both addresses, through two taps on the bridge.
+    for ip in [&first, &second] {
+        let ping = ns.run(&["busybox", "ping", "-c", "1", "-W", "10", ip]);
+        assert!(ping.status.success(), "{ip}: {}{}", text(&ping.stdout), text(&ping.stderr));
+    }
+    let ports = text(&ns.run(&["ip", "-o", "link", "show", "master", "hearth0"]).stdout);
+    assert_eq!(ports.lines().count(), 2, "{ports}");
+
+    // A second VM never gets either address; removing the VM removes both taps.
+    d.ok(&["run", "-d", "--network", "bridge", "--name", "other", "br:1", "sleep", "600"]);
+    let other = d.inspect("other")["status"]["ip"].as_str().expect("address").to_owned();
+    assert!(other != first && other != second, "{other}");
+    d.ok(&["rm", "-f", "two"]);
+    let ports = text(&ns.run(&["ip", "-o", "link", "show", "master", "hearth0"]).stdout);
+    assert_eq!(ports.lines().count(), 1, "two's taps are gone: {ports}");
+
+    // A card after the first on `none` or `user` is refused, naming the fix.
+    let out = d.hearth(&["run", "--network", "bridge", "--network", "user", "br:1", "true"]);
+    assert!(!out.status.success(), "a second user-mode card was taken");
+    assert!(text(&out.stderr).contains("bridge or macvtap"), "{}", text(&out.stderr));
+}

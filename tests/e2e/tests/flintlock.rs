@@ -619,6 +619,19 @@ fn microvms_on_the_bridge_get_their_addresses_and_reach_each_other() {
             gateway: Some("10.61.0.1".into()),
             nameservers: vec![],
         });
+        // The microVM with a static address has a second card on the bridge, with one too.
+        if address.is_some() {
+            s.interfaces.push(fl::NetworkInterface {
+                device_id: "eth2".into(),
+                r#type: fl::network_interface::IfaceType::Tap as i32,
+                address: Some(fl::StaticAddress {
+                    address: "10.61.0.51/16".into(),
+                    gateway: None,
+                    nameservers: vec![],
+                }),
+                ..Default::default()
+            });
+        }
         let out = rt
             .block_on(c.create_micro_vm(fpb::CreateMicroVmRequest {
                 microvm: Some(s),
@@ -643,16 +656,26 @@ fn microvms_on_the_bridge_get_their_addresses_and_reach_each_other() {
         }))
         .expect_err("taken");
     assert!(e.code() == tonic::Code::AlreadyExists && e.message().contains("10.61.0.50"), "{e:?}");
-    for uid in [&fixed, &dynamic] {
+    for (uid, cards) in [(&fixed, &["eth1", "eth2"][..]), (&dynamic, &["eth1"][..])] {
         let up = wait_get(&rt, &mut c, &d, uid, "CREATED", |g| {
             g.as_ref().is_ok_and(|v| state(v) == fl::micro_vm_status::MicroVmState::Created)
         })
         .expect("get");
-        let iface = &up.status.expect("status").network_interfaces["eth1"];
-        assert!(iface.host_device_name.starts_with("ht"), "the tap is reported: {iface:?}");
-        let path = format!("/sys/class/net/{}/ifindex", iface.host_device_name);
-        let index = String::from_utf8_lossy(&ns.run(&["cat", &path]).stdout).trim().to_owned();
-        assert_eq!(iface.index.to_string(), index, "with its interface index: {iface:?}");
+        let status = up.status.expect("status");
+        assert_eq!(status.network_interfaces.len(), cards.len(), "{status:?}");
+        let mut taps = std::collections::BTreeSet::new();
+        for card in cards {
+            let iface = &status.network_interfaces[*card];
+            assert!(iface.host_device_name.starts_with("ht"), "the tap is reported: {iface:?}");
+            let path = format!("/sys/class/net/{}/ifindex", iface.host_device_name);
+            let index = String::from_utf8_lossy(&ns.run(&["cat", &path]).stdout).trim().to_owned();
+            assert_eq!(iface.index.to_string(), index, "with its interface index: {iface:?}");
+            let on_bridge = ns.run(&["ip", "-o", "link", "show", "master", "hearth0"]);
+            let on_bridge = String::from_utf8_lossy(&on_bridge.stdout).into_owned();
+            assert!(on_bridge.contains(&iface.host_device_name), "{iface:?}: {on_bridge}");
+            taps.insert(iface.host_device_name.clone());
+        }
+        assert_eq!(taps.len(), cards.len(), "each card has its own tap: {taps:?}");
     }
     // The static address is the guest's, and cloud-init's network-config says the same.
     assert!(d
@@ -661,6 +684,12 @@ fn microvms_on_the_bridge_get_their_addresses_and_reach_each_other() {
     let netcfg =
         d.ok(&["exec", "fixed.ns0", "--", "cat", "/var/lib/cloud/seed/nocloud/network-config"]);
     assert!(netcfg.contains("10.61.0.50/16") && netcfg.contains("via: 10.61.0.1"), "{netcfg}");
+    // The second card has its address in the guest and in network-config, named as asked.
+    assert!(d
+        .ok(&["exec", "fixed.ns0", "--", "busybox", "ip", "-4", "addr"])
+        .contains("inet 10.61.0.51/16"));
+    assert!(netcfg.contains("eth2:") && netcfg.contains("10.61.0.51/16"), "{netcfg}");
+    assert_eq!(netcfg.matches("to: default").count(), 1, "one default route: {netcfg}");
     // The other got an address of its own, and the two reach each other.
     let other = d.inspect("dynamic.ns0")["status"]["ip"].as_str().expect("ip").to_owned();
     assert!(other.starts_with("10.61.") && other != "10.61.0.50", "{other}");

@@ -9,7 +9,8 @@ use crate::Result;
 /// The network a launch gets.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NetPlan {
-    pub card: NetLaunch,
+    /// Every card, the first one first (only it has forwards).
+    pub cards: Vec<NetLaunch>,
     /// The host port forwarded to the guest's SSH, if any.
     pub ssh_port: Option<u16>,
 }

@@ -62,8 +62,9 @@ pub struct LaunchSpec {
     pub accel: Accel,
     /// The VMM binary; the provider's default from PATH when `None`.
     pub binary: Option<PathBuf>,
-    /// The VM's network card, if it has one.
-    pub network: Option<NetLaunch>,
+    /// The VM's network cards, in the order the guest sees them; the first alone may have
+    /// forwards.
+    pub networks: Vec<NetLaunch>,
     /// Disks after the root and config disks, in order.
     pub volumes: Vec<VolumeDisk>,
     /// How the VMM is confined beyond the guest's own isolation.
@@ -94,7 +95,7 @@ pub struct VolumeDisk {
     pub host: bool,
 }
 
-/// The VM's network card.
+/// One of the VM's network cards.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NetLaunch {
     pub mac: String,
@@ -335,7 +336,7 @@ mod tests {
             memory_mib: 128,
             accel: Accel::Auto,
             binary: None,
-            network: None,
+            networks: vec![],
             volumes: Vec::new(),
             confinement: Confinement::default(),
             cloud_init: Default::default(),

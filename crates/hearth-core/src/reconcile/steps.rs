@@ -141,7 +141,7 @@ impl Reconciler {
             memory_mib: rec.spec.memory_mib,
             accel: rec.spec.accel,
             binary: None,
-            network: net.as_ref().map(|n| n.card.clone()),
+            networks: net.as_ref().map(|n| n.cards.clone()).unwrap_or_default(),
             volumes,
             confinement: confinement.clone(),
             cloud_init: crate::create::cloud_init_bundle(&rec.spec, p.network.resolvers()),

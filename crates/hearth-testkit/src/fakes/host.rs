@@ -276,10 +276,11 @@ impl VmRepository for FakeHost {
     }
     fn address_holder(&self, a: Ipv4Addr) -> Option<String> {
         let s = self.state();
-        s.records.values().find(|r| r.spec.address == Some(a)).map(|r| r.spec.name.clone())
+        let mut all = s.records.values();
+        all.find(|r| r.spec.bridge_addresses().contains(&a)).map(|r| r.spec.name.clone())
     }
     fn used_addresses(&self) -> Vec<Ipv4Addr> {
-        self.state().records.values().filter_map(|r| r.spec.address).collect()
+        self.state().records.values().flat_map(|r| r.spec.bridge_addresses()).collect()
     }
 }
 
@@ -383,12 +384,14 @@ impl Kernels for FakeHost {
 impl Network for FakeHost {
     fn plan(&self, spec: &VmSpec) -> Result<Option<NetPlan>> {
         Ok((spec.network != NetworkMode::None).then(|| NetPlan {
-            card: NetLaunch {
-                mac: spec.mac(),
-                forwards: spec.ports.clone(),
-                tap: None,
-                macvtap: None,
-            },
+            cards: (spec.cards().into_iter())
+                .map(|c| NetLaunch {
+                    forwards: if c.index == 0 { spec.ports.clone() } else { vec![] },
+                    mac: c.mac,
+                    tap: None,
+                    macvtap: None,
+                })
+                .collect(),
             ssh_port: None,
         }))
     }

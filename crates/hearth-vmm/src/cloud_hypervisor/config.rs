@@ -45,12 +45,22 @@ pub fn vm_config(spec: &LaunchSpec) -> Value {
         "console": { "mode": "Off" },
         "vsock": { "cid": GUEST_CID, "socket": path(&dir.join(super::AGENT_SOCK)) },
     });
-    if let Some((tap, mac)) =
-        spec.network.as_ref().and_then(|n| n.tap.as_ref().map(|t| (t, &n.mac)))
-    {
-        config["net"] = json!([{ "id": "eth0", "tap": tap, "mac": mac }]);
+    // The taps; a macvtap's card is added after vm.create (launch.rs).
+    let nets: Vec<Value> = (spec.networks.iter().enumerate())
+        .filter_map(|(i, n)| {
+            let tap = n.tap.as_ref()?;
+            Some(json!({ "id": card_id(i), "tap": tap, "mac": n.mac }))
+        })
+        .collect();
+    if !nets.is_empty() {
+        config["net"] = Value::Array(nets);
     }
     config
+}
+
+/// Cloud Hypervisor's device id of the VM's `i`th card.
+pub fn card_id(i: usize) -> String {
+    format!("eth{i}")
 }
 
 #[cfg(test)]
@@ -94,7 +104,24 @@ mod tests {
 
     #[test]
     fn without_a_tap_there_is_no_card() {
-        let c = vm_config(&LaunchSpec { network: None, ..spec() });
+        let c = vm_config(&LaunchSpec { networks: vec![], ..spec() });
         assert!(c.get("net").is_none(), "{c}");
+    }
+
+    #[test]
+    fn each_tap_is_a_card_and_a_macvtap_waits_for_add_net() {
+        let mut s = spec();
+        let card = |mac: &str, tap: Option<&str>, macvtap: Option<&str>| crate::NetLaunch {
+            mac: mac.into(),
+            tap: tap.map(Into::into),
+            macvtap: macvtap.map(Into::into),
+            ..Default::default()
+        };
+        s.networks.push(card("12:00:00:00:00:01", None, Some("hth-abc1")));
+        s.networks.push(card("22:00:00:00:00:01", Some("hth-abc2"), None));
+        let c = vm_config(&s);
+        let nets = c["net"].as_array().expect("cards");
+        let ids: Vec<_> = nets.iter().map(|n| (n["id"].as_str(), n["tap"].as_str())).collect();
+        assert_eq!(ids, [(Some("eth0"), Some("hth-abc")), (Some("eth2"), Some("hth-abc2"))]);
     }
 }

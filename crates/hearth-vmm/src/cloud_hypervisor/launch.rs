@@ -111,15 +111,14 @@ fn start(
         api.wait_ready(PING, pid, start_time, API_WAIT)?;
         api.put("/api/v1/vm.create", &config::vm_config(inside))?;
         // A macvtap's card: vm.create takes no descriptors, vm.add-net does (SCM_RIGHTS).
-        match spec.network.as_ref().and_then(|n| n.macvtap.as_deref().map(|m| (m, &n.mac))) {
-            Some((name, mac)) => {
-                use std::os::fd::AsRawFd;
-                let dev = crate::macvtap::open(name)?;
-                let card = serde_json::json!({ "id": "eth0", "mac": mac });
-                api.put_with_fds("/api/v1/vm.add-net", &card, &[dev.as_raw_fd()])
-            }
-            None => Ok(()),
+        for (i, n) in spec.networks.iter().enumerate() {
+            let Some(name) = n.macvtap.as_deref() else { continue };
+            use std::os::fd::AsRawFd;
+            let dev = crate::macvtap::open(name)?;
+            let card = serde_json::json!({ "id": config::card_id(i), "mac": n.mac });
+            api.put_with_fds("/api/v1/vm.add-net", &card, &[dev.as_raw_fd()])?;
         }
+        Ok(())
     })?;
     Ok(Launched { pid, start_time, accel: Accel::Kvm, warning: None, held: vec![] })
 }

@@ -27,7 +27,7 @@ fn drive_id(serial: &str) -> String {
 /// What MMDS serves: the cloud-init files under `latest`, as Flintlock lays them out; `None`
 /// when the VM has none or no card to serve them on.
 pub fn mmds(spec: &LaunchSpec) -> Option<Value> {
-    let card = spec.network.as_ref().is_some_and(|n| n.tap.is_some());
+    let card = spec.networks.first().is_some_and(|n| n.tap.is_some());
     // MMDS holds text: bytes that are not UTF-8 (gzip user-data) reach the guest exactly
     // through hearth-init's NoCloud seed instead.
     let latest: serde_json::Map<String, Value> =
@@ -66,15 +66,18 @@ pub fn calls(spec: &LaunchSpec) -> Vec<(String, Value)> {
     for v in &spec.volumes {
         drive(drive_id(&v.serial), &v.path, v.read_only);
     }
-    if let Some(tap) = spec.network.as_ref().and_then(|n| n.tap.as_ref().map(|t| (t, &n.mac))) {
+    // Taps only (Firecracker opens them by name): the core never gives it another kind.
+    for (i, n) in spec.networks.iter().enumerate() {
+        let Some(tap) = &n.tap else { continue };
+        let id = format!("eth{i}");
         out.push((
-            "/network-interfaces/eth0".to_owned(),
-            json!({ "iface_id": "eth0", "host_dev_name": tap.0, "guest_mac": tap.1 }),
+            format!("/network-interfaces/{id}"),
+            json!({ "iface_id": id, "host_dev_name": tap, "guest_mac": n.mac }),
         ));
     }
-    // Flintlock's own Firecracker provider serves cloud-init through MMDS v2 on the card; so
-    // does hearth, with the same bundle hearth-init seeds (the NoCloud files).
-    if spec.network.as_ref().is_some_and(|n| n.tap.is_some()) && !spec.cloud_init.is_empty() {
+    // Flintlock's own Firecracker provider serves cloud-init through MMDS v2 on a card; so
+    // does hearth, on the first, with the same bundle hearth-init seeds (the NoCloud files).
+    if mmds(spec).is_some() {
         out.push((
             "/mmds/config".to_owned(),
             json!({ "version": "V2", "network_interfaces": ["eth0"] }),
@@ -120,6 +123,20 @@ mod tests {
             (Some("hth-abc"), Some("02:00:00:00:00:01"))
         );
         assert_eq!(body(&c, "/vsock")["uds_path"], "/var/lib/hearth/vms/abc/agent.sock");
+        // A second card is eth1, on its own tap.
+        let mut s = spec();
+        let second = crate::NetLaunch {
+            mac: "12:00:00:00:00:01".into(),
+            tap: Some("hth-abc1".into()),
+            ..Default::default()
+        };
+        s.networks.push(second);
+        let c = calls(&s);
+        let net = body(&c, "/network-interfaces/eth1");
+        assert_eq!(
+            (net["iface_id"].as_str(), net["host_dev_name"].as_str(), net["guest_mac"].as_str()),
+            (Some("eth1"), Some("hth-abc1"), Some("12:00:00:00:00:01"))
+        );
         // Drive ids are Firecracker resource ids.
         for (p, _) in c.iter().filter(|(p, _)| p.starts_with("/drives/")) {
             assert!(
@@ -131,7 +148,7 @@ mod tests {
 
     #[test]
     fn without_a_network_there_is_no_card_and_no_metadata_service() {
-        let mut s = LaunchSpec { network: None, ..spec() };
+        let mut s = LaunchSpec { networks: vec![], ..spec() };
         s.cloud_init.insert("user-data".into(), "#cloud-config\n".into());
         let c = calls(&s);
         assert!(c

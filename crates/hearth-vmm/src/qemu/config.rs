@@ -112,12 +112,13 @@ pub fn qemu_args(
             "virtserialport,chardev=agent,name=hearth.agent",
         ],
     );
-    if let Some(net) = &spec.network {
-        let nic = if kvm { "virtio-net-device" } else { "virtio-net-pci,romfile=" };
-        push(
-            &mut a,
-            &["-netdev", &netdev(net), "-device", &format!("{nic},netdev=net0,mac={}", net.mac)],
-        );
+    let nic = if kvm { "virtio-net-device" } else { "virtio-net-pci,romfile=" };
+    let mut macvtaps = 0;
+    for (i, net) in spec.networks.iter().enumerate() {
+        let netdev = netdev(net, i, MACVTAP_FD + macvtaps);
+        macvtaps += i32::from(net.macvtap.is_some());
+        let device = format!("{nic},netdev=net{i},mac={}", net.mac);
+        push(&mut a, &["-netdev", &netdev, "-device", &device]);
     }
     let qmp = format!("unix:{},server=on,wait=off", p("qmp.sock"));
     // `-D`: QEMU's own log (it truncates it on open, so qemu.log holds this boot only). `-S`:
@@ -184,20 +185,22 @@ fn disk_args(spec: &LaunchSpec, kvm: bool) -> Vec<String> {
     a
 }
 
-/// A tap QEMU creates itself (gone with the process; no scripts), or QEMU's user-mode network
-/// backend with one `hostfwd` per published port.
-/// The descriptor a macvtap's character device is handed to QEMU as.
+/// The descriptor the first macvtap's character device is handed to QEMU as; the next ones
+/// follow it, in the order of their cards.
 pub const MACVTAP_FD: i32 = 3;
 
-fn netdev(net: &crate::NetLaunch) -> String {
+/// The backend of card `i`: a macvtap's device inherited as descriptor `fd`, a tap QEMU
+/// creates itself (gone with the process; no scripts), or QEMU's user-mode network with one
+/// `hostfwd` per published port.
+fn netdev(net: &crate::NetLaunch, i: usize, fd: i32) -> String {
     if net.macvtap.is_some() {
         // Opened by hearth and inherited (launch.rs); no vhost-net: QEMU does the I/O itself.
-        return format!("tap,id=net0,fd={MACVTAP_FD},vhost=off");
+        return format!("tap,id=net{i},fd={fd},vhost=off");
     }
     if let Some(tap) = &net.tap {
-        return format!("tap,id=net0,ifname={tap},script=no,downscript=no");
+        return format!("tap,id=net{i},ifname={tap},script=no,downscript=no");
     }
-    let mut s = String::from("user,id=net0");
+    let mut s = format!("user,id=net{i}");
     for f in &net.forwards {
         let ip =
             if f.host_ip.contains(':') { format!("[{}]", f.host_ip) } else { f.host_ip.clone() };
@@ -223,7 +226,7 @@ mod tests {
             memory_mib: 512,
             accel: Accel::Auto,
             binary: None,
-            network: None,
+            networks: vec![],
             volumes: vec![],
             confinement: Default::default(),
             cloud_init: Default::default(),
@@ -415,11 +418,11 @@ mod tests {
         let forwards = ["127.0.0.1:2222:22", "8080:80", "[::1]:5353:53/udp"]
             .map(|p| p.parse().expect("port"))
             .to_vec();
-        s.network = Some(crate::NetLaunch {
+        s.networks = vec![crate::NetLaunch {
             mac: "02:00:00:00:00:01".into(),
             forwards,
             ..Default::default()
-        });
+        }];
         let a = qemu_args(&s, Accel::Tcg, None, Features::ALL);
         assert_eq!(
             after(&a, "-netdev"),
@@ -431,25 +434,48 @@ mod tests {
         assert!(
             after(&a, "-device").contains(&"virtio-net-device,netdev=net0,mac=02:00:00:00:00:01")
         );
-        s.network = Some(crate::NetLaunch {
+        s.networks = vec![crate::NetLaunch {
             mac: "02:00:00:00:00:01".into(),
             forwards: vec![],
             tap: Some("ht0123".into()),
             macvtap: None,
-        });
+        }];
         assert_eq!(
             after(&qemu_args(&s, Accel::Tcg, None, Features::ALL), "-netdev"),
             ["tap,id=net0,ifname=ht0123,script=no,downscript=no"]
         );
         // A macvtap's device is inherited as descriptor 3; QEMU does its I/O (no vhost-net).
-        s.network = Some(crate::NetLaunch {
+        s.networks = vec![crate::NetLaunch {
             mac: "02:00:00:00:00:01".into(),
             macvtap: Some("ht0123".into()),
             ..Default::default()
-        });
+        }];
         assert_eq!(
             after(&qemu_args(&s, Accel::Tcg, None, Features::ALL), "-netdev"),
             ["tap,id=net0,fd=3,vhost=off"]
         );
+        // More cards: each its own backend and device, macvtaps on the next descriptors.
+        let card = |mac: &str, tap: Option<&str>, macvtap: Option<&str>| crate::NetLaunch {
+            mac: mac.into(),
+            tap: tap.map(Into::into),
+            macvtap: macvtap.map(Into::into),
+            ..Default::default()
+        };
+        s.networks = vec![
+            card("02:00:00:00:00:01", None, Some("ht0123")),
+            card("12:00:00:00:00:01", Some("ht01231"), None),
+            card("22:00:00:00:00:01", None, Some("ht01232")),
+        ];
+        let a = qemu_args(&s, Accel::Tcg, None, Features::ALL);
+        assert_eq!(
+            after(&a, "-netdev"),
+            [
+                "tap,id=net0,fd=3,vhost=off",
+                "tap,id=net1,ifname=ht01231,script=no,downscript=no",
+                "tap,id=net2,fd=4,vhost=off"
+            ]
+        );
+        let devices = after(&a, "-device");
+        assert!(devices.contains(&"virtio-net-pci,romfile=,netdev=net2,mac=22:00:00:00:00:01"));
     }
 }

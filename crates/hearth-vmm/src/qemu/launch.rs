@@ -110,15 +110,22 @@ pub fn launch(spec: &LaunchSpec) -> Result<Launched, VmmError> {
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(io)?)
         .stderr(log);
-    // A macvtap's device, opened here (as root) and handed over as descriptor 3.
-    let macvtap = match spec.network.as_ref().and_then(|n| n.macvtap.as_deref()) {
-        Some(name) => Some(crate::macvtap::open(name)?),
-        None => None,
-    };
-    let inherit = macvtap.as_ref().map(|f| {
-        use std::os::fd::AsRawFd;
-        (f.as_raw_fd(), super::config::MACVTAP_FD)
-    });
+    // The macvtaps' devices, opened here (as root) and handed over as descriptors 3, 4, ...
+    let macvtaps = (spec.networks.iter().filter_map(|n| n.macvtap.as_deref()))
+        .map(|name| {
+            let dev = crate::macvtap::open(name)?;
+            crate::sys::dup_high(&dev.into()).map_err(|e| VmmError::Control {
+                api: "macvtap",
+                message: format!("duplicating {name}'s device: {e}"),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let inherit = (macvtaps.iter().zip(super::config::MACVTAP_FD..))
+        .map(|(f, to)| {
+            use std::os::fd::AsRawFd;
+            (f.as_raw_fd(), to)
+        })
+        .collect();
     let joins = group.as_ref().map(|g| g.join_fds()).unwrap_or_default();
     crate::sys::detach_and_join(&mut cmd, joins, inherit);
     let started = (|| {
@@ -268,7 +275,7 @@ mod tests {
             memory_mib: 128,
             accel: Accel::Tcg,
             binary: None,
-            network: None,
+            networks: vec![],
             volumes: vec![],
             confinement: Default::default(),
             cloud_init: Default::default(),

@@ -67,9 +67,11 @@ pub struct CreateArgs {
     #[arg(short = 't', long)]
     tty: bool,
     /// Network: user (NAT through the VMM, the default), bridge (the hearth0 bridge, an address
-    /// of its own; needs root) or none.
+    /// of its own; needs root), macvtap[:IFACE] (on the host's LAN, its own MAC) or none. Given
+    /// again, another network card: bridge (its own address) or macvtap[:IFACE] (DHCP); --ip,
+    /// --gateway and --dns are the first card's.
     #[arg(long, default_value = "user")]
-    network: String,
+    network: Vec<String>,
     /// The VM's address: on the bridge network, one of its subnet (allocated when not given);
     /// on a macvtap network, a static LAN address with its prefix, A.B.C.D/N (DHCP when not
     /// given).
@@ -170,7 +172,10 @@ fn request(a: &CreateArgs) -> anyhow::Result<pb::CreateVmRequest> {
         tty: a.tty,
         pull: false,
         insecure: a.insecure,
-        network: a.network.clone(),
+        network: a.network.first().cloned().unwrap_or_default(),
+        cards: (a.network.iter().skip(1))
+            .map(|n| pb::NetworkCard { network: n.clone(), ..Default::default() })
+            .collect(),
         ports: a.publish.clone(),
         ssh: a.ssh.is_some(),
         ssh_public_key: match a.ssh.as_deref() {

@@ -5,7 +5,7 @@ use super::*;
 /// Checks a spec and fills Flintlock's defaults; returns it ready to store.
 pub(super) fn validate(
     mut spec: fl::MicroVmSpec,
-    network: NetworkMode,
+    nets: impl Into<Nets>,
 ) -> Result<fl::MicroVmSpec, Status> {
     if spec.id.is_empty() {
         return bad("microvm id (its name) is required".into());
@@ -23,7 +23,7 @@ pub(super) fn validate(
     size(&mut spec)?;
     boot_and_root(&spec)?;
     volumes(&spec.additional_volumes)?;
-    interfaces(&spec.interfaces, network)?;
+    interfaces(&spec.interfaces, nets.into())?;
     if let Err(e) = provider(&spec) {
         return bad(format!("provider: {e}, or leave it empty"));
     }
@@ -128,17 +128,29 @@ fn volumes(volumes: &[fl::Volume]) -> Result<(), Status> {
     Ok(())
 }
 
-/// One card at most, a valid MAC, static addresses only on the bridge.
-fn interfaces(interfaces: &[fl::NetworkInterface], network: NetworkMode) -> Result<(), Status> {
-    if interfaces.len() > 1 {
+/// Up to hearth's cards, each with a device id of its own and a valid MAC; a static address
+/// lies on the bridge, or on the LAN of a macvtap.
+fn interfaces(interfaces: &[fl::NetworkInterface], nets: Nets) -> Result<(), Status> {
+    use hearth_types::card::MAX_CARDS;
+    if interfaces.len() > MAX_CARDS {
         return bad(format!(
-            "{} network interfaces given: hearth gives a microvm one network card for now",
+            "{} network interfaces given: a microvm has at most {MAX_CARDS}",
             interfaces.len()
         ));
     }
-    for i in interfaces {
+    for (n, i) in interfaces.iter().enumerate() {
         if i.device_id.is_empty() {
             return bad("network interface device_id is required (e.g. eth1)".into());
+        }
+        if interfaces[..n].iter().any(|o| o.device_id == i.device_id) {
+            return bad(format!("network interface device_id {:?} is given twice", i.device_id));
+        }
+        let network = nets.of(i);
+        if n > 0 && !matches!(network, NetworkMode::Bridge | NetworkMode::Macvtap) {
+            return bad(format!(
+                "interface {}: a second interface needs the bridge network (hearthd --flintlock-network bridge), or type MACVTAP with hearthd --parent-iface",
+                i.device_id
+            ));
         }
         if let Some(mac) = i.guest_mac.as_deref().filter(|m| !m.is_empty()) {
             hearth_types::net::validate_mac(mac)
@@ -200,20 +212,36 @@ pub(super) fn metadata_value(value: &str) -> Vec<u8> {
         .unwrap_or_else(|_| value.as_bytes().to_vec())
 }
 
-/// The network a microVM's card is on: a macvtap on the daemon's `--parent-iface` for an
-/// interface of type MACVTAP (the enum's zero, Flintlock's default) when the daemon has one, as
-/// Flintlock does; else the daemon's `--flintlock-network`.
-pub(super) fn card_network(
-    spec: &fl::MicroVmSpec,
-    network: NetworkMode,
-    parent: Option<&str>,
-) -> NetworkMode {
-    let macvtap = (spec.interfaces.first())
-        .is_some_and(|i| i.r#type == fl::network_interface::IfaceType::Macvtap as i32);
-    if macvtap && parent.is_some() {
-        NetworkMode::Macvtap
-    } else {
-        network
+/// The networks a microVM's interfaces are put on: a macvtap on the daemon's `--parent-iface`
+/// for an interface of type MACVTAP (the enum's zero, Flintlock's default) when the daemon has
+/// one, as Flintlock does; else (TAP, or no parent) the daemon's `--flintlock-network`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Nets {
+    pub default: NetworkMode,
+    /// The daemon has a `--parent-iface`.
+    pub macvtap: bool,
+}
+
+impl Nets {
+    pub fn new(default: NetworkMode, parent: Option<&str>) -> Self {
+        Self { default, macvtap: parent.is_some() }
+    }
+
+    /// The network of `iface`.
+    pub fn of(&self, iface: &fl::NetworkInterface) -> NetworkMode {
+        let macvtap = iface.r#type == fl::network_interface::IfaceType::Macvtap as i32;
+        if macvtap && self.macvtap {
+            NetworkMode::Macvtap
+        } else {
+            self.default
+        }
+    }
+}
+
+/// Every interface on `default`.
+impl From<NetworkMode> for Nets {
+    fn from(default: NetworkMode) -> Self {
+        Self { default, macvtap: false }
     }
 }
 
@@ -324,24 +352,14 @@ pub(super) fn static_address(a: &fl::StaticAddress) -> Result<std::net::Ipv4Addr
     Ok(ip)
 }
 
-/// The hearth VM for a microVM: its image's own init as PID 1, cloud-init seeded.
-pub(super) fn create_request(
-    spec: &fl::MicroVmSpec,
-    uid: &str,
-    kernel: &str,
+/// hearth's card for an interface on `network`; named in cloud-init's network-config when
+/// `named` (`add_network_config`).
+fn card(
+    i: &fl::NetworkInterface,
     network: NetworkMode,
-) -> Result<pb::CreateVmRequest, Status> {
-    let cloud_init: HashMap<String, Vec<u8>> =
-        spec.metadata.iter().map(|(k, v)| (k.clone(), metadata_value(v))).collect();
-    let iface = spec.interfaces.first();
-    let mac = iface.and_then(|i| i.guest_mac.clone()).filter(|m| !m.is_empty()).unwrap_or_default();
-    let kernel_spec = spec.kernel.clone().unwrap_or_default();
-    // The network-config is written when the VM starts, from the address it was given.
-    let cloud_init_network = iface
-        .filter(|_| kernel_spec.add_network_config)
-        .map(|i| i.device_id.clone())
-        .unwrap_or_default();
-    let (address, gateway, dns) = match iface.and_then(|i| i.address.as_ref()) {
+    named: bool,
+) -> Result<pb::NetworkCard, Status> {
+    let (address, gateway, dns) = match &i.address {
         Some(a) if network == NetworkMode::Macvtap => {
             (a.address.clone(), a.gateway.clone().unwrap_or_default(), a.nameservers.clone())
         }
@@ -351,6 +369,37 @@ pub(super) fn create_request(
         }
         None => Default::default(),
     };
+    Ok(pb::NetworkCard {
+        network: network.to_string(),
+        mac: i.guest_mac.clone().unwrap_or_default(),
+        address,
+        gateway,
+        dns,
+        guest_name: if named { i.device_id.clone() } else { String::new() },
+    })
+}
+
+/// The hearth VM for a microVM: its image's own init as PID 1, cloud-init seeded.
+pub(super) fn create_request(
+    spec: &fl::MicroVmSpec,
+    uid: &str,
+    kernel: &str,
+    nets: impl Into<Nets>,
+) -> Result<pb::CreateVmRequest, Status> {
+    let nets = nets.into();
+    let cloud_init: HashMap<String, Vec<u8>> =
+        spec.metadata.iter().map(|(k, v)| (k.clone(), metadata_value(v))).collect();
+    let kernel_spec = spec.kernel.clone().unwrap_or_default();
+    // The network-config is written when the VM starts, from the addresses the cards got.
+    let mut cards = (spec.interfaces.iter())
+        .map(|i| card(i, nets.of(i), kernel_spec.add_network_config))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter();
+    // No interface: no network at all.
+    let first = cards.next().unwrap_or(pb::NetworkCard {
+        network: NetworkMode::None.to_string(),
+        ..Default::default()
+    });
     let cmdline: BTreeMap<_, _> = kernel_spec.cmdline.iter().collect();
     let kernel_args = cmdline
         .iter()
@@ -373,13 +422,14 @@ pub(super) fn create_request(
         has_entrypoint: true,
         entrypoint: vec!["/sbin/init".into()],
         labels,
-        network: if iface.is_some() { network.to_string() } else { NetworkMode::None.to_string() },
-        mac,
+        network: first.network,
+        mac: first.mac,
         cloud_init,
-        address,
-        gateway,
-        dns,
-        cloud_init_network,
+        address: first.address,
+        gateway: first.gateway,
+        dns: first.dns,
+        cloud_init_network: first.guest_name,
+        cards: cards.collect(),
         vmm: provider(spec).ok().flatten().map(|p| p.to_string()).unwrap_or_default(),
         volumes: spec
             .additional_volumes

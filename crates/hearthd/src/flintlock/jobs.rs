@@ -26,9 +26,8 @@ impl Jobs for MicroVmJobs {
         }
         let spec = rec.spec();
         let kernel = spec.kernel.clone().unwrap_or_default();
-        let network =
-            super::convert::card_network(&spec, self.network, self.d.parent_iface.as_deref());
-        let mut req = create_request(&spec, uid, "", network).map_err(|s| from_status(&s))?;
+        let nets = super::convert::Nets::new(self.network, self.d.parent_iface.as_deref());
+        let mut req = create_request(&spec, uid, "", nets).map_err(|s| from_status(&s))?;
         if req.vmm.is_empty() {
             req.vmm = self.d.default_vmm.to_string();
         }

@@ -18,7 +18,7 @@ use hearth_api::flintlock::types as fl;
 use hearth_api::microvm::services::api::v1alpha1::{self as fpb, micro_vm_server::MicroVm};
 use hearth_api::v1 as pb;
 use hearth_core::{Provisioner, RetryPolicy};
-use hearth_types::net::{tap_name, BRIDGE_GATEWAY, BRIDGE_PREFIX};
+use hearth_types::net::{BRIDGE_GATEWAY, BRIDGE_PREFIX};
 use hearth_types::{NetworkMode, VmRecord, VmState};
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
@@ -115,34 +115,43 @@ impl Flintlock {
         }
     }
 
-    /// Holds a pending microVM's static address against the allocator until its VM exists.
-    /// Fails when another VM or pending microVM has it.
+    /// Holds a pending microVM's static bridge addresses against the allocator until its VM
+    /// exists. Fails when another VM or pending microVM has one.
     fn reserve_address(&self, spec: &fl::MicroVmSpec, uid: &str) -> Result<(), Status> {
-        let Some(a) = spec.interfaces.first().and_then(|i| i.address.as_ref()) else {
+        let nets = Nets::new(self.inner.network, self.inner.d.parent_iface.as_deref());
+        let ips = (spec.interfaces.iter())
+            .filter(|i| nets.of(i) == NetworkMode::Bridge)
+            .filter_map(|i| i.address.as_ref())
+            .map(|a| static_address(a).map_err(Status::invalid_argument))
+            .collect::<Result<Vec<_>, _>>()?;
+        if ips.is_empty() {
             return Ok(());
-        };
-        let ip = static_address(a).map_err(Status::invalid_argument)?;
+        }
         let vms = self.inner.d.vms.list().map_err(internal)?;
-        if let Some(vm) = vms.iter().find(|r| {
-            r.spec.address == Some(ip)
-                && r.spec.labels.get(UID_LABEL).map(String::as_str) != Some(uid)
-        }) {
-            return Err(Status::already_exists(format!(
-                "address {ip} is taken by VM {}; choose another",
-                vm.spec.name
-            )));
+        for ip in &ips {
+            if let Some(vm) = vms.iter().find(|r| {
+                r.spec.bridge_addresses().contains(ip)
+                    && r.spec.labels.get(UID_LABEL).map(String::as_str) != Some(uid)
+            }) {
+                return Err(Status::already_exists(format!(
+                    "address {ip} is taken by VM {}; choose another",
+                    vm.spec.name
+                )));
+            }
         }
         let mut reserved =
             self.inner.d.reserved_addresses.lock().unwrap_or_else(|e| e.into_inner());
-        match reserved.get(&ip) {
-            Some(holder) if holder != uid => Err(Status::already_exists(format!(
+        if let Some((ip, holder)) =
+            ips.iter().find_map(|ip| reserved.get(ip).filter(|h| *h != uid).map(|h| (ip, h)))
+        {
+            return Err(Status::already_exists(format!(
                 "address {ip} is promised to microvm {holder}; choose another"
-            ))),
-            _ => {
-                reserved.insert(ip, uid.to_owned());
-                Ok(())
-            }
+            )));
         }
+        for ip in ips {
+            reserved.insert(ip, uid.to_owned());
+        }
+        Ok(())
     }
 
     /// Whether `uid` names a microVM.
@@ -177,25 +186,18 @@ impl Flintlock {
             ..Default::default()
         };
         if let Some(vm) = vm {
-            if let (Some(i), true) = (spec.interfaces.first(), vm.spec.network != NetworkMode::None)
-            {
-                // The tap on the bridge, or the macvtap on the LAN, and its interface index (a
-                // macvtap's character device is /dev/tapINDEX); none for user-mode NAT.
-                let host_device_name = match vm.spec.network {
-                    NetworkMode::Bridge | NetworkMode::Macvtap => tap_name(&vm.spec.id),
-                    _ => String::new(),
-                };
+            // Each card's tap on the bridge or macvtap on the LAN, and its interface index (a
+            // macvtap's character device is /dev/tapINDEX); none for user-mode NAT.
+            for (i, card) in spec.interfaces.iter().zip(vm.spec.cards()) {
+                let host_device_name = if card.has_link() { card.link } else { String::new() };
                 let index =
                     std::fs::read_to_string(format!("/sys/class/net/{host_device_name}/ifindex"))
                         .ok()
                         .filter(|_| !host_device_name.is_empty())
                         .and_then(|i| i.trim().parse().ok())
                         .unwrap_or(0);
-                let iface = fl::NetworkInterfaceStatus {
-                    host_device_name,
-                    index,
-                    mac_address: vm.spec.mac(),
-                };
+                let iface =
+                    fl::NetworkInterfaceStatus { host_device_name, index, mac_address: card.mac };
                 status.network_interfaces.insert(i.device_id.clone(), iface);
             }
             if let Some(disk) = &vm.status.disk_path {

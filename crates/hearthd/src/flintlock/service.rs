@@ -13,8 +13,7 @@ impl MicroVm for Flintlock {
             .microvm
             .ok_or_else(|| Status::invalid_argument("microvm spec is required"))?;
         let parent = self.inner.d.parent_iface.as_deref();
-        let network = super::convert::card_network(&spec, self.inner.network, parent);
-        let mut spec = validate(spec, network)?;
+        let mut spec = validate(spec, Nets::new(self.inner.network, parent))?;
         let requested = spec.clone();
         let uid = ulid::Ulid::new().to_string();
         spec.uid = Some(uid.clone());

@@ -145,9 +145,10 @@ fn a_macvtap_interface_takes_a_static_lan_address() {
         gateway: Some("192.168.1.1".into()),
         nameservers: vec!["192.168.1.1".into()],
     });
-    let network = card_network(&s, NetworkMode::Bridge, Some("eth0"));
+    let nets = Nets::new(NetworkMode::Bridge, Some("eth0"));
+    let network = nets.of(&s.interfaces[0]);
     assert_eq!(network, NetworkMode::Macvtap);
-    assert_eq!(card_network(&s, NetworkMode::Bridge, None), NetworkMode::Bridge);
+    assert_eq!(Nets::new(NetworkMode::Bridge, None).of(&s.interfaces[0]), NetworkMode::Bridge);
     let s = validate(s, network).expect("valid on the LAN");
     let req = create_request(&s, "01ABC", "fl-0", network).expect("request");
     assert_eq!(req.network, "macvtap");

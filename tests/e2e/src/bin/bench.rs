@@ -174,7 +174,7 @@ fn run_to_ready(reg: &LocalRegistry, runs: usize) -> Daemon {
             memory_mib: 512,
             accel: hearth_types::Accel::Tcg,
             binary: None,
-            network: Some(hearth_vmm::NetLaunch { mac: MAC.into(), ..Default::default() }),
+            networks: vec![hearth_vmm::NetLaunch { mac: MAC.into(), ..Default::default() }],
             volumes: vec![],
             confinement: Default::default(),
             cloud_init: Default::default(),

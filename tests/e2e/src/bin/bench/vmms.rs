@@ -34,7 +34,7 @@ fn bare_vm(d: &Daemon, dir: &Path, vmm: &str) -> hearth_vmm::LaunchSpec {
         memory_mib: 512,
         accel: hearth_types::Accel::Kvm,
         binary: None,
-        network: None,
+        networks: vec![],
         volumes: vec![],
         confinement: Default::default(),
         cloud_init: Default::default(),
