@@ -34,7 +34,14 @@ const APT_PACKAGES: &[&str] = &[
     "debootstrap",
     // An HTTP client for the Flintlock HTTP gateway's tests.
     "curl",
+    // What virtiofsd (shared directories) builds against: Debian 12 does not package it.
+    "libseccomp-dev",
+    "libcap-ng-dev",
+    "pkg-config",
 ];
+
+/// virtiofsd, built from crates.io with its own lock file where the machine has none.
+const VIRTIOFSD_VERSION: &str = "1.14.0";
 
 /// The guest kernel package: Debian's cloud kernel (virtio as modules).
 const KERNEL_PACKAGE: &str = "linux-image-cloud-amd64";
@@ -344,10 +351,30 @@ fn layers() -> Result<()> {
     Ok(())
 }
 
+/// The machine's virtiofsd, else one built into .cache/virtiofsd once.
+fn virtiofsd() -> Result<PathBuf> {
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join("virtiofsd"))
+        .chain(["/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"].map(PathBuf::from));
+    let cache = root().join(".cache/virtiofsd");
+    let built = cache.join("bin/virtiofsd");
+    if let Some(found) = on_path.chain([built.clone()]).find(|p| p.is_file()) {
+        return Ok(found);
+    }
+    run(Command::new(env!("CARGO"))
+        .args(["install", "--locked", "--quiet", "--root"])
+        .arg(&cache)
+        .args(["virtiofsd", "--version", VIRTIOFSD_VERSION]))?;
+    Ok(built)
+}
+
 /// Environment for the VM-booting tests.
 fn e2e_env(cmd: &mut Command) -> Result<()> {
     let init = build_init()?;
     let (k, m) = kernel()?;
+    cmd.env("HEARTH_VIRTIOFSD", virtiofsd()?);
     // The kernel crate's boot tests take the unpacked package root and the init binary.
     let kernel_root = root().join(".cache/kernel/root");
     cmd.env("HEARTH_KERNEL_DIR", kernel_root).env("HEARTH_INIT_BIN", &init);

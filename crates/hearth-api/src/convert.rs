@@ -115,6 +115,7 @@ fn nic(c: pb::NetworkCard) -> Result<NicSpec, Error> {
 fn volume(v: pb::VolumeRequest) -> Result<NewVolume, Error> {
     let source = match (v.image.is_empty(), v.host_path.is_empty(), v.size_bytes) {
         (false, true, 0) => VolumeSource::Image,
+        (true, false, 0) if v.share => VolumeSource::Share { path: v.host_path },
         (true, false, 0) => VolumeSource::Host { path: v.host_path },
         (true, true, n) if n > 0 => VolumeSource::Blank { size_bytes: n },
         _ => {

@@ -160,6 +160,11 @@ impl Reconciler {
                 "--vmm {vmm} has no macvtap interfaces (it opens taps only by name): use --network bridge, or --vmm qemu or cloud-hypervisor"
             )));
         }
+        if req.volumes.iter().any(|v| v.source.is_share()) && !caps.shares {
+            return Err(Error::invalid(format!(
+                "--vmm {vmm} cannot share host directories (it has no virtio-fs): give the VM a disk image or block device instead, or use --vmm qemu or cloud-hypervisor"
+            )));
+        }
         if req.accel != Accel::Auto && !caps.accels.contains(&req.accel) {
             return Err(Error::invalid(format!(
                 "--vmm {vmm} cannot run guests with --accel {}: use --accel auto{}",
@@ -203,9 +208,17 @@ impl Reconciler {
             .iter()
             .map(|v| {
                 if !v.source.is_image() {
+                    // A shared directory is kept by its canonical path.
+                    let source = match &v.source {
+                        VolumeSource::Share { path } => VolumeSource::Share {
+                            path: (self.ports.disks.check_share(path))
+                                .map_err(|e| e.context(format!("volume {}", v.id)))?,
+                        },
+                        other => other.clone(),
+                    };
                     return Ok(VolumeSpec {
                         id: v.id.clone(),
-                        source: v.source.clone(),
+                        source,
                         image: String::new(),
                         image_id: String::new(),
                         mount_point: v.mount_point.clone(),

@@ -77,7 +77,12 @@ pub fn guest_config(spec: &VmSpec, image: &ImageConfig) -> Result<GuestConfig, G
             .enumerate()
             .filter_map(|(i, v)| {
                 let mount_point = v.mount_point.clone()?;
-                Some(GuestVolume { serial: volume_serial(i), mount_point, read_only: v.read_only })
+                Some(GuestVolume {
+                    serial: volume_serial(i),
+                    mount_point,
+                    read_only: v.read_only,
+                    share: v.source.is_share(),
+                })
             })
             .collect(),
     })

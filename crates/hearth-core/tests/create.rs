@@ -141,6 +141,40 @@ async fn a_host_disk_is_never_given_to_two_writers_and_a_missing_one_is_named() 
     assert_eq!(records(&h), 3);
 }
 
+/// A shared directory is kept by the path the host resolved, mounted by hearth-init as
+/// virtio-fs; a VMM without virtio-fs and a path that is no directory are refused.
+#[tokio::test]
+async fn a_shared_directory_is_kept_by_its_real_path_and_needs_a_vmm_with_virtio_fs() {
+    let h = host();
+    h.host.host_disk("/srv/disk.img", "disk");
+    let share = |path: &str| NewVolume {
+        id: "data".into(),
+        source: VolumeSource::Share { path: path.into() },
+        mount_point: Some("/data".into()),
+        read_only: true,
+        ..Default::default()
+    };
+    let rec = h.reconciler.create(NewVm { volumes: vec![share("/srv/data/")], ..new_vm() }).await;
+    let rec = rec.expect("shared");
+    assert_eq!(rec.spec.volumes[0].source, VolumeSource::Share { path: "/srv/data".into() });
+    let image = ImageConfig { cmd: vec!["sh".into()], ..Default::default() };
+    let cfg = hearth_core::guest_config(&rec.spec, &image).expect("guest config");
+    assert!(cfg.volumes[0].share && cfg.volumes[0].read_only, "{:?}", cfg.volumes);
+
+    let e = h.reconciler.create(NewVm { volumes: vec![share("/srv/disk.img")], ..new_vm() });
+    let e = e.await.expect_err("a file");
+    assert!(e.message.contains("volume data") && e.message.contains("not a directory"), "{e}");
+    let fc = NewVm {
+        provider: hearth_types::Provider::Firecracker,
+        network: NetworkMode::Bridge,
+        volumes: vec![share("/srv/data")],
+        ..new_vm()
+    };
+    let e = h.reconciler.create(fc).await.expect_err("no virtio-fs");
+    assert!(e.message.contains("virtio-fs") && e.message.contains("--vmm qemu"), "{e}");
+    assert_eq!(records(&h), 1);
+}
+
 #[tokio::test]
 async fn without_any_kernel_the_error_says_to_import_one() {
     let h = harness();

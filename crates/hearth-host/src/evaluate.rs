@@ -76,6 +76,12 @@ fn programs(f: &Facts) -> Vec<Check> {
     for (name, flag) in [("firecracker", "firecracker"), ("cloud-hypervisor", "cloud-hypervisor")] {
         out.push(kvm_vmm(f, name, flag));
     }
+    out.push(tool(
+        "virtiofsd",
+        Level::Info,
+        "not installed: shared directories (`-v DIR:PATH`, Flintlock's virtiofs_source) need it",
+        "apt-get install virtiofsd (Debian 13, Ubuntu 24.04), or cargo install virtiofsd",
+    ));
     out
 }
 

@@ -50,8 +50,15 @@ pub struct Facts {
 
 pub use hearth_types::size::PoolUsage;
 
-pub(crate) const PROGRAMS: [&str; 6] =
-    ["qemu-system-x86_64", "mkfs.ext4", "resize2fs", "nft", "firecracker", "cloud-hypervisor"];
+pub(crate) const PROGRAMS: [&str; 7] = [
+    "qemu-system-x86_64",
+    "mkfs.ext4",
+    "resize2fs",
+    "nft",
+    "firecracker",
+    "cloud-hypervisor",
+    "virtiofsd",
+];
 /// The VMMs whose versions are reported.
 pub(crate) const VMMS: [&str; 3] = ["qemu-system-x86_64", "firecracker", "cloud-hypervisor"];
 const SYSCTLS: [&str; 2] = ["net.ipv4.ip_forward", "net.bridge.bridge-nf-call-iptables"];
@@ -171,7 +178,8 @@ fn version(binary: &Path) -> Option<String> {
 fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
-        .chain(["/usr/sbin".into(), "/sbin".into()])
+        // Where distributions put helpers (Debian's virtiofsd) outside PATH.
+        .chain(["/usr/sbin".into(), "/sbin".into(), "/usr/libexec".into(), "/usr/lib/qemu".into()])
         .map(|d| d.join(name))
         .find(|p| p.is_file())
 }

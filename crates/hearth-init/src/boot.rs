@@ -127,6 +127,22 @@ pub fn find_disks(config_disk: &mut Option<File>) -> Result<(GuestConfig, String
 /// cannot be mounted is reported on the console; the VM boots without it.
 pub fn mount_volumes(volumes: &[GuestVolume]) {
     for v in volumes {
+        let flags = if v.read_only { libc::MS_RDONLY } else { 0 };
+        if v.share {
+            // A shared directory: virtio-fs, by its tag (the device is there at boot).
+            let res =
+                fs::create_dir_all(&v.mount_point).map_err(|e| e.to_string()).and_then(|()| {
+                    sys::mount(&v.serial, &v.mount_point, "virtiofs", flags, "")
+                        .map_err(|e| e.to_string())
+                });
+            if let Err(e) = res {
+                eprintln!(
+                    "hearth-init: mounting shared directory {} on {}: {e}",
+                    v.serial, v.mount_point
+                );
+            }
+            continue;
+        }
         let deadline = Instant::now() + DISK_WAIT;
         let dev = loop {
             if let Some(d) = virtio_disks().into_iter().find(|d| serial(d) == v.serial) {
@@ -144,7 +160,6 @@ pub fn mount_volumes(volumes: &[GuestVolume]) {
             );
             continue;
         };
-        let flags = if v.read_only { libc::MS_RDONLY } else { 0 };
         let res = fs::create_dir_all(&v.mount_point)
             .map_err(|e| e.to_string())
             .and_then(|()| mount_any(&format!("/dev/{dev}"), &v.mount_point, flags));

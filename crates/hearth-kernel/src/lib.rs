@@ -485,6 +485,8 @@ impl KernelStore {
         h.update(rec.id.hex().as_bytes());
         h.update([0]);
         h.update(&init);
+        // The modules it carries: a hearth that wants others builds another.
+        h.update(GUEST_MODULES.join(",").as_bytes());
         let hash = hex::encode(h.finalize());
         let out = self.kdir(name).join(format!("initramfs-{}.img", &hash[..16]));
         if out.is_file() {

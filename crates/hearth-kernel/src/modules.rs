@@ -18,6 +18,8 @@ pub const GUEST_MODULES: &[&str] = &[
     "virtio_net",
     "vmw_vsock_virtio_transport",
     "ext4",
+    // Shared directories (virtio-fs); it brings fuse.
+    "virtiofs",
 ];
 
 /// Why modules could not be resolved.

@@ -26,7 +26,9 @@ use hearth_types::guest::{
     EXIT_OFFSET, MAX_RECORD,
 };
 use hearth_types::{GuestConfig, GuestExit};
-pub use volumes::{check_host_disk, create_blank, host_disk_id, HostDiskError};
+pub use volumes::{
+    check_host_disk, check_share_dir, create_blank, host_disk_id, HostDiskError, ShareError,
+};
 
 /// Why a disk operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -29,6 +29,41 @@ pub enum HostDiskError {
     Io { path: String, source: io::Error },
 }
 
+/// Why a host directory cannot be shared with a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum ShareError {
+    #[error("{0} does not exist on the host: make the directory first")]
+    Missing(String),
+    #[error(
+        "{0} is not a directory: share a directory, or attach a file or block device as a disk"
+    )]
+    NotADirectory(String),
+    #[error("{0} is, or holds, hearth's state directory {1}, whose disks, keys and records no guest may see: share a directory outside it")]
+    Hearths(String, String),
+    #[error("{path}: {source}")]
+    Io { path: String, source: io::Error },
+}
+
+/// Checks that `path` can be shared with a VM: an existing directory that is neither inside
+/// hearth's state directory `hearth_root` nor above it. Returns its canonical path (symlinks
+/// resolved now: the share stays where it was checked).
+pub fn check_share_dir(path: &Path, hearth_root: &Path) -> Result<std::path::PathBuf, ShareError> {
+    let shown = path.display().to_string();
+    let real = fs::canonicalize(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => ShareError::Missing(shown.clone()),
+        _ => ShareError::Io { path: shown.clone(), source: e },
+    })?;
+    if !real.is_dir() {
+        return Err(ShareError::NotADirectory(shown));
+    }
+    if let Ok(root) = fs::canonicalize(hearth_root) {
+        if real.starts_with(&root) || root.starts_with(&real) {
+            return Err(ShareError::Hearths(shown, root.display().to_string()));
+        }
+    }
+    Ok(real)
+}
+
 /// What names the disk at `path` whatever the path to it: a block device's number, or a file's
 /// filesystem and inode.
 pub fn host_disk_id(path: &Path) -> Option<String> {
@@ -101,6 +136,27 @@ pub fn create_blank(dest: &Path, size: u64) -> Result<(), StorageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_share_is_a_directory_away_from_hearths_state_kept_by_its_real_path() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (root, data) = (tmp.path().join("hearth"), tmp.path().join("data"));
+        fs::create_dir_all(root.join("vms")).expect("root");
+        fs::create_dir(&data).expect("data");
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&data, &link).expect("symlink");
+        let real = fs::canonicalize(&data).expect("real");
+        assert_eq!(check_share_dir(&link, &root).expect("through a link"), real);
+        assert!(matches!(check_share_dir(&root.join("vms"), &root), Err(ShareError::Hearths(..))));
+        assert!(matches!(check_share_dir(tmp.path(), &root), Err(ShareError::Hearths(..))));
+        assert!(matches!(
+            check_share_dir(&tmp.path().join("nope"), &root),
+            Err(ShareError::Missing(_))
+        ));
+        let file = tmp.path().join("f");
+        fs::write(&file, b"x").expect("file");
+        assert!(matches!(check_share_dir(&file, &root), Err(ShareError::NotADirectory(_))));
+    }
 
     #[test]
     fn host_paths_that_are_not_disks_are_refused_by_what_they_are() {

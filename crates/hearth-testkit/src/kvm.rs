@@ -199,6 +199,7 @@ impl HostVolumes {
                 serial: hearth_types::guest::volume_serial(i),
                 read_only,
                 host: true,
+                share: false,
             })
             .collect()
     }

@@ -78,10 +78,14 @@ pub struct GuestConfig {
 /// An extra disk and where to mount it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestVolume {
-    /// The disk's virtio serial (`/sys/block/vdX/serial`).
+    /// The disk's virtio serial (`/sys/block/vdX/serial`), or a shared directory's virtio-fs
+    /// tag.
     pub serial: String,
     pub mount_point: String,
     pub read_only: bool,
+    /// A virtio-fs share (mounted by its tag) rather than a disk.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub share: bool,
 }
 
 /// The virtio serial of the root disk, so it is never mistaken for a volume.

@@ -359,6 +359,12 @@ impl VmSpec {
                 )));
             }
             v.source.validate(&v.id)?;
+            if v.source.is_share() && v.mount_point.is_none() {
+                return Err(VmSpecError::Volume(format!(
+                    "volume {}: a shared directory needs the path to mount it at in the guest",
+                    v.id
+                )));
+            }
             if let Some(m) = &v.mount_point {
                 if !m.starts_with('/') || m == "/" || m.split('/').any(|c| c == "..") {
                     return Err(VmSpecError::Volume(format!(
@@ -479,6 +485,10 @@ pub enum VolumeSource {
     Host { path: String },
     /// An empty ext4 filesystem of this size, made at create and removed with the VM.
     Blank { size_bytes: u64 },
+    /// A directory of the host's, shared live with the guest through virtio-fs (a virtiofsd
+    /// per share, confined to the directory): a bind mount, as `docker run -v DIR:PATH` is. The
+    /// path is the directory's canonical one, resolved at create.
+    Share { path: String },
 }
 
 impl VolumeSource {
@@ -486,12 +496,17 @@ impl VolumeSource {
         matches!(self, Self::Image)
     }
 
+    /// A shared directory rather than a disk.
+    pub fn is_share(&self) -> bool {
+        matches!(self, Self::Share { .. })
+    }
+
     /// A host path must be absolute, canonical-looking (no `..`, not `/`); a blank volume's
     /// size within bounds.
     fn validate(&self, id: &str) -> Result<(), VmSpecError> {
         match self {
             Self::Image => Ok(()),
-            Self::Host { path } => {
+            Self::Host { path } | Self::Share { path } => {
                 let ok = path.starts_with('/')
                     && path != "/"
                     && path.len() <= 4096
@@ -765,6 +780,7 @@ pub(crate) mod tests {
             VolumeSource::Host { path: "/dev/vdb".into() },
             VolumeSource::Host { path: "/srv/data.img".into() },
             VolumeSource::Blank { size_bytes: 1 << 30 },
+            VolumeSource::Share { path: "/srv/shared".into() },
         ] {
             s.volumes = vec![vol(ok)];
             assert!(s.validate().is_ok(), "{:?}", s.volumes);
@@ -775,10 +791,17 @@ pub(crate) mod tests {
             VolumeSource::Host { path: "/srv/../etc/shadow".into() },
             VolumeSource::Blank { size_bytes: 4096 },
             VolumeSource::Blank { size_bytes: MAX_VOLUME_BYTES + 1 },
+            VolumeSource::Share { path: "/".into() },
+            VolumeSource::Share { path: "/srv/../etc".into() },
         ] {
             s.volumes = vec![vol(bad)];
             assert!(matches!(s.validate(), Err(VmSpecError::Volume(_))), "{:?}", s.volumes);
         }
+        s.volumes = vec![VolumeSpec {
+            mount_point: None,
+            ..vol(VolumeSource::Share { path: "/srv/shared".into() })
+        }];
+        assert!(matches!(s.validate(), Err(VmSpecError::Volume(m)) if m.contains("mount")));
         let old: VolumeSpec = serde_json::from_str(
             r#"{"id":"m","image":"modules:1","image_id":"ab","mount_point":null,"read_only":true}"#,
         )

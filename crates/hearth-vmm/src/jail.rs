@@ -114,6 +114,11 @@ impl Chroot<'_> {
         let mut volumes = Vec::new();
         let mut held = Vec::new();
         for (i, v) in spec.volumes.iter().enumerate() {
+            // A share is its virtiofsd's, which serves it on a socket in the chroot.
+            if v.share {
+                volumes.push(v.clone());
+                continue;
+            }
             let name = format!("volume-{i}.img");
             let path = match (v.host, v.read_only) {
                 (true, _) => {

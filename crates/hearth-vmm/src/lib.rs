@@ -34,6 +34,7 @@ mod spawn;
 // The only module with raw system calls (the crate denies unsafe code everywhere else).
 #[allow(unsafe_code)]
 mod sys;
+pub mod virtiofs;
 
 use std::path::PathBuf;
 
@@ -103,6 +104,7 @@ pub(crate) fn sample_spec() -> LaunchSpec {
             serial: hearth_types::guest::volume_serial(0),
             read_only: true,
             host: false,
+            share: false,
         }],
         confinement: Confinement::default(),
         cloud_init: Default::default(),

@@ -154,7 +154,7 @@ pub fn with_arg(flag: &[u8], value: &[u8]) -> Vec<i32> {
 }
 
 /// Every live process with `flag` on its command line, with the flag's value.
-fn live_with_flag(flag: &[u8]) -> Vec<(i32, Vec<u8>)> {
+pub(crate) fn live_with_flag(flag: &[u8]) -> Vec<(i32, Vec<u8>)> {
     let Ok(procs) = std::fs::read_dir("/proc") else { return Vec::new() };
     procs
         .flatten()

@@ -59,6 +59,7 @@ async fn cloud_hypervisor_is_configured_its_console_captured_and_it_is_stopped_a
         serial: hearth_types::guest::volume_serial(0),
         read_only: true,
         host: false,
+        share: false,
     });
     let vmm = CloudHypervisor::default();
     let h = vmm.launch(&spec).expect("launch").handle();
@@ -259,6 +260,15 @@ async fn a_confined_cloud_hypervisor_runs_unprivileged_in_its_chroot_and_cgroup_
         hearth_vmm::Confinement { run_as: Some((uid, uid)), cgroup: Some(group.clone()) };
     let host = hearth_testkit::kvm::HostVolumes::new(dir.path());
     spec.volumes = host.disks();
+    // And a shared directory, served by a virtiofsd whose socket is in the jail.
+    let shared = tempfile::tempdir().expect("shared");
+    spec.volumes.push(hearth_vmm::VolumeDisk {
+        path: shared.path().to_owned(),
+        serial: hearth_types::guest::volume_serial(2),
+        read_only: false,
+        host: true,
+        share: true,
+    });
     let vmm = CloudHypervisor::default();
     // Held as the reconciler holds it: Cloud Hypervisor opens its disks only at vm.boot.
     let launched = vmm.launch(&spec).expect("launch");
@@ -282,6 +292,13 @@ async fn a_confined_cloud_hypervisor_runs_unprivileged_in_its_chroot_and_cgroup_
 
     assert_eq!(config["disks"][2]["path"], "/volume-0.img", "{config:#}");
     assert_eq!(config["disks"][3]["readonly"], true, "{config:#}");
+    assert_eq!(config["disks"].as_array().map(Vec::len), Some(4), "a share is no disk");
+    assert_eq!(config["fs"][0]["socket"], "/fs0.sock", "{config:#}");
+    assert_eq!(config["fs"][0]["tag"], "hearth_vol2", "{config:#}");
+    assert_eq!(config["memory"]["shared"], true, "{config:#}");
+    let sock = std::fs::metadata(root.join("fs0.sock")).expect("virtiofsd's socket in the jail");
+    assert_eq!(sock.uid(), uid, "the VMM's uid connects to it");
+    assert_eq!(virtiofsds(dir.path()).len(), 1, "one virtiofsd for the share");
 
     let (_console, text) = boot_to_the_command_line(&vmm, dir.path()).await;
     assert!(text.contains("Command line:"), "{text}");
@@ -306,7 +323,31 @@ async fn a_confined_cloud_hypervisor_runs_unprivileged_in_its_chroot_and_cgroup_
     vmm.cleanup(dir.path(), &spec.confinement);
     assert!(!hearth_vmm::is_alive(h.pid, h.start_time));
     assert!(!ch::jail::dir(dir.path()).exists(), "the jail is removed");
+    assert!(virtiofsds(dir.path()).is_empty(), "the share's virtiofsd is gone");
     host.assert_released();
     hearth_testkit::kvm::assert_cgroup_gone(&group);
     assert!(dir.path().join("cloud-hypervisor.log").exists(), "its log stays, for the reason");
+}
+
+/// The sockets under `dir` that live virtiofsd processes serve, from /proc (in its sandbox a
+/// virtiofsd is two processes).
+fn virtiofsds(dir: &std::path::Path) -> std::collections::BTreeSet<Vec<u8>> {
+    let mut out = std::collections::BTreeSet::new();
+    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        let socket = args.windows(2).find(|w| {
+            w[0] == b"--socket-path"
+                && std::path::Path::new(&*String::from_utf8_lossy(w[1])).starts_with(dir)
+        });
+        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')));
+        if let (Some(w), false) = (socket, zombie) {
+            out.insert(w[1].to_vec());
+        }
+    }
+    out
 }

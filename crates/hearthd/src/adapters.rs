@@ -195,6 +195,7 @@ impl Host {
             .iter()
             .map(|v| match &v.source {
                 VolumeSource::Host { path } => Ok(Volume::Host(path.into(), v.read_only)),
+                VolumeSource::Share { path } => Ok(Volume::Share(path.into(), v.read_only)),
                 VolumeSource::Blank { size_bytes } => Ok(Volume::Blank(*size_bytes)),
                 VolumeSource::Image => {
                     let img = self.0.images.get(&v.image_id).map_err(Error::internal)?;
@@ -217,6 +218,8 @@ enum Volume {
     Image(Box<ImageRecord>, bool),
     /// The host's file or device, read-only or not.
     Host(PathBuf, bool),
+    /// The host's directory, shared read-only or not.
+    Share(PathBuf, bool),
     /// A blank filesystem of the VM's own, of this size.
     Blank(u64),
 }
@@ -427,18 +430,27 @@ impl Disks for Host {
             for (i, v) in volumes.into_iter().enumerate() {
                 // Read-only image volumes share the image's cached filesystem; the others have
                 // a copy; the host's own disks are used where they are.
-                let (path, read_only, host) = match v {
-                    Volume::Image(img, true) => (d.images.rootfs(&img)?, true, false),
-                    Volume::Image(_, false) | Volume::Blank(_) => (volume_path(&dir, i), false, false),
+                let gone = |path: &Path| {
+                    anyhow::anyhow!(
+                        "volume {}: {} is not on the host any more: put it back, or remove the VM",
+                        ids[i],
+                        path.display()
+                    )
+                };
+                let (path, read_only, host, share) = match v {
+                    Volume::Image(img, true) => (d.images.rootfs(&img)?, true, false, false),
+                    Volume::Image(_, false) | Volume::Blank(_) => {
+                        (volume_path(&dir, i), false, false, false)
+                    }
                     Volume::Host(path, read_only) => {
-                        if std::fs::metadata(&path).is_err() {
-                            anyhow::bail!(
-                                "volume {}: {} is not on the host any more: put it back, or remove the VM",
-                                ids[i],
-                                path.display()
-                            );
+                        std::fs::metadata(&path).map_err(|_| gone(&path))?;
+                        (path, read_only, true, false)
+                    }
+                    Volume::Share(path, read_only) => {
+                        if !path.is_dir() {
+                            return Err(gone(&path));
                         }
-                        (path, read_only, true)
+                        (path, read_only, true, true)
                     }
                 };
                 out.push(VolumeDisk {
@@ -446,6 +458,7 @@ impl Disks for Host {
                     serial: hearth_types::guest::volume_serial(i),
                     read_only,
                     host,
+                    share,
                 });
             }
             let vm = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -491,6 +504,19 @@ impl Disks for Host {
 
     fn host_volume_id(&self, path: &str) -> Option<String> {
         hearth_storage::host_disk_id(Path::new(path))
+    }
+
+    fn check_share(&self, path: &str) -> Result<String> {
+        use hearth_storage::ShareError as E;
+        match hearth_storage::check_share_dir(Path::new(path), &self.0.root) {
+            Ok(real) => real
+                .to_str()
+                .map(str::to_owned)
+                .ok_or_else(|| Error::invalid(format!("{path}: its real path is not UTF-8"))),
+            Err(e @ E::Missing(_)) => Err(Error::not_found(e.to_string())),
+            Err(e @ (E::NotADirectory(_) | E::Hearths(..))) => Err(Error::invalid(e.to_string())),
+            Err(e @ E::Io { .. }) => Err(Error::precondition(e.to_string())),
+        }
     }
 }
 

@@ -37,5 +37,13 @@ pub fn new_vm(d: &Daemon, req: pb::CreateVmRequest) -> Result<NewVm, hearth_core
     for nic in new.nics.iter_mut().filter(|n| n.network == Macvtap && n.macvtap_parent.is_none()) {
         nic.macvtap_parent = Some(parent()?);
     }
+    // `-v DIR:PATH` shares the directory, as docker bind-mounts it.
+    for v in &mut new.volumes {
+        if let hearth_types::VolumeSource::Host { path } = &v.source {
+            if std::path::Path::new(path).is_dir() {
+                v.source = hearth_types::VolumeSource::Share { path: path.clone() };
+            }
+        }
+    }
     Ok(new)
 }

@@ -46,6 +46,9 @@ pub struct Daemon {
     pub reserved_addresses: Mutex<HashMap<std::net::Ipv4Addr, String>>,
     /// Bridge networks the allocator never hands out (`--flintlock-reserve`).
     pub reserved_networks: Vec<hearth_types::net::Ipv4Net>,
+    /// Directories under which Flintlock clients may share host directories
+    /// (`virtiofs_source`); none when empty.
+    pub virtiofs_roots: Vec<PathBuf>,
     /// Published host ports of launches in flight, and the lock for the bridge's table.
     pub ports: crate::net::Ports,
     /// How long a registry may stay silent during a pull (`--registry-timeout`).
@@ -139,6 +142,7 @@ impl Daemon {
             agents: tokio::sync::Mutex::new(HashMap::new()),
             reserved_addresses: Mutex::new(HashMap::new()),
             reserved_networks: Vec::new(),
+            virtiofs_roots: Vec::new(),
             ports: Default::default(),
             registry_timeout: hearth_image::registry::DEFAULT_TIMEOUT,
             consoles: Default::default(),

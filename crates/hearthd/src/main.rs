@@ -83,6 +83,11 @@ struct Args {
     /// workload cluster's control-plane VIP lives, say), as CIDRs; repeatable or comma-separated.
     #[arg(long, value_name = "CIDR", value_delimiter = ',')]
     flintlock_reserve: Vec<hearth_types::net::Ipv4Net>,
+    /// Host directories (and those under them) that Flintlock clients may share with their
+    /// microVMs as `virtiofs_source` volumes; repeatable or comma-separated. None unless given:
+    /// a share gives the guest the directory as root on the host sees it.
+    #[arg(long, value_name = "DIR", value_delimiter = ',')]
+    virtiofs_root: Vec<std::path::PathBuf>,
     /// Also serve Flintlock's HTTP/JSON gateway (its proto's HTTP routes) on --http-endpoint,
     /// with --flintlock-listen's TLS and token, as Flintlock's flag.
     #[arg(long, requires = "flintlock_listen")]
@@ -188,6 +193,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     d.bridge.name = args.bridge_name.clone();
     d.reserved_networks = args.flintlock_reserve.clone();
+    d.virtiofs_roots = args.virtiofs_root.clone();
     configure_vmms(&mut d, &args)?;
     if let Some(pool) = &args.thin_pool {
         d.use_thin_pool(pool).with_context(|| format!("--thin-pool {pool}"))?;

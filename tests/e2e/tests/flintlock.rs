@@ -188,7 +188,13 @@ fn wait_get(
 fn a_flintlock_client_creates_gets_lists_and_deletes_a_microvm() {
     require_e2e!();
     let (_reg, kernel, root) = registry();
-    let (d, port) = plaintext_daemon(&["--basic-auth-token", TOKEN]);
+    // Host directories under this one may be shared with microVMs (virtiofs_source).
+    let shares = tempfile::tempdir().expect("shares");
+    let shared = shares.path().join("mvm0");
+    std::fs::create_dir(&shared).expect("shared");
+    std::fs::write(shared.join("hello"), "from the host's directory\n").expect("hello");
+    let root_flag = shares.path().display().to_string();
+    let (d, port) = plaintext_daemon(&["--basic-auth-token", TOKEN, "--virtiofs-root", &root_flag]);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
 
     // Without the token (or with the wrong one): UNAUTHENTICATED.
@@ -228,10 +234,30 @@ fn a_flintlock_client_creates_gets_lists_and_deletes_a_microvm() {
     assert!(made.expect("mkfs.ext4").success());
     let loopdev = LoopDev::attach(&disk);
     let mut first = spec("mvm0", &kernel, &root);
+    let virtiofs = |dir: &str| fl::Volume {
+        id: "shared".into(),
+        mount_point: Some("/shared".into()),
+        source: Some(fl::VolumeSource { virtiofs_source: Some(dir.into()), ..Default::default() }),
+        ..Default::default()
+    };
+    // A directory outside --virtiofs-root is refused at once.
+    let mut outside = spec("outside", &kernel, &root);
+    outside.additional_volumes = vec![virtiofs(&work.path().display().to_string())];
+    let e = rt
+        .block_on(c.create_micro_vm(fpb::CreateMicroVmRequest {
+            microvm: Some(outside),
+            metadata: HashMap::new(),
+        }))
+        .expect_err("outside the shared roots");
+    assert!(
+        e.code() == tonic::Code::InvalidArgument && e.message().contains("--virtiofs-root"),
+        "{e:?}"
+    );
     first.additional_volumes = vec![
         volume("modules", &kernel, "/mnt/modules", true),
         volume("data", &root, "/data", false),
         volume("hostdisk", &loopdev.0, "/hostdisk", false),
+        virtiofs(&shared.display().to_string()),
     ];
     let created = rt
         .block_on(c.create_micro_vm(fpb::CreateMicroVmRequest {
@@ -269,6 +295,9 @@ fn a_flintlock_client_creates_gets_lists_and_deletes_a_microvm() {
     // Every volume is reported with the host file (or device) behind it.
     let hostdisk = status.volumes.get("hostdisk").and_then(|v| v.mount.as_ref());
     assert_eq!(hostdisk.map(|m| m.source.as_str()), Some(loopdev.0.as_str()));
+    let share = status.volumes.get("shared").and_then(|v| v.mount.as_ref());
+    let real = std::fs::canonicalize(&shared).expect("real").display().to_string();
+    assert_eq!(share.map(|m| m.source.as_str()), Some(real.as_str()));
     for id in ["root", "modules", "data"] {
         let source = status
             .volumes
@@ -310,6 +339,11 @@ fn a_flintlock_client_creates_gets_lists_and_deletes_a_microvm() {
     // The host's block device is the guest's disk: read there, written back to it.
     assert_eq!(d.ok(&["exec", vm, "--", "cat", "/hostdisk/hello"]), "from the host's disk\n");
     d.ok(&["exec", vm, "--", "sh", "-c", "echo from-the-guest > /hostdisk/back; sync"]);
+    // The virtiofs_source directory is shared live: read in the guest, written back at once.
+    assert!(mount("/shared").contains(" virtiofs rw"), "{}", mount("/shared"));
+    assert_eq!(d.ok(&["exec", vm, "--", "cat", "/shared/hello"]), "from the host's directory\n");
+    d.ok(&["exec", vm, "--", "sh", "-c", "echo from-the-guest > /shared/back"]);
+    assert_eq!(std::fs::read_to_string(shared.join("back")).expect("back"), "from-the-guest\n");
 
     // Listing: by namespace, by name ("" is no filter), all namespaces; the stream.
     let list = |c: &mut Client, ns: &str, name: Option<&str>| {

@@ -1,7 +1,7 @@
 //! Volumes that are not images, through `hearth run -v`: the host's own file (written by the
 //! guest, kept after rm), the host's file read-only (never written), a blank volume of the VM's
 //! own (its size, gone with the VM), and the refusals that leave no VM behind. Two guests boot:
-//! the second reads what the first wrote.
+//! the second reads what the first wrote. And a host directory, shared live through virtio-fs.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -134,7 +134,9 @@ fn volumes_that_cannot_be_given_are_refused_by_name_and_leave_no_vm() {
     d.ok(&["create", "--name", "writer", "-v", &v(&shared, ":/data"), &image]);
     let cases = [
         (v(&work.path().join("missing.img"), ":/d"), "does not exist"),
-        (v(work.path(), ":/d"), "is a directory"),
+        (v(d.root.path(), ":/d"), "hearth's state directory"),
+        (v(&d.root.path().join("vms"), ":/d"), "hearth's state directory"),
+        (v(work.path(), ""), "needs the path to mount it"),
         (v(&empty, ":/d"), "is empty"),
         (v(&link, ":/d:ro"), "attached to VM writer already"),
         ("data/rel:/d".to_owned(), "absolute path"),
@@ -151,4 +153,94 @@ fn volumes_that_cannot_be_given_are_refused_by_name_and_leave_no_vm() {
     d.ok(&["rm", "writer"]);
     // Once the writer is gone, the disk is free for another.
     d.ok(&["create", "--name", "next", "-v", &v(&link, ":/data:ro"), &image]);
+}
+
+/// The sockets under `dir` that live virtiofsd processes serve, from /proc (one each: in its
+/// sandbox, a virtiofsd is two processes).
+fn virtiofsds_under(dir: &Path) -> std::collections::BTreeSet<String> {
+    let mut found = std::collections::BTreeSet::new();
+    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let args: Vec<String> =
+            cmdline.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        let socket = (args.windows(2))
+            .find(|w| w[0] == "--socket-path" && Path::new(&w[1]).starts_with(dir))
+            .map(|w| w[1].clone());
+        let state = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let zombie = state.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z'));
+        if let (Some(socket), false) = (socket, zombie) {
+            found.insert(socket);
+        }
+    }
+    found
+}
+
+/// `-v DIR:/PATH` shares a host directory with the guest, as docker bind-mounts one: the guest
+/// reads what the host put there and the host sees what the guest writes, at once; `:ro` is
+/// enforced by virtiofsd and the guest's mount; a symlink in the share never leads the guest to
+/// the host's files; the share's virtiofsd goes with the VM.
+#[test]
+fn a_host_directory_is_shared_live_and_confined_to_itself() {
+    require_e2e!();
+    let (d, _reg, image) = daemon_and_image();
+    let work = tempfile::tempdir().expect("tmp");
+    let (shared, ro, outside) =
+        (work.path().join("shared"), work.path().join("ro"), work.path().join("outside"));
+    for dir in [&shared, &ro, &outside] {
+        std::fs::create_dir(dir).expect("dir");
+    }
+    std::fs::write(shared.join("hello"), "from the host\n").expect("hello");
+    std::fs::write(ro.join("keep"), "unchanged\n").expect("keep");
+    std::fs::write(outside.join("secret"), "host secret\n").expect("secret");
+    // Links that would lead out of the share on the host.
+    std::os::unix::fs::symlink("../outside/secret", shared.join("rel")).expect("link");
+    std::os::unix::fs::symlink(outside.join("secret"), shared.join("abs")).expect("link");
+
+    let script = "cat /data/hello; echo written-by-guest > /data/out; mkdir /data/sub; \
+        if echo x > /ro/x 2>/dev/null; then echo ro-writable; else echo ro-refused; fi; cat /ro/keep; \
+        cat /data/rel /data/abs 2>&1 | grep -c 'host secret' ; \
+        grep -E ' /(data|ro) ' /proc/mounts | cut -d' ' -f2,3,4 | cut -d, -f1; \
+        until [ -e /data/from-host ]; do sleep 0.1; done; cat /data/from-host";
+    let data_v = format!("{}:/data", shared.display());
+    let ro_v = format!("{}:/ro:ro", ro.display());
+    let args =
+        ["run", "-d", "--name", "share", "-v", &data_v, "-v", &ro_v, &image, "sh", "-c", script];
+    d.ok(&args);
+    // What the guest writes is on the host while it runs, and the other way round.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !shared.join("out").exists() {
+        assert!(std::time::Instant::now() < deadline, "the guest never wrote /data/out");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(virtiofsds_under(d.root.path()).len(), 2, "a virtiofsd per share");
+    std::fs::write(shared.join("from-host"), "seen live\n").expect("from-host");
+    assert_eq!(d.ok(&["wait", "share"]).trim(), "0");
+    let said = d.ok(&["logs", "share"]);
+    assert!(said.contains("from the host\n") && said.contains("seen live\n"), "{said}");
+    assert!(said.contains("ro-refused\n") && said.contains("unchanged\n"), "{said}");
+    assert!(said.contains("\n0\n"), "no link leads to the host's secret: {said}");
+    assert!(said.contains("/data virtiofs rw\n") && said.contains("/ro virtiofs ro\n"), "{said}");
+    assert_eq!(std::fs::read_to_string(shared.join("out")).expect("out"), "written-by-guest\n");
+    assert!(shared.join("sub").is_dir());
+    assert!(!ro.join("x").exists(), "nothing is written to a read-only share");
+    assert_eq!(std::fs::read_to_string(outside.join("secret")).expect("kept"), "host secret\n");
+
+    let inspect = d.inspect("share");
+    let kinds: Vec<_> = (inspect["spec"]["volumes"].as_array().into_iter().flatten())
+        .map(|v| v["source"]["kind"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(kinds, ["share", "share"], "{inspect:#}");
+    // The VM ended: its virtiofsds with it. Removing it leaves the host's directories.
+    assert!(virtiofsds_under(d.root.path()).is_empty(), "{:?}", virtiofsds_under(d.root.path()));
+    d.ok(&["rm", "share"]);
+    assert!(shared.join("out").exists() && ro.join("keep").exists());
+
+    // Firecracker has no virtio-fs: refused, naming the VMMs that share.
+    let out =
+        d.hearth(&["create", "--vmm", "firecracker", "--network", "bridge", "-v", &data_v, &image]);
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("virtio-fs"),
+        "{}",
+        text(&out.stderr)
+    );
 }

@@ -46,6 +46,10 @@ pub trait Disks: Send + Sync {
     /// What identifies the disk at a host path, the same for every path to it; `None` when it
     /// cannot be read. Blocking.
     fn host_volume_id(&self, path: &str) -> Option<String>;
+    /// Refuses a shared directory's path that is not a directory the VM may be given (hearth's
+    /// own state, or a directory holding it); returns its canonical path, which the VM keeps
+    /// (a symlink changed later never moves the share). Blocking.
+    fn check_share(&self, path: &str) -> Result<String>;
 }
 
 #[async_trait]

@@ -38,6 +38,8 @@ pub struct Capabilities {
     pub creates_tap: bool,
     /// It takes a macvtap's character device as an open descriptor.
     pub macvtap: bool,
+    /// It shares host directories with the guest through virtio-fs (a vhost-user backend).
+    pub shares: bool,
     /// The serial console is a socket hearth can capture and attach to.
     pub console_socket: bool,
     pub agent: AgentTransport,
@@ -84,7 +86,8 @@ pub struct Confinement {
     pub cgroup: Option<String>,
 }
 
-/// An extra disk: the file, the virtio serial the guest finds it by, and whether it is read-only.
+/// An extra disk: the file, the virtio serial the guest finds it by, and whether it is
+/// read-only; or, with `share`, a host directory shared through virtio-fs under that tag.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeDisk {
     pub path: PathBuf,
@@ -93,6 +96,8 @@ pub struct VolumeDisk {
     /// A file or block device of the host's (a host volume), not hearth's: the VMM opens it
     /// where it is, and a jail never links, copies or re-owns it.
     pub host: bool,
+    /// A directory shared through virtio-fs (`serial` is its tag), not a disk.
+    pub share: bool,
 }
 
 /// One of the VM's network cards.
@@ -252,6 +257,7 @@ impl Vmm for Unconfigured {
             user_network: false,
             creates_tap: false,
             macvtap: false,
+            shares: false,
             console_socket: false,
             agent: AgentTransport::Serial,
             kernel_formats: &[],

@@ -331,6 +331,13 @@ impl Disks for FakeHost {
     fn host_volume_id(&self, path: &str) -> Option<String> {
         self.state().host_disks.get(path).cloned()
     }
+    /// Any path but a host disk's is a directory; its canonical form has no trailing slash.
+    fn check_share(&self, path: &str) -> Result<String> {
+        if self.state().host_disks.contains_key(path) {
+            return Err(Error::invalid(format!("{path} is not a directory")));
+        }
+        Ok(path.trim_end_matches('/').to_owned())
+    }
 }
 
 #[async_trait]

@@ -154,6 +154,7 @@ impl Vmm for FakeVmm {
             user_network: true,
             creates_tap: true,
             macvtap: true,
+            shares: true,
             console_socket: true,
             agent: AgentTransport::Serial,
             kernel_formats: &[KernelFormat::BzImage, KernelFormat::ElfPvh],

@@ -27,7 +27,7 @@ pub fn vm_config(spec: &LaunchSpec) -> Value {
                 "serial": hearth_types::guest::ROOT_SERIAL }),
         json!({ "id": "config", "path": path(&spec.config_disk), "readonly": false }),
     ];
-    for (i, v) in spec.volumes.iter().enumerate() {
+    for (i, v) in spec.volumes.iter().enumerate().filter(|(_, v)| !v.share) {
         disks.push(json!({ "id": format!("vol{i}"), "path": path(&v.path),
                            "readonly": v.read_only, "serial": v.serial }));
     }
@@ -54,6 +54,18 @@ pub fn vm_config(spec: &LaunchSpec) -> Value {
         .collect();
     if !nets.is_empty() {
         config["net"] = Value::Array(nets);
+    }
+    // Each share: virtio-fs on its virtiofsd's socket (in the VM's directory as Cloud
+    // Hypervisor sees it), which maps the guest's memory: shared memory, then.
+    let fs: Vec<Value> = (crate::virtiofs::shares(&spec.volumes).enumerate())
+        .map(|(k, s)| {
+            json!({ "tag": s.serial, "socket": path(&crate::virtiofs::socket(dir, k)),
+                    "num_queues": 1, "queue_size": 1024, "id": format!("fs{k}") })
+        })
+        .collect();
+    if !fs.is_empty() {
+        config["memory"]["shared"] = Value::Bool(true);
+        config["fs"] = Value::Array(fs);
     }
     config
 }
@@ -100,6 +112,25 @@ mod tests {
         assert_eq!(c["serial"]["socket"], "/var/lib/hearth/vms/abc/console.sock");
         assert_eq!(c["console"]["mode"], "Off");
         assert_eq!(c["vsock"]["socket"], "/var/lib/hearth/vms/abc/agent.sock");
+    }
+
+    #[test]
+    fn a_share_is_a_virtio_fs_device_on_its_socket_in_shared_memory() {
+        assert!(vm_config(&spec()).get("fs").is_none());
+        let mut s = spec();
+        s.volumes.push(crate::VolumeDisk {
+            path: "/srv/data".into(),
+            serial: "hearth_vol1".into(),
+            read_only: false,
+            host: true,
+            share: true,
+        });
+        let c = vm_config(&s);
+        assert_eq!(c["memory"]["shared"], true);
+        assert_eq!(c["fs"][0]["tag"], "hearth_vol1");
+        assert_eq!(c["fs"][0]["socket"], "/var/lib/hearth/vms/abc/fs0.sock");
+        let disks = c["disks"].as_array().expect("disks");
+        assert!(disks.iter().all(|d| d["path"] != "/srv/data"), "a share is no disk: {disks:?}");
     }
 
     #[test]

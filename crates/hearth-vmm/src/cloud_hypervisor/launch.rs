@@ -29,6 +29,7 @@ const FIX: &str = "install Cloud Hypervisor from its releases or set HEARTH_CLOU
 /// its jail.
 pub fn remove_runtime_files(vm_dir: &Path) {
     crate::spawn::remove_files(vm_dir, &RUNTIME_FILES);
+    crate::virtiofs::stop_all(vm_dir);
     jail::remove(vm_dir);
 }
 
@@ -41,7 +42,7 @@ fn api(dir: &Path) -> Api {
 /// initramfs only at `vm.boot`, after hearth has reported the VM created.
 fn check_inputs(spec: &LaunchSpec) -> Result<(), VmmError> {
     let files = [&spec.kernel, &spec.initrd, &spec.root_disk, &spec.config_disk];
-    for f in files.into_iter().chain(spec.volumes.iter().map(|v| &v.path)) {
+    for f in files.into_iter().chain(crate::virtiofs::disks(&spec.volumes).map(|v| &v.path)) {
         std::fs::metadata(f).map_err(|source| VmmError::Io { path: f.clone(), source })?;
     }
     Ok(())
@@ -63,12 +64,16 @@ pub fn launch(spec: &LaunchSpec, binary: &Path, confine: bool) -> Result<Launche
             let binary = crate::jail::binary_file(binary, FIX)?;
             let (inside, held) = jail::prepare(spec, &binary, ids)?;
             let root = jail::root(dir);
-            start(spec, &inside, Path::new(jail::BINARY), Some((&root, ids)))
+            // The shares' sockets are in its chroot, its uid's to connect to at vm.boot.
+            crate::virtiofs::start(&spec.volumes, &root, Some(ids))
+                .and_then(|()| start(spec, &inside, Path::new(jail::BINARY), Some((&root, ids))))
                 .map(|l| Launched { held, ..l })
         }
-        None => start(spec, spec, binary, None),
+        None => crate::virtiofs::start(&spec.volumes, dir, None)
+            .and_then(|()| start(spec, spec, binary, None)),
     };
     if launched.is_err() {
+        crate::virtiofs::stop_all(dir);
         jail::remove(dir);
     }
     Ok(Launched { warning, ..launched? })

@@ -24,6 +24,7 @@ impl crate::driven::Driver for Driver {
         user_network: false,
         creates_tap: false,
         macvtap: true,
+        shares: true,
         console_socket: true,
         agent: AgentTransport::Vsock,
         kernel_formats: &[KernelFormat::BzImage, KernelFormat::ElfPvh],

@@ -63,7 +63,7 @@ pub fn calls(spec: &LaunchSpec) -> Vec<(String, Value)> {
     // Firecracker gives each disk its drive id as the virtio serial hearth-init looks for.
     drive(drive_id(hearth_types::guest::ROOT_SERIAL), &spec.root_disk, false);
     drive("config".to_owned(), &spec.config_disk, false);
-    for v in &spec.volumes {
+    for v in crate::virtiofs::disks(&spec.volumes) {
         drive(drive_id(&v.serial), &v.path, v.read_only);
     }
     // Taps only (Firecracker opens them by name): the core never gives it another kind.

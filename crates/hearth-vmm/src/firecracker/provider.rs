@@ -24,6 +24,7 @@ impl crate::driven::Driver for Driver {
         user_network: false,
         creates_tap: false,
         macvtap: false,
+        shares: false,
         console_socket: true,
         agent: AgentTransport::Vsock,
         kernel_formats: &[KernelFormat::Elf, KernelFormat::ElfPvh],

@@ -73,7 +73,16 @@ pub fn qemu_args(
     let p = |name: &str| dir.join(name).display().to_string();
     let kvm = accel == Accel::Kvm;
     let serial = if kvm { "virtio-serial-device" } else { "virtio-serial-pci" };
+    let shares: Vec<_> = crate::virtiofs::shares(&spec.volumes).collect();
     let mut a = machine_args(kvm, bios);
+    if !shares.is_empty() {
+        // A vhost-user backend maps the guest's memory: it must be shareable (a memfd).
+        if let Some(m) = a.iter_mut().skip_while(|x| *x != "-M").nth(1) {
+            m.push_str(",memory-backend=mem");
+        }
+        let backend = format!("memory-backend-memfd,id=mem,size={}M,share=on", spec.memory_mib);
+        push(&mut a, &["-object", &backend]);
+    }
     let (mem, cpus) = (spec.memory_mib.to_string(), spec.cpus.to_string());
     push(
         &mut a,
@@ -97,6 +106,14 @@ pub fn qemu_args(
     );
     push(&mut a, &["-kernel", &kernel, "-initrd", &initrd, "-append", &cmdline]);
     a.extend(disk_args(spec, kvm));
+    // Each share: virtio-fs on its virtiofsd's socket, found in the guest by its tag.
+    let fs = if kvm { "vhost-user-fs-device" } else { "vhost-user-fs-pci" };
+    for (k, share) in shares.iter().enumerate() {
+        let sock = crate::virtiofs::socket(dir, k);
+        let chardev = format!("socket,id=fs{k},path={}", sock.display());
+        let device = format!("{fs},chardev=fs{k},tag={}", share.serial);
+        push(&mut a, &["-chardev", &chardev, "-device", &device]);
+    }
     // hearth captures the console itself (crate::console), so it can cap and rotate the log.
     let console = format!("socket,id=con,path={},server=on,wait=off", p(crate::console::SOCKET));
     push(&mut a, &["-chardev", &console, "-serial", "chardev:con"]);
@@ -178,7 +195,7 @@ fn disk_args(spec: &LaunchSpec, kvm: bool) -> Vec<String> {
     };
     drive(&spec.root_disk, "root", ",discard=unmap", Some(hearth_types::guest::ROOT_SERIAL));
     drive(&spec.config_disk, "config", "", None);
-    for (i, v) in spec.volumes.iter().enumerate() {
+    for (i, v) in spec.volumes.iter().enumerate().filter(|(_, v)| !v.share) {
         let ro = if v.read_only { ",readonly=on" } else { "" };
         drive(&v.path, &format!("vol{i}"), ro, Some(&v.serial));
     }
@@ -381,12 +398,14 @@ mod tests {
                 serial: "hearth_vol0".into(),
                 read_only: true,
                 host: false,
+                share: false,
             },
             crate::VolumeDisk {
                 path: "/r/vms/abc/volume-1.img".into(),
                 serial: "hearth_vol1".into(),
                 read_only: false,
                 host: false,
+                share: false,
             },
         ];
         let a = qemu_args(&s, Accel::Tcg, None, Features::ALL);
@@ -406,6 +425,40 @@ mod tests {
         let devices = after(&a, "-device");
         assert!(devices.contains(&"virtio-blk-pci,drive=vol0,serial=hearth_vol0"), "{devices:?}");
         assert!(devices.contains(&"virtio-blk-pci,drive=vol1,serial=hearth_vol1"), "{devices:?}");
+    }
+
+    #[test]
+    fn a_share_is_virtio_fs_on_its_sockets_with_the_guests_memory_shareable() {
+        let mut s = spec();
+        assert!(after(&qemu_args(&s, Accel::Tcg, None, Features::ALL), "-object").is_empty());
+        let vol = |path: &str, serial: &str, share| crate::VolumeDisk {
+            path: path.into(),
+            serial: serial.into(),
+            read_only: false,
+            host: true,
+            share,
+        };
+        s.volumes = vec![
+            vol("/srv/a", "hearth_vol0", true),
+            vol("/dev/vdb", "hearth_vol1", false),
+            vol("/srv/b", "hearth_vol2", true),
+        ];
+        for (accel, fs) in [(Accel::Tcg, "vhost-user-fs-pci"), (Accel::Kvm, "vhost-user-fs-device")]
+        {
+            let a = qemu_args(&s, accel, None, Features::ALL);
+            assert!(after(&a, "-M")[0].ends_with(",memory-backend=mem"), "{a:?}");
+            assert_eq!(after(&a, "-object"), ["memory-backend-memfd,id=mem,size=512M,share=on"]);
+            assert_eq!(after(&a, "-m"), ["512"], "the backend's size is the guest's");
+            let chardevs = after(&a, "-chardev");
+            assert!(chardevs.contains(&"socket,id=fs0,path=/r/vms/abc/fs0.sock"), "{chardevs:?}");
+            assert!(chardevs.contains(&"socket,id=fs1,path=/r/vms/abc/fs1.sock"), "{chardevs:?}");
+            let devices = after(&a, "-device");
+            assert!(devices.contains(&format!("{fs},chardev=fs0,tag=hearth_vol0").as_str()));
+            assert!(devices.contains(&format!("{fs},chardev=fs1,tag=hearth_vol2").as_str()));
+            let drives = after(&a, "-drive");
+            assert_eq!(drives.len(), 3, "the disk alone is a drive: {drives:?}");
+            assert!(drives[2].contains("file=/dev/vdb,") && drives[2].contains("id=vol1"));
+        }
     }
 
     #[test]

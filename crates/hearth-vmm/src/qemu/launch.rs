@@ -74,6 +74,7 @@ pub fn remove_runtime_files(vm_dir: &Path) {
     for name in RUNTIME_FILES {
         let _ = std::fs::remove_file(vm_dir.join(name));
     }
+    crate::virtiofs::stop_all(vm_dir);
 }
 
 /// Starts QEMU for `spec` and returns once it runs, its guest paused: capture the console
@@ -129,6 +130,9 @@ pub fn launch(spec: &LaunchSpec) -> Result<Launched, VmmError> {
     let joins = group.as_ref().map(|g| g.join_fds()).unwrap_or_default();
     crate::sys::detach_and_join(&mut cmd, joins, inherit);
     let started = (|| {
+        // The shares' backends listen first; QEMU connects to them (as root, before it drops
+        // to the VM's uid) while it sets up its devices.
+        crate::virtiofs::start(&spec.volumes, dir, None)?;
         let mut child = cmd.spawn().map_err(|source| VmmError::Spawn {
             binary: binary.display().to_string(),
             fix: "install Debian's qemu-system-x86 or set HEARTH_QEMU",
@@ -161,6 +165,7 @@ pub fn launch(spec: &LaunchSpec) -> Result<Launched, VmmError> {
             if let Some(g) = &group {
                 g.remove();
             }
+            crate::virtiofs::stop_all(dir);
             return Err(e);
         }
     };

@@ -35,6 +35,7 @@ impl Vmm for Qemu {
             user_network: true,
             creates_tap: true,
             macvtap: true,
+            shares: true,
             console_socket: true,
             agent: AgentTransport::Serial,
             kernel_formats: &[KernelFormat::BzImage, KernelFormat::ElfPvh],

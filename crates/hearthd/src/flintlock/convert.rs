@@ -24,8 +24,14 @@ pub(super) fn validate(
     boot_and_root(&spec)?;
     volumes(&spec.additional_volumes)?;
     interfaces(&spec.interfaces, nets.into())?;
-    if let Err(e) = provider(&spec) {
-        return bad(format!("provider: {e}, or leave it empty"));
+    match provider(&spec) {
+        Err(e) => return bad(format!("provider: {e}, or leave it empty")),
+        Ok(Some(hearth_types::Provider::Firecracker))
+            if spec.additional_volumes.iter().any(|v| !volume_share(v).is_empty()) =>
+        {
+            return bad("virtiofs_source volumes need provider cloudhypervisor or qemu: Firecracker has no virtio-fs".into());
+        }
+        Ok(_) => {}
     }
     metadata(&spec.metadata)?;
     Ok(spec)
@@ -95,10 +101,26 @@ fn boot_and_root(spec: &fl::MicroVmSpec) -> Result<(), Status> {
 fn volumes(volumes: &[fl::Volume]) -> Result<(), Status> {
     for (i, v) in volumes.iter().enumerate() {
         let source = v.source.clone().unwrap_or_default();
-        if source.virtiofs_source.as_deref().is_some_and(|s| !s.is_empty()) {
-            return bad(format!("volume {}: virtiofs sources are not supported (Cloud Hypervisor only); use container_source", v.id));
-        }
-        if source.container_source.as_deref().unwrap_or("").is_empty() {
+        if let Some(dir) = source.virtiofs_source.as_deref().filter(|s| !s.is_empty()) {
+            if source.container_source.as_deref().is_some_and(|c| !c.is_empty()) {
+                return bad(format!(
+                    "volume {}: give one of container_source and virtiofs_source",
+                    v.id
+                ));
+            }
+            if !dir.starts_with('/') || dir.split('/').any(|c| c == "..") {
+                return bad(format!(
+                    "volume {}: virtiofs_source {dir:?} must be an absolute host directory without ..",
+                    v.id
+                ));
+            }
+            if v.mount_point.as_deref().unwrap_or("").is_empty() {
+                return bad(format!(
+                    "volume {}: a virtiofs_source needs the mount_point to mount it at",
+                    v.id
+                ));
+            }
+        } else if source.container_source.as_deref().unwrap_or("").is_empty() {
             return bad(format!(
                 "volume {}: source.container_source (an OCI image, or a host device's absolute path) is required",
                 v.id
@@ -106,7 +128,7 @@ fn volumes(volumes: &[fl::Volume]) -> Result<(), Status> {
         }
         // A network client names host block devices only, never a host file it could then
         // read through its VM (/etc/shadow); and no path that climbs out of /dev.
-        let host = volume_host_path(v);
+        let host = volume_disk_path(v);
         if !host.is_empty() && (!host.starts_with("/dev/") || host.split('/').any(|c| c == "..")) {
             return bad(format!(
                 "volume {}: a host volume over the Flintlock API is a block device under /dev, not {host:?}",
@@ -268,9 +290,52 @@ pub(super) fn volume_image(v: &fl::Volume) -> String {
     Some(volume_source(v)).filter(|s| !s.starts_with('/')).unwrap_or_default()
 }
 
-/// The host path of a volume whose `container_source` is one.
-fn volume_host_path(v: &fl::Volume) -> String {
+/// The host path of a volume whose `container_source` is one (a block device).
+fn volume_disk_path(v: &fl::Volume) -> String {
     Some(volume_source(v)).filter(|s| s.starts_with('/')).unwrap_or_default()
+}
+
+/// The host path of a volume: its block device's, or its `virtiofs_source`.
+fn volume_host_path(v: &fl::Volume) -> String {
+    Some(volume_disk_path(v)).filter(|p| !p.is_empty()).unwrap_or_else(|| volume_share(v).into())
+}
+
+/// A volume's `virtiofs_source`: a host directory shared live; empty for the others.
+pub(super) fn volume_share(v: &fl::Volume) -> &str {
+    v.source.as_ref().and_then(|s| s.virtiofs_source.as_deref()).unwrap_or_default()
+}
+
+/// A shared directory a Flintlock client asks for, checked against hearthd's `--virtiofs-root`
+/// directories: its real path (symlinks resolved), which must be one of them or under one.
+pub(super) fn share_path(dir: &str, roots: &[std::path::PathBuf]) -> Result<String, String> {
+    if roots.is_empty() {
+        return Err(format!(
+            "virtiofs_source {dir:?}: this host shares no directories with Flintlock clients; start hearthd with --virtiofs-root DIR to allow those under DIR"
+        ));
+    }
+    let real = std::fs::canonicalize(dir)
+        .map_err(|e| format!("virtiofs_source {dir:?}: {e} (it must be an existing directory)"))?;
+    let allowed =
+        roots.iter().filter_map(|r| std::fs::canonicalize(r).ok()).any(|r| real.starts_with(r));
+    if !allowed {
+        let roots: Vec<_> = roots.iter().map(|r| r.display().to_string()).collect();
+        return Err(format!(
+            "virtiofs_source {dir:?} is not under a directory hearthd shares (--virtiofs-root {})",
+            roots.join(", ")
+        ));
+    }
+    real.to_str().map(str::to_owned).ok_or_else(|| format!("virtiofs_source {dir:?}: not UTF-8"))
+}
+
+/// Each shared directory of `req` replaced by its real path, once checked by [`share_path`].
+pub(super) fn confine_shares(
+    req: &mut pb::CreateVmRequest,
+    roots: &[std::path::PathBuf],
+) -> Result<(), String> {
+    for v in req.volumes.iter_mut().filter(|v| v.share) {
+        v.host_path = share_path(&v.host_path, roots)?;
+    }
+    Ok(())
 }
 
 /// The initrd's file in its image when `initrd.filename` is not given.
@@ -441,6 +506,7 @@ pub(super) fn create_request(
                 mount_point: v.mount_point.clone().unwrap_or_default(),
                 read_only: v.is_read_only,
                 size_bytes: 0,
+                share: !volume_share(v).is_empty(),
             })
             .collect(),
         // As Flintlock relaunches a VMM that ended, until it crash-loops.

@@ -28,6 +28,8 @@ impl Jobs for MicroVmJobs {
         let kernel = spec.kernel.clone().unwrap_or_default();
         let nets = super::convert::Nets::new(self.network, self.d.parent_iface.as_deref());
         let mut req = create_request(&spec, uid, "", nets).map_err(|s| from_status(&s))?;
+        super::convert::confine_shares(&mut req, &self.d.virtiofs_roots)
+            .map_err(hearth_core::Error::invalid)?;
         if req.vmm.is_empty() {
             req.vmm = self.d.default_vmm.to_string();
         }

@@ -213,11 +213,12 @@ impl Flintlock {
                 status.volumes.insert(id, fl::VolumeStatus { mount: Some(mount) });
             }
             // Additional volumes: the shared cached filesystem when read-only, else the VM's
-            // copy; a host device where it is.
+            // copy; a host device or shared directory where it is.
             for (i, v) in vm.spec.volumes.iter().enumerate() {
+                use hearth_types::VolumeSource::{Host, Share};
                 let path =
                     match (&v.source, v.read_only, hearth_types::Digest::from_hex(&v.image_id)) {
-                        (hearth_types::VolumeSource::Host { path }, ..) => path.into(),
+                        (Host { path } | Share { path }, ..) => path.into(),
                         (_, true, Ok(id)) => self.inner.d.images.rootfs_path(&id),
                         _ => crate::adapters::volume_path(&self.inner.d.vm_dir(&vm.spec.id), i),
                     };

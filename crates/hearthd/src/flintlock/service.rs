@@ -14,6 +14,13 @@ impl MicroVm for Flintlock {
             .ok_or_else(|| Status::invalid_argument("microvm spec is required"))?;
         let parent = self.inner.d.parent_iface.as_deref();
         let mut spec = validate(spec, Nets::new(self.inner.network, parent))?;
+        for v in &spec.additional_volumes {
+            let dir = super::convert::volume_share(v);
+            if !dir.is_empty() {
+                super::convert::share_path(dir, &self.inner.d.virtiofs_roots)
+                    .map_err(Status::invalid_argument)?;
+            }
+        }
         let requested = spec.clone();
         let uid = ulid::Ulid::new().to_string();
         spec.uid = Some(uid.clone());

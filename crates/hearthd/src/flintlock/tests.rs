@@ -57,6 +57,21 @@ fn validation_names_what_is_wrong() {
         ),
         (
             Box::new(|s| {
+                let src = fl::VolumeSource {
+                    virtiofs_source: Some("srv/../etc".into()),
+                    ..Default::default()
+                };
+                s.additional_volumes.push(fl::Volume {
+                    id: "v".into(),
+                    source: Some(src),
+                    mount_point: Some("/srv".into()),
+                    ..Default::default()
+                })
+            }),
+            "must be an absolute host directory",
+        ),
+        (
+            Box::new(|s| {
                 let src =
                     fl::VolumeSource { virtiofs_source: Some("/srv".into()), ..Default::default() };
                 s.additional_volumes.push(fl::Volume {
@@ -65,7 +80,21 @@ fn validation_names_what_is_wrong() {
                     ..Default::default()
                 })
             }),
-            "virtiofs",
+            "needs the mount_point",
+        ),
+        (
+            Box::new(|s| {
+                let src =
+                    fl::VolumeSource { virtiofs_source: Some("/srv".into()), ..Default::default() };
+                s.provider = Some("firecracker".into());
+                s.additional_volumes.push(fl::Volume {
+                    id: "v".into(),
+                    source: Some(src),
+                    mount_point: Some("/srv".into()),
+                    ..Default::default()
+                })
+            }),
+            "Firecracker has no virtio-fs",
         ),
     ];
     for (change, needle) in cases {
@@ -190,6 +219,40 @@ fn an_additional_volume_sourced_from_an_absolute_path_is_the_hosts_device() {
         s.additional_volumes = vec![vol("disk", path)];
         let e = validate(s, NetworkMode::User).expect_err(path);
         assert!(e.message().contains("block device under /dev"), "{path}: {}", e.message());
+    }
+}
+
+#[test]
+fn a_virtiofs_source_is_shared_only_under_the_hosts_virtiofs_roots() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (root, other) = (tmp.path().join("shares"), tmp.path().join("private"));
+    std::fs::create_dir_all(root.join("a")).expect("root");
+    std::fs::create_dir(&other).expect("other");
+    // A link inside the root that leads out of it is judged by where it leads.
+    std::os::unix::fs::symlink(&other, root.join("out")).expect("symlink");
+    let mut s = good();
+    s.additional_volumes = vec![fl::Volume {
+        id: "data".into(),
+        source: Some(fl::VolumeSource {
+            virtiofs_source: Some(root.join("a").display().to_string()),
+            ..Default::default()
+        }),
+        mount_point: Some("/data".into()),
+        is_read_only: true,
+        ..Default::default()
+    }];
+    let s = validate(s, NetworkMode::User).expect("valid");
+    let mut req = create_request(&s, "01ABC", "fl-0", NetworkMode::User).expect("request");
+    assert!(req.volumes[0].share && req.volumes[0].read_only, "{:?}", req.volumes);
+    let e = confine_shares(&mut req.clone(), &[]).expect_err("no roots");
+    assert!(e.contains("--virtiofs-root"), "{e}");
+    confine_shares(&mut req, std::slice::from_ref(&root)).expect("under the root");
+    let real = std::fs::canonicalize(root.join("a")).expect("real");
+    assert_eq!(req.volumes[0].host_path, real.display().to_string());
+    for outside in [other.clone(), root.join("out"), tmp.path().to_owned()] {
+        let e = share_path(&outside.display().to_string(), std::slice::from_ref(&root))
+            .expect_err("outside");
+        assert!(e.contains("not under"), "{}: {e}", outside.display());
     }
 }
 
