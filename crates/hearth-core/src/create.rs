@@ -294,7 +294,7 @@ impl Reconciler {
     }
 
     /// The name asked for if no VM has it, else a generated one no VM has.
-    fn unique_name(&self, asked: Option<String>) -> Result<String> {
+    pub(crate) fn unique_name(&self, asked: Option<String>) -> Result<String> {
         let repo = &self.ports.repo;
         let name = asked.unwrap_or_else(|| {
             let mut n = generate_name(rand::random());
@@ -313,7 +313,7 @@ impl Reconciler {
 
     /// A card's bridge address: the one asked for if free, else the lowest free one; `mine`
     /// are those the VM's earlier cards took.
-    fn address_for(
+    pub(crate) fn address_for(
         &self,
         network: NetworkMode,
         asked: Option<Ipv4Addr>,
@@ -418,6 +418,7 @@ fn spec_of(
         log: req.log,
         restart: req.restart,
         crash_loop_limit: req.crash_loop_limit,
+        snapshot: None,
         created_at,
     }
 }

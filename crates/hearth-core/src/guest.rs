@@ -126,7 +126,7 @@ pub fn card_network(card: &Card) -> Option<GuestNetwork> {
 }
 
 /// The cards after the first, as hearth-init configures them.
-fn guest_cards(spec: &VmSpec) -> Vec<GuestCard> {
+pub(crate) fn guest_cards(spec: &VmSpec) -> Vec<GuestCard> {
     (spec.cards().iter().skip(1))
         .map(|c| GuestCard { mac: c.mac.clone(), network: card_network(c) })
         .collect()

@@ -30,4 +30,6 @@ pub use index::VmIndex;
 pub use locks::KeyedLocks;
 pub use plan::{plan, Observed, Step, MAX_ITERATIONS};
 pub use provision::{Provisioner, RetryPolicy};
-pub use reconcile::{Options, Ports, Reconciler, DEFAULT_STOP_TIMEOUT, READY_TIMEOUT};
+pub use reconcile::{
+    FromSnapshot, Options, Ports, Reconciler, DEFAULT_STOP_TIMEOUT, READY_TIMEOUT,
+};

@@ -44,27 +44,83 @@ pub fn configure(net: Option<&GuestNetwork>, hostname: &str) {
         write_hosts(None, hostname);
         return;
     };
+    let res = find_card(&net.mac)
+        .ok_or_else(|| format!("no interface with MAC {} appeared", net.mac))
+        .and_then(|card| set_address(&sock, &card, net, true));
+    if let Err(e) = res {
+        eprintln!("hearth-init: network: {e}");
+    }
+    write_resolv(&net.dns);
+    write_hosts(Some(&net.address), hostname);
+}
+
+/// Ethernet cards in the order the kernel found them (by interface index): a restored guest's
+/// cards still have the MACs of the VM its snapshot was taken of.
+fn cards_in_order() -> Vec<String> {
+    let mut cards: Vec<(u32, String)> = std::fs::read_dir("/sys/class/net")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let read = |f: &str| std::fs::read_to_string(e.path().join(f)).ok();
+                    // ARPHRD_ETHER (1): not loopback, tunnels or others.
+                    (read("type")?.trim() == "1").then_some(())?;
+                    Some((read("ifindex")?.trim().parse().ok()?, name))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    cards.sort();
+    cards.into_iter().map(|(_, n)| n).collect()
+}
+
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for b in &mut mac {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// Gives a restored guest's cards the new VM's MACs and addresses, in order: the first with its
+/// default route, resolvers and hosts file; the others their address alone.
+pub fn reconfigure(first: Option<&GuestNetwork>, rest: &[hearth_types::GuestCard], hostname: &str) {
+    let cards = cards_in_order();
+    let macs = first.map(|n| n.mac.as_str()).into_iter().chain(rest.iter().map(|c| c.mac.as_str()));
     let res = (|| -> Result<(), String> {
-        let card = find_card(&net.mac)
-            .ok_or_else(|| format!("no interface with MAC {} appeared", net.mac))?;
-        let addr: Ipv4Addr =
-            net.address.parse().map_err(|_| format!("bad address {:?}", net.address))?;
-        sock.set_addr(&card, addr, net.prefix)
-            .map_err(|e| format!("{card}: setting {addr}/{}: {e}", net.prefix))?;
-        sock.up(&card).map_err(|e| format!("{card}: up: {e}"))?;
-        // A LAN address may come without a gateway: then the subnet is all it reaches.
-        if !net.gateway.is_empty() {
-            let gw: Ipv4Addr =
-                net.gateway.parse().map_err(|_| format!("bad gateway {:?}", net.gateway))?;
-            sock.default_route(gw).map_err(|e| format!("default route via {gw}: {e}"))?;
+        let sock = Sock::new().map_err(|e| format!("socket: {e}"))?;
+        for (card, mac) in cards.iter().zip(macs) {
+            let mac = parse_mac(mac).ok_or_else(|| format!("bad MAC {mac:?}"))?;
+            sock.set_mac(card, mac).map_err(|e| format!("{card}: setting its MAC: {e}"))?;
+        }
+        // The old address's routes went with it: the first card's default route again.
+        let nets = first.into_iter().chain(rest.iter().filter_map(|c| c.network.as_ref()));
+        for (i, (card, net)) in cards.iter().zip(nets).enumerate() {
+            set_address(&sock, card, net, i == 0)?;
         }
         Ok(())
     })();
     if let Err(e) = res {
         eprintln!("hearth-init: network: {e}");
     }
-    write_resolv(&net.dns);
-    write_hosts(Some(&net.address), hostname);
+    write_hosts(first.map(|n| n.address.as_str()), hostname);
+}
+
+/// Gives `card` the address of `net` and brings it up; with `route`, the default route through
+/// its gateway (a LAN address may come without one: then the subnet is all it reaches).
+fn set_address(sock: &Sock, card: &str, net: &GuestNetwork, route: bool) -> Result<(), String> {
+    let addr: Ipv4Addr =
+        net.address.parse().map_err(|_| format!("bad address {:?}", net.address))?;
+    sock.set_addr(card, addr, net.prefix)
+        .map_err(|e| format!("{card}: setting {addr}/{}: {e}", net.prefix))?;
+    sock.up(card).map_err(|e| format!("{card}: up: {e}"))?;
+    if route && !net.gateway.is_empty() {
+        let gw: Ipv4Addr =
+            net.gateway.parse().map_err(|_| format!("bad gateway {:?}", net.gateway))?;
+        sock.default_route(gw).map_err(|e| format!("default route via {gw}: {e}"))?;
+    }
+    Ok(())
 }
 
 /// How long the boot waits for a DHCP lease before the workload starts without one (a client
@@ -132,11 +188,7 @@ pub fn configure_cards(cards: &[hearth_types::GuestCard]) {
             let sock = Sock::new().map_err(|e| format!("socket: {e}"))?;
             let card = find_card(&net.mac)
                 .ok_or_else(|| format!("no interface with MAC {} appeared", net.mac))?;
-            let addr: Ipv4Addr =
-                net.address.parse().map_err(|_| format!("bad address {:?}", net.address))?;
-            sock.set_addr(&card, addr, net.prefix)
-                .map_err(|e| format!("{card}: setting {addr}/{}: {e}", net.prefix))?;
-            sock.up(&card).map_err(|e| format!("{card}: up: {e}"))
+            set_address(&sock, &card, net, false)
         })();
         if let Err(e) = res {
             eprintln!("hearth-init: network: {e}");
@@ -185,7 +237,7 @@ fn write_resolv(dns: &[String]) {
 }
 
 /// /etc/hosts with localhost and the VM's own name, as docker writes it.
-fn write_hosts(address: Option<&str>, hostname: &str) {
+pub(crate) fn write_hosts(address: Option<&str>, hostname: &str) {
     let path = "/etc/hosts";
     if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
         return;

@@ -39,6 +39,7 @@ pub fn spec(n: u8) -> VmSpec {
         log: None,
         restart: Default::default(),
         crash_loop_limit: None,
+        snapshot: None,
         created_at: u64::from(n),
     }
 }
@@ -65,5 +66,6 @@ pub fn launch_spec(vm_dir: &std::path::Path) -> hearth_core::ports::LaunchSpec {
         volumes: vec![],
         confinement: Default::default(),
         cloud_init: Default::default(),
+        incoming: None,
     }
 }

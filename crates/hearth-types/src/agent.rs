@@ -78,6 +78,9 @@ pub enum Kind {
     /// Host to guest: send a path as a tar archive in `Stdout` frames, then `Exit`.
     /// JSON [`CopyRequest`].
     CopyOut = 21,
+    /// Host to guest, first after a VM restored from a snapshot connects: take this identity
+    /// (JSON [`Identity`]) before anything else runs. Handled in order with the frames after it.
+    Reidentify = 22,
 }
 
 impl Kind {
@@ -99,6 +102,7 @@ impl Kind {
             18 => Self::Credit,
             20 => Self::CopyIn,
             21 => Self::CopyOut,
+            22 => Self::Reidentify,
             _ => return None,
         })
     }
@@ -233,6 +237,25 @@ pub struct Ready {
     /// Guest uptime when hearth-init started, and when the workload was started (milliseconds).
     pub init_started_ms: u64,
     pub ready_ms: u64,
+}
+
+/// Who a guest restored from a snapshot is now: the snapshot's guest was another VM.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub hostname: String,
+    /// The first card's settings (its new MAC and address), when the guest configures it.
+    #[serde(default)]
+    pub network: Option<crate::GuestNetwork>,
+    /// The MACs of the cards after the first, in order, with their static settings.
+    #[serde(default)]
+    pub cards: Vec<crate::GuestCard>,
+    /// Fresh randomness from the host, mixed into the guest's pool (and credited) so two
+    /// guests restored from one snapshot never share random state.
+    #[serde(default)]
+    pub entropy: Vec<u8>,
+    /// The host's wall clock (Unix milliseconds): the guest's stopped at the snapshot.
+    #[serde(default)]
+    pub now_ms: u64,
 }
 
 /// A process to start in the guest (`hearth exec`).

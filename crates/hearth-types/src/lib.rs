@@ -16,6 +16,7 @@ pub mod net;
 pub mod reference;
 pub mod restart;
 pub mod size;
+pub mod snapshot;
 pub mod user;
 pub mod vm;
 

@@ -240,6 +240,10 @@ pub struct VmSpec {
     /// microVMs; docker's policies have no such limit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crash_loop_limit: Option<u32>,
+    /// The snapshot the VM was made from (`hearth run --snapshot`): its first launch restores
+    /// the guest from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
     /// Unix seconds.
     pub created_at: u64,
 }
@@ -672,6 +676,14 @@ pub struct VmStatus {
     /// Restarts by the policy since the VM was created (docker's `RestartCount`).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub restart_count: u32,
+    /// The next launch restores the guest from the snapshot the VM was made from
+    /// ([`VmSpec::snapshot`]) instead of booting it; cleared once it has.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub restore_pending: bool,
+    /// A guest restored from a snapshot is still to be told its own identity (once its agent
+    /// answers).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub identity_pending: bool,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -736,6 +748,7 @@ pub(crate) mod tests {
             log: None,
             restart: Default::default(),
             crash_loop_limit: None,
+            snapshot: None,
             created_at: 0,
         }
     }

@@ -108,6 +108,7 @@ pub(crate) fn sample_spec() -> LaunchSpec {
         }],
         confinement: Confinement::default(),
         cloud_init: Default::default(),
+        incoming: None,
     }
 }
 

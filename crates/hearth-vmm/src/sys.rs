@@ -179,12 +179,7 @@ pub fn chroot_and_drop(
 
 /// `sendmsg(2)` of `data` on `stream` with `fds` passed as `SCM_RIGHTS` (a descriptor handed to
 /// a VMM over its API socket); returns the bytes sent, which may be fewer than `data`'s.
-pub fn send_with_fds(
-    stream: &std::os::unix::net::UnixStream,
-    data: &[u8],
-    fds: &[i32],
-) -> io::Result<usize> {
-    use std::os::fd::AsRawFd;
+pub fn send_with_fds(stream: &impl AsRawFd, data: &[u8], fds: &[i32]) -> io::Result<usize> {
     let fd_bytes = std::mem::size_of_val(fds);
     // SAFETY: CMSG_SPACE only computes a size.
     let space = unsafe { libc::CMSG_SPACE(fd_bytes as u32) } as usize;

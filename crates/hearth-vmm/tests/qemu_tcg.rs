@@ -196,8 +196,13 @@ async fn the_microvm_command_line_is_accepted_by_qemu() {
         }
     }
     let log = std::fs::File::create(dir.path().join("qemu.log")).expect("log");
-    let mut child =
-        Command::new("qemu-system-x86_64").args(&args).stderr(log).spawn().expect("qemu");
+    // Started in the VM's directory, as hearth starts it: the disks are named from there.
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(&args)
+        .current_dir(dir.path())
+        .stderr(log)
+        .spawn()
+        .expect("qemu");
     let pid = child.id() as i32;
     let start = hearth_vmm::start_time(pid).expect("start time");
     let _reaper = Reaper(Some((pid, start)));

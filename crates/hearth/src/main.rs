@@ -60,6 +60,9 @@ enum Command {
     /// Manage kernels.
     #[command(subcommand)]
     Kernel(cmd::kernel::KernelCmd),
+    /// Snapshot running VMs, and list and remove snapshots (`run --snapshot` restores one).
+    #[command(subcommand)]
+    Snapshot(cmd::snapshot::SnapshotCmd),
     /// Check or prepare this host (KVM, modules, tools, storage, the bridge network).
     #[command(subcommand)]
     Host(cmd::host::HostCmd),
@@ -116,6 +119,7 @@ async fn dispatch(cli: Cli) -> i32 {
         Command::Ssh(a) => cmd::ssh::ssh(host, a).await,
         Command::Image(c) => cmd::image::image(host, c).await,
         Command::Kernel(c) => cmd::kernel::kernel(host, c).await,
+        Command::Snapshot(c) => cmd::snapshot::snapshot(host, c).await,
         Command::Host(c) => cmd::host::host(c).await,
         Command::Version => cmd::ps::version(host).await,
         Command::Info { output } => cmd::ps::info(host, &output).await,

@@ -97,7 +97,8 @@ pub fn wire(d: &Arc<Daemon>) -> Arc<Reconciler> {
         sandbox: host.clone(),
         clock: Arc::new(hearth_core::ports::SystemClock),
         images: host.clone(),
-        keys: host,
+        keys: host.clone(),
+        snapshots: host,
     };
     let r = Reconciler::new(ports);
     d.set_reconciler(r.clone());
@@ -701,6 +702,10 @@ impl Guests for Host {
         let agent = self.0.agent(id).await.map_err(|e| Error::unavailable(e.to_string()))?;
         agent.wait_ready(deadline).await.map_err(|e| Error::unavailable(e.to_string()))
     }
+    async fn reidentify(&self, id: &VmId, identity: &hearth_types::agent::Identity) -> Result<()> {
+        let agent = self.0.agent(id).await.map_err(|e| Error::unavailable(e.to_string()))?;
+        agent.reidentify(identity).await.map_err(|e| Error::unavailable(e.to_string()))
+    }
 }
 
 impl Sandbox for Host {
@@ -713,5 +718,146 @@ impl Sandbox for Host {
     }
     fn of(&self, spec: &VmSpec) -> Confinement {
         Confinement { run_as: None, cgroup: self.0.cgroup_of(&spec.id) }
+    }
+}
+
+/// Snapshots under `ROOT/snapshots/NAME/` (private): `snapshot.json`, the guest's `state`, and
+/// copies of the VM's own disks named as in a VM's directory (`disk.img`, `volume-N.img`).
+impl Host {
+    fn snapshot_dir(&self, name: &str) -> PathBuf {
+        self.0.root.join("snapshots").join(name)
+    }
+
+    /// The VM's own disks a snapshot copies and a restore gives back: (file name, source).
+    fn own_disks(&self, rec: &VmRecord) -> Vec<(String, PathBuf)> {
+        let dir = self.dir(&rec.spec.id);
+        let mut out = vec![("disk.img".to_owned(), disk_path(&dir))];
+        for (i, v) in rec.spec.volumes.iter().enumerate() {
+            let own = matches!(v.source, VolumeSource::Blank { .. })
+                || (v.source.is_image() && !v.read_only);
+            if own {
+                out.push((format!("volume-{i}.img"), volume_path(&dir, i)));
+            }
+        }
+        out
+    }
+}
+
+/// Bytes a file takes on its filesystem.
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+#[async_trait]
+impl hearth_core::ports::Snapshots for Host {
+    fn begin(&self, name: &str) -> Result<PathBuf> {
+        use std::os::unix::fs::DirBuilderExt;
+        hearth_types::snapshot::validate_snapshot_name(name).map_err(Error::invalid)?;
+        let top = self.0.root.join("snapshots");
+        let mut b = std::fs::DirBuilder::new();
+        b.mode(0o700);
+        b.recursive(true).create(&top).map_err(Error::internal)?;
+        let dir = self.snapshot_dir(name);
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => Ok(dir.join(hearth_core::ports::snapshots::STATE_FILE)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(Error::conflict(
+                format!("a snapshot named {name} exists (or is being taken): choose another name"),
+            )),
+            Err(e) => Err(Error::internal(e)),
+        }
+    }
+
+    async fn copy_disks(&self, name: &str, rec: &VmRecord) -> Result<u64> {
+        if self.0.thin.is_some() {
+            return Err(Error::invalid(
+                "snapshots of VMs whose disks are on the thin pool are not supported yet: run hearthd without --thin-pool to take them",
+            ));
+        }
+        let (disks, dir) = (self.own_disks(rec), self.snapshot_dir(name));
+        blocking(move || {
+            for (file, from) in &disks {
+                let len = std::fs::metadata(from)?.len();
+                hearth_storage::clone_disk(from, &dir.join(file), len)?;
+            }
+            let total = std::fs::read_dir(&dir)?.flatten().map(|e| allocated(&e.path())).sum();
+            Ok(total)
+        })
+        .await
+    }
+
+    fn commit(&self, snap: &hearth_types::snapshot::SnapshotRecord) -> Result<()> {
+        let json = serde_json::to_vec_pretty(snap).map_err(Error::internal)?;
+        hearth_fs::atomic_write(&self.snapshot_dir(&snap.name).join("snapshot.json"), &json)
+            .map_err(Error::internal)
+    }
+
+    fn remove(&self, name: &str) -> Result<()> {
+        hearth_types::snapshot::validate_snapshot_name(name).map_err(Error::invalid)?;
+        match std::fs::remove_dir_all(self.snapshot_dir(name)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::internal(e)),
+            _ => Ok(()),
+        }
+    }
+
+    fn get(&self, name: &str) -> Result<Option<hearth_types::snapshot::SnapshotRecord>> {
+        if hearth_types::snapshot::validate_snapshot_name(name).is_err() {
+            return Ok(None);
+        }
+        match std::fs::read(self.snapshot_dir(name).join("snapshot.json")) {
+            Ok(b) => serde_json::from_slice(&b).map(Some).map_err(Error::internal),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::internal(e)),
+        }
+    }
+
+    fn list(&self) -> Result<Vec<hearth_types::snapshot::SnapshotRecord>> {
+        let Ok(rd) = std::fs::read_dir(self.0.root.join("snapshots")) else { return Ok(vec![]) };
+        let mut all = Vec::new();
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(snap) = hearth_core::ports::Snapshots::get(self, &name)? {
+                all.push(snap);
+            }
+        }
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(all)
+    }
+
+    fn state_file(&self, name: &str) -> PathBuf {
+        self.snapshot_dir(name).join(hearth_core::ports::snapshots::STATE_FILE)
+    }
+
+    async fn restore_disks(&self, name: &str, rec: &VmRecord) -> Result<()> {
+        if self.0.thin.is_some() {
+            return Err(Error::invalid(
+                "VMs from snapshots cannot have their disks on the thin pool yet: run hearthd without --thin-pool",
+            ));
+        }
+        let (from, disks) = (self.snapshot_dir(name), self.own_disks(rec));
+        let dir = self.dir(&rec.spec.id);
+        blocking(move || {
+            std::fs::create_dir_all(&dir)?;
+            // The root disk last: its existence marks the VM's disks made.
+            for (file, to) in disks.iter().rev() {
+                let src = from.join(file);
+                let len = std::fs::metadata(&src)?.len();
+                hearth_storage::clone_disk(&src, to, len)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    fn boot_ids(&self, kernel: &str) -> Result<(String, String)> {
+        use sha2::Digest as _;
+        let rec = self.0.kernels.get(kernel).map_err(Error::internal)?.ok_or_else(|| {
+            Error::not_found(format!("kernel {kernel} does not exist (see `hearth kernel ls`)"))
+        })?;
+        let init = std::fs::read(&self.0.init_binary).map_err(Error::internal)?;
+        let mut h = sha2::Sha256::new();
+        h.update(&init);
+        h.update(hearth_kernel::GUEST_MODULES.join(",").as_bytes());
+        Ok((rec.id.hex().to_owned(), hex::encode(h.finalize())))
     }
 }

@@ -12,6 +12,20 @@ use tonic::Status;
 use crate::daemon::Daemon;
 
 pub async fn create(d: &Arc<Daemon>, mut req: pb::CreateVmRequest) -> Result<VmRecord, Status> {
+    if !req.snapshot.is_empty() {
+        if !req.image.is_empty() {
+            return Err(Status::invalid_argument(
+                "a VM from a snapshot runs the snapshot's image: give --snapshot or an image, not both",
+            ));
+        }
+        let from = hearth_core::FromSnapshot {
+            snapshot: req.snapshot,
+            name: Some(req.name).filter(|n| !n.is_empty()),
+            labels: req.labels.into_iter().collect(),
+            kernel: Some(req.kernel).filter(|k| !k.is_empty()),
+        };
+        return d.reconciler().create_from_snapshot(from).await.map_err(to_status);
+    }
     if req.vmm.is_empty() {
         req.vmm = d.default_vmm.to_string();
     }

@@ -220,6 +220,16 @@ impl Daemon {
         self.ok(&args);
     }
 
+    /// Imports the test kernel and the busybox test image (under `name`), as most tests start.
+    pub fn with_kernel_and_busybox(self, name: &str) -> Self {
+        self.import_kernel();
+        let layout = tempfile::tempdir().expect("tmp");
+        let img = crate::testutil::TestImage::default();
+        crate::testutil::busybox_oci_layout(layout.path(), "1", &img).expect("layout");
+        self.ok(&["image", "import", layout.path().to_str().expect("utf8"), "--name", name]);
+        self
+    }
+
     /// The VM record as `inspect` prints it.
     pub fn inspect(&self, vm: &str) -> serde_json::Value {
         let out = self.ok(&["inspect", vm]);

@@ -4,7 +4,6 @@
 
 use std::time::{Duration, Instant};
 
-use hearth_e2e::testutil::{busybox_oci_layout, TestImage};
 use hearth_e2e::{require_e2e, text, Daemon, Netns};
 
 const SERVE: &str =
@@ -27,11 +26,7 @@ fn until_served(what: &str, get: impl Fn() -> (bool, String)) -> String {
 fn bridged_vms_reach_each_other_and_the_host_reaches_them() {
     require_e2e!();
     let ns = Netns::new();
-    let d = Daemon::start_in(&ns);
-    d.import_kernel();
-    let layout = tempfile::tempdir().expect("tmp");
-    busybox_oci_layout(layout.path(), "1", &TestImage::default()).expect("layout");
-    d.ok(&["image", "import", layout.path().to_str().expect("utf8"), "--name", "br:1"]);
+    let d = Daemon::start_in(&ns).with_kernel_and_busybox("br:1");
 
     d.ok(&["run", "-d", "--network", "bridge", "--name", "a", "br:1", "sh", "-c", SERVE]);
     d.ok(&["run", "-d", "--network", "bridge", "--name", "b", "br:1", "sleep", "600"]);
@@ -162,11 +157,8 @@ fn bridged_vms_reach_each_other_and_the_host_reaches_them() {
 fn the_bridge_has_the_name_hearthd_is_given() {
     require_e2e!();
     let ns = Netns::new();
-    let d = Daemon::start_in_with(&ns, &["--bridge-name", "br-vms"]);
-    d.import_kernel();
-    let layout = tempfile::tempdir().expect("tmp");
-    busybox_oci_layout(layout.path(), "1", &TestImage::default()).expect("layout");
-    d.ok(&["image", "import", layout.path().to_str().expect("utf8"), "--name", "br:1"]);
+    let d =
+        Daemon::start_in_with(&ns, &["--bridge-name", "br-vms"]).with_kernel_and_busybox("br:1");
     d.ok(&["run", "-d", "--network", "bridge", "--name", "a", "br:1", "sleep", "600"]);
     let ports = text(&ns.run(&["ip", "-o", "link", "show", "master", "br-vms"]).stdout);
     assert_eq!(ports.lines().count(), 1, "a's tap is on br-vms: {ports}");
@@ -183,11 +175,7 @@ fn the_bridge_has_the_name_hearthd_is_given() {
 fn a_vm_with_two_cards_on_the_bridge_is_reached_at_both_addresses() {
     require_e2e!();
     let ns = Netns::new();
-    let d = Daemon::start_in(&ns);
-    d.import_kernel();
-    let layout = tempfile::tempdir().expect("tmp");
-    busybox_oci_layout(layout.path(), "1", &TestImage::default()).expect("layout");
-    d.ok(&["image", "import", layout.path().to_str().expect("utf8"), "--name", "br:1"]);
+    let d = Daemon::start_in(&ns).with_kernel_and_busybox("br:1");
 
     let args = ["run", "-d", "--network", "bridge", "--network", "bridge", "--name", "two"];
     d.ok(&[&args[..], &["br:1", "sleep", "600"]].concat());

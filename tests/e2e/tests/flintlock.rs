@@ -592,7 +592,12 @@ fn the_flintlock_api_speaks_tls_and_mutual_tls() {
     assert!(handshake(port, "-tls1_3") && !handshake(port, "-tls1_2"), "only TLS 1.3");
     let port12 = free_port();
     let _v = tls_daemon(port12, &["--tls-min-version", "1.2"]);
-    assert!(handshake(port12, "-tls1_2"), "--tls-min-version 1.2 takes TLS 1.2");
+    // hearthd answers on its socket before its TCP listener is up: retried until it is.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !handshake(port12, "-tls1_2") {
+        assert!(Instant::now() < deadline, "--tls-min-version 1.2 takes TLS 1.2");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // Mutual TLS (--tls-client-validate, as Flintlock): without a client certificate from the
     // CA, no answer.

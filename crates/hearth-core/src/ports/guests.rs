@@ -22,4 +22,7 @@ pub trait Guests: Send + Sync {
     async fn shutdown(&self, id: &VmId) -> Result<()>;
     /// Waits up to `timeout` for hearth-init's ready report.
     async fn wait_ready(&self, id: &VmId, timeout: Duration) -> Result<Ready>;
+    /// Tells hearth-init of a guest restored from a snapshot who it is now (before anything
+    /// else is asked of it).
+    async fn reidentify(&self, id: &VmId, identity: &hearth_types::agent::Identity) -> Result<()>;
 }

@@ -9,6 +9,7 @@ pub mod network;
 pub mod provision;
 pub mod repo;
 pub mod sandbox;
+pub mod snapshots;
 pub mod vmm;
 
 pub use clock::{Clock, SystemClock};
@@ -19,6 +20,7 @@ pub use network::{NetPlan, Network};
 pub use provision::{Fetch, Job, Jobs, Outcome};
 pub use repo::VmRepository;
 pub use sandbox::Sandbox;
+pub use snapshots::Snapshots;
 pub use vmm::{
     AgentTransport, Capabilities, Confinement, Endpoints, KernelFormat, LaunchSpec, Launched,
     NetLaunch, Provider, Vmm, VmmError, VmmHandle, Vmms, VolumeDisk,

@@ -40,6 +40,8 @@ pub struct Capabilities {
     pub macvtap: bool,
     /// It shares host directories with the guest through virtio-fs (a vhost-user backend).
     pub shares: bool,
+    /// It saves a running guest's state to a file and starts a new VM from one (snapshots).
+    pub snapshots: bool,
     /// The serial console is a socket hearth can capture and attach to.
     pub console_socket: bool,
     pub agent: AgentTransport,
@@ -74,6 +76,9 @@ pub struct LaunchSpec {
     /// The VM's cloud-init files (meta-data, user-data, vendor-data, network-config), for a
     /// VMM with a metadata service (Firecracker's MMDS); hearth-init seeds them in any case.
     pub cloud_init: std::collections::BTreeMap<String, hearth_types::Blob>,
+    /// A guest state file ([`Vmm::save_state`]) to restore instead of booting: the launch
+    /// returns with the guest loaded and paused, as a booting one is.
+    pub incoming: Option<PathBuf>,
 }
 
 /// What confines a VMM (docs/adr/0011-vmm-confinement.md): a seccomp sandbox always; where
@@ -205,6 +210,21 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
     /// Removes what a VMM that is gone left: sockets, pid file, its cgroup.
     fn cleanup(&self, vm_dir: &Path, confinement: &Confinement);
 
+    /// Saves the running guest's memory and device state into the new file `to` (the
+    /// [`Capabilities::snapshots`] a provider has), its CPUs stopped first and left stopped,
+    /// its disks flushed; returns the VMM's version, which a restore must match.
+    async fn save_state(
+        &self,
+        _vm_dir: &Path,
+        _vmm: VmmHandle,
+        _to: &Path,
+    ) -> Result<String, VmmError> {
+        Err(VmmError::Failed(format!(
+            "--vmm {} cannot take snapshots yet: use --vmm qemu",
+            self.capabilities().provider
+        )))
+    }
+
     /// Why a VMM that is gone ended, in its own words (its log's last error: a signal, a
     /// seccomp violation), when it said; `None` when it left nothing (SIGKILL).
     fn exit_reason(&self, _vm_dir: &Path) -> Option<String> {
@@ -258,6 +278,7 @@ impl Vmm for Unconfigured {
             creates_tap: false,
             macvtap: false,
             shares: false,
+            snapshots: false,
             console_socket: false,
             agent: AgentTransport::Serial,
             kernel_formats: &[],
@@ -346,6 +367,7 @@ mod tests {
             volumes: Vec::new(),
             confinement: Confinement::default(),
             cloud_init: Default::default(),
+            incoming: None,
         };
         let why = none.launch(&spec).expect_err("nothing to launch").to_string();
         assert!(why.contains("qemu") && why.contains("--vmm"), "{why}");

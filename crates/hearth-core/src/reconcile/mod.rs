@@ -6,6 +6,8 @@
 mod pause;
 mod recover;
 mod restart;
+mod snapshot;
+pub use snapshot::FromSnapshot;
 mod steps;
 mod watch;
 
@@ -17,7 +19,8 @@ use tracing::{info_span, Instrument};
 
 use crate::locks::KeyedLocks;
 use crate::ports::{
-    Clock, Disks, Guests, Images, Kernels, Keys, Network, Sandbox, VmRepository, VmmHandle, Vmms,
+    Clock, Disks, Guests, Images, Kernels, Keys, Network, Sandbox, Snapshots, VmRepository,
+    VmmHandle, Vmms,
 };
 use crate::{plan, Error, Observed, Result, Step, MAX_ITERATIONS};
 
@@ -54,6 +57,7 @@ pub struct Ports {
     pub clock: Arc<dyn Clock>,
     pub images: Arc<dyn Images>,
     pub keys: Arc<dyn Keys>,
+    pub snapshots: Arc<dyn Snapshots>,
 }
 
 impl std::fmt::Debug for Ports {

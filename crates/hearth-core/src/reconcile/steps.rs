@@ -130,6 +130,19 @@ impl Reconciler {
             Ok(c) => c,
             Err(e) => return Err(self.unclaim(rec, e)),
         };
+        // A VM made from a snapshot restores its guest, once; it boots from its disk after.
+        let incoming = match (&rec.spec.snapshot, rec.status.restore_pending) {
+            (Some(name), true) => {
+                let state = p.snapshots.state_file(name);
+                if p.snapshots.get(name)?.is_none() {
+                    return Err(Error::precondition(format!(
+                        "snapshot {name}, which this VM is to be restored from, was removed: remove the VM and make another"
+                    )));
+                }
+                Some(state)
+            }
+            _ => None,
+        };
         let spec = LaunchSpec {
             vm_dir: p.repo.vm_dir(&id),
             kernel,
@@ -145,6 +158,7 @@ impl Reconciler {
             volumes,
             confinement: confinement.clone(),
             cloud_init: crate::create::cloud_init_bundle(&rec.spec, p.network.resolvers()),
+            incoming,
         };
         rec.status.started_at = Some(p.clock.now_millis());
         let (vmm2, spec2) = (vmm.clone(), spec.clone());
@@ -219,6 +233,11 @@ impl Reconciler {
         rec.status.ssh_port = ssh_port;
         rec.status.ip = crate::guest_network(&rec.spec).map(|n| n.address);
         rec.status.vmm_uid = c.run_as.map(|(u, _)| u);
+        // A restored guest ran on the snapshot's disks: from now on it boots from its own.
+        if rec.status.restore_pending {
+            rec.status.restore_pending = false;
+            rec.status.identity_pending = true;
+        }
         let saved = self.ports.repo.save(rec);
         self.ports.sandbox.settle(c);
         // The record carries the ports from here on (or, unsaved, the launch is undone by the watcher).

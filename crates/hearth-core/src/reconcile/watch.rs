@@ -32,10 +32,26 @@ impl Reconciler {
             let (r, id2) = (self.clone(), id.clone());
             tokio::spawn(async move {
                 match r.ports.guests.wait_ready(&id2, r.ready_timeout).await {
-                    Ok(ready) => r.mark_ready(&id2, h.pid, ready).await,
+                    Ok(ready) => {
+                        r.tell_identity(&id2).await;
+                        r.mark_ready(&id2, h.pid, ready).await
+                    }
                     Err(e) => info!(vm = %id2, error = %e, "no ready report from the guest"),
                 }
             });
+        }
+    }
+
+    /// A guest restored from a snapshot is told who it is now, before it is reported ready (and
+    /// so before anything is run in it).
+    async fn tell_identity(&self, id: &VmId) {
+        let Ok(Some(rec)) = self.ports.repo.get(id) else { return };
+        if !rec.status.identity_pending {
+            return;
+        }
+        let identity = self.identity_of(&rec.spec);
+        if let Err(e) = self.ports.guests.reidentify(id, &identity).await {
+            warn!(vm = %id, error = %e, "telling the restored guest its identity failed");
         }
     }
 
@@ -47,6 +63,7 @@ impl Reconciler {
             return;
         }
         rec.status.state = VmState::Running;
+        rec.status.identity_pending = false;
         let now = self.ports.clock.now_millis();
         rec.status.ready_at = Some(now);
         rec.status.boot = Some(hearth_types::BootTimings {

@@ -68,6 +68,11 @@ pub(super) fn handle(shared: &Arc<Shared>, f: Frame) {
             }
         }
         Kind::Ping => shared.send(&Frame::new(Kind::Pong, 0, f.payload)),
+        // In line: frames after it (an exec) see the new identity.
+        Kind::Reidentify => match f.parse::<hearth_types::agent::Identity>() {
+            Ok(id) => reidentify(&id),
+            Err(e) => eprintln!("hearth-init: agent: a malformed identity: {e}"),
+        },
         Kind::Shutdown => shared.shutdown.store(true, Ordering::SeqCst),
         Kind::Credit => shared.add_credit(f.stream, f.credit_amount()),
         Kind::Exec => match f.parse::<ExecRequest>() {
@@ -142,4 +147,23 @@ pub(super) fn handle(shared: &Arc<Shared>, f: Frame) {
         }
         _ => {}
     }
+}
+
+/// A guest restored from a snapshot takes its new VM's identity: fresh randomness first (nothing
+/// random it draws after comes from the snapshot's state), the clock, its hostname, its cards.
+fn reidentify(id: &hearth_types::agent::Identity) {
+    if let Err(e) = sys::add_entropy_and_reseed(&id.entropy) {
+        eprintln!("hearth-init: reseeding the random number generator: {e}");
+    }
+    if id.now_ms > 0 {
+        if let Err(e) = sys::set_clock(id.now_ms) {
+            eprintln!("hearth-init: setting the clock: {e}");
+        }
+    }
+    if !id.hostname.is_empty() {
+        if let Err(e) = sys::sethostname(&id.hostname) {
+            eprintln!("hearth-init: setting the hostname: {e}");
+        }
+    }
+    crate::net::reconfigure(id.network.as_ref(), &id.cards, &id.hostname);
 }

@@ -96,6 +96,19 @@ impl Sock {
         self.ifr(libc::SIOCSIFNETMASK, &mut r)
     }
 
+    /// Gives the (Ethernet) interface the MAC `mac`.
+    pub fn set_mac(&self, name: &str, mac: [u8; 6]) -> io::Result<()> {
+        let mut r = ifreq(name)?;
+        // SAFETY: sockaddr is plain data; all zeroes is valid.
+        let mut hw: libc::sockaddr = unsafe { std::mem::zeroed() };
+        hw.sa_family = libc::ARPHRD_ETHER;
+        for (dst, src) in hw.sa_data.iter_mut().zip(mac) {
+            *dst = src as libc::c_char;
+        }
+        r.ifr_ifru.ifru_hwaddr = hw;
+        self.ifr(libc::SIOCSIFHWADDR, &mut r)
+    }
+
     /// Adds the default route through `gateway` (one already there is fine).
     pub fn default_route(&self, gateway: Ipv4Addr) -> io::Result<()> {
         let mut rt = RtEntry {

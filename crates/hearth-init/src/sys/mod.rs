@@ -121,6 +121,40 @@ pub fn sethostname(name: &str) -> io::Result<()> {
     check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) })
 }
 
+/// Mixes `bytes` into the kernel's entropy pool, credited as that many bits of entropy
+/// (RNDADDENTROPY on `/dev/urandom`), then has the kernel reseed its random number generator
+/// from the pool at once (RNDRESEEDCRNG), so no value drawn after comes from the state before.
+pub fn add_entropy_and_reseed(bytes: &[u8]) -> io::Result<()> {
+    /// `_IOW('R', 0x03, int[2])` and `_IO('R', 0x07)` from linux/random.h.
+    const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+    let f = std::fs::OpenOptions::new().write(true).open("/dev/urandom")?;
+    let len =
+        i32::try_from(bytes.len()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut info = Vec::with_capacity(8 + bytes.len().next_multiple_of(4));
+    info.extend_from_slice(&(len * 8).to_ne_bytes());
+    info.extend_from_slice(&len.to_ne_bytes());
+    info.extend_from_slice(bytes);
+    info.resize(8 + bytes.len().next_multiple_of(4), 0);
+    use std::os::fd::AsRawFd;
+    // SAFETY: `info` is a rand_pool_info laid out as the kernel reads it (two ints, then
+    // buf_size bytes), alive for the call.
+    check(unsafe { libc::ioctl(f.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) })?;
+    // SAFETY: an ioctl without an argument on an open descriptor.
+    check(unsafe { libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG) })
+}
+
+/// Sets the wall clock (`clock_settime(CLOCK_REALTIME)`) to `ms` Unix milliseconds.
+pub fn set_clock(ms: u64) -> io::Result<()> {
+    let ts = libc::timespec {
+        tv_sec: (ms / 1000) as libc::time_t,
+        tv_nsec: ((ms % 1000) * 1_000_000) as libc::c_long,
+    };
+    // SAFETY: a valid timespec, read for the call.
+    check(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) })
+}
+
 /// Blocks `signals` in this thread (and threads spawned after).
 pub fn block_signals(signals: &[i32]) {
     // SAFETY: the sigset is a local initialised by sigemptyset before use.

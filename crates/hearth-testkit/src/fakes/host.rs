@@ -51,6 +51,12 @@ struct State {
     fail_keys: bool,
     /// Host paths a volume may attach, with the disk each names (two paths may name one).
     host_disks: HashMap<String, String>,
+    /// Snapshots: committed records, and names begun (files made).
+    snapshots: HashMap<String, hearth_types::snapshot::SnapshotRecord>,
+    snapshots_begun: HashSet<String>,
+    /// VMs given a snapshot's disks, and the identities guests were told.
+    restored_disks: Vec<(VmId, String)>,
+    identities: Vec<(VmId, hearth_types::agent::Identity)>,
 }
 
 /// Records, disks, network, guests and sandbox, in memory.
@@ -61,6 +67,20 @@ pub struct FakeHost {
 }
 
 impl FakeHost {
+    fn state_file_of(&self, name: &str) -> PathBuf {
+        Path::new("/fake/snapshots").join(name).join(hearth_core::ports::snapshots::STATE_FILE)
+    }
+
+    /// The identities guests restored from snapshots were told, in order.
+    pub fn identities(&self) -> Vec<(VmId, hearth_types::agent::Identity)> {
+        self.state().identities.clone()
+    }
+
+    /// The VMs given a snapshot's disks, with the snapshot.
+    pub fn restored_disks(&self) -> Vec<(VmId, String)> {
+        self.state().restored_disks.clone()
+    }
+
     pub fn new(vmm: Arc<FakeVmm>) -> Self {
         Self { state: Mutex::new(State::default()), vmm }
     }
@@ -473,6 +493,56 @@ impl Guests for FakeHost {
             return Err(Error::unavailable(format!("vm {id}: no ready report within {timeout:?}")));
         }
         Ok(Ready { init_started_ms: 300, ready_ms: 450 })
+    }
+    async fn reidentify(&self, id: &VmId, identity: &hearth_types::agent::Identity) -> Result<()> {
+        self.state().identities.push((id.clone(), identity.clone()));
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl hearth_core::ports::Snapshots for FakeHost {
+    fn begin(&self, name: &str) -> Result<PathBuf> {
+        let mut s = self.state();
+        if s.snapshots_begun.contains(name) {
+            return Err(Error::conflict(format!("snapshot {name} exists")));
+        }
+        s.snapshots_begun.insert(name.to_owned());
+        Ok(self.state_file_of(name))
+    }
+    async fn copy_disks(&self, _name: &str, _rec: &VmRecord) -> Result<u64> {
+        Ok(64 << 20)
+    }
+    fn commit(&self, snap: &hearth_types::snapshot::SnapshotRecord) -> Result<()> {
+        self.state().snapshots.insert(snap.name.clone(), snap.clone());
+        Ok(())
+    }
+    fn remove(&self, name: &str) -> Result<()> {
+        let mut s = self.state();
+        s.snapshots.remove(name);
+        s.snapshots_begun.remove(name);
+        Ok(())
+    }
+    fn get(&self, name: &str) -> Result<Option<hearth_types::snapshot::SnapshotRecord>> {
+        Ok(self.state().snapshots.get(name).cloned())
+    }
+    fn list(&self) -> Result<Vec<hearth_types::snapshot::SnapshotRecord>> {
+        let mut all: Vec<_> = self.state().snapshots.values().cloned().collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(all)
+    }
+    fn state_file(&self, name: &str) -> PathBuf {
+        self.state_file_of(name)
+    }
+    async fn restore_disks(&self, name: &str, rec: &VmRecord) -> Result<()> {
+        let mut s = self.state();
+        s.restored_disks.push((rec.spec.id.clone(), name.to_owned()));
+        s.dirs.insert(rec.spec.id.clone());
+        s.disks.insert(rec.spec.id.clone());
+        Ok(())
+    }
+    fn boot_ids(&self, kernel: &str) -> Result<(String, String)> {
+        Ok((format!("kernel-{kernel}"), "init-1".into()))
     }
 }
 

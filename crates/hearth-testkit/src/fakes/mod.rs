@@ -57,6 +57,7 @@ pub fn harness() -> Harness {
         clock: clock.clone(),
         images: host.clone(),
         keys: host.clone(),
+        snapshots: host.clone(),
     };
     Harness { reconciler: Reconciler::new(ports), vmm, host, clock }
 }

@@ -238,6 +238,12 @@ impl AgentClient {
         self.send(Frame::new(Kind::Shutdown, 0, Vec::new())).await
     }
 
+    /// Tells hearth-init of a guest restored from a snapshot who it is now; it takes the
+    /// identity before any frame sent after this one.
+    pub async fn reidentify(&self, id: &hearth_types::agent::Identity) -> Result<(), AgentError> {
+        self.send(Frame::json(Kind::Reidentify, 0, id)).await
+    }
+
     /// Opens a new stream; frames the guest sends on it arrive through [`Stream::recv`].
     pub fn open_stream(&self) -> Stream {
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed).max(1);

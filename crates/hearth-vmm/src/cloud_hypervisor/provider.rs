@@ -25,6 +25,7 @@ impl crate::driven::Driver for Driver {
         creates_tap: false,
         macvtap: true,
         shares: true,
+        snapshots: false,
         console_socket: true,
         agent: AgentTransport::Vsock,
         kernel_formats: &[KernelFormat::BzImage, KernelFormat::ElfPvh],

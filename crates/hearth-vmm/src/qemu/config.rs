@@ -105,7 +105,8 @@ pub fn qemu_args(
         kernel_cmdline(spec, accel),
     );
     push(&mut a, &["-kernel", &kernel, "-initrd", &initrd, "-append", &cmdline]);
-    a.extend(disk_args(spec, kvm));
+    let chrooted = spec.confinement.run_as.is_some() && features.run_with;
+    a.extend(disk_args(spec, kvm, chrooted));
     // Each share: virtio-fs on its virtiofsd's socket, found in the guest by its tag.
     let fs = if kvm { "vhost-user-fs-device" } else { "vhost-user-fs-pci" };
     for (k, share) in shares.iter().enumerate() {
@@ -143,6 +144,10 @@ pub fn qemu_args(
     // `-daemonize`: QEMU installs its seccomp filter before it would fork, and the filter denies
     // forking; hearth starts it in a session of its own instead (launch.rs).
     push(&mut a, &["-qmp", &qmp, "-pidfile", &p("qemu.pid"), "-D", &p("qemu.log"), "-S"]);
+    // A restore: the guest's state comes over QMP (a descriptor hearth opened), not a boot.
+    if spec.incoming.is_some() {
+        push(&mut a, &["-incoming", "defer"]);
+    }
     a.extend(confinement_args(spec, features));
     a
 }
@@ -177,14 +182,22 @@ fn push(a: &mut Vec<String>, items: &[&str]) {
 }
 
 /// The root disk (with its serial), the config disk and the volumes: virtio-mmio under KVM's
-/// microvm machine, PCI under TCG's pc.
-fn disk_args(spec: &LaunchSpec, kvm: bool) -> Vec<String> {
+/// microvm machine, PCI under TCG's pc. `auto-read-only=off`: QEMU never reopens a disk to
+/// change its access (saving the guest's state drops write access): once chrooted as the VM's
+/// uid it could not open the path again. With `chrooted` (QEMU will chroot into the VM's
+/// directory, having started there), the VM's own files are also named relative to it, so the
+/// one name holds before the chroot and after it.
+fn disk_args(spec: &LaunchSpec, kvm: bool, chrooted: bool) -> Vec<String> {
     let blk = if kvm { "virtio-blk-device" } else { "virtio-blk-pci" };
     let mut a = Vec::new();
     let mut drive = |file: &std::path::Path, id: &str, extra: &str, serial: Option<&str>| {
+        let file = match file.strip_prefix(&spec.vm_dir) {
+            Ok(inside) if chrooted => inside,
+            _ => file,
+        };
         a.push("-drive".to_owned());
         a.push(format!(
-            "file={},if=none,id={id},format=raw,cache=writeback{extra}",
+            "file={},if=none,id={id},format=raw,cache=writeback,auto-read-only=off{extra}",
             file.display()
         ));
         a.push("-device".to_owned());
@@ -247,6 +260,7 @@ mod tests {
             volumes: vec![],
             confinement: Default::default(),
             cloud_init: Default::default(),
+            incoming: None,
         }
     }
 
@@ -270,6 +284,12 @@ mod tests {
             ["on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny"]
         );
         assert_eq!(after(&a, "-run-with"), ["user=2100000007:2100000007,chroot=/r/vms/abc"]);
+        // Its own disks by names that hold before the chroot (it starts in its directory) and
+        // after it.
+        let drives = after(&a, "-drive");
+        assert!(
+            drives[0].starts_with("file=disk.img,") && drives[1].starts_with("file=config.img,")
+        );
         // A QEMU without the options gets none of them (and hearth says so when it launches).
         let a = qemu_args(&s, Accel::Tcg, None, Features::default());
         assert!(after(&a, "-sandbox").is_empty() && after(&a, "-run-with").is_empty());
@@ -366,8 +386,8 @@ mod tests {
         assert_eq!(
             after(&a, "-drive"),
             [
-                "file=/r/vms/abc/disk.img,if=none,id=root,format=raw,cache=writeback,discard=unmap",
-                "file=/r/vms/abc/config.img,if=none,id=config,format=raw,cache=writeback"
+                "file=/r/vms/abc/disk.img,if=none,id=root,format=raw,cache=writeback,auto-read-only=off,discard=unmap",
+                "file=/r/vms/abc/config.img,if=none,id=config,format=raw,cache=writeback,auto-read-only=off"
             ]
         );
         let devices = after(&a, "-device");

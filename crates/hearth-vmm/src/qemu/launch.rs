@@ -138,7 +138,9 @@ pub fn launch(spec: &LaunchSpec) -> Result<Launched, VmmError> {
             fix: "install Debian's qemu-system-x86 or set HEARTH_QEMU",
             source,
         })?;
-        if let Err(e) = wait_started(&mut child, &dir.join("qmp.sock")) {
+        let started = wait_started(&mut child, &dir.join("qmp.sock"))
+            .and_then(|()| spec.incoming.as_deref().map_or(Ok(()), |s| load_state(dir, s)));
+        if let Err(e) = started {
             let _ = child.kill();
             let _ = child.wait();
             return Err(VmmError::Start {
@@ -170,6 +172,85 @@ pub fn launch(spec: &LaunchSpec) -> Result<Launched, VmmError> {
         }
     };
     Ok(Launched { pid, start_time, accel, warning, held: vec![] })
+}
+
+/// How long saving or loading a guest's state may take.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
+/// The name QEMU knows the state file's descriptor by.
+const STATE_FD: &str = "hearth-state";
+
+/// Waits until the migration QEMU runs (out to a state file, or in from one) has completed.
+async fn migration_done(q: &mut Qmp, what: &str) -> Result<(), VmmError> {
+    let deadline = tokio::time::Instant::now() + MIGRATION_TIMEOUT;
+    loop {
+        let m = q.execute("query-migrate", None).await?;
+        match m["status"].as_str().unwrap_or_default() {
+            "completed" => return Ok(()),
+            "failed" | "cancelled" => {
+                let why = m["error-desc"].as_str().unwrap_or("QEMU gave no reason");
+                return Err(qmp_error(format!("{what} the guest's state failed: {why}")));
+            }
+            _ if tokio::time::Instant::now() > deadline => {
+                return Err(qmp_error(format!(
+                    "{what} the guest's state took over {MIGRATION_TIMEOUT:?}"
+                )))
+            }
+            _ => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
+/// Saves the running guest's memory and device state into the new file `to`: its CPUs are
+/// stopped, the state streamed (QMP `migrate` to a descriptor hearth opened, so a QEMU in its
+/// chroot needs no path to it), its disks flushed; the CPUs stay stopped ([`resume`] lets
+/// them run). Returns QEMU's version, which a restore needs again.
+pub async fn save_state(vm_dir: &Path, to: &Path) -> Result<String, VmmError> {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| VmmError::Io { path: to.to_owned(), source };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(to)
+        .map_err(io)?;
+    let mut q = qmp(vm_dir).await?;
+    q.execute("stop", None).await?;
+    let fd = serde_json::json!({ "fdname": STATE_FD });
+    q.execute_with_fd("getfd", Some(fd), file.as_fd()).await?;
+    q.execute("migrate", Some(serde_json::json!({ "uri": format!("fd:{STATE_FD}") }))).await?;
+    migration_done(&mut q, "saving").await?;
+    file.sync_all().map_err(io)?;
+    let v = q.execute("query-version", None).await?;
+    let n = |k: &str| v["qemu"][k].as_u64().unwrap_or_default();
+    Ok(format!("QEMU {}.{}.{}", n("major"), n("minor"), n("micro")))
+}
+
+/// Loads a state file into a QEMU started with `-incoming defer` (QMP `migrate-incoming` from a
+/// descriptor hearth opened); the guest stays paused. Blocking: it runs its own small runtime,
+/// as a launch runs off the async one.
+fn load_state(vm_dir: &Path, state: &Path) -> Result<(), String> {
+    use std::os::fd::AsFd;
+    let file = std::fs::File::open(state).map_err(|e| format!("{}: {e}", state.display()))?;
+    let load = async {
+        let mut q = qmp(vm_dir).await?;
+        let fd = serde_json::json!({ "fdname": STATE_FD });
+        q.execute_with_fd("getfd", Some(fd), file.as_fd()).await?;
+        let uri = serde_json::json!({ "uri": format!("fd:{STATE_FD}") });
+        q.execute("migrate-incoming", Some(uri)).await?;
+        migration_done(&mut q, "restoring").await
+    };
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            rt.block_on(load).map_err(|e| e.to_string())
+        })
+        .join()
+        .unwrap_or_else(|_| Err("restoring the guest's state panicked".into()))
+    })
 }
 
 /// Freezes the guest's CPUs (QMP `stop`): QEMU's state becomes `paused`, never `prelaunch`.
@@ -284,6 +365,7 @@ mod tests {
             volumes: vec![],
             confinement: Default::default(),
             cloud_init: Default::default(),
+            incoming: None,
         };
         let a = absolute(&spec).expect("absolute");
         assert!(a.vm_dir.is_absolute() && a.initrd.is_absolute() && a.root_disk.is_absolute());

@@ -10,7 +10,8 @@ mod qmp;
 
 pub use config::{confinement_args, kernel_cmdline, qemu_args, Features, QBOOT};
 pub use launch::{
-    launch, pause, remove_runtime_files, resume, resume_if_prelaunch, stop, wait_set_up, Stopped,
+    launch, pause, remove_runtime_files, resume, resume_if_prelaunch, save_state, stop,
+    wait_set_up, Stopped,
 };
 pub use observe::{find_running, is_vmm_of, observe, scan, Observed};
 pub use provider::Qemu;

@@ -36,6 +36,7 @@ impl Vmm for Qemu {
             creates_tap: true,
             macvtap: true,
             shares: true,
+            snapshots: true,
             console_socket: true,
             agent: AgentTransport::Serial,
             kernel_formats: &[KernelFormat::BzImage, KernelFormat::ElfPvh],
@@ -100,6 +101,15 @@ impl Vmm for Qemu {
 
     fn endpoints(&self, vm_dir: &Path) -> Endpoints {
         Endpoints { agent: vm_dir.join("agent.sock"), console: vm_dir.join("console.sock") }
+    }
+
+    async fn save_state(
+        &self,
+        vm_dir: &Path,
+        _vmm: VmmHandle,
+        to: &Path,
+    ) -> Result<String, VmmError> {
+        crate::qemu::save_state(vm_dir, to).await.map_err(port_error)
     }
 
     fn cleanup(&self, vm_dir: &Path, confinement: &Confinement) {

@@ -66,13 +66,49 @@ impl Qmp {
 
     /// Runs a command and returns its `return` value.
     pub async fn execute(&mut self, command: &str, args: Option<Value>) -> Result<Value, VmmError> {
+        let bytes = Self::message(command, args);
+        self.wr.write_all(&bytes).await.map_err(io_error)?;
+        self.reply(command).await
+    }
+
+    /// Runs a command with `fd` handed to QEMU alongside it (`SCM_RIGHTS`), as `getfd` takes
+    /// one.
+    pub async fn execute_with_fd(
+        &mut self,
+        command: &str,
+        args: Option<Value>,
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<Value, VmmError> {
+        use std::os::fd::AsRawFd;
+        let bytes = Self::message(command, args);
+        let sock: &UnixStream = self.wr.as_ref();
+        let mut sent = 0;
+        while sent < bytes.len() {
+            sock.writable().await.map_err(io_error)?;
+            let fds = if sent == 0 { vec![fd.as_raw_fd()] } else { vec![] };
+            let rest = &bytes[sent..];
+            match sock.try_io(tokio::io::Interest::WRITABLE, || {
+                crate::sys::send_with_fds(sock, rest, &fds)
+            }) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(io_error(e)),
+            }
+        }
+        self.reply(command).await
+    }
+
+    fn message(command: &str, args: Option<Value>) -> Vec<u8> {
         let mut msg = json!({ "execute": command });
         if let Some(a) = args {
             msg["arguments"] = a;
         }
         let mut bytes = msg.to_string().into_bytes();
         bytes.push(b'\n');
-        self.wr.write_all(&bytes).await.map_err(io_error)?;
+        bytes
+    }
+
+    async fn reply(&mut self, command: &str) -> Result<Value, VmmError> {
         let reply = self.read_message().await?;
         if let Some(err) = reply.get("error") {
             return Err(qmp_error(format!(

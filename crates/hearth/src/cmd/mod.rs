@@ -10,4 +10,5 @@ pub mod lifecycle;
 pub mod provision;
 pub mod ps;
 pub mod run;
+pub mod snapshot;
 pub mod ssh;

@@ -111,8 +111,14 @@ pub struct CreateArgs {
     /// When to pull the image: missing, always or never.
     #[arg(long, default_value = "missing")]
     pull: String,
+    /// Make the VM from this snapshot (`hearth snapshot create`) instead of an image: its
+    /// guest goes on where the snapshot's was, as a VM of its own (name, MAC, address, fresh
+    /// randomness).
+    #[arg(long, value_name = "NAME")]
+    snapshot: Option<String>,
     /// The image to boot.
-    image: String,
+    #[arg(required_unless_present = "snapshot")]
+    image: Option<String>,
     /// Command and arguments, replacing the image's CMD.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     command: Vec<String>,
@@ -154,7 +160,8 @@ fn request(a: &CreateArgs) -> anyhow::Result<pb::CreateVmRequest> {
     let size = hearth_types::parse_size(&a.size).with_context(|| format!("--size {:?}", a.size))?;
     Ok(pb::CreateVmRequest {
         name: a.name.clone().unwrap_or_default(),
-        image: a.image.clone(),
+        image: a.image.clone().unwrap_or_default(),
+        snapshot: a.snapshot.clone().unwrap_or_default(),
         kernel: a.kernel.clone().unwrap_or_default(),
         cpus: a.cpus,
         memory_mib: mib(&a.memory, "--memory")?,
@@ -312,10 +319,16 @@ fn read_public_key(path: &str) -> anyhow::Result<String> {
 /// says so: `always` before, `missing` when the daemon has not got them.
 async fn create_vm(c: &mut Client, a: &CreateArgs) -> anyhow::Result<VmRecord> {
     let req = request(a)?;
+    if a.snapshot.is_some() {
+        // Everything the VM needs is the snapshot's.
+        let r = c.create_vm(req).await?.into_inner();
+        return parse_json(&r.json);
+    }
+    let image = a.image.clone().unwrap_or_default();
     let kernel_ref = a.kernel.as_deref().filter(|k| hearth_types::kernel::is_reference(k));
     match a.pull.as_str() {
         "always" => {
-            crate::cmd::image::pull(c, &a.image, a.insecure, true).await?;
+            crate::cmd::image::pull(c, &image, a.insecure, true).await?;
             if let Some(k) = kernel_ref {
                 pull_kernel(c, k, a.insecure).await?;
             }
@@ -331,8 +344,8 @@ async fn create_vm(c: &mut Client, a: &CreateArgs) -> anyhow::Result<VmRecord> {
             Err(s) => return Err(s.into()),
         };
         if missing.message().starts_with("image ") && !image_pulled {
-            eprintln!("Unable to find image '{}' locally", a.image);
-            crate::cmd::image::pull(c, &a.image, a.insecure, true).await?;
+            eprintln!("Unable to find image '{image}' locally");
+            crate::cmd::image::pull(c, &image, a.insecure, true).await?;
             image_pulled = true;
         } else if let Some(k) =
             kernel_ref.filter(|_| missing.message().starts_with("kernel ") && !kernel_pulled)

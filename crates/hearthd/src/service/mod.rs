@@ -292,6 +292,35 @@ impl Hearth for Api {
         self.on_vm(rec, |r, id| async move { r.set_paused(&id, true).await.map(Some) }).await
     }
 
+    async fn create_snapshot(
+        &self,
+        req: Request<pb::CreateSnapshotRequest>,
+    ) -> Result<Response<pb::Record>, Status> {
+        let req = req.into_inner();
+        let rec = self.d.resolve(&req.r#ref)?;
+        let snap = self
+            .d
+            .reconciler()
+            .snapshot_create(&rec.spec.id, &req.name)
+            .await
+            .map_err(to_status)?;
+        Ok(record(&snap))
+    }
+
+    async fn list_snapshots(
+        &self,
+        _req: Request<pb::Empty>,
+    ) -> Result<Response<pb::Records>, Status> {
+        let all = self.d.reconciler().snapshots().map_err(to_status)?;
+        Ok(Response::new(pb::Records { json: all.iter().map(json).collect() }))
+    }
+
+    async fn remove_snapshot(&self, req: Request<pb::Ref>) -> Result<Response<pb::Empty>, Status> {
+        let name = req.into_inner().r#ref;
+        self.d.reconciler().snapshot_remove(&name).map_err(to_status)?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
     async fn unpause_vm(&self, req: Request<pb::Ref>) -> Result<Response<pb::Record>, Status> {
         let rec = self.d.resolve(&req.into_inner().r#ref)?;
         self.on_vm(rec, |r, id| async move { r.set_paused(&id, false).await.map(Some) }).await

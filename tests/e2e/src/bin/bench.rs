@@ -120,6 +120,78 @@ fn wait_ready(sock: &Path, deadline: Instant) -> bool {
     })
 }
 
+/// One bare QEMU started on a copy of hearth's own kernel, initramfs and base disk, timed from
+/// its spawn to hearth-init's ready report.
+fn bare_once(work: &Path, i: usize, kernel: &Path, initrd: &Path, base_img: &Path) -> Duration {
+    let vm_dir = work.join(format!("bare-{i}"));
+    std::fs::create_dir_all(&vm_dir).expect("mkdir");
+    let disk = vm_dir.join("disk.img");
+    run(Command::new("cp").arg("--sparse=always").arg(base_img).arg(&disk));
+    let cfg = hearth_types::GuestConfig {
+        version: 1,
+        hostname: "bare".into(),
+        process: hearth_types::GuestProcess {
+            args: vec!["sleep".into(), "100000".into()],
+            env: vec!["PATH=/bin".into()],
+            ..Default::default()
+        },
+        // The same network hearth gives its VMs, so both sides configure the same card.
+        network: Some(hearth_types::GuestNetwork {
+            mac: MAC.into(),
+            address: net::USER_NET_ADDRESS.into(),
+            prefix: net::USER_NET_PREFIX,
+            gateway: net::USER_NET_GATEWAY.into(),
+            dns: vec![net::USER_NET_DNS.into()],
+        }),
+        ..Default::default()
+    };
+    hearth_storage::create_config_disk(&vm_dir.join("config.img"), &cfg).expect("config disk");
+    let spec = hearth_vmm::LaunchSpec {
+        vm_dir: vm_dir.clone(),
+        kernel: kernel.to_owned(),
+        initrd: initrd.to_owned(),
+        cmdline: String::new(),
+        root_disk: disk,
+        config_disk: vm_dir.join("config.img"),
+        cpus: 1,
+        memory_mib: 512,
+        accel: hearth_types::Accel::Tcg,
+        binary: None,
+        networks: vec![hearth_vmm::NetLaunch { mac: MAC.into(), ..Default::default() }],
+        volumes: vec![],
+        confinement: Default::default(),
+        cloud_init: Default::default(),
+        incoming: None,
+    };
+    let bios = Path::new(hearth_vmm::qemu::QBOOT);
+    // The same command line, unconfined and not paused (nobody captures its console here).
+    let mut args = hearth_vmm::qemu::qemu_args(
+        &spec,
+        hearth_types::Accel::Tcg,
+        bios.exists().then_some(bios),
+        Default::default(),
+    );
+    args.retain(|a| a != "-S");
+    let t = Instant::now();
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu");
+    assert!(
+        wait_ready(&vm_dir.join("agent.sock"), Instant::now() + Duration::from_secs(120)),
+        "bare qemu never became ready"
+    );
+    let took = t.elapsed();
+    let _ = child.kill();
+    let _ = child.wait();
+    took
+}
+
+/// Run to ready: `hearth run -d` (a cold boot), the bare QEMU command on the same files, and
+/// `hearth run -d --snapshot` (a restore), interleaved run by run so that whatever the machine
+/// does meanwhile falls on all three alike.
 fn run_to_ready(reg: &LocalRegistry, runs: usize) -> Daemon {
     let image = format!("{}/demo:1", reg.host());
     let d = Daemon::start();
@@ -127,90 +199,42 @@ fn run_to_ready(reg: &LocalRegistry, runs: usize) -> Daemon {
     d.ok(&["image", "pull", &image]);
     // Warm the caches both sides use (base ext4, initramfs).
     d.ok(&["run", "--rm", &image, "true"]);
-    let mut hearth = Vec::new();
-    for i in 0..runs {
-        let t = Instant::now();
-        d.ok(&["run", "-d", "--name", &format!("bench{i}"), &image, "sleep", "100000"]);
-        hearth.push(t.elapsed());
-        d.ok(&["rm", "-f", &format!("bench{i}")]);
-    }
-    // The bare command: same kernel, initramfs, disk and config, no hearth in the loop.
-    let kdir = d.root.path().join("kernels/debian");
+    // The snapshot the restores start from: a VM as `hearth run -d` leaves it, ready.
+    d.ok(&["run", "-d", "--name", "warm", &image, "sleep", "100000"]);
+    d.ok(&["snapshot", "create", "warm", "bench-warm"]);
+    d.ok(&["rm", "-f", "warm"]);
+    let kernel = d.root.path().join("kernels/debian/kernel");
     let (initrd, base_img) = built_files(d.root.path());
     let work = tempfile::tempdir().expect("tmp");
-    let mut bare = Vec::new();
-    for i in 0..runs {
-        let vm_dir = work.path().join(format!("bare-{i}"));
-        std::fs::create_dir_all(&vm_dir).expect("mkdir");
-        let disk = vm_dir.join("disk.img");
-        run(Command::new("cp").arg("--sparse=always").arg(&base_img).arg(&disk));
-        let cfg = hearth_types::GuestConfig {
-            version: 1,
-            hostname: "bare".into(),
-            process: hearth_types::GuestProcess {
-                args: vec!["sleep".into(), "100000".into()],
-                env: vec!["PATH=/bin".into()],
-                ..Default::default()
-            },
-            // The same network hearth gives its VMs, so both sides configure the same card.
-            network: Some(hearth_types::GuestNetwork {
-                mac: MAC.into(),
-                address: net::USER_NET_ADDRESS.into(),
-                prefix: net::USER_NET_PREFIX,
-                gateway: net::USER_NET_GATEWAY.into(),
-                dns: vec![net::USER_NET_DNS.into()],
-            }),
-            ..Default::default()
-        };
-        hearth_storage::create_config_disk(&vm_dir.join("config.img"), &cfg).expect("config disk");
-        let spec = hearth_vmm::LaunchSpec {
-            vm_dir: vm_dir.clone(),
-            kernel: kdir.join("kernel"),
-            initrd: initrd.clone(),
-            cmdline: String::new(),
-            root_disk: disk,
-            config_disk: vm_dir.join("config.img"),
-            cpus: 1,
-            memory_mib: 512,
-            accel: hearth_types::Accel::Tcg,
-            binary: None,
-            networks: vec![hearth_vmm::NetLaunch { mac: MAC.into(), ..Default::default() }],
-            volumes: vec![],
-            confinement: Default::default(),
-            cloud_init: Default::default(),
-        };
-        let bios = Path::new(hearth_vmm::qemu::QBOOT);
-        // The same command line, unconfined and not paused (nobody captures its console here).
-        let mut args = hearth_vmm::qemu::qemu_args(
-            &spec,
-            hearth_types::Accel::Tcg,
-            bios.exists().then_some(bios),
-            Default::default(),
-        );
-        args.retain(|a| a != "-S");
+    let (mut hearth, mut bare, mut restore) = (Vec::new(), Vec::new(), Vec::new());
+    let timed = |args: &[&str]| {
         let t = Instant::now();
-        let mut child = Command::new("qemu-system-x86_64")
-            .args(&args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("qemu");
-        assert!(
-            wait_ready(&vm_dir.join("agent.sock"), Instant::now() + Duration::from_secs(120)),
-            "bare qemu never became ready"
-        );
-        bare.push(t.elapsed());
-        let _ = child.kill();
-        let _ = child.wait();
+        d.ok(args);
+        t.elapsed()
+    };
+    for i in 0..runs {
+        let (cold, warm) = (format!("bench{i}"), format!("restored{i}"));
+        hearth.push(timed(&["run", "-d", "--name", &cold, &image, "sleep", "100000"]));
+        d.ok(&["rm", "-f", &cold]);
+        bare.push(bare_once(work.path(), i, &kernel, &initrd, &base_img));
+        restore.push(timed(&["run", "-d", "--snapshot", "bench-warm", "--name", &warm]));
+        d.ok(&["rm", "-f", &warm]);
     }
-    println!("\n### Run to ready under QEMU/TCG ({runs} runs; same kernel, initramfs, disk)\n");
+    d.ok(&["snapshot", "rm", "bench-warm"]);
+    println!("\n### Run to ready under QEMU/TCG ({runs} runs each, interleaved; same kernel, initramfs, disk)\n");
     println!("| command | median | min | max |\n|---|---|---|---|");
-    let (a, ma) = row("hearth run -d (CLI → daemon → disk clone → QEMU → ready)", &mut hearth);
-    let (b, mb) = row("bare qemu-system-x86_64 → ready", &mut bare);
-    println!("{a}\n{b}");
+    let (a, ma) =
+        row("hearth run -d (CLI → daemon → disk clone → QEMU → boot → ready)", &mut hearth);
+    let (b, mb) = row("bare qemu-system-x86_64 → boot → ready", &mut bare);
+    let (c, mc) = row(
+        "hearth run -d --snapshot (CLI → daemon → disk copy → QEMU → restore → ready)",
+        &mut restore,
+    );
+    println!("{a}\n{b}\n{c}");
     println!(
-        "\nhearth's overhead over bare QEMU: {:+.1}%.",
-        100.0 * (ma.as_secs_f64() / mb.as_secs_f64() - 1.0)
+        "\nhearth's overhead over bare QEMU: {:+.1}%; a restore takes {:.0}% of hearth's cold boot.",
+        100.0 * (ma.as_secs_f64() / mb.as_secs_f64() - 1.0),
+        100.0 * mc.as_secs_f64() / ma.as_secs_f64()
     );
     d
 }
@@ -473,6 +497,11 @@ fn main() {
         let d = Daemon::start();
         d.import_kernel();
         bench_thin::thin_vs_copy(&d, runs);
+        return;
+    }
+    if std::env::args().any(|a| a == "--ready") {
+        // Only run to ready: cold boots, the bare command, restores.
+        run_to_ready(&reg, runs);
         return;
     }
     if std::env::args().any(|a| a == "--control-plane") {

@@ -38,6 +38,7 @@ fn bare_vm(d: &Daemon, dir: &Path, vmm: &str) -> hearth_vmm::LaunchSpec {
         volumes: vec![],
         confinement: Default::default(),
         cloud_init: Default::default(),
+        incoming: None,
     }
 }
 
