@@ -172,17 +172,18 @@ fn bare_once(work: &Path, i: usize, kernel: &Path, initrd: &Path, base_img: &Pat
         Default::default(),
     );
     args.retain(|a| a != "-S");
+    let log = std::fs::File::create(vm_dir.join("qemu.stderr")).expect("log");
     let t = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
         .args(&args)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .expect("qemu");
-    assert!(
-        wait_ready(&vm_dir.join("agent.sock"), Instant::now() + Duration::from_secs(120)),
-        "bare qemu never became ready"
-    );
+    if !wait_ready(&vm_dir.join("agent.sock"), Instant::now() + Duration::from_secs(120)) {
+        let said = std::fs::read_to_string(vm_dir.join("qemu.stderr")).unwrap_or_default();
+        panic!("bare qemu never became ready: {said}\n{args:?}");
+    }
     let took = t.elapsed();
     let _ = child.kill();
     let _ = child.wait();
@@ -454,7 +455,7 @@ fn built_files(root: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
         .expect("rootfs dir")
         .flatten()
         .map(|e| e.path())
-        .next()
+        .find(|p| p.extension().is_some_and(|x| x == "ext4"))
         .expect("base ext4");
     (initrd, base)
 }
