@@ -32,8 +32,8 @@ fn a_snapshot_restores_running_processes_and_memory_into_vms_of_their_own() {
     let d = Daemon::start_in(&ns).with_kernel_and_busybox("snap:1");
 
     // A VM with a process counting, and data only in its memory (/dev/shm is a tmpfs).
-    let work =
-        "mkdir -p /dev/shm && mount -t tmpfs tmpfs /dev/shm; echo in-memory > /dev/shm/data; \
+    let work = "echo 0123456789abcdef0123456789abcdef > /etc/machine-id; \
+        mkdir -p /dev/shm && mount -t tmpfs tmpfs /dev/shm; echo in-memory > /dev/shm/data; \
         i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done";
     d.ok(&["run", "-d", "--network", "bridge", "--name", "src", "snap:1", "sh", "-c", work]);
     let before = counts_past(&d, "src", 2);
@@ -78,6 +78,10 @@ fn a_snapshot_restores_running_processes_and_memory_into_vms_of_their_own() {
     assert_ne!(random("r1", draw), random("r2", draw), "the guests' RNGs repeat each other");
     let boot_id = "cat /proc/sys/kernel/random/boot_id";
     assert_ne!(random("r1", boot_id), random("r2", boot_id));
+    // Each has a machine id of its own (the snapshot's guest had one on its disk).
+    let ids: Vec<String> =
+        ["src", "r1", "r2"].iter().map(|vm| random(vm, "cat /etc/machine-id")).collect();
+    assert!(ids[0] != ids[1] && ids[0] != ids[2] && ids[1] != ids[2], "{ids:?}");
     // Both reach the network at their own addresses.
     for vm in ["r1", "r2"] {
         let ping = ns.run(&["busybox", "ping", "-c", "1", "-W", "10", &ip(vm)]);

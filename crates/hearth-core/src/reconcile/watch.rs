@@ -33,8 +33,8 @@ impl Reconciler {
             tokio::spawn(async move {
                 match r.ports.guests.wait_ready(&id2, r.ready_timeout).await {
                     Ok(ready) => {
-                        r.tell_identity(&id2).await;
-                        r.mark_ready(&id2, h.pid, ready).await
+                        let failed = r.tell_identity(&id2).await;
+                        r.mark_ready(&id2, h.pid, ready, failed).await
                     }
                     Err(e) => info!(vm = %id2, error = %e, "no ready report from the guest"),
                 }
@@ -43,19 +43,29 @@ impl Reconciler {
     }
 
     /// A guest restored from a snapshot is told who it is now, before it is reported ready (and
-    /// so before anything is run in it).
-    async fn tell_identity(&self, id: &VmId) {
-        let Ok(Some(rec)) = self.ports.repo.get(id) else { return };
+    /// so before anything is run in it). Returns why that failed, if it did.
+    async fn tell_identity(&self, id: &VmId) -> Option<String> {
+        let Ok(Some(rec)) = self.ports.repo.get(id) else { return None };
         if !rec.status.identity_pending {
-            return;
+            return None;
         }
         let identity = self.identity_of(&rec.spec);
-        if let Err(e) = self.ports.guests.reidentify(id, &identity).await {
-            warn!(vm = %id, error = %e, "telling the restored guest its identity failed");
-        }
+        let e = self.ports.guests.reidentify(id, &identity).await.err()?;
+        warn!(vm = %id, error = %e, "telling the restored guest its identity failed");
+        Some(format!(
+            "the restored guest may still have its snapshot's identity (hostname, MAC, address, random state): telling it its own failed: {e}"
+        ))
     }
 
-    async fn mark_ready(&self, id: &VmId, pid: i32, ready: hearth_types::agent::Ready) {
+    /// Records the guest's ready report; `warning` (a restored guest that kept its snapshot's
+    /// identity) is kept as the VM's reason.
+    async fn mark_ready(
+        &self,
+        id: &VmId,
+        pid: i32,
+        ready: hearth_types::agent::Ready,
+        warning: Option<String>,
+    ) {
         let lock = self.lock_for(id);
         let _guard = lock.lock().await;
         let Ok(Some(mut rec)) = self.ports.repo.get(id) else { return };
@@ -64,6 +74,9 @@ impl Reconciler {
         }
         rec.status.state = VmState::Running;
         rec.status.identity_pending = false;
+        if let Some(w) = warning {
+            rec.status.reason = w;
+        }
         let now = self.ports.clock.now_millis();
         rec.status.ready_at = Some(now);
         rec.status.boot = Some(hearth_types::BootTimings {

@@ -166,4 +166,58 @@ fn reidentify(id: &hearth_types::agent::Identity) {
         }
     }
     crate::net::reconfigure(id.network.as_ref(), &id.cards, &id.hostname);
+    if let Err(e) = renew_machine_id(std::path::Path::new(MACHINE_ID)) {
+        eprintln!("hearth-init: renewing {MACHINE_ID}: {e}");
+    }
+}
+
+/// systemd's (and D-Bus's) id of the machine: a restored guest must not share its snapshot's.
+const MACHINE_ID: &str = "/etc/machine-id";
+
+/// Gives the machine a new random id when it has one (an empty file or none means the image's
+/// init makes its own at first boot; a link is the init's to manage, and never followed).
+fn renew_machine_id(path: &std::path::Path) -> std::io::Result<()> {
+    let Ok(meta) = std::fs::symlink_metadata(path) else { return Ok(()) };
+    let current = std::fs::read_to_string(path).unwrap_or_default();
+    if !meta.file_type().is_file() || current.trim().is_empty() || current.trim() == "uninitialized"
+    {
+        return Ok(());
+    }
+    let mut id = [0u8; 16];
+    File::open("/dev/urandom")?.read_exact(&mut id)?;
+    let text: String = id.iter().map(|b| format!("{b:02x}")).collect::<String>() + "\n";
+    let tmp = path.with_extension("hearth-new");
+    std::fs::write(&tmp, text)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o444))?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod machine_id_tests {
+    use super::*;
+
+    #[test]
+    fn a_machine_id_is_renewed_and_an_unset_one_or_a_link_left_alone() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("machine-id");
+        renew_machine_id(&path).expect("none: nothing to do");
+        assert!(!path.exists());
+        let old = "0123456789abcdef0123456789abcdef\n";
+        std::fs::write(&path, old).expect("id");
+        renew_machine_id(&path).expect("renew");
+        let new = std::fs::read_to_string(&path).expect("read");
+        assert!(new != old && new.len() == 33 && new.trim().bytes().all(|b| b.is_ascii_hexdigit()));
+        for unset in ["", "uninitialized\n"] {
+            std::fs::write(&path, unset).expect("unset");
+            renew_machine_id(&path).expect("left");
+            assert_eq!(std::fs::read_to_string(&path).expect("read"), unset);
+        }
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, old).expect("target");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).expect("link");
+        renew_machine_id(&link).expect("a link");
+        assert_eq!(std::fs::read_to_string(&target).expect("read"), old, "never followed");
+    }
 }
