@@ -47,17 +47,14 @@ fn binary() -> Result<PathBuf, VmmError> {
     if let Some(b) = std::env::var_os(BINARY_ENV).filter(|b| !b.is_empty()) {
         return Ok(b.into());
     }
-    let on_path = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|d| d.join("virtiofsd"));
-    on_path.chain(LIBEXEC.iter().map(PathBuf::from)).find(|p| p.is_file()).ok_or_else(|| {
-        VmmError::Spawn {
+    let on_path = crate::jail::on_path(Path::new("virtiofsd"));
+    on_path.into_iter().chain(LIBEXEC.iter().map(PathBuf::from)).find(|p| p.is_file()).ok_or_else(
+        || VmmError::Spawn {
             binary: "virtiofsd".into(),
             fix: FIX,
             source: std::io::Error::from(std::io::ErrorKind::NotFound),
-        }
-    })
+        },
+    )
 }
 
 /// The arguments of a virtiofsd serving `share` on `socket`.

@@ -762,7 +762,7 @@ impl hearth_core::ports::Snapshots for Host {
         match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
             Ok(()) => Ok(dir.join(hearth_core::ports::snapshots::STATE_FILE)),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(Error::conflict(
-                format!("a snapshot named {name} exists (or is being taken): choose another name"),
+                format!("a snapshot named {name} exists (or is being taken): remove it with `hearth snapshot rm {name}`, or choose another name"),
             )),
             Err(e) => Err(Error::internal(e)),
         }

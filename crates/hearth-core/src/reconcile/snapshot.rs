@@ -70,11 +70,6 @@ impl Reconciler {
                 v.id
             )));
         }
-        if p.snapshots.get(name)?.is_some() {
-            return Err(Error::conflict(format!(
-                "a snapshot named {name} exists: remove it with `hearth snapshot rm {name}` or choose another name"
-            )));
-        }
         let (kernel_id, init_id) = p.snapshots.boot_ids(&rec.spec.kernel)?;
         let state = p.snapshots.begin(name)?;
         let dir = p.repo.vm_dir(id);

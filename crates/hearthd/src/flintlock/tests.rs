@@ -35,6 +35,20 @@ fn validation_names_what_is_wrong() {
         (Box::new(|s| s.initrd = Some(fl::Initrd::default())), "initrd.image"),
         (Box::new(|s| s.provider = Some("vmware".into())), "provider"),
         (Box::new(|s| s.interfaces[0].guest_mac = Some("01:00:00:00:00:01".into())), "MAC"),
+        // A client naming more cards than a VM has, or one card twice.
+        (
+            Box::new(|s| {
+                s.interfaces = (0..=hearth_types::card::MAX_CARDS)
+                    .map(|i| fl::NetworkInterface {
+                        device_id: format!("eth{i}"),
+                        r#type: fl::network_interface::IfaceType::Tap as i32,
+                        ..Default::default()
+                    })
+                    .collect()
+            }),
+            "at most",
+        ),
+        (Box::new(|s| s.interfaces.push(s.interfaces[0].clone())), "given twice"),
         (
             Box::new(|s| {
                 s.metadata.insert("../user-data".into(), String::new()).map(drop).unwrap_or(())
